@@ -1,0 +1,94 @@
+"""Type stub for the native engine ``pyckpt._C`` (built from csrc/ by CMake).
+
+The engine never sees torch objects: only addresses (int), byte counts,
+device indices (-1 = host memory) and CUDA stream handles (int, 0 = legacy
+default stream). Every call below releases the GIL while it works.
+
+SAFETY: addresses are borrowed. A save's source memory must stay alive and
+unmodified until its chunk is captured; a read's destination memory must stay
+alive until ``read`` returns.
+"""
+from typing import Optional, Sequence, Tuple
+
+CODEC_NONE: int  # 0: bytes stored as they are
+CODEC_ZSTD: int  # 1: byte planes, each raw or zstd (see docs/FORMAT.md "zstd/1 chunk frame")
+
+def version() -> str: ...
+def cuda_compiled() -> bool:
+    """True when the CUDA sources were compiled in (nvcc was found at build time)."""
+def cuda_available() -> bool:
+    """True when CUDA was compiled in and a driver with >= 1 device is present now."""
+def hw_crc32c() -> bool:
+    """True when CRC32C uses the CPU's crc32 instruction."""
+def zstd_load(path: str) -> None:
+    """dlopen a shared object exporting the zstd C API (the zstandard wheel's _cffi module)."""
+def zstd_available() -> bool: ...
+def crc32c(data: memoryview | bytes | bytearray, seed: int = 0) -> int:
+    """CRC32C (Castagnoli) of a buffer, continuing from ``seed``."""
+def crc32c_addr(addr: int, nbytes: int, seed: int = 0) -> int: ...
+def encode(data: bytes, elem_size: int, level: int = ...) -> Tuple[int, bytes]:
+    """Encode one chunk as the engine would: returns (codec_used, stored_bytes)."""
+def decode(stored: bytes, codec: int, raw_len: int) -> bytes:
+    """Inverse of ``encode``; raises ValueError on a malformed frame."""
+
+ChunkResult = Tuple[int, int, int, int, int, int]
+# (file_offset, stored_len, raw_len, crc32c_of_stored, codec_used, crc32c_of_raw)
+
+class SaveJob:
+    def num_chunks(self) -> int: ...
+    def chunk_captured(self, index: int) -> bool: ...
+    def captured_count(self) -> int: ...
+    def wait_captured(self, timeout_s: Optional[float] = None) -> bool:
+        """Block until every chunk is in staging (or the job failed); False on timeout."""
+    def wait(self, timeout_s: Optional[float] = None) -> bool:
+        """Block until every chunk is written and every file fsynced; False on timeout."""
+    def done(self) -> bool: ...
+    def error(self) -> Optional[str]:
+        """None, or the first failure. A staging timeout starts with 'staging timeout'."""
+    def results(self) -> list[ChunkResult]:
+        """Per chunk, in input order. Raises RuntimeError if the job failed or is not done."""
+    def cancel(self) -> None: ...
+
+class Engine:
+    def __init__(
+        self,
+        staging_bytes: int,
+        chunk_bytes: int,
+        io_threads: int = 4,
+        copy_threads: int = 2,
+        pinned: bool = False,
+    ) -> None:
+        """The staging pool is allocated lazily on the first save, up to
+        ``staging_bytes`` (at least one slab of ``chunk_bytes``), then reused."""
+    def staging_bytes_allocated(self) -> int: ...
+    def chunk_bytes(self) -> int: ...
+    def save(
+        self,
+        files: Sequence[str],
+        chunks: Sequence[Tuple[int, int, Sequence[Tuple[int, int, int]]]],
+        codec: int = 0,
+        level: int = ...,
+        stream: int = 0,
+        device: int = -1,
+        staging_timeout_ms: int = 60000,
+        write_delay_us: int = 0,
+    ) -> SaveJob:
+        """Start a save; returns at once.
+
+        files: paths created (truncated) by the engine.
+        chunks[i] = (file_idx, elem_size, [(src_addr, nbytes, src_device), ...]);
+        the pieces' total must be <= chunk_bytes. Chunks are captured in order.
+        Each chunk is written at a 4 KiB-aligned offset of files[file_idx].
+        """
+    def read(
+        self,
+        files: Sequence[str],
+        chunks: Sequence[Tuple[int, int, int, int, int, int, Sequence[Tuple[int, int, int, int]]]],
+        verify: bool = True,
+    ) -> list[Tuple[int, str]]:
+        """Read chunks in parallel; returns [(chunk_index, message)] for every failure.
+
+        chunks[i] = (file_idx, file_offset, stored_len, raw_len, crc32c, codec,
+                     [(offset_in_raw, dst_addr, nbytes, dst_device), ...]).
+        An empty piece list verifies only (used by ``pyckpt verify``).
+        """

@@ -1,0 +1,50 @@
+"""One exception hierarchy for pyckpt.
+
+Every error says where it happened (file, chunk, key path) and, where there is
+one, what the user can do about it.
+"""
+from __future__ import annotations
+
+
+class PyckptError(Exception):
+    """Base class of every error pyckpt raises on purpose."""
+
+
+class CheckpointNotFoundError(PyckptError, FileNotFoundError):
+    """No complete checkpoint exists where one was asked for."""
+
+
+class CorruptCheckpointError(PyckptError):
+    """A checkpoint failed validation: bad checksum, truncated/missing file, bad manifest.
+
+    ``path`` names the file and ``chunk`` the chunk index inside it (or None).
+    """
+
+    def __init__(self, message: str, path: str | None = None, chunk: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.chunk = chunk
+
+
+class FormatVersionError(CorruptCheckpointError):
+    """The checkpoint was written in a format version this pyckpt cannot read."""
+
+
+class UnsupportedStateError(PyckptError, TypeError):
+    """A value in the state cannot be stored without pickle; ``key`` is its path."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class StagingTimeoutError(PyckptError):
+    """Staging memory stayed full past the timeout; the checkpoint was skipped."""
+
+
+class NativeError(PyckptError):
+    """The C++ engine reported an error (I/O, CUDA, codec); the message says which."""
+
+
+class ConfigError(PyckptError, ValueError):
+    """A PYCKPT_* setting is malformed; the message names it and the accepted values."""
