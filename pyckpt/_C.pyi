@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 CODEC_NONE: int  # 0: bytes stored as they are
 CODEC_ZSTD: int  # 1: byte planes, each raw or zstd (see docs/FORMAT.md "zstd/1 chunk frame")
+DEFAULT_ZSTD_LEVEL: int  # -131072: zstd's fastest level, with Huffman literals forced on
 
 def version() -> str: ...
 def cuda_compiled() -> bool:
@@ -23,8 +24,12 @@ def hw_crc32c() -> bool:
 def zstd_load(path: str) -> None:
     """dlopen a shared object exporting the zstd C API (the zstandard wheel's _cffi module)."""
 def zstd_available() -> bool: ...
+def zstd_version() -> str:
+    """Version of the loaded zstd library, e.g. "1.5.7"; RuntimeError if none is loaded."""
 def crc32c(data: memoryview | bytes | bytearray, seed: int = 0) -> int:
     """CRC32C (Castagnoli) of a buffer, continuing from ``seed``."""
+def crc32c_software(data: memoryview | bytes | bytearray, seed: int = 0) -> int:
+    """Same as ``crc32c`` but always the portable table path (for tests)."""
 def crc32c_addr(addr: int, nbytes: int, seed: int = 0) -> int: ...
 def encode(data: bytes, elem_size: int, level: int = ...) -> Tuple[int, bytes]:
     """Encode one chunk as the engine would: returns (codec_used, stored_bytes)."""
@@ -41,7 +46,8 @@ class SaveJob:
     def wait_captured(self, timeout_s: Optional[float] = None) -> bool:
         """Block until every chunk is in staging (or the job failed); False on timeout."""
     def wait(self, timeout_s: Optional[float] = None) -> bool:
-        """Block until every chunk is written and every file fsynced; False on timeout."""
+        """Block until the job ended: every chunk written and every file fsynced, or
+        the job failed (then ``error()`` says why). False on timeout."""
     def done(self) -> bool: ...
     def error(self) -> Optional[str]:
         """None, or the first failure. A staging timeout starts with 'staging timeout'."""

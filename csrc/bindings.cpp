@@ -1,0 +1,230 @@
+// Python bindings for the engine: the ONLY file that includes pybind11.
+//
+// Arguments are converted to plain C++ structs while holding the GIL; every
+// call that copies, hashes, compresses, waits or does I/O then releases it,
+// so training threads keep running while the engine works.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "pyckpt/codec.h"
+#include "pyckpt/crc32c.h"
+#include "pyckpt/cuda_api.h"
+#include "pyckpt/engine.h"
+#include "pyckpt/errors.h"
+#include "pyckpt/zstd_api.h"
+
+namespace py = pybind11;
+using namespace pyckpt;
+
+namespace {
+
+using SavePieceT = std::tuple<uintptr_t, size_t, int>;
+using SaveChunkT = std::tuple<size_t, int, std::vector<SavePieceT>>;
+using ReadPieceT = std::tuple<uint64_t, uintptr_t, size_t, int>;
+using ReadChunkT =
+    std::tuple<size_t, uint64_t, uint64_t, uint64_t, uint32_t, int, std::vector<ReadPieceT>>;
+using ResultT = std::tuple<uint64_t, uint64_t, uint64_t, uint32_t, int, uint32_t>;
+
+// A contiguous read-only view of any buffer-protocol object.
+class BufferView {
+ public:
+  explicit BufferView(const py::object& obj) {
+    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  }
+  ~BufferView() { PyBuffer_Release(&view_); }
+  BufferView(const BufferView&) = delete;
+  BufferView& operator=(const BufferView&) = delete;
+  const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+  size_t size() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+};
+
+double timeout_arg(const std::optional<double>& t) { return t ? std::max(0.0, *t) : -1.0; }
+
+std::vector<SaveChunk> to_save_chunks(const std::vector<SaveChunkT>& in) {
+  std::vector<SaveChunk> out;
+  out.reserve(in.size());
+  for (const auto& [file_idx, elem_size, pieces] : in) {
+    SaveChunk c{file_idx, elem_size, {}, 0, false};
+    c.pieces.reserve(pieces.size());
+    for (const auto& [addr, nbytes, device] : pieces) {
+      c.pieces.push_back(SavePiece{addr, nbytes, device});
+      c.raw_len += nbytes;
+      c.on_device = c.on_device || device >= 0;
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+std::vector<ReadChunk> to_read_chunks(const std::vector<ReadChunkT>& in) {
+  std::vector<ReadChunk> out;
+  out.reserve(in.size());
+  for (const auto& [file_idx, offset, stored, raw, crc, codec, pieces] : in) {
+    ReadChunk c{file_idx, offset, stored, raw, crc, codec, {}};
+    c.pieces.reserve(pieces.size());
+    for (const auto& [off, dst, nbytes, device] : pieces)
+      c.pieces.push_back(ReadPiece{off, dst, nbytes, device});
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+std::vector<ResultT> to_tuples(const std::vector<ChunkResult>& rs) {
+  std::vector<ResultT> out;
+  out.reserve(rs.size());
+  for (const auto& r : rs)
+    out.emplace_back(r.file_offset, r.stored_len, r.raw_len, r.crc32c, r.codec, r.raw_crc32c);
+  return out;
+}
+
+void translate(const Error& e) {
+  switch (e.kind()) {
+    case ErrorKind::Value:
+      PyErr_SetString(PyExc_ValueError, e.what());
+      return;
+    case ErrorKind::OS:
+      PyErr_SetString(PyExc_OSError, e.what());
+      return;
+    default:
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+}
+
+void bind_functions(py::module_& m) {
+  m.def("version", [] { return std::string(PYCKPT_VERSION); });
+  m.def("cuda_compiled", &cuda::compiled);
+  m.def("cuda_available", &cuda::available, py::call_guard<py::gil_scoped_release>());
+  m.def("hw_crc32c", &crc32c_hardware);
+  m.def("zstd_load", &zstd::load, py::arg("path"), py::call_guard<py::gil_scoped_release>());
+  m.def("zstd_available", &zstd::available);
+  m.def("zstd_version", &zstd::version);
+  m.def(
+      "crc32c",
+      [](const py::object& data, uint32_t seed) {
+        BufferView v(data);
+        py::gil_scoped_release release;
+        return crc32c(v.data(), v.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0);
+  m.def(
+      "crc32c_software",
+      [](const py::object& data, uint32_t seed) {
+        BufferView v(data);
+        py::gil_scoped_release release;
+        return crc32c_software(v.data(), v.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0);
+  m.def(
+      "crc32c_addr",
+      [](uintptr_t addr, size_t nbytes, uint32_t seed) {
+        return crc32c(reinterpret_cast<const void*>(addr), nbytes, seed);
+      },
+      py::arg("addr"), py::arg("nbytes"), py::arg("seed") = 0,
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "encode",
+      [](const py::object& data, int elem_size, int level) {
+        BufferView v(data);
+        int codec;
+        std::string stored;
+        {
+          py::gil_scoped_release release;
+          const Encoded e = encode_chunk(v.data(), v.size(), elem_size, kCodecZstd, level,
+                                         thread_scratch());
+          codec = e.codec;
+          stored.assign(reinterpret_cast<const char*>(e.data), e.size);
+        }
+        return py::make_tuple(codec, py::bytes(stored));
+      },
+      py::arg("data"), py::arg("elem_size"), py::arg("level") = kDefaultZstdLevel);
+  m.def(
+      "decode",
+      [](const py::object& stored, int codec, size_t raw_len) {
+        BufferView v(stored);
+        std::string raw(raw_len, '\0');
+        {
+          py::gil_scoped_release release;
+          decode_chunk(v.data(), v.size(), codec, reinterpret_cast<uint8_t*>(raw.data()), raw_len,
+                       thread_scratch());
+        }
+        return py::bytes(raw);
+      },
+      py::arg("stored"), py::arg("codec"), py::arg("raw_len"));
+}
+
+void bind_save_job(py::module_& m) {
+  using R = py::gil_scoped_release;
+  py::class_<SaveJob, std::shared_ptr<SaveJob>>(m, "SaveJob")
+      .def("num_chunks", &SaveJob::num_chunks)
+      .def("chunk_captured", &SaveJob::chunk_captured, py::arg("index"))
+      .def("captured_count", &SaveJob::captured_count)
+      .def(
+          "wait_captured",
+          [](SaveJob& j, std::optional<double> t) { return j.wait_captured(timeout_arg(t)); },
+          py::arg("timeout_s") = py::none(), py::call_guard<R>())
+      .def(
+          "wait", [](SaveJob& j, std::optional<double> t) { return j.wait(timeout_arg(t)); },
+          py::arg("timeout_s") = py::none(), py::call_guard<R>())
+      .def("done", &SaveJob::done)
+      .def("error", &SaveJob::error)
+      .def("results", [](const SaveJob& j) { return to_tuples(j.results()); })
+      .def("cancel", &SaveJob::cancel);
+}
+
+void bind_engine(py::module_& m) {
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
+      .def(py::init<size_t, size_t, size_t, size_t, bool>(), py::arg("staging_bytes"),
+           py::arg("chunk_bytes"), py::arg("io_threads") = 4, py::arg("copy_threads") = 2,
+           py::arg("pinned") = false)
+      .def("staging_bytes_allocated", &Engine::staging_bytes_allocated)
+      .def("chunk_bytes", &Engine::chunk_bytes)
+      .def(
+          "save",
+          [](Engine& e, std::vector<std::string> files, const std::vector<SaveChunkT>& chunks,
+             int codec, int level, uintptr_t stream, int device, int64_t timeout_ms,
+             int64_t delay_us) {
+            std::vector<SaveChunk> cs = to_save_chunks(chunks);
+            SaveOptions o{codec, level, stream, device, timeout_ms, delay_us};
+            py::gil_scoped_release release;
+            return e.save(std::move(files), std::move(cs), o);
+          },
+          py::arg("files"), py::arg("chunks"), py::arg("codec") = kCodecNone,
+          py::arg("level") = kDefaultZstdLevel, py::arg("stream") = 0, py::arg("device") = -1,
+          py::arg("staging_timeout_ms") = 60000, py::arg("write_delay_us") = 0)
+      .def(
+          "read",
+          [](Engine& e, const std::vector<std::string>& files,
+             const std::vector<ReadChunkT>& chunks, bool verify) {
+            std::vector<ReadChunk> cs = to_read_chunks(chunks);
+            py::gil_scoped_release release;
+            return e.read(files, cs, verify);
+          },
+          py::arg("files"), py::arg("chunks"), py::arg("verify") = true);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyckpt native engine: staging, CRC32C, byte-plane zstd, parallel file I/O";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      translate(e);
+    }
+  });
+  m.attr("CODEC_NONE") = kCodecNone;
+  m.attr("CODEC_ZSTD") = kCodecZstd;
+  m.attr("DEFAULT_ZSTD_LEVEL") = kDefaultZstdLevel;
+  bind_functions(m);
+  bind_save_job(m);
+  bind_engine(m);
+}

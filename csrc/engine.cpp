@@ -1,0 +1,323 @@
+#include "pyckpt/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <iomanip>
+#include <sstream>
+
+#include "pyckpt/codec.h"
+#include "pyckpt/crc32c.h"
+#include "pyckpt/errors.h"
+#include "pyckpt/file_io.h"
+#include "pyckpt/zstd_api.h"
+
+namespace pyckpt {
+
+namespace {
+
+// Below this a host piece is copied by one thread: splitting costs more.
+constexpr size_t kParallelCopyMin = 1 << 20;
+
+std::string hex32(uint32_t v) {
+  std::ostringstream os;
+  os << "0x" << std::hex << std::setw(8) << std::setfill('0') << v;
+  return os.str();
+}
+
+// Read-side buffers, one set per I/O thread, grown to the largest chunk seen.
+struct ReadBuffers {
+  std::vector<uint8_t> stored;
+  std::vector<uint8_t> raw;
+};
+
+ReadBuffers& read_buffers() {
+  thread_local ReadBuffers buffers;
+  return buffers;
+}
+
+}  // namespace
+
+Engine::Engine(size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size_t copy_threads,
+               bool pinned)
+    : chunk_bytes_(chunk_bytes),
+      pool_(staging_bytes, chunk_bytes, pinned),
+      copy_(copy_threads > 1 ? copy_threads - 1 : 1),
+      copy_parts_(copy_threads > 0 ? copy_threads : 1),
+      io_(io_threads) {
+  PYCKPT_CHECK_ARG(chunk_bytes > 0 && chunk_bytes <= (size_t{1} << 31),
+                   "chunk_bytes must be in (0, 2 GiB], got " << chunk_bytes);
+}
+
+Engine::~Engine() { reap_captures(true); }
+
+void Engine::reap_captures(bool all) {
+  std::lock_guard<std::mutex> lock(captures_mu_);
+  for (auto it = captures_.begin(); it != captures_.end();) {
+    if (all) it->first->wait(-1);
+    if (it->first->done()) {
+      it->second.join();
+      it = captures_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Engine::validate(const std::vector<std::string>& files, const std::vector<SaveChunk>& chunks,
+                      const SaveOptions& o) const {
+  PYCKPT_CHECK_ARG(o.codec == kCodecNone || o.codec == kCodecZstd,
+                   "unknown codec id " << o.codec << " (0 = none, 1 = zstd)");
+  if (o.codec == kCodecZstd && !zstd::available())
+    throw Error(ErrorKind::Runtime,
+                "codec zstd requested but zstd is not loaded: install `zstandard>=0.22` "
+                "or save with compression 'none'");
+  PYCKPT_CHECK_ARG(o.staging_timeout_ms >= 0, "staging_timeout_ms must be >= 0");
+  // Each path gets its own offset counter, so a repeated path would overlap.
+  std::vector<std::string> sorted(files);
+  std::sort(sorted.begin(), sorted.end());
+  const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+  PYCKPT_CHECK_ARG(dup == sorted.end(), "file " << *dup << " is listed twice");
+  PYCKPT_CHECK_ARG(o.write_delay_us >= 0, "write_delay_us must be >= 0");
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const SaveChunk& c = chunks[i];
+    PYCKPT_CHECK_ARG(c.file_idx < files.size(), "chunk " << i << ": file index " << c.file_idx
+                                                          << " but only " << files.size()
+                                                          << " files");
+    PYCKPT_CHECK_ARG(c.elem_size == 1 || c.elem_size == 2 || c.elem_size == 4 || c.elem_size == 8,
+                     "chunk " << i << ": elem_size must be 1, 2, 4 or 8, got " << c.elem_size);
+    PYCKPT_CHECK_ARG(c.raw_len <= chunk_bytes_, "chunk " << i << " holds " << c.raw_len
+                                                         << " bytes, more than chunk_bytes="
+                                                         << chunk_bytes_);
+    if (c.on_device && !cuda::available())
+      throw Error(ErrorKind::Value, "chunk " + std::to_string(i) +
+                                        " has a GPU piece but CUDA is not available in pyckpt._C");
+  }
+}
+
+std::shared_ptr<SaveJob> Engine::save(std::vector<std::string> files,
+                                      std::vector<SaveChunk> chunks, const SaveOptions& options) {
+  validate(files, chunks, options);
+  cuda::Event after = nullptr;
+  for (const auto& c : chunks) {
+    if (!c.on_device || after) continue;
+    int dev = options.device;
+    for (const auto& p : c.pieces)
+      if (dev < 0 && p.device >= 0) dev = p.device;
+    after = cuda::record_on(dev, options.stream);
+  }
+  auto job = std::make_shared<SaveJob>(std::move(files), std::move(chunks), options);
+  job->begin_task();  // the capture loop's unit of work
+  reap_captures(false);
+  std::lock_guard<std::mutex> lock(captures_mu_);
+  captures_.emplace_back(job, std::thread([this, job, after] { capture_loop(job, after); }));
+  return job;
+}
+
+std::string Engine::staging_timeout_message(const SaveJob& job) const {
+  std::ostringstream os;
+  os << "staging timeout: no free staging slab within " << job.options().staging_timeout_ms
+     << " ms (pool of " << pool_.max_slabs() << " slabs x " << pool_.slab_bytes()
+     << " bytes is busy with earlier checkpoints); the checkpoint was skipped. Raise "
+        "PYCKPT_STAGING_MB or PYCKPT_STAGING_TIMEOUT_S, or checkpoint less often";
+  return os.str();
+}
+
+void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after) {
+  try {
+    job->open_files();
+    const auto timeout = std::chrono::milliseconds(job->options().staging_timeout_ms);
+    for (size_t i = 0; i < job->num_chunks() && !job->stopped(); ++i) {
+      uint8_t* slab = pool_.acquire(timeout, &job->stop_flag());
+      if (!slab) {
+        job->fail(staging_timeout_message(*job));  // no-op if already cancelled
+        break;
+      }
+      try {
+        capture_chunk(job->chunks()[i], slab, after);
+      } catch (...) {
+        pool_.release(slab);
+        throw;
+      }
+      job->mark_captured(i);
+      job->begin_task();
+      io_.submit([this, job, i, slab] { write_chunk(*job, i, slab); });
+    }
+  } catch (const std::exception& e) {
+    job->fail(e.what());
+  }
+  cuda::destroy(after);
+  job->end_task();
+}
+
+void Engine::capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after) {
+  std::vector<int> devices;
+  uint8_t* dst = slab;
+  for (const SavePiece& p : chunk.pieces) {
+    if (p.device < 0) {
+      host_copy(dst, reinterpret_cast<const uint8_t*>(p.addr), p.nbytes);
+    } else {
+      cuda::copy_d2h_async(p.device, dst, reinterpret_cast<const void*>(p.addr), p.nbytes, after);
+      if (std::find(devices.begin(), devices.end(), p.device) == devices.end())
+        devices.push_back(p.device);
+    }
+    dst += p.nbytes;
+  }
+  // One chunk in flight per job keeps the code simple; copies of 4 MiB
+  // chunks are long enough that the synchronization gap is small.
+  for (int d : devices) {
+    cuda::Event done = cuda::record_engine(d);
+    try {
+      cuda::synchronize(done);
+    } catch (...) {
+      cuda::destroy(done);
+      throw;
+    }
+    cuda::destroy(done);
+  }
+}
+
+void Engine::host_copy(uint8_t* dst, const uint8_t* src, size_t n) {
+  const size_t parts = std::min(copy_parts_, n / kParallelCopyMin);
+  if (parts <= 1) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  const size_t per = (n / parts + 63) & ~size_t{63};
+  WaitGroup wg;
+  for (size_t p = 1; p < parts; ++p) {
+    const size_t begin = p * per;
+    if (begin >= n) break;
+    const size_t len = std::min(per, n - begin);
+    wg.add(1);
+    copy_.submit([&wg, dst, src, begin, len] {
+      std::memcpy(dst + begin, src + begin, len);
+      wg.done();
+    });
+  }
+  std::memcpy(dst, src, std::min(per, n));
+  wg.wait();
+}
+
+void Engine::write_chunk(SaveJob& job, size_t i, uint8_t* slab) {
+  try {
+    if (!job.stopped()) {
+      const SaveChunk& c = job.chunks()[i];
+      const SaveOptions& o = job.options();
+      ChunkResult r;
+      r.raw_len = c.raw_len;
+      r.raw_crc32c = crc32c(slab, c.raw_len);
+      const Encoded e = encode_chunk(slab, c.raw_len, c.elem_size, o.codec, o.level, thread_scratch());
+      r.codec = e.codec;
+      r.stored_len = e.size;
+      r.crc32c = e.codec == kCodecNone ? r.raw_crc32c : crc32c(e.data, e.size);
+      r.file_offset = job.reserve(c.file_idx, e.size);
+      job.file(c.file_idx).pwrite_all(e.data, e.size, r.file_offset);
+      if (o.write_delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(o.write_delay_us));
+      job.set_result(i, r);
+    }
+  } catch (const std::exception& e) {
+    job.fail(e.what());
+  }
+  pool_.release(slab);
+  job.end_task();
+}
+
+std::vector<ReadError> Engine::read(const std::vector<std::string>& paths,
+                                    const std::vector<ReadChunk>& chunks, bool verify) {
+  std::vector<File> files(paths.size());
+  std::vector<std::string> open_errors(paths.size());
+  for (size_t i = 0; i < paths.size(); ++i) {
+    try {
+      files[i] = File::open_read(paths[i]);
+    } catch (const Error& e) {
+      open_errors[i] = e.what();
+    }
+  }
+  std::mutex mu;
+  std::vector<ReadError> errors;
+  WaitGroup wg;
+  wg.add(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    io_.submit([&, i] {
+      std::string msg;
+      const ReadChunk& c = chunks[i];
+      try {
+        if (c.file_idx >= files.size())
+          msg = "file index " + std::to_string(c.file_idx) + " out of range";
+        else if (!files[c.file_idx].is_open())
+          msg = open_errors[c.file_idx];
+        else
+          read_chunk(files[c.file_idx], c, verify);
+      } catch (const std::exception& e) {
+        msg = e.what();
+      }
+      if (!msg.empty()) {
+        std::lock_guard<std::mutex> lock(mu);
+        errors.emplace_back(i, std::move(msg));
+      }
+      wg.done();
+    });
+  }
+  wg.wait();
+  std::sort(errors.begin(), errors.end());
+  return errors;
+}
+
+void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify) {
+  const std::string where = file.path() + " chunk at offset " + std::to_string(c.file_offset);
+  for (const ReadPiece& p : c.pieces)
+    if (p.offset_in_raw > c.raw_len || p.nbytes > c.raw_len - p.offset_in_raw)
+      throw Error(ErrorKind::Value, "in " + where + ": piece [" + std::to_string(p.offset_in_raw) +
+                                        ", +" + std::to_string(p.nbytes) + ") lies outside the " +
+                                        std::to_string(c.raw_len) + "-byte chunk");
+  if (c.codec != kCodecNone && c.codec != kCodecZstd)
+    throw Error(ErrorKind::Value, "in " + where + ": unknown codec id " + std::to_string(c.codec));
+  if (c.codec == kCodecNone && c.stored_len != c.raw_len)
+    throw Error(ErrorKind::Value, "in " + where + ": codec none but stored length " +
+                                      std::to_string(c.stored_len) + " != raw length " +
+                                      std::to_string(c.raw_len));
+  // Fast path: one host destination covering the whole uncompressed chunk is
+  // read into directly and verified in place (no second copy).
+  const bool direct = c.codec == kCodecNone && c.pieces.size() == 1 &&
+                      c.pieces[0].device < 0 && c.pieces[0].offset_in_raw == 0 &&
+                      c.pieces[0].nbytes == c.raw_len;
+  ReadBuffers& buf = read_buffers();
+  uint8_t* stored;
+  if (direct) {
+    stored = reinterpret_cast<uint8_t*>(c.pieces[0].dst);
+  } else {
+    buf.stored.resize(c.stored_len);
+    stored = buf.stored.data();
+  }
+  const size_t got = file.pread_all(stored, c.stored_len, c.file_offset);
+  if (got < c.stored_len)
+    throw Error(ErrorKind::Value, "truncated: expected " + std::to_string(c.stored_len) +
+                                      " bytes at offset " + std::to_string(c.file_offset) + " of " +
+                                      file.path() + ", file has " + std::to_string(file.size()));
+  if (verify) {
+    const uint32_t crc = crc32c(stored, c.stored_len);
+    if (crc != c.crc32c)
+      throw Error(ErrorKind::Value, "checksum mismatch in " + where + " (expected crc32c " +
+                                        hex32(c.crc32c) + ", computed " + hex32(crc) + ")");
+  }
+  if (direct) return;
+  const uint8_t* raw = stored;
+  if (c.codec != kCodecNone) {
+    buf.raw.resize(c.raw_len);
+    try {
+      decode_chunk(stored, c.stored_len, c.codec, buf.raw.data(), c.raw_len, thread_scratch());
+    } catch (const Error& e) {
+      throw Error(e.kind(), "in " + where + ": " + e.what());
+    }
+    raw = buf.raw.data();
+  }
+  for (const ReadPiece& p : c.pieces) {
+    if (p.device < 0)
+      std::memcpy(reinterpret_cast<void*>(p.dst), raw + p.offset_in_raw, p.nbytes);
+    else
+      cuda::copy_h2d(p.device, reinterpret_cast<void*>(p.dst), raw + p.offset_in_raw, p.nbytes);
+  }
+}
+
+}  // namespace pyckpt

@@ -1,0 +1,92 @@
+#include "pyckpt/file_io.h"
+
+#include <cerrno>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "pyckpt/errors.h"
+
+namespace pyckpt {
+
+namespace {
+[[noreturn]] void os_fail(const std::string& what, const std::string& path, int err) {
+  throw Error(ErrorKind::OS, what + " " + path + ": " + errno_text(err));
+}
+}  // namespace
+
+File::~File() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+File::File(File&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
+
+File& File::operator=(File&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = o.fd_;
+    path_ = std::move(o.path_);
+    o.fd_ = -1;
+  }
+  return *this;
+}
+
+File File::create(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) os_fail("cannot create", path, errno);
+  return File(fd, path);
+}
+
+File File::open_read(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) os_fail("cannot open", path, errno);
+  return File(fd, path);
+}
+
+void File::pwrite_all(const void* data, size_t n, uint64_t offset) const {
+  const auto* p = static_cast<const uint8_t*>(data);
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) os_fail("write failed at offset " + std::to_string(offset) + " of", path_, errno);
+    if (w == 0) os_fail("write made no progress at offset " + std::to_string(offset) + " of", path_, EIO);
+    p += w;
+    n -= static_cast<size_t>(w);
+    offset += static_cast<uint64_t>(w);
+  }
+}
+
+size_t File::pread_all(void* data, size_t n, uint64_t offset) const {
+  auto* p = static_cast<uint8_t*>(data);
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::pread(fd_, p + got, n - got, static_cast<off_t>(offset + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) os_fail("read failed at offset " + std::to_string(offset + got) + " of", path_, errno);
+    if (r == 0) break;  // end of file
+    got += static_cast<size_t>(r);
+  }
+  return got;
+}
+
+void File::fsync() const {
+  while (::fsync(fd_) != 0) {
+    if (errno != EINTR) os_fail("fsync failed for", path_, errno);
+  }
+}
+
+uint64_t File::size() const {
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) os_fail("fstat failed for", path_, errno);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+void File::close() {
+  if (fd_ < 0) return;
+  const int fd = fd_;
+  fd_ = -1;
+  // close() can report a deferred write error (e.g. on NFS).
+  if (::close(fd) != 0 && errno != EINTR) os_fail("close failed for", path_, errno);
+}
+
+}  // namespace pyckpt

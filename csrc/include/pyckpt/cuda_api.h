@@ -1,0 +1,48 @@
+// The engine's only window onto CUDA. Implemented in csrc/cuda/cuda_api.cu
+// (compiled by nvcc, linked against the static CUDA runtime) when the build
+// has CUDA, and by cuda_stub.cpp otherwise. Nothing else includes CUDA headers.
+//
+// All functions taking a device call cudaSetDevice first, because engine
+// threads do not inherit the caller's current device. Failures throw
+// pyckpt::Error(Runtime) with the CUDA error string.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pyckpt::cuda {
+
+/// True when the CUDA sources were compiled in.
+bool compiled();
+
+/// compiled() and at least one device is visible now. Never throws: a
+/// missing driver simply means false.
+bool available();
+
+/// Page-locked host memory (portable across devices/contexts).
+void* host_alloc(size_t nbytes);
+void host_free(void* p) noexcept;
+
+/// Opaque cudaEvent_t.
+using Event = void*;
+
+/// Create an event and record it on `stream` (a cudaStream_t as an integer,
+/// 0 = legacy default stream) of `device`.
+Event record_on(int device, uintptr_t stream);
+
+/// Enqueue a device-to-host copy on the engine's own stream for `device`,
+/// ordered after `after` (an event recorded on the caller's stream).
+void copy_d2h_async(int device, void* dst, const void* src, size_t nbytes, Event after);
+
+/// Record an event on the engine's stream for `device` (marks queued copies).
+Event record_engine(int device);
+
+/// Block the calling thread until `event` has completed.
+void synchronize(Event event);
+
+void destroy(Event event) noexcept;
+
+/// Synchronous host-to-device copy (used by reads).
+void copy_h2d(int device, void* dst, const void* src, size_t nbytes);
+
+}  // namespace pyckpt::cuda

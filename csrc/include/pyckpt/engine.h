@@ -1,0 +1,94 @@
+// The engine: a staging pool, I/O workers and copy workers shared by every
+// save and read of a process.
+//
+// save() validates its arguments, records an event on the caller's CUDA
+// stream when any piece lives on a GPU, and returns a SaveJob at once. A
+// capture thread per job fills staging slabs chunk by chunk, in order (host
+// pieces: memcpy split across copy workers; device pieces: cudaMemcpyAsync on
+// the engine's stream after the caller's event). Each captured chunk goes to
+// an I/O worker: CRC32C of the raw bytes, encode, CRC32C of the stored bytes,
+// reserve a 4 KiB-aligned offset, pwrite, release the slab. After the last
+// chunk every file is fsynced.
+//
+// read() fetches chunks in parallel on the I/O workers, verifies, decodes and
+// scatters them, and returns one message per failed chunk instead of throwing.
+//
+// SAFETY: addresses are borrowed. Save sources must stay alive and unchanged
+// until their chunk is captured; read destinations until read() returns.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "pyckpt/cuda_api.h"
+#include "pyckpt/save_job.h"
+#include "pyckpt/staging_pool.h"
+#include "pyckpt/thread_pool.h"
+
+namespace pyckpt {
+
+struct ReadPiece {
+  uint64_t offset_in_raw;
+  uintptr_t dst;
+  size_t nbytes;
+  int device;  // -1 = host memory
+};
+
+struct ReadChunk {
+  size_t file_idx;
+  uint64_t file_offset;
+  uint64_t stored_len;
+  uint64_t raw_len;
+  uint32_t crc32c;
+  int codec;
+  std::vector<ReadPiece> pieces;
+};
+
+using ReadError = std::pair<size_t, std::string>;
+
+class File;
+
+class Engine {
+ public:
+  Engine(size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size_t copy_threads,
+         bool pinned);
+  /// Waits for every job still in flight, then stops the workers.
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  std::shared_ptr<SaveJob> save(std::vector<std::string> files, std::vector<SaveChunk> chunks,
+                                const SaveOptions& options);
+  std::vector<ReadError> read(const std::vector<std::string>& files,
+                              const std::vector<ReadChunk>& chunks, bool verify);
+
+  size_t staging_bytes_allocated() const { return pool_.allocated_bytes(); }
+  size_t chunk_bytes() const { return chunk_bytes_; }
+
+ private:
+  void validate(const std::vector<std::string>& files, const std::vector<SaveChunk>& chunks,
+                const SaveOptions& options) const;
+  void capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after);
+  void capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
+  void host_copy(uint8_t* dst, const uint8_t* src, size_t n);
+  void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
+  std::string staging_timeout_message(const SaveJob& job) const;
+  void read_chunk(const File& file, const ReadChunk& chunk, bool verify);
+  void reap_captures(bool all);
+
+  const size_t chunk_bytes_;
+  StagingPool pool_;
+  ThreadPool copy_;  // copy_threads - 1 workers: the capture thread copies too
+  const size_t copy_parts_;
+  ThreadPool io_;
+  std::mutex captures_mu_;
+  std::vector<std::pair<std::shared_ptr<SaveJob>, std::thread>> captures_;
+};
+
+}  // namespace pyckpt

@@ -1,0 +1,49 @@
+// Error type shared by the engine, and the CHECK macros that carry file:line.
+//
+// Every failure the engine reports is a pyckpt::Error with a kind that
+// bindings.cpp maps onto a Python exception class (RuntimeError, ValueError,
+// OSError). Messages name the file/chunk involved so a user can act on them;
+// internal invariant failures (CHECK) also carry the C++ source location.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace pyckpt {
+
+enum class ErrorKind { Runtime, Value, OS };
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorKind kind, const std::string& message)
+      : std::runtime_error(message), kind_(kind) {}
+  ErrorKind kind() const { return kind_; }
+
+ private:
+  ErrorKind kind_;
+};
+
+/// Throws Error(kind, message + " [file:line]"); used by the CHECK macros.
+[[noreturn]] void throw_at(ErrorKind kind, const std::string& message, const char* file,
+                           int line);
+
+/// "No such file or directory (errno 2)" for an errno value.
+std::string errno_text(int err);
+
+}  // namespace pyckpt
+
+#define PYCKPT_CHECK_KIND_(kind, cond, msg)                                        \
+  do {                                                                             \
+    if (!(cond)) {                                                                 \
+      std::ostringstream pyckpt_os_;                                               \
+      pyckpt_os_ << msg;                                                           \
+      ::pyckpt::throw_at(::pyckpt::ErrorKind::kind, pyckpt_os_.str(), __FILE__,    \
+                         __LINE__);                                                \
+    }                                                                              \
+  } while (0)
+
+/// Internal invariant / runtime failure -> RuntimeError.
+#define PYCKPT_CHECK(cond, msg) PYCKPT_CHECK_KIND_(Runtime, cond, msg)
+/// Bad argument from the caller -> ValueError.
+#define PYCKPT_CHECK_ARG(cond, msg) PYCKPT_CHECK_KIND_(Value, cond, msg)

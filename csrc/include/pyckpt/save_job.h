@@ -1,0 +1,116 @@
+// The state of one Engine::save(): what to save, per-chunk progress, results
+// and the first error. Shared by the capture thread, the I/O workers and the
+// Python-facing handle; all methods are thread-safe.
+//
+// Life cycle: every chunk is captured (bytes in a staging slab), then written;
+// when the capture thread and every write task have finished, the job is
+// finalized: on success every file is fsynced and closed, then done() is true.
+// A failure (I/O error, staging timeout, cancel) stops further capture, lets
+// in-flight work drain without writing, and still ends in done().
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "pyckpt/file_io.h"
+
+namespace pyckpt {
+
+struct SavePiece {
+  uintptr_t addr;
+  size_t nbytes;
+  int device;  // -1 = host memory
+};
+
+struct SaveChunk {
+  size_t file_idx;
+  int elem_size;
+  std::vector<SavePiece> pieces;
+  size_t raw_len;  // sum of piece sizes
+  bool on_device;  // any piece with device >= 0
+};
+
+struct SaveOptions {
+  int codec = 0;
+  int level = 0;
+  uintptr_t stream = 0;
+  int device = -1;
+  int64_t staging_timeout_ms = 60000;
+  int64_t write_delay_us = 0;
+};
+
+struct ChunkResult {
+  uint64_t file_offset = 0;
+  uint64_t stored_len = 0;
+  uint64_t raw_len = 0;
+  uint32_t crc32c = 0;
+  int codec = 0;
+  uint32_t raw_crc32c = 0;
+};
+
+class SaveJob {
+ public:
+  SaveJob(std::vector<std::string> files, std::vector<SaveChunk> chunks, SaveOptions options);
+
+  // ---- queries (Python-facing) ----
+  size_t num_chunks() const { return chunks_.size(); }
+  bool chunk_captured(size_t i) const;
+  size_t captured_count() const { return captured_count_.load(); }
+  /// timeout_s < 0 waits forever. True once all chunks are captured, or the job ended.
+  bool wait_captured(double timeout_s);
+  /// True once the job ended (successfully or not).
+  bool wait(double timeout_s);
+  bool done() const;
+  std::optional<std::string> error() const;
+  /// Per-chunk results; throws Error(Runtime) if the job failed or is running.
+  std::vector<ChunkResult> results() const;
+  void cancel();
+
+  // ---- pipeline side ----
+  const std::vector<std::string>& paths() const { return paths_; }
+  const std::vector<SaveChunk>& chunks() const { return chunks_; }
+  const SaveOptions& options() const { return options_; }
+  const std::atomic<bool>& stop_flag() const { return stop_; }
+  bool stopped() const { return stop_.load(); }
+
+  /// Records the first failure and stops the job; later failures are ignored.
+  void fail(const std::string& message);
+  void open_files();
+  const File& file(size_t i) const { return files_[i]; }
+  /// Reserve a 4 KiB-aligned region of `n` bytes in file i.
+  uint64_t reserve(size_t file_idx, uint64_t n);
+  void mark_captured(size_t i);
+  void set_result(size_t i, const ChunkResult& r) { results_[i] = r; }
+
+  /// Counts a unit of outstanding work (the capture loop, each write task).
+  void begin_task() { pending_.fetch_add(1); }
+  /// Ends one; the last one finalizes the job (fsync + close, or cleanup).
+  void end_task();
+
+ private:
+  void finalize();
+
+  const std::vector<std::string> paths_;
+  const std::vector<SaveChunk> chunks_;
+  const SaveOptions options_;
+  std::vector<File> files_;
+  std::unique_ptr<std::atomic<uint64_t>[]> next_offset_;
+  std::unique_ptr<std::atomic<bool>[]> captured_;
+  std::atomic<size_t> captured_count_{0};
+  std::vector<ChunkResult> results_;
+  std::atomic<size_t> pending_{0};
+  std::atomic<bool> stop_{false};
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<std::string> error_;
+  bool done_ = false;
+};
+
+}  // namespace pyckpt

@@ -1,0 +1,49 @@
+// A fixed set of worker threads draining a FIFO of tasks, plus a WaitGroup to
+// wait for a batch of them. Tasks must not throw (they catch and record).
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <functional>
+#include <mutex>
+#include <queue>
+#include <thread>
+#include <vector>
+
+namespace pyckpt {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(size_t nthreads);
+  /// Runs every queued task, then joins the workers.
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  void submit(std::function<void()> task);
+  size_t size() const { return workers_.size(); }
+
+ private:
+  void work();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::queue<std::function<void()>> tasks_;
+  bool stopping_ = false;
+  std::vector<std::thread> workers_;
+};
+
+/// Counts outstanding tasks; wait() returns when the count reaches zero.
+class WaitGroup {
+ public:
+  void add(size_t n);
+  void done();
+  void wait();
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t count_ = 0;
+};
+
+}  // namespace pyckpt

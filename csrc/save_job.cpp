@@ -1,0 +1,121 @@
+#include "pyckpt/save_job.h"
+
+#include <chrono>
+
+#include "pyckpt/errors.h"
+
+namespace pyckpt {
+
+namespace {
+constexpr uint64_t kAlign = 4096;
+
+template <typename Pred>
+bool wait_for(std::unique_lock<std::mutex>& lock, std::condition_variable& cv, double timeout_s,
+              Pred pred) {
+  if (timeout_s < 0) {
+    cv.wait(lock, pred);
+    return true;
+  }
+  return cv.wait_for(lock, std::chrono::duration<double>(timeout_s), pred);
+}
+}  // namespace
+
+SaveJob::SaveJob(std::vector<std::string> files, std::vector<SaveChunk> chunks,
+                 SaveOptions options)
+    : paths_(std::move(files)),
+      chunks_(std::move(chunks)),
+      options_(options),
+      next_offset_(new std::atomic<uint64_t>[paths_.size()]),
+      captured_(new std::atomic<bool>[chunks_.size()]),
+      results_(chunks_.size()) {
+  for (size_t i = 0; i < paths_.size(); ++i) next_offset_[i] = 0;
+  for (size_t i = 0; i < chunks_.size(); ++i) captured_[i] = false;
+}
+
+bool SaveJob::chunk_captured(size_t i) const {
+  PYCKPT_CHECK_ARG(i < chunks_.size(), "chunk index " << i << " out of range (job has "
+                                                      << chunks_.size() << " chunks)");
+  return captured_[i].load();
+}
+
+bool SaveJob::wait_captured(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return wait_for(lock, cv_, timeout_s, [this] {
+    return done_ || error_ || captured_count_.load() == chunks_.size();
+  });
+}
+
+bool SaveJob::wait(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return wait_for(lock, cv_, timeout_s, [this] { return done_; });
+}
+
+bool SaveJob::done() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return done_;
+}
+
+std::optional<std::string> SaveJob::error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
+std::vector<ChunkResult> SaveJob::results() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_) throw Error(ErrorKind::Runtime, "save failed: " + *error_);
+  if (!done_) throw Error(ErrorKind::Runtime, "save is still running: call wait() first");
+  return results_;
+}
+
+void SaveJob::cancel() { fail("cancelled"); }
+
+void SaveJob::fail(const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!error_) error_ = message;
+    stop_ = true;
+  }
+  cv_.notify_all();
+}
+
+void SaveJob::open_files() {
+  files_.reserve(paths_.size());
+  for (const auto& p : paths_) files_.push_back(File::create(p));
+}
+
+uint64_t SaveJob::reserve(size_t file_idx, uint64_t n) {
+  return next_offset_[file_idx].fetch_add((n + kAlign - 1) / kAlign * kAlign);
+}
+
+void SaveJob::mark_captured(size_t i) {
+  captured_[i] = true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // pairs with the waiters' predicate check
+    captured_count_.fetch_add(1);
+  }
+  cv_.notify_all();
+}
+
+void SaveJob::end_task() {
+  if (pending_.fetch_sub(1) == 1) finalize();
+}
+
+void SaveJob::finalize() {
+  // Data is durable before the job reports success: the commit protocol
+  // relies on it when it writes the manifest next.
+  try {
+    if (!stopped())
+      for (auto& f : files_) f.fsync();
+    for (auto& f : files_) f.close();
+  } catch (const std::exception& e) {
+    fail(e.what());
+  }
+  files_.clear();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = true;
+  }
+  cv_.notify_all();
+}
+
+}  // namespace pyckpt

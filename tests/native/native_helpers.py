@@ -1,0 +1,99 @@
+"""Helpers shared by the tests in tests/native: build save/read chunk lists
+for numpy buffers, and independent reference implementations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CRC32C_POLY = 0x82F63B78
+
+
+def crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    """CRC32C computed one bit at a time, straight from the definition."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ CRC32C_POLY if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def addr(a: np.ndarray) -> int:
+    assert a.flags["C_CONTIGUOUS"]
+    return a.ctypes.data
+
+
+@dataclass
+class Layout:
+    """Where every array's bytes went: chunk -> [(array index, byte offset in array, nbytes)]."""
+
+    chunk_bytes: int
+    chunks: list = field(default_factory=list)  # (file_idx, elem_size, [(arr, off, n)])
+
+
+def plan(arrays: list[np.ndarray], chunk_bytes: int, nfiles: int = 1) -> Layout:
+    """Pack arrays into chunks: large arrays span chunks, small ones share one.
+    Chunks are spread round-robin over `nfiles` files."""
+    layout = Layout(chunk_bytes)
+    cur: list = []
+    cur_bytes = 0
+    cur_es = None
+
+    def flush() -> None:
+        nonlocal cur, cur_bytes
+        if cur:
+            layout.chunks.append((len(layout.chunks) % nfiles, cur_es, cur))
+        cur, cur_bytes = [], 0
+
+    for i, a in enumerate(arrays):
+        es = a.itemsize if a.itemsize in (1, 2, 4, 8) else 1
+        if es != cur_es:
+            flush()
+            cur_es = es
+        off = 0
+        while off < a.nbytes:
+            take = min(a.nbytes - off, chunk_bytes - cur_bytes)
+            cur.append((i, off, take))
+            cur_bytes += take
+            off += take
+            if cur_bytes == chunk_bytes:
+                flush()
+    flush()
+    return layout
+
+
+def save_chunks(layout: Layout, arrays: list[np.ndarray]) -> list:
+    return [
+        (f, es, [(addr(arrays[i]) + off, n, -1) for i, off, n in pieces])
+        for f, es, pieces in layout.chunks
+    ]
+
+
+def read_chunks(layout: Layout, results: list, dests: list[np.ndarray]) -> list:
+    out = []
+    for (f, _es, pieces), (offset, stored, raw, crc, codec, _raw_crc) in zip(layout.chunks, results):
+        read_pieces, pos = [], 0
+        for i, off, n in pieces:
+            read_pieces.append((pos, addr(dests[i]) + off, n, -1))
+            pos += n
+        out.append((f, offset, stored, raw, crc, codec, read_pieces))
+    return out
+
+
+def bf16_normal(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n bf16 values (as uint16) of N(0, 0.02): the top half of float32."""
+    f = (rng.standard_normal(n, dtype=np.float32) * 0.02).view(np.uint32)
+    return (f >> 16).astype(np.uint16)
+
+
+def mixed_state(rng: np.random.Generator, scale: int = 1) -> list[np.ndarray]:
+    """A model-like state: a few big tensors of several dtypes plus many small ones."""
+    arrays = [
+        rng.standard_normal(60_000 * scale, dtype=np.float32),
+        bf16_normal(rng, 70_001 * scale),
+        rng.standard_normal(9_999 * scale),
+        rng.integers(0, 255, 33_333 * scale, dtype=np.uint8),
+    ]
+    arrays += [rng.standard_normal(int(rng.integers(1, 300)), dtype=np.float32) for _ in range(40)]
+    return arrays

@@ -1,0 +1,160 @@
+"""Failures are reported, never crash: damaged or missing files on read, I/O
+errors and staging timeouts on save, cancellation, and bad arguments."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from native_helpers import addr, plan, read_chunks, save_chunks
+
+CHUNK = 64 << 10
+_KEEP_ALIVE: list = []
+
+
+def saved(engine, tmp_path, rng, nchunks=4, codec=0):
+    arrays = [rng.standard_normal(nchunks * CHUNK // 8)]
+    layout = plan(arrays, CHUNK, 1)
+    path = str(tmp_path / "data.bin")
+    job = engine.save([path], save_chunks(layout, arrays), codec=codec)
+    assert job.wait(30) and job.error() is None
+    # The destination must outlive every read of these chunks: keep it
+    # referenced from the module-level list below for the test's duration.
+    dests = [np.zeros_like(arrays[0])]
+    _KEEP_ALIVE[:] = dests
+    return path, read_chunks(layout, job.results(), dests)
+
+
+def test_flipped_byte_is_a_checksum_mismatch_naming_the_file(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    path, chunks = saved(engine, tmp_path, rng)
+    offset = chunks[2][1] + 100
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    errors = engine.read([path], chunks)
+    assert [i for i, _ in errors] == [2]
+    assert "checksum mismatch" in errors[0][1] and path in errors[0][1]
+    assert engine.read([path], chunks, verify=False) == []
+
+
+def test_zstd_chunk_damage_is_reported(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    path, chunks = saved(engine, tmp_path, rng, codec=1)
+    with open(path, "r+b") as f:  # destroy the first frame's magic
+        f.seek(chunks[0][1])
+        f.write(b"XXXX")
+    errors = engine.read([path], chunks)
+    assert [i for i, _ in errors] == [0] and path in errors[0][1]
+    # Without verification the malformed frame is still caught by the decoder.
+    (idx, msg), = engine.read([path], chunks, verify=False)
+    assert idx == 0 and "malformed" in msg and path in msg
+
+
+def test_truncated_file_names_sizes_and_file(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    path, chunks = saved(engine, tmp_path, rng)
+    cut = chunks[3][1] + 10
+    os.truncate(path, cut)
+    errors = engine.read([path], chunks)
+    assert [i for i, _ in errors] == [3]
+    msg = errors[0][1]
+    assert msg.startswith("truncated") and path in msg and f"file has {cut}" in msg
+
+
+def test_missing_file_is_reported_for_each_of_its_chunks(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    path, chunks = saved(engine, tmp_path, rng)
+    missing = str(tmp_path / "gone.bin")
+    chunks = [chunks[0]] + [(1,) + c[1:] for c in chunks[1:]]
+    errors = engine.read([path, missing], chunks)
+    assert [i for i, _ in errors] == [1, 2, 3]
+    assert all(missing in m and "No such file" in m for _, m in errors)
+
+
+def test_read_rejects_pieces_outside_the_chunk(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    path, chunks = saved(engine, tmp_path, rng, nchunks=1)
+    f, off, stored, raw, crc, codec, pieces = chunks[0]
+    dst = np.zeros(16)
+    (idx, msg), = engine.read([path], [(f, off, stored, raw, crc, codec, [(raw - 8, addr(dst), 128, -1)])])
+    assert idx == 0 and "outside" in msg
+
+
+@pytest.mark.parametrize("where", ["not-a-dir", "dev-full"])
+def test_io_errors_fail_the_job_not_the_process(make_engine, tmp_path, rng, where):
+    engine = make_engine(chunk_bytes=CHUNK)
+    src = rng.standard_normal(CHUNK // 8)
+    if where == "not-a-dir":  # ENOTDIR even for root
+        (tmp_path / "plain").write_bytes(b"x")
+        path, expect = str(tmp_path / "plain" / "data.bin"), "Not a directory"
+    else:  # every write to /dev/full fails with ENOSPC
+        path, expect = "/dev/full", "No space left on device"
+    good = str(tmp_path / "ok.bin")
+    job = engine.save([good, path], [(0, 8, [(addr(src), src.nbytes, -1)]), (1, 8, [(addr(src), src.nbytes, -1)])])
+    assert job.wait(30)
+    err = job.error()
+    assert err is not None and path in err and expect in err
+    with pytest.raises(RuntimeError, match=expect):
+        job.results()
+    # The engine keeps working after the failure.
+    job2 = engine.save([good], [(0, 8, [(addr(src), src.nbytes, -1)])])
+    assert job2.wait(30) and job2.error() is None
+
+
+def test_staging_timeout_while_another_job_holds_the_slabs(make_engine, tmp_path, rng):
+    engine = make_engine(staging_bytes=2 * CHUNK, chunk_bytes=CHUNK, io_threads=1)
+    src = rng.standard_normal(3 * CHUNK // 8)
+    layout = plan([src], CHUNK, 1)
+    slow = engine.save([str(tmp_path / "a.bin")], save_chunks(layout, [src]), write_delay_us=500_000)
+    while slow.captured_count() < 2:  # both slabs now wait behind 0.5 s writes
+        time.sleep(0.001)
+    starved = engine.save(
+        [str(tmp_path / "b.bin")], save_chunks(layout, [src]), staging_timeout_ms=50
+    )
+    assert starved.wait(30)
+    assert starved.error().startswith("staging timeout")
+    assert starved.captured_count() == 0
+    assert engine.staging_bytes_allocated() == 2 * CHUNK  # the pool did not grow
+    assert slow.wait(30) and slow.error() is None  # the first checkpoint is unharmed
+    assert engine.staging_bytes_allocated() == 2 * CHUNK
+
+
+def test_cancel_stops_the_job(make_engine, tmp_path, rng):
+    engine = make_engine(staging_bytes=2 * CHUNK, chunk_bytes=CHUNK, io_threads=1)
+    src = rng.standard_normal(40 * CHUNK // 8)
+    layout = plan([src], CHUNK, 1)
+    job = engine.save([str(tmp_path / "a.bin")], save_chunks(layout, [src]), write_delay_us=100_000)
+    job.cancel()
+    assert job.wait(30)  # far sooner than the 4 s the writes would take
+    assert job.error() == "cancelled" and job.captured_count() < job.num_chunks()
+
+
+@pytest.mark.parametrize(
+    "chunk, kwargs, match",
+    [
+        ((0, 3, []), {}, "elem_size"),
+        ((5, 4, []), {}, "file index"),
+        ((0, 4, [(0, CHUNK + 1, -1)]), {}, "chunk_bytes"),
+        ((0, 4, [(0, 8, 0)]), {}, "CUDA"),
+        ((0, 4, []), {"codec": 7}, "codec"),
+    ],
+)
+def test_bad_save_arguments_raise_value_error(make_engine, tmp_path, chunk, kwargs, match, C):
+    if match == "CUDA" and C.cuda_available():
+        pytest.skip("a GPU is present")
+    engine = make_engine(chunk_bytes=CHUNK)
+    with pytest.raises(ValueError, match=match):
+        engine.save([str(tmp_path / "x.bin")], [chunk], **kwargs)
+    assert not (tmp_path / "x.bin").exists()  # rejected before anything was written
+
+
+def test_a_file_listed_twice_is_rejected(make_engine, tmp_path):
+    engine = make_engine(chunk_bytes=CHUNK)
+    path = str(tmp_path / "x.bin")
+    with pytest.raises(ValueError, match="listed twice"):
+        engine.save([path, str(tmp_path / "y.bin"), path], [])

@@ -1,0 +1,152 @@
+"""Engine.save -> files -> Engine.read through real files: many chunks,
+several files, packed small arrays, both codecs, several jobs at once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from native_helpers import addr, mixed_state, plan, read_chunks, save_chunks
+
+NONE, ZSTD = 0, 1
+CHUNK = 64 << 10
+
+
+def save_state(engine, dirpath, arrays, nfiles=3, codec=NONE, **kw):
+    layout = plan(arrays, CHUNK, nfiles)
+    files = [os.path.join(dirpath, f"data-{i:03d}.bin") for i in range(nfiles)]
+    job = engine.save(files, save_chunks(layout, arrays), codec=codec, **kw)
+    return layout, files, job
+
+
+def read_back(engine, layout, files, results, arrays):
+    dests = [np.zeros_like(a) for a in arrays]
+    errors = engine.read(files, read_chunks(layout, results, dests))
+    return dests, errors
+
+
+@pytest.mark.parametrize("codec", [NONE, ZSTD])
+def test_round_trip_many_chunks_several_files(make_engine, tmp_path, rng, codec):
+    engine = make_engine(staging_bytes=4 * CHUNK, chunk_bytes=CHUNK)
+    arrays = mixed_state(rng)
+    layout, files, job = save_state(engine, tmp_path, arrays, codec=codec)
+    assert job.wait(60) and job.error() is None
+    results = job.results()
+    assert len(results) == job.num_chunks() == len(layout.chunks) > 10
+    dests, errors = read_back(engine, layout, files, results, arrays)
+    assert errors == []
+    for a, d in zip(arrays, dests):
+        assert np.array_equal(a.view(np.uint8), d.view(np.uint8))
+    if codec == ZSTD:
+        assert any(r[4] == ZSTD for r in results) and any(r[1] < r[2] for r in results)
+
+
+def test_results_describe_the_bytes_on_disk(C, make_engine, tmp_path, rng):
+    engine = make_engine(staging_bytes=4 * CHUNK, chunk_bytes=CHUNK)
+    arrays = mixed_state(rng)
+    layout, files, job = save_state(engine, tmp_path, arrays, codec=ZSTD)
+    assert job.wait(60) and job.error() is None
+    contents = [Path(f).read_bytes() for f in files]
+    spans: dict[int, list] = {}
+    for (f, _es, pieces), (off, stored, raw, crc, codec, raw_crc) in zip(layout.chunks, job.results()):
+        assert off % 4096 == 0
+        blob = contents[f][off : off + stored]
+        assert len(blob) == stored and C.crc32c(blob) == crc
+        src = b"".join(arrays[i].view(np.uint8)[o : o + n].tobytes() for i, o, n in pieces)
+        assert raw == len(src) and C.crc32c(src) == raw_crc
+        if codec == NONE:
+            assert blob == src
+        spans.setdefault(f, []).append((off, off + stored))
+    for regions in spans.values():  # no two chunks overlap within a file
+        regions.sort()
+        assert all(a[1] <= b[0] for a, b in zip(regions, regions[1:]))
+
+
+def test_whole_chunk_piece_is_read_in_place(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    src = rng.standard_normal(CHUNK // 8)
+    path = str(tmp_path / "one.bin")
+    job = engine.save([path], [(0, 8, [(addr(src), src.nbytes, -1)])])
+    assert job.wait(30) and job.error() is None
+    (off, stored, raw, crc, codec, _), = job.results()
+    dst = np.zeros_like(src)
+    # A piece covering the whole chunk takes the direct path; one covering only
+    # part of it must decode through a buffer and still land right.
+    assert engine.read([path], [(0, off, stored, raw, crc, codec, [(0, addr(dst), raw, -1)])]) == []
+    assert np.array_equal(dst, src)
+    half = np.zeros(src.size // 2)
+    assert engine.read([path], [(0, off, stored, raw, crc, codec, [(raw // 2, addr(half), raw // 2, -1)])]) == []
+    assert np.array_equal(half, src[src.size // 2 :])
+
+
+def test_verify_only_read_with_no_pieces(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    arrays = mixed_state(rng)
+    layout, files, job = save_state(engine, tmp_path, arrays, codec=ZSTD)
+    assert job.wait(60) and job.error() is None
+    chunks = [(f, o, s, r, c, k, []) for (f, _, _), (o, s, r, c, k, _) in zip(layout.chunks, job.results())]
+    assert engine.read(files, chunks) == []
+
+
+def test_several_jobs_in_flight_share_one_engine(make_engine, tmp_path, rng):
+    engine = make_engine(staging_bytes=3 * CHUNK, chunk_bytes=CHUNK, io_threads=3)
+    states, jobs = [], []
+    for k in range(3):
+        d = tmp_path / f"job{k}"
+        d.mkdir()
+        arrays = mixed_state(rng)
+        states.append((arrays, *save_state(engine, d, arrays, nfiles=2, codec=k % 2, write_delay_us=2000)))
+    for arrays, layout, files, job in states:
+        assert job.wait(120) and job.error() is None
+        dests, errors = read_back(engine, layout, files, job.results(), arrays)
+        assert errors == []
+        assert all(np.array_equal(a, d) for a, d in zip(arrays, dests))
+    assert engine.staging_bytes_allocated() <= 3 * CHUNK
+
+
+def test_state_larger_than_pool_streams_through(make_engine, tmp_path, rng):
+    engine = make_engine(staging_bytes=2 * CHUNK, chunk_bytes=CHUNK)
+    assert engine.staging_bytes_allocated() == 0  # allocated lazily, by the first save
+    arrays = [rng.standard_normal(20 * CHUNK // 8)]  # 20 chunks through 2 slabs
+    for _ in range(2):  # the second save reuses the same slabs
+        layout, files, job = save_state(engine, tmp_path, arrays, nfiles=1, write_delay_us=1000)
+        assert job.wait(60) and job.error() is None
+        assert engine.staging_bytes_allocated() == 2 * CHUNK
+    dests, errors = read_back(engine, layout, files, job.results(), arrays)
+    assert errors == [] and np.array_equal(dests[0], arrays[0])
+
+
+def test_capture_is_reported_before_the_write_finishes(make_engine, tmp_path, rng):
+    engine = make_engine(staging_bytes=8 * CHUNK, chunk_bytes=CHUNK, io_threads=1)
+    arrays = [rng.standard_normal(4 * CHUNK // 8)]
+    original = arrays[0].copy()
+    layout, files, job = save_state(engine, tmp_path, arrays, nfiles=1, write_delay_us=300_000)
+    assert job.wait_captured(30)
+    assert job.captured_count() == job.num_chunks() == 4
+    assert all(job.chunk_captured(i) for i in range(4))
+    assert not job.done()  # four 0.3 s writes are still queued
+    arrays[0][:] = -1.0  # safe: every chunk is already in staging
+    assert job.wait(30) and job.error() is None
+    dests, errors = read_back(engine, layout, files, job.results(), arrays)
+    assert errors == [] and np.array_equal(dests[0], original)
+
+
+def test_results_and_indices_are_checked(make_engine, tmp_path, rng):
+    engine = make_engine(chunk_bytes=CHUNK)
+    arrays = [rng.standard_normal(2 * CHUNK // 8)]
+    _, _, job = save_state(engine, tmp_path, arrays, nfiles=1, write_delay_us=200_000)
+    with pytest.raises(RuntimeError, match="still running"):
+        job.results()
+    with pytest.raises(ValueError):
+        job.chunk_captured(99)
+    assert job.wait(30) and len(job.results()) == 2
+
+
+def test_empty_job_creates_and_syncs_files(make_engine, tmp_path):
+    engine = make_engine()
+    path = tmp_path / "empty.bin"
+    job = engine.save([str(path)], [])
+    assert job.wait(30) and job.error() is None and job.results() == []
+    assert path.exists() and path.stat().st_size == 0
