@@ -147,6 +147,7 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
     job->fail(e.what());
   }
   cuda::destroy(after);
+  job->mark_capture_finished();
   job->end_task();
 }
 

@@ -41,7 +41,7 @@ bool SaveJob::chunk_captured(size_t i) const {
 bool SaveJob::wait_captured(double timeout_s) {
   std::unique_lock<std::mutex> lock(mu_);
   return wait_for(lock, cv_, timeout_s, [this] {
-    return done_ || error_ || captured_count_.load() == chunks_.size();
+    return done_ || capture_finished_ || captured_count_.load() == chunks_.size();
   });
 }
 
@@ -92,6 +92,14 @@ void SaveJob::mark_captured(size_t i) {
   {
     std::lock_guard<std::mutex> lock(mu_);  // pairs with the waiters' predicate check
     captured_count_.fetch_add(1);
+  }
+  cv_.notify_all();
+}
+
+void SaveJob::mark_capture_finished() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    capture_finished_ = true;
   }
   cv_.notify_all();
 }

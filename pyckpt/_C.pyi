@@ -44,7 +44,9 @@ class SaveJob:
     def chunk_captured(self, index: int) -> bool: ...
     def captured_count(self) -> int: ...
     def wait_captured(self, timeout_s: Optional[float] = None) -> bool:
-        """Block until every chunk is in staging (or the job failed); False on timeout."""
+        """Block until every chunk is in staging, or the job failed and its capture
+        loop stopped; either way, when True the engine reads no source memory again.
+        False on timeout."""
     def wait(self, timeout_s: Optional[float] = None) -> bool:
         """Block until the job ended: every chunk written and every file fsynced, or
         the job failed (then ``error()`` says why). False on timeout."""

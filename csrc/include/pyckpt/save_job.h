@@ -62,7 +62,9 @@ class SaveJob {
   size_t num_chunks() const { return chunks_.size(); }
   bool chunk_captured(size_t i) const;
   size_t captured_count() const { return captured_count_.load(); }
-  /// timeout_s < 0 waits forever. True once all chunks are captured, or the job ended.
+  /// timeout_s < 0 waits forever. True once all chunks are captured, or once the
+  /// job failed AND the capture loop stopped reading source memory (so the
+  /// caller may free or mutate its tensors whenever this returns true).
   bool wait_captured(double timeout_s);
   /// True once the job ended (successfully or not).
   bool wait(double timeout_s);
@@ -86,6 +88,8 @@ class SaveJob {
   /// Reserve a 4 KiB-aligned region of `n` bytes in file i.
   uint64_t reserve(size_t file_idx, uint64_t n);
   void mark_captured(size_t i);
+  /// Called by the capture loop when it will not read source memory again.
+  void mark_capture_finished();
   void set_result(size_t i, const ChunkResult& r) { results_[i] = r; }
 
   /// Counts a unit of outstanding work (the capture loop, each write task).
@@ -111,6 +115,7 @@ class SaveJob {
   std::condition_variable cv_;
   std::optional<std::string> error_;
   bool done_ = false;
+  bool capture_finished_ = false;
 };
 
 }  // namespace pyckpt

@@ -1,0 +1,94 @@
+"""``pyckpt.save`` / ``pyckpt.load``: synchronous one-shot checkpoints.
+
+``save(state, path)`` writes the checkpoint directory ``path`` atomically:
+everything goes to ``path.tmp-<token>`` first, is fsynced, and the directory
+is renamed into place after its MANIFEST.json is durable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import commit, layout, reader, writer
+from ._native import CODEC_IDS, require_codec
+from .coord import Coordinator, LocalCoordinator
+from .errors import CheckpointNotFoundError, PyckptError
+
+
+def save(state: Any, path: str | os.PathLike, *, compress: str = "none", step: int = 0,
+         coordinator: Coordinator | None = None) -> str:
+    """Write ``state`` (nested dicts/lists/tuples of tensors and plain values) to directory ``path``.
+
+    ``path`` must not exist or must be a pyckpt checkpoint (which is replaced
+    atomically). Raises ``UnsupportedStateError`` before writing anything when
+    a value cannot be stored. Returns the absolute path. With several ranks
+    pass ``coordinator=StoreCoordinator()`` and call it on every rank."""
+    from ._native import get_engine
+
+    if compress not in CODEC_IDS:
+        raise ValueError(f"compress must be one of {sorted(CODEC_IDS)}, got {compress!r}")
+    require_codec(compress)
+    coord = coordinator if coordinator is not None else LocalCoordinator()
+    engine = get_engine()
+    plan = writer.prepare(state, None, coord.rank, coord.world_size, engine.chunk_bytes())
+    final = os.path.abspath(os.fspath(path))
+    _check_replaceable(final)
+    commit.gc_siblings(final)  # leftovers of saves to this path that were killed
+    token = coord.broadcast_json(commit.new_token(), "api-save")
+    tmp = f"{final}.tmp-{token}"
+    os.makedirs(tmp, exist_ok=True)
+    part, err = None, None
+    try:
+        job = writer.start(engine, plan, tmp, compress)
+        job.wait(None)
+        err = writer.job_error(job)
+        if err is None:
+            part = writer.describe_part(plan, job.results(), tmp)
+    except Exception as e:
+        err = e
+    commit.commit_parts(coord, f"api-save/{token}", tmp, final, step, part, err, None)
+    return final
+
+
+def _check_replaceable(final: str) -> None:
+    if os.path.lexists(final) and not layout.is_checkpoint_dir(final):
+        if not (os.path.isdir(final) and not os.listdir(final)):
+            raise PyckptError(f"refusing to replace {final}: it exists and is not a pyckpt checkpoint")
+        os.rmdir(final)  # an empty directory is just a place to save into
+    os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+
+
+def resolve(path: str | os.PathLike, newest_committed: bool = False) -> str:
+    """A checkpoint directory for ``path``: itself, or the latest checkpoint of a Checkpointer root.
+
+    With ``newest_committed`` a root resolves to its newest committed directory
+    even if that one is damaged (``pyckpt verify`` wants to report it)."""
+    p = os.path.abspath(os.fspath(path))
+    if layout.is_checkpoint_dir(p):
+        return p
+    if not os.path.isdir(p):
+        raise CheckpointNotFoundError(f"{p} is neither a checkpoint nor a checkpoint root")
+    if newest_committed:
+        committed = [e for e in layout.scan(p) if e.complete]
+        if committed:
+            return committed[-1].path
+    else:
+        from .checkpointer import iter_valid
+
+        info = next(iter_valid(p), None)
+        if info is not None:
+            return info.path
+    raise CheckpointNotFoundError(f"no complete checkpoint in {p}")
+
+
+def load(path: str | os.PathLike, into: Any = None, map_location: Any = None) -> Any:
+    """Load the state saved at ``path`` (a checkpoint directory or a Checkpointer root: its latest).
+
+    ``into``: a structure parallel to the saved one whose tensors receive the
+    values in place (returned as the same objects). ``map_location``: None
+    keeps each tensor's saved device (a CUDA-saved tensor then needs CUDA:
+    pass ``map_location="cpu"`` on CPU-only machines), or a device / str."""
+    from ._native import get_engine
+
+    op = reader.open_checkpoint(resolve(path))
+    return reader.load_section(get_engine(), op, "replicated", 0, into, map_location)

@@ -1,0 +1,167 @@
+"""Nested state <-> (JSON tree, list of tensors).
+
+Every tensor becomes ``{"__pyckpt__": "tensor", "id": N}``; the other
+supported non-JSON values become tagged objects (docs/FORMAT.md "State
+tree"). Anything else raises ``UnsupportedStateError`` naming its key path,
+before anything is written. Decoding builds only plain containers and the
+few listed types: it never imports or calls anything named in the file.
+"""
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .dtypes import DTYPE_TO_CODE, dtype_of
+from .errors import CorruptCheckpointError, UnsupportedStateError
+
+TAG = "__pyckpt__"
+_MAX_DEPTH = 200
+
+
+def _path(parent: str, key: object) -> str:
+    return f"{parent}/{key}" if parent else str(key)
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.paths: list[str] = []
+
+    def value(self, v: Any, path: str, depth: int) -> Any:
+        if depth > _MAX_DEPTH:
+            raise UnsupportedStateError(f"state is nested deeper than {_MAX_DEPTH} levels at {path!r}", key=path)
+        if v is None or isinstance(v, (bool, str)):
+            return v
+        if isinstance(v, int):
+            return int(v)
+        if isinstance(v, float):
+            return float(v) if math.isfinite(v) else {TAG: "float", "value": repr(float(v))}
+        if isinstance(v, torch.Tensor):
+            self.tensors.append(v)
+            self.paths.append(path)
+            return {TAG: "tensor", "id": len(self.tensors) - 1}
+        if isinstance(v, dict):
+            return self.mapping(v, path, depth)
+        if isinstance(v, list):
+            return [self.value(x, _path(path, i), depth + 1) for i, x in enumerate(v)]
+        return self.special(v, path, depth)
+
+    def special(self, v: Any, path: str, depth: int) -> Any:
+        # torch.Size is a tuple subclass: test it first.
+        if isinstance(v, torch.Size):
+            return {TAG: "size", "dims": list(v)}
+        if type(v) is tuple:
+            return {TAG: "tuple", "items": [self.value(x, _path(path, i), depth + 1) for i, x in enumerate(v)]}
+        if isinstance(v, torch.dtype) and v in DTYPE_TO_CODE:
+            return {TAG: "dtype", "code": DTYPE_TO_CODE[v]}
+        if isinstance(v, torch.device):
+            return {TAG: "device", "value": str(v)}
+        if isinstance(v, (bytes, bytearray)):
+            return {TAG: "bytes", "base64": base64.b64encode(bytes(v)).decode("ascii")}
+        raise UnsupportedStateError(
+            f"cannot save {type(v).__module__}.{type(v).__qualname__} at {path!r}: pyckpt stores tensors, "
+            "JSON values, tuples, bytes, torch.dtype/Size/device only (no pickle); convert it, e.g. to a "
+            "dict of those, or drop it from the state",
+            key=path,
+        )
+
+    def mapping(self, d: dict, path: str, depth: int) -> Any:
+        if all(type(k) is str for k in d) and TAG not in d:
+            return {k: self.value(x, _path(path, k), depth + 1) for k, x in d.items()}
+        # Non-string keys (optimizer state's int keys) keep their type.
+        items = []
+        for k, x in d.items():
+            if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
+                raise UnsupportedStateError(f"cannot save dict key {k!r} of type {type(k).__name__} at {path!r}", key=path)
+            items.append([self.value(k, _path(path, k), depth + 1), self.value(x, _path(path, k), depth + 1)])
+        return {TAG: "dict", "items": items}
+
+
+def flatten(state: Any) -> tuple[Any, list[torch.Tensor], list[str]]:
+    """Encode ``state``: returns (json_tree, tensors, key path of each tensor)."""
+    enc = _Encoder()
+    tree = enc.value(state, "", 0)
+    return tree, enc.tensors, enc.paths
+
+
+MakeTensor = Callable[[int, Any, str], torch.Tensor]
+
+
+def unflatten(tree: Any, make_tensor: MakeTensor, into: Any = None, where: str = "") -> Any:
+    """Decode a JSON tree. ``make_tensor(id, into_leaf, key_path)`` supplies each tensor;
+    ``into`` is walked in parallel so the tensor at each path gets its destination."""
+    try:
+        return _Decoder(make_tensor, where).value(tree, into, "")
+    except RecursionError:
+        raise CorruptCheckpointError(f"state tree in {where} is nested too deeply", path=where) from None
+
+
+class _Decoder:
+    def __init__(self, make_tensor: MakeTensor, where: str) -> None:
+        self.make_tensor = make_tensor
+        self.where = where
+
+    def bad(self, path: str, why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"malformed state tree in {self.where} at {path!r}: {why}", path=self.where)
+
+    def value(self, v: Any, into: Any, path: str) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, list):
+            return [self.value(x, _child(into, i), _path(path, i)) for i, x in enumerate(v)]
+        if not isinstance(v, dict):
+            raise self.bad(path, f"unexpected {type(v).__name__}")
+        if TAG not in v:
+            return {k: self.value(x, _child(into, k), _path(path, k)) for k, x in v.items()}
+        return self.tagged(v, into, path)
+
+    def tagged(self, v: dict, into: Any, path: str) -> Any:
+        tag = v[TAG]
+        try:
+            if tag == "tensor":
+                return self.make_tensor(int(v["id"]), into if isinstance(into, torch.Tensor) else None, path)
+            if tag == "float":
+                return float(_FLOATS[v["value"]])
+            if tag == "tuple":
+                return tuple(self.value(x, _child(into, i), _path(path, i)) for i, x in enumerate(v["items"]))
+            if tag == "dict":
+                return self.mapping(v["items"], into, path)
+            if tag == "size":
+                return torch.Size([int(d) for d in v["dims"]])
+            if tag == "dtype":
+                return dtype_of(v["code"], self.where)
+            if tag == "device":
+                return torch.device(str(v["value"]))
+            if tag == "bytes":
+                return base64.b64decode(v["base64"], validate=True)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise self.bad(path, f"bad {tag!r} object ({e})") from None
+        raise self.bad(path, f"unknown tag {tag!r} (written by a newer pyckpt?)")
+
+    def mapping(self, items: list, into: Any, path: str) -> dict:
+        out = {}
+        for k_enc, x in items:
+            k = self.value(k_enc, None, path)
+            out[k] = self.value(x, _child(into, k), _path(path, k))
+        return out
+
+
+_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _child(into: Any, key: Any) -> Any:
+    """The parallel ``into`` node at ``key``, or None when ``into`` has none."""
+    if into is None:
+        return None
+    try:
+        if isinstance(into, dict):
+            return into.get(key)
+        if isinstance(into, (list, tuple)) and isinstance(key, int) and 0 <= key < len(into):
+            return into[key]
+    except TypeError:
+        return None
+    return None

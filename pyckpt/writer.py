@@ -1,0 +1,153 @@
+"""One rank's share of a save: plan the bytes, start the engine, describe the result.
+
+``prepare`` runs on the caller's thread (validation errors surface before
+anything is written), ``start`` hands the chunks to the engine and returns at
+once, ``describe_part`` runs after the engine finished and builds the part
+JSON from the engine's per-chunk results.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import knobs, layout, tree
+from ._native import CODEC_IDS, CODEC_NAMES, error_from_job, require_codec
+from .errors import StagingTimeoutError
+from .planner import Chunk, Storage, assign_owners, describe, pack
+
+
+@dataclass
+class Section:
+    """The state tree of one scope and the storages its tensors view."""
+
+    scope: str  # "replicated" | "rank"
+    tree: Any
+    entries: list[dict]
+    storages: list[Storage]
+    mine: list[Storage]  # the storages this rank writes
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    world_size: int
+    replicated: Section
+    rank_state: Section | None
+    chunks: list[Chunk] = field(default_factory=list)
+
+    def keep_alive(self) -> list[torch.Tensor]:
+        """Tensors whose memory the engine reads until the save is captured."""
+        return [s.keep for sec in self.sections() for s in sec.mine]
+
+    def sections(self) -> list[Section]:
+        return [self.replicated] + ([self.rank_state] if self.rank_state else [])
+
+    def release(self) -> None:
+        """Drop every reference to the caller's tensors (call once the save is captured)."""
+        for sec in self.sections():
+            for s in sec.storages:
+                s.keep = None
+
+
+def _section(scope: str, state: Any, rank: int, world_size: int) -> Section:
+    tr, tensors, paths = tree.flatten(state)
+    d = describe(tensors, paths)
+    if scope == "replicated":
+        owners = assign_owners(d.storages, world_size)
+        mine = [s for s in d.storages if owners[s.id] == rank]
+    else:
+        mine = list(d.storages)
+    return Section(scope, tr, d.entries, d.storages, mine)
+
+
+def prepare(state: Any, rank_state: Any, rank: int, world_size: int, chunk_bytes: int) -> RankPlan:
+    """Flatten, validate and plan; raises ``UnsupportedStateError`` before any I/O."""
+    rep = _section("replicated", state, rank, world_size)
+    rs = _section("rank", rank_state, rank, world_size) if rank_state is not None else None
+    plan = RankPlan(rank, world_size, rep, rs)
+    pack(rep.mine, chunk_bytes, plan.chunks)
+    if rs is not None:
+        pack(rs.mine, chunk_bytes, plan.chunks)
+    return plan
+
+
+class DoneJob:
+    """Stands in for an engine job when a rank has no bytes to write."""
+
+    def num_chunks(self) -> int:
+        return 0
+
+    def wait_captured(self, timeout_s: float | None = None) -> bool:
+        return True
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return True
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> str | None:
+        return None
+
+    def results(self) -> list:
+        return []
+
+    def cancel(self) -> None:
+        return None
+
+
+def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str) -> Any:
+    """Start writing this rank's chunks into ``ckpt_dir``; returns the engine job."""
+    if not plan.chunks:
+        return DoneJob()
+    rel = layout.data_file_name(plan.rank)
+    os.makedirs(os.path.dirname(os.path.join(ckpt_dir, rel)), exist_ok=True)
+    spec = [(0, c.elem_size, [(p.src_addr, p.nbytes, p.src_device) for p in c.pieces]) for c in plan.chunks]
+    device = next((p.src_device for c in plan.chunks for p in c.pieces if p.src_device >= 0), -1)
+    stream = torch.cuda.current_stream(device).cuda_stream if device >= 0 else 0
+    return engine.save(
+        [os.path.join(ckpt_dir, rel)], spec, codec=require_codec(codec), stream=stream, device=device,
+        staging_timeout_ms=int(knobs.get("PYCKPT_STAGING_TIMEOUT_S") * 1000),
+        write_delay_us=knobs.get("PYCKPT_TEST_WRITE_DELAY_MS") * 1000,
+    )
+
+
+def job_error(job: Any) -> Exception | None:
+    """The job's failure as a pyckpt exception (None when it succeeded)."""
+    msg = job.error()
+    if msg is None:
+        return None
+    if msg.startswith("staging timeout"):
+        return StagingTimeoutError(f"checkpoint skipped: {msg} (raise PYCKPT_STAGING_MB or PYCKPT_STAGING_TIMEOUT_S)")
+    return error_from_job(f"checkpoint write failed: {msg}")
+
+
+def describe_part(plan: RankPlan, results: list, ckpt_dir: str) -> dict:
+    """The part JSON of this rank, from the engine's per-chunk results."""
+    rel = layout.data_file_name(plan.rank)
+    chunks = [
+        {"file": rel, "offset": off, "stored_len": stored, "raw_len": raw, "elem_size": c.elem_size,
+         "codec": CODEC_NAMES[codec], "crc32c": crc, "raw_crc32c": raw_crc}
+        for c, (off, stored, raw, crc, codec, raw_crc) in zip(plan.chunks, results)
+    ]
+    files = [{"path": rel, "nbytes": os.path.getsize(os.path.join(ckpt_dir, rel))}] if chunks else []
+    secs = plan.sections()
+    return {
+        "rank": plan.rank, "files": files, "chunks": chunks,
+        "storages": [_storage_json(sec.scope, s) for sec in secs for s in sec.mine],
+        "replicated": _section_json(plan.replicated) if plan.rank == 0 else None,
+        "rank_state": _section_json(plan.rank_state) if plan.rank_state else None,
+    }
+
+
+def _storage_json(scope: str, s: Storage) -> dict:
+    return {"scope": scope, "id": s.id, "nbytes": s.nbytes, "elem_size": s.elem_size,
+            "pieces": [{"chunk": p.chunk, "chunk_offset": p.chunk_offset, "storage_offset": p.storage_offset,
+                        "nbytes": p.nbytes} for p in s.pieces]}
+
+
+def _section_json(sec: Section) -> dict:
+    return {"tree": sec.tree, "tensors": sec.entries, "num_storages": len(sec.storages)}

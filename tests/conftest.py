@@ -1,0 +1,62 @@
+"""Shared fixtures for the whole test suite."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture
+def ckpt_root(tmp_path):
+    """An empty directory to use as a checkpoint root."""
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    return str(root)
+
+
+@pytest.fixture
+def knob_env():
+    """Set PYCKPT_* settings for one test and rebuild the engine so it sees them.
+
+    Usage: ``knob_env(PYCKPT_CHUNK_MB=1, PYCKPT_STAGING_MB=8)``. Everything is
+    restored (and the engine rebuilt again) after the test."""
+    from pyckpt import _native, knobs
+
+    saved: dict[str, str | None] = {}
+
+    def set_knobs(**values):
+        for k, v in values.items():
+            if k not in knobs.KNOBS:
+                raise KeyError(k)
+            saved.setdefault(k, os.environ.get(k))
+            os.environ[k] = str(v)
+        _native.reset_engine()
+
+    yield set_knobs
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _native.reset_engine()
+
+
+@pytest.fixture
+def byte_equal():
+    """``byte_equal(a, b)``: see ``_byte_equal``."""
+    return _byte_equal
+
+
+def _byte_equal(a, b) -> bool:
+    """Bitwise equality of two tensors' elements plus dtype/shape (NaN payloads included)."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    sz = a.element_size()
+    if sz in ints:
+        return torch.equal(a.contiguous().view(ints[sz]), b.contiguous().view(ints[sz]))
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

@@ -1,0 +1,66 @@
+"""Two real ranks (gloo): replicated state written once, rank_state per rank, agreed restore."""
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.dist
+
+SIZES = [300_000, 200_000, 100_000, 50_000, 1000, 10, 10, 7]  # float32 elements
+
+
+def replicated():
+    return {"model": {f"p{i}": torch.arange(n, dtype=torch.float32) * (i + 1) for i, n in enumerate(SIZES)},
+            "optim": {"state": {0: {"step": torch.tensor(5.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+
+
+def _worker(rank, world, tmp):
+    os.environ["PYCKPT_CHUNK_MB"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        import pyckpt
+        from pyckpt.coord import StoreCoordinator
+
+        ck = pyckpt.Checkpointer(f"{tmp}/root", keep=2, coordinator=StoreCoordinator(timeout_s=120))
+        try:  # a bad value on one rank must stop the save on every rank, not hang the others
+            ck.save(0, replicated(), rank_state={"x": object()} if rank == 1 else {"ok": 1})
+            unsupported = None
+        except pyckpt.UnsupportedStateError as e:
+            unsupported = [str(e), e.key]
+        for step in (1, 2, 3):
+            rs = {"rank": rank, "rng": torch.tensor([rank, step], dtype=torch.int64)}
+            paths = ck.save(step, replicated(), rank_state=rs).result(120)
+        dist.barrier()
+        r = ck.restore(into={"model": {k: torch.zeros_like(v) for k, v in replicated()["model"].items()}})
+        ok = all(torch.equal(r.state["model"][k], v) for k, v in replicated()["model"].items())
+        ok = ok and torch.equal(r.state["optim"]["state"][0]["step"], torch.tensor(5.0))
+        out = {"path": paths, "step": r.step, "ok": ok, "rank_state": [r.rank_state["rank"], r.rank_state["rng"].tolist()],
+               "latest": ck.latest().step, "unsupported": unsupported}
+        with open(f"{tmp}/out{rank}.json", "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_write_replicated_state_once(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(2)]
+    for rank, out in enumerate(outs):
+        assert out["ok"] and out["step"] == 3 and out["latest"] == 3
+        assert out["rank_state"] == [rank, [rank, 3]]
+    assert outs[0]["path"] == outs[1]["path"]
+    assert outs[1]["unsupported"][1] == "x" and outs[0]["unsupported"][1] == "x"
+    assert "rank 1" in outs[0]["unsupported"][0]
+    ckpt = tmp_path / "root" / "step-000000003"
+    assert sorted(os.listdir(tmp_path / "root")) == ["latest", "step-000000002", "step-000000003"]
+    parts = [json.loads((ckpt / f"rank-0000{r}.json").read_text()) for r in range(2)]
+    rep = [{s["id"] for s in p["storages"] if s["scope"] == "replicated"} for p in parts]
+    assert rep[0] and rep[1] and not (rep[0] & rep[1])  # each storage written by exactly one rank
+    assert len(rep[0] | rep[1]) == parts[0]["replicated"]["num_storages"]
+    data = [os.path.getsize(ckpt / f"rank-0000{r}" / "data-000.bin") for r in range(2)]
+    one_copy = sum(SIZES) * 4 + 4 + 2 * 16  # + the optimizer step scalar + the two rank_state tensors
+    assert one_copy <= sum(data) <= one_copy + 8 * 4096  # one copy plus chunk alignment, not two copies
+    assert min(data) > 0.3 * one_copy  # the work is shared between the ranks

@@ -1,0 +1,98 @@
+"""planner: storages, extents, packing into chunks, owner assignment."""
+import torch
+
+from pyckpt import planner
+
+MB = 1 << 20
+
+
+def test_ten_thousand_small_tensors_pack_into_few_chunks():
+    ts = [torch.full((10,), float(i)) for i in range(10_000)]
+    d = planner.describe(ts, [str(i) for i in range(10_000)])
+    chunks = planner.pack(d.storages, 4 * MB)
+    assert len(d.storages) == 10_000
+    assert len(chunks) == 1  # 400 KB of data
+    assert sum(c.raw_len for c in chunks) == 10_000 * 40
+
+
+def test_large_storage_is_split_and_pieces_tile_it():
+    big = torch.zeros(10 * MB // 4)  # 10 MiB of float32
+    d = planner.describe([big], ["big"])
+    chunks = planner.pack(d.storages, 4 * MB)
+    assert [c.raw_len for c in chunks] == [4 * MB, 4 * MB, 2 * MB]
+    pieces = d.storages[0].pieces
+    assert [(p.storage_offset, p.nbytes) for p in pieces] == [(0, 4 * MB), (4 * MB, 4 * MB), (8 * MB, 2 * MB)]
+    assert pieces[1].src_addr == big.data_ptr() + 4 * MB and pieces[1].src_device == -1
+
+
+def test_chunks_hold_one_element_size():
+    ts = [torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int8), torch.zeros(3, dtype=torch.float16)]
+    d = planner.describe(ts, ["a", "b", "c"])
+    chunks = planner.pack(d.storages, MB)
+    assert sorted(c.elem_size for c in chunks) == [1, 2, 8]
+    for c in chunks:
+        assert {d.storages[p.storage].elem_size for p in c.pieces} == {c.elem_size}
+
+
+def test_views_of_one_storage_become_one_storage_with_its_used_extent():
+    base = torch.arange(100, dtype=torch.float32)
+    a, b = base[40:50], base[60:80:2]
+    d = planner.describe([a, b], ["a", "b"])
+    assert len(d.storages) == 1
+    s = d.storages[0]
+    # extent starts at byte 160 (aligned to 16) and ends after element 78
+    assert s.nbytes == (79 - 40) * 4
+    assert s.addr == base.data_ptr() + 160
+    assert d.entries[0]["storage_offset"] == 0 and d.entries[1]["storage_offset"] == 20
+    assert d.entries[1]["stride"] == [2] and d.entries[1]["shape"] == [10]
+
+
+def test_unaligned_view_extent_keeps_offsets_whole_elements():
+    base = torch.arange(20, dtype=torch.float64)
+    d = planner.describe([base[3:5]], ["v"])
+    assert d.storages[0].nbytes % 8 == 0
+    assert d.entries[0]["storage_offset"] * 8 + d.storages[0].addr == base[3:5].data_ptr()
+
+
+def test_empty_and_scalar_tensors():
+    d = planner.describe([torch.zeros(0, 3), torch.tensor(7), torch.zeros(0)], ["e", "s", "e2"])
+    sizes = sorted(s.nbytes for s in d.storages)
+    assert sizes == [0, 0, 8]
+    assert d.entries[1]["shape"] == [] and d.entries[1]["nbytes"] == 8
+    chunks = planner.pack(d.storages, MB)
+    assert sum(len(c.pieces) for c in chunks) == 1
+
+
+def test_requires_grad_is_recorded():
+    p = torch.nn.Parameter(torch.ones(2))
+    d = planner.describe([p, torch.ones(1)], ["p", "q"])
+    assert d.entries[0]["requires_grad"] is True and d.entries[1]["requires_grad"] is False
+
+
+def test_conjugate_view_is_materialized():
+    import ctypes
+
+    z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex128)
+    d = planner.describe([z.conj()], ["z"])
+    s = d.storages[0]
+    raw = torch.frombuffer(bytearray(ctypes.string_at(s.addr, s.nbytes)), dtype=torch.complex128)
+    assert torch.equal(raw, torch.tensor([1 - 2j, 3 + 1j], dtype=torch.complex128))
+
+
+def test_owners_balance_bytes_and_are_deterministic():
+    ts = [torch.zeros(n) for n in (1000, 10, 10, 500, 490, 3, 3)]
+    d = planner.describe(ts, [str(i) for i in range(len(ts))])
+    owners = planner.assign_owners(d.storages, 2)
+    assert owners == planner.assign_owners(planner.describe(ts, [""] * len(ts)).storages, 2)
+    load = [sum(s.nbytes for s in d.storages if owners[s.id] == r) for r in range(2)]
+    assert abs(load[0] - load[1]) <= 40 * 4
+    assert planner.assign_owners(d.storages, 1) == [0] * len(ts)
+
+
+def test_unsupported_tensor_kinds_name_the_key():
+    import pytest
+    from pyckpt.errors import UnsupportedStateError
+
+    with pytest.raises(UnsupportedStateError) as ei:
+        planner.describe([torch.zeros(2, 2).to_sparse()], ["m/sparse"])
+    assert ei.value.key == "m/sparse"

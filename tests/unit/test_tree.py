@@ -1,0 +1,103 @@
+"""tree.flatten / unflatten: the JSON encoding of non-tensor state."""
+import json
+import math
+
+import pytest
+import torch
+
+from pyckpt import tree
+from pyckpt.errors import CorruptCheckpointError, UnsupportedStateError
+
+
+def roundtrip(state):
+    tr, tensors, paths = tree.flatten(state)
+    text = json.dumps(tr, allow_nan=False)  # must be strict JSON
+    return tree.unflatten(json.loads(text), lambda i, d, p: tensors[i]), paths
+
+
+def test_plain_json_values_roundtrip_unchanged():
+    state = {"a": 1, "b": [1.5, "x", None, True], "c": {"d": {}}, "e": [], "big": 2**70}
+    out, _ = roundtrip(state)
+    assert out == state
+    assert type(out["big"]) is int
+
+
+def test_special_values_roundtrip_with_types():
+    state = {
+        "t": (1, (2, "z")), "ints": {0: "a", 3: {"x": 1}}, "mixed": {1: 2, "s": 3, None: 4, (1, 2): 5},
+        "fl": [math.inf, -math.inf], "dt": torch.bfloat16, "size": torch.Size([2, 3]),
+        "dev": torch.device("cuda:1"), "raw": b"\x00\xffhello",
+    }
+    out, _ = roundtrip(state)
+    assert out["t"] == (1, (2, "z")) and type(out["t"][1]) is tuple
+    assert out["ints"] == {0: "a", 3: {"x": 1}} and all(type(k) is int for k in out["ints"])
+    assert out["mixed"] == {1: 2, "s": 3, None: 4, (1, 2): 5}
+    assert out["fl"] == [math.inf, -math.inf]
+    assert out["dt"] is torch.bfloat16
+    assert type(out["size"]) is torch.Size and out["size"] == torch.Size([2, 3])
+    assert out["dev"] == torch.device("cuda", 1)
+    assert out["raw"] == b"\x00\xffhello"
+
+
+def test_nan_roundtrips():
+    out, _ = roundtrip({"x": float("nan")})
+    assert math.isnan(out["x"])
+
+
+def test_user_dict_with_the_tag_key_is_not_mistaken_for_a_tag():
+    state = {"__pyckpt__": "tensor", "id": 0}
+    out, _ = roundtrip(state)
+    assert out == state
+
+
+def test_tensors_become_ids_and_paths_are_reported():
+    a, b = torch.zeros(2), torch.ones(3)
+    tr, tensors, paths = tree.flatten({"m": {"w": a}, "o": [{"s": b}]})
+    assert tr == {"m": {"w": {"__pyckpt__": "tensor", "id": 0}}, "o": [{"s": {"__pyckpt__": "tensor", "id": 1}}]}
+    assert tensors[0] is a and tensors[1] is b
+    assert paths == ["m/w", "o/0/s"]
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"optim": {"param_groups": [{"lr": 1, "foo": object()}]}}, "optim/param_groups/0/foo"),
+    ({"s": {1, 2}}, "s"),
+    ({"f": lambda: 0}, "f"),
+    ([1, (2, 3, 1j)], "1/2"),
+])
+def test_unsupported_values_name_their_key(bad, key):
+    with pytest.raises(UnsupportedStateError) as ei:
+        tree.flatten(bad)
+    assert ei.value.key == key
+    assert key in str(ei.value)
+
+
+def test_into_is_walked_in_parallel():
+    x, y = torch.zeros(1), torch.zeros(1)
+    tr, tensors, _ = tree.flatten({"a": [torch.ones(1), {"b": torch.ones(1)}], "t": (torch.ones(1),)})
+    seen = {}
+    tree.unflatten(tr, lambda i, d, p: seen.setdefault(p, d), into={"a": [x, {"b": y}]})
+    assert seen["a/0"] is x and seen["a/1/b"] is y and seen["t/0"] is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"__pyckpt__": "pickle", "data": "x"},
+    {"__pyckpt__": "float", "value": "1e400x"},
+    {"__pyckpt__": "dtype", "code": "NOPE"},
+    {"__pyckpt__": "bytes", "base64": "!!"},
+])
+def test_malformed_tags_are_corrupt_checkpoint_errors(bad):
+    with pytest.raises(CorruptCheckpointError):
+        tree.unflatten({"k": bad}, lambda i, d, p: None, where="part.json")
+
+
+def test_absurdly_deep_trees_are_refused_both_ways():
+    deep = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(UnsupportedStateError, match="nested deeper"):
+        tree.flatten(deep)
+    bad = {}
+    for _ in range(5000):
+        bad = {"k": bad}
+    with pytest.raises(CorruptCheckpointError, match="too deeply"):
+        tree.unflatten(bad, lambda i, d, p: None, where="p.json")
