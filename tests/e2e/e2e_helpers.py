@@ -1,0 +1,176 @@
+"""Kill/relaunch scenarios on top of ``examples/_harness.py``, so tests stay short.
+
+A scenario runs an example under pyckpt, SIGKILLs its whole process tree when a
+condition holds (a step line was printed, a checkpoint was committed, a
+checkpoint is being written), relaunches the same command, and then checks
+that the relaunched run really resumed (from the newest committed checkpoint,
+continuing at the next step) and finished with exactly the reference state.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _harness
+from _harness import Run
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+RUN_TIMEOUT_S = 120  # a whole run takes seconds; this only turns a hang into a failure
+KILL_TIMEOUT_S = 120
+# Checkpointed runs sleep this long after each step (an argument of the example
+# scripts), so a kill triggered by a step line lands within that step.
+STEP_SLEEP = "0.05"
+
+
+@dataclass(frozen=True)
+class Example:
+    script: str
+    nproc: int = 1
+    steps: int = 0  # optimizer steps in a full run, for sanity checks
+
+    @property
+    def path(self) -> Path:
+        return EXAMPLES / self.script
+
+    def command(self, out: Path, sleep: str | None = STEP_SLEEP, script: Path | None = None) -> list[str]:
+        args = ["--out", str(out)] + (["--step-sleep", sleep] if sleep else [])
+        return _harness.python_command(script or self.path, args, self.nproc)
+
+
+SINGLE = Example("train_single.py", steps=18)  # 3 epochs x 6 steps
+DDP = Example("train_ddp.py", nproc=2, steps=16)  # 4 epochs x 4 steps (8 micro-batches, accum 2)
+GAN = Example("train_gan.py", steps=18)  # 3 epochs x 6 steps
+LORA = Example("train_lora.py", steps=24)  # 3 epochs x 8 steps
+INFINITE = Example("train_infinite.py", steps=20)  # one endless epoch, stopped at step 20
+
+
+@dataclass
+class Reference:
+    state: object
+    steps: list[tuple[int, int, str]]
+
+
+def run_to_end(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> Run:
+    """Run a command to completion and insist that it succeeded."""
+    run = _harness.launch(cmd, env, cwd)
+    rc = run.finish(RUN_TIMEOUT_S)
+    assert rc == 0, f"{cmd} exited with {rc}; stderr tail:\n{run.stderr[-3000:]}"
+    return run
+
+
+class References:
+    """Plain (no pyckpt) runs of each example, computed once and cached."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._cache: dict[str, Reference] = {}
+
+    def plain_run(self, example: Example, out: Path) -> Reference:
+        run = run_to_end(example.command(out, sleep=None), _harness.clean_env())
+        steps = run.steps()
+        assert [s for s, _, _ in steps] == list(range(1, example.steps + 1)), run.stdout
+        return Reference(_harness.load_state(out), steps)
+
+    def get(self, example: Example) -> Reference:
+        if example.script not in self._cache:
+            out = self.root / (Path(example.script).stem + ".pt")
+            self._cache[example.script] = self.plain_run(example, out)
+        return self._cache[example.script]
+
+
+def pyckpt_env(ckpt_dir: Path | None, every_steps: int, **extra: str) -> dict[str, str]:
+    """Environment that turns pyckpt on (env-var mode when ``ckpt_dir`` is given)."""
+    settings = {"PYCKPT_EVERY_STEPS": str(every_steps), **extra}
+    if ckpt_dir is not None:
+        settings["PYCKPT_DIR"] = str(ckpt_dir)
+    return _harness.clean_env(settings)
+
+
+# ----------------------------------------------------------------------------- kill points
+
+Condition = Callable[[Run], bool]
+
+
+def at_step(n: int) -> Condition:
+    return lambda run: run.last_step() >= n
+
+
+def after_commit(ckpt_dir: Path, step: int) -> Condition:
+    """Right after the checkpoint of ``step`` (or a later one) has its MANIFEST.json."""
+    return lambda run: any(s >= step for s in _harness.committed_steps(ckpt_dir))
+
+
+def during_write(ckpt_dir: Path) -> Condition:
+    """While a checkpoint newer than the newest committed one is still a ``.tmp-*`` dir."""
+    def writing(run: Run) -> bool:
+        committed = _harness.committed_steps(ckpt_dir)
+        return bool(committed) and any(t > committed[-1] for t in _harness.in_progress_steps(ckpt_dir))
+    return writing
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+@dataclass
+class Crash:
+    killed: Run
+    committed: list[int]  # committed checkpoint steps once everything was dead
+    in_progress: list[int]  # .tmp-* checkpoint steps left behind by the kill
+    resumed: Run
+    resume: dict | None = field(default=None)
+
+
+def kill_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: Path,
+                      kill_when: Condition, relaunch_env: dict[str, str] | None = None,
+                      cwd: Path | None = None) -> Crash:
+    """Launch, SIGKILL the process tree once ``kill_when`` holds, relaunch to the end."""
+    run = _harness.launch(cmd, env, cwd)
+    reached = run.wait_until(lambda: kill_when(run), KILL_TIMEOUT_S)
+    assert reached and run.popen.poll() is None, (
+        f"the kill point was never reached while the run was alive (exit {run.popen.poll()}, "
+        f"last step {run.last_step()}); stderr tail:\n{run.stderr[-3000:]}")
+    run.kill()
+    assert not out.exists(), "the killed run finished before the kill landed"
+    committed = _harness.committed_steps(ckpt_dir)
+    in_progress = _harness.in_progress_steps(ckpt_dir)
+    resumed = run_to_end(cmd, relaunch_env or env, cwd)
+    return Crash(run, committed, in_progress, resumed, _harness.resume_line(resumed.stderr))
+
+
+def assert_lines_match(run: Run, reference: Reference) -> None:
+    """Every ``step N ...`` line equals the reference run's line for step N."""
+    by_step = {s: (e, rest) for s, e, rest in reference.steps}
+    for step, epoch, rest in run.steps():
+        assert by_step.get(step) == (epoch, rest), (
+            f"step {step}: got 'epoch {epoch} loss {rest}', reference "
+            f"{by_step.get(step)}; the numerics diverged")
+
+
+def assert_state_equal(reference: Reference, out: Path) -> None:
+    problems = _harness.diff_states(reference.state, _harness.load_state(out))
+    assert not problems, "final state differs from the plain run:\n" + "\n".join(problems[:40])
+
+
+def assert_resumed_exactly(crash: Crash, reference: Reference, out: Path,
+                           optimizer_steps_per_line: tuple[int, ...] = (1,)) -> None:
+    """The relaunch resumed from the newest checkpoint, continued at the next step, ended equal.
+
+    ``optimizer_steps_per_line``: how many optimizer steps pyckpt may count per
+    printed step (a GAN steps two optimizers per batch).
+    """
+    assert crash.committed, "no checkpoint had been committed before the kill"
+    assert crash.resume, ("the relaunched run did not print 'pyckpt: resumed from step ...'; "
+                          f"stderr tail:\n{crash.resumed.stderr[-3000:]}")
+    assert crash.resume["step"] == crash.committed[-1], (
+        f"resumed from step {crash.resume['step']}, newest committed was {crash.committed}")
+    printed = crash.resumed.steps()
+    first = printed[0][0] - 1  # steps already done when training continued
+    assert first > 0, "the relaunch started training from scratch"
+    assert any(crash.resume["step"] == k * first for k in optimizer_steps_per_line), (
+        f"resumed from checkpoint step {crash.resume['step']} but training continued at "
+        f"printed step {first + 1}")
+    expected = list(range(first + 1, reference.steps[-1][0] + 1))
+    assert [s for s, _, _ in printed] == expected, "the resumed run skipped or repeated steps"
+    assert_lines_match(crash.killed, reference)
+    assert_lines_match(crash.resumed, reference)
+    assert_state_equal(reference, out)
