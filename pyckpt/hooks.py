@@ -1,0 +1,90 @@
+"""Reversible hooks and patches, and registries of live torch objects.
+
+Everything the transparent layer changes in torch goes through a ``HookSet``
+so ``pyckpt.disable()`` can undo it exactly: hook handles are removed and
+patched attributes get their original value back (or are deleted again when
+the class had none of its own).
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+_MISSING = object()
+
+
+class HookSet:
+    """Owns hook handles and attribute patches; ``remove_all()`` undoes them in reverse order."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def add_handle(self, handle: Any) -> Any:
+        """Keep a ``RemovableHandle`` (or anything with ``remove()``) for later removal."""
+        self._undo.append(handle.remove)
+        return handle
+
+    def patch(self, owner: Any, name: str, value: Any) -> Any:
+        """Set ``owner.name = value``; returns the previous attribute (as looked up on ``owner``)."""
+        own = owner.__dict__.get(name, _MISSING) if hasattr(owner, "__dict__") else _MISSING
+        previous = getattr(owner, name, None)
+
+        def undo() -> None:
+            if own is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+        setattr(owner, name, value)
+        self._undo.append(undo)
+        return previous
+
+    def wrap_init(self, cls: type, on_new: Callable[[Any], None]) -> None:
+        """Patch ``cls.__init__`` so every new instance (subclasses too) is passed to ``on_new``."""
+        original = cls.__init__
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):  # noqa: N807 - it is an __init__
+            original(self, *args, **kwargs)
+            # Subclass __init__ chains call us once per level; register the object once.
+            on_new(self)
+
+        self.patch(cls, "__init__", __init__)
+
+    def remove_all(self) -> None:
+        """Undo every hook and patch, newest first."""
+        while self._undo:
+            self._undo.pop()()
+
+
+class Registry:
+    """Live instances of one kind, in creation order, held by weak reference."""
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref] = []
+        self._ids: set[int] = set()
+
+    def add(self, obj: Any) -> None:
+        """Remember ``obj`` (idempotent)."""
+        if id(obj) in self._ids and any(r() is obj for r in self._refs):
+            return
+        self._prune()
+        self._refs.append(weakref.ref(obj))
+        self._ids.add(id(obj))
+
+    def _prune(self) -> None:
+        alive = [r for r in self._refs if r() is not None]
+        if len(alive) != len(self._refs):
+            self._refs = alive
+            self._ids = {id(r()) for r in alive}
+
+    def __iter__(self) -> Iterator[Any]:
+        for r in list(self._refs):
+            obj = r()
+            if obj is not None:
+                yield obj
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -1,0 +1,203 @@
+"""``pyckpt-run``: run a training script under torchrun's elastic agent with pyckpt on.
+
+    pyckpt-run [--dir D] [--every-steps N] [--every-seconds S] [--keep K]
+               [--max-restarts R] [torchrun options] script.py [script args]
+
+The pyckpt flags become PYCKPT_* environment variables, which every worker
+inherits; the installed start-up hook turns transparent mode on in each
+worker. torchrun gets ``--nproc-per-node`` (default 1) and ``--standalone``
+unless rendezvous options were given (so concurrent jobs on one machine do
+not fight over port 29500). When a worker dies the whole group is restarted
+(``--max-restarts``, default 3) and resumes from the newest checkpoint. Also
+``python -m pyckpt.run``.
+
+Why the restarts are ours and not the elastic agent's: in torch 2.13 the
+agent reuses its key-value store across restart attempts, so a restarted
+gloo group can read the dead attempt's addresses and fail with "Gloo
+connectFullMesh failed ... Connection refused" (reproducible without
+pyckpt). Each attempt is therefore a fresh ``torch.distributed.run`` with
+``--max-restarts 0``, so it gets a fresh store and a fresh port.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+from . import knobs
+from .errors import ConfigError
+
+# our flag -> (environment variable, metavar, help)
+FLAGS = {
+    "--dir": ("PYCKPT_DIR", "D", "checkpoint directory (default: $PYCKPT_DIR, else ./pyckpt-checkpoints)"),
+    "--every-steps": ("PYCKPT_EVERY_STEPS", "N", "checkpoint every N optimizer steps"),
+    "--every-seconds": ("PYCKPT_EVERY_SECONDS", "S", "checkpoint every S seconds (default 600 when neither is set)"),
+    "--keep": ("PYCKPT_KEEP", "K", "keep the newest K checkpoints (default 3)"),
+    "--compress": ("PYCKPT_COMPRESS", "C", "none or zstd"),
+    "--resume": ("PYCKPT_RESUME", "R", "auto (default), never, or a checkpoint directory"),
+}
+MAX_RESTARTS = ("--max-restarts", "--max_restarts")
+DEFAULT_MAX_RESTARTS = 3
+_RDZV = ("rdzv_backend", "rdzv_endpoint", "master_addr", "master_port", "standalone")
+
+USAGE = """usage: pyckpt-run [--dir D] [--every-steps N] [--every-seconds S] [--keep K]
+                  [--compress C] [--resume R] [--max-restarts R]
+                  [torchrun options] script.py [script args]
+
+Run script.py under torchrun with transparent pyckpt checkpointing in every
+worker. When a worker dies the whole group is restarted (up to
+--max-restarts times) and resumes from the newest checkpoint; launching the
+same command again after the wrapper itself died resumes too.
+
+pyckpt options:
+{flags}
+  --max-restarts R      restarts of the worker group before giving up (default 3)
+
+torchrun options (see `python -m torch.distributed.run --help`), e.g.
+  --nproc-per-node N    workers on this machine (default 1)
+  --nnodes, --rdzv-endpoint, --rdzv-backend, --master-addr, --master-port
+                        multi-node rendezvous; without them --standalone is used
+
+example:
+  pyckpt-run --dir ckpt --every-steps 100 --nproc-per-node 2 train.py --epochs 10
+"""
+
+
+def usage() -> str:
+    """The --help text."""
+    flags = "\n".join(f"  {f} {m:<{19 - len(f)}} {h}" for f, (_, m, h) in FLAGS.items())
+    return USAGE.format(flags=flags)
+
+
+class UsageError(Exception):
+    """A command line pyckpt-run cannot act on."""
+
+
+def split_args(argv: Sequence[str]) -> tuple[dict[str, str], int, list[str]]:
+    """Separate pyckpt flags (as env settings) and --max-restarts from torchrun's argv."""
+    from torch.distributed.run import get_args_parser
+
+    actions = get_args_parser()._option_string_actions
+    env: dict[str, str] = {}
+    restarts = DEFAULT_MAX_RESTARTS
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, inline = tok.partition("=")
+        if name in FLAGS or name in MAX_RESTARTS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{name} needs a value")
+                inline, i = argv[i + 1], i + 1
+            if name in MAX_RESTARTS:
+                restarts = _int_flag(name, inline)
+            else:
+                env[FLAGS[name][0]] = inline
+        elif tok.startswith("-") and tok != "-":
+            rest.append(tok)
+            action = actions.get(name)
+            if action is None:
+                raise UsageError(f"unknown option {name} (see pyckpt-run --help)")
+            if not eq and action.nargs != 0:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{name} needs a value")
+                rest.append(argv[i + 1])
+                i += 1
+        else:
+            rest.extend(argv[i:])
+            break
+        i += 1
+    return env, restarts, rest
+
+
+def _int_flag(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"{name}={raw!r}: expected an integer >= 0")
+    return value
+
+
+def torchrun_argv(argv: Sequence[str]) -> tuple[dict[str, str], int, list[str]]:
+    """The PYCKPT_* settings, the number of restarts and the torchrun argv of one attempt."""
+    from torch.distributed.run import get_args_parser
+
+    env, restarts, rest = split_args(argv)
+    if not rest or rest[-1].startswith("-") and not any(not t.startswith("-") for t in rest):
+        raise UsageError("no training script given (see pyckpt-run --help)")
+    parser = get_args_parser()
+    try:
+        given = parser.parse_args(rest)
+    except SystemExit:
+        raise UsageError("torchrun rejected the options above (see pyckpt-run --help)") from None
+    if not getattr(given, "training_script", None):
+        raise UsageError("no training script given")
+    defaults = parser.parse_args([given.training_script])
+    script_at = len(rest) - len(given.training_script_args) - 1
+    extra = ["--max-restarts", "0"]
+    if not any(getattr(given, k) != getattr(defaults, k) for k in _RDZV):
+        extra.append("--standalone")
+    return env, restarts, extra + rest[:script_at] + rest[script_at:]
+
+
+def apply_env(env: dict[str, str]) -> str:
+    """Set the PYCKPT_* variables, validate every setting and the directory; returns the directory."""
+    from .activation import DEFAULT_DIR, _check_writable
+
+    os.environ.update(env)
+    directory = os.path.abspath(os.environ.get("PYCKPT_DIR") or DEFAULT_DIR)
+    os.environ["PYCKPT_DIR"] = directory  # workers must see a directory to turn on
+    knobs.validate_all()
+    _check_writable(directory)
+    return directory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pyckpt-run``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(usage())
+        return 0 if argv else 2
+    try:
+        env, restarts, targv = torchrun_argv(argv)
+        apply_env(env)
+    except (UsageError, ConfigError) as e:
+        sys.stderr.write(f"pyckpt-run: {e}\n")
+        return 2
+    return supervise([sys.executable, "-m", "torch.distributed.run", *targv], restarts)
+
+
+def supervise(cmd: list[str], restarts: int) -> int:
+    """Run ``cmd`` until it succeeds, at most ``restarts`` + 1 times; returns its exit status.
+
+    SIGTERM/SIGINT/SIGHUP sent to the wrapper are passed on to the running
+    attempt (whose agent passes them to the workers) and end the loop."""
+    state = {"child": None, "stop": False}
+
+    def forward(signum: int, frame: object) -> None:
+        state["stop"] = True
+        if state["child"] is not None and state["child"].poll() is None:
+            state["child"].send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    rc = 0
+    for attempt in range(restarts + 1):
+        state["child"] = subprocess.Popen(cmd)
+        rc = state["child"].wait()
+        if rc == 0 or state["stop"]:
+            break
+        if attempt < restarts:
+            sys.stderr.write(f"pyckpt-run: workers failed (exit status {rc}); restarting "
+                             f"({attempt + 1} of {restarts}), resuming from the newest checkpoint\n")
+            sys.stderr.flush()
+    return rc if rc >= 0 else 128 - rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The transparent-mode session: hook callbacks, snapshots and the deferred restore.
+
+Data flow. A global optimizer post-step hook counts steps of the *primary*
+optimizer (the first one that ever steps, so a GAN's two optimizers make
+one step per iteration) and asks the ``Policy`` whether a snapshot is due;
+if so the ``LoaderTracker`` is armed and the snapshot is taken when the
+*training stream* (the loader fetched last before that step) is next asked
+for a batch, before the batch is fetched. Then every per-step and per-epoch
+bookkeeping has run, gradients of the finished step are no longer needed,
+and a relaunched run reaches the same point by fast-forwarding that loader.
+On resume the state is restored at exactly that point.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from . import discovery, knobs, rng
+from .errors import PyckptError
+from .hooks import HookSet, Registry
+from .loader_state import FastForward, LoaderTracker, Stream
+from .policy import Policy, StoreAgreement
+
+SIGTERM_GRACE_S = 60.0  # after SIGTERM, exit anyway if no consistent point comes within this time
+
+# name -> (getter, setter), filled by pyckpt.register() (works before and after enable()).
+REGISTERED: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
+
+
+def say(msg: str, level: str = "info") -> None:
+    """One ``pyckpt: ...`` line on stderr, subject to PYCKPT_LOG (warnings always print)."""
+    try:
+        setting = knobs.get("PYCKPT_LOG")
+    except PyckptError:
+        setting = "info"
+    if level == "warning" or setting == "debug" or (level == "info" and setting == "info"):
+        sys.stderr.write(f"pyckpt: {msg}\n")
+        sys.stderr.flush()
+
+
+class Session:
+    """Transparent checkpointing for this process; ``install()`` / ``uninstall()``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.hooks = HookSet()
+        self.optimizers, self.schedulers, self.scalers = Registry(), Registry(), Registry()
+        self.tracker = LoaderTracker(self._at_point, self._first_iter, self._check_manual_updates)
+        self.policy = Policy(knobs.get("PYCKPT_EVERY_STEPS"), knobs.get("PYCKPT_EVERY_SECONDS"))
+        self.step = 0
+        self.primary: Any = None
+        self.fetches_at_step = -1
+        self.train_stream: Stream | None = None
+        self.snapshot_due = False
+        self.disabled_reason: str | None = None
+        self.ckpt: Any = None
+        self.coord: Any = None
+        self.source: Any = None  # resume.Source while a restore is pending
+        self.future: Any = None
+        self.last_snapshot_step = -1
+        self.sigterm: Any = None  # the previous SIGTERM handler once SIGTERM arrived
+        self._prev_sigterm: Any = None
+
+    # -- installation ------------------------------------------------------------------
+    def install(self) -> None:
+        """Install every hook (all reversible through ``self.hooks``)."""
+        from torch.optim.lr_scheduler import LRScheduler
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.tracker.install(self.hooks)
+        self.hooks.add_handle(register_optimizer_step_post_hook(self._post_step))
+        self.hooks.wrap_init(torch.optim.Optimizer, self.optimizers.add)
+        # SequentialLR, ChainedScheduler and ReduceLROnPlateau do not call LRScheduler.__init__:
+        # wrap every scheduler class that defines its own __init__ (registration is idempotent).
+        for cls in _with_subclasses(LRScheduler):
+            if "__init__" in cls.__dict__:
+                self.hooks.wrap_init(cls, self.schedulers.add)
+        self.hooks.wrap_init(torch.amp.GradScaler, self.scalers.add)
+        self._patch_destroy_process_group()
+
+    def uninstall(self) -> None:
+        """Remove every hook, wait for an in-flight checkpoint, restore the SIGTERM handler."""
+        self.flush()
+        self.hooks.remove_all()
+        if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._prev_sigterm)
+
+    def _patch_destroy_process_group(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            return
+        original = dist.destroy_process_group
+
+        def destroy_process_group(*args, **kwargs):
+            self.flush()  # the commit of an in-flight checkpoint still talks to the other ranks
+            return original(*args, **kwargs)
+
+        self.hooks.patch(dist, "destroy_process_group", destroy_process_group)
+
+    def flush(self) -> None:
+        """Wait for the in-flight checkpoint, if any, to commit (or fail)."""
+        if self.future is not None:
+            self.future.wait()
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if opt is not self.primary:
+            if id(opt) not in self.optimizers._ids:  # made before enable(): register it now
+                self.optimizers.add(opt)
+            if self.primary is not None:
+                return
+            self.primary = opt
+        tr = self.tracker
+        if tr.plan is not None:
+            self._stepped_before_restore()
+        if tr.fetches == self.fetches_at_step:
+            self._no_fetch_between_steps()
+        self.fetches_at_step = tr.fetches
+        self.step += 1
+        self.train_stream = tr.last
+        if self.policy.due(self.step) and self.disabled_reason is None:
+            self.snapshot_due = True
+            tr.armed = True
+
+    def _at_point(self, stream: Stream) -> None:
+        """Before ``stream`` fetches a batch while armed: restore or snapshot here."""
+        tr = self.tracker
+        if self.source is not None and stream is tr.plan_stream:
+            self._restore()
+        if self.snapshot_due and stream is self.train_stream:
+            self.snapshot_due = False
+            self._snapshot()
+        tr.armed = self.snapshot_due or self.source is not None
+
+    def _first_iter(self) -> None:
+        """First iter() of any loader: set up storage and decide whether to resume."""
+        from . import resume
+        from .checkpointer import Checkpointer
+        # Installed only now that training begins: a process that never iterates a DataLoader (the
+        # torchrun agent, which also sees PYCKPT_DIR) keeps its own SIGTERM behaviour.
+        self._install_sigterm()
+        self.coord = _coordinator()
+        self.ckpt = Checkpointer(self.directory, keep=knobs.get("PYCKPT_KEEP"),
+                                 compress=knobs.get("PYCKPT_COMPRESS"), coordinator=self.coord)
+        if self.coord.world_size > 1:
+            self.policy.set_agreement(StoreAgreement(self.coord.store, self.coord.rank, self.coord.world_size,
+                                                     prefix=self.coord.prefix + "/policy"))
+        setting = knobs.get("PYCKPT_RESUME")
+        try:
+            self.source = resume.choose(self.ckpt, self.coord, setting)
+        except PyckptError as e:
+            raise PyckptError(f"cannot resume from {self.directory}: {e}") from e
+        if self.source is None:
+            return
+        pos = (self.source.rank_state or {}).get("loader")
+        if pos is None:
+            raise PyckptError(f"checkpoint {self.source.path} has no training-loader position for rank "
+                              f"{self.coord.rank}; set PYCKPT_RESUME=never to start over")
+        self.tracker.plan = FastForward.from_position(pos)
+        for opt in self.optimizers:
+            # As in the run that wrote the checkpoint, the optimizer has stepped before any
+            # scheduler.step() that per-epoch code makes while epochs are skipped.
+            opt._opt_called = True
+
+    def _stepped_before_restore(self) -> None:
+        plan = self.tracker.plan
+        raise PyckptError(
+            f"resuming from {self.source.path}: the optimizer stepped before the training loader reached the "
+            f"checkpoint's position (loader {plan.sig}, epoch {plan.epoch}, batch {plan.batch}), so this run "
+            "does not replay the run that wrote it; refusing to guess. Set PYCKPT_RESUME=never (or use a new "
+            "PYCKPT_DIR) to start over")
+
+    # -- undetectable patterns -----------------------------------------------------------
+    def _no_fetch_between_steps(self) -> None:
+        self._give_up("the optimizer steps without a DataLoader fetch between steps (a loop not driven by a "
+                      "DataLoader), so pyckpt cannot find the position to resume at")
+
+    def _check_manual_updates(self) -> None:
+        if self.step == 0 and discovery.grads_without_optimizer():
+            self._give_up("a DataLoader feeds training but no torch.optim optimizer ever steps (weights "
+                          "updated by hand?), so pyckpt cannot see the training state")
+
+    def _give_up(self, reason: str) -> None:
+        if self.disabled_reason is None:
+            self.disabled_reason = reason
+            self.snapshot_due = False
+            say(f"warning: no checkpoints will be taken: {reason}; save that state with "
+                "pyckpt.register(name, obj) and drive the loop with a DataLoader (docs/TRANSPARENCY.md)",
+                "warning")
+
+    # -- snapshot ------------------------------------------------------------------------
+    def _snapshot(self) -> None:
+        if self.disabled_reason is not None or self.ckpt is None or self.step == self.last_snapshot_step:
+            return
+        try:
+            state, rank_state = self._collect()
+            fut = self.ckpt.save(self.step, state, rank_state)
+            fut.captured()  # the next step may mutate parameters only after this
+        except Exception as e:  # a checkpoint must never take the training job down
+            say(f"warning: checkpoint of step {self.step} skipped: {type(e).__name__}: {e}", "warning")
+            return
+        self.future = fut
+        self.last_snapshot_step = self.step
+        self.policy.restart_timer(time.monotonic())
+        say(f"checkpoint of step {self.step} started", "debug")
+        if self.sigterm is not None:
+            self._exit_after_sigterm()
+
+    def _collect(self) -> tuple[dict, dict]:
+        t = discovery.discover(self.optimizers, self.schedulers, self.scalers)
+        objects = discovery.state_of(t)
+        replicated = t.replicated(self.coord.world_size)
+        rank_state = {
+            "pyckpt": {"step": self.step, "world_size": self.coord.world_size, "replicated": replicated},
+            "loader": self.train_stream.position() if self.train_stream is not None else None,
+            "registered": {name: get() for name, (get, _) in REGISTERED.items()},
+            "rng": rng.capture(),
+        }
+        if not replicated:
+            rank_state["objects"] = objects
+            return {}, rank_state
+        rank_state["buffers"] = discovery.split_buffers(t, objects)
+        return objects, rank_state
+
+    # -- restore -------------------------------------------------------------------------
+    def _restore(self) -> None:
+        src, stream = self.source, self.tracker.plan_stream
+        t = discovery.discover(self.optimizers, self.schedulers, self.scalers)
+        replicated = t.replicated(self.coord.world_size)
+        into = discovery.into_of(t)
+        restored = src.restore(into if replicated else None)
+        rs = restored.rank_state
+        if replicated:
+            state = restored.state
+            discovery.merge_buffers(state, rs.get("buffers") or {})
+        else:
+            state = rs["objects"]
+        discovery.load(t, state)
+        self._load_registered(rs.get("registered") or {})
+        pos = rs["loader"]
+        stream.restore_sampler_state(pos)
+        rng.restore(rs["rng"])  # last: loading state above may draw nothing, but be safe
+        self.step = self.last_snapshot_step = int(rs["pyckpt"]["step"])
+        self.train_stream, self.tracker.last = stream, stream
+        self.fetches_at_step = self.tracker.fetches
+        self.source, self.tracker.plan = None, None
+        self.policy.restart_timer(time.monotonic())
+        if self.coord.rank == 0:
+            took = time.monotonic() - self.started
+            say(f"resumed from step {self.step} (epoch {pos['epoch']}, batch {pos['batch']}) in {took:.1f} s")
+
+    def _load_registered(self, saved: dict[str, Any]) -> None:
+        missing = sorted(set(REGISTERED) - set(saved))
+        if missing:
+            say(f"warning: registered objects {missing} are not in the checkpoint; left as they are", "warning")
+        for name, (_, set_state) in REGISTERED.items():
+            if name in saved:
+                set_state(saved[name])
+
+    # -- SIGTERM -------------------------------------------------------------------------
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._prev_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._patch_loader_workers()
+
+    def _patch_loader_workers(self) -> None:
+        """DataLoader workers ignore SIGTERM while this session handles it.
+
+        Preemption signals the whole process group. torch's workers install a C-level SIGTERM
+        handler that dies unless the parent sent it; a worker dying makes the main process fail
+        at its next fetch, before the snapshot. Ignoring it is safe: workers exit on their own
+        when the main process finishes or dies (torch's parent watchdog)."""
+        from torch.utils.data._utils import signal_handling
+
+        original = signal_handling._set_worker_signal_handlers
+
+        def _set_worker_signal_handlers(*args, **kwargs):
+            original(*args, **kwargs)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+        self.hooks.patch(signal_handling, "_set_worker_signal_handlers", _set_worker_signal_handlers)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        prev = self._prev_sigterm if self._prev_sigterm is not None else signal.SIG_DFL
+        if os.getpid() != self.pid or self.step == 0 or self.disabled_reason is not None or self.ckpt is None:
+            # A forked worker, or nothing trained yet: behave as if we were not here.
+            signal.signal(signal.SIGTERM, prev)
+            _deliver(signum, prev, frame)
+            return
+        say("SIGTERM: checkpointing at the next consistent point, then exiting")
+        self.sigterm = prev
+        # A second SIGTERM now acts as usual; so does our own re-kill after the snapshot.
+        signal.signal(signal.SIGTERM, prev)
+        self.policy.force()
+        timer = threading.Timer(SIGTERM_GRACE_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+
+    def _exit_after_sigterm(self) -> None:
+        try:
+            self.future.result()
+        except Exception as e:  # the exit below happens anyway
+            say(f"warning: checkpoint on SIGTERM failed: {e}", "warning")
+        prev, self.sigterm = self.sigterm, None
+        _deliver(signal.SIGTERM, prev, None)
+
+
+def _with_subclasses(cls: type) -> list[type]:
+    """``cls`` and every subclass defined so far."""
+    out, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        if c not in out:
+            out.append(c)
+            todo.extend(c.__subclasses__())
+    return out
+
+
+def _coordinator() -> Any:
+    """The coordinator for this job; keys carry the torchelastic attempt so a restarted group
+    never reads the previous attempt's values (the agent's store outlives attempts)."""
+    from .coord import StoreCoordinator, default_coordinator
+
+    coord = default_coordinator()
+    if coord.world_size > 1:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        coord = StoreCoordinator(prefix=f"pyckpt/{run_id}/{attempt}")
+    return coord
+
+
+def _deliver(signum: int, handler: Any, frame: Any) -> None:
+    """Act as ``handler`` would for ``signum`` (SIG_DFL: die by the signal)."""
+    if handler == signal.SIG_IGN:
+        return
+    if callable(handler):
+        handler(signum, frame)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    time.sleep(5)  # the signal is delivered asynchronously; never return into training
+    os._exit(128 + signum)

@@ -1,0 +1,62 @@
+"""How transparent mode turns on, and how bad settings stop a job before training."""
+from __future__ import annotations
+
+from transparent_helpers import run_script
+
+PROBE = "import pyckpt\nprint('ACTIVE', pyckpt.activation.active())\n"
+
+
+def test_bare_import_in_main_script_activates_with_default_directory(tmp_path):
+    (tmp_path / "main.py").write_text(PROBE)
+    r = run_script(["main.py"], tmp_path)
+    assert "ACTIVE True" in r.stdout, r.stderr
+    assert (tmp_path / "pyckpt-checkpoints").is_dir()
+
+
+def test_import_from_a_library_module_does_not_activate(tmp_path):
+    (tmp_path / "mylib.py").write_text("import pyckpt\n")
+    (tmp_path / "main.py").write_text("import mylib\nimport pyckpt.activation as a\nprint('ACTIVE', a.active())\n")
+    r = run_script(["main.py"], tmp_path)
+    assert "ACTIVE False" in r.stdout, r.stderr
+    assert not (tmp_path / "pyckpt-checkpoints").exists()
+
+
+def test_disable_turns_import_mode_off(tmp_path):
+    (tmp_path / "main.py").write_text(PROBE)
+    r = run_script(["main.py"], tmp_path, PYCKPT_DISABLE="1")
+    assert "ACTIVE False" in r.stdout, r.stderr
+
+
+def test_environment_variable_activates_without_any_import(tmp_path):
+    (tmp_path / "main.py").write_text("import sys\nprint('ACTIVE', 'pyckpt.activation' in sys.modules and "
+                                      "sys.modules['pyckpt.activation'].active())\n")
+    r = run_script(["main.py"], tmp_path, PYCKPT_DIR=tmp_path / "ck")
+    assert "ACTIVE True" in r.stdout, r.stderr
+    off = run_script(["main.py"], tmp_path)
+    assert "ACTIVE False" in off.stdout
+
+
+def _stops_before_training(tmp_path, script: str, **env):
+    (tmp_path / "main.py").write_text(script + "print('TRAINING STARTED')\n")
+    r = run_script(["main.py"], tmp_path, **env)
+    assert r.returncode == 2
+    assert "TRAINING STARTED" not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: ")
+    return lines[0]
+
+
+def test_malformed_setting_via_environment(tmp_path):
+    line = _stops_before_training(tmp_path, "", PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="abc")
+    assert "PYCKPT_EVERY_STEPS" in line and "'abc'" in line and "integer" in line
+
+
+def test_malformed_setting_via_import(tmp_path):
+    line = _stops_before_training(tmp_path, "import pyckpt\n", PYCKPT_LOG="loud")
+    assert "PYCKPT_LOG" in line and "info" in line and "quiet" in line
+
+
+def test_unwritable_directory(tmp_path):
+    (tmp_path / "afile").write_text("")
+    line = _stops_before_training(tmp_path, "", PYCKPT_DIR=tmp_path / "afile" / "ck")
+    assert "not writable" in line and "afile" in line

@@ -1,0 +1,143 @@
+"""DataLoader fast-forward: a resumed loader yields exactly what an uninterrupted one would
+from (epoch E, batch B) on, without loading the skipped samples."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from pyckpt.hooks import HookSet
+from pyckpt.loader_state import FastForward, LoaderTracker
+
+
+class Counting(Dataset):
+    """Items are their own index; counts __getitem__ calls made in this process."""
+
+    def __init__(self, n: int = 23) -> None:
+        self.n, self.calls = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.calls += 1
+        return torch.tensor(i)
+
+
+def _loop(make, epochs, *, stop=None, plan=None, recreate=False, eval_loader=None, seed=0):
+    """Run `epochs` epochs; returns (batches as (epoch, index, list), position and RNG at `stop`)."""
+    hooks, got = HookSet(), {}
+    tracker: LoaderTracker
+
+    def on_point(st):
+        if plan is not None and st is tracker.plan_stream:
+            torch.set_rng_state(plan[1])  # what the session does at the snapshot point
+            tracker.plan, tracker.armed = None, False
+        if stop is not None and (st.epochs, st.batches) == stop and "pos" not in got:
+            got["pos"], got["rng"] = st.position(), torch.get_rng_state()
+
+    tracker = LoaderTracker(on_point, lambda: None, lambda: None)
+    tracker.install(hooks)
+    tracker.armed = stop is not None
+    if plan is not None:
+        tracker.plan = FastForward.from_position(plan[0])
+    out, evals = [], []
+    try:
+        torch.manual_seed(seed)
+        loader = make()
+        for e in range(epochs):
+            if recreate:
+                loader = make()
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(e)
+            for i, b in enumerate(loader):
+                out.append((e + 1, b.tolist()))
+            if eval_loader is not None:
+                evals.append([b.tolist() for b in eval_loader])
+    finally:
+        hooks.remove_all()
+    return out, got, evals
+
+
+def _check(make, epochs=3, stop=(2, 3), recreate=False, ds=None):
+    ref, got, _ = _loop(make, epochs, stop=stop, recreate=recreate)
+    assert "pos" in got, "the snapshot point was never reached"
+    # Everything from the stop point on, in the uninterrupted run.
+    n_before = sum(1 for e, _ in ref if e < stop[0]) + stop[1]
+    expected = ref[n_before:]
+    calls_before = ds.calls if ds is not None else 0
+    resumed, _, _ = _loop(make, epochs, plan=(got["pos"], got["rng"]), recreate=recreate, seed=12345)
+    assert resumed == expected
+    return (ds.calls - calls_before) if ds is not None else None
+
+
+def test_shuffled_single_process_skips_without_loading():
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_size=4, shuffle=True)  # noqa: E731
+    loaded = _check(make, ds=ds)
+    # Only the batches from (2, 3) on are loaded: 3 of 6 in epoch 2 (the last holds 3 items), all of epoch 3.
+    assert loaded == (4 + 4 + 3) + 23
+
+
+def test_worker_processes():
+    make = lambda: DataLoader(Counting(), batch_size=4, shuffle=True, num_workers=2)  # noqa: E731
+    _check(make)
+
+
+def test_persistent_workers():
+    make = lambda: DataLoader(Counting(), batch_size=4, shuffle=True, num_workers=2,  # noqa: E731
+                              persistent_workers=True)
+    _check(make, stop=(3, 2))
+
+
+def test_distributed_sampler_with_set_epoch():
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_size=3, sampler=DistributedSampler(ds, num_replicas=2, rank=1))  # noqa: E731
+    _check(make, stop=(2, 1))
+
+
+def test_infinite_sampler_skips_inside_one_epoch():
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, replacement=True,  # noqa: E731
+                                                                        num_samples=10**10))
+
+    def run(stop=None, plan=None, seed=0):
+        hooks, got = HookSet(), {}
+
+        def on_point(st):
+            if plan is not None and st is tracker.plan_stream:
+                torch.set_rng_state(plan[1])
+                tracker.plan = None
+            if stop is not None and st.batches == stop:
+                got["pos"], got["rng"] = st.position(), torch.get_rng_state()
+
+        tracker = LoaderTracker(on_point, lambda: None, lambda: None)
+        tracker.install(hooks)
+        tracker.armed = True
+        if plan is not None:
+            tracker.plan = FastForward.from_position(plan[0])
+        try:
+            torch.manual_seed(seed)
+            it = iter(make())
+            return [next(it).tolist() for _ in range(12 - (plan[0]["batch"] if plan else 0))], got
+        finally:
+            hooks.remove_all()
+
+    ref, got = run(stop=7)
+    before = ds.calls
+    resumed, _ = run(plan=(got["pos"], got["rng"]), seed=99)
+    assert resumed == ref[7:]
+    assert ds.calls - before == 5 * 4
+
+
+def test_loaders_recreated_every_epoch():
+    ds = Counting()
+    _check(lambda: DataLoader(ds, batch_size=5, shuffle=True), recreate=True, stop=(3, 2))
+
+
+def test_eval_loader_is_never_skipped():
+    ds = Counting()
+    val = DataLoader(Counting(7), batch_size=2)
+    make = lambda: DataLoader(ds, batch_size=4, shuffle=True)  # noqa: E731
+    _, got, ref_evals = _loop(make, 3, stop=(2, 3), eval_loader=val)
+    _, _, evals = _loop(make, 3, plan=(got["pos"], got["rng"]), eval_loader=val, seed=5)
+    assert evals == ref_evals and len(evals[0]) == 4

@@ -1,0 +1,115 @@
+"""Kill a tiny training script at various steps, relaunch it, and compare with an uninterrupted run."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from pyckpt import layout
+
+from transparent_helpers import TINY, load, run_script, tree_equal
+
+
+def _kill_and_resume(tmp_path, mode: str, **env: str):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
+    settings = dict(MODE=mode, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", KILL_MARK=tmp_path / "mark", **env)
+    first = run_script([TINY, out], tmp_path, **settings)
+    second = run_script([TINY, out], tmp_path, **settings)
+    assert second.returncode == 0, second.stderr
+    return first, second, load(out)
+
+
+@pytest.mark.parametrize("mode,kill_at", [
+    ("adamw", 13),   # mid-epoch
+    ("adamw", 10),   # last step of an epoch whose end runs scheduler.step()
+    ("adamw", 11),   # first step of an epoch
+    ("gan", 13),     # two optimizers, several param groups
+    ("lbfgs", 13),   # closure optimizer with history in its state
+    ("patched", 13),  # opt.step replaced on the instance
+    ("compiled", 13),  # torch.compile'd module (_orig_mod. keys)
+])
+def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mode, kill_at):
+    first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT=str(kill_at))
+    assert first.returncode == -signal.SIGKILL
+    assert "TRAINED" not in first.stdout
+    saved = (kill_at // 4) * 4
+    assert f"pyckpt: resumed from step {saved} " in second.stderr or f"resumed from step {saved - 4} " in second.stderr
+    assert tree_equal(final, plain_results(mode))
+
+
+def test_never_killed_run_equals_plain_run(tmp_path, plain_results):
+    out = tmp_path / "out.pt"
+    r = run_script([TINY, out], tmp_path, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="3")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ckpt" / layout.step_dir_name(30)).is_dir()
+    assert tree_equal(load(out), plain_results("adamw"))
+
+
+def test_sigterm_snapshots_then_exits_by_signal(tmp_path, plain_results):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
+    env = dict(PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="100", TERM_AT="13", KILL_MARK=tmp_path / "mark")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == -signal.SIGTERM
+    assert "TRAINED" not in first.stdout
+    committed = [p.name for p in ckpt.iterdir() if layout.is_checkpoint_dir(str(p))]
+    assert committed == [layout.step_dir_name(14)]  # the step after the signal, at its consistent point
+    second = run_script([TINY, out], tmp_path, **env)
+    assert "pyckpt: resumed from step 14 " in second.stderr
+    assert tree_equal(load(out), plain_results("adamw"))
+
+
+def test_resume_never_ignores_checkpoints(tmp_path):
+    env = dict(PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="13", KILL_MARK=tmp_path / "m")
+    run_script([TINY, tmp_path / "a.pt"], tmp_path, **env)
+    r = run_script([TINY, tmp_path / "a.pt"], tmp_path, PYCKPT_RESUME="never", **env)
+    assert r.returncode == 0 and "resumed" not in r.stderr
+    assert "TRAINED 30" in r.stdout
+
+
+@pytest.mark.parametrize("mode,reason", [
+    ("while", "without a DataLoader fetch between steps"),
+    ("manual", "no torch.optim optimizer ever steps"),
+])
+def test_undetectable_patterns_warn_and_take_no_snapshots(tmp_path, mode, reason):
+    ckpt = tmp_path / "ckpt"
+    r = run_script([TINY, tmp_path / "o.pt"], tmp_path, MODE=mode, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="2")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("pyckpt: warning")]
+    assert len(warnings) == 1 and reason in warnings[0] and "pyckpt.register" in warnings[0]
+    assert not any(layout.is_checkpoint_dir(str(p)) for p in ckpt.iterdir())
+
+
+REGISTERED = """
+import os, signal, sys, torch
+import pyckpt
+from torch.utils.data import DataLoader, TensorDataset
+
+class Counter:
+    def __init__(self): self.seen = 0
+    def state_dict(self): return {"seen": self.seen}
+    def load_state_dict(self, s): self.seen = s["seen"]
+
+counter = pyckpt.register("counter", Counter())
+torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=2, shuffle=True)
+step = 0
+for epoch in range(2):
+    for (x,) in loader:
+        opt.zero_grad(); model(x).sum().backward(); opt.step()
+        counter.seen += len(x); step += 1
+        if step == 11 and not os.path.exists("mark"):
+            open("mark", "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+print("SEEN", counter.seen)
+"""
+
+
+def test_registered_object_is_saved_and_restored(tmp_path):
+    (tmp_path / "reg.py").write_text(REGISTERED)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="5")
+    first = run_script(["reg.py"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL
+    second = run_script(["reg.py"], tmp_path, **env)
+    assert "pyckpt: resumed from step 10 " in second.stderr or "pyckpt: resumed from step 5 " in second.stderr
+    assert "SEEN 32" in second.stdout  # what was seen before the checkpoint is restored, not recounted

@@ -1,0 +1,91 @@
+"""pyckpt-run: help, argument translation, and a killed worker restarted by the wrapper."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyckpt.run import main, torchrun_argv
+from transparent_helpers import clean_env, load, tree_equal
+
+DDP = Path(__file__).parent / "train_ddp.py"
+
+
+def test_help_names_every_flag(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--dir", "--every-steps", "--every-seconds", "--keep", "--max-restarts", "--nproc-per-node",
+                 "script.py"):
+        assert flag in text
+
+
+def test_translation_defaults_and_script_args_untouched():
+    env, restarts, argv = torchrun_argv(["--every-steps", "7", "--dir=ck", "--nproc-per-node", "2",
+                                         "train.py", "--dir", "data", "--every-steps", "1"])
+    assert env == {"PYCKPT_EVERY_STEPS": "7", "PYCKPT_DIR": "ck"}
+    assert restarts == 3
+    assert "--standalone" in argv
+    assert argv[argv.index("train.py"):] == ["train.py", "--dir", "data", "--every-steps", "1"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "2"
+
+
+def test_rendezvous_options_replace_standalone():
+    _, restarts, argv = torchrun_argv(["--max-restarts", "5", "--rdzv-endpoint", "host:1234", "t.py"])
+    assert restarts == 5 and "--standalone" not in argv
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--every-steps", "abc", "t.py"], "PYCKPT_EVERY_STEPS"),
+    (["--bogus", "t.py"], "--bogus"),
+    (["--every-steps", "3"], "no training script"),
+])
+def test_bad_command_lines_exit_2(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)
+    for k in ("PYCKPT_DIR", "PYCKPT_EVERY_STEPS"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path):
+    """DDP on gloo, 2 workers, DistributedSampler + workers + BatchNorm; rank 1 SIGKILLs itself once."""
+    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            DDP, tmp_path / "plain.pt"], env=clean_env(), capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "5",
+                        "--nproc-per-node", "2", DDP, tmp_path / "res.pt"], capture_output=True, text=True,
+                       timeout=400, cwd=tmp_path,
+                       env=clean_env(KILL_AT="17", KILL_MARK=tmp_path / "mark"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "mark").exists()
+    assert "pyckpt-run: workers failed" in r.stderr and "pyckpt: resumed from step 15 " in r.stderr
+    assert tree_equal(load(tmp_path / "res.pt"), load(tmp_path / "plain.pt"))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path):
+    """Preemption: the agent forwards SIGTERM to both ranks; they agree on a step, snapshot, exit."""
+    def torchrun(out, **env):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               "2", DDP, out], env=clean_env(**env), capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+
+    plain = torchrun(tmp_path / "plain.pt")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="1000", TERM_AGENT_AT="10",
+               KILL_MARK=tmp_path / "mark")
+    first = torchrun(tmp_path / "res.pt", **env)
+    assert first.returncode != 0 and first.stderr.count("pyckpt: SIGTERM: checkpointing") == 2
+    from pyckpt import layout
+
+    committed = [p.name for p in (tmp_path / "ck").iterdir() if layout.is_checkpoint_dir(str(p))]
+    assert len(committed) == 1
+    second = torchrun(tmp_path / "res.pt", **env)
+    assert second.returncode == 0 and "pyckpt: resumed from step" in second.stderr
+    assert tree_equal(load(tmp_path / "res.pt"), load(tmp_path / "plain.pt"))

@@ -1,0 +1,109 @@
+"""A tiny training script that never mentions pyckpt (driven by the tests in this folder).
+
+MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual
+KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
+TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
+argv[1]: where to torch.save the final state
+"""
+import os
+import signal
+import sys
+import types
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+MODE = os.environ.get("MODE", "adamw")
+EPOCHS = int(os.environ.get("EPOCHS", "3"))
+
+
+def maybe_die(step):
+    mark = os.environ.get("KILL_MARK", "")
+    for var, sig in (("KILL_AT", signal.SIGKILL), ("TERM_AT", signal.SIGTERM)):
+        if os.environ.get(var) == str(step) and mark and not os.path.exists(mark):
+            open(mark, "w").close()
+            os.kill(os.getpid(), sig)
+
+
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(40, 6), torch.randn(40, 1))
+loader = DataLoader(data, batch_size=4, shuffle=True)
+val_loader = DataLoader(TensorDataset(torch.randn(12, 6), torch.randn(12, 1)), batch_size=4)
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+models = {"model": model}
+if MODE == "compiled":
+    model = torch.compile(model, backend="eager")  # state_dict keys gain "_orig_mod."
+    models = {"model": model}
+if MODE == "lbfgs":
+    opts = [torch.optim.LBFGS(model.parameters(), lr=0.5, history_size=3, max_iter=3)]
+elif MODE == "gan":
+    critic = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
+    models["critic"] = critic
+    opts = [torch.optim.Adam(critic.parameters(), lr=1e-2), torch.optim.SGD(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}], lr=0.01, momentum=0.9)]
+else:
+    opts = [torch.optim.AdamW(model.parameters(), lr=1e-2)]
+if MODE == "patched":
+    def patched_step(self, *a, **k):  # what some libraries do to an optimizer instance
+        return type(self).step(self, *a, **k)
+
+    opts[0].step = types.MethodType(patched_step, opts[0])
+sched = torch.optim.lr_scheduler.SequentialLR(opts[-1], [  # SequentialLR skips LRScheduler.__init__
+    torch.optim.lr_scheduler.LinearLR(opts[-1], start_factor=0.5, total_iters=2),
+    torch.optim.lr_scheduler.StepLR(opts[-1], step_size=1, gamma=0.8)], milestones=[2])
+plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opts[0], patience=0, factor=0.5)
+step = 0
+
+
+def train_step(x, y):
+    global step
+    if MODE == "lbfgs":
+        def closure():
+            opts[0].zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+        opts[0].step(closure)
+    elif MODE == "gan":
+        d_opt, g_opt = opts
+        d_opt.zero_grad()
+        d_loss = critic(model(x).detach()).mean() - critic(y).mean()
+        d_loss.backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        (-critic(model(x)).mean()).backward()
+        g_opt.step()
+    elif MODE == "manual":
+        model.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * p.grad
+        return
+    else:
+        opts[0].zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opts[0].step()
+    step += 1
+    maybe_die(step)
+
+
+if MODE == "while":
+    x, y = next(iter(loader))
+    while step < 30:
+        train_step(x, y)
+else:
+    for epoch in range(EPOCHS):
+        model.train()
+        for x, y in loader:
+            train_step(x, y)
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            val = sum(((model(x) - y) ** 2).mean().item() for x, y in val_loader)
+        plateau.step(val)
+print("TRAINED", step, flush=True)
+torch.save({"models": {k: m.state_dict() for k, m in models.items()},
+            "opts": [o.state_dict() for o in opts], "sched": sched.state_dict(),
+            "plateau": plateau.state_dict()}, sys.argv[1])

@@ -1,0 +1,42 @@
+"""Helpers for the transparent-mode tests: run scripts as real subprocesses."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+TINY = HERE / "train_tiny.py"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The current environment without PYCKPT_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python args...`` with a clean PYCKPT_* environment plus ``env``."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=clean_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tree_equal(a, b) -> bool:
+    """Bitwise equality of nested state (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tree_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tree_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
