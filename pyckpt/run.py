@@ -11,12 +11,12 @@ not fight over port 29500). When a worker dies the whole group is restarted
 (``--max-restarts``, default 3) and resumes from the newest checkpoint. Also
 ``python -m pyckpt.run``.
 
-Why the restarts are ours and not the elastic agent's: in torch 2.13 the
-agent reuses its key-value store across restart attempts, so a restarted
-gloo group can read the dead attempt's addresses and fail with "Gloo
-connectFullMesh failed ... Connection refused" (reproducible without
-pyckpt). Each attempt is therefore a fresh ``torch.distributed.run`` with
-``--max-restarts 0``, so it gets a fresh store and a fresh port.
+Restarts are the elastic agent's (``torchrun --max-restarts``). In torch 2.13
+the agent shares one TCP store across restart attempts by default, and a
+restarted gloo group can then read the dead attempt's addresses and fail with
+"Gloo connectFullMesh failed ... Connection refused" (reproducible without
+pyckpt); the wrapper sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` so every
+attempt rendezvouses afresh.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def torchrun_argv(argv: Sequence[str]) -> tuple[dict[str, str], int, list[str]]:
         raise UsageError("no training script given")
     defaults = parser.parse_args([given.training_script])
     script_at = len(rest) - len(given.training_script_args) - 1
-    extra = ["--max-restarts", "0"]
+    extra = ["--max-restarts", str(restarts)]
     if not any(getattr(given, k) != getattr(defaults, k) for k in _RDZV):
         extra.append("--standalone")
     return env, restarts, extra + rest[:script_at] + rest[script_at:]
@@ -169,33 +169,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError) as e:
         sys.stderr.write(f"pyckpt-run: {e}\n")
         return 2
-    return supervise([sys.executable, "-m", "torch.distributed.run", *targv], restarts)
+    # Without this the agent's restarted gloo group can dial the dead attempt's peers.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return supervise([sys.executable, "-m", "torch.distributed.run", *targv])
 
 
-def supervise(cmd: list[str], restarts: int) -> int:
-    """Run ``cmd`` until it succeeds, at most ``restarts`` + 1 times; returns its exit status.
+def supervise(cmd: list[str]) -> int:
+    """Run torchrun's agent (which restarts failed workers) and return its exit status.
 
-    SIGTERM/SIGINT/SIGHUP sent to the wrapper are passed on to the running
-    attempt (whose agent passes them to the workers) and end the loop."""
-    state = {"child": None, "stop": False}
+    The agent runs as a child so that SIGTERM/SIGINT/SIGHUP sent to the
+    wrapper reach it (and through it the workers) exactly once."""
+    child = subprocess.Popen(cmd)
 
     def forward(signum: int, frame: object) -> None:
-        state["stop"] = True
-        if state["child"] is not None and state["child"].poll() is None:
-            state["child"].send_signal(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    rc = 0
-    for attempt in range(restarts + 1):
-        state["child"] = subprocess.Popen(cmd)
-        rc = state["child"].wait()
-        if rc == 0 or state["stop"]:
-            break
-        if attempt < restarts:
-            sys.stderr.write(f"pyckpt-run: workers failed (exit status {rc}); restarting "
-                             f"({attempt + 1} of {restarts}), resuming from the newest checkpoint\n")
-            sys.stderr.flush()
+    rc = child.wait()
     return rc if rc >= 0 else 128 - rc
 
 

@@ -26,6 +26,7 @@ def test_translation_defaults_and_script_args_untouched():
                                          "train.py", "--dir", "data", "--every-steps", "1"])
     assert env == {"PYCKPT_EVERY_STEPS": "7", "PYCKPT_DIR": "ck"}
     assert restarts == 3
+    assert argv[argv.index("--max-restarts") + 1] == "3"
     assert "--standalone" in argv
     assert argv[argv.index("train.py"):] == ["train.py", "--dir", "data", "--every-steps", "1"]
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
@@ -34,6 +35,8 @@ def test_translation_defaults_and_script_args_untouched():
 def test_rendezvous_options_replace_standalone():
     _, restarts, argv = torchrun_argv(["--max-restarts", "5", "--rdzv-endpoint", "host:1234", "t.py"])
     assert restarts == 5 and "--standalone" not in argv
+    # the elastic agent does the restarting
+    assert argv[argv.index("--max-restarts") + 1] == "5"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -63,7 +66,8 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path):
                        env=clean_env(KILL_AT="17", KILL_MARK=tmp_path / "mark"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "mark").exists()
-    assert "pyckpt-run: workers failed" in r.stderr and "pyckpt: resumed from step 15 " in r.stderr
+    # rank 1 died (mark), yet the job finished: the elastic agent restarted the group, which resumed
+    assert "pyckpt: resumed from step 15 " in r.stderr
     assert tree_equal(load(tmp_path / "res.pt"), load(tmp_path / "plain.pt"))
 
 
