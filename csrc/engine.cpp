@@ -123,12 +123,27 @@ std::string Engine::staging_timeout_message(const SaveJob& job) const {
   return os.str();
 }
 
+void Engine::submit_writes(const std::shared_ptr<SaveJob>& job,
+                           std::vector<std::pair<size_t, uint8_t*>>& captured) {
+  for (const auto& [i, slab] : captured) {
+    job->begin_task();
+    io_.submit([this, job, i = i, slab = slab] { write_chunk(*job, i, slab); });
+  }
+  captured.clear();
+}
+
 void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after) {
+  std::vector<std::pair<size_t, uint8_t*>> captured;  // captured, write not yet submitted
   try {
     job->open_files();
     const auto timeout = std::chrono::milliseconds(job->options().staging_timeout_ms);
     for (size_t i = 0; i < job->num_chunks() && !job->stopped(); ++i) {
-      uint8_t* slab = pool_.acquire(timeout, &job->stop_flag());
+      uint8_t* slab = pool_.acquire(std::chrono::milliseconds(0), &job->stop_flag());
+      if (!slab) {
+        // Pool dry: start the deferred writes, which free slabs, then wait.
+        submit_writes(job, captured);
+        slab = pool_.acquire(timeout, &job->stop_flag());
+      }
       if (!slab) {
         job->fail(staging_timeout_message(*job));  // no-op if already cancelled
         break;
@@ -140,12 +155,15 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
         throw;
       }
       job->mark_captured(i);
-      job->begin_task();
-      io_.submit([this, job, i, slab] { write_chunk(*job, i, slab); });
+      captured.emplace_back(i, slab);
     }
   } catch (const std::exception& e) {
     job->fail(e.what());
   }
+  // Writes start once capture is over (or the pool ran dry, above): encoding
+  // and pwrite compete with the copies for cores and memory bandwidth, and the
+  // caller is blocked on capture, not on durability.
+  submit_writes(job, captured);
   cuda::destroy(after);
   job->mark_capture_finished();
   job->end_task();

@@ -37,15 +37,10 @@ def save(state: Any, path: str | os.PathLike, *, compress: str = "none", step: i
     token = coord.broadcast_json(commit.new_token(), "api-save")
     tmp = f"{final}.tmp-{token}"
     os.makedirs(tmp, exist_ok=True)
-    part, err = None, None
     try:
-        job = writer.start(engine, plan, tmp, compress)
-        job.wait(None)
-        err = writer.job_error(job)
-        if err is None:
-            part = writer.describe_part(plan, job.results(), tmp)
-    except Exception as e:
-        err = e
+        part, err = writer.collect(writer.start(engine, plan, tmp, compress), plan, tmp)
+    except Exception as e:  # the job could not start (e.g. the data file cannot be created)
+        part, err = None, e
     commit.commit_parts(coord, f"api-save/{token}", tmp, final, step, part, err, None)
     return final
 

@@ -176,18 +176,12 @@ class Checkpointer:
 
     def _finish(self, fut: SaveFuture, plan, job, err, tmp: str, final: str, step: int, seq: int) -> None:
         part = None
-        try:
-            if err is None:
-                if job.wait_captured(None):
-                    # The engine no longer reads the caller's tensors (captured, or failed and stopped).
-                    fut._keep = None
-                    plan.release()
-                job.wait(None)
-                err = writer.job_error(job)
-            if err is None:
-                part = writer.describe_part(plan, job.results(), tmp)
-        except Exception as e:
-            err = e
+        if err is None:
+            if job.wait_captured(None):
+                # The engine no longer reads the caller's tensors (captured, or failed and stopped).
+                fut._keep = None
+                plan.release()
+            part, err = writer.collect(job, plan, tmp)
         plan.release()
         try:
             commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err, self.directory)

@@ -125,6 +125,18 @@ def job_error(job: Any) -> Exception | None:
     return error_from_job(f"checkpoint write failed: {msg}")
 
 
+def collect(job: Any, plan: RankPlan, ckpt_dir: str) -> tuple[dict | None, Exception | None]:
+    """Wait for the job to end; returns (this rank's part JSON, None) or (None, the error)."""
+    try:
+        job.wait(None)
+        err = job_error(job)
+        if err is not None:
+            return None, err
+        return describe_part(plan, job.results(), ckpt_dir), None
+    except Exception as e:  # an unreadable file size, a bad result: reported, never raised here
+        return None, e
+
+
 def describe_part(plan: RankPlan, results: list, ckpt_dir: str) -> dict:
     """The part JSON of this rank, from the engine's per-chunk results."""
     rel = layout.data_file_name(plan.rank)

@@ -6,6 +6,18 @@ import os
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _isolated_pyckpt_env():
+    """No test may leak PYCKPT_* settings into later tests or their subprocesses
+    (a stray PYCKPT_DIR would turn transparent mode on in every child Python)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("PYCKPT_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("PYCKPT_")]:
+        if k not in saved:
+            del os.environ[k]
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def ckpt_root(tmp_path):
     """An empty directory to use as a checkpoint root."""

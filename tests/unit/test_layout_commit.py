@@ -66,6 +66,7 @@ def test_retention_keeps_newest_committed_only(tmp_path):
 def test_gc_removes_dead_and_own_stale_tmp_dirs_only(tmp_path):
     root = str(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert dead.returncode == 0, dead.stderr
     dead_pid = int(dead.stdout)
     names = {
         "dead": f"step-000000001.tmp-{dead_pid}xaa",

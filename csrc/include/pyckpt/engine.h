@@ -75,6 +75,9 @@ class Engine {
   void validate(const std::vector<std::string>& files, const std::vector<SaveChunk>& chunks,
                 const SaveOptions& options) const;
   void capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after);
+  /// Hands captured chunks (index, slab) to the I/O threads and clears the list.
+  void submit_writes(const std::shared_ptr<SaveJob>& job,
+                     std::vector<std::pair<size_t, uint8_t*>>& captured);
   void capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
   void host_copy(uint8_t* dst, const uint8_t* src, size_t n);
   void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
