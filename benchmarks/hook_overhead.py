@@ -5,7 +5,7 @@ Trains a small MLP from an in-memory DataLoader with pyckpt off and on
 never happen), alternating rounds so drift affects both alike, and prints
 the median step time of each and their ratio. Target: ratio < 1.01.
 
-    python benchmarks/hook_overhead.py [--steps 200] [--rounds 7] [--width 512]
+    python benchmarks/hook_overhead.py [--steps 200] [--rounds 15] [--width 512]
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def time_steps(model, opt, sched, data, steps: int, batch: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()

@@ -98,12 +98,13 @@ class Bench:
         self.rows: dict[str, dict] = {}
 
     def path(self, name: str) -> str:
+        """A fresh output path; called before each timed run starts."""
         p = os.path.join(self.root, name)
         shutil.rmtree(p, ignore_errors=True)
+        os.sync()  # no dirty pages or pending frees of earlier runs leak into this one
         return p
 
     def record(self, name: str, fn: Callable[[], dict]) -> None:
-        os.sync()  # start every contender with no dirty pages of the previous one
         row = best_of(self.repeat, fn)
         self.rows[name] = row
         extra = "".join(f"  {k}={v:.3f}s" for k, v in row.items() if k != "total")
