@@ -17,24 +17,48 @@ namespace {
 
 File::~File() {
   if (fd_ >= 0) ::close(fd_);
+  if (direct_fd_ >= 0) ::close(direct_fd_);
 }
 
-File::File(File&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
+File::File(File&& o) noexcept : fd_(o.fd_), direct_fd_(o.direct_fd_), path_(std::move(o.path_)) {
+  o.fd_ = -1;
+  o.direct_fd_ = -1;
+}
 
 File& File::operator=(File&& o) noexcept {
   if (this != &o) {
     if (fd_ >= 0) ::close(fd_);
+    if (direct_fd_ >= 0) ::close(direct_fd_);
     fd_ = o.fd_;
+    direct_fd_ = o.direct_fd_;
     path_ = std::move(o.path_);
     o.fd_ = -1;
+    o.direct_fd_ = -1;
   }
   return *this;
 }
 
-File File::create(const std::string& path) {
+File File::create(const std::string& path, bool direct) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) os_fail("cannot create", path, errno);
-  return File(fd, path);
+  // tmpfs and some network file systems refuse O_DIRECT: then buffered only.
+  const int dfd = direct ? ::open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC) : -1;
+  return File(fd, path, dfd);
+}
+
+bool File::pwrite_direct(const void* data, size_t n, uint64_t offset) const {
+  if (direct_fd_ < 0) return false;
+  const auto* p = static_cast<const uint8_t*>(data);
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t w = ::pwrite(direct_fd_, p + done, n - done, static_cast<off_t>(offset + done));
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && errno == EINVAL && done == 0) return false;  // alignment refused: caller rewrites buffered
+    if (w < 0) os_fail("direct write failed at offset " + std::to_string(offset + done) + " of", path_, errno);
+    if (w == 0) os_fail("write made no progress at offset " + std::to_string(offset + done) + " of", path_, EIO);
+    done += static_cast<size_t>(w);
+  }
+  return true;
 }
 
 File File::open_read(const std::string& path) {
@@ -69,6 +93,12 @@ size_t File::pread_all(void* data, size_t n, uint64_t offset) const {
   return got;
 }
 
+void File::truncate(uint64_t size) const {
+  while (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
+    if (errno != EINTR) os_fail("cannot truncate", path_, errno);
+  }
+}
+
 void File::fsync() const {
   while (::fsync(fd_) != 0) {
     if (errno != EINTR) os_fail("fsync failed for", path_, errno);
@@ -82,6 +112,8 @@ uint64_t File::size() const {
 }
 
 void File::close() {
+  if (direct_fd_ >= 0) ::close(direct_fd_);
+  direct_fd_ = -1;
   if (fd_ < 0) return;
   const int fd = fd_;
   fd_ = -1;

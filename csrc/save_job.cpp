@@ -26,9 +26,10 @@ SaveJob::SaveJob(std::vector<std::string> files, std::vector<SaveChunk> chunks,
       chunks_(std::move(chunks)),
       options_(options),
       next_offset_(new std::atomic<uint64_t>[paths_.size()]),
+      data_end_(new std::atomic<uint64_t>[paths_.size()]),
       captured_(new std::atomic<bool>[chunks_.size()]),
       results_(chunks_.size()) {
-  for (size_t i = 0; i < paths_.size(); ++i) next_offset_[i] = 0;
+  for (size_t i = 0; i < paths_.size(); ++i) next_offset_[i] = data_end_[i] = 0;
   for (size_t i = 0; i < chunks_.size(); ++i) captured_[i] = false;
 }
 
@@ -80,7 +81,13 @@ void SaveJob::fail(const std::string& message) {
 
 void SaveJob::open_files() {
   files_.reserve(paths_.size());
-  for (const auto& p : paths_) files_.push_back(File::create(p));
+  for (const auto& p : paths_) files_.push_back(File::create(p, /*direct=*/true));
+}
+
+void SaveJob::note_end(size_t file_idx, uint64_t end) {
+  uint64_t cur = data_end_[file_idx].load();
+  while (cur < end && !data_end_[file_idx].compare_exchange_weak(cur, end)) {
+  }
 }
 
 uint64_t SaveJob::reserve(size_t file_idx, uint64_t n) {
@@ -113,7 +120,10 @@ void SaveJob::finalize() {
   // relies on it when it writes the manifest next.
   try {
     if (!stopped())
-      for (auto& f : files_) f.fsync();
+      for (size_t i = 0; i < files_.size(); ++i) {
+        files_[i].truncate(data_end_[i].load());
+        files_[i].fsync();
+      }
     for (auto& f : files_) f.close();
   } catch (const std::exception& e) {
     fail(e.what());

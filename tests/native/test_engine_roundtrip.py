@@ -43,6 +43,18 @@ def test_round_trip_many_chunks_several_files(make_engine, tmp_path, rng, codec)
         assert any(r[4] == ZSTD for r in results) and any(r[1] < r[2] for r in results)
 
 
+def test_files_end_at_their_last_chunk(make_engine, tmp_path, rng):
+    """Direct writes go out in whole 4 KiB blocks; the padding is cut off at commit."""
+    engine = make_engine(staging_bytes=4 * CHUNK, chunk_bytes=CHUNK)
+    arrays = mixed_state(rng)
+    layout, files, job = save_state(engine, tmp_path, arrays)
+    assert job.wait(60) and job.error() is None
+    ends = {}
+    for (f, _es, _p), (off, stored, *_rest) in zip(layout.chunks, job.results()):
+        ends[f] = max(ends.get(f, 0), off + stored)
+    assert {f: os.path.getsize(files[f]) for f in ends} == ends
+
+
 def test_results_describe_the_bytes_on_disk(C, make_engine, tmp_path, rng):
     engine = make_engine(staging_bytes=4 * CHUNK, chunk_bytes=CHUNK)
     arrays = mixed_state(rng)

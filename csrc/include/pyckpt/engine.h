@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "pyckpt/codec.h"
 #include "pyckpt/cuda_api.h"
 #include "pyckpt/save_job.h"
 #include "pyckpt/staging_pool.h"
@@ -81,6 +82,7 @@ class Engine {
   void capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
   void host_copy(uint8_t* dst, const uint8_t* src, size_t n);
   void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
+  void write_stored(const File& file, const Encoded& e, uint8_t* slab, uint64_t offset);
   std::string staging_timeout_message(const SaveJob& job) const;
   void read_chunk(const File& file, const ReadChunk& chunk, bool verify);
   void reap_captures(bool all);

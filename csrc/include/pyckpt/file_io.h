@@ -12,15 +12,17 @@ namespace pyckpt {
 class File {
  public:
   File() = default;
-  File(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  File(int fd, std::string path, int direct_fd = -1)
+      : fd_(fd), direct_fd_(direct_fd), path_(std::move(path)) {}
   ~File();
   File(File&& o) noexcept;
   File& operator=(File&& o) noexcept;
   File(const File&) = delete;
   File& operator=(const File&) = delete;
 
-  /// Create or truncate `path` for writing.
-  static File create(const std::string& path);
+  /// Create or truncate `path` for writing. With `direct`, also open an
+  /// O_DIRECT descriptor when the file system supports one (best effort).
+  static File create(const std::string& path, bool direct = false);
   static File open_read(const std::string& path);
 
   int fd() const { return fd_; }
@@ -28,14 +30,22 @@ class File {
   bool is_open() const { return fd_ >= 0; }
 
   void pwrite_all(const void* data, size_t n, uint64_t offset) const;
+  /// True when pwrite_direct may be used (an O_DIRECT descriptor is open).
+  bool has_direct() const { return direct_fd_ >= 0; }
+  /// Writes through the O_DIRECT descriptor, bypassing the page cache. `data`,
+  /// `n` and `offset` must be 4 KiB multiples. Returns false (nothing written)
+  /// when the kernel refuses direct I/O for this request: use pwrite_all.
+  bool pwrite_direct(const void* data, size_t n, uint64_t offset) const;
   /// Reads up to n bytes; returns fewer only at end of file.
   size_t pread_all(void* data, size_t n, uint64_t offset) const;
   void fsync() const;
+  void truncate(uint64_t size) const;
   uint64_t size() const;
   void close();
 
  private:
   int fd_ = -1;
+  int direct_fd_ = -1;
   std::string path_;
 };
 

@@ -87,6 +87,9 @@ class SaveJob {
   const File& file(size_t i) const { return files_[i]; }
   /// Reserve a 4 KiB-aligned region of `n` bytes in file i.
   uint64_t reserve(size_t file_idx, uint64_t n);
+  /// Records that file i holds data up to `end`; finalize() truncates each
+  /// file there, dropping the zero padding of a last O_DIRECT write.
+  void note_end(size_t file_idx, uint64_t end);
   void mark_captured(size_t i);
   /// Called by the capture loop when it will not read source memory again.
   void mark_capture_finished();
@@ -105,6 +108,7 @@ class SaveJob {
   const SaveOptions options_;
   std::vector<File> files_;
   std::unique_ptr<std::atomic<uint64_t>[]> next_offset_;
+  std::unique_ptr<std::atomic<uint64_t>[]> data_end_;
   std::unique_ptr<std::atomic<bool>[]> captured_;
   std::atomic<size_t> captured_count_{0};
   std::vector<ChunkResult> results_;

@@ -1,6 +1,6 @@
 """Measure Engine.save / Engine.read end to end on this machine (not a test).
 
-    python tests/native/engine_bench.py [--mb 256] [--dir /tmp] [--codec none|zstd]
+    python benchmarks/engine_io.py [--mb 256] [--dir /tmp] [--codec none|zstd]
 
 Saves one bf16-like array through the engine (fsync included), reads it back
 and verifies it, and prints the capture, save and read throughput.

@@ -1,6 +1,6 @@
-"""Measure the zstd/1 chunk codec on typical weights (not a test).
+"""Measure the zstd/1 chunk codec on typical weights, and CRC32C.
 
-    python tests/native/codec_bench.py [--chunk-mb 4] [--repeat 20]
+    python benchmarks/codec.py [--chunk-mb 4] [--repeat 20]
 
 Prints, per data kind, the stored/raw ratio and single-thread encode/decode
 throughput of ``pyckpt._C.encode``/``decode`` per core, from thread CPU time
@@ -59,6 +59,11 @@ def main() -> None:
         enc = _time(lambda: C.encode(data, es), args.repeat)
         dec = _time(lambda: C.decode(stored, codec, len(data)), args.repeat)
         print(f"{name:14s} {codec:5d} {len(stored) / n:6.3f} {n / enc / 1e9:9.2f} {n / dec / 1e9:9.2f}")
+    data = rng.bytes(n)
+    hw = _time(lambda: C.crc32c(data), args.repeat)
+    sw = _time(lambda: C.crc32c_software(data), max(1, args.repeat // 4))
+    print(f"CRC32C: {n / hw / 1e9:.2f} GB/s ({'SSE4.2' if C.hw_crc32c() else 'table'}), "
+          f"{n / sw / 1e9:.2f} GB/s table fallback")
 
 
 if __name__ == "__main__":
