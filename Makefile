@@ -16,4 +16,6 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/save_load.py
+	$(PYTHON) benchmarks/resume_time.py
 	$(PYTHON) benchmarks/hook_overhead.py
+	$(PYTHON) benchmarks/codec.py

@@ -257,7 +257,10 @@ class Session:
         self.policy.restart_timer(time.monotonic())
         if self.coord.rank == 0:
             took = time.monotonic() - self.started
-            say(f"resumed from step {self.step} (epoch {pos['epoch']}, batch {pos['batch']}) in {took:.1f} s")
+            # pos["epoch"] counts epochs started; print the 0-based index a `for epoch in range(...)`
+            # loop shows, and the batches (loader fetches) already consumed in it.
+            say(f"resumed from step {self.step} (epoch {max(pos['epoch'] - 1, 0)}, batch {pos['batch']}) "
+                f"in {took:.1f} s")
 
     def _load_registered(self, saved: dict[str, Any]) -> None:
         missing = sorted(set(REGISTERED) - set(saved))

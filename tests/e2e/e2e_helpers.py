@@ -169,6 +169,12 @@ def assert_resumed_exactly(crash: Crash, reference: Reference, out: Path,
     assert any(crash.resume["step"] == k * first for k in optimizer_steps_per_line), (
         f"resumed from checkpoint step {crash.resume['step']} but training continued at "
         f"printed step {first + 1}")
+    # The resume line names the epoch the script itself was in: that of the last step
+    # before the snapshot, or of the next one when the snapshot fell on an epoch boundary.
+    epoch_of = {step: epoch for step, epoch, _ in reference.steps}
+    assert crash.resume["epoch"] in (epoch_of.get(first), epoch_of.get(first + 1)), (
+        f"resume line says epoch {crash.resume['epoch']}, the script was in epoch "
+        f"{epoch_of.get(first)} at step {first}")
     expected = list(range(first + 1, reference.steps[-1][0] + 1))
     assert [s for s, _, _ in printed] == expected, "the resumed run skipped or repeated steps"
     assert_lines_match(crash.killed, reference)
