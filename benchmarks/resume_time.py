@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
     loader = DataLoader(data, batch_size=4, shuffle=True)
     step = 0
     for (x,) in loader:
-        if step == 0 or a.torch_load:
+        if step == 0:
             print("first-batch", flush=True)
         step += 1
         model(x).square().mean().backward()

@@ -49,21 +49,7 @@ def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
 
 
 def tensor_bytes(state: dict) -> int:
-    total = 0
-
-    def walk(x):
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            total += x.numel() * x.element_size()
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-
-    walk(state)
-    return total
+    return sum(t.numel() * t.element_size() for t in _flat(state))
 
 
 def fsync_tree(path: str) -> None:
