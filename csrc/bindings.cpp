@@ -202,12 +202,14 @@ void bind_engine(py::module_& m) {
       .def(
           "read",
           [](Engine& e, const std::vector<std::string>& files,
-             const std::vector<ReadChunkT>& chunks, bool verify) {
+             const std::vector<ReadChunkT>& chunks, bool verify, const std::vector<int>& fds,
+             bool direct) {
             std::vector<ReadChunk> cs = to_read_chunks(chunks);
             py::gil_scoped_release release;
-            return e.read(files, cs, verify);
+            return e.read(files, cs, verify, fds, direct);
           },
-          py::arg("files"), py::arg("chunks"), py::arg("verify") = true);
+          py::arg("files"), py::arg("chunks"), py::arg("verify") = true,
+          py::arg("fds") = std::vector<int>{}, py::arg("direct") = false);
 }
 
 }  // namespace
@@ -224,6 +226,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CODEC_NONE") = kCodecNone;
   m.attr("CODEC_ZSTD") = kCodecZstd;
   m.attr("DEFAULT_ZSTD_LEVEL") = kDefaultZstdLevel;
+  m.attr("MAX_CHUNK_BYTES") = kMaxChunkBytes;
+  m.attr("MAX_ZSTD_RATIO") = kMaxZstdRatio;
   bind_functions(m);
   bind_save_job(m);
   bind_engine(m);

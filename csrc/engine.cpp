@@ -25,7 +25,11 @@ std::string hex32(uint32_t v) {
   return os.str();
 }
 
-// Read-side buffers, one set per I/O thread, grown to the largest chunk seen.
+// Read-side buffers, one set per I/O thread, grown to the largest chunk seen
+// (released after use when over kKeepReadBuffer, so one huge chunk does not
+// pin its memory for the life of the process).
+constexpr size_t kKeepReadBuffer = size_t{64} << 20;
+
 struct ReadBuffers {
   std::vector<uint8_t> stored;
   std::vector<uint8_t> raw;
@@ -45,7 +49,7 @@ Engine::Engine(size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size
       copy_(copy_threads > 1 ? copy_threads - 1 : 1),
       copy_parts_(copy_threads > 0 ? copy_threads : 1),
       io_(io_threads) {
-  PYCKPT_CHECK_ARG(chunk_bytes > 0 && chunk_bytes <= (size_t{1} << 31),
+  PYCKPT_CHECK_ARG(chunk_bytes > 0 && chunk_bytes <= kMaxChunkBytes,
                    "chunk_bytes must be in (0, 2 GiB], got " << chunk_bytes);
 }
 
@@ -256,12 +260,16 @@ void Engine::write_chunk(SaveJob& job, size_t i, uint8_t* slab) {
 }
 
 std::vector<ReadError> Engine::read(const std::vector<std::string>& paths,
-                                    const std::vector<ReadChunk>& chunks, bool verify) {
+                                    const std::vector<ReadChunk>& chunks, bool verify,
+                                    const std::vector<int>& fds, bool direct) {
+  PYCKPT_CHECK_ARG(fds.empty() || fds.size() == paths.size(),
+                   "fds must be empty or one per file (" << fds.size() << " fds, " << paths.size()
+                                                         << " files)");
   std::vector<File> files(paths.size());
   std::vector<std::string> open_errors(paths.size());
   for (size_t i = 0; i < paths.size(); ++i) {
     try {
-      files[i] = File::open_read(paths[i]);
+      files[i] = fds.empty() ? File::open_read(paths[i]) : File::borrow_read(fds[i], paths[i]);
     } catch (const Error& e) {
       open_errors[i] = e.what();
     }
@@ -280,9 +288,11 @@ std::vector<ReadError> Engine::read(const std::vector<std::string>& paths,
         else if (!files[c.file_idx].is_open())
           msg = open_errors[c.file_idx];
         else
-          read_chunk(files[c.file_idx], c, verify);
+          read_chunk(files[c.file_idx], c, verify, direct);
       } catch (const std::exception& e) {
         msg = e.what();
+      } catch (...) {  // nothing may escape a worker task
+        msg = "unknown error";
       }
       if (!msg.empty()) {
         std::lock_guard<std::mutex> lock(mu);
@@ -296,7 +306,13 @@ std::vector<ReadError> Engine::read(const std::vector<std::string>& paths,
   return errors;
 }
 
-void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify) {
+namespace {
+void release_if_large(std::vector<uint8_t>& v) {
+  if (v.capacity() > kKeepReadBuffer) std::vector<uint8_t>().swap(v);
+}
+}  // namespace
+
+void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify, bool direct_ok) {
   const std::string where = file.path() + " chunk at offset " + std::to_string(c.file_offset);
   for (const ReadPiece& p : c.pieces)
     if (p.offset_in_raw > c.raw_len || p.nbytes > c.raw_len - p.offset_in_raw)
@@ -309,9 +325,26 @@ void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify) {
     throw Error(ErrorKind::Value, "in " + where + ": codec none but stored length " +
                                       std::to_string(c.stored_len) + " != raw length " +
                                       std::to_string(c.raw_len));
-  // Fast path: one host destination covering the whole uncompressed chunk is
-  // read into directly and verified in place (no second copy).
-  const bool direct = c.codec == kCodecNone && c.pieces.size() == 1 &&
+  // Nothing is sized from a claimed length before it is checked against the
+  // limits and the file's real size.
+  if (c.raw_len > kMaxChunkBytes)
+    throw Error(ErrorKind::Value, "in " + where + ": raw length " + std::to_string(c.raw_len) +
+                                      " exceeds the " + std::to_string(kMaxChunkBytes) +
+                                      "-byte chunk limit");
+  if (c.codec == kCodecZstd && c.raw_len / kMaxZstdRatio > c.stored_len)
+    throw Error(ErrorKind::Value, "in " + where + ": raw length " + std::to_string(c.raw_len) +
+                                      " is more than zstd can decode from " +
+                                      std::to_string(c.stored_len) + " stored bytes");
+  const uint64_t size = file.size_at_open();
+  if (c.stored_len > size || c.file_offset > size - c.stored_len)
+    throw Error(ErrorKind::Value, "truncated: expected " + std::to_string(c.stored_len) +
+                                      " bytes at offset " + std::to_string(c.file_offset) + " of " +
+                                      file.path() + ", file has " + std::to_string(size));
+  // Fast path, only where the caller allows it (memory it discards when the
+  // read fails): one host destination covering the whole uncompressed chunk
+  // is read into directly and verified in place. Otherwise the bytes go
+  // through the bounce buffer and reach destinations only once verified.
+  const bool direct = direct_ok && c.codec == kCodecNone && c.pieces.size() == 1 &&
                       c.pieces[0].device < 0 && c.pieces[0].offset_in_raw == 0 &&
                       c.pieces[0].nbytes == c.raw_len;
   ReadBuffers& buf = read_buffers();
@@ -322,17 +355,24 @@ void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify) {
     buf.stored.resize(c.stored_len);
     stored = buf.stored.data();
   }
+  struct Release {  // give back an oversized buffer on every exit path
+    ReadBuffers& b;
+    ~Release() {
+      release_if_large(b.stored);
+      release_if_large(b.raw);
+      release_if_large(thread_scratch().planes);
+    }
+  } release{buf};
   const size_t got = file.pread_all(stored, c.stored_len, c.file_offset);
   if (got < c.stored_len)
     throw Error(ErrorKind::Value, "truncated: expected " + std::to_string(c.stored_len) +
                                       " bytes at offset " + std::to_string(c.file_offset) + " of " +
                                       file.path() + ", file has " + std::to_string(file.size()));
-  if (verify) {
-    const uint32_t crc = crc32c(stored, c.stored_len);
-    if (crc != c.crc32c)
-      throw Error(ErrorKind::Value, "checksum mismatch in " + where + " (expected crc32c " +
-                                        hex32(c.crc32c) + ", computed " + hex32(crc) + ")");
-  }
+  // The message carries the expected value only: the checksum of the bytes
+  // read would disclose them (a 1-byte chunk's CRC names its byte).
+  if (verify && crc32c(stored, c.stored_len) != c.crc32c)
+    throw Error(ErrorKind::Value, "checksum mismatch in " + where + " (expected crc32c " +
+                                      hex32(c.crc32c) + ")");
   if (direct) return;
   const uint8_t* raw = stored;
   if (c.codec != kCodecNone) {

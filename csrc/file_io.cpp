@@ -20,7 +20,8 @@ File::~File() {
   if (direct_fd_ >= 0) ::close(direct_fd_);
 }
 
-File::File(File&& o) noexcept : fd_(o.fd_), direct_fd_(o.direct_fd_), path_(std::move(o.path_)) {
+File::File(File&& o) noexcept
+    : fd_(o.fd_), direct_fd_(o.direct_fd_), path_(std::move(o.path_)), size_at_open_(o.size_at_open_) {
   o.fd_ = -1;
   o.direct_fd_ = -1;
 }
@@ -32,6 +33,7 @@ File& File::operator=(File&& o) noexcept {
     fd_ = o.fd_;
     direct_fd_ = o.direct_fd_;
     path_ = std::move(o.path_);
+    size_at_open_ = o.size_at_open_;
     o.fd_ = -1;
     o.direct_fd_ = -1;
   }
@@ -61,10 +63,39 @@ bool File::pwrite_direct(const void* data, size_t n, uint64_t offset) const {
   return true;
 }
 
+namespace {
+// Only regular files are read: a FIFO, device or socket could block or
+// stream endless bytes. The size is recorded so no length from a manifest is
+// trusted beyond what the file holds.
+File checked_reader(int fd, const std::string& path) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    os_fail("fstat failed for", path, err);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(ErrorKind::OS, "cannot read " + path + ": not a regular file");
+  }
+  File f(fd, path);
+  f.set_size_at_open(static_cast<uint64_t>(st.st_size));
+  return f;
+}
+}  // namespace
+
 File File::open_read(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0 && errno == ELOOP)
+    throw Error(ErrorKind::OS, "cannot open " + path + ": it is a symbolic link (not followed)");
   if (fd < 0) os_fail("cannot open", path, errno);
-  return File(fd, path);
+  return checked_reader(fd, path);
+}
+
+File File::borrow_read(int fd, const std::string& name) {
+  const int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) os_fail("cannot duplicate the descriptor of", name, errno);
+  return checked_reader(own, name);
 }
 
 void File::pwrite_all(const void* data, size_t n, uint64_t offset) const {

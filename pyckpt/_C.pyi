@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple
 CODEC_NONE: int  # 0: bytes stored as they are
 CODEC_ZSTD: int  # 1: byte planes, each raw or zstd (see docs/FORMAT.md "zstd/1 chunk frame")
 DEFAULT_ZSTD_LEVEL: int  # -131072: zstd's fastest level, with Huffman literals forced on
+MAX_CHUNK_BYTES: int  # 2**31: no chunk decodes to more (Engine's chunk_bytes is capped here)
+MAX_ZSTD_RATIO: int  # 32768: a zstd chunk never decodes to more than this times its stored bytes
 
 def version() -> str: ...
 def cuda_compiled() -> bool:
@@ -93,10 +95,22 @@ class Engine:
         files: Sequence[str],
         chunks: Sequence[Tuple[int, int, int, int, int, int, Sequence[Tuple[int, int, int, int]]]],
         verify: bool = True,
+        fds: Sequence[int] = (),
+        direct: bool = False,
     ) -> list[Tuple[int, str]]:
         """Read chunks in parallel; returns [(chunk_index, message)] for every failure.
 
         chunks[i] = (file_idx, file_offset, stored_len, raw_len, crc32c, codec,
                      [(offset_in_raw, dst_addr, nbytes, dst_device), ...]).
         An empty piece list verifies only (used by ``pyckpt verify``).
+
+        files are opened here with O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC, regular
+        files only; or, with ``fds`` (one per file), those open descriptors are
+        read (duplicated for the call; the caller closes its own) and files
+        only name them in messages. Every length is checked against the
+        file's fstat size and MAX_CHUNK_BYTES / MAX_ZSTD_RATIO before a buffer
+        is sized. ``direct=False``: a chunk reaches its destinations only
+        after its checksum passed (bounce buffer). ``direct=True`` lets a
+        whole uncompressed chunk be read straight into its one destination
+        and verified there: only for memory discarded when the read fails.
         """

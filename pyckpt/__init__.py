@@ -27,10 +27,28 @@ from .errors import (  # noqa: E402
     StagingTimeoutError,
     UnsupportedStateError,
 )
-from ._native import cuda_available  # noqa: E402
-from .api import load, save  # noqa: E402
-from .checkpointer import Checkpointer, SaveFuture  # noqa: E402
 from .activation import disable, enable, register  # noqa: E402
+
+# The rest loads on first use (PEP 562): importing pyckpt, which the start-up
+# line does in every process that has PYCKPT_DIR, must not import torch.
+_LAZY = {"save": "api", "load": "api", "Checkpointer": "checkpointer", "SaveFuture": "checkpointer",
+         "cuda_available": "_native", "list": "catalog", "on_checkpoint": "metrics"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyckpt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",
@@ -42,6 +60,8 @@ __all__ = [
     "enable",
     "disable",
     "register",
+    "list",
+    "on_checkpoint",
     "PyckptError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
@@ -53,7 +73,8 @@ __all__ = [
 ]
 
 # A bare `import pyckpt` in a training script turns transparent mode on
-# (unless PYCKPT_DISABLE=1); importing it from a library or a test does not.
+# (unless PYCKPT_DISABLE=1 or the script uses the explicit API); importing it
+# from a library or a test does not.
 from .activation import _activate_on_import  # noqa: E402
 
 _activate_on_import()

@@ -1,13 +1,13 @@
-"""Imported by the ``pyckpt-autostart.pth`` start-up line when PYCKPT_DIR is set.
+"""Imported by the ``pyckpt-autostart.pth`` start-up line when PYCKPT_DIR is set (even empty).
 
-The ``.pth`` line itself only reads ``os.environ`` (free when the variable
-is absent). Here transparent mode is turned on for this process, unless
-PYCKPT_DISABLE=1. A bad setting must stop the process before training: an
-exception raised while ``site`` processes a ``.pth`` file is printed and
-ignored, so ``enable_or_exit`` ends the process with ``os._exit(2)``.
+The ``.pth`` line itself only looks up one name in the environment (free when
+it is unset). Here the settings are validated in pure Python and
+transparent mode waits for ``import torch`` to install its hooks (see
+``activation.start_from_environment``): a process that never imports torch
+(``pip``, ``pyckpt ls``) neither loads torch nor fails because of pyckpt.
 """
 from __future__ import annotations
 
-from .activation import enable_or_exit
+from .activation import start_from_environment
 
-enable_or_exit(hard=True)
+start_from_environment()

@@ -2,14 +2,16 @@
 
 ``save(state, path)`` writes the checkpoint directory ``path`` atomically:
 everything goes to ``path.tmp-<token>`` first, is fsynced, and the directory
-is renamed into place after its MANIFEST.json is durable.
+is renamed into place after its MANIFEST.json is durable (an existing
+checkpoint at ``path`` is exchanged atomically with the new one, so ``path``
+always holds a complete checkpoint).
 """
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from . import commit, layout, reader, writer
+from . import activation, commit, knobs, layout, reader, writer
 from ._native import CODEC_IDS, require_codec
 from .coord import Coordinator, LocalCoordinator
 from .errors import CheckpointNotFoundError, PyckptError
@@ -23,8 +25,12 @@ def save(state: Any, path: str | os.PathLike, *, compress: str = "none", step: i
     atomically). Raises ``UnsupportedStateError`` before writing anything when
     a value cannot be stored. Returns the absolute path. With several ranks
     pass ``coordinator=StoreCoordinator()`` and call it on every rank."""
+    activation.explicit_api_used("pyckpt.save")  # a bare `import pyckpt` must not resume behind it
+    knobs.check_local_path(path)
     from ._native import get_engine
+    from .checkpointer import check_step
 
+    step = check_step(step)
     if compress not in CODEC_IDS:
         raise ValueError(f"compress must be one of {sorted(CODEC_IDS)}, got {compress!r}")
     require_codec(compress)
@@ -46,6 +52,8 @@ def save(state: Any, path: str | os.PathLike, *, compress: str = "none", step: i
 
 
 def _check_replaceable(final: str) -> None:
+    if os.path.islink(final):
+        raise PyckptError(f"refusing to replace {final}: it is a symbolic link")
     if os.path.lexists(final) and not layout.is_checkpoint_dir(final):
         if not (os.path.isdir(final) and not os.listdir(final)):
             raise PyckptError(f"refusing to replace {final}: it exists and is not a pyckpt checkpoint")
@@ -56,17 +64,24 @@ def _check_replaceable(final: str) -> None:
 def resolve(path: str | os.PathLike, newest_committed: bool = False) -> str:
     """A checkpoint directory for ``path``: itself, or the latest checkpoint of a Checkpointer root.
 
+    The caller's path is resolved once here (it may be a link the user made,
+    e.g. ``best -> runs/a/step-000000900``), except that a ``step-*`` entry
+    that is itself a symbolic link is refused: inside a checkpoint root
+    nothing is ever followed (docs/FORMAT.md "Reader requirements").
     With ``newest_committed`` a root resolves to its newest committed directory
     even if that one is damaged (``pyckpt verify`` wants to report it)."""
     p = os.path.abspath(os.fspath(path))
-    if layout.is_checkpoint_dir(p):
-        return p
+    if layout.parse_step(os.path.basename(p)) is not None and os.path.islink(p):
+        return p  # not resolved: the reader refuses it (CorruptCheckpointError naming it)
+    p = os.path.realpath(p)
+    if os.path.lexists(os.path.join(p, layout.MANIFEST)):
+        return p  # a checkpoint directory (a manifest that is not a regular file is reported by the reader)
     if not os.path.isdir(p):
         raise CheckpointNotFoundError(f"{p} is neither a checkpoint nor a checkpoint root")
     if newest_committed:
-        committed = [e for e in layout.scan(p) if e.complete]
+        committed = layout.committed(p)
         if committed:
-            return committed[-1].path
+            return committed[0].path
     else:
         from .checkpointer import iter_valid
 
@@ -76,14 +91,22 @@ def resolve(path: str | os.PathLike, newest_committed: bool = False) -> str:
     raise CheckpointNotFoundError(f"no complete checkpoint in {p}")
 
 
-def load(path: str | os.PathLike, into: Any = None, map_location: Any = None) -> Any:
+def load(path: str | os.PathLike, into: Any = None, map_location: Any = None, *, strict: bool = True) -> Any:
     """Load the state saved at ``path`` (a checkpoint directory or a Checkpointer root: its latest).
 
     ``into``: a structure parallel to the saved one whose tensors receive the
-    values in place (returned as the same objects). ``map_location``: None
-    keeps each tensor's saved device (a CUDA-saved tensor then needs CUDA:
-    pass ``map_location="cpu"`` on CPU-only machines), or a device / str."""
+    values in place (returned as the same objects). Every target is checked
+    before anything is written: same shape, same dtype (no casts), not a meta
+    tensor; with ``strict`` (the default) every saved tensor must have a
+    target and every target a saved tensor. All problems are listed in one
+    ``IntoMismatchError`` and no target is touched. ``strict=False`` loads
+    saved tensors without a target as new tensors, leaves targets without a
+    saved tensor unchanged, and names both in one ``pyckpt:`` log line.
+    A chunk's bytes reach a target only after its checksum passed.
+    ``map_location``: None keeps each tensor's saved device (a CUDA-saved
+    tensor then needs CUDA: pass ``map_location="cpu"`` on CPU-only
+    machines), or a device / str; targets in ``into`` keep their device."""
     from ._native import get_engine
 
     op = reader.open_checkpoint(resolve(path))
-    return reader.load_section(get_engine(), op, "replicated", 0, into, map_location)
+    return reader.load_section(get_engine(), op, "replicated", 0, into, map_location, strict=strict)

@@ -7,16 +7,22 @@ save is in flight per Checkpointer. A failure (disk full, staging timeout,
 another rank failing) never raises into training: it is logged on the
 "pyckpt" logger and reported by the future, and the previous good checkpoint
 stays in place.
+
+Rank 0 holds the directory lock (``pyckpt/lock.py``) from construction to
+``close()``: a second Checkpointer or job on the same directory gets a clear
+error instead of deleting or taking over this one's checkpoints.
 """
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import commit, knobs, layout, reader, writer
+from . import activation, catalog, commit, knobs, layout, lock, metrics, reader, writer
 from ._native import CODEC_IDS, require_codec
 from .coord import Coordinator, LocalCoordinator
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError,
@@ -53,12 +59,16 @@ class SaveFuture:
         self._done = threading.Event()
         self._path: str | None = None
         self._exc: BaseException | None = None
+        self._timer: metrics.SaveTimer | None = None
 
     def captured(self, timeout: float | None = None) -> bool:
         """Block until every tensor is copied to staging (or the save failed); False on timeout."""
         if self._job is None:
             return True
+        t = time.monotonic()
         ok = self._job.wait_captured(timeout)
+        if self._timer is not None:
+            self._timer.add_blocked(time.monotonic() - t)
         if ok:
             self._keep = None  # the engine reads no source memory once this is true, even after a failure
         return ok
@@ -88,6 +98,19 @@ class SaveFuture:
         self._done.set()
 
 
+def check_step(step: Any) -> int:
+    """``step`` as a non-negative int; TypeError / ValueError naming it otherwise."""
+    if isinstance(step, bool):
+        raise TypeError(f"step must be an integer, got the bool {step!r}")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}") from None
+    if value < 0:
+        raise ValueError(f"step must be >= 0, got {value}")
+    return value
+
+
 def _failed(step: int, exc: BaseException) -> SaveFuture:
     f = SaveFuture(step)
     f._finish(None, exc)
@@ -95,10 +118,19 @@ def _failed(step: int, exc: BaseException) -> SaveFuture:
 
 
 class Checkpointer:
-    """Periodic checkpoints of ``state`` (replicated) and ``rank_state`` (per rank) under ``directory``."""
+    """Periodic checkpoints of ``state`` (replicated) and ``rank_state`` (per rank) under ``directory``.
+
+    Holds the directory's lock until ``close()`` (also a context manager);
+    raises ``PyckptError`` naming the holder when another Checkpointer or job
+    already uses ``directory``. ``keep_best=K, monitor=fn, mode="min"``: besides
+    the newest ``keep``, keep the K checkpoints with the best ``fn()`` (called
+    at each ``save()``; docs/OPERATIONS.md)."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, compress: str = "none",
-                 coordinator: Coordinator | None = None) -> None:
+                 coordinator: Coordinator | None = None, keep_best: int = 0, monitor: Any = None,
+                 mode: str = "min") -> None:
+        activation.explicit_api_used("Checkpointer")  # a bare `import pyckpt` must not resume behind it
+        knobs.check_local_path(directory)  # "s3://b/x" is not a local folder named "s3:"
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if compress not in CODEC_IDS:
@@ -106,22 +138,59 @@ class Checkpointer:
         require_codec(compress)  # fail now, not in the first save, when zstd is unavailable
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep, self.compress = keep, compress
+        catalog.check_best(keep_best, monitor, mode)  # best K by monitor() are kept besides the newest `keep`
+        self.keep_best, self.monitor, self.mode = keep_best, monitor, mode
         self.coord = coordinator if coordinator is not None else LocalCoordinator()
-        # One token per Checkpointer, agreed by all ranks, names its tmp directories.
-        self._session = self.coord.broadcast_json(commit.new_token(), "session")
+        self._dirlock: lock.DirLock | None = None
+        self._closed = False
+        error = None
+        if self.coord.rank == 0:
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                self._dirlock = lock.DirLock(self.directory)
+            except (PyckptError, OSError) as e:
+                error = str(e) if isinstance(e, PyckptError) else f"cannot create {self.directory}: {e}"
+        # One token per Checkpointer, agreed by all ranks, names its tmp directories; every rank
+        # learns whether rank 0 got the directory.
+        agreed = self.coord.broadcast_json({"token": commit.new_token(), "error": error}, "session")
+        if agreed["error"] is not None:
+            self._closed = True
+            raise PyckptError(agreed["error"])
+        self._session = agreed["token"]
         self._seq = 0
         self._inflight: SaveFuture | None = None
         self._lock = threading.Lock()
         os.makedirs(self.directory, exist_ok=True)
+
+    def close(self) -> None:
+        """Wait for the in-flight save, then release the directory (idempotent)."""
+        if self._closed:
+            return
+        self.wait()
+        self._closed = True
+        if self._dirlock is not None:
+            self._dirlock.release()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- saving -------------------------------------------------------------
     def save(self, step: int, state: Any, rank_state: Any = None) -> SaveFuture:
         """Start checkpointing ``state`` at ``step``; returns at once.
 
         Raises ``UnsupportedStateError`` (nothing written) for values that
-        cannot be stored; every later failure is reported by the future."""
+        cannot be stored, ``TypeError`` for a step that is not an integer;
+        every later failure is reported by the future."""
         from ._native import get_engine
 
+        step = check_step(step)
+        if self._closed:
+            raise PyckptError(f"this Checkpointer of {self.directory} is closed")
+        timer = metrics.SaveTimer(step)
+        timer.monitor = catalog.monitor_value(self.monitor) if self.coord.rank == 0 else None
         engine = get_engine()
         try:
             plan = writer.prepare(state, rank_state, self.coord.rank, self.coord.world_size, engine.chunk_bytes())
@@ -133,17 +202,22 @@ class Checkpointer:
             exc = StagingTimeoutError(f"checkpoint of step {step} skipped: the previous checkpoint is still being "
                                       f"written after PYCKPT_STAGING_TIMEOUT_S={knobs.get('PYCKPT_STAGING_TIMEOUT_S')} s")
             log.warning("pyckpt: %s", exc)
+            if self.coord.rank == 0:
+                metrics.save_done(self.directory, timer, None, exc)
             return _failed(step, exc)
         seq, self._seq = self._seq, self._seq + 1
         token = f"{self._session}-{seq}"
         final = os.path.join(self.directory, layout.step_dir_name(step))
         tmp = os.path.join(self.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
         if self.coord.rank == 0:
-            commit.gc_tmp(self.directory, {token})
+            # Under the directory lock no other writer exists: every leftover but ours is garbage.
+            commit.gc_tmp(self.directory, {token}, locked=True)
         job, err = self._start(engine, plan, tmp)
         fut = SaveFuture(step, job, plan.keep_alive() if job is not None else None)
+        fut._timer = timer
         with self._lock:
             self._inflight = fut
+        timer.returned()
         threading.Thread(target=self._finish, args=(fut, plan, job, err, tmp, final, step, seq),
                          name=f"pyckpt-commit-{step}", daemon=False).start()
         return fut
@@ -169,7 +243,10 @@ class Checkpointer:
 
     def _start(self, engine: Any, plan: writer.RankPlan, tmp: str) -> tuple[Any, BaseException | None]:
         try:
+            commit._crash_point("save.mkdir.before")
             os.makedirs(tmp, exist_ok=True)
+            commit._crash_point("save.mkdir.after")
+            commit._crash_point("save.data.before")
             return writer.start(engine, plan, tmp, self.compress), None
         except Exception as e:  # disk full, permissions: reported by the future
             return None, e
@@ -177,21 +254,41 @@ class Checkpointer:
     def _finish(self, fut: SaveFuture, plan, job, err, tmp: str, final: str, step: int, seq: int) -> None:
         part = None
         if err is None:
-            if job.wait_captured(None):
+            captured = job.wait_captured(None)
+            fut._timer.captured()
+            if captured:
                 # The engine no longer reads the caller's tensors (captured, or failed and stopped).
                 fut._keep = None
                 plan.release()
             part, err = writer.collect(job, plan, tmp)
+            if err is None:
+                commit._crash_point("save.data.after")
         plan.release()
+        if err is None and self.coord.rank == 0 and fut._timer.monitor is not None:
+            err = _try(lambda: catalog.write_monitor(tmp, fut._timer.monitor), OSError)  # keep_best reads it
         try:
             commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err, self.directory)
-            if self.coord.rank == 0:
-                commit.apply_retention(self.directory, self.keep)
         except Exception as e:
             log.warning("pyckpt: checkpoint of step %d failed, previous checkpoints kept: %s", step, e)
+            self._record(fut, None, e)
             fut._finish(None, e)
             return
+        if self.coord.rank == 0:
+            try:
+                commit.apply_retention(self.directory, self.keep, protect={os.path.basename(final)} | self._best())
+            except Exception as e:  # the save committed; retention tries again after the next one
+                log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
+        self._record(fut, final, None)
         fut._finish(final, None)
+
+    def _record(self, fut: SaveFuture, path: str | None, exc: BaseException | None) -> None:
+        """The save's metrics line and on_checkpoint callbacks (rank 0; never raises)."""
+        if self.coord.rank == 0 and fut._timer is not None:
+            metrics.save_done(self.directory, fut._timer, path, exc)
+
+    def _best(self) -> set[str]:
+        """Names retention must spare for keep_best (the best stored monitor values)."""
+        return catalog.best_names(self.directory, self.keep_best, self.mode) if self.keep_best else set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the in-flight save; True when there was none or it committed."""
@@ -199,42 +296,130 @@ class Checkpointer:
         return fut is None or fut.wait(timeout)
 
     # -- finding and loading -----------------------------------------------
-    def latest(self) -> CheckpointInfo | None:
-        """The newest checkpoint that validates and that every rank sees, or None."""
+    def latest(self, verify: bool = False) -> CheckpointInfo | None:
+        """The newest commit (commit order, not step number) that validates and every rank sees, or None.
+
+        ``verify=False`` (default, cheap) checks the manifest, every part and
+        every data file's size; a damaged chunk is then found while loading,
+        and ``load()``/``restore()`` fall back past it. ``verify=True`` also
+        reads every chunk and checks its checksums (ranks share the work), so
+        what it returns loads, at the cost of reading the checkpoint once."""
+        for path in self._candidates():
+            if not verify:
+                return info_for(path)
+            err = _try(lambda: verify_share(path, self.coord.rank, self.coord.world_size))
+            errors = self._gather_errors(err)
+            if not errors:
+                return info_for(path)
+            if err is not None and not isinstance(err, CorruptCheckpointError):
+                raise err
+            self._skip_line(path, errors)
+        return None
+
+    def _candidates(self):
+        """Paths of the commits that validate on every rank, newest first (lazily with one rank)."""
         if self.coord.world_size == 1:
-            return next(iter_valid(self.directory), None)
-        mine = [i.step for i in iter_valid(self.directory, warn=self.coord.rank == 0)]
+            return (i.path for i in iter_valid(self.directory))
+        mine = [os.path.basename(i.path) for i in iter_valid(self.directory, warn=self.coord.rank == 0)]
         common = set(mine)
-        for steps in self.coord.all_gather_json(mine, "latest"):
-            common &= set(steps)
-        mine = sorted(common, reverse=True)
-        if not mine:
-            return None
-        return info_for(os.path.join(self.directory, layout.step_dir_name(mine[0])))
+        for names in self.coord.all_gather_json(mine, "latest"):
+            common &= set(names)
+        return [os.path.join(self.directory, n) for n in mine if n in common]
+
+    def _gather_errors(self, err: BaseException | None) -> list[tuple[int, str, bool]]:
+        """(rank, message, is damage) of every rank whose attempt failed (the same list on every rank)."""
+        mine = None if err is None else [str(err), isinstance(err, CorruptCheckpointError)]
+        if self.coord.world_size == 1:
+            return [] if mine is None else [(0, mine[0], mine[1])]
+        gathered = self.coord.all_gather_json(mine, "attempt")
+        return [(r, g[0], g[1]) for r, g in enumerate(gathered) if g is not None]
+
+    def _skip_line(self, path: str, errors: list[tuple[int, str, bool]]) -> None:
+        if self.coord.rank == 0:
+            rank, msg, _ = errors[0]
+            where = f" (rank {rank})" if self.coord.world_size > 1 else ""
+            log.warning("pyckpt: skipping damaged checkpoint %s%s: %s", path, where, msg)
 
     def load(self, step: int | None = None, into: Any = None, map_location: Any = None) -> Any:
-        """The replicated state of checkpoint ``step`` (default: latest)."""
+        """The replicated state of checkpoint ``step`` (default: the newest that loads)."""
         return self.restore(step, into=into, map_location=map_location).state
 
     def restore(self, step: int | None = None, into: Any = None, rank_into: Any = None,
                 map_location: Any = None) -> Restored:
-        """Replicated state plus this rank's ``rank_state`` of checkpoint ``step`` (default: latest)."""
+        """Replicated state plus this rank's ``rank_state`` of checkpoint ``step``.
+
+        Without ``step``: the newest commit; when its data turns out damaged
+        while loading (a checksum, a truncated file), one line
+        ``pyckpt: skipping damaged checkpoint <path>: <reason>`` is logged and
+        the next older one is loaded instead (``into`` targets are then fully
+        overwritten by it). Every rank takes the same one."""
+        if step is not None:
+            path = os.path.join(self.directory, layout.step_dir_name(check_step(step)))
+            if not (layout.is_real_dir(path) and layout.is_checkpoint_dir(path)):  # never through a link
+                raise CheckpointNotFoundError(f"no complete checkpoint for step {step} in {self.directory}")
+            return self._restore_path(path, into, rank_into, map_location)
+        skipped = []
+        for path in self._candidates():
+            out: list[Restored] = []
+            err = _try(lambda: out.append(self._restore_path(path, into, rank_into, map_location)))
+            errors = self._gather_errors(err)  # every rank leaves or goes on together
+            if not errors:
+                return out[0]
+            if err is not None and not isinstance(err, CorruptCheckpointError):
+                raise err  # not damage (a wrong ``into``, a device): falling back would hide it
+            fatal = [(r, m) for r, m, corrupt in errors if not corrupt]
+            if fatal:
+                raise PyckptError(f"rank {fatal[0][0]} could not load {path}: {fatal[0][1]}")
+            self._skip_line(path, errors)
+            skipped.append(path)
+        if skipped:
+            raise CorruptCheckpointError(f"no checkpoint in {self.directory} loads: every one is damaged "
+                                         f"({', '.join(skipped)})", path=skipped[0])
+        raise CheckpointNotFoundError(f"no complete checkpoint in {self.directory}")
+
+    def _restore_path(self, path: str, into: Any, rank_into: Any, map_location: Any) -> Restored:
         from ._native import get_engine
 
-        if step is None:
-            info = self.latest()
-            if info is None:
-                raise CheckpointNotFoundError(f"no complete checkpoint in {self.directory}")
-            path = info.path
-        else:
-            path = os.path.join(self.directory, layout.step_dir_name(step))
-            if not layout.is_checkpoint_dir(path):
-                raise CheckpointNotFoundError(f"no complete checkpoint for step {step} in {self.directory}")
+        t0 = time.monotonic()
         op = reader.open_checkpoint(path)
         engine = get_engine()
         state = reader.load_section(engine, op, "replicated", 0, into, map_location)
         rs = reader.load_section(engine, op, "rank", self.coord.rank, rank_into, map_location)
+        if self.coord.rank == 0:
+            metrics.restore_done(self.directory, op.step, path, time.monotonic() - t0)
         return Restored(state, rs, op.step, path)
+
+
+def _try(fn, catch: type[BaseException] | tuple = Exception) -> BaseException | None:
+    """Run ``fn``; the exception it raised (of ``catch``), else None."""
+    try:
+        fn()
+    except catch as e:
+        return e
+    return None
+
+
+def verify_share(path: str, rank: int, world_size: int) -> None:
+    """Check every chunk checksum of the parts ``p`` of checkpoint ``path`` with ``p % world_size == rank``
+    (all of them with one rank), in bounded memory; raises ``CorruptCheckpointError``."""
+    from ._native import get_engine
+
+    engine = get_engine()
+    op = reader.open_checkpoint(path)
+    if world_size == 1:
+        reader.verify(engine, path)
+        return
+    batch: list[tuple[int, int]] = []
+    size = 0
+    for pi in range(rank, len(op.parts), world_size):
+        for ci, ch in enumerate(op.parts[pi]["chunks"]):
+            batch.append((pi, ci))
+            size += ch["raw_len"]
+            if size >= reader._VERIFY_BATCH_BYTES:
+                reader._verify_batch(engine, op, batch)
+                batch, size = [], 0
+    if batch:
+        reader._verify_batch(engine, op, batch)
 
 
 def info_for(path: str) -> CheckpointInfo:
@@ -244,24 +429,23 @@ def info_for(path: str) -> CheckpointInfo:
 
 
 def iter_valid(root: str, warn: bool = True):
-    """Committed checkpoints of ``root`` that validate, newest first (corrupt ones are warned about).
+    """Committed checkpoints of ``root`` whose manifest and parts validate, newest commit first
+    (damaged ones are warned about).
 
-    The ``latest`` pointer is a hint: when it names the newest committed
-    directory that one is tried first, otherwise (missing, stale, garbage)
-    the scan decides."""
-    committed = [e for e in reversed(layout.scan(root)) if e.complete]
+    The ``latest`` pointer is a hint only: the commit order (``layout.committed``)
+    decides, so a stale or missing pointer changes nothing."""
+    committed = layout.committed(root)
     pointer = commit.read_latest(root)
     if committed and pointer is not None and pointer != committed[0].name:
         log.debug("pyckpt: %s/latest names %s, newest committed is %s", root, pointer, committed[0].name)
+    if warn:
+        for name in layout.links(root):
+            log.warning("pyckpt: ignoring %s: a symbolic link is never a checkpoint", os.path.join(root, name))
     for e in committed:
         try:
             reader.open_checkpoint(e.path)
-        except CorruptCheckpointError as exc:
-            if warn:
-                log.warning("pyckpt: skipping corrupt checkpoint %s: %s", exc.path or e.path, exc)
-            continue
         except PyckptError as exc:
             if warn:
-                log.warning("pyckpt: skipping unreadable checkpoint %s: %s", e.path, exc)
+                log.warning("pyckpt: skipping damaged checkpoint %s: %s", e.path, exc)
             continue
         yield info_for(e.path)

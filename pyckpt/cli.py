@@ -1,60 +1,115 @@
-"""The ``pyckpt`` command: inspect and verify checkpoints.
+"""The ``pyckpt`` command (also ``python -m pyckpt``): look at, check, convert and tidy checkpoints.
 
-    pyckpt ls DIR        list the checkpoints in a root (complete or not)
-    pyckpt verify PATH   re-read every chunk and check every checksum
+    pyckpt ls DIR                 list the checkpoints in a root (or one checkpoint)
+    pyckpt verify PATH            re-read every chunk and check every checksum
+    pyckpt inspect PATH           the tree of saved state: keys, dtypes, shapes, bytes, ranks
+    pyckpt export PATH --to F OUT write a torch.save or safetensors file
+    pyckpt import FILE OUT        make a checkpoint from a torch.save or safetensors file
+    pyckpt diff A B               which tensors differ, and by how much
+    pyckpt gc DIR                 remove leftovers of interrupted saves and deletions
+    pyckpt stats DIR              summarise DIR/metrics.jsonl
 
-Each verb is a small function registered in ``_VERBS`` so new verbs slot in.
+Exit status: 0 success, 1 the checkpoint is damaged / the operation failed
+(``diff``: the states differ), 2 usage errors and paths that do not exist.
+Each verb is a function registered in ``_VERBS`` with its help text.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from . import layout
-from .errors import PyckptError
+from . import __version__, layout
+from .errors import CheckpointNotFoundError, PyckptError
 
-
-def _du(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
+NOT_FOUND, FAILED = 2, 1
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+def _human(n: float) -> str:
+    from .inspection import human
+
+    return human(n)
 
 
+def _err(verb: str, msg: str) -> None:
+    print(f"pyckpt {verb}: {msg}", file=sys.stderr)
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=1, default=str, allow_nan=True)
+    sys.stdout.write("\n")
+
+
+def _progress_for(args: argparse.Namespace) -> Callable[..., Iterable]:
+    """A wrapper that shows a tqdm bar on stderr for work lasting over ``--progress-delay`` s.
+
+    Shown only when stderr is a terminal (``--progress auto``), so logs and
+    pipes never get bar characters; without tqdm there is simply no bar."""
+    mode = getattr(args, "progress", "auto")
+    delay = getattr(args, "progress_delay", 2.0)
+
+    def wrap(it: Iterable, desc: str = "", unit: str = "it", total: int | None = None) -> Iterable:
+        if mode == "never" or (mode == "auto" and not sys.stderr.isatty()):
+            return it
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            if mode == "always":
+                _err(args.verb, "no progress bar: pip install tqdm (or pip install 'pyckpt[cli]')")
+            return it
+        return tqdm(it, desc=desc, unit=unit, total=total, delay=delay, file=sys.stderr, leave=False,
+                    dynamic_ncols=True)
+
+    return wrap
+
+
+def _time(t: float) -> str:
+    if t != t:  # NaN: vanished while listing
+        return "?".ljust(19)
+    return f"{datetime.datetime.fromtimestamp(t, datetime.timezone.utc):%Y-%m-%d %H:%M:%S}"
+
+
+# -- ls ---------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
+    from . import catalog
+
     root = args.dir
     if not os.path.isdir(root):
-        print(f"pyckpt ls: {root} is not a directory", file=sys.stderr)
-        return 2
-    entries = layout.scan(root)
-    if not entries:
+        _err("ls", f"{root} is not a directory")
+        return NOT_FOUND
+    found = catalog.entries(root)
+    infos = [catalog.info_of(e, verify=args.verify) for e in _progress_for(args)(found, "verify", "ckpt")]
+    if args.json:
+        _print_json({"dir": os.path.abspath(root), "finished": catalog.is_finished(root),
+                     "checkpoints": [i.to_dict() for i in infos]})
+        return 0
+    if not infos:
         print(f"no checkpoints in {root}")
         return 0
     print(f"{'STEP':>12}  {'TIME (UTC)':<19}  {'SIZE':>10}  {'STATUS':<10}  NAME")
-    for e in entries:
-        stamp = os.path.join(e.path, layout.MANIFEST) if e.complete else e.path
-        t = datetime.datetime.fromtimestamp(os.path.getmtime(stamp), datetime.timezone.utc)
-        step = "?" if e.step is None else str(e.step)
-        status = "complete" if e.complete else "incomplete"
-        print(f"{step:>12}  {t:%Y-%m-%d %H:%M:%S}  {_human(_du(e.path)):>10}  {status:<10}  {e.name}")
-    return 0
+    for i in infos:
+        step = "?" if i.step is None else str(i.step)
+        status = "incomplete" if not i.complete else ("complete" if i.sound is None else
+                                                       "sound" if i.sound else "DAMAGED")
+        print(f"{step:>12}  {_time(i.time)}  {_human(i.size):>10}  {status:<10}  {i.name}")
+    for i in infos:
+        if i.complete and i.sound is False:
+            _err("ls", f"{i.name} is damaged: {i.error}")
+    if not args.verify and any(i.complete for i in infos):
+        # "complete" only means committed: say that the data was not read, so nobody mistakes it for sound.
+        print("pyckpt ls: complete = committed (manifest present); data not read: `pyckpt ls --verify` checks "
+              "every checksum", file=sys.stderr)
+    marker = catalog.is_finished(root)
+    if marker is not None:
+        print(f"run finished at step {marker.get('step')} ({_time(marker.get('time') or float('nan'))} UTC)")
+    return FAILED if any(i.complete and i.sound is False for i in infos) else 0
 
 
+# -- verify -----------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
     from ._native import get_engine
     from .api import resolve
@@ -62,38 +117,319 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     try:
         path = resolve(args.path, newest_committed=True)
+    except CheckpointNotFoundError as e:
+        _err("verify", str(e))
+        return NOT_FOUND
+    try:
         op = verify(get_engine(), path)
     except PyckptError as e:
         where = getattr(e, "path", None)
         chunk = getattr(e, "chunk", None)
         detail = f" (file {where}" + (f", chunk {chunk}" if chunk is not None else "") + ")" if where else ""
-        print(f"pyckpt verify: FAILED{detail}: {e}", file=sys.stderr)
-        return 1
+        if args.json:
+            _print_json({"path": path, "ok": False, "error": str(e), "file": where, "chunk": chunk})
+        _err("verify", f"FAILED{detail}: {e}")
+        return FAILED
     nchunks = sum(len(p["chunks"]) for p in op.parts)
-    print(f"{path}: OK (step {op.step}, {len(op.parts)} rank part(s), {nchunks} chunk(s) verified)")
+    if args.json:
+        _print_json({"path": path, "ok": True, "step": op.step, "parts": len(op.parts), "chunks": nchunks})
+    else:
+        print(f"{path}: OK (step {op.step}, {len(op.parts)} rank part(s), {nchunks} chunk(s) verified)")
     return 0
 
 
-_VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
-    "ls": (cmd_ls, "list checkpoints in a root directory",
+# -- inspect ----------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .api import resolve
+    from .inspection import render, summarize, to_json
+
+    try:
+        path = resolve(args.path, newest_committed=True)
+    except CheckpointNotFoundError as e:
+        _err("inspect", str(e))
+        return NOT_FOUND
+    try:
+        s = summarize(path)
+    except PyckptError as e:
+        _err("inspect", f"cannot read {path}: {e}")
+        return FAILED
+    if args.json:
+        _print_json(to_json(s))
+    else:
+        print(render(s, max_leaves=args.max_leaves))
+    return 0
+
+
+# -- export / import --------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    try:
+        done = export(args.path, args.to, args.out, rank=args.rank, progress=_progress_for(args))
+    except CheckpointNotFoundError as e:
+        _err("export", str(e))
+        return NOT_FOUND
+    except (PyckptError, OSError) as e:
+        _err("export", str(e))
+        return FAILED
+    if args.json:
+        _print_json({"files": done.files, "tensors": done.tensors, "step": done.step, "format": args.to})
+    else:
+        extra = f" + JSON sidecar {done.files[1]}" if len(done.files) > 1 else ""
+        print(f"exported step {done.step} ({done.tensors} tensor(s)) to {done.files[0]}{extra}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .export import import_file
+
+    if not os.path.isfile(args.file):
+        _err("import", f"{args.file} is not a file")
+        return NOT_FOUND
+    try:
+        path = import_file(args.file, args.out, step=args.step, compress=args.compress)
+    except (PyckptError, OSError) as e:
+        _err("import", str(e))
+        return FAILED
+    if args.json:
+        _print_json({"path": path, "source": os.path.abspath(args.file)})
+    else:
+        print(f"imported {args.file} into {path}")
+    return 0
+
+
+# -- diff -------------------------------------------------------------------------------
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .export import load_state
+    from .inspection import diff_states
+
+    try:
+        a, step_a = load_state(args.a, args.rank)
+        b, step_b = load_state(args.b, args.rank)
+    except CheckpointNotFoundError as e:
+        _err("diff", str(e))
+        return NOT_FOUND
+    except PyckptError as e:
+        _err("diff", str(e))
+        return NOT_FOUND if "no rank_state" in str(e) else FAILED
+    d = diff_states(a, b, _progress_for(args))
+    if args.json:
+        _print_json({"a": os.path.abspath(args.a), "b": os.path.abspath(args.b), "step_a": step_a,
+                     "step_b": step_b, **d})
+        return 0 if d["identical"] else FAILED
+    print(f"a: {args.a} (step {step_a})\nb: {args.b} (step {step_b})")
+    for c in d["changed"]:
+        if c["why"]:
+            print(f"changed    {c['key']}: {c['why']}")
+        else:
+            mad = c["max_abs_diff"]
+            mad_s = "n/a" if mad is None else (f"{mad:.6g}" if isinstance(mad, float) else str(mad))
+            print(f"changed    {c['key']}  {c['dtype']} {c['shape']}  {c['differing']} of {c['numel']} "
+                  f"element(s) differ, max |a-b| = {mad_s}")
+    for v in d["values_changed"]:
+        print(f"changed    {v['key']}: {v['a']!r} -> {v['b']!r}")
+    for k in d["only_in_a"]:
+        print(f"only in a  {k}")
+    for k in d["only_in_b"]:
+        print(f"only in b  {k}")
+    nchanged = len(d["changed"]) + len(d["values_changed"])
+    print(f"{'identical' if d['identical'] else 'different'}: {nchanged} changed, {len(d['only_in_a'])} only "
+          f"in a, {len(d['only_in_b'])} only in b, {d['same']} unchanged")
+    return 0 if d["identical"] else FAILED
+
+
+# -- gc ---------------------------------------------------------------------------------
+def cmd_gc(args: argparse.Namespace) -> int:
+    from . import commit
+
+    root = args.dir
+    if not os.path.isdir(root):
+        _err("gc", f"{root} is not a directory")
+        return NOT_FOUND
+    held, note = _try_lock(root)
+    try:
+        removed = commit.gc_tmp(root, set(), locked=held is not None)
+        if held is not None:
+            # A step directory without MANIFEST.json is a half-deleted checkpoint (retention of old
+            # pyckpt versions, a crash); no writer ever creates one, and the lock rules out a live one.
+            for e in layout.scan(root):
+                if not e.complete and e.step is not None and layout.parse_step(e.name) is not None:
+                    if commit.remove_tree(e.path):
+                        removed.append(e.path)
+    finally:
+        if held is not None:
+            held.release()
+    if args.json:
+        _print_json({"dir": os.path.abspath(root), "removed": removed, "locked": held is not None, "note": note})
+        return 0
+    if note:
+        _err("gc", note)
+    for p in removed:
+        print(f"removed {p}")
+    print(f"{len(removed)} leftover(s) removed from {root}")
+    return 0
+
+
+def _try_lock(root: str) -> tuple[Any, str | None]:
+    """The directory lock when no writer holds it (then every leftover is garbage), else (None, why)."""
+    try:
+        from .lock import DirLock
+    except ImportError:
+        return None, None
+    try:
+        return DirLock(root), None
+    except PyckptError as e:
+        return None, (f"{e}; only leftovers of writers that are no longer running are removed")
+
+
+# -- stats ------------------------------------------------------------------------------
+def cmd_stats(args: argparse.Namespace) -> int:
+    from . import metrics
+
+    root = args.dir
+    if not os.path.isdir(root):
+        _err("stats", f"{root} is not a directory")
+        return NOT_FOUND
+    records, bad = metrics.read(root)
+    if not records:
+        _err("stats", f"no metrics in {os.path.join(root, metrics.METRICS_FILE)} (written by Checkpointer "
+                      "saves and transparent mode)")
+        return NOT_FOUND
+    s = metrics.summarize(records)
+    if args.json:
+        _print_json({"dir": os.path.abspath(root), "unreadable_lines": bad, **s})
+        return 0
+    print(f"{os.path.join(root, metrics.METRICS_FILE)}: {s['saves']} save(s) ({s['committed']} committed, "
+          f"{s['failed']} failed), {s['restores']} restore(s)" + (f", {bad} unreadable line(s)" if bad else ""))
+    print(f"{'':14}{'mean':>10}{'p50':>10}{'p90':>10}{'max':>10}")
+    for key, label in (("stall_s", "stall s"), ("capture_s", "capture s"), ("durable_s", "durable s"),
+                       ("throughput_mb_s", "MB/s"), ("codec_ratio", "codec ratio"), ("restore_s", "restore s")):
+        d = s[key]
+        if d is not None:
+            print(f"{label:<14}" + "".join(f"{d[q]:>10.3f}" for q in ("mean", "p50", "p90", "max")))
+    if s["bytes_written_last"] is not None:
+        print(f"written: {_human(s['bytes_written_total'])} in all, {_human(s['bytes_written_last'])} by the last "
+              f"save ({_human(s['bytes_raw_last'] or 0)} of state)")
+    for e in s["errors"]:
+        print(f"failed at step {e['step']}: {e['error']}")
+    graph = metrics.plot(records, rows=args.rows)
+    if graph:
+        print(graph)
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------
+def _add_ls(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("dir", metavar="DIR", help="a checkpoint root (the Checkpointer / PYCKPT_DIR directory) or "
+                                               "one checkpoint directory")
+    sp.add_argument("--verify", action="store_true",
+                    help="also re-read every chunk and check its checksum (status sound / DAMAGED; exit 1 if any "
+                         "is damaged)")
+
+
+def _add_path(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("path", metavar="PATH", help="a checkpoint directory, or a root (then its newest committed "
+                                                 "checkpoint)")
+
+
+def _add_inspect(sp: argparse.ArgumentParser) -> None:
+    _add_path(sp)
+    sp.add_argument("--max-leaves", type=int, default=2000, metavar="N",
+                    help="print at most N leaves in the text tree (default 2000; --json lists all)")
+
+
+def _add_export(sp: argparse.ArgumentParser) -> None:
+    _add_path(sp)
+    sp.add_argument("--to", required=True, choices=("torch", "safetensors"), help="output format")
+    sp.add_argument("out", metavar="OUT", help="the file to write (replaced atomically if it exists)")
+    sp.add_argument("--rank", type=int, default=None, metavar="R",
+                    help="export rank R's per-rank state (rank_state) instead of the replicated state")
+
+
+def _add_import(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("file", metavar="FILE", help="a torch.save file (read with weights_only=True) or a "
+                                                 "safetensors file (its FILE.pyckpt.json sidecar is applied)")
+    sp.add_argument("out", metavar="OUT", help="the checkpoint directory to create (with --step: a checkpoint "
+                                               "root that gets step-N and latest)")
+    sp.add_argument("--step", type=int, default=None, metavar="N", help="save as step N of the root OUT")
+    sp.add_argument("--compress", choices=("none", "zstd"), default="none", help="chunk codec (default none)")
+
+
+def _add_diff(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("a", metavar="A", help="a checkpoint directory or root")
+    sp.add_argument("b", metavar="B", help="a checkpoint directory or root")
+    sp.add_argument("--rank", type=int, default=None, metavar="R",
+                    help="compare rank R's per-rank state instead of the replicated state")
+
+
+def _add_dir(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("dir", metavar="DIR", help="a checkpoint root")
+
+
+def _add_stats(sp: argparse.ArgumentParser) -> None:
+    _add_dir(sp)
+    sp.add_argument("--rows", type=int, default=30, metavar="N", help="plot the last N saves (default 30)")
+
+
+_VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str, str]] = {
+    "ls": (cmd_ls, _add_ls, "list checkpoints in a root directory",
            "List every checkpoint directory in DIR with its step, commit time, size on disk and whether it\n"
-           "is complete (has MANIFEST.json) or incomplete (an interrupted or in-progress save)."),
-    "verify": (cmd_verify, "check a checkpoint's integrity (every chunk, every checksum)",
+           "is complete (has MANIFEST.json) or incomplete (an interrupted or in-progress save). DIR may\n"
+           "also be a single checkpoint directory. --verify checks every checksum (a full read)."),
+    "verify": (cmd_verify, _add_path, "check a checkpoint's integrity (every chunk, every checksum)",
                "Validate the manifest and rank parts of PATH and re-read every data chunk, checking its\n"
                "CRC32C. PATH is a checkpoint directory or a root (then its newest committed checkpoint).\n"
-               "Exit status 0 when sound, 1 when damaged (the file and chunk are named), 2 on usage errors."),
+               "Exit status 0 when sound, 1 when damaged (the file and chunk are named), 2 when PATH does\n"
+               "not exist or holds no committed checkpoint."),
+    "inspect": (cmd_inspect, _add_inspect, "show the tree of saved state (keys, dtypes, shapes, bytes, ranks)",
+                "Print what PATH holds without reading tensor data: step, world size, writer, bytes raw and\n"
+                "stored (codec ratio), and for the replicated state and each rank's rank_state every key\n"
+                "path with its dtype, shape, bytes, codec ratio, the rank whose part holds it and the device\n"
+                "it was saved from; other values (loop position, RNG, settings) with their value."),
+    "export": (cmd_export, _add_export, "write a checkpoint as a torch.save or safetensors file",
+               "Load PATH onto the CPU and write it to OUT.\n"
+               "  --to torch        torch.save of the state; torch.load(OUT, weights_only=True) reads it.\n"
+               "  --to safetensors  one tensor per leaf named by key path (model/fc.weight); what safetensors\n"
+               "                    cannot hold (non-tensor values, nesting, other dtypes) goes to the JSON\n"
+               "                    sidecar OUT.pyckpt.json, which `pyckpt import` applies.\n"
+               "Needs the safetensors package for --to safetensors (pip install safetensors)."),
+    "import": (cmd_import, _add_import, "make a checkpoint from a torch.save or safetensors file",
+               "Read FILE and save it as a pyckpt checkpoint at OUT. torch files are read with\n"
+               "torch.load(weights_only=True): a file holding other objects is refused (exit 1), because\n"
+               "unpickling them would run code from the file. safetensors files need the safetensors package."),
+    "diff": (cmd_diff, _add_diff, "compare two checkpoints tensor by tensor",
+             "Load A and B onto the CPU and list the tensors that changed (elements differing, max |a-b|),\n"
+             "other values that changed, and keys present in only one of them. Bitwise: NaN equals the\n"
+             "same NaN. Exit status 0 when identical, 1 when different, 2 when A or B does not exist."),
+    "gc": (cmd_gc, _add_dir, "remove leftovers of interrupted saves and deletions",
+           "Remove what crashed or killed writers left in DIR: step-*.tmp-* directories (interrupted saves),\n"
+           "step-*.del-* (interrupted deletions), latest.tmp-* and MANIFEST.json.tmp-* files. When no job\n"
+           "holds DIR's lock, step directories without MANIFEST.json (half deleted) go too; while a job\n"
+           "runs, only leftovers of processes that are no longer running are removed. Committed\n"
+           "checkpoints are never touched."),
+    "stats": (cmd_stats, _add_stats, "summarise DIR/metrics.jsonl (stall, duration, bytes, throughput)",
+              "Read the per-checkpoint metrics lines of DIR/metrics.jsonl and print the number of saves,\n"
+              "failures and restores, mean/p50/p90/max of stall, capture and durable time, throughput,\n"
+              "codec ratio, bytes written, and a text plot of stall and durable time of the last saves."),
 }
+
+_JSON_VERBS = ("ls", "verify", "inspect", "export", "import", "diff", "gc", "stats")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyckpt", description="Inspect and verify pyckpt checkpoints.")
+    p = argparse.ArgumentParser(prog="pyckpt", description="Look at, check, convert and tidy pyckpt checkpoints.",
+                                epilog="Exit status: 0 success, 1 damaged / failed / different, 2 usage error or "
+                                       "path not found. `pyckpt VERB --help` describes each verb.")
+    p.add_argument("--version", action="version", version=f"pyckpt {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for name, (fn, short, long) in _VERBS.items():
+    for name, (fn, add, short, long) in _VERBS.items():
         sp = sub.add_parser(name, help=short, description=long, formatter_class=argparse.RawDescriptionHelpFormatter)
-        if name == "ls":
-            sp.add_argument("dir", metavar="DIR", help="a checkpoint root (e.g. the Checkpointer directory)")
-        else:
-            sp.add_argument("path", metavar="PATH", help="a checkpoint directory or a checkpoint root")
+        add(sp)
+        if name in _JSON_VERBS:
+            sp.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text")
+        sp.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                        help="progress bar on stderr for work over 2 s: auto = only when stderr is a terminal")
+        sp.add_argument("--progress-delay", type=float, default=2.0, help=argparse.SUPPRESS)
         sp.set_defaults(func=fn)
     return p
 
@@ -101,7 +437,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = _parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _err(args.verb, "interrupted")
+        return 130
+    except BrokenPipeError:  # `pyckpt inspect ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Rank coordination for checkpoints: barrier, broadcast, all-gather of small JSON.
 
 ``StoreCoordinator`` talks only through the c10d key-value store of the
-default process group (set / wait / get with unique keys), never through
+default process group (set / check / get with unique keys: polls, never a blocking
+``store.wait``, see ``_wait``), never through
 collectives, so the background commit thread can use it while training runs
 collectives on the main thread. Operations with the same ``tag`` must be
 called in the same order on every rank; different tags are independent.
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
+
+_POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.01  # store polls back off from 0.2 ms to 10 ms
 
 
 @runtime_checkable
@@ -73,12 +77,28 @@ class StoreCoordinator:
         base, n = self._next_key(tag)
         self.store.set(f"{base}/{self.rank}", json.dumps(obj))
         keys = [f"{base}/{r}" for r in range(self.world_size)]
-        self.store.wait(keys, self.timeout)
+        self._wait(keys)
         out = [json.loads(self.store.get(k)) for k in keys]
         # Everyone has reached op n, so everyone finished reading op n-1: drop our old key.
         if n > 0:
             self._delete(f"{self.prefix}/{tag}/{n - 1}/{self.rank}")
         return out
+
+    def _wait(self, keys: list[str]) -> None:
+        """Until every key exists, polling with ``check``: a TCPStore client runs one operation at a
+        time, and a blocking ``store.wait`` would hold it while waiting, so another thread's store
+        calls on this rank (a second coordinator, the training thread's policy polls) would queue
+        behind it; two ranks each waiting on keys the other's queued call would set deadlock."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        delay = _POLL_MIN_S
+        while not self.store.check(keys):
+            if time.monotonic() >= deadline:
+                from torch.distributed import DistStoreError
+
+                raise DistStoreError(f"pyckpt: timed out after {self.timeout.total_seconds():g} s waiting for "
+                                     f"the other ranks at {keys[0].rsplit('/', 1)[0]}")
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
 
     def _delete(self, key: str) -> None:
         try:

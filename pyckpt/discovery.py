@@ -9,6 +9,8 @@ objects in the same order maps every saved entry onto its counterpart.
 from __future__ import annotations
 
 import gc
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import PyckptError
-from .hooks import Registry
+from .hooks import HookSet, Registry, WeakIdSet
 
 
 @dataclass
@@ -39,54 +41,179 @@ def _is_ddp(m: nn.Module) -> bool:
     return isinstance(m, DDP) or isinstance(getattr(m, "_orig_mod", None), DDP)
 
 
-def _fill_from_gc(registry: Registry, cls: type) -> None:
-    """Objects made before transparent mode was enabled are not registered: find them once."""
-    if len(registry) == 0:
+class Discovery:
+    """Finds the tracked objects of every snapshot without scanning the heap each time.
+
+    Optimizers, LR schedulers and GradScalers are registered by their patched
+    constructors; modules by torch's global module/parameter registration hooks
+    (every module that owns a parameter or a submodule registers one) and a
+    patched ``nn.Module.__setstate__`` (``copy.deepcopy``, unpickling). One ``gc``
+    scan (``scan_once``, at the first DataLoader ``iter()``) adds what was made
+    before the hooks were installed. The root modules are cached and recomputed
+    only when the optimizers, their parameters or the module structure changed;
+    a parameter no known module owns costs one more scan per such change."""
+
+    def __init__(self, optimizers: Registry, schedulers: Registry, scalers: Registry) -> None:
+        self.optimizers, self.schedulers, self.scalers = optimizers, schedulers, scalers
+        self.modules = WeakIdSet()
+        self.generation = 0  # bumped whenever a module gains a parameter or a submodule, or is created by copy
+        self.scans = 0  # full gc scans so far (for the tests and the benchmark)
+        self._scanned = False
+        self._key: tuple | None = None
+        self._roots: list[weakref.ref] = []
+        self._rescanned_key: tuple | None = None
+
+    def install(self, hooks: HookSet) -> None:
+        """Keep ``modules`` current (reversibly, through ``hooks``)."""
+        from torch.nn.modules import module as module_mod
+
+        def on_submodule(parent: nn.Module, name: str, sub: Any) -> None:
+            self.generation += 1
+            self.modules.add(parent)
+            if isinstance(sub, nn.Module):
+                self.modules.add(sub)
+
+        def on_parameter(owner: nn.Module, name: str, param: Any) -> None:
+            self.generation += 1
+            self.modules.add(owner)
+
+        hooks.add_handle(module_mod.register_module_module_registration_hook(on_submodule))
+        hooks.add_handle(module_mod.register_module_parameter_registration_hook(on_parameter))
+        original = nn.Module.__setstate__
+
+        def __setstate__(module: nn.Module, state: Any) -> None:  # noqa: N807
+            original(module, state)
+            self.generation += 1
+            self.modules.add(module)
+
+        hooks.patch(nn.Module, "__setstate__", __setstate__)
+
+    def scan_once(self) -> None:
+        """Register the objects made before the hooks existed (one pass over the heap, once)."""
+        if not self._scanned:
+            self._scanned = True
+            self._scan()
+
+    def _scan(self) -> None:
+        from torch.optim.lr_scheduler import LRScheduler
+
+        self.scans += 1
+        kinds = ((nn.Module, self.modules.add), (torch.optim.Optimizer, self.optimizers.add),
+                 (LRScheduler, self.schedulers.add), (torch.amp.GradScaler, self.scalers.add))
+        found: list[list[Any]] = [[] for _ in kinds]
+        any_kind = tuple(cls for cls, _ in kinds)
         for obj in gc.get_objects():
-            if issubclass(type(obj), cls):
-                registry.add(obj)
+            # type(), not isinstance(): that reads obj.__class__, which some proxies answer with a
+            # warning. One C-level check with the tuple for the millions of other objects.
+            t = type(obj)
+            if issubclass(t, any_kind):
+                for i, (cls, _) in enumerate(kinds):
+                    if issubclass(t, cls):
+                        found[i].append(obj)
+        for obj in found[0]:
+            self.modules.add(obj)
+        # A registry the constructor hooks filled is complete and in creation order; an empty one
+        # takes what the heap holds, in the heap's order (the same for the same script).
+        for (_, add), objs, reg in zip(kinds[1:], found[1:], (self.optimizers, self.schedulers, self.scalers)):
+            if len(reg) == 0:
+                for obj in objs:
+                    add(obj)
+        self.generation += 1
 
+    def discover(self) -> Tracked:
+        """Everything to save, in a deterministic order."""
+        self.scan_once()
+        opts = list(self.optimizers)
+        t = Tracked(optimizers=opts, modules=self._root_modules(opts))
+        per_opt: dict[int, int] = {}
+        for s in self.schedulers:
+            idx = next((i for i, o in enumerate(opts) if o is getattr(s, "optimizer", None)), None)
+            if idx is not None:
+                j = per_opt.get(idx, 0)
+                per_opt[idx] = j + 1
+                t.schedulers[f"{idx}.{j}"] = s
+        for i, sc in enumerate(self.scalers):
+            if sc.is_enabled():
+                t.scalers[str(i)] = sc
+        return t
 
-def discover(optimizers: Registry, schedulers: Registry, scalers: Registry) -> Tracked:
-    """Everything to save, in a deterministic order."""
-    from torch.optim.lr_scheduler import LRScheduler
+    def _root_modules(self, opts: list[torch.optim.Optimizer]) -> list[nn.Module]:
+        params = [p for o in opts for p in _params(o)]
+        key = (self.generation, tuple(id(o) for o in opts), tuple(id(p) for p in params))
+        cached = [r() for r in self._roots]
+        if key == self._key and all(m is not None for m in cached):
+            return cached  # type: ignore[return-value]
+        roots, covered = root_modules(opts, self.modules)
+        if not covered and key[1:] != self._rescanned_key:
+            # A parameter no known module owns: a module made another way (or a bare parameter).
+            # Look once per set of optimizers and parameters (modules made later are hooked).
+            self._scan()
+            self._rescanned_key = key[1:]
+            key = (self.generation, *key[1:])
+            roots, covered = root_modules(opts, self.modules)
+        if _share_parameters(roots):
+            # Two outermost modules owning the same parameters: usually a dead wrapper still in a
+            # reference cycle. Drop such garbage (only now, when the structure changed).
+            gc.collect()
+            roots, covered = root_modules(opts, self.modules)
+        self._key, self._roots = key, [weakref.ref(m) for m in roots]
+        return roots
 
-    _fill_from_gc(optimizers, torch.optim.Optimizer)
-    _fill_from_gc(schedulers, LRScheduler)
-    _fill_from_gc(scalers, torch.amp.GradScaler)
-    opts = list(optimizers)
-    t = Tracked(optimizers=opts, modules=root_modules(opts))
-    per_opt: dict[int, int] = {}
-    for s in schedulers:
-        idx = next((i for i, o in enumerate(opts) if o is getattr(s, "optimizer", None)), None)
-        if idx is not None:
-            j = per_opt.get(idx, 0)
-            per_opt[idx] = j + 1
-            t.schedulers[f"{idx}.{j}"] = s
-    for i, sc in enumerate(scalers):
-        if sc.is_enabled():
-            t.scalers[str(i)] = sc
-    return t
+    def grads_without_optimizer(self) -> bool:
+        """True when some live module has gradients although no optimizer ever stepped."""
+        self.scan_once()
+        return any(p.grad is not None for m in self.modules for p in m.parameters(recurse=False))
 
 
 def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def root_modules(opts: list[torch.optim.Optimizer]) -> list[nn.Module]:
-    """The outermost live modules owning optimizer parameters (a DDP wrapper, a compiled
-    module), ordered by their first parameter's position in the optimizers."""
+def root_modules(opts: list[torch.optim.Optimizer], modules: Iterable[nn.Module]) -> tuple[list[nn.Module], bool]:
+    """The outermost of ``modules`` owning optimizer parameters (a DDP wrapper, a compiled module),
+    ordered by their first parameter's position in the optimizers; and whether they own every
+    optimizer parameter."""
     order: dict[int, int] = {}
     for p in (p for o in opts for p in _params(o)):
         order.setdefault(id(p), len(order))
     if not order:
-        return []
-    gc.collect()  # drop dead wrappers still in reference cycles
-    owners = [m for m in gc.get_objects() if issubclass(type(m), nn.Module)
-              and any(id(p) in order for p in m.parameters())]
+        return [], True
+    owners = [m for m in modules if any(id(p) in order for p in m.parameters())]
     inner = {id(sub) for m in owners for sub in m.modules() if sub is not m}
     roots = [m for m in owners if id(m) not in inner]
-    return sorted(roots, key=lambda m: min(order[id(p)] for p in m.parameters() if id(p) in order))
+    owned = {id(p) for m in roots for p in m.parameters()}
+    roots.sort(key=lambda m: min(order[id(p)] for p in m.parameters() if id(p) in order))
+    return roots, all(k in owned for k in order)
+
+
+def _share_parameters(roots: list[nn.Module]) -> bool:
+    seen: set[int] = set()
+    for m in roots:
+        mine = {id(p) for p in m.parameters()}
+        if mine & seen:
+            return True
+        seen |= mine
+    return False
+
+
+def class_names(opts: list[torch.optim.Optimizer]) -> list[str]:
+    """The optimizers' class names, saved with every snapshot to detect a changed script."""
+    return [type(o).__qualname__ for o in opts]
+
+
+def check_classes(saved: Any, opts: list[torch.optim.Optimizer]) -> None:
+    """Refuse to load optimizer state written by other optimizer classes (the state would load into
+    them without complaint). ``saved`` comes from the checkpoint: checked before use; None (a
+    checkpoint written before classes were saved) skips the check."""
+    if saved is None:
+        return
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise PyckptError("the checkpoint's optimizer class list is malformed")
+    live = class_names(opts)
+    if saved != live:
+        raise PyckptError(f"the checkpoint holds the state of optimizer(s) {', '.join(saved) or 'none'} but "
+                          f"this run uses {', '.join(live) or 'none'}: the script changed since it was written; "
+                          "set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over")
 
 
 def state_of(t: Tracked) -> dict[str, Any]:
@@ -149,9 +276,3 @@ def _load_named(what: str, live: dict[str, Any], saved: dict[str, Any]) -> None:
                           "set PYCKPT_RESUME=never to start over")
     for k, obj in live.items():
         obj.load_state_dict(saved[k])
-
-
-def grads_without_optimizer() -> bool:
-    """True when some live module has gradients although no optimizer ever stepped."""
-    return any(p.grad is not None for m in gc.get_objects() if issubclass(type(m), nn.Module)
-               for p in m.parameters(recurse=False))

@@ -88,3 +88,31 @@ class Registry:
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class WeakIdSet:
+    """A set of live objects by identity, held by weak reference (no ``__hash__``/``__eq__`` needed,
+    O(1) add; entries vanish when their object dies)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, obj: Any) -> None:
+        """Remember ``obj`` (idempotent)."""
+        key = id(obj)
+        r = self._refs.get(key)
+        if r is None or r() is not obj:
+            self._refs[key] = weakref.ref(obj, functools.partial(self._drop, key))
+
+    def _drop(self, key: int, ref: weakref.ref) -> None:
+        if self._refs.get(key) is ref:
+            del self._refs[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        for r in list(self._refs.values()):
+            obj = r()
+            if obj is not None:
+                yield obj
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -3,21 +3,24 @@
 Settings are read from the environment each time they are asked for, so tests
 and the ``pyckpt-run`` wrapper can change them; ``override`` sets some for the
 duration of a ``with`` block. A malformed value raises ``ConfigError`` naming
-the variable and the values it accepts.
+the variable and the values it accepts. Pure Python on purpose: the start-up
+line imports this module in every process that has PYCKPT_DIR. Also here:
+``unknown_names`` (misspelt PYCKPT_* variables, with the closest known name)
+and ``check_local_path`` (URLs are rejected until remote storage exists).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import ConfigError
 
 
-@dataclass(frozen=True)
-class Knob:
+class Knob(NamedTuple):  # not a dataclass: the start-up line imports this module in every process
     name: str
     default: str | None
     accepted: str  # human-readable list of accepted values, used in errors and docs
@@ -50,6 +53,19 @@ def _float_at_least(lo: float) -> Callable[[str, str], float]:
     return parse
 
 
+def _float_above(lo: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = None
+        if value is None or not (lo < value < math.inf):
+            raise ConfigError(f"{name}={raw!r} is not valid: expected a number > {lo:g}")
+        return value
+
+    return parse
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         if raw.lower() not in choices:
@@ -68,18 +84,40 @@ def _flag(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}={raw!r} is not valid: expected 1/0, true/false, yes/no or on/off")
 
 
-def _text(name: str, raw: str) -> str:
-    if not raw:
-        raise ConfigError(f"{name} is set but empty: give a path")
-    return raw
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_local_path(path: str | os.PathLike, what: str = "checkpoint directory") -> str:
+    """``path`` as a string; ``ConfigError`` for a URL (``s3://...``): only local storage exists so far.
+
+    Without this check ``s3://bucket/x`` would silently become a local folder named ``s3:``."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if _URL.match(text):
+        raise ConfigError(f"{what} {text!r} is a URL: remote storage is not supported yet; give a local "
+                          "(or mounted) directory path")
+    return text
+
+
+def _dir(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} is set but empty: give a directory path, or unset it to turn "
+                          "transparent checkpointing off")
+    return check_local_path(raw, name)
 
 
 def _resume(name: str, raw: str) -> str:
-    # auto | never | a checkpoint path
+    # auto | never | a checkpoint path, which must exist now: failing at start-up beats a traceback later
     if raw.lower() in ("auto", "never"):
         return raw.lower()
-    if not raw:
-        raise ConfigError(f"{name} is empty: expected auto, never or a checkpoint path")
+    if not raw.strip():
+        raise ConfigError(f"{name} is set but empty: expected auto, never or a checkpoint directory path")
+    check_local_path(raw, name)
+    if not os.path.isdir(raw):
+        why = "does not exist" if not os.path.lexists(raw) else "is not a directory"
+        raise ConfigError(f"{name}={raw!r} is not valid: that path {why}; expected auto, never or a "
+                          "checkpoint directory path")
     return raw
 
 
@@ -90,13 +128,13 @@ def _knob(name: str, default: str | None, accepted: str, help: str, parse) -> No
     KNOBS[name] = (Knob(name, default, accepted, help), parse)
 
 
-_knob("PYCKPT_DIR", None, "a directory path", "checkpoint directory; setting it turns transparent mode on", _text)
+_knob("PYCKPT_DIR", None, "a local directory path (no URL)", "checkpoint directory; setting it turns transparent mode on", _dir)
 _knob("PYCKPT_DISABLE", "0", "1/0", "1 turns every activation mode off", _flag)
 _knob("PYCKPT_EVERY_STEPS", None, "an integer >= 1", "snapshot every N optimizer steps", _int_at_least(1))
-_knob("PYCKPT_EVERY_SECONDS", None, "a number >= 0", "snapshot every S seconds (agreed across ranks)", _float_at_least(0.0))
+_knob("PYCKPT_EVERY_SECONDS", None, "a number > 0", "snapshot every S seconds (agreed across ranks)", _float_above(0.0))
 _knob("PYCKPT_KEEP", "3", "an integer >= 1", "committed checkpoints to keep", _int_at_least(1))
 _knob("PYCKPT_COMPRESS", "none", "none, zstd", "tensor encoding", _choice("none", "zstd"))
-_knob("PYCKPT_RESUME", "auto", "auto, never, or a checkpoint path", "what to resume from at start-up", _resume)
+_knob("PYCKPT_RESUME", "auto", "auto, never, or an existing checkpoint directory", "what to resume from at start-up", _resume)
 _knob("PYCKPT_LOG", "info", "info, debug, quiet", "how much pyckpt prints on stderr", _choice("info", "debug", "quiet"))
 _knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget in MiB", _int_at_least(1))
 _knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))
@@ -105,6 +143,7 @@ _knob("PYCKPT_COPY_THREADS", "2", "an integer >= 1", "threads for host-to-host c
 _knob("PYCKPT_STAGING_TIMEOUT_S", "60", "a number >= 0", "how long capture waits for staging memory before skipping", _float_at_least(0.0))
 # Test/diagnostic only: sleep this many ms after writing each chunk (simulates a slow disk).
 _knob("PYCKPT_TEST_WRITE_DELAY_MS", "0", "an integer >= 0", "testing: slow every chunk write down", _int_at_least(0))
+_knob("PYCKPT_TEST_CRASH_AT", None, "a name of pyckpt.commit.CRASH_POINTS[:n]", "testing: SIGKILL at that point", lambda n, raw: raw)
 
 
 def get(name: str):
@@ -122,6 +161,35 @@ def validate_all() -> None:
     """Parse every set PYCKPT_* variable now so a typo stops the job before training."""
     for name in KNOBS:
         get(name)
+
+
+# PYCKPT_* names that are not runtime settings but are legitimately set (no "unknown" warning).
+OTHER_NAMES = {
+    "PYCKPT_CUDA": "build time only (setup.py): 1 requires the CUDA copy path, 0 disables it",
+}
+
+
+def unknown_names(environ: dict[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Every PYCKPT_* variable in the environment pyckpt does not know, with the closest known name (or None)."""
+    import difflib  # only when a PYCKPT_* name is unknown: keeps the start-up line cheap
+
+    env = os.environ if environ is None else environ
+    known = set(KNOBS) | set(OTHER_NAMES)
+    out = []
+    for name in sorted(k for k in env if k.startswith("PYCKPT_") and k not in known):
+        # Compare without the shared prefix, which would make every name look close.
+        close = difflib.get_close_matches(name[7:], sorted(k[7:] for k in known), n=1, cutoff=0.6)
+        out.append((name, "PYCKPT_" + close[0] if close else None))
+    return out
+
+
+def unknown_names_message(environ: dict[str, str] | None = None) -> str | None:
+    """One line naming the unknown PYCKPT_* variables and the closest known names, or None when all are known."""
+    bad = unknown_names(environ)
+    if not bad:
+        return None
+    parts = [f"{n} (did you mean {c}?)" if c else n for n, c in bad]
+    return f"warning: unknown setting{'s' if len(bad) > 1 else ''} ignored: {', '.join(parts)}"
 
 
 @contextlib.contextmanager

@@ -1,14 +1,23 @@
 """Read a committed checkpoint back into tensors (or verify it).
 
-Every byte goes through ``engine.read`` with checksum verification. A
-storage whose only tensor has a contiguous CPU ``into=`` destination of the
-same dtype and shape is read straight into that tensor; every other storage
-is read into a fresh byte buffer, from which views are rebuilt (so views
-that shared a storage share one again) and then placed by ``map_location``
-or copied into their ``into=`` destination.
+Nothing read from a checkpoint is trusted before it is checked: files are
+opened inside the checkpoint directory only (``safe_fs``: no symbolic links,
+regular files only, sizes from ``fstat``), every manifest and part is
+validated (``manifest``) before a byte of tensor data is read, and every
+chunk's checksum is verified by the engine.
+
+With ``into=``, every target is checked first (names, shapes, dtypes,
+devices; all problems reported in one error before anything is written).
+Storages whose only tensor has a contiguous CPU target of the same dtype and
+shape are read into that target, through the engine's bounce buffer, so a
+chunk's bytes land in the caller's tensor only after its checksum passed.
+Every other storage is read into a fresh byte buffer, from which views are
+rebuilt (so views that shared a storage share one again) and then placed by
+``map_location`` or copied into their target once every read succeeded.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,9 +26,26 @@ from typing import Any
 import torch
 
 from . import layout, manifest, tree
+from ._native import CODEC_IDS
 from .dtypes import dtype_of
 from .errors import CorruptCheckpointError, PyckptError
-from ._native import CODEC_IDS
+from .safe_fs import CheckpointDir
+
+log = logging.getLogger("pyckpt")
+
+
+class IntoMismatchError(PyckptError, ValueError):
+    """``load(into=...)``: the targets do not fit the checkpoint. Nothing was written.
+
+    ``problems`` lists every problem (one line each); ``unexpected`` the key
+    paths of saved tensors without a target, ``missing`` those of targets the
+    checkpoint has no tensor for (both only count as problems when strict)."""
+
+    def __init__(self, message: str, problems: list[str], unexpected: list[str], missing: list[str]):
+        super().__init__(message)
+        self.problems = problems
+        self.unexpected = unexpected
+        self.missing = missing
 
 
 @dataclass
@@ -36,27 +62,42 @@ class Opened:
 
 
 def open_checkpoint(path: str) -> Opened:
-    """Read and validate the manifest and all parts of checkpoint directory ``path``."""
-    m = manifest.read_manifest(path)
-    parts = [manifest.read_part(path, info) for info in m["parts"]]
-    for part in parts:
-        _check_files(path, part["files"])
+    """Read and validate the manifest and all parts of checkpoint directory ``path``.
+
+    Every check short of reading tensor data runs here (manifest, parts,
+    data file sizes, trees), so ``Checkpointer.latest()`` skips what ``load``
+    would refuse. ``path``'s own last component must not be a symbolic link
+    (see ``safe_fs``); the path above it is used as given."""
+    with CheckpointDir(path) as d:
+        m = manifest.read_manifest(path, d)
+        parts = [manifest.read_part(path, info, d) for info in m["parts"]]
+        _check_files(d, parts)
     if parts[0].get("replicated") is None:
-        raise CorruptCheckpointError(f"{os.path.join(path, layout.part_name(0))} lacks the replicated state "
-                                     "section", path=os.path.join(path, layout.part_name(0)))
-    return Opened(path, m, parts)
+        where = os.path.join(path, layout.part_name(0))
+        raise CorruptCheckpointError(f"{where} lacks the replicated state section", path=where)
+    op = Opened(path, m, parts)
+    check_sections(op)
+    return op
 
 
-def _check_files(ckpt: str, files: list[dict]) -> None:
-    """Every data file exists with at least its recorded size (truncation is caught here)."""
-    for f in files:
-        p = os.path.normpath(os.path.join(ckpt, f["path"]))
-        try:
-            size = os.path.getsize(p)
-        except OSError:
-            raise CorruptCheckpointError(f"data file {p} is missing", path=p) from None
-        if size < f["nbytes"]:
-            raise CorruptCheckpointError(f"data file {p} is truncated: {size} of {f['nbytes']} bytes", path=p)
+def _check_files(d: CheckpointDir, parts: list[dict]) -> None:
+    """Every data file is a regular file inside the checkpoint with at least its recorded size
+    (truncation is caught here), and no two parts' chunks share bytes of one file."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for pi, part in enumerate(parts):
+        for f in part["files"]:
+            size = d.size(f["path"], "data file")
+            if size < f["nbytes"]:
+                p = os.path.normpath(os.path.join(d.path, f["path"]))
+                raise CorruptCheckpointError(f"data file {p} is truncated: {size} of {f['nbytes']} bytes", path=p)
+        for ch in part["chunks"]:
+            spans.setdefault(ch["file"], []).append((ch["offset"], ch["offset"] + ch["stored_len"], pi))
+    for rel, s in spans.items():
+        s.sort()
+        for (_, a1, pa), (b0, _, pb) in zip(s, s[1:]):
+            if b0 < a1 and pa != pb:
+                p = os.path.normpath(os.path.join(d.path, rel))
+                raise CorruptCheckpointError(f"chunks of rank parts {pa} and {pb} overlap in {p}", path=p)
 
 
 def _storages(op: Opened, scope: str, rank: int) -> dict[int, tuple[int, dict]]:
@@ -100,6 +141,42 @@ def _is_contiguous(e: dict) -> bool:
     return True
 
 
+def _into_leaves(into: Any, path: str = "", depth: int = 0, out: list | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in ``into`` with its key path (the paths ``tree`` gives saved tensors)."""
+    out = [] if out is None else out
+    if isinstance(into, torch.Tensor):
+        out.append((path, into))
+    elif depth <= tree.MAX_DEPTH:
+        if isinstance(into, dict):
+            items = into.items()
+        elif isinstance(into, (list, tuple)):
+            items = enumerate(into)
+        else:
+            return out
+        for k, v in items:
+            _into_leaves(v, f"{path}/{k}" if path else str(k), depth + 1, out)
+    return out
+
+
+def _target_problems(key: str, e: dict, dst: torch.Tensor) -> list[str]:
+    """Why saved tensor entry ``e`` cannot be loaded into ``dst`` (empty when it can)."""
+    out = []
+    dt = dtype_of(e["dtype"])
+    if dst.device.type == "meta":
+        out.append(f"{key!r}: the target is on the meta device and has no memory to load into "
+                   "(materialize it first, e.g. module.to_empty(device='cpu'))")
+    if list(dst.shape) != e["shape"]:
+        out.append(f"{key!r}: checkpoint shape {tuple(e['shape'])}, target shape {tuple(dst.shape)}")
+    if dst.dtype != dt:
+        out.append(f"{key!r}: checkpoint dtype {dt}, target dtype {dst.dtype} (pyckpt does not cast: "
+                   "convert after loading)")
+    if dst.numel() > 1 and torch._debug_has_internal_overlap(dst) == 1:
+        out.append(f"{key!r}: the target has elements sharing memory (an expanded view) and cannot be written")
+    if dst.is_inference() and not torch.is_inference_mode_enabled():
+        out.append(f"{key!r}: the target is an inference tensor, writable only inside torch.inference_mode()")
+    return out
+
+
 class _SectionReader:
     """Reads one scope ("replicated" or "rank") of an opened checkpoint."""
 
@@ -114,23 +191,69 @@ class _SectionReader:
     def walk(self, visit, into: Any = None) -> None:
         """Visit every tensor leaf (checking its id) without building tensors."""
         n = len(self.sec["tensors"])
+        seen: set[int] = set()
 
         def checked(i, d, p):
             if not 0 <= i < n:
                 raise CorruptCheckpointError(f"invalid {self.where}: tree leaf {p!r} names tensor {i} of {n}",
                                              path=self.where)
+            if i in seen:  # writers give every leaf its own entry (views share storages, not entries)
+                raise CorruptCheckpointError(f"invalid {self.where}: tree leaf {p!r} names tensor {i} again",
+                                             path=self.where)
+            seen.add(i)
             visit(i, d, p)
 
         tree.unflatten(self.sec["tree"], checked, into, self.where)
 
-    def read(self, engine: Any, into: Any, map_location: Any) -> Any:
+    def match(self, into: Any, strict: bool | None) -> dict[int, torch.Tensor]:
+        """Targets by tensor id; raises IntoMismatchError listing every problem before anything is read."""
         entries = self.sec["tensors"]
-        dests: dict[int, torch.Tensor | None] = {}
-        self.walk(lambda i, d, p: dests.__setitem__(i, d), into)
+        dests: dict[int, torch.Tensor] = {}
+        matched: set[tuple[str, int]] = set()
+        problems: list[str] = []
+        unexpected: list[str] = []
+
+        def visit(i, d, p):
+            if d is None:
+                unexpected.append(p)
+                return
+            matched.add((p, id(d)))
+            problems.extend(_target_problems(p, entries[i], d))
+            dests[i] = d
+
+        self.walk(visit, into)
+        missing = [p for p, t in _into_leaves(into) if (p, id(t)) not in matched]
+        if strict:
+            problems += [f"{p!r}: saved tensor has no target tensor in into=" for p in unexpected]
+            problems += [f"{p!r}: target in into= has no saved tensor in the checkpoint" for p in missing]
+        if problems:
+            hint = ""
+            if strict and (unexpected or missing):
+                hint = " (strict=False loads saved tensors without a target as new tensors and leaves targets " \
+                       "without a saved tensor unchanged)"
+            raise IntoMismatchError(
+                f"cannot load {self.op.path} into the given targets, nothing was written; "
+                f"{len(problems)} problem(s){hint}:\n  " + "\n  ".join(problems), problems, unexpected, missing)
+        if strict is False and (unexpected or missing):
+            log.warning("pyckpt: load into=: %s", _mismatch_line(unexpected, missing))
+        return dests
+
+    def read(self, engine: Any, into: Any, map_location: Any, strict: bool | None) -> Any:
+        if map_location is not None:
+            try:
+                torch.device(map_location)
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise PyckptError(f"map_location {map_location!r} is not a device: {e}") from None
+        entries = self.sec["tensors"]
+        if into is not None:
+            dests = self.match(into, strict)
+        else:
+            self.walk(lambda i, d, p: None)  # the whole tree is checked before anything is read
+            dests = {}
         bufs, direct = self._read_storages(engine, entries, dests)
         moved: dict[tuple[int, torch.device], torch.Tensor] = {}
         return tree.unflatten(self.sec["tree"], lambda i, d, p: self._tensor(
-            i, entries[i], d, p, bufs, direct, moved, map_location), into, self.where)
+            i, entries[i], dests.get(i), p, bufs, direct, moved, map_location), into, self.where)
 
     def _read_storages(self, engine: Any, entries: list[dict], dests: dict) -> tuple[dict, set]:
         users: dict[int, int] = {}
@@ -148,7 +271,10 @@ class _SectionReader:
                 direct.add(sid)
             else:
                 bufs[sid] = torch.empty(nbytes, dtype=torch.uint8)
-        read_into(engine, self.op, {sid: (self.storages[sid], b.data_ptr()) for sid, b in bufs.items()})
+        # Fresh buffers first: if any of their chunks is damaged, no caller tensor was touched.
+        read_into(engine, self.op, {sid: (self.storages[sid], b.data_ptr()) for sid, b in bufs.items()
+                                    if sid not in direct}, fresh=True)
+        read_into(engine, self.op, {sid: (self.storages[sid], bufs[sid].data_ptr()) for sid in direct}, fresh=False)
         return bufs, direct
 
     def _tensor(self, i, e, dst, key, bufs, direct, moved, map_location) -> torch.Tensor:
@@ -160,13 +286,27 @@ class _SectionReader:
         if dst is None:
             dev = _map_device(e["device"], map_location, key)
             if dev.type != "cpu":
-                buf = moved.setdefault((sid, dev), buf.to(dev))  # one copy per storage keeps views shared
+                try:
+                    buf = moved.setdefault((sid, dev), buf.to(dev))  # one copy per storage keeps views shared
+                except (RuntimeError, ValueError) as exc:
+                    raise PyckptError(f"cannot place tensor {key!r} on {dev}: {exc}; pass map_location "
+                                      "(e.g. 'cpu') to load it elsewhere") from None
         t = _view(buf, dt, e)
         if dst is not None:
-            return _copy_into(dst, t, key)
+            return _copy_into(dst, t)
         if e.get("requires_grad") and (dt.is_floating_point or dt.is_complex):
             t.requires_grad_(True)
         return t
+
+
+def _mismatch_line(unexpected: list[str], missing: list[str]) -> str:
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} saved tensor(s) without a target, loaded as new tensors: "
+                     + ", ".join(unexpected))
+    if missing:
+        parts.append(f"{len(missing)} target(s) without a saved tensor, left unchanged: " + ", ".join(missing))
+    return "; ".join(parts)
 
 
 def _view(buf: torch.Tensor, dt: torch.dtype, e: dict) -> torch.Tensor:
@@ -184,12 +324,10 @@ def _view(buf: torch.Tensor, dt: torch.dtype, e: dict) -> torch.Tensor:
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _copy_into(dst: torch.Tensor, src: torch.Tensor, key: str) -> torch.Tensor:
-    if dst.shape != src.shape:
-        raise PyckptError(f"cannot load {key!r} into the given tensor: checkpoint shape {tuple(src.shape)}, "
-                          f"destination shape {tuple(dst.shape)}")
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Copy ``src`` into ``dst`` (same shape and dtype: checked by ``match``)."""
     with torch.no_grad():
-        if dst.dtype == src.dtype and src.element_size() in _SAME_SIZE_INT:
+        if src.element_size() in _SAME_SIZE_INT:
             it = _SAME_SIZE_INT[src.element_size()]
             dst.view(it).copy_(src.view(it))  # bitwise, and works for dtypes without copy kernels
         else:
@@ -197,30 +335,53 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor, key: str) -> torch.Tensor:
     return dst
 
 
-def read_into(engine: Any, op: Opened, targets: dict[int, tuple[tuple[int, dict], int]]) -> None:
-    """Read storages (``sid -> ((part, storage json), dst_addr)``) with verification."""
-    files, chunks, names = _FileTable(op), {}, {}
-    for (pi, s), addr in targets.values():
-        for p in s["pieces"]:
-            key = (pi, p["chunk"])
-            if key not in chunks:
-                chunks[key] = _chunk_spec(files, op.parts[pi]["chunks"][p["chunk"]], [])
-            chunks[key][6].append((p["chunk_offset"], addr + p["storage_offset"], p["nbytes"], -1))
-    keys = list(chunks)
-    _raise_errors(engine.read(files.paths, [chunks[k] for k in keys], True), keys, op, files)
+def read_into(engine: Any, op: Opened, targets: dict[int, tuple[tuple[int, dict], int]], fresh: bool) -> None:
+    """Read storages (``sid -> ((part, storage json), dst_addr)``) with verification.
+
+    ``fresh``: the destinations are buffers the caller drops if this raises,
+    so the engine may read into them directly; otherwise (a caller's
+    tensors) each chunk goes through the engine's bounce buffer and reaches
+    its destination only after its checksum passed."""
+    if not targets:
+        return
+    chunks: dict[tuple[int, int], tuple] = {}
+    with _FileTable(op) as files:
+        for (pi, s), addr in targets.values():
+            for p in s["pieces"]:
+                key = (pi, p["chunk"])
+                if key not in chunks:
+                    chunks[key] = _chunk_spec(files, op.parts[pi]["chunks"][p["chunk"]], [])
+                chunks[key][6].append((p["chunk_offset"], addr + p["storage_offset"], p["nbytes"], -1))
+        keys = list(chunks)
+        errors = engine.read(files.paths, [chunks[k] for k in keys], True, fds=files.fds, direct=fresh)
+        _raise_errors(errors, keys, op, files)
 
 
 class _FileTable:
+    """Data files of one read, opened inside the checkpoint (``safe_fs``); descriptors go to the engine."""
+
     def __init__(self, op: Opened) -> None:
-        self.root = op.path
+        self.dir = CheckpointDir(op.path)
         self.paths: list[str] = []
+        self.fds: list[int] = []
         self.index: dict[str, int] = {}
 
     def idx(self, rel: str) -> int:
         if rel not in self.index:
+            fd, _ = self.dir.open(rel, "data file")
             self.index[rel] = len(self.paths)
-            self.paths.append(os.path.normpath(os.path.join(self.root, rel)))
+            self.paths.append(os.path.normpath(os.path.join(self.dir.path, rel)))
+            self.fds.append(fd)
         return self.index[rel]
+
+    def __enter__(self) -> "_FileTable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.dir.close()
 
 
 def _chunk_spec(files: _FileTable, ch: dict, pieces: list) -> tuple:
@@ -233,25 +394,40 @@ def _raise_errors(errors: list, keys: list, op: Opened, files: _FileTable) -> No
         return
     ci, msg = errors[0]
     pi, chunk = keys[ci]
-    path = files.paths[files.idx(op.parts[pi]["chunks"][chunk]["file"])]
+    path = files.paths[files.index[op.parts[pi]["chunks"][chunk]["file"]]]
     more = f" (and {len(errors) - 1} more bad chunks)" if len(errors) > 1 else ""
     raise CorruptCheckpointError(f"{path}: chunk {chunk} of rank {pi} is damaged: {msg}{more}", path=path, chunk=chunk)
 
 
-def load_section(engine: Any, op: Opened, scope: str, rank: int, into: Any = None, map_location: Any = None) -> Any:
-    """Rebuild the replicated state (scope "replicated") or ``rank``'s rank_state (scope "rank")."""
+def load_section(engine: Any, op: Opened, scope: str, rank: int, into: Any = None, map_location: Any = None,
+                 strict: bool | None = None) -> Any:
+    """Rebuild the replicated state (scope "replicated") or ``rank``'s rank_state (scope "rank").
+
+    ``into`` targets are always checked for shape, dtype and device before
+    anything is read. ``strict=True``: saved tensors without a target and
+    targets without a saved tensor are errors too; ``False``: they are
+    reported in one ``pyckpt:`` log line (the former come back as new
+    tensors); ``None`` (internal callers that pass partial targets on
+    purpose, e.g. a resume into the live modules): allowed silently."""
     if scope == "rank" and (rank >= len(op.parts) or op.parts[rank].get("rank_state") is None):
         return None
-    return _SectionReader(op, scope, rank).read(engine, into, map_location)
+    return _SectionReader(op, scope, rank).read(engine, into, map_location, strict)
 
 
-def verify(engine: Any, path: str) -> Opened:
-    """Validate ``path`` fully: manifest, parts, trees, and every chunk's checksum."""
-    op = open_checkpoint(path)
+def check_sections(op: Opened) -> None:
+    """Everything ``load_section`` checks before reading, for every section of ``op``."""
     _SectionReader(op, "replicated", 0).walk(lambda i, d, p: None)
     for r, part in enumerate(op.parts):
         if part.get("rank_state") is not None:
             _SectionReader(op, "rank", r).walk(lambda i, d, p: None)
+
+
+def verify(engine: Any, path: str) -> Opened:
+    """Validate ``path`` fully: manifest, parts, trees, and every chunk's checksum.
+
+    Runs every check ``load`` runs (``open_checkpoint`` includes the trees),
+    then decodes every chunk and checks its ``raw_crc32c`` too."""
+    op = open_checkpoint(path)
     keys = [(pi, ci) for pi, part in enumerate(op.parts) for ci in range(len(part["chunks"]))]
     batch: list[tuple[int, int]] = []
     for key in keys:
@@ -271,15 +447,18 @@ def _verify_batch(engine: Any, op: Opened, keys: list[tuple[int, int]]) -> None:
     codec frame, and the CRC of the decoded bytes (``raw_crc32c``)."""
     from ._native import native
 
-    files = _FileTable(op)
+    if not keys:
+        return
     chunks = [op.parts[pi]["chunks"][ci] for pi, ci in keys]
     scratch = torch.empty(sum(c["raw_len"] for c in chunks), dtype=torch.uint8)
     addrs, base = [], scratch.data_ptr()
     for c in chunks:
         addrs.append(base)
         base += c["raw_len"]
-    specs = [_chunk_spec(files, c, [(0, a, c["raw_len"], -1)] if c["raw_len"] else []) for c, a in zip(chunks, addrs)]
-    _raise_errors(engine.read(files.paths, specs, True), keys, op, files)
-    for i, (c, a) in enumerate(zip(chunks, addrs)):
-        if native().crc32c_addr(a, c["raw_len"]) != c["raw_crc32c"]:
-            _raise_errors([(i, "decoded bytes do not match raw_crc32c")], keys, op, files)
+    with _FileTable(op) as files:
+        specs = [_chunk_spec(files, c, [(0, a, c["raw_len"], -1)] if c["raw_len"] else [])
+                 for c, a in zip(chunks, addrs)]
+        _raise_errors(engine.read(files.paths, specs, True, fds=files.fds, direct=True), keys, op, files)
+        for i, (c, a) in enumerate(zip(chunks, addrs)):
+            if native().crc32c_addr(a, c["raw_len"]) != c["raw_crc32c"]:
+                _raise_errors([(i, "decoded bytes do not match raw_crc32c")], keys, op, files)

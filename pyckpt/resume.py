@@ -6,6 +6,12 @@ only its small per-rank part: the training loader's position, which decides
 the fast-forward. The tensors are read later, at the snapshot point itself,
 straight into the live parameters (``into=``), so nothing the script does
 while epochs are skipped survives and no second copy of the model is held.
+
+Because the fast-forward is decided before the tensors are read, the chosen
+checkpoint's data is verified first (every chunk checksum, ranks sharing the
+work): a damaged newest checkpoint is skipped with one line and the next
+older sound one is used. A checkpoint written by a different number of ranks
+is refused (no resharding yet) with one line naming both sizes, on every rank.
 """
 from __future__ import annotations
 
@@ -13,44 +19,72 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import layout, reader
-from .checkpointer import Checkpointer, Restored, info_for
+from . import layout, manifest, reader
+from .checkpointer import Checkpointer, Restored, _try, info_for, verify_share
 from .coord import Coordinator
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, PyckptError
 
 
 @dataclass
 class Source:
     """The checkpoint to resume from and this rank's per-rank state in it."""
 
-    checkpointer: Checkpointer
     path: str
     step: int
+    rank: int
     rank_state: Any
 
     def restore(self, into: Any) -> Restored:
         """Read the whole checkpoint; module tensors land in ``into`` in place."""
-        return self.checkpointer.restore(self.step, into=into, map_location="cpu")
+        from ._native import get_engine
+
+        op = reader.open_checkpoint(self.path)
+        engine = get_engine()
+        state = reader.load_section(engine, op, "replicated", 0, into, "cpu")
+        rs = reader.load_section(engine, op, "rank", self.rank, None, "cpu")
+        return Restored(state, rs, op.step, self.path)
 
 
 def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | None:
-    """The checkpoint named by PYCKPT_RESUME (``auto``: newest complete for all ranks; ``never``: none)."""
+    """The checkpoint named by PYCKPT_RESUME (``auto``: the newest sound commit all ranks see; ``never``: none)."""
+    from .transparent import say
+
     if setting == "never":
         return None
     if setting == "auto":
-        info = ckpt.latest()
-        if info is None:
+        chosen = None
+        for path in ckpt._candidates():
+            check_world_size(path, coord.world_size)
+            err = _try(lambda: verify_share(path, coord.rank, coord.world_size))
+            errors = ckpt._gather_errors(err)
+            if not errors:
+                chosen = path
+                break
+            if err is not None and not isinstance(err, CorruptCheckpointError):
+                raise err
+            if coord.rank == 0:
+                rank, msg, _ = errors[0]
+                where = f" (rank {rank})" if coord.world_size > 1 else ""
+                say(f"skipping damaged checkpoint {path}{where}: {msg}", "warning")
+        if chosen is None:
             return None
-        source_ckpt, path, step = ckpt, info.path, info.step
+        path = chosen
     else:
         path = os.path.abspath(setting)
         if not layout.is_checkpoint_dir(path):
             raise CheckpointNotFoundError(f"PYCKPT_RESUME={setting!r} is not a complete pyckpt checkpoint "
                                           "directory (one holding MANIFEST.json)")
-        parent = os.path.dirname(path)
-        source_ckpt = ckpt if parent == ckpt.directory else Checkpointer(parent, keep=ckpt.keep, coordinator=coord)
-        step = info_for(path).step
-    return Source(source_ckpt, path, step, read_rank_state(path, coord.rank))
+        check_world_size(path, coord.world_size)
+    return Source(path, info_for(path).step, coord.rank, read_rank_state(path, coord.rank))
+
+
+def check_world_size(path: str, world_size: int) -> None:
+    """Refuse a checkpoint written by another number of ranks (the data split would differ)."""
+    saved = manifest.read_manifest(path)["world_size"]
+    if saved != world_size:
+        raise PyckptError(f"checkpoint {path} was written by {saved} rank(s), this job has {world_size}; resuming "
+                          "with a different number of ranks is not supported yet: set PYCKPT_RESUME=never (or use "
+                          "a new PYCKPT_DIR) to start over, or use the same number of ranks")
 
 
 def read_rank_state(path: str, rank: int) -> Any:

@@ -150,9 +150,9 @@ def apply_env(env: dict[str, str]) -> str:
     from .activation import DEFAULT_DIR, _check_writable
 
     os.environ.update(env)
-    directory = os.path.abspath(os.environ.get("PYCKPT_DIR") or DEFAULT_DIR)
+    knobs.validate_all()  # first: an exported empty or remote PYCKPT_DIR is an error, not the default
+    directory = os.path.abspath(knobs.get("PYCKPT_DIR") or DEFAULT_DIR)
     os.environ["PYCKPT_DIR"] = directory  # workers must see a directory to turn on
-    knobs.validate_all()
     _check_writable(directory)
     return directory
 

@@ -12,6 +12,7 @@ On resume the state is restored at exactly that point.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -53,7 +54,9 @@ class Session:
         self.started = time.monotonic()
         self.hooks = HookSet()
         self.optimizers, self.schedulers, self.scalers = Registry(), Registry(), Registry()
+        self.discovery = discovery.Discovery(self.optimizers, self.schedulers, self.scalers)
         self.tracker = LoaderTracker(self._at_point, self._first_iter, self._check_manual_updates)
+        self.tracker.session = self  # integrations compose their framework's own resume with this session
         self.policy = Policy(knobs.get("PYCKPT_EVERY_STEPS"), knobs.get("PYCKPT_EVERY_SECONDS"))
         self.step = 0
         self.primary: Any = None
@@ -68,6 +71,8 @@ class Session:
         self.last_snapshot_step = -1
         self.sigterm: Any = None  # the previous SIGTERM handler once SIGTERM arrived
         self._prev_sigterm: Any = None
+        self._worker_pids: dict[int, tuple] = {}  # DataLoader iterator id -> its live workers' pids
+        self._remove_worker_pids: Any = None
 
     # -- installation ------------------------------------------------------------------
     def install(self) -> None:
@@ -84,11 +89,14 @@ class Session:
             if "__init__" in cls.__dict__:
                 self.hooks.wrap_init(cls, self.schedulers.add)
         self.hooks.wrap_init(torch.amp.GradScaler, self.scalers.add)
+        self.discovery.install(self.hooks)
         self._patch_destroy_process_group()
 
     def uninstall(self) -> None:
         """Remove every hook, wait for an in-flight checkpoint, restore the SIGTERM handler."""
         self.flush()
+        if self.ckpt is not None:
+            self.ckpt.close()  # releases the directory lock, so enable() can take it again
         self.hooks.remove_all()
         if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
             if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
@@ -136,7 +144,18 @@ class Session:
         """Before ``stream`` fetches a batch while armed: restore or snapshot here."""
         tr = self.tracker
         if self.source is not None and stream is tr.plan_stream:
-            self._restore()
+            path = self.source.path
+            try:
+                self._restore()
+            except PyckptError as e:
+                # The script does not match the checkpoint: one line and exit status 2, as for a
+                # refusal at the first iter(); the exit handler ends live loader workers.
+                say(f"cannot resume from {path}: {e}", "warning")
+                raise SystemExit(2) from None
+        elif self.source is None and tr.plan is not None and stream is tr.plan_stream:
+            # A position-only plan (the script's framework restored the state itself): reached.
+            self.train_stream, tr.last, tr.plan = stream, stream, None
+            self.fetches_at_step = tr.fetches
         if self.snapshot_due and stream is self.train_stream:
             self.snapshot_due = False
             self._snapshot()
@@ -149,6 +168,8 @@ class Session:
         # Installed only now that training begins: a process that never iterates a DataLoader (the
         # torchrun agent, which also sees PYCKPT_DIR) keeps its own SIGTERM behaviour.
         self._install_sigterm()
+        # The one heap scan (objects made before the hooks), now rather than in a snapshot's stall.
+        self.discovery.scan_once()
         self.coord = _coordinator()
         self.ckpt = Checkpointer(self.directory, keep=knobs.get("PYCKPT_KEEP"),
                                  compress=knobs.get("PYCKPT_COMPRESS"), coordinator=self.coord)
@@ -172,13 +193,21 @@ class Session:
             # scheduler.step() that per-epoch code makes while epochs are skipped.
             opt._opt_called = True
 
+    def cancel_pending_resume(self, step: int) -> None:
+        """The script's framework resumes from a newer state of its own: drop this session's pending
+        restore; steps count on from ``step`` (the optimizer steps of the state the framework loads)."""
+        self.source, self.tracker.plan, self.tracker.plan_stream = None, None, None
+        self.step = step
+
     def _stepped_before_restore(self) -> None:
         plan = self.tracker.plan
-        raise PyckptError(
-            f"resuming from {self.source.path}: the optimizer stepped before the training loader reached the "
+        where = f"resuming from {self.source.path}" if self.source is not None else "resuming"
+        # One line and exit status 2, not a traceback from inside optimizer.step().
+        say(f"cannot resume: {where}: the optimizer stepped before the training loader reached the "
             f"checkpoint's position (loader {plan.sig}, epoch {plan.epoch}, batch {plan.batch}), so this run "
             "does not replay the run that wrote it; refusing to guess. Set PYCKPT_RESUME=never (or use a new "
-            "PYCKPT_DIR) to start over")
+            "PYCKPT_DIR) to start over", "warning")
+        raise SystemExit(2)
 
     # -- undetectable patterns -----------------------------------------------------------
     def _no_fetch_between_steps(self) -> None:
@@ -186,7 +215,7 @@ class Session:
                       "DataLoader), so pyckpt cannot find the position to resume at")
 
     def _check_manual_updates(self) -> None:
-        if self.step == 0 and discovery.grads_without_optimizer():
+        if self.step == 0 and self.discovery.grads_without_optimizer():
             self._give_up("a DataLoader feeds training but no torch.optim optimizer ever steps (weights "
                           "updated by hand?), so pyckpt cannot see the training state")
 
@@ -217,11 +246,12 @@ class Session:
             self._exit_after_sigterm()
 
     def _collect(self) -> tuple[dict, dict]:
-        t = discovery.discover(self.optimizers, self.schedulers, self.scalers)
+        t = self.discovery.discover()
         objects = discovery.state_of(t)
         replicated = t.replicated(self.coord.world_size)
         rank_state = {
-            "pyckpt": {"step": self.step, "world_size": self.coord.world_size, "replicated": replicated},
+            "pyckpt": {"step": self.step, "world_size": self.coord.world_size, "replicated": replicated,
+                       "optimizer_classes": discovery.class_names(t.optimizers)},
             "loader": self.train_stream.position() if self.train_stream is not None else None,
             "registered": {name: get() for name, (get, _) in REGISTERED.items()},
             "rng": rng.capture(),
@@ -235,7 +265,10 @@ class Session:
     # -- restore -------------------------------------------------------------------------
     def _restore(self) -> None:
         src, stream = self.source, self.tracker.plan_stream
-        t = discovery.discover(self.optimizers, self.schedulers, self.scalers)
+        t = self.discovery.discover()
+        # Before any tensor is read: another optimizer class would load without complaint (then fail
+        # at its first step with a bare KeyError, or train on with the other class's settings).
+        discovery.check_classes((src.rank_state or {}).get("pyckpt", {}).get("optimizer_classes"), t.optimizers)
         replicated = t.replicated(self.coord.world_size)
         into = discovery.into_of(t)
         restored = src.restore(into if replicated else None)
@@ -284,7 +317,7 @@ class Session:
         Preemption signals the whole process group. torch's workers install a C-level SIGTERM
         handler that dies unless the parent sent it; a worker dying makes the main process fail
         at its next fetch, before the snapshot. Ignoring it is safe: workers exit on their own
-        when the main process finishes or dies (torch's parent watchdog)."""
+        when the main process dies (torch's parent watchdog), and are killed when it exits."""
         from torch.utils.data._utils import signal_handling
 
         original = signal_handling._set_worker_signal_handlers
@@ -294,6 +327,52 @@ class Session:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
         self.hooks.patch(signal_handling, "_set_worker_signal_handlers", _set_worker_signal_handlers)
+        # At exit multiprocessing SIGTERMs its daemonic children and joins them: workers ignoring it
+        # would hang every exit with live workers (an exception in the loop, persistent workers).
+        # So the live workers' pids are tracked (torch registers them for its SIGCHLD check) and
+        # killed by an exit handler that runs before multiprocessing's (atexit: last registered
+        # runs first).
+        orig_set, orig_remove = signal_handling._set_worker_pids, signal_handling._remove_worker_pids
+        live = self._worker_pids
+
+        def _set_worker_pids(key: int, pids: tuple) -> None:
+            orig_set(key, pids)
+            live[key] = tuple(pids)
+
+        def _remove_worker_pids(key: int) -> None:
+            live.pop(key, None)
+            orig_remove(key)
+
+        self.hooks.patch(signal_handling, "_set_worker_pids", _set_worker_pids)
+        self.hooks.patch(signal_handling, "_remove_worker_pids", _remove_worker_pids)
+        self._remove_worker_pids = orig_remove
+        import multiprocessing.util  # noqa: F401 - registers its exit handler now if not done yet
+
+        # Kept after disable(): workers started before it still ignore SIGTERM.
+        atexit.register(self._stop_workers_at_exit)
+
+    def _stop_workers_at_exit(self) -> None:
+        """End this process's DataLoader workers at interpreter exit, as multiprocessing's exit handler
+        would have by SIGTERM (torch's worker handler then exits at once, without cleanup)."""
+        if os.getpid() != self.pid or not self._worker_pids:
+            return
+        import multiprocessing
+
+        # active_children() reaps exited children first, so every pid it lists is still our child
+        # (never a reused pid of an unrelated process).
+        children = {p.pid: p for p in multiprocessing.active_children()}
+        doomed = []
+        for key, pids in list(self._worker_pids.items()):
+            try:
+                self._remove_worker_pids(key)  # torch's SIGCHLD handler must not report them as crashed
+            except (ValueError, RuntimeError):
+                pass  # already removed (an iterator shut down after disable())
+            doomed += [children[pid] for pid in pids if pid in children]
+        self._worker_pids.clear()
+        for p in doomed:
+            p.kill()
+        for p in doomed:
+            p.join(10)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         prev = self._prev_sigterm if self._prev_sigterm is not None else signal.SIG_DFL

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from .dtypes import DTYPE_TO_CODE, dtype_of
-from .errors import CorruptCheckpointError, UnsupportedStateError
+from .errors import CorruptCheckpointError, PyckptError, UnsupportedStateError
 
 TAG = "__pyckpt__"
 _MAX_DEPTH = 200
+MAX_DEPTH = _MAX_DEPTH
 
 
 def _path(parent: str, key: object) -> str:
@@ -123,7 +124,9 @@ class _Decoder:
         tag = v[TAG]
         try:
             if tag == "tensor":
-                return self.make_tensor(int(v["id"]), into if isinstance(into, torch.Tensor) else None, path)
+                if type(v["id"]) is not int:
+                    raise TypeError("tensor id must be an integer")
+                return self.make_tensor(v["id"], into if isinstance(into, torch.Tensor) else None, path)
             if tag == "float":
                 return float(_FLOATS[v["value"]])
             if tag == "tuple":
@@ -138,16 +141,29 @@ class _Decoder:
                 return torch.device(str(v["value"]))
             if tag == "bytes":
                 return base64.b64decode(v["base64"], validate=True)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise self.bad(path, f"bad {tag!r} object ({e})") from None
-        raise self.bad(path, f"unknown tag {tag!r} (written by a newer pyckpt?)")
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+            if isinstance(e, PyckptError):
+                raise  # from make_tensor: already says what is wrong
+            raise self.bad(path, f"bad {_short(tag)} object ({type(e).__name__})") from None
+        raise self.bad(path, f"unknown tag {_short(tag)} (written by a newer pyckpt?)")
 
     def mapping(self, items: list, into: Any, path: str) -> dict:
+        if not isinstance(items, list):
+            raise TypeError("dict items must be a list")
         out = {}
-        for k_enc, x in items:
-            k = self.value(k_enc, None, path)
-            out[k] = self.value(x, _child(into, k), _path(path, k))
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 2):
+                raise ValueError("dict items must be [key, value] pairs")
+            k = self.value(item[0], None, path)
+            if k in out:
+                raise self.bad(path, f"dict key {_short(k)} appears twice")
+            out[k] = self.value(item[1], _child(into, k), _path(path, k))
         return out
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}

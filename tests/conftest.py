@@ -72,3 +72,18 @@ def _byte_equal(a, b) -> bool:
     if sz in ints:
         return torch.equal(a.contiguous().view(ints[sz]), b.contiguous().view(ints[sz]))
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.fixture
+def flip_data_byte():
+    """``flip_data_byte(ckpt_dir, offset=10)``: invert one byte of rank 0's data file (bit rot)."""
+
+    def flip(ckpt_dir, offset=10):
+        p = os.path.join(ckpt_dir, "rank-00000", "data-000.bin")
+        with open(p, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+    return flip

@@ -70,7 +70,7 @@ def test_retention_keeps_newest(ckpt_root):
     ck = pyckpt.Checkpointer(ckpt_root, keep=2)
     for s in (1, 2, 3, 4):
         ck.save(s, state_for(s)).result(60)
-    assert sorted(os.listdir(ckpt_root)) == ["latest", "step-000000003", "step-000000004"]
+    assert sorted(os.listdir(ckpt_root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000003", "step-000000004"]
     assert_state_equal(ck.load(step=3), state_for(3))
 
 
@@ -92,19 +92,21 @@ def test_latest_pointer_fallback(ckpt_root, damage):
         with open(ptr, "w") as f:
             f.write("step-000000001\n")
     assert ck.latest().step == 2
+    ck.close()
     assert_state_equal(pyckpt.Checkpointer(ckpt_root).load(), state_for(2))
 
 
 def test_incomplete_dirs_are_ignored_and_collected(ckpt_root):
     ck = pyckpt.Checkpointer(ckpt_root)
     ck.save(1, state_for(1)).result(60)
-    os.makedirs(os.path.join(ckpt_root, "step-000000005"))  # no manifest: never committed
+    orphan = os.path.join(ckpt_root, "step-000000005")  # no manifest: half deleted by an older pyckpt
+    os.makedirs(os.path.join(orphan, "rank-00000"))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = os.path.join(ckpt_root, f"step-000000004.tmp-{int(dead.stdout)}xdead")
     os.makedirs(stale)
     assert ck.latest().step == 1
     ck.save(2, state_for(2)).result(60)
-    assert not os.path.exists(stale)
+    assert not os.path.exists(stale) and not os.path.exists(orphan)
     assert ck.latest().step == 2
 
 
@@ -113,7 +115,7 @@ def test_unsupported_state_raises_and_writes_nothing(ckpt_root):
     with pytest.raises(UnsupportedStateError) as ei:
         ck.save(1, {"model": {"w": torch.ones(1)}}, rank_state={"sampler": {"it": iter([1])}})
     assert ei.value.key == "sampler/it"
-    assert os.listdir(ckpt_root) == []
+    assert os.listdir(ckpt_root) == [".pyckpt.lock"]
     assert ck.latest() is None
 
 
@@ -161,4 +163,39 @@ def test_io_error_surfaces_in_the_future_and_training_goes_on(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "ERROR: NativeError" in r.stdout and "LATEST: 1" in r.stdout and "ALIVE: True" in r.stdout
     assert "checkpoint of step 2 failed" in r.stderr  # the logged warning
-    assert sorted(os.listdir(tmp_path / "root")) == ["latest", "step-000000001"]
+    assert sorted(os.listdir(tmp_path / "root")) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000001"]
+
+
+def test_load_falls_back_past_damaged_data_with_one_line(ckpt_root, caplog, flip_data_byte):
+    ck = pyckpt.Checkpointer(ckpt_root, keep=3)
+    ck.save(1, state_for(1)).result(60)
+    newest = ck.save(2, state_for(2)).result(60)
+    flip_data_byte(newest)
+    assert ck.latest().step == 2  # the default checks manifests, parts and file sizes only (documented)
+    dest = state_for(0)
+    with caplog.at_level(logging.WARNING, logger="pyckpt"):
+        r = ck.restore(into=dest)
+    assert r.step == 1 and r.path.endswith("step-000000001")
+    assert_state_equal(r.state, state_for(1))
+    assert r.state["model"]["w"] is dest["model"]["w"]  # the caller's targets, fully overwritten
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith(f"pyckpt: skipping damaged checkpoint {newest}: ")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyckpt"):
+        assert ck.latest(verify=True).step == 1
+    assert f"skipping damaged checkpoint {newest}" in caplog.text
+    with pytest.raises(pyckpt.CorruptCheckpointError):
+        ck.load(step=2)  # an explicit step never falls back
+
+
+@pytest.mark.parametrize("bad", [1.5, "3", None, True])
+def test_non_integer_step_is_a_clear_type_error(ckpt_root, tmp_path, bad):
+    ck = pyckpt.Checkpointer(ckpt_root)
+    with pytest.raises(TypeError, match="step must be an integer"):
+        ck.save(bad, {"t": torch.ones(1)})
+    with pytest.raises(TypeError, match="step must be an integer"):
+        pyckpt.save({"t": torch.ones(1)}, tmp_path / "one", step=bad)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        ck.save(-1, {"t": torch.ones(1)})
+    assert ck.save(torch.tensor(3), {"t": torch.ones(1)}).result(60).endswith("step-000000003")
+    assert sorted(os.listdir(ckpt_root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000003"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pyckpt
+from pyckpt import layout
 
 N = 5_000_000  # float32 + int64 parts: ~30 MB per checkpoint
 
@@ -61,7 +62,8 @@ def test_sigkill_during_saves_never_breaks_latest(tmp_path):
         for line in out.splitlines():
             if line.startswith("COMMITTED"):
                 last_committed = int(line.split()[1])
-        info = pyckpt.Checkpointer(root, keep=2).latest()
+        with pyckpt.Checkpointer(root, keep=2) as ck:  # the killed child's directory lock is gone
+            info = ck.latest()
         if last_committed == 0 and info is None:
             continue  # killed before the very first checkpoint committed
         assert info is not None and info.step >= last_committed
@@ -69,7 +71,7 @@ def test_sigkill_during_saves_never_breaks_latest(tmp_path):
         # The checkpoint the process last reported as committed is still there and intact, unless
         # retention removed it, which it may do only after `keep` newer ones were committed (a
         # newer save can commit after its process printed its last line but before the kill).
-        committed = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step-") and ".tmp-" not in n)
+        committed = sorted(s for s in map(layout.parse_step, os.listdir(root)) if s is not None)
         if last_committed in committed:
             assert check_loads(os.path.join(root, f"step-{last_committed:09d}")) == last_committed
         else:

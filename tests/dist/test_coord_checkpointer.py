@@ -55,7 +55,7 @@ def test_two_ranks_write_replicated_state_once(tmp_path):
     assert outs[1]["unsupported"][1] == "x" and outs[0]["unsupported"][1] == "x"
     assert "rank 1" in outs[0]["unsupported"][0]
     ckpt = tmp_path / "root" / "step-000000003"
-    assert sorted(os.listdir(tmp_path / "root")) == ["latest", "step-000000002", "step-000000003"]
+    assert sorted(os.listdir(tmp_path / "root")) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000002", "step-000000003"]
     parts = [json.loads((ckpt / f"rank-0000{r}.json").read_text()) for r in range(2)]
     rep = [{s["id"] for s in p["storages"] if s["scope"] == "replicated"} for p in parts]
     assert rep[0] and rep[1] and not (rep[0] & rep[1])  # each storage written by exactly one rank

@@ -52,6 +52,8 @@ def test_wrapper_restarts_a_killed_worker_which_resumes(references, tmp_path):
     resume = _harness.resume_line(run.stderr)
     assert resume, f"the restarted workers did not resume:\n{run.stderr[-3000:]}"
     assert committed and resume["step"] >= committed[-1]
+    # One start-up line per attempt, from rank 0 only (never from the agent or rank 1).
+    assert run.stderr.count(f"pyckpt: checkpointing to {ckpt} every 2 steps, keep 3\n") == 2, run.stderr[-3000:]
     steps = [s for s, _, _ in run.steps()]
     assert _steps_of_two_attempts(steps, resume["step"], DDP.steps), steps
     reference = references.get(DDP)

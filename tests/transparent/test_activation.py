@@ -4,13 +4,20 @@ from __future__ import annotations
 from transparent_helpers import run_script
 
 PROBE = "import pyckpt\nprint('ACTIVE', pyckpt.activation.active())\n"
+# Training starts at the first DataLoader iter(): the directory is created (and announced) only then.
+TRAIN = "import torch\nfor _ in torch.utils.data.DataLoader(range(4)):\n    pass\n"
 
 
 def test_bare_import_in_main_script_activates_with_default_directory(tmp_path):
     (tmp_path / "main.py").write_text(PROBE)
     r = run_script(["main.py"], tmp_path)
     assert "ACTIVE True" in r.stdout, r.stderr
+    assert not (tmp_path / "pyckpt-checkpoints").exists()  # nothing trained: nothing created
+    (tmp_path / "main.py").write_text(PROBE + TRAIN)
+    r = run_script(["main.py"], tmp_path)
+    assert "ACTIVE True" in r.stdout, r.stderr
     assert (tmp_path / "pyckpt-checkpoints").is_dir()
+    assert f"pyckpt: checkpointing to {tmp_path / 'pyckpt-checkpoints'} every 600 s" in r.stderr
 
 
 def test_import_from_a_library_module_does_not_activate(tmp_path):
@@ -47,7 +54,8 @@ def _stops_before_training(tmp_path, script: str, **env):
 
 
 def test_malformed_setting_via_environment(tmp_path):
-    line = _stops_before_training(tmp_path, "", PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="abc")
+    # Reported when the process imports torch (a process that never does is not training: issue 7 item 14).
+    line = _stops_before_training(tmp_path, "import torch\n", PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="abc")
     assert "PYCKPT_EVERY_STEPS" in line and "'abc'" in line and "integer" in line
 
 
@@ -58,5 +66,5 @@ def test_malformed_setting_via_import(tmp_path):
 
 def test_unwritable_directory(tmp_path):
     (tmp_path / "afile").write_text("")
-    line = _stops_before_training(tmp_path, "", PYCKPT_DIR=tmp_path / "afile" / "ck")
+    line = _stops_before_training(tmp_path, TRAIN, PYCKPT_DIR=tmp_path / "afile" / "ck")
     assert "not writable" in line and "afile" in line

@@ -3,7 +3,7 @@ from (epoch E, batch B) on, without loading the skipped samples."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from pyckpt.hooks import HookSet
 from pyckpt.loader_state import FastForward, LoaderTracker
@@ -141,3 +141,25 @@ def test_eval_loader_is_never_skipped():
     _, got, ref_evals = _loop(make, 3, stop=(2, 3), eval_loader=val)
     _, _, evals = _loop(make, 3, plan=(got["pos"], got["rng"]), eval_loader=val, seed=5)
     assert evals == ref_evals and len(evals[0]) == 4
+
+
+class Shard(Sampler):
+    """A batch sampler wrapping a BatchSampler, as accelerate's BatchSamplerShard does under DDP."""
+
+    def __init__(self, batch_sampler: BatchSampler) -> None:
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self):
+        return iter(self.batch_sampler)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+def test_generator_of_a_sampler_nested_in_a_wrapping_batch_sampler():
+    # The shuffling sampler's own generator sits two levels below the loader; skipped epochs draw
+    # no permutation from it, so its epoch-start state must be found and put back.
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_sampler=Shard(BatchSampler(  # noqa: E731
+        RandomSampler(ds, generator=torch.Generator()), batch_size=4, drop_last=False)))
+    _check(make, stop=(3, 2))

@@ -1,4 +1,5 @@
 """layout names/scan and commit helpers: atomic files, latest pointer, retention, tmp GC."""
+import json
 import os
 import subprocess
 import sys
@@ -81,13 +82,87 @@ def test_gc_removes_dead_and_own_stale_tmp_dirs_only(tmp_path):
     assert sorted(os.listdir(root)) == sorted([names["mine_live"], names["other_alive"], "step-000000009"])
 
 
-def test_publish_renames_and_replaces_an_existing_step(tmp_path):
+def test_publish_swaps_an_existing_step_atomically(tmp_path):
     root = str(tmp_path)
     old = make_ckpt(root, 1)
     open(os.path.join(old, "old-data"), "w").close()
     tmp = os.path.join(root, "step-000000001.tmp-1x1")
     os.makedirs(tmp)
     open(os.path.join(tmp, "new-data"), "w").close()
-    commit.publish(tmp, old, b"{}")
+    aside = commit.publish(tmp, old, b"{}")
     assert sorted(os.listdir(old)) == ["MANIFEST.json", "new-data"]
+    # The old checkpoint now lies under the tmp name (garbage) until the caller deletes it.
+    assert aside == tmp and sorted(os.listdir(aside)) == ["MANIFEST.json", "old-data"]
+    assert commit.remove_tree(aside)
     assert os.listdir(root) == ["step-000000001"]
+
+
+def make_seq_ckpt(root, step, seq):
+    d = make_ckpt(root, step, complete=False)
+    with open(os.path.join(d, "MANIFEST.json"), "w") as f:
+        json.dump({"seq": seq}, f)
+    return d
+
+
+def test_commit_order_is_by_sequence_not_step(tmp_path):
+    root = str(tmp_path)
+    make_seq_ckpt(root, 900, 1)  # an older run reached step 900
+    make_seq_ckpt(root, 5, 2)  # a new run started over
+    make_seq_ckpt(root, 10, 3)
+    legacy = make_ckpt(root, 7)  # written before sequence numbers: older than every sequenced one
+    os.utime(os.path.join(legacy, "MANIFEST.json"), (1, 1))
+    assert [e.step for e in layout.committed(root)] == [10, 5, 900, 7]
+    assert commit.next_seq(root) == 4
+    deleted = commit.apply_retention(root, keep=2)
+    assert sorted(os.path.basename(d) for d in deleted) == ["step-000000007", "step-000000900"]
+    assert sorted(os.listdir(root)) == ["step-000000005", "step-000000010"]
+
+
+def test_retention_spares_what_latest_names(tmp_path):
+    root = str(tmp_path)
+    for seq, step in enumerate((1, 2, 3, 4), start=1):
+        make_seq_ckpt(root, step, seq)
+    commit.write_latest(root, "step-000000001")  # e.g. the pointer update of a newer save failed
+    commit.apply_retention(root, keep=1)
+    assert sorted(os.listdir(root)) == ["latest", "step-000000001", "step-000000004"]
+
+
+def test_symlinked_step_is_neither_loaded_nor_deleted_through(tmp_path):
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "sentinel").write_text("keep me")
+    (outside / "MANIFEST.json").write_text('{"seq": 99}')
+    root.mkdir()
+    for seq, step in enumerate((1, 2, 3), start=1):
+        make_seq_ckpt(str(root), step, seq)
+    os.symlink(outside, root / "step-000000000")
+    os.symlink(outside, root / "step-000000008.del-1x1")  # leftover-looking links: only the link goes
+    assert [e.step for e in layout.committed(str(root))] == [3, 2, 1]
+    assert layout.links(str(root)) == ["step-000000000"]
+    commit.apply_retention(str(root), keep=1)
+    commit.gc_tmp(str(root), set(), locked=True)
+    assert (outside / "sentinel").read_text() == "keep me" and (outside / "MANIFEST.json").exists()
+    assert sorted(os.listdir(root)) == ["step-000000000", "step-000000003"]
+
+
+def test_gc_collects_every_leftover_kind(tmp_path):
+    root = str(tmp_path)
+    keep = make_seq_ckpt(root, 3, 1)
+    leftovers = ["step-000000004.tmp-1x1", "step-000000001.del-2x2", "latest.tmp-3x3"]
+    for n in leftovers[:2]:
+        os.makedirs(os.path.join(root, n, "rank-00000"))
+    open(os.path.join(root, leftovers[2]), "w").close()
+    open(os.path.join(keep, "MANIFEST.json.tmp-4x4"), "w").close()
+    os.makedirs(os.path.join(root, "notes.tmp-5x5"))  # not a name pyckpt makes: left alone
+    os.makedirs(os.path.join(root, "step-000000005.tmp-6x6"))
+    removed = commit.gc_tmp(root, live_tokens={"6x6"}, locked=True)
+    assert len(removed) == 4
+    assert sorted(os.listdir(root)) == ["notes.tmp-5x5", "step-000000003", "step-000000005.tmp-6x6"]
+    assert os.listdir(keep) == ["MANIFEST.json"]
+
+
+def test_crash_points_are_unique_and_paired():
+    assert len(set(commit.CRASH_POINTS)) == len(commit.CRASH_POINTS)
+    ops = {p.rsplit(".", 1)[0] for p in commit.CRASH_POINTS}
+    assert all(f"{op}.before" in commit.CRASH_POINTS and f"{op}.after" in commit.CRASH_POINTS for op in ops)

@@ -12,6 +12,10 @@
 //
 // read() fetches chunks in parallel on the I/O workers, verifies, decodes and
 // scatters them, and returns one message per failed chunk instead of throwing.
+// A chunk's bytes reach a destination only after its checksum passed (they go
+// through a per-thread bounce buffer), unless the caller allows `direct`
+// reads into memory it discards on failure. Lengths are checked against the
+// file's size (fstat) and the limits below before any buffer is sized.
 //
 // SAFETY: addresses are borrowed. Save sources must stay alive and unchanged
 // until their chunk is captured; read destinations until read() returns.
@@ -53,6 +57,12 @@ struct ReadChunk {
 
 using ReadError = std::pair<size_t, std::string>;
 
+/// No chunk is larger than this decoded (Engine's chunk_bytes is capped to it).
+constexpr uint64_t kMaxChunkBytes = uint64_t{1} << 31;
+/// A zstd/1 chunk never decodes to more than this many times its stored size:
+/// a zstd block holds at most 128 KiB and takes at least 4 bytes (RLE block).
+constexpr uint64_t kMaxZstdRatio = 32768;
+
 class File;
 
 class Engine {
@@ -66,8 +76,12 @@ class Engine {
 
   std::shared_ptr<SaveJob> save(std::vector<std::string> files, std::vector<SaveChunk> chunks,
                                 const SaveOptions& options);
+  /// `files` are opened here (no symlink, regular files only) unless `fds`
+  /// is non-empty: then fds[i] is an open descriptor of files[i] (borrowed,
+  /// duplicated for the call; files[i] only names it in messages).
   std::vector<ReadError> read(const std::vector<std::string>& files,
-                              const std::vector<ReadChunk>& chunks, bool verify);
+                              const std::vector<ReadChunk>& chunks, bool verify,
+                              const std::vector<int>& fds = {}, bool direct = false);
 
   size_t staging_bytes_allocated() const { return pool_.allocated_bytes(); }
   size_t chunk_bytes() const { return chunk_bytes_; }
@@ -84,7 +98,7 @@ class Engine {
   void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
   void write_stored(const File& file, const Encoded& e, uint8_t* slab, uint64_t offset);
   std::string staging_timeout_message(const SaveJob& job) const;
-  void read_chunk(const File& file, const ReadChunk& chunk, bool verify);
+  void read_chunk(const File& file, const ReadChunk& chunk, bool verify, bool direct_ok);
   void reap_captures(bool all);
 
   const size_t chunk_bytes_;

@@ -23,7 +23,14 @@ class File {
   /// Create or truncate `path` for writing. With `direct`, also open an
   /// O_DIRECT descriptor when the file system supports one (best effort).
   static File create(const std::string& path, bool direct = false);
+  /// Open `path` for reading: O_NOFOLLOW (a symbolic link as the last
+  /// component is refused), O_NONBLOCK (a FIFO never blocks the open) and
+  /// O_CLOEXEC; anything but a regular file is refused (Error(OS)).
   static File open_read(const std::string& path);
+  /// A reader of an already-open descriptor `fd` (dup'ed with F_DUPFD_CLOEXEC,
+  /// so the caller keeps and closes its own). `name` is used in messages.
+  /// Refuses anything but a regular file.
+  static File borrow_read(int fd, const std::string& name);
 
   int fd() const { return fd_; }
   const std::string& path() const { return path_; }
@@ -41,12 +48,16 @@ class File {
   void fsync() const;
   void truncate(uint64_t size) const;
   uint64_t size() const;
+  /// File size captured by open_read/borrow_read (0 for files made by create).
+  uint64_t size_at_open() const { return size_at_open_; }
+  void set_size_at_open(uint64_t n) { size_at_open_ = n; }
   void close();
 
  private:
   int fd_ = -1;
   int direct_fd_ = -1;
   std::string path_;
+  uint64_t size_at_open_ = 0;
 };
 
 }  // namespace pyckpt

@@ -1,0 +1,108 @@
+"""Fine-tune a tiny causal language model with the Hugging Face Trainer.
+
+A plain Trainer script: a small randomly initialised Llama model, a word-level
+tokenizer built here from the text below (no downloads), bf16 autocast, gradient accumulation
+over two micro-batches, a linear learning-rate schedule stepped every optimizer
+step, two DataLoader worker processes, a loss line per optimizer step (a
+callback) and the Trainer's own checkpoints every few steps. Runs in seconds.
+
+    python examples/train_trainer.py --out final.pt
+    python examples/train_trainer.py --out final.pt --resume   # the Trainer's own resume as well
+    torchrun --standalone --nproc-per-node 2 examples/train_trainer.py --out final.pt
+"""
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils.data import Dataset
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainerCallback,
+                          TrainingArguments)
+from transformers.trainer_utils import get_last_checkpoint
+
+TEXT = """the quick brown fox jumps over the lazy dog and the cat sat on the mat while a bird
+sang in the old tree near the river bank every morning before the sun rose high above the hills
+and the farmer walked his cows down the long road to the market where people sold bread and milk"""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Fine-tune a tiny causal LM with the Trainer.")
+    p.add_argument("--out", required=True, help="where to write the final state (torch.save)")
+    p.add_argument("--output-dir", default=None, help="the Trainer's output_dir (default: next to --out)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--samples", type=int, default=44, help="training sequences (11 micro-batches of 4)")
+    p.add_argument("--save-steps", type=int, default=4, help="the Trainer's own checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint-N in the output dir, if any (the Trainer's own resume)")
+    p.add_argument("--step-sleep", type=float, default=0.0,
+                   help="seconds to sleep after each optimizer step (stand-in for a bigger model)")
+    return p.parse_args()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    words = sorted(set(TEXT.split()))
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+class Windows(Dataset):
+    """Fixed-length windows of the text at seeded random offsets."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, n: int, length: int = 12, seed: int = 1) -> None:
+        ids = tokenizer(TEXT)["input_ids"]
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - length, (n,), generator=g).tolist()
+        self.items = [torch.tensor(ids[s:s + length]) for s in starts]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.items[i], "labels": self.items[i]}
+
+
+class PrintLoss(TrainerCallback):
+    """One line per optimizer step: ``step N epoch E loss X``."""
+
+    def __init__(self, sleep: float) -> None:
+        self.sleep = sleep
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            epoch = max(math.ceil(state.epoch) - 1, 0)
+            print(f"step {state.global_step} epoch {epoch} loss {logs['loss']!r}", flush=True)
+            time.sleep(self.sleep)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(config)
+    output_dir = args.output_dir or str(Path(args.out).with_suffix(".trainer"))
+    training_args = TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        num_train_epochs=args.epochs, learning_rate=1e-3, lr_scheduler_type="linear", weight_decay=0.01,
+        logging_steps=1, save_steps=args.save_steps, report_to=[], dataloader_num_workers=2,
+        use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_tqdm=True, bf16=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=Windows(tokenizer, args.samples),
+                      callbacks=[PrintLoss(args.step_sleep)])
+    # As the Hugging Face example scripts do: resume from the last checkpoint-N when there is one.
+    last = get_last_checkpoint(output_dir) if args.resume and os.path.isdir(output_dir) else None
+    trainer.train(resume_from_checkpoint=last)
+    if trainer.is_world_process_zero():
+        torch.save({"model": trainer.model.state_dict(), "optim": trainer.optimizer.state_dict(),
+                    "sched": trainer.lr_scheduler.state_dict(), "global_step": trainer.state.global_step},
+                   args.out)
+
+
+if __name__ == "__main__":
+    main()

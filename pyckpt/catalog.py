@@ -1,0 +1,184 @@
+"""What a checkpoint root holds: ``pyckpt.list(dir)``, the finished-run marker, ``keep_best`` selection.
+
+``list`` reports every checkpoint directory (committed or not) with its size
+and, unless ``verify=False``, whether it is *sound*: its manifest, parts and
+every chunk's checksum verify (the same check as ``pyckpt verify``).
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import layout
+
+MONITOR_FILE = "pyckpt-monitor.json"  # inside a step directory: the keep_best metric of that save
+
+
+@dataclass(frozen=True)
+class Info:
+    """One checkpoint directory of a root."""
+
+    name: str
+    path: str
+    step: int | None
+    time: float  # commit time (mtime of MANIFEST.json), or the directory's mtime when incomplete
+    size: int  # bytes on disk
+    complete: bool  # has MANIFEST.json (committed)
+    sound: bool | None  # verified (manifest, parts, every checksum); None when not checked
+    error: str | None = None  # why it is not sound
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def disk_usage(path: str) -> int:
+    """Bytes of the regular files under ``path`` (symlinks are not followed)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def entries(path: str) -> list[layout.Entry]:
+    """The checkpoint directories of a root, or ``path`` itself when it is one checkpoint."""
+    p = os.path.abspath(os.fspath(path))
+    if layout.is_checkpoint_dir(p):
+        return [layout.Entry(os.path.basename(p), p, layout.parse_step(os.path.basename(p)), True)]
+    return layout.scan(p)
+
+
+def check(path: str) -> str | None:
+    """Verify one committed checkpoint fully; None when sound, else the reason."""
+    from ._native import get_engine
+    from .errors import PyckptError
+    from .reader import verify
+
+    try:
+        verify(get_engine(), path)
+    except PyckptError as e:
+        return str(e)
+    except OSError as e:  # e.g. a permission error outside the reader's own checks
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def info_of(e: layout.Entry, verify: bool = True) -> Info:
+    """The ``Info`` of one scanned directory."""
+    stamp = os.path.join(e.path, layout.MANIFEST) if e.complete else e.path
+    try:
+        t = os.path.getmtime(stamp)
+    except OSError:
+        t = math.nan
+    sound: bool | None = None
+    error = None
+    if verify:
+        error = check(e.path) if e.complete else "incomplete (no MANIFEST.json)"
+        sound = error is None
+    return Info(e.name, e.path, e.step, t, disk_usage(e.path), e.complete, sound, error)
+
+
+def list(directory: str | os.PathLike, verify: bool = True) -> builtins.list[Info]:
+    """Every checkpoint in ``directory`` (a root, or one checkpoint directory), oldest step first.
+
+    ``verify=True`` re-reads every chunk of every committed checkpoint to set
+    ``sound`` (costs a full read); ``verify=False`` leaves ``sound`` None.
+    Raises ``FileNotFoundError`` when ``directory`` does not exist."""
+    d = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"{d} is not a directory")
+    return [info_of(e, verify) for e in entries(d)]
+
+
+def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The finished-run marker of ``root`` (written by ``metrics.mark_finished``), or None."""
+    from .metrics import FINISHED_FILE
+
+    try:
+        with open(os.path.join(os.fspath(root), FINISHED_FILE), "rb") as f:
+            body = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("finished") is True else None
+
+
+# -- keep_best -------------------------------------------------------------------------
+def write_monitor(ckpt_dir: str, value: float) -> None:
+    """Store the monitored metric of a save inside its (not yet committed) directory."""
+    from .commit import write_durable
+
+    write_durable(os.path.join(ckpt_dir, MONITOR_FILE), json.dumps({"value": value}).encode())
+
+
+def read_monitor(ckpt_dir: str) -> float | None:
+    """The stored metric of a checkpoint, or None (none stored, unreadable, not a finite number)."""
+    try:
+        with open(os.path.join(ckpt_dir, MONITOR_FILE), "rb") as f:
+            value = json.loads(f.read(4096)).get("value")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def select_best(values: dict[str, float | None], k: int, mode: str = "min") -> set[str]:
+    """The names of the ``k`` best values (``mode`` "min": lowest is best, "max": highest).
+
+    Names without a value are never selected; ties keep the later name
+    (checkpoint names sort by step), so the newer of two equal scores wins."""
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if k <= 0:
+        return set()
+    scored = [(v, n) for n, v in values.items() if v is not None]
+    sign = 1.0 if mode == "min" else -1.0
+    scored.sort(key=lambda vn: vn[1], reverse=True)  # later names first among equal values (stable sort)
+    scored.sort(key=lambda vn: sign * vn[0])
+    return {n for _, n in scored[:k]}
+
+
+def best_names(root: str, k: int, mode: str = "min") -> set[str]:
+    """Names of the ``k`` committed checkpoints of ``root`` with the best stored metric."""
+    values = {e.name: read_monitor(e.path) for e in layout.scan(root) if e.complete}
+    return select_best(values, k, mode)
+
+
+def check_best(keep_best: int, monitor: Any, mode: str) -> None:
+    """Validate ``Checkpointer(keep_best=, monitor=, mode=)``; raises ValueError / TypeError."""
+    if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
+        raise ValueError(f"keep_best must be an integer >= 0, got {keep_best!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' (lower is better) or 'max', got {mode!r}")
+    if keep_best and not callable(monitor):
+        raise TypeError("keep_best needs monitor=, a function returning the metric to rank checkpoints by "
+                        "(e.g. monitor=lambda: val_loss)")
+    if monitor is not None and not callable(monitor):
+        raise TypeError(f"monitor must be callable, got {type(monitor).__name__}")
+
+
+def monitor_value(monitor: Any) -> float | None:
+    """``monitor()`` as a finite float, or None with one ``pyckpt:`` warning (the save goes on)."""
+    import logging
+
+    if monitor is None:
+        return None
+    try:
+        value = monitor()
+        value = float(value.item() if hasattr(value, "item") else value)
+    except Exception as e:  # a broken metric must not cost the checkpoint
+        logging.getLogger("pyckpt").warning("pyckpt: monitor() failed (%s: %s); this checkpoint is kept "
+                                            "only as one of the newest", type(e).__name__, e)
+        return None
+    if not math.isfinite(value):
+        logging.getLogger("pyckpt").warning("pyckpt: monitor() returned %r; this checkpoint is kept only as "
+                                            "one of the newest", value)
+        return None
+    return value

@@ -1,0 +1,116 @@
+"""The directory lock: one writer (one Checkpointer, one job) per checkpoint root.
+
+Rank 0 of a Checkpointer holds an exclusive POSIX record lock
+(``fcntl.lockf``) on ``ROOT/.pyckpt.lock`` for the Checkpointer's life and
+writes its pid, host and start time into the file, so a second writer gets a
+``PyckptError`` naming the holder. POSIX locks rather than ``flock``: they
+belong to the process and are not inherited by ``fork``, so DataLoader
+workers that outlive a killed trainer for a few seconds do not keep the lock;
+the kernel drops it when the holder dies (the stale-lock recovery after a
+crash, no timeout, no guessing from pids). POSIX locks never conflict inside
+one process, so a registry catches a second Checkpointer in the same process.
+"""
+from __future__ import annotations
+
+import atexit
+import errno
+import fcntl
+import json
+import os
+import socket
+import stat
+import threading
+import time
+import weakref
+
+from . import layout
+from .errors import PyckptError
+
+_held: dict[str, tuple[int, "weakref.ref[DirLock]"]] = {}  # realpath(root) -> (pid, lock)
+_guard = threading.Lock()
+
+
+class DirLock:
+    """An exclusive lock on checkpoint root ``root``; ``release()`` (or process exit) drops it."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.key = os.path.realpath(root)
+        self.path = os.path.join(root, layout.LOCK)
+        self._fd: int | None = None
+        with _guard:
+            prev = _held.get(self.key)
+            other = prev[1]() if prev is not None and prev[0] == os.getpid() else None
+            if other is not None and other._fd is not None:
+                raise PyckptError(f"checkpoint directory {root} is already used by another Checkpointer in this "
+                                  f"process (pid {os.getpid()}); close() it first, or use another directory")
+            self._acquire()
+            _held[self.key] = (os.getpid(), weakref.ref(self))
+
+    def _acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise PyckptError(f"cannot create the lock file {self.path} (is the checkpoint directory "
+                              f"writable?): {e.strerror}") from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PyckptError(f"{self.path} is not a regular file; remove it")
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise PyckptError(f"cannot lock {self.path}: {e}") from e
+                raise PyckptError(f"checkpoint directory {self.root} is in use by {_holder(fd)}; two jobs or "
+                                  "Checkpointers cannot share a directory: use another directory, or stop the "
+                                  "other one") from None
+            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, info + b"\n", 0)
+            except OSError:
+                pass  # the lock itself is what matters; the holder text is a courtesy
+        except BaseException:
+            os.close(fd)  # closing drops a POSIX lock we may have taken
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (idempotent). The file stays: removing it would race with a new holder."""
+        with _guard:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            entry = _held.get(self.key)
+            if entry is not None and entry[1]() is self:
+                del _held[self.key]
+            os.close(fd)  # closing the only descriptor of the file drops this process's lock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from the text its holder wrote (bounded read; never trusted beyond display)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        return f"pid {int(info['pid'])} on host {str(info['host'])[:255]} since {str(info['since'])[:40]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (its lock file names no holder)"
+
+
+@atexit.register
+def _release_all() -> None:
+    with _guard:
+        locks = [ref() for _, ref in _held.values()]
+    for lk in locks:
+        if lk is not None:
+            lk.release()

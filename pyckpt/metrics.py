@@ -1,0 +1,277 @@
+"""Checkpoint metrics: one JSON line per save (and per restore) in ``ROOT/metrics.jsonl``.
+
+The commit thread of a ``Checkpointer`` hands a ``SaveTimer`` and the outcome
+to ``save_done``; the byte figures are read back from the committed files,
+so the line always agrees with what is on disk (``bytes_written`` is the sum
+of the data files' sizes). Callbacks registered with ``on_checkpoint`` get
+the same record (rank 0 only). ``pyckpt stats DIR`` summarises the file.
+
+Record fields (event "save"): ``step``, ``time`` (unix seconds), ``ok``,
+``error``, ``path``, ``stall_s`` (time ``save()`` blocked plus the time the
+caller was blocked in ``captured()``), ``save_call_s``, ``capture_s`` (from
+``save()`` until every tensor was copied to staging), ``durable_s`` (from
+``save()`` until the checkpoint was committed), ``bytes_raw``,
+``bytes_stored``, ``bytes_written``, ``bytes_skipped``, ``codec_ratio``,
+``throughput_mb_s``, ``world_size`` and ``monitor`` (the ``keep_best``
+metric, when there is one). Event "restore": ``step``, ``path``,
+``restore_s``. This module never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+FINISHED_FILE = "FINISHED.json"
+_MAX_LINE = 1 << 20  # a longer line is not one of ours
+
+# A child of the "pyckpt" logger: a save's own failure stays one line on "pyckpt"; metrics
+# trouble is a separate event that users can silence on its own.
+log = logging.getLogger("pyckpt.metrics")
+_callbacks: list[Callable[[dict], Any]] = []
+_lock = threading.Lock()
+_append_failed: set[str] = set()  # roots already warned about (a full disk fails every append)
+
+
+class SaveTimer:
+    """Timestamps of one save, taken by the Checkpointer (monotonic clock)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.t0 = time.monotonic()
+        self.wall = time.time()
+        self.t_return: float | None = None
+        self.t_captured: float | None = None
+        self.blocked_s = 0.0  # time callers spent inside captured()
+        self.monitor: float | None = None
+
+    def returned(self) -> None:
+        """``save()`` is about to return to the caller."""
+        self.t_return = time.monotonic()
+
+    def captured(self) -> None:
+        """Every tensor is in staging (or the save stopped)."""
+        if self.t_captured is None:
+            self.t_captured = time.monotonic()
+
+    def add_blocked(self, seconds: float) -> None:
+        """A caller waited ``seconds`` in ``SaveFuture.captured()``."""
+        self.blocked_s += seconds
+
+
+class Handle:
+    """Returned by ``on_checkpoint``; ``remove()`` unregisters the callback."""
+
+    def __init__(self, fn: Callable[[dict], Any]) -> None:
+        self.fn = fn
+
+    def remove(self) -> None:
+        with _lock:
+            if self.fn in _callbacks:
+                _callbacks.remove(self.fn)
+
+
+def on_checkpoint(fn: Callable[[dict], Any]) -> Handle:
+    """Call ``fn(record)`` after every checkpoint save (committed or failed) and restore, on rank 0.
+
+    ``record`` is the dict written to ``metrics.jsonl``. It runs on the commit
+    thread before the save's future completes, so keep it short (log to
+    TensorBoard/W&B); an exception in it is logged and otherwise ignored."""
+    if not callable(fn):
+        raise TypeError(f"on_checkpoint needs a callable, got {type(fn).__name__}")
+    with _lock:
+        _callbacks.append(fn)
+    return Handle(fn)
+
+
+def data_figures(ckpt_dir: str) -> dict[str, Any]:
+    """Byte figures of a committed checkpoint, read from its part files and the data files' sizes."""
+    with open(os.path.join(ckpt_dir, "MANIFEST.json"), "rb") as f:
+        manifest = json.loads(f.read(16 << 20))
+    raw = stored = skipped = written = 0
+    files: set[str] = set()
+    for info in manifest["parts"]:
+        with open(os.path.join(ckpt_dir, info["file"]), "rb") as f:
+            part = json.loads(f.read())
+        for ch in part["chunks"]:
+            if ch["file"].startswith("../"):
+                skipped += ch["raw_len"]  # held by an older checkpoint, not written now
+                continue
+            raw += ch["raw_len"]
+            stored += ch["stored_len"]
+        files.update(fe["path"] for fe in part["files"] if not fe["path"].startswith("../"))
+    for rel in sorted(files):
+        written += os.path.getsize(os.path.join(ckpt_dir, rel))
+    return {"bytes_raw": raw, "bytes_stored": stored, "bytes_written": written, "bytes_skipped": skipped,
+            "codec_ratio": round(raw / stored, 4) if stored else 1.0, "world_size": len(manifest["parts"])}
+
+
+def save_record(timer: SaveTimer, path: str | None, error: BaseException | None) -> dict[str, Any]:
+    """The "save" record for a finished save (``path`` is the committed directory, or None)."""
+    now = time.monotonic()
+    t_ret = timer.t_return if timer.t_return is not None else now
+    rec: dict[str, Any] = {
+        "event": "save", "step": timer.step, "time": round(timer.wall, 3), "ok": error is None,
+        "error": None if error is None else f"{type(error).__name__}: {error}", "path": path,
+        "stall_s": round(t_ret - timer.t0 + timer.blocked_s, 6),
+        "save_call_s": round(t_ret - timer.t0, 6),
+        "capture_s": None if timer.t_captured is None else round(timer.t_captured - timer.t0, 6),
+        "durable_s": round(now - timer.t0, 6) if error is None else None,
+    }
+    if timer.monitor is not None:
+        rec["monitor"] = timer.monitor
+    if path is not None and error is None:
+        try:
+            rec.update(data_figures(path))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            rec["figures_error"] = f"{type(e).__name__}: {e}"
+        if rec.get("durable_s") and "bytes_raw" in rec:
+            rec["throughput_mb_s"] = round(rec["bytes_raw"] / rec["durable_s"] / 1e6, 3)
+    return rec
+
+
+def emit(root: str, record: dict[str, Any]) -> None:
+    """Append ``record`` to ``root/metrics.jsonl`` and call the ``on_checkpoint`` callbacks.
+
+    Never raises: metrics must not fail a checkpoint."""
+    line = (json.dumps(record, allow_nan=False, default=str) + "\n").encode()
+    try:
+        # One write() of an O_APPEND file: concurrent writers never interleave inside a line.
+        fd = os.open(os.path.join(root, METRICS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as e:
+        if root not in _append_failed:
+            _append_failed.add(root)
+            log.warning("pyckpt: cannot append to %s (metrics lines are lost until it works again): %s",
+                        os.path.join(root, METRICS_FILE), e)
+    else:
+        _append_failed.discard(root)
+    with _lock:
+        fns = list(_callbacks)
+    for fn in fns:
+        try:
+            fn(dict(record))
+        except Exception as e:  # a user's logger must not break checkpointing
+            log.warning("pyckpt: on_checkpoint callback %r failed: %s: %s", fn, type(e).__name__, e)
+
+
+def save_done(root: str, timer: SaveTimer, path: str | None, error: BaseException | None) -> dict[str, Any]:
+    """Called by the Checkpointer (rank 0) once a save committed or failed; returns the record."""
+    rec = save_record(timer, path, error)
+    emit(root, rec)
+    return rec
+
+
+def restore_done(root: str, step: int, path: str, seconds: float) -> dict[str, Any]:
+    """Called after a Checkpointer restore (rank 0): a "restore" line with the time it took."""
+    rec = {"event": "restore", "step": step, "time": round(time.time(), 3), "path": path,
+           "restore_s": round(seconds, 6)}
+    emit(root, rec)
+    return rec
+
+
+def read(root: str) -> tuple[list[dict[str, Any]], int]:
+    """The records of ``root/metrics.jsonl`` in file order, and the number of unreadable lines."""
+    out, bad = [], 0
+    try:
+        with open(os.path.join(root, METRICS_FILE), "rb") as f:
+            for raw in f:
+                try:
+                    if len(raw) > _MAX_LINE:
+                        raise ValueError("line too long")
+                    rec = json.loads(raw)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not an object")
+                    out.append(rec)
+                except (ValueError, UnicodeDecodeError):
+                    bad += 1  # e.g. a line cut by a crash or a disk-full
+    except FileNotFoundError:
+        pass
+    return out, bad
+
+
+def mark_finished(root: str, step: int | None = None, **info: Any) -> str:
+    """Record that the run writing to ``root`` finished normally (``root/FINISHED.json``).
+
+    A relaunch of the same command can then say so instead of silently
+    training its tail again (``catalog.is_finished``). Atomic and durable."""
+    from .commit import write_atomic
+
+    body = {"finished": True, "step": step, "time": round(time.time(), 3), **info}
+    path = os.path.join(root, FINISHED_FILE)
+    write_atomic(path, (json.dumps(body, default=str) + "\n").encode())
+    return path
+
+
+def clear_finished(root: str) -> bool:
+    """Remove the finished marker (a new run starts in ``root``); True when there was one."""
+    try:
+        os.unlink(os.path.join(root, FINISHED_FILE))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# -- pyckpt stats -------------------------------------------------------------------------
+def _dist(values: list[float]) -> dict[str, float] | None:
+    vals = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not vals:
+        return None
+    return {"mean": sum(vals) / len(vals), "p50": vals[len(vals) // 2],
+            "p90": vals[min(len(vals) - 1, int(len(vals) * 0.9))], "max": vals[-1]}
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary of metrics records: counts, distributions of the timings, bytes, the last restore."""
+    saves = [r for r in records if r.get("event") == "save"]
+    ok = [r for r in saves if r.get("ok")]
+    restores = [r for r in records if r.get("event") == "restore"]
+    out: dict[str, Any] = {
+        "saves": len(saves), "committed": len(ok), "failed": len(saves) - len(ok),
+        "restores": len(restores),
+        "errors": [{"step": r.get("step"), "error": r.get("error")} for r in saves if not r.get("ok")][-5:],
+    }
+    for key in ("stall_s", "save_call_s", "capture_s", "durable_s", "throughput_mb_s", "codec_ratio"):
+        out[key] = _dist([r.get(key) for r in ok])
+    out["restore_s"] = _dist([r.get("restore_s") for r in restores])
+    out["bytes_written_total"] = sum(r.get("bytes_written") or 0 for r in ok)
+    out["bytes_written_last"] = ok[-1].get("bytes_written") if ok else None
+    out["bytes_raw_last"] = ok[-1].get("bytes_raw") if ok else None
+    return out
+
+
+def _bar(value: float | None, scale: float, width: int) -> str:
+    """A left-aligned bar of eighth-blocks, ``width`` cells for ``scale``."""
+    if value is None or scale <= 0:
+        return " " * width
+    eighths = int(round(max(0.0, min(value / scale, 1.0)) * width * 8))
+    full, rest = divmod(eighths, 8)
+    return ("█" * full + ("▏▎▍▌▋▊▉"[rest - 1] if rest else "")).ljust(width)
+
+
+def plot(records: list[dict[str, Any]], rows: int = 30, width: int = 24) -> str:
+    """Text plot of stall and durable time per save over time (the last ``rows`` saves)."""
+    saves = [r for r in records if r.get("event") == "save"][-rows:]
+    if not saves:
+        return ""
+    stall_max = max((r.get("stall_s") or 0) for r in saves)
+    dur_max = max((r.get("durable_s") or 0) for r in saves)
+    lines = [f"{'step':>10}  {'stall s':<{width + 9}}  durable s"]
+    for r in saves:
+        stall, dur = r.get("stall_s"), r.get("durable_s")
+        lines.append(f"{r.get('step', '?'):>10}  {_bar(stall, stall_max, width)} {_num(stall):>8}  "
+                     + (f"{_bar(dur, dur_max, width)} {_num(dur):>8}" if r.get("ok") else
+                        f"FAILED: {str(r.get('error'))[:60]}"))
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.3f}"

@@ -1,0 +1,145 @@
+"""`pyckpt export` / `pyckpt import` round trips through real files and real subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import pyckpt
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def _complex32(n: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
+        return torch.zeros(n, dtype=torch.complex32)
+
+
+def rich_state() -> dict:
+    """Every kind of leaf the format holds, and tensors safetensors cannot hold natively."""
+    g = torch.Generator().manual_seed(0)
+    nan_payloads = torch.tensor([0x7FC00001, 0x7F800001, -0x3FFEDD], dtype=torch.int32).view(torch.float32)
+    base = torch.randn(6, 4, generator=g)
+    return {
+        "model": {"fc.weight": torch.randn(8, 5, generator=g), "fc.bias": torch.randn(8, generator=g).bfloat16(),
+                  "emb": torch.randn(3, 2, generator=g).half()},
+        "optim": {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(8, 5, generator=g)}},
+                  "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "eps": float("inf")}]},
+        "nan": nan_payloads, "neg_zero": torch.tensor([-0.0, 0.0]),
+        "ids": torch.arange(10, dtype=torch.int64), "mask": torch.tensor([True, False, True]),
+        "u16": torch.arange(5, dtype=torch.int16).view(torch.uint16), "c64": torch.randn(3, generator=g, dtype=torch.complex64),
+        "c32": _complex32(3), "scalar": torch.tensor(3, dtype=torch.int8), "empty": torch.empty(0, 3),
+        "view": base[:, 1], "same_storage": base,  # a non-contiguous view sharing the storage of another leaf
+        "epoch": 3, "name": "run-1", "raw": b"\x00\x01", "dtype": torch.float16, "size": torch.Size([2, 3]),
+        "none": None,
+    }
+
+
+def assert_same(a, b, byte_equal, path=""):
+    assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert byte_equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            assert_same(a[k], b[k], byte_equal, f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, byte_equal, f"{path}/{i}")
+    else:
+        assert a == b or (a != a and b != b), path
+
+
+def test_safetensors_round_trip_is_bitwise(cli, tmp_path, byte_equal):
+    state = rich_state()
+    src = pyckpt.save(state, str(tmp_path / "src"), compress="zstd")
+    out = str(tmp_path / "model.safetensors")
+    r = cli("export", src, "--to", "safetensors", out, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["files"] == [out, out + ".pyckpt.json"] and doc["tensors"] == 16
+    # The file is a real safetensors file other tools read: names are key paths.
+    flat = safetensors_torch.load_file(out)
+    assert byte_equal(flat["model/fc.weight"], state["model"]["fc.weight"])
+    assert flat["c32"].dtype == torch.uint8  # no complex32 in safetensors: raw bytes + sidecar
+    r = cli("import", out, str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    assert_same(pyckpt.load(str(tmp_path / "back")), pyckpt.load(src), byte_equal)
+    r = cli("diff", src, str(tmp_path / "back"))
+    assert r.returncode == 0 and "identical" in r.stdout, r.stdout + r.stderr
+
+
+def test_flat_state_dict_exports_without_sidecar(cli, tmp_path, byte_equal):
+    sd = {"a.weight": torch.randn(3, 3), "a.bias": torch.zeros(3, dtype=torch.bfloat16)}
+    src = pyckpt.save(sd, str(tmp_path / "src"))
+    out = str(tmp_path / "m.safetensors")
+    stale = out + ".pyckpt.json"
+    with open(stale, "w") as f:
+        f.write("{}")  # a sidecar of an earlier export must not be applied to this one
+    r = cli("export", src, "--to", "safetensors", out)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(stale)
+    flat = safetensors_torch.load_file(out)
+    assert sorted(flat) == sorted(sd) and all(byte_equal(flat[k], sd[k]) for k in sd)
+    back = str(tmp_path / "back")
+    assert cli("import", out, back).returncode == 0
+    got = pyckpt.load(back)
+    assert sorted(got) == sorted(sd) and all(byte_equal(got[k], sd[k]) for k in sd)
+
+
+def test_torch_export_loads_with_weights_only(cli, tmp_path, byte_equal):
+    state = rich_state()
+    root = str(tmp_path / "root")
+    ck = pyckpt.Checkpointer(root)
+    ck.save(40, state).result(60)
+    ck.close()
+    out = str(tmp_path / "state.pt")
+    r = cli("export", root, "--to", "torch", out)  # a root exports its newest checkpoint
+    assert r.returncode == 0 and "step 40" in r.stdout, r.stderr
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
+        loaded = torch.load(out, weights_only=True)
+    assert_same(loaded, pyckpt.load(root), byte_equal)
+    r = cli("import", out, root, "--step", "41")  # into the root as a new step; old one kept
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(root)).count("step-000000040") == 1
+    with pyckpt.Checkpointer(root) as ck:
+        assert ck.latest().step == 41
+    assert_same(pyckpt.load(root), pyckpt.load(os.path.join(root, "step-000000040")), byte_equal)
+
+
+def test_export_of_rank_state(cli, tmp_path, byte_equal):
+    root = str(tmp_path / "root")
+    with pyckpt.Checkpointer(root) as ck:
+        ck.save(3, {"w": torch.ones(2)}, rank_state={"rng": torch.arange(4)}).result(60)
+    out = str(tmp_path / "rank0.pt")
+    assert cli("export", root, "--to", "torch", out, "--rank", "0").returncode == 0
+    assert byte_equal(torch.load(out, weights_only=True)["rng"], torch.arange(4))
+    r = cli("export", root, "--to", "torch", out, "--rank", "1")
+    assert r.returncode == 1 and "no rank_state for rank 1" in r.stderr
+
+
+def test_import_refuses_pickled_code(cli, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    bad = str(tmp_path / "evil.pt")
+    torch.save({"w": torch.ones(2), "x": Evil()}, bad)
+    r = cli("import", bad, str(tmp_path / "out"))
+    assert r.returncode == 1 and "weights_only" in r.stderr
+    assert not os.path.exists(tmp_path / "pwned") and not os.path.exists(tmp_path / "out")
+
+
+def test_import_and_export_of_missing_paths_exit_2(cli, tmp_path):
+    assert cli("import", str(tmp_path / "nope.pt"), str(tmp_path / "o")).returncode == 2
+    assert cli("export", str(tmp_path / "nope"), "--to", "torch", str(tmp_path / "o.pt")).returncode == 2
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello world, not a model")
+    r = cli("import", str(junk), str(tmp_path / "o"))
+    assert r.returncode == 1 and "neither a torch.save file nor a safetensors file" in r.stderr

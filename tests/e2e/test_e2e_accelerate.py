@@ -1,0 +1,92 @@
+"""SIGKILL/SIGTERM an unmodified accelerate training script under pyckpt, relaunch, get the exact plain result.
+
+examples/train_accelerate.py: 11 micro-batches per epoch, accumulation over 2, so 6
+optimizer steps per epoch (the 6th on the epoch's last, lone micro-batch, synced because
+the loader ended), 3 epochs. accelerate's prepared loader fetches one batch ahead of the
+loop, so every position below is one where "batches fetched" and "batches the loop has
+trained on" differ.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import _harness
+from e2e_helpers import (KILL_TIMEOUT_S, RUN_TIMEOUT_S, Crash, Example, References, after_commit,
+                         assert_resumed_exactly, kill_and_relaunch, pyckpt_env, run_to_end)
+
+pytest.importorskip("accelerate", reason="accelerate is a test-only dependency (requirements-dev.txt)")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
+
+ACCELERATE = Example("train_accelerate.py", steps=18)
+# torchrun, 2 gloo ranks: each rank's shard has 6 micro-batches, so 3 optimizer steps per epoch.
+ACCELERATE_DDP = Example("train_accelerate.py", nproc=2, steps=9)
+
+# (every_steps, checkpoint step to kill right after). Snapshots are taken at the loader fetch
+# after the step: step 5's when the loop asks for the epoch's last micro-batch (the real loader
+# already raises StopIteration), step 6's at the first fetch of epoch 1, step 8's mid-epoch 1,
+# step 15's mid-epoch 2 (the relaunch skips two finished epochs first).
+KILLS = {
+    "last_batch_of_epoch": (5, 5),
+    "first_batch_of_epoch": (6, 6),
+    "mid_epoch": (4, 8),
+    "past_epoch_0": (5, 15),
+}
+
+
+@pytest.mark.parametrize("kill_point", list(KILLS))
+def test_accelerate_loop_resumes_exactly(kill_point, references, tmp_path):
+    every, step = KILLS[kill_point]
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    crash = kill_and_relaunch(ACCELERATE.command(out), pyckpt_env(ckpt, every_steps=every), ckpt, out,
+                              after_commit(ckpt, step))
+    assert crash.committed[-1] >= step, crash.committed
+    assert "no checkpoints will be taken" not in crash.killed.stderr + crash.resumed.stderr, crash.killed.stderr
+    assert_resumed_exactly(crash, references.get(ACCELERATE), out)
+
+
+def test_accelerate_checkpoints_every_step_across_epoch_ends(references, tmp_path):
+    # One optimizer step per batch: at the epoch's end the prepared loader hands its last
+    # batch after the real loader raised StopIteration, two steps with no batch fetched in
+    # between. Checkpointing must go on through every epoch end.
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    cmd = ACCELERATE.command(out, sleep=None) + ["--accumulate", "1", "--epochs", "2"]
+    run = run_to_end(cmd, pyckpt_env(ckpt, every_steps=1, PYCKPT_KEEP="100"))
+    assert "no checkpoints will be taken" not in run.stderr, run.stderr
+    # 11 steps per epoch; the last step's snapshot would come at a fetch that never happens.
+    assert _harness.committed_steps(ckpt) == list(range(1, 22)), run.stderr[-2000:]
+
+
+def test_accelerate_sigterm_checkpoints_exits_and_resumes_exactly(references, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    env = pyckpt_env(ckpt, every_steps=1000)
+    run = _harness.launch(ACCELERATE.command(out), env)
+    assert run.wait_until(lambda: run.last_step() >= 8, KILL_TIMEOUT_S), run.stderr[-3000:]
+    os.kill(run.popen.pid, signal.SIGTERM)
+    rc = run.finish(RUN_TIMEOUT_S)
+    assert rc in (-signal.SIGTERM, 128 + signal.SIGTERM), f"exit status {rc}:\n{run.stderr[-3000:]}"
+    assert not out.exists(), "the job trained to the end instead of stopping"
+    committed = _harness.committed_steps(ckpt)
+    assert len(committed) == 1 and 8 <= committed[0] <= run.last_step(), (committed, run.last_step())
+    resumed = run_to_end(ACCELERATE.command(out), env)
+    crash = Crash(run, committed, [], resumed, _harness.resume_line(resumed.stderr))
+    assert_resumed_exactly(crash, references.get(ACCELERATE), out)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    # The shared References cache is keyed by script name; the 2-rank run has its own.
+    return References(tmp_path_factory.mktemp("accelerate_ddp")).get(ACCELERATE_DDP)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_accelerate_torchrun_two_ranks_resumes_exactly_past_epoch_0(ddp_reference, tmp_path):
+    # Step 8's snapshot is taken mid-epoch 2 on both ranks, each one batch ahead in its own shard.
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    crash = kill_and_relaunch(ACCELERATE_DDP.command(out), pyckpt_env(ckpt, every_steps=4), ckpt, out,
+                              after_commit(ckpt, 8))
+    assert_resumed_exactly(crash, ddp_reference, out)

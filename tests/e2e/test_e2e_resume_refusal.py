@@ -1,0 +1,44 @@
+"""An optimizer that steps before the training loader reached the checkpoint's position: the relaunch
+does not replay the run that wrote it. One ``pyckpt:`` line and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import pytest
+
+import _harness
+from e2e_helpers import RUN_TIMEOUT_S, pyckpt_env, run_to_end
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
+
+SCRIPT = '''
+import sys
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=3)
+if sys.argv[1] == "step-first":
+    next(iter(DataLoader(TensorDataset(torch.randn(5, 4)), batch_size=5)))  # another loader first
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()  # before the training loader reached the checkpoint's position
+for epoch in range(2):
+    for (x,) in loader:
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+'''
+
+
+def test_step_before_restore_point_is_one_line_and_exit_2(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = pyckpt_env(tmp_path / "ckpt", every_steps=2)
+    run_to_end(_harness.python_command(script, ["plain"]), env)
+    assert _harness.committed_steps(tmp_path / "ckpt"), "no checkpoint to resume from"
+    run = _harness.launch(_harness.python_command(script, ["step-first"]), env)
+    rc = run.finish(RUN_TIMEOUT_S)
+    assert rc == 2, f"exit {rc}:\n{run.stderr[-3000:]}"
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = [line for line in run.stderr_lines if "refusing to guess" in line]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: cannot resume: "), run.stderr[-3000:]

@@ -1,0 +1,108 @@
+"""Disk full at every level of free space a save can meet: in the data file, the part file, the
+manifest, the `latest` pointer. Training (the caller of `Checkpointer.save`) never gets an
+exception, the previous checkpoint survives and loads, the failure is reported in one line, a
+save that committed before the pointer failed is reported as committed, and the next save once
+space is back leaves nothing behind.
+
+Needs root (mounts a small tmpfs); CI runs as root, so a failing mount fails the test loudly.
+"""
+import contextlib
+import logging
+import os
+import subprocess
+
+import torch
+
+import pyckpt
+
+PAGE = 4096
+BASE = {"t": torch.arange(4096, dtype=torch.float32)}  # 16 KiB
+BIG = {"t": torch.arange(16384, dtype=torch.float32) + 1}  # 64 KiB: 16 pages of data
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size_kb):
+    os.makedirs(path)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", path], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, f"cannot mount a tmpfs at {path} (these tests need root): {r.stderr.strip()}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
+
+
+def fill_leaving(mount, free_bytes):
+    """Fill the file system until exactly ``free_bytes`` are left; returns the filler's path."""
+    st = os.statvfs(mount)
+    filler = os.path.join(mount, "filler")
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - free_bytes))
+    assert os.statvfs(mount).f_bavail * PAGE == free_bytes
+    return filler
+
+
+def test_disk_full_at_every_level_keeps_the_previous_checkpoint(tmp_path, caplog):
+    outcomes = {}
+    with small_tmpfs(str(tmp_path / "mnt"), 1024) as mnt:
+        for level in range(0, 22):  # free pages when the second save starts
+            root = os.path.join(mnt, f"root{level}")
+            with pyckpt.Checkpointer(root, keep=1) as ck:
+                ck.save(1, BASE).result(60)
+                filler = fill_leaving(mnt, level * PAGE)
+                caplog.clear()
+                with caplog.at_level(logging.WARNING, logger="pyckpt"):
+                    fut = ck.save(2, BIG)  # must not raise: training goes on
+                    committed = fut.wait(60)
+                lines = [r.getMessage() for r in caplog.records if r.name == "pyckpt"]
+                assert len(lines) <= 1 and all("\n" not in ln for ln in lines), lines
+                if committed:
+                    assert fut.result(0).endswith("step-000000002")
+                    assert ck.latest().step == 2 and torch.equal(ck.load()["t"], BIG["t"])
+                    outcomes[level] = "committed, pointer failed" if lines else "committed"
+                    if lines:
+                        assert "committed, but the 'latest' pointer was not updated" in lines[0]
+                else:
+                    err = str(fut.exception())
+                    assert "No space left on device" in err and len(lines) == 1 and err in lines[0], (err, lines)
+                    assert ck.latest().step == 1 and torch.equal(ck.load()["t"], BASE["t"])
+                    assert torch.equal(pyckpt.load(root)["t"], BASE["t"])
+                    what = [w for w in ("data-000.bin", "rank-00000.json", "MANIFEST.json") if w in err]
+                    assert len(what) == 1, err
+                    outcomes[level] = f"failed in {what[0]}"
+                os.remove(filler)
+                ck.save(3, BASE).result(60)  # space is back: the next save works and cleans up
+                assert sorted(os.listdir(root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000003"]
+            subprocess.run(["rm", "-rf", root], check=True)
+    seen = set(outcomes.values())
+    # Every file of a save met the full disk at some level, and enough space committed it.
+    assert {"failed in data-000.bin", "failed in rank-00000.json", "failed in MANIFEST.json",
+            "committed, pointer failed", "committed"} <= seen, outcomes
+    assert outcomes[0] == "failed in data-000.bin" and outcomes[21] == "committed"
+
+
+def test_disk_full_in_a_subprocess_never_kills_training(tmp_path):
+    """A training loop that checkpoints every step on a full disk runs to its end (exit 0)."""
+    script = (
+        "import sys, torch, pyckpt\n"
+        "ck = pyckpt.Checkpointer(sys.argv[1], keep=2)\n"
+        "ck.save(0, {'w': torch.zeros(10)}).result(60)\n"
+        "try:\n"
+        "    open(sys.argv[1] + '/../filler', 'wb').write(b'\\0' * 10**7)\n"
+        "except OSError:\n"
+        "    pass  # the disk is full now\n"
+        "w = torch.zeros(100_000)\n"
+        "for step in range(1, 6):\n"
+        "    w += 1\n"
+        "    ck.save(step, {'w': w}).wait(60)\n"
+        "print('TRAINED', int(w[0]))\n")
+    with small_tmpfs(str(tmp_path / "mnt"), 256) as mnt:
+        import sys
+
+        r = subprocess.run([sys.executable, "-c", script, os.path.join(mnt, "root")], capture_output=True,
+                           text=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")})
+        assert r.returncode == 0 and "TRAINED 5" in r.stdout, r.stderr
+        failures = [ln for ln in r.stderr.splitlines() if ln.startswith("pyckpt: checkpoint of step")]
+        assert len(failures) == 5 and all("No space left on device" in ln for ln in failures), r.stderr
+        assert torch.equal(pyckpt.load(os.path.join(mnt, "root"))["w"], torch.zeros(10))

@@ -1,0 +1,73 @@
+"""The hostile-checkpoint corpus (hostile_corpus.CORPUS): every case is refused by load,
+open_checkpoint and `pyckpt verify` alike, with a typed error, promptly, reading nothing outside."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import pyckpt
+from pyckpt import reader
+from pyckpt._native import get_engine
+from pyckpt.api import resolve
+from pyckpt.errors import CorruptCheckpointError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hostile_corpus import BLOCKING, CORPUS  # noqa: E402
+
+
+def bounded(fn, timeout=60):
+    """Run ``fn`` in a daemon thread; a hang fails the test instead of hanging the suite."""
+    out: list = []
+
+    def go():
+        try:
+            out.append(("ok", fn()))
+        except BaseException as e:  # noqa: BLE001 - reported to the test below
+            out.append(("err", e))
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"{fn} did not return within {timeout} s"
+    return out[0]
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_load_open_and_verify_refuse_with_a_typed_error(tmp_path, name):
+    path = str(CORPUS[name](tmp_path))
+    for what, fn in [("load", lambda: pyckpt.load(path)),
+                     ("verify", lambda: reader.verify(get_engine(), resolve(path, newest_committed=True))),
+                     ("open", lambda: reader.open_checkpoint(resolve(path)))]:
+        kind, val = bounded(fn)
+        assert kind == "err", f"{what} accepted hostile case {name}"
+        assert isinstance(val, CorruptCheckpointError), f"{what}: {type(val).__name__}: {val}"
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_cli_verify_prints_one_failed_line_and_exits_1(tmp_path, name):
+    path = str(CORPUS[name](tmp_path))
+    try:
+        r = subprocess.run([sys.executable, "-m", "pyckpt.cli", "verify", path], capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pyckpt verify hung on {name}")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "pyckpt verify: FAILED" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKING))
+def test_fifo_cases_return_promptly_in_a_fresh_process(tmp_path, name):
+    """A FIFO opened for reading without O_NONBLOCK blocks until a writer comes: never here."""
+    path = str(CORPUS[name](tmp_path))
+    code = ("import pyckpt, sys\n"
+            "try:\n    pyckpt.load(sys.argv[1])\n"
+            "except pyckpt.CorruptCheckpointError as e:\n    print('REFUSED', e)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"load hung on {name}")
+    assert r.returncode == 0 and "REFUSED" in r.stdout and "not a regular file" in r.stdout, r.stderr

@@ -1,0 +1,187 @@
+"""Issue 7 items 14 and 15: the start-up hook stays cheap and harmless, every bad setting is one clear line.
+
+Real subprocesses with the installed ``.pth`` start-up line; "training"
+means iterating a DataLoader, where transparent mode sets up its directory.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyckpt import ConfigError, activation, knobs
+from transparent_helpers import clean_env, run_script
+
+TRAIN = """\
+import torch
+from torch.utils.data import DataLoader
+model = torch.nn.Linear(1, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for x in DataLoader(torch.randn(4, 1), batch_size=2):
+    print('TRAINING STARTED', flush=True)
+    model(x).sum().backward()
+    opt.step()
+"""
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list, cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
+                          timeout=120)
+
+
+def _train(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    (tmp_path / "train.py").write_text(TRAIN)
+    return run_script(["train.py"], tmp_path, **env)
+
+
+def _one_line_exit_2(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "TRAINING STARTED" not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: "), r.stderr[-2000:]
+    return lines[0]
+
+
+# -- item 14: a process that does not train is left alone -----------------------------------
+def test_exported_dir_does_not_import_torch_into_other_processes(tmp_path):
+    r = _run([sys.executable, "-c", "import sys; print('torch' in sys.modules, 'pyckpt.activation' in sys.modules)"],
+             tmp_path, PYCKPT_DIR=tmp_path / "ck")
+    assert r.returncode == 0 and r.stdout.split() == ["False", "True"], r.stderr  # on, and torch not loaded
+    assert r.stderr == "" and not (tmp_path / "ck").exists()
+
+
+def test_unwritable_dir_breaks_no_process_that_does_not_train(tmp_path):
+    (tmp_path / "afile").write_text("")
+    bad = tmp_path / "afile" / "ck"  # not creatable, even by root
+    root = tmp_path / "root"
+    root.mkdir()
+    for cmd in ([sys.executable, "-c", "pass"], [sys.executable, "-m", "pip", "--version"],
+                [BIN / "pyckpt", "ls", root], [sys.executable, "-c", "import torch"]):
+        r = _run(cmd, tmp_path, PYCKPT_DIR=bad)
+        assert r.returncode == 0 and "pyckpt:" not in r.stderr, (cmd, r.stderr[-2000:])
+    # ... but a process that trains stops at its first DataLoader iter(), before any step
+    assert "not writable" in _one_line_exit_2(_train(tmp_path, PYCKPT_DIR=bad))
+
+
+def test_bad_setting_stops_neither_plain_python_nor_the_pyckpt_command(tmp_path):
+    import torch
+
+    import pyckpt
+
+    ck = pyckpt.save({"w": torch.ones(3)}, tmp_path / "ck")
+    for cmd in ([sys.executable, "-c", "pass"], [BIN / "pyckpt", "verify", ck],
+                [sys.executable, "-m", "pyckpt", "verify", ck]):
+        r = _run(cmd, tmp_path, PYCKPT_DIR=tmp_path / "root", PYCKPT_KEEP="0")
+        assert r.returncode == 0 and "pyckpt:" not in r.stderr, (cmd, r.stderr[-2000:])
+    # a torch process is told (it may be about to train)
+    r = _run([sys.executable, "-c", "import torch"], tmp_path, PYCKPT_DIR=tmp_path / "root", PYCKPT_KEEP="0")
+    assert r.returncode == 2 and r.stderr.strip() == "pyckpt: PYCKPT_KEEP='0' is not valid: expected an integer >= 1"
+
+
+# -- item 15: bad settings ----------------------------------------------------------------
+@pytest.mark.parametrize("env,needles", [
+    ({"PYCKPT_DIR": ""}, ["PYCKPT_DIR is set but empty"]),
+    ({"PYCKPT_DIR": "s3://bucket/x"}, ["PYCKPT_DIR", "s3://bucket/x", "remote storage is not supported"]),
+    ({"PYCKPT_DIR": "ck", "PYCKPT_EVERY_SECONDS": "0"}, ["PYCKPT_EVERY_SECONDS='0'", "> 0"]),
+    ({"PYCKPT_DIR": "ck", "PYCKPT_RESUME": "/nonexistent"}, ["PYCKPT_RESUME='/nonexistent'", "does not exist"]),
+])
+def test_bad_setting_is_one_line_and_exit_2_before_training(tmp_path, env, needles):
+    line = _one_line_exit_2(_train(tmp_path, **env))
+    for needle in needles:
+        assert needle in line, line
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_resume_path_that_is_a_file_is_rejected(tmp_path):
+    (tmp_path / "f").write_text("")
+    line = _one_line_exit_2(_train(tmp_path, PYCKPT_DIR="ck", PYCKPT_RESUME=tmp_path / "f"))
+    assert "is not a directory" in line
+
+
+def test_unknown_names_are_warned_with_the_closest_known_name(tmp_path):
+    r = _train(tmp_path, PYCKPT_DIR="ck", PYCKPT_EVERY_STEP="1", PYCKPT_KEPP="2", PYCKPT_ZZZ="1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    warn = [ln for ln in r.stderr.splitlines() if "unknown setting" in ln]
+    assert warn == ["pyckpt: warning: unknown settings ignored: PYCKPT_EVERY_STEP (did you mean "
+                    "PYCKPT_EVERY_STEPS?), PYCKPT_KEPP (did you mean PYCKPT_KEEP?), PYCKPT_ZZZ"], r.stderr
+
+
+def test_unknown_names_in_process_without_known_names_only_build_time_ones_are_known():
+    assert knobs.unknown_names({"PYCKPT_CUDA": "0", "PYCKPT_DIR": "x", "HOME": "/"}) == []
+    assert knobs.unknown_names({"PYCKPT_DRI": "x"}) == [("PYCKPT_DRI", "PYCKPT_DIR")]
+
+
+def test_enable_rejects_a_misspelt_setting_naming_the_closest():
+    with pytest.raises(ConfigError, match="did you mean every_steps"):
+        activation.enable("unused", every_step=5)
+
+
+def test_checkpointer_and_save_reject_urls(tmp_path, monkeypatch):
+    import pyckpt
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="remote storage is not supported yet"):
+        pyckpt.Checkpointer("s3://bucket/x")
+    with pytest.raises(ConfigError, match="remote storage is not supported yet"):
+        pyckpt.save({"a": 1}, "gs://bucket/x")
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_seconds_must_be_positive_and_finite(monkeypatch):
+    for bad in ("0", "-1", "nan", "inf"):
+        monkeypatch.setenv("PYCKPT_EVERY_SECONDS", bad)
+        with pytest.raises(ConfigError, match="expected a number > 0"):
+            knobs.get("PYCKPT_EVERY_SECONDS")
+    monkeypatch.setenv("PYCKPT_EVERY_SECONDS", "0.5")
+    assert knobs.get("PYCKPT_EVERY_SECONDS") == 0.5
+
+
+# -- the start-up line --------------------------------------------------------------------
+def test_startup_line_says_where_how_often_and_that_600_s_is_the_default(tmp_path):
+    r = _train(tmp_path, PYCKPT_DIR="ck")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "checkpointing to" in ln]
+    assert lines == [f"pyckpt: checkpointing to {tmp_path / 'ck'} every 600 s (the default: nothing is saved in "
+                     "the first 10 minutes; set PYCKPT_EVERY_STEPS or PYCKPT_EVERY_SECONDS to change it), keep 3"]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"PYCKPT_EVERY_STEPS": "5", "PYCKPT_KEEP": "2"}, "every 5 steps, keep 2"),
+    ({"PYCKPT_EVERY_SECONDS": "30"}, "every 30 s, keep 3"),
+    ({"PYCKPT_EVERY_STEPS": "5", "PYCKPT_EVERY_SECONDS": "1.5"}, "every 5 steps or 1.5 s, keep 3"),
+])
+def test_startup_line_names_the_triggers(tmp_path, env, expected):
+    r = _train(tmp_path, PYCKPT_DIR="ck", **env)
+    assert r.returncode == 0, r.stderr
+    assert f"pyckpt: checkpointing to {tmp_path / 'ck'} {expected}\n" in r.stderr
+
+
+@pytest.mark.parametrize("env", [{"PYCKPT_LOG": "quiet"}, {"RANK": "1"}])
+def test_startup_line_silenced_by_quiet_and_on_other_ranks(tmp_path, env):
+    r = _train(tmp_path, PYCKPT_DIR="ck", PYCKPT_EVERY_STEPS="5", **env)
+    assert r.returncode == 0, r.stderr
+    assert "checkpointing to" not in r.stderr and r.stdout.count("TRAINING STARTED") == 2
+
+
+def test_pyckpt_run_rejects_an_empty_or_remote_directory(tmp_path, monkeypatch, capsys):
+    from pyckpt.run import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYCKPT_DIR", "")
+    assert main(["t.py"]) == 2
+    assert "PYCKPT_DIR is set but empty" in capsys.readouterr().err
+    monkeypatch.delenv("PYCKPT_DIR")
+    assert main(["--dir", "s3://bucket/x", "t.py"]) == 2
+    assert "remote storage is not supported" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_from_a_directory_that_is_no_checkpoint_is_one_line(tmp_path):
+    """Passes the start-up check (it exists), fails when training starts: still one line, exit 2."""
+    (tmp_path / "notackpt").mkdir()
+    line = _one_line_exit_2(_train(tmp_path, PYCKPT_DIR="ck", PYCKPT_RESUME=tmp_path / "notackpt"))
+    assert "PYCKPT_RESUME" in line and "notackpt" in line and "Traceback" not in line
