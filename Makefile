@@ -19,3 +19,5 @@ bench: setup
 	$(PYTHON) benchmarks/resume_time.py
 	$(PYTHON) benchmarks/hook_overhead.py
 	$(PYTHON) benchmarks/codec.py
+	$(PYTHON) benchmarks/snapshot_stall.py
+	$(PYTHON) benchmarks/train_loop.py
