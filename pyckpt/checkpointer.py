@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import activation, catalog, commit, knobs, layout, lock, metrics, reader, writer
 from ._native import CODEC_IDS, require_codec
@@ -296,15 +296,18 @@ class Checkpointer:
         return fut is None or fut.wait(timeout)
 
     # -- finding and loading -----------------------------------------------
-    def latest(self, verify: bool = False) -> CheckpointInfo | None:
+    def latest(self, verify: bool = False, check: Callable[[str], None] | None = None) -> CheckpointInfo | None:
         """The newest commit (commit order, not step number) that validates and every rank sees, or None.
 
         ``verify=False`` (default, cheap) checks the manifest, every part and
         every data file's size; a damaged chunk is then found while loading,
         and ``load()``/``restore()`` fall back past it. ``verify=True`` also
         reads every chunk and checks its checksums (ranks share the work), so
-        what it returns loads, at the cost of reading the checkpoint once."""
+        what it returns loads, at the cost of reading the checkpoint once.
+        ``check(path)`` runs first for each candidate; what it raises propagates."""
         for path in self._candidates():
+            if check is not None:
+                check(path)
             if not verify:
                 return info_for(path)
             err = _try(lambda: verify_share(path, self.coord.rank, self.coord.world_size))
@@ -404,22 +407,11 @@ def verify_share(path: str, rank: int, world_size: int) -> None:
     (all of them with one rank), in bounded memory; raises ``CorruptCheckpointError``."""
     from ._native import get_engine
 
-    engine = get_engine()
-    op = reader.open_checkpoint(path)
     if world_size == 1:
-        reader.verify(engine, path)
+        reader.verify(get_engine(), path)  # also checks the trees, as a single rank must
         return
-    batch: list[tuple[int, int]] = []
-    size = 0
-    for pi in range(rank, len(op.parts), world_size):
-        for ci, ch in enumerate(op.parts[pi]["chunks"]):
-            batch.append((pi, ci))
-            size += ch["raw_len"]
-            if size >= reader._VERIFY_BATCH_BYTES:
-                reader._verify_batch(engine, op, batch)
-                batch, size = [], 0
-    if batch:
-        reader._verify_batch(engine, op, batch)
+    op = reader.open_checkpoint(path)
+    reader.verify_chunks(get_engine(), op, range(rank, len(op.parts), world_size))
 
 
 def info_for(path: str) -> CheckpointInfo:

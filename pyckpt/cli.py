@@ -73,6 +73,17 @@ def _time(t: float) -> str:
     return f"{datetime.datetime.fromtimestamp(t, datetime.timezone.utc):%Y-%m-%d %H:%M:%S}"
 
 
+def _resolve_or_err(args: argparse.Namespace) -> str | None:
+    """The newest committed checkpoint ``args.path`` names, or None after saying why there is none."""
+    from .api import resolve
+
+    try:
+        return resolve(args.path, newest_committed=True)
+    except CheckpointNotFoundError as e:
+        _err(args.verb, str(e))
+        return None
+
+
 # -- ls ---------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
     from . import catalog
@@ -112,13 +123,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 # -- verify -----------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
     from ._native import get_engine
-    from .api import resolve
     from .reader import verify
 
-    try:
-        path = resolve(args.path, newest_committed=True)
-    except CheckpointNotFoundError as e:
-        _err("verify", str(e))
+    path = _resolve_or_err(args)
+    if path is None:
         return NOT_FOUND
     try:
         op = verify(get_engine(), path)
@@ -140,13 +148,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # -- inspect ----------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .api import resolve
     from .inspection import render, summarize, to_json
 
-    try:
-        path = resolve(args.path, newest_committed=True)
-    except CheckpointNotFoundError as e:
-        _err("inspect", str(e))
+    path = _resolve_or_err(args)
+    if path is None:
         return NOT_FOUND
     try:
         s = summarize(path)

@@ -17,6 +17,7 @@ and every sidecar field is checked before it is used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -80,12 +81,13 @@ def export(path: str, fmt: str, out: str, rank: int | None = None, progress: Pro
         raise ValueError(f"format must be 'torch' or 'safetensors', got {fmt!r}")
     st = _safetensors() if fmt == "safetensors" else None
     state, step = load_state(path, rank)
-    _, tensors, _ = tree.flatten(state)
+    flat = tree.flatten(state)
+    tensors = flat[1]
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     if fmt == "torch":
         _atomic(out, lambda tmp: torch.save(state, tmp))
         return Exported([out], len(tensors), step)
-    files = _export_safetensors(st, state, step, out, progress)
+    files = _export_safetensors(st, state, flat, step, out, progress)
     return Exported(files, len(tensors), step)
 
 
@@ -112,8 +114,9 @@ def _names(paths: list[str]) -> list[str]:
     return names
 
 
-def _export_safetensors(st: Any, state: Any, step: int, out: str, progress: Progress) -> list[str]:
-    json_tree, tensors, paths = tree.flatten(state)
+def _export_safetensors(st: Any, state: Any, flat: tuple[Any, list[torch.Tensor], list[str]],
+                       step: int, out: str, progress: Progress) -> list[str]:
+    json_tree, tensors, paths = flat  # tree.flatten(state)
     names = _names(paths)
     flat_plain = (isinstance(state, dict) and json_tree == {k: {tree.TAG: "tensor", "id": i}
                                                           for i, k in enumerate(state)}
@@ -226,7 +229,7 @@ def _typed(flat: dict[str, torch.Tensor], r: Any, bad: Callable[[str], Exception
     dt = dtype_of(r.get("dtype"), "sidecar")
     t = flat[r["name"]]
     if r.get("raw_bytes"):
-        want = dt.itemsize * _prod(shape)
+        want = dt.itemsize * math.prod(shape)
         if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != want:
             raise bad(f"tensor {r['name']!r}: {t.numel()} raw bytes, {want} expected for {r['dtype']} {shape}")
         t = t.view(dt).reshape(shape) if want else torch.empty(shape, dtype=dt)
@@ -235,13 +238,6 @@ def _typed(flat: dict[str, torch.Tensor], r: Any, bad: Callable[[str], Exception
     if r.get("requires_grad") and (dt.is_floating_point or dt.is_complex):
         t.requires_grad_(True)
     return t
-
-
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def import_file(src: str, out: str, step: int | None = None, compress: str = "none") -> str:

@@ -285,7 +285,6 @@ class LoaderTracker:
                 raise
             st.batches += 1
             tracker.fetches += 1
-            tracker.last = st
             if tracker.fetches == tracker.check_at:
                 tracker.on_idle_fetches()
             return data

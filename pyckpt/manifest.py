@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__, layout
 from .dtypes import dtype_of
 from .errors import CorruptCheckpointError, FormatVersionError
-from .safe_fs import CheckpointDir
+from .safe_fs import CheckpointDir, full_path
 
 FORMAT = "pyckpt"
 # 1.1: MANIFEST.json carries "manifest_crc32c" (docs/FORMAT.md §3); 1.0 manifests (without it) still load.
@@ -202,7 +202,7 @@ def _safe_rel(c: _Check, rel: str) -> str:
 
 def read_part(ckpt_dir: str, info: dict, cdir: CheckpointDir | None = None) -> dict:
     """Read a part listed in the manifest, check its size and CRC32C, validate it."""
-    path = os.path.normpath(os.path.join(ckpt_dir, info["file"]))
+    path = full_path(ckpt_dir, info["file"])
     if cdir is None:
         with CheckpointDir(ckpt_dir) as d:
             raw = d.read(info["file"], MAX_PART_BYTES, "part")

@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -29,7 +29,7 @@ from . import layout, manifest, tree
 from ._native import CODEC_IDS
 from .dtypes import dtype_of
 from .errors import CorruptCheckpointError, PyckptError
-from .safe_fs import CheckpointDir
+from .safe_fs import CheckpointDir, full_path
 
 log = logging.getLogger("pyckpt")
 
@@ -88,7 +88,7 @@ def _check_files(d: CheckpointDir, parts: list[dict]) -> None:
         for f in part["files"]:
             size = d.size(f["path"], "data file")
             if size < f["nbytes"]:
-                p = os.path.normpath(os.path.join(d.path, f["path"]))
+                p = full_path(d.path, f["path"])
                 raise CorruptCheckpointError(f"data file {p} is truncated: {size} of {f['nbytes']} bytes", path=p)
         for ch in part["chunks"]:
             spans.setdefault(ch["file"], []).append((ch["offset"], ch["offset"] + ch["stored_len"], pi))
@@ -96,7 +96,7 @@ def _check_files(d: CheckpointDir, parts: list[dict]) -> None:
         s.sort()
         for (_, a1, pa), (b0, _, pb) in zip(s, s[1:]):
             if b0 < a1 and pa != pb:
-                p = os.path.normpath(os.path.join(d.path, rel))
+                p = full_path(d.path, rel)
                 raise CorruptCheckpointError(f"chunks of rank parts {pa} and {pb} overlap in {p}", path=p)
 
 
@@ -370,7 +370,7 @@ class _FileTable:
         if rel not in self.index:
             fd, _ = self.dir.open(rel, "data file")
             self.index[rel] = len(self.paths)
-            self.paths.append(os.path.normpath(os.path.join(self.dir.path, rel)))
+            self.paths.append(full_path(self.dir.path, rel))
             self.fds.append(fd)
         return self.index[rel]
 
@@ -428,15 +428,23 @@ def verify(engine: Any, path: str) -> Opened:
     Runs every check ``load`` runs (``open_checkpoint`` includes the trees),
     then decodes every chunk and checks its ``raw_crc32c`` too."""
     op = open_checkpoint(path)
-    keys = [(pi, ci) for pi, part in enumerate(op.parts) for ci in range(len(part["chunks"]))]
-    batch: list[tuple[int, int]] = []
-    for key in keys:
-        batch.append(key)
-        if sum(op.parts[p]["chunks"][c]["raw_len"] for p, c in batch) >= _VERIFY_BATCH_BYTES:
-            _verify_batch(engine, op, batch)
-            batch = []
-    _verify_batch(engine, op, batch)
+    verify_chunks(engine, op)
     return op
+
+
+def verify_chunks(engine: Any, op: Opened, parts: Iterable[int] | None = None) -> None:
+    """Decode every chunk of parts ``parts`` of ``op`` (all of them by default) and check its
+    checksums, in batches of about ``_VERIFY_BATCH_BYTES`` of scratch memory."""
+    batch: list[tuple[int, int]] = []
+    size = 0
+    for pi in range(len(op.parts)) if parts is None else parts:
+        for ci, ch in enumerate(op.parts[pi]["chunks"]):
+            batch.append((pi, ci))
+            size += ch["raw_len"]
+            if size >= _VERIFY_BATCH_BYTES:
+                _verify_batch(engine, op, batch)
+                batch, size = [], 0
+    _verify_batch(engine, op, batch)
 
 
 _VERIFY_BATCH_BYTES = 256 << 20

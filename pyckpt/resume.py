@@ -20,62 +20,41 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import layout, manifest, reader
-from .checkpointer import Checkpointer, Restored, _try, info_for, verify_share
+from .checkpointer import Checkpointer, Restored, info_for
 from .coord import Coordinator
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, PyckptError
+from .errors import CheckpointNotFoundError, PyckptError
 
 
 @dataclass
 class Source:
     """The checkpoint to resume from and this rank's per-rank state in it."""
 
+    checkpointer: Checkpointer
     path: str
     step: int
-    rank: int
     rank_state: Any
 
     def restore(self, into: Any) -> Restored:
         """Read the whole checkpoint; module tensors land in ``into`` in place."""
-        from ._native import get_engine
-
-        op = reader.open_checkpoint(self.path)
-        engine = get_engine()
-        state = reader.load_section(engine, op, "replicated", 0, into, "cpu")
-        rs = reader.load_section(engine, op, "rank", self.rank, None, "cpu")
-        return Restored(state, rs, op.step, self.path)
+        return self.checkpointer._restore_path(self.path, into, None, "cpu")
 
 
 def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | None:
     """The checkpoint named by PYCKPT_RESUME (``auto``: the newest sound commit all ranks see; ``never``: none)."""
-    from .transparent import say
-
     if setting == "never":
         return None
     if setting == "auto":
-        chosen = None
-        for path in ckpt._candidates():
-            check_world_size(path, coord.world_size)
-            err = _try(lambda: verify_share(path, coord.rank, coord.world_size))
-            errors = ckpt._gather_errors(err)
-            if not errors:
-                chosen = path
-                break
-            if err is not None and not isinstance(err, CorruptCheckpointError):
-                raise err
-            if coord.rank == 0:
-                rank, msg, _ = errors[0]
-                where = f" (rank {rank})" if coord.world_size > 1 else ""
-                say(f"skipping damaged checkpoint {path}{where}: {msg}", "warning")
-        if chosen is None:
+        info = ckpt.latest(verify=True, check=lambda p: check_world_size(p, coord.world_size))
+        if info is None:
             return None
-        path = chosen
+        path = info.path
     else:
         path = os.path.abspath(setting)
         if not layout.is_checkpoint_dir(path):
             raise CheckpointNotFoundError(f"PYCKPT_RESUME={setting!r} is not a complete pyckpt checkpoint "
                                           "directory (one holding MANIFEST.json)")
         check_world_size(path, coord.world_size)
-    return Source(path, info_for(path).step, coord.rank, read_rank_state(path, coord.rank))
+    return Source(ckpt, path, info_for(path).step, read_rank_state(path, coord.rank))
 
 
 def check_world_size(path: str, world_size: int) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import discovery, knobs, rng
+from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry
 from .loader_state import FastForward, LoaderTracker, Stream
@@ -32,17 +33,6 @@ SIGTERM_GRACE_S = 60.0  # after SIGTERM, exit anyway if no consistent point come
 
 # name -> (getter, setter), filled by pyckpt.register() (works before and after enable()).
 REGISTERED: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
-
-
-def say(msg: str, level: str = "info") -> None:
-    """One ``pyckpt: ...`` line on stderr, subject to PYCKPT_LOG (warnings always print)."""
-    try:
-        setting = knobs.get("PYCKPT_LOG")
-    except PyckptError:
-        setting = "info"
-    if level == "warning" or setting == "debug" or (level == "info" and setting == "info"):
-        sys.stderr.write(f"pyckpt: {msg}\n")
-        sys.stderr.flush()
 
 
 class Session:

@@ -8,6 +8,8 @@ continuing at the next step) and finished with exactly the reference state.
 """
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,21 @@ def kill_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: 
     in_progress = _harness.in_progress_steps(ckpt_dir)
     resumed = run_to_end(cmd, relaunch_env or env, cwd)
     return Crash(run, committed, in_progress, resumed, _harness.resume_line(resumed.stderr))
+
+
+def sigterm_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: Path, at_step: int) -> Crash:
+    """SIGTERM the run once it printed step ``at_step``; it must take one checkpoint and exit by the
+    signal before the end. Then relaunch to the end."""
+    run = _harness.launch(cmd, env)
+    assert run.wait_until(lambda: run.last_step() >= at_step, KILL_TIMEOUT_S), run.stderr[-3000:]
+    os.kill(run.popen.pid, signal.SIGTERM)
+    rc = run.finish(RUN_TIMEOUT_S)
+    assert rc in (-signal.SIGTERM, 128 + signal.SIGTERM), f"exit status {rc}:\n{run.stderr[-3000:]}"
+    assert not out.exists(), "the job trained to the end instead of stopping"
+    committed = _harness.committed_steps(ckpt_dir)
+    assert len(committed) == 1 and at_step <= committed[0] <= run.last_step(), (committed, run.last_step())
+    resumed = run_to_end(cmd, env)
+    return Crash(run, committed, [], resumed, _harness.resume_line(resumed.stderr))
 
 
 def assert_lines_match(run: Run, reference: Reference) -> None:

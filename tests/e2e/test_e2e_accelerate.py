@@ -8,14 +8,11 @@ trained on" differ.
 """
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 
 import _harness
-from e2e_helpers import (KILL_TIMEOUT_S, RUN_TIMEOUT_S, Crash, Example, References, after_commit,
-                         assert_resumed_exactly, kill_and_relaunch, pyckpt_env, run_to_end)
+from e2e_helpers import (Example, References, after_commit, assert_resumed_exactly, kill_and_relaunch, pyckpt_env,
+                         run_to_end, sigterm_and_relaunch)
 
 pytest.importorskip("accelerate", reason="accelerate is a test-only dependency (requirements-dev.txt)")
 
@@ -62,17 +59,7 @@ def test_accelerate_checkpoints_every_step_across_epoch_ends(references, tmp_pat
 
 def test_accelerate_sigterm_checkpoints_exits_and_resumes_exactly(references, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    env = pyckpt_env(ckpt, every_steps=1000)
-    run = _harness.launch(ACCELERATE.command(out), env)
-    assert run.wait_until(lambda: run.last_step() >= 8, KILL_TIMEOUT_S), run.stderr[-3000:]
-    os.kill(run.popen.pid, signal.SIGTERM)
-    rc = run.finish(RUN_TIMEOUT_S)
-    assert rc in (-signal.SIGTERM, 128 + signal.SIGTERM), f"exit status {rc}:\n{run.stderr[-3000:]}"
-    assert not out.exists(), "the job trained to the end instead of stopping"
-    committed = _harness.committed_steps(ckpt)
-    assert len(committed) == 1 and 8 <= committed[0] <= run.last_step(), (committed, run.last_step())
-    resumed = run_to_end(ACCELERATE.command(out), env)
-    crash = Crash(run, committed, [], resumed, _harness.resume_line(resumed.stderr))
+    crash = sigterm_and_relaunch(ACCELERATE.command(out), pyckpt_env(ckpt, every_steps=1000), ckpt, out, 8)
     assert_resumed_exactly(crash, references.get(ACCELERATE), out)
 
 

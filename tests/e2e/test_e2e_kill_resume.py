@@ -5,15 +5,10 @@ get the one or two points where their particular state is most at risk.
 """
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 
-import _harness
-from e2e_helpers import (DDP, GAN, INFINITE, KILL_TIMEOUT_S, LORA, RUN_TIMEOUT_S, SINGLE, Crash,
-                         after_commit, assert_resumed_exactly, at_step, during_write,
-                         kill_and_relaunch, pyckpt_env, run_to_end)
+from e2e_helpers import (DDP, GAN, INFINITE, LORA, SINGLE, after_commit, assert_resumed_exactly, at_step,
+                         during_write, kill_and_relaunch, pyckpt_env, sigterm_and_relaunch)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
 
@@ -86,14 +81,5 @@ def test_sigterm_checkpoints_exits_and_resumes_exactly(references, tmp_path):
     # checkpoint is the one SIGTERM asks for at the next consistent point.
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
     env = pyckpt_env(ckpt, every_steps=1000)
-    run = _harness.launch(SINGLE.command(out), env)
-    assert run.wait_until(lambda: at_step(8)(run), KILL_TIMEOUT_S), run.stderr[-3000:]
-    os.kill(run.popen.pid, signal.SIGTERM)
-    rc = run.finish(RUN_TIMEOUT_S)
-    assert rc in (-signal.SIGTERM, 128 + signal.SIGTERM), f"exit status {rc}:\n{run.stderr[-3000:]}"
-    assert not out.exists(), "the job trained to the end instead of stopping"
-    committed = _harness.committed_steps(ckpt)
-    assert len(committed) == 1 and 8 <= committed[0] <= run.last_step(), (committed, run.last_step())
-    resumed = run_to_end(SINGLE.command(out), env)
-    crash = Crash(run, committed, [], resumed, _harness.resume_line(resumed.stderr))
+    crash = sigterm_and_relaunch(SINGLE.command(out), env, ckpt, out, at_step=8)
     assert_resumed_exactly(crash, references.get(SINGLE), out)

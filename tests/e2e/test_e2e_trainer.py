@@ -85,6 +85,14 @@ def _newest_trainer_step(out: Path) -> int:
     return max(steps, default=0)
 
 
+def _launch_and_kill(cmd, env, kill_when) -> _harness.Run:
+    """Launch, wait until ``kill_when(run)`` holds, SIGKILL the process tree; returns the killed run."""
+    run = _harness.launch(cmd, env)
+    assert run.wait_until(lambda: kill_when(run), KILL_TIMEOUT_S), run.stderr[-3000:]
+    run.kill()
+    return run
+
+
 def _relaunch_and_check(cmd, env, ckpt: Path, out: Path, reference) -> tuple[str, _harness.Run]:
     """Relaunch after a kill and run to the end; one line names the newer checkpoint, and training
     continues right after it. Returns ("pyckpt" or "trainer", the run)."""
@@ -115,12 +123,8 @@ def test_trainer_own_resume_newer_wins_then_pyckpt_newer_wins(references, tmp_pa
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
     cmd = TRAINER.command(out, sleep=RESUME_SLEEP) + ["--resume"]
     env = pyckpt_env(ckpt, every_steps=7)
-    first = _harness.launch(cmd, env)
-    assert first.wait_until(lambda: _trainer_checkpoint_written(out, 8)(first), KILL_TIMEOUT_S), first.stderr[-3000:]
-    first.kill()
-    second = _harness.launch(cmd, env)
-    assert second.wait_until(lambda: after_commit(ckpt, 14)(second), KILL_TIMEOUT_S), second.stderr[-3000:]
-    second.kill()
+    _launch_and_kill(cmd, env, _trainer_checkpoint_written(out, 8))
+    second = _launch_and_kill(cmd, env, after_commit(ckpt, 14))
     won = WON_RE.findall(second.stderr)
     assert [(w.startswith("pyckpt"), int(s)) for w, s in won] == [(False, 8)], second.stderr[-3000:]
     assert_lines_match(second, reference)
@@ -136,9 +140,7 @@ def test_trainer_own_resume_older_than_pyckpt(references, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
     cmd = TRAINER.command(out, sleep=RESUME_SLEEP) + ["--resume"]
     env = pyckpt_env(ckpt, every_steps=3)
-    first = _harness.launch(cmd, env)
-    assert first.wait_until(lambda: after_commit(ckpt, 9)(first), KILL_TIMEOUT_S), first.stderr[-3000:]
-    first.kill()
+    _launch_and_kill(cmd, env, after_commit(ckpt, 9))
     winner, run = _relaunch_and_check(cmd, env, ckpt, out, reference)
     assert winner == "pyckpt"
     assert_state_equal(reference, out)
@@ -190,11 +192,8 @@ def test_kill_during_trainer_save_with_its_own_resume(references, tmp_path):
     (inject / "sitecustomize.py").write_text(SLOW_SAVE % ("checkpoint-8", SAVE_STALL_S))
     slow_env = dict(env, PYTHONPATH=str(inject) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
     folder = out.with_suffix(".trainer") / "checkpoint-8"
-    first = _harness.launch(cmd, slow_env)
     saving = lambda: folder.is_dir() and any(folder.iterdir()) and not (folder / "trainer_state.json").exists()
-    assert first.wait_until(lambda: saving() and 6 in _harness.committed_steps(ckpt), KILL_TIMEOUT_S), (
-        first.stderr[-3000:])
-    first.kill()
+    _launch_and_kill(cmd, slow_env, lambda run: saving() and 6 in _harness.committed_steps(ckpt))
     assert not (folder / "trainer_state.json").exists()
     assert _harness.committed_steps(ckpt)[-1] == 6
     winner, run = _relaunch_and_check(cmd, env, ckpt, out, reference)

@@ -2,6 +2,7 @@
 open_checkpoint and `pyckpt verify` alike, with a typed error, promptly, reading nothing outside."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,16 +48,40 @@ def test_load_open_and_verify_refuse_with_a_typed_error(tmp_path, name):
         assert isinstance(val, CorruptCheckpointError), f"{what}: {type(val).__name__}: {val}"
 
 
-@pytest.mark.parametrize("name", sorted(CORPUS))
-def test_cli_verify_prints_one_failed_line_and_exits_1(tmp_path, name):
-    path = str(CORPUS[name](tmp_path))
+# One fresh process runs `pyckpt verify` (cli.main) on every case: a process per case costs ~3 s of imports.
+_CLI_DRIVER = """
+import contextlib, io, json, sys, traceback
+from pyckpt import cli
+for name, path in json.loads(sys.argv[1]).items():
+    print("CASE", name, file=sys.__stderr__, flush=True)  # names the case if this process hangs
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(["verify", path])
+        except BaseException:
+            rc, err = None, io.StringIO(traceback.format_exc())
+    print(json.dumps([name, rc, err.getvalue()]), file=sys.__stdout__, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_verify_results(tmp_path_factory):
+    paths = {n: str(CORPUS[n](tmp_path_factory.mktemp(n))) for n in sorted(CORPUS)}
     try:
-        r = subprocess.run([sys.executable, "-m", "pyckpt.cli", "verify", path], capture_output=True, text=True,
-                           timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"pyckpt verify hung on {name}")
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert "pyckpt verify: FAILED" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        r = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(paths)], capture_output=True, text=True,
+                           timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"pyckpt verify hung: {(e.stderr or b'')[-200:]!r}")
+    return {name: (rc, err) for name, rc, err in map(json.loads, r.stdout.splitlines())}, r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_cli_verify_prints_one_failed_line_and_exits_1(cli_verify_results, name):
+    results, driver_err = cli_verify_results
+    assert name in results, f"pyckpt verify did not finish {name}: {driver_err[-2000:]}"
+    rc, err = results[name]
+    assert rc == 1, err
+    assert "pyckpt verify: FAILED" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKING))
