@@ -21,3 +21,4 @@ bench: setup
 	$(PYTHON) benchmarks/codec.py
 	$(PYTHON) benchmarks/snapshot_stall.py
 	$(PYTHON) benchmarks/train_loop.py
+	$(PYTHON) benchmarks/fingerprint.py

@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent('''
     ap.add_argument("--steps", type=int)
     ap.add_argument("--torch-save")
     ap.add_argument("--torch-load")
+    ap.add_argument("--crash", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
     width = 2048
@@ -49,8 +50,7 @@ SCRIPT = textwrap.dedent('''
     loader = DataLoader(data, batch_size=4, shuffle=True)
     step = 0
     for (x,) in loader:
-        if step == 0:
-            print("first-batch", flush=True)
+        print("first-batch", flush=True)  # every batch: a resumed run's loop variables are restored too
         step += 1
         model(x).square().mean().backward()
         opt.step()
@@ -60,11 +60,16 @@ SCRIPT = textwrap.dedent('''
     if a.torch_save:
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, a.torch_save)
     print("done", flush=True)
+    if a.crash:  # an uncaught exception: the memory tier's copy is kept for the relaunch
+        raise RuntimeError("crash on purpose")
 ''')
 
 
 def env_without_pyckpt() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
+
+
+LAST_STDERR = [""]
 
 
 def time_to_first_batch(cmd: list[str], env: dict[str, str]) -> float:
@@ -76,6 +81,7 @@ def time_to_first_batch(cmd: list[str], env: dict[str, str]) -> float:
             dt = time.perf_counter() - t0
             p.kill()
             p.wait()
+            LAST_STDERR[:] = [p.stderr.read()]
             return dt
     raise RuntimeError(f"{cmd} ended without a first batch:\n{p.stderr.read()[-3000:]}")
 
@@ -92,18 +98,24 @@ def main() -> None:
             f.write(SCRIPT)
         ckdir, pt = os.path.join(work, "ck"), os.path.join(work, "state.pt")
         base = [sys.executable, script, "--params", str(args.params)]
-        # Two steps under pyckpt: a snapshot of step 2 is taken at the third fetch.
-        env = env_without_pyckpt() | {"PYCKPT_DIR": ckdir, "PYCKPT_EVERY_STEPS": "2"}
-        subprocess.run(base + ["--steps", "3", "--torch-save", pt], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        # Two steps under pyckpt: a snapshot of step 2 is taken at the third fetch, written to
+        # PYCKPT_DIR and kept in the memory tier (the run crashes, so the memory copy stays).
+        shm_mb = str(max(64, int(args.params * 16 / 2**20)))
+        env = env_without_pyckpt() | {"PYCKPT_DIR": ckdir, "PYCKPT_EVERY_STEPS": "2", "PYCKPT_SHM_MB": shm_mb}
+        crashed = subprocess.run(base + ["--steps", "3", "--torch-save", pt, "--crash"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if "crash on purpose" not in crashed.stderr:
+            raise RuntimeError(f"the first run failed:\n{crashed.stderr[-3000:]}")
         nbytes = os.path.getsize(pt)
         print(f"state: {nbytes / 1e9:.2f} GB (torch.save file), {os.cpu_count()} CPUs")
-        resume_env = env_without_pyckpt() | {"PYCKPT_DIR": ckdir, "PYCKPT_LOG": "quiet"}
+        resume_env = env_without_pyckpt() | {"PYCKPT_DIR": ckdir}
         runs = {
             "plain start, no checkpoint": (base + ["--steps", "1"], env_without_pyckpt()),
             "plain start + torch.load + load_state_dict": (base + ["--steps", "1", "--torch-load", pt],
                                                            env_without_pyckpt()),
             "PYCKPT_DIR transparent resume": (base + ["--steps", "5"], resume_env),
+            "PYCKPT_DIR resume from the memory tier": (base + ["--steps", "5"],
+                                                      resume_env | {"PYCKPT_SHM_MB": shm_mb}),
         }
         best = {name: min(time_to_first_batch(cmd, e) for _ in range(args.repeat))
                 for name, (cmd, e) in runs.items()}
@@ -114,7 +126,16 @@ def main() -> None:
         pk = best["PYCKPT_DIR transparent resume"]
         print(f"  restore cost: torch.load {tl - floor:.2f} s, pyckpt {pk - floor:.2f} s")
         print(f"  ratio pyckpt resume / (plain start + torch.load): {pk / tl:.3f}")
+        time_to_first_batch(*runs["PYCKPT_DIR resume from the memory tier"])
+        if "resuming from the memory tier" not in LAST_STDERR[0]:
+            raise RuntimeError(f"the memory-tier run did not resume from memory:\n{LAST_STDERR[0][-3000:]}")
+        mem = best["PYCKPT_DIR resume from the memory tier"]
+        print(f"  restore cost from the memory tier {mem - floor:.2f} s; ratio to storage "
+              f"{(mem - floor) / max(pk - floor, 1e-9):.3f}")
     finally:
+        from pyckpt import shm_tier
+
+        shutil.rmtree(shm_tier.shm_path(os.path.join(work, "ck")), ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -17,7 +17,10 @@ Modes:
                   waits for the previous one's upload
   pyckpt          Checkpointer.save(...) then future.captured() before the next step
   pyckpt-transparent  no code change: PYCKPT_DIR + PYCKPT_EVERY_STEPS, snapshots at the
-                  training loader's next fetch
+                  training loader's next fetch, copied lazily during the next forward/backward
+  pyckpt-transparent-eager  the same with PYCKPT_LAZY=0 (copied at the snapshot point)
+  pyckpt-transparent-shm  lazy, plus the memory tier (PYCKPT_SHM_MB): every snapshot kept in
+                  /dev/shm, every --storage-every'th (default: one per 10 steps) also written to disk
 
 Stall: for torch.save / dcp / pyckpt the time the training thread spent inside the
 checkpoint calls plus, for the asynchronous ones, the wait before the next optimizer
@@ -43,7 +46,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-MODES = ("none", "torch.save", "dcp.async_save", "pyckpt", "pyckpt-transparent")
+MODES = ("none", "torch.save", "dcp.async_save", "pyckpt", "pyckpt-transparent", "pyckpt-transparent-eager",
+         "pyckpt-transparent-shm")
+TRANSPARENT = ("pyckpt-transparent", "pyckpt-transparent-eager", "pyckpt-transparent-shm")
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -82,19 +87,23 @@ def build_job(kind: str, device: str):
 def child(args: argparse.Namespace) -> None:
     """Run one mode; print one JSON line of results."""
     mode, device = args.child, args.device
-    if mode == "pyckpt-transparent":
+    if mode in TRANSPARENT:
         import pyckpt.activation as activation
 
-        activation.enable(args.dir, every_steps=args.every, keep=2, log="quiet")
+        extra = {"lazy": 0} if mode == "pyckpt-transparent-eager" else {}
+        if mode == "pyckpt-transparent-shm":
+            extra = {"shm_mb": 4096, "storage_every": args.storage_every or max(1, 10 // args.every)}
+        activation.enable(args.dir, every_steps=args.every, keep=2, log="quiet", **extra)
     model, opt, loader = build_job(args.job, device)
     loss_fn = torch.nn.MSELoss()
     saver = Saver(mode, args.dir, model, opt)
     step_times, stalls, durable = [], [], []
     step, t_start = 0, None
+    t_last = time.perf_counter()  # iterations are timed end to end: the loader fetch (where a transparent
+    # snapshot is taken) and the wait before opt.step() both fall inside the step that pays for them
     warm = args.warmup
     while step < args.steps + warm:
         for x, y in loader:
-            t0 = time.perf_counter()
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
@@ -106,23 +115,33 @@ def child(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             if step == warm:
                 t_start = time.perf_counter()
-            if step > warm and mode not in ("none", "pyckpt-transparent") and step % args.every == 0:
+            if step > warm and mode != "none" and mode not in TRANSPARENT and step % args.every == 0:
                 stalls.append(saver.checkpoint(step))
-            step_times.append(time.perf_counter() - t0)
+            now = time.perf_counter()
+            step_times.append(now - t_last)
+            t_last = now
             if step >= args.steps + warm:
                 break
     elapsed = time.perf_counter() - t_start
     durable = saver.finish()
-    if mode == "pyckpt-transparent":
+    if mode in TRANSPARENT:
         import pyckpt.activation as activation
 
-        # The fetch that snapshots belongs to the step after the triggering one.
+        # The fetch that snapshots belongs to the step after the triggering one. Stall: that step's
+        # time over the median step without a snapshot (with one every step: the driver uses the
+        # no-checkpoint mode's median step instead).
         timed = step_times[warm:]
-        med = statistics.median(timed)
-        stalls = [max(0.0, timed[i] - med) for i in range(len(timed)) if (i + warm) % args.every == 0 and i]
+        snap = [(i + warm) % args.every == 0 and i > 0 for i in range(len(timed))]
+        quiet = [t for t, s in zip(timed, snap) if not s]
+        snap_times = [t for t, s in zip(timed, snap) if s]
+        if quiet and args.every > 1:
+            med = statistics.median(quiet)
+            stalls = [max(0.0, t - med) for t in snap_times]
         activation.disable()
     print(json.dumps({
         "mode": mode, "steps_per_s": args.steps / elapsed, "stalls": stalls, "durable": durable,
+        "snap_times": snap_times if mode in TRANSPARENT else [],
+        "median_step": statistics.median(step_times[warm:]),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }))
 
@@ -226,12 +245,15 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     work = tempfile.mkdtemp(prefix="pyckpt-trainloop-", dir=args.dir)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--dir", work, "--job", args.job,
            "--every", str(args.every), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--device", args.device]
+           "--device", args.device, "--storage-every", str(args.storage_every)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     finally:
         subprocess.run(["sync"], check=False)
+        from pyckpt import shm_tier  # a killed shm-mode child leaves its memory copy behind
+
+        shutil.rmtree(shm_tier.shm_path(work), ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     if out.returncode != 0:
         raise SystemExit(f"mode {mode} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -249,6 +271,8 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--storage-every", type=int, default=0,
+                   help="pyckpt-transparent-shm: write every Nth snapshot to disk (0: one per 10 steps)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
@@ -265,9 +289,12 @@ def main() -> None:
     base = statistics.median(x["steps_per_s"] for x in results.get("none", [])) if "none" in results else None
     print(f"\njob={args.job} device={args.device} every={args.every} steps={args.steps} rounds={args.rounds}")
     print(f"{'mode':<20} {'steps/s':>8} {'ratio':>6} {'stall med':>10} {'durable med':>12} {'peak RSS':>9}")
+    base_step = statistics.median(x["median_step"] for x in results["none"]) if "none" in results else None
     for m, runs in results.items():
         sps = statistics.median(x["steps_per_s"] for x in runs)
         stalls = [s for x in runs for s in x["stalls"]]
+        if not stalls and base_step is not None:  # transparent, a snapshot every step
+            stalls = [max(0.0, t - base_step) for x in runs for t in x["snap_times"]]
         dur = [d for x in runs for d in x["durable"]]
         ratio = f"{sps / base:.3f}" if base else "-"
         print(f"{m:<20} {sps:>8.3f} {ratio:>6} {_fmt(stalls):>10} {_fmt(dur):>12} "

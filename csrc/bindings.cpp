@@ -16,6 +16,7 @@
 #include "pyckpt/cuda_api.h"
 #include "pyckpt/engine.h"
 #include "pyckpt/errors.h"
+#include "pyckpt/fingerprint.h"
 #include "pyckpt/zstd_api.h"
 
 namespace py = pybind11;
@@ -29,6 +30,18 @@ using ReadPieceT = std::tuple<uint64_t, uintptr_t, size_t, int>;
 using ReadChunkT =
     std::tuple<size_t, uint64_t, uint64_t, uint64_t, uint32_t, int, std::vector<ReadPieceT>>;
 using ResultT = std::tuple<uint64_t, uint64_t, uint64_t, uint32_t, int, uint32_t>;
+// (chunk index, expected fingerprint, verify by CRC32C, expected raw CRC32C)
+using ExpectT = std::tuple<size_t, uint64_t, bool, uint32_t>;
+
+void apply_expect(std::vector<SaveChunk>& cs, const std::vector<ExpectT>& expect) {
+  for (const auto& [i, fp, verify, crc] : expect) {
+    PYCKPT_CHECK_ARG(i < cs.size(), "expect: chunk index " << i << " but only " << cs.size() << " chunks");
+    cs[i].expect = true;
+    cs[i].expect_fp = fp;
+    cs[i].verify = verify;
+    cs[i].expect_crc = crc;
+  }
+}
 
 // A contiguous read-only view of any buffer-protocol object.
 class BufferView {
@@ -130,6 +143,40 @@ void bind_functions(py::module_& m) {
       py::arg("addr"), py::arg("nbytes"), py::arg("seed") = 0,
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "fingerprint",
+      [](const py::object& data) {
+        BufferView v(data);
+        py::gil_scoped_release release;
+        return fingerprint(v.data(), v.size());
+      },
+      py::arg("data"), "64-bit chunk-piece fingerprint (pkfp1) of a host buffer");
+  m.def(
+      "fingerprint_portable",
+      [](const py::object& data) {
+        BufferView v(data);
+        py::gil_scoped_release release;
+        uint64_t acc[4] = {0, 0, 0, 0};
+        fingerprint_lanes_portable(v.data(), v.size(), 0, acc);
+        return fingerprint_finish(acc, v.size());
+      },
+      py::arg("data"));
+  m.def(
+      "fingerprint_addr",
+      [](uintptr_t addr, size_t nbytes, int device) {
+        if (device < 0) return fingerprint(reinterpret_cast<const void*>(addr), nbytes);
+        const void* ptr = reinterpret_cast<const void*>(addr);
+        uint64_t lanes[4] = {0, 0, 0, 0};
+        cuda::fingerprint_lanes(device, &ptr, &nbytes, 1, lanes, nullptr);
+        return fingerprint_finish(lanes, nbytes);
+      },
+      py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1,
+      py::call_guard<py::gil_scoped_release>(),
+      "fingerprint of memory at addr (device >= 0: computed on that GPU, after its pending work "
+      "on the engine stream only: synchronize the caller's stream first)");
+  m.def("fingerprint_simd", &fingerprint_simd);
+  m.def("chunk_fold", &chunk_fold, py::arg("h"), py::arg("piece_fp"));
+  m.attr("FP_SEED") = kFpSeed;
+  m.def(
       "encode",
       [](const py::object& data, int elem_size, int level) {
         BufferView v(data);
@@ -176,6 +223,9 @@ void bind_save_job(py::module_& m) {
       .def("done", &SaveJob::done)
       .def("error", &SaveJob::error)
       .def("results", [](const SaveJob& j) { return to_tuples(j.results()); })
+      .def("incremental", &SaveJob::incremental,
+           "(fingerprint, status) per chunk: 0 written, 1 referenced (unchanged), 2 written after a "
+           "fingerprint collision was caught by CRC32C")
       .def("cancel", &SaveJob::cancel);
 }
 
@@ -190,15 +240,18 @@ void bind_engine(py::module_& m) {
           "save",
           [](Engine& e, std::vector<std::string> files, const std::vector<SaveChunkT>& chunks,
              int codec, int level, uintptr_t stream, int device, int64_t timeout_ms,
-             int64_t delay_us) {
+             int64_t delay_us, const std::vector<ExpectT>& expect, bool fp, bool constant_fp) {
             std::vector<SaveChunk> cs = to_save_chunks(chunks);
-            SaveOptions o{codec, level, stream, device, timeout_ms, delay_us};
+            apply_expect(cs, expect);
+            SaveOptions o{codec, level, stream, device, timeout_ms, delay_us, fp, constant_fp};
             py::gil_scoped_release release;
             return e.save(std::move(files), std::move(cs), o);
           },
           py::arg("files"), py::arg("chunks"), py::arg("codec") = kCodecNone,
           py::arg("level") = kDefaultZstdLevel, py::arg("stream") = 0, py::arg("device") = -1,
-          py::arg("staging_timeout_ms") = 60000, py::arg("write_delay_us") = 0)
+          py::arg("staging_timeout_ms") = 60000, py::arg("write_delay_us") = 0,
+          py::arg("expect") = std::vector<ExpectT>{}, py::arg("fingerprint") = false,
+          py::arg("constant_fp") = false)
       .def(
           "read",
           [](Engine& e, const std::vector<std::string>& files,

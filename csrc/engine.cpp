@@ -1,6 +1,7 @@
 #include "pyckpt/engine.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <iomanip>
@@ -10,11 +11,19 @@
 #include "pyckpt/crc32c.h"
 #include "pyckpt/errors.h"
 #include "pyckpt/file_io.h"
+#include "pyckpt/fingerprint.h"
 #include "pyckpt/zstd_api.h"
 
 namespace pyckpt {
 
 namespace {
+
+// CRC32C of a host chunk's current bytes, read where they lie.
+uint32_t chunk_crc(const SaveChunk& c) {
+  uint32_t crc = 0;
+  for (const SavePiece& p : c.pieces) crc = crc32c(reinterpret_cast<const void*>(p.addr), p.nbytes, crc);
+  return crc;
+}
 
 // Below this a host piece is copied by one thread: splitting costs more.
 constexpr size_t kParallelCopyMin = 1 << 20;
@@ -141,7 +150,28 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
   try {
     job->open_files();
     const auto timeout = std::chrono::milliseconds(job->options().staging_timeout_ms);
+    // Unchanged GPU chunks: all device fingerprints in one batch, before the first copy.
+    const std::vector<std::vector<uint64_t>> dev_fps =
+        job->options().constant_fp ? std::vector<std::vector<uint64_t>>() : device_fingerprints(job->chunks(), after);
     for (size_t i = 0; i < job->num_chunks() && !job->stopped(); ++i) {
+      const SaveChunk& c = job->chunks()[i];
+      bool verify_slab = false;  // a device chunk's CRC is checked once it is in staging
+      if (c.expect) {
+        const uint64_t fp =
+            job->options().constant_fp ? 0 : source_fingerprint(c, dev_fps.empty() ? nullptr : &dev_fps[i], after);
+        job->set_fingerprint(i, fp);
+        if (fp == c.expect_fp) {
+          if (!c.verify || (!c.on_device && chunk_crc(c) == c.expect_crc)) {
+            job->set_status(i, kChunkReferenced);  // unchanged: no slab, no copy, no write
+            job->mark_captured(i);
+            continue;
+          }
+          if (c.on_device)
+            verify_slab = true;
+          else
+            job->set_status(i, kChunkCollision);
+        }
+      }
       uint8_t* slab = pool_.acquire(std::chrono::milliseconds(0), &job->stop_flag());
       if (!slab) {
         // Pool dry: start the deferred writes, which free slabs, then wait.
@@ -153,10 +183,19 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
         break;
       }
       try {
-        capture_chunk(job->chunks()[i], slab, after);
+        capture_chunk(c, slab, after);
       } catch (...) {
         pool_.release(slab);
         throw;
+      }
+      if (verify_slab) {
+        if (crc32c(slab, c.raw_len) == c.expect_crc) {
+          pool_.release(slab);
+          job->set_status(i, kChunkReferenced);
+          job->mark_captured(i);
+          continue;
+        }
+        job->set_status(i, kChunkCollision);
       }
       job->mark_captured(i);
       captured.emplace_back(i, slab);
@@ -171,6 +210,109 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
   cuda::destroy(after);
   job->mark_capture_finished();
   job->end_task();
+}
+
+uint64_t Engine::host_fingerprint(const uint8_t* p, size_t n) {
+  const size_t parts = std::min(copy_parts_, n / kParallelCopyMin);
+  uint64_t acc[4] = {0, 0, 0, 0};
+  if (parts <= 1) {
+    fingerprint_lanes(p, n, 0, acc);
+    return fingerprint_finish(acc, n);
+  }
+  // Split at 32-byte stripe boundaries; lane sums of the parts add up.
+  const size_t per = (n / parts + 63) & ~size_t{63};
+  std::vector<std::array<uint64_t, 4>> sums(parts, {0, 0, 0, 0});
+  WaitGroup wg;
+  for (size_t k = 1; k < parts; ++k) {
+    const size_t begin = k * per;
+    if (begin >= n) break;
+    const size_t len = std::min(per, n - begin);
+    wg.add(1);
+    copy_.submit([&wg, &sums, p, begin, len, k] {
+      fingerprint_lanes(p + begin, len, begin / 32, sums[k].data());
+      wg.done();
+    });
+  }
+  fingerprint_lanes(p, std::min(per, n), 0, sums[0].data());
+  wg.wait();
+  for (const auto& s : sums)
+    for (int j = 0; j < 4; ++j) acc[j] += s[j];
+  return fingerprint_finish(acc, n);
+}
+
+std::vector<std::vector<uint64_t>> Engine::device_fingerprints(const std::vector<SaveChunk>& chunks,
+                                                               cuda::Event after) {
+  std::vector<std::vector<uint64_t>> out(chunks.size());
+  std::vector<int> devices;
+  for (const SaveChunk& c : chunks)
+    if (c.expect && c.on_device)
+      for (const SavePiece& p : c.pieces)
+        if (p.device >= 0 && std::find(devices.begin(), devices.end(), p.device) == devices.end())
+          devices.push_back(p.device);
+  for (int d : devices) {
+    std::vector<std::pair<size_t, size_t>> where;  // (chunk, piece)
+    std::vector<const void*> ptrs;
+    std::vector<size_t> lens;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      if (!chunks[i].expect) continue;
+      for (size_t k = 0; k < chunks[i].pieces.size(); ++k)
+        if (chunks[i].pieces[k].device == d) {
+          where.emplace_back(i, k);
+          ptrs.push_back(reinterpret_cast<const void*>(chunks[i].pieces[k].addr));
+          lens.push_back(chunks[i].pieces[k].nbytes);
+        }
+    }
+    std::vector<uint64_t> lanes(4 * where.size(), 0);
+    cuda::fingerprint_lanes(d, ptrs.data(), lens.data(), where.size(), lanes.data(), after);
+    for (size_t q = 0; q < where.size(); ++q) {
+      auto& v = out[where[q].first];
+      if (v.empty()) v.assign(chunks[where[q].first].pieces.size(), 0);
+      v[where[q].second] = fingerprint_finish(&lanes[4 * q], lens[q]);
+    }
+  }
+  return out;
+}
+
+uint64_t Engine::source_fingerprint(const SaveChunk& chunk, const std::vector<uint64_t>* device_fps,
+                                    cuda::Event after) {
+  std::vector<uint64_t> fps(chunk.pieces.size(), 0);
+  if (device_fps && !device_fps->empty()) fps = *device_fps;
+  // Device pieces of one device go to the GPU in one batch.
+  std::vector<int> devices;
+  if (!device_fps || device_fps->empty())
+    for (const SavePiece& p : chunk.pieces)
+      if (p.device >= 0 && std::find(devices.begin(), devices.end(), p.device) == devices.end())
+        devices.push_back(p.device);
+  for (int d : devices) {
+    std::vector<size_t> idx;
+    std::vector<const void*> ptrs;
+    std::vector<size_t> lens;
+    for (size_t k = 0; k < chunk.pieces.size(); ++k)
+      if (chunk.pieces[k].device == d) {
+        idx.push_back(k);
+        ptrs.push_back(reinterpret_cast<const void*>(chunk.pieces[k].addr));
+        lens.push_back(chunk.pieces[k].nbytes);
+      }
+    std::vector<uint64_t> lanes(4 * idx.size(), 0);
+    cuda::fingerprint_lanes(d, ptrs.data(), lens.data(), idx.size(), lanes.data(), after);
+    for (size_t q = 0; q < idx.size(); ++q) fps[idx[q]] = fingerprint_finish(&lanes[4 * q], lens[q]);
+  }
+  uint64_t h = kFpSeed;
+  for (size_t k = 0; k < chunk.pieces.size(); ++k) {
+    const SavePiece& p = chunk.pieces[k];
+    if (p.device < 0) fps[k] = host_fingerprint(reinterpret_cast<const uint8_t*>(p.addr), p.nbytes);
+    h = chunk_fold(h, fps[k]);
+  }
+  return h;
+}
+
+uint64_t Engine::slab_fingerprint(const SaveChunk& chunk, const uint8_t* slab) {
+  uint64_t h = kFpSeed;
+  for (const SavePiece& p : chunk.pieces) {
+    h = chunk_fold(h, fingerprint(slab, p.nbytes));
+    slab += p.nbytes;
+  }
+  return h;
 }
 
 void Engine::capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after) {
@@ -242,6 +384,8 @@ void Engine::write_chunk(SaveJob& job, size_t i, uint8_t* slab) {
       ChunkResult r;
       r.raw_len = c.raw_len;
       r.raw_crc32c = crc32c(slab, c.raw_len);
+      if (o.fingerprint && !job.fingerprint_known(i))
+        job.set_fingerprint(i, o.constant_fp ? 0 : slab_fingerprint(c, slab));
       const Encoded e = encode_chunk(slab, c.raw_len, c.elem_size, o.codec, o.level, thread_scratch());
       r.codec = e.codec;
       r.stored_len = e.size;

@@ -28,7 +28,10 @@ SaveJob::SaveJob(std::vector<std::string> files, std::vector<SaveChunk> chunks,
       next_offset_(new std::atomic<uint64_t>[paths_.size()]),
       data_end_(new std::atomic<uint64_t>[paths_.size()]),
       captured_(new std::atomic<bool>[chunks_.size()]),
-      results_(chunks_.size()) {
+      results_(chunks_.size()),
+      fps_(chunks_.size(), 0),
+      fp_known_(chunks_.size(), 0),
+      status_(chunks_.size(), kChunkWritten) {
   for (size_t i = 0; i < paths_.size(); ++i) next_offset_[i] = data_end_[i] = 0;
   for (size_t i = 0; i < chunks_.size(); ++i) captured_[i] = false;
 }
@@ -66,6 +69,15 @@ std::vector<ChunkResult> SaveJob::results() const {
   if (error_) throw Error(ErrorKind::Runtime, "save failed: " + *error_);
   if (!done_) throw Error(ErrorKind::Runtime, "save is still running: call wait() first");
   return results_;
+}
+
+std::vector<std::pair<uint64_t, int>> SaveJob::incremental() const {
+  results();  // same preconditions
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::pair<uint64_t, int>> out;
+  out.reserve(chunks_.size());
+  for (size_t i = 0; i < chunks_.size(); ++i) out.emplace_back(fps_[i], status_[i]);
+  return out;
 }
 
 void SaveJob::cancel() { fail("cancelled"); }

@@ -33,6 +33,17 @@ def crc32c(data: memoryview | bytes | bytearray, seed: int = 0) -> int:
 def crc32c_software(data: memoryview | bytes | bytearray, seed: int = 0) -> int:
     """Same as ``crc32c`` but always the portable table path (for tests)."""
 def crc32c_addr(addr: int, nbytes: int, seed: int = 0) -> int: ...
+FP_SEED: int  # start value of a chunk's fingerprint fold
+def fingerprint(data: memoryview | bytes | bytearray) -> int:
+    """64-bit pkfp1 fingerprint (csrc/include/pyckpt/fingerprint.h) of a host buffer (AVX2 when present)."""
+def fingerprint_portable(data: memoryview | bytes | bytearray) -> int:
+    """Same value, always the portable loop (for tests and benchmarks)."""
+def fingerprint_addr(addr: int, nbytes: int, device: int = -1) -> int:
+    """Fingerprint of memory at ``addr``; ``device >= 0``: device memory, by the CUDA kernel
+    on the engine's stream (synchronize the caller's stream first)."""
+def fingerprint_simd() -> bool: ...
+def chunk_fold(h: int, piece_fp: int) -> int:
+    """Fold a piece's fingerprint into a chunk's (start from FP_SEED; pieces in order)."""
 def encode(data: bytes, elem_size: int, level: int = ...) -> Tuple[int, bytes]:
     """Encode one chunk as the engine would: returns (codec_used, stored_bytes)."""
 def decode(stored: bytes, codec: int, raw_len: int) -> bytes:
@@ -57,6 +68,10 @@ class SaveJob:
         """None, or the first failure. A staging timeout starts with 'staging timeout'."""
     def results(self) -> list[ChunkResult]:
         """Per chunk, in input order. Raises RuntimeError if the job failed or is not done."""
+    def incremental(self) -> list[Tuple[int, int]]:
+        """Per chunk: (fingerprint, status); status 0 written, 1 referenced (unchanged: neither
+        copied nor written, its results() entry is zeros), 2 written after the CRC32C check
+        caught a fingerprint collision. Fingerprints are 0 unless the save computed them."""
     def cancel(self) -> None: ...
 
 class Engine:
@@ -82,6 +97,9 @@ class Engine:
         device: int = -1,
         staging_timeout_ms: int = 60000,
         write_delay_us: int = 0,
+        expect: Sequence[Tuple[int, int, bool, int]] = (),
+        fingerprint: bool = False,
+        constant_fp: bool = False,
     ) -> SaveJob:
         """Start a save; returns at once.
 
@@ -89,6 +107,11 @@ class Engine:
         chunks[i] = (file_idx, elem_size, [(src_addr, nbytes, src_device), ...]);
         the pieces' total must be <= chunk_bytes. Chunks are captured in order.
         Each chunk is written at a 4 KiB-aligned offset of files[file_idx].
+        expect[k] = (chunk_index, fingerprint, verify, raw_crc32c): the chunk is
+        fingerprinted where it lies first and, when equal (and with verify, when
+        the CRC32C of its current bytes equals raw_crc32c), neither copied nor
+        written. fingerprint: compute every chunk's fingerprint (incremental()).
+        constant_fp: testing only, every fingerprint is 0.
         """
     def read(
         self,

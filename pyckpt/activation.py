@@ -38,7 +38,7 @@ from .errors import ConfigError, PyckptError
 DEFAULT_DIR = "pyckpt-checkpoints"
 EXPLICIT_API = ("Checkpointer", "save", "load")
 # Modules whose Checkpointers are transparent mode's own (every other caller, pyckpt.export included, is explicit).
-_TRANSPARENT_LAYER = frozenset({"pyckpt.transparent", "pyckpt.resume", "pyckpt.activation"})
+_TRANSPARENT_LAYER = frozenset({"pyckpt.transparent", "pyckpt.resume", "pyckpt.activation", "pyckpt.shm_tier"})
 
 _how: str | None = None  # "PYCKPT_DIR" | "enable()" | "import" while transparent mode is on
 _directory: str | None = None
@@ -71,10 +71,10 @@ def enable(directory: str | os.PathLike | None = None, **settings: Any) -> str |
         os.environ[name] = str(value)
     knobs.validate_all()
     if directory is not None:
-        knobs.check_local_path(directory)
+        knobs.check_local_path(directory, allow_url=True)
     if knobs.get("PYCKPT_DISABLE"):
         return None
-    path = os.path.abspath(os.fspath(directory or knobs.get("PYCKPT_DIR") or DEFAULT_DIR))
+    path = knobs.resolve_dir(directory or knobs.get("PYCKPT_DIR") or DEFAULT_DIR)
     if _how is not None and path == _directory:
         _how = "enable()"  # asked for explicitly now: the explicit API no longer turns it off
         return path
@@ -198,7 +198,7 @@ def start_from_environment() -> None:
         _error, _how = e, "PYCKPT_DIR"
         _watch_torch()
         return
-    _turn_on(os.path.abspath(knobs.get("PYCKPT_DIR")), "PYCKPT_DIR")
+    _turn_on(knobs.resolve_dir(knobs.get("PYCKPT_DIR")), "PYCKPT_DIR")
 
 
 def _on_torch_imported() -> None:
@@ -223,17 +223,20 @@ def _on_torch_imported() -> None:
 
 def _new_session(directory: str) -> Any:
     """A transparent Session whose first DataLoader ``iter()`` also checks the directory and announces itself."""
+    from . import finish
     from .transparent import Session
 
     class _Session(Session):
         def _first_iter(self) -> None:
             check_writable_or_exit(self.directory)
+            finish.at_first_iter(self)  # a finished run's relaunch stops here (pyckpt/finish.py)
             try:
                 super()._first_iter()
             except PyckptError as e:  # e.g. nothing loadable to resume from: one line, not a traceback
                 _fail(e)
             if _is_rank0():
                 _announce(self.directory)
+            finish.install(self)  # marks the run finished at a normal exit
 
     return _Session(directory)
 
@@ -250,6 +253,10 @@ def _announce(directory: str) -> None:
 def startup_line(directory: str, every_steps: int | None, every_seconds: float | None, keep: int,
                  default_seconds: float) -> str:
     """``checkpointing to DIR every N steps / S s, keep K`` (the default interval says it is the default)."""
+    if every_steps == "auto":  # PYCKPT_EVERY_STEPS=auto (pyckpt/policy.py)
+        from .policy import describe_auto
+        when = describe_auto(knobs.get("PYCKPT_MTBF_HOURS"), every_seconds)
+        return f"checkpointing to {directory} {when}, keep {keep}"
     if every_steps is None and every_seconds is None:
         minutes = f"{default_seconds / 60:g} minutes"
         when = (f"every {default_seconds:g} s (the default: nothing is saved in the first {minutes}; set "
@@ -324,6 +331,8 @@ def _stop_watching() -> None:
 def _check_writable(path: str) -> None:
     import tempfile
 
+    if knobs.is_url(path):
+        return  # object storage: the Checkpointer probes it with a write when training starts
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".pyckpt-probe-", dir=path)
@@ -453,6 +462,6 @@ def _activate_on_import() -> None:
             _say(_stand_down_message(used), "debug")
         return
     if knobs.get("PYCKPT_DIR"):  # the start-up line did not run (python -S, not installed): still explicit
-        _turn_on(os.path.abspath(knobs.get("PYCKPT_DIR")), "PYCKPT_DIR")
+        _turn_on(knobs.resolve_dir(knobs.get("PYCKPT_DIR")), "PYCKPT_DIR")
         return
     _turn_on(os.path.abspath(DEFAULT_DIR), "import")

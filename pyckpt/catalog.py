@@ -90,7 +90,12 @@ def list(directory: str | os.PathLike, verify: bool = True) -> builtins.list[Inf
 
     ``verify=True`` re-reads every chunk of every committed checkpoint to set
     ``sound`` (costs a full read); ``verify=False`` leaves ``sound`` None.
-    Raises ``FileNotFoundError`` when ``directory`` does not exist."""
+    Raises ``FileNotFoundError`` when ``directory`` does not exist. An object-storage URL
+    (``s3://bucket/run``) lists its checkpoints (``path`` is each one's URL; ``verify`` downloads them)."""
+    from .remote import infos, is_url
+
+    if is_url(directory):
+        return infos(directory, verify)
     d = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(d):
         raise FileNotFoundError(f"{d} is not a directory")
@@ -100,10 +105,15 @@ def list(directory: str | os.PathLike, verify: bool = True) -> builtins.list[Inf
 def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
     """The finished-run marker of ``root`` (written by ``metrics.mark_finished``), or None."""
     from .metrics import FINISHED_FILE
+    from .remote import is_url, reader_root
 
     try:
-        with open(os.path.join(os.fspath(root), FINISHED_FILE), "rb") as f:
-            body = json.loads(f.read(1 << 16))
+        if is_url(root):  # object storage: one small GET
+            raw = reader_root(root).read_small(FINISHED_FILE)
+            body = json.loads(raw) if raw is not None else None
+        else:
+            with open(os.path.join(os.fspath(root), FINISHED_FILE), "rb") as f:
+                body = json.loads(f.read(1 << 16))
     except (OSError, ValueError):
         return None
     return body if isinstance(body, dict) and body.get("finished") is True else None

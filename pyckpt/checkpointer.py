@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import activation, catalog, commit, knobs, layout, lock, metrics, reader, writer
+from . import incremental as incremental_mod
+from . import activation, catalog, commit, knobs, layout, lock, metrics, reader, remote, sharded, writer
 from ._native import CODEC_IDS, require_codec
 from .coord import Coordinator, LocalCoordinator
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError,
@@ -60,6 +61,7 @@ class SaveFuture:
         self._path: str | None = None
         self._exc: BaseException | None = None
         self._timer: metrics.SaveTimer | None = None
+        self._gate: Callable[[], BaseException | None] | None = None
 
     def captured(self, timeout: float | None = None) -> bool:
         """Block until every tensor is copied to staging (or the save failed); False on timeout."""
@@ -124,13 +126,20 @@ class Checkpointer:
     raises ``PyckptError`` naming the holder when another Checkpointer or job
     already uses ``directory``. ``keep_best=K, monitor=fn, mode="min"``: besides
     the newest ``keep``, keep the K checkpoints with the best ``fn()`` (called
-    at each ``save()``; docs/OPERATIONS.md)."""
+    at each ``save()``; docs/OPERATIONS.md). ``directory`` may be an object-storage
+    URL such as ``s3://bucket/run`` (``storage_options`` go to fsspec; local
+    staging under ``cache_dir``, default PYCKPT_CACHE_DIR; docs/OPERATIONS.md).
+    ``incremental`` (default: PYCKPT_INCREMENTAL, on): chunks whose fingerprint did
+    not change since the previous save are neither copied nor written but
+    referenced in the earlier checkpoint, which retention then keeps as long as
+    it is referenced (docs/FORMAT.md §14)."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, compress: str = "none",
                  coordinator: Coordinator | None = None, keep_best: int = 0, monitor: Any = None,
-                 mode: str = "min") -> None:
+                 mode: str = "min", storage_options: dict | None = None,
+                 cache_dir: str | os.PathLike | None = None, incremental: bool | None = None) -> None:
         activation.explicit_api_used("Checkpointer")  # a bare `import pyckpt` must not resume behind it
-        knobs.check_local_path(directory)  # "s3://b/x" is not a local folder named "s3:"
+        directory = knobs.check_local_path(directory, allow_url=True)  # "s3://b/x" is no local folder "s3:"
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if compress not in CODEC_IDS:
@@ -138,9 +147,17 @@ class Checkpointer:
         require_codec(compress)  # fail now, not in the first save, when zstd is unavailable
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep, self.compress = keep, compress
+        # Unchanged chunks reference the earlier checkpoint (pyckpt/incremental.py); default PYCKPT_INCREMENTAL.
+        self.incremental = knobs.get("PYCKPT_INCREMENTAL") if incremental is None else bool(incremental)
+        self._baseline = incremental_mod.Baseline()
         catalog.check_best(keep_best, monitor, mode)  # best K by monitor() are kept besides the newest `keep`
         self.keep_best, self.monitor, self.mode = keep_best, monitor, mode
         self.coord = coordinator if coordinator is not None else LocalCoordinator()
+        # An object-storage root: saves go to a local staging root, each commit is uploaded (pyckpt/remote.py).
+        self.remote = (remote.RemoteRoot(directory, storage_options, cache_dir, writer=self.coord.rank == 0)
+                       if knobs.is_url(directory) else None)
+        if self.remote is not None:
+            self.directory = self.remote.staging
         self._dirlock: lock.DirLock | None = None
         self._closed = False
         error = None
@@ -170,6 +187,8 @@ class Checkpointer:
         self._closed = True
         if self._dirlock is not None:
             self._dirlock.release()
+        if self.remote is not None:
+            self.remote.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -178,7 +197,8 @@ class Checkpointer:
         self.close()
 
     # -- saving -------------------------------------------------------------
-    def save(self, step: int, state: Any, rank_state: Any = None) -> SaveFuture:
+    def save(self, step: int, state: Any, rank_state: Any = None, *,
+             _gate: Callable[[], BaseException | None] | None = None) -> SaveFuture:
         """Start checkpointing ``state`` at ``step``; returns at once.
 
         Raises ``UnsupportedStateError`` (nothing written) for values that
@@ -193,7 +213,12 @@ class Checkpointer:
         timer.monitor = catalog.monitor_value(self.monitor) if self.coord.rank == 0 else None
         engine = get_engine()
         try:
+            state, found = sharded.split(state)  # DTensors: each rank writes its own shards (sharded.py)
+            shards = sharded.plan(found) if found else None
             plan = writer.prepare(state, rank_state, self.coord.rank, self.coord.world_size, engine.chunk_bytes())
+            if shards is not None:
+                sharded.add_chunks(shards, plan.chunks, engine.chunk_bytes())
+                plan.shards = shards
             bad = None
         except UnsupportedStateError as e:
             plan, bad = None, e
@@ -212,9 +237,11 @@ class Checkpointer:
         if self.coord.rank == 0:
             # Under the directory lock no other writer exists: every leftover but ours is garbage.
             commit.gc_tmp(self.directory, {token}, locked=True)
+        self._plan_incremental(plan, final)
         job, err = self._start(engine, plan, tmp)
-        fut = SaveFuture(step, job, plan.keep_alive() if job is not None else None)
+        fut = SaveFuture(step, job, plan.keep_alive() + sharded.keep_alive(plan) if job is not None else None)
         fut._timer = timer
+        fut._gate = _gate  # transparent lazy capture: None, or why this save must not commit
         with self._lock:
             self._inflight = fut
         timer.returned()
@@ -241,6 +268,24 @@ class Checkpointer:
             raise bad
         return ready
 
+    def _plan_incremental(self, plan: writer.RankPlan, final: str) -> None:
+        """Mark the plan's chunks that may be skipped as unchanged (incremental saves only; never
+        for an object-storage root, whose uploads and retention know nothing of references)."""
+        if not self.incremental or self.remote is not None or not plan.chunks:
+            return
+        try:
+            if not self._baseline.seeded and not self._baseline:
+                self._baseline.seed(self.directory, self.coord.rank)
+            plan.expect, plan.refs = self._baseline.expectations(
+                writer.storages_json(plan) + sharded.storages_json(plan), [c.raw_len for c in plan.chunks],
+                [any(p.src_device >= 0 for p in c.pieces) for c in plan.chunks], os.path.basename(final),
+                self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"))
+        except Exception as e:  # never into training: this save is simply written in full
+            log.warning("pyckpt: incremental save not possible, writing every chunk: %s", e)
+            self._baseline = incremental_mod.Baseline()
+            self._baseline.seeded = True  # start over from this save's chunks
+            plan.expect, plan.refs = None, {}
+
     def _start(self, engine: Any, plan: writer.RankPlan, tmp: str) -> tuple[Any, BaseException | None]:
         try:
             commit._crash_point("save.mkdir.before")
@@ -261,6 +306,10 @@ class Checkpointer:
                 fut._keep = None
                 plan.release()
             part, err = writer.collect(job, plan, tmp)
+            if part is not None and getattr(plan, "shards", None) is not None:
+                sharded.add_to_part(part, plan)
+            if err is None and fut._gate is not None:
+                err = fut._gate()
             if err is None:
                 commit._crash_point("save.data.after")
         plan.release()
@@ -269,17 +318,30 @@ class Checkpointer:
         try:
             commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err, self.directory)
         except Exception as e:
-            log.warning("pyckpt: checkpoint of step %d failed, previous checkpoints kept: %s", step, e)
+            if not getattr(e, "quiet", False):  # a vetoed lazy capture has said so in its own line
+                log.warning("pyckpt: checkpoint of step %d failed, previous checkpoints kept: %s", step, e)
             self._record(fut, None, e)
             fut._finish(None, e)
             return
+        if part is not None and plan.refs is not None:
+            self._baseline.update(part, os.path.basename(final))  # the next save references this one
+        url = None
+        if self.remote is not None:  # upload, then remote retention; staging keeps only its newest
+            url, e = remote.publish(self, final, seq)
+            fut._timer.url = url  # the metrics line names the uploaded checkpoint too
+            if e is not None:
+                log.warning("pyckpt: %s", e)
+                self._record(fut, None, e)
+                fut._finish(None, e)
+                return
         if self.coord.rank == 0:
             try:
-                commit.apply_retention(self.directory, self.keep, protect={os.path.basename(final)} | self._best())
+                keep, best = (1, set()) if self.remote is not None else (self.keep, self._best())
+                commit.apply_retention(self.directory, keep, protect={os.path.basename(final)} | best)
             except Exception as e:  # the save committed; retention tries again after the next one
                 log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
         self._record(fut, final, None)
-        fut._finish(final, None)
+        fut._finish(url or final, None)
 
     def _record(self, fut: SaveFuture, path: str | None, exc: BaseException | None) -> None:
         """The save's metrics line and on_checkpoint callbacks (rank 0; never raises)."""
@@ -320,6 +382,8 @@ class Checkpointer:
         return None
 
     def _candidates(self):
+        if self.remote is not None:
+            return remote.candidates(self)  # downloaded and validated one by one, newest first
         """Paths of the commits that validate on every rank, newest first (lazily with one rank)."""
         if self.coord.world_size == 1:
             return (i.path for i in iter_valid(self.directory))
@@ -356,6 +420,8 @@ class Checkpointer:
         ``pyckpt: skipping damaged checkpoint <path>: <reason>`` is logged and
         the next older one is loaded instead (``into`` targets are then fully
         overwritten by it). Every rank takes the same one."""
+        if step is not None and self.remote is not None:
+            return self._restore_path(remote.fetch_step(self, check_step(step)), into, rank_into, map_location)
         if step is not None:
             path = os.path.join(self.directory, layout.step_dir_name(check_step(step)))
             if not (layout.is_real_dir(path) and layout.is_checkpoint_dir(path)):  # never through a link

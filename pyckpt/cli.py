@@ -67,6 +67,59 @@ def _progress_for(args: argparse.Namespace) -> Callable[..., Iterable]:
     return wrap
 
 
+def _byte_bar(args: argparse.Namespace, total: int | None, desc: str) -> Any:
+    """A tqdm bar counting ``total`` bytes, under the same rules as ``_progress_for``; None when not shown."""
+    mode = getattr(args, "progress", "auto")
+    if mode == "never" or (mode == "auto" and not sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    # Updated once per slice / download batch (tens of MiB), so every update may redraw.
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, mininterval=0,
+                delay=getattr(args, "progress_delay", 2.0), file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+_VERIFY_SLICE_BYTES = 64 << 20  # bar updates about this often; verify_chunks batches within a slice
+
+
+def _verify_with_bar(args: argparse.Namespace, path: str) -> Any:
+    """``reader.verify`` of ``path`` with a byte progress bar: the chunks are checked in slices of about
+    64 MiB through ``verify_chunks``; a damaged slice is re-checked as its whole part, so the error names
+    the chunk by its index in the part, exactly as ``reader.verify`` does."""
+    from ._native import get_engine
+    from .errors import CorruptCheckpointError
+    from .reader import Opened, open_checkpoint, verify_chunks
+
+    engine = get_engine()
+    op = open_checkpoint(path)
+    slices: list[tuple[int, int, int, int]] = []  # (part, first chunk, end chunk, raw bytes)
+    for pi, part in enumerate(op.parts):
+        first, size = 0, 0
+        for ci, ch in enumerate(part["chunks"]):
+            size += ch["raw_len"]
+            if size >= _VERIFY_SLICE_BYTES or ci == len(part["chunks"]) - 1:
+                slices.append((pi, first, ci + 1, size))
+                first, size = ci + 1, 0
+    bar = _byte_bar(args, sum(s[3] for s in slices), "verify")
+    try:
+        for pi, a, b, nbytes in slices:
+            view = Opened(op.path, op.manifest, [dict(p, chunks=p["chunks"][a:b]) if i == pi else dict(p, chunks=[])
+                                                 for i, p in enumerate(op.parts)])
+            try:
+                verify_chunks(engine, view, [pi])
+            except CorruptCheckpointError:
+                verify_chunks(engine, op, [pi])  # raises with the chunk's own index
+                raise
+            if bar is not None:
+                bar.update(nbytes)
+    finally:
+        if bar is not None:
+            bar.close()
+    return op
+
+
 def _time(t: float) -> str:
     if t != t:  # NaN: vanished while listing
         return "?".ljust(19)
@@ -74,14 +127,40 @@ def _time(t: float) -> str:
 
 
 def _resolve_or_err(args: argparse.Namespace) -> str | None:
-    """The newest committed checkpoint ``args.path`` names, or None after saying why there is none."""
+    """The newest committed checkpoint ``args.path`` names, or None after saying why there is none.
+
+    An object-storage URL (``s3://bucket/run`` or ``.../step-N``) is downloaded first (pyckpt/remote.py);
+    the local copy is then read and checked like any checkpoint."""
     from .api import resolve
 
     try:
-        return resolve(args.path, newest_committed=True)
+        return _local(args.path, args) if _is_url(args.path) else resolve(args.path, newest_committed=True)
     except CheckpointNotFoundError as e:
         _err(args.verb, str(e))
         return None
+
+
+def _is_url(path: str) -> bool:
+    from .remote import is_url
+
+    return is_url(path)
+
+
+def _local(path: str, args: argparse.Namespace) -> str:
+    """``path`` itself, or for a URL the local copy of the checkpoint it names, downloaded with a byte
+    progress bar (raises PyckptError)."""
+    if not _is_url(path):
+        return path
+    from .remote import resolve_local
+
+    bar = _byte_bar(args, None, "download")
+    try:
+        return resolve_local(path, progress=bar.update if bar is not None else None)
+    except (OSError, ValueError) as e:  # network, credentials: not a damaged checkpoint
+        raise PyckptError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 # -- ls ---------------------------------------------------------------------------------
@@ -89,13 +168,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from . import catalog
 
     root = args.dir
-    if not os.path.isdir(root):
+    if _is_url(root):
+        try:
+            infos = catalog.list(root, verify=args.verify)
+        except (PyckptError, OSError, ValueError) as e:
+            _err("ls", f"cannot list {root}: {e}")
+            return FAILED
+    elif not os.path.isdir(root):
         _err("ls", f"{root} is not a directory")
         return NOT_FOUND
-    found = catalog.entries(root)
-    infos = [catalog.info_of(e, verify=args.verify) for e in _progress_for(args)(found, "verify", "ckpt")]
+    else:
+        found = catalog.entries(root)
+        infos = [catalog.info_of(e, verify=args.verify) for e in _progress_for(args)(found, "verify", "ckpt")]
     if args.json:
-        _print_json({"dir": os.path.abspath(root), "finished": catalog.is_finished(root),
+        _print_json({"dir": root if _is_url(root) else os.path.abspath(root), "finished": catalog.is_finished(root),
                      "checkpoints": [i.to_dict() for i in infos]})
         return 0
     if not infos:
@@ -122,15 +208,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 # -- verify -----------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ._native import get_engine
-    from .reader import verify
-
-    path = _resolve_or_err(args)
-    if path is None:
-        return NOT_FOUND
     try:
-        op = verify(get_engine(), path)
+        path = _resolve_or_err(args)  # a URL is downloaded here; what it holds is checked then and below
+        if path is None:
+            return NOT_FOUND
+        op = _verify_with_bar(args, path)
     except PyckptError as e:
+        path = args.path if _is_url(args.path) else path
         where = getattr(e, "path", None)
         chunk = getattr(e, "chunk", None)
         detail = f" (file {where}" + (f", chunk {chunk}" if chunk is not None else "") + ")" if where else ""
@@ -139,6 +223,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _err("verify", f"FAILED{detail}: {e}")
         return FAILED
     nchunks = sum(len(p["chunks"]) for p in op.parts)
+    if _is_url(args.path):  # name what the user gave, with the step directory that was checked
+        path = args.path if layout.parse_step(args.path.rstrip("/").rsplit("/", 1)[-1]) else \
+            f"{args.path.rstrip('/')}/{os.path.basename(path)}"
     if args.json:
         _print_json({"path": path, "ok": True, "step": op.step, "parts": len(op.parts), "chunks": nchunks})
     else:
@@ -170,7 +257,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
     try:
-        done = export(args.path, args.to, args.out, rank=args.rank, progress=_progress_for(args))
+        done = export(_local(args.path, args), args.to, args.out, rank=args.rank, progress=_progress_for(args))
     except CheckpointNotFoundError as e:
         _err("export", str(e))
         return NOT_FOUND
@@ -209,8 +296,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from .inspection import diff_states
 
     try:
-        a, step_a = load_state(args.a, args.rank)
-        b, step_b = load_state(args.b, args.rank)
+        a, step_a = load_state(_local(args.a, args), args.rank)
+        b, step_b = load_state(_local(args.b, args), args.rank)
     except CheckpointNotFoundError as e:
         _err("diff", str(e))
         return NOT_FOUND
@@ -248,19 +335,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from . import commit
 
     root = args.dir
+    if _is_url(root):
+        _err("gc", f"{root}: object-storage roots hold no leftovers to collect here: the next upload deletes "
+                   "interrupted ones (docs/OPERATIONS.md \"Object storage\")")
+        return NOT_FOUND
     if not os.path.isdir(root):
         _err("gc", f"{root} is not a directory")
         return NOT_FOUND
     held, note = _try_lock(root)
     try:
+        # With the lock, gc_tmp also removes step directories without MANIFEST.json (half-deleted
+        # ones, retired ones no checkpoint references any more) and keeps retired ones whose data
+        # a committed checkpoint still references (incremental chunks, docs/FORMAT.md §14).
         removed = commit.gc_tmp(root, set(), locked=held is not None)
-        if held is not None:
-            # A step directory without MANIFEST.json is a half-deleted checkpoint (retention of old
-            # pyckpt versions, a crash); no writer ever creates one, and the lock rules out a live one.
-            for e in layout.scan(root):
-                if not e.complete and e.step is not None and layout.parse_step(e.name) is not None:
-                    if commit.remove_tree(e.path):
-                        removed.append(e.path)
     finally:
         if held is not None:
             held.release()
@@ -292,6 +379,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from . import metrics
 
     root = args.dir
+    if _is_url(root):
+        from .remote import staging_dir
+
+        _err("stats", f"{root}: the metrics of an object-storage root stay in the writer's local staging "
+                      f"directory: pyckpt stats {staging_dir(root)}")
+        return NOT_FOUND
     if not os.path.isdir(root):
         _err("stats", f"{root} is not a directory")
         return NOT_FOUND

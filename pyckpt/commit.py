@@ -31,6 +31,8 @@ _OPS = ("gc.remove", "save.mkdir", "save.data", "commit.part", "commit.manifest_
         "commit.dir_rename", "commit.exchange", "commit.old_remove", "commit.latest_tmp", "commit.latest_rename",
         "retention.rename", "retention.remove")
 CRASH_POINTS: tuple[str, ...] = tuple(f"{op}.{when}" for op in _OPS for when in ("before", "after"))
+# Reached only when retention retires a checkpoint that incremental chunks still reference.
+INCREMENTAL_CRASH_POINTS: tuple[str, ...] = ("retention.retire.before", "retention.retire.after")
 _crash_hits: dict[str, int] = {}
 
 
@@ -222,17 +224,29 @@ def apply_retention(root: str, keep: int, protect: set[str] = frozenset()) -> li
     commit, whatever ``latest`` names, and ``protect`` are never deleted.
     Each victim is first renamed to a garbage name (``step-S.del-<token>``),
     so a crash mid-delete leaves garbage, never a half checkpoint under a
-    checkpoint's name. Failures are logged, never raised."""
+    checkpoint's name. A victim whose data files a kept checkpoint references
+    (incremental chunks) is deleted logically only: its ``MANIFEST.json`` is
+    removed (it stops being a checkpoint) and its data stays until no
+    committed checkpoint references it (``sweep_retired``). Failures are
+    logged, never raised."""
     order = layout.committed(root)
+    deleted: list[str] = []
     if keep < 1 or len(order) <= keep:
-        return []
+        return deleted
     spared = {e.name for e in order[:keep]} | set(protect)
     pointer = read_latest(root)
     if pointer is not None:
         spared.add(pointer)
-    deleted = []
-    for e in order[keep:]:
-        if e.name in spared:
+    victims = [e for e in order[keep:] if e.name not in spared]
+    if not victims:
+        return deleted
+    from .incremental import referenced_dirs
+
+    refs = referenced_dirs(root, [e.name for e in order if e.name not in {v.name for v in victims}])
+    for e in victims:
+        if e.name in refs:
+            if retire(e.path):
+                deleted.append(e.path)
             continue
         garbage = os.path.join(root, layout.del_name(e.name, new_token()))
         try:
@@ -244,7 +258,48 @@ def apply_retention(root: str, keep: int, protect: set[str] = frozenset()) -> li
             continue
         remove_tree(garbage, "retention.remove")
         deleted.append(e.path)
+    sweep_retired(root, only_retired=True)  # data whose last reference went with these victims
     return deleted
+
+
+def retire(path: str) -> bool:
+    """Delete checkpoint ``path`` logically: remove its manifest (atomic; it is no checkpoint from
+    then on) and keep its data files for the checkpoints that reference them."""
+    try:
+        _crash_point("retention.retire.before")
+        os.unlink(os.path.join(path, layout.MANIFEST))
+        fsync_dir(path)
+        _crash_point("retention.retire.after")
+    except OSError as exc:
+        log.warning("pyckpt: retention could not retire %s: %s", path, exc)
+        return False
+    return True
+
+
+def sweep_retired(root: str, only_retired: bool = False) -> list[str]:
+    """Remove retired step directories (no manifest: deleted logically, data kept for references)
+    that no committed checkpoint references any more (garbage collection, under the directory
+    lock). ``only_retired``: just directories that still hold a part (retired ones), not
+    other manifest-less directories (retention's sweep)."""
+    retired = [e for e in layout.scan(root) if not e.complete and layout.parse_step(e.name) is not None
+               and (not only_retired or os.path.isfile(os.path.join(e.path, layout.part_name(0))))]
+    if not retired:
+        return []
+    from .incremental import referenced_dirs
+
+    refs = referenced_dirs(root)
+    removed = []
+    for e in retired:
+        if e.name in refs:
+            continue
+        garbage = os.path.join(root, layout.del_name(e.name, new_token()))
+        try:
+            os.rename(e.path, garbage)
+        except OSError:
+            continue
+        if remove_tree(garbage, "gc.remove"):
+            removed.append(e.path)
+    return removed
 
 
 def _garbage_token(name: str) -> str | None:
@@ -280,17 +335,10 @@ def gc_tmp(root: str, live_tokens: set[str], locked: bool = False) -> list[str]:
         if remove_tree(path, "gc.remove"):
             removed.append(path)
     if locked:
-        # ``step-*`` directories without a manifest: half-deleted by older pyckpt versions (which
-        # removed MANIFEST.json first). No writer makes one now; the lock rules out a live one.
-        for e in layout.scan(root):
-            if not e.complete and layout.parse_step(e.name) is not None:
-                garbage = os.path.join(root, layout.del_name(e.name, new_token()))
-                try:
-                    os.rename(e.path, garbage)
-                except OSError:
-                    continue
-                if remove_tree(garbage, "gc.remove"):
-                    removed.append(e.path)
+        # ``step-*`` directories without a manifest: retired checkpoints whose data a committed
+        # checkpoint no longer references, or ones half-deleted by older pyckpt versions (which
+        # removed MANIFEST.json first). The lock rules out a live writer.
+        removed += sweep_retired(root)
     for e in layout.committed(root):
         try:
             inner = os.listdir(e.path)

@@ -114,6 +114,27 @@ class StoreCoordinator:
         self.all_gather_json(None, tag)
 
 
+def attempt_prefix(env: Any = None) -> str:
+    """The store key prefix of this job attempt: the same on every rank of the attempt, on every node,
+    and new for each attempt whose store may still hold the previous attempt's keys.
+
+    ``TORCHELASTIC_RESTART_COUNT`` is not the same on every node: after one node's worker failed,
+    its agent counts a restart, but the other nodes' agents restart their workers for the membership
+    change, which "does not count as a retry" (torch/distributed/elastic/agent/server/api.py), so a
+    prefix built from it splits a multi-node job into groups that wait for each other forever. When
+    the workers' store is their own (``TORCHELASTIC_USE_AGENT_STORE`` not true, as under pyckpt-run:
+    rank 0 of the attempt hosts it), it dies with the attempt and ``MASTER_PORT`` names it. Only the
+    agent's shared store outlives attempts; there the restart count is the only attempt number the
+    workers get (exact on one node; several nodes need the store not shared, see docs/OPERATIONS.md)."""
+    import os
+
+    env = os.environ if env is None else env
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if str(env.get("TORCHELASTIC_USE_AGENT_STORE", "")).lower() == "true":
+        return f"pyckpt/{run_id}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return f"pyckpt/{run_id}/{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+
+
 def default_coordinator() -> Coordinator:
     """``StoreCoordinator`` when a default process group with > 1 rank exists, else local."""
     try:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sharded
 from .errors import PyckptError
 from .hooks import HookSet, Registry, WeakIdSet
 
@@ -32,7 +33,8 @@ class Tracked:
 
     def replicated(self, world_size: int) -> bool:
         """Whether this state is identical on every rank (written once) or per rank."""
-        return world_size == 1 or (bool(self.modules) and all(_is_ddp(m) for m in self.modules))
+        # FSDP2 (DTensor parameters) counts as replicated: Checkpointer.save writes each rank's shards.
+        return world_size == 1 or (bool(self.modules) and all(_is_ddp(m) or sharded.is_fsdp(m) for m in self.modules))
 
 
 def _is_ddp(m: nn.Module) -> bool:
@@ -123,8 +125,9 @@ class Discovery:
     def discover(self) -> Tracked:
         """Everything to save, in a deterministic order."""
         self.scan_once()
-        opts = list(self.optimizers)
-        t = Tracked(optimizers=opts, modules=self._root_modules(opts))
+        opts = sharded.drop_inner(list(self.optimizers))  # a ZeRO optimizer's local one is saved through it
+        # No optimizer (weights updated by hand after backward()): the modules with trainable parameters.
+        t = Tracked(optimizers=opts, modules=self._root_modules(opts) if opts else self.trainable_roots())
         per_opt: dict[int, int] = {}
         for s in self.schedulers:
             idx = next((i for i, o in enumerate(opts) if o is getattr(s, "optimizer", None)), None)
@@ -158,6 +161,13 @@ class Discovery:
             roots, covered = root_modules(opts, self.modules)
         self._key, self._roots = key, [weakref.ref(m) for m in roots]
         return roots
+
+    def trainable_roots(self) -> list[nn.Module]:
+        """The outermost live modules owning a parameter that requires grad, in registration order
+        (for loops that update weights by hand: there is no optimizer to find them through)."""
+        owners = [m for m in self.modules if any(p.requires_grad for p in m.parameters())]
+        inner = {id(sub) for m in owners for sub in m.modules() if sub is not m}
+        return [m for m in owners if id(m) not in inner]
 
     def grads_without_optimizer(self) -> bool:
         """True when some live module has gradients although no optimizer ever stepped."""
@@ -220,10 +230,34 @@ def state_of(t: Tracked) -> dict[str, Any]:
     """The checkpoint state of the tracked objects (live tensors: capture before mutating)."""
     return {
         "modules": {str(i): m.state_dict() for i, m in enumerate(t.modules)},
-        "optimizers": {str(i): o.state_dict() for i, o in enumerate(t.optimizers)},
+        "optimizers": {str(i): sharded.optimizer_state_dict(o) for i, o in enumerate(t.optimizers)},  # ZeRO: no gather
         "schedulers": {k: s.state_dict() for k, s in t.schedulers.items()},
         "scalers": {k: s.state_dict() for k, s in t.scalers.items()},
     }
+
+
+def grads_of(t: Tracked) -> dict[str, dict[str, Any]]:
+    """The modules' parameter gradients (a snapshot taken right after backward() needs them)."""
+    return {str(i): {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+            for i, m in enumerate(t.modules)}
+
+
+def load_grads(t: Tracked, saved: Any) -> None:
+    """Inverse of ``grads_of``: gradients are put back (copied into existing ones), others set to None."""
+    if not isinstance(saved, dict):
+        raise PyckptError("the checkpoint's gradients are malformed")
+    for i, m in enumerate(t.modules):
+        grads = saved.get(str(i)) or {}
+        for n, p in m.named_parameters():
+            g = grads.get(n)
+            if g is None:
+                p.grad = None
+            elif not isinstance(g, torch.Tensor) or g.shape != p.shape:
+                raise PyckptError(f"the checkpoint's gradient of {n!r} does not match the parameter")
+            elif p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == g.dtype:
+                p.grad.copy_(g)
+            else:
+                p.grad = g.to(device=p.device, dtype=p.dtype).clone()
 
 
 def split_buffers(t: Tracked, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -259,7 +293,7 @@ def load(t: Tracked, state: dict[str, Any]) -> None:
     for i, m in enumerate(t.modules):
         m.load_state_dict(state["modules"][str(i)])
     for i, o in enumerate(t.optimizers):
-        o.load_state_dict(state["optimizers"][str(i)])
+        sharded.load_optimizer(o, state["optimizers"][str(i)])
     _load_named("LR scheduler", t.schedulers, state["schedulers"])
     _load_named("GradScaler", t.scalers, state["scalers"])
 

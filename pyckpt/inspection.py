@@ -119,8 +119,16 @@ def summarize(path: str) -> Summary:
             codecs[ch["codec"]] = codecs.get(ch["codec"], 0) + 1
         parts.append({"rank": r, "chunks": len(part["chunks"]), "codecs": codecs,
                       "bytes_raw": sum(c["raw_len"] for c in part["chunks"]),
-                      "bytes_stored": sum(c["stored_len"] for c in part["chunks"])})
+                      "bytes_stored": sum(c["stored_len"] for c in part["chunks"]),
+                      # incremental chunks held by earlier checkpoints (docs/FORMAT.md §14)
+                      "chunks_referenced": sum(c["file"].startswith("../") for c in part["chunks"]),
+                      "references": sorted({c["file"].split("/")[1] for c in part["chunks"]
+                                            if c["file"].startswith("../")})})
     sections = [_section(op, "replicated", 0, "replicated")]
+    from . import sharded  # 1.2: DTensors (null in the replicated tree), with every rank's shards
+
+    if sharded.has_sharded(op):
+        sections.append(Section("sharded", leaves=sharded.inspect_leaves(op, TensorLeaf)))
     for r, part in enumerate(op.parts):
         if part.get("rank_state") is not None:
             sections.append(_section(op, "rank", r, f"rank_state[{r}]"))
@@ -189,8 +197,10 @@ def render(s: Summary, max_leaves: int = 2000) -> str:
         f"codecs {', '.join(codecs) or 'none'}), {len(s.parts)} rank part(s)",
     ]
     for p in s.parts:
+        refs = (f", {p['chunks_referenced']} referenced in {', '.join(p['references'])}"
+                if p.get("chunks_referenced") else "")
         lines.append(f"    rank {p['rank']}: {p['chunks']} chunk(s), {human(p['bytes_raw'])} raw, "
-                     f"{human(p['bytes_stored'])} stored")
+                     f"{human(p['bytes_stored'])} stored{refs}")
     shown = 0
     for sec in s.sections:
         ntensors = sum(isinstance(v, TensorLeaf) for _, v in sec.leaves)

@@ -6,7 +6,8 @@ duration of a ``with`` block. A malformed value raises ``ConfigError`` naming
 the variable and the values it accepts. Pure Python on purpose: the start-up
 line imports this module in every process that has PYCKPT_DIR. Also here:
 ``unknown_names`` (misspelt PYCKPT_* variables, with the closest known name)
-and ``check_local_path`` (URLs are rejected until remote storage exists).
+and ``check_local_path`` (a URL is refused where only local paths work, and checked for its
+storage package where object storage works: ``pyckpt/remote.py``).
 """
 from __future__ import annotations
 
@@ -87,23 +88,45 @@ def _flag(name: str, raw: str) -> bool:
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def check_local_path(path: str | os.PathLike, what: str = "checkpoint directory") -> str:
-    """``path`` as a string; ``ConfigError`` for a URL (``s3://...``): only local storage exists so far.
+def check_local_path(path: str | os.PathLike, what: str = "checkpoint directory", allow_url: bool = False) -> str:
+    """``path`` as a string; ``ConfigError`` for a URL (``s3://...``) unless ``allow_url`` (Checkpointer
+    roots, PYCKPT_DIR), which checks that the URL's storage package is installed (``remote.check_supported``).
 
     Without this check ``s3://bucket/x`` would silently become a local folder named ``s3:``."""
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if _URL.match(text):
-        raise ConfigError(f"{what} {text!r} is a URL: remote storage is not supported yet; give a local "
-                          "(or mounted) directory path")
+        if allow_url:
+            from .remote import check_supported
+
+            return check_supported(text, what)
+        raise ConfigError(f"{what} {text!r} is a URL: remote storage is not supported yet here (only by "
+                          "Checkpointer and PYCKPT_DIR); give a local (or mounted) directory path")
     return text
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` is a ``scheme://`` URL string (an object-storage root)."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def resolve_dir(path: str | os.PathLike) -> str:
+    """A checkpoint root as given to transparent mode: a URL as is (no trailing ``/``), a local path absolute."""
+    text = os.fspath(path)
+    return text.rstrip("/") if is_url(text) else os.path.abspath(text)
 
 
 def _dir(name: str, raw: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{name} is set but empty: give a directory path, or unset it to turn "
                           "transparent checkpointing off")
+    return check_local_path(raw, name, allow_url=True)
+
+
+def _local_dir(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} is set but empty: give a directory path or unset it")
     return check_local_path(raw, name)
 
 
@@ -121,6 +144,15 @@ def _resume(name: str, raw: str) -> str:
     return raw
 
 
+def _steps_or_auto(name: str, raw: str) -> int | str:
+    if raw.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int_at_least(1)(name, raw)
+    except ConfigError:
+        raise ConfigError(f"{name}={raw!r} is not valid: expected an integer >= 1 or auto") from None
+
+
 KNOBS: dict[str, tuple[Knob, Callable[[str, str], object]]] = {}
 
 
@@ -128,21 +160,31 @@ def _knob(name: str, default: str | None, accepted: str, help: str, parse) -> No
     KNOBS[name] = (Knob(name, default, accepted, help), parse)
 
 
-_knob("PYCKPT_DIR", None, "a local directory path (no URL)", "checkpoint directory; setting it turns transparent mode on", _dir)
+_knob("PYCKPT_DIR", None, "a local directory path, or an object-storage URL (s3://bucket/prefix)", "checkpoint directory; setting it turns transparent mode on", _dir)
+_knob("PYCKPT_CACHE_DIR", None, "a local directory path", "staging and download space of object-storage roots (default ~/.cache/pyckpt)", _local_dir)
 _knob("PYCKPT_DISABLE", "0", "1/0", "1 turns every activation mode off", _flag)
-_knob("PYCKPT_EVERY_STEPS", None, "an integer >= 1", "snapshot every N optimizer steps", _int_at_least(1))
+_knob("PYCKPT_EVERY_STEPS", None, "an integer >= 1, or auto", "snapshot every N optimizer steps (auto: Young/Daly "
+      "interval from the measured cost and PYCKPT_MTBF_HOURS)", _steps_or_auto)
 _knob("PYCKPT_EVERY_SECONDS", None, "a number > 0", "snapshot every S seconds (agreed across ranks)", _float_above(0.0))
 _knob("PYCKPT_KEEP", "3", "an integer >= 1", "committed checkpoints to keep", _int_at_least(1))
 _knob("PYCKPT_COMPRESS", "none", "none, zstd", "tensor encoding", _choice("none", "zstd"))
 _knob("PYCKPT_RESUME", "auto", "auto, never, or an existing checkpoint directory", "what to resume from at start-up", _resume)
 _knob("PYCKPT_LOG", "info", "info, debug, quiet", "how much pyckpt prints on stderr", _choice("info", "debug", "quiet"))
+_knob("PYCKPT_LAZY", "1", "1/0", "copy snapshots during the next forward/backward (0: at the snapshot point)", _flag)
+_knob("PYCKPT_SHM_MB", "0", "an integer >= 0", "keep the newest snapshot in /dev/shm too, up to this many MiB (0: off)", _int_at_least(0))
+_knob("PYCKPT_INCREMENTAL", "1", "1/0", "write only chunks whose fingerprint changed; unchanged ones reference the earlier checkpoint", _flag)
+_knob("PYCKPT_INCREMENTAL_VERIFY", "auto", "auto, all, sample, off", "CRC32C check of unchanged chunks against the chunk they reference (auto: all host chunks, a rotating 1 in 8 of GPU chunks)", _choice("auto", "all", "sample", "off"))
+_knob("PYCKPT_STORAGE_EVERY", "1", "an integer >= 1", "with PYCKPT_SHM_MB: write every Nth snapshot to PYCKPT_DIR too", _int_at_least(1))
+_knob("PYCKPT_MTBF_HOURS", "24", "a number > 0", "expected hours between failures, for PYCKPT_EVERY_STEPS=auto", _float_above(0.0))
 _knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget in MiB", _int_at_least(1))
 _knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))
 _knob("PYCKPT_IO_THREADS", "4", "an integer >= 1", "writer/reader threads per process", _int_at_least(1))
 _knob("PYCKPT_COPY_THREADS", "2", "an integer >= 1", "threads for host-to-host capture copies", _int_at_least(1))
 _knob("PYCKPT_STAGING_TIMEOUT_S", "60", "a number >= 0", "how long capture waits for staging memory before skipping", _float_at_least(0.0))
+_knob("PYCKPT_LOOP_STATE_MAX_BYTES", "16777216", "an integer >= 0", "transparent mode: a script variable larger than this is not captured (0: no variables, only the stack)", _int_at_least(0))
 # Test/diagnostic only: sleep this many ms after writing each chunk (simulates a slow disk).
 _knob("PYCKPT_TEST_WRITE_DELAY_MS", "0", "an integer >= 0", "testing: slow every chunk write down", _int_at_least(0))
+_knob("PYCKPT_TEST_FINGERPRINT", None, "constant", "testing: every chunk fingerprint is 0 (forced collisions)", _choice("constant"))
 _knob("PYCKPT_TEST_CRASH_AT", None, "a name of pyckpt.commit.CRASH_POINTS[:n]", "testing: SIGKILL at that point", lambda n, raw: raw)
 
 

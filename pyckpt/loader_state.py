@@ -22,9 +22,17 @@ it hands batch k to the loop) are registered with ``count_handed_by``: their
 ``__iter__`` is wrapped to count the batches handed to the loop, so a position
 is (batches handed B, batches fetched F >= B). Fast-forward skips B and the
 restore waits until the wrapper has fetched F again (its look-ahead refilled).
+
+The rest of the pipeline (docs/TRANSPARENCY.md, "The data pipeline"): worker
+processes' generator states per batch and the base seed (``loader_workers``),
+an ``IterableDataset``'s own ``state_dict()``, and the positions of loaders
+zipped with the training loader (``zipped_with``: fetched before each of the
+last two optimizer steps, mid-epoch), each positioned as of the last step.
 """
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +40,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
+from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import rng
+from . import loader_workers, reshard_data, rng
 from .hooks import HookSet
 
 
@@ -99,20 +107,65 @@ class Stream:
     # iterates the DataLoader itself, so handed == fetched).
     handed: int | None = None
     skipping: bool = False  # the current epoch finished before the checkpoint being resumed
+    iterator: Any = None  # weakref to the current epoch's iterator
+    # Zipped loaders (issue 6): batches at the last optimizer step, consecutive steps with a
+    # fetch from this stream before them, and whether its current epoch has ended.
+    mark: int = 0
+    streak: int = 0
+    ended: bool = False
+    probe: bool = False  # look for an unregistered prefetching iterator at this epoch's first fetch
+    wrapper_cls: Any = None  # the class found by that probe (counted once it proved one batch per item)
 
-    def position(self) -> dict[str, Any]:
+    def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
 
         ``batch`` is in the training loop's terms (batches handed to it); ``fetched`` counts the
-        batches taken from the DataLoader, more than ``batch`` under a look-ahead wrapper."""
+        batches taken from the DataLoader, more than ``batch`` under a look-ahead wrapper.
+        ``batch`` given: the position as of that many batches (a zipped loader's at the step).
+        ``others``: also the positions of the loaders zipped with this one."""
         loader = self.loader() if self.loader is not None else None
         handed = self.batches if self.handed is None else min(self.handed, self.batches)
+        if self.wrapper_cls is not None and self.tracker._found.get(self.wrapper_cls) is not True:
+            handed = self.batches  # a probed iterator class not yet seen handing one batch per item
+        if batch is not None:
+            handed = max(0, min(batch, handed))
         pos: dict[str, Any] = {"sig": self.sig, "epoch": self.epochs, "batch": handed, "fetched": self.batches,
                                "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "samplers": []}
         if loader is not None:
             pos["gens"] = [rng.generator_state(g) for g in generators(loader)]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
+        pos.update(reshard_data.position_extra(self))  # a remapped epoch (another world size) stores its split
+        if loader is not None:
+            pos.update(self._pipeline_position(loader, self.batches - handed))
+        if others:
+            pos["others"] = [st.position(batch=st.mark, others=False) for st in self.tracker.zipped_with(self)]
         return pos
+
+    def _pipeline_position(self, loader: DataLoader, ahead: int) -> dict[str, Any]:
+        """Worker generator states and base seed; a stateful loader's or dataset's own state.
+        ``ahead``: batches fetched beyond the position (a look-ahead wrapper's, a zipped loader's)."""
+        out: dict[str, Any] = {}
+        it = self.iterator() if self.iterator is not None else None
+        record = it.__dict__.get("_pyckpt_workers") if it is not None else None
+        if record is not None:
+            states, exact = record.states_before(ahead)
+            if not exact:
+                _say_once(f"warning: the worker random state of loader {self.sig} is {ahead} batches back, more "
+                          "than pyckpt keeps; random augmentation in workers may differ after a resume", "warning")
+            out["workers"] = {"base_seed": record.base_seed, "rng": [loader_workers.to_saved(s) for s in states]}
+        owner, key = _stateful_owner(loader)
+        if owner is not None and ahead > 0:
+            _say_once(f"warning: {type(owner).__name__}.state_dict() is not saved: a wrapper fetches {ahead} "
+                      "batch(es) ahead of the loop; its position is reached by loading and dropping batches, "
+                      "which does not restore the dataset's own state", "warning")
+        elif owner is not None:
+            state = owner.state_dict()
+            if _plain(state):
+                out[key] = state
+            else:
+                _say_once(f"warning: {type(owner).__name__}.state_dict() holds values a checkpoint cannot store "
+                          "without pickle; its position is reached by loading and dropping batches", "warning")
+        return out
 
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
         """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward)."""
@@ -150,6 +203,7 @@ class FastForward:
     reused: bool
     position: dict = field(default_factory=dict)
     fetched: int = -1
+    others: list = field(default_factory=list)  # zipped loaders' FastForwards (reached, not restored at)
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -158,8 +212,15 @@ class FastForward:
     @classmethod
     def from_position(cls, pos: dict[str, Any]) -> "FastForward":
         batch = int(pos["batch"])
+        others = []
+        for p in pos.get("others") or []:
+            try:
+                others.append(cls.from_position(p))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                _say_once("warning: a zipped loader's position in the checkpoint is malformed; that loader "
+                          "restarts its epoch", "warning")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
-                   bool(pos.get("reused")), pos, int(pos.get("fetched", batch)))
+                   bool(pos.get("reused")), pos, int(pos.get("fetched", batch)), others)
 
 
 class _SkipFirst:
@@ -257,6 +318,13 @@ class LoaderTracker:
         self.plan_stream: Stream | None = None  # set once the plan's epoch iterator exists
         self.wrapper_depth = 0  # > 0 while a registered look-ahead wrapper runs its own code
         self._first = True
+        self.steps_marked = 0  # optimizer steps with a fetch before them (zipped-loader detection)
+        self._fetched_since_step: dict[int, Stream] = {}
+        # While a resumed iterator is built: (base seed, first worker) for its workers (loader_workers.py).
+        self._pending_workers: tuple[int, int] | None = None
+        self.ok_fetches = 0  # batches returned by any tracked iterator
+        self._hooks: HookSet | None = None
+        self._found: dict[type, bool] = {}  # iterator classes probed: counted as look-ahead wrappers or not
 
     # -- installation ---------------------------------------------------------
     def install(self, hooks: HookSet) -> None:
@@ -273,6 +341,10 @@ class LoaderTracker:
             st = it._pyckpt_stream
             if st is None:
                 return orig_next(it)
+            if st.probe:
+                st.probe = False
+                if tracker.wrapper_depth == 0:
+                    tracker._probe_wrapper(st)
             if tracker.armed and tracker._ready(st):
                 tracker.on_point(st)
             tracker.last = st
@@ -282,9 +354,12 @@ class LoaderTracker:
                 # The end of an epoch is a fetch event too: a look-ahead wrapper hands its last batch
                 # after this, so the loop's last step of the epoch follows no successful fetch.
                 tracker.fetches += 1
+                st.ended = True
                 raise
             st.batches += 1
             tracker.fetches += 1
+            tracker.ok_fetches += 1
+            tracker._fetched_since_step[id(st)] = st
             if tracker.fetches == tracker.check_at:
                 tracker.on_idle_fetches()
             return data
@@ -293,8 +368,45 @@ class LoaderTracker:
             skip = loader.__dict__.get("_pyckpt_skip")
             return skip if skip is not None else orig_index_sampler.fget(loader)
 
+        orig_base_init = _BaseDataLoaderIter.__init__
+        orig_put = _MultiProcessingDataLoaderIter._try_put_index
+
+        def __init__(it, loader):  # noqa: N807
+            orig_base_init(it, loader)
+            pending = tracker._pending_workers
+            if pending is not None:
+                # A resumed iterator: the original's base seed (persistent workers drew it at an
+                # earlier epoch), and its first batch to the worker that loaded it originally.
+                it._base_seed, it.__dict__["_pyckpt_first_worker"] = pending
+
+        def _try_put_index(it):
+            first = it.__dict__.pop("_pyckpt_first_worker", 0)
+            for _ in range(first):
+                next(it._worker_queue_idx_cycle)
+            return orig_put(it)
+
+        self._hooks = hooks
+        hooks.patch(_BaseDataLoaderIter, "__init__", __init__)
+        hooks.patch(_MultiProcessingDataLoaderIter, "_try_put_index", _try_put_index)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        hooks.add_handle(register_optimizer_step_post_hook(lambda opt, args, kwargs: tracker._on_step()))
         hooks.patch(_BaseDataLoaderIter, "_pyckpt_stream", None)
         hooks.patch(DataLoader, "__iter__", __iter__)
+        # Loaders that keep their own position and replace DataLoader.__iter__ (torchdata's
+        # StatefulDataLoader) are routed through the tracker too, now and when such a class is made.
+        for cls in _subclasses(DataLoader):
+            self._route(cls, orig_next)
+        orig_init_subclass = DataLoader.__dict__.get("__init_subclass__")
+
+        def __init_subclass__(cls, **kwargs):  # noqa: N807
+            if orig_init_subclass is not None:
+                orig_init_subclass.__func__(cls, **kwargs)
+            else:
+                super(DataLoader, cls).__init_subclass__(**kwargs)
+            tracker._route(cls, orig_next)
+
+        hooks.patch(DataLoader, "__init_subclass__", classmethod(__init_subclass__))
         hooks.patch(_BaseDataLoaderIter, "__next__", __next__)
         hooks.patch(DataLoader, "_index_sampler", property(_index_sampler))
         self._orig_next = orig_next
@@ -350,6 +462,115 @@ class LoaderTracker:
             if close is not None:
                 close()  # the loop left early (break, exception): let the wrapper clean up as usual
 
+    def _route(self, cls: type, orig_next: Callable) -> None:
+        """Send ``iter()`` of a DataLoader subclass with its own ``__iter__``, ``state_dict()`` and
+        ``load_state_dict()`` through the tracker (its own ``__iter__`` makes the iterator)."""
+        if "__iter__" not in vars(cls) or not all(callable(getattr(cls, m, None))
+                                                    for m in ("state_dict", "load_state_dict", "_get_iterator")):
+            return
+        own_iter, tracker = vars(cls)["__iter__"], self
+
+        def own(loader):
+            return own_iter(loader)
+
+        own._pyckpt_own = True
+
+        def __iter__(loader):  # noqa: N807
+            if loader.__dict__.get("_pyckpt_routing"):
+                return own_iter(loader)
+            loader.__dict__["_pyckpt_routing"] = True  # a super().__iter__() inside is not another epoch
+            try:
+                return tracker._on_iter(loader, own, orig_next)
+            finally:
+                loader.__dict__.pop("_pyckpt_routing", None)
+
+        assert self._hooks is not None
+        self._hooks.patch(cls, "__iter__", __iter__)
+
+    def _probe_wrapper(self, st: Stream) -> None:
+        """At an epoch's first fetch: if it is made by an iterator object of a class with ``__next__``
+        (the outermost one on the stack below the loop's frame: a Lightning-style fetcher that keeps
+        a batch ahead), count the batches that class hands to the loop from now on."""
+        frame, found, in_next = sys._getframe(2), None, False
+        for _ in range(12):
+            if frame is None:
+                break
+            if not frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+                obj = frame.f_locals.get("self")
+                cls = type(obj) if obj is not None else None
+                if cls is None or not callable(getattr(cls, "__next__", None)) or cls.__module__.startswith("torch"):
+                    break  # the loop's own frame (or a trainer object's method)
+                if cls is not found:
+                    found, in_next = cls, False
+                in_next = in_next or frame.f_code.co_name == "__next__"
+            frame = frame.f_back
+        if found is None or self._found.get(found) is False:
+            return
+        if found not in self._found:
+            self._found[found] = None  # on probation until one counted __next__ took one batch at most
+            self._count_next(found)
+        # Batches before this fetch were handed (skipped on resume); a __next__ running now hands one more.
+        st.handed = st.batches + (1 if in_next else 0)
+        st.wrapper_cls = found
+
+    def _count_next(self, cls: type) -> None:
+        """Count the items ``cls.__next__`` hands to the loop (one DataLoader batch each, checked: a
+        class that takes more than one batch per item is no look-ahead wrapper and is left alone)."""
+        orig_next, orig_iter, tracker = cls.__next__, cls.__iter__, self
+
+        def __next__(wrapper):  # noqa: N807
+            if tracker._found.get(cls) is False:
+                return orig_next(wrapper)
+            tracker.wrapper_depth += 1
+            before = tracker.ok_fetches
+            try:
+                item = orig_next(wrapper)
+            finally:
+                tracker.wrapper_depth -= 1
+            st = tracker.last
+            if tracker.ok_fetches - before > 1:
+                tracker._found[cls] = False  # positions stay in the DataLoader's batches
+                if st is not None:
+                    st.handed = None
+            else:
+                tracker._found[cls] = True
+                if st is not None and st.handed is not None:
+                    st.handed += 1
+            return item
+
+        def __iter__(wrapper):  # noqa: N807
+            if tracker._found.get(cls) is False:
+                return orig_iter(wrapper)
+            tracker.wrapper_depth += 1  # an iter() of the DataLoader inside it starts a counted epoch
+            try:
+                return orig_iter(wrapper)
+            finally:
+                tracker.wrapper_depth -= 1
+
+        assert self._hooks is not None
+        self._hooks.patch(cls, "__next__", __next__)
+        self._hooks.patch(cls, "__iter__", __iter__)
+
+    def _on_step(self) -> None:
+        """An optimizer stepped: remember each stream's batches now (a zipped loader fetched before
+        the step is positioned as of the step, not as of the snapshot point after its next fetch)."""
+        fetched = self._fetched_since_step
+        if not fetched:
+            return  # a second optimizer in the same iteration (a GAN): nothing fetched since
+        self._fetched_since_step = {}
+        self.steps_marked += 1
+        for st in self.streams.values():
+            st.streak = st.streak + 1 if id(st) in fetched else 0
+            st.mark = st.batches
+
+    def zipped_with(self, primary: Stream) -> list[Stream]:
+        """Loaders iterated in step with ``primary`` (``zip(loader1, loader2)``): fetched before each
+        of the last two steps (the only step so far, after the first) and in the middle of an epoch.
+        An evaluation loader runs to its end between steps, so it is never one of them."""
+        need = min(2, self.steps_marked)
+        return [st for st in self.streams.values()
+                if st is not primary and need > 0 and st.streak >= need and not st.ended and not st.skipping]
+
     def _ready(self, st: Stream) -> bool:
         """Whether a point on ``st`` may run now: a pending restore waits until a look-ahead
         wrapper has fetched as many batches as it had when the snapshot was taken."""
@@ -373,31 +594,65 @@ class LoaderTracker:
             self.on_first_iter()
 
     def _on_iter(self, loader: DataLoader, orig_iter: Callable, orig_next: Callable) -> Any:
+        if loader.__dict__.get("_pyckpt_routing") and not getattr(orig_iter, "_pyckpt_own", False):
+            return orig_iter(loader)  # DataLoader.__iter__ called by a routed subclass's own: counted there
         self.ensure_started()
         st = self.stream_for(loader)
         st.epochs += 1
         st.batches = 0
+        st.mark, st.ended = 0, False  # this epoch's batches all come after the last step
+        st.probe = True
         st.handed = 0 if self.wrapper_depth else None
         st.skipping = False
         st.loader = weakref.ref(loader)
         plan = self.plan
+        target = None
         if plan is not None and plan.sig == st.sig and self.plan_stream is None:
-            if st.epochs < plan.epoch:
-                st.skipping = True
-                it = _FinishedEpoch(loader)
-                it._pyckpt_stream = st
-                return it
-            if st.epochs == plan.epoch:
-                return self._fast_forward(loader, st, plan, orig_iter, orig_next)
+            target = plan
+        elif plan is not None:  # a loader zipped with the training loader, not reached yet
+            target = next((p for p in plan.others if p.sig == st.sig and st.epochs <= p.epoch), None)
+        if target is not None and st.epochs < target.epoch:
+            st.skipping = True
+            it = _FinishedEpoch(loader)
+            it._pyckpt_stream = st
+            return it
+        if target is not None and st.epochs == target.epoch:
+            return self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is plan)
         st.reused = bool(loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None)
         st.epoch_rng = _epoch_rng(loader)
-        it = orig_iter(loader)
+        it = self._start(loader, orig_iter)
         it._pyckpt_stream = st
+        st.iterator = weakref.ref(it)
+        return it
+
+    def _start(self, loader: DataLoader, orig_iter: Callable, workers: tuple | None = None) -> Any:
+        """``iter(loader)``; new worker processes of a map-style dataset are started with a
+        ``loader_workers.WorkerHook`` (they report their generator states with every batch).
+        ``workers``: (states, base seed, first worker) of a resumed epoch."""
+        fresh = (loader.num_workers > 0 and loader._dataset_kind == _DatasetKind.Map
+                 and type(loader)._get_iterator is DataLoader._get_iterator
+                 and not (loader.persistent_workers and loader._iterator is not None))
+        if not fresh:
+            return orig_iter(loader)
+        user_fn = loader.worker_init_fn
+        states = workers[0] if workers is not None else None
+        loader.worker_init_fn = loader_workers.WorkerHook(user_fn, states)
+        if workers is not None:
+            self._pending_workers = (workers[1], workers[2])
+        try:
+            it = orig_iter(loader)
+        finally:
+            loader.worker_init_fn = user_fn
+            self._pending_workers = None
+        if isinstance(it, _MultiProcessingDataLoaderIter) and "_pyckpt_workers" not in it.__dict__:
+            loader_workers.attach(it, loader.num_workers, states)
         return it
 
     def _fast_forward(self, loader: DataLoader, st: Stream, plan: FastForward, orig_iter: Callable,
-                      orig_next: Callable) -> Any:
+                      orig_next: Callable, primary: bool = True) -> Any:
         st.reused, st.epoch_rng = plan.reused, plan.epoch_rng
+        if not primary:  # reached now: never again
+            self.plan.others = [p for p in self.plan.others if p is not plan]
         before = None
         if plan.epoch_rng is not None:
             _set_epoch_rng(loader, plan.epoch_rng)
@@ -406,13 +661,23 @@ class LoaderTracker:
                 # seed; ours is new and does. Put the state back before the sampler draws.
                 before = lambda: _set_epoch_rng(loader, plan.epoch_rng)  # noqa: E731
         iterable = loader._dataset_kind == _DatasetKind.Iterable
-        if not iterable:
-            loader.__dict__["_pyckpt_skip"] = _SkipFirst(loader._index_sampler, plan.batch, before)
+        # A loader or iterable dataset with its own state_dict() is positioned through it.
+        owner, key = _stateful_owner(loader)
+        own = plan.position.get(key) if owner is not None else None
+        if own is not None:
+            owner.load_state_dict(own)
+        remap = None
+        if not iterable and own is None:
+            remap = reshard_data.index_sampler(loader, plan.position, st)  # another world size: reshard_data.py
+            loader.__dict__["_pyckpt_skip"] = (remap if remap is not None
+                                               else _SkipFirst(loader._index_sampler, plan.batch, before))
+        workers = None if remap is not None or own is not None else _saved_workers(loader, plan)
         try:
-            it = orig_iter(loader)
+            it = self._start(loader, orig_iter, workers)
         finally:
             loader.__dict__.pop("_pyckpt_skip", None)
-        if iterable:
+        st.iterator = weakref.ref(it)
+        if iterable and own is None:
             _consume(it, plan.batch, orig_next)
         elif isinstance(getattr(it, "_sampler_iter", None), _Skipping):
             try:
@@ -423,9 +688,89 @@ class LoaderTracker:
         st.batches = plan.batch
         if st.handed is not None:
             st.handed = plan.batch
-        self.plan_stream = st
-        self.armed = True  # the restore happens at this iterator's next fetch
+        if primary:
+            self.plan_stream = st
+            self.armed = True  # the restore happens at this iterator's next fetch
         return it
+
+
+def _saved_workers(loader: DataLoader, plan: FastForward) -> tuple | None:
+    """(worker states, base seed, worker of the first remaining batch) saved for this epoch, or
+    None (the checkpoint predates worker capture, or the worker count changed: said once)."""
+    saved = plan.position.get("workers")
+    if loader.num_workers <= 0 or loader._dataset_kind != _DatasetKind.Map:
+        return None
+    if not isinstance(saved, dict) or len(saved.get("rng") or []) != loader.num_workers:
+        if not plan.position:
+            return None  # positioned for the script's framework (its own resume won): nothing was saved
+        _say_once(f"warning: the checkpoint holds no worker random state for loader {plan.sig} with "
+                  f"{loader.num_workers} workers; random augmentation in workers may differ after this resume",
+                  "warning")
+        return None
+    try:
+        states = [loader_workers.from_saved(s) for s in saved["rng"]]
+        seed = int(saved["base_seed"])
+    except (ValueError, TypeError, KeyError) as e:
+        _say_once(f"warning: worker random state of loader {plan.sig} not restored: {e}", "warning")
+        return None
+    return states, seed, plan.batch % loader.num_workers
+
+
+def _stateful_owner(loader: DataLoader) -> tuple[Any, str]:
+    """What positions this loader by its own ``state_dict()``/``load_state_dict()``: a DataLoader
+    subclass routed by ``LoaderTracker._route`` (torchdata's ``StatefulDataLoader``), or an
+    IterableDataset that has them, loaded in the main process (the protocol of Hugging Face
+    ``datasets`` iterable datasets). With workers each has its own replica; those are positioned
+    by loading and dropping batches (the replay draws what the original drew)."""
+    if _is_routed(type(loader)):
+        return loader, "loader_state"
+    ds = loader.dataset
+    if (loader._dataset_kind == _DatasetKind.Iterable and loader.num_workers == 0
+            and all(callable(getattr(ds, m, None)) for m in ("state_dict", "load_state_dict"))):
+        return ds, "dataset_state"
+    return None, ""
+
+
+def _is_routed(cls: type) -> bool:
+    """Whether ``cls.__iter__`` is the one ``LoaderTracker._route`` installed (on it or a base)."""
+    return getattr(getattr(cls, "__iter__", None), "__qualname__", "").startswith("LoaderTracker._route.")
+
+
+def _subclasses(cls: type) -> list[type]:
+    out, todo = [], list(cls.__subclasses__())
+    while todo:
+        c = todo.pop()
+        if c not in out:
+            out.append(c)
+            todo.extend(c.__subclasses__())
+    return out
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is made of what a checkpoint stores without pickle."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+# Code of these is never a loop's or a wrapper's frame (torch's iterators, pyckpt's hooks).
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str, level: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        from .activation import _say
+
+        _say(message, level)
 
 
 def _consume(it: Any, n: int, orig_next: Callable) -> None:

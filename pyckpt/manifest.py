@@ -14,18 +14,20 @@ import posixpath
 import re
 from typing import Any
 
-from . import __version__, layout
+from . import __version__, layout, shard_format
 from .dtypes import dtype_of
 from .errors import CorruptCheckpointError, FormatVersionError
 from .safe_fs import CheckpointDir, full_path
 
 FORMAT = "pyckpt"
 # 1.1: MANIFEST.json carries "manifest_crc32c" (docs/FORMAT.md §3); 1.0 manifests (without it) still load.
-FORMAT_VERSION = (1, 1)
+# 1.2: parts may hold sharded tensors (a "sharded" section, storages of scope "shard"; docs/FORMAT.md §12).
+#      Chunks may reference a sibling checkpoint's data file (../step-P/..., incremental chunks; §14).
+FORMAT_VERSION = (1, 2)
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_PART_BYTES = 1 << 30
 CODECS = ("none", "zstd")
-SCOPES = ("replicated", "rank")
+SCOPES = ("replicated", "rank", "shard")  # "shard": 1.2, storages of a part's sharded tensors (shard_format)
 # Every integer of a manifest or part fits a signed 64-bit integer (torch and the engine take int64/uint64).
 MAX_INT = (1 << 63) - 1
 MAX_U32 = (1 << 32) - 1
@@ -227,7 +229,9 @@ def validate_part(part: dict, path: str, rank: int) -> None:
     chunks = c.get(part, "chunks", list)
     _validate_chunks(c, chunks, sizes)
     counts = _validate_sections(c, part)
+    counts["shard"] = shard_format.section_storages(c, part)  # 1.2: shards of sharded tensors
     _validate_storages(c, c.get(part, "storages", list), chunks, counts)
+    shard_format.check_storage_sizes(c, part)
 
 
 def _validate_files(c: _Check, files: list) -> dict[str, int]:

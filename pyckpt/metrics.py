@@ -12,8 +12,9 @@ caller was blocked in ``captured()``), ``save_call_s``, ``capture_s`` (from
 ``save()`` until every tensor was copied to staging), ``durable_s`` (from
 ``save()`` until the checkpoint was committed), ``bytes_raw``,
 ``bytes_stored``, ``bytes_written``, ``bytes_skipped``, ``codec_ratio``,
-``throughput_mb_s``, ``world_size`` and ``monitor`` (the ``keep_best``
-metric, when there is one). Event "restore": ``step``, ``path``,
+``throughput_mb_s``, ``world_size``, ``monitor`` (the ``keep_best``
+metric, when there is one) and ``url`` (object-storage roots: where the
+checkpoint was uploaded; ``path`` is the local staging copy). Event "restore": ``step``, ``path``,
 ``restore_s``. This module never imports torch.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ class SaveTimer:
         self.t_captured: float | None = None
         self.blocked_s = 0.0  # time callers spent inside captured()
         self.monitor: float | None = None
+        self.url: str | None = None  # an object-storage root: the uploaded checkpoint's URL
 
     def returned(self) -> None:
         """``save()`` is about to return to the caller."""
@@ -125,6 +127,8 @@ def save_record(timer: SaveTimer, path: str | None, error: BaseException | None)
     }
     if timer.monitor is not None:
         rec["monitor"] = timer.monitor
+    if timer.url is not None:
+        rec["url"] = timer.url
     if path is not None and error is None:
         try:
             rec.update(data_figures(path))
@@ -202,17 +206,34 @@ def mark_finished(root: str, step: int | None = None, **info: Any) -> str:
     """Record that the run writing to ``root`` finished normally (``root/FINISHED.json``).
 
     A relaunch of the same command can then say so instead of silently
-    training its tail again (``catalog.is_finished``). Atomic and durable."""
+    training its tail again (``catalog.is_finished``). Atomic and durable.
+    ``root`` may be an object-storage URL (one PUT, atomic there)."""
     from .commit import write_atomic
 
     body = {"finished": True, "step": step, "time": round(time.time(), 3), **info}
+    data = (json.dumps(body, default=str) + "\n").encode()
+    if _is_url(root):
+        from .remote import reader_root
+
+        reader_root(root).write_small(FINISHED_FILE, data)
+        return f"{root.rstrip('/')}/{FINISHED_FILE}"
     path = os.path.join(root, FINISHED_FILE)
-    write_atomic(path, (json.dumps(body, default=str) + "\n").encode())
+    write_atomic(path, data)
     return path
+
+
+def _is_url(root: Any) -> bool:
+    from .remote import is_url
+
+    return is_url(root)
 
 
 def clear_finished(root: str) -> bool:
     """Remove the finished marker (a new run starts in ``root``); True when there was one."""
+    if _is_url(root):
+        from .remote import reader_root
+
+        return reader_root(root).delete(FINISHED_FILE)
     try:
         os.unlink(os.path.join(root, FINISHED_FILE))
         return True

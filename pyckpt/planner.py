@@ -60,6 +60,10 @@ class Described:
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
+    if type(t).__name__ == "DTensor":  # Checkpointer.save takes DTensors out (pyckpt/sharded.py)
+        raise UnsupportedStateError(f"cannot save the DTensor at {path!r} here: sharded tensors are saved by "
+                                    "pyckpt.Checkpointer.save as part of `state` (each rank writes its shards), "
+                                    "not in rank_state or by pyckpt.save; or pass dtensor.full_tensor()", key=path)
     if t.layout != torch.strided or t.is_quantized or t.device.type == "meta" or t.is_nested:
         raise UnsupportedStateError(f"cannot save tensor at {path!r}: layout {t.layout}, device {t.device} "
                                     "(only dense strided tensors are supported; convert with .to_dense())", key=path)
@@ -139,6 +143,11 @@ def pack(storages: list[Storage], chunk_bytes: int, chunks: list[Chunk] | None =
     chunks = [] if chunks is None else chunks
     open_chunk: dict[int, int] = {}  # elem_size -> index of the chunk being filled
     for s in sorted(storages, key=lambda s: (s.elem_size, s.id)):
+        # A big storage's chunks hold nothing else, so a frozen weight's chunks stay unchanged
+        # when a small neighbour changes (incremental saves write only changed chunks).
+        big = s.nbytes >= chunk_bytes // 4
+        if big:
+            open_chunk.pop(s.elem_size, None)
         done = 0
         while done < s.nbytes:
             ci = open_chunk.get(s.elem_size)
@@ -153,4 +162,6 @@ def pack(storages: list[Storage], chunk_bytes: int, chunks: list[Chunk] | None =
             s.pieces.append(p)
             c.raw_len += n
             done += n
+        if big:
+            open_chunk.pop(s.elem_size, None)
     return chunks

@@ -12,12 +12,80 @@ most one step apart, so no rank has passed it.
 """
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from typing import Any
 
 DEFAULT_EVERY_SECONDS = 600.0  # used when neither PYCKPT_EVERY_STEPS nor PYCKPT_EVERY_SECONDS is set
 POLL_S = 0.2
 MARGIN = 2
+FIRST_AUTO_S = 60.0  # PYCKPT_EVERY_STEPS=auto: the first snapshot, which measures the cost, comes after this
+MIN_AUTO_S = 1.0  # never snapshot more often than this, whatever the cost measured
+BASELINE_STEPS = 20  # step times (no checkpoint in flight) whose median is the no-checkpoint step time
+
+
+def young_daly(cost_s: float, mtbf_s: float) -> float:
+    """Young/Daly's first-order optimum checkpoint interval ``sqrt(2 * C * MTBF)`` in seconds."""
+    return math.sqrt(2.0 * cost_s * mtbf_s)
+
+
+def describe_auto(mtbf_hours: float, cap_s: float | None = None) -> str:
+    """The start-up line's words for ``PYCKPT_EVERY_STEPS=auto``."""
+    cap = f", at most {cap_s:g} s (PYCKPT_EVERY_SECONDS)" if cap_s is not None else ""
+    return (f"at an interval chosen from the measured cost C (Young/Daly sqrt(2*C*MTBF), MTBF {mtbf_hours:g} h "
+            f"from PYCKPT_MTBF_HOURS; the first after {min(FIRST_AUTO_S, cap_s or FIRST_AUTO_S):g} s measures C"
+            f"{cap})")
+
+
+class AutoInterval:
+    """``PYCKPT_EVERY_STEPS=auto``: the snapshot interval from the measured cost of a checkpoint.
+
+    The cost C of one checkpoint is the training time it takes away: over the
+    steps while it is in flight (armed, copying, writing), the sum of each
+    step's time above the median step time without one. That covers the stall
+    at the snapshot point, a wait before the next step, and the slowdown of
+    steps by the background copy and write competing for the machine."""
+
+    def __init__(self, mtbf_hours: float, cap_s: float | None = None) -> None:
+        self.mtbf_s = mtbf_hours * 3600.0
+        self.mtbf_hours, self.cap_s = mtbf_hours, cap_s
+        self.cost: float | None = None  # seconds per checkpoint, once one was measured
+        self.quiet: list[float] = []  # recent step times with no checkpoint in flight
+        self.extra = 0.0
+        self.in_flight = False
+        self.last: float | None = None
+        self.measured = 0
+
+    def interval(self) -> float:
+        """Seconds between snapshots now."""
+        if self.cost is None:
+            t = FIRST_AUTO_S
+        else:
+            t = max(young_daly(self.cost, self.mtbf_s), MIN_AUTO_S)
+        return min(t, self.cap_s) if self.cap_s is not None else t
+
+    def note_step(self, now: float, busy: bool, blocked: float = 0.0) -> float | None:
+        """Called as each step starts; ``busy``: a checkpoint was in flight during the step before
+        (or ``blocked`` > 0 s were spent on one). Returns the new cost when a checkpoint's cost was
+        just measured, else None."""
+        last, self.last = self.last, now
+        if last is None:
+            return None
+        dt = now - last
+        if busy or blocked > 0:
+            if self.quiet:
+                self.extra += max(0.0, dt - statistics.median(self.quiet))
+            self.in_flight = True
+            return None
+        self.quiet = (self.quiet + [dt])[-BASELINE_STEPS:]
+        if not self.in_flight:
+            return None
+        self.in_flight, cost, self.extra = False, self.extra, 0.0
+        # Smoothed: one checkpoint slowed by an unrelated hiccup must not halve the interval.
+        self.cost = cost if self.cost is None else 0.5 * self.cost + 0.5 * cost
+        self.measured += 1
+        return self.cost
 
 
 class StoreAgreement:
@@ -62,7 +130,16 @@ class StoreAgreement:
 class Policy:
     """Decides, at each counted step, whether a snapshot is due at the next consistent point."""
 
-    def __init__(self, every_steps: int | None, every_seconds: float | None, now: float | None = None) -> None:
+    def __init__(self, every_steps: int | str | None, every_seconds: float | None, now: float | None = None,
+                 mtbf_hours: float | None = None) -> None:
+        self.auto: AutoInterval | None = None
+        if every_steps == "auto":  # a time trigger whose interval follows the measured cost
+            if mtbf_hours is None:
+                from . import knobs
+
+                mtbf_hours = knobs.get("PYCKPT_MTBF_HOURS")
+            self.auto = AutoInterval(mtbf_hours, every_seconds)
+            every_steps, every_seconds = None, self.auto.interval()
         if every_steps is None and every_seconds is None:
             every_seconds = DEFAULT_EVERY_SECONDS
         self.every_steps = every_steps
@@ -73,8 +150,19 @@ class Policy:
         self.next_poll = 0.0
         self.restart_timer(time.monotonic() if now is None else now)
 
+    def note_step(self, now: float, busy: bool, blocked: float = 0.0) -> float | None:
+        """With ``auto``: feed one step's timing (``AutoInterval.note_step``); when a checkpoint's cost
+        was measured, the interval is re-evaluated and returned (else None)."""
+        if self.auto is None or self.auto.note_step(now, busy, blocked) is None:
+            return None
+        self.every_seconds = self.auto.interval()
+        self.deadline = self.started + self.every_seconds
+        self.next_poll = min(self.next_poll, self.deadline)
+        return self.every_seconds
+
     def restart_timer(self, now: float) -> None:
         """Called after every snapshot (and at start): the time trigger counts from here."""
+        self.started = now
         self.deadline = now + self.every_seconds if self.every_seconds is not None else float("inf")
         self.next_poll = min(self.deadline, now + POLL_S) if self.agreement else self.deadline
 

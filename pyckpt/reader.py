@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import layout, manifest, tree
+from . import layout, manifest, shard_format, tree
 from ._native import CODEC_IDS
 from .dtypes import dtype_of
 from .errors import CorruptCheckpointError, PyckptError
@@ -77,6 +77,7 @@ def open_checkpoint(path: str) -> Opened:
         raise CorruptCheckpointError(f"{where} lacks the replicated state section", path=where)
     op = Opened(path, m, parts)
     check_sections(op)
+    shard_format.check_checkpoint(path, parts)  # 1.2: every part lists the same sharded tensors
     return op
 
 
@@ -222,7 +223,9 @@ class _SectionReader:
             dests[i] = d
 
         self.walk(visit, into)
-        missing = [p for p, t in _into_leaves(into) if (p, id(t)) not in matched]
+        sharded = {"/".join(map(str, t["key"])) for t in (self.op.parts[0].get("sharded") or {}).get("tensors", [])
+                   if isinstance(t, dict)} if self.sec is self.op.parts[0]["replicated"] else set()
+        missing = [p for p, t in _into_leaves(into) if (p, id(t)) not in matched and p not in sharded]  # 1.2
         if strict:
             problems += [f"{p!r}: saved tensor has no target tensor in into=" for p in unexpected]
             problems += [f"{p!r}: target in into= has no saved tensor in the checkpoint" for p in missing]
@@ -411,7 +414,12 @@ def load_section(engine: Any, op: Opened, scope: str, rank: int, into: Any = Non
     purpose, e.g. a resume into the live modules): allowed silently."""
     if scope == "rank" and (rank >= len(op.parts) or op.parts[rank].get("rank_state") is None):
         return None
-    return _SectionReader(op, scope, rank).read(engine, into, map_location, strict)
+    out = _SectionReader(op, scope, rank).read(engine, into, map_location, strict)
+    if scope == "replicated":  # 1.2: the sharded tensors' places (null in the tree), re-cut for this rank
+        from . import sharded
+
+        out = sharded.restore(engine, op, out, into, map_location)
+    return out
 
 
 def check_sections(op: Opened) -> None:

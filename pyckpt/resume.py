@@ -10,16 +10,28 @@ while epochs are skipped survives and no second copy of the model is held.
 Because the fast-forward is decided before the tensors are read, the chosen
 checkpoint's data is verified first (every chunk checksum, ranks sharing the
 work): a damaged newest checkpoint is skipped with one line and the next
-older sound one is used. A checkpoint written by a different number of ranks
-is refused (no resharding yet) with one line naming both sizes, on every rank.
+older sound one is used.
+
+A checkpoint written by another number of ranks (N) resumes on this job's M
+ranks when its state is replicated (DDP or one process) or FSDP2-sharded
+(DTensors, re-cut at load by ``sharded``): every rank reads the replicated
+tree; new rank r takes the per-rank part (RNG streams, module
+buffers, registered objects, loader position) of saved rank ``r % N``, so the
+RNG streams of saved ranks M..N-1 are dropped (one line says so); the
+interrupted epoch's rest is re-split by global sample count
+(``reshard_data``). Per-rank (non-DDP) and ZeRO state, loaders other than
+DistributedSampler + BatchSampler, and checkpoints without a DataLoader
+position are refused with one line naming both sizes, on every rank.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import layout, manifest, reader
+from . import layout, manifest, reader, reshard_data
+from .activation import _say as say
 from .checkpointer import Checkpointer, Restored, info_for
 from .coord import Coordinator
 from .errors import CheckpointNotFoundError, PyckptError
@@ -33,10 +45,23 @@ class Source:
     path: str
     step: int
     rank_state: Any
+    src_rank: int = -1  # the saved rank whose per-rank part this rank takes (-1: its own)
 
     def restore(self, into: Any) -> Restored:
         """Read the whole checkpoint; module tensors land in ``into`` in place."""
-        return self.checkpointer._restore_path(self.path, into, None, "cpu")
+        if self.src_rank < 0:
+            return self.checkpointer._restore_path(self.path, into, None, "cpu")
+        from . import metrics
+        from ._native import get_engine
+
+        t0 = time.monotonic()
+        op = reader.open_checkpoint(self.path)
+        state = reader.load_section(get_engine(), op, "replicated", 0, into, "cpu")
+        rs = reader.load_section(get_engine(), op, "rank", self.src_rank, None, "cpu")
+        rs.pop("loop", None)  # another rank's script variables (its `rank`, ...): see choose()
+        if self.checkpointer.coord.rank == 0:
+            metrics.restore_done(self.checkpointer.directory, op.step, self.path, time.monotonic() - t0)
+        return Restored(state, rs, op.step, self.path)
 
 
 def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | None:
@@ -44,7 +69,10 @@ def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | Non
     if setting == "never":
         return None
     if setting == "auto":
-        info = ckpt.latest(verify=True, check=lambda p: check_world_size(p, coord.world_size))
+        from . import shm_tier  # a sound memory-tier copy at least as new as storage's: storage is not read
+        if (src := shm_tier.choose(ckpt, coord)) is not None:
+            return src
+        info = ckpt.latest(verify=True)
         if info is None:
             return None
         path = info.path
@@ -53,21 +81,65 @@ def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | Non
         if not layout.is_checkpoint_dir(path):
             raise CheckpointNotFoundError(f"PYCKPT_RESUME={setting!r} is not a complete pyckpt checkpoint "
                                           "directory (one holding MANIFEST.json)")
-        check_world_size(path, coord.world_size)
-    return Source(ckpt, path, info_for(path).step, read_rank_state(path, coord.rank))
-
-
-def check_world_size(path: str, world_size: int) -> None:
-    """Refuse a checkpoint written by another number of ranks (the data split would differ)."""
     saved = manifest.read_manifest(path)["world_size"]
-    if saved != world_size:
-        raise PyckptError(f"checkpoint {path} was written by {saved} rank(s), this job has {world_size}; resuming "
-                          "with a different number of ranks is not supported yet: set PYCKPT_RESUME=never (or use "
-                          "a new PYCKPT_DIR) to start over, or use the same number of ranks")
+    if saved == coord.world_size:
+        return Source(ckpt, path, info_for(path).step, read_rank_state(path, coord.rank))
+    src = coord.rank % saved
+    rank_state = read_rank_state(path, src)
+    check_resizable(path, saved, coord.world_size, rank_state)
+    for pos in [rank_state["loader"], *(rank_state["loader"].get("others") or [])]:  # zipped loaders too
+        pos["from_world"] = saved  # reshard_data remaps the interrupted epoch
+    # The script's own variables (loop state) are per rank and may hold rank-specific values (its
+    # `rank`, a per-rank file name): taking another rank's would be wrong, so they are not restored.
+    rank_state.pop("loop", None)
+    if coord.rank == 0:
+        say(resize_line(path, saved, coord.world_size))
+    return Source(ckpt, path, info_for(path).step, rank_state, src)
+
+
+def check_resizable(path: str, saved: int, world_size: int, rank_state: Any) -> None:
+    """Refuse a world-size change that cannot be resumed correctly (raises ``PyckptError``)."""
+    from . import sharded
+
+    meta = (rank_state or {}).get("pyckpt") or {}
+    why = sharded.resize_problem(rank_state)  # FSDP2 DTensors are re-cut at load; ZeRO's per-rank state is not
+    if why is not None:
+        pass
+    elif not meta.get("replicated", False) or "objects" in (rank_state or {}):
+        why = ("its model/optimizer state is per rank or sharded (not DDP-replicated), which cannot be "
+               "re-cut for another number of ranks")
+    elif (rank_state or {}).get("loader") is None:
+        why = "it holds no DataLoader position (a loop no DataLoader drives), so there is no data position to re-split"
+    else:
+        for pos in [rank_state["loader"], *(rank_state["loader"].get("others") or [])]:
+            sig = list(pos.get("sig") or [])
+            if reshard_data.remappable(sig):
+                continue
+            why = (f"its training loader uses {sig[3] if len(sig) > 3 else '?'} / {sig[4] if len(sig) > 4 else '?'}; "
+                   f"only {reshard_data.SAMPLER} with a plain {reshard_data.BATCH_SAMPLER} can have its data "
+                   "position re-split")
+            break
+    if why is not None:
+        raise PyckptError(f"checkpoint {path} was written by {saved} rank(s), this job has {world_size}: {why}; "
+                          "set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over, or use "
+                          f"{saved} rank(s)")
+
+
+def resize_line(path: str, saved: int, world_size: int) -> str:
+    """The one line said at a resume on another number of ranks."""
+    takes = ", ".join(f"{r}<-{r % saved}" for r in range(min(world_size, 8)))
+    more = ", ..." if world_size > 8 else ""
+    dropped = (f"; the RNG streams of saved rank(s) {world_size}..{saved - 1} are dropped" if saved > world_size
+               else "")
+    return (f"resuming {path} (written by {saved} rank(s)) on {world_size} rank(s): each rank takes the RNG streams "
+            f"and other per-rank state of saved rank (rank % {saved}) [{takes}{more}]{dropped}; the rest of the "
+            "interrupted epoch is re-split by global sample count; results are not bitwise those of an "
+            f"uninterrupted {saved}-rank run (another reduction order); the script's own variables (loop state) "
+            "are not restored: they may be rank-specific")
 
 
 def read_rank_state(path: str, rank: int) -> Any:
-    """Only this rank's per-rank state of checkpoint ``path`` (small: positions, RNG)."""
+    """Only rank ``rank``'s per-rank state of checkpoint ``path`` (small: positions, RNG)."""
     from ._native import get_engine
 
     op = reader.open_checkpoint(path)

@@ -6,8 +6,8 @@
 The pyckpt flags become PYCKPT_* environment variables, which every worker
 inherits; the installed start-up hook turns transparent mode on in each
 worker. torchrun gets ``--nproc-per-node`` (default 1) and ``--standalone``
-unless rendezvous options were given (so concurrent jobs on one machine do
-not fight over port 29500). When a worker dies the whole group is restarted
+unless rendezvous or multi-node options were given (so concurrent jobs on one
+machine do not fight over port 29500; ``--nnodes 2`` alone stays multi-node). When a worker dies the whole group is restarted
 (``--max-restarts``, default 3) and resumes from the newest checkpoint. Also
 ``python -m pyckpt.run``.
 
@@ -40,7 +40,10 @@ FLAGS = {
 }
 MAX_RESTARTS = ("--max-restarts", "--max_restarts")
 DEFAULT_MAX_RESTARTS = 3
-_RDZV = ("rdzv_backend", "rdzv_endpoint", "master_addr", "master_port", "standalone")
+# Options that mean "not a single-node job on its own": with any of them --standalone (which replaces
+# the rendezvous with a private one on localhost) is not added; --nnodes 2 alone must not become standalone.
+_RDZV = ("rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port", "standalone", "nnodes",
+         "node_rank")
 
 USAGE = """usage: pyckpt-run [--dir D] [--every-steps N] [--every-seconds S] [--keep K]
                   [--compress C] [--resume R] [--max-restarts R]
@@ -57,8 +60,10 @@ pyckpt options:
 
 torchrun options (see `python -m torch.distributed.run --help`), e.g.
   --nproc-per-node N    workers on this machine (default 1)
-  --nnodes, --rdzv-endpoint, --rdzv-backend, --master-addr, --master-port
-                        multi-node rendezvous; without them --standalone is used
+  --nnodes, --node-rank, --rdzv-backend, --rdzv-endpoint, --rdzv-id,
+  --master-addr, --master-port
+                        multi-node rendezvous (one pyckpt-run per node, a shared
+                        --dir); without them --standalone is used
 
 example:
   pyckpt-run --dir ckpt --every-steps 100 --nproc-per-node 2 train.py --epochs 10
@@ -151,7 +156,7 @@ def apply_env(env: dict[str, str]) -> str:
 
     os.environ.update(env)
     knobs.validate_all()  # first: an exported empty or remote PYCKPT_DIR is an error, not the default
-    directory = os.path.abspath(knobs.get("PYCKPT_DIR") or DEFAULT_DIR)
+    directory = knobs.resolve_dir(knobs.get("PYCKPT_DIR") or DEFAULT_DIR)
     os.environ["PYCKPT_DIR"] = directory  # workers must see a directory to turn on
     _check_writable(directory)
     return directory

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import discovery, knobs, rng
+from . import discovery, frames, knobs, loopstate, rng, sharded
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry
@@ -63,15 +63,25 @@ class Session:
         self._prev_sigterm: Any = None
         self._worker_pids: dict[int, tuple] = {}  # DataLoader iterator id -> its live workers' pids
         self._remove_worker_pids: Any = None
+        self.step_restore = False  # the checkpoint was taken at a step point: restore at the first one
+        self.manual = False  # weights are updated by hand: steps are backward() calls (_after_backward)
+        self._weights_seen: Any = None
+        self._backwards_unstepped = 0
+        self._steps_since_fetch = 0
+        self.loop_warned: set[str] = set()  # loop-state variables already warned about (once each)
 
     # -- installation ------------------------------------------------------------------
     def install(self) -> None:
         """Install every hook (all reversible through ``self.hooks``)."""
         from torch.optim.lr_scheduler import LRScheduler
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        from .lazy import Lazy
 
         self.tracker.install(self.hooks)
         self.hooks.add_handle(register_optimizer_step_post_hook(self._post_step))
+        self.lazy = Lazy(self)  # pyckpt/lazy.py: snapshots copied during the next forward/backward
+        self.hooks.add_handle(register_optimizer_step_pre_hook(self.lazy.before_step))
         self.hooks.wrap_init(torch.optim.Optimizer, self.optimizers.add)
         # SequentialLR, ChainedScheduler and ReduceLROnPlateau do not call LRScheduler.__init__:
         # wrap every scheduler class that defines its own __init__ (registration is idempotent).
@@ -81,6 +91,7 @@ class Session:
         self.hooks.wrap_init(torch.amp.GradScaler, self.scalers.add)
         self.discovery.install(self.hooks)
         self._patch_destroy_process_group()
+        self._patch_backward()
 
     def uninstall(self) -> None:
         """Remove every hook, wait for an in-flight checkpoint, restore the SIGTERM handler."""
@@ -105,6 +116,42 @@ class Session:
 
         self.hooks.patch(dist, "destroy_process_group", destroy_process_group)
 
+    def _patch_backward(self) -> None:
+        """The end of ``backward()`` is the step point of loops that update weights by hand (no optimizer
+        exists); Tensor.backward looks ``torch.autograd.backward`` up at each call."""
+        original = torch.autograd.backward
+        session = self
+
+        def backward(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if session.primary is None:  # no optimizer has stepped (yet)
+                session._after_backward()
+            return out
+
+        self.hooks.patch(torch.autograd, "backward", backward)
+
+    def _after_backward(self) -> None:
+        """Count a step at the end of backward() when weights are updated by hand: no optimizer exists,
+        or one exists but the weights changed between two backward() calls while none stepped."""
+        if not self.manual and len(self.optimizers):
+            self._backwards_unstepped += 1
+            if self._backwards_unstepped > 1024:
+                return  # gradients only (attribution, probing): stop looking
+            params = [p for m in self.discovery.trainable_roots() for p in m.parameters() if p.grad is not None]
+            if not params:
+                return
+            # A few values of up to 16 parameters: gradient accumulation leaves them unchanged.
+            seen = sharded.first_values(params[:16])  # DTensors (FSDP2): their local shard, no collective
+            changed = self._weights_seen is not None and not torch.equal(seen, self._weights_seen)
+            self._weights_seen = seen
+            if not changed:
+                return
+        self.manual = True
+        # A snapshot armed since the last step is copied by now (forward/backward ran); the weights are
+        # about to change by hand, with no optimizer pre-step to wait for the copy: settle it here.
+        self.lazy.settle()
+        self._on_step("backward")
+
     def flush(self) -> None:
         """Wait for the in-flight checkpoint, if any, to commit (or fail)."""
         if self.future is not None:
@@ -118,17 +165,44 @@ class Session:
             if self.primary is not None:
                 return
             self.primary = opt
+        self._on_step("step")
+
+    def _on_step(self, point: str) -> None:
+        """A training step ended (``point``: "step" after the primary optimizer's step, "backward" after
+        backward() when no optimizer exists): count it; restore or snapshot.
+
+        The snapshot point is the training loader's next fetch when a loader was fetched before one of
+        the last two steps (preferred: the relaunch reaches it by fast-forward); otherwise (a loop no
+        DataLoader drives) this step point itself, with the script's loop state (loopstate.py)."""
         tr = self.tracker
-        if tr.plan is not None:
+        tr.ensure_started()  # no DataLoader iterated yet: storage and the resume decision now
+        if self.step_restore:
+            self._restore_at_step(point)
+            return
+        if tr.plan is not None and tr.streams:  # (steps before any loader's iter() are replayed, then overwritten)
             self._stepped_before_restore()
-        if tr.fetches == self.fetches_at_step:
-            self._no_fetch_between_steps()
+        fetched = tr.last is not None and tr.fetches != self.fetches_at_step
         self.fetches_at_step = tr.fetches
         self.step += 1
-        self.train_stream = tr.last
-        if self.policy.due(self.step) and self.disabled_reason is None:
-            self.snapshot_due = True
-            tr.armed = True
+        self._steps_since_fetch = 0 if fetched else self._steps_since_fetch + 1
+        # A loader fetched before the previous step still drives the loop (a second step on the same
+        # batch): its next fetch is the point. Two steps in a row without one: a step point.
+        at_step = tr.last is None or self._steps_since_fetch >= 2
+        if not at_step:
+            self.train_stream = tr.last
+        due = self.policy.due(self.step) or (at_step and self.snapshot_due)
+        if due and self.disabled_reason is None:
+            if not at_step:
+                self.snapshot_due = True
+                tr.armed = True
+            else:
+                self.snapshot_due, tr.armed = False, self.source is not None
+                self.train_stream = None
+                self._snapshot(point)
+                if point == "backward":
+                    # Weights updated by hand change right after backward(), and no optimizer pre-step
+                    # comes to wait for a lazy copy: finish the copy now.
+                    self.lazy.settle()
 
     def _at_point(self, stream: Stream) -> None:
         """Before ``stream`` fetches a batch while armed: restore or snapshot here."""
@@ -140,7 +214,7 @@ class Session:
             except PyckptError as e:
                 # The script does not match the checkpoint: one line and exit status 2, as for a
                 # refusal at the first iter(); the exit handler ends live loader workers.
-                say(f"cannot resume from {path}: {e}", "warning")
+                say(f"cannot resume from {path}: {_with_hint(e)}", "warning")
                 raise SystemExit(2) from None
         elif self.source is None and tr.plan is not None and stream is tr.plan_stream:
             # A position-only plan (the script's framework restored the state itself): reached.
@@ -174,6 +248,9 @@ class Session:
         if self.source is None:
             return
         pos = (self.source.rank_state or {}).get("loader")
+        if pos is None and loopstate.point_of((self.source.rank_state or {}).get("loop")) in ("step", "backward"):
+            self.step_restore = True  # at the first step point whose script stack matches (_restore_at_step)
+            return
         if pos is None:
             raise PyckptError(f"checkpoint {self.source.path} has no training-loader position for rank "
                               f"{self.coord.rank}; set PYCKPT_RESUME=never to start over")
@@ -200,14 +277,12 @@ class Session:
         raise SystemExit(2)
 
     # -- undetectable patterns -----------------------------------------------------------
-    def _no_fetch_between_steps(self) -> None:
-        self._give_up("the optimizer steps without a DataLoader fetch between steps (a loop not driven by a "
-                      "DataLoader), so pyckpt cannot find the position to resume at")
-
     def _check_manual_updates(self) -> None:
+        # Weights updated by hand are checkpointed at the end of backward() (_patch_backward); gradients
+        # without any backward() call (torch.autograd.grad) leave no step to resume at.
         if self.step == 0 and self.discovery.grads_without_optimizer():
-            self._give_up("a DataLoader feeds training but no torch.optim optimizer ever steps (weights "
-                          "updated by hand?), so pyckpt cannot see the training state")
+            self._give_up("a DataLoader feeds training but no torch.optim optimizer ever steps and backward() "
+                          "is never called, so pyckpt cannot see the training steps")
 
     def _give_up(self, reason: str) -> None:
         if self.disabled_reason is None:
@@ -218,13 +293,12 @@ class Session:
                 "warning")
 
     # -- snapshot ------------------------------------------------------------------------
-    def _snapshot(self) -> None:
+    def _snapshot(self, point: str = "loader") -> None:
         if self.disabled_reason is not None or self.ckpt is None or self.step == self.last_snapshot_step:
             return
         try:
-            state, rank_state = self._collect()
-            fut = self.ckpt.save(self.step, state, rank_state)
-            fut.captured()  # the next step may mutate parameters only after this
+            state, rank_state = self._collect(point)
+            fut = self.lazy.save(state, rank_state)  # copied now, or armed: the next step waits (lazy.py)
         except Exception as e:  # a checkpoint must never take the training job down
             say(f"warning: checkpoint of step {self.step} skipped: {type(e).__name__}: {e}", "warning")
             return
@@ -235,41 +309,91 @@ class Session:
         if self.sigterm is not None:
             self._exit_after_sigterm()
 
-    def _collect(self) -> tuple[dict, dict]:
+    def _collect(self, point: str = "loader") -> tuple[dict, dict]:
         t = self.discovery.discover()
         objects = discovery.state_of(t)
         replicated = t.replicated(self.coord.world_size)
         rank_state = {
+            "loop": self._capture_loop(point, t),
             "pyckpt": {"step": self.step, "world_size": self.coord.world_size, "replicated": replicated,
                        "optimizer_classes": discovery.class_names(t.optimizers)},
             "loader": self.train_stream.position() if self.train_stream is not None else None,
             "registered": {name: get() for name, (get, _) in REGISTERED.items()},
             "rng": rng.capture(),
         }
+        if not t.optimizers and t.modules:
+            rank_state["grads"] = discovery.grads_of(t)  # weights updated by hand use them after this point
         if not replicated:
             rank_state["objects"] = objects
             return {}, rank_state
         rank_state["buffers"] = discovery.split_buffers(t, objects)
+        sharded.split_per_rank(t.optimizers, objects, rank_state)  # ZeRO state is per rank
         return objects, rank_state
 
+    def _capture_loop(self, point: str, t: discovery.Tracked) -> dict | None:
+        """The script's loop state here (loopstate.py); what cannot be saved is said once, by name."""
+        limit = knobs.get("PYCKPT_LOOP_STATE_MAX_BYTES")
+        try:
+            cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules)
+        except Exception as e:  # never lose the checkpoint over the loop state; say it is inexact
+            if "capture" not in self.loop_warned:
+                self.loop_warned.add("capture")
+                say(f"warning: the script's loop state was not captured ({type(e).__name__}: {e}); a resume from "
+                    "this checkpoint restarts the script's own counters; save them with pyckpt.register", "warning")
+            return None
+        new = {k: v for k, v in cap.warnings.items() if k not in self.loop_warned}
+        if new:
+            self.loop_warned.update(new)
+            listed = "; ".join(f"{k}: {v}" for k, v in new.items())
+            say(f"warning: a resume will not be exact: the script's {listed} (not saved with the loop state); "
+                "save such state with pyckpt.register(name, getter=..., setter=...) (docs/TRANSPARENCY.md, "
+                "Loop state)", "warning")
+        if cap.skipped and self.last_snapshot_step < 0:
+            say("loop state: not captured: " + "; ".join(f"{k} ({v})" for k, v in cap.skipped.items()), "debug")
+        return cap.tree
+
     # -- restore -------------------------------------------------------------------------
-    def _restore(self) -> None:
-        src, stream = self.source, self.tracker.plan_stream
-        t = self.discovery.discover()
+    def _loop_plan(self, point: str) -> loopstate.Plan | None:
+        """Check the checkpoint's loop state against the live script frames (before any tensor is read);
+        raises PyckptError on a changed script or stack."""
+        tree = (self.source.rank_state or {}).get("loop")
+        if tree is None:
+            return None  # written before loop state existed, or capture failed (warned then)
+        return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point)
+
+    def _load_tracked(self, t: discovery.Tracked) -> dict:
+        """Read the checkpoint and load the tracked objects and registered state; returns its rank state."""
+        src = self.source
         # Before any tensor is read: another optimizer class would load without complaint (then fail
         # at its first step with a bare KeyError, or train on with the other class's settings).
         discovery.check_classes((src.rank_state or {}).get("pyckpt", {}).get("optimizer_classes"), t.optimizers)
         replicated = t.replicated(self.coord.world_size)
         into = discovery.into_of(t)
+        if replicated:  # FSDP2 optimizer state: DTensor targets, so each rank reads only its box
+            into = sharded.optimizer_targets(t.optimizers, src.path, into)
         restored = src.restore(into if replicated else None)
         rs = restored.rank_state
         if replicated:
             state = restored.state
             discovery.merge_buffers(state, rs.get("buffers") or {})
+            sharded.merge_per_rank(state, rs)
         else:
             state = rs["objects"]
         discovery.load(t, state)
+        if "grads" in rs:
+            discovery.load_grads(t, rs["grads"])
         self._load_registered(rs.get("registered") or {})
+        return rs
+
+    def _restore(self) -> None:
+        stream = self.tracker.plan_stream
+        t = self.discovery.discover()
+        plan = self._loop_plan("loader")
+        rs = self._load_tracked(t)
+        if plan is not None:
+            plan.apply()  # the script's globals, locals, object attributes, loop iterators
+            for w in plan.warnings:
+                say(f"warning: {w}", "warning")
         pos = rs["loader"]
         stream.restore_sampler_state(pos)
         rng.restore(rs["rng"])  # last: loading state above may draw nothing, but be safe
@@ -284,6 +408,33 @@ class Session:
             # loop shows, and the batches (loader fetches) already consumed in it.
             say(f"resumed from step {self.step} (epoch {max(pos['epoch'] - 1, 0)}, batch {pos['batch']}) "
                 f"in {took:.1f} s")
+
+    def _restore_at_step(self, point: str) -> None:
+        """The first step point of a relaunch resuming a checkpoint taken at a step point: the script
+        must be at the same place (same code, same call stack); everything is put back here and the
+        relaunch's own step so far is overwritten."""
+        path = self.source.path
+        try:
+            t = self.discovery.discover()
+            plan = self._loop_plan(point)
+            if plan is None:
+                raise PyckptError("the checkpoint has no loop state to resume a loop no DataLoader drives")
+            rs = self._load_tracked(t)
+            plan.apply()
+            for w in plan.warnings:
+                say(f"warning: {w}", "warning")
+        except PyckptError as e:
+            say(f"cannot resume from {path}: {_with_hint(e)}", "warning")
+            raise SystemExit(2) from None
+        rng.restore(rs["rng"])
+        self.step = self.last_snapshot_step = int(rs["pyckpt"]["step"])
+        self.fetches_at_step = self.tracker.fetches
+        self.source, self.step_restore = None, False
+        self.policy.restart_timer(time.monotonic())
+        if self.coord.rank == 0:
+            where = "optimizer.step()" if point == "step" else "backward()"
+            say(f"resumed from step {self.step} (after {where}, no DataLoader position) in "
+                f"{time.monotonic() - self.started:.1f} s")
 
     def _load_registered(self, saved: dict[str, Any]) -> None:
         missing = sorted(set(REGISTERED) - set(saved))
@@ -389,6 +540,12 @@ class Session:
         _deliver(signal.SIGTERM, prev, None)
 
 
+def _with_hint(e: Exception) -> str:
+    """A refusal's message with the way out, unless it names one already."""
+    msg = str(e)
+    return msg if "PYCKPT_RESUME" in msg else f"{msg}; set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over"
+
+
 def _with_subclasses(cls: type) -> list[type]:
     """``cls`` and every subclass defined so far."""
     out, todo = [], [cls]
@@ -403,13 +560,11 @@ def _with_subclasses(cls: type) -> list[type]:
 def _coordinator() -> Any:
     """The coordinator for this job; keys carry the torchelastic attempt so a restarted group
     never reads the previous attempt's values (the agent's store outlives attempts)."""
-    from .coord import StoreCoordinator, default_coordinator
+    from .coord import StoreCoordinator, attempt_prefix, default_coordinator
 
     coord = default_coordinator()
     if coord.world_size > 1:
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        coord = StoreCoordinator(prefix=f"pyckpt/{run_id}/{attempt}")
+        coord = StoreCoordinator(prefix=attempt_prefix())  # the same on every node (coord.py says why)
     return coord
 
 

@@ -7,16 +7,19 @@ JSON from the engine's per-chunk results.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import knobs, layout, tree
-from ._native import CODEC_IDS, CODEC_NAMES, error_from_job, require_codec
+from . import incremental, knobs, layout, tree
+from ._native import CODEC_NAMES, error_from_job, require_codec
 from .errors import StagingTimeoutError
 from .planner import Chunk, Storage, assign_owners, describe, pack
+
+log = logging.getLogger("pyckpt")
 
 
 @dataclass
@@ -37,6 +40,10 @@ class RankPlan:
     replicated: Section
     rank_state: Section | None
     chunks: list[Chunk] = field(default_factory=list)
+    # Incremental saves (incremental.Baseline.expectations): the engine's expect list and the
+    # reference each skipped chunk becomes; refs is None when the save is not incremental.
+    expect: list | None = None
+    refs: dict | None = None
 
     def keep_alive(self) -> list[torch.Tensor]:
         """Tensors whose memory the engine reads until the save is captured."""
@@ -99,8 +106,17 @@ class DoneJob:
         return None
 
 
+def storages_json(plan: RankPlan) -> list[dict]:
+    """The part's ``storages`` list for this plan (known before anything is written)."""
+    return [_storage_json(sec.scope, s) for sec in plan.sections() for s in sec.mine]
+
+
 def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str) -> Any:
-    """Start writing this rank's chunks into ``ckpt_dir``; returns the engine job."""
+    """Start writing this rank's chunks into ``ckpt_dir``; returns the engine job.
+
+    Incremental saves (``plan.refs`` set): every chunk's fingerprint is computed, and the
+    chunks of ``plan.expect`` (``(chunk, fingerprint, verify, raw_crc32c)``) are skipped
+    by the engine when unchanged."""
     if not plan.chunks:
         return DoneJob()
     rel = layout.data_file_name(plan.rank)
@@ -112,6 +128,8 @@ def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str) -> Any:
         [os.path.join(ckpt_dir, rel)], spec, codec=require_codec(codec), stream=stream, device=device,
         staging_timeout_ms=int(knobs.get("PYCKPT_STAGING_TIMEOUT_S") * 1000),
         write_delay_us=knobs.get("PYCKPT_TEST_WRITE_DELAY_MS") * 1000,
+        expect=plan.expect or [], fingerprint=plan.refs is not None,
+        constant_fp=knobs.get("PYCKPT_TEST_FINGERPRINT") == "constant",
     )
 
 
@@ -126,30 +144,55 @@ def job_error(job: Any) -> Exception | None:
 
 
 def collect(job: Any, plan: RankPlan, ckpt_dir: str) -> tuple[dict | None, Exception | None]:
-    """Wait for the job to end; returns (this rank's part JSON, None) or (None, the error)."""
+    """Wait for the job to end; returns (this rank's part JSON, None) or (None, the error).
+
+    ``plan.refs``: chunk -> (root-relative chunk record, file nbytes) for chunks the engine
+    may have skipped as unchanged (``incremental.Baseline.expectations``)."""
+    refs = plan.refs
     try:
         job.wait(None)
         err = job_error(job)
         if err is not None:
             return None, err
-        return describe_part(plan, job.results(), ckpt_dir), None
+        inc = job.incremental() if refs is not None and hasattr(job, "incremental") else None
+        return describe_part(plan, job.results(), ckpt_dir, inc, refs), None
     except Exception as e:  # an unreadable file size, a bad result: reported, never raised here
         return None, e
 
 
-def describe_part(plan: RankPlan, results: list, ckpt_dir: str) -> dict:
-    """The part JSON of this rank, from the engine's per-chunk results."""
+def describe_part(plan: RankPlan, results: list, ckpt_dir: str, inc: list | None = None,
+                  refs: dict | None = None) -> dict:
+    """The part JSON of this rank, from the engine's per-chunk results.
+
+    ``inc``: the engine's (fingerprint, status) per chunk; a chunk with status
+    "referenced" becomes a copy of the earlier chunk record in ``refs`` whose
+    file is ``../step-P/...`` (docs/FORMAT.md §14)."""
     rel = layout.data_file_name(plan.rank)
-    chunks = [
-        {"file": rel, "offset": off, "stored_len": stored, "raw_len": raw, "elem_size": c.elem_size,
-         "codec": CODEC_NAMES[codec], "crc32c": crc, "raw_crc32c": raw_crc}
-        for c, (off, stored, raw, crc, codec, raw_crc) in zip(plan.chunks, results)
-    ]
-    files = [{"path": rel, "nbytes": os.path.getsize(os.path.join(ckpt_dir, rel))}] if chunks else []
-    secs = plan.sections()
+    chunks, ref_files, written = [], {}, False
+    for i, (c, (off, stored, raw, crc, codec, raw_crc)) in enumerate(zip(plan.chunks, results)):
+        fp, status = inc[i] if inc is not None else (None, incremental.STATUS_WRITTEN)
+        if status == incremental.STATUS_REFERENCED:
+            rec, nbytes = (refs or {})[i]
+            ch = {"file": "../" + rec["file"]}
+            ch.update((k, rec[k]) for k in ("offset", "stored_len", "raw_len", "elem_size", "codec", "crc32c",
+                                            "raw_crc32c"))
+            ref_files[ch["file"]] = nbytes
+        else:
+            written = True
+            ch = {"file": rel, "offset": off, "stored_len": stored, "raw_len": raw, "elem_size": c.elem_size,
+                  "codec": CODEC_NAMES[codec], "crc32c": crc, "raw_crc32c": raw_crc}
+        if fp is not None:
+            ch["fingerprint"] = incremental.fp_hex(fp)
+        chunks.append(ch)
+    if inc is not None:
+        line = incremental.collisions_line([st for _, st in inc], os.path.basename(ckpt_dir))
+        if line:
+            log.warning("%s", line)
+    files = [{"path": rel, "nbytes": os.path.getsize(os.path.join(ckpt_dir, rel))}] if written else []
+    files += [{"path": f, "nbytes": n} for f, n in sorted(ref_files.items())]
     return {
         "rank": plan.rank, "files": files, "chunks": chunks,
-        "storages": [_storage_json(sec.scope, s) for sec in secs for s in sec.mine],
+        "storages": storages_json(plan),
         "replicated": _section_json(plan.replicated) if plan.rank == 0 else None,
         "rank_state": _section_json(plan.rank_state) if plan.rank_state else None,
     }

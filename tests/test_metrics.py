@@ -98,7 +98,7 @@ def test_restore_line(ckpt_root):
 
 
 def test_list_reports_size_completeness_and_soundness(ckpt_root):
-    with pyckpt.Checkpointer(ckpt_root, keep=5) as ck:
+    with pyckpt.Checkpointer(ckpt_root, keep=5, incremental=False) as ck:  # step 2 holds its own data
         ck.save(1, {"t": torch.arange(1000)}).result(60)
         p2 = ck.save(2, {"t": torch.arange(1000)}).result(60)
     os.makedirs(os.path.join(ckpt_root, "step-000000003.tmp-1x1"))
@@ -158,7 +158,9 @@ def test_stats_summary_and_plot(ckpt_root):
 
 
 def _steps(root: str) -> list[str]:
-    return sorted(n for n in os.listdir(root) if n.startswith("step-") and "." not in n)
+    # Committed ones only: a retired step directory (no manifest) holds data newer ones reference.
+    return sorted(n for n in os.listdir(root) if n.startswith("step-") and "." not in n
+                  and os.path.exists(os.path.join(root, n, "MANIFEST.json")))
 
 
 def test_keep_best_keeps_the_best_k_plus_the_newest(ckpt_root):

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "pyckpt/cuda_api.h"
+#include "internal.cuh"
 #include "pyckpt/errors.h"
 
 namespace pyckpt::cuda {
@@ -21,6 +22,14 @@ void check(cudaError_t rc, const char* what) {
 
 void use_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
 
+Event new_event() {
+  cudaEvent_t e = nullptr;
+  check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  return static_cast<Event>(e);
+}
+
+}  // namespace
+
 // One non-blocking stream per device, created on first use and kept for the
 // process lifetime (destroying it at exit could race driver shutdown).
 cudaStream_t engine_stream(int device) {
@@ -34,14 +43,6 @@ cudaStream_t engine_stream(int device) {
   streams[device] = s;
   return s;
 }
-
-Event new_event() {
-  cudaEvent_t e = nullptr;
-  check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-  return static_cast<Event>(e);
-}
-
-}  // namespace
 
 bool compiled() { return true; }
 

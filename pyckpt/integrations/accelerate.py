@@ -3,7 +3,9 @@
 ``DataLoaderShard.__iter__`` takes batch k+1 from the real DataLoader before it hands batch k
 to the loop (to know which batch is the last); ``DataLoaderDispatcher`` does the same on the
 main process. Both are registered with the tracker as look-ahead wrappers so positions count
-batches handed to the loop. Never imports accelerate: called with the module the script imported.
+batches handed to the loop. ``DataLoaderDispatcher`` on several processes (``dispatch_batches``)
+leaves ranks other than 0 without a data position: checkpointing is turned off on every rank,
+with one line. Never imports accelerate: called with the module the script imported.
 
 A script that resumes itself with ``Accelerator.load_state`` also positions its data itself
 (``skip_first_batches``, its own epoch counter), which pyckpt cannot follow: when it does while a
@@ -29,7 +31,29 @@ def install(module: ModuleType, tracker: Any, hooks: HookSet) -> None:
         cls = getattr(module, name, None)
         if cls is not None and "__iter__" in vars(cls):
             tracker.count_handed_by(hooks, cls, finish_skipped)
+    _refuse_multi_process_dispatch(getattr(module, "DataLoaderDispatcher", None), tracker, hooks)
     _install_load_state(module, tracker, hooks)
+
+
+def _refuse_multi_process_dispatch(cls: Any, tracker: Any, hooks: HookSet) -> None:
+    """``DataLoaderDispatcher`` on several processes (``dispatch_batches=True``): only process 0 reads
+    the DataLoader (``num_processes`` batches per step) and broadcasts; the others have no loader
+    position and no fetch to take a snapshot at, so ranks would not agree on snapshots (the job hung
+    at the first one). Every rank turns checkpointing off at its first ``iter()``, with one line."""
+    if cls is None or "__iter__" not in vars(cls):
+        return
+    orig = cls.__iter__
+
+    def __iter__(loader):  # noqa: N807
+        session = getattr(tracker, "session", None)
+        processes = getattr(getattr(loader, "state", None), "num_processes", 1)
+        if session is not None and isinstance(processes, int) and processes > 1:
+            session._give_up("accelerate's DataLoaderDispatcher (dispatch_batches=True) reads the data on process 0 "
+                             "only, so the other ranks have no data position to resume at; prepare the loader with "
+                             "dispatch_batches=False to have checkpoints")
+        return orig(loader)
+
+    hooks.patch(cls, "__iter__", __iter__)
 
 
 def _install_load_state(module: ModuleType, tracker: Any, hooks: HookSet) -> None:

@@ -24,7 +24,8 @@ def _worker(rank, world, tmp):
         import pyckpt
         from pyckpt.coord import StoreCoordinator
 
-        ck = pyckpt.Checkpointer(f"{tmp}/root", keep=2, coordinator=StoreCoordinator(timeout_s=120))
+        # incremental=False: the sizes checked below are those of full saves (each one self-contained).
+        ck = pyckpt.Checkpointer(f"{tmp}/root", keep=2, coordinator=StoreCoordinator(timeout_s=120), incremental=False)
         try:  # a bad value on one rank must stop the save on every rank, not hang the others
             ck.save(0, replicated(), rank_state={"x": object()} if rank == 1 else {"ok": 1})
             unsupported = None

@@ -77,3 +77,38 @@ def test_accelerate_torchrun_two_ranks_resumes_exactly_past_epoch_0(ddp_referenc
     crash = kill_and_relaunch(ACCELERATE_DDP.command(out), pyckpt_env(ckpt, every_steps=4), ckpt, out,
                               after_commit(ckpt, 8))
     assert_resumed_exactly(crash, ddp_reference, out)
+
+
+DISPATCH = '''
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=True))
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(TensorDataset(torch.randn(48, 4)), batch_size=4, shuffle=True)
+model, opt, loader = accelerator.prepare(model, opt, loader)
+for epoch in range(2):
+    for (x,) in loader:
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+accelerator.wait_for_everyone()
+print("done", accelerator.process_index, flush=True)
+'''
+
+
+@pytest.mark.dist
+def test_dispatch_batches_on_two_ranks_turns_checkpointing_off_on_every_rank(tmp_path):
+    # Only rank 0 reads the DataLoader (and broadcasts): rank 1 has no position and no fetch to
+    # snapshot at. Before, rank 0 snapshotted alone and the job hung at the first commit.
+    script, ckpt = tmp_path / "dispatch.py", tmp_path / "ckpt"
+    script.write_text(DISPATCH)
+    run = run_to_end(_harness.python_command(script, [], nproc=2), pyckpt_env(ckpt, every_steps=2))
+    # The two ranks write to one pipe, so their lines may interleave ("donedone").
+    assert sorted(run.stdout.replace("done", " done ").split()) == ["0", "1", "done", "done"], run.stdout
+    assert run.stderr.count("no checkpoints will be taken: accelerate's DataLoaderDispatcher") == 2, run.stderr[-3000:]
+    assert _harness.committed_steps(ckpt) == []

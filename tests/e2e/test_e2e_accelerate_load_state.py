@@ -36,9 +36,10 @@ for (x,) in loader:
     model(x).pow(2).mean().backward()
     opt.step()
     opt.zero_grad()
+torch.save({"model": accelerator.unwrap_model(model).state_dict()}, out)
 if mode == "save":
     accelerator.save_state(state_dir)
-torch.save({"model": accelerator.unwrap_model(model).state_dict()}, out)
+    sys.exit(3)  # the job fails after its save; the relaunch resumes (a finished run would not be relaunched)
 '''
 LINE = re.compile(r"pyckpt: resume: the script resumes itself with accelerate's load_state\(.*\) \(optimizer "
                   r"step 4\); pyckpt's checkpoint \S+ \(step 3\) is not newer but is not used")
@@ -50,7 +51,9 @@ def test_load_state_and_pyckpt_compose(tmp_path):
     plain, ours = tmp_path / "plain", tmp_path / "ours"
 
     def two_runs(root, env):
-        run_to_end(_harness.python_command(script, ["save", str(root / "acc"), str(root / "1.pt")]), env)
+        root.mkdir()
+        first = _harness.launch(_harness.python_command(script, ["save", str(root / "acc"), str(root / "1.pt")]), env)
+        assert first.finish(120) == 3, first.stderr[-3000:]
         return run_to_end(_harness.python_command(script, ["load", str(root / "acc"), str(root / "2.pt")]), env)
 
     two_runs(plain, _harness.clean_env())

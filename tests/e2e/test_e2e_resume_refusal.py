@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import _harness
-from e2e_helpers import RUN_TIMEOUT_S, pyckpt_env, run_to_end
+from e2e_helpers import RUN_TIMEOUT_S, pyckpt_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
 
@@ -27,6 +27,7 @@ for epoch in range(2):
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
+sys.exit(3)  # a failed job: a run that ended normally would be marked finished and not resumed
 '''
 
 
@@ -34,7 +35,8 @@ def test_step_before_restore_point_is_one_line_and_exit_2(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = pyckpt_env(tmp_path / "ckpt", every_steps=2)
-    run_to_end(_harness.python_command(script, ["plain"]), env)
+    first = _harness.launch(_harness.python_command(script, ["plain"]), env)
+    assert first.finish(RUN_TIMEOUT_S) == 3, first.stderr[-3000:]
     assert _harness.committed_steps(tmp_path / "ckpt"), "no checkpoint to resume from"
     run = _harness.launch(_harness.python_command(script, ["step-first"]), env)
     rc = run.finish(RUN_TIMEOUT_S)

@@ -47,7 +47,7 @@ def test_disk_full_at_every_level_keeps_the_previous_checkpoint(tmp_path, caplog
     with small_tmpfs(str(tmp_path / "mnt"), 1024) as mnt:
         for level in range(0, 22):  # free pages when the second save starts
             root = os.path.join(mnt, f"root{level}")
-            with pyckpt.Checkpointer(root, keep=1) as ck:
+            with pyckpt.Checkpointer(root, keep=1, incremental=False) as ck:  # each save writes all its files
                 ck.save(1, BASE).result(60)
                 filler = fill_leaving(mnt, level * PAGE)
                 caplog.clear()

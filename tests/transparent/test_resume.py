@@ -66,17 +66,32 @@ def test_resume_never_ignores_checkpoints(tmp_path):
     assert "TRAINED 30" in r.stdout
 
 
-@pytest.mark.parametrize("mode,reason", [
-    ("while", "without a DataLoader fetch between steps"),
-    ("manual", "no torch.optim optimizer ever steps"),
-])
-def test_undetectable_patterns_warn_and_take_no_snapshots(tmp_path, mode, reason):
-    ckpt = tmp_path / "ckpt"
-    r = run_script([TINY, tmp_path / "o.pt"], tmp_path, MODE=mode, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="2")
-    assert r.returncode == 0, r.stderr
-    warnings = [line for line in r.stderr.splitlines() if line.startswith("pyckpt: warning")]
-    assert len(warnings) == 1 and reason in warnings[0] and "pyckpt.register" in warnings[0]
-    assert not any(layout.is_checkpoint_dir(str(p)) for p in ckpt.iterdir())
+def test_loop_without_a_dataloader_resumes_exactly(tmp_path, plain_results):
+    # The optimizer steps with no DataLoader fetch in between: formerly a warning and no snapshots;
+    # now snapshots at the end of optimizer.step() with the script's loop state (issue 6).
+    first, second, final = _kill_and_resume(tmp_path, "while", KILL_AT="13")
+    assert first.returncode == -signal.SIGKILL
+    assert "pyckpt: warning" not in first.stderr + second.stderr, first.stderr + second.stderr
+    assert any(f"pyckpt: resumed from step {s} (after optimizer.step(), no DataLoader position)" in second.stderr
+               for s in (8, 12)), second.stderr
+    assert "TRAINED 30" in second.stdout
+    assert tree_equal(final, plain_results("while"))
+
+
+def test_weights_updated_by_hand_are_checkpointed_and_resume_exactly(tmp_path, plain_results):
+    # An optimizer exists but never steps; the script updates the weights itself after backward().
+    # Formerly a warning and no snapshots; now every backward() is a step (checkpoints at 4, 8, ...).
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE="manual", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == 0 and "pyckpt: warning" not in first.stderr, first.stderr
+    assert tree_equal(load(out), plain_results("manual"))
+    # Relaunch from the middle of epoch 2 (a relaunch after a kill there).
+    older = ckpt / layout.step_dir_name(20)
+    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(older), **env)
+    assert second.returncode == 0, second.stderr
+    assert "pyckpt: resumed from step 20 (epoch " in second.stderr
+    assert tree_equal(load(out), plain_results("manual"))
 
 
 REGISTERED = """

@@ -45,4 +45,12 @@ void destroy(Event event) noexcept;
 /// Synchronous host-to-device copy (used by reads).
 void copy_h2d(int device, void* dst, const void* src, size_t nbytes);
 
+/// Fingerprint lanes (pyckpt/fingerprint.h) of n device buffers of `device`,
+/// computed by a kernel on the engine's stream after `after` (an event on the
+/// caller's stream, or null); blocks until done. lanes_out gets 4 sums per
+/// buffer. Only the 32 bytes of sums per buffer cross to the host. Implemented
+/// in csrc/cuda/fingerprint.cu.
+void fingerprint_lanes(int device, const void* const* ptrs, const size_t* nbytes, size_t n,
+                       uint64_t* lanes_out, Event after);
+
 }  // namespace pyckpt::cuda

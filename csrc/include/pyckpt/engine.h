@@ -95,6 +95,20 @@ class Engine {
                      std::vector<std::pair<size_t, uint8_t*>>& captured);
   void capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
   void host_copy(uint8_t* dst, const uint8_t* src, size_t n);
+  /// Fingerprint of a chunk read from its sources (host pieces on the copy
+  /// workers, device pieces by the CUDA kernel after `after`).
+  /// `device_fps` (may be null or empty): the per-piece fingerprints of its
+  /// device pieces, already computed by device_fingerprints.
+  uint64_t source_fingerprint(const SaveChunk& chunk, const std::vector<uint64_t>* device_fps,
+                              cuda::Event after);
+  /// Per chunk, per piece: fingerprints of the device pieces of every chunk with
+  /// an expectation, in one batch per device (one launch per 1024 pieces and
+  /// one synchronization instead of one per chunk).
+  static std::vector<std::vector<uint64_t>> device_fingerprints(const std::vector<SaveChunk>& chunks,
+                                                                cuda::Event after);
+  uint64_t host_fingerprint(const uint8_t* p, size_t n);
+  /// A captured chunk's fingerprint, from its staging slab.
+  static uint64_t slab_fingerprint(const SaveChunk& chunk, const uint8_t* slab);
   void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
   void write_stored(const File& file, const Encoded& e, uint8_t* slab, uint64_t offset);
   std::string staging_timeout_message(const SaveJob& job) const;

@@ -34,7 +34,19 @@ struct SaveChunk {
   std::vector<SavePiece> pieces;
   size_t raw_len;  // sum of piece sizes
   bool on_device;  // any piece with device >= 0
+  // Incremental saves: when `expect` is set and the chunk's fingerprint equals
+  // expect_fp (and, with `verify`, the CRC32C of its current bytes equals
+  // expect_crc), the chunk is neither copied nor written (status kReferenced).
+  bool expect = false;
+  bool verify = false;
+  uint64_t expect_fp = 0;
+  uint32_t expect_crc = 0;
 };
+
+/// Per-chunk outcome of an incremental save (SaveJob::incremental()).
+constexpr int kChunkWritten = 0;
+constexpr int kChunkReferenced = 1;  // unchanged: not copied, not written
+constexpr int kChunkCollision = 2;   // fingerprint matched, CRC32C did not: written
 
 struct SaveOptions {
   int codec = 0;
@@ -43,6 +55,8 @@ struct SaveOptions {
   int device = -1;
   int64_t staging_timeout_ms = 60000;
   int64_t write_delay_us = 0;
+  bool fingerprint = false;  // compute every chunk's fingerprint (incremental saves)
+  bool constant_fp = false;  // testing: every fingerprint is 0 (forced collisions)
 };
 
 struct ChunkResult {
@@ -94,6 +108,12 @@ class SaveJob {
   /// Called by the capture loop when it will not read source memory again.
   void mark_capture_finished();
   void set_result(size_t i, const ChunkResult& r) { results_[i] = r; }
+  // Each index is written by one thread (capture or its write task), read after done().
+  void set_fingerprint(size_t i, uint64_t fp) { fps_[i] = fp, fp_known_[i] = 1; }
+  bool fingerprint_known(size_t i) const { return fp_known_[i] != 0; }
+  void set_status(size_t i, int status) { status_[i] = static_cast<uint8_t>(status); }
+  /// (fingerprint, status) per chunk; throws like results().
+  std::vector<std::pair<uint64_t, int>> incremental() const;
 
   /// Counts a unit of outstanding work (the capture loop, each write task).
   void begin_task() { pending_.fetch_add(1); }
@@ -112,6 +132,9 @@ class SaveJob {
   std::unique_ptr<std::atomic<bool>[]> captured_;
   std::atomic<size_t> captured_count_{0};
   std::vector<ChunkResult> results_;
+  std::vector<uint64_t> fps_;
+  std::vector<uint8_t> fp_known_;
+  std::vector<uint8_t> status_;
   std::atomic<size_t> pending_{0};
   std::atomic<bool> stop_{false};
 

@@ -1,0 +1,151 @@
+"""FSDP2 on 2 gloo ranks: pyckpt against torch.distributed.checkpoint (save, async_save, load).
+
+    python benchmarks/sharded.py            # ~256 MB of parameters (+ 2 AdamW moments: ~768 MB of state)
+    python benchmarks/sharded.py --mb 1024  # the issue's ~1 GB model (needs ~8 GB of RAM)
+
+Every rank holds half of the parameters and of the optimizer state (fully_shard of each layer and
+of the root). Times are the slowest rank's, after a barrier; "blocked" is how long training could
+not touch its tensors (pyckpt: save() returned and captured(); dcp.async_save: until it returns),
+"total" until the checkpoint is durable/committed. Loads start with both checkpoints evicted
+from the page cache (posix_fadvise DONTNEED), into the live sharded state dict. The state is the sharded state dict from
+get_state_dict. Results go to stdout as one table (docs/PERFORMANCE.md records them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def build(mb: int, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    width = 2048
+    layers = max(1, mb * (1 << 20) // (4 * width * width))
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in m:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(2, width)).sum().backward()
+    opt.step()
+    return m, opt
+
+
+def _evict(root: str) -> None:
+    """Drop ``root``'s files from the page cache (pyckpt writes with O_DIRECT, dcp buffered: both loads
+    start cold, as after a restart on another node)."""
+    for d, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _slowest(t: float) -> float:
+    x = torch.tensor([t], dtype=torch.float64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return float(x)
+
+
+def _worker(rank: int, world: int, args, tmp: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import pyckpt
+    from pyckpt.coord import StoreCoordinator
+
+    m, opt = build(args.mb, world)
+    msd, osd = get_state_dict(m, opt)
+    state = {"model": msd, "optim": osd}
+    nbytes = sum(v.to_local().numel() * 4 for v in msd.values()) * 3
+    out: dict[str, float] = {}
+    ck = pyckpt.Checkpointer(f"{tmp}/pyckpt", keep=1, coordinator=StoreCoordinator())
+    for i in range(args.repeat):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fut = ck.save(i, state)
+        returned = time.perf_counter() - t0
+        fut.captured()
+        blocked = time.perf_counter() - t0
+        fut.result()
+        total = time.perf_counter() - t0
+        out["pyckpt save() returned"] = _slowest(returned)
+        out["pyckpt save blocked"] = _slowest(blocked)
+        out["pyckpt save total"] = _slowest(total)
+    for i in range(args.repeat):
+        d = f"{tmp}/dcp-{i}"
+        dist.barrier()
+        t0 = time.perf_counter()
+        dcp.save(state, checkpoint_id=d)
+        out["dcp.save total"] = _slowest(time.perf_counter() - t0)
+    for i in range(args.repeat):
+        d = f"{tmp}/dcpa-{i}"
+        dist.barrier()
+        t0 = time.perf_counter()
+        f = dcp.async_save(state, checkpoint_id=d)
+        blocked = time.perf_counter() - t0
+        f.result()
+        total = time.perf_counter() - t0
+        out["dcp.async_save blocked"] = _slowest(blocked)
+        out["dcp.async_save total"] = _slowest(total)
+    if rank == 0:
+        _evict(f"{tmp}/pyckpt")
+        _evict(f"{tmp}/dcp-0")
+    dist.barrier()
+    t0 = time.perf_counter()
+    ck.restore(into=state)
+    out["pyckpt load"] = _slowest(time.perf_counter() - t0)
+    dist.barrier()
+    t0 = time.perf_counter()
+    dcp.load(state, checkpoint_id=f"{tmp}/dcp-0")
+    out["dcp.load"] = _slowest(time.perf_counter() - t0)
+    ck.close()
+    if rank == 0:
+        results.update(out)
+        results["state MB per rank"] = nbytes / 2**20
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=256, help="parameter MB (the issue's figure: 1024)")
+    ap.add_argument("--repeat", type=int, default=2, help="saves of each kind; the last one is reported")
+    ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="pyckpt-sharded-", dir=args.dir)
+    try:
+        with mp.Manager() as mgr:
+            results = mgr.dict()
+            mp.spawn(_worker, args=(2, args, tmp, results), nprocs=2, join=True)
+            r = dict(results)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"FSDP2, 2 ranks (gloo, CPU), {args.mb} MB parameters, {r['state MB per rank']:.0f} MB state per rank, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'':28s}{'seconds':>10s}")
+    for k in ("pyckpt save() returned", "pyckpt save blocked", "pyckpt save total", "dcp.async_save blocked",
+              "dcp.async_save total", "dcp.save total", "pyckpt load", "dcp.load"):
+        print(f"{k:28s}{r[k]:10.3f}")
+    print(f"blocked: pyckpt / dcp.async_save = {r['pyckpt save blocked'] / r['dcp.async_save blocked']:.2f}  "
+          f"(goal <= 0.10)")
+    print(f"total:   pyckpt / dcp.save        = {r['pyckpt save total'] / r['dcp.save total']:.2f}  (goal <= 1)")
+    print(f"load:    pyckpt / dcp.load        = {r['pyckpt load'] / r['dcp.load']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

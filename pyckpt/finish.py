@@ -1,0 +1,93 @@
+"""The finished-run marker of transparent mode (``ROOT/FINISHED.json``, written by ``metrics.mark_finished``).
+
+When a script under transparent mode ends normally, rank 0 marks its
+checkpoint root finished at interpreter exit, after the last checkpoint has
+committed (the commit thread is joined before exit handlers run). A relaunch
+of the same command that would resume (``PYCKPT_RESUME=auto``) then stops at
+its first DataLoader ``iter()`` with one ``pyckpt:`` line and exit status 0
+instead of training the run's tail again; ``PYCKPT_RESUME=never`` (train
+from scratch) or ``PYCKPT_RESUME=<checkpoint>`` (continue from it) remove the
+marker and go on.
+
+"Normally" means: the script trained (at least one optimizer step), nothing
+was left pending (a resume that never happened, a SIGTERM), no uncaught
+exception, and no ``sys.exit`` with a non-zero status. A signal that kills
+the process never runs exit handlers, so it leaves no marker. Python cannot
+tell ``raise SystemExit(1)`` written out (not through ``sys.exit``) from a
+normal end: such a script is marked finished too (docs/OPERATIONS.md).
+"""
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import sys
+from typing import Any
+
+from . import catalog, knobs, metrics
+
+_failed: list[str] = []  # why this process is not ending normally
+_installed = False
+
+
+def at_first_iter(session: Any) -> None:
+    """Before the session decides what to resume: stop a finished run's relaunch, or clear the marker."""
+    from .activation import _is_rank0, _say
+
+    marker = catalog.is_finished(session.directory)
+    if marker is None:
+        return
+    setting = knobs.get("PYCKPT_RESUME")
+    if setting == "auto":
+        when = marker.get("time")
+        stamp = (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+                 if isinstance(when, (int, float)) else "earlier")
+        if _is_rank0():
+            _say(f"the run in {session.directory} already finished ({marker.get('steps', '?')} steps, last "
+                 f"checkpoint at step {marker.get('step')}, {stamp}); not training it again. "
+                 "PYCKPT_RESUME=never trains from scratch, PYCKPT_RESUME=<checkpoint dir> continues from one, "
+                 "or use another PYCKPT_DIR", "warning")
+        raise SystemExit(0)
+    if _is_rank0():
+        metrics.clear_finished(session.directory)  # a new run starts here
+
+
+def install(session: Any) -> None:
+    """Mark the root of the session active at exit finished, at a normal exit (rank 0). The exit
+    handler and the hooks that see failures are installed once per process."""
+    global _installed
+    if _installed or session.coord is None or session.coord.rank != 0:
+        return
+    _installed = True
+    previous_hook, previous_exit = sys.excepthook, sys.exit
+
+    def excepthook(tp, value, tb):
+        _failed.append(f"uncaught {tp.__name__}")
+        previous_hook(tp, value, tb)
+
+    def exit(status: Any = None) -> None:
+        if status not in (None, 0):
+            _failed.append(f"sys.exit({status!r})")
+        previous_exit(status)
+
+    sys.excepthook, sys.exit = excepthook, exit
+    atexit.register(_at_exit, os.getpid())
+
+
+def _at_exit(pid: int) -> None:
+    from . import activation
+
+    session = activation._SESSION
+    if os.getpid() != pid or _failed or session is None or session.coord is None or session.coord.rank != 0:
+        return  # a forked child, a failing script, transparent mode off, or not rank 0
+    if (session.ckpt is None or session.step == 0 or session.source is not None
+            or session.tracker.plan is not None or session.sigterm is not None):
+        return
+    session.flush()
+    fut = session.future
+    try:
+        metrics.mark_finished(session.directory, step=session.last_snapshot_step if fut is not None else None,
+                              steps=session.step, last_checkpoint_ok=None if fut is None else fut.wait(0))
+    except Exception as e:  # the run's result stands; a relaunch will train the tail again
+        activation._say(f"warning: could not mark {session.directory} finished: {type(e).__name__}: {e}",
+                        "warning")

@@ -1,0 +1,273 @@
+"""Low-level access to the training script's own frames: which frames are the script's, what
+identifies their code, their locals, and the iterators of the ``for`` loops they are executing.
+
+Everything interpreter-specific is here and guarded by the Python version:
+
+* **Locals** are written with ``frame.f_locals`` then ``PyFrame_LocalsToFast`` (CPython <= 3.12,
+  through ``ctypes.pythonapi``); on 3.13 ``f_locals`` writes through (PEP 667). Module-level frames
+  write their globals dict. Checked on CPython 3.9-3.13 (tests/transparent/test_loopstate_versions.py).
+* **Loop iterators** live on the frame's value stack, which Python does not expose
+  (``gc.get_referents(frame)`` is empty for an executing frame). On CPython 3.11 to 3.13 (64-bit)
+  they are read with ``ctypes`` from the ``_PyInterpreterFrame`` (its layout is checked against the
+  frame's known locals and code object first; a mismatch turns the feature off). The slot of each
+  enclosing ``for`` loop's iterator comes from a stack-depth analysis of the bytecode (``dis``), so
+  only live slots are read. 3.9, 3.10: ``loop_iterators`` returns None (not supported; warned).
+* ``enumerate``'s index is written with ``ctypes`` at the offset where its value is found
+  (checked against ``__reduce__`` first).
+"""
+from __future__ import annotations
+
+import ctypes
+import dis
+import hashlib
+import os
+import sys
+import sysconfig
+import types
+from functools import lru_cache
+from typing import Any
+
+PY = sys.version_info[:2]
+_PTR = ctypes.sizeof(ctypes.c_void_p)
+
+
+# ----------------------------------------------------------------------------- whose frame
+
+def _library_roots() -> tuple[str, ...]:
+    roots = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            roots.add(os.path.realpath(p))
+    try:
+        import site
+
+        roots.update(os.path.realpath(p) for p in site.getsitepackages())
+        roots.add(os.path.realpath(site.getusersitepackages()))
+    except (AttributeError, OSError):
+        pass
+    here = os.path.dirname(os.path.realpath(__file__))
+    roots.add(here)  # pyckpt itself, also when installed editable
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and getattr(torch_mod, "__file__", None):
+        roots.add(os.path.dirname(os.path.realpath(torch_mod.__file__)))
+    return tuple(r.rstrip(os.sep) + os.sep for r in roots)
+
+
+@lru_cache(maxsize=4096)
+def is_user_file(filename: str) -> bool:
+    """Whether code in ``filename`` is the script's (not torch, pyckpt, the stdlib or an installed package)."""
+    if filename.startswith("<"):
+        return filename in ("<string>", "<stdin>")  # python -c / stdin scripts; not <frozen ...>
+    path = os.path.realpath(filename)
+    return not path.startswith(_library_roots())
+
+
+def user_frames(start: types.FrameType | None) -> list[types.FrameType]:
+    """The script's frames on the stack from ``start`` outward, outermost (the script's entry) first."""
+    out = []
+    f = start
+    while f is not None:
+        if is_user_file(f.f_code.co_filename):
+            out.append(f)
+        f = f.f_back
+    out.reverse()
+    return out
+
+
+@lru_cache(maxsize=1024)
+def code_key(code: types.CodeType) -> tuple:
+    """What identifies a code object across runs: file name, function, first line and a digest of
+    its bytecode, names and constants (nested code objects included), so an edited line differs."""
+    h = hashlib.blake2b(digest_size=12)
+    _feed(h, code)
+    return (os.path.basename(code.co_filename), code.co_qualname if PY >= (3, 11) else code.co_name,
+            code.co_firstlineno, h.hexdigest())
+
+
+def _feed(h: Any, code: types.CodeType) -> None:
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars)).encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _feed(h, c)
+        else:
+            h.update(repr(c).encode())
+
+
+@lru_cache(maxsize=1024)
+def _next_call(code: types.CodeType) -> dict[int, int]:
+    """PRECALL offset -> the offset of its CALL (3.11)."""
+    ins = list(dis.get_instructions(code))
+    return {a.offset: b.offset for a, b in zip(ins, ins[1:]) if a.opname == "PRECALL"}
+
+
+def position(frame: types.FrameType) -> int:
+    """The frame's current instruction, the same whether or not the interpreter specialised it:
+    CPython 3.11 runs a call to a builtin inside its PRECALL once warmed up, inside CALL before."""
+    lasti = frame.f_lasti
+    if PY == (3, 11):
+        return _next_call(frame.f_code).get(lasti, lasti)
+    return lasti
+
+
+# ----------------------------------------------------------------------------- locals
+
+def is_module_frame(frame: types.FrameType) -> bool:
+    return frame.f_code.co_name == "<module>" or frame.f_locals is frame.f_globals
+
+
+def write_locals(frame: types.FrameType, values: dict[str, Any]) -> None:
+    """Put ``values`` into ``frame``'s local variables (the frame keeps running with them)."""
+    if not values:
+        return
+    if is_module_frame(frame):
+        frame.f_globals.update(values)
+        return
+    if PY >= (3, 13):
+        proxy = frame.f_locals  # PEP 667: a write-through proxy
+        for k, v in values.items():
+            proxy[k] = v
+        return
+    loc = frame.f_locals  # snapshot dict of the fast locals (PyFrame_FastToLocals)
+    loc.update(values)
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+# ----------------------------------------------------------------------------- loop iterators
+
+class _Layout:
+    """Byte offsets in CPython's frame structs (Include/internal/pycore_frame.h, frameobject.h).
+
+    PyFrameObject: PyObject_HEAD (refcount, type), f_back, then f_frame (3.11 to 3.13).
+    _PyInterpreterFrame: 3.11 has f_func, f_globals, f_builtins, f_locals, then f_code; 3.12 and 3.13
+    start with the code object (f_code / f_executable). All three have 8 pointers, an int and 2-3
+    bytes (padded to 8) before localsplus."""
+
+    frame_f_frame = 3 * _PTR
+    iframe_f_code = 4 * _PTR if PY == (3, 11) else 0
+    iframe_localsplus = 8 * _PTR + 8
+
+
+def _nlocalsplus(code: types.CodeType) -> int:
+    # An argument that is also a cell has one slot (it is in co_varnames and co_cellvars).
+    varnames = code.co_varnames
+    return len(varnames) + len([c for c in code.co_cellvars if c not in varnames]) + len(code.co_freevars)
+
+
+@lru_cache(maxsize=1024)
+def _depths(code: types.CodeType) -> tuple[dict[int, int], tuple[tuple[int, int], ...]]:
+    """Stack depth before each instruction (by offset) and every ``for`` loop as (FOR_ITER offset,
+    loop-exit offset), from a flow analysis of the bytecode."""
+    ins = list(dis.get_instructions(code))
+    by_off = {i.offset: n for n, i in enumerate(ins)}
+    depth: dict[int, int] = {}
+    todo = [(ins[0].offset, 0)] if ins else []
+    try:
+        for e in dis.Bytecode(code).exception_entries:
+            todo.append((e.target, e.depth + (1 if e.lasti else 0) + 1))
+    except AttributeError:  # pragma: no cover - before 3.11
+        pass
+    no_fall = {"RETURN_VALUE", "RAISE_VARARGS", "RERAISE", "JUMP_FORWARD", "JUMP_BACKWARD",
+               "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_ABSOLUTE", "RETURN_CONST", "JUMP", "JUMP_NO_INTERRUPT"}
+    while todo:
+        off, d = todo.pop()
+        if off in depth or off not in by_off:
+            continue
+        n = by_off[off]
+        while n < len(ins):
+            i = ins[n]
+            if i.offset in depth:
+                break
+            depth[i.offset] = d
+            if i.opcode in dis.hasjrel or i.opcode in dis.hasjabs:
+                todo.append((i.argval, d + dis.stack_effect(i.opcode, i.arg, jump=True)))
+            if i.opname in no_fall:
+                break
+            if i.opname == "RETURN_GENERATOR":
+                d += 1  # a generator's first instruction: the value its POP_TOP drops (dis says 0)
+            else:
+                d += dis.stack_effect(i.opcode, i.arg, jump=False) if i.opcode >= dis.HAVE_ARGUMENT \
+                    else dis.stack_effect(i.opcode, jump=False)
+            n += 1
+    loops = tuple((i.offset, int(i.argval)) for i in ins if i.opname == "FOR_ITER")
+    return depth, loops
+
+
+def active_loops(frame: types.FrameType) -> int:
+    """How many ``for`` loops ``frame`` is executing (from the bytecode alone; any version)."""
+    try:
+        _, loops = _depths(frame.f_code)
+    except (ValueError, TypeError):
+        return 0
+    here = frame.f_lasti
+    return sum(1 for off, end in loops if off <= here < end)
+
+
+def _supported() -> bool:
+    return (3, 11) <= PY <= (3, 13) and sys.implementation.name == "cpython" and _PTR == 8
+
+
+def _read_ptr(addr: int) -> int:
+    return ctypes.c_void_p.from_address(addr).value or 0
+
+
+def _layout_ok(frame: types.FrameType, iframe: int) -> bool:
+    """Check the assumed 3.11 layout on this very frame before trusting it."""
+    if _read_ptr(iframe + _Layout.iframe_f_code) != id(frame.f_code):
+        return False
+    base = iframe + _Layout.iframe_localsplus
+    loc = frame.f_locals
+    checked = 0
+    for n, name in enumerate(frame.f_code.co_varnames):
+        if name in loc and name not in frame.f_code.co_cellvars:
+            if _read_ptr(base + n * _PTR) != id(loc[name]):
+                return False
+            checked += 1
+    return True
+
+
+def loop_iterators(frame: types.FrameType) -> list[Any] | None:
+    """The iterators of the ``for`` loops ``frame`` is executing, outermost first; None when this
+    interpreter is not supported (then nothing is read). ``frame`` must be suspended in a call."""
+    if not _supported():
+        return None
+    code = frame.f_code
+    depth, loops = _depths(code)
+    here = frame.f_lasti
+    active = [(off, depth.get(off)) for off, end in loops if off <= here < end]
+    if not active:
+        return []
+    if any(d is None or d < 1 for _, d in active) or min(depth.values(), default=0) < 0:
+        return None  # the analysis does not fit this code: read nothing
+    iframe = _read_ptr(id(frame) + _Layout.frame_f_frame)
+    if not iframe or not _layout_ok(frame, iframe):
+        return None
+    stack = iframe + _Layout.iframe_localsplus + _nlocalsplus(code) * _PTR
+    out = []
+    for _, d in sorted(active, key=lambda a: a[1]):
+        ptr = _read_ptr(stack + (d - 1) * _PTR)  # the iterator sits below the loop's FOR_ITER
+        if not ptr:
+            return None
+        out.append(ctypes.cast(ptr, ctypes.py_object).value)
+    return out
+
+
+# ----------------------------------------------------------------------------- positions
+
+def enumerate_index(e: enumerate) -> int:
+    """The index ``e`` yields next."""
+    return int(e.__reduce__()[1][1])
+
+
+def set_enumerate_index(e: enumerate, n: int) -> bool:
+    """Make ``e`` yield index ``n`` next (its wrapped iterator is positioned separately). False when
+    the interpreter's ``enumobject`` layout is not the expected one (nothing written)."""
+    if sys.implementation.name != "cpython" or not (3, 9) <= PY <= (3, 13):
+        return False
+    addr = id(e) + 2 * _PTR  # PyObject_HEAD, then Py_ssize_t en_index
+    cell = ctypes.c_ssize_t.from_address(addr)
+    if cell.value != enumerate_index(e) or n < 0:
+        return False  # the index is kept elsewhere (beyond PY_SSIZE_T_MAX: en_longindex)
+    cell.value = n
+    return enumerate_index(e) == n

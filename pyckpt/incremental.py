@@ -1,0 +1,211 @@
+"""Incremental checkpoints: unchanged chunks reference the earlier checkpoint that holds them.
+
+A ``Baseline`` remembers, per chunk *signature* (which storage bytes the chunk
+holds), the fingerprint and the chunk record of the last committed
+checkpoint of this rank. The next save asks the engine to skip every chunk
+whose fingerprint is unchanged (``expectations``); the part then records
+such a chunk as a reference to the file that physically holds it
+(``../step-P/rank-R/data-000.bin``, one hop, never a chain) with that
+chunk's offset, lengths and CRC32Cs, so loading checks the same CRC as
+before (docs/FORMAT.md §14).
+
+Retention keeps referenced data alive: ``referenced_dirs`` lists the step
+directories whose files a committed checkpoint references; ``commit``
+retires (removes the manifest of) a checkpoint that is deleted while still
+referenced and deletes its directory once nothing references it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import zlib
+
+from . import layout
+
+log = logging.getLogger("pyckpt")
+
+# PYCKPT_INCREMENTAL_VERIFY=sample: each save CRC-checks the unchanged chunks whose signature
+# falls in this save's slot of SAMPLE_EVERY, so every unchanged chunk is checked at least once
+# in SAMPLE_EVERY consecutive saves.
+SAMPLE_EVERY = 8
+STATUS_WRITTEN, STATUS_REFERENCED, STATUS_COLLISION = 0, 1, 2
+
+
+def fp_hex(fp: int) -> str:
+    return f"{fp:016x}"
+
+
+def signatures(part_storages: list[dict], nchunks: int) -> list[tuple]:
+    """Per chunk index: its pieces as sorted (chunk offset, scope, storage id, storage offset, bytes).
+
+    Computed from storage JSON, so a plan (via ``writer``) and a part read back
+    from disk give the same signatures."""
+    sig: list[list[tuple]] = [[] for _ in range(nchunks)]
+    for s in part_storages:
+        for p in s["pieces"]:
+            if 0 <= p["chunk"] < nchunks:
+                sig[p["chunk"]].append((p["chunk_offset"], s["scope"], s["id"], p["storage_offset"], p["nbytes"]))
+    return [tuple(sorted(x)) for x in sig]
+
+
+class Baseline:
+    """The previous checkpoint's chunks of one rank: signature -> (fingerprint, root-relative chunk record)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[tuple, tuple[int, dict, int]] = {}  # sig -> (fp, record, file nbytes)
+        self.changed: set[tuple] = set()  # sigs whose fingerprint changed at the last save
+        self.saves = 0
+        self.seeded = False
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+    def update(self, part: dict, step_name: str) -> None:
+        """Take the chunks of ``part`` (this rank's part of committed checkpoint ``step_name``)."""
+        sizes = {f["path"]: f["nbytes"] for f in part.get("files", [])}
+        sigs = signatures(part.get("storages", []), len(part.get("chunks", [])))
+        new: dict[tuple, tuple[int, dict, int]] = {}
+        for ch, sig in zip(part.get("chunks", []), sigs):
+            fp = ch.get("fingerprint")
+            if not isinstance(fp, str) or not sig or ch["file"] not in sizes:
+                continue
+            try:
+                value = int(fp, 16)
+            except ValueError:
+                continue
+            rec = dict(ch)
+            rec["file"] = root_relative(step_name, ch["file"])
+            if rec["file"] is None:
+                continue
+            new[(ch["raw_len"],) + sig] = (value, rec, sizes[ch["file"]])
+        # A chunk that just changed (trained weights, optimizer moments) will most likely change
+        # again: the next save copies it without fingerprinting it first (no extra read on the
+        # capture path); its fingerprint still comes from the staged copy, so a chunk that stops
+        # changing is referenced again one save later.
+        self.changed = {k for k, v in new.items() if k in self.chunks and self.chunks[k][0] != v[0]}
+        self.chunks = new
+        self.saves += 1
+
+    def seed(self, root: str, rank: int) -> None:
+        """First save of this process: start from the newest committed checkpoint's part of ``rank``
+        (its chunk records carry fingerprints), so a resumed job's first save is incremental too."""
+        from . import manifest
+        from .errors import PyckptError
+        from .safe_fs import CheckpointDir
+
+        self.seeded = True
+        committed = layout.committed(root)
+        if not committed:
+            return
+        e = committed[0]
+        try:
+            with CheckpointDir(e.path) as d:
+                m = manifest.read_manifest(e.path, d)
+                if rank >= len(m["parts"]):
+                    return
+                part = manifest.read_part(e.path, m["parts"][rank], d)
+        except (PyckptError, OSError) as exc:
+            log.debug("pyckpt: no incremental baseline from %s: %s", e.path, exc)
+            return
+        self.update(part, e.name)
+
+    def expectations(self, storages_json: list[dict], raw_lens: list[int], on_device: list[bool],
+                     final_name: str, root: str, verify: str) -> tuple[list[tuple], dict[int, tuple[dict, int]]]:
+        """For the plan chunks (described by their storage JSON, raw lengths, whether on a GPU): the
+        engine's ``expect`` list and the reference each skipped chunk would become (chunk -> (record, nbytes)).
+
+        ``verify`` (PYCKPT_INCREMENTAL_VERIFY) says which unchanged chunks the engine also CRC-checks
+        against the referenced chunk's ``raw_crc32c`` before skipping them: ``all``; ``sample`` (a
+        rotating 1 in SAMPLE_EVERY); ``auto`` (all host chunks, where the check costs one CRC pass
+        and no copy; sampled GPU chunks, where it costs a device-to-host copy); ``off``.
+
+        Only checkpoints of a lower step are referenced: never ``final_name`` itself (the same
+        step saved again replaces it), nor a higher step left by a run this one resumed before
+        (the run will save that step again, replacing what a reference would point at); nor
+        files that are no longer there with their recorded size."""
+        expect: list[tuple] = []
+        refs: dict[int, tuple[dict, int]] = {}
+        seen_files: dict[str, bool] = {}
+        used: set[tuple[str, int]] = set()
+        cur = layout.parse_step(final_name)
+        for i, sig in enumerate(signatures(storages_json, len(raw_lens))):
+            key = (raw_lens[i],) + sig
+            hit = self.chunks.get(key)
+            if hit is None or key in self.changed:
+                continue
+            fp, rec, nbytes = hit
+            f = rec["file"]
+            held_by = layout.parse_step(f.split("/", 1)[0])
+            if held_by is None or cur is None or held_by >= cur or (f, rec["offset"]) in used:
+                continue
+            if f not in seen_files:
+                seen_files[f] = _file_has(root, f, nbytes)
+            if not seen_files[f]:
+                continue
+            used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
+            sampled = (zlib.crc32(repr(sig).encode()) + self.saves) % SAMPLE_EVERY == 0
+            check = (verify == "all" or (verify == "auto" and not on_device[i])
+                     or (verify in ("sample", "auto") and sampled))
+            expect.append((i, fp, check, rec["raw_crc32c"]))
+            refs[i] = (rec, nbytes)
+        return expect, refs
+
+
+def root_relative(step_name: str, rel: str) -> str | None:
+    """The root-relative path of ``rel`` as written in a part of ``step_name`` (None if it leaves the root)."""
+    if rel.startswith("../"):
+        out = posixpath.normpath(rel[3:])
+    else:
+        out = posixpath.normpath(f"{step_name}/{rel}")
+    head = out.split("/", 1)[0]
+    return out if layout.parse_step(head) is not None and not out.startswith("..") else None
+
+
+def _file_has(root: str, rel: str, nbytes: int) -> bool:
+    try:
+        st = os.lstat(os.path.join(root, rel))
+    except OSError:
+        return False
+    import stat
+
+    return stat.S_ISREG(st.st_mode) and st.st_size >= nbytes
+
+
+def referenced_dirs(root: str, names: list[str] | None = None) -> set[str]:
+    """Step directory names whose files the committed checkpoints ``names`` (all by default)
+    reference, besides themselves.
+
+    A checkpoint whose manifest or a part does not validate cannot be loaded, so what it
+    references keeps nothing alive (its other parts' references are ignored too)."""
+    from . import manifest
+    from .errors import PyckptError
+    from .safe_fs import CheckpointDir
+
+    if names is None:
+        names = [e.name for e in layout.committed(root)]
+    out: set[str] = set()
+    for name in names:
+        path = os.path.join(root, name)
+        mine: set[str] = set()
+        try:
+            with CheckpointDir(path) as d:
+                m = manifest.read_manifest(path, d)
+                for info in m["parts"]:
+                    part = manifest.read_part(path, info, d)
+                    mine.update(f["path"].split("/")[1] for f in part["files"] if f["path"].startswith("../"))
+        except (PyckptError, OSError) as exc:
+            log.debug("pyckpt: %s does not validate, its references keep nothing: %s", path, exc)
+            continue
+        out |= mine
+    return out
+
+
+def collisions_line(statuses: list[int], where: str) -> str | None:
+    """The one stderr line for fingerprint collisions caught by CRC32C in a save, or None."""
+    n = sum(1 for s in statuses if s == STATUS_COLLISION)
+    if not n:
+        return None
+    return (f"pyckpt: {where}: {n} chunk(s) had an unchanged fingerprint but a different CRC32C "
+            "(a fingerprint collision); they were written in full")
+

@@ -1,0 +1,265 @@
+"""Lazy capture for transparent mode: arm a snapshot at the consistent point, copy in the background.
+
+At the consistent point (the training loader's next fetch) parameters and
+optimizer state do not change until the next optimizer step, so the
+snapshot is *armed* there and the engine copies it while the next
+forward/backward runs; an optimizer step pre-hook waits until the copy is
+done before the step may mutate anything.
+
+Exactness. A tensor changed after arming must never be saved with a later
+value. So:
+
+* tensors no optimizer owns (module buffers such as BatchNorm running stats,
+  which forward mutates; loop-state and registered tensors; RNG states) are
+  copied eagerly at the consistent point when small (``EAGER_MAX_BYTES``);
+* every other tensor (optimizer-owned parameters and state, large frozen
+  weights) keeps the version counter (``t._version``) it had at arming. When
+  the copy is complete the training thread, at a point where none of its ops
+  is in flight (the next optimizer pre-step, a flush, or its end), compares
+  them. A changed tensor means its bytes may be from after the consistent
+  point: the checkpoint is discarded (its commit is vetoed, one ``pyckpt:``
+  warning line) and capture is eager for the rest of the job.
+
+The commit thread waits for that verdict before it commits (writes run
+meanwhile), so a checkpoint becomes durable only after the next optimizer
+step starts, or when the training thread ends. ``PYCKPT_LAZY=0`` turns lazy
+capture off (``captured()`` at the consistent point, as before).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import torch
+
+from . import knobs, shm_tier
+from .sharded import storage_ptr as _storage_ptr  # DTensors (FSDP2): their local tensor's memory
+from .activation import _say as say
+
+EAGER_MAX_BYTES = 1 << 20  # non-optimizer tensors up to this size are copied at the consistent point (larger
+# ones, e.g. frozen base weights, are guarded: copying them there would stall like eager capture)
+
+
+class TornCapture(Exception):
+    """A guarded tensor changed after the snapshot point before its copy finished (commit vetoed)."""
+
+    quiet = True  # the lazy layer prints the one line itself; the Checkpointer stays silent
+
+
+class Armed:
+    """One armed snapshot: its futures, the version counters to check, and the verdict."""
+
+    def __init__(self, step: int, futures: list, guards: list[tuple[torch.Tensor, int, str]],
+                 owner: threading.Thread) -> None:
+        self.step, self.futures, self.guards, self.owner = step, futures, guards, owner
+        self.verdict = threading.Event()
+        self.error: TornCapture | None = None
+        self._lock = threading.Lock()
+
+    def settle(self) -> TornCapture | None:
+        """Wait for the copy, then compare version counters (call where the trainer runs no op)."""
+        with self._lock:
+            if not self.verdict.is_set():
+                for f in self.futures:
+                    f.captured()
+                changed = [name for t, v, name in self.guards if t._version != v]
+                self.guards = []  # drop the references: the tensors are the caller's again
+                if changed:
+                    more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+                    self.error = TornCapture(
+                        f"checkpoint of step {self.step} discarded: tensor {changed[0]!r}{more} changed in place "
+                        "after the snapshot point, before lazy capture had copied it; capture is eager (copies "
+                        "at the snapshot point) for the rest of this job (PYCKPT_LAZY=0 makes that the default)")
+                self.verdict.set()
+        return self.error
+
+    def gate(self) -> BaseException | None:
+        """Commit thread: block until the verdict (given here if the training thread has ended)."""
+        while not self.verdict.wait(0.05):
+            if not self.owner.is_alive():  # interpreter shutdown or the thread ended: nothing is in flight
+                self.settle()
+        return self.error
+
+
+class Pending:
+    """What ``Session.future`` holds for a lazy snapshot: waiting settles the verdict first."""
+
+    def __init__(self, armed: Armed, futures: list) -> None:
+        self.armed, self.futures = armed, futures  # futures[0] decides result(): storage when written
+        self.step = armed.step
+
+    def captured(self, timeout: float | None = None) -> bool:
+        self.armed.settle()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.armed.settle()
+        return all([f.wait(timeout) for f in self.futures])
+
+    def result(self, timeout: float | None = None) -> str:
+        self.armed.settle()
+        for f in self.futures[1:]:
+            f.wait(timeout)
+        return self.futures[0].result(timeout)
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def exception(self) -> BaseException | None:
+        return next((e for e in (f.exception() for f in self.futures) if e is not None), None)
+
+
+class Lazy:
+    """The lazy-capture and memory-tier logic of one transparent Session."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.enabled = bool(knobs.get("PYCKPT_LAZY"))
+        self.armed: Armed | None = None
+        self.snapshots = 0
+        self.blocked = 0.0  # training-thread seconds spent on the current checkpoint (for the auto interval)
+
+    # -- snapshot ----------------------------------------------------------------------
+    def save(self, state: Any, rank_state: Any) -> Any:
+        """Start the snapshot of ``state``/``rank_state`` at the session's step; returns its future.
+
+        Eager: returns once every tensor is copied. Lazy: returns at once, armed."""
+        s = self.session
+        t0 = time.monotonic()
+        self.settle()  # a previous armed snapshot gets its verdict first (its commit may be waited for below)
+        tier = shm_tier.tier_for(s.ckpt, s.coord)
+        self.snapshots += 1
+        to_storage = tier is None or tier.storage_due(self.snapshots)
+        lazy = self.enabled and s.sigterm is None  # after SIGTERM the job exits right after this snapshot
+        guards: list = []
+        if lazy:
+            owned = _owned_storages(s.optimizers)
+            state, g1 = _protect(state, owned, "state")
+            rank_state, g2 = _protect(rank_state, owned, "rank_state")
+            guards = g1 + g2
+        futures: list = []
+        armed = Armed(s.step, futures, guards, threading.current_thread())
+        kw = {"_gate": armed.gate} if lazy else {}
+        try:
+            if to_storage:
+                futures.append(s.ckpt.save(s.step, state, rank_state, **kw))
+            f = tier.save(s.step, state, rank_state, **kw) if tier is not None else None
+            if f is not None:
+                futures.append(f)
+            if not futures:  # the memory tier skipped this one and storage is not due: storage takes it
+                futures.append(s.ckpt.save(s.step, state, rank_state, **kw))
+        except BaseException:
+            self.armed = armed
+            self.settle()  # no commit started here may wait for a verdict nobody gives
+            raise
+        self.armed = armed
+        if not lazy:
+            self.settle()  # eager: every tensor is copied before the script goes on
+        self.blocked = time.monotonic() - t0
+        return futures[0] if len(futures) == 1 and not lazy else Pending(armed, futures)
+
+    def settle(self) -> None:
+        """Give the armed snapshot its verdict (training thread); a torn copy turns lazy capture off."""
+        armed, self.armed = self.armed, None
+        if armed is None:
+            return
+        t0 = time.monotonic()
+        err = armed.settle()
+        self.blocked += time.monotonic() - t0
+        if err is not None:
+            self.enabled = False
+            say(f"warning: {err}", "warning")
+
+    # -- hooks -------------------------------------------------------------------------
+    def before_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        """Optimizer step pre-hook: the step may mutate tensors only once the armed copy is done."""
+        if self.armed is not None:
+            self.settle()
+        policy = self.session.policy
+        if getattr(policy, "auto", None) is not None and opt is self.session.primary:
+            fut = self.session.future
+            interval = policy.note_step(time.monotonic(), busy=fut is not None and not fut.done(),
+                                        blocked=self.blocked)
+            self.blocked = 0.0
+            if interval is not None and _is_rank0(self.session):
+                level = "info" if policy.auto.measured == 1 else "debug"
+                say(f"checkpoint interval now {interval:.1f} s (Young/Daly: measured cost "
+                    f"{policy.auto.cost:.3g} s per checkpoint, MTBF {policy.auto.mtbf_hours:g} h)", level)
+
+
+def _is_rank0(session: Any) -> bool:
+    coord = getattr(session, "coord", None)
+    return coord is None or coord.rank == 0
+
+
+def _owned_storages(optimizers: Any) -> set[int]:
+    """Storage addresses of every parameter and state tensor of the registered optimizers."""
+    out: set[int] = set()
+    for opt in optimizers:
+        for g in opt.param_groups:
+            for p in g["params"]:
+                out.add(_storage_ptr(p))
+        for st in opt.state.values():
+            if isinstance(st, dict):
+                for v in st.values():
+                    if isinstance(v, torch.Tensor):
+                        out.add(_storage_ptr(v))
+    out.discard(0)
+    return out
+
+
+def _protect(tree: Any, owned: set[int], root: str) -> tuple[Any, list]:
+    """``tree`` with small non-optimizer tensors replaced by copies, and guards for every other tensor."""
+    found: list[tuple[str, torch.Tensor, bool]] = []
+    _walk(tree, root, found)
+    shared: dict[int, int] = {}
+    for _, t, _ in found:
+        ptr = _storage_ptr(t)
+        shared[ptr] = shared.get(ptr, 0) + 1
+    copies: dict[int, torch.Tensor] = {}
+    guards = []
+    for name, t, plain in found:
+        ptr = _storage_ptr(t)
+        small = t.numel() * t.element_size() <= EAGER_MAX_BYTES
+        if ptr not in owned and small and shared[ptr] == 1 and plain:
+            copies[id(t)] = t.detach().clone()  # a view sharing storage keeps its sharing: guarded instead
+        else:
+            guards.append((t, t._version, name))
+    return (_replace(tree, copies) if copies else tree), guards
+
+
+def _walk(v: Any, path: str, out: list, plain: bool = True) -> None:
+    """Every tensor in ``v`` as (path, tensor, whether ``_replace`` can swap it)."""
+    if isinstance(v, torch.Tensor):
+        out.append((path, v, plain))
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _walk(x, f"{path}/{k}", out, plain and _rebuildable(v))
+    elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+        for i, x in enumerate(v):
+            _walk(x, f"{path}/{i}", out, plain and type(v) in (list, tuple))
+
+
+def _rebuildable(d: dict) -> bool:
+    try:
+        type(d)()
+    except Exception:
+        return False
+    return True
+
+
+def _replace(v: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """``v`` with the tensors in ``copies`` (by id) swapped; containers rebuilt as their own type."""
+    if isinstance(v, torch.Tensor):
+        return copies.get(id(v), v)
+    if isinstance(v, dict):
+        out = type(v)()
+        for k, x in v.items():
+            out[k] = _replace(x, copies)
+        return out
+    if type(v) is list:
+        return [_replace(x, copies) for x in v]
+    if type(v) is tuple:
+        return tuple(_replace(x, copies) for x in v)
+    return v  # other sequences (namedtuples...) are kept as they are: tree.flatten decides about them

@@ -1,0 +1,270 @@
+"""DataLoader worker processes: their random streams, captured per batch and put back on resume.
+
+A map-style dataset that augments at random in ``__getitem__`` draws from the *worker's*
+generators (torch, Python ``random``, NumPy's global one), which torch seeds from the
+iterator's base seed and the worker id, then advance with every sample that worker loads.
+A resume skips batches at the sampler level without loading them, so the workers would
+restart from their seeds. Instead:
+
+* every worker sends, with each batch, the state of its three generators right after it
+  loaded that batch (``None`` when nothing was drawn since its previous batch; the main
+  process keeps the previous one then), wrapped around the batch in ``_Tagged``;
+* the main process unwraps it before the batch reaches anyone (an instance override of the
+  iterator's ``_process_data``, so an iterator made while pyckpt was on keeps unwrapping
+  after it is turned off) and keeps, per worker, the last few states in return order;
+* a position records, per worker, the state after its last batch *handed to the loop*, and
+  the iterator's base seed (persistent workers were seeded at an earlier epoch);
+* a resumed iterator starts its workers with the saved base seed, sends its first remaining
+  batch to the worker that loaded it originally (batch b goes to worker b mod W), and each
+  worker puts its saved state back after ``worker_init_fn`` and before its first batch.
+
+Everything worker-side travels in a picklable ``worker_init_fn`` wrapper (``WorkerHook``),
+so it works with the fork, spawn and forkserver start methods alike.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from array import array
+import weakref
+from collections import deque
+from typing import Any
+
+import torch
+
+HISTORY = 16  # states kept per worker: covers a look-ahead wrapper's fetches beyond the loop
+
+# Transport form of a worker's generator state (compact, picklable without shared memory, cheap to
+# compare): (torch CPU state bytes, (random's version, its 625 words as uint32 bytes, gauss_next),
+# (numpy name, keys bytes, pos, has_gauss, gauss) | None).
+Transport = tuple
+
+
+def current_state() -> Transport:
+    """The generator states of this process, in transport form."""
+    np = sys.modules.get("numpy")
+    npst = None
+    if np is not None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        npst = (str(name), keys.tobytes(), int(pos), int(has_gauss), float(gauss))
+    version, words, gauss_next = random.getstate()
+    return (torch.get_rng_state().numpy().tobytes(), (version, array("I", words).tobytes(), gauss_next), npst)
+
+
+def set_state(state: Transport) -> None:
+    """Put this process's generators back to ``state`` (transport form)."""
+    tb, (version, words, gauss_next), npst = state
+    torch.set_rng_state(torch.frombuffer(bytearray(tb), dtype=torch.uint8))
+    random.setstate((version, tuple(array("I", words)), gauss_next))
+    if npst is not None:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = npst
+        np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, gauss))
+
+
+def to_saved(state: Transport | None) -> dict[str, Any] | None:
+    """Transport form -> checkpoint form (tensors and JSON values; no pickle)."""
+    if state is None:
+        return None
+    tb, (version, words, gauss_next), npst = state
+    saved: dict[str, Any] = {"torch": torch.frombuffer(bytearray(tb), dtype=torch.uint8).clone(),
+                             "python": [int(version), torch.tensor(array("I", words), dtype=torch.int64),
+                                        gauss_next]}
+    if npst is not None:
+        name, keys, pos, has_gauss, gauss = npst
+        words32 = torch.frombuffer(bytearray(keys), dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
+        saved["numpy"] = {"name": name, "keys": words32, "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    return saved
+
+
+def from_saved(saved: Any) -> Transport | None:
+    """Checkpoint form -> transport form; raises ValueError on anything malformed."""
+    if saved is None:
+        return None
+    try:
+        tb = saved["torch"].to(torch.uint8).contiguous().numpy().tobytes()
+        version, words, gauss_next = saved["python"]
+        py = (int(version), array("I", [int(w) & 0xFFFFFFFF for w in words.tolist()]).tobytes(),
+              None if gauss_next is None else float(gauss_next))
+        npst = None
+        if saved.get("numpy") is not None:
+            s = saved["numpy"]
+            import numpy as np
+
+            keys = np.asarray([int(k) & 0xFFFFFFFF for k in s["keys"].tolist()], dtype=np.uint32).tobytes()
+            npst = (str(s["name"]), keys, int(s["pos"]), int(s["has_gauss"]), float(s["gauss"]))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ImportError) as e:
+        raise ValueError(f"malformed worker RNG state in the checkpoint: {e}") from None
+    if len(tb) == 0 or len(py[1]) != 625 * 4:
+        raise ValueError("malformed worker RNG state in the checkpoint")
+    return (tb, py, npst)
+
+
+class _Tagged:
+    """A batch from worker ``worker`` with the worker's generator state after loading it."""
+
+    __slots__ = ("data", "rng", "worker")
+
+    def __init__(self, data: Any, rng: Transport | None, worker: int) -> None:
+        self.data, self.rng, self.worker = data, rng, worker
+
+    def __reduce__(self) -> tuple:
+        return (_Tagged, (self.data, self.rng, self.worker))
+
+    def pin_memory(self, *args: Any) -> "_Tagged":
+        """torch's pin-memory thread calls this for unknown types: pin the batch, keep the tag."""
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        return _Tagged(pin_memory(self.data), self.rng, self.worker)
+
+
+class _CapturingFetcher:
+    """Wraps a worker's map-style fetcher: tags every batch with the generator state after it."""
+
+    def __init__(self, inner: Any, worker: int) -> None:
+        self.inner, self.last, self.worker = inner, None, worker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def fetch(self, index: Any) -> _Tagged:
+        data = self.inner.fetch(index)
+        state = current_state()
+        changed = state != self.last
+        self.last = state
+        return _Tagged(data, state if changed else None, self.worker)
+
+
+def _install_in_worker(worker_id: int) -> None:
+    """In a worker process: wrap the fetchers it creates from now on (map-style datasets only)."""
+    from torch.utils.data import _DatasetKind
+
+    if getattr(_DatasetKind.create_fetcher, "_pyckpt", False):
+        return
+    original = _DatasetKind.create_fetcher
+
+    def create_fetcher(kind, *args, **kwargs):
+        fetcher = original(kind, *args, **kwargs)
+        return _CapturingFetcher(fetcher, worker_id) if kind == _DatasetKind.Map else fetcher
+
+    create_fetcher._pyckpt = True
+    _DatasetKind.create_fetcher = staticmethod(create_fetcher)
+
+
+class WorkerHook:
+    """Stands in for the loader's ``worker_init_fn`` while an iterator starts its workers: runs the
+    user's function, then puts this worker's saved generator state back (on resume), then makes
+    the worker tag its batches. Picklable (spawn) when the user's function is."""
+
+    def __init__(self, user_fn: Any, states: list | None) -> None:
+        self.user_fn, self.states = user_fn, states
+
+    def __call__(self, worker_id: int) -> None:
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+        if self.states is not None and worker_id < len(self.states) and self.states[worker_id] is not None:
+            set_state(self.states[worker_id])
+        _install_in_worker(worker_id)
+
+
+class Record:
+    """Main-process side: per worker, the states after its last batches, in return order."""
+
+    def __init__(self, workers: int, base_seed: int, initial: list | None = None) -> None:
+        self.base_seed = int(base_seed)
+        self.count = 0  # tagged batches returned so far by this iterator (all epochs)
+        # Per worker: (index in return order, state) of its recent batches; `settled` is its
+        # state before the oldest kept entry (its start state: None = as seeded, or restored).
+        self.recent: list[deque] = [deque(maxlen=HISTORY) for _ in range(workers)]
+        self.settled: list[Any] = list(initial) if initial is not None else [None] * workers
+        self.draining = False  # persistent workers' _reset is dropping an epoch's leftover batches
+
+    def add(self, worker: int, state: Transport | None) -> None:
+        recent = self.recent[worker]
+        if state is None:  # unchanged since this worker's previous batch
+            state = recent[-1][1] if recent else self.settled[worker]
+        if len(recent) == recent.maxlen:
+            self.settled[worker] = recent[0][1]
+        recent.append((self.count, state))
+        self.count += 1
+
+    def states_before(self, ahead: int) -> tuple[list, bool]:
+        """Each worker's state as of ``ahead`` returned batches ago (0: now); and whether exact."""
+        cut, exact, out = self.count - ahead, True, []
+        for w, recent in enumerate(self.recent):
+            older = [s for i, s in recent if i < cut]
+            if older:
+                out.append(older[-1])
+                continue
+            if len(recent) == recent.maxlen and recent and recent[0][0] >= cut:
+                exact = False
+            out.append(self.settled[w])
+        return out, exact
+
+
+class _Untag:
+    """Instance override of ``_MultiProcessingDataLoaderIter._process_data``: unwrap and record.
+    Holds the iterator weakly (its ``__del__`` shuts the workers down; no reference cycle)."""
+
+    __slots__ = ("ref", "record")
+
+    def __init__(self, it: Any, record: Record) -> None:
+        self.ref, self.record = weakref.ref(it), record
+
+    def __call__(self, data: Any, worker_idx: int) -> Any:
+        it = self.ref()
+        if isinstance(data, _Tagged):
+            self.record.add(worker_idx, data.rng)
+            data = data.data
+        return type(it)._process_data(it, data, worker_idx)
+
+
+class _Reset:
+    """Instance override of ``_reset`` (persistent workers, next epoch): batches the workers loaded
+    for the epoch left early are dropped there, but advanced their generators; record them."""
+
+    __slots__ = ("ref", "record")
+
+    def __init__(self, it: Any, record: Record) -> None:
+        self.ref, self.record = weakref.ref(it), record
+
+    def __call__(self, loader: Any, first_iter: bool = False) -> None:
+        it = self.ref()
+        # Received ahead of their turn and never handed out, in the order the workers loaded them.
+        for idx in sorted(getattr(it, "_task_info", {}) or {}):
+            info = it._task_info[idx]
+            if len(info) == 2 and isinstance(info[1], _Tagged):
+                self.record.add(info[1].worker, info[1].rng)
+        self.record.draining = True
+        try:
+            type(it)._reset(it, loader, first_iter)
+        finally:
+            self.record.draining = False
+
+
+class _GetData:
+    """Instance override of ``_get_data``: while ``_reset`` drains the epoch left early, record the
+    batches it drops (still in flight when the epoch was left)."""
+
+    __slots__ = ("ref", "record")
+
+    def __init__(self, it: Any, record: Record) -> None:
+        self.ref, self.record = weakref.ref(it), record
+
+    def __call__(self) -> Any:
+        it = self.ref()
+        idx, data = type(it)._get_data(it)
+        if self.record.draining and isinstance(data, _Tagged):
+            self.record.add(data.worker, data.rng)
+        return idx, data
+
+
+def attach(it: Any, workers: int, initial: list | None) -> Record:
+    """After a multi-process iterator started its workers with a ``WorkerHook``: unwrap its batches."""
+    record = Record(workers, it._base_seed, initial)
+    it._process_data = _Untag(it, record)
+    if it._persistent_workers:
+        it._reset, it._get_data = _Reset(it, record), _GetData(it, record)
+    it._pyckpt_workers = record
+    return record

@@ -1,0 +1,681 @@
+"""The training script's own loop state: capture at a consistent point, put back at the same point.
+
+Captured (docs/TRANSPARENCY.md "Loop state"): the globals of ``__main__`` and of every other script
+module on the stack, the locals of every script frame (``frames.user_frames``), the plain
+attributes of plain objects those reference (a trainer's ``self.iter_num``), and the positions of
+the ``for``-loop iterators the frames are executing. Only values of restorable kinds are kept
+(None, bool, int, float, str, bytes, tensors, tuples/lists/dicts/sets/deques of them,
+``torch.Generator``, ``random.Random``, NumPy arrays and generators); nothing is pickled. The
+result is a plain tree for pyckpt's own state format, with every tensor once in a table.
+
+Restoring first checks that the script's stack has the same shape (same code objects, same
+instruction in each frame), decodes and checks everything, and only then writes: a mismatch
+raises ``PyckptError`` before anything changed (never a partial restore).
+
+Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, requires_grad]``,
+``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
+``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array,
+``["g", i]`` torch.Generator, ``["r", state]`` random.Random, ``["ng", state]`` NumPy generator.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import functools
+import itertools
+import random
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import frames
+from .errors import PyckptError
+
+VERSION = 1
+MAX_OBJECTS = 256  # plain objects followed per snapshot
+MAX_DEPTH = 4  # object attribute nesting followed
+
+_SCALARS = (type(None), bool, int, float, str, bytes)
+_CONTAINERS = (list, tuple, dict, set, frozenset, collections.deque)
+
+
+class _Skip(Exception):
+    """A value that is not captured; ``warn``: the loop may depend on it (said once, by name)."""
+
+    def __init__(self, why: str, warn: bool) -> None:
+        super().__init__(why)
+        self.why, self.warn = why, warn
+
+
+@dataclass
+class Capture:
+    """One capture: the tree to store, and what was left out (name -> reason)."""
+
+    tree: dict
+    warnings: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- classification
+
+_SILENT_TYPES: tuple[type, ...] = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+                                   types.MethodType, type, torch.device, torch.dtype, torch.nn.Module,
+                                   torch.optim.Optimizer, staticmethod, classmethod, property,
+                                   types.CodeType, types.FrameType, types.TracebackType)
+
+
+@functools.lru_cache(maxsize=1)
+def _silent_kinds() -> tuple[type, ...]:
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+    from torch.utils.data import DataLoader, Dataset, Sampler
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    return _SILENT_TYPES + (LRScheduler, ReduceLROnPlateau, DataLoader, Dataset, Sampler, _BaseDataLoaderIter,
+                            torch.amp.GradScaler)
+
+
+def _plain_object(v: Any) -> bool:
+    """A plain object whose attributes are followed: a script class, argparse/SimpleNamespace."""
+    import argparse
+
+    t = type(v)
+    if t in (argparse.Namespace, types.SimpleNamespace):
+        return True
+    if not hasattr(v, "__dict__") or isinstance(v, _silent_kinds()) or isinstance(v, (type, enum.Enum)):
+        return False
+    params = getattr(t, "__dataclass_params__", None)
+    if params is not None and getattr(params, "frozen", False):
+        return False  # immutable: nothing to restore (and setattr would raise)
+    mod = sys.modules.get(t.__module__)
+    f = getattr(mod, "__file__", None) if mod is not None else None
+    return t.__module__ == "__main__" or (f is not None and frames.is_user_file(f))
+
+
+def _is_iterator(v: Any) -> bool:
+    return hasattr(type(v), "__next__")
+
+
+# ----------------------------------------------------------------------------- capture
+
+class _Encoder:
+    def __init__(self, max_bytes: int, module_tensors: set[int]) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self._tid: dict[int, int] = {}
+        self.max_bytes = max_bytes
+        self.module_tensors = module_tensors  # data_ptrs of module parameters/buffers (restored there)
+        self.size = 0
+
+    def value(self, v: Any, depth: int = 0) -> list:
+        t = type(v)
+        if depth > 32:
+            raise _Skip("nested too deeply", True)
+        if t in _SCALARS:
+            self.size += len(v) if t in (str, bytes) else 8
+            return ["v", v]
+        if isinstance(v, torch.Tensor):
+            return self.tensor(v)
+        if t is list or t is tuple:
+            return ["l" if isinstance(v, list) else "u", [self.value(x, depth + 1) for x in v]]
+        if isinstance(v, dict) and (t is dict or t.__module__ == "collections"):
+            return ["d", [[self.value(k, depth + 1), self.value(x, depth + 1)] for k, x in v.items()]]
+        if t in (set, frozenset):
+            return ["s" if t is set else "f", [self.value(x, depth + 1) for x in v]]
+        if t is collections.deque:
+            return ["q", [self.value(x, depth + 1) for x in v], v.maxlen]
+        if t is torch.device or t is torch.dtype:
+            return ["x", v]  # the state format stores both
+        if isinstance(v, torch.Generator):
+            return ["g", self.add_tensor(v.get_state())]
+        if t is random.Random:
+            ver, words, gauss = v.getstate()
+            return ["r", [ver, self.add_tensor(torch.tensor(words, dtype=torch.int64)), gauss]]
+        np = sys.modules.get("numpy")
+        if np is not None:
+            if isinstance(v, np.generic) and type(v.item()) in _SCALARS:
+                return ["v", v.item()]
+            if isinstance(v, np.ndarray):
+                return self.numpy(v, np)
+            if isinstance(v, np.random.Generator):
+                return ["ng", self.value(v.bit_generator.state, depth + 1)]
+            if isinstance(v, np.random.RandomState):
+                name, keys, pos, has_gauss, gauss = v.get_state()
+                return ["nr", [str(name), self.add_tensor(torch.from_numpy(keys.astype(np.int64))), int(pos),
+                               int(has_gauss), float(gauss)]]
+        if isinstance(v, (float, int)) and not isinstance(v, (bool, enum.Enum)):  # numpy float64 is a float
+            return ["v", float(v) if isinstance(v, float) else int(v)]
+        raise self.skip(v)
+
+    def skip(self, v: Any) -> _Skip:
+        t = type(v)
+        name = f"{t.__module__}.{t.__qualname__}"
+        if isinstance(v, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
+            return _Skip(f"a generator ({getattr(v, '__qualname__', name)}) whose position cannot be restored", True)
+        if isinstance(v, _silent_kinds()):
+            return _Skip(f"{name}: restored by pyckpt elsewhere or stateless", False)
+        if _is_iterator(v) and not hasattr(v, "read"):  # file objects are iterators too
+            return _Skip(f"an iterator ({name}) whose position cannot be restored", True)
+        return _Skip(f"{name} is not a restorable kind", False)
+
+    def tensor(self, v: torch.Tensor) -> list:
+        if isinstance(v, torch.nn.Parameter):
+            raise _Skip("a parameter (restored with its module)", False)
+        try:
+            ptr = v.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            raise _Skip("a tensor without storage", False) from None
+        if ptr and ptr in self.module_tensors:
+            raise _Skip("shares memory with a module's parameters or buffers (restored with the module)", False)
+        nbytes = v.numel() * v.element_size()
+        if nbytes > self.max_bytes:
+            raise _Skip(f"a tensor of {nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}",
+                        v._version > 0)  # never changed in place: the relaunch makes it again
+        return ["t", self.add_tensor(v, shared=True), str(v.device), bool(v.requires_grad)]
+
+    def add_tensor(self, v: torch.Tensor, shared: bool = False) -> int:
+        """Index of a copy of ``v`` in the tensor table; ``shared``: the script's own tensor, stored once
+        however often it is referenced (a temporary's id may be reused, so only those are memoised)."""
+        if shared and id(v) in self._tid:
+            return self._tid[id(v)]
+        self.tensors.append(v.detach().clone())  # the script may change it in place after this point
+        self.size += v.numel() * v.element_size()
+        if shared:
+            self._tid[id(v)] = len(self.tensors) - 1
+        return len(self.tensors) - 1
+
+    def numpy(self, v: Any, np: Any) -> list:
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(v))
+        except TypeError:
+            raise _Skip(f"a NumPy array of dtype {v.dtype}", True) from None
+        if v.nbytes > self.max_bytes:
+            raise _Skip(f"a NumPy array of {v.nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES", True)
+        return ["n", self.add_tensor(t), str(v.dtype)]
+
+
+def _module_tensor_ptrs(modules: list) -> set[int]:
+    out = set()
+    for m in modules:
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            try:
+                out.add(t.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):
+                pass
+    return out
+
+
+def stack_signature(user: list[types.FrameType], point: str) -> list:
+    """What the relaunch must match: the point kind and each script frame's code and instruction."""
+    return [point] + [[*frames.code_key(f.f_code), frames.position(f)] for f in user]
+
+
+def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list) -> Capture:
+    """The loop state of the script frames ``user`` (outermost first) at a ``point`` ("loader",
+    "step" or "backward")."""
+    if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
+        cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
+                       "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user], "objects": [], "iters": [None for _ in user],
+                       "tensors": []})
+        cap.warnings["variables"] = "not captured (PYCKPT_LOOP_STATE_MAX_BYTES=0)"
+        return cap
+    enc = _Encoder(max_bytes, _module_tensor_ptrs(modules))
+    cap = Capture({})
+    objects: list[tuple[Any, list]] = []  # (object, path)
+    seen: set[int] = set()
+
+    main = sys.modules.get("__main__")
+    exclude = getattr(main, "__pyckpt_exclude__", ()) if main is not None else ()
+    exclude = set(exclude) if isinstance(exclude, (list, tuple, set, frozenset)) else set()
+
+    def keep(name: str, v: Any, path: list) -> list | None:
+        if path[-1] in exclude:  # the script's own opt-out: __pyckpt_exclude__ = {"name", ...}
+            cap.skipped[name] = "listed in __pyckpt_exclude__"
+            return None
+        if _plain_object(v):
+            if path[0] != "gen" and id(v) not in seen and len(objects) < MAX_OBJECTS:  # not via generators
+                seen.add(id(v))
+                objects.append((v, path))
+            return None
+        size0 = enc.size
+        try:
+            out = enc.value(v)
+        except _Skip as s:
+            (cap.warnings if s.warn else cap.skipped)[name] = s.why
+            return None
+        if enc.size - size0 > max_bytes:
+            cap.warnings[name] = f"{enc.size - size0} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={max_bytes}"
+            return None
+        return out
+
+    modules_seen: dict[str, dict] = {}
+    gl: dict[str, dict] = {}
+    glob_sources = ([main.__dict__] if main is not None else []) + [f.f_globals for f in user]
+    for g in glob_sources:
+        modname = g.get("__name__")
+        if not isinstance(modname, str) or modname in modules_seen:
+            continue
+        modules_seen[modname] = g
+        out = gl[modname] = {}
+        for name, v in list(g.items()):
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            if isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)):
+                continue
+            e = keep(f"{name}" if modname == "__main__" else f"{modname}.{name}", v, ["g", modname, name])
+            if e is not None:
+                out[name] = e
+    loc: list[dict] = []
+    iters: list[list] = []
+    for n, f in enumerate(user):
+        out = {}
+        if not frames.is_module_frame(f):
+            for name, v in f.f_locals.items():
+                e = keep(f"{name} (in {f.f_code.co_name})", v, ["l", n, name])
+                if e is not None:
+                    out[name] = e
+        loc.append(out)
+        its = frames.loop_iterators(f)
+        if its is None:
+            iters.append(None)
+            if frames.active_loops(f):
+                cap.warnings[f"loops in {f.f_code.co_name}"] = (
+                    "positions of for-loop iterators are not captured on Python "
+                    f"{sys.version_info[0]}.{sys.version_info[1]} ({sys.implementation.name})")
+            continue
+        iters.append([_iter_state(it, f"the for-loop iterator in {f.f_code.co_name}", cap, keep) for it in its])
+    objs = []
+    k = 0
+    while k < len(objects):
+        obj, path = objects[k]
+        k += 1
+        attrs = {}
+        label = _label(path)
+        for name, v in list(vars(obj).items()):
+            if name.startswith("__"):
+                continue
+            e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name])
+            if e is not None:
+                attrs[name] = e
+        objs.append({"at": path, "type": type(obj).__qualname__, "attrs": attrs})
+    cap.tree = {"version": VERSION, "stack": stack_signature(user, point), "argv": [str(a) for a in sys.argv[1:]],
+                "globals": gl, "locals": loc,
+                "objects": objs, "iters": iters, "tensors": enc.tensors}
+    return cap
+
+
+def _label(path: list) -> str:
+    if path[0] == "g":
+        base = path[2] if path[1] == "__main__" else f"{path[1]}.{path[2]}"
+        rest = path[3:]
+    else:
+        base, rest = str(path[2]), path[3:]
+    return ".".join([base, *map(str, rest)])
+
+
+def _iter_state(it: Any, where: str, cap: Capture, keep: Any, depth: int = 0) -> list:
+    """The position of one loop iterator (see ``_positioner``). A generator (a script's batch generator,
+    tqdm's iterator) is positioned through its frame: its locals and its own loop iterators."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    t = type(it)
+    tn = t.__name__
+    if isinstance(it, _BaseDataLoaderIter):
+        return ["loader"]
+    if tn in ("range_iterator", "longrange_iterator", "list_iterator", "tuple_iterator", "list_reverseiterator",
+              "str_ascii_iterator", "str_iterator", "bytes_iterator"):
+        # Items left, not __reduce__'s index: 3.12 reduces a range iterator to a range of what is left.
+        return [tn, int(it.__length_hint__())]
+    if t is enumerate:
+        red = it.__reduce__()
+        return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, depth + 1)]
+    if t is zip:
+        return ["zip", [_iter_state(x, where, cap, keep, depth + 1) for x in it.__reduce__()[1]]]
+    if isinstance(it, types.GeneratorType) and it.gi_frame is not None and depth < 8:
+        f = it.gi_frame
+        its = frames.loop_iterators(f)
+        if its is not None:
+            name = getattr(it, "__qualname__", "generator")
+            loc = {}
+            for k, v in f.f_locals.items():
+                e = keep(f"{k} (in generator {name})", v, ["gen", k])
+                if e is not None:
+                    loc[k] = e
+            return ["generator", [*frames.code_key(f.f_code), frames.position(f)], loc,
+                    [_iter_state(x, f"the for-loop iterator in generator {name}", cap, keep, depth + 1) for x in its]]
+    if t is itertools.count:
+        args = it.__reduce__()[1]
+        if all(type(a) is int for a in args):
+            return ["count", int(args[0])]
+    cap.warnings[where] = f"a loop over {t.__module__}.{t.__qualname__}, whose position cannot be restored"
+    return ["unknown", f"{t.__module__}.{t.__qualname__}"]
+
+
+# ----------------------------------------------------------------------------- restore
+
+class _Bad(PyckptError):
+    pass
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise _Bad(f"the checkpoint's loop state is malformed ({what})")
+
+
+class _Decoder:
+    def __init__(self, tensors: list) -> None:
+        _check(isinstance(tensors, list) and all(isinstance(t, torch.Tensor) for t in tensors), "tensor table")
+        self.tensors = tensors
+        self.made: dict[int, torch.Tensor] = {}
+
+    def tensor(self, i: Any) -> torch.Tensor:
+        _check(type(i) is int and 0 <= i < len(self.tensors), "tensor index")
+        return self.tensors[i]
+
+    def value(self, e: Any, depth: int = 0) -> Any:
+        _check(isinstance(e, list) and e and isinstance(e[0], str) and depth < 64, "value")
+        tag = e[0]
+        if tag == "v":
+            _check(len(e) == 2 and type(e[1]) in _SCALARS, "scalar")
+            return e[1]
+        if tag == "x":
+            _check(len(e) == 2 and isinstance(e[1], (torch.device, torch.dtype)), "device or dtype")
+            return e[1]
+        if tag == "t":
+            _check(len(e) == 4 and isinstance(e[2], str) and isinstance(e[3], bool), "tensor")
+            key = e[1]
+            t = self.made.get(key) if type(key) is int else None
+            if t is None:
+                t = self.tensor(key).to(torch.device(e[2]))
+                if e[3] and (t.is_floating_point() or t.is_complex()):
+                    t.requires_grad_(True)
+                self.made[key] = t
+            return t
+        if tag in ("l", "u", "s", "f", "q"):
+            _check(len(e) >= 2 and isinstance(e[1], list), "container")
+            items = [self.value(x, depth + 1) for x in e[1]]
+            if tag == "q":
+                _check(len(e) == 3 and (e[2] is None or type(e[2]) is int), "deque")
+                return collections.deque(items, e[2])
+            try:
+                return {"l": list, "u": tuple, "s": set, "f": frozenset}[tag](items)
+            except TypeError:
+                raise _Bad("the checkpoint's loop state is malformed (unhashable set item)") from None
+        if tag == "d":
+            _check(len(e) == 2 and isinstance(e[1], list), "dict")
+            out = {}
+            for kv in e[1]:
+                _check(isinstance(kv, list) and len(kv) == 2, "dict item")
+                k = self.value(kv[0], depth + 1)
+                try:
+                    out[k] = self.value(kv[1], depth + 1)
+                except TypeError:
+                    raise _Bad("the checkpoint's loop state is malformed (unhashable key)") from None
+            return out
+        if tag == "n":
+            import numpy as np
+
+            _check(len(e) == 3 and isinstance(e[2], str), "array")
+            return self.tensor(e[1]).numpy().astype(np.dtype(e[2]), copy=True)
+        if tag in ("g", "r", "ng", "nr"):
+            return _InPlace(tag, e[1], self)
+        raise _Bad(f"the checkpoint's loop state is malformed (unknown tag {tag[:20]!r})")
+
+
+class _InPlace:
+    """A random generator's state: put into the live generator object (others may share it)."""
+
+    def __init__(self, tag: str, state: Any, dec: _Decoder) -> None:
+        self.tag = tag
+        if tag == "g":
+            self.state = dec.tensor(state)
+        elif tag == "r":
+            _check(isinstance(state, list) and len(state) == 3, "random state")
+            words = dec.tensor(state[1])
+            self.state = (state[0], tuple(int(w) for w in words.tolist()), state[2])
+        elif tag == "ng":
+            self.state = dec.value(state)
+            _check(isinstance(self.state, dict), "numpy generator state")
+        else:
+            _check(isinstance(state, list) and len(state) == 5, "numpy random state")
+            import numpy as np
+
+            keys = dec.tensor(state[1]).numpy().astype(np.uint32)
+            self.state = (state[0], keys, state[2], state[3], state[4])
+
+    def apply(self, live: Any) -> bool:
+        """Set ``live``'s state; False when ``live`` is not a generator of the saved kind."""
+        np = sys.modules.get("numpy")
+        if self.tag == "g" and isinstance(live, torch.Generator):
+            live.set_state(self.state.to(torch.uint8))
+        elif self.tag == "r" and isinstance(live, random.Random):
+            live.setstate(self.state)
+        elif self.tag == "ng" and np is not None and isinstance(live, np.random.Generator):
+            live.bit_generator.state = self.state
+        elif self.tag == "nr" and np is not None and isinstance(live, np.random.RandomState):
+            live.set_state(self.state)
+        else:
+            return False
+        return True
+
+
+def _assign(live: Any, saved: Any) -> Any:
+    """The value to bind: a random generator's state goes into the live generator; a container
+    of the same type is refilled in place (a defaultdict keeps its factory, aliases stay aliases)."""
+    if isinstance(saved, _InPlace):
+        if not saved.apply(live):
+            raise _Bad("a random generator in the checkpoint is not a generator of the same kind now")
+        return live
+    if type(saved) in (list, dict, set, collections.deque) and isinstance(live, type(saved)) and live is not saved:
+        if isinstance(live, collections.deque) and live.maxlen != saved.maxlen:
+            return saved
+        live.clear()
+        (live.extend if isinstance(live, (list, collections.deque)) else live.update)(saved)
+        return live
+    return saved
+
+
+def point_of(tree: Any) -> str | None:
+    """The kind of point a checkpoint's loop state was captured at ("loader", "step", "backward")."""
+    if isinstance(tree, dict) and isinstance(tree.get("stack"), list) and tree["stack"]:
+        p = tree["stack"][0]
+        return p if isinstance(p, str) else None
+    return None
+
+
+def check_stack(saved: Any, user: list[types.FrameType], point: str) -> None:
+    """Raise ``PyckptError`` when the script's stack now differs from the checkpoint's."""
+    now = stack_signature(user, point)
+    _check(isinstance(saved, list) and saved and isinstance(saved[0], str), "stack")
+    if saved[0] != point:
+        raise PyckptError(f"the checkpoint was taken at a {saved[0]} point, this run reached a {point} point first")
+    old = [tuple(x) if isinstance(x, list) else x for x in saved[1:]]
+    new = [tuple(x) for x in now[1:]]
+    if old == new:
+        return
+    if len(old) != len(new):
+        why = f"{len(old)} script frames in the checkpoint, {len(new)} now"
+    else:
+        n = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+        a, b = old[n], new[n]
+        where = f"{b[1]} ({b[0]}, defined at line {b[2]})"
+        if isinstance(a, tuple) and len(a) == 5 and a[:3] == b[:3] and a[3] != b[3]:
+            why = f"the code of {where} changed since the checkpoint was written"
+        elif isinstance(a, tuple) and len(a) == 5 and a[:4] == b[:4]:
+            why = f"{where} is at another instruction than in the checkpoint"
+        else:
+            why = f"frame {n} is {where}, the checkpoint has {a[1] if isinstance(a, tuple) and len(a) > 1 else a}"
+    raise PyckptError(f"the script or its call stack differs from the run that wrote the checkpoint: {why}")
+
+
+@dataclass
+class Plan:
+    """Decoded loop state, checked against the live frames, ready to write."""
+
+    writes: list = field(default_factory=list)  # callables, run in order
+    warnings: list = field(default_factory=list)  # lines to say once the restore is done
+
+    def apply(self) -> None:
+        for w in self.writes:
+            w()
+
+
+def prepare(tree: Any, user: list[types.FrameType], point: str) -> Plan:
+    """Check and decode ``tree`` against the live script frames; nothing is written yet."""
+    _check(isinstance(tree, dict) and tree.get("version") == VERSION, "version")
+    check_stack(tree.get("stack"), user, point)
+    dec = _Decoder(tree.get("tensors"))
+    plan = Plan()
+    argv = tree.get("argv")
+    if isinstance(argv, list) and argv != sys.argv[1:]:
+        then, now = " ".join(map(str, argv)), " ".join(sys.argv[1:])
+        plan.warnings.append(f"the command line differs from the run that wrote the checkpoint ({then!r} then, "
+                             f"{now!r} now): the script's variables, including those derived from its arguments, "
+                             "are restored as they were then")
+    gl = tree.get("globals")
+    _check(isinstance(gl, dict), "globals")
+    for modname, values in gl.items():
+        mod = sys.modules.get(modname)
+        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == modname),
+                 mod.__dict__ if mod is not None else None)
+        if g is None:
+            raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")
+        _check(isinstance(values, dict), "globals of a module")
+        decoded = {k: dec.value(v) for k, v in values.items()}
+        plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v) for k, v in d.items()}))
+    loc = tree.get("locals")
+    _check(isinstance(loc, list) and len(loc) == len(user), "locals")
+    for f, values in zip(user, loc):
+        _check(isinstance(values, dict), "locals of a frame")
+        decoded = {k: dec.value(v) for k, v in values.items()}
+        if decoded:
+            def write(f=f, d=decoded):
+                cur = f.f_locals
+                frames.write_locals(f, {k: _assign(cur.get(k), v) for k, v in d.items()})
+            plan.writes.append(write)
+    objs = tree.get("objects")
+    _check(isinstance(objs, list), "objects")
+    for o in objs:
+        _check(isinstance(o, dict) and isinstance(o.get("attrs"), dict), "object")
+        obj = _resolve(o.get("at"), user)
+        if type(obj).__qualname__ != o.get("type"):
+            raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
+                              f"{o.get('type')}")
+        decoded = {k: dec.value(v) for k, v in o["attrs"].items()}
+        plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(vars(obj).get(k), v))
+                                                       for k, v in d.items()])
+    iters = tree.get("iters")
+    _check(isinstance(iters, list) and len(iters) == len(user), "iterators")
+    for f, saved in zip(user, iters):
+        if saved is None:
+            continue
+        live = frames.loop_iterators(f)
+        _check(isinstance(saved, list), "iterators of a frame")
+        if live is None or len(live) != len(saved):
+            raise PyckptError(f"the for loops running in {f.f_code.co_name} differ from the checkpoint's")
+        for it, st in zip(live, saved):
+            plan.writes.append(_positioner(it, st, f.f_code.co_name, dec))
+    return plan
+
+
+def _resolve(path: Any, user: list[types.FrameType]) -> Any:
+    _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l"), "object path")
+    if path[0] == "g":
+        mod = sys.modules.get(path[1]) if isinstance(path[1], str) else None
+        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == path[1]),
+                 mod.__dict__ if mod is not None else {})
+        cur, missing = g.get(path[2], _MISSING), path[2] not in g
+    else:
+        _check(type(path[1]) is int and 0 <= path[1] < len(user), "object frame")
+        loc = user[path[1]].f_locals
+        cur, missing = loc.get(path[2], _MISSING), path[2] not in loc
+    for name in path[3:]:
+        if missing:
+            break
+        d = getattr(cur, "__dict__", None)
+        missing = not isinstance(d, dict) or name not in d
+        cur = d.get(name) if not missing else None
+    if missing:
+        raise PyckptError(f"{_label(path)} does not exist at this point of the run (the checkpoint has it)")
+    return cur
+
+
+_MISSING = object()
+
+
+def _positioner(it: Any, st: Any, where: str, dec: "_Decoder"):
+    """A write that puts loop iterator ``it`` at saved position ``st``; raises now if it cannot."""
+    _check(isinstance(st, list) and st and isinstance(st[0], str), "iterator state")
+    kind = st[0]
+    tn = type(it).__name__
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    bad = PyckptError(f"a for loop in {where} iterates a {tn} now, the checkpoint has {kind}")
+    if kind == "loader":
+        if not isinstance(it, _BaseDataLoaderIter):
+            raise bad
+        return lambda: None  # pyckpt's fast-forward positioned it
+    if kind == "unknown":
+        return lambda: None  # warned about when the checkpoint was written
+    if kind == "enumerate":
+        _check(len(st) == 3 and type(st[1]) is int, "enumerate")
+        if type(it) is not enumerate:
+            raise bad
+        inner = _positioner(it.__reduce__()[1][0], st[2], where, dec)
+
+        def enum() -> None:
+            inner()
+            if not frames.set_enumerate_index(it, st[1]):
+                raise PyckptError("cannot set an enumerate() index on this interpreter")
+        return enum
+    if kind == "zip":
+        _check(len(st) == 2 and isinstance(st[1], list), "zip")
+        if type(it) is not zip:
+            raise bad
+        parts = it.__reduce__()[1]
+        if len(parts) != len(st[1]):
+            raise bad
+        subs = [_positioner(p, s, where, dec) for p, s in zip(parts, st[1])]
+        return lambda: [s() for s in subs]
+    if kind == "generator":
+        _check(len(st) == 4 and isinstance(st[1], list) and isinstance(st[2], dict) and isinstance(st[3], list),
+               "generator")
+        f = it.gi_frame if isinstance(it, types.GeneratorType) else None
+        if f is None or [*frames.code_key(f.f_code), frames.position(f)] != st[1]:
+            raise PyckptError(f"a for loop in {where} iterates another generator, or one at another point, "
+                              "than in the checkpoint")
+        decoded = {k: dec.value(v) for k, v in st[2].items()}
+        live = frames.loop_iterators(f)
+        if live is None or len(live) != len(st[3]):
+            raise PyckptError(f"the for loops running in generator {it.__qualname__} differ from the checkpoint's")
+        subs = [_positioner(x, s, f"generator {it.__qualname__}", dec) for x, s in zip(live, st[3])]
+
+        def gen() -> None:
+            cur = f.f_locals
+            frames.write_locals(f, {k: _assign(cur.get(k), v) for k, v in decoded.items()})
+            for s in subs:
+                s()
+        return gen
+    if kind == "count":
+        _check(len(st) == 2 and type(st[1]) is int, "count")
+        if type(it) is not itertools.count:
+            raise bad
+        args = it.__reduce__()[1]
+        step = args[1] if len(args) > 1 else 1
+        if type(step) is not int or step == 0 or (st[1] - args[0]) % step or (st[1] - args[0]) // step < 0:
+            raise bad
+
+        def count() -> None:
+            for _ in range((st[1] - it.__reduce__()[1][0]) // step):
+                next(it)
+        return count
+    if tn != kind:
+        raise bad
+    _check(len(st) == 2 and type(st[1]) is int and st[1] >= 0, "items left")
+    skip = it.__length_hint__() - st[1]
+    if skip < 0:
+        raise PyckptError(f"a for loop in {where} has fewer items left now ({it.__length_hint__()}) than in the "
+                          f"checkpoint ({st[1]})")
+    # Advance at C speed (the same on every Python version; __setstate__'s meaning changed in 3.12).
+    return lambda: collections.deque(itertools.islice(it, skip), maxlen=0)

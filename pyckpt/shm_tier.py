@@ -1,0 +1,230 @@
+"""The host-memory tier: the newest transparent snapshot also kept in ``/dev/shm``.
+
+``PYCKPT_SHM_MB=N`` (0, the default, is off) keeps the newest snapshot of
+up to N MiB in ``/dev/shm/pyckpt-<hash of PYCKPT_DIR>`` as well: a second
+``Checkpointer`` there with ``keep=1`` and the same commit protocol, so a
+copy survives a crash (SIGKILL included) of the training process, though
+not a reboot. A relaunch on the same machine resumes from it without
+reading the storage checkpoint's data, after verifying every checksum,
+when it is at least as new as the newest storage commit; otherwise (damaged,
+older, written for another directory) it says so in one line and resumes
+from storage. ``PYCKPT_STORAGE_EVERY=N`` then writes only every Nth snapshot
+to ``PYCKPT_DIR``. The copy is removed when the process exits without an
+uncaught exception.
+
+The tier needs every rank of the job on this machine (one ``/dev/shm``):
+it is off, with one line, when ``LOCAL_WORLD_SIZE`` differs from
+``WORLD_SIZE``. Decisions that must agree across ranks (tier on, a
+snapshot too large for it) depend only on settings and the replicated state.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+import torch
+
+from . import knobs
+from .activation import _say as say
+
+SHM_ROOT = "/dev/shm"
+ORIGIN = ".origin.json"  # which storage directory (path, device, inode) the copy belongs to
+
+_TIERS: dict[str, Tier | None] = {}  # storage directory -> its tier (None: off), one per process
+_crashed = False
+
+
+class Tier:
+    """The memory copy of one storage directory."""
+
+    def __init__(self, storage_dir: str, path: str, limit: int, coord: Any) -> None:
+        from .checkpointer import Checkpointer
+
+        self.storage_dir, self.path, self.limit = storage_dir, path, limit
+        self.every = knobs.get("PYCKPT_STORAGE_EVERY")
+        self.warned_size = False
+        self.ckpt = Checkpointer(path, keep=1, compress="none", coordinator=coord)
+        self.rank0 = coord.rank == 0
+
+    def storage_due(self, n: int) -> bool:
+        """Whether snapshot number ``n`` (1, 2, ...) of this process also goes to storage."""
+        return n % self.every == 0
+
+    def save(self, step: int, state: Any, rank_state: Any, **kw: Any) -> Any:
+        """Start the memory copy (a SaveFuture), or None when the state is over the limit (one line)."""
+        need = _nbytes(state) if self.ckpt.coord.world_size > 1 else _nbytes(state) + _nbytes(rank_state)
+        if need > self.limit:
+            if not self.warned_size and self.rank0:
+                say(f"warning: snapshot of {need / 2**20:.0f} MiB is over PYCKPT_SHM_MB={self.limit >> 20}: not "
+                    "kept in memory (written to storage instead)", "warning")
+            self.warned_size = True
+            return None
+        return self.ckpt.save(step, state, rank_state, **kw)
+
+    def remove(self) -> None:
+        """Wait for the memory copy in flight, then delete it (the run ended normally)."""
+        self.ckpt.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def shm_path(storage_dir: str) -> str:
+    """``/dev/shm/pyckpt-<16 hex digits of the storage directory's real path>``."""
+    digest = hashlib.sha1(os.path.realpath(storage_dir).encode()).hexdigest()[:16]
+    return os.path.join(SHM_ROOT, f"pyckpt-{digest}")
+
+
+def tier_for(ckpt: Any, coord: Any) -> Tier | None:
+    """The memory tier of ``ckpt``'s directory (opened on the first call), or None when it is off."""
+    key = ckpt.directory
+    if key not in _TIERS:
+        _TIERS[key] = _open(ckpt.directory, coord)
+    return _TIERS[key]
+
+
+def _open(storage_dir: str, coord: Any) -> Tier | None:
+    mb = knobs.get("PYCKPT_SHM_MB")
+    rank0 = coord.rank == 0
+    if not mb:
+        if knobs.get("PYCKPT_STORAGE_EVERY") > 1 and rank0:
+            say("warning: PYCKPT_STORAGE_EVERY is ignored without the memory tier (PYCKPT_SHM_MB)", "warning")
+        return None
+    limit = mb << 20
+    why = _unsuitable(limit)
+    if why is not None:
+        if rank0:
+            say(f"warning: memory tier off: {why}; snapshots go to {storage_dir} only", "warning")
+        return None
+    path = shm_path(storage_dir)
+    origin = _origin(storage_dir)
+    if rank0:
+        _claim(path, origin)
+    tier = Tier(storage_dir, path, limit, coord)
+    if rank0:
+        atexit.register(_at_exit, tier)
+        _watch_crashes()
+    return tier
+
+
+def _unsuitable(limit: int) -> str | None:
+    if not os.path.isdir(SHM_ROOT):
+        return f"{SHM_ROOT} does not exist"
+    ws, lws = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if ws is not None and lws is not None and ws != lws:
+        return f"the job spans machines (WORLD_SIZE={ws}, LOCAL_WORLD_SIZE={lws})"
+    st = os.statvfs(SHM_ROOT)
+    free = st.f_bavail * st.f_frsize
+    if free < limit:
+        return f"{SHM_ROOT} has {free >> 20} MiB free, less than PYCKPT_SHM_MB={limit >> 20}"
+    return None
+
+
+def _origin(storage_dir: str) -> dict:
+    st = os.stat(storage_dir)
+    return {"directory": os.path.realpath(storage_dir), "dev": st.st_dev, "ino": st.st_ino}
+
+
+def _claim(path: str, origin: dict) -> None:
+    """Make ``path`` this storage directory's: a copy written for another one is wiped (one line)."""
+    marker = os.path.join(path, ORIGIN)
+    if os.path.isdir(path):
+        try:
+            with open(marker) as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            found = None
+        if found != origin:
+            say(f"warning: ignoring memory-tier copy {path}: it was written for another run "
+                f"(directory {found.get('directory') if isinstance(found, dict) else 'unknown'}); removing it",
+                "warning")
+            shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            json.dump(origin, f)
+
+
+def choose(ckpt: Any, coord: Any) -> Any:
+    """For ``resume.choose``: a ``resume.Source`` in the memory tier when its newest copy is sound
+    (every checksum verified) and at least as new as storage's newest commit, else None (one line
+    saying why, when there was a copy). Storage data is not read."""
+    from . import manifest, resume
+    from .checkpointer import verify_share
+    from .errors import PyckptError
+
+    tier = tier_for(ckpt, coord)
+    if tier is None:
+        return None
+    mine = next(iter(tier.ckpt._candidates()), None)
+    if mine is None:
+        return None
+    stored = next(iter(ckpt._candidates()), None)  # manifests and parts only
+    step = _step(mine)
+    if stored is not None and _step(stored) > step:
+        if tier.rank0:
+            say(f"memory-tier copy of step {step} is older than {stored}: resuming from storage")
+        return None
+    err = None
+    try:
+        saved = manifest.read_manifest(mine)["world_size"]
+        if saved != coord.world_size:  # storage's copy handles a resize
+            raise PyckptError(f"written by {saved} rank(s), this job has {coord.world_size}")
+        verify_share(mine, coord.rank, coord.world_size)
+    except Exception as e:  # damage, another job's shape: storage is the fallback
+        err = e
+    errors = tier.ckpt._gather_errors(err)
+    if errors:
+        if tier.rank0:
+            say(f"warning: memory-tier copy {mine} not used ({errors[0][1]}); resuming from "
+                f"{'storage' if stored is None else stored}", "warning")
+        return None
+    if tier.rank0:
+        say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")
+    return resume.Source(tier.ckpt, mine, step, resume.read_rank_state(mine, coord.rank))
+
+
+def _step(path: str) -> int:
+    from .checkpointer import info_for
+
+    return info_for(path).step
+
+
+def _nbytes(tree: Any) -> int:
+    seen: dict[tuple, int] = {}
+    stack = [tree]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            st = v.untyped_storage()
+            seen[(str(v.device), st.data_ptr())] = st.nbytes()
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return sum(seen.values())
+
+
+def _watch_crashes() -> None:
+    """An uncaught exception keeps the memory copy for the relaunch (a clean exit removes it)."""
+    previous = sys.excepthook
+
+    def hook(*args: Any) -> None:
+        global _crashed
+        _crashed = True
+        previous(*args)
+
+    sys.excepthook = hook
+
+
+def _at_exit(tier: Tier) -> None:
+    from . import finish  # its sys.exit(non-zero) watch: the same "normal end" as the finished marker
+
+    if not _crashed and not finish._failed and os.getpid() == _PID:
+        tier.remove()
+
+
+_PID = os.getpid()

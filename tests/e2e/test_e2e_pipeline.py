@@ -1,0 +1,59 @@
+"""SIGKILL an unmodified script whose data pipeline draws random numbers in worker processes,
+relaunch, get the plain run's batches bitwise (issue 6 item 5).
+
+examples/train_augment.py: 11 batches of 4 per epoch, one optimizer step per batch, 3 epochs,
+2 worker processes augmenting every sample with torch, Python ``random`` and NumPy draws.
+Every kill lands where the batch position is odd (the next batch belongs to worker 1), so a
+resume that restarted the workers from their epoch seeds, or from worker 0, would differ.
+"""
+from __future__ import annotations
+
+import pytest
+
+import _harness
+from e2e_helpers import (Example, Reference, after_commit, assert_resumed_exactly, kill_and_relaunch, pyckpt_env,
+                         run_to_end)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
+
+AUGMENT = Example("train_augment.py", steps=33)
+FLAGS = ["--persistent-workers", "--paired"]
+
+
+def test_random_augmentation_in_workers_resumes_exactly_mid_epoch(references, tmp_path):
+    # Step 5's snapshot is taken before batch 5 of epoch 0: worker 1's, which has loaded 2 batches.
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    crash = kill_and_relaunch(AUGMENT.command(out), pyckpt_env(ckpt, every_steps=5), ckpt, out,
+                              after_commit(ckpt, 5))
+    assert_resumed_exactly(crash, references.get(AUGMENT), out)
+
+
+def test_persistent_workers_and_a_zipped_loader_resume_exactly_past_epoch_0(tmp_path):
+    # Step 16's snapshot is taken before batch 5 of epoch 1. Persistent workers were seeded once,
+    # at epoch 0, and carry their generators across epochs; the unlabelled loader zipped with the
+    # training loader is the one fetched last before each step, so the training loader is the
+    # second stream to position (its epoch 0 finished, its epoch 1 at batch 5).
+    ref_out, ckpt, out = tmp_path / "plain.pt", tmp_path / "ckpt", tmp_path / "final.pt"
+    plain = run_to_end(AUGMENT.command(ref_out, sleep=None) + FLAGS, _harness.clean_env())
+    reference = Reference(_harness.load_state(ref_out), plain.steps())
+    assert [s for s, _, _ in reference.steps] == list(range(1, AUGMENT.steps + 1))
+    crash = kill_and_relaunch(AUGMENT.command(out) + FLAGS, pyckpt_env(ckpt, every_steps=8), ckpt, out,
+                              after_commit(ckpt, 16))
+    assert crash.resume["epoch"] == 1 and crash.resume["batch"] == 5, crash.resume
+    assert_resumed_exactly(crash, reference, out)
+
+
+ITERABLE = Example("train_iterable_state.py", steps=30)  # 3 epochs x 10 batches of 4 records
+
+
+def test_iterable_dataset_with_state_dict_is_positioned_through_it(references, tmp_path):
+    # Step 15's snapshot is taken before batch 5 of epoch 1. The dataset's own state (pass 1,
+    # record 20) is saved and loaded back: the relaunch reads only the 60 records from there on,
+    # where loading and dropping batches would read 20 more (and replay epoch 1 with epoch 0's
+    # shuffle: a fresh dataset object has not counted the skipped pass).
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    crash = kill_and_relaunch(ITERABLE.command(out), pyckpt_env(ckpt, every_steps=5), ckpt, out,
+                              after_commit(ckpt, 15))
+    assert crash.resume is not None and crash.resume["step"] == 15, crash.resumed.stderr[-2000:]
+    assert "records read 60" in crash.resumed.stdout, crash.resumed.stdout[-500:]
+    assert_resumed_exactly(crash, references.get(ITERABLE), out)

@@ -1,0 +1,108 @@
+"""Lazy capture (pyckpt/lazy.py): a snapshot armed at the consistent point holds the values of that point.
+
+A real training script runs under PYCKPT_DIR in a subprocess; right after the fetch at which a snapshot
+is taken it records the model's state (the consistent point's values) and, in some scenarios, changes
+a parameter in place before the copy can be known to be done. Afterwards each checkpoint is read back
+and compared bitwise with the recorded values: a checkpoint either holds exactly them or does not
+exist (discarded with one warning line); it never holds a later value.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from transparent_helpers import run_script
+
+SCRIPT = r"""
+import json, os, sys, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import pyckpt.activation as activation
+import pyckpt.lazy as lazy
+
+SC = os.environ["SCENARIO"]
+if SC == "guard":
+    lazy.EAGER_MAX_BYTES = 0  # buffers are then guarded by version counters instead of copied at once
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+loader = DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8)
+session = activation._SESSION
+expected, armed, step = {}, {}, 0
+for x, y in loader:
+    if step in (2, 4, 6):  # the snapshot of `step` was taken at the fetch that just returned
+        armed[step] = session.lazy.armed is not None
+        expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        if SC == "mutate" and step in (2, 4):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)  # in place, right after arming
+    loss = ((model(x) - y) ** 2).mean()  # forward updates the BatchNorm running stats in place
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    step += 1
+activation.disable()
+
+import pyckpt
+def tensors(v, path, out):
+    if isinstance(v, torch.Tensor):
+        out[path] = v
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            tensors(x, f"{path}/{k}", out)
+result = {"armed": armed, "equal": {}}
+with pyckpt.Checkpointer(os.environ["PYCKPT_DIR"]) as ck:
+    for s, exp in expected.items():
+        try:
+            r = ck.restore(s)
+        except pyckpt.CheckpointNotFoundError:
+            result["equal"][s] = None
+            continue
+        saved = {}
+        tensors(r.state, "", saved)
+        tensors(r.rank_state, "", saved)
+        ok = True
+        for k, v in exp.items():
+            hits = [t for p, t in saved.items() if p.endswith("/" + k) and "optimizers" not in p]
+            ok = ok and len(hits) == 1 and torch.equal(hits[0], v)
+        result["equal"][s] = ok
+print("RESULT " + json.dumps(result))
+"""
+
+
+def _run(tmp_path, scenario: str, **env: str) -> tuple[dict, list[str]]:
+    (tmp_path / "train.py").write_text(SCRIPT)
+    r = run_script(["train.py"], tmp_path, SCENARIO=scenario, PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="2",
+                   PYCKPT_KEEP="10", **env)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    res = json.loads(line[len("RESULT "):])
+    warnings = [x for x in r.stderr.splitlines() if x.startswith("pyckpt: warning")]
+    return res, warnings
+
+
+@pytest.mark.parametrize("scenario,env", [("bn", {}), ("off", {"PYCKPT_LAZY": "0"})])
+def test_lazy_snapshot_holds_the_consistent_point_values_bn_buffers_included(tmp_path, scenario, env):
+    res, warnings = _run(tmp_path, scenario, **env)
+    assert warnings == []
+    # lazy: armed (copy in flight) while forward mutates BatchNorm buffers; PYCKPT_LAZY=0: copied at once
+    assert res["armed"] == {s: scenario == "bn" for s in ("2", "4", "6")}
+    assert res["equal"] == {"2": True, "4": True, "6": True}
+
+
+def test_parameter_changed_after_arming_discards_the_checkpoint_then_eager(tmp_path):
+    res, warnings = _run(tmp_path, "mutate")
+    assert res["armed"] == {"2": True, "4": False, "6": False}  # lazy is off after the torn copy
+    assert res["equal"] == {"2": None, "4": True, "6": True}  # never the later value
+    assert len(warnings) == 1, warnings
+    assert "checkpoint of step 2 discarded" in warnings[0] and "0.weight" in warnings[0]
+    assert "eager" in warnings[0]
+
+
+def test_guarded_buffer_changed_by_forward_is_never_saved_torn(tmp_path):
+    # Buffers over the eager-copy size are guarded by version counters: forward changes them -> discarded.
+    res, warnings = _run(tmp_path, "guard")
+    assert res["equal"] == {"2": None, "4": True, "6": True}
+    assert len(warnings) == 1, warnings
+    assert "discarded" in warnings[0] and ("running_" in warnings[0] or "num_batches_tracked" in warnings[0])

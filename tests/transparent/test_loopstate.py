@@ -1,0 +1,269 @@
+"""Loop state capture/restore in-process (pyckpt/loopstate.py, pyckpt/frames.py).
+
+A loop function calls a hook at every inner iteration. The "original" run captures its frame's state
+at iteration K and goes on; the "relaunch" runs the same code from the top and, at its first hook
+call (the same instruction of the same code), restores that state. Both must then produce the same
+trace as the original from iteration K on. The captured tree goes through pyckpt's own state format
+(tree.flatten / unflatten), as in a checkpoint.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+from pyckpt import frames, loopstate, tree
+from pyckpt.errors import PyckptError
+
+
+class Stats:  # a plain script object: its attributes are followed
+    def __init__(self):
+        self.seen = 0
+        self.best = float("inf")
+        self.inner = Inner()
+
+
+class Inner:
+    def __init__(self):
+        self.ticks = []
+
+
+def through_format(t: dict) -> dict:
+    """Encode and decode as a checkpoint would (no pickle; tensors by reference)."""
+    enc, tensors, _ = tree.flatten(t)
+    return tree.unflatten(enc, lambda i, into, path: tensors[i].clone())
+
+
+def loop(hook, trace):
+    stats = Stats()
+    gen = torch.Generator().manual_seed(5)
+    rnd = random.Random(7)
+    counter = 0
+    running = 0.0
+    hist = collections.deque(maxlen=3)
+    seen = set()
+    hidden = torch.zeros(2)
+    words = ["a", "b", "c", "d"]
+    for epoch in range(3):
+        for i, w in enumerate(words):
+            for j, n in zip(range(2), itertools.count(10)):
+                hook(sys._getframe())
+                counter += 1
+                running += 0.5 * i
+                hidden = hidden + torch.rand(2, generator=gen)
+                hist.append(rnd.random())
+                seen.add((epoch, w))
+                stats.seen += 1
+                stats.best = min(stats.best, float(hidden.sum()))
+                stats.inner.ticks.append(j + n)
+                trace.append((epoch, i, w, j, n, counter, running, tuple(hist), len(seen), stats.seen,
+                              stats.best, tuple(stats.inner.ticks[-2:]), hidden.tolist()))
+    return trace
+
+
+def _user(frame):
+    return [frame]
+
+
+def test_capture_then_restore_in_a_fresh_run_continues_identically():
+    plain = loop(lambda f: None, [])
+    K = 13  # epoch 1, i = 2, j = 1: every loop iterator is away from where a fresh run starts
+    saved = {}
+
+    def capture(frame):
+        if not saved and len(calls) == K:
+            cap = loopstate.capture(_user(frame), "step", 1 << 20, [])
+            assert not cap.warnings, cap.warnings
+            saved["tree"] = through_format(cap.tree)
+        calls.append(1)
+
+    calls: list = []
+    original = loop(capture, [])
+    assert original == plain  # capturing changes nothing
+
+    restored = {"done": False}
+
+    def restore(frame):
+        if not restored["done"]:
+            restored["done"] = True
+            loopstate.prepare(saved["tree"], _user(frame), "step").apply()
+
+    relaunch = loop(restore, [])
+    assert relaunch == plain  # the trace list itself is a restored local (refilled in place)
+
+
+def test_stack_of_edited_code_is_refused_before_anything_is_written():
+    src = ("def f(hook):\n    x = 1\n    for k in range(3):\n        hook(__import__('sys')._getframe())\n"
+           "        x += {inc}\n    return x\n")
+    ns_a, ns_b = {}, {}
+    exec(compile(src.format(inc=1), "train.py", "exec"), ns_a)
+    exec(compile(src.format(inc=2), "train.py", "exec"), ns_b)
+    saved = {}
+
+    def cap(frame):
+        saved.setdefault("tree", through_format(loopstate.capture([frame], "step", 1 << 20, []).tree))
+
+    ns_a["f"](cap)
+    errors = []
+
+    def res(frame):
+        try:
+            loopstate.prepare(saved["tree"], [frame], "step")
+        except PyckptError as e:
+            errors.append(str(e))
+
+    assert ns_b["f"](res) == 7  # nothing was written into the edited run
+    assert len(errors) == 3 and "the code of f (train.py, defined at line 1) changed" in errors[0]
+    with pytest.raises(PyckptError, match="taken at a step point"):
+        ns_a["f"](lambda fr: loopstate.check_stack(saved["tree"]["stack"], [fr], "backward"))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda t: t.update(version=99),
+    lambda t: t["locals"].append({}),
+    lambda t: t["locals"][0].update(x=["t", 7, "cpu", False]),
+    lambda t: t["locals"][0].update(x=["zzz"]),
+    lambda t: t["locals"][0].update(x=["d", [[["l", []], ["v", 1]]]]),
+    lambda t: t["iters"][0].__setitem__(0, ["list_iterator", 0]),
+    lambda t: t.update(tensors=["not a tensor"]),
+])
+def test_malformed_loop_state_is_refused_with_pyckpt_error(damage):
+    def f(hook):
+        x = 1
+        for _ in range(2):
+            hook(sys._getframe())
+        return x
+
+    saved = {}
+    f(lambda fr: saved.setdefault("t", through_format(loopstate.capture([fr], "step", 1 << 20, []).tree)))
+    damage(saved["t"])
+    with pytest.raises(PyckptError):
+        f(lambda fr: loopstate.prepare(saved["t"], [fr], "step"))
+
+
+def _gen():
+    yield 1
+
+
+def test_what_is_skipped_warned_or_kept():
+    big = torch.zeros(1000)
+    big.add_(1)  # changed in place: the relaunch would not recreate it
+    fresh_big = torch.zeros(1000)  # made once, never changed: the relaunch makes it again
+    param = torch.nn.Parameter(torch.ones(2))
+    module = torch.nn.Linear(2, 2)
+    alias = module.weight.data  # shares the module's memory: restored with the module
+    stream = _gen()
+    custom = iter(collections.OrderedDict(a=1).items())
+    fh = open(__file__)
+    try:
+        def probe():
+            return loopstate.capture([sys._getframe(1)], "step", 1000, [module])
+
+        cap = probe()
+    finally:
+        fh.close()
+    loc = cap.tree["locals"][0]
+    keys = [k.split(" ")[0] for k in cap.warnings]
+    assert sorted(keys) == ["big", "custom", "stream"], cap.warnings
+    assert "generator" in cap.warnings[next(k for k in cap.warnings if k.startswith("stream"))]
+    skipped = {k.split(" ")[0] for k in cap.skipped}
+    assert {"fresh_big", "param", "module", "alias", "fh"} <= skipped
+    assert not set(loc) & {"big", "fresh_big", "param", "module", "alias", "fh", "stream", "custom"}
+
+
+def test_globals_of_script_modules_and_exclusion(tmp_path, monkeypatch):
+    mod = types.ModuleType("__main__")
+    mod.__file__ = str(tmp_path / "train.py")
+    src = ("import sys\nstep = 0\nlr = 0.1\nnote = 'x'\n__pyckpt_exclude__ = ['note']\n"
+           "def go(hook):\n    global step, lr\n    for _ in range(4):\n        hook(sys._getframe())\n"
+           "        step += 1\n        lr /= 2\n")
+    exec(compile(src, str(tmp_path / "train.py"), "exec"), mod.__dict__)
+    monkeypatch.setitem(sys.modules, "__main__", mod)
+    saved = {}
+
+    def cap(frame):
+        if mod.step == 2:
+            saved["t"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+
+    mod.go(cap)
+    assert saved["t"]["globals"]["__main__"].keys() == {"step", "lr"}  # note excluded, modules/functions skipped
+    mod.step, mod.lr, mod.note = 0, 0.1, "y"
+    done = []
+
+    def res(frame):
+        if not done:
+            done.append(1)
+            loopstate.prepare(saved["t"], [frame], "step").apply()
+
+    mod.go(res)
+    assert (mod.step, mod.lr, mod.note) == (4, 0.1 / 2 ** 4, "y")
+
+
+def test_enumerate_index_is_set_in_place():
+    e = enumerate("abcdef")
+    next(e)
+    assert frames.set_enumerate_index(e, 4)
+    assert next(e) == (4, "b")  # the wrapped iterator is positioned separately
+    assert frames.loop_iterators(sys._getframe()) == []
+
+
+def batches(n):
+    """A script's batch generator: a loop over it is positioned through the generator's frame."""
+    total = 0
+    for k in range(n):
+        total += k
+        yield k, total
+
+
+def gen_loop(hook, trace):
+    for epoch in range(2):
+        for k, total in batches(5):
+            hook(sys._getframe())
+            trace.append((epoch, k, total))
+    return trace
+
+
+def test_loop_over_a_generator_is_positioned_through_its_frame():
+    plain = gen_loop(lambda f: None, [])
+    saved, calls = {}, []
+
+    def cap(frame):
+        if len(calls) == 7:  # epoch 1, k = 2
+            c = loopstate.capture([frame], "step", 1 << 20, [])
+            assert not c.warnings, c.warnings
+            saved["t"] = through_format(c.tree)
+        calls.append(1)
+
+    gen_loop(cap, [])
+    done = []
+
+    def res(frame):
+        if not done:
+            done.append(1)
+            loopstate.prepare(saved["t"], [frame], "step").apply()
+
+    assert gen_loop(res, []) == plain
+
+
+def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypatch):
+    def f(hook):
+        x = 1
+        for _ in range(2):
+            hook(sys._getframe())
+            x += 1
+        return x
+
+    saved = {}
+    f(lambda fr: saved.setdefault("t", through_format(loopstate.capture([fr], "step", 1 << 20, []).tree)))
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "--out", "elsewhere.pt"])
+    plans = []
+    f(lambda fr: plans.append(loopstate.prepare(saved["t"], [fr], "step")) if not plans else None)
+    assert len(plans[0].warnings) == 1 and "the command line differs" in plans[0].warnings[0]
+    off = {}
+    f(lambda fr: off.setdefault("c", loopstate.capture([fr], "step", 0, [])))
+    assert off["c"].tree["locals"] == [{}] and "PYCKPT_LOOP_STATE_MAX_BYTES=0" in off["c"].warnings["variables"]

@@ -1,0 +1,115 @@
+"""The host-memory tier (pyckpt/shm_tier.py): a copy in /dev/shm survives SIGKILL and is resumed from.
+
+Real processes, real SIGKILL, the real /dev/shm. Storage data is damaged on purpose where a test
+must show that it was not read: had the relaunch read it, the checksums would have failed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+import torch
+
+from pyckpt import knobs, layout, shm_tier
+from pyckpt.checkpointer import Checkpointer
+from pyckpt.coord import LocalCoordinator
+
+from transparent_helpers import TINY, load, run_script, tree_equal
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(shm_tier.SHM_ROOT), reason="no /dev/shm on this machine")
+
+
+@pytest.fixture
+def shm(tmp_path):
+    """The memory-tier path of ``tmp_path/ck``, removed afterwards whatever happened."""
+    path = Path(shm_tier.shm_path(str(tmp_path / "ck")))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(tmp_path, **extra):
+    return dict(dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="4", PYCKPT_SHM_MB="64",
+                     PYCKPT_STORAGE_EVERY="2", KILL_AT="15", KILL_MARK=tmp_path / "mark"), **extra)
+
+
+def _steps(root: Path) -> list[int]:
+    # Committed only: a killed commit can leave step-N.tmp-<token> holding its MANIFEST.json.
+    steps = (layout.parse_step(p.name) for p in root.iterdir() if layout.is_checkpoint_dir(str(p)))
+    return sorted(s for s in steps if s is not None)
+
+
+def _damage(ckpt: Path) -> None:
+    """Flip the first bytes of every data file (chunk bytes, covered by checksums)."""
+    for f in ckpt.rglob("data-*.bin"):
+        with open(f, "r+b") as fh:
+            head = fh.read(16)
+            fh.seek(0)
+            fh.write(bytes(b ^ 0xFF for b in head))
+
+
+def test_sigkill_then_relaunch_restores_from_memory_without_reading_storage(tmp_path, shm, plain_results):
+    out = tmp_path / "out.pt"
+    env = _env(tmp_path, KILL_AT="19")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL
+    # Snapshots at 4, 8, 12, 16: every one to memory (keep=1: an older one may await retention), every
+    # 2nd to storage. Saving 16 waited for storage's 8 and memory's 12 to commit.
+    mem, stored = max(_steps(shm)), _steps(tmp_path / "ck")
+    assert mem >= 12 and 8 in stored and not {4, 12} & set(stored)
+    for s in stored:
+        if s > mem:  # storage's 16 committed before memory's: not the case under test
+            shutil.rmtree(tmp_path / "ck" / layout.step_dir_name(s))
+    stored = _steps(tmp_path / "ck")
+    for s in stored:
+        _damage(tmp_path / "ck" / layout.step_dir_name(s))
+    second = run_script([TINY, out], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    assert "resuming from the memory tier" in second.stderr
+    assert f"pyckpt: resumed from step {mem} " in second.stderr
+    assert "damaged" not in second.stderr  # the damaged storage data was never read
+    assert tree_equal(load(out), plain_results("adamw"))
+    assert not shm.exists()  # a normal exit removes the memory copy
+
+
+def test_memory_copy_is_used_only_when_at_least_as_new_as_storage(tmp_path, shm, capfd):
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            assert tier is not None and tier.path == str(shm)
+            tier.save(10, {"w": torch.ones(4)}, {"n": 10}).result()
+            ck.save(20, {"w": torch.zeros(4)}, {"n": 20}).result()
+            assert shm_tier.choose(ck, coord) is None  # stale: storage is newer
+            assert "memory-tier copy of step 10 is older than" in capfd.readouterr().err
+            tier.save(30, {"w": torch.full((4,), 3.0)}, {"n": 30}).result()
+            src = shm_tier.choose(ck, coord)
+            assert src is not None and src.step == 30 and src.path.startswith(str(shm)) and src.rank_state == {"n": 30}
+            assert "resuming from the memory tier" in capfd.readouterr().err
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+
+
+def test_damaged_memory_copy_falls_back_to_storage_with_one_line(tmp_path, shm, plain_results):
+    out = tmp_path / "out.pt"
+    env = _env(tmp_path, PYCKPT_STORAGE_EVERY="1")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL
+    mem = max(_steps(shm))
+    for s in _steps(tmp_path / "ck"):
+        if s > mem:  # keep storage no newer than memory, so only the damage decides
+            shutil.rmtree(tmp_path / "ck" / layout.step_dir_name(s))
+    expect = max(_steps(tmp_path / "ck"))
+    _damage(shm)
+    second = run_script([TINY, out], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    lines = [x for x in second.stderr.splitlines() if "memory-tier" in x]
+    assert len(lines) == 1 and "not used" in lines[0] and "resuming from" in lines[0], second.stderr
+    assert "resuming from the memory tier" not in second.stderr
+    assert f"pyckpt: resumed from step {expect} " in second.stderr
+    assert tree_equal(load(out), plain_results("adamw"))

@@ -1,0 +1,321 @@
+"""Incremental chunks (issue 9 item 3): the fingerprint, references to earlier checkpoints,
+retention that keeps referenced data alive, forced fingerprint collisions, hostile references."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+import pyckpt
+from pyckpt import cli, inspection, knobs, layout, manifest, reader
+from pyckpt._native import get_engine, native
+from pyckpt.errors import CorruptCheckpointError
+
+M64 = (1 << 64) - 1
+KEY = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+STEP, SEED = 0xA0761D6478BD642F, 0x243F6A8885A308D3
+
+
+def _mix(z: int) -> int:
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & M64
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def ref_fingerprint(b: bytes) -> int:
+    """pkfp1 as csrc/include/pyckpt/fingerprint.h defines it, in plain Python."""
+    acc = [0, 0, 0, 0]
+    padded = b + bytes(-len(b) % 32)
+    for s in range(len(padded) // 32):
+        for j in range(4):
+            w = int.from_bytes(padded[32 * s + 8 * j:32 * s + 8 * j + 8], "little")
+            x = w ^ ((KEY[j] + s * STEP) & M64)
+            acc[j] = (acc[j] + (x & 0xFFFFFFFF) * (x >> 32) + w) & M64
+    h = _mix(len(b) ^ SEED)
+    for j in range(4):
+        h = _mix(h ^ _mix((acc[j] + KEY[j]) & M64))
+    return h
+
+
+def test_fingerprint_matches_its_definition_on_every_path():
+    C = native()
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 31, 32, 33, 64, 65, 100, 257, 1000, 4099):
+        data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        b = data.numpy().tobytes()
+        want = ref_fingerprint(b)
+        assert C.fingerprint(b) == want, n  # AVX2 where the CPU has it
+        assert C.fingerprint_portable(b) == want, n
+        assert C.fingerprint_addr(data.data_ptr(), n) == want, n
+    big = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=g).numpy().tobytes()
+    assert C.fingerprint(big) == C.fingerprint_portable(big)
+    # Every single-bit flip and every swap of two 8-byte words changes it.
+    base = bytes(range(64))
+    fps = {C.fingerprint(base)}
+    for bit in range(64 * 8):
+        flipped = bytearray(base)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        fps.add(C.fingerprint(bytes(flipped)))
+    assert len(fps) == 64 * 8 + 1
+    swapped = base[8:16] + base[0:8] + base[16:]
+    assert C.fingerprint(swapped) != C.fingerprint(base)
+    assert C.fingerprint(bytes(40)) != C.fingerprint(bytes(41))  # zero padding is not ambiguous
+    assert C.chunk_fold(C.chunk_fold(C.FP_SEED, 1), 2) != C.chunk_fold(C.chunk_fold(C.FP_SEED, 2), 1)
+
+
+def _part(step_dir: str) -> dict:
+    with open(os.path.join(step_dir, "rank-00000.json"), "rb") as f:
+        return json.loads(f.read())
+
+
+def _data_bytes(step_dir: str) -> int:
+    """Bytes of the data files in one checkpoint directory (what this save wrote to disk)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs if f.endswith(".bin"))
+
+
+class Lora(torch.nn.Module):
+    """A frozen base (sizes that are no multiple of the chunk size) and small trainable adapters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = torch.nn.ModuleList(torch.nn.Linear(700, 700) for _ in range(4))  # 1.96 MB weights
+        self.a = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(8, 700) * 0.01) for _ in range(4))
+        self.b = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(700, 8)) for _ in range(4))
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        for lin, a, b in zip(self.base, self.a, self.b):
+            x = torch.tanh(lin(x) + x @ a.t() @ b.t())
+        return x
+
+
+def _snapshot(state):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else _snapshot(v) if isinstance(v, dict) else v)
+            for k, v in state.items()}
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        flat_a, flat_b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(flat_a, flat_b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_lora_saves_write_only_the_trainable_bytes_and_every_retained_checkpoint_loads(tmp_path):
+    model = Lora()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    root = str(tmp_path / "root")
+    saved = {}
+    with pyckpt.Checkpointer(root, keep=2) as ck:
+        for step in range(1, 6):
+            model(torch.randn(4, 700)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            state = {"model": model.state_dict(), "optim": opt.state_dict()}
+            trainable_state = trainable * 3 + 4 * 2 * 4  # adapters + exp_avg + exp_avg_sq + step scalars
+            path = ck.save(step, state).result(60)
+            saved[step] = _snapshot(state)
+            written = _data_bytes(path)
+            if step == 1:
+                assert written > 8_000_000  # the frozen base, written once
+            else:
+                assert written <= 1.2 * trainable_state, (step, written, trainable_state)
+            # Every retained checkpoint loads bitwise and verifies (references followed).
+            for e in layout.committed(root):
+                assert _equal(pyckpt.load(e.path), saved[e.step]), e.name
+                reader.verify(get_engine(), e.path)
+        # keep=2 retired step 1 (its data is referenced by steps 4 and 5) but never deleted it.
+        names = sorted(os.listdir(root))
+        assert [e.name for e in layout.committed(root)] == ["step-000000005", "step-000000004"]
+        assert "step-000000001" in names and not os.path.exists(os.path.join(root, "step-000000001", "MANIFEST.json"))
+        assert "step-000000002" not in names and "step-000000003" not in names  # unreferenced: deleted
+        part = _part(os.path.join(root, "step-000000005"))
+        assert {f["path"] for f in part["files"]} == {"rank-00000/data-000.bin",
+                                                      "../step-000000001/rank-00000/data-000.bin"}
+        text = inspection.render(inspection.summarize(os.path.join(root, "step-000000005")))
+        assert "referenced in step-000000001" in text, text[:600]  # pyckpt inspect names what it references
+    # `pyckpt gc` (it takes the lock) keeps the referenced retired directory...
+    assert cli.main(["gc", root]) == 0
+    assert os.path.isdir(os.path.join(root, "step-000000001"))
+    assert _equal(pyckpt.load(os.path.join(root, "step-000000005")), saved[5])
+    # ...until no committed checkpoint references it: a fully changed state, saved twice.
+    for p in model.base.parameters():
+        p.data.add_(1.0)
+    with pyckpt.Checkpointer(root, keep=2) as ck:
+        for step in (6, 7):
+            ck.save(step, {"model": model.state_dict()}).result(60)
+    assert not os.path.exists(os.path.join(root, "step-000000001"))
+    assert sorted(os.listdir(root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000006",
+                                        "step-000000007"]
+
+
+def test_incremental_can_be_turned_off_by_argument_and_setting(tmp_path):
+    state = {"w": torch.randn(300_000), "b": torch.zeros(10)}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    for i, (arg, env) in enumerate(((False, None), (None, "0"), (None, None))):
+        root = str(tmp_path / f"r{i}")
+        with knobs.override(PYCKPT_INCREMENTAL=env), pyckpt.Checkpointer(root, incremental=arg) as ck:
+            ck.save(1, state).result(60)
+            second = ck.save(2, state).result(60)
+        part = _part(second)
+        if env is None and arg is None:  # the default: incremental
+            assert _data_bytes(second) == 0 and all(c["file"].startswith("../") for c in part["chunks"])
+        else:
+            assert _data_bytes(second) >= nbytes and not any(c["file"].startswith("../") for c in part["chunks"])
+        assert _equal(pyckpt.load(second), state)
+
+
+def test_forced_fingerprint_collision_is_caught_by_the_chunk_crc(tmp_path, caplog):
+    """A test build where every fingerprint is equal: a changed chunk looks unchanged, and the
+    CRC32C check of its current bytes against the referenced chunk's stops the wrong reference."""
+    root = str(tmp_path / "root")
+    state = {"frozen": torch.randn(200_000), "moving": torch.randn(300_000)}
+    with knobs.override(PYCKPT_TEST_FINGERPRINT="constant"), pyckpt.Checkpointer(root) as ck:
+        ck.save(1, state).result(60)
+        state["moving"].add_(1.0)
+        with caplog.at_level(logging.WARNING, logger="pyckpt"):
+            second = ck.save(2, state).result(60)
+    assert any("fingerprint collision" in r.getMessage() for r in caplog.records)
+    part = _part(second)
+    refs = [c for c in part["chunks"] if c["file"].startswith("../")]
+    assert refs and len(refs) < len(part["chunks"])  # the frozen chunk is referenced, the moved one written
+    assert _equal(pyckpt.load(second), state)  # the new values, never the referenced old ones
+
+
+def test_verify_off_skips_the_crc_check(tmp_path):
+    """The honest other side: with PYCKPT_INCREMENTAL_VERIFY=off a (forced) collision is not caught
+    at save time, and since the reference carries the old chunk's own CRC, load cannot catch it."""
+    root = str(tmp_path / "root")
+    state = {"moving": torch.randn(300_000)}
+    with knobs.override(PYCKPT_TEST_FINGERPRINT="constant", PYCKPT_INCREMENTAL_VERIFY="off"), \
+            pyckpt.Checkpointer(root) as ck:
+        first = _snapshot(state)
+        ck.save(1, state).result(60)
+        state["moving"].add_(1.0)
+        second = ck.save(2, state).result(60)
+    assert _equal(pyckpt.load(second), first)  # docs/FORMAT.md §13 says why "off" is not the default
+
+
+def _two_step_root(tmp_path):
+    root = str(tmp_path / "root")
+    state = {"w": torch.randn(100_000)}
+    with pyckpt.Checkpointer(root) as ck:
+        ck.save(1, state).result(60)
+        path = ck.save(2, state).result(60)
+    return root, path
+
+
+def _rewrite_part(path: str, edit) -> None:
+    """Apply ``edit`` to rank 0's part and re-seal the manifest, as a forger with write access would."""
+    part = _part(path)
+    edit(part)
+    raw = manifest.dumps(part)
+    with open(os.path.join(path, "rank-00000.json"), "wb") as f:
+        f.write(raw)
+    with open(os.path.join(path, "MANIFEST.json"), "rb") as f:
+        m = json.loads(f.read())
+    m["parts"][0].update(nbytes=len(raw), crc32c=manifest.crc32c(raw))
+    with open(os.path.join(path, "MANIFEST.json"), "wb") as f:
+        f.write(manifest.seal(m))
+
+
+def _retarget(new: str, nbytes: int | None = None, offset: int | None = None):
+    def edit(part):
+        old = part["chunks"][0]["file"]
+        for f in part["files"]:
+            if f["path"] == old:
+                f["path"] = new
+                f["nbytes"] = f["nbytes"] if nbytes is None else nbytes
+        for c in part["chunks"]:
+            if c["file"] == old:
+                c["file"] = new
+                c["offset"] = c["offset"] if offset is None else offset
+    return edit
+
+
+@pytest.mark.parametrize("target, why, named", [
+    ("../../outside/data.bin", "not a relative path inside the checkpoint", "rank-00000.json"),
+    ("/etc/passwd", "not a relative path inside the checkpoint", "rank-00000.json"),
+    ("../elsewhere/data.bin", "leaves the checkpoint directory", "../elsewhere/data.bin"),
+    ("../step-000000099/rank-00000/data-000.bin", "is missing", "root/step-000000099/rank-00000/data-000.bin"),
+    ("../step-000000066/rank-00000/data-000.bin", "symbolic link", "root/step-000000066"),
+    ("length", "truncated", "root/step-000000001/rank-00000/data-000.bin"),
+    ("offset", "lie outside", "../step-000000001/rank-00000/data-000.bin"),
+])
+def test_hostile_reference_is_refused_naming_the_file(tmp_path, target, why, named):
+    root, path = _two_step_root(tmp_path)
+    outside = tmp_path / "outside"
+    (outside / "rank-00000").mkdir(parents=True)
+    (outside / "rank-00000" / "data-000.bin").write_bytes(os.urandom(1 << 20))
+    os.symlink(outside, os.path.join(root, "step-000000066"))
+    ref = "../step-000000001/rank-00000/data-000.bin"
+    if target == "length":  # the part claims more bytes than the referenced file has
+        held = os.path.join(root, "step-000000001", "rank-00000", "data-000.bin")
+        edit = _retarget(ref, nbytes=os.path.getsize(held) + 4096)
+    elif target == "offset":  # a chunk beyond the referenced file's recorded size
+        edit = _retarget(ref, offset=1 << 30)
+    else:
+        edit = _retarget(target)
+    _rewrite_part(path, edit)
+    with pytest.raises(CorruptCheckpointError) as ei:
+        pyckpt.load(path)
+    assert why in str(ei.value) and named in str(ei.value), str(ei.value)
+
+
+def test_only_lower_steps_are_referenced(tmp_path):
+    """A run resumed from an older checkpoint saves the higher steps again (replacing them), so a
+    save never references its own step or a higher one; it does reference lower ones."""
+    state = {"w": torch.randn(300_000)}
+    root = str(tmp_path / "root")
+    with pyckpt.Checkpointer(root, keep=5) as ck:
+        ck.save(5, state).result(60)
+        path = ck.save(3, state).result(60)  # lower than the newest commit: nothing to reference
+        assert _data_bytes(path) >= 1_200_000 and not any(c["file"].startswith("../") for c in _part(path)["chunks"])
+        for step in (5, 6):  # step 5 again (replaced, so not referenced), then a new step
+            path = ck.save(step, state).result(60)
+            assert {c["file"] for c in _part(path)["chunks"]} == {"../step-000000003/rank-00000/data-000.bin"}
+        for e in layout.committed(root):
+            assert _equal(pyckpt.load(e.path), state)
+
+
+def test_verify_follows_references_and_names_the_damaged_file(tmp_path, capsys):
+    root, path = _two_step_root(tmp_path)
+    assert cli.main(["verify", path]) == 0
+    held = os.path.join(root, "step-000000001", "rank-00000", "data-000.bin")
+    with open(held, "r+b") as f:  # damage the chunk step 2 references in step 1
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    assert cli.main(["verify", path]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "step-000000001/rank-00000/data-000.bin" in err, err
+
+
+def test_a_chunk_that_just_changed_is_copied_without_a_fingerprint_pass(tmp_path):
+    """Trained weights change at every save: after one change the chunk is copied straight away
+    (no extra read before the copy); once it stops changing it is referenced one save later."""
+    moving = torch.zeros(300_000)
+    refs = []
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=5) as ck:
+        for step, change in ((1, 0), (2, 1), (3, 0), (4, 0)):
+            moving.add_(change)
+            path = ck.save(step, {"m": moving}).result(60)
+            refs.append(any(c["file"].startswith("../") for c in _part(path)["chunks"]))
+            if step == 2:
+                assert len(ck._baseline.changed) == 1  # the next save will not fingerprint it first
+            assert _equal(pyckpt.load(path), {"m": moving})
+    assert refs == [False, False, False, True]
