@@ -60,6 +60,16 @@ def _slowest(t: float) -> float:
     return float(x)
 
 
+def _touch(state) -> None:
+    """Change every tensor in place, as an optimizer step would."""
+    for v in state["model"].values():
+        v.to_local().add_(1.0)
+    for per_param in state["optim"]["state"].values():
+        for t in per_param.values():
+            if torch.is_tensor(t) and t.dim() > 0:
+                (t.to_local() if hasattr(t, "to_local") else t).add_(1.0)
+
+
 def _worker(rank: int, world: int, args, tmp: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
     import torch.distributed.checkpoint as dcp
@@ -75,6 +85,7 @@ def _worker(rank: int, world: int, args, tmp: str, results) -> None:
     out: dict[str, float] = {}
     ck = pyckpt.Checkpointer(f"{tmp}/pyckpt", keep=1, coordinator=StoreCoordinator())
     for i in range(args.repeat):
+        _touch(state)  # every byte changes between saves, so incremental saves skip nothing
         dist.barrier()
         t0 = time.perf_counter()
         fut = ck.save(i, state)

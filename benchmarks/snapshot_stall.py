@@ -10,6 +10,7 @@ median (and the first) of each, and their ratio (goal: <= 2x). Runs one
 process, then 2 ranks under DDP on gloo (``--ranks``).
 
     python benchmarks/snapshot_stall.py [--junk 3] [--steps 60] [--every 5] [--ranks 1,2]
+                                        [--loop-state-max-bytes 0]
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ def run(ranks: int, args: argparse.Namespace) -> dict:
     root = tempfile.mkdtemp(prefix="pyckpt-stall-")
     env.update(PYCKPT_DIR=os.path.join(root, "transparent"), PYCKPT_EVERY_STEPS=str(args.every),
                PYCKPT_LOG="quiet", OMP_NUM_THREADS="1")
+    if args.loop_state_max_bytes is not None:  # the extra objects are a local: loop state walks them
+        env["PYCKPT_LOOP_STATE_MAX_BYTES"] = str(args.loop_state_max_bytes)
     me = [os.path.abspath(__file__), "--worker", "--junk", str(args.junk), "--steps", str(args.steps),
           "--every", str(args.every)]
     if ranks == 1:
@@ -127,6 +130,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--loop-state-max-bytes", type=int, default=None,
+                    help="PYCKPT_LOOP_STATE_MAX_BYTES for the runs (0: no script variables captured)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

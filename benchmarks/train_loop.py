@@ -7,7 +7,13 @@ them alike. Printed per mode: steps/s and its ratio to no checkpoint, the
 median stall per checkpoint, the median time from a checkpoint's start until
 it is durable, and the peak RSS.
 
-    python benchmarks/train_loop.py [--job mlp|lora] [--every 10] [--steps 60] [--rounds 3]
+    python benchmarks/train_loop.py [--job mlp|lora] [--every 10] [--steps 60] [--rounds 3] [--restore-rounds 2]
+
+It ends with one Markdown table to paste (docs/PERFORMANCE.md): per mode steps/s, the ratio to no
+checkpoint, the stall per checkpoint and, for the transparent modes, its two parts measured inside
+pyckpt (the snapshot call at the consistent point; the next optimizer step's wait for the copy); then
+the restore table (``measure_restore``: storage with a cold page cache, storage warm, the memory tier)
+and a line checking the issue's goals.
 
 Modes:
   none            no checkpoint
@@ -93,6 +99,7 @@ def child(args: argparse.Namespace) -> None:
         extra = {"lazy": 0} if mode == "pyckpt-transparent-eager" else {}
         if mode == "pyckpt-transparent-shm":
             extra = {"shm_mb": 4096, "storage_every": args.storage_every or max(1, 10 // args.every)}
+        inside = _time_inside()  # before enable(): it binds the pre-step hook
         activation.enable(args.dir, every_steps=args.every, keep=2, log="quiet", **extra)
     model, opt, loader = build_job(args.job, device)
     loss_fn = torch.nn.MSELoss()
@@ -138,12 +145,163 @@ def child(args: argparse.Namespace) -> None:
             med = statistics.median(quiet)
             stalls = [max(0.0, t - med) for t in snap_times]
         activation.disable()
+        point, wait = inside()
     print(json.dumps({
+        "point": point if mode in TRANSPARENT else [], "wait": wait if mode in TRANSPARENT else [],
         "mode": mode, "steps_per_s": args.steps / elapsed, "stalls": stalls, "durable": durable,
         "snap_times": snap_times if mode in TRANSPARENT else [],
         "median_step": statistics.median(step_times[warm:]),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }))
+
+
+def restore_child(args: argparse.Namespace) -> None:
+    """Restore measurement. ``restore-setup``: train 5 steps with the memory tier on, snapshots at steps 2
+    and 4 (storage copied from the tier), wait for both copies, then die without cleanup (``os._exit``,
+    as a crash would) so both stay. ``restore-shm`` / ``restore-storage``: relaunch the same script with
+    the tier on / off; the transparent resume (choose + verify, then read into the live model at the
+    first fetch) is timed inside pyckpt's own calls. Decisions come from the environment: the resume
+    puts this script's locals back (args included) as they were in the setup run."""
+    import pyckpt.activation as activation
+    from pyckpt import resume
+
+    for owner, name in ((resume, "choose"), (resume.Source, "restore")):
+        _timed(owner, name)
+    setup = os.environ["TL_RESTORE"] == "setup"
+    extra = {"shm_mb": 4096, "storage_every": 1} if os.environ["TL_RESTORE"] in ("setup", "shm") else {}
+    activation.enable(args.dir, every_steps=2 if setup else 10**6, keep=2, log="quiet", **extra)
+    model, opt, loader = build_job(args.job, args.device)
+    loss_fn = torch.nn.MSELoss()
+    n = 0
+    for x, y in loader:
+        if os.environ["TL_RESTORE"] != "setup":
+            break  # the first fetch is the snapshot point: the state is restored by now
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        n += 1
+        if n == 5:
+            break
+    if os.environ["TL_RESTORE"] == "setup":
+        activation._SESSION.flush()
+    else:
+        mod = sys.modules["pyckpt.resume"]  # (kept there: this frame's locals are the setup run's now)
+        took, src = mod._tl_took, getattr(mod, "_tl_source", None)
+        print(json.dumps({"seconds": sum(took.values()), "parts": took, "source": src}), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # no exit handlers: the memory copy stays, as after a crash
+
+
+def _timed(owner, name: str) -> None:
+    """Wrap ``owner.name`` so its total run time lands in ``pyckpt.resume._tl_took[name]`` (and the chosen
+    checkpoint's path in ``_tl_source``)."""
+    orig = getattr(owner, name)
+    took = sys.modules["pyckpt.resume"].__dict__.setdefault("_tl_took", {})
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            out = orig(*a, **k)
+        finally:
+            took[name] = took.get(name, 0.0) + time.perf_counter() - t0
+        if name == "choose" and out is not None:
+            sys.modules["pyckpt.resume"]._tl_source = out.path
+        return out
+
+    setattr(owner, name, wrapper)
+
+
+def _drop_cache(root: str) -> None:
+    """Cold start: write back, then drop the page cache of every file under ``root``
+    (posix_fadvise DONTNEED drops a file's clean cached pages)."""
+    subprocess.run(["sync"], check=False)
+    for d, _, names in os.walk(root):
+        for n in names:
+            fd = os.open(os.path.join(d, n), os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _read_all(root: str) -> None:
+    """Warm start: read every file under ``root`` once, so the page cache holds it."""
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb", buffering=0) as f:
+                while f.read(16 << 20):
+                    pass
+
+
+def measure_restore(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds to resume the job's state from storage (cold and warm page cache) and from the memory
+    tier, each in a fresh process, interleaved over ``--restore-rounds``."""
+    from pyckpt import shm_tier
+
+    work = tempfile.mkdtemp(prefix="pyckpt-restore-", dir=args.dir)
+    out: dict[str, list[float]] = {"storage-cold": [], "storage-warm": [], "memory-tier": []}
+    try:
+        _restore_run(args, work, "setup")
+        for _ in range(args.restore_rounds):
+            for kind in ("storage-cold", "storage-warm", "memory-tier"):
+                if kind == "storage-cold":
+                    _drop_cache(work)
+                elif kind == "storage-warm":
+                    _read_all(work)
+                res = _restore_run(args, work, "shm" if kind == "memory-tier" else "storage")
+                where = res["source"] or ""
+                if where.startswith(shm_tier.SHM_ROOT) != (kind == "memory-tier"):
+                    raise SystemExit(f"restore {kind} resumed from {where!r}")
+                out[kind].append(res["seconds"])
+                for part, sec in res["parts"].items():  # choose (+ verify) and restore (read into the model)
+                    out.setdefault(f"{kind}: {part}", []).append(sec)
+    finally:
+        shutil.rmtree(shm_tier.shm_path(work), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _restore_run(args: argparse.Namespace, work: str, what: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "restore", "--dir", work, "--job", args.job,
+           "--device", args.device]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
+    env["TL_RESTORE"] = what
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if r.returncode != 0:
+        raise SystemExit(f"restore {what} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1]) if what != "setup" else {}
+
+
+def _time_inside():
+    """Time, inside pyckpt, the two parts of a transparent snapshot's stall: the snapshot call at the
+    consistent point, and the next optimizer step's wait for the copy (its pre-step hook). Returns a
+    function giving (point seconds per snapshot, wait seconds per snapshot), the first snapshot dropped."""
+    import pyckpt.lazy as lazy
+    import pyckpt.transparent as transparent
+
+    point, wait, after = [], [], [False]
+    snap, before = transparent.Session._snapshot, lazy.Lazy.before_step
+
+    def _snapshot(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return snap(self, *a, **k)
+        finally:
+            point.append(time.perf_counter() - t0)
+            after[0] = True
+
+    def before_step(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return before(self, *a, **k)
+        finally:
+            if after[0]:
+                wait.append(time.perf_counter() - t0)
+                after[0] = False
+
+    transparent.Session._snapshot, lazy.Lazy.before_step = _snapshot, before_step
+    return lambda: (point[1:], wait[1:])
 
 
 class Saver:
@@ -273,10 +431,14 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--storage-every", type=int, default=0,
                    help="pyckpt-transparent-shm: write every Nth snapshot to disk (0: one per 10 steps)")
+    p.add_argument("--restore-rounds", type=int, default=2,
+                   help="rounds of the restore measurement (storage cold, storage warm, memory tier); 0: skip")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child == "restore":
+        return restore_child(args)
     if args.child:
         return child(args)
     modes = args.modes.split(",")
@@ -286,19 +448,51 @@ def main() -> None:
             res = run_mode(args, m)
             results[m].append(res)
             print(f"round {r + 1}/{args.rounds} {m:<20} {res['steps_per_s']:.3f} steps/s", flush=True)
-    base = statistics.median(x["steps_per_s"] for x in results.get("none", [])) if "none" in results else None
-    print(f"\njob={args.job} device={args.device} every={args.every} steps={args.steps} rounds={args.rounds}")
-    print(f"{'mode':<20} {'steps/s':>8} {'ratio':>6} {'stall med':>10} {'durable med':>12} {'peak RSS':>9}")
+    restore = measure_restore(args) if args.restore_rounds > 0 else None
+    print(summary(args, results, restore))
+
+
+def summary(args: argparse.Namespace, results: dict[str, list[dict]], restore: dict | None) -> str:
+    """One Markdown table (modes as rows, medians over rounds, ratios to no checkpoint), the restore
+    table when measured, and the issue's goals checked against them: paste as is."""
+    base = statistics.median(x["steps_per_s"] for x in results["none"]) if "none" in results else None
     base_step = statistics.median(x["median_step"] for x in results["none"]) if "none" in results else None
+    lines = [f"job={args.job} device={args.device} every={args.every} steps={args.steps} rounds={args.rounds}",
+             "", "| mode | steps/s | ratio to none | stall per checkpoint (median) | of it: snapshot point | "
+             "of it: wait before the next step | start → durable (median) | peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ratios, stall_of = {}, {}
     for m, runs in results.items():
         sps = statistics.median(x["steps_per_s"] for x in runs)
         stalls = [s for x in runs for s in x["stalls"]]
         if not stalls and base_step is not None:  # transparent, a snapshot every step
             stalls = [max(0.0, t - base_step) for x in runs for t in x["snap_times"]]
-        dur = [d for x in runs for d in x["durable"]]
-        ratio = f"{sps / base:.3f}" if base else "-"
-        print(f"{m:<20} {sps:>8.3f} {ratio:>6} {_fmt(stalls):>10} {_fmt(dur):>12} "
-              f"{max(x['peak_rss_gb'] for x in runs):>7.2f} GB")
+        ratios[m] = sps / base if base else None
+        stall_of[m] = statistics.median(stalls) if stalls else None
+        lines.append(f"| {m} | {sps:.3f} | {'-' if not base else f'{sps / base:.3f}'} | {_fmt(stalls)} | "
+                     f"{_fmt([v for x in runs for v in x.get('point', [])])} | "
+                     f"{_fmt([v for x in runs for v in x.get('wait', [])])} | "
+                     f"{_fmt([d for x in runs for d in x['durable']])} | "
+                     f"{max(x['peak_rss_gb'] for x in runs):.2f} GB |")
+    if restore is not None:
+        med = {k: statistics.median(v) for k, v in restore.items()}
+        parts = {k: v for k, v in med.items() if ": " in k}
+        med = {k: v for k, v in med.items() if ": " not in k}
+        lines += ["", f"Restore of the job's state ({args.restore_rounds} rounds, fresh process each; choose + "
+                  "verify + read into the live model, timed inside pyckpt):", "",
+                  "| restore from | seconds (median) | memory tier / this |", "|---|---:|---:|"]
+        for k, v in med.items():
+            split = ", ".join(f"{p.split(': ')[1]} {x:.3f}" for p, x in parts.items() if p.startswith(k + ": "))
+            lines.append(f"| {k} ({split}) | {v:.3f} | {med['memory-tier'] / v:.2f} |")
+    goal = 0.95 if args.every >= 10 else 0.85 if args.every == 1 else None
+    best = next((m for m in ("pyckpt-transparent", "pyckpt") if ratios.get(m) is not None), None)
+    if goal is not None and best is not None:
+        lines += ["", f"goals (issue 9): {best} ratio {ratios[best]:.3f} (goal >= {goal})"
+                  + (f", stall {stall_of[best]:.4f} s (goal <= 0.02 s)" if args.every >= 10 and stall_of[best]
+                     is not None else "")
+                  + (f"; memory-tier restore / storage cold {med['memory-tier'] / med['storage-cold']:.2f}, "
+                     f"warm {med['memory-tier'] / med['storage-warm']:.2f} (goal <= 0.5)" if restore else "")]
+    return "\n".join(lines)
 
 
 def _fmt(xs: list[float]) -> str:

@@ -8,7 +8,6 @@ all-reduce on the accumulating micro-batches (``no_sync``), bf16 autocast with a
 GradScaler, Adam with two parameter groups (no weight decay on biases and norms)
 and a StepLR schedule stepped once per epoch. Only rank 0 writes ``--out``.
 """
-import argparse
 import contextlib
 import time
 
@@ -17,29 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Data-parallel training with torchrun on CPU (gloo).")
-    p.add_argument("--out", required=True, help="where rank 0 writes the final state")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--samples", type=int, default=128, help="training samples (all ranks)")
-    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size per rank")
-    p.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep after each step (stand-in for a bigger model)")
-    return p.parse_args()
-
-
-def make_data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 16, generator=g) * 2 + 1
-    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(99))
-    y = (x @ teacher).argmax(dim=1)
-    return TensorDataset(x, y)
+from _dist_setup import parse_args, setup
 
 
 def make_model() -> nn.Module:
@@ -58,14 +36,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def main() -> None:
-    args = parse_args()
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(args.seed)
-
-    dataset = make_data(args.samples, seed=args.seed + 1)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    args = parse_args("Data-parallel training with torchrun on CPU (gloo).", epochs=4, samples=128, extra=[
+        ("--accum", {"type": int, "default": 2, "help": "micro-batches per optimizer step"})])
+    rank, sampler, loader = setup(args, scale=2.0, shift=1.0)  # inputs ~ N(1, 4)
 
     model = DistributedDataParallel(make_model())
     optim = torch.optim.Adam(param_groups(model.module, 1e-4), lr=args.lr)

@@ -275,39 +275,14 @@ def _warn_unknown_names() -> None:
 
 
 # -- waiting for torch --------------------------------------------------------------------
-class _TorchWatcher:
-    """A ``sys.meta_path`` finder that calls ``_on_torch_imported`` once torch has finished importing.
-
-    It finds torch's spec with the other finders and wraps that spec's own
-    loader instance, so nothing else about the import changes."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "torch":
-            return None
-        _stop_watching()
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(name, path, target) if find is not None else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        exec_module = loader.exec_module
-
-        def exec_then_activate(module: Any) -> None:
-            exec_module(module)
-            try:
-                _on_torch_imported()
-            except Exception as e:  # never break `import torch`; but never fail silently either
-                disable()
-                _say(f"warning: transparent checkpointing is off: installing its hooks failed: "
-                     f"{type(e).__name__}: {e}", "warning")
-
-        loader.exec_module = exec_then_activate
-        return spec
+def _torch_loaded(module: Any) -> None:
+    """torch finished importing (an ``AfterImport`` callback): install the hooks."""
+    try:
+        _on_torch_imported()
+    except Exception as e:  # never break `import torch`; but never fail silently either
+        disable()
+        _say(f"warning: transparent checkpointing is off: installing its hooks failed: "
+             f"{type(e).__name__}: {e}", "warning")
 
 
 def _watch_torch() -> None:
@@ -316,15 +291,16 @@ def _watch_torch() -> None:
         if "torch" in sys.modules:
             _on_torch_imported()
             return
-        _watcher = _TorchWatcher()
-        sys.meta_path.insert(0, _watcher)
+        from .after_import import AfterImport  # torch-free, like this module
+
+        _watcher = AfterImport({"torch": _torch_loaded}).install()
 
 
 def _stop_watching() -> None:
     global _watcher
     w, _watcher = _watcher, None
-    if w is not None and w in sys.meta_path:
-        sys.meta_path.remove(w)
+    if w is not None:
+        w.remove()
 
 
 # -- helpers ------------------------------------------------------------------------------

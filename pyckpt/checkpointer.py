@@ -234,9 +234,6 @@ class Checkpointer:
         token = f"{self._session}-{seq}"
         final = os.path.join(self.directory, layout.step_dir_name(step))
         tmp = os.path.join(self.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
-        if self.coord.rank == 0:
-            # Under the directory lock no other writer exists: every leftover but ours is garbage.
-            commit.gc_tmp(self.directory, {token}, locked=True)
         self._plan_incremental(plan, final)
         job, err = self._start(engine, plan, tmp)
         fut = SaveFuture(step, job, plan.keep_alive() + sharded.keep_alive(plan) if job is not None else None)
@@ -298,6 +295,11 @@ class Checkpointer:
 
     def _finish(self, fut: SaveFuture, plan, job, err, tmp: str, final: str, step: int, seq: int) -> None:
         part = None
+        if self.coord.rank == 0:
+            # Under the directory lock no other writer exists (the previous save has finished: _agree),
+            # so every leftover but ours is garbage. Here, not in save(): it lists and reads the
+            # directory's manifests, which the training thread should not wait for.
+            commit.gc_tmp(self.directory, {f"{self._session}-{seq}"}, locked=True)
         if err is None:
             captured = job.wait_captured(None)
             fut._timer.captured()

@@ -6,16 +6,35 @@ default process group (set / check / get with unique keys: polls, never a blocki
 collectives, so the background commit thread can use it while training runs
 collectives on the main thread. Operations with the same ``tag`` must be
 called in the same order on every rank; different tags are independent.
+
+A rank that dies (a lost node) never sets its keys. So that the others do not
+wait for it until the timeout (30 min; under torchrun the agent's SIGKILL comes
+first, 30 s after its SIGTERM), every coordinator bumps a heartbeat counter in
+the store (``<prefix>/alive/<rank>``, every ``HEARTBEAT_S``) from a daemon
+thread, and a wait longer than half a second looks at the counters of the ranks it
+still misses: one that has not moved for ``DEAD_AFTER_S`` is gone, and the
+wait raises ``RankLostError`` naming it (a save then fails with one line and
+the job goes on, or ends, at once). Giving up is agreed through the store
+(``_decide``): a rank taken for gone that was only slow fails the same
+operation when it arrives, so no rank goes on with the others one step apart.
 """
 from __future__ import annotations
 
 import json
 import threading
 import time
+import weakref
 from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
 _POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.01  # store polls back off from 0.2 ms to 10 ms
+HEARTBEAT_S = 0.5  # how often each rank bumps its heartbeat counter
+DEAD_AFTER_S = 5.0  # a waited-for rank whose counter has not moved this long (waiter's clock) is gone
+_LOOK_AFTER_S = 0.5  # waits shorter than this never read heartbeats; longer ones read them this often
+
+
+class RankLostError(RuntimeError):
+    """A rank this one waits for has stopped (its heartbeat no longer moves)."""
 
 
 @runtime_checkable
@@ -63,8 +82,14 @@ class StoreCoordinator:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.prefix = prefix
         self.timeout = timedelta(seconds=timeout_s)
+        self.dead_after_s = DEAD_AFTER_S
         self._seq: dict[str, int] = {}
         self._lock = threading.Lock()
+        if world_size > 1:
+            _start_heartbeat(self)
+
+    def _alive_key(self, rank: int) -> str:
+        return f"{self.prefix}/alive/{rank}"
 
     def _next_key(self, tag: str) -> tuple[str, int]:
         with self._lock:
@@ -78,27 +103,71 @@ class StoreCoordinator:
         self.store.set(f"{base}/{self.rank}", json.dumps(obj))
         keys = [f"{base}/{r}" for r in range(self.world_size)]
         self._wait(keys)
+        decided = self._decide(base, "ok")
+        if decided != "ok":  # another rank gave this operation up (a rank lost): so does this one
+            raise RankLostError(decided)
         out = [json.loads(self.store.get(k)) for k in keys]
-        # Everyone has reached op n, so everyone finished reading op n-1: drop our old key.
+        # Everyone has reached op n, so everyone finished reading op n-1: drop our old key; and
+        # everyone finished op n-2 whole, its decision included.
         if n > 0:
             self._delete(f"{self.prefix}/{tag}/{n - 1}/{self.rank}")
+        if n > 1 and self.rank == 0:
+            self._delete(f"{self.prefix}/{tag}/{n - 2}/decided")
         return out
+
+    def _decide(self, base: str, outcome: str) -> str:
+        """The outcome of operation ``base`` every rank sees: the first one proposed ("ok" by a rank that
+        saw every key, else why a rank gave up), so a rank wrongly taken for gone that arrives late
+        fails the operation too instead of going on alone (its later operations would pair with the
+        others' next ones). Stores without compare_set: ``outcome``."""
+        try:
+            got = self.store.compare_set(f"{base}/decided", "", outcome)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return outcome
+        return got.decode() if isinstance(got, bytes) else str(got)
 
     def _wait(self, keys: list[str]) -> None:
         """Until every key exists, polling with ``check``: a TCPStore client runs one operation at a
         time, and a blocking ``store.wait`` would hold it while waiting, so another thread's store
         calls on this rank (a second coordinator, the training thread's policy polls) would queue
-        behind it; two ranks each waiting on keys the other's queued call would set deadlock."""
-        deadline = time.monotonic() + self.timeout.total_seconds()
+        behind it; two ranks each waiting on keys the other's queued call would set deadlock.
+        Raises ``RankLostError`` once a rank it waits for is gone (``_check_alive``)."""
+        start = time.monotonic()
+        deadline = start + self.timeout.total_seconds()
+        look = start + _LOOK_AFTER_S
+        beats: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it was first seen at that value)
         delay = _POLL_MIN_S
         while not self.store.check(keys):
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 from torch.distributed import DistStoreError
 
                 raise DistStoreError(f"pyckpt: timed out after {self.timeout.total_seconds():g} s waiting for "
                                      f"the other ranks at {keys[0].rsplit('/', 1)[0]}")
+            if now >= look:
+                look = now + _LOOK_AFTER_S
+                self._check_alive(keys, beats, now)
             time.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
+
+    def _check_alive(self, keys: list[str], beats: dict[int, tuple[int, float]], now: float) -> None:
+        """Raise ``RankLostError`` when a rank whose key is missing has a heartbeat that stopped. A
+        rank whose counter never appeared (no heartbeat: another coordinator) is waited for as before."""
+        for r, key in enumerate(keys):
+            if r == self.rank or self.store.check([key]):
+                continue
+            count = int(self.store.add(self._alive_key(r), 0))  # reads (creates at 0) without blocking
+            seen = beats.get(r)
+            if seen is None or seen[0] != count:
+                beats[r] = (count, now)
+            elif count > 0 and now - seen[1] >= self.dead_after_s:
+                base = key.rsplit("/", 1)[0]
+                decided = self._decide(base, f"rank {r} is gone: its heartbeat stopped more than "
+                                             f"{self.dead_after_s:g} s ago while rank {self.rank} waited for it "
+                                             f"at {base}")
+                if decided != "ok":
+                    raise RankLostError(decided)
+                return  # a rank saw every key: it came back in time, the keys are there
 
     def _delete(self, key: str) -> None:
         try:
@@ -112,6 +181,22 @@ class StoreCoordinator:
 
     def barrier(self, tag: str) -> None:
         self.all_gather_json(None, tag)
+
+
+def _start_heartbeat(coord: StoreCoordinator) -> None:
+    """Bump ``coord``'s heartbeat counter every ``HEARTBEAT_S`` until ``coord`` is garbage or the store
+    fails (its host is gone: the waits fail by themselves then). A daemon thread: it never delays exit."""
+    ref, store, key = weakref.ref(coord), coord.store, coord._alive_key(coord.rank)
+
+    def beat() -> None:
+        while ref() is not None:
+            try:
+                store.add(key, 1)
+            except Exception:  # the store is gone or cannot count: nothing to tell anyone
+                return
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name=f"pyckpt-heartbeat-{coord.rank}", daemon=True).start()
 
 
 def attempt_prefix(env: Any = None) -> str:

@@ -34,10 +34,11 @@ class Tracked:
     def replicated(self, world_size: int) -> bool:
         """Whether this state is identical on every rank (written once) or per rank."""
         # FSDP2 (DTensor parameters) counts as replicated: Checkpointer.save writes each rank's shards.
-        return world_size == 1 or (bool(self.modules) and all(_is_ddp(m) or sharded.is_fsdp(m) for m in self.modules))
+        return world_size == 1 or (bool(self.modules) and all(is_ddp(m) or sharded.is_fsdp(m) for m in self.modules))
 
 
-def _is_ddp(m: nn.Module) -> bool:
+def is_ddp(m: nn.Module) -> bool:
+    """Whether ``m`` is a DistributedDataParallel wrapper (also under torch.compile)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return isinstance(m, DDP) or isinstance(getattr(m, "_orig_mod", None), DDP)

@@ -7,11 +7,12 @@ Everything interpreter-specific is here and guarded by the Python version:
   through ``ctypes.pythonapi``); on 3.13 ``f_locals`` writes through (PEP 667). Module-level frames
   write their globals dict. Checked on CPython 3.9-3.13 (tests/transparent/test_loopstate_versions.py).
 * **Loop iterators** live on the frame's value stack, which Python does not expose
-  (``gc.get_referents(frame)`` is empty for an executing frame). On CPython 3.11 to 3.13 (64-bit)
-  they are read with ``ctypes`` from the ``_PyInterpreterFrame`` (its layout is checked against the
-  frame's known locals and code object first; a mismatch turns the feature off). The slot of each
-  enclosing ``for`` loop's iterator comes from a stack-depth analysis of the bytecode (``dis``), so
-  only live slots are read. 3.9, 3.10: ``loop_iterators`` returns None (not supported; warned).
+  (``gc.get_referents(frame)`` is empty for an executing frame). They are read with ``ctypes``: on
+  CPython 3.11 to 3.13 (64-bit) from the ``_PyInterpreterFrame``, on 3.9 and 3.10 from the
+  ``PyFrameObject`` itself (its ``f_valuestack`` pointer). The layout is checked against the
+  frame's code object and known locals first; a mismatch reads nothing (then warned). The slot of
+  each enclosing ``for`` loop's iterator comes from a stack-depth analysis of the bytecode
+  (``dis``), so only live slots are read.
 * ``enumerate``'s index is written with ``ctypes`` at the offset where its value is found
   (checked against ``__reduce__`` first).
 """
@@ -61,6 +62,13 @@ def is_user_file(filename: str) -> bool:
         return filename in ("<string>", "<stdin>")  # python -c / stdin scripts; not <frozen ...>
     path = os.path.realpath(filename)
     return not path.startswith(_library_roots())
+
+
+@lru_cache(maxsize=1024)
+def is_own_file(filename: str) -> bool:
+    """Whether code in ``filename`` is pyckpt's own (its wrapper generators sit in the script's loops)."""
+    here = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    return not filename.startswith("<") and os.path.realpath(filename).startswith(here)
 
 
 def user_frames(start: types.FrameType | None) -> list[types.FrameType]:
@@ -147,11 +155,17 @@ class _Layout:
     frame_f_frame = 3 * _PTR
     iframe_f_code = 4 * _PTR if PY == (3, 11) else 0
     iframe_localsplus = 8 * _PTR + 8
+    # 3.9, 3.10: PyFrameObject is PyObject_VAR_HEAD (refcount, type, size), f_back, f_code,
+    # f_builtins, f_globals, f_locals, then f_valuestack (points just past the locals and cells).
+    frame_f_code = 4 * _PTR
+    frame_f_valuestack = 8 * _PTR
 
 
 def _nlocalsplus(code: types.CodeType) -> int:
-    # An argument that is also a cell has one slot (it is in co_varnames and co_cellvars).
     varnames = code.co_varnames
+    if PY < (3, 11):  # locals, then one slot per cell (an argument that is a cell has two), then frees
+        return len(varnames) + len(code.co_cellvars) + len(code.co_freevars)
+    # An argument that is also a cell has one slot (it is in co_varnames and co_cellvars).
     return len(varnames) + len([c for c in code.co_cellvars if c not in varnames]) + len(code.co_freevars)
 
 
@@ -162,7 +176,8 @@ def _depths(code: types.CodeType) -> tuple[dict[int, int], tuple[tuple[int, int]
     ins = list(dis.get_instructions(code))
     by_off = {i.offset: n for n, i in enumerate(ins)}
     depth: dict[int, int] = {}
-    todo = [(ins[0].offset, 0)] if ins else []
+    # 3.10 starts a generator with GEN_START, which pops the value sent in (dis counts it as -1).
+    todo = [(ins[0].offset, 1 if ins[0].opname == "GEN_START" else 0)] if ins else []
     try:
         for e in dis.Bytecode(code).exception_entries:
             todo.append((e.target, e.depth + (1 if e.lasti else 0) + 1))
@@ -205,18 +220,32 @@ def active_loops(frame: types.FrameType) -> int:
 
 
 def _supported() -> bool:
-    return (3, 11) <= PY <= (3, 13) and sys.implementation.name == "cpython" and _PTR == 8
+    return (3, 9) <= PY <= (3, 13) and sys.implementation.name == "cpython" and _PTR == 8
 
 
 def _read_ptr(addr: int) -> int:
     return ctypes.c_void_p.from_address(addr).value or 0
 
 
-def _layout_ok(frame: types.FrameType, iframe: int) -> bool:
-    """Check the assumed 3.11 layout on this very frame before trusting it."""
-    if _read_ptr(iframe + _Layout.iframe_f_code) != id(frame.f_code):
-        return False
-    base = iframe + _Layout.iframe_localsplus
+def _locals_base(frame: types.FrameType) -> int | None:
+    """Address of the frame's first local slot (the value stack follows the locals), after checking
+    the assumed layout on this very frame; None when it does not fit."""
+    if PY >= (3, 11):
+        iframe = _read_ptr(id(frame) + _Layout.frame_f_frame)
+        if not iframe or _read_ptr(iframe + _Layout.iframe_f_code) != id(frame.f_code):
+            return None
+        base = iframe + _Layout.iframe_localsplus
+    else:
+        if _read_ptr(id(frame) + _Layout.frame_f_code) != id(frame.f_code):
+            return None
+        base = _read_ptr(id(frame) + _Layout.frame_f_valuestack) - _nlocalsplus(frame.f_code) * _PTR
+        if not id(frame) < base < id(frame) + sys.getsizeof(frame):  # localsplus is inside the frame
+            return None
+    return base if _layout_ok(frame, base) else None
+
+
+def _layout_ok(frame: types.FrameType, base: int) -> bool:
+    """The frame's known locals are where the layout puts them."""
     loc = frame.f_locals
     checked = 0
     for n, name in enumerate(frame.f_code.co_varnames):
@@ -240,10 +269,10 @@ def loop_iterators(frame: types.FrameType) -> list[Any] | None:
         return []
     if any(d is None or d < 1 for _, d in active) or min(depth.values(), default=0) < 0:
         return None  # the analysis does not fit this code: read nothing
-    iframe = _read_ptr(id(frame) + _Layout.frame_f_frame)
-    if not iframe or not _layout_ok(frame, iframe):
+    base = _locals_base(frame)
+    if base is None:
         return None
-    stack = iframe + _Layout.iframe_localsplus + _nlocalsplus(code) * _PTR
+    stack = base + _nlocalsplus(code) * _PTR
     out = []
     for _, d in sorted(active, key=lambda a: a[1]):
         ptr = _read_ptr(stack + (d - 1) * _PTR)  # the iterator sits below the loop's FOR_ITER

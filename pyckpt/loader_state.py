@@ -22,6 +22,10 @@ it hands batch k to the loop) are registered with ``count_handed_by``: their
 ``__iter__`` is wrapped to count the batches handed to the loop, so a position
 is (batches handed B, batches fetched F >= B). Fast-forward skips B and the
 restore waits until the wrapper has fetched F again (its look-ahead refilled).
+A rank that another rank reads for (accelerate's dispatcher) counts its
+``follow_fetch`` calls instead: the same points, in the loop's terms. Each
+stream also keeps the step count at each epoch start (``epoch_steps``), which
+places a checkpoint of the script's own framework in pyckpt's epoch count.
 
 The rest of the pipeline (docs/TRANSPARENCY.md, "The data pipeline"): worker
 processes' generator states per batch and the base seed (``loader_workers``),
@@ -115,6 +119,14 @@ class Stream:
     ended: bool = False
     probe: bool = False  # look for an unregistered prefetching iterator at this epoch's first fetch
     wrapper_cls: Any = None  # the class found by that probe (counted once it proved one batch per item)
+    # The primary step count at each iter() of this stream, for the last EPOCH_STEPS_KEPT epochs
+    # (epoch_steps[i]: at epoch number epoch_steps_from + i; -1: not known): maps the optimizer steps
+    # of a checkpoint the script's framework loads to the epoch it resumes in.
+    epoch_steps: list = field(default_factory=list)
+    epoch_steps_from: int = 1
+    # Another rank reads this loader and sends this rank its batches (accelerate's DataLoaderDispatcher
+    # on processes other than 0): its fetches are that rank's, one per batch handed; no worker state.
+    follower: bool = False
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
@@ -130,12 +142,15 @@ class Stream:
         if batch is not None:
             handed = max(0, min(batch, handed))
         pos: dict[str, Any] = {"sig": self.sig, "epoch": self.epochs, "batch": handed, "fetched": self.batches,
-                               "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "samplers": []}
+                               "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "samplers": [],
+                               "epoch_steps": list(self.epoch_steps), "epoch_steps_from": self.epoch_steps_from}
+        if self.follower:
+            pos["follower"] = True
         if loader is not None:
             pos["gens"] = [rng.generator_state(g) for g in generators(loader)]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
         pos.update(reshard_data.position_extra(self))  # a remapped epoch (another world size) stores its split
-        if loader is not None:
+        if loader is not None and not self.follower:  # a follower's loader is never read: nothing to save
             pos.update(self._pipeline_position(loader, self.batches - handed))
         if others:
             pos["others"] = [st.position(batch=st.mark, others=False) for st in self.tracker.zipped_with(self)]
@@ -177,6 +192,42 @@ class Stream:
         for smp, s in zip(_samplers(loader), pos.get("samplers", [])):
             for k, v in (s or {}).items():
                 setattr(smp, k, v)
+        first, steps = epoch_steps_of(pos)
+        if steps:
+            self.epoch_steps, self.epoch_steps_from = steps, first
+
+    def note_epoch_start(self, step: int) -> None:
+        """Record the step count at this epoch's ``iter()`` (epoch number ``self.epochs``)."""
+        n, first = self.epochs, self.epoch_steps_from
+        if n < first or not self.epoch_steps:
+            steps, first = [], n
+        else:
+            steps = (self.epoch_steps + [-1] * (n - first))[:n - first]  # earlier epochs; gaps unknown
+        steps.append(int(step))
+        drop = max(0, len(steps) - EPOCH_STEPS_KEPT)
+        self.epoch_steps, self.epoch_steps_from = steps[drop:], first + drop
+
+
+EPOCH_STEPS_KEPT = 256  # a framework's checkpoint older than that many epochs is not mapped (its resume wins)
+
+
+def epoch_steps_of(pos: dict[str, Any]) -> tuple[int, list[int]]:
+    """A checkpoint's (``epoch_steps_from``, ``epoch_steps``); (1, []) when absent or malformed
+    (nothing read from a checkpoint is trusted unchecked)."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    steps = pos.get("epoch_steps") if isinstance(pos, dict) else None
+    first = pos.get("epoch_steps_from", 1) if isinstance(pos, dict) else 1
+    if not isinstance(steps, list) or not all(is_int(s) for s in steps) or not is_int(first) or first < 1:
+        return 1, []
+    return first, list(steps)
+
+
+class SkippedEpoch(Exception):
+    """Raised inside a registered wrapper's iteration of an epoch that finished before the checkpoint,
+    where the wrapper cannot take an empty DataLoader (accelerate's ``DataLoaderDispatcher`` fails on
+    one): ``count_handed_by``'s iterator ends the wrapper's epoch instead."""
 
 
 def _samplers(loader: DataLoader) -> list:
@@ -415,14 +466,17 @@ class LoaderTracker:
         integrations.install(self, hooks)
 
     def count_handed_by(self, hooks: HookSet, cls: type,
-                        finish_skipped: Callable[[Any], None] | None = None) -> None:
+                        finish_skipped: Callable[[Any], None] | None = None,
+                        per_item: Callable[[Any], int] | None = None) -> None:
         """Treat ``cls`` (an iterable wrapping a DataLoader, possibly fetching ahead) as the loop's
         data source: its ``__iter__`` is wrapped to count the batches it hands to the loop.
 
         ``finish_skipped(wrapper)`` is called when the wrapper hands over something for an epoch that
         is skipped on resume (its DataLoader yields nothing then; older accelerate versions hand the
         loop ``None`` for an empty loader): the item is dropped, the wrapper's iterator closed, and
-        ``finish_skipped`` does the wrapper's end-of-epoch bookkeeping instead."""
+        ``finish_skipped`` does the wrapper's end-of-epoch bookkeeping instead (also when the wrapper's
+        code raises ``SkippedEpoch``). ``per_item(wrapper)``: DataLoader batches in one item handed to
+        the loop (default 1; accelerate's dispatcher concatenates one per process)."""
         orig = cls.__iter__
         tracker = self
 
@@ -432,17 +486,22 @@ class LoaderTracker:
                 inner = orig(wrapper)
             finally:
                 tracker.wrapper_depth -= 1
-            return tracker._count_handed(wrapper, inner, finish_skipped)
+            return tracker._count_handed(wrapper, inner, finish_skipped, per_item(wrapper) if per_item else 1)
 
         hooks.patch(cls, "__iter__", __iter__)
 
-    def _count_handed(self, wrapper: Any, inner: Any, finish_skipped: Callable[[Any], None] | None) -> Any:
+    def _count_handed(self, wrapper: Any, inner: Any, finish_skipped: Callable[[Any], None] | None,
+                      per_item: int = 1) -> Any:
         try:
             while True:
                 self.wrapper_depth += 1
                 try:
                     item = next(inner)
                 except StopIteration:
+                    return
+                except SkippedEpoch:
+                    if finish_skipped is not None:
+                        finish_skipped(wrapper)
                     return
                 finally:
                     self.wrapper_depth -= 1
@@ -455,12 +514,32 @@ class LoaderTracker:
                         finish_skipped(wrapper)
                         return
                 elif st is not None and st.handed is not None:
-                    st.handed += 1
+                    st.handed += per_item
                 yield item
         finally:
             close = getattr(inner, "close", None)
             if close is not None:
                 close()  # the loop left early (break, exception): let the wrapper clean up as usual
+
+    def follow_fetch(self, st: Stream, fetch: Callable[[], Any], got_batch: Callable[[Any], bool]) -> Any:
+        """A fetch that another rank makes for this one (``st.follower``): a snapshot or restore point
+        like a real fetch, at the same place in the loop as the reading rank's; counted in batches
+        handed to this rank. ``got_batch(result)``: whether ``fetch()`` brought a batch."""
+        st.follower = True
+        if self.armed and self._ready(st):
+            self.on_point(st)
+        self.last = st
+        result = fetch()
+        self.fetches += 1
+        if not got_batch(result):
+            st.ended = True
+            return result
+        st.batches += 1
+        self.ok_fetches += 1
+        self._fetched_since_step[id(st)] = st
+        if self.fetches == self.check_at:
+            self.on_idle_fetches()
+        return result
 
     def _route(self, cls: type, orig_next: Callable) -> None:
         """Send ``iter()`` of a DataLoader subclass with its own ``__iter__``, ``state_dict()`` and
@@ -605,6 +684,7 @@ class LoaderTracker:
         st.handed = 0 if self.wrapper_depth else None
         st.skipping = False
         st.loader = weakref.ref(loader)
+        st.note_epoch_start(getattr(getattr(self, "session", None), "step", 0) or 0)
         plan = self.plan
         target = None
         if plan is not None and plan.sig == st.sig and self.plan_stream is None:
@@ -630,7 +710,7 @@ class LoaderTracker:
         ``loader_workers.WorkerHook`` (they report their generator states with every batch).
         ``workers``: (states, base seed, first worker) of a resumed epoch."""
         fresh = (loader.num_workers > 0 and loader._dataset_kind == _DatasetKind.Map
-                 and type(loader)._get_iterator is DataLoader._get_iterator
+                 and (type(loader)._get_iterator is DataLoader._get_iterator or _is_routed(type(loader)))
                  and not (loader.persistent_workers and loader._iterator is not None))
         if not fresh:
             return orig_iter(loader)
@@ -644,7 +724,7 @@ class LoaderTracker:
         finally:
             loader.worker_init_fn = user_fn
             self._pending_workers = None
-        if isinstance(it, _MultiProcessingDataLoaderIter) and "_pyckpt_workers" not in it.__dict__:
+        if getattr(it, "_num_workers", 0) > 0 and hasattr(it, "_process_data") and "_pyckpt_workers" not in it.__dict__:
             loader_workers.attach(it, loader.num_workers, states)
         return it
 
@@ -671,7 +751,9 @@ class LoaderTracker:
             remap = reshard_data.index_sampler(loader, plan.position, st)  # another world size: reshard_data.py
             loader.__dict__["_pyckpt_skip"] = (remap if remap is not None
                                                else _SkipFirst(loader._index_sampler, plan.batch, before))
-        workers = None if remap is not None or own is not None else _saved_workers(loader, plan)
+        # StatefulDataLoader ("loader_state") keeps its positions but not its workers' generators.
+        own_workers = own is not None and key != "loader_state"
+        workers = None if remap is not None or own_workers else _saved_workers(loader, plan)
         try:
             it = self._start(loader, orig_iter, workers)
         finally:
@@ -698,7 +780,7 @@ def _saved_workers(loader: DataLoader, plan: FastForward) -> tuple | None:
     """(worker states, base seed, worker of the first remaining batch) saved for this epoch, or
     None (the checkpoint predates worker capture, or the worker count changed: said once)."""
     saved = plan.position.get("workers")
-    if loader.num_workers <= 0 or loader._dataset_kind != _DatasetKind.Map:
+    if loader.num_workers <= 0 or loader._dataset_kind != _DatasetKind.Map or plan.position.get("follower"):
         return None
     if not isinstance(saved, dict) or len(saved.get("rng") or []) != loader.num_workers:
         if not plan.position:

@@ -212,12 +212,12 @@ class _Untag:
     def __init__(self, it: Any, record: Record) -> None:
         self.ref, self.record = weakref.ref(it), record
 
-    def __call__(self, data: Any, worker_idx: int) -> Any:
+    def __call__(self, data: Any, worker_idx: int, *rest: Any) -> Any:
         it = self.ref()
         if isinstance(data, _Tagged):
             self.record.add(worker_idx, data.rng)
             data = data.data
-        return type(it)._process_data(it, data, worker_idx)
+        return type(it)._process_data(it, data, worker_idx, *rest)  # torchdata's: + the worker's own state
 
 
 class _Reset:
@@ -229,16 +229,17 @@ class _Reset:
     def __init__(self, it: Any, record: Record) -> None:
         self.ref, self.record = weakref.ref(it), record
 
-    def __call__(self, loader: Any, first_iter: bool = False) -> None:
+    def __call__(self, loader: Any, first_iter: bool = False, *rest: Any) -> None:
         it = self.ref()
         # Received ahead of their turn and never handed out, in the order the workers loaded them.
         for idx in sorted(getattr(it, "_task_info", {}) or {}):
             info = it._task_info[idx]
-            if len(info) == 2 and isinstance(info[1], _Tagged):
-                self.record.add(info[1].worker, info[1].rng)
+            tagged = _tagged(info[1]) if len(info) == 2 else None
+            if tagged is not None:
+                self.record.add(tagged.worker, tagged.rng)
         self.record.draining = True
         try:
-            type(it)._reset(it, loader, first_iter)
+            type(it)._reset(it, loader, first_iter, *rest)
         finally:
             self.record.draining = False
 
@@ -255,9 +256,17 @@ class _GetData:
     def __call__(self) -> Any:
         it = self.ref()
         idx, data = type(it)._get_data(it)
-        if self.record.draining and isinstance(data, _Tagged):
-            self.record.add(data.worker, data.rng)
+        tagged = _tagged(data) if self.record.draining else None
+        if tagged is not None:
+            self.record.add(tagged.worker, tagged.rng)
         return idx, data
+
+
+def _tagged(item: Any) -> _Tagged | None:
+    """The tagged batch in what a worker sent: the batch itself, or torchdata's (batch, worker, state)."""
+    if isinstance(item, tuple) and len(item) == 3:
+        item = item[0]
+    return item if isinstance(item, _Tagged) else None
 
 
 def attach(it: Any, workers: int, initial: list | None) -> Record:

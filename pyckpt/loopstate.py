@@ -107,16 +107,39 @@ class _Encoder:
         self.max_bytes = max_bytes
         self.module_tensors = module_tensors  # data_ptrs of module parameters/buffers (restored there)
         self.size = 0
+        self.limit = max_bytes  # where the variable being encoded stops (begin() moves it)
+
+    def begin(self) -> tuple[int, int]:
+        """Start one variable: its own budget of ``max_bytes``; returns what ``rollback`` needs."""
+        self.limit = self.size + self.max_bytes
+        return self.size, len(self.tensors)
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        """Forget a variable that was left out part-way (its size and the tensors it had added)."""
+        self.size, n = mark
+        del self.tensors[n:]
+        self._tid = {k: i for k, i in self._tid.items() if i < n}
+
+    def _grow(self, n: int) -> None:
+        # Python objects count their in-memory size (sys.getsizeof: a list its header and slots, an
+        # int 28 bytes), so a list of a million small lists is over the cap, and the walk stops there
+        # instead of encoding (and flattening, and writing) every element at every snapshot.
+        self.size += n
+        if self.size > self.limit:
+            raise _Skip(f"over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes} (Python objects counted "
+                        f"by their in-memory size)", True)
 
     def value(self, v: Any, depth: int = 0) -> list:
         t = type(v)
         if depth > 32:
             raise _Skip("nested too deeply", True)
         if t in _SCALARS:
-            self.size += len(v) if t in (str, bytes) else 8
+            self._grow(sys.getsizeof(v))
             return ["v", v]
         if isinstance(v, torch.Tensor):
             return self.tensor(v)
+        if t in (list, tuple, dict, set, frozenset, collections.deque) or isinstance(v, dict):
+            self._grow(sys.getsizeof(v))
         if t is list or t is tuple:
             return ["l" if isinstance(v, list) else "u", [self.value(x, depth + 1) for x in v]]
         if isinstance(v, dict) and (t is dict or t.__module__ == "collections"):
@@ -216,8 +239,8 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     "step" or "backward")."""
     if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
         cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
-                       "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user], "objects": [], "iters": [None for _ in user],
-                       "tensors": []})
+                       "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user],
+                       "objects": [], "iters": [None for _ in user], "tensors": []})
         cap.warnings["variables"] = "not captured (PYCKPT_LOOP_STATE_MAX_BYTES=0)"
         return cap
     enc = _Encoder(max_bytes, _module_tensor_ptrs(modules))
@@ -229,7 +252,9 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     exclude = getattr(main, "__pyckpt_exclude__", ()) if main is not None else ()
     exclude = set(exclude) if isinstance(exclude, (list, tuple, set, frozenset)) else set()
 
-    def keep(name: str, v: Any, path: list) -> list | None:
+    def keep(name: str, v: Any, path: list, quiet: bool = False) -> list | None:
+        """The encoded value, or None (left out: warned, or listed for debug when ``quiet``)."""
+        warned = cap.skipped if quiet else cap.warnings
         if path[-1] in exclude:  # the script's own opt-out: __pyckpt_exclude__ = {"name", ...}
             cap.skipped[name] = "listed in __pyckpt_exclude__"
             return None
@@ -238,14 +263,17 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 seen.add(id(v))
                 objects.append((v, path))
             return None
-        size0 = enc.size
+        mark = enc.begin()
         try:
             out = enc.value(v)
         except _Skip as s:
-            (cap.warnings if s.warn else cap.skipped)[name] = s.why
+            enc.rollback(mark)
+            (warned if s.warn else cap.skipped)[name] = s.why
             return None
-        if enc.size - size0 > max_bytes:
-            cap.warnings[name] = f"{enc.size - size0} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={max_bytes}"
+        size = enc.size - mark[0]
+        if size > max_bytes:  # several tensors, each under the cap, may be over it together
+            enc.rollback(mark)
+            warned[name] = f"{size} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={max_bytes}"
             return None
         return out
 
@@ -316,7 +344,9 @@ def _label(path: list) -> str:
 
 def _iter_state(it: Any, where: str, cap: Capture, keep: Any, depth: int = 0) -> list:
     """The position of one loop iterator (see ``_positioner``). A generator (a script's batch generator,
-    tqdm's iterator) is positioned through its frame: its locals and its own loop iterators."""
+    tqdm's iterator) is positioned through its frame: its locals and its own loop iterators. Locals
+    of a library's generator that cannot be stored are the library's business (listed for debug, not
+    warned); pyckpt's own wrapper generators are positioned by pyckpt (the loader's fast-forward)."""
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
     t = type(it)
@@ -332,14 +362,18 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, depth: int = 0) ->
         return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, depth + 1)]
     if t is zip:
         return ["zip", [_iter_state(x, where, cap, keep, depth + 1) for x in it.__reduce__()[1]]]
+    if isinstance(it, types.GeneratorType) and it.gi_frame is not None and frames.is_own_file(
+            it.gi_frame.f_code.co_filename):
+        return ["pyckpt", it.__qualname__]
     if isinstance(it, types.GeneratorType) and it.gi_frame is not None and depth < 8:
         f = it.gi_frame
+        quiet = not frames.is_user_file(f.f_code.co_filename)
         its = frames.loop_iterators(f)
         if its is not None:
             name = getattr(it, "__qualname__", "generator")
             loc = {}
             for k, v in f.f_locals.items():
-                e = keep(f"{k} (in generator {name})", v, ["gen", k])
+                e = keep(f"{k} (in generator {name})", v, ["gen", k], quiet)
                 if e is not None:
                     loc[k] = e
             return ["generator", [*frames.code_key(f.f_code), frames.position(f)], loc,
@@ -618,6 +652,12 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder"):
         return lambda: None  # pyckpt's fast-forward positioned it
     if kind == "unknown":
         return lambda: None  # warned about when the checkpoint was written
+    if kind == "pyckpt":
+        _check(len(st) == 2 and isinstance(st[1], str), "pyckpt generator")
+        f = it.gi_frame if isinstance(it, types.GeneratorType) else None
+        if f is None or not frames.is_own_file(f.f_code.co_filename) or it.__qualname__ != st[1]:
+            raise bad
+        return lambda: None  # pyckpt positions the data source it wraps (the loader's fast-forward)
     if kind == "enumerate":
         _check(len(st) == 3 and type(st[1]) is int, "enumerate")
         if type(it) is not enumerate:

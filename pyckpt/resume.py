@@ -19,7 +19,8 @@ tree; new rank r takes the per-rank part (RNG streams, module
 buffers, registered objects, loader position) of saved rank ``r % N``, so the
 RNG streams of saved ranks M..N-1 are dropped (one line says so); the
 interrupted epoch's rest is re-split by global sample count
-(``reshard_data``). Per-rank (non-DDP) and ZeRO state, loaders other than
+(``reshard_data``); FSDP2 shards are re-cut at load and ZeRO-1 state is re-split
+(``sharded``). Per-rank state of other kinds, loaders other than
 DistributedSampler + BatchSampler, and checkpoints without a DataLoader
 position are refused with one line naming both sizes, on every rank.
 """
@@ -102,7 +103,7 @@ def check_resizable(path: str, saved: int, world_size: int, rank_state: Any) -> 
     from . import sharded
 
     meta = (rank_state or {}).get("pyckpt") or {}
-    why = sharded.resize_problem(rank_state)  # FSDP2 DTensors are re-cut at load; ZeRO's per-rank state is not
+    why = sharded.resize_problem(rank_state)  # FSDP2 DTensors are re-cut at load; ZeRO-1 state is re-split
     if why is not None:
         pass
     elif not meta.get("replicated", False) or "objects" in (rank_state or {}):

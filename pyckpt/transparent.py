@@ -376,7 +376,8 @@ class Session:
         if replicated:
             state = restored.state
             discovery.merge_buffers(state, rs.get("buffers") or {})
-            sharded.merge_per_rank(state, rs)
+            # ZeRO shares: on another number of ranks, every saved rank's (ZeRO keeps what it owns now)
+            sharded.merge_per_rank(state, rs, src.path if src.src_rank >= 0 else None)
         else:
             state = rs["objects"]
         discovery.load(t, state)
@@ -408,6 +409,7 @@ class Session:
             # loop shows, and the batches (loader fetches) already consumed in it.
             say(f"resumed from step {self.step} (epoch {max(pos['epoch'] - 1, 0)}, batch {pos['batch']}) "
                 f"in {took:.1f} s")
+            self._say_ddp_bucket_order(t)
 
     def _restore_at_step(self, point: str) -> None:
         """The first step point of a relaunch resuming a checkpoint taken at a step point: the script
@@ -435,6 +437,17 @@ class Session:
             where = "optimizer.step()" if point == "step" else "backward()"
             say(f"resumed from step {self.step} (after {where}, no DataLoader position) in "
                 f"{time.monotonic() - self.started:.1f} s")
+            self._say_ddp_bucket_order(t)
+
+    def _say_ddp_bucket_order(self, t: discovery.Tracked) -> None:
+        """DDP rebuilds its gradient buckets after the first step of a process, so a relaunch's first
+        step reduces in the initial bucket order, the uninterrupted run's in the rebuilt one. With two
+        ranks a sum does not depend on the order; with three or more gloo/NCCL may add in another
+        order and the result can differ in the last bit. Said once, at resume (never silent)."""
+        if self.coord.world_size >= 3 and any(discovery.is_ddp(m) for m in t.modules):
+            say(f"note: DistributedDataParallel on {self.coord.world_size} ranks: the first step after "
+                "this resume reduces gradients in DDP's initial bucket order (the uninterrupted run had "
+                "rebuilt its buckets), so results may differ from it in the last bit")
 
     def _load_registered(self, saved: dict[str, Any]) -> None:
         missing = sorted(set(REGISTERED) - set(saved))

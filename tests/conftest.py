@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+import zygote as zygote_module
+
 
 @pytest.fixture(autouse=True)
 def _isolated_pyckpt_env():
@@ -16,6 +18,17 @@ def _isolated_pyckpt_env():
         if k not in saved:
             del os.environ[k]
     os.environ.update(saved)
+
+
+@pytest.fixture
+def zygote():
+    """The session's ``zygote.Zygote``: forks real child processes that have torch and pyckpt imported
+    already (crash and CLI tests start dozens of short-lived children; each saves the start-up)."""
+    return zygote_module.shared()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    zygote_module.close_shared()
 
 
 @pytest.fixture

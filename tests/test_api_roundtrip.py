@@ -183,12 +183,19 @@ def test_save_replaces_an_existing_checkpoint_but_not_other_dirs(tmp_path):
     assert (tmp_path / "user" / "notes.txt").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("compress", ["none", "zstd"])
-def test_state_over_one_gib(tmp_path, compress):
+@pytest.fixture(scope="module")
+def gib_state():
+    """Over 1 GiB of random values, made once for both codecs (making it takes longer than a save)."""
     g = torch.Generator().manual_seed(11)
     state = {"f32": torch.randn(150_000_000, generator=g), "bf16": torch.randn(270_000_000, generator=g).bfloat16()}
     assert sum(t.numel() * t.element_size() for t in state.values()) > 1 << 30
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+def test_state_over_one_gib(tmp_path, compress, gib_state):
+    state = gib_state
     pyckpt.save(state, tmp_path / "c", compress=compress)
     dest = {k: torch.empty_like(v) for k, v in state.items()}
     out = pyckpt.load(tmp_path / "c", into=dest)  # in place: no third copy in memory

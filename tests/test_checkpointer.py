@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pyckpt
+import zygote
 from pyckpt import _native, layout
 from pyckpt.errors import CheckpointNotFoundError, StagingTimeoutError, UnsupportedStateError
 
@@ -159,7 +160,7 @@ def test_io_error_surfaces_in_the_future_and_training_goes_on(tmp_path):
         print("LATEST:", ck.latest().step)
         print("ALIVE:", torch.equal(ck.load()["t"], torch.ones(1000)))
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    r = zygote.shared().run(script, env=dict(os.environ))  # a real process, torch already imported
     assert r.returncode == 0, r.stderr
     assert "ERROR: NativeError" in r.stdout and "LATEST: 1" in r.stdout and "ALIVE: True" in r.stdout
     assert "checkpoint of step 2 failed" in r.stderr  # the logged warning

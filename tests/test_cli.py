@@ -1,4 +1,5 @@
-"""The `pyckpt` command line, run as a real subprocess."""
+"""The `pyckpt` command line, run as a real subprocess (forked by the session's zygote; the entry
+points themselves from a fresh interpreter in test_version_and_python_dash_m)."""
 import os
 import subprocess
 import sys
@@ -7,10 +8,12 @@ import pytest
 import torch
 
 import pyckpt
+import zygote
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pyckpt.cli", *args], capture_output=True, text=True, timeout=120)
+    """``python -m pyckpt.cli ARGS``, finished: ``returncode``, ``stdout``, ``stderr``."""
+    return zygote.shared().run_module("pyckpt.cli", list(args), env=dict(os.environ), timeout=120)
 
 
 def test_help_for_every_verb(capsys):

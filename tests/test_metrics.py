@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import pyckpt
+import zygote
 from pyckpt import catalog, metrics
+
+
+def _pyckpt(*args: str):
+    """``python -m pyckpt ARGS`` in a real process (forked by the session's zygote), finished."""
+    return zygote.shared().run_module("pyckpt", list(args), env=dict(os.environ))
 
 
 def _lines(root: str) -> list[dict]:
@@ -64,8 +68,7 @@ print(json.dumps({"error": str(fut.exception()), "seen": seen}))
 
 
 def test_a_failed_save_writes_a_record_with_the_error(ckpt_root):
-    r = subprocess.run([sys.executable, "-c", _FAILING_SAVE, ckpt_root], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, PYCKPT_DISABLE="1"))
+    r = zygote.shared().run(_FAILING_SAVE, [ckpt_root], env=dict(os.environ, PYCKPT_DISABLE="1"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])
     lines = _lines(ckpt_root)
@@ -119,8 +122,7 @@ def test_finished_marker(ckpt_root):
     assert catalog.is_finished(ckpt_root) is None
     metrics.mark_finished(ckpt_root, step=99, epochs=3)
     assert catalog.is_finished(ckpt_root)["step"] == 99
-    r = subprocess.run([sys.executable, "-m", "pyckpt", "ls", ckpt_root, "--json"], capture_output=True,
-                       text=True, timeout=120)
+    r = _pyckpt("ls", ckpt_root, "--json")
     assert json.loads(r.stdout)["finished"]["epochs"] == 3
     assert metrics.clear_finished(ckpt_root) and catalog.is_finished(ckpt_root) is None
 
@@ -141,19 +143,16 @@ def test_stats_summary_and_plot(ckpt_root):
             ck.save(step, {"t": torch.randn(50_000)}).result(60)
     with open(os.path.join(ckpt_root, metrics.METRICS_FILE), "a") as f:
         f.write('{"event": "save", "step": 400, "ok": fal')  # a line cut by a crash
-    r = subprocess.run([sys.executable, "-m", "pyckpt", "stats", ckpt_root], capture_output=True, text=True,
-                       timeout=120)
+    r = _pyckpt("stats", ckpt_root)
     assert r.returncode == 0, r.stderr
     assert "3 save(s) (3 committed, 0 failed), 0 restore(s), 1 unreadable line(s)" in r.stdout
     rows = [ln for ln in r.stdout.splitlines() if ln.strip().startswith(("100 ", "200 ", "300 "))]
     assert len(rows) == 3 and all("█" in ln or "▏" in ln or ln.count(".") >= 2 for ln in rows)
-    r = subprocess.run([sys.executable, "-m", "pyckpt", "stats", ckpt_root, "--json"], capture_output=True,
-                       text=True, timeout=120)
+    r = _pyckpt("stats", ckpt_root, "--json")
     doc = json.loads(r.stdout)
     assert (doc["saves"], doc["committed"], doc["unreadable_lines"]) == (3, 3, 1)
     assert doc["bytes_written_last"] == 50_000 * 4 and doc["stall_s"]["max"] >= doc["stall_s"]["p50"]
-    r = subprocess.run([sys.executable, "-m", "pyckpt", "stats", os.path.dirname(ckpt_root)], capture_output=True,
-                       text=True, timeout=120)
+    r = _pyckpt("stats", os.path.dirname(ckpt_root))
     assert r.returncode == 2 and "no metrics" in r.stderr
 
 

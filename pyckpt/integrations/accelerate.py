@@ -4,13 +4,26 @@
 to the loop (to know which batch is the last); ``DataLoaderDispatcher`` does the same on the
 main process. Both are registered with the tracker as look-ahead wrappers so positions count
 batches handed to the loop. ``DataLoaderDispatcher`` on several processes (``dispatch_batches``)
-leaves ranks other than 0 without a data position: checkpointing is turned off on every rank,
-with one line. Never imports accelerate: called with the module the script imported.
+reads the DataLoader on process 0 only (one batch per process for each item) and broadcasts:
+process 0 counts the DataLoader batches of the items handed, the other processes follow
+(``LoaderTracker.follow_fetch``): each of their dispatcher fetches is a snapshot/restore point at
+the same place as process 0's. Skipped epochs end the dispatcher's epoch without a collective
+(it fails on an empty DataLoader). Never imports accelerate: called with the module the script
+imported.
 
 A script that resumes itself with ``Accelerator.load_state`` also positions its data itself
-(``skip_first_batches``, its own epoch counter), which pyckpt cannot follow: when it does while a
-pyckpt restore is pending, pyckpt drops its restore (never both) and says so in one line, with
-the optimizer steps of each checkpoint; pyckpt's step count continues from the loaded optimizer's.
+(its own epoch counter, ``skip_first_batches``). The two resumes compose: the checkpoint with
+more optimizer steps wins (a tie goes to pyckpt's, which holds the loader and RNG state at the
+exact point), one line says which.
+
+* pyckpt's wins: the epoch the script resumes in is found from the loaded optimizer's steps and
+  the step count at each epoch start kept in pyckpt's checkpoint; the script's
+  ``skip_first_batches`` returns the loader as it is, and pyckpt skips the finished epochs and
+  batches and restores its own state over what ``load_state`` loaded at its resume point.
+* accelerate's wins: pyckpt's pending restore is dropped and its step count continues from the
+  loaded optimizer's; the script's ``skip_first_batches`` is done at the sampler level of the same
+  loader, so pyckpt keeps counting in the same loader's terms (a later resume from its checkpoints
+  is exact).
 """
 from __future__ import annotations
 
@@ -25,41 +38,69 @@ WRAPPERS = ("DataLoaderShard", "DataLoaderDispatcher")
 ACCELERATOR = "accelerate.accelerator"
 
 
+class _Compose:
+    # After load_state: "pyckpt" (its restore is pending) or "accelerate" (its state was loaded):
+    # how the script's next skip_first_batches() is done. None: not resumed by load_state.
+    mode: str | None = None
+    at_step = 0  # the session's step count then: a skip_first_batches() after a training step is the script's own
+
+
 def install(module: ModuleType, tracker: Any, hooks: HookSet) -> None:
     """Register accelerate's look-ahead loader classes with ``tracker``."""
     for name in WRAPPERS:
         cls = getattr(module, name, None)
         if cls is not None and "__iter__" in vars(cls):
-            tracker.count_handed_by(hooks, cls, finish_skipped)
-    _refuse_multi_process_dispatch(getattr(module, "DataLoaderDispatcher", None), tracker, hooks)
+            tracker.count_handed_by(hooks, cls, finish_skipped,
+                                    _dispatched_per_item if name == "DataLoaderDispatcher" else None)
+    _follow_dispatch(getattr(module, "DataLoaderDispatcher", None), tracker, hooks)
     _install_load_state(module, tracker, hooks)
 
 
-def _refuse_multi_process_dispatch(cls: Any, tracker: Any, hooks: HookSet) -> None:
-    """``DataLoaderDispatcher`` on several processes (``dispatch_batches=True``): only process 0 reads
-    the DataLoader (``num_processes`` batches per step) and broadcasts; the others have no loader
-    position and no fetch to take a snapshot at, so ranks would not agree on snapshots (the job hung
-    at the first one). Every rank turns checkpointing off at its first ``iter()``, with one line."""
-    if cls is None or "__iter__" not in vars(cls):
+def _dispatched_per_item(loader: Any) -> int:
+    """DataLoader batches in one item a ``DataLoaderDispatcher`` hands to this process's loop: process 0
+    reads one per process (concatenated, then split) unless ``split_batches``; the others read none,
+    and count the items they are sent."""
+    state = getattr(loader, "state", None)
+    processes = getattr(state, "num_processes", 1)
+    if getattr(state, "process_index", 0) != 0 or getattr(loader, "split_batches", False):
+        return 1
+    return processes if isinstance(processes, int) and processes > 0 else 1
+
+
+def _follow_dispatch(cls: Any, tracker: Any, hooks: HookSet) -> None:
+    """``DataLoaderDispatcher._fetch_batches``: process 0 reads its DataLoader iterator there (its
+    fetches are the usual points); on the other processes each call is a follower fetch, a point at
+    the same place. An epoch skipped on resume ends at once on every process, with no broadcast."""
+    from ..loader_state import SkippedEpoch
+
+    if cls is None or not callable(vars(cls).get("_fetch_batches")):
         return
-    orig = cls.__iter__
+    orig = cls._fetch_batches
 
-    def __iter__(loader):  # noqa: N807
-        session = getattr(tracker, "session", None)
-        processes = getattr(getattr(loader, "state", None), "num_processes", 1)
-        if session is not None and isinstance(processes, int) and processes > 1:
-            session._give_up("accelerate's DataLoaderDispatcher (dispatch_batches=True) reads the data on process 0 "
-                             "only, so the other ranks have no data position to resume at; prepare the loader with "
-                             "dispatch_batches=False to have checkpoints")
-        return orig(loader)
+    def _fetch_batches(loader, iterator):
+        st = getattr(iterator, "_pyckpt_stream", None)
+        if st is None:
+            return orig(loader, iterator)
+        if st.skipping:
+            raise SkippedEpoch  # every process's DataLoader iter() of this epoch was a skipped one
+        if getattr(getattr(loader, "state", None), "process_index", 0) == 0:
+            return orig(loader, iterator)
+        return tracker.follow_fetch(st, lambda: orig(loader, iterator), _got_batch)
 
-    hooks.patch(cls, "__iter__", __iter__)
+    hooks.patch(cls, "_fetch_batches", _fetch_batches)
+
+
+def _got_batch(result: Any) -> bool:
+    """Whether ``_fetch_batches`` returned a batch: its ``batch_info`` holds the batch's structure."""
+    info = result[1] if isinstance(result, tuple) and len(result) == 2 else None
+    return isinstance(info, list) and bool(info) and info[0] is not None
 
 
 def _install_load_state(module: ModuleType, tracker: Any, hooks: HookSet) -> None:
-    """Wrap ``Accelerator.load_state`` now, or at the first ``prepare_data_loader`` call: this module is
-    imported halfway through ``accelerate.accelerator``, before the class exists; that module binds
-    ``prepare_data_loader`` from here after this runs, so it binds the wrapped one."""
+    """Wrap ``Accelerator.load_state`` and ``skip_first_batches`` now, or at the first
+    ``prepare_data_loader`` call: this module is imported halfway through ``accelerate.accelerator``,
+    before the class exists; that module binds ``prepare_data_loader`` from here after this runs, so
+    it binds the wrapped one."""
     done: list[bool] = []
 
     def patch() -> None:
@@ -76,6 +117,15 @@ def _install_load_state(module: ModuleType, tracker: Any, hooks: HookSet) -> Non
             return result
 
         hooks.patch(cls, "load_state", load_state)
+        if "skip_first_batches" not in vars(cls):
+            return
+        orig_skip = cls.skip_first_batches
+
+        def skip_first_batches(self, dataloader, num_batches=0):
+            return _skip_first_batches(tracker, dataloader, num_batches,
+                                       lambda: orig_skip(self, dataloader, num_batches=num_batches))
+
+        hooks.patch(cls, "skip_first_batches", skip_first_batches)
 
     patch()
     orig_prepare = getattr(module, "prepare_data_loader", None)
@@ -90,25 +140,90 @@ def _install_load_state(module: ModuleType, tracker: Any, hooks: HookSet) -> Non
 
 
 def _after_load_state(tracker: Any, accelerator: Any, input_dir: Any) -> None:
-    """The script resumed itself: drop pyckpt's pending restore and count steps as the loaded optimizer."""
+    """The script resumed itself: pyckpt's checkpoint or the loaded one wins, whichever is newer."""
+    from ..loader_state import Stream, epoch_steps_of
     from ..transparent import say
 
     session = getattr(tracker, "session", None)
     if session is None:
         return
     tracker.ensure_started()
-    source = session.source
+    source, plan = session.source, tracker.plan
     theirs = _optimizer_steps(accelerator)
-    if source is not None and getattr(session.coord, "rank", 0) == 0:
-        where = f"accelerate's load_state({str(input_dir)!r})" if input_dir else "accelerate's load_state()"
-        steps = f"optimizer step {theirs}" if theirs is not None else "optimizer step unknown"
-        newer = theirs is None or source.step > theirs
-        say(f"resume: the script resumes itself with {where} ({steps}); pyckpt's checkpoint {source.path} "
-            f"(step {source.step}) is {'newer' if newer else 'not newer'} but is not used: the script positions its "
-            "data itself, which pyckpt cannot follow (to resume from pyckpt's, leave load_state out)",
-            "warning" if newer else "info")
+    rank0 = getattr(session.coord, "rank", 0) == 0
+    where = f"accelerate's load_state({str(input_dir)!r})" if input_dir else "accelerate's load_state()"
+    steps = f"optimizer step {theirs}" if theirs is not None else "optimizer step unknown"
+    if source is not None and plan is not None and tracker.plan_stream is None and theirs is not None \
+            and source.step >= theirs:
+        epoch = _epoch_of(*epoch_steps_of((source.rank_state or {}).get("loader") or {}), theirs)
+        if epoch is not None and epoch <= plan.epoch:
+            # The script's first iter() of the loader after this is epoch number `epoch` of pyckpt's
+            # count; pyckpt skips from there to its position (its skip_first_batches is left to pyckpt).
+            key = tuple(plan.sig)
+            st = tracker.streams.get(key)
+            if st is None:
+                st = tracker.streams[key] = Stream(list(plan.sig), tracker)
+            st.epochs = epoch - 1
+            _Compose.mode, _Compose.at_step = "pyckpt", session.step
+            if rank0:
+                say(f"resume: pyckpt's checkpoint {source.path} (step {source.step}) is newer than or as new as "
+                    f"{where} ({steps}); resuming from pyckpt's: it replaces the loaded state at its resume point "
+                    "and positions the data itself (the script's skip_first_batches returns the loader as it is)")
+            return
+        why = "pyckpt's checkpoint does not say which epoch that step was in"
+    elif source is not None and theirs is None:
+        why = "the loaded optimizer keeps no step count to compare"
+    else:
+        why = None
+    if source is not None and rank0:
+        if why is None:
+            say(f"resume: {where} ({steps}) is newer than pyckpt's checkpoint {source.path} (step {source.step}); "
+                "resuming from accelerate's, pyckpt counts on from its step")
+        else:
+            say(f"warning: resume: the script resumes itself with {where} ({steps}); pyckpt's checkpoint "
+                f"{source.path} (step {source.step}) is not used: {why}", "warning")
     if source is not None or theirs is not None:
         session.cancel_pending_resume(theirs if theirs is not None else session.step)
+    _Compose.mode, _Compose.at_step = "accelerate", session.step
+
+
+def _epoch_of(first: int, epoch_steps: list[int], step: int) -> int | None:
+    """The epoch number (1-based ``iter()`` count) a run resuming after optimizer step ``step`` starts
+    in: the last epoch that began at or before that step (at an epoch's end: the next one).
+    ``epoch_steps[i]``: the step count when epoch number ``first + i`` began (-1: not known).
+    None when that is not known (an epoch of unknown start may be the one)."""
+    found, unknown = None, False
+    for i, s in enumerate(epoch_steps):
+        if s < 0:
+            unknown = True  # this epoch may have begun at or before `step`, after `found`'s
+        elif s <= step:
+            found, unknown = first + i, False
+        else:
+            break
+    return None if unknown else found
+
+
+def _skip_first_batches(tracker: Any, dataloader: Any, num_batches: int, orig: Any) -> Any:
+    """The script's ``skip_first_batches`` right after its ``load_state``: the same loader, positioned by
+    pyckpt (its pending restore's fast-forward, or a position-only one for accelerate's state)."""
+    from ..loader_state import FastForward, _epoch_rng, signature
+
+    mode, _Compose.mode = _Compose.mode, None
+    session = getattr(tracker, "session", None)
+    if mode is None or session is None or session.step != _Compose.at_step:
+        return orig()
+    if mode == "pyckpt" and (session.source is None or tracker.plan is None):
+        return orig()  # restored already
+    try:
+        sig = signature(dataloader)
+    except Exception:  # not a DataLoader-like loader: accelerate's own skip
+        return orig()
+    if mode == "pyckpt" or num_batches <= 0:
+        return dataloader
+    st = tracker.stream_for(dataloader)
+    tracker.plan = FastForward(sig, st.epochs + 1, int(num_batches), _epoch_rng(dataloader), False)
+    tracker.plan_stream = None
+    return dataloader
 
 
 def _optimizer_steps(accelerator: Any) -> int | None:

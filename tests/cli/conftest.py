@@ -1,18 +1,19 @@
-"""Helpers for the command-line tests: the CLI always runs as a real subprocess."""
+"""Helpers for the command-line tests: the CLI always runs as a real subprocess (forked by the
+session's zygote, torch already imported; test_cli.py runs `python -m pyckpt` from a fresh interpreter)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
+import zygote
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m pyckpt ARGS`` with captured output (stderr is a pipe, not a terminal)."""
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> zygote.Child:
+    """``python -m pyckpt ARGS`` with captured output (stderr is a file, not a terminal):
+    ``returncode``, ``stdout``, ``stderr`` as from ``subprocess.run``."""
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pyckpt", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return zygote.shared().run_module("pyckpt", list(args), env=full_env, timeout=timeout)
 
 
 @pytest.fixture

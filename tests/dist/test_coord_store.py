@@ -1,6 +1,6 @@
 """StoreCoordinator across two real processes in a gloo process group."""
 import json
-import os
+import re
 import threading
 
 import pytest
@@ -45,3 +45,59 @@ def test_store_coordinator_two_processes(tmp_path):
         assert out["bcast"] == {"token": "tok0"}
         assert out["bg"] == [0, 10]
         assert out["allreduce"] == 3.0
+
+
+def test_a_lost_rank_ends_the_wait_a_slow_one_does_not(monkeypatch):
+    """In one process over a HashStore. A rank that is late but alive (its heartbeat moves) is waited
+    for. A rank whose heartbeat stalls longer than dead_after_s is given up for, and when it arrives
+    after all it fails that same operation too (the outcome is agreed), so the next operation pairs up
+    again. A rank that is gone (its coordinator dropped, as when its node is lost) ends rank 0's wait
+    with RankLostError naming it, not at the 1800 s timeout."""
+    import gc
+    import time
+
+    from pyckpt import coord
+    from pyckpt.coord import RankLostError, StoreCoordinator
+
+    # Faster than the defaults (0.5 s beats and looks, 5 s), with a margin of 8 missed beats.
+    monkeypatch.setattr(coord, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(coord, "_LOOK_AFTER_S", 0.1)
+    store = dist.HashStore()
+    c0 = StoreCoordinator(store, 0, 2, prefix="p")
+    ranks = {1: StoreCoordinator(store, 1, 2, prefix="p")}  # dropped below: the only reference
+    c0.dead_after_s = 0.8
+
+    def later(delay, obj):
+        box = {}
+
+        def run():
+            try:
+                box["out"] = ranks[1].all_gather_json(obj, "g")
+            except RankLostError as e:
+                box["out"] = str(e)
+
+        t = threading.Timer(delay, run)
+        t.start()
+        return t, box
+
+    t, box = later(1.6, "late")
+    assert c0.all_gather_json("on time", "g") == ["on time", "late"]  # 1.6 s > dead_after_s: its counter moved
+    t.join()
+
+    lost = "rank 1 is gone: its heartbeat stopped more than 0.8 s ago while rank 0 waited for it at p/g/1"
+    monkeypatch.setattr(coord, "HEARTBEAT_S", 2.5)  # rank 1's heartbeat stalls (a long GIL hold)
+    time.sleep(0.15)  # its thread is in its next, long sleep
+    t, box = later(1.8, "stalled")
+    with pytest.raises(RankLostError, match=re.escape(lost)):
+        c0.all_gather_json("op 1", "g")
+    t.join()
+    assert box["out"] == lost  # it arrived after all: the same operation failed there too
+    monkeypatch.setattr(coord, "HEARTBEAT_S", 0.1)
+    t, box = later(0.05, "op 2")
+    assert c0.all_gather_json("op 2", "g") == ["op 2", "op 2"]  # both on op 2 again
+    t.join()
+
+    ranks.clear()  # (its heartbeat thread ends when it next wakes; the counter stands still from now)
+    gc.collect()
+    with pytest.raises(RankLostError, match=re.escape(lost.replace("p/g/1", "p/g/3"))):
+        c0.all_gather_json("alone", "g")

@@ -1,7 +1,9 @@
-"""DDP resumed on another number of ranks (transparent mode, real gloo processes, SIGKILL of the whole job).
+"""DDP, FSDP2 and ZeRO-1 resumed on another number of ranks (transparent mode, real gloo processes,
+SIGKILL of the whole job).
 
 A job is killed mid-epoch right after a committed checkpoint and relaunched with another world size:
-the restored parameters and optimizer state equal the saved ones exactly, the interrupted epoch's
+the restored parameters and optimizer state equal the saved ones exactly (FSDP2: shards re-cut;
+ZeRO: every saved rank's share read, each rank keeping what it owns now), the interrupted epoch's
 samples (every rank's log, dead attempts' steps after the checkpoint discarded) are each trained
 exactly once, and the next epoch is the normal sampler's on the new world size."""
 from __future__ import annotations
@@ -13,13 +15,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 import pyckpt
-from pyckpt import layout
+from pyckpt import layout, sharded
 from pyckpt.reshard_data import Remap, epoch_order, split_sizes
 
 pytestmark = pytest.mark.dist
@@ -80,19 +83,35 @@ def trained(tmp: Path, run: str, world: int, upto: int = 1 << 30) -> list[tuple[
     return out
 
 
-def assert_restored(tmp: Path, run: str, world: int, step: int) -> None:
-    """Every rank's state at its first batch is exactly the checkpoint's (parameters, optimizer)."""
+def saved_optimizer(tmp: Path, step: int, saved: dict, parallel: str) -> dict:
+    """The checkpoint's optimizer state ({param index: {name: tensor}}, param_groups); ZeRO: every
+    saved rank's share (each saved only the parameters it owned) merged."""
+    if parallel != "zero":
+        opt = saved["optimizers"]["0"]
+        return {"state": {int(k): v for k, v in opt["state"].items()}, "param_groups": opt["param_groups"]}
+    shares = [rs["zero"]["0"] for rs in sharded.rank_states(str(tmp / "ck" / layout.step_dir_name(step)))]
+    state = {int(k): v for z in shares for k, v in z["state"].items()}
+    assert len(state) == sum(len(z["state"]) for z in shares)  # disjoint shares
+    return {"state": state, "param_groups": shares[0]["param_groups"]}
+
+
+def assert_restored(tmp: Path, run: str, world: int, step: int, parallel: str = "ddp") -> None:
+    """Every rank's state at its first batch is exactly the checkpoint's (parameters, optimizer; FSDP2:
+    the gathered shards; ZeRO: each rank's share, together every parameter's)."""
     with pyckpt.Checkpointer(tmp / "ck") as ck:
         saved = ck.load(step=step)
+    model, opt = saved["modules"]["0"], saved_optimizer(tmp, step, saved, parallel)
+    restored: set[int] = set()
     for r in range(world):
         first = torch.load(tmp / f"{run}-first-{r}.pt", weights_only=True)
-        model, opt = saved["modules"]["0"], saved["optimizers"]["0"]
         assert first["model"].keys() == model.keys()
         assert all(torch.equal(first["model"][k], model[k]) for k in model)
         for pid, st in first["opt"]["state"].items():
-            ss = opt["state"][str(pid)] if str(pid) in opt["state"] else opt["state"][pid]
-            assert all(torch.equal(v, ss[k]) for k, v in st.items()), (r, pid)
+            assert st.keys() == opt["state"][int(pid)].keys()
+            assert all(torch.equal(v, opt["state"][int(pid)][k]) for k, v in st.items()), (r, pid)
+            restored.add(int(pid))
         assert first["opt"]["param_groups"][0]["lr"] == opt["param_groups"][0]["lr"]
+    assert restored == set(opt["state"]) and restored  # every parameter's state restored on some rank
 
 
 def assert_prefixes(log: list, epoch: int, g: list[int]) -> None:
@@ -105,7 +124,16 @@ def assert_prefixes(log: list, epoch: int, g: list[int]) -> None:
     assert len(seen) == len(g)
 
 
-def test_two_ranks_to_one_to_three_no_drop_last(tmp_path):
+@pytest.fixture(scope="module")
+def zero_first(tmp_path_factory):
+    """The ZeRO test's first launch (2 ranks, killed after step 9), started with the module's first
+    whole-job test so that it overlaps with it (the launches are mostly start-up and waiting)."""
+    tmp = tmp_path_factory.mktemp("zero")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield tmp, pool.submit(launch, tmp, "a", 2, stop_at=9, stop_after=8, PARALLEL="zero")
+
+
+def test_two_ranks_to_one_to_three_no_drop_last(tmp_path, zero_first):
     """2 -> 1 mid-epoch, then 1 -> 3 inside the same (already re-split) epoch, DistributedSampler padding."""
     # 2 ranks: 14 samples each (one pad), 5 batches per epoch; step 8 = epoch 1, batch 3.
     launch(tmp_path, "a", 2, stop_at=9, stop_after=8)
@@ -128,19 +156,41 @@ def test_two_ranks_to_one_to_three_no_drop_last(tmp_path):
     assert sorted(epoch2) == list(range(N)) and len({s for e, s, _, _ in log if e == 2}) == 3  # normal, 3 ranks
 
 
-def test_two_ranks_to_one_drop_last(tmp_path):
-    """DistributedSampler(drop_last=True) on 2 ranks (G = 26 of 27 samples), resumed mid-epoch on 1 rank."""
-    launch(tmp_path, "a", 2, stop_at=9, stop_after=8, DROP_LAST="1")  # 13 per rank, 5 batches (last of 1)
-    err_b = launch(tmp_path, "b", 1, DROP_LAST="1")
+def test_fsdp2_two_ranks_to_one_to_two_drop_last(tmp_path, zero_first):
+    """FSDP2 (fully_shard, AdamW) with DistributedSampler(drop_last=True) (G = 26 of 27 samples): 2 -> 1
+    mid-epoch, then 1 -> 2 inside the re-split epoch; the shards are re-cut both ways."""
+    env = {"DROP_LAST": "1", "PARALLEL": "fsdp"}
+    launch(tmp_path, "a", 2, stop_at=9, stop_after=8, **env)  # 13 per rank, 5 batches (last of 1)
+    err_b = launch(tmp_path, "b", 1, stop_at=11, stop_after=10, **env)
+    assert "written by 2 rank(s)) on 1 rank(s)" in err_b and "pyckpt: resumed from step 8 (epoch 1, batch 3)" in err_b
     assert "the rest of epoch 1 (8 of 26 samples, 18 trained) is split across 1 rank(s) by global sample count: " \
            "3 batch(es) per rank" in err_b
-    assert_restored(tmp_path, "b", 1, 8)
-    log = trained(tmp_path, "a", 2, upto=8) + trained(tmp_path, "b", 1)
+    err_c = launch(tmp_path, "c", 2, **env)
+    assert "written by 1 rank(s)) on 2 rank(s)" in err_c and "pyckpt: resumed from step 10 (epoch 1, batch 5)" in err_c
+    assert "the rest of epoch 1 (2 of 26 samples, 24 trained) is split across 2 rank(s)" in err_c
+    assert_restored(tmp_path, "b", 1, 8, "fsdp")
+    assert_restored(tmp_path, "c", 2, 10, "fsdp")
+    log = trained(tmp_path, "a", 2, upto=8) + trained(tmp_path, "b", 1, upto=10) + trained(tmp_path, "c", 2)
     g = epoch_order(N, True, 3, 1, 2, True)
     assert len(g) == 26
     assert Counter(i for e, _, _, idx in log if e == 1 for i in idx) == Counter(g)
     assert_prefixes(log, 1, g)
-    assert sorted(i for e, _, _, idx in log if e == 2 for i in idx) == list(range(N))  # normal sampler, 1 rank
+    epoch2 = [i for e, _, _, idx in log if e == 2 for i in idx]
+    assert sorted(epoch2) == sorted(epoch_order(N, True, 3, 2, 2, True))  # the normal sampler, 2 ranks
+
+
+def test_zero1_two_ranks_to_one(zero_first):
+    """ZeRO-1 (DDP + ZeroRedundancyOptimizer over AdamW) 2 -> 1 mid-epoch: the one rank loads both saved
+    ranks' optimizer shares and owns every parameter's state."""
+    tmp_path, first = zero_first
+    first.result(timeout=300)  # launch "a" (2 ranks), killed after step 9
+    err_b = launch(tmp_path, "b", 1, PARALLEL="zero")
+    assert "written by 2 rank(s)) on 1 rank(s)" in err_b and "pyckpt: resumed from step 8 (epoch 1, batch 3)" in err_b
+    assert "the rest of epoch 1 (9 of 27 samples, 18 trained) is split across 1 rank(s)" in err_b
+    assert_restored(tmp_path, "b", 1, 8, "zero")
+    log = trained(tmp_path, "a", 2, upto=8) + trained(tmp_path, "b", 1)
+    assert Counter(i for e, _, _, idx in log if e == 1 for i in idx) == Counter(range(N))
+    assert_prefixes(log, 1, epoch_order(N, True, 3, 1, 2, False))
 
 
 @pytest.mark.parametrize("rest,world,bs,loader_dl,sampler_dl,sizes,adjust", [

@@ -1,9 +1,13 @@
 """Transparent sharded data parallelism: examples/train_fsdp.py (FSDP2: fully_shard of blocks and root)
 and examples/train_zero.py (DDP + ZeroRedundancyOptimizer), both AdamW with a per-step cosine schedule
 and a DistributedSampler, under torchrun with PYCKPT_DIR, SIGKILLed with their whole process tree
-mid-epoch and relaunched, end with the gathered full state bitwise equal to a plain run's."""
+mid-epoch and relaunched, end with the gathered full state bitwise equal to a plain run's.
+
+Both plain reference runs start together in the background when the first test starts, so they
+overlap with the kill-and-relaunch runs (each is mostly process start-up and waiting)."""
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,17 +26,26 @@ FSDP = Example("train_fsdp.py", nproc=2, steps=18)  # 3 epochs x 6 steps
 ZERO = Example("train_zero.py", nproc=2, steps=18)
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """Example -> future of its plain run's Reference (both started now, in the background)."""
+    refs = References(tmp_path_factory.mktemp("plain"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {ex: pool.submit(refs.get, ex) for ex in (FSDP, ZERO)}
+
+
 @pytest.fixture(autouse=True)
-def _kill_leftovers():
+def _kill_leftovers(plain):
     yield
+    for fut in plain.values():  # not killed by the clean-up below: the other test needs its run
+        fut.exception(timeout=300)
     _harness.cleanup_all()
 
 
-def test_transparent_fsdp2_killed_and_relaunched_equals_plain_run(tmp_path):
-    ref = References(tmp_path).get(FSDP)
+def test_transparent_fsdp2_killed_and_relaunched_equals_plain_run(tmp_path, plain):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
     crash = kill_and_relaunch(FSDP.command(out), pyckpt_env(ckpt, every_steps=2), ckpt, out, at_step(9))
-    assert_resumed_exactly(crash, ref, out)
+    assert_resumed_exactly(crash, plain[FSDP].result(timeout=300), out)
     # The checkpoint holds each rank's shards (no gathered copy): both ranks wrote model rows.
     newest = sorted(p for p in ckpt.iterdir() if p.name.startswith("step-") and "." not in p.name)[-1]
     parts = [json.loads((newest / f"rank-0000{r}.json").read_text()) for r in range(2)]
@@ -41,11 +54,10 @@ def test_transparent_fsdp2_killed_and_relaunched_equals_plain_run(tmp_path):
     assert rows[0] and rows[1] and min(rows[1]) > 0 == min(rows[0])
 
 
-def test_transparent_zero1_killed_and_relaunched_equals_plain_run(tmp_path):
-    ref = References(tmp_path).get(ZERO)
+def test_transparent_zero1_killed_and_relaunched_equals_plain_run(tmp_path, plain):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
     crash = kill_and_relaunch(ZERO.command(out), pyckpt_env(ckpt, every_steps=2), ckpt, out, at_step(9))
-    assert_resumed_exactly(crash, ref, out)
+    assert_resumed_exactly(crash, plain[ZERO].result(timeout=300), out)
     # Each rank saved the optimizer state of the parameters it owns, none of the other's.
     newest = sorted(p for p in ckpt.iterdir() if p.name.startswith("step-") and "." not in p.name)[-1]
     owned = []

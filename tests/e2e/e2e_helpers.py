@@ -122,10 +122,9 @@ class Crash:
     resume: dict | None = field(default=None)
 
 
-def kill_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: Path,
-                      kill_when: Condition, relaunch_env: dict[str, str] | None = None,
-                      cwd: Path | None = None) -> Crash:
-    """Launch, SIGKILL the process tree once ``kill_when`` holds, relaunch to the end."""
+def launch_and_kill(cmd: list[str], env: dict[str, str], out: Path, kill_when: Condition,
+                    cwd: Path | None = None) -> Run:
+    """Launch and SIGKILL the process tree once ``kill_when`` holds (one link of a kill chain)."""
     run = _harness.launch(cmd, env, cwd)
     reached = run.wait_until(lambda: kill_when(run), KILL_TIMEOUT_S)
     assert reached and run.popen.poll() is None, (
@@ -133,6 +132,14 @@ def kill_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: 
         f"last step {run.last_step()}); stderr tail:\n{run.stderr[-3000:]}")
     run.kill()
     assert not out.exists(), "the killed run finished before the kill landed"
+    return run
+
+
+def kill_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: Path,
+                      kill_when: Condition, relaunch_env: dict[str, str] | None = None,
+                      cwd: Path | None = None) -> Crash:
+    """Launch, SIGKILL the process tree once ``kill_when`` holds, relaunch to the end."""
+    run = launch_and_kill(cmd, env, out, kill_when, cwd)
     committed = _harness.committed_steps(ckpt_dir)
     in_progress = _harness.in_progress_steps(ckpt_dir)
     resumed = run_to_end(cmd, relaunch_env or env, cwd)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 import _harness
-from e2e_helpers import (Example, References, after_commit, assert_resumed_exactly, kill_and_relaunch, pyckpt_env,
-                         run_to_end, sigterm_and_relaunch)
+from e2e_helpers import (Example, Reference, References, after_commit, assert_resumed_exactly, kill_and_relaunch,
+                         pyckpt_env, run_to_end, sigterm_and_relaunch)
 
 pytest.importorskip("accelerate", reason="accelerate is a test-only dependency (requirements-dev.txt)")
 
@@ -80,35 +80,58 @@ def test_accelerate_torchrun_two_ranks_resumes_exactly_past_epoch_0(ddp_referenc
 
 
 DISPATCH = '''
+import argparse, time
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader, TensorDataset
 
+p = argparse.ArgumentParser()
+p.add_argument("--out")
+p.add_argument("--step-sleep", type=float, default=0.0)
+args = p.parse_args()
 torch.manual_seed(0)
 accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=True))
-model = torch.nn.Linear(4, 1)
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-loader = DataLoader(TensorDataset(torch.randn(48, 4)), batch_size=4, shuffle=True)
+model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+g = torch.Generator().manual_seed(1)
+data = TensorDataset(torch.randn(40, 4, generator=g), torch.randn(40, 1, generator=g))
+loader = DataLoader(data, batch_size=4, shuffle=True, num_workers=2)
 model, opt, loader = accelerator.prepare(model, opt, loader)
-for epoch in range(2):
-    for (x,) in loader:
-        model(x).pow(2).mean().backward()
+step = 0
+for epoch in range(3):
+    for x, y in loader:
+        loss = F.mse_loss(model(x), y)
+        accelerator.backward(loss)
         opt.step()
         opt.zero_grad()
+        step += 1
+        if accelerator.is_main_process:
+            print(f"step {step} epoch {epoch} loss {loss.item():.9g}", flush=True)
+        time.sleep(args.step_sleep)
 accelerator.wait_for_everyone()
-print("done", accelerator.process_index, flush=True)
+if accelerator.is_main_process:
+    torch.save({"model": accelerator.unwrap_model(model).state_dict(), "optim": opt.optimizer.state_dict()}, args.out)
 '''
 
 
 @pytest.mark.dist
-def test_dispatch_batches_on_two_ranks_turns_checkpointing_off_on_every_rank(tmp_path):
-    # Only rank 0 reads the DataLoader (and broadcasts): rank 1 has no position and no fetch to
-    # snapshot at. Before, rank 0 snapshotted alone and the job hung at the first commit.
-    script, ckpt = tmp_path / "dispatch.py", tmp_path / "ckpt"
+def test_dispatch_batches_on_two_ranks_resumes_exactly(tmp_path):
+    # dispatch_batches=True: process 0 reads two DataLoader batches per step (one per process) and
+    # broadcasts; process 1 never reads its loader and follows (each dispatcher fetch is its point).
+    # 10 batches per epoch, so 5 steps per epoch and 15 in all. Killed right after step 7's checkpoint
+    # (epoch 1, 2 steps in, taken at process 0's fetch for step 9: one item ahead), so the relaunch
+    # also skips epoch 0 (the dispatcher fails on an empty DataLoader: it is ended at once instead).
+    script, ckpt, out = tmp_path / "dispatch.py", tmp_path / "ckpt", tmp_path / "final.pt"
     script.write_text(DISPATCH)
-    run = run_to_end(_harness.python_command(script, [], nproc=2), pyckpt_env(ckpt, every_steps=2))
-    # The two ranks write to one pipe, so their lines may interleave ("donedone").
-    assert sorted(run.stdout.replace("done", " done ").split()) == ["0", "1", "done", "done"], run.stdout
-    assert run.stderr.count("no checkpoints will be taken: accelerate's DataLoaderDispatcher") == 2, run.stderr[-3000:]
-    assert _harness.committed_steps(ckpt) == []
+    example = Example("dispatch.py", nproc=2, steps=15)
+    plain = run_to_end(example.command(tmp_path / "plain.pt", sleep=None, script=script), _harness.clean_env())
+    reference = Reference(_harness.load_state(tmp_path / "plain.pt"), plain.steps())
+    assert [s for s, _, _ in reference.steps] == list(range(1, 16)), plain.stdout
+    crash = kill_and_relaunch(example.command(out, script=script), pyckpt_env(ckpt, every_steps=7), ckpt, out,
+                              after_commit(ckpt, 7))
+    assert crash.committed and crash.committed[-1] >= 7, crash.committed
+    for run in (crash.killed, crash.resumed):
+        assert "warning" not in run.stderr and "no checkpoints will be taken" not in run.stderr, run.stderr[-3000:]
+    assert_resumed_exactly(crash, reference, out)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import _harness
-from e2e_helpers import EXAMPLES, KILL_TIMEOUT_S, RUN_TIMEOUT_S, after_commit, assert_state_equal, at_step, \
-    kill_and_relaunch, pyckpt_env, run_to_end, Reference
+from e2e_helpers import EXAMPLES, KILL_TIMEOUT_S, RUN_TIMEOUT_S, Condition, Reference, after_commit, \
+    assert_state_equal, at_step, pyckpt_env, run_to_end
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
 
@@ -26,8 +28,8 @@ RESUMED_RE = re.compile(r"pyckpt: resumed from step (\d+) ")
 FINAL_RE = re.compile(r"^FINAL .*")
 
 
-def _cmd(script: str, out: Path, sleep: bool = True) -> list[str]:
-    return _harness.python_command(EXAMPLES / script, ["--out", str(out), *(SLEEP if sleep else [])])
+def _cmd(script: str, out: Path, sleep: bool = True, nproc: int = 1) -> list[str]:
+    return _harness.python_command(EXAMPLES / script, ["--out", str(out), *(SLEEP if sleep else [])], nproc)
 
 
 def _final(run) -> str:
@@ -38,82 +40,153 @@ def _final(run) -> str:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    """script -> (Reference, FINAL line) of a run without pyckpt, made once per module."""
+    """(script, ranks) -> (Reference, FINAL line) of a run without pyckpt, made once per module."""
     root = tmp_path_factory.mktemp("loops_plain")
-    cache: dict[str, tuple[Reference, str]] = {}
+    cache: dict[tuple[str, int], tuple[Reference, str]] = {}
 
-    def get(script: str) -> tuple[Reference, str]:
-        if script not in cache:
-            out = root / (Path(script).stem + ".pt")
-            run = run_to_end(_cmd(script, out, sleep=False), _harness.clean_env())
-            cache[script] = (Reference(_harness.load_state(out), run.steps()), _final(run))
-        return cache[script]
+    def get(script: str, nproc: int = 1) -> tuple[Reference, str]:
+        if (script, nproc) not in cache:
+            out = root / f"{Path(script).stem}-{nproc}.pt"
+            run = run_to_end(_cmd(script, out, sleep=False, nproc=nproc), _harness.clean_env())
+            cache[script, nproc] = (Reference(_harness.load_state(out), run.steps()), _final(run))
+        return cache[script, nproc]
 
     return get
 
 
-def _check(crash, ref: Reference, final: str, out: Path, first_offset: int) -> None:
-    """Resumed from the newest commit; printed steps continue with no repeat or gap; equal state."""
-    assert crash.committed, "nothing was committed before the kill"
-    m = RESUMED_RE.search(crash.resumed.stderr)
-    assert m, f"no resume line:\n{crash.resumed.stderr[-3000:]}"
-    resumed_at = int(m.group(1))
-    assert resumed_at == crash.committed[-1], (resumed_at, crash.committed)
-    printed = [s for s, _, _ in crash.resumed.steps()]
-    last = ref.steps[-1][0]
-    assert printed == list(range(resumed_at + first_offset, last + 1)), (
-        f"resumed at {resumed_at}, the relaunch printed steps {printed}")
+@dataclass(frozen=True)
+class Shape:
+    """One loop shape, how it is launched, and the kill points of its chain (in order)."""
+
+    script: str
+    every: int  # PYCKPT_EVERY_STEPS
+    kills: tuple[Callable[[Path], Condition], ...]  # ckpt dir -> when to SIGKILL the current run
+    first_offset: int  # the relaunch prints resume step + this first (1: loader fetch, 0: step point)
+    mode: str = "env"  # env: PYCKPT_DIR; import: `import pyckpt` as the script's first line; wrapper: pyckpt-run
+    nproc: int = 1
+
+
+def _eval_printed(n: int) -> Callable[[Path], Condition]:
+    return lambda ckpt: lambda run: any(line.startswith(f"eval {n} ") for line in run.stdout_lines)
+
+
+def _mid(n: int) -> Callable[[Path], Condition]:
+    """Once step ``n`` was printed and a checkpoint is committed (the kill lands between commits)."""
+    return lambda ckpt: lambda run: at_step(n)(run) and bool(_harness.committed_steps(ckpt))
+
+
+def _after_commit(n: int) -> Callable[[Path], Condition]:
+    return lambda ckpt: after_commit(ckpt, n)
+
+
+SHAPES = {
+    # Trainer.run keeps self.iter_num; endless RandomSampler, 2 loader workers. Killed mid-run at step
+    # 6, then right after the commit of step 12.
+    "trainer": Shape("loop_trainer.py", 4, (_mid(6), _after_commit(12)), first_offset=1),
+    # enumerate(loader), `if i >= max_batches: break`, global_step warm-up LR; 7 steps per epoch.
+    # Killed mid-epoch 1 (resumes at the fetch of step 7 that ends epoch 0 by the break: i = 7 is
+    # restored and breaks at once), then right after the commit of step 14 (the same in epoch 1).
+    "enumerate": Shape("loop_enumerate.py", 7, (_mid(10), _after_commit(14)), first_offset=1, mode="import"),
+    # No DataLoader: snapshots at the end of optimizer.step(). Killed mid-run, then right after the
+    # evaluation at iteration 15 printed (random eval batches, prefetched X, Y, accumulation).
+    "while": Shape("loop_while.py", 4, (_mid(6), _eval_printed(15)), first_offset=0),
+    # No optimizer: snapshots at the end of backward(). Killed in epoch 2, then right after the commit
+    # of step 30 (epoch 4, 9 steps per epoch, after the global lr was divided by 4). pyckpt-run.
+    "rnn": Shape("loop_rnn.py", 5, (_mid(12), _after_commit(30)), first_offset=0, mode="wrapper"),
+    # The enumerate shape on 2 ranks (DDP, gloo, DistributedSampler); the whole tree is killed.
+    "enumerate-ddp": Shape("loop_enumerate.py", 5, (_mid(12),), first_offset=1, nproc=2),
+}
+
+
+def _launch_spec(shape: Shape, tmp: Path, out: Path) -> tuple[list[str], dict[str, str], Path | None, Path]:
+    """(command, environment, working directory, checkpoint directory) for the shape's mode."""
+    args = ["--out", str(out), *SLEEP]
+    if shape.mode == "import":  # the script with one added first line, run from its own directory
+        script = tmp / shape.script
+        script.write_text("import pyckpt\n" + (EXAMPLES / shape.script).read_text())
+        return (_harness.python_command(script, args, shape.nproc), pyckpt_env(None, every_steps=shape.every), tmp,
+                tmp / "pyckpt-checkpoints")
+    ckpt = tmp / "ckpt"
+    if shape.mode == "wrapper":
+        cmd = [*_harness.wrapper_command(), "--dir", str(ckpt), "--every-steps", str(shape.every),
+               "--max-restarts", "0", "--nproc-per-node", str(shape.nproc), str(EXAMPLES / shape.script), *args]
+        return cmd, _harness.clean_env(), None, ckpt
+    return (_harness.python_command(EXAMPLES / shape.script, args, shape.nproc),
+            pyckpt_env(ckpt, every_steps=shape.every), None, ckpt)
+
+
+def _chain(shape: Shape, ref: Reference, final: str, tmp: Path) -> list[tuple[int, list[int]]]:
+    """Kill at each of the shape's points in turn, relaunching after each, then run to the end.
+    After every relaunch: resumed from the newest commit, printed steps continue with no repeat or
+    gap, every step line equals the plain run's; at the end the same FINAL line and a bitwise
+    equal state. Returns (resumed-at, printed steps) of each relaunch."""
+    out = tmp / "final.pt"
+    cmd, env, cwd, ckpt = _launch_spec(shape, tmp, out)
     by_step = {s: (e, rest) for s, e, rest in ref.steps}
-    for run in (crash.killed, crash.resumed):
+    last = ref.steps[-1][0]
+    resumes, newest = [], 0
+    for n in range(len(shape.kills) + 1):
+        if n < len(shape.kills):
+            run = _harness.launch(cmd, env, cwd)
+            when = shape.kills[n](ckpt)
+            reached = run.wait_until(lambda: when(run), KILL_TIMEOUT_S)
+            assert reached and run.popen.poll() is None, (
+                f"kill point {n} was never reached while the run was alive (exit {run.popen.poll()}, "
+                f"last step {run.last_step()}); stderr tail:\n{run.stderr[-3000:]}")
+            run.kill()
+            assert not out.exists(), "the killed run finished before the kill landed"
+        else:
+            run = run_to_end(cmd, env, cwd)
+        printed = [s for s, _, _ in run.steps()]
         for step, epoch, rest in run.steps():
-            assert by_step[step] == (epoch, rest), f"step {step} differs from the plain run: {rest}"
-    assert _final(crash.resumed) == final
+            assert by_step[step] == (epoch, rest), f"run {n}: step {step} differs from the plain run: {rest}"
+        assert "warning" not in run.stderr, run.stderr[-3000:]
+        if n == 0:
+            assert "resumed from" not in run.stderr and printed == list(range(1, len(printed) + 1)), printed
+        else:
+            m = RESUMED_RE.search(run.stderr)
+            assert m, f"run {n}: no resume line:\n{run.stderr[-3000:]}"
+            resumed_at = int(m.group(1))
+            assert resumed_at == newest, f"run {n} resumed at {resumed_at}, the newest commit was {newest}"
+            first = resumed_at + shape.first_offset
+            assert printed == list(range(first, first + len(printed))) and printed, (
+                f"run {n}: resumed at {resumed_at}, printed steps {printed}")
+            resumes.append((resumed_at, printed))
+        if n < len(shape.kills):
+            committed = _harness.committed_steps(ckpt)
+            assert committed and committed[-1] > newest, f"run {n} committed nothing new: {committed}"
+            newest = committed[-1]
+    assert resumes[-1][1][-1] == last
+    assert _final(run) == final
     assert_state_equal(ref, out)
-    assert "warning" not in crash.resumed.stderr + crash.killed.stderr, crash.killed.stderr + crash.resumed.stderr
+    return resumes
 
 
-def test_trainer_object_with_infinite_sampler_and_workers(plain, tmp_path):
-    # Trainer.run keeps self.iter_num; 2 loader workers; killed mid-run, after the commit of step 12.
-    ref, final = plain("loop_trainer.py")
-    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    crash = kill_and_relaunch(_cmd("loop_trainer.py", out), pyckpt_env(ckpt, every_steps=4), ckpt, out,
-                              after_commit(ckpt, 12))
-    _check(crash, ref, final, out, first_offset=1)
+@pytest.mark.parametrize("name", ["trainer", "enumerate", "while", "rnn"])
+def test_loop_shape_killed_at_several_points_resumes_exactly(name, plain, tmp_path):
+    shape = SHAPES[name]
+    ref, final = plain(shape.script)
+    resumes = _chain(shape, ref, final, tmp_path)
+    if name == "enumerate":
+        assert [r for r, _ in resumes] == [7, 14]  # both at the fetch that ends an epoch by the break
+    if name == "rnn":
+        assert resumes[-1][0] == 30 and all(" lr 5" in line for line in _step_lines(resumes[-1][1], ref))
 
 
-def test_enumerate_index_and_global_step(plain, tmp_path):
-    # enumerate(loader) with `if i >= max_batches: break` and a global_step warm-up LR. The checkpoint
-    # of step 7 is taken at the fetch that ends epoch 0 by the break (7 steps per epoch); killed right
-    # after its commit, so the relaunch restores i = 7 and breaks at once.
-    ref, final = plain("loop_enumerate.py")
-    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    crash = kill_and_relaunch(_cmd("loop_enumerate.py", out), pyckpt_env(ckpt, every_steps=7), ckpt, out,
-                              after_commit(ckpt, 7))
-    _check(crash, ref, final, out, first_offset=1)
+def _step_lines(steps: list[int], ref: Reference) -> list[str]:
+    by_step = {s: rest for s, _, rest in ref.steps}
+    return [by_step[s] for s in steps]
 
 
-def test_module_level_while_loop_killed_during_evaluation(plain, tmp_path):
-    # No DataLoader: snapshots at the end of optimizer.step(); killed right after the evaluation
-    # at iteration 15 printed (random eval batches, prefetched X, Y, accumulation, global iter_num).
-    ref, final = plain("loop_while.py")
-    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    crash = kill_and_relaunch(_cmd("loop_while.py", out), pyckpt_env(ckpt, every_steps=4), ckpt, out,
-                              lambda run: any(line.startswith("eval 15 ") for line in run.stdout_lines))
-    _check(crash, ref, final, out, first_offset=0)
-
-
-def test_hand_written_updates_with_carried_hidden_state_via_pyckpt_run(plain, tmp_path):
-    # No optimizer: snapshots at the end of backward(); killed in the last epoch, after the global
-    # lr was divided by 4, so lr, hidden state, enumerate(range(...)) and epoch all come back.
-    # Launched by the pyckpt-run wrapper (torchrun, one worker).
-    ref, final = plain("loop_rnn.py")
-    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    cmd = [*_harness.wrapper_command(), "--dir", str(ckpt), "--every-steps", "5", "--max-restarts", "0",
-           str(EXAMPLES / "loop_rnn.py"), "--out", str(out), *SLEEP]
-    crash = kill_and_relaunch(cmd, _harness.clean_env(), ckpt, out, after_commit(ckpt, 30))
-    assert crash.committed[-1] == 30  # epoch 4 (9 steps per epoch), after lr /= 4
-    assert any(" lr 5" in line for line in crash.resumed.stdout_lines)
-    _check(crash, ref, final, out, first_offset=0)
+@pytest.mark.dist
+@pytest.mark.slow
+def test_enumerate_shape_under_ddp_on_gloo_resumes_exactly(plain, tmp_path):
+    # torchrun, 2 ranks: DDP and a DistributedSampler; the whole process tree is SIGKILLed mid-epoch.
+    shape = SHAPES["enumerate-ddp"]
+    ref, final = plain(shape.script, nproc=2)
+    assert [s for s, _, _ in ref.steps] == list(range(1, 22)) and "global_step 21" in final
+    resumes = _chain(shape, ref, final, tmp_path)
+    assert resumes[0][0] == 10  # epoch 1, i = 3: mid-epoch
 
 
 def test_never_killed_while_loop_equals_plain_and_an_edited_script_is_refused(plain, tmp_path):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 import _harness
-from e2e_helpers import (Example, Reference, after_commit, assert_resumed_exactly, kill_and_relaunch, pyckpt_env,
-                         run_to_end)
+from e2e_helpers import (Example, Reference, after_commit, assert_resumed_exactly, kill_and_relaunch, launch_and_kill,
+                         pyckpt_env, run_to_end)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
 
@@ -21,10 +21,17 @@ FLAGS = ["--persistent-workers", "--paired"]
 
 
 def test_random_augmentation_in_workers_resumes_exactly_mid_epoch(references, tmp_path):
-    # Step 5's snapshot is taken before batch 5 of epoch 0: worker 1's, which has loaded 2 batches.
+    # A chain of two kills. Step 5's snapshot is taken before batch 5 of epoch 0: worker 1's, which
+    # has loaded 2 batches; the relaunch is killed again right after the commit of step 20 (before
+    # batch 9 of epoch 1, worker 1's again) and the second relaunch runs to the end.
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    crash = kill_and_relaunch(AUGMENT.command(out), pyckpt_env(ckpt, every_steps=5), ckpt, out,
-                              after_commit(ckpt, 5))
+    env = pyckpt_env(ckpt, every_steps=5)
+    launch_and_kill(AUGMENT.command(out), env, out, after_commit(ckpt, 5))
+    crash = kill_and_relaunch(AUGMENT.command(out), env, ckpt, out, after_commit(ckpt, 20))
+    first = _harness.resume_line(crash.killed.stderr)
+    assert first is not None and first["step"] == 5, crash.killed.stderr[-2000:]
+    assert crash.killed.steps()[0][0] == 6, crash.killed.stdout[-1000:]  # continued, no repeat or gap
+    assert crash.resume is not None and crash.resume["step"] == 20, crash.resumed.stderr[-2000:]
     assert_resumed_exactly(crash, references.get(AUGMENT), out)
 
 
@@ -50,10 +57,15 @@ def test_iterable_dataset_with_state_dict_is_positioned_through_it(references, t
     # Step 15's snapshot is taken before batch 5 of epoch 1. The dataset's own state (pass 1,
     # record 20) is saved and loaded back: the relaunch reads only the 60 records from there on,
     # where loading and dropping batches would read 20 more (and replay epoch 1 with epoch 0's
-    # shuffle: a fresh dataset object has not counted the skipped pass).
+    # shuffle: a fresh dataset object has not counted the skipped pass). Before that, a first run is
+    # killed mid-epoch 0 (after the commit of step 5) and resumed: a chain of two kills.
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    crash = kill_and_relaunch(ITERABLE.command(out), pyckpt_env(ckpt, every_steps=5), ckpt, out,
-                              after_commit(ckpt, 15))
+    env = pyckpt_env(ckpt, every_steps=5)
+    launch_and_kill(ITERABLE.command(out), env, out, after_commit(ckpt, 5))
+    crash = kill_and_relaunch(ITERABLE.command(out), env, ckpt, out, after_commit(ckpt, 15))
+    first = _harness.resume_line(crash.killed.stderr)
+    assert first is not None and first["step"] == 5, crash.killed.stderr[-2000:]
+    assert crash.killed.steps()[0][0] == 6, crash.killed.stdout[-1000:]  # continued, no repeat or gap
     assert crash.resume is not None and crash.resume["step"] == 15, crash.resumed.stderr[-2000:]
     assert "records read 60" in crash.resumed.stdout, crash.resumed.stdout[-500:]
     assert_resumed_exactly(crash, references.get(ITERABLE), out)

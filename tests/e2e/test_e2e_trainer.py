@@ -7,7 +7,9 @@ look-ahead loader and keeps its own counters (TrainerState) and epoch loop.
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -52,18 +54,6 @@ def test_trainer_resumes_exactly(kill_point, references, tmp_path):
     # The Trainer's own checkpoints carry the same numbers as in the plain run.
     plain_out = references.root / "train_trainer.pt"
     assert _trainer_checkpoints(out) == _trainer_checkpoints(plain_out)
-
-
-@pytest.mark.dist
-def test_trainer_torchrun_two_ranks_resumes_exactly_past_epoch_0(tmp_path_factory, tmp_path):
-    # The shared References cache is keyed by script name; the 2-rank run has its own.
-    refs = References(tmp_path_factory.mktemp("trainer_ddp"))
-    reference = refs.get(TRAINER_DDP)
-    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    crash = kill_and_relaunch(TRAINER_DDP.command(out), pyckpt_env(ckpt, every_steps=2), ckpt, out,
-                              after_commit(ckpt, 8))  # mid-epoch 2, both ranks one batch ahead
-    assert_resumed_exactly(crash, reference, out)
-    assert _trainer_checkpoints(out) == _trainer_checkpoints(refs.root / "train_trainer.pt")
 
 
 # ----------------------------------------------------------------------------- the Trainer's own resume too
@@ -200,3 +190,38 @@ def test_kill_during_trainer_save_with_its_own_resume(references, tmp_path):
     assert winner == "pyckpt" and "checkpoint-8 (incomplete" in run.stderr, run.stderr[-3000:]
     assert_state_equal(reference, out)
     assert _trainer_checkpoints(out) == _trainer_checkpoints(references.root / "train_trainer.pt")
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 gloo ranks
+@pytest.fixture(scope="module")
+def ddp_references(tmp_path_factory) -> References:
+    # The shared References cache is keyed by script name; the 2-rank run has its own.
+    return References(tmp_path_factory.mktemp("trainer_ddp"))
+
+
+@pytest.mark.dist
+def test_trainer_torchrun_two_ranks_own_resume_sigterm_and_pyckpt_resume(ddp_references, tmp_path):
+    # 3 optimizer steps per epoch on each rank, 9 in all; pyckpt every 3 steps, the Trainer every 4.
+    # Kill 1 (SIGKILL) right after the Trainer's checkpoint-4: its own resume wins (pyckpt has 3) and
+    # starts in epoch 1. Kill 2: SIGTERM to torchrun once step 5 is printed: every rank takes pyckpt's
+    # checkpoint at the next point and exits. The relaunch resumes from pyckpt's (newer than the
+    # Trainer's 4), at a position recorded after the Trainer's resume, past epoch 0.
+    reference = ddp_references.get(TRAINER_DDP)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    cmd = TRAINER_DDP.command(out, sleep=RESUME_SLEEP) + ["--resume"]
+    env = pyckpt_env(ckpt, every_steps=3)
+    _launch_and_kill(cmd, env, _trainer_checkpoint_written(out, 4))
+    second = _harness.launch(cmd, env)
+    assert second.wait_until(lambda: second.last_step() >= 5, KILL_TIMEOUT_S), second.stderr[-3000:]
+    before = _harness.committed_steps(ckpt)
+    os.kill(second.popen.pid, signal.SIGTERM)
+    rc = second.finish(RUN_TIMEOUT_S)
+    assert rc != 0 and not out.exists(), f"exit {rc}: the job trained to the end\n{second.stderr[-3000:]}"
+    won = WON_RE.findall(second.stderr)
+    assert [(w.startswith("pyckpt"), int(s)) for w, s in won] == [(False, 4)], second.stderr[-3000:]
+    assert _harness.committed_steps(ckpt)[-1] > max(before + [4]), (before, _harness.committed_steps(ckpt))
+    assert_lines_match(second, reference)
+    winner, _ = _relaunch_and_check(cmd, env, ckpt, out, reference)
+    assert winner == "pyckpt"
+    assert_state_equal(reference, out)
+    assert _trainer_checkpoints(out) == _trainer_checkpoints(ddp_references.root / "train_trainer.pt")

@@ -3,13 +3,12 @@ retention and garbage collection: the previous checkpoint always loads, the newe
 and the next successful save leaves nothing behind.
 
 Each point is hit deterministically through PYCKPT_TEST_CRASH_AT (pyckpt.commit.CRASH_POINTS),
-one child process per point, all in one root: every child first makes a clean save (which must
-collect the leftovers of the previous child's crash), then crashes in its second save.
+one child process per point (forked by the zygote fixture, torch already imported), all in one
+root: every child first makes a clean save (which must collect the leftovers of the previous
+child's crash), then crashes in its second save.
 """
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -48,19 +47,13 @@ COMMITTED = ("commit.dir_rename.after", "commit.exchange.after", "commit.old_rem
 RESAVE = ("commit.exchange", "commit.old_remove")  # reached only when re-saving an existing path
 
 
-def dead_pid() -> int:
-    r = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(r.stdout)
-
-
-def run_child(root, s1, g1, s2, g2, point, api=False):
-    args = [root, s1, g1, s2, g2, point, dead_pid(), int(api)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
-    r = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, timeout=120,
-                       env=env)
-    assert r.returncode == -signal.SIGKILL, f"{point}: not reached (rc {r.returncode})\n{r.stdout}\n{r.stderr}"
-    clean = [ln for ln in r.stdout.splitlines() if ln.startswith("CLEAN ")]
-    assert len(clean) == 1, r.stdout + r.stderr
+def run_child(zygote, root, s1, g1, s2, g2, point, api=False):
+    dead = zygote.run("").pid  # a process that has exited: the leftovers' writer is dead
+    child = zygote.run(CHILD, [root, s1, g1, s2, g2, point, dead, int(api)], timeout=120)
+    assert child.returncode == -signal.SIGKILL, (
+        f"{point}: not reached (rc {child.returncode})\n{child.stdout}\n{child.stderr}")
+    clean = [ln for ln in child.stdout.splitlines() if ln.startswith("CLEAN ")]
+    assert len(clean) == 1, child.stdout + child.stderr
     return clean[0][6:]
 
 
@@ -70,7 +63,7 @@ def check_loads(where, expect_g):
     assert torch.equal(out["t"], torch.arange(N, dtype=torch.float32) + expect_g)
 
 
-def test_every_crash_point_keeps_a_loadable_checkpoint_and_leaves_nothing(tmp_path):
+def test_every_crash_point_keeps_a_loadable_checkpoint_and_leaves_nothing(tmp_path, zygote):
     import json
 
     root = str(tmp_path / "root")
@@ -79,7 +72,7 @@ def test_every_crash_point_keeps_a_loadable_checkpoint_and_leaves_nothing(tmp_pa
         resave = point.startswith(RESAVE)
         g1, g2 = g + 1, g + 2
         s1, s2 = g1, (g1 if resave else g2)
-        clean = json.loads(run_child(root, s1, g1, s2, g2, point))
+        clean = json.loads(run_child(zygote, root, s1, g1, s2, g2, point))
         if g:  # the clean save collected everything the previous crash left
             assert clean == [[".pyckpt.lock", "latest", "metrics.jsonl", f"step-{s1:09d}"],
                              ["MANIFEST.json", "rank-00000", "rank-00000.json"]], (point, clean)
@@ -94,7 +87,7 @@ def test_every_crash_point_keeps_a_loadable_checkpoint_and_leaves_nothing(tmp_pa
     check_loads(root, g + 1)
 
 
-def test_resaving_one_path_never_leaves_it_empty(tmp_path):
+def test_resaving_one_path_never_leaves_it_empty(tmp_path, zygote):
     """pyckpt.save over an existing checkpoint: the path holds a complete checkpoint at every point."""
     import json
 
@@ -103,7 +96,7 @@ def test_resaving_one_path_never_leaves_it_empty(tmp_path):
     points = [p for p in commit.CRASH_POINTS if p.startswith(("commit.manifest", "commit.exchange",
                                                                 "commit.old_remove"))]
     for point in points:
-        clean = json.loads(run_child(path, 0, g + 1, 0, g + 2, point, api=True))
+        clean = json.loads(run_child(zygote, path, 0, g + 1, 0, g + 2, point, api=True))
         assert clean == ["ckpt"], (point, clean)  # the previous crash's leftovers were collected
         check_loads(path, g + 2 if point.startswith(COMMITTED) else g + 1)
         g += 2

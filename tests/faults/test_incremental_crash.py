@@ -3,8 +3,6 @@ every committed checkpoint still loads bitwise (its references resolve), and the
 relaunch collect the leftovers without breaking a reference (PYCKPT_TEST_CRASH_AT points)."""
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -64,11 +62,9 @@ POINTS = [
 
 
 @pytest.mark.parametrize("point, committed", POINTS, ids=[p for p, _ in POINTS])
-def test_crash_mid_incremental_save_leaves_everything_loadable(tmp_path, point, committed):
+def test_crash_mid_incremental_save_leaves_everything_loadable(tmp_path, zygote, point, committed):
     root = str(tmp_path / "root")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
-    r = subprocess.run([sys.executable, "-c", CHILD, root, __file__, point], capture_output=True, text=True,
-                       timeout=120, env=env)
+    r = zygote.run(CHILD, [root, __file__, point], timeout=120)  # a real process, torch already imported
     assert r.returncode == -signal.SIGKILL, f"{point}: not reached (rc {r.returncode})\n{r.stdout}\n{r.stderr}"
     assert _check_root(root) == committed
     # A relaunch: its saves collect the crash's leftovers and still reference the frozen base.

@@ -2,19 +2,19 @@
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 from pathlib import Path
 import torch
 
 import pyckpt
+import zygote
 from pyckpt.errors import CorruptCheckpointError
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pyckpt.cli", *args], capture_output=True, text=True, timeout=120)
+    """``python -m pyckpt.cli ARGS`` in a real process forked by the session's zygote, finished."""
+    return zygote.shared().run_module("pyckpt.cli", list(args), env=dict(os.environ), timeout=120)
 
 
 @pytest.fixture

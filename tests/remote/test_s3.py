@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import pyckpt
+import zygote
 from pyckpt import cli, knobs
 from pyckpt.errors import ConfigError
 from s3_helpers import child_env, keys, run_py, same
@@ -125,7 +126,7 @@ def test_sigkill_during_upload_keeps_a_loadable_checkpoint(bucket, s3_env, tmp_p
     newest although `latest` still names step 1, and retention has not yet deleted step 1)."""
     name, fs = bucket
     url = f"s3://{name}/run"
-    r = run_py(_WRITER, url, env=dict(child_env(s3_env), PYCKPT_TEST_CRASH_AT=point))
+    r = zygote.shared().run(_WRITER, [url], env=dict(child_env(s3_env), PYCKPT_TEST_CRASH_AT=point))  # torch imported
     assert r.returncode == -9 and r.stdout == "committed 1\n", r.stderr[-2000:]
     assert "step-000000002/rank-00000/data-000.bin" in keys(fs, f"{name}/run")
     assert fs.cat_file(f"{name}/run/latest") == b"step-000000001\n"

@@ -36,6 +36,23 @@ def writer():
     F.write_locals(sys._getframe(), {"a": 41, "b": "y"})
     return a, b
 ok["write_locals"] = writer() == (41, "y")
+def resumed():  # a resume puts a running loop at a saved position: consume, then set the index
+    seen = []
+    for i, x in enumerate([10, 20, 30, 40, 50]):
+        if not seen:
+            its = F.loop_iterators(sys._getframe())
+            inner = its[0].__reduce__()[1][0]
+            next(inner); next(inner)
+            F.set_enumerate_index(its[0], 3)
+        seen.append((i, x))
+    return seen
+ok["restore position"] = resumed() == [(0, 10), (3, 40), (4, 50)]
+def cells(a, b):  # an argument that is also a cell: 3.9/3.10 give it two slots
+    def inner(): return a
+    for q in [1, 2, 3]:
+        its = F.loop_iterators(sys._getframe())
+        return its is not None and its[0].__length_hint__() == 2 and inner() == a
+ok["cell argument"] = cells(1, 2)
 e = enumerate("abcdef"); next(e)
 ok["enumerate index"] = F.set_enumerate_index(e, 4) and next(e) == (4, "b")
 def nested():

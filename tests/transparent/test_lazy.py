@@ -9,6 +9,7 @@ exist (discarded with one warning line); it never holds a later value.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -22,6 +23,11 @@ import pyckpt.activation as activation
 import pyckpt.lazy as lazy
 
 SC = os.environ["SCENARIO"]
+captures = []
+if SC == "shm":  # every engine capture, by the directory it writes (the memory tier's or storage's)
+    import pyckpt.writer as writer
+    real_start = writer.start
+    writer.start = lambda *a, **k: captures.append(str(a[2])) or real_start(*a, **k)
 if SC == "guard":
     lazy.EAGER_MAX_BYTES = 0  # buffers are then guarded by version counters instead of copied at once
 torch.manual_seed(0)
@@ -51,7 +57,7 @@ def tensors(v, path, out):
     elif isinstance(v, dict):
         for k, x in v.items():
             tensors(x, f"{path}/{k}", out)
-result = {"armed": armed, "equal": {}}
+result = {"armed": armed, "equal": {}, "captures": captures}
 with pyckpt.Checkpointer(os.environ["PYCKPT_DIR"]) as ck:
     for s, exp in expected.items():
         try:
@@ -89,6 +95,19 @@ def test_lazy_snapshot_holds_the_consistent_point_values_bn_buffers_included(tmp
     # lazy: armed (copy in flight) while forward mutates BatchNorm buffers; PYCKPT_LAZY=0: copied at once
     assert res["armed"] == {s: scenario == "bn" for s in ("2", "4", "6")}
     assert res["equal"] == {"2": True, "4": True, "6": True}
+
+
+def test_memory_tier_captures_once_and_storage_holds_the_consistent_point_values(tmp_path):
+    from pyckpt import shm_tier
+
+    try:
+        res, warnings = _run(tmp_path, "shm", PYCKPT_SHM_MB="64", PYCKPT_STORAGE_EVERY="1")
+    finally:
+        shutil.rmtree(shm_tier.shm_path(str(tmp_path / "ck")), ignore_errors=True)
+    assert warnings == []
+    assert res["equal"] == {"2": True, "4": True, "6": True}  # storage's copies, read back bitwise
+    # Each snapshot was captured once, by the memory tier; storage's checkpoint was copied from it.
+    assert len(res["captures"]) >= 3 and all(c.startswith(shm_tier.SHM_ROOT) for c in res["captures"])
 
 
 def test_parameter_changed_after_arming_discards_the_checkpoint_then_eager(tmp_path):

@@ -1,6 +1,6 @@
 """Loader wrappers that fetch ahead of the training loop (issue 11, items 1-3), without accelerate.
 
-``LookAhead`` below does what accelerate's ``DataLoaderShard`` does: it takes batch k+1 from
+``LookAhead`` (tracked_loop.py) does what accelerate's ``DataLoaderShard`` does: it takes batch k+1 from
 the DataLoader before it hands batch k to the loop, and (as accelerate 1.4 did) hands the loop
 ``None`` when the DataLoader yields nothing.
 """
@@ -10,98 +10,23 @@ import re
 import sys
 
 import pytest
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from pyckpt.hooks import HookSet
-from pyckpt.integrations.accelerate import finish_skipped
 from pyckpt.loader_state import FastForward, LoaderTracker
+from tracked_loop import Items, LookAhead, resumes_exactly
 from transparent_helpers import run_script
 
 
-class Items(Dataset):
-    """Items are their own index."""
-
-    def __init__(self, n: int = 23) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.tensor(i)
-
-
-class LookAhead:
-    """Hands batch k to the loop only after fetching batch k+1 (to know which batch is the last)."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader, self.iteration, self.ended = loader, 0, 0
-
-    def __iter__(self):
-        it = iter(self.loader)
-        try:
-            current = next(it)
-        except StopIteration:
-            yield  # accelerate 1.4: None for an empty loader, then UnboundLocalError below
-        while True:
-            try:
-                following = next(it)
-                yield current
-                current = following
-            except StopIteration:
-                yield current
-                break
-        self.iteration += 1
-        self.end()
-
-    def end(self) -> None:
-        self.ended += 1
-
-
-def _run(epochs: int, *, stop=None, plan=None, seed=0, register=True):
+def _resume_equals_reference(stop, epochs=3):
     """The loop trains on what LookAhead hands it; after handing batch `stop[1]` of epoch `stop[0]`
     (1-based count) a step arms the tracker, as the session does after an optimizer step."""
-    hooks, got = HookSet(), {}
-
-    def on_point(st):
-        if tracker.plan is not None and st is tracker.plan_stream:
-            torch.set_rng_state(plan[1])  # what the session restores at the snapshot point
-            tracker.plan = None
-        if got.pop("want", False):
-            got["pos"], got["rng"] = st.position(), torch.get_rng_state()
-        tracker.armed = False
-
-    tracker = LoaderTracker(on_point, lambda: None, lambda: None)
-    tracker.install(hooks)
-    if register:
-        tracker.count_handed_by(hooks, LookAhead, finish_skipped)
-    if plan is not None:
-        tracker.plan = FastForward.from_position(plan[0])
-    out = []
-    try:
-        torch.manual_seed(seed)
-        wrapped = LookAhead(DataLoader(Items(), batch_size=4, shuffle=True))
-        for e in range(epochs):
-            for i, b in enumerate(wrapped):
-                out.append((e, b.tolist()))
-                if stop == (e, i + 1):
-                    got["want"], tracker.armed = True, True
-    finally:
-        hooks.remove_all()
-    return out, got, wrapped
-
-
-def _resume_equals_reference(stop, epochs=3):
-    ref, got, ref_wrapped = _run(epochs, stop=stop)
-    assert "pos" in got, "the snapshot point was never reached"
-    n_before = sum(1 for e, _ in ref if e < stop[0]) + stop[1]
-    resumed, _, wrapped = _run(epochs, plan=(got["pos"], got["rng"]), seed=777)
-    assert resumed == ref[n_before:]
+    make = lambda: LookAhead(DataLoader(Items(), batch_size=4, shuffle=True))  # noqa: E731
+    pos, ref_wrapped, wrapped = resumes_exactly(make, stop, epochs=epochs, resume_seed=777, handed_by=LookAhead)
     # The wrapper's own per-epoch bookkeeping ran for every epoch, skipped ones included.
     assert (wrapped.iteration, wrapped.ended) == (ref_wrapped.iteration, ref_wrapped.ended) == (epochs, epochs)
-    return got["pos"]
+    return pos
 
 
 def test_position_counts_batches_handed_to_the_loop_not_fetched():
@@ -141,7 +66,7 @@ SCRIPT = """
 import sys, torch
 from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, {here!r})
-from test_lookahead import LookAhead
+from tracked_loop import LookAhead
 
 torch.manual_seed(0)
 model = torch.nn.Linear(3, 1)

@@ -267,3 +267,96 @@ def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypat
     off = {}
     f(lambda fr: off.setdefault("c", loopstate.capture([fr], "step", 0, [])))
     assert off["c"].tree["locals"] == [{}] and "PYCKPT_LOOP_STATE_MAX_BYTES=0" in off["c"].warnings["variables"]
+
+
+def test_pyckpt_own_wrapper_generator_in_the_loop_is_not_warned_about():
+    # A loop over a wrapper pyckpt counts (accelerate's DataLoaderShard, a prefetching iterator)
+    # iterates pyckpt's own generator, LoaderTracker._count_handed; its locals (the wrapper's
+    # generator) are pyckpt's business: positioned by the loader's fast-forward, never warned about.
+    from pyckpt.loader_state import LoaderTracker
+
+    tracker = LoaderTracker(lambda st: None, lambda: None, lambda: None)
+
+    def wrapper_iter():  # the wrapper's own generator: unrestorable if it were the script's
+        yield from range(4)
+
+    def f(hook):
+        for x in tracker._count_handed(object(), wrapper_iter(), None):
+            hook(sys._getframe())
+        return x
+
+    caps = []
+    f(lambda fr: caps.append(loopstate.capture([fr], "loader", 1 << 20, [])) if not caps else None)
+    assert not caps[0].warnings, caps[0].warnings
+    saved = through_format(caps[0].tree)
+    assert saved["iters"] == [[["pyckpt", "LoaderTracker._count_handed"]]]
+    plans = []
+    assert f(lambda fr: plans.append(loopstate.prepare(saved, [fr], "loader")) if not plans else None) == 3
+    plans[0].apply()  # accepted against the same kind of generator; nothing to write
+
+    def g(hook):  # the same shape over the script's own generator: not what the checkpoint holds
+        for x in batches(4):
+            hook(sys._getframe())
+
+    with pytest.raises(PyckptError, match="iterates a generator now, the checkpoint has pyckpt"):
+        g(lambda fr: loopstate.prepare({**saved, "stack": loopstate.stack_signature([fr], "loader")}, [fr],
+                                       "loader"))
+
+
+LIBRARY_WRAPPER = '''
+def wrap(iterable):
+    helper = iter(lambda: 0, 1)  # the library's own iterator: not the script's to warn about
+    n = 0
+    for x in iterable:
+        n += 1
+        yield n, x
+'''
+
+
+def test_library_generator_locals_are_not_warned_but_its_loop_is_positioned():
+    # A tqdm-style wrapper from an installed package: its frame is followed to position its loop
+    # (and its restorable locals come back), but what it holds that cannot be stored is listed for
+    # debug, not named in the "resume will not be exact" warning as if the script read it.
+    import sysconfig
+
+    ns: dict = {}
+    exec(compile(LIBRARY_WRAPPER, f"{sysconfig.get_paths()['purelib']}/somelib/wrap.py", "exec"), ns)
+
+    def f(hook, trace):
+        for n, x in ns["wrap"]([10, 20, 30, 40, 50]):
+            hook(sys._getframe())
+            trace.append((n, x))
+        return trace
+
+    plain, caps = f(lambda fr: None, []), []
+    f(lambda fr: caps.append(loopstate.capture([fr], "step", 1 << 20, [])) if len(caps) < 3 else None, [])
+    cap = caps[2]
+    assert not cap.warnings, cap.warnings
+    assert any(k.startswith("helper (in generator wrap)") for k in cap.skipped), cap.skipped
+    saved, done = through_format(cap.tree), []
+
+    def res(fr):
+        if not done:
+            done.append(1)
+            loopstate.prepare(saved, [fr], "step").apply()
+
+    assert f(res, []) == plain  # the trace list is a restored local too
+
+
+def test_many_small_objects_count_toward_the_cap_and_a_left_out_variable_leaves_no_tensor():
+    # A list of 200k empty lists is ~0 bytes of payload but 200k nodes to encode, flatten and
+    # write at every snapshot: slots count toward the cap, so it is left out with a warning.
+    def f(hook):
+        junk = [[] for _ in range(200_000)]
+        mixed = [torch.ones(4), [[] for _ in range(200_000)]]  # its tensor was encoded before the skip
+        kept = [1, 2, 3]
+        hook(sys._getframe())
+        return junk, mixed, kept
+
+    got = {}
+    f(lambda fr: got.setdefault("c", loopstate.capture([fr], "step", 1 << 20, [])))
+    cap = got["c"]
+    assert "PYCKPT_LOOP_STATE_MAX_BYTES" in cap.warnings["junk (in f)"], cap.warnings
+    assert "PYCKPT_LOOP_STATE_MAX_BYTES" in cap.warnings["mixed (in f)"], cap.warnings
+    assert set(cap.tree["locals"][0]) == {"kept"}
+    assert cap.tree["tensors"] == []  # mixed's tensor was rolled back with it

@@ -1,9 +1,9 @@
 """pyckpt/frames.py (the interpreter-specific part of loop state) on every CPython 3.9-3.13 found
 on this machine: frames.py needs no torch, so each interpreter runs ``frames_probe.py`` on it.
 
-Loop iterator positions are read from the frame's value stack on 3.11-3.13; 3.9 and 3.10 must say
-"not supported" (then the first snapshot warns) rather than read anything. Writing locals and an
-enumerate index must work on all of them."""
+Loop iterator positions are read from the frame's value stack (``_PyInterpreterFrame`` on
+3.11-3.13, ``PyFrameObject`` on 3.9 and 3.10) and put back by consuming the iterator and writing an
+enumerate index; writing locals must work on all of them."""
 from __future__ import annotations
 
 import glob
@@ -40,8 +40,6 @@ def test_frames_on_each_python(minor):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     checks = out["checks"]
     assert checks["write_locals"] and checks["enumerate index"] and checks["position/code_key"], out
-    assert checks["active_loops"], out  # so an unsupported version can say that loop positions are lost
-    if minor >= 11:
-        assert out["supported"] and checks["nested loops"] and checks["generator frame"], out
-    else:
-        assert not out["supported"] and not checks["nested loops"], out  # nothing read: warned instead
+    assert checks["active_loops"], out
+    assert out["supported"] and checks["nested loops"] and checks["generator frame"], out
+    assert checks["restore position"] and checks["cell argument"], out

@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from pyckpt.hooks import HookSet
-from pyckpt.loader_state import FastForward, LoaderTracker
-from test_lookahead import Items
+from tracked_loop import Items, resumes_exactly
 
 
 class Prefetcher:
@@ -51,41 +49,9 @@ class Pairs:
         return torch.cat([next(self.it), next(self.it)])
 
 
-def _run(wrapper, epochs=3, *, stop=None, plan=None, seed=0):
-    hooks, got = HookSet(), {}
-
-    def on_point(st):
-        if tracker.plan is not None and st is tracker.plan_stream:
-            torch.set_rng_state(plan[1])
-            tracker.plan = None
-        if got.pop("want", False):
-            got["pos"], got["rng"] = st.position(), torch.get_rng_state()
-        tracker.armed = False
-
-    tracker = LoaderTracker(on_point, lambda: None, lambda: None)
-    tracker.install(hooks)
-    if plan is not None:
-        tracker.plan = FastForward.from_position(plan[0])
-    out = []
-    try:
-        torch.manual_seed(seed)
-        data = wrapper(DataLoader(Items(24), batch_size=4, shuffle=True))
-        for e in range(epochs):
-            for i, b in enumerate(data):
-                out.append((e, b.tolist()))
-                if stop == (e, i + 1):
-                    got["want"], tracker.armed = True, True
-    finally:
-        hooks.remove_all()
-    return out, got
-
-
 def _resumes_exactly(wrapper, stop, per_epoch):
-    ref, got = _run(wrapper, stop=stop)
-    assert "pos" in got, "the snapshot point was never reached"
-    resumed, _ = _run(wrapper, plan=(got["pos"], got["rng"]), seed=99)
-    assert resumed == ref[stop[0] * per_epoch + stop[1]:]
-    return got["pos"]
+    make = lambda: wrapper(DataLoader(Items(24), batch_size=4, shuffle=True))  # noqa: E731
+    return resumes_exactly(make, stop, per_epoch=per_epoch, resume_seed=99)[0]
 
 
 def test_unregistered_prefetching_iterator_is_positioned_in_the_loops_terms():

@@ -11,9 +11,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from pyckpt import loader_workers
 from pyckpt.hooks import HookSet
-from pyckpt.integrations.accelerate import finish_skipped
-from pyckpt.loader_state import FastForward, LoaderTracker
-from test_lookahead import LookAhead
+from pyckpt.loader_state import LoaderTracker
+from tracked_loop import LookAhead, resumes_exactly, run_tracked
 
 
 class Augmenting(Dataset):
@@ -31,45 +30,11 @@ class Augmenting(Dataset):
         return torch.tensor([i, *drawn, float(info.seed % 1000) if info else -1.0], dtype=torch.float64)
 
 
-def _run(make, epochs, *, stop=None, plan=None, seed=0, wrap=False):
-    """Iterate `epochs` epochs; at `stop` = (epoch, batches handed) record the position as a snapshot would."""
-    hooks, got = HookSet(), {}
-
-    def on_point(st):
-        if tracker.plan is not None and st is tracker.plan_stream:
-            torch.set_rng_state(plan[1])  # what the session restores at the snapshot point
-            tracker.plan = None
-        if got.pop("want", False):
-            got["pos"], got["rng"] = st.position(), torch.get_rng_state()
-        tracker.armed = False
-
-    tracker = LoaderTracker(on_point, lambda: None, lambda: None)
-    tracker.install(hooks)
+def _resumes_exactly(make, stop, wrap=False):
+    """Snapshot at `stop` = (epoch, batches handed); the resumed run trains on the same batches."""
     if wrap:
-        tracker.count_handed_by(hooks, LookAhead, finish_skipped)
-    if plan is not None:
-        tracker.plan = FastForward.from_position(plan[0])
-    out = []
-    try:
-        torch.manual_seed(seed)
-        loader = make()
-        source = LookAhead(loader) if wrap else loader
-        for e in range(epochs):
-            for i, b in enumerate(source):
-                out.append(b.tolist())
-                if stop == (e, i + 1):
-                    got["want"], tracker.armed = True, True
-    finally:
-        hooks.remove_all()
-    return out, got
-
-
-def _resumes_exactly(make, stop, epochs=3, wrap=False, per_epoch=6):
-    ref, got = _run(make, epochs, stop=stop, wrap=wrap)
-    assert "pos" in got, "the snapshot point was never reached"
-    resumed, _ = _run(make, epochs, plan=(got["pos"], got["rng"]), seed=4321, wrap=wrap)
-    assert resumed == ref[stop[0] * per_epoch + stop[1]:]
-    return got["pos"]
+        return resumes_exactly(lambda: LookAhead(make()), stop, per_epoch=6, handed_by=LookAhead)[0]
+    return resumes_exactly(make, stop, per_epoch=6)[0]
 
 
 def test_random_draws_in_workers_come_out_the_same_after_skipping():
@@ -125,19 +90,19 @@ def test_iterable_dataset_with_state_dict_is_positioned_without_reading_the_skip
     pos = _resumes_exactly(make, stop=(1, 2))
     assert pos["dataset_state"] == {"pos": 8}
     before = ds.produced
-    _run(make, 3, plan=(pos, torch.get_rng_state()))
+    run_tracked(make, 3, plan=(pos, torch.get_rng_state()))
     assert ds.produced - before == (22 - 8) + 22  # the rest of epoch 1 and epoch 2, nothing replayed
 
 
 def test_stateful_dataloader_is_saved_and_restored_through_its_own_state_dict():
     # torchdata's StatefulDataLoader replaces DataLoader.__iter__ and its iterators and keeps its
     # workers' states itself: pyckpt stores its state_dict() and positions it with load_state_dict().
-    # (torchdata 0.11 does not restore its workers' global generators: no random draws here.)
+    # torchdata 0.11 does not restore its workers' global generators: pyckpt adds them ("workers").
     sdl = pytest.importorskip("torchdata.stateful_dataloader")
     make = lambda: sdl.StatefulDataLoader(Augmenting(draws=False), batch_size=4, shuffle=True,  # noqa: E731
                                           num_workers=2)
     pos = _resumes_exactly(make, stop=(1, 3))
-    assert "loader_state" in pos and "workers" not in pos
+    assert "loader_state" in pos and "workers" in pos
 
 
 def test_loader_class_made_after_install_is_routed_through_the_tracker():
@@ -170,37 +135,5 @@ def test_persistent_workers_after_an_epoch_left_early_resume_from_what_they_load
     # batches it loaded and nobody used.
     make = lambda: DataLoader(Augmenting(), batch_size=4, shuffle=True, num_workers=2,  # noqa: E731
                               persistent_workers=True, prefetch_factor=1)
-
-    def run(stop=None, plan=None, seed=0):
-        hooks, got = HookSet(), {}
-
-        def on_point(st):
-            if tracker.plan is not None and st is tracker.plan_stream:
-                torch.set_rng_state(plan[1])
-                tracker.plan = None
-            if got.pop("want", False):
-                got["pos"], got["rng"] = st.position(), torch.get_rng_state()
-            tracker.armed = False
-
-        tracker = LoaderTracker(on_point, lambda: None, lambda: None)
-        tracker.install(hooks)
-        if plan is not None:
-            tracker.plan = FastForward.from_position(plan[0])
-        out = []
-        try:
-            torch.manual_seed(seed)
-            loader = make()
-            for e in range(2):
-                for i, b in enumerate(loader):
-                    out.append(b.tolist())
-                    if stop == (e, i + 1):
-                        got["want"], tracker.armed = True, True
-                    if e == 0 and i == 1:
-                        break
-        finally:
-            hooks.remove_all()
-        return out, got
-
-    ref, got = run(stop=(1, 1))
-    resumed, _ = run(plan=(got["pos"], got["rng"]), seed=7)
-    assert resumed == ref[3:]
+    # Epoch 0 has 2 batches here: the reference's batches after the snapshot are ref[3:].
+    resumes_exactly(make, (1, 1), epochs=2, resume_seed=7, leave_epoch_0_after=2)

@@ -1,6 +1,7 @@
 """pyckpt-run: help, argument translation, and a killed worker restarted by the wrapper."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,14 +53,21 @@ def test_bad_command_lines_exit_2(tmp_path, monkeypatch, capsys, args, needle):
     assert needle in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def plain_ddp(tmp_path_factory) -> Path:
+    """The final state of one uninterrupted 2-rank run without pyckpt, shared by the tests below."""
+    d = tmp_path_factory.mktemp("plain_ddp")
+    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            DDP, d / "plain.pt"], env=clean_env(), capture_output=True, text=True,
+                           timeout=300, cwd=d)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    return d / "plain.pt"
+
+
 @pytest.mark.dist
 @pytest.mark.slow
-def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path):
+def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, plain_ddp):
     """DDP on gloo, 2 workers, DistributedSampler + workers + BatchNorm; rank 1 SIGKILLs itself once."""
-    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            DDP, tmp_path / "plain.pt"], env=clean_env(), capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path)
-    assert plain.returncode == 0, plain.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "5",
                         "--nproc-per-node", "2", DDP, tmp_path / "res.pt"], capture_output=True, text=True,
                        timeout=400, cwd=tmp_path,
@@ -67,21 +75,20 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "mark").exists()
     # rank 1 died (mark), yet the job finished: the elastic agent restarted the group, which resumed
-    assert "pyckpt: resumed from step 15 " in r.stderr
-    assert tree_equal(load(tmp_path / "res.pt"), load(tmp_path / "plain.pt"))
+    # (15 unless its commit was still running when rank 1 died at step 17 on a loaded machine)
+    assert re.search(r"pyckpt: resumed from step (10|15) ", r.stderr), r.stderr[-3000:]
+    assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))
 
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path):
+def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path, plain_ddp):
     """Preemption: the agent forwards SIGTERM to both ranks; they agree on a step, snapshot, exit."""
     def torchrun(out, **env):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                "2", DDP, out], env=clean_env(**env), capture_output=True, text=True, timeout=300,
                               cwd=tmp_path)
 
-    plain = torchrun(tmp_path / "plain.pt")
-    assert plain.returncode == 0, plain.stderr[-3000:]
     env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="1000", TERM_AGENT_AT="10",
                KILL_MARK=tmp_path / "mark")
     first = torchrun(tmp_path / "res.pt", **env)
@@ -92,4 +99,4 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path):
     assert len(committed) == 1
     second = torchrun(tmp_path / "res.pt", **env)
     assert second.returncode == 0 and "pyckpt: resumed from step" in second.stderr
-    assert tree_equal(load(tmp_path / "res.pt"), load(tmp_path / "plain.pt"))
+    assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))

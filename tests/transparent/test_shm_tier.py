@@ -113,3 +113,67 @@ def test_damaged_memory_copy_falls_back_to_storage_with_one_line(tmp_path, shm, 
     assert "resuming from the memory tier" not in second.stderr
     assert f"pyckpt: resumed from step {expect} " in second.stderr
     assert tree_equal(load(out), plain_results("adamw"))
+
+
+def _chunks(ckpt: Path) -> list[dict]:
+    from pyckpt import manifest
+
+    m = manifest.read_manifest(str(ckpt))
+    return manifest.read_part(str(ckpt), m["parts"][0])["chunks"]
+
+
+def test_storage_checkpoint_is_copied_from_the_memory_copy_not_captured_again(tmp_path, shm, monkeypatch):
+    # One capture per snapshot: the engine is asked once (by the memory tier); storage's checkpoint is a
+    # copy of the memory copy's files, references unchanged chunks of storage's previous checkpoint, and
+    # loads bitwise equal to the state at the snapshot.
+    from pyckpt import writer
+
+    captures = []
+    real_start = writer.start
+    monkeypatch.setattr(writer, "start", lambda *a, **k: captures.append(a[2]) or real_start(*a, **k))
+    big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: 3 chunks of 4 MiB
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            state = {"big": big, "w": torch.ones(5)}
+            first = tier.publish(tier.save(10, state, {"n": 10}), ck, 10)
+            assert first.result(60).endswith(layout.step_dir_name(10))
+            big[-1] = -1.0  # only the last chunk changes
+            second = tier.publish(tier.save(20, state, {"n": 20}), ck, 20)
+            assert second.result(60).endswith(layout.step_dir_name(20))
+            assert all(str(shm) in c for c in captures) and len(captures) == 2  # only the tier captured
+            r = ck.restore(20)
+            assert torch.equal(r.state["big"], big) and torch.equal(r.state["w"], torch.ones(5))
+            assert r.rank_state == {"n": 20}
+            assert torch.equal(ck.restore(10).state["big"][:-1], big[:-1])
+            assert ck.restore(10).state["big"][-1] == (3 << 20) - 1  # step 10 kept its own value
+            files = [c["file"] for c in _chunks(tmp_path / "ck" / layout.step_dir_name(20))]
+            assert files.count("../step-000000010/rank-00000/data-000.bin") >= 2  # unchanged: referenced
+            assert files.count("rank-00000/data-000.bin") >= 1  # changed: copied
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+
+
+def test_copy_from_memory_catches_forced_fingerprint_collisions_by_crc(tmp_path, shm, caplog):
+    # Every fingerprint is 0 (test build): a changed chunk looks unchanged to the fingerprint; the CRC32C
+    # comparison of the two chunk records must catch it, so storage gets the new bytes, never the old.
+    big = torch.zeros(2 << 20)  # 8 MiB: 2 chunks
+    with knobs.override(PYCKPT_SHM_MB=64, PYCKPT_TEST_FINGERPRINT="constant"):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            tier.publish(tier.save(10, {"big": big}, None), ck, 10).result(60)
+            big[0] = 1.0  # first chunk changes, second does not
+            tier.publish(tier.save(20, {"big": big}, None), ck, 20).result(60)
+            assert torch.equal(ck.restore(20).state["big"], big)
+            files = [c["file"] for c in _chunks(tmp_path / "ck" / layout.step_dir_name(20))]
+            assert files == ["rank-00000/data-000.bin", "../step-000000010/rank-00000/data-000.bin"]
+            lines = [r.getMessage() for r in caplog.records if r.module == "tier_publish"]
+            assert len(lines) == 1 and "step-000000020: 1 chunk(s)" in lines[0] and "collision" in lines[0]
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()

@@ -1,0 +1,67 @@
+"""Run a callback right after a module's code has executed: a ``sys.meta_path`` finder.
+
+Used to install the hooks when torch finishes importing (``activation``) and to patch a
+training library right after the script imports it (``integrations``). Torch-free and
+cheap to import: it runs in every Python process's start-up line when PYCKPT_DIR is set.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+
+class AfterImport:
+    """A ``sys.meta_path`` finder: ``pending[name](module)`` runs once, right after module ``name``
+    executed. It finds the spec with the other finders and wraps that spec's own loader instance,
+    so nothing else about the import changes; it takes itself off ``sys.meta_path`` once nothing
+    is pending."""
+
+    def __init__(self, pending: dict[str, Callable[[ModuleType], None]]) -> None:
+        self.pending = dict(pending)
+        self._busy = False
+
+    def install(self) -> "AfterImport":
+        """Put this finder first on ``sys.meta_path``; returns it."""
+        sys.meta_path.insert(0, self)
+        return self
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        """The spec the other finders find for a pending module, its loader wrapped; else None."""
+        callback = self.pending.get(fullname)
+        if callback is None or self._busy:
+            return None
+        self._busy = True  # the other finders below may import; never recurse into ourselves
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None) if finder is not self else None
+                if find is None:
+                    continue
+                spec = find(fullname, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self._busy = False
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        original = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            original(module)
+            if self.pending.pop(fullname, None) is not None:
+                if not self.pending:
+                    self.remove()
+                callback(module)
+
+        loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+    def remove(self) -> None:
+        """Take this finder off ``sys.meta_path`` (also a HookSet undo handle)."""
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass

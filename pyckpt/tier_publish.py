@@ -1,0 +1,256 @@
+"""Storage checkpoints written from the memory tier's copy, not from a second capture.
+
+With ``PYCKPT_SHM_MB`` a snapshot is captured once, into the memory tier
+(``shm_tier``). When it is also due for storage (``PYCKPT_STORAGE_EVERY``), a
+``Publication`` copies the memory copy's committed files into ``PYCKPT_DIR``
+once they are committed: every chunk record (lengths, CRC32Cs, fingerprint)
+is kept, the bytes go from the memory copy's mapped pages to storage with
+``O_DIRECT`` (no CPU copy; ``sendfile`` where alignment or the file system
+does not allow it), and the storage checkpoint is committed by the same protocol
+as a ``Checkpointer.save`` (tmp directory, every rank's part, rank 0's
+manifest, ``latest``, retention). The training tensors are read once, by the
+memory tier's capture; the storage write never delays an optimizer step.
+
+Incremental: a chunk whose fingerprint (and CRC32C, compared for free from
+the two records) equals the one storage's newest checkpoint holds for the same
+bytes is referenced there instead of copied (docs/FORMAT.md §14), exactly as
+``Checkpointer.save`` would have.
+
+Used only where a plain copy gives the same checkpoint a save would: a local
+storage directory (not object storage) without compression or ``keep_best``;
+otherwise the snapshot is captured a second time for storage, as before.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from typing import Any
+
+from . import commit, incremental, layout, manifest, metrics
+from .checkpointer import SaveFuture
+from .safe_fs import CheckpointDir
+
+log = logging.getLogger("pyckpt")
+
+ALIGN = 4096  # chunks start at 4 KiB-aligned file offsets, as the engine writes them
+
+
+def usable(storage: Any) -> bool:
+    """Whether ``storage`` (a Checkpointer) can take its checkpoints as copies of the memory tier's."""
+    return (storage.remote is None and storage.compress == "none" and not storage.keep_best
+            and not storage._closed)
+
+
+class Publication:
+    """Storage's checkpoint of one snapshot, copied from the memory tier's commit of it.
+
+    Created on the training thread (so every rank numbers its storage saves alike); the copy
+    and the commit run on a thread of their own. ``future`` is storage's ``SaveFuture``."""
+
+    def __init__(self, tier_root: str, source: SaveFuture, storage: Any, step: int) -> None:
+        self.tier_root, self.source, self.storage, self.step = tier_root, source, storage, step
+        self.opened = threading.Event()  # the source files are open: the tier may retire them now
+        self.future = SaveFuture(step)
+        self.future._timer = metrics.SaveTimer(step)
+        with storage._lock:
+            self._prev, storage._inflight = storage._inflight, self.future
+            self.seq, storage._seq = storage._seq, storage._seq + 1
+        self.future._timer.returned()
+        self.thread = threading.Thread(target=self._run, name=f"pyckpt-publish-{step}", daemon=False)
+        self.thread.start()
+
+    def _run(self) -> None:
+        fds: dict[str, int] = {}
+        try:
+            try:
+                src = self.source.result()
+            except BaseException as e:  # the memory copy failed on every rank (its commit is collective)
+                self.opened.set()  # and was said there (a vetoed lazy capture, a full /dev/shm)
+                self.storage._record(self.future, None, e)
+                self.future._finish(None, e)
+                return
+            part, err = None, None
+            try:
+                part = _open_source(src, self.storage.coord.rank, self.tier_root, fds)
+            except Exception as e:  # one rank only, maybe: the commit below fails on every rank
+                err = e
+            finally:
+                self.opened.set()
+            self._publish(part, fds, err)
+        except BaseException as e:
+            log.warning("pyckpt: checkpoint of step %d not written to storage: %s", self.step, e)
+            self.storage._record(self.future, None, e)
+            self.future._finish(None, e)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _publish(self, part: dict | None, fds: dict[str, int], err: BaseException | None) -> None:
+        st, step = self.storage, self.step
+        coord = st.coord
+        # As Checkpointer.save: one storage save in flight; every rank goes ahead or none does.
+        ready = self._prev is None or self._prev._done.wait()
+        if coord.world_size > 1:
+            ready = all(coord.all_gather_json(bool(ready), f"tier-publish/{self.seq}/ready"))
+        if not ready:
+            raise RuntimeError("the previous storage checkpoint of another rank failed to finish")
+        token = f"{st._session}-{self.seq}"
+        final = os.path.join(st.directory, layout.step_dir_name(step))
+        tmp = os.path.join(st.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
+        if coord.rank == 0:
+            commit.gc_tmp(st.directory, {token}, locked=True)
+        out = None
+        if err is None:
+            try:
+                out, collisions = _copy_part(part, fds, tmp, final, st)
+                self.future._timer.captured()
+                if collisions:
+                    log.warning("%s", incremental.collisions_line([incremental.STATUS_COLLISION] * collisions,
+                                                                  os.path.basename(final)))
+            except Exception as e:  # disk full, a bad record: no rank commits
+                err = e
+        commit.commit_parts(coord, f"tier-publish/{self.seq}", tmp, final, step, out, err, st.directory)
+        if st.incremental and out is not None:
+            st._baseline.update(out, os.path.basename(final))  # the next copy references this one
+        if coord.rank == 0:
+            try:
+                commit.apply_retention(st.directory, st.keep, protect={os.path.basename(final)})
+            except Exception as e:  # committed; retention tries again after the next save
+                log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
+        st._record(self.future, final, None)
+        self.future._finish(final, None)
+
+    def wait(self) -> None:
+        """Until storage's checkpoint is committed or failed."""
+        self.thread.join()
+
+
+def _open_source(src: str, rank: int, tier_root: str, fds: dict[str, int]) -> dict:
+    """Rank ``rank``'s part of the committed memory copy ``src``, with every data file it names opened
+    into ``fds`` (root-relative path -> descriptor), so the tier may delete them while they are read."""
+    with CheckpointDir(src) as d:
+        m = manifest.read_manifest(src, d)
+        part = manifest.read_part(src, m["parts"][rank], d)
+    name = os.path.basename(src)
+    for ch in part["chunks"]:
+        rel = incremental.root_relative(name, ch["file"])
+        if rel is None:
+            raise OSError(f"memory copy {src}: chunk file {ch['file']!r} leaves its root")
+        if rel not in fds:
+            fds[rel] = os.open(os.path.join(tier_root, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        ch["_src"] = rel
+    return part
+
+
+def _copy_part(part: dict, fds: dict[str, int], tmp: str, final: str, st: Any) -> tuple[dict, int]:
+    """Write this rank's data file of ``tmp`` from the memory copy; returns its part JSON and the number of
+    fingerprint collisions caught (chunks then copied)."""
+    chunks = part["chunks"]
+    expect: dict[int, tuple[int, int]] = {}
+    refs: dict[int, tuple[dict, int]] = {}
+    if st.incremental and chunks and all(isinstance(c.get("fingerprint"), str) for c in chunks):
+        if not st._baseline.seeded and not st._baseline:
+            st._baseline.seed(st.directory, st.coord.rank)
+        exp, refs = st._baseline.expectations(part["storages"], [c["raw_len"] for c in chunks],
+                                              [False] * len(chunks), os.path.basename(final), st.directory, "off")
+        expect = {i: (fp, crc) for i, fp, _, crc in exp}
+    rel = layout.data_file_name(st.coord.rank)
+    out_chunks, ref_files, collisions, off = [], {}, 0, 0
+    with _Writer(os.path.join(tmp, rel), fds) as w:
+        for i, ch in enumerate(chunks):
+            src = ch.pop("_src")
+            if i in expect and int(ch["fingerprint"], 16) == expect[i][0]:
+                if ch["raw_crc32c"] == expect[i][1]:
+                    rec, nbytes = refs[i]
+                    new = {"file": "../" + rec["file"]}
+                    new.update((k, rec[k]) for k in ("offset", "stored_len", "raw_len", "elem_size", "codec",
+                                                     "crc32c", "raw_crc32c"))
+                    new["fingerprint"] = ch["fingerprint"]
+                    ref_files[new["file"]] = nbytes
+                    out_chunks.append(new)
+                    continue
+                collisions += 1  # same fingerprint, other bytes: written in full
+            w.copy(src, ch["offset"], off, ch["stored_len"])
+            out_chunks.append(dict(ch, file=rel, offset=off))
+            off = -(-(off + ch["stored_len"]) // ALIGN) * ALIGN
+        files = [{"path": rel, "nbytes": w.finish()}] if w.fd >= 0 else []
+    files += [{"path": f, "nbytes": n} for f, n in sorted(ref_files.items())]
+    return dict(part, chunks=out_chunks, files=files), collisions
+
+
+class _Writer:
+    """This rank's data file of the storage checkpoint, written from the memory copy's files.
+
+    Chunk bytes go out with ``O_DIRECT`` straight from the memory copy's mapped pages (no CPU copy, no
+    page cache, as the engine writes storage), as far as alignment allows: the memory copy's chunks
+    start 4 KiB-aligned, and the padding after a chunk is the next chunk's or lies in its own region
+    here. The rest (a file's unaligned tail, a file system without ``O_DIRECT``) goes by ``sendfile``."""
+
+    def __init__(self, path: str, fds: dict[str, int]) -> None:
+        self.path, self.fds = path, fds
+        self.fd = self.dfd = -1
+        self.maps: dict[str, tuple[mmap.mmap | None, memoryview]] = {}
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def _open(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags, 0o644)
+        try:
+            self.dfd = os.open(self.path, (flags & ~os.O_TRUNC) | getattr(os, "O_DIRECT", 0), 0o644)
+        except OSError:  # no O_DIRECT here: every byte goes by sendfile
+            self.dfd = -1
+
+    def _view(self, src: str) -> memoryview:
+        if src not in self.maps:
+            size = os.fstat(self.fds[src]).st_size
+            mm = mmap.mmap(self.fds[src], size, prot=mmap.PROT_READ) if size else None
+            self.maps[src] = (mm, memoryview(mm) if mm is not None else memoryview(b""))
+        return self.maps[src][1]
+
+    def copy(self, src: str, src_off: int, dst_off: int, n: int) -> None:
+        """``n`` bytes of memory-copy file ``src`` at ``src_off`` to this file at ``dst_off`` (4 KiB-aligned)."""
+        if self.fd < 0:
+            self._open()
+        done = 0
+        if self.dfd >= 0 and src_off % ALIGN == 0 and hasattr(os, "O_DIRECT"):
+            view = self._view(src)
+            padded = -(-n // ALIGN) * ALIGN
+            direct = padded if src_off + padded <= len(view) else n // ALIGN * ALIGN
+            try:
+                while done < direct:
+                    done += os.pwrite(self.dfd, view[src_off + done:src_off + direct], dst_off + done)
+            except OSError:  # alignment this file system refuses: the rest by sendfile
+                os.close(self.dfd)
+                self.dfd = -1
+            done = min(done // ALIGN * ALIGN, n)
+        if done < n:
+            _sendfile(self.fds[src], src_off + done, self.fd, dst_off + done, n - done)
+
+    def finish(self) -> int:
+        """fsync; the file's size."""
+        os.fsync(self.fd)
+        return os.fstat(self.fd).st_size
+
+    def __exit__(self, *exc: object) -> None:
+        for mm, view in self.maps.values():
+            view.release()
+            if mm is not None:
+                mm.close()
+        for fd in (self.fd, self.dfd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _sendfile(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
+    """``n`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off``, in the kernel."""
+    os.lseek(dst, dst_off, os.SEEK_SET)
+    while n > 0:
+        done = os.sendfile(dst, src, src_off, n)
+        if done <= 0:
+            raise OSError(f"memory copy ended {n} bytes early")
+        src_off, n = src_off + done, n - done
