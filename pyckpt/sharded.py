@@ -461,10 +461,11 @@ def load_zero_state_dict(opt: Any, saved: dict | list[dict]) -> None:
     if len(ws) != 1:
         raise PyckptError(f"ZeRO states of different world sizes {sorted(ws)} cannot be merged")
     saved_ws = ws.pop()
-    if len(many) == 1 and saved_ws != opt.world_size:
+    # A list is every saved rank's state (also a list of one: saved by one rank, loaded on more).
+    if not isinstance(saved, list) and saved_ws != opt.world_size:
         raise PyckptError(f"this ZeRO state was saved by one of {saved_ws} ranks, this job has {opt.world_size}: "
                           "pass every saved rank's state to load it on another number of ranks")
-    if len(many) > 1 and len(many) != saved_ws:
+    if isinstance(saved, list) and len(many) != saved_ws:
         raise PyckptError(f"{len(many)} ZeRO states given, the job that saved them had {saved_ws} ranks")
     state: dict = {}
     for d in many:

@@ -30,10 +30,6 @@ import atexit, importlib, json, os, sys, traceback
 # that statement would turn transparent mode on in this process and so in every child.
 importlib.import_module("torch")
 importlib.import_module("pyckpt")
-try:  # what a process's first save imports (pyckpt.sharded looks for DTensor): ~0.6 s each child
-    importlib.import_module("torch.distributed.tensor")
-except ImportError:
-    pass
 
 def child(job):
     fds = [os.open(os.devnull, os.O_RDONLY)] + [

@@ -179,16 +179,21 @@ def test_fsdp2_two_ranks_to_one_to_two_drop_last(tmp_path, zero_first):
     assert sorted(epoch2) == sorted(epoch_order(N, True, 3, 2, 2, True))  # the normal sampler, 2 ranks
 
 
-def test_zero1_two_ranks_to_one(zero_first):
+def test_zero1_two_ranks_to_one_to_two(zero_first):
     """ZeRO-1 (DDP + ZeroRedundancyOptimizer over AdamW) 2 -> 1 mid-epoch: the one rank loads both saved
-    ranks' optimizer shares and owns every parameter's state."""
+    ranks' optimizer shares and owns every parameter's state; then 1 -> 2 inside the re-split epoch:
+    each rank takes its share of the one saved rank's state."""
     tmp_path, first = zero_first
     first.result(timeout=300)  # launch "a" (2 ranks), killed after step 9
-    err_b = launch(tmp_path, "b", 1, PARALLEL="zero")
+    err_b = launch(tmp_path, "b", 1, stop_at=11, stop_after=10, PARALLEL="zero")
     assert "written by 2 rank(s)) on 1 rank(s)" in err_b and "pyckpt: resumed from step 8 (epoch 1, batch 3)" in err_b
     assert "the rest of epoch 1 (9 of 27 samples, 18 trained) is split across 1 rank(s)" in err_b
+    err_c = launch(tmp_path, "c", 2, PARALLEL="zero")
+    assert "written by 1 rank(s)) on 2 rank(s)" in err_c and "pyckpt: resumed from step 10 (epoch 1, batch 5)" in err_c
+    assert "the rest of epoch 1 (3 of 27 samples, 24 trained) is split across 2 rank(s)" in err_c
     assert_restored(tmp_path, "b", 1, 8, "zero")
-    log = trained(tmp_path, "a", 2, upto=8) + trained(tmp_path, "b", 1)
+    assert_restored(tmp_path, "c", 2, 10, "zero")
+    log = trained(tmp_path, "a", 2, upto=8) + trained(tmp_path, "b", 1, upto=10) + trained(tmp_path, "c", 2)
     assert Counter(i for e, _, _, idx in log if e == 1 for i in idx) == Counter(range(N))
     assert_prefixes(log, 1, epoch_order(N, True, 3, 1, 2, False))
 
