@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import _page_cache  # benchmarks/_page_cache.py (the script's folder is on sys.path)
+
 
 def build(mb: int, world: int):
     from torch.distributed.device_mesh import init_device_mesh
@@ -39,19 +41,6 @@ def build(mb: int, world: int):
     m(torch.randn(2, width)).sum().backward()
     opt.step()
     return m, opt
-
-
-def _evict(root: str) -> None:
-    """Drop ``root``'s files from the page cache (pyckpt writes with O_DIRECT, dcp buffered: both loads
-    start cold, as after a restart on another node)."""
-    for d, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def _slowest(t: float) -> float:
@@ -114,8 +103,8 @@ def _worker(rank: int, world: int, args, tmp: str, results) -> None:
         out["dcp.async_save blocked"] = _slowest(blocked)
         out["dcp.async_save total"] = _slowest(total)
     if rank == 0:
-        _evict(f"{tmp}/pyckpt")
-        _evict(f"{tmp}/dcp-0")
+        _page_cache.drop(f"{tmp}/pyckpt")
+        _page_cache.drop(f"{tmp}/dcp-0")
     dist.barrier()
     t0 = time.perf_counter()
     ck.restore(into=state)

@@ -52,6 +52,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import _page_cache  # benchmarks/_page_cache.py (the script's folder is on sys.path)
+
 MODES = ("none", "torch.save", "dcp.async_save", "pyckpt", "pyckpt-transparent", "pyckpt-transparent-eager",
          "pyckpt-transparent-shm")
 TRANSPARENT = ("pyckpt-transparent", "pyckpt-transparent-eager", "pyckpt-transparent-shm")
@@ -211,20 +213,6 @@ def _timed(owner, name: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def _drop_cache(root: str) -> None:
-    """Cold start: write back, then drop the page cache of every file under ``root``
-    (posix_fadvise DONTNEED drops a file's clean cached pages)."""
-    subprocess.run(["sync"], check=False)
-    for d, _, names in os.walk(root):
-        for n in names:
-            fd = os.open(os.path.join(d, n), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _read_all(root: str) -> None:
     """Warm start: read every file under ``root`` once, so the page cache holds it."""
     for d, _, names in os.walk(root):
@@ -246,7 +234,7 @@ def measure_restore(args: argparse.Namespace) -> dict[str, list[float]]:
         for _ in range(args.restore_rounds):
             for kind in ("storage-cold", "storage-warm", "memory-tier"):
                 if kind == "storage-cold":
-                    _drop_cache(work)
+                    _page_cache.drop(work)
                 elif kind == "storage-warm":
                     _read_all(work)
                 res = _restore_run(args, work, "shm" if kind == "memory-tier" else "storage")

@@ -20,17 +20,25 @@ AUGMENT = Example("train_augment.py", steps=33)
 FLAGS = ["--persistent-workers", "--paired"]
 
 
+def _two_kills(example: Example, ckpt, out, first: int, second: int):
+    """A kill chain (every 5 steps): SIGKILL right after the commit of step ``first``, relaunch and
+    SIGKILL right after that of ``second``, relaunch to the end. Checks the middle run resumed from
+    ``first`` and went on at the next step; returns the Crash of the second kill."""
+    env = pyckpt_env(ckpt, every_steps=5)
+    launch_and_kill(example.command(out), env, out, after_commit(ckpt, first))
+    crash = kill_and_relaunch(example.command(out), env, ckpt, out, after_commit(ckpt, second))
+    middle = _harness.resume_line(crash.killed.stderr)
+    assert middle is not None and middle["step"] == first, crash.killed.stderr[-2000:]
+    assert crash.killed.steps()[0][0] == first + 1, crash.killed.stdout[-1000:]  # no repeat or gap
+    return crash
+
+
 def test_random_augmentation_in_workers_resumes_exactly_mid_epoch(references, tmp_path):
     # A chain of two kills. Step 5's snapshot is taken before batch 5 of epoch 0: worker 1's, which
     # has loaded 2 batches; the relaunch is killed again right after the commit of step 20 (before
     # batch 9 of epoch 1, worker 1's again) and the second relaunch runs to the end.
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    env = pyckpt_env(ckpt, every_steps=5)
-    launch_and_kill(AUGMENT.command(out), env, out, after_commit(ckpt, 5))
-    crash = kill_and_relaunch(AUGMENT.command(out), env, ckpt, out, after_commit(ckpt, 20))
-    first = _harness.resume_line(crash.killed.stderr)
-    assert first is not None and first["step"] == 5, crash.killed.stderr[-2000:]
-    assert crash.killed.steps()[0][0] == 6, crash.killed.stdout[-1000:]  # continued, no repeat or gap
+    crash = _two_kills(AUGMENT, ckpt, out, 5, 20)
     assert crash.resume is not None and crash.resume["step"] == 20, crash.resumed.stderr[-2000:]
     assert_resumed_exactly(crash, references.get(AUGMENT), out)
 
@@ -60,12 +68,7 @@ def test_iterable_dataset_with_state_dict_is_positioned_through_it(references, t
     # shuffle: a fresh dataset object has not counted the skipped pass). Before that, a first run is
     # killed mid-epoch 0 (after the commit of step 5) and resumed: a chain of two kills.
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    env = pyckpt_env(ckpt, every_steps=5)
-    launch_and_kill(ITERABLE.command(out), env, out, after_commit(ckpt, 5))
-    crash = kill_and_relaunch(ITERABLE.command(out), env, ckpt, out, after_commit(ckpt, 15))
-    first = _harness.resume_line(crash.killed.stderr)
-    assert first is not None and first["step"] == 5, crash.killed.stderr[-2000:]
-    assert crash.killed.steps()[0][0] == 6, crash.killed.stdout[-1000:]  # continued, no repeat or gap
+    crash = _two_kills(ITERABLE, ckpt, out, 5, 15)
     assert crash.resume is not None and crash.resume["step"] == 15, crash.resumed.stderr[-2000:]
     assert "records read 60" in crash.resumed.stdout, crash.resumed.stdout[-500:]
     assert_resumed_exactly(crash, references.get(ITERABLE), out)
