@@ -9,6 +9,10 @@ not touch its tensors (pyckpt: save() returned and captured(); dcp.async_save: u
 "total" until the checkpoint is durable/committed. Loads start with both checkpoints evicted
 from the page cache (posix_fadvise DONTNEED), into the live sharded state dict. The state is the sharded state dict from
 get_state_dict. Results go to stdout as one table (docs/PERFORMANCE.md records them).
+
+Then, unless ``--train-steps 0``, the same methods inside real FSDP training steps (``_in_training``):
+a save right after an optimizer step, the next forward/backward overlapping it, the next optimizer
+step waiting for capture; printed as blocked time and the step's time over a plain step.
 """
 from __future__ import annotations
 
@@ -102,6 +106,8 @@ def _worker(rank: int, world: int, args, tmp: str, results) -> None:
         total = time.perf_counter() - t0
         out["dcp.async_save blocked"] = _slowest(blocked)
         out["dcp.async_save total"] = _slowest(total)
+    if args.train_steps:
+        out.update(_in_training(m, opt, state, ck, tmp, args.train_steps))
     if rank == 0:
         _page_cache.drop(f"{tmp}/pyckpt")
         _page_cache.drop(f"{tmp}/dcp-0")
@@ -121,11 +127,87 @@ def _worker(rank: int, world: int, args, tmp: str, results) -> None:
     dist.destroy_process_group()
 
 
+def _in_training(m, opt, state, ck, tmp: str, steps: int) -> dict[str, float]:
+    """Checkpoints inside real FSDP training steps (forward, backward, optimizer step).
+
+    A save is started right after an optimizer step; the next forward/backward runs while it copies,
+    and the next optimizer step first waits until the tensors are captured (pyckpt: captured();
+    dcp.async_save with a background stager: staging_completion; plain dcp.async_save stages before
+    it returns). "blocked" = the save call + that wait: the time the training loop stood still.
+    "step over plain" = that step's time over the median plain step: the whole cost, including
+    the copy slowing the overlapped forward/backward on shared cores."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    x = torch.randn(64, 2048)
+    # dcp's background upload runs collectives while training runs FSDP's: on one group they would
+    # interleave differently on each rank and hang (dcp's docs ask for a separate gloo group).
+    group = dist.new_group(backend="gloo")
+
+    def step(save=None, wait=None) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        handle = save() if save else None
+        blocked = time.perf_counter() - t0
+        m(x).square().mean().backward()
+        t1 = time.perf_counter()
+        if handle is not None:
+            wait(handle)
+        blocked += time.perf_counter() - t1
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return blocked, time.perf_counter() - t0
+
+    out: dict[str, float] = {}
+    dist.barrier()
+    plain = sorted(step()[1] for _ in range(steps))
+    base = plain[len(plain) // 2]
+    out["training: plain step"] = _slowest(base)
+    stager = DefaultStager(StagingOptions(False, False, True, False))  # staged on its own thread
+    pending: list = []
+
+    def dcp_plain(i: int) -> None:
+        pending.append(dcp.async_save(state, checkpoint_id=f"{tmp}/dcpa-t", process_group=group))
+
+    def dcp_staged(i: int):
+        r = dcp.async_save(state, checkpoint_id=f"{tmp}/dcps", async_stager=stager, process_group=group)
+        pending.append(r.upload_completion)
+        return r.staging_completion
+
+    ways = {
+        "pyckpt": (lambda i: ck.save(1000 + i, state), lambda f: f.captured()),
+        "dcp.async_save": (dcp_plain, lambda _: None),
+        "dcp.async_save+stager": (dcp_staged, lambda f: f.result()),
+    }
+    for name, (save, wait) in ways.items():
+        blocked, over = [], []
+        for i in range(steps):
+            # As with a checkpoint every N steps: the previous one is durable before the next starts
+            # (and the same directory can be overwritten); not timed.
+            for f in pending:
+                f.result()
+            pending.clear()
+            ck.wait()
+            dist.barrier()
+            b, t = step(lambda: save(i), wait)
+            blocked.append(_slowest(b))
+            over.append(_slowest(t) - out["training: plain step"])
+        for f in pending:
+            f.result()
+        pending.clear()
+        ck.wait()
+        out[f"training: {name} blocked"] = sorted(blocked)[len(blocked) // 2]
+        out[f"training: {name} step over plain"] = sorted(over)[len(over) // 2]
+    stager.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=256, help="parameter MB (the issue's figure: 1024)")
     ap.add_argument("--repeat", type=int, default=2, help="saves of each kind; the last one is reported")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    ap.add_argument("--train-steps", type=int, default=3,
+                    help="training steps with a checkpoint each, per method (0: skip the in-training table)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="pyckpt-sharded-", dir=args.dir)
     try:
@@ -145,6 +227,16 @@ def main() -> None:
           f"(goal <= 0.10)")
     print(f"total:   pyckpt / dcp.save        = {r['pyckpt save total'] / r['dcp.save total']:.2f}  (goal <= 1)")
     print(f"load:    pyckpt / dcp.load        = {r['pyckpt load'] / r['dcp.load']:.2f}")
+    if args.train_steps:
+        print(f"\nIn training (a checkpoint right after an optimizer step, the next forward/backward overlapping "
+              f"it; medians of {args.train_steps}): plain step {r['training: plain step']:.3f} s")
+        print(f"{'':24s}{'blocked':>10s}{'step over plain':>18s}")
+        for k in ("pyckpt", "dcp.async_save", "dcp.async_save+stager"):
+            print(f"{k:24s}{r[f'training: {k} blocked']:10.3f}{r[f'training: {k} step over plain']:18.3f}")
+        print(f"blocked in training: pyckpt / dcp.async_save = "
+              f"{r['training: pyckpt blocked'] / r['training: dcp.async_save blocked']:.3f} (goal <= 0.10); "
+              f"/ dcp.async_save+stager = "
+              f"{r['training: pyckpt blocked'] / r['training: dcp.async_save+stager blocked']:.3f}")
 
 
 if __name__ == "__main__":

@@ -216,12 +216,20 @@ class Run:
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
+            self._dump_stacks()
             kill_tree(self.popen.pid)
             self.popen.wait(30)
             self.stderr_lines.append(f"[harness] killed after {timeout} s timeout")
         for reader in self._readers:
             reader.join(10)
         return self.popen.returncode
+
+    def _dump_stacks(self) -> None:
+        """Make every process under the launcher print where its threads are (faulthandler, enabled
+        by PYTHONFAULTHANDLER in ``clean_env``) before the tree is killed: a hang says where it hung."""
+        for pid in descendants(self.popen.pid):
+            _signal(pid, signal.SIGABRT)
+        time.sleep(3)
 
     def cleanup(self) -> None:
         """Kill anything this run left behind (used by test fixtures and on exit)."""
@@ -240,7 +248,7 @@ def clean_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
     the same for reference and checkpointed runs, so numerics are comparable.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     env.update(overrides or {})
     return env
 

@@ -102,6 +102,14 @@ def main() -> None:
         torch.save({"model": trainer.model.state_dict(), "optim": trainer.optimizer.state_dict(),
                     "sched": trainer.lr_scheduler.state_dict(), "global_step": trainer.state.global_step},
                    args.out)
+    # Under torchrun: every rank is past its last collective, then the process group goes down before
+    # exit. Left to interpreter exit, gloo can abort the process ("terminate called without an active
+    # exception"); destroyed right after a collective, it can deadlock: gloo's worker thread may still
+    # be releasing that collective's tensors, which needs the GIL the destroying thread holds. The
+    # barrier waits with the GIL released, so those threads are idle before the group is destroyed.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

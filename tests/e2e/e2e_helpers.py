@@ -57,7 +57,7 @@ def run_to_end(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> 
     """Run a command to completion and insist that it succeeded."""
     run = _harness.launch(cmd, env, cwd)
     rc = run.finish(RUN_TIMEOUT_S)
-    assert rc == 0, f"{cmd} exited with {rc}; stderr tail:\n{run.stderr[-3000:]}"
+    assert rc == 0, f"{cmd} exited with {rc}; stderr tail:\n{run.stderr[-8000:]}"
     return run
 
 
