@@ -402,6 +402,7 @@ class Saver:
 
 
 def _tensors(tree) -> list[torch.Tensor]:
+    # Not pyckpt.tree.flatten: importing pyckpt would switch it on in this no-pyckpt mode.
     if isinstance(tree, torch.Tensor):
         return [tree]
     if isinstance(tree, dict):

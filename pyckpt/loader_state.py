@@ -407,12 +407,7 @@ class LoaderTracker:
                 tracker.fetches += 1
                 st.ended = True
                 raise
-            st.batches += 1
-            tracker.fetches += 1
-            tracker.ok_fetches += 1
-            tracker._fetched_since_step[id(st)] = st
-            if tracker.fetches == tracker.check_at:
-                tracker.on_idle_fetches()
+            tracker._count_batch(st)
             return data
 
         def _index_sampler(loader):
@@ -530,16 +525,22 @@ class LoaderTracker:
             self.on_point(st)
         self.last = st
         result = fetch()
-        self.fetches += 1
         if not got_batch(result):
+            self.fetches += 1
             st.ended = True
             return result
+        self._count_batch(st)
+        return result
+
+    def _count_batch(self, st: Stream) -> None:
+        """Book-keeping of a fetch that handed ``st``'s loop a batch (the patched ``__next__`` and
+        ``follow_fetch``): counts, the streams fetched since the last step, the idle-fetch check."""
         st.batches += 1
+        self.fetches += 1
         self.ok_fetches += 1
         self._fetched_since_step[id(st)] = st
         if self.fetches == self.check_at:
             self.on_idle_fetches()
-        return result
 
     def _route(self, cls: type, orig_next: Callable) -> None:
         """Send ``iter()`` of a DataLoader subclass with its own ``__iter__``, ``state_dict()`` and
