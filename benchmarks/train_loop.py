@@ -9,6 +9,14 @@ it is durable, and the peak RSS.
 
     python benchmarks/train_loop.py [--job mlp|lora] [--every 10] [--steps 60] [--rounds 3] [--restore-rounds 2]
 
+    python benchmarks/train_loop.py --paired [--window 40] [--pairs 8] [--every 10]
+
+``--paired`` measures the explicit modes (torch.save, dcp.async_save, pyckpt, floor-memcpy) another
+way: one process per mode alternates windows of ``--window`` steps without and with checkpoints (order
+swapped every pair); the ratio is taken within each pair, so the machine's drift between processes and
+over minutes, which is larger than the effect on a shared 2-vCPU box, cancels. A checkpoint window ends
+when its last checkpoint is durable, which charges it at most one write's tail more than a loop would pay.
+
 It ends with one Markdown table to paste (docs/PERFORMANCE.md): per mode steps/s, the ratio to no
 checkpoint, the stall per checkpoint and, for the transparent modes, its two parts measured inside
 pyckpt (the snapshot call at the consistent point; the next optimizer step's wait for the copy); then
@@ -159,6 +167,76 @@ def child(args: argparse.Namespace) -> None:
         "median_step": statistics.median(step_times[warm:]),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }))
+
+
+def paired_child(args: argparse.Namespace) -> None:
+    """``--paired``: one process alternates windows of ``--window`` steps without and with checkpoints
+    (every ``--every`` steps), order swapped every pair so drift hits both alike; a checkpoint window
+    ends only when its last checkpoint is durable (pessimistic by at most that one write's tail).
+    Prints one JSON line: each pair's seconds without and with checkpoints."""
+    mode, device = args.child.split(":", 1)[1], args.device
+    model, opt, loader = build_job(args.job, device)
+    loss_fn = torch.nn.MSELoss()
+    saver = Saver(mode, args.dir, model, opt)
+    batches = iter(())
+    step, pairs = 0, []
+
+    def run(n: int, checkpoints: bool) -> float:
+        nonlocal batches, step
+        t0 = time.perf_counter()
+        waiting = False
+        for i in range(n):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            if waiting:
+                saver.before_step()
+                waiting = False
+            opt.step()
+            step += 1
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if checkpoints and i % args.every == 0:
+                saver.checkpoint(step)
+                waiting = True
+        if checkpoints:
+            saver.before_step()
+            saver.finish()  # durable before the window ends: its writes are not left to the next one
+        return time.perf_counter() - t0
+
+    run(args.warmup, False)
+    run(args.window, True)  # first checkpoint (staging allocation, first fingerprints) not counted
+    for k in range(args.pairs):
+        if k % 2 == 0:
+            off, on = run(args.window, False), run(args.window, True)
+        else:
+            on, off = run(args.window, True), run(args.window, False)
+        pairs.append((off, on))
+    print(json.dumps({"mode": mode, "pairs": pairs, "checkpoints_per_window": -(-args.window // args.every),
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def measure_paired(args: argparse.Namespace, modes: list[str]) -> str:
+    """Run ``paired_child`` for each explicit mode; one Markdown table of per-pair ratios."""
+    lines = [f"paired windows: job={args.job} device={args.device} every={args.every} window={args.window} "
+             f"steps pairs={args.pairs} (one process per mode; ratio = window without / window with "
+             "checkpoints, median over pairs)", "",
+             "| mode | ratio to none (median) | ratio, quartiles | extra seconds per checkpoint (median) | "
+             "window without (median) |", "|---|---:|---:|---:|---:|"]
+    for m in modes:
+        res = run_mode(args, f"paired:{m}")
+        ratios = sorted(off / on for off, on in res["pairs"])
+        extra = [(on - off) / res["checkpoints_per_window"] for off, on in res["pairs"]]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        lines.append(f"| {m} | {statistics.median(ratios):.3f} | {q[0]:.3f}–{q[2]:.3f} | "
+                     f"{statistics.median(extra):.4f} s | {statistics.median(o for o, _ in res['pairs']):.3f} s |")
+        print(f"paired {m:<16} ratio {statistics.median(ratios):.3f}", flush=True)
+    return "\n".join(lines)
 
 
 def restore_child(args: argparse.Namespace) -> None:
@@ -425,7 +503,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     work = tempfile.mkdtemp(prefix="pyckpt-trainloop-", dir=args.dir)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--dir", work, "--job", args.job,
            "--every", str(args.every), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--device", args.device, "--storage-every", str(args.storage_every)]
+           "--device", args.device, "--storage-every", str(args.storage_every),
+           "--window", str(args.window), "--pairs", str(args.pairs)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -455,15 +534,30 @@ def main() -> None:
                    help="pyckpt-transparent-shm: write every Nth snapshot to disk (0: one per 10 steps)")
     p.add_argument("--restore-rounds", type=int, default=2,
                    help="rounds of the restore measurement (storage cold, storage warm, memory tier); 0: skip")
+    p.add_argument("--paired", action="store_true",
+                   help="instead of one process per mode and round: per explicit mode (torch.save, dcp.async_save, "
+                        "pyckpt, floor-memcpy) one process alternating windows without and with checkpoints, "
+                        "so machine drift cancels within each pair")
+    p.add_argument("--window", type=int, default=40, help="--paired: steps per window")
+    p.add_argument("--pairs", type=int, default=8, help="--paired: window pairs per mode")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child == "restore":
         return restore_child(args)
+    if args.child and args.child.startswith("paired:"):
+        return paired_child(args)
     if args.child:
         return child(args)
     modes = args.modes.split(",")
+    if args.paired:
+        explicit = [m for m in modes if m not in TRANSPARENT and m != "none"]
+        if len(explicit) != len(modes) - ("none" in modes):
+            print("pyckpt benchmark: --paired measures the explicit modes only; transparent modes skipped",
+                  file=sys.stderr)
+        print(measure_paired(args, explicit))
+        return
     results: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(args.rounds):
         for m in modes:

@@ -135,6 +135,8 @@ void bind_functions(py::module_& m) {
         return crc32c_software(v.data(), v.size(), seed);
       },
       py::arg("data"), py::arg("seed") = 0);
+  m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"),
+        "CRC32C of A||B from crc32c(A), crc32c(B) and len(B)");
   m.def(
       "crc32c_addr",
       [](uintptr_t addr, size_t nbytes, uint32_t seed) {

@@ -146,6 +146,41 @@ uint32_t crc32c(const void* data, size_t n, uint32_t seed) {
   return ~sw_update(~seed, p, n);
 }
 
+namespace {
+// Advancing the register over zero bytes is a linear map on 32 bits (see
+// ShiftTable). Over 2^k bytes it is the k-fold square of the one-byte map;
+// a matrix is stored as the images of the 32 unit vectors.
+using ZeroShift = uint32_t[32];
+
+uint32_t apply_shift(const ZeroShift& m, uint32_t v) {
+  uint32_t r = 0;
+  for (int j = 0; v; ++j, v >>= 1)
+    if (v & 1) r ^= m[j];
+  return r;
+}
+
+struct ZeroShiftPowers {
+  ZeroShift p[64];  // p[k]: advance over 2^k zero bytes
+  ZeroShiftPowers() {
+    const auto& T0 = slice_tables().t[0];
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t v = 1u << j;
+      p[0][j] = T0[v & 0xff] ^ (v >> 8);
+    }
+    for (int k = 1; k < 64; ++k)
+      for (int j = 0; j < 32; ++j) p[k][j] = apply_shift(p[k - 1], p[k - 1][j]);
+  }
+};
+}  // namespace
+
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, size_t len_b) {
+  // With pre/post inversion the affine parts cancel: crc(A||B) = shift_len(B)(crc(A)) ^ crc(B).
+  static const ZeroShiftPowers powers;
+  for (int k = 0; len_b; ++k, len_b >>= 1)
+    if (len_b & 1) crc_a = apply_shift(powers.p[k], crc_a);
+  return crc_a ^ crc_b;
+}
+
 uint32_t crc32c_software(const void* data, size_t n, uint32_t seed) {
   return ~sw_update(~seed, static_cast<const uint8_t*>(data), n);
 }

@@ -31,6 +31,8 @@ SaveJob::SaveJob(std::vector<std::string> files, std::vector<SaveChunk> chunks,
       results_(chunks_.size()),
       fps_(chunks_.size(), 0),
       fp_known_(chunks_.size(), 0),
+      raw_crc_(chunks_.size(), 0),
+      raw_crc_known_(chunks_.size(), 0),
       status_(chunks_.size(), kChunkWritten) {
   for (size_t i = 0; i < paths_.size(); ++i) next_offset_[i] = data_end_[i] = 0;
   for (size_t i = 0; i < chunks_.size(); ++i) captured_[i] = false;

@@ -64,3 +64,10 @@ def test_rejects_non_contiguous_buffers(C):
     arr = np.arange(100, dtype=np.float64)[::2]
     with pytest.raises((BufferError, ValueError)):
         C.crc32c(arr)
+
+
+@pytest.mark.parametrize("len_a, len_b", [(0, 0), (0, 5), (5, 0), (1, 1), (7, 4099), (8192 * 3 + 5, 1 << 20), (1 << 20, 3)])
+def test_combine_equals_the_checksum_of_the_concatenation(C, rng, len_a, len_b):
+    # The engine checksums parts of one chunk on different threads and combines them.
+    a, b = rng.bytes(len_a), rng.bytes(len_b)
+    assert C.crc32c_combine(C.crc32c(a), C.crc32c(b), len(b)) == C.crc32c_software(a + b)

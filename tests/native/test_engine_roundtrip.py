@@ -162,3 +162,28 @@ def test_empty_job_creates_and_syncs_files(make_engine, tmp_path):
     job = engine.save([str(path)], [])
     assert job.wait(30) and job.error() is None and job.results() == []
     assert path.exists() and path.stat().st_size == 0
+
+
+@pytest.mark.parametrize("copy_threads", [1, 2, 3])
+def test_checksums_and_fingerprints_taken_while_copying_match_the_bytes(C, make_engine, tmp_path, rng, copy_threads):
+    """Host chunks are checksummed and fingerprinted during the copy (one pass), split over
+    the copy threads for pieces >= 1 MiB; each result must equal the values computed from
+    the source bytes by the independent table CRC and the single-threaded fingerprint."""
+    chunk = 4 << 20
+    engine = make_engine(staging_bytes=4 * chunk, chunk_bytes=chunk, copy_threads=copy_threads)
+    # A 9 MiB + 13 B array (whole chunks, then an odd tail sharing a chunk with the
+    # small arrays) and pieces of odd lengths, so stripes, parts and pieces do not line up.
+    arrays = [rng.integers(0, 256, (9 << 20) + 13, dtype=np.uint8), rng.integers(0, 256, 777, dtype=np.uint8),
+              rng.integers(0, 256, (1 << 20) + 3, dtype=np.uint8)]
+    layout = plan(arrays, chunk)
+    job = engine.save([str(tmp_path / "d.bin")], save_chunks(layout, arrays), fingerprint=True)
+    assert job.wait(60) and job.error() is None
+    fps = [fp for fp, _status in job.incremental()]
+    assert any(len(pieces) > 1 for _f, _es, pieces in layout.chunks)
+    for (_f, _es, pieces), (_off, _stored, raw, _crc, _codec, raw_crc), fp in zip(layout.chunks, job.results(), fps):
+        src = [arrays[i].view(np.uint8)[o : o + n].tobytes() for i, o, n in pieces]
+        assert C.crc32c_software(b"".join(src)) == raw_crc
+        want = C.FP_SEED
+        for piece in src:
+            want = C.chunk_fold(want, C.fingerprint_portable(piece))
+        assert fp == want

@@ -12,6 +12,9 @@ namespace pyckpt {
 /// CRC32C of n bytes continuing from `seed` (crc32c(b, crc32c(a)) == crc32c(a+b)).
 uint32_t crc32c(const void* data, size_t n, uint32_t seed = 0);
 
+/// CRC32C of A||B from crc32c(A) and crc32c(B), where B is len_b bytes long:
+/// lets parts of one buffer be checksummed on different threads.
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, size_t len_b);
 /// The table-driven path, whatever the CPU supports (tests compare both).
 uint32_t crc32c_software(const void* data, size_t n, uint32_t seed = 0);
 

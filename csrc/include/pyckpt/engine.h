@@ -95,6 +95,9 @@ class Engine {
                      std::vector<std::pair<size_t, uint8_t*>>& captured);
   void capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
   void host_copy(uint8_t* dst, const uint8_t* src, size_t n);
+  /// Copies an all-host chunk into its slab and returns the CRC32C of its raw
+  /// bytes; with `fp`, also stores the chunk's fingerprint there. One pass over memory.
+  uint32_t capture_host_summed(const SaveChunk& chunk, uint8_t* slab, uint64_t* fp);
   /// Fingerprint of a chunk read from its sources (host pieces on the copy
   /// workers, device pieces by the CUDA kernel after `after`).
   /// `device_fps` (may be null or empty): the per-piece fingerprints of its

@@ -111,6 +111,10 @@ class SaveJob {
   // Each index is written by one thread (capture or its write task), read after done().
   void set_fingerprint(size_t i, uint64_t fp) { fps_[i] = fp, fp_known_[i] = 1; }
   bool fingerprint_known(size_t i) const { return fp_known_[i] != 0; }
+  /// CRC32C of a chunk's raw bytes, when capture computed it while copying.
+  void set_raw_crc(size_t i, uint32_t crc) { raw_crc_[i] = crc, raw_crc_known_[i] = 1; }
+  bool raw_crc_known(size_t i) const { return raw_crc_known_[i] != 0; }
+  uint32_t raw_crc(size_t i) const { return raw_crc_[i]; }
   void set_status(size_t i, int status) { status_[i] = static_cast<uint8_t>(status); }
   /// (fingerprint, status) per chunk; throws like results().
   std::vector<std::pair<uint64_t, int>> incremental() const;
@@ -134,6 +138,8 @@ class SaveJob {
   std::vector<ChunkResult> results_;
   std::vector<uint64_t> fps_;
   std::vector<uint8_t> fp_known_;
+  std::vector<uint32_t> raw_crc_;
+  std::vector<uint8_t> raw_crc_known_;
   std::vector<uint8_t> status_;
   std::atomic<size_t> pending_{0};
   std::atomic<bool> stop_{false};
