@@ -107,8 +107,12 @@ def main() -> None:
     # exception"); destroyed right after a collective, it can deadlock: gloo's worker thread may still
     # be releasing that collective's tensors, which needs the GIL the destroying thread holds. The
     # barrier waits with the GIL released, so those threads are idle before the group is destroyed.
+    # The barrier's own work object is freed by a gloo thread just after the barrier returns, which
+    # can also need the GIL: the short sleep (GIL released) lets it finish before teardown (a CI run
+    # hung there, in the destruction of this function's locals, once in about ten).
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+        time.sleep(0.5)
     trainer.accelerator.end_training()
 
 
