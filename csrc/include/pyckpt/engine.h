@@ -23,6 +23,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -94,6 +95,10 @@ class Engine {
   void submit_writes(const std::shared_ptr<SaveJob>& job,
                      std::vector<std::pair<size_t, uint8_t*>>& captured);
   void capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
+  /// Runs fn(part, begin, len) over up to copy_threads parts of [0, n) (one
+  /// part below 2 MiB), part 0 on the calling thread, the others on the copy
+  /// workers; returns how many parts ran (indices 0..returned-1).
+  size_t split_parts(size_t n, const std::function<void(size_t, size_t, size_t)>& fn);
   void host_copy(uint8_t* dst, const uint8_t* src, size_t n);
   /// Copies an all-host chunk into its slab and returns the CRC32C of its raw
   /// bytes; with `fp`, also stores the chunk's fingerprint there. One pass over memory.

@@ -1,0 +1,62 @@
+"""CPU a checkpoint costs the process: pyckpt ``Checkpointer.save`` of a changing 0.6 GB state.
+
+On a machine whose cores all train, every CPU second a checkpoint spends is taken from training,
+so this prints, per save, the time until ``captured()`` and until durable, and the process's user
+and system CPU seconds over the save (``getrusage``; copy, checksums, writes, commit, retention).
+State: the 12 x 2048² fp32 MLP + Adam of benchmarks/train_loop.py (0.6 GB), every tensor changed
+before each save (as an optimizer step would), ``keep=2``. The first save (staging allocation and
+first touch) is printed but left out of the medians.
+
+    python benchmarks/save_cpu.py [--saves 8] [--dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--saves", type=int, default=8)
+    ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
+    args = ap.parse_args()
+    import pyckpt
+
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(12)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model(torch.randn(2, 2048)).sum().backward()
+    opt.step()
+    root = tempfile.mkdtemp(prefix="pyckpt-savecpu-", dir=args.dir)
+    rows = []
+    try:
+        ck = pyckpt.Checkpointer(root, keep=2)
+        for i in range(args.saves):
+            with torch.no_grad():
+                for t in [*model.parameters(), *(v for s in opt.state.values() for v in s.values() if v.dim())]:
+                    t.add_(1e-3)
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            fut = ck.save(i, {"model": model.state_dict(), "optim": opt.state_dict()})
+            fut.captured()
+            t1 = time.perf_counter()
+            ck.wait()
+            t2, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            rows.append((t1 - t0, t2 - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
+            print(f"save {i}: captured {rows[-1][0]:.3f} s, durable {rows[-1][1]:.3f} s, "
+                  f"CPU user {rows[-1][2]:.3f} s, sys {rows[-1][3]:.3f} s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    steady = rows[1:] or rows
+    med = [statistics.median(col) for col in zip(*steady)]
+    print(f"median of saves 1..{len(rows) - 1}: captured {med[0]:.3f} s, durable {med[1]:.3f} s, "
+          f"CPU user {med[2]:.3f} s, sys {med[3]:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
