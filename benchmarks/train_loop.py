@@ -11,10 +11,11 @@ it is durable, and the peak RSS.
 
     python benchmarks/train_loop.py --paired [--window 40] [--pairs 8] [--every 10]
 
-``--paired`` measures the explicit modes (torch.save, dcp.async_save, pyckpt, floor-memcpy) another
-way: one process per mode alternates windows of ``--window`` steps without and with checkpoints (order
-swapped every pair); the ratio is taken within each pair, so the machine's drift between processes and
-over minutes, which is larger than the effect on a shared 2-vCPU box, cancels. A checkpoint window ends
+``--paired`` measures the explicit modes (torch.save, dcp.async_save, pyckpt, pyckpt-memory, floor-memcpy)
+another way: one process trains the job and, for each mode in turn, runs a window of ``--window`` steps
+without checkpoints next to one with them (which comes first alternates, the modes' order rotates every
+round); each ratio is taken within its pair, so the machine's drift between processes and over minutes,
+which is larger than the effect on a shared 2-vCPU box, cancels, and all modes meet the same process. A checkpoint window ends
 when its last checkpoint is durable, which charges it at most one write's tail more than a loop would pay.
 
 It ends with one Markdown table to paste (docs/PERFORMANCE.md): per mode steps/s, the ratio to no
@@ -35,6 +36,10 @@ Modes:
   pyckpt-transparent-eager  the same with PYCKPT_LAZY=0 (copied at the snapshot point)
   pyckpt-transparent-shm  lazy, plus the memory tier (PYCKPT_SHM_MB): every snapshot kept in
                   /dev/shm, every --storage-every'th (default: one per 10 steps) also written to disk
+  pyckpt-memory   (--paired only) the memory tier of pyckpt-transparent-shm driven through its own
+                  objects (shm_tier.Tier) from the explicit loop: every checkpoint kept in /dev/shm,
+                  every --storage-every'th (default: one per 10 steps) copied from it to disk;
+                  captured() before the next step
   floor-memcpy    not a checkpoint: the least any consistent host-memory snapshot must do here,
                   one copy of every state byte into a preallocated buffer on a background
                   thread, waited for before the next optimizer step; no hashing, no disk. Its
@@ -68,6 +73,7 @@ import _page_cache  # benchmarks/_page_cache.py (the script's folder is on sys.p
 
 MODES = ("none", "torch.save", "dcp.async_save", "pyckpt", "pyckpt-transparent", "pyckpt-transparent-eager",
          "pyckpt-transparent-shm", "floor-memcpy")
+PAIRED_ONLY = ("pyckpt-memory",)  # --paired: the memory tier driven in-process (no transparent activation)
 TRANSPARENT = ("pyckpt-transparent", "pyckpt-transparent-eager", "pyckpt-transparent-shm")
 
 
@@ -170,18 +176,23 @@ def child(args: argparse.Namespace) -> None:
 
 
 def paired_child(args: argparse.Namespace) -> None:
-    """``--paired``: one process alternates windows of ``--window`` steps without and with checkpoints
-    (every ``--every`` steps), order swapped every pair so drift hits both alike; a checkpoint window
-    ends only when its last checkpoint is durable (pessimistic by at most that one write's tail).
-    Prints one JSON line: each pair's seconds without and with checkpoints."""
-    mode, device = args.child.split(":", 1)[1], args.device
+    """``--paired``: one process trains the job and, for each mode in turn (order rotated every round),
+    runs a window of ``--window`` steps without checkpoints next to one with a checkpoint every
+    ``--every`` steps (which comes first alternates), so every ratio compares neighbouring windows of
+    the same process. A checkpoint window ends only when its last checkpoint is durable (pessimistic by
+    at most that one write's tail). Prints one JSON line: per mode, each pair's seconds without and with."""
+    modes, device = args.child.split(":", 1)[1].split(","), args.device
     model, opt, loader = build_job(args.job, device)
     loss_fn = torch.nn.MSELoss()
-    saver = Saver(mode, args.dir, model, opt)
+    storage_every = args.storage_every or max(1, 10 // args.every)
+    savers = {}
+    for m in modes:
+        os.makedirs(os.path.join(args.dir, m), exist_ok=True)
+        savers[m] = Saver(m, os.path.join(args.dir, m), model, opt, storage_every)
     batches = iter(())
-    step, pairs = 0, []
+    step, pairs = 0, {m: [] for m in modes}
 
-    def run(n: int, checkpoints: bool) -> float:
+    def run(n: int, saver: Saver | None) -> float:
         nonlocal batches, step
         t0 = time.perf_counter()
         waiting = False
@@ -201,41 +212,43 @@ def paired_child(args: argparse.Namespace) -> None:
             step += 1
             if device == "cuda":
                 torch.cuda.synchronize()
-            if checkpoints and i % args.every == 0:
+            if saver is not None and i % args.every == 0:
                 saver.checkpoint(step)
                 waiting = True
-        if checkpoints:
+        if saver is not None:
             saver.before_step()
             saver.finish()  # durable before the window ends: its writes are not left to the next one
         return time.perf_counter() - t0
 
-    run(args.warmup, False)
-    run(args.window, True)  # first checkpoint (staging allocation, first fingerprints) not counted
+    run(args.warmup, None)
+    for m in modes:
+        run(args.window, savers[m])  # first checkpoints (staging allocation, first fingerprints) not counted
     for k in range(args.pairs):
-        if k % 2 == 0:
-            off, on = run(args.window, False), run(args.window, True)
-        else:
-            on, off = run(args.window, True), run(args.window, False)
-        pairs.append((off, on))
-    print(json.dumps({"mode": mode, "pairs": pairs, "checkpoints_per_window": -(-args.window // args.every),
+        for m in modes[k % len(modes):] + modes[:k % len(modes)]:
+            if k % 2 == 0:
+                off, on = run(args.window, None), run(args.window, savers[m])
+            else:
+                on, off = run(args.window, savers[m]), run(args.window, None)
+            pairs[m].append((off, on))
+    print(json.dumps({"pairs": pairs, "checkpoints_per_window": -(-args.window // args.every),
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
 def measure_paired(args: argparse.Namespace, modes: list[str]) -> str:
-    """Run ``paired_child`` for each explicit mode; one Markdown table of per-pair ratios."""
+    """Run ``paired_child`` once for all explicit modes; one Markdown table of per-pair ratios."""
     lines = [f"paired windows: job={args.job} device={args.device} every={args.every} window={args.window} "
-             f"steps pairs={args.pairs} (one process per mode; ratio = window without / window with "
-             "checkpoints, median over pairs)", "",
+             f"steps pairs={args.pairs} (one process, modes in rotation; ratio = window without / window "
+             "with checkpoints next to it, median over pairs)", "",
              "| mode | ratio to none (median) | ratio, quartiles | extra seconds per checkpoint (median) | "
              "window without (median) |", "|---|---:|---:|---:|---:|"]
+    res = run_mode(args, "paired:" + ",".join(modes))
     for m in modes:
-        res = run_mode(args, f"paired:{m}")
-        ratios = sorted(off / on for off, on in res["pairs"])
-        extra = [(on - off) / res["checkpoints_per_window"] for off, on in res["pairs"]]
+        ratios = sorted(off / on for off, on in res["pairs"][m])
+        extra = [(on - off) / res["checkpoints_per_window"] for off, on in res["pairs"][m]]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         lines.append(f"| {m} | {statistics.median(ratios):.3f} | {q[0]:.3f}–{q[2]:.3f} | "
-                     f"{statistics.median(extra):.4f} s | {statistics.median(o for o, _ in res['pairs']):.3f} s |")
-        print(f"paired {m:<16} ratio {statistics.median(ratios):.3f}", flush=True)
+                     f"{statistics.median(extra):.4f} s | "
+                     f"{statistics.median(o for o, _ in res['pairs'][m]):.3f} s |")
     return "\n".join(lines)
 
 
@@ -377,7 +390,7 @@ def _time_inside():
 class Saver:
     """One checkpointing method; ``checkpoint(step)`` returns the training thread's stall."""
 
-    def __init__(self, mode: str, directory: str, model, opt) -> None:
+    def __init__(self, mode: str, directory: str, model, opt, storage_every: int = 1) -> None:
         self.mode, self.dir, self.model, self.opt = mode, directory, model, opt
         self.pending = None  # (start time, future-like)
         self.staging = None  # a future the next optimizer step must wait for
@@ -397,6 +410,17 @@ class Saver:
             import pyckpt
 
             self.ckpt = pyckpt.Checkpointer(directory, keep=2)
+        elif mode == "pyckpt-memory":
+            os.environ["PYCKPT_SHM_MB"] = "4096"
+            import pyckpt
+            from pyckpt import shm_tier
+
+            self.ckpt = pyckpt.Checkpointer(directory, keep=2)
+            self.tier = shm_tier.tier_for(self.ckpt, self.ckpt.coord)
+            if self.tier is None:
+                raise SystemExit("pyckpt benchmark: the memory tier is off here (see the pyckpt: line above)")
+            self.tier.every = storage_every
+            self.snapshots = 0
         elif mode == "floor-memcpy":
             from concurrent.futures import ThreadPoolExecutor
 
@@ -411,7 +435,7 @@ class Saver:
         if self.staging is None:
             return 0.0
         t0 = time.perf_counter()
-        if self.mode == "pyckpt":
+        if self.mode in ("pyckpt", "pyckpt-memory"):
             self.staging.captured()
         else:
             self.staging.result()
@@ -468,6 +492,17 @@ class Saver:
             fut = self.ckpt.save(step, self.state())
             self.staging = fut  # captured() before the next optimizer step
             self.pending = (t0, fut)
+        elif self.mode == "pyckpt-memory":
+            self.snapshots += 1
+            fut = self.tier.save(step, self.state(), None)
+            if self.tier.storage_due(self.snapshots):
+                stored = self.tier.publish(fut, self.ckpt, step)
+                if stored is None:
+                    raise SystemExit("pyckpt benchmark: storage cannot be copied from the memory tier here")
+                self._reap(wait=False)
+                if self.pending is None:
+                    self.pending = (t0, stored)
+            self.staging = fut
         stall = time.perf_counter() - t0
         self._reap(wait=False)
         return stall
@@ -476,6 +511,10 @@ class Saver:
         self._reap(wait=True)
         if self.mode == "pyckpt":
             self.ckpt.wait()
+        elif self.mode == "pyckpt-memory":
+            self.tier.ckpt.wait()
+            if self.tier.publication is not None:
+                self.tier.publication.wait()
         return self.durable
 
 
@@ -512,7 +551,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
         subprocess.run(["sync"], check=False)
         from pyckpt import shm_tier  # a killed shm-mode child leaves its memory copy behind
 
-        shutil.rmtree(shm_tier.shm_path(work), ignore_errors=True)
+        for d in [work] + [os.path.join(work, m) for m in MODES + PAIRED_ONLY]:
+            shutil.rmtree(shm_tier.shm_path(d), ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     if out.returncode != 0:
         raise SystemExit(f"mode {mode} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -551,9 +591,11 @@ def main() -> None:
     if args.child:
         return child(args)
     modes = args.modes.split(",")
+    if not args.paired and any(m in PAIRED_ONLY for m in modes):
+        p.error(f"{', '.join(PAIRED_ONLY)}: --paired only")
     if args.paired:
         explicit = [m for m in modes if m not in TRANSPARENT and m != "none"]
-        if len(explicit) != len(modes) - ("none" in modes):
+        if any(m in TRANSPARENT for m in modes):
             print("pyckpt benchmark: --paired measures the explicit modes only; transparent modes skipped",
                   file=sys.stderr)
         print(measure_paired(args, explicit))

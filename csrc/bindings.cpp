@@ -43,6 +43,15 @@ void apply_expect(std::vector<SaveChunk>& cs, const std::vector<ExpectT>& expect
   }
 }
 
+void apply_no_fingerprint(std::vector<SaveChunk>& cs, const std::vector<size_t>& skip) {
+  for (size_t i : skip) {
+    PYCKPT_CHECK_ARG(i < cs.size(), "skip_fingerprint: chunk index " << i << " but only " << cs.size()
+                                                                     << " chunks");
+    PYCKPT_CHECK_ARG(!cs[i].expect, "skip_fingerprint: chunk " << i << " is also expected unchanged");
+    cs[i].no_fp = true;
+  }
+}
+
 // A contiguous read-only view of any buffer-protocol object.
 class BufferView {
  public:
@@ -242,10 +251,13 @@ void bind_engine(py::module_& m) {
           "save",
           [](Engine& e, std::vector<std::string> files, const std::vector<SaveChunkT>& chunks,
              int codec, int level, uintptr_t stream, int device, int64_t timeout_ms,
-             int64_t delay_us, const std::vector<ExpectT>& expect, bool fp, bool constant_fp) {
+             int64_t delay_us, const std::vector<ExpectT>& expect, bool fp, bool constant_fp,
+             bool map_files, const std::vector<size_t>& skip_fp) {
+            PYCKPT_CHECK_ARG(!map_files || codec == kCodecNone, "map_files needs codec none");
             std::vector<SaveChunk> cs = to_save_chunks(chunks);
             apply_expect(cs, expect);
-            SaveOptions o{codec, level, stream, device, timeout_ms, delay_us, fp, constant_fp};
+            apply_no_fingerprint(cs, skip_fp);
+            SaveOptions o{codec, level, stream, device, timeout_ms, delay_us, fp, constant_fp, map_files};
             py::gil_scoped_release release;
             return e.save(std::move(files), std::move(cs), o);
           },
@@ -253,7 +265,8 @@ void bind_engine(py::module_& m) {
           py::arg("level") = kDefaultZstdLevel, py::arg("stream") = 0, py::arg("device") = -1,
           py::arg("staging_timeout_ms") = 60000, py::arg("write_delay_us") = 0,
           py::arg("expect") = std::vector<ExpectT>{}, py::arg("fingerprint") = false,
-          py::arg("constant_fp") = false)
+          py::arg("constant_fp") = false, py::arg("map_files") = false,
+          py::arg("skip_fingerprint") = std::vector<size_t>{})
       .def(
           "read",
           [](Engine& e, const std::vector<std::string>& files,

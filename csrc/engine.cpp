@@ -169,6 +169,7 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
   std::vector<std::pair<size_t, uint8_t*>> captured;  // captured, write not yet submitted
   try {
     job->open_files();
+    job->map_files(maps_);
     const auto timeout = std::chrono::milliseconds(job->options().staging_timeout_ms);
     // Unchanged GPU chunks: all device fingerprints in one batch, before the first copy.
     const std::vector<std::vector<uint64_t>> dev_fps =
@@ -192,6 +193,11 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
             job->set_status(i, kChunkCollision);
         }
       }
+      if (!c.on_device && job->mapped(c.file_idx)) {
+        capture_mapped(*job, i);
+        job->mark_captured(i);
+        continue;
+      }
       uint8_t* slab = pool_.acquire(std::chrono::milliseconds(0), &job->stop_flag());
       if (!slab) {
         // Pool dry: start the deferred writes, which free slabs, then wait.
@@ -207,7 +213,7 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
           capture_chunk(c, slab, after);
         } else {
           // Host chunk: CRC32C (and the fingerprint, if still needed) computed while copying.
-          const bool want_fp = job->options().fingerprint && !job->options().constant_fp &&
+          const bool want_fp = job->options().fingerprint && !job->options().constant_fp && !c.no_fp &&
                                !job->fingerprint_known(i);
           uint64_t fp = 0;
           job->set_raw_crc(i, capture_host_summed(c, slab, want_fp ? &fp : nullptr));
@@ -403,6 +409,28 @@ uint32_t Engine::capture_host_summed(const SaveChunk& chunk, uint8_t* slab, uint
   return crc;
 }
 
+void Engine::capture_mapped(SaveJob& job, size_t i) {
+  const SaveChunk& c = job.chunks()[i];
+  const SaveOptions& o = job.options();
+  const bool want_fp = o.fingerprint && !o.constant_fp && !c.no_fp && !job.fingerprint_known(i);
+  ChunkResult r;
+  r.raw_len = r.stored_len = c.raw_len;
+  r.codec = kCodecNone;
+  r.file_offset = job.reserve(c.file_idx, c.raw_len);
+  uint8_t* dst = job.mapped(c.file_idx) + r.file_offset;
+  uint64_t fp = 0;
+  r.raw_crc32c = r.crc32c = capture_host_summed(c, dst, want_fp ? &fp : nullptr);
+  if (want_fp) job.set_fingerprint(i, fp);
+  if (o.fingerprint && o.constant_fp && !c.no_fp) job.set_fingerprint(i, 0);
+  // A recycled file holds an older snapshot's bytes: the padding up to the
+  // next chunk is zeroed, as in a written file.
+  const size_t padded = (c.raw_len + 4095) / 4096 * 4096;
+  std::memset(dst + c.raw_len, 0, padded - c.raw_len);
+  job.note_end(c.file_idx, r.file_offset + c.raw_len);
+  if (o.write_delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(o.write_delay_us));
+  job.set_result(i, r);
+}
+
 void Engine::host_copy(uint8_t* dst, const uint8_t* src, size_t n) {
   split_parts(n, [=](size_t, size_t begin, size_t len) { std::memcpy(dst + begin, src + begin, len); });
 }
@@ -415,6 +443,9 @@ void Engine::write_stored(const File& file, const Encoded& e, uint8_t* slab, uin
   if (e.data == slab && padded <= pool_.slab_bytes()) {
     std::memset(slab + e.size, 0, padded - e.size);
     if (file.pwrite_direct(slab, padded, offset)) return;
+    // Padding included: a reused (memory-tier) file holds older bytes there.
+    file.pwrite_all(slab, padded, offset);
+    return;
   }
   file.pwrite_all(e.data, e.size, offset);
 }
@@ -427,7 +458,7 @@ void Engine::write_chunk(SaveJob& job, size_t i, uint8_t* slab) {
       ChunkResult r;
       r.raw_len = c.raw_len;
       r.raw_crc32c = job.raw_crc_known(i) ? job.raw_crc(i) : crc32c(slab, c.raw_len);
-      if (o.fingerprint && !job.fingerprint_known(i))
+      if (o.fingerprint && !c.no_fp && !job.fingerprint_known(i))
         job.set_fingerprint(i, o.constant_fp ? 0 : slab_fingerprint(c, slab));
       const Encoded e = encode_chunk(slab, c.raw_len, c.elem_size, o.codec, o.level, thread_scratch());
       r.codec = e.codec;

@@ -21,7 +21,8 @@ File::~File() {
 }
 
 File::File(File&& o) noexcept
-    : fd_(o.fd_), direct_fd_(o.direct_fd_), path_(std::move(o.path_)), size_at_open_(o.size_at_open_) {
+    : fd_(o.fd_), direct_fd_(o.direct_fd_), writable_map_(o.writable_map_), path_(std::move(o.path_)),
+      size_at_open_(o.size_at_open_) {
   o.fd_ = -1;
   o.direct_fd_ = -1;
 }
@@ -32,6 +33,7 @@ File& File::operator=(File&& o) noexcept {
     if (direct_fd_ >= 0) ::close(direct_fd_);
     fd_ = o.fd_;
     direct_fd_ = o.direct_fd_;
+    writable_map_ = o.writable_map_;
     path_ = std::move(o.path_);
     size_at_open_ = o.size_at_open_;
     o.fd_ = -1;
@@ -40,12 +42,14 @@ File& File::operator=(File&& o) noexcept {
   return *this;
 }
 
-File File::create(const std::string& path, bool direct) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+File File::create(const std::string& path, bool direct, bool keep) {
+  const int fd = ::open(path.c_str(), (keep ? O_RDWR : O_WRONLY | O_TRUNC) | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) os_fail("cannot create", path, errno);
   // tmpfs and some network file systems refuse O_DIRECT: then buffered only.
   const int dfd = direct ? ::open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC) : -1;
-  return File(fd, path, dfd);
+  File f(fd, path, dfd);
+  f.writable_map_ = keep;
+  return f;
 }
 
 bool File::pwrite_direct(const void* data, size_t n, uint64_t offset) const {

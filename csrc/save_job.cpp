@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "pyckpt/codec.h"
 #include "pyckpt/errors.h"
 
 namespace pyckpt {
@@ -95,7 +96,17 @@ void SaveJob::fail(const std::string& message) {
 
 void SaveJob::open_files() {
   files_.reserve(paths_.size());
-  for (const auto& p : paths_) files_.push_back(File::create(p, /*direct=*/true));
+  for (const auto& p : paths_)
+    files_.push_back(File::create(p, /*direct=*/!options_.map_files, /*keep=*/options_.map_files));
+}
+
+void SaveJob::map_files(MappingCache& cache) {
+  if (!options_.map_files || options_.codec != kCodecNone) return;
+  std::vector<size_t> lens(paths_.size(), 0);
+  // Device chunks (written) take their share of the file too.
+  for (const SaveChunk& c : chunks_) lens[c.file_idx] += (c.raw_len + kAlign - 1) / kAlign * kAlign;
+  maps_.assign(paths_.size(), nullptr);
+  for (size_t i = 0; i < paths_.size(); ++i) maps_[i] = cache.acquire(files_[i], lens[i]);
 }
 
 void SaveJob::note_end(size_t file_idx, uint64_t end) {
@@ -133,6 +144,10 @@ void SaveJob::finalize() {
   // Data is durable before the job reports success: the commit protocol
   // relies on it when it writes the manifest next.
   try {
+    // Stores into a shared mapping are in the file's pages (the page cache):
+    // the fsync below covers them like written pages. The mapping itself is
+    // kept by the MappingCache for the next save into this file.
+    maps_.clear();
     if (!stopped())
       for (size_t i = 0; i < files_.size(); ++i) {
         files_[i].truncate(data_end_[i].load());

@@ -100,6 +100,8 @@ class Engine:
         expect: Sequence[Tuple[int, int, bool, int]] = (),
         fingerprint: bool = False,
         constant_fp: bool = False,
+        map_files: bool = False,
+        skip_fingerprint: Sequence[int] = (),
     ) -> SaveJob:
         """Start a save; returns at once.
 
@@ -112,6 +114,12 @@ class Engine:
         the CRC32C of its current bytes equals raw_crc32c), neither copied nor
         written. fingerprint: compute every chunk's fingerprint (incremental()).
         constant_fp: testing only, every fingerprint is 0.
+        map_files (codec none only): existing files are reused, not truncated
+        (their pages stay allocated), and host chunks are copied straight into
+        them, mapped, with no staging slab or write; a file the file system
+        cannot allocate or map is written as usual.
+        skip_fingerprint: chunk indices (not in expect) known to have changed:
+        written without computing their fingerprint (incremental() gives 0).
         """
     def read(
         self,

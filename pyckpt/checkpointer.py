@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -150,6 +151,7 @@ class Checkpointer:
         # Unchanged chunks reference the earlier checkpoint (pyckpt/incremental.py); default PYCKPT_INCREMENTAL.
         self.incremental = knobs.get("PYCKPT_INCREMENTAL") if incremental is None else bool(incremental)
         self._baseline = incremental_mod.Baseline()
+        self._versions: dict[tuple, int] = {}  # (device, address, nbytes) -> version counter at the last save
         catalog.check_best(keep_best, monitor, mode)  # best K by monitor() are kept besides the newest `keep`
         self.keep_best, self.monitor, self.mode = keep_best, monitor, mode
         self.coord = coordinator if coordinator is not None else LocalCoordinator()
@@ -177,6 +179,12 @@ class Checkpointer:
         self._seq = 0
         self._inflight: SaveFuture | None = None
         self._lock = threading.Lock()
+        # The memory tier (shm_tier) sets these: retention (rank 0) parks an evicted checkpoint's data
+        # files in ``_spares``, and each rank's next save writes into its own in place, mapped (when
+        # ``_may_recycle()``: nothing of this rank may still read it), so a snapshot neither allocates
+        # nor frees a snapshot's worth of tmpfs pages.
+        self._spares: str | None = None
+        self._may_recycle: Callable[[], bool] = lambda: True
         os.makedirs(self.directory, exist_ok=True)
 
     def close(self) -> None:
@@ -277,11 +285,36 @@ class Checkpointer:
                 writer.storages_json(plan) + sharded.storages_json(plan), [c.raw_len for c in plan.chunks],
                 [any(p.src_device >= 0 for p in c.pieces) for c in plan.chunks], os.path.basename(final),
                 self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"))
+            expected = {e[0] for e in plan.expect}
+            plan.no_fp = {i for i in self._moved_chunks(plan) - expected
+                          if (i + self._baseline.saves) % incremental_mod.SAMPLE_EVERY}
         except Exception as e:  # never into training: this save is simply written in full
             log.warning("pyckpt: incremental save not possible, writing every chunk: %s", e)
             self._baseline = incremental_mod.Baseline()
             self._baseline.seeded = True  # start over from this save's chunks
             plan.expect, plan.refs = None, {}
+
+    def _moved_chunks(self, plan: writer.RankPlan) -> set[int]:
+        """Chunks every storage of which moved its version counter since the last save (trained
+        weights, optimizer moments). Those with no expectation (no fingerprint to compare with, or
+        one that changed at the last save) are written without computing a fingerprint, one pass
+        over their bytes less per save, except at a rotating 1 in SAMPLE_EVERY saves: a tensor
+        updated in place without changing (a frozen group with lr=0) gets a fingerprint then and is
+        referenced from the next save on. A version that did not move proves nothing (``.data``
+        writes bypass it, a new tensor may sit at an old address): those chunks keep the fingerprint."""
+        versions: dict[tuple, int] = {}
+        moved: set[int] = set()
+        still: set[int] = set()
+        for sec in plan.sections():
+            for s in sec.mine:
+                if s.keep is None:
+                    continue
+                key = (str(s.device), s.addr, s.nbytes)
+                versions[key] = s.keep._version
+                old = self._versions.get(key)
+                (moved if old is not None and old != versions[key] else still).update(p.chunk for p in s.pieces)
+        self._versions = versions
+        return moved - still
 
     def _start(self, engine: Any, plan: writer.RankPlan, tmp: str) -> tuple[Any, BaseException | None]:
         try:
@@ -289,9 +322,43 @@ class Checkpointer:
             os.makedirs(tmp, exist_ok=True)
             commit._crash_point("save.mkdir.after")
             commit._crash_point("save.data.before")
-            return writer.start(engine, plan, tmp, self.compress), None
+            in_place = self._spares is not None and self.compress == "none"
+            if in_place:
+                self._take_spare(tmp)
+            return writer.start(engine, plan, tmp, self.compress, map_files=in_place), None
         except Exception as e:  # disk full, permissions: reported by the future
             return None, e
+
+    def _take_spare(self, tmp: str) -> None:
+        """Move this rank's parked data file (``_salvage``) to where this save writes it, unless this
+        rank may still read it (then it stays parked and this save writes a new file)."""
+        if not self._may_recycle():
+            return
+        dst = os.path.join(tmp, layout.data_file_name(self.coord.rank))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.rename(os.path.join(self._spares, f"rank-{self.coord.rank:05d}.bin"), dst)
+        except FileNotFoundError:
+            pass  # none parked (the first saves, or a victim read by a publication): a new file
+
+    def _salvage(self, victim: str) -> None:
+        """Retention's hook for a victim renamed to garbage: park its data files for reuse (every rank's:
+        retention runs on rank 0)."""
+        if self._spares is None:
+            return
+        try:
+            names = os.listdir(victim)
+        except OSError:
+            return
+        for name in names:
+            if not (name.startswith("rank-") and name[5:].isdigit()):
+                continue
+            src = os.path.join(victim, layout.data_file_name(int(name[5:])))
+            try:
+                if stat.S_ISREG(os.lstat(src).st_mode):  # never a link planted there
+                    os.rename(src, os.path.join(self._spares, f"{name}.bin"))
+            except OSError:
+                pass  # deleted with the victim instead
 
     def _finish(self, fut: SaveFuture, plan, job, err, tmp: str, final: str, step: int, seq: int) -> None:
         part = None
@@ -339,7 +406,8 @@ class Checkpointer:
         if self.coord.rank == 0:
             try:
                 keep, best = (1, set()) if self.remote is not None else (self.keep, self._best())
-                commit.apply_retention(self.directory, keep, protect={os.path.basename(final)} | best)
+                commit.apply_retention(self.directory, keep, protect={os.path.basename(final)} | best,
+                                       salvage=self._salvage if self._spares is not None else None)
             except Exception as e:  # the save committed; retention tries again after the next one
                 log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
         self._record(fut, final, None)

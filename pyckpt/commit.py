@@ -20,6 +20,7 @@ import shutil
 import signal
 import stat
 import uuid
+from typing import Callable
 
 from . import layout
 
@@ -217,7 +218,8 @@ def next_seq(root: str) -> int:
     return max(seqs, default=0) + 1
 
 
-def apply_retention(root: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+def apply_retention(root: str, keep: int, protect: set[str] = frozenset(),
+                    salvage: Callable[[str], None] | None = None) -> list[str]:
     """Delete committed checkpoints older than the ``keep`` newest commits; returns deleted paths.
 
     Order is commit order (``layout.committed``), not step number. The newest
@@ -228,7 +230,8 @@ def apply_retention(root: str, keep: int, protect: set[str] = frozenset()) -> li
     (incremental chunks) is deleted logically only: its ``MANIFEST.json`` is
     removed (it stops being a checkpoint) and its data stays until no
     committed checkpoint references it (``sweep_retired``). Failures are
-    logged, never raised."""
+    logged, never raised. ``salvage(garbage path)`` may move files out of an unreferenced victim
+    before it is deleted (the memory tier reuses their pages)."""
     order = layout.committed(root)
     deleted: list[str] = []
     if keep < 1 or len(order) <= keep:
@@ -256,6 +259,8 @@ def apply_retention(root: str, keep: int, protect: set[str] = frozenset()) -> li
         except OSError as exc:
             log.warning("pyckpt: retention could not remove %s: %s", e.path, exc)
             continue
+        if salvage is not None:
+            salvage(garbage)
         remove_tree(garbage, "retention.remove")
         deleted.append(e.path)
     sweep_retired(root, only_retired=True)  # data whose last reference went with these victims

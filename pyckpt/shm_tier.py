@@ -37,6 +37,7 @@ from .activation import _say as say
 
 SHM_ROOT = "/dev/shm"
 ORIGIN = ".origin.json"  # which storage directory (path, device, inode) the copy belongs to
+SPARES = ".spare"  # evicted snapshots' data files, parked for the next snapshot to write over
 
 _TIERS: dict[str, Tier | None] = {}  # storage directory -> its tier (None: off), one per process
 _crashed = False
@@ -54,6 +55,17 @@ class Tier:
         self.ckpt = Checkpointer(path, keep=1, compress="none", coordinator=coord)
         self.rank0 = coord.rank == 0
         self.publication: Any = None  # the newest tier_publish.Publication (storage copied from this tier)
+        # An evicted snapshot's data files are written over by a later snapshot (mapped, in place): new
+        # tmpfs files cost a page allocation and zeroing per 4 KiB, and freeing the old ones as much
+        # again. Not while this rank's publication may still read one (it holds their descriptors;
+        # a publication reads only the snapshot it was started for, and one runs at a time).
+        self.ckpt._spares = os.path.join(path, SPARES)
+        os.makedirs(self.ckpt._spares, mode=0o700, exist_ok=True)
+        self.ckpt._may_recycle = self._publication_done
+
+    def _publication_done(self) -> bool:
+        p = self.publication
+        return p is None or not p.thread.is_alive()
 
     def storage_due(self, n: int) -> bool:
         """Whether snapshot number ``n`` (1, 2, ...) of this process also goes to storage."""

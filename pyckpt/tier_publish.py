@@ -150,7 +150,8 @@ def _copy_part(part: dict, fds: dict[str, int], tmp: str, final: str, st: Any) -
     chunks = part["chunks"]
     expect: dict[int, tuple[int, int]] = {}
     refs: dict[int, tuple[dict, int]] = {}
-    if st.incremental and chunks and all(isinstance(c.get("fingerprint"), str) for c in chunks):
+    # Chunks written without a fingerprint (they had changed: Checkpointer._moved_chunks) are copied.
+    if st.incremental and chunks and any(isinstance(c.get("fingerprint"), str) for c in chunks):
         if not st._baseline.seeded and not st._baseline:
             st._baseline.seed(st.directory, st.coord.rank)
         exp, refs = st._baseline.expectations(part["storages"], [c["raw_len"] for c in chunks],
@@ -161,7 +162,7 @@ def _copy_part(part: dict, fds: dict[str, int], tmp: str, final: str, st: Any) -
     with _Writer(os.path.join(tmp, rel), fds) as w:
         for i, ch in enumerate(chunks):
             src = ch.pop("_src")
-            if i in expect and int(ch["fingerprint"], 16) == expect[i][0]:
+            if i in expect and isinstance(ch.get("fingerprint"), str) and int(ch["fingerprint"], 16) == expect[i][0]:
                 if ch["raw_crc32c"] == expect[i][1]:
                     rec, nbytes = refs[i]
                     new = {"file": "../" + rec["file"]}

@@ -44,6 +44,9 @@ class RankPlan:
     # reference each skipped chunk becomes; refs is None when the save is not incremental.
     expect: list | None = None
     refs: dict | None = None
+    # Chunks known to have changed (every tensor in them moved its version counter since the
+    # previous save): written without a fingerprint (Checkpointer._plan_incremental).
+    no_fp: set[int] = field(default_factory=set)
 
     def keep_alive(self) -> list[torch.Tensor]:
         """Tensors whose memory the engine reads until the save is captured."""
@@ -111,12 +114,14 @@ def storages_json(plan: RankPlan) -> list[dict]:
     return [_storage_json(sec.scope, s) for sec in plan.sections() for s in sec.mine]
 
 
-def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str) -> Any:
+def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str, map_files: bool = False) -> Any:
     """Start writing this rank's chunks into ``ckpt_dir``; returns the engine job.
 
     Incremental saves (``plan.refs`` set): every chunk's fingerprint is computed, and the
     chunks of ``plan.expect`` (``(chunk, fingerprint, verify, raw_crc32c)``) are skipped
-    by the engine when unchanged."""
+    by the engine when unchanged. ``map_files`` (the memory tier, codec none): a data file
+    already there (a recycled one) keeps its pages and host chunks are copied straight
+    into it, mapped, instead of through staging and a write."""
     if not plan.chunks:
         return DoneJob()
     rel = layout.data_file_name(plan.rank)
@@ -129,7 +134,8 @@ def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str) -> Any:
         staging_timeout_ms=int(knobs.get("PYCKPT_STAGING_TIMEOUT_S") * 1000),
         write_delay_us=knobs.get("PYCKPT_TEST_WRITE_DELAY_MS") * 1000,
         expect=plan.expect or [], fingerprint=plan.refs is not None,
-        constant_fp=knobs.get("PYCKPT_TEST_FINGERPRINT") == "constant",
+        constant_fp=knobs.get("PYCKPT_TEST_FINGERPRINT") == "constant", map_files=map_files,
+        skip_fingerprint=sorted(plan.no_fp) if plan.refs is not None else [],
     )
 
 
@@ -181,7 +187,7 @@ def describe_part(plan: RankPlan, results: list, ckpt_dir: str, inc: list | None
             written = True
             ch = {"file": rel, "offset": off, "stored_len": stored, "raw_len": raw, "elem_size": c.elem_size,
                   "codec": CODEC_NAMES[codec], "crc32c": crc, "raw_crc32c": raw_crc}
-        if fp is not None:
+        if fp is not None and i not in plan.no_fp:
             ch["fingerprint"] = incremental.fp_hex(fp)
         chunks.append(ch)
     if inc is not None:

@@ -187,3 +187,24 @@ def test_checksums_and_fingerprints_taken_while_copying_match_the_bytes(C, make_
         for piece in src:
             want = C.chunk_fold(want, C.fingerprint_portable(piece))
         assert fp == want
+
+
+def test_chunks_marked_changed_are_written_without_a_fingerprint(C, make_engine, tmp_path, rng):
+    """skip_fingerprint: those chunks get no fingerprint (0), the others the real one, and every chunk
+    is written and read back exactly; a chunk cannot be both expected unchanged and skipped."""
+    engine = make_engine(staging_bytes=4 * CHUNK, chunk_bytes=CHUNK)
+    arrays = mixed_state(rng)
+    layout = plan(arrays, CHUNK, 1)
+    files = [str(tmp_path / "d.bin")]
+    skip = list(range(0, len(layout.chunks), 2))
+    job = engine.save(files, save_chunks(layout, arrays), fingerprint=True, skip_fingerprint=skip)
+    full = engine.save([str(tmp_path / "e.bin")], save_chunks(layout, arrays), fingerprint=True)
+    assert job.wait(60) and full.wait(60) and job.error() is None
+    got, want = [fp for fp, _ in job.incremental()], [fp for fp, _ in full.incremental()]
+    assert all(got[i] == 0 for i in skip) and all(want[i] != 0 for i in skip)
+    assert [got[i] for i in range(len(got)) if i not in skip] == [want[i] for i in range(len(got)) if i not in skip]
+    dests, errors = read_back(engine, layout, files, job.results(), arrays)
+    assert errors == [] and all(np.array_equal(a.view(np.uint8), d.view(np.uint8)) for a, d in zip(arrays, dests))
+    with pytest.raises(ValueError, match="also expected unchanged"):
+        engine.save(files, save_chunks(layout, arrays), fingerprint=True, expect=[(0, 1, False, 0)],
+                    skip_fingerprint=[0])

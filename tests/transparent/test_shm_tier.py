@@ -177,3 +177,74 @@ def test_copy_from_memory_catches_forced_fingerprint_collisions_by_crc(tmp_path,
             shm_tier._TIERS.pop(ck.directory, None)
             tier.remove()
             ck.close()
+
+
+def _tier_file(tier, step: int) -> Path:
+    return Path(tier.path) / layout.step_dir_name(step) / layout.data_file_name(0)
+
+
+def test_each_snapshot_is_written_over_the_pages_of_the_one_evicted_before(tmp_path, shm):
+    # keep=1: snapshot N+2 writes into the data file snapshot N had (parked when N+1 committed), so a
+    # snapshot neither allocates nor frees a snapshot's worth of tmpfs pages. Every snapshot still
+    # restores bitwise and passes verification where it lies.
+    big = torch.zeros(3 << 20)  # 12 MiB
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            inodes = []
+            for step in range(1, 6):
+                big.fill_(float(step))
+                assert tier.save(step, {"big": big, "n": torch.tensor(step)}, None).result(60)
+                inodes.append(os.stat(_tier_file(tier, step)).st_ino)
+                shm_tier.verify_mapped(str(Path(tier.path) / layout.step_dir_name(step)), 0, 1)
+                r = tier.ckpt.restore(step)
+                assert torch.equal(r.state["big"], big) and int(r.state["n"]) == step
+            assert inodes[2] == inodes[0] and inodes[3] == inodes[1] and inodes[4] == inodes[2]
+            assert inodes[0] != inodes[1]
+            assert [p.name for p in (Path(tier.path) / shm_tier.SPARES).iterdir()] == ["rank-00000.bin"]
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+    assert not shm.exists()  # the parked file goes with the memory copy
+
+
+def test_a_snapshot_that_storage_is_still_copying_is_not_written_over(tmp_path, shm, monkeypatch):
+    # Storage's copy of step 1 reads the memory copy's file through its own descriptor. Snapshots 2 and 3
+    # are taken meanwhile; step 1, evicted when 2 commits, must be deleted (the descriptor keeps its bytes),
+    # never parked and written over by step 3, or storage's step 1 would hold step 3's bytes.
+    import threading
+
+    from pyckpt import tier_publish
+
+    release = threading.Event()
+    real = tier_publish._copy_part
+
+    def held(*a, **k):
+        assert release.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tier_publish, "_copy_part", held)
+    big = torch.zeros(3 << 20)
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            big.fill_(1.0)
+            stored = tier.publish(tier.save(1, {"big": big}, None), ck, 1)
+            tier.publication.source.result(60)  # the memory copy of step 1 is committed
+            first = os.stat(_tier_file(tier, 1)).st_ino
+            for step in (2, 3):
+                big.fill_(float(step))
+                assert tier.save(step, {"big": big}, None).result(60)
+            release.set()
+            assert stored.result(60).endswith(layout.step_dir_name(1))
+            assert torch.equal(ck.restore(1).state["big"], torch.full((3 << 20,), 1.0))
+            assert torch.equal(tier.ckpt.restore(3).state["big"], big)
+            assert first != os.stat(_tier_file(tier, 3)).st_ino  # step 3 did not get step 1's file
+        finally:
+            release.set()
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()

@@ -312,10 +312,48 @@ def test_a_chunk_that_just_changed_is_copied_without_a_fingerprint_pass(tmp_path
     refs = []
     with pyckpt.Checkpointer(str(tmp_path / "root"), keep=5) as ck:
         for step, change in ((1, 0), (2, 1), (3, 0), (4, 0)):
-            moving.add_(change)
+            if change:  # not touched at all when it stops changing (see the next tests for in-place no-ops)
+                moving.add_(change)
             path = ck.save(step, {"m": moving}).result(60)
             refs.append(any(c["file"].startswith("../") for c in _part(path)["chunks"]))
             if step == 2:
                 assert len(ck._baseline.changed) == 1  # the next save will not fingerprint it first
             assert _equal(pyckpt.load(path), {"m": moving})
     assert refs == [False, False, False, True]
+
+
+def test_tensors_updated_in_place_are_written_without_computing_a_fingerprint(tmp_path):
+    """A tensor whose version counter moved since the last save changed: its chunks are written
+    without a fingerprint (one pass over the bytes less), except at a rotating 1 in 8 saves; an
+    untouched tensor keeps its fingerprint and is referenced. Every checkpoint loads exactly."""
+    moving, frozen = torch.zeros(1 << 18), torch.randn(1 << 18)  # 1 MiB each: one chunk each
+    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
+        fps, refs = [], []
+        for step in range(1, 11):
+            moving.add_(1.0)
+            path = ck.save(step, {"moving": moving, "frozen": frozen}).result(60)
+            chunks = _part(path)["chunks"]
+            fps.append(["fingerprint" in c for c in chunks])
+            refs.append([c["file"].startswith("../") for c in chunks])
+            assert _equal(pyckpt.load(path), {"moving": moving, "frozen": frozen})
+    moving_chunk = next(i for i, r in enumerate(refs[-1]) if not r)
+    frozen_chunk = 1 - moving_chunk
+    assert all(r[frozen_chunk] for r in refs[1:]) and all(f[frozen_chunk] for f in fps)
+    assert not any(r[moving_chunk] for r in refs)
+    skipped = [not f[moving_chunk] for f in fps[2:]]  # saves 3..10
+    assert sum(skipped) >= 6 and not all(skipped)  # sampled 1 in 8: at most 2 of these 8 fingerprinted
+
+
+def test_a_tensor_updated_in_place_without_changing_is_referenced_again(tmp_path):
+    """A frozen parameter group with lr=0 is updated in place every step (its version moves) with no
+    change: a sampled save fingerprints it, and from then on it is referenced, save after save."""
+    still = torch.randn(1 << 18)
+    refs = []
+    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
+        for step in range(1, 13):
+            still.add_(0.0)
+            path = ck.save(step, {"still": still}).result(60)
+            refs.append(any(c["file"].startswith("../") for c in _part(path)["chunks"]))
+            assert _equal(pyckpt.load(path), {"still": still})
+    first = refs.index(True)
+    assert first <= 9 and all(refs[first:]), refs

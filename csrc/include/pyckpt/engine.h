@@ -103,6 +103,8 @@ class Engine {
   /// Copies an all-host chunk into its slab and returns the CRC32C of its raw
   /// bytes; with `fp`, also stores the chunk's fingerprint there. One pass over memory.
   uint32_t capture_host_summed(const SaveChunk& chunk, uint8_t* slab, uint64_t* fp);
+  // A host chunk copied (and checksummed) straight into its file's mapping.
+  void capture_mapped(SaveJob& job, size_t i);
   /// Fingerprint of a chunk read from its sources (host pieces on the copy
   /// workers, device pieces by the CUDA kernel after `after`).
   /// `device_fps` (may be null or empty): the per-piece fingerprints of its
@@ -125,6 +127,7 @@ class Engine {
 
   const size_t chunk_bytes_;
   StagingPool pool_;
+  MappingCache maps_;  // the memory tier's files, mapped (SaveOptions::map_files)
   ThreadPool copy_;  // copy_threads - 1 workers: the capture thread copies too
   const size_t copy_parts_;
   ThreadPool io_;

@@ -22,7 +22,9 @@ class File {
 
   /// Create or truncate `path` for writing. With `direct`, also open an
   /// O_DIRECT descriptor when the file system supports one (best effort).
-  static File create(const std::string& path, bool direct = false);
+  /// With `keep`, an existing file is opened read-write and not truncated,
+  /// so its pages are reused (a recycled memory-tier file; see MappingCache).
+  static File create(const std::string& path, bool direct = false, bool keep = false);
   /// Open `path` for reading: O_NOFOLLOW (a symbolic link as the last
   /// component is refused), O_NONBLOCK (a FIFO never blocks the open) and
   /// O_CLOEXEC; anything but a regular file is refused (Error(OS)).
@@ -46,6 +48,8 @@ class File {
   /// Reads up to n bytes; returns fewer only at end of file.
   size_t pread_all(void* data, size_t n, uint64_t offset) const;
   void fsync() const;
+  /// Opened with `keep` (read-write): MappingCache may map it.
+  bool writable_map() const { return writable_map_; }
   void truncate(uint64_t size) const;
   uint64_t size() const;
   /// File size captured by open_read/borrow_read (0 for files made by create).
@@ -56,6 +60,7 @@ class File {
  private:
   int fd_ = -1;
   int direct_fd_ = -1;
+  bool writable_map_ = false;
   std::string path_;
   uint64_t size_at_open_ = 0;
 };

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "pyckpt/file_io.h"
+#include "pyckpt/file_map.h"
 
 namespace pyckpt {
 
@@ -41,6 +42,9 @@ struct SaveChunk {
   bool verify = false;
   uint64_t expect_fp = 0;
   uint32_t expect_crc = 0;
+  // Incremental saves: a chunk known to have changed (its tensors' version
+  // counters moved) is written without a fingerprint (status kWritten, fp 0).
+  bool no_fp = false;
 };
 
 /// Per-chunk outcome of an incremental save (SaveJob::incremental()).
@@ -57,6 +61,10 @@ struct SaveOptions {
   int64_t write_delay_us = 0;
   bool fingerprint = false;  // compute every chunk's fingerprint (incremental saves)
   bool constant_fp = false;  // testing: every fingerprint is 0 (forced collisions)
+  // The memory tier: files are reused, not truncated (a recycled file's pages
+  // are already allocated) and host chunks are copied straight into them,
+  // mapped, with no staging slab and no write (codec none only).
+  bool map_files = false;
 };
 
 struct ChunkResult {
@@ -99,6 +107,11 @@ class SaveJob {
   void fail(const std::string& message);
   void open_files();
   const File& file(size_t i) const { return files_[i]; }
+  /// With options().map_files: maps every file over the room all its chunks
+  /// may need (from `cache`); a file that cannot be mapped is written.
+  void map_files(MappingCache& cache);
+  /// File i's mapping, or nullptr (then its chunks go through staging).
+  uint8_t* mapped(size_t i) const { return maps_.empty() ? nullptr : maps_[i].get(); }
   /// Reserve a 4 KiB-aligned region of `n` bytes in file i.
   uint64_t reserve(size_t file_idx, uint64_t n);
   /// Records that file i holds data up to `end`; finalize() truncates each
@@ -131,6 +144,7 @@ class SaveJob {
   const std::vector<SaveChunk> chunks_;
   const SaveOptions options_;
   std::vector<File> files_;
+  std::vector<std::shared_ptr<uint8_t>> maps_;
   std::unique_ptr<std::atomic<uint64_t>[]> next_offset_;
   std::unique_ptr<std::atomic<uint64_t>[]> data_end_;
   std::unique_ptr<std::atomic<bool>[]> captured_;
