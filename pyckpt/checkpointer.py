@@ -309,8 +309,12 @@ class Checkpointer:
             for s in sec.mine:
                 if s.keep is None:
                     continue
+                try:
+                    version = s.keep._version
+                except RuntimeError:  # an inference-mode tensor has no version counter: fingerprinted
+                    continue
                 key = (str(s.device), s.addr, s.nbytes)
-                versions[key] = s.keep._version
+                versions[key] = version
                 old = self._versions.get(key)
                 (moved if old is not None and old != versions[key] else still).update(p.chunk for p in s.pieces)
         self._versions = versions

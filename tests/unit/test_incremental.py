@@ -357,3 +357,19 @@ def test_a_tensor_updated_in_place_without_changing_is_referenced_again(tmp_path
             assert _equal(pyckpt.load(path), {"still": still})
     first = refs.index(True)
     assert first <= 9 and all(refs[first:]), refs
+
+
+def test_inference_mode_tensors_without_a_version_counter_are_fingerprinted(tmp_path, caplog):
+    """A tensor made under torch.inference_mode has no version counter (reading it raises): such a
+    state is saved incrementally like any other, with no warning, and loads exactly."""
+    with torch.inference_mode():
+        frozen = torch.randn(1 << 18)
+    moving = torch.zeros(1 << 18)
+    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(str(tmp_path / "root"), keep=5) as ck, \
+            caplog.at_level(logging.WARNING, logger="pyckpt"):
+        for step in (1, 2, 3):
+            moving.add_(1.0)
+            path = ck.save(step, {"frozen": frozen, "moving": moving}).result(60)
+            assert _equal(pyckpt.load(path), {"frozen": frozen.clone(), "moving": moving})
+    assert not [r for r in caplog.records if r.name == "pyckpt"]
+    assert any(c["file"].startswith("../") for c in _part(path)["chunks"])  # the frozen chunk referenced
