@@ -1,7 +1,8 @@
 """Chunk fingerprint speed (issue 9 item 3) and the bytes a LoRA fine-tune writes per checkpoint.
 
-Prints, on this machine: the engine's fingerprint (AVX2 and portable loop), CRC32C and memcpy
-throughput on one core over a buffer far larger than the caches; on a CUDA machine, the
+Prints, on this machine: the engine's fingerprint (AVX2 and portable loop), CRC32C (the kernel
+in use and the crc32 instruction alone), the capture kernels (copy + CRC32C, copy + CRC32C +
+fingerprint, one pass) and memcpy throughput on one core over a buffer far larger than the caches; on a CUDA machine, the
 fingerprint kernel on device memory against a device-to-host copy into pinned memory; then a
 LoRA-like state (frozen base + small adapters with Adam) saved by Checkpointer with incremental
 chunks on and off: bytes written and time per save after the first.
@@ -43,7 +44,10 @@ def host(mb: int) -> None:
     view = memoryview(src.numpy())
     rows = [
         ("memcpy (ctypes.memmove, 1 core)", best(lambda: ctypes.memmove(b, a, n))),
-        ("CRC32C (engine, 1 core)", best(lambda: C.crc32c_addr(a, n))),
+        (f"CRC32C (engine, {C.crc32c_kernel()}, 1 core)", best(lambda: C.crc32c_addr(a, n))),
+        ("CRC32C (crc32 instruction only, 1 core)", best(lambda: C.crc32c_unfolded(view))),
+        ("copy + CRC32C (capture kernel, 1 core)", best(lambda: C.copy_crc32c(b, a, n))),
+        ("copy + CRC32C + fingerprint (capture, 1 core)", best(lambda: C.copy_crc32c_fingerprint(b, a, n))),
         (f"fingerprint (engine, {'AVX2' if C.fingerprint_simd() else 'portable'}, 1 core)",
          best(lambda: C.fingerprint_addr(a, n))),
         ("fingerprint (portable loop, 1 core)", best(lambda: C.fingerprint_portable(view))),

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "pyckpt/codec.h"
+#include "pyckpt/copy_kernel.h"
 #include "pyckpt/crc32c.h"
 #include "pyckpt/cuda_api.h"
 #include "pyckpt/engine.h"
@@ -144,6 +145,35 @@ void bind_functions(py::module_& m) {
         return crc32c_software(v.data(), v.size(), seed);
       },
       py::arg("data"), py::arg("seed") = 0);
+  m.def("crc32c_kernel", &crc32c_kernel, "which CRC32C kernel large buffers use on this CPU");
+  m.def(
+      "crc32c_unfolded",
+      [](const py::object& data, uint32_t seed) {
+        BufferView v(data);
+        py::gil_scoped_release release;
+        return crc32c_unfolded(v.data(), v.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0, "CRC32C by the crc32 instruction only (tests compare kernels)");
+  m.def(
+      "copy_crc32c",
+      [](uintptr_t dst, uintptr_t src, size_t nbytes, uint32_t seed) {
+        return copy_crc32c(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes, seed);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("seed") = 0,
+      py::call_guard<py::gil_scoped_release>(), "copies nbytes from src to dst; CRC32C of the bytes stored");
+  m.def(
+      "copy_crc32c_fingerprint",
+      [](uintptr_t dst, uintptr_t src, size_t nbytes) {
+        uint64_t lanes[4] = {0, 0, 0, 0};
+        uint32_t crc;
+        {
+          py::gil_scoped_release release;
+          crc = copy_crc32c_fp(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes, 0, 0, lanes);
+        }
+        return py::make_tuple(crc, fingerprint_finish(lanes, nbytes));
+      },
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"),
+      "copies nbytes from src to dst; (CRC32C, fingerprint) of the bytes stored");
   m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"),
         "CRC32C of A||B from crc32c(A), crc32c(B) and len(B)");
   m.def(

@@ -1,5 +1,7 @@
 #include "pyckpt/crc32c.h"
 
+#include "pyckpt/crc32c_fold.h"
+
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -78,6 +80,14 @@ struct ShiftTable {
   }
 };
 
+// Loads blocks for fold::update (checksum in place).
+struct InPlace {
+  const uint8_t* p;
+  PYCKPT_FOLD_TARGET __m256i operator()(size_t off) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off));
+  }
+};
+
 constexpr size_t kLong = 8192;  // bytes per stream in the big interleaved loop
 constexpr size_t kShort = 256;  // bytes per stream for the medium tail
 
@@ -112,8 +122,14 @@ __attribute__((target("sse4.2"))) uint64_t hw_streams(uint64_t c0, const uint8_t
   return c0;
 }
 
-__attribute__((target("sse4.2"))) uint32_t hw_update(uint32_t crc, const uint8_t* p,
-                                                       size_t n) {
+__attribute__((target("sse4.2"))) uint32_t hw_update(uint32_t crc, const uint8_t* p, size_t n,
+                                                       bool allow_fold = true) {
+  if (allow_fold && n >= fold::kMin && fold::available()) {
+    InPlace take{p};
+    size_t done = 0;
+    crc = fold::update(crc, n, take, &done);
+    p += done, n -= done;
+  }
   for (; n && (reinterpret_cast<uintptr_t>(p) & 7); --n) crc = _mm_crc32_u8(crc, *p++);
   uint64_t c = crc;
   c = hw_streams(c, p, n, kLong, long_shift());
@@ -128,7 +144,7 @@ bool detect_hardware() { return __builtin_cpu_supports("sse4.2"); }
 
 #else
 
-uint32_t hw_update(uint32_t crc, const uint8_t* p, size_t n) { return sw_update(crc, p, n); }
+uint32_t hw_update(uint32_t crc, const uint8_t* p, size_t n, bool = true) { return sw_update(crc, p, n); }
 bool detect_hardware() { return false; }
 
 #endif
@@ -179,6 +195,64 @@ uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, size_t len_b) {
   for (int k = 0; len_b; ++k, len_b >>= 1)
     if (len_b & 1) crc_a = apply_shift(powers.p[k], crc_a);
   return crc_a ^ crc_b;
+}
+
+#if defined(__x86_64__)
+namespace fold {
+
+namespace {
+// x^e mod P in the reflected 64-bit form clmul takes (coefficient of x^j at bit 63-j).
+uint64_t x_pow_mod(unsigned e) {
+  uint64_t r = 1;
+  for (unsigned i = 0; i < e; ++i) {
+    r <<= 1;
+    if (r & (uint64_t{1} << 32)) r ^= 0x11EDC6F41ull;  // CRC-32C, normal bit order
+  }
+  uint64_t k = 0;
+  for (int j = 0; j < 32; ++j)
+    if ((r >> j) & 1) k |= uint64_t{1} << (63 - j);
+  return k;
+}
+
+void set(uint64_t k[2], unsigned bytes) {
+  k[0] = x_pow_mod(8 * bytes + 63);
+  k[1] = x_pow_mod(8 * bytes - 1);
+}
+
+Constants make_constants() {
+  Constants c;
+  set(c.by128, 128);
+  set(c.by32, 32);
+  set(c.by16, 16);
+  return c;
+}
+}  // namespace
+
+const Constants& constants() {
+  static const Constants c = make_constants();
+  return c;
+}
+
+bool available() {
+  static const bool yes = __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("vpclmulqdq");
+  return yes;
+}
+
+}  // namespace fold
+#endif
+
+const char* crc32c_kernel() {
+#if defined(__x86_64__)
+  if (fold::available()) return "vpclmulqdq";
+#endif
+  return crc32c_hardware() ? "sse4.2" : "table";
+}
+
+uint32_t crc32c_unfolded(const void* data, size_t n, uint32_t seed) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  if (crc32c_hardware()) return ~hw_update(~seed, p, n, false);
+  return ~sw_update(~seed, p, n);
 }
 
 uint32_t crc32c_software(const void* data, size_t n, uint32_t seed) {

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "pyckpt/codec.h"
+#include "pyckpt/copy_kernel.h"
 #include "pyckpt/crc32c.h"
 #include "pyckpt/errors.h"
 #include "pyckpt/file_io.h"
@@ -28,25 +29,6 @@ uint32_t chunk_crc(const SaveChunk& c) {
 
 // Below this a host piece is copied by one thread: splitting costs more.
 constexpr size_t kParallelCopyMin = 1 << 20;
-
-// Host capture copies a block, then checksums (and fingerprints) it while it
-// is still in cache: one pass over memory instead of three (copy, then the
-// write task's CRC32C and fingerprint reading the slab back from DRAM):
-// 12-19 % less CPU per checkpoint on the 2-vCPU box (benchmarks/save_cpu.py).
-// Multiple of the 32-byte fingerprint stripe.
-constexpr size_t kSumBlock = 64 << 10;
-
-// Copies n bytes and continues `crc` over them; with `lanes`, also adds them
-// to a fingerprint's lane sums (`first_stripe`: their stripe index in the piece).
-void copy_and_sum(uint8_t* dst, const uint8_t* src, size_t n, uint64_t first_stripe, uint32_t* crc,
-                  uint64_t* lanes) {
-  for (size_t o = 0; o < n; o += kSumBlock) {
-    const size_t len = std::min(kSumBlock, n - o);
-    std::memcpy(dst + o, src + o, len);
-    *crc = crc32c(dst + o, len, *crc);
-    if (lanes) fingerprint_lanes(dst + o, len, first_stripe + o / 32, lanes);
-  }
-}
 
 std::string hex32(uint32_t v) {
   std::ostringstream os;
@@ -394,8 +376,10 @@ uint32_t Engine::capture_host_summed(const SaveChunk& chunk, uint8_t* slab, uint
     // Each part's CRC starts from 0; combined in order they give the piece's
     // CRC, and the parts' lane sums add up to its fingerprint's.
     const size_t used = split_parts(piece.nbytes, [&](size_t k, size_t begin, size_t len) {
-      crcs[k] = 0, lens[k] = len, sums[k] = {0, 0, 0, 0};
-      copy_and_sum(dst + begin, src + begin, len, begin / 32, &crcs[k], fp ? sums[k].data() : nullptr);
+      lens[k] = len, sums[k] = {0, 0, 0, 0};
+      // One pass over memory: copy, CRC32C (and fingerprint) from the same registers (copy_kernel.h).
+      crcs[k] = fp ? copy_crc32c_fp(dst + begin, src + begin, len, 0, begin / 32, sums[k].data())
+                   : copy_crc32c(dst + begin, src + begin, len, 0);
     });
     uint64_t acc[4] = {0, 0, 0, 0};
     for (size_t k = 0; k < used; ++k) {

@@ -71,3 +71,23 @@ def test_combine_equals_the_checksum_of_the_concatenation(C, rng, len_a, len_b):
     # The engine checksums parts of one chunk on different threads and combines them.
     a, b = rng.bytes(len_a), rng.bytes(len_b)
     assert C.crc32c_combine(C.crc32c(a), C.crc32c(b), len(b)) == C.crc32c_software(a + b)
+
+
+# Lengths around the folding kernel's edges: under its 256-byte minimum,
+# whole and partial 128-byte rounds, the 32-byte tail loop, large buffers.
+EDGE_LENGTHS = (0, 1, 31, 32, 255, 256, 257, 287, 288, 383, 384, 511, 4096 + 45, (256 << 10) + 33, (1 << 22) + 7)
+
+
+def test_the_kernel_in_use_agrees_with_the_crc32_instruction_and_the_table(C, rng):
+    # crc32c() folds with VPCLMULQDQ where the CPU has it (the kernel in use is
+    # named so a regression to a slower one shows in benchmarks); whatever it
+    # picks must equal the instruction-only and the table paths bit for bit.
+    assert C.crc32c_kernel() in ("vpclmulqdq", "sse4.2", "table")
+    buf = rng.bytes((1 << 22) + 64)
+    for n in EDGE_LENGTHS:
+        for start in (0, 1, 13):
+            view = memoryview(buf)[start : start + n]
+            expected = C.crc32c_software(view, 0x1234567)
+            assert C.crc32c(view, 0x1234567) == expected, (n, start)
+            assert C.crc32c_unfolded(view, 0x1234567) == expected, (n, start)
+
