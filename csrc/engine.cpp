@@ -468,10 +468,12 @@ std::vector<ReadError> Engine::read(const std::vector<std::string>& paths,
                    "fds must be empty or one per file (" << fds.size() << " fds, " << paths.size()
                                                          << " files)");
   std::vector<File> files(paths.size());
+  std::vector<MemoryFileView> views(paths.size());
   std::vector<std::string> open_errors(paths.size());
   for (size_t i = 0; i < paths.size(); ++i) {
     try {
       files[i] = fds.empty() ? File::open_read(paths[i]) : File::borrow_read(fds[i], paths[i]);
+      views[i] = MemoryFileView::of(files[i]);
     } catch (const Error& e) {
       open_errors[i] = e.what();
     }
@@ -490,7 +492,7 @@ std::vector<ReadError> Engine::read(const std::vector<std::string>& paths,
         else if (!files[c.file_idx].is_open())
           msg = open_errors[c.file_idx];
         else
-          read_chunk(files[c.file_idx], c, verify, direct);
+          read_chunk(files[c.file_idx], views[c.file_idx], c, verify, direct);
       } catch (const std::exception& e) {
         msg = e.what();
       } catch (...) {  // nothing may escape a worker task
@@ -514,7 +516,8 @@ void release_if_large(std::vector<uint8_t>& v) {
 }
 }  // namespace
 
-void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify, bool direct_ok) {
+void Engine::read_chunk(const File& file, const MemoryFileView& view, const ReadChunk& c, bool verify,
+                        bool direct_ok) {
   const std::string where = file.path() + " chunk at offset " + std::to_string(c.file_offset);
   for (const ReadPiece& p : c.pieces)
     if (p.offset_in_raw > c.raw_len || p.nbytes > c.raw_len - p.offset_in_raw)
@@ -546,14 +549,17 @@ void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify, bool 
   // read fails): one host destination covering the whole uncompressed chunk
   // is read into directly and verified in place. Otherwise the bytes go
   // through the bounce buffer and reach destinations only once verified.
-  const bool direct = direct_ok && c.codec == kCodecNone && c.pieces.size() == 1 &&
+  // A chunk of a file in memory (the memory tier) is checksummed where it
+  // lies and copied once, straight to its destinations.
+  const uint8_t* in_memory = view.at(c.file_offset, c.stored_len);
+  const bool direct = in_memory == nullptr && direct_ok && c.codec == kCodecNone && c.pieces.size() == 1 &&
                       c.pieces[0].device < 0 && c.pieces[0].offset_in_raw == 0 &&
                       c.pieces[0].nbytes == c.raw_len;
   ReadBuffers& buf = read_buffers();
-  uint8_t* stored;
+  uint8_t* stored = nullptr;
   if (direct) {
     stored = reinterpret_cast<uint8_t*>(c.pieces[0].dst);
-  } else {
+  } else if (in_memory == nullptr) {
     buf.stored.resize(c.stored_len);
     stored = buf.stored.data();
   }
@@ -565,22 +571,25 @@ void Engine::read_chunk(const File& file, const ReadChunk& c, bool verify, bool 
       release_if_large(thread_scratch().planes);
     }
   } release{buf};
-  const size_t got = file.pread_all(stored, c.stored_len, c.file_offset);
-  if (got < c.stored_len)
-    throw Error(ErrorKind::Value, "truncated: expected " + std::to_string(c.stored_len) +
-                                      " bytes at offset " + std::to_string(c.file_offset) + " of " +
-                                      file.path() + ", file has " + std::to_string(file.size()));
+  if (in_memory == nullptr) {
+    const size_t got = file.pread_all(stored, c.stored_len, c.file_offset);
+    if (got < c.stored_len)
+      throw Error(ErrorKind::Value, "truncated: expected " + std::to_string(c.stored_len) +
+                                        " bytes at offset " + std::to_string(c.file_offset) + " of " +
+                                        file.path() + ", file has " + std::to_string(file.size()));
+  }
+  const uint8_t* src = in_memory != nullptr ? in_memory : stored;
   // The message carries the expected value only: the checksum of the bytes
   // read would disclose them (a 1-byte chunk's CRC names its byte).
-  if (verify && crc32c(stored, c.stored_len) != c.crc32c)
+  if (verify && crc32c(src, c.stored_len) != c.crc32c)
     throw Error(ErrorKind::Value, "checksum mismatch in " + where + " (expected crc32c " +
                                       hex32(c.crc32c) + ")");
   if (direct) return;
-  const uint8_t* raw = stored;
+  const uint8_t* raw = src;
   if (c.codec != kCodecNone) {
     buf.raw.resize(c.raw_len);
     try {
-      decode_chunk(stored, c.stored_len, c.codec, buf.raw.data(), c.raw_len, thread_scratch());
+      decode_chunk(src, c.stored_len, c.codec, buf.raw.data(), c.raw_len, thread_scratch());
     } catch (const Error& e) {
       throw Error(e.kind(), "in " + where + ": " + e.what());
     }

@@ -1,8 +1,13 @@
 #include "pyckpt/file_io.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#if defined(__linux__)
+#include <sys/vfs.h>
+#endif
 #include <unistd.h>
 
 #include "pyckpt/errors.h"
@@ -154,6 +159,50 @@ void File::close() {
   fd_ = -1;
   // close() can report a deferred write error (e.g. on NFS).
   if (::close(fd) != 0 && errno != EINTR) os_fail("close failed for", path_, errno);
+}
+
+namespace {
+constexpr long kTmpfsMagic = 0x01021994;  // TMPFS_MAGIC (linux/magic.h)
+}
+
+MemoryFileView MemoryFileView::of(const File& file) {
+  MemoryFileView v;
+#if defined(__linux__)
+  struct statfs fs;
+  struct stat st;
+  if (!file.is_open() || fstatfs(file.fd(), &fs) != 0 || static_cast<long>(fs.f_type) != kTmpfsMagic ||
+      fstat(file.fd(), &st) != 0)
+    return v;
+  const uint64_t n = std::min<uint64_t>(file.size_at_open(), static_cast<uint64_t>(st.st_size));
+  if (n == 0) return v;
+  // Not MAP_POPULATE: prefaulting here runs on one thread, faults during the
+  // reads are spread over the I/O threads (faster in a one-off measurement).
+  void* p = mmap(nullptr, n, PROT_READ, MAP_SHARED, file.fd(), 0);
+  if (p == MAP_FAILED) return v;
+  v.data_ = static_cast<const uint8_t*>(p);
+  v.size_ = n;
+#else
+  (void)file;
+#endif
+  return v;
+}
+
+MemoryFileView::~MemoryFileView() {
+  if (data_ != nullptr) munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+MemoryFileView::MemoryFileView(MemoryFileView&& o) noexcept : data_(o.data_), size_(o.size_) {
+  o.data_ = nullptr;
+  o.size_ = 0;
+}
+
+MemoryFileView& MemoryFileView::operator=(MemoryFileView&& o) noexcept {
+  if (this != &o) {
+    if (data_ != nullptr) munmap(const_cast<uint8_t*>(data_), size_);
+    data_ = o.data_, size_ = o.size_;
+    o.data_ = nullptr, o.size_ = 0;
+  }
+  return *this;
 }
 
 }  // namespace pyckpt

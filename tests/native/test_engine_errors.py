@@ -158,3 +158,48 @@ def test_a_file_listed_twice_is_rejected(make_engine, tmp_path):
     path = str(tmp_path / "x.bin")
     with pytest.raises(ValueError, match="listed twice"):
         engine.save([path, str(tmp_path / "y.bin"), path], [])
+
+
+@pytest.fixture
+def shm_dir():
+    """A directory on tmpfs (/dev/shm), where read() checksums chunks where they lie (mapped)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="pyckpt-native-", dir="/dev/shm")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("codec", [0, 1])
+def test_a_chunk_in_memory_is_verified_where_it_lies_before_it_reaches_its_destination(
+        make_engine, shm_dir, rng, codec):
+    # Memory-tier files are read through a mapping instead of a bounce buffer:
+    # a damaged chunk must still fail before any of its bytes reach the
+    # caller's memory, and every sound chunk must arrive bitwise (decoded from
+    # the mapping when compressed).
+    engine = make_engine(chunk_bytes=CHUNK)
+    src = rng.standard_normal(6 * CHUNK // 8)
+    layout = plan([src], CHUNK, 1)
+    path = os.path.join(shm_dir, "data.bin")
+    job = engine.save([path], save_chunks(layout, [src]), codec=codec)
+    assert job.wait(30) and job.error() is None
+    dest = np.zeros_like(src)
+    chunks = read_chunks(layout, job.results(), [dest])
+    with open(path, "r+b") as f:
+        f.seek(chunks[2][1] + 7)
+        byte = f.read(1)
+        f.seek(chunks[2][1] + 7)
+        f.write(bytes([byte[0] ^ 0x01]))
+    errors = engine.read([path], chunks)
+    assert [i for i, _ in errors] == [2] and path in errors[0][1]
+    per = CHUNK // 8
+    assert not dest[2 * per:3 * per].any()  # the damaged chunk's destination was never written
+    for k in (0, 1, 3, 4, 5):
+        assert np.array_equal(dest[k * per:(k + 1) * per], src[k * per:(k + 1) * per]), k
+    # A file cut short after it was written: the chunks past the end are
+    # reported as truncated (never read past the end of the mapping).
+    os.truncate(path, chunks[4][1] + 10)
+    errors = engine.read([path], chunks)
+    assert [i for i, _ in errors] == [2, 4, 5]
+    assert all(m.startswith("truncated") for i, m in errors if i != 2)

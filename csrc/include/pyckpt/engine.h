@@ -13,8 +13,9 @@
 // read() fetches chunks in parallel on the I/O workers, verifies, decodes and
 // scatters them, and returns one message per failed chunk instead of throwing.
 // A chunk's bytes reach a destination only after its checksum passed (they go
-// through a per-thread bounce buffer), unless the caller allows `direct`
-// reads into memory it discards on failure. Lengths are checked against the
+// through a per-thread bounce buffer, or are checksummed where they lie in a
+// file on tmpfs, MemoryFileView), unless the caller allows `direct` reads
+// into memory it discards on failure. Lengths are checked against the
 // file's size (fstat) and the limits below before any buffer is sized.
 //
 // SAFETY: addresses are borrowed. Save sources must stay alive and unchanged
@@ -33,6 +34,7 @@
 
 #include "pyckpt/codec.h"
 #include "pyckpt/cuda_api.h"
+#include "pyckpt/file_io.h"
 #include "pyckpt/save_job.h"
 #include "pyckpt/staging_pool.h"
 #include "pyckpt/thread_pool.h"
@@ -122,7 +124,8 @@ class Engine {
   void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
   void write_stored(const File& file, const Encoded& e, uint8_t* slab, uint64_t offset);
   std::string staging_timeout_message(const SaveJob& job) const;
-  void read_chunk(const File& file, const ReadChunk& chunk, bool verify, bool direct_ok);
+  void read_chunk(const File& file, const MemoryFileView& view, const ReadChunk& chunk, bool verify,
+                  bool direct_ok);
   void reap_captures(bool all);
 
   const size_t chunk_bytes_;

@@ -65,4 +65,30 @@ class File {
   uint64_t size_at_open_ = 0;
 };
 
+/// A read-only view of a whole file that lives in memory (tmpfs: the memory
+/// tier), so a restore can checksum chunks where they lie and copy them once,
+/// instead of reading them into a bounce buffer first. Empty for any other
+/// file system or when mapping fails (the caller reads as usual). Covers the
+/// smaller of the size at open and the size now; a file truncated while a
+/// chunk is being copied from it would still fault, as with any mapping.
+class MemoryFileView {
+ public:
+  MemoryFileView() = default;
+  static MemoryFileView of(const File& file);
+  ~MemoryFileView();
+  MemoryFileView(MemoryFileView&& o) noexcept;
+  MemoryFileView& operator=(MemoryFileView&& o) noexcept;
+  MemoryFileView(const MemoryFileView&) = delete;
+  MemoryFileView& operator=(const MemoryFileView&) = delete;
+
+  /// The n bytes at offset, or nullptr when they are not all inside the view.
+  const uint8_t* at(uint64_t offset, uint64_t n) const {
+    return data_ != nullptr && n <= size_ && offset <= size_ - n ? data_ + offset : nullptr;
+  }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 }  // namespace pyckpt
