@@ -460,21 +460,24 @@ _VERIFY_BATCH_BYTES = 256 << 20
 
 def _verify_batch(engine: Any, op: Opened, keys: list[tuple[int, int]]) -> None:
     """Decode ``keys`` chunks into scratch memory: checks the stored CRC, the
-    codec frame, and the CRC of the decoded bytes (``raw_crc32c``)."""
+    codec frame, and the CRC of the decoded bytes (``raw_crc32c``). A chunk
+    stored as it is, whose two CRCs are one, is only checksummed: where it
+    lies for a file in memory (the memory tier), with no scratch copy."""
     from ._native import native
 
     if not keys:
         return
     chunks = [op.parts[pi]["chunks"][ci] for pi, ci in keys]
-    scratch = torch.empty(sum(c["raw_len"] for c in chunks), dtype=torch.uint8)
+    decode = [c["codec"] != "none" or c["crc32c"] != c["raw_crc32c"] for c in chunks]
+    scratch = torch.empty(sum(c["raw_len"] for c, d in zip(chunks, decode) if d), dtype=torch.uint8)
     addrs, base = [], scratch.data_ptr()
-    for c in chunks:
-        addrs.append(base)
-        base += c["raw_len"]
+    for c, d in zip(chunks, decode):
+        addrs.append(base if d else None)
+        base += c["raw_len"] if d else 0
     with _FileTable(op) as files:
-        specs = [_chunk_spec(files, c, [(0, a, c["raw_len"], -1)] if c["raw_len"] else [])
+        specs = [_chunk_spec(files, c, [(0, a, c["raw_len"], -1)] if a is not None and c["raw_len"] else [])
                  for c, a in zip(chunks, addrs)]
         _raise_errors(engine.read(files.paths, specs, True, fds=files.fds, direct=True), keys, op, files)
         for i, (c, a) in enumerate(zip(chunks, addrs)):
-            if native().crc32c_addr(a, c["raw_len"]) != c["raw_crc32c"]:
+            if a is not None and native().crc32c_addr(a, c["raw_len"]) != c["raw_crc32c"]:
                 _raise_errors([(i, "decoded bytes do not match raw_crc32c")], keys, op, files)

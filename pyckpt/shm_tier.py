@@ -11,8 +11,9 @@ older, written for another directory) it says so in one line and resumes
 from storage. ``PYCKPT_STORAGE_EVERY=N`` then writes only every Nth snapshot
 to ``PYCKPT_DIR``. A snapshot is captured once, by this tier: storage's
 checkpoint is copied from the committed memory copy (``tier_publish``). The
-memory copy is verified where it lies (``verify_mapped``: CRC32C over the
-mapped files, no read into a buffer). The copy is removed when the process
+memory copy is verified where it lies (``checkpointer.verify_share``: the
+engine checksums chunks of files on tmpfs through a mapping, no read into a
+buffer). The copy is removed when the process
 exits without an uncaught exception.
 
 The tier needs every rank of the job on this machine (one ``/dev/shm``):
@@ -185,6 +186,7 @@ def choose(ckpt: Any, coord: Any) -> Any:
     (every checksum verified) and at least as new as storage's newest commit, else None (one line
     saying why, when there was a copy). Storage data is not read."""
     from . import manifest, resume
+    from .checkpointer import verify_share
     from .errors import PyckptError
 
     tier = tier_for(ckpt, coord)
@@ -204,7 +206,7 @@ def choose(ckpt: Any, coord: Any) -> Any:
         saved = manifest.read_manifest(mine)["world_size"]
         if saved != coord.world_size:  # storage's copy handles a resize
             raise PyckptError(f"written by {saved} rank(s), this job has {coord.world_size}")
-        verify_mapped(mine, coord.rank, coord.world_size)
+        verify_share(mine, coord.rank, coord.world_size)
     except Exception as e:  # damage, another job's shape: storage is the fallback
         err = e
     errors = tier.ckpt._gather_errors(err)
@@ -216,48 +218,6 @@ def choose(ckpt: Any, coord: Any) -> Any:
     if tier.rank0:
         say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")
     return resume.Source(tier.ckpt, mine, step, resume.read_rank_state(mine, coord.rank))
-
-
-def verify_mapped(path: str, rank: int, world_size: int) -> None:
-    """``checkpointer.verify_share`` for a memory copy: every check of ``reader.open_checkpoint`` (manifest,
-    parts, file sizes, trees), then the CRC32C of every chunk of the parts ``p % world_size == rank``, computed
-    where the chunk lies in /dev/shm (mapped, not read into a buffer: one pass over the bytes, no copy).
-    Raises ``CorruptCheckpointError``; a compressed chunk goes through ``verify_share`` (the tier writes none)."""
-    import mmap
-
-    from . import reader
-    from ._native import native
-    from .checkpointer import verify_share
-    from .errors import CorruptCheckpointError
-    from .safe_fs import CheckpointDir
-
-    op = reader.open_checkpoint(path)
-    mine = [(pi, ch) for pi in range(rank, len(op.parts), world_size) for ch in op.parts[pi]["chunks"]]
-    if any(ch["codec"] != "none" or ch["crc32c"] != ch["raw_crc32c"] for _, ch in mine):
-        verify_share(path, rank, world_size)
-        return
-    maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
-    try:
-        with CheckpointDir(path) as d:
-            for pi, ch in mine:
-                if ch["file"] not in maps:
-                    fd, size = d.open(ch["file"], "data file")
-                    try:
-                        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
-                    finally:
-                        os.close(fd)
-                    maps[ch["file"]] = (mm, memoryview(mm) if mm is not None else memoryview(b""))
-                view = maps[ch["file"]][1]
-                off, n = ch["offset"], ch["stored_len"]
-                if off + n > len(view) or native().crc32c(view[off:off + n]) != ch["crc32c"]:
-                    where = os.path.join(path, ch["file"])
-                    raise CorruptCheckpointError(f"{where}: a chunk of rank {pi} at offset {off} is damaged: "
-                                                 "checksum mismatch", path=where)
-    finally:
-        for mm, view in maps.values():
-            view.release()
-            if mm is not None:
-                mm.close()
 
 
 def _step(path: str) -> int:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pyckpt import knobs, layout, shm_tier
-from pyckpt.checkpointer import Checkpointer
+from pyckpt.checkpointer import Checkpointer, verify_share
 from pyckpt.coord import LocalCoordinator
 
 from transparent_helpers import TINY, load, run_script, tree_equal
@@ -197,7 +197,7 @@ def test_each_snapshot_is_written_over_the_pages_of_the_one_evicted_before(tmp_p
                 big.fill_(float(step))
                 assert tier.save(step, {"big": big, "n": torch.tensor(step)}, None).result(60)
                 inodes.append(os.stat(_tier_file(tier, step)).st_ino)
-                shm_tier.verify_mapped(str(Path(tier.path) / layout.step_dir_name(step)), 0, 1)
+                verify_share(str(Path(tier.path) / layout.step_dir_name(step)), 0, 1)
                 r = tier.ckpt.restore(step)
                 assert torch.equal(r.state["big"], big) and int(r.state["n"]) == step
             assert inodes[2] == inodes[0] and inodes[3] == inodes[1] and inodes[4] == inodes[2]
