@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test bench
 
 setup:
 	$(PYTHON) -m pip install $(PIP_FLAGS) -r requirements-dev.txt
@@ -11,8 +11,13 @@ setup:
 demo: setup
 	$(PYTHON) examples/demo.py
 
+# Two pytest workers (pytest-xdist): the e2e tests spend much of their time starting interpreters and
+# waiting on their subprocesses, so one worker leaves half of a 2-core machine idle. A test file runs
+# whole on one worker (--dist loadfile), so its module fixtures are made once.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PYTHON) -m pytest -m "not gpu"
+	$(PYTHON) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PYTHON) benchmarks/save_load.py

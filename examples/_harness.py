@@ -87,7 +87,10 @@ def kill_tree(root: int) -> list[int]:
     Everything is stopped first (SIGSTOP) so no process can start a new child
     or react to a sibling's death between the walk and the kill.
     """
-    stopped: set[int] = set()
+    # The root first, before the /proc walk: a run must not get further than the moment
+    # the caller decided to kill it (a commit it should not reach, the next step).
+    _signal(root, signal.SIGSTOP)
+    stopped: set[int] = {root}
     while True:
         new = {root, *descendants(root)} - stopped
         if not new:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,31 @@ def run_to_end(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> 
     return run
 
 
+def _crashed_in_native_code(run: Run) -> bool:
+    """The run died by a signal or hung until the harness killed it, not by a Python exception."""
+    rc = run.popen.returncode
+    text = run.stderr
+    return rc < 0 or "[harness] killed after" in text or "Fatal Python error" in text or "(SIGABRT)" in text
+
+
+def run_plain(cmd: list[str], cwd: Path | None = None) -> Run:
+    """Run a command without pyckpt (a reference run) to completion.
+
+    Reference runs only produce the expected values; pyckpt is not loaded in them. On these 2-core
+    machines a plain torchrun/gloo job has, rarely, hung while forking a DataLoader worker or
+    tearing its process group down, and died by SIGABRT: such a crash (never a Python exception)
+    is retried once, saying so. Runs with pyckpt on are never retried."""
+    run = _harness.launch(cmd, _harness.clean_env(), cwd)
+    if run.finish(RUN_TIMEOUT_S) != 0 and _crashed_in_native_code(run):
+        print(f"reference run crashed outside Python (exit {run.popen.returncode}), retrying once; "
+              f"stderr tail:\n{run.stderr[-12000:]}", file=sys.stderr)
+        run = _harness.launch(cmd, _harness.clean_env(), cwd)
+        run.finish(RUN_TIMEOUT_S)
+    rc = run.popen.returncode
+    assert rc == 0, f"{cmd} exited with {rc}; stderr tail:\n{run.stderr[-8000:]}"
+    return run
+
+
 class References:
     """Plain (no pyckpt) runs of each example, computed once and cached."""
 
@@ -69,7 +95,7 @@ class References:
         self._cache: dict[str, Reference] = {}
 
     def plain_run(self, example: Example, out: Path) -> Reference:
-        run = run_to_end(example.command(out, sleep=None), _harness.clean_env())
+        run = run_plain(example.command(out, sleep=None))
         steps = run.steps()
         assert [s for s, _, _ in steps] == list(range(1, example.steps + 1)), run.stdout
         return Reference(_harness.load_state(out), steps)

@@ -12,7 +12,7 @@ import pytest
 
 import _harness
 from e2e_helpers import (Example, Reference, References, after_commit, assert_resumed_exactly, kill_and_relaunch,
-                         pyckpt_env, run_to_end, sigterm_and_relaunch)
+                         pyckpt_env, run_plain, run_to_end, sigterm_and_relaunch)
 
 pytest.importorskip("accelerate", reason="accelerate is a test-only dependency (requirements-dev.txt)")
 
@@ -126,7 +126,7 @@ def test_dispatch_batches_on_two_ranks_resumes_exactly(tmp_path):
     script, ckpt, out = tmp_path / "dispatch.py", tmp_path / "ckpt", tmp_path / "final.pt"
     script.write_text(DISPATCH)
     example = Example("dispatch.py", nproc=2, steps=15)
-    plain = run_to_end(example.command(tmp_path / "plain.pt", sleep=None, script=script), _harness.clean_env())
+    plain = run_plain(example.command(tmp_path / "plain.pt", sleep=None, script=script))
     reference = Reference(_harness.load_state(tmp_path / "plain.pt"), plain.steps())
     assert [s for s, _, _ in reference.steps] == list(range(1, 16)), plain.stdout
     crash = kill_and_relaunch(example.command(out, script=script), pyckpt_env(ckpt, every_steps=7), ckpt, out,

@@ -12,7 +12,7 @@ import re
 import pytest
 
 import _harness
-from e2e_helpers import pyckpt_env, run_to_end
+from e2e_helpers import pyckpt_env, run_plain, run_to_end
 
 pytest.importorskip("accelerate", reason="accelerate is a test-only dependency (requirements-dev.txt)")
 
@@ -89,7 +89,7 @@ def test_load_state_in_example_pattern_newer_checkpoint_wins(tmp_path):
         root.mkdir()
     first = _harness.launch(cmd(plain, 5), _harness.clean_env())
     assert first.finish(120) == 3, first.stderr[-3000:]
-    reference = run_to_end(cmd(plain, 0), _harness.clean_env())  # accelerate's own resume at step 5
+    reference = run_plain(cmd(plain, 0))  # accelerate's own resume at step 5
     ref_lines = {s: rest for s, _, rest in reference.steps()}
     assert sorted(ref_lines) == list(range(6, 19)), reference.stdout
 

@@ -19,7 +19,7 @@ import pytest
 
 import _harness
 from e2e_helpers import EXAMPLES, KILL_TIMEOUT_S, RUN_TIMEOUT_S, Condition, Reference, after_commit, \
-    assert_state_equal, at_step, pyckpt_env, run_to_end
+    assert_state_equal, at_step, pyckpt_env, run_plain, run_to_end
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
 
@@ -47,7 +47,7 @@ def plain(tmp_path_factory):
     def get(script: str, nproc: int = 1) -> tuple[Reference, str]:
         if (script, nproc) not in cache:
             out = root / f"{Path(script).stem}-{nproc}.pt"
-            run = run_to_end(_cmd(script, out, sleep=False, nproc=nproc), _harness.clean_env())
+            run = run_plain(_cmd(script, out, sleep=False, nproc=nproc))
             cache[script, nproc] = (Reference(_harness.load_state(out), run.steps()), _final(run))
         return cache[script, nproc]
 

@@ -12,7 +12,7 @@ import pytest
 
 import _harness
 from e2e_helpers import (Example, Reference, after_commit, assert_resumed_exactly, kill_and_relaunch, launch_and_kill,
-                         pyckpt_env, run_to_end)
+                         pyckpt_env, run_plain)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
 
@@ -26,10 +26,15 @@ def _two_kills(example: Example, ckpt, out, first: int, second: int):
     ``first`` and went on at the next step; returns the Crash of the second kill."""
     env = pyckpt_env(ckpt, every_steps=5)
     launch_and_kill(example.command(out), env, out, after_commit(ckpt, first))
+    # The kill lands within a few ms of the commit of ``first`` unless the machine stalls the
+    # harness for a whole checkpoint interval (seen once on 2 loaded cores): the middle run then
+    # starts from the later commit, which is still before ``second`` and tests the same thing.
+    landed = _harness.committed_steps(ckpt)[-1]
+    assert first <= landed < second, (landed, first, second)
     crash = kill_and_relaunch(example.command(out), env, ckpt, out, after_commit(ckpt, second))
     middle = _harness.resume_line(crash.killed.stderr)
-    assert middle is not None and middle["step"] == first, crash.killed.stderr[-2000:]
-    assert crash.killed.steps()[0][0] == first + 1, crash.killed.stdout[-1000:]  # no repeat or gap
+    assert middle is not None and middle["step"] == landed, crash.killed.stderr[-2000:]
+    assert crash.killed.steps()[0][0] == landed + 1, crash.killed.stdout[-1000:]  # no repeat or gap
     return crash
 
 
@@ -49,7 +54,7 @@ def test_persistent_workers_and_a_zipped_loader_resume_exactly_past_epoch_0(tmp_
     # training loader is the one fetched last before each step, so the training loader is the
     # second stream to position (its epoch 0 finished, its epoch 1 at batch 5).
     ref_out, ckpt, out = tmp_path / "plain.pt", tmp_path / "ckpt", tmp_path / "final.pt"
-    plain = run_to_end(AUGMENT.command(ref_out, sleep=None) + FLAGS, _harness.clean_env())
+    plain = run_plain(AUGMENT.command(ref_out, sleep=None) + FLAGS)
     reference = Reference(_harness.load_state(ref_out), plain.steps())
     assert [s for s, _, _ in reference.steps] == list(range(1, AUGMENT.steps + 1))
     crash = kill_and_relaunch(AUGMENT.command(out) + FLAGS, pyckpt_env(ckpt, every_steps=8), ckpt, out,
