@@ -20,6 +20,7 @@ operation when it arrives, so no rank goes on with the others one step apart.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 import time
@@ -183,20 +184,51 @@ class StoreCoordinator:
         self.all_gather_json(None, tag)
 
 
+# Heartbeat threads still running, stopped and joined at exit (_stop_heartbeats).
+_heartbeats: list[tuple[threading.Event, threading.Thread]] = []
+_heartbeats_lock = threading.Lock()
+EXIT_JOIN_S = 2.0  # at exit, how long to wait for a heartbeat's store operation in flight
+
+
 def _start_heartbeat(coord: StoreCoordinator) -> None:
-    """Bump ``coord``'s heartbeat counter every ``HEARTBEAT_S`` until ``coord`` is garbage or the store
-    fails (its host is gone: the waits fail by themselves then). A daemon thread: it never delays exit."""
+    """Bump ``coord``'s heartbeat counter every ``HEARTBEAT_S`` until ``coord`` is garbage, the store
+    fails (its host is gone: the waits fail by themselves then) or the interpreter exits.
+
+    A daemon thread, so a store that hangs can never hold up exit, but stopped by an exit handler
+    all the same: a daemon thread whose store call (a C++ call without the GIL) returns once the
+    interpreter is finalizing is ended by ``pthread_exit`` as it takes the GIL back, and that
+    unwinding through torch's GIL guard aborts the process ("terminate called without an active
+    exception", exit status -6) after the training script ended well."""
     ref, store, key = weakref.ref(coord), coord.store, coord._alive_key(coord.rank)
+    stop = threading.Event()
 
     def beat() -> None:
-        while ref() is not None:
+        while ref() is not None and not stop.is_set():
             try:
                 store.add(key, 1)
             except Exception:  # the store is gone or cannot count: nothing to tell anyone
                 return
-            time.sleep(HEARTBEAT_S)
+            stop.wait(HEARTBEAT_S)
 
-    threading.Thread(target=beat, name=f"pyckpt-heartbeat-{coord.rank}", daemon=True).start()
+    thread = threading.Thread(target=beat, name=f"pyckpt-heartbeat-{coord.rank}", daemon=True)
+    with _heartbeats_lock:
+        if not _heartbeats:
+            # Registered with the first heartbeat: exit handlers registered later (the finished-run
+            # marker's, which may still commit through this coordinator) run before this one.
+            atexit.register(_stop_heartbeats)
+        _heartbeats[:] = [(e, t) for e, t in _heartbeats if t.is_alive()] + [(stop, thread)]
+    thread.start()
+
+
+def _stop_heartbeats(timeout_s: float = EXIT_JOIN_S) -> None:
+    """Stop every heartbeat thread and wait (bounded) for a store operation in flight to return."""
+    with _heartbeats_lock:
+        running = list(_heartbeats)
+    for stop, _ in running:
+        stop.set()
+    deadline = time.monotonic() + timeout_s
+    for _, thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def attempt_prefix(env: Any = None) -> str:

@@ -1,7 +1,12 @@
 """StoreCoordinator across two real processes in a gloo process group."""
+import fcntl
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch.distributed as dist
@@ -101,3 +106,50 @@ def test_a_lost_rank_ends_the_wait_a_slow_one_does_not(monkeypatch):
     gc.collect()
     with pytest.raises(RankLostError, match=re.escape(lost.replace("p/g/1", "p/g/3"))):
         c0.all_gather_json("alone", "g")
+
+
+# A process whose heartbeat's store call is held (a file lock on its FileStore) until the interpreter
+# is finalizing: SlowAtFinalization.__del__ runs then, as module globals are cleared.
+_HELD_AT_EXIT = """
+import sys, time
+import torch.distributed as dist
+from pyckpt.coord import HEARTBEAT_S, StoreCoordinator
+
+store = dist.FileStore(sys.argv[1], 2)
+coord = StoreCoordinator(store, rank=0, world_size=2)
+
+
+class SlowAtFinalization:
+    def __del__(self):
+        time.sleep(1.5)
+
+
+keep = SlowAtFinalization()
+print("ready", flush=True)
+time.sleep(HEARTBEAT_S + 0.3)  # the heartbeat's next store.add waits for the file lock now
+print("exiting", flush=True)
+"""
+
+
+def test_a_heartbeat_call_in_flight_at_exit_does_not_abort_the_process(tmp_path):
+    # The CI failure: a DDP job that trained to the end died with "terminate called without an
+    # active exception" (exit -6) as it exited, because the heartbeat thread came back from a store
+    # call (GIL released) while the interpreter was finalizing.
+    store_file = tmp_path / "store"
+    child = subprocess.Popen([sys.executable, "-c", _HELD_AT_EXIT, str(store_file)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        fd = os.open(store_file, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # FileStore takes this lock around every operation
+        try:
+            assert child.stdout.readline().strip() == "exiting"
+            time.sleep(0.3)  # the child is exiting: its exit handlers, or already finalizing
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err[-2000:]
+    assert "terminate called" not in err
