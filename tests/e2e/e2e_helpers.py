@@ -72,10 +72,11 @@ def _crashed_in_native_code(run: Run) -> bool:
 def run_plain(cmd: list[str], cwd: Path | None = None) -> Run:
     """Run a command without pyckpt (a reference run) to completion.
 
-    Reference runs only produce the expected values; pyckpt is not loaded in them. On these 2-core
-    machines a plain torchrun/gloo job has, rarely, hung while forking a DataLoader worker or
-    tearing its process group down, and died by SIGABRT: such a crash (never a Python exception)
-    is retried once, saying so. Runs with pyckpt on are never retried."""
+    Reference runs only produce the expected values; pyckpt is not loaded in them. On a loaded
+    2-core machine a plain accelerate + torchrun (gloo) job once hung while its DataLoader started
+    a worker, until the harness's timeout killed it: a run that hung or died by a signal (never
+    one that raised a Python exception) is retried once, saying so on stderr. Runs with pyckpt on
+    are never retried: a hang or crash there is a failure."""
     run = _harness.launch(cmd, _harness.clean_env(), cwd)
     if run.finish(RUN_TIMEOUT_S) != 0 and _crashed_in_native_code(run):
         print(f"reference run crashed outside Python (exit {run.popen.returncode}), retrying once; "
