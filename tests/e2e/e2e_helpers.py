@@ -81,8 +81,7 @@ def run_plain(cmd: list[str], cwd: Path | None = None) -> Run:
     if run.finish(RUN_TIMEOUT_S) != 0 and _crashed_in_native_code(run):
         print(f"reference run crashed outside Python (exit {run.popen.returncode}), retrying once; "
               f"stderr tail:\n{run.stderr[-12000:]}", file=sys.stderr)
-        run = _harness.launch(cmd, _harness.clean_env(), cwd)
-        run.finish(RUN_TIMEOUT_S)
+        return run_to_end(cmd, _harness.clean_env(), cwd)
     rc = run.popen.returncode
     assert rc == 0, f"{cmd} exited with {rc}; stderr tail:\n{run.stderr[-8000:]}"
     return run
