@@ -15,6 +15,7 @@
 #include "pyckpt/copy_kernel.h"
 #include "pyckpt/crc32c.h"
 #include "pyckpt/cuda_api.h"
+#include "pyckpt/cuda_backends.h"
 #include "pyckpt/engine.h"
 #include "pyckpt/errors.h"
 #include "pyckpt/fingerprint.h"
@@ -125,6 +126,26 @@ void bind_functions(py::module_& m) {
   m.def("version", [] { return std::string(PYCKPT_VERSION); });
   m.def("cuda_compiled", &cuda::compiled);
   m.def("cuda_available", &cuda::available, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "_emulate_device",
+      [](bool enabled, int64_t copy_delay_us, int64_t fail_copy_at) {
+        cuda::emulated::configure({enabled, copy_delay_us, fail_copy_at});
+      },
+      py::arg("enabled"), py::arg("copy_delay_us") = 0, py::arg("fail_copy_at") = -1,
+      py::call_guard<py::gil_scoped_release>(),
+      "Tests only: device pieces (device >= 0) are host memory copied by an emulated in-order stream "
+      "(each copy lasting >= copy_delay_us; the copy numbered fail_copy_at, from 0, fails stickily). "
+      "Off again with enabled=False. Switch only while no save or read is running.");
+  m.def("_emulated_device_stats", [] {
+    const cuda::emulated::Stats st = cuda::emulated::stats();
+    py::dict d;
+    d["copies"] = st.copies;
+    d["max_in_flight"] = st.max_in_flight;
+    d["h2d_copies"] = st.h2d_copies;
+    d["h2d_pageable"] = st.h2d_pageable;
+    d["live_events"] = st.live_events;
+    return d;
+  });
   m.def("hw_crc32c", &crc32c_hardware);
   m.def("zstd_load", &zstd::load, py::arg("path"), py::call_guard<py::gil_scoped_release>());
   m.def("zstd_available", &zstd::available);
@@ -276,6 +297,8 @@ void bind_engine(py::module_& m) {
            py::arg("chunk_bytes"), py::arg("io_threads") = 4, py::arg("copy_threads") = 2,
            py::arg("pinned") = false)
       .def("staging_bytes_allocated", &Engine::staging_bytes_allocated)
+      .def("staging_bytes_in_use", &Engine::staging_bytes_in_use,
+           "bytes of staging slabs held by saves in progress (0 when none runs)")
       .def("chunk_bytes", &Engine::chunk_bytes)
       .def(
           "save",

@@ -1,8 +1,9 @@
 // CPU-only build: CUDA entry points that report "not compiled in".
 #include "pyckpt/cuda_api.h"
+#include "pyckpt/cuda_backends.h"
 #include "pyckpt/errors.h"
 
-namespace pyckpt::cuda {
+namespace pyckpt::cuda::runtime {
 
 namespace {
 [[noreturn]] void not_compiled() {
@@ -26,4 +27,4 @@ void fingerprint_lanes(int, const void* const*, const size_t*, size_t, uint64_t*
   not_compiled();
 }
 
-}  // namespace pyckpt::cuda
+}  // namespace pyckpt::cuda::runtime

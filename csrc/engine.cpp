@@ -41,9 +41,42 @@ std::string hex32(uint32_t v) {
 // pin its memory for the life of the process).
 constexpr size_t kKeepReadBuffer = size_t{64} << 20;
 
+// Page-locked host memory for chunks bound for a GPU: the read lands (or the
+// decoder writes) here and the device copy is a DMA from it, with no staging
+// copy by the driver. Allocated only by threads that read for a device.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() { cuda::host_free(p_); }
+  uint8_t* get(size_t n) {
+    if (n > cap_) {
+      cuda::host_free(p_);
+      p_ = nullptr;
+      cap_ = 0;
+      p_ = static_cast<uint8_t*>(cuda::host_alloc(n));
+      cap_ = n;
+    }
+    return p_;
+  }
+  void release_if_large() {
+    if (cap_ > kKeepReadBuffer) {
+      cuda::host_free(p_);
+      p_ = nullptr;
+      cap_ = 0;
+    }
+  }
+
+ private:
+  uint8_t* p_ = nullptr;
+  size_t cap_ = 0;
+};
+
 struct ReadBuffers {
   std::vector<uint8_t> stored;
   std::vector<uint8_t> raw;
+  PinnedBuffer pinned;
 };
 
 ReadBuffers& read_buffers() {
@@ -149,6 +182,7 @@ void Engine::submit_writes(const std::shared_ptr<SaveJob>& job,
 
 void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after) {
   std::vector<std::pair<size_t, uint8_t*>> captured;  // captured, write not yet submitted
+  std::deque<DeviceCopy> copying;  // device chunks queued on the engine stream, oldest first
   try {
     job->open_files();
     job->map_files(maps_);
@@ -182,7 +216,9 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
       }
       uint8_t* slab = pool_.acquire(std::chrono::milliseconds(0), &job->stop_flag());
       if (!slab) {
-        // Pool dry: start the deferred writes, which free slabs, then wait.
+        // Pool dry: finish the queued copies and start the deferred writes,
+        // which free slabs, then wait.
+        while (!copying.empty()) finish_device_copy(*job, copying, captured);
         submit_writes(job, captured);
         slab = pool_.acquire(timeout, &job->stop_flag());
       }
@@ -190,38 +226,33 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
         job->fail(staging_timeout_message(*job));  // no-op if already cancelled
         break;
       }
+      if (c.on_device) {
+        // Queued behind the copies before it: the copy engine stays busy
+        // while this thread waits for the oldest one.
+        copying.push_back(DeviceCopy{i, slab, verify_slab, {}});
+        copying.back().done = start_device_copy(c, slab, after);
+        if (copying.size() >= kCopiesInFlight) finish_device_copy(*job, copying, captured);
+        continue;
+      }
       try {
-        if (c.on_device) {
-          capture_chunk(c, slab, after);
-        } else {
-          // Host chunk: CRC32C (and the fingerprint, if still needed) computed while copying.
-          const bool want_fp = job->options().fingerprint && !job->options().constant_fp && !c.no_fp &&
-                               !job->fingerprint_known(i);
-          uint64_t fp = 0;
-          job->set_raw_crc(i, capture_host_summed(c, slab, want_fp ? &fp : nullptr));
-          if (want_fp) job->set_fingerprint(i, fp);
-        }
+        // Host chunk: CRC32C (and the fingerprint, if still needed) computed while copying.
+        const bool want_fp = job->options().fingerprint && !job->options().constant_fp && !c.no_fp &&
+                             !job->fingerprint_known(i);
+        uint64_t fp = 0;
+        job->set_raw_crc(i, capture_host_summed(c, slab, want_fp ? &fp : nullptr));
+        if (want_fp) job->set_fingerprint(i, fp);
       } catch (...) {
         pool_.release(slab);
         throw;
       }
-      if (verify_slab) {
-        const uint32_t crc = crc32c(slab, c.raw_len);
-        job->set_raw_crc(i, crc);  // the write task needs it too
-        if (crc == c.expect_crc) {
-          pool_.release(slab);
-          job->set_status(i, kChunkReferenced);
-          job->mark_captured(i);
-          continue;
-        }
-        job->set_status(i, kChunkCollision);
-      }
       job->mark_captured(i);
       captured.emplace_back(i, slab);
     }
+    while (!copying.empty()) finish_device_copy(*job, copying, captured);
   } catch (const std::exception& e) {
     job->fail(e.what());
   }
+  abandon_device_copies(copying);  // left only by a failure
   // Writes start once capture is over (or the pool ran dry, above): writes
   // overlapping the copies slowed capture ~3x on a 2-core machine, even with
   // O_DIRECT, and the caller is blocked on capture, not on durability.
@@ -229,6 +260,82 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
   cuda::destroy(after);
   job->mark_capture_finished();
   job->end_task();
+}
+
+std::vector<cuda::Event> Engine::start_device_copy(const SaveChunk& chunk, uint8_t* slab, cuda::Event after) {
+  std::vector<int> devices;
+  std::vector<cuda::Event> done;
+  try {
+    uint8_t* dst = slab;
+    for (const SavePiece& p : chunk.pieces) {
+      if (p.device < 0) {
+        host_copy(dst, reinterpret_cast<const uint8_t*>(p.addr), p.nbytes);
+      } else {
+        if (std::find(devices.begin(), devices.end(), p.device) == devices.end()) devices.push_back(p.device);
+        cuda::copy_d2h_async(p.device, dst, reinterpret_cast<const void*>(p.addr), p.nbytes, after);
+      }
+      dst += p.nbytes;
+    }
+    for (int d : devices) done.push_back(cuda::record_engine(d));
+  } catch (...) {
+    // Copies already queued must land before the caller frees the slab.
+    for (int d : devices) {
+      try {
+        cuda::Event e = cuda::record_engine(d);
+        try {
+          cuda::synchronize(e);
+        } catch (...) {
+        }
+        cuda::destroy(e);
+      } catch (...) {
+      }
+    }
+    for (cuda::Event e : done) cuda::destroy(e);
+    throw;
+  }
+  return done;
+}
+
+void Engine::finish_device_copy(SaveJob& job, std::deque<DeviceCopy>& copying,
+                                std::vector<std::pair<size_t, uint8_t*>>& captured) {
+  DeviceCopy d = std::move(copying.front());
+  copying.pop_front();
+  try {
+    for (cuda::Event e : d.done) cuda::synchronize(e);
+  } catch (...) {
+    for (cuda::Event e : d.done) cuda::destroy(e);
+    pool_.release(d.slab);
+    throw;
+  }
+  for (cuda::Event e : d.done) cuda::destroy(e);
+  if (d.verify_slab) {
+    const SaveChunk& c = job.chunks()[d.index];
+    const uint32_t crc = crc32c(d.slab, c.raw_len);
+    job.set_raw_crc(d.index, crc);  // the write task needs it too
+    if (crc == c.expect_crc) {
+      pool_.release(d.slab);
+      job.set_status(d.index, kChunkReferenced);
+      job.mark_captured(d.index);
+      return;
+    }
+    job.set_status(d.index, kChunkCollision);
+  }
+  job.mark_captured(d.index);
+  captured.emplace_back(d.index, d.slab);
+}
+
+void Engine::abandon_device_copies(std::deque<DeviceCopy>& copying) noexcept {
+  for (DeviceCopy& d : copying) {
+    for (cuda::Event e : d.done) {
+      try {
+        cuda::synchronize(e);  // the slab is not reused while a copy may still write it
+      } catch (...) {
+      }
+      cuda::destroy(e);
+    }
+    pool_.release(d.slab);
+  }
+  copying.clear();
 }
 
 size_t Engine::split_parts(size_t n, const std::function<void(size_t, size_t, size_t)>& fn) {
@@ -335,33 +442,6 @@ uint64_t Engine::slab_fingerprint(const SaveChunk& chunk, const uint8_t* slab) {
     slab += p.nbytes;
   }
   return h;
-}
-
-void Engine::capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after) {
-  std::vector<int> devices;
-  uint8_t* dst = slab;
-  for (const SavePiece& p : chunk.pieces) {
-    if (p.device < 0) {
-      host_copy(dst, reinterpret_cast<const uint8_t*>(p.addr), p.nbytes);
-    } else {
-      cuda::copy_d2h_async(p.device, dst, reinterpret_cast<const void*>(p.addr), p.nbytes, after);
-      if (std::find(devices.begin(), devices.end(), p.device) == devices.end())
-        devices.push_back(p.device);
-    }
-    dst += p.nbytes;
-  }
-  // One chunk in flight per job keeps the code simple; copies of 4 MiB
-  // chunks are long enough that the synchronization gap is small.
-  for (int d : devices) {
-    cuda::Event done = cuda::record_engine(d);
-    try {
-      cuda::synchronize(done);
-    } catch (...) {
-      cuda::destroy(done);
-      throw;
-    }
-    cuda::destroy(done);
-  }
 }
 
 uint32_t Engine::capture_host_summed(const SaveChunk& chunk, uint8_t* slab, uint64_t* fp) {
@@ -555,10 +635,14 @@ void Engine::read_chunk(const File& file, const MemoryFileView& view, const Read
   const bool direct = in_memory == nullptr && direct_ok && c.codec == kCodecNone && c.pieces.size() == 1 &&
                       c.pieces[0].device < 0 && c.pieces[0].offset_in_raw == 0 &&
                       c.pieces[0].nbytes == c.raw_len;
+  const bool to_device =
+      std::any_of(c.pieces.begin(), c.pieces.end(), [](const ReadPiece& p) { return p.device >= 0; });
   ReadBuffers& buf = read_buffers();
   uint8_t* stored = nullptr;
   if (direct) {
     stored = reinterpret_cast<uint8_t*>(c.pieces[0].dst);
+  } else if (in_memory == nullptr && to_device && c.codec == kCodecNone) {
+    stored = buf.pinned.get(c.stored_len);  // these bytes go to the device as they are
   } else if (in_memory == nullptr) {
     buf.stored.resize(c.stored_len);
     stored = buf.stored.data();
@@ -569,6 +653,7 @@ void Engine::read_chunk(const File& file, const MemoryFileView& view, const Read
       release_if_large(b.stored);
       release_if_large(b.raw);
       release_if_large(thread_scratch().planes);
+      b.pinned.release_if_large();
     }
   } release{buf};
   if (in_memory == nullptr) {
@@ -586,20 +671,34 @@ void Engine::read_chunk(const File& file, const MemoryFileView& view, const Read
                                       hex32(c.crc32c) + ")");
   if (direct) return;
   const uint8_t* raw = src;
+  bool raw_pinned = to_device && in_memory == nullptr;  // read into the pinned buffer above
   if (c.codec != kCodecNone) {
-    buf.raw.resize(c.raw_len);
+    uint8_t* out = nullptr;
+    if (to_device) {
+      out = buf.pinned.get(c.raw_len);
+    } else {
+      buf.raw.resize(c.raw_len);
+      out = buf.raw.data();
+    }
     try {
-      decode_chunk(src, c.stored_len, c.codec, buf.raw.data(), c.raw_len, thread_scratch());
+      decode_chunk(src, c.stored_len, c.codec, out, c.raw_len, thread_scratch());
     } catch (const Error& e) {
       throw Error(e.kind(), "in " + where + ": " + e.what());
     }
-    raw = buf.raw.data();
+    raw = out;
+    raw_pinned = to_device;
   }
   for (const ReadPiece& p : c.pieces) {
-    if (p.device < 0)
+    if (p.device < 0) {
       std::memcpy(reinterpret_cast<void*>(p.dst), raw + p.offset_in_raw, p.nbytes);
-    else
+    } else if (raw_pinned) {
       cuda::copy_h2d(p.device, reinterpret_cast<void*>(p.dst), raw + p.offset_in_raw, p.nbytes);
+    } else {
+      // A chunk checksummed where it lies (memory tier): through pinned memory too.
+      uint8_t* pinned = buf.pinned.get(p.nbytes);
+      std::memcpy(pinned, raw + p.offset_in_raw, p.nbytes);
+      cuda::copy_h2d(p.device, reinterpret_cast<void*>(p.dst), pinned, p.nbytes);
+    }
   }
 }
 

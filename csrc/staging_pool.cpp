@@ -92,4 +92,9 @@ size_t StagingPool::allocated_bytes() const {
   return (all_.size() + allocating_) * slab_bytes_;
 }
 
+size_t StagingPool::in_use_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return (all_.size() - free_.size()) * slab_bytes_;
+}
+
 }  // namespace pyckpt

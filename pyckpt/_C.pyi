@@ -21,6 +21,12 @@ def cuda_compiled() -> bool:
     """True when the CUDA sources were compiled in (nvcc was found at build time)."""
 def cuda_available() -> bool:
     """True when CUDA was compiled in and a driver with >= 1 device is present now."""
+def _emulate_device(enabled: bool, copy_delay_us: int = 0, fail_copy_at: int = -1) -> None:
+    """Tests only: an emulated GPU made of host memory (csrc/device_emulator.cpp), so the engine's
+    device paths run without one; device pieces then name host addresses. Off with enabled=False."""
+def _emulated_device_stats() -> dict:
+    """copies, max_in_flight (most device-to-host copies queued and unfinished at once), h2d_copies,
+    h2d_pageable (of those, copies from memory not page-locked), live_events, since the last _emulate_device call."""
 def hw_crc32c() -> bool:
     """True when CRC32C uses the CPU's crc32 instruction."""
 def zstd_load(path: str) -> None:
@@ -95,6 +101,8 @@ class Engine:
         """The staging pool is allocated lazily on the first save, up to
         ``staging_bytes`` (at least one slab of ``chunk_bytes``), then reused."""
     def staging_bytes_allocated(self) -> int: ...
+    def staging_bytes_in_use(self) -> int:
+        """Bytes of staging slabs held by saves in progress (0 when none runs)."""
     def chunk_bytes(self) -> int: ...
     def save(
         self,

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "pyckpt/cuda_api.h"
+#include "pyckpt/cuda_backends.h"
 #include "internal.cuh"
 #include "pyckpt/errors.h"
 
@@ -43,6 +44,8 @@ cudaStream_t engine_stream(int device) {
   streams[device] = s;
   return s;
 }
+
+namespace runtime {
 
 bool compiled() { return true; }
 
@@ -98,7 +101,18 @@ void destroy(Event event) noexcept {
 
 void copy_h2d(int device, void* dst, const void* src, size_t nbytes) {
   use_device(device);
-  check(cudaMemcpy(dst, src, nbytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+  // The engine's stream, not the legacy default one: reads on several I/O
+  // threads queue their DMAs back to back without waiting on the caller's
+  // kernels. Each waits for its own event only.
+  cudaStream_t s = engine_stream(device);
+  check(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync H2D");
+  Event done = new_event();
+  const cudaError_t rc = cudaEventRecord(static_cast<cudaEvent_t>(done), s);
+  const cudaError_t sync = rc == cudaSuccess ? cudaEventSynchronize(static_cast<cudaEvent_t>(done)) : rc;
+  cudaEventDestroy(static_cast<cudaEvent_t>(done));
+  check(sync, "cudaEventSynchronize (H2D)");
 }
+
+}  // namespace runtime
 
 }  // namespace pyckpt::cuda

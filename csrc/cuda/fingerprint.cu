@@ -18,6 +18,7 @@
 
 #include "internal.cuh"
 #include "pyckpt/cuda_api.h"
+#include "pyckpt/cuda_backends.h"
 #include "pyckpt/errors.h"
 #include "pyckpt/fingerprint.h"
 
@@ -122,7 +123,7 @@ DeviceScratch& scratch_for(int device) {
 
 }  // namespace
 
-void fingerprint_lanes(int device, const void* const* ptrs, const size_t* nbytes, size_t n,
+void runtime::fingerprint_lanes(int device, const void* const* ptrs, const size_t* nbytes, size_t n,
                        uint64_t* lanes_out, Event after) {
   check(cudaSetDevice(device), "cudaSetDevice");
   DeviceScratch& sc = scratch_for(device);

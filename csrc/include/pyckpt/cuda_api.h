@@ -42,7 +42,9 @@ void synchronize(Event event);
 
 void destroy(Event event) noexcept;
 
-/// Synchronous host-to-device copy (used by reads).
+/// Host-to-device copy on the engine's stream for `device`; returns once it
+/// is done. Reads pass page-locked memory (host_alloc), so it is one DMA.
+/// The destination must not be in use by work still queued elsewhere.
 void copy_h2d(int device, void* dst, const void* src, size_t nbytes);
 
 /// Fingerprint lanes (pyckpt/fingerprint.h) of n device buffers of `device`,

@@ -5,7 +5,8 @@
 // stream when any piece lives on a GPU, and returns a SaveJob at once. A
 // capture thread per job fills staging slabs chunk by chunk, in order (host
 // pieces: memcpy split across copy workers; device pieces: cudaMemcpyAsync on
-// the engine's stream after the caller's event). Each captured chunk goes to
+// the engine's stream after the caller's event, several chunks queued at
+// once, each marked captured when its event completes). Each captured chunk goes to
 // an I/O worker: CRC32C of the raw bytes, encode, CRC32C of the stored bytes,
 // reserve a 4 KiB-aligned offset, pwrite, release the slab. After the last
 // chunk every file is fsynced.
@@ -24,6 +25,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -87,6 +89,7 @@ class Engine {
                               const std::vector<int>& fds = {}, bool direct = false);
 
   size_t staging_bytes_allocated() const { return pool_.allocated_bytes(); }
+  size_t staging_bytes_in_use() const { return pool_.in_use_bytes(); }
   size_t chunk_bytes() const { return chunk_bytes_; }
 
  private:
@@ -96,7 +99,26 @@ class Engine {
   /// Hands captured chunks (index, slab) to the I/O threads and clears the list.
   void submit_writes(const std::shared_ptr<SaveJob>& job,
                      std::vector<std::pair<size_t, uint8_t*>>& captured);
-  void capture_chunk(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
+  /// A device chunk whose copies into its slab are queued on the engine stream.
+  struct DeviceCopy {
+    size_t index;
+    uint8_t* slab;
+    bool verify_slab;                // compare the slab's CRC32C with the expected one when done
+    std::vector<cuda::Event> done;  // one per device the chunk reads from
+  };
+  /// Device chunks queued at once: enough that the copy engine never waits
+  /// for the capture thread to notice a finished copy and queue the next.
+  static constexpr size_t kCopiesInFlight = 4;
+  /// Queues the chunk's device pieces (host pieces are copied now) and
+  /// returns the events that mark them done. On failure, waits for what it
+  /// queued, so the caller may release the slab.
+  std::vector<cuda::Event> start_device_copy(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
+  /// Waits for the oldest queued chunk, then marks it captured and moves it
+  /// to `captured` (or releases its slab, when it proved unchanged).
+  void finish_device_copy(SaveJob& job, std::deque<DeviceCopy>& copying,
+                          std::vector<std::pair<size_t, uint8_t*>>& captured);
+  /// After a failure: waits for the queued copies and releases their slabs.
+  void abandon_device_copies(std::deque<DeviceCopy>& copying) noexcept;
   /// Runs fn(part, begin, len) over up to copy_threads parts of [0, n) (one
   /// part below 2 MiB), part 0 on the calling thread, the others on the copy
   /// workers; returns how many parts ran (indices 0..returned-1).

@@ -31,6 +31,8 @@ class StagingPool {
   size_t slab_bytes() const { return slab_bytes_; }
   size_t max_slabs() const { return max_slabs_; }
   size_t allocated_bytes() const;
+  /// Bytes of slabs acquired and not released (0 once every job is done).
+  size_t in_use_bytes() const;
   bool pinned() const { return pinned_; }
 
  private:
