@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 
 from . import layout, manifest, shard_format, tree
-from ._native import CODEC_IDS
+from ._native import CODEC_IDS, cuda_available
 from .dtypes import dtype_of
 from .errors import CorruptCheckpointError, PyckptError
 from .safe_fs import CheckpointDir, full_path
@@ -125,6 +125,49 @@ def _map_device(saved: str, map_location: Any, key: str) -> torch.device:
     return dev
 
 
+# Device memory a restore leaves free when it stages ``into=`` targets on their GPU (the share of
+# the card, or this many bytes, whichever is larger): the rest of the job still has to run.
+_GPU_HEADROOM_SHARE = 0.1
+_GPU_HEADROOM_BYTES = 512 << 20
+
+
+def _gpu_storages(entries: list[dict], dests: dict, nbytes: dict[int, int],
+                  map_location: Any) -> dict[int, torch.device]:
+    """Storages the engine reads straight into device memory, by storage id (each chunk through its
+    page-locked buffers, one DMA), instead of into a host buffer copied to the device afterwards.
+
+    Storages loaded as new tensors on a GPU always: their memory is needed there anyway. Storages
+    whose targets (``into=``) are on a GPU only while every such buffer fits beside what the card has
+    free: the buffers are read and verified before any target is written (so a damaged chunk still
+    leaves every target untouched), which holds a second copy of them on the device until then."""
+    if not (cuda_available() and torch.cuda.is_available()):
+        return {}
+    found: dict[int, torch.device | None] = {}
+    staged: set[int] = set()  # storages of into= targets
+    for i, e in enumerate(entries):
+        dst, dev = dests.get(i), None
+        if dst is None:
+            try:
+                d = _map_device(e["device"], map_location, "")
+            except (PyckptError, RuntimeError):
+                d = None  # reported with the tensor's name when the tensor is made
+            if d is not None and d.type == "cuda":
+                dev = torch.device("cuda", torch.cuda.current_device() if d.index is None else d.index)
+        elif dst.is_cuda:
+            dev = dst.device
+            staged.add(e["storage"])
+        sid = e["storage"]
+        found[sid] = dev if found.get(sid, dev) == dev else None  # every user of a storage must agree
+    gpu = {sid: d for sid, d in found.items() if d is not None}
+    for dev in set(gpu.values()):
+        free, total = torch.cuda.mem_get_info(dev)
+        need = sum(nbytes[sid] for sid, d in gpu.items() if d == dev)
+        if need > free - max(_GPU_HEADROOM_BYTES, int(total * _GPU_HEADROOM_SHARE)):
+            for sid in [sid for sid, d in gpu.items() if d == dev and sid in staged]:
+                del gpu[sid]  # through host memory, as before
+    return gpu
+
+
 def _direct_target(entry: dict, dst: torch.Tensor | None, nbytes: int, users: int) -> bool:
     """Can this storage be read straight into ``dst`` with no second copy?"""
     return (dst is not None and users == 1 and dst.device.type == "cpu" and dst.is_contiguous()
@@ -186,8 +229,8 @@ class _SectionReader:
         self.sec = op.parts[0]["replicated"] if scope == "replicated" else op.parts[rank]["rank_state"]
         self.where = os.path.join(op.path, layout.part_name(0 if scope == "replicated" else rank))
         self.storages = _storages(op, scope, rank)
-        nbytes = {sid: s["nbytes"] for sid, (_, s) in self.storages.items()}
-        manifest.check_tensor_extents(self.sec["tensors"], nbytes, self.where)
+        self.nbytes = {sid: s["nbytes"] for sid, (_, s) in self.storages.items()}
+        manifest.check_tensor_extents(self.sec["tensors"], self.nbytes, self.where)
 
     def walk(self, visit, into: Any = None) -> None:
         """Visit every tensor leaf (checking its id) without building tensors."""
@@ -253,12 +296,14 @@ class _SectionReader:
         else:
             self.walk(lambda i, d, p: None)  # the whole tree is checked before anything is read
             dests = {}
-        bufs, direct = self._read_storages(engine, entries, dests)
+        bufs, direct = self._read_storages(engine, entries, dests,
+                                           _gpu_storages(entries, dests, self.nbytes, map_location))
         moved: dict[tuple[int, torch.device], torch.Tensor] = {}
         return tree.unflatten(self.sec["tree"], lambda i, d, p: self._tensor(
             i, entries[i], dests.get(i), p, bufs, direct, moved, map_location), into, self.where)
 
-    def _read_storages(self, engine: Any, entries: list[dict], dests: dict) -> tuple[dict, set]:
+    def _read_storages(self, engine: Any, entries: list[dict], dests: dict,
+                       gpu: dict[int, torch.device]) -> tuple[dict, set]:
         users: dict[int, int] = {}
         for e in entries:
             users[e["storage"]] = users.get(e["storage"], 0) + 1
@@ -273,11 +318,16 @@ class _SectionReader:
                 bufs[sid] = dests[i]
                 direct.add(sid)
             else:
-                bufs[sid] = torch.empty(nbytes, dtype=torch.uint8)
+                bufs[sid] = torch.empty(nbytes, dtype=torch.uint8, device=gpu.get(sid, "cpu"))
+        for dev in set(gpu.values()):
+            # The engine writes from its own stream: nothing queued on the allocating stream may
+            # still use the memory these buffers were given.
+            torch.cuda.synchronize(dev)
         # Fresh buffers first: if any of their chunks is damaged, no caller tensor was touched.
-        read_into(engine, self.op, {sid: (self.storages[sid], b.data_ptr()) for sid, b in bufs.items()
-                                    if sid not in direct}, fresh=True)
-        read_into(engine, self.op, {sid: (self.storages[sid], bufs[sid].data_ptr()) for sid in direct}, fresh=False)
+        read_into(engine, self.op, {sid: (self.storages[sid], b.data_ptr(), b.device.index if b.is_cuda else -1)
+                                    for sid, b in bufs.items() if sid not in direct}, fresh=True)
+        read_into(engine, self.op, {sid: (self.storages[sid], bufs[sid].data_ptr(), -1) for sid in direct},
+                  fresh=False)
         return bufs, direct
 
     def _tensor(self, i, e, dst, key, bufs, direct, moved, map_location) -> torch.Tensor:
@@ -338,8 +388,9 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def read_into(engine: Any, op: Opened, targets: dict[int, tuple[tuple[int, dict], int]], fresh: bool) -> None:
-    """Read storages (``sid -> ((part, storage json), dst_addr)``) with verification.
+def read_into(engine: Any, op: Opened, targets: dict[int, tuple[tuple[int, dict], int, int]], fresh: bool) -> None:
+    """Read storages (``sid -> ((part, storage json), dst_addr, device)``; device -1: host memory,
+    else the CUDA device index of ``dst_addr``) with verification.
 
     ``fresh``: the destinations are buffers the caller drops if this raises,
     so the engine may read into them directly; otherwise (a caller's
@@ -349,12 +400,12 @@ def read_into(engine: Any, op: Opened, targets: dict[int, tuple[tuple[int, dict]
         return
     chunks: dict[tuple[int, int], tuple] = {}
     with _FileTable(op) as files:
-        for (pi, s), addr in targets.values():
+        for (pi, s), addr, device in targets.values():
             for p in s["pieces"]:
                 key = (pi, p["chunk"])
                 if key not in chunks:
                     chunks[key] = _chunk_spec(files, op.parts[pi]["chunks"][p["chunk"]], [])
-                chunks[key][6].append((p["chunk_offset"], addr + p["storage_offset"], p["nbytes"], -1))
+                chunks[key][6].append((p["chunk_offset"], addr + p["storage_offset"], p["nbytes"], device))
         keys = list(chunks)
         errors = engine.read(files.paths, [chunks[k] for k in keys], True, fds=files.fds, direct=fresh)
         _raise_errors(errors, keys, op, files)
