@@ -28,3 +28,4 @@ bench: setup
 	$(PYTHON) benchmarks/snapshot_stall.py
 	$(PYTHON) benchmarks/train_loop.py
 	$(PYTHON) benchmarks/fingerprint.py
+	$(PYTHON) benchmarks/gpu_capture.py
