@@ -136,6 +136,10 @@ void bind_functions(py::module_& m) {
       "Tests only: device pieces (device >= 0) are host memory copied by an emulated in-order stream "
       "(each copy lasting >= copy_delay_us; the copy numbered fail_copy_at, from 0, fails stickily). "
       "Off again with enabled=False. Switch only while no save or read is running.");
+  m.def("_emulated_hold_stream", &cuda::emulated::hold_stream, py::arg("stream"), py::arg("hold"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Tests only: events recorded on this caller stream (any nonzero integer) stay pending while "
+        "held, as if kernels queued there had not finished; hold=False completes them.");
   m.def("_emulated_device_stats", [] {
     const cuda::emulated::Stats st = cuda::emulated::stats();
     py::dict d;
@@ -305,12 +309,23 @@ void bind_engine(py::module_& m) {
           [](Engine& e, std::vector<std::string> files, const std::vector<SaveChunkT>& chunks,
              int codec, int level, uintptr_t stream, int device, int64_t timeout_ms,
              int64_t delay_us, const std::vector<ExpectT>& expect, bool fp, bool constant_fp,
-             bool map_files, const std::vector<size_t>& skip_fp) {
+             bool map_files, const std::vector<size_t>& skip_fp,
+             const std::vector<std::pair<int, uintptr_t>>& streams) {
             PYCKPT_CHECK_ARG(!map_files || codec == kCodecNone, "map_files needs codec none");
             std::vector<SaveChunk> cs = to_save_chunks(chunks);
             apply_expect(cs, expect);
             apply_no_fingerprint(cs, skip_fp);
-            SaveOptions o{codec, level, stream, device, timeout_ms, delay_us, fp, constant_fp, map_files};
+            SaveOptions o;
+            o.codec = codec;
+            o.level = level;
+            o.stream = stream;
+            o.device = device;
+            o.streams = streams;
+            o.staging_timeout_ms = timeout_ms;
+            o.write_delay_us = delay_us;
+            o.fingerprint = fp;
+            o.constant_fp = constant_fp;
+            o.map_files = map_files;
             py::gil_scoped_release release;
             return e.save(std::move(files), std::move(cs), o);
           },
@@ -319,7 +334,8 @@ void bind_engine(py::module_& m) {
           py::arg("staging_timeout_ms") = 60000, py::arg("write_delay_us") = 0,
           py::arg("expect") = std::vector<ExpectT>{}, py::arg("fingerprint") = false,
           py::arg("constant_fp") = false, py::arg("map_files") = false,
-          py::arg("skip_fingerprint") = std::vector<size_t>{})
+          py::arg("skip_fingerprint") = std::vector<size_t>{},
+          py::arg("streams") = std::vector<std::pair<int, uintptr_t>>{})
       .def(
           "read",
           [](Engine& e, const std::vector<std::string>& files,

@@ -61,6 +61,7 @@ struct State {
   std::map<int, std::unique_ptr<ThreadPool>> streams;
   std::map<void*, size_t> allocations;  // host_alloc'd memory: base -> size
   std::set<Event> events;
+  std::map<uintptr_t, std::vector<EventRef>> held;  // held caller streams: their pending events
 };
 
 // Never destroyed: an engine may free slabs during static destruction.
@@ -113,6 +114,9 @@ void drain(State& st, std::unique_lock<std::mutex>& lock) {
 void configure(const Settings& s) {
   State& st = state();
   std::unique_lock<std::mutex> lock(st.mu);
+  for (auto& [stream, evs] : st.held)
+    for (auto& ev : evs) ev->finish("");  // nothing may wait on a stream no test will release
+  st.held.clear();
   drain(st, lock);
   if (!s.enabled) st.streams.clear();  // joins the idle workers
   st.settings = s;
@@ -173,15 +177,38 @@ void host_free(void* p) noexcept {
   std::free(p);
 }
 
-Event record_on(int device, uintptr_t) {
-  // The caller's "stream" is the host thread, whose work is already done.
+Event record_on(int device, uintptr_t stream) {
+  // The caller's work is done by the host thread before this call, unless
+  // the test holds the stream (work "still queued" there).
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
   stream_for(st, device);
   throw_if_sticky(st, "cudaEventRecord on the caller's stream");
   auto ev = std::make_shared<EventState>();
-  ev->finish("");
+  auto held = st.held.find(stream);
+  if (held != st.held.end())
+    held->second.push_back(ev);
+  else
+    ev->finish("");
   return new_handle(st, std::move(ev));
+}
+
+void hold_stream(uintptr_t stream, bool hold) {
+  PYCKPT_CHECK_ARG(stream != 0, "the legacy default stream (0) cannot be held");
+  std::vector<EventRef> release;
+  {
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mu);
+    auto it = st.held.find(stream);
+    if (hold) {
+      if (it == st.held.end()) st.held.emplace(stream, std::vector<EventRef>{});
+      return;
+    }
+    if (it == st.held.end()) return;
+    release = std::move(it->second);
+    st.held.erase(it);
+  }
+  for (auto& ev : release) ev->finish("");
 }
 
 void copy_d2h_async(int device, void* dst, const void* src, size_t nbytes, Event after) {

@@ -27,6 +27,17 @@ uint32_t chunk_crc(const SaveChunk& c) {
   return crc;
 }
 
+// The event for `device` (null when the save reads nothing from it).
+cuda::Event event_for(const DeviceEvents& after, int device) {
+  for (const auto& [d, e] : after)
+    if (d == device) return e;
+  return nullptr;
+}
+
+void destroy_all(const DeviceEvents& after) noexcept {
+  for (const auto& [d, e] : after) cuda::destroy(e);
+}
+
 // Below this a host piece is copied by one thread: splitting costs more.
 constexpr size_t kParallelCopyMin = 1 << 20;
 
@@ -146,13 +157,28 @@ void Engine::validate(const std::vector<std::string>& files, const std::vector<S
 std::shared_ptr<SaveJob> Engine::save(std::vector<std::string> files,
                                       std::vector<SaveChunk> chunks, const SaveOptions& options) {
   validate(files, chunks, options);
-  cuda::Event after = nullptr;
-  for (const auto& c : chunks) {
-    if (!c.on_device || after) continue;
-    int dev = options.device;
+  // One event per device read from, on the caller's stream for that device:
+  // each device's copies then see the kernels queued there before save().
+  std::vector<int> devices;
+  for (const auto& c : chunks)
     for (const auto& p : c.pieces)
-      if (dev < 0 && p.device >= 0) dev = p.device;
-    after = cuda::record_on(dev, options.stream);
+      if (p.device >= 0 && std::find(devices.begin(), devices.end(), p.device) == devices.end())
+        devices.push_back(p.device);
+  DeviceEvents after;
+  try {
+    for (int d : devices) {
+      // `stream` belongs to `device` (or, with no device named, to the first
+      // device read from); a device with no stream named gets the legacy
+      // default stream, which orders after that device's blocking streams.
+      const bool named = d == options.device || (options.device < 0 && d == devices.front());
+      uintptr_t stream = named ? options.stream : 0;
+      for (const auto& [sd, ss] : options.streams)
+        if (sd == d) stream = ss;
+      after.emplace_back(d, cuda::record_on(d, stream));
+    }
+  } catch (...) {
+    destroy_all(after);
+    throw;
   }
   auto job = std::make_shared<SaveJob>(std::move(files), std::move(chunks), options);
   job->begin_task();  // the capture loop's unit of work
@@ -180,7 +206,7 @@ void Engine::submit_writes(const std::shared_ptr<SaveJob>& job,
   captured.clear();
 }
 
-void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after) {
+void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, const DeviceEvents& after) {
   std::vector<std::pair<size_t, uint8_t*>> captured;  // captured, write not yet submitted
   std::deque<DeviceCopy> copying;  // device chunks queued on the engine stream, oldest first
   try {
@@ -257,12 +283,13 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after
   // overlapping the copies slowed capture ~3x on a 2-core machine, even with
   // O_DIRECT, and the caller is blocked on capture, not on durability.
   submit_writes(job, captured);
-  cuda::destroy(after);
+  destroy_all(after);
   job->mark_capture_finished();
   job->end_task();
 }
 
-std::vector<cuda::Event> Engine::start_device_copy(const SaveChunk& chunk, uint8_t* slab, cuda::Event after) {
+std::vector<cuda::Event> Engine::start_device_copy(const SaveChunk& chunk, uint8_t* slab,
+                                                   const DeviceEvents& after) {
   std::vector<int> devices;
   std::vector<cuda::Event> done;
   try {
@@ -272,7 +299,8 @@ std::vector<cuda::Event> Engine::start_device_copy(const SaveChunk& chunk, uint8
         host_copy(dst, reinterpret_cast<const uint8_t*>(p.addr), p.nbytes);
       } else {
         if (std::find(devices.begin(), devices.end(), p.device) == devices.end()) devices.push_back(p.device);
-        cuda::copy_d2h_async(p.device, dst, reinterpret_cast<const void*>(p.addr), p.nbytes, after);
+        cuda::copy_d2h_async(p.device, dst, reinterpret_cast<const void*>(p.addr), p.nbytes,
+                             event_for(after, p.device));
       }
       dst += p.nbytes;
     }
@@ -370,7 +398,7 @@ uint64_t Engine::host_fingerprint(const uint8_t* p, size_t n) {
 }
 
 std::vector<std::vector<uint64_t>> Engine::device_fingerprints(const std::vector<SaveChunk>& chunks,
-                                                               cuda::Event after) {
+                                                               const DeviceEvents& after) {
   std::vector<std::vector<uint64_t>> out(chunks.size());
   std::vector<int> devices;
   for (const SaveChunk& c : chunks)
@@ -392,7 +420,7 @@ std::vector<std::vector<uint64_t>> Engine::device_fingerprints(const std::vector
         }
     }
     std::vector<uint64_t> lanes(4 * where.size(), 0);
-    cuda::fingerprint_lanes(d, ptrs.data(), lens.data(), where.size(), lanes.data(), after);
+    cuda::fingerprint_lanes(d, ptrs.data(), lens.data(), where.size(), lanes.data(), event_for(after, d));
     for (size_t q = 0; q < where.size(); ++q) {
       auto& v = out[where[q].first];
       if (v.empty()) v.assign(chunks[where[q].first].pieces.size(), 0);
@@ -403,7 +431,7 @@ std::vector<std::vector<uint64_t>> Engine::device_fingerprints(const std::vector
 }
 
 uint64_t Engine::source_fingerprint(const SaveChunk& chunk, const std::vector<uint64_t>* device_fps,
-                                    cuda::Event after) {
+                                    const DeviceEvents& after) {
   std::vector<uint64_t> fps(chunk.pieces.size(), 0);
   if (device_fps && !device_fps->empty()) fps = *device_fps;
   // Device pieces of one device go to the GPU in one batch.
@@ -423,7 +451,7 @@ uint64_t Engine::source_fingerprint(const SaveChunk& chunk, const std::vector<ui
         lens.push_back(chunk.pieces[k].nbytes);
       }
     std::vector<uint64_t> lanes(4 * idx.size(), 0);
-    cuda::fingerprint_lanes(d, ptrs.data(), lens.data(), idx.size(), lanes.data(), after);
+    cuda::fingerprint_lanes(d, ptrs.data(), lens.data(), idx.size(), lanes.data(), event_for(after, d));
     for (size_t q = 0; q < idx.size(); ++q) fps[idx[q]] = fingerprint_finish(&lanes[4 * q], lens[q]);
   }
   uint64_t h = kFpSeed;

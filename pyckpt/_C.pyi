@@ -24,6 +24,8 @@ def cuda_available() -> bool:
 def _emulate_device(enabled: bool, copy_delay_us: int = 0, fail_copy_at: int = -1) -> None:
     """Tests only: an emulated GPU made of host memory (csrc/device_emulator.cpp), so the engine's
     device paths run without one; device pieces then name host addresses. Off with enabled=False."""
+def _emulated_hold_stream(stream: int, hold: bool) -> None:
+    """Tests only: events recorded on this caller stream stay pending while held (work "still queued")."""
 def _emulated_device_stats() -> dict:
     """copies, max_in_flight (most device-to-host copies queued and unfinished at once), h2d_copies,
     h2d_pageable (of those, copies from memory not page-locked), live_events, since the last _emulate_device call."""
@@ -119,6 +121,7 @@ class Engine:
         constant_fp: bool = False,
         map_files: bool = False,
         skip_fingerprint: Sequence[int] = (),
+        streams: Sequence[Tuple[int, int]] = (),
     ) -> SaveJob:
         """Start a save; returns at once.
 
@@ -130,6 +133,10 @@ class Engine:
         fingerprinted where it lies first and, when equal (and with verify, when
         the CRC32C of its current bytes equals raw_crc32c), neither copied nor
         written. fingerprint: compute every chunk's fingerprint (incremental()).
+        stream/device: the caller's CUDA stream on `device`; streams: (device,
+        stream) for further devices. Each device's copies wait for the work
+        queued on its stream before this call (a device with none named: the
+        legacy default stream).
         constant_fp: testing only, every fingerprint is 0.
         map_files (codec none only): existing files are reused, not truncated
         (their pages stay allocated), and host chunks are copied straight into

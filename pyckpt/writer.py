@@ -127,10 +127,12 @@ def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str, map_files: boo
     rel = layout.data_file_name(plan.rank)
     os.makedirs(os.path.dirname(os.path.join(ckpt_dir, rel)), exist_ok=True)
     spec = [(0, c.elem_size, [(p.src_addr, p.nbytes, p.src_device) for p in c.pieces]) for c in plan.chunks]
-    device = next((p.src_device for c in plan.chunks for p in c.pieces if p.src_device >= 0), -1)
-    stream = torch.cuda.current_stream(device).cuda_stream if device >= 0 else 0
+    # Each GPU's copies wait for the work queued on that GPU's current stream before this call
+    # (a model spread over several GPUs of one process has one per device).
+    devices = sorted({p.src_device for c in plan.chunks for p in c.pieces if p.src_device >= 0})
+    streams = [(d, torch.cuda.current_stream(d).cuda_stream) for d in devices]
     return engine.save(
-        [os.path.join(ckpt_dir, rel)], spec, codec=require_codec(codec), stream=stream, device=device,
+        [os.path.join(ckpt_dir, rel)], spec, codec=require_codec(codec), streams=streams,
         staging_timeout_ms=int(knobs.get("PYCKPT_STAGING_TIMEOUT_S") * 1000),
         write_delay_us=knobs.get("PYCKPT_TEST_WRITE_DELAY_MS") * 1000,
         expect=plan.expect or [], fingerprint=plan.refs is not None,

@@ -196,3 +196,27 @@ def test_reads_into_a_device_go_through_page_locked_memory(C, emulated, tmp_path
     stats = C._emulated_device_stats()
     assert stats["h2d_copies"] == 3
     assert stats["h2d_pageable"] == 0, stats
+
+
+def test_each_device_waits_for_the_work_queued_on_its_own_callers_stream(C, emulated, tmp_path, rng):
+    """A model spread over two GPUs of one process: the copies from device 1 must wait for the
+    kernels queued on the caller's stream of device 1 (held here, as if still running), not only for
+    those of device 0. Whatever those kernels write before they finish is what the checkpoint holds."""
+    emulated()
+    engine = C.Engine(16 * MIB, MIB, pinned=True)
+    on0 = rng.integers(0, 256, MIB, dtype=np.uint8)
+    on1 = rng.integers(0, 256, MIB, dtype=np.uint8)
+    stream0, stream1 = 0x1000, 0x2000
+    C._emulated_hold_stream(stream1, True)
+    path = str(tmp_path / "two.bin")
+    job = engine.save([path], [(0, 1, [(addr(on0), MIB, 0)]), (0, 1, [(addr(on1), MIB, 1)])],
+                      stream=stream0, device=0, streams=[(1, stream1)])
+    assert job.wait_captured(0.2) is False and not job.chunk_captured(1)
+    on1[:] = 7  # the "kernel" on device 1 finishes its write ...
+    C._emulated_hold_stream(stream1, False)  # ... and its stream moves past the save's event
+    assert job.wait(60) and job.error() is None
+    (o0, s0, r0, c0, k0, _), (o1, s1, r1, c1, k1, _) = job.results()
+    out = np.zeros(2 * MIB, dtype=np.uint8)
+    assert engine.read([path], [(0, o0, s0, r0, c0, k0, [(0, addr(out), r0, -1)]),
+                                (0, o1, s1, r1, c1, k1, [(0, addr(out) + MIB, r1, -1)])]) == []
+    assert np.array_equal(out[:MIB], on0) and bool((out[MIB:] == 7).all())

@@ -60,6 +60,10 @@ bool ever_enabled() noexcept;
 Stats stats();
 /// True for memory this backend's host_alloc returned and host_free has not freed.
 bool owns(void* p) noexcept;
+/// While held, events recorded on the caller stream `stream` stay pending, as
+/// if kernels queued there before them were still running; releasing
+/// completes them. Stream 0 is never held.
+void hold_stream(uintptr_t stream, bool hold);
 /// True for an event this backend created and destroy() has not destroyed.
 bool owns_event(Event e) noexcept;
 }  // namespace pyckpt::cuda::emulated

@@ -68,6 +68,10 @@ constexpr uint64_t kMaxChunkBytes = uint64_t{1} << 31;
 /// a zstd block holds at most 128 KiB and takes at least 4 bytes (RLE block).
 constexpr uint64_t kMaxZstdRatio = 32768;
 
+/// Per device a save reads from: the event recorded on the caller's stream
+/// there at save() time, which that device's copies wait for.
+using DeviceEvents = std::vector<std::pair<int, cuda::Event>>;
+
 class File;
 
 class Engine {
@@ -95,7 +99,7 @@ class Engine {
  private:
   void validate(const std::vector<std::string>& files, const std::vector<SaveChunk>& chunks,
                 const SaveOptions& options) const;
-  void capture_loop(const std::shared_ptr<SaveJob>& job, cuda::Event after);
+  void capture_loop(const std::shared_ptr<SaveJob>& job, const DeviceEvents& after);
   /// Hands captured chunks (index, slab) to the I/O threads and clears the list.
   void submit_writes(const std::shared_ptr<SaveJob>& job,
                      std::vector<std::pair<size_t, uint8_t*>>& captured);
@@ -112,7 +116,7 @@ class Engine {
   /// Queues the chunk's device pieces (host pieces are copied now) and
   /// returns the events that mark them done. On failure, waits for what it
   /// queued, so the caller may release the slab.
-  std::vector<cuda::Event> start_device_copy(const SaveChunk& chunk, uint8_t* slab, cuda::Event after);
+  std::vector<cuda::Event> start_device_copy(const SaveChunk& chunk, uint8_t* slab, const DeviceEvents& after);
   /// Waits for the oldest queued chunk, then marks it captured and moves it
   /// to `captured` (or releases its slab, when it proved unchanged).
   void finish_device_copy(SaveJob& job, std::deque<DeviceCopy>& copying,
@@ -134,12 +138,12 @@ class Engine {
   /// `device_fps` (may be null or empty): the per-piece fingerprints of its
   /// device pieces, already computed by device_fingerprints.
   uint64_t source_fingerprint(const SaveChunk& chunk, const std::vector<uint64_t>* device_fps,
-                              cuda::Event after);
+                              const DeviceEvents& after);
   /// Per chunk, per piece: fingerprints of the device pieces of every chunk with
   /// an expectation, in one batch per device (one launch per 1024 pieces and
   /// one synchronization instead of one per chunk).
   static std::vector<std::vector<uint64_t>> device_fingerprints(const std::vector<SaveChunk>& chunks,
-                                                                cuda::Event after);
+                                                                const DeviceEvents& after);
   uint64_t host_fingerprint(const uint8_t* p, size_t n);
   /// A captured chunk's fingerprint, from its staging slab.
   static uint64_t slab_fingerprint(const SaveChunk& chunk, const uint8_t* slab);

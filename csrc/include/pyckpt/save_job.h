@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pyckpt/file_io.h"
@@ -55,8 +56,11 @@ constexpr int kChunkCollision = 2;   // fingerprint matched, CRC32C did not: wri
 struct SaveOptions {
   int codec = 0;
   int level = 0;
-  uintptr_t stream = 0;
+  uintptr_t stream = 0;  // the caller's stream on `device`
   int device = -1;
+  // The caller's streams on other devices, (device, stream); a device read
+  // from with none named is ordered after its legacy default stream.
+  std::vector<std::pair<int, uintptr_t>> streams;
   int64_t staging_timeout_ms = 60000;
   int64_t write_delay_us = 0;
   bool fingerprint = false;  // compute every chunk's fingerprint (incremental saves)
