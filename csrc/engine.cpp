@@ -62,10 +62,11 @@ class PinnedBuffer {
   PinnedBuffer& operator=(const PinnedBuffer&) = delete;
   ~PinnedBuffer() { cuda::host_free(p_); }
   uint8_t* get(size_t n) {
-    if (n > cap_) {
+    if (n > cap_ || p_ == nullptr) {
       cuda::host_free(p_);
       p_ = nullptr;
       cap_ = 0;
+      n = std::max<size_t>(n, 4096);  // never null, even for an empty piece
       p_ = static_cast<uint8_t*>(cuda::host_alloc(n));
       cap_ = n;
     }
