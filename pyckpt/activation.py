@@ -246,21 +246,20 @@ def _announce(directory: str) -> None:
     from .policy import DEFAULT_EVERY_SECONDS
 
     _warn_unknown_names()
-    _say(startup_line(directory, knobs.get("PYCKPT_EVERY_STEPS"), knobs.get("PYCKPT_EVERY_SECONDS"),
-                      knobs.get("PYCKPT_KEEP"), DEFAULT_EVERY_SECONDS))
+    _say(startup_line(directory, *knobs.interval(), knobs.get("PYCKPT_KEEP"), DEFAULT_EVERY_SECONDS))
 
 
 def startup_line(directory: str, every_steps: int | None, every_seconds: float | None, keep: int,
                  default_seconds: float) -> str:
     """``checkpointing to DIR every N steps / S s, keep K`` (the default interval says it is the default)."""
-    if every_steps == "auto":  # PYCKPT_EVERY_STEPS=auto (pyckpt/policy.py)
+    if every_steps == "auto":  # PYCKPT_EVERY=auto or PYCKPT_EVERY_STEPS=auto (pyckpt/policy.py)
         from .policy import describe_auto
         when = describe_auto(knobs.get("PYCKPT_MTBF_HOURS"), every_seconds)
         return f"checkpointing to {directory} {when}, keep {keep}"
     if every_steps is None and every_seconds is None:
         minutes = f"{default_seconds / 60:g} minutes"
         when = (f"every {default_seconds:g} s (the default: nothing is saved in the first {minutes}; set "
-                "PYCKPT_EVERY_STEPS or PYCKPT_EVERY_SECONDS to change it)")
+                "PYCKPT_EVERY, PYCKPT_EVERY_STEPS or PYCKPT_EVERY_SECONDS to change it)")
     else:
         parts = ([f"{every_steps} steps"] if every_steps is not None else []) + \
                 ([f"{every_seconds:g} s"] if every_seconds is not None else [])

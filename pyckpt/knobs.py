@@ -153,6 +153,26 @@ def _steps_or_auto(name: str, raw: str) -> int | str:
         raise ConfigError(f"{name}={raw!r} is not valid: expected an integer >= 1 or auto") from None
 
 
+def _every(name: str, raw: str) -> tuple[str, int | float | str]:
+    """PYCKPT_EVERY: ("steps", N or "auto") or ("seconds", S)."""
+    v = raw.strip().lower()
+    if v == "auto":
+        return "steps", "auto"
+    try:
+        if v.endswith("s"):
+            seconds = float(v[:-1])
+            if seconds > 0 and math.isfinite(seconds):
+                return "seconds", seconds
+        else:
+            steps = int(v)
+            if steps >= 1:
+                return "steps", steps
+    except ValueError:
+        pass
+    raise ConfigError(f"{name}={raw!r} is not valid: expected auto, an integer >= 1 (optimizer steps) "
+                      "or a number of seconds followed by s (e.g. 300s)")
+
+
 KNOBS: dict[str, tuple[Knob, Callable[[str, str], object]]] = {}
 
 
@@ -163,6 +183,8 @@ def _knob(name: str, default: str | None, accepted: str, help: str, parse) -> No
 _knob("PYCKPT_DIR", None, "a local directory path, or an object-storage URL (s3://bucket/prefix)", "checkpoint directory; setting it turns transparent mode on", _dir)
 _knob("PYCKPT_CACHE_DIR", None, "a local directory path", "staging and download space of object-storage roots (default ~/.cache/pyckpt)", _local_dir)
 _knob("PYCKPT_DISABLE", "0", "1/0", "1 turns every activation mode off", _flag)
+_knob("PYCKPT_EVERY", None, "auto, an integer >= 1, or seconds followed by s (300s)", "snapshot interval in one "
+      "setting: auto (Young/Daly, as PYCKPT_EVERY_STEPS=auto), N optimizer steps, or S seconds", _every)
 _knob("PYCKPT_EVERY_STEPS", None, "an integer >= 1, or auto", "snapshot every N optimizer steps (auto: Young/Daly "
       "interval from the measured cost and PYCKPT_MTBF_HOURS)", _steps_or_auto)
 _knob("PYCKPT_EVERY_SECONDS", None, "a number > 0", "snapshot every S seconds (agreed across ranks)", _float_above(0.0))
@@ -175,7 +197,7 @@ _knob("PYCKPT_SHM_MB", "0", "an integer >= 0", "keep the newest snapshot in /dev
 _knob("PYCKPT_INCREMENTAL", "1", "1/0", "write only chunks whose fingerprint changed; unchanged ones reference the earlier checkpoint", _flag)
 _knob("PYCKPT_INCREMENTAL_VERIFY", "auto", "auto, all, sample, off", "CRC32C check of unchanged chunks against the chunk they reference (auto: all host chunks, a rotating 1 in 8 of GPU chunks)", _choice("auto", "all", "sample", "off"))
 _knob("PYCKPT_STORAGE_EVERY", "1", "an integer >= 1", "with PYCKPT_SHM_MB: write every Nth snapshot to PYCKPT_DIR too", _int_at_least(1))
-_knob("PYCKPT_MTBF_HOURS", "24", "a number > 0", "expected hours between failures, for PYCKPT_EVERY_STEPS=auto", _float_above(0.0))
+_knob("PYCKPT_MTBF_HOURS", "24", "a number > 0", "expected hours between failures, for PYCKPT_EVERY=auto (PYCKPT_EVERY_STEPS=auto)", _float_above(0.0))
 _knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget in MiB", _int_at_least(1))
 _knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))
 _knob("PYCKPT_IO_THREADS", "4", "an integer >= 1", "writer/reader threads per process", _int_at_least(1))
@@ -203,6 +225,23 @@ def validate_all() -> None:
     """Parse every set PYCKPT_* variable now so a typo stops the job before training."""
     for name in KNOBS:
         get(name)
+    interval()
+
+
+def interval() -> tuple[int | str | None, float | None]:
+    """The snapshot triggers ``(every_steps, every_seconds)``: ``every_steps`` an integer, ``"auto"``
+    or None. ``PYCKPT_EVERY`` stands for ``PYCKPT_EVERY_STEPS`` (auto, N) or ``PYCKPT_EVERY_SECONDS``
+    (``Ns``); naming one of those twice is an error rather than a guess at which was meant."""
+    steps, seconds = get("PYCKPT_EVERY_STEPS"), get("PYCKPT_EVERY_SECONDS")
+    every = get("PYCKPT_EVERY")
+    if every is None:
+        return steps, seconds
+    kind, value = every
+    other = "PYCKPT_EVERY_STEPS" if kind == "steps" else "PYCKPT_EVERY_SECONDS"
+    if (steps if kind == "steps" else seconds) is not None:
+        raise ConfigError(f"PYCKPT_EVERY={os.environ.get('PYCKPT_EVERY')!r} and {other}="
+                          f"{os.environ.get(other)!r} both set the {kind} interval: unset one of them")
+    return (value, seconds) if kind == "steps" else (steps, value)
 
 
 # PYCKPT_* names that are not runtime settings but are legitimately set (no "unknown" warning).

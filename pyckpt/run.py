@@ -32,6 +32,7 @@ from .errors import ConfigError
 # our flag -> (environment variable, metavar, help)
 FLAGS = {
     "--dir": ("PYCKPT_DIR", "D", "checkpoint directory (default: $PYCKPT_DIR, else ./pyckpt-checkpoints)"),
+    "--every": ("PYCKPT_EVERY", "E", "auto (interval from the measured cost), N steps, or Ns seconds"),
     "--every-steps": ("PYCKPT_EVERY_STEPS", "N", "checkpoint every N optimizer steps"),
     "--every-seconds": ("PYCKPT_EVERY_SECONDS", "S", "checkpoint every S seconds (default 600 when neither is set)"),
     "--keep": ("PYCKPT_KEEP", "K", "keep the newest K checkpoints (default 3)"),
@@ -45,7 +46,7 @@ DEFAULT_MAX_RESTARTS = 3
 _RDZV = ("rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port", "standalone", "nnodes",
          "node_rank")
 
-USAGE = """usage: pyckpt-run [--dir D] [--every-steps N] [--every-seconds S] [--keep K]
+USAGE = """usage: pyckpt-run [--dir D] [--every E] [--every-steps N] [--every-seconds S] [--keep K]
                   [--compress C] [--resume R] [--max-restarts R]
                   [torchrun options] script.py [script args]
 

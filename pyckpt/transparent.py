@@ -47,7 +47,7 @@ class Session:
         self.discovery = discovery.Discovery(self.optimizers, self.schedulers, self.scalers)
         self.tracker = LoaderTracker(self._at_point, self._first_iter, self._check_manual_updates)
         self.tracker.session = self  # integrations compose their framework's own resume with this session
-        self.policy = Policy(knobs.get("PYCKPT_EVERY_STEPS"), knobs.get("PYCKPT_EVERY_SECONDS"))
+        self.policy = Policy(*knobs.interval())
         self.step = 0
         self.primary: Any = None
         self.fetches_at_step = -1

@@ -146,18 +146,53 @@ def test_startup_line_says_where_how_often_and_that_600_s_is_the_default(tmp_pat
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "checkpointing to" in ln]
     assert lines == [f"pyckpt: checkpointing to {tmp_path / 'ck'} every 600 s (the default: nothing is saved in "
-                     "the first 10 minutes; set PYCKPT_EVERY_STEPS or PYCKPT_EVERY_SECONDS to change it), keep 3"]
+                     "the first 10 minutes; set PYCKPT_EVERY, PYCKPT_EVERY_STEPS or PYCKPT_EVERY_SECONDS to change "
+                     "it), keep 3"]
 
 
 @pytest.mark.parametrize("env,expected", [
     ({"PYCKPT_EVERY_STEPS": "5", "PYCKPT_KEEP": "2"}, "every 5 steps, keep 2"),
     ({"PYCKPT_EVERY_SECONDS": "30"}, "every 30 s, keep 3"),
     ({"PYCKPT_EVERY_STEPS": "5", "PYCKPT_EVERY_SECONDS": "1.5"}, "every 5 steps or 1.5 s, keep 3"),
+    # PYCKPT_EVERY (issue 9's name): steps, seconds with an s, or auto.
+    ({"PYCKPT_EVERY": "5"}, "every 5 steps, keep 3"),
+    ({"PYCKPT_EVERY": "30s", "PYCKPT_EVERY_STEPS": "7"}, "every 7 steps or 30 s, keep 3"),
+    ({"PYCKPT_EVERY": "auto", "PYCKPT_MTBF_HOURS": "6"},
+     "at an interval chosen from the measured cost C (Young/Daly sqrt(2*C*MTBF), MTBF 6 h"),
 ])
 def test_startup_line_names_the_triggers(tmp_path, env, expected):
     r = _train(tmp_path, PYCKPT_DIR="ck", **env)
     assert r.returncode == 0, r.stderr
-    assert f"pyckpt: checkpointing to {tmp_path / 'ck'} {expected}\n" in r.stderr
+    line = f"pyckpt: checkpointing to {tmp_path / 'ck'} {expected}"
+    assert (line + "\n" in r.stderr) if expected.endswith("keep 3") else (line in r.stderr), r.stderr
+    assert "unknown setting" not in r.stderr
+
+
+@pytest.mark.parametrize("env,needles", [
+    ({"PYCKPT_EVERY": "5m"}, ["PYCKPT_EVERY='5m'", "300s"]),
+    ({"PYCKPT_EVERY": "0"}, ["PYCKPT_EVERY='0'", "integer >= 1"]),
+    ({"PYCKPT_EVERY": "auto", "PYCKPT_EVERY_STEPS": "5"}, ["PYCKPT_EVERY='auto'", "PYCKPT_EVERY_STEPS='5'",
+                                                          "unset one"]),
+    ({"PYCKPT_EVERY": "60s", "PYCKPT_EVERY_SECONDS": "30"}, ["PYCKPT_EVERY='60s'", "PYCKPT_EVERY_SECONDS='30'"]),
+])
+def test_every_is_parsed_and_never_set_twice(tmp_path, env, needles):
+    line = _one_line_exit_2(_train(tmp_path, PYCKPT_DIR="ck", **env))
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_every_stands_for_the_steps_or_the_seconds_setting(monkeypatch):
+    for name in ("PYCKPT_EVERY", "PYCKPT_EVERY_STEPS", "PYCKPT_EVERY_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    assert knobs.interval() == (None, None)
+    for every, seconds, want in (("auto", None, ("auto", None)), ("auto", "600", ("auto", 600.0)),
+                                 ("12", None, (12, None)), ("2.5s", None, (None, 2.5)), (" AUTO ", None, ("auto", None))):
+        monkeypatch.setenv("PYCKPT_EVERY", every)
+        if seconds is None:
+            monkeypatch.delenv("PYCKPT_EVERY_SECONDS", raising=False)
+        else:
+            monkeypatch.setenv("PYCKPT_EVERY_SECONDS", seconds)
+        assert knobs.interval() == want, every
 
 
 @pytest.mark.parametrize("env", [{"PYCKPT_LOG": "quiet"}, {"RANK": "1"}])

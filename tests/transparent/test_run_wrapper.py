@@ -17,8 +17,8 @@ DDP = Path(__file__).parent / "train_ddp.py"
 def test_help_names_every_flag(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--dir", "--every-steps", "--every-seconds", "--keep", "--max-restarts", "--nproc-per-node",
-                 "script.py"):
+    for flag in ("--dir", "--every ", "--every-steps", "--every-seconds", "--keep", "--max-restarts",
+                 "--nproc-per-node", "script.py"):
         assert flag in text
 
 
@@ -31,6 +31,12 @@ def test_translation_defaults_and_script_args_untouched():
     assert "--standalone" in argv
     assert argv[argv.index("train.py"):] == ["train.py", "--dir", "data", "--every-steps", "1"]
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
+
+
+def test_every_flag_sets_pyckpt_every():
+    env, _, argv = torchrun_argv(["--every", "auto", "--nproc-per-node", "2", "train.py", "--every", "3"])
+    assert env == {"PYCKPT_EVERY": "auto"}
+    assert argv[argv.index("train.py"):] == ["train.py", "--every", "3"]
 
 
 def test_rendezvous_options_replace_standalone():
