@@ -92,11 +92,12 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
 
 
-def build_job(kind: str, device: str):
-    """(model, optimizer, loader): 'mlp' = ~50M-param fp32 MLP + Adam (0.6 GB of state);
-    'lora' = a frozen ~50M-param base with rank-8 adapters (only adapters train)."""
+def build_job(kind: str, device: str, width: int = 2048, depth: int = 12, batch: int = 32):
+    """(model, optimizer, loader): 'mlp' = fp32 MLP + Adam, by default ~50M parameters (0.6 GB of
+    state); 'lora' = a frozen base of that size with rank-8 adapters (only adapters train).
+    ``width``/``depth``/``batch`` size the job for a GPU, whose step must take long enough to hide a
+    copy of the state (the default is sized for the 2-core CPU)."""
     torch.manual_seed(0)
-    width, depth = 2048, 12
     if kind == "mlp":
         model = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
         params = list(model.parameters())
@@ -105,9 +106,13 @@ def build_job(kind: str, device: str):
         params = [p for n, p in model.named_parameters() if "lora" in n]
     model.to(device)
     opt = torch.optim.Adam(params, lr=1e-4)
-    data = TensorDataset(torch.randn(4096, width), torch.randn(4096, width))
-    loader = DataLoader(data, batch_size=32, shuffle=True)
-    return model, opt, loader
+    if batch <= 256:
+        data = TensorDataset(torch.randn(4096, width), torch.randn(4096, width))
+        return model, opt, DataLoader(data, batch_size=batch, shuffle=True)
+    # Large batches come whole from the dataset (one index per batch, not one per sample, which
+    # would cost the host more than a GPU step), from pinned memory when the job runs on a GPU.
+    data = TensorDataset(torch.randn(4, batch, width), torch.randn(4, batch, width))
+    return model, opt, DataLoader(data, batch_size=None, shuffle=True, pin_memory=device == "cuda")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -121,7 +126,7 @@ def child(args: argparse.Namespace) -> None:
             extra = {"shm_mb": 4096, "storage_every": args.storage_every or max(1, 10 // args.every)}
         inside = _time_inside()  # before enable(): it binds the pre-step hook
         activation.enable(args.dir, every_steps=args.every, keep=2, log="quiet", **extra)
-    model, opt, loader = build_job(args.job, device)
+    model, opt, loader = build_job(args.job, device, args.width, args.depth, args.batch)
     loss_fn = torch.nn.MSELoss()
     saver = Saver(mode, args.dir, model, opt)
     step_times, stalls, durable = [], [], []
@@ -138,8 +143,8 @@ def child(args: argparse.Namespace) -> None:
                 stalls[-1] += saver.before_step()
             opt.step()
             step += 1
-            if device == "cuda":
-                torch.cuda.synchronize()
+            if device == "cuda":  # the training stream only: not the checkpoint's copies
+                torch.cuda.current_stream().synchronize()
             if step == warm:
                 t_start = time.perf_counter()
             if step > warm and mode != "none" and mode not in TRANSPARENT and step % args.every == 0:
@@ -182,7 +187,7 @@ def paired_child(args: argparse.Namespace) -> None:
     the same process. A checkpoint window ends only when its last checkpoint is durable (pessimistic by
     at most that one write's tail). Prints one JSON line: per mode, each pair's seconds without and with."""
     modes, device = args.child.split(":", 1)[1].split(","), args.device
-    model, opt, loader = build_job(args.job, device)
+    model, opt, loader = build_job(args.job, device, args.width, args.depth, args.batch)
     loss_fn = torch.nn.MSELoss()
     storage_every = args.storage_every or max(1, 10 // args.every)
     savers = {}
@@ -210,8 +215,8 @@ def paired_child(args: argparse.Namespace) -> None:
                 waiting = False
             opt.step()
             step += 1
-            if device == "cuda":
-                torch.cuda.synchronize()
+            if device == "cuda":  # the training stream only: not the checkpoint's copies
+                torch.cuda.current_stream().synchronize()
             if saver is not None and i % args.every == 0:
                 saver.checkpoint(step)
                 waiting = True
@@ -236,7 +241,8 @@ def paired_child(args: argparse.Namespace) -> None:
 
 def measure_paired(args: argparse.Namespace, modes: list[str]) -> str:
     """Run ``paired_child`` once for all explicit modes; one Markdown table of per-pair ratios."""
-    lines = [f"paired windows: job={args.job} device={args.device} every={args.every} window={args.window} "
+    lines = [f"paired windows: job={args.job} ({args.width}x{args.depth}, batch {args.batch}) device={args.device} "
+             f"every={args.every} window={args.window} "
              f"steps pairs={args.pairs} (one process, modes in rotation; ratio = window without / window "
              "with checkpoints next to it, median over pairs)", "",
              "| mode | ratio to none (median) | ratio, quartiles | extra seconds per checkpoint (median) | "
@@ -267,12 +273,13 @@ def restore_child(args: argparse.Namespace) -> None:
     setup = os.environ["TL_RESTORE"] == "setup"
     extra = {"shm_mb": 4096, "storage_every": 1} if os.environ["TL_RESTORE"] in ("setup", "shm") else {}
     activation.enable(args.dir, every_steps=2 if setup else 10**6, keep=2, log="quiet", **extra)
-    model, opt, loader = build_job(args.job, args.device)
+    model, opt, loader = build_job(args.job, args.device, args.width, args.depth, args.batch)
     loss_fn = torch.nn.MSELoss()
     n = 0
     for x, y in loader:
         if os.environ["TL_RESTORE"] != "setup":
             break  # the first fetch is the snapshot point: the state is restored by now
+        x, y = x.to(args.device), y.to(args.device)
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         opt.step()
@@ -347,7 +354,7 @@ def measure_restore(args: argparse.Namespace) -> dict[str, list[float]]:
 
 def _restore_run(args: argparse.Namespace, work: str, what: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "restore", "--dir", work, "--job", args.job,
-           "--device", args.device]
+           "--device", args.device, *_size_args(args)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
     env["TL_RESTORE"] = what
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -392,6 +399,10 @@ class Saver:
 
     def __init__(self, mode: str, directory: str, model, opt, storage_every: int = 1) -> None:
         self.mode, self.dir, self.model, self.opt = mode, directory, model, opt
+        # pyckpt's staging pool and memory tier hold the whole state (parameters + two Adam moments),
+        # so a large GPU job's capture is not throttled by the disk: the defaults, or more.
+        state_mib = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) >> 20
+        os.environ["PYCKPT_STAGING_MB"] = str(max(1024, state_mib * 5 // 4))
         self.pending = None  # (start time, future-like)
         self.staging = None  # a future the next optimizer step must wait for
         self.durable: list[float] = []
@@ -411,7 +422,7 @@ class Saver:
 
             self.ckpt = pyckpt.Checkpointer(directory, keep=2)
         elif mode == "pyckpt-memory":
-            os.environ["PYCKPT_SHM_MB"] = "4096"
+            os.environ["PYCKPT_SHM_MB"] = str(max(4096, state_mib * 5 // 4))
             import pyckpt
             from pyckpt import shm_tier
 
@@ -538,12 +549,16 @@ def _prune(directory: str, keep_path: str) -> None:
 
 
 # -- the driver ------------------------------------------------------------------------------
+def _size_args(args: argparse.Namespace) -> list[str]:
+    return ["--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch)]
+
+
 def run_mode(args: argparse.Namespace, mode: str) -> dict:
     work = tempfile.mkdtemp(prefix="pyckpt-trainloop-", dir=args.dir)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--dir", work, "--job", args.job,
            "--every", str(args.every), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--storage-every", str(args.storage_every),
-           "--window", str(args.window), "--pairs", str(args.pairs)]
+           "--window", str(args.window), "--pairs", str(args.pairs), *_size_args(args)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -562,6 +577,9 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--job", default="mlp", choices=("mlp", "lora"))
+    p.add_argument("--width", type=int, default=2048, help="layer width (default 2048)")
+    p.add_argument("--depth", type=int, default=12, help="layers (default 12: with width 2048, 0.6 GB of state)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--every", type=int, default=10, help="checkpoint every N optimizer steps")
     p.add_argument("--steps", type=int, default=60, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -615,7 +633,8 @@ def summary(args: argparse.Namespace, results: dict[str, list[dict]], restore: d
     table when measured, and the issue's goals checked against them: paste as is."""
     base = statistics.median(x["steps_per_s"] for x in results["none"]) if "none" in results else None
     base_step = statistics.median(x["median_step"] for x in results["none"]) if "none" in results else None
-    lines = [f"job={args.job} device={args.device} every={args.every} steps={args.steps} rounds={args.rounds}",
+    lines = [f"job={args.job} ({args.width}x{args.depth}, batch {args.batch}) device={args.device} "
+             f"every={args.every} steps={args.steps} rounds={args.rounds}",
              "", "| mode | steps/s | ratio to none | stall per checkpoint (median) | of it: snapshot point | "
              "of it: wait before the next step | start → durable (median) | peak RSS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
