@@ -29,15 +29,6 @@ from pyckpt import knobs
 from pyckpt._native import native
 
 
-def best(fn, reps: int = 5) -> float:
-    out = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t)
-    return out
-
-
 def times(fn: Callable[[], object], reps: int) -> list[float]:
     """Seconds of each of ``reps`` calls (the device part reports best and median)."""
     out = []
@@ -46,6 +37,10 @@ def times(fn: Callable[[], object], reps: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def best(fn: Callable[[], object], reps: int = 5) -> float:
+    return min(times(fn, reps))
 
 
 def host(mb: int) -> None:

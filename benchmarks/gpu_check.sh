@@ -286,7 +286,7 @@ LOG=$OUT/train_loop.log
 : >"$LOG"
 DEV=$([[ $DRY == 1 ]] && echo cpu || echo cuda)
 # On the GPU a job whose step can hide a copy of its state: 8 x 4096² fp32 + Adam (1.6 GB of state,
-# ~1.6 TFLOP a step at batch 4096, some 30-60 ms on an H200 in fp32), not the CPU-sized default
+# ~1.6 TFLOP a step at batch 4096: an estimated 30-60 ms on an H200 in fp32, not measured), not the CPU-sized default
 # (a 3 ms step against 0.6 GB). The dry run keeps the default size.
 TRAIN_SIZE=()
 [[ $DRY == 1 ]] || TRAIN_SIZE=(--width 4096 --depth 8 --batch 4096)

@@ -308,21 +308,33 @@ std::vector<cuda::Event> Engine::start_device_copy(const SaveChunk& chunk, uint8
     for (int d : devices) done.push_back(cuda::record_engine(d));
   } catch (...) {
     // Copies already queued must land before the caller frees the slab.
-    for (int d : devices) {
-      try {
-        cuda::Event e = cuda::record_engine(d);
-        try {
-          cuda::synchronize(e);
-        } catch (...) {
-        }
-        cuda::destroy(e);
-      } catch (...) {
-      }
-    }
+    for (int d : devices) drain_engine_stream(d);
     for (cuda::Event e : done) cuda::destroy(e);
     throw;
   }
   return done;
+}
+
+void Engine::drain_engine_stream(int device) noexcept {
+  cuda::Event e = nullptr;
+  try {
+    e = cuda::record_engine(device);
+    cuda::synchronize(e);
+  } catch (...) {  // a failed stream runs nothing more either
+  }
+  cuda::destroy(e);
+}
+
+void Engine::wait_and_release(DeviceCopy& d) noexcept {
+  for (cuda::Event e : d.done) {
+    try {
+      cuda::synchronize(e);  // the slab is not reused while a copy may still write it
+    } catch (...) {
+    }
+    cuda::destroy(e);
+  }
+  d.done.clear();
+  pool_.release(d.slab);
 }
 
 void Engine::finish_device_copy(SaveJob& job, std::deque<DeviceCopy>& copying,
@@ -332,8 +344,7 @@ void Engine::finish_device_copy(SaveJob& job, std::deque<DeviceCopy>& copying,
   try {
     for (cuda::Event e : d.done) cuda::synchronize(e);
   } catch (...) {
-    for (cuda::Event e : d.done) cuda::destroy(e);
-    pool_.release(d.slab);
+    wait_and_release(d);
     throw;
   }
   for (cuda::Event e : d.done) cuda::destroy(e);
@@ -354,16 +365,7 @@ void Engine::finish_device_copy(SaveJob& job, std::deque<DeviceCopy>& copying,
 }
 
 void Engine::abandon_device_copies(std::deque<DeviceCopy>& copying) noexcept {
-  for (DeviceCopy& d : copying) {
-    for (cuda::Event e : d.done) {
-      try {
-        cuda::synchronize(e);  // the slab is not reused while a copy may still write it
-      } catch (...) {
-      }
-      cuda::destroy(e);
-    }
-    pool_.release(d.slab);
-  }
+  for (DeviceCopy& d : copying) wait_and_release(d);
   copying.clear();
 }
 

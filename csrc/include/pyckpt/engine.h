@@ -123,6 +123,10 @@ class Engine {
                           std::vector<std::pair<size_t, uint8_t*>>& captured);
   /// After a failure: waits for the queued copies and releases their slabs.
   void abandon_device_copies(std::deque<DeviceCopy>& copying) noexcept;
+  /// Waits (errors ignored) for a queued chunk's copies, then releases its slab.
+  void wait_and_release(DeviceCopy& d) noexcept;
+  /// Waits (errors ignored) for everything queued on the engine stream of `device`.
+  static void drain_engine_stream(int device) noexcept;
   /// Runs fn(part, begin, len) over up to copy_threads parts of [0, n) (one
   /// part below 2 MiB), part 0 on the calling thread, the others on the copy
   /// workers; returns how many parts ran (indices 0..returned-1).
