@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import incremental as incremental_mod
-from . import activation, catalog, commit, knobs, layout, lock, metrics, reader, remote, sharded, writer
+from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, writer
 from ._native import CODEC_IDS, require_codec
 from .coord import Coordinator, LocalCoordinator
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError,
@@ -152,6 +152,7 @@ class Checkpointer:
         self.incremental = knobs.get("PYCKPT_INCREMENTAL") if incremental is None else bool(incremental)
         self._baseline = incremental_mod.Baseline()
         self._versions: dict[tuple, int] = {}  # (device, address, nbytes) -> version counter at the last save
+        self._last_plan: dict = {}  # the previous plan (writer.prepare), reused while the layout stays the same
         catalog.check_best(keep_best, monitor, mode)  # best K by monitor() are kept besides the newest `keep`
         self.keep_best, self.monitor, self.mode = keep_best, monitor, mode
         self.coord = coordinator if coordinator is not None else LocalCoordinator()
@@ -212,6 +213,11 @@ class Checkpointer:
         Raises ``UnsupportedStateError`` (nothing written) for values that
         cannot be stored, ``TypeError`` for a step that is not an integer;
         every later failure is reported by the future."""
+        with gcpause.paused():  # planning thousands of tensors must not start collector passes (gcpause.py)
+            return self._save(step, state, rank_state, _gate)
+
+    def _save(self, step: int, state: Any, rank_state: Any, _gate: Callable[[], BaseException | None] | None
+              ) -> SaveFuture:
         from ._native import get_engine
 
         step = check_step(step)
@@ -223,7 +229,8 @@ class Checkpointer:
         try:
             state, found = sharded.split(state)  # DTensors: each rank writes its own shards (sharded.py)
             shards = sharded.plan(found) if found else None
-            plan = writer.prepare(state, rank_state, self.coord.rank, self.coord.world_size, engine.chunk_bytes())
+            plan = writer.prepare(state, rank_state, self.coord.rank, self.coord.world_size, engine.chunk_bytes(),
+                                  self._last_plan)
             if shards is not None:
                 sharded.add_chunks(shards, plan.chunks, engine.chunk_bytes())
                 plan.shards = shards
@@ -305,18 +312,23 @@ class Checkpointer:
         versions: dict[tuple, int] = {}
         moved: set[int] = set()
         still: set[int] = set()
+        names: dict = {}  # str(device) once per device: this loop runs per storage at every save
         for sec in plan.sections():
-            for s in sec.mine:
-                if s.keep is None:
-                    continue
+            addr = sec.described.addr
+            for s, keep in zip(sec.mine, sec.keeps):
                 try:
-                    version = s.keep._version
+                    version = keep._version
                 except RuntimeError:  # an inference-mode tensor has no version counter: fingerprinted
                     continue
-                key = (str(s.device), s.addr, s.nbytes)
+                name = names.get(s.device)
+                if name is None:
+                    name = names[s.device] = str(s.device)
+                key = (name, addr(s.id), s.nbytes)
                 versions[key] = version
                 old = self._versions.get(key)
-                (moved if old is not None and old != versions[key] else still).update(p.chunk for p in s.pieces)
+                into = moved if old is not None and old != version else still
+                for p in s.pieces:
+                    into.add(p.chunk)
         self._versions = versions
         return moved - still
 
@@ -441,6 +453,10 @@ class Checkpointer:
         reads every chunk and checks its checksums (ranks share the work), so
         what it returns loads, at the cost of reading the checkpoint once.
         ``check(path)`` runs first for each candidate; what it raises propagates."""
+        with reader.reusing():  # the candidate scan and verify_share open the same checkpoint
+            return self._latest(verify, check)
+
+    def _latest(self, verify: bool, check: Callable[[str], None] | None) -> CheckpointInfo | None:
         for path in self._candidates():
             if check is not None:
                 check(path)
@@ -494,6 +510,10 @@ class Checkpointer:
         ``pyckpt: skipping damaged checkpoint <path>: <reason>`` is logged and
         the next older one is loaded instead (``into`` targets are then fully
         overwritten by it). Every rank takes the same one."""
+        with reader.reusing():  # the candidate scan and the load open the same checkpoint
+            return self._restore(step, into, rank_into, map_location)
+
+    def _restore(self, step: int | None, into: Any, rank_into: Any, map_location: Any) -> Restored:
         if step is not None and self.remote is not None:
             return self._restore_path(remote.fetch_step(self, check_step(step)), into, rank_into, map_location)
         if step is not None:

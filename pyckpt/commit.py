@@ -407,6 +407,9 @@ def commit_parts(coord, tag: str, tmp_dir: str, final_dir: str, step: int, part:
         from .errors import NativeError
 
         raise NativeError(f"checkpoint {final_dir} was not committed: {outcome['error']}")
+    from .incremental import remember_part
+
+    remember_part(final_dir, info, part)
 
 
 def _write_part(tmp_dir: str, rank: int, raw: bytes) -> dict:

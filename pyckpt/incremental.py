@@ -21,7 +21,7 @@ import os
 import posixpath
 import zlib
 
-from . import layout
+from . import gcpause, layout
 
 log = logging.getLogger("pyckpt")
 
@@ -192,13 +192,46 @@ def referenced_dirs(root: str, names: list[str] | None = None) -> set[str]:
             with CheckpointDir(path) as d:
                 m = manifest.read_manifest(path, d)
                 for info in m["parts"]:
-                    part = manifest.read_part(path, info, d)
-                    mine.update(f["path"].split("/")[1] for f in part["files"] if f["path"].startswith("../"))
+                    mine |= _part_references(path, info, d)
         except (PyckptError, OSError) as exc:
             log.debug("pyckpt: %s does not validate, its references keep nothing: %s", path, exc)
             continue
         out |= mine
     return out
+
+
+# Retention asks what every kept checkpoint references at each commit; a part is parsed once, not at
+# every later save (a part of a model with thousands of tensors takes tens of milliseconds of the
+# GIL to parse and validate). The key holds the size and CRC32C the manifest gives the part, so a
+# part rewritten under its name is read again. Only parts that validated are remembered.
+_PART_REFS: dict[tuple, frozenset[str]] = {}
+_PART_REFS_MAX = 1024
+
+
+def remember_part(ckpt_dir: str, info: dict, part: dict) -> None:
+    """Note what part ``info`` of ``ckpt_dir``, just committed by this process from ``part`` (its
+    bytes are ``manifest.dumps(part)``), references: retention need not parse it back."""
+    refs = frozenset(f["path"].split("/")[1] for f in part["files"] if f["path"].startswith("../"))
+    if len(_PART_REFS) >= _PART_REFS_MAX:
+        _PART_REFS.clear()
+    _PART_REFS[(os.path.abspath(ckpt_dir), info["file"], info["nbytes"], info["crc32c"])] = refs
+
+
+def _part_references(path: str, info: dict, cdir) -> frozenset[str]:
+    """The step directories the part ``info`` (a validated manifest entry) of checkpoint ``path`` references."""
+    from . import manifest
+
+    key = (os.path.abspath(path), info["file"], info["nbytes"], info["crc32c"])
+    refs = _PART_REFS.get(key)
+    if refs is None:
+        with gcpause.paused():  # the parsed part is tens of thousands of short-lived objects
+            part = manifest.read_part(path, info, cdir)
+            refs = frozenset(f["path"].split("/")[1] for f in part["files"] if f["path"].startswith("../"))
+            del part
+        if len(_PART_REFS) >= _PART_REFS_MAX:
+            _PART_REFS.clear()
+        _PART_REFS[key] = refs
+    return refs
 
 
 def collisions_line(statuses: list[int], where: str) -> str | None:

@@ -216,14 +216,13 @@ def _protect(tree: Any, owned: set[int], root: str) -> tuple[Any, list]:
     """``tree`` with small non-optimizer tensors replaced by copies, and guards for every other tensor."""
     found: list[tuple[str, torch.Tensor, bool]] = []
     _walk(tree, root, found)
+    ptrs = [_storage_ptr(t) for _, t, _ in found]
     shared: dict[int, int] = {}
-    for _, t, _ in found:
-        ptr = _storage_ptr(t)
+    for ptr in ptrs:
         shared[ptr] = shared.get(ptr, 0) + 1
     copies: dict[int, torch.Tensor] = {}
     guards = []
-    for name, t, plain in found:
-        ptr = _storage_ptr(t)
+    for (name, t, plain), ptr in zip(found, ptrs):
         small = t.numel() * t.element_size() <= EAGER_MAX_BYTES
         if ptr not in owned and small and shared[ptr] == 1 and plain:
             copies[id(t)] = _copy_small(t)  # a view sharing storage keeps its sharing: guarded instead

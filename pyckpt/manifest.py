@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from . import __version__, layout, shard_format
-from .dtypes import dtype_of
+from .dtypes import CODE_TO_DTYPE, dtype_of
 from .errors import CorruptCheckpointError, FormatVersionError
 from .safe_fs import CheckpointDir, full_path
 
@@ -143,12 +143,20 @@ class _Check:
 
 def read_manifest(ckpt_dir: str, cdir: CheckpointDir | None = None) -> dict:
     """Read and validate ``MANIFEST.json`` (not the parts): version, checksum, fields."""
-    path = os.path.join(ckpt_dir, layout.MANIFEST)
+    return parse_manifest(read_manifest_bytes(ckpt_dir, cdir), ckpt_dir)
+
+
+def read_manifest_bytes(ckpt_dir: str, cdir: CheckpointDir | None = None) -> bytearray:
+    """The bytes of ``MANIFEST.json`` (size-capped, opened inside the checkpoint), not yet checked."""
     if cdir is None:
         with CheckpointDir(ckpt_dir) as d:
-            raw = d.read(layout.MANIFEST, MAX_MANIFEST_BYTES, "manifest")
-    else:
-        raw = cdir.read(layout.MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+            return d.read(layout.MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+    return cdir.read(layout.MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+
+
+def parse_manifest(raw: bytes | bytearray, ckpt_dir: str) -> dict:
+    """Parse and validate the bytes of ``ckpt_dir``'s ``MANIFEST.json``: version, checksum, fields."""
+    path = os.path.join(ckpt_dir, layout.MANIFEST)
     m = _parse(raw, path, "manifest")
     c = _Check(path)
     if m.get("format") != FORMAT:
@@ -204,15 +212,26 @@ def _safe_rel(c: _Check, rel: str) -> str:
 
 def read_part(ckpt_dir: str, info: dict, cdir: CheckpointDir | None = None) -> dict:
     """Read a part listed in the manifest, check its size and CRC32C, validate it."""
-    path = full_path(ckpt_dir, info["file"])
+    return parse_part(read_part_bytes(ckpt_dir, info, cdir), ckpt_dir, info)
+
+
+def read_part_bytes(ckpt_dir: str, info: dict, cdir: CheckpointDir | None = None) -> bytearray:
+    """The bytes of the part ``info`` (a validated manifest entry) names, checked against its size and CRC32C."""
     if cdir is None:
         with CheckpointDir(ckpt_dir) as d:
             raw = d.read(info["file"], MAX_PART_BYTES, "part")
     else:
         raw = cdir.read(info["file"], MAX_PART_BYTES, "part")
     if len(raw) != info["nbytes"] or crc32c(raw) != info["crc32c"]:
+        path = full_path(ckpt_dir, info["file"])
         raise CorruptCheckpointError(
             f"part {path} does not match MANIFEST.json (size {len(raw)} vs {info['nbytes']}, or checksum)", path=path)
+    return raw
+
+
+def parse_part(raw: bytes | bytearray, ckpt_dir: str, info: dict) -> dict:
+    """Parse and validate the bytes of the part ``info`` names (``read_part_bytes`` checked them)."""
+    path = full_path(ckpt_dir, info["file"])
     part = _parse(raw, path, "part")
     validate_part(part, path, info["rank"])
     return part
@@ -286,9 +305,62 @@ def _validate_sections(c: _Check, part: dict) -> dict[str, int]:
             raise c.fail(f"{key!r} must be null or an object with 'tree', 'tensors', 'num_storages'")
         n = c.int(sec, "num_storages", ctx=f"{key}.")
         counts[scope] = n
-        for i, t in enumerate(c.get(sec, "tensors", list, f"{key}.")):
-            _validate_tensor(c, t, n, f"{key}.tensors[{i}].")
+        tensors = c.get(sec, "tensors", list, f"{key}.")
+        if not _tensors_ok(tensors, n):
+            for i, t in enumerate(tensors):  # the first bad entry, with its precise message
+                _validate_tensor(c, t, n, f"{key}.tensors[{i}].")
     return counts
+
+
+# Item size by dtype code, for the per-entry fast checks (dtype_of keeps the error message).
+_ITEMSIZE = {code: dt.itemsize for code, dt in CODE_TO_DTYPE.items()}
+
+
+def _tensors_ok(tensors: list, num_storages: int) -> bool:
+    """True when every entry passes ``_validate_tensor``; False when one may not.
+
+    A checkpoint holds thousands of entries: one loop over locals keeps the
+    well-formed case cheap. It is at least as strict as ``_validate_tensor``
+    (True implies that accepts every entry); False sends the caller to it
+    for the first bad entry's message."""
+    sizes, devices = _ITEMSIZE, set()
+    try:
+        for t in tensors:
+            if type(t) is not dict:
+                return False
+            isz, shape, stride = sizes.get(t.get("dtype")), t.get("shape"), t.get("stride")
+            if isz is None or type(shape) is not list or type(stride) is not list or len(shape) != len(stride):
+                return False
+            numel = 1
+            for v in shape:
+                if type(v) is not int or not 0 <= v <= MAX_INT:
+                    return False
+                numel *= v
+            for v in stride:
+                if type(v) is not int or not 0 <= v <= MAX_INT:
+                    return False
+            nb, off, sid, dev = t.get("nbytes"), t.get("storage_offset"), t.get("storage"), t.get("device")
+            if (type(nb) is not int or nb != numel * isz or nb > MAX_INT or type(off) is not int
+                    or not 0 <= off <= MAX_INT or type(sid) is not int or not 0 <= sid < num_storages):
+                return False
+            if dev not in devices:
+                if not _device_ok(dev):
+                    return False
+                devices.add(dev)
+    except TypeError:  # an unhashable dtype or device
+        return False
+    return True
+
+
+def _device_ok(dev: Any) -> bool:
+    """``_check_device`` as a predicate."""
+    if type(dev) is not str:
+        return False
+    try:
+        _check_device(_Check(""), dev, "")
+    except CorruptCheckpointError:
+        return False
+    return True
 
 
 def _validate_tensor(c: _Check, t: dict, num_storages: int, ctx: str) -> None:
@@ -330,6 +402,45 @@ def tensor_end(t: dict) -> int:
 
 
 def _validate_storages(c: _Check, storages: list, chunks: list, counts: dict[str, int]) -> None:
+    if not _storages_ok(storages, [ch["raw_len"] for ch in chunks], counts):
+        _check_storages(c, storages, chunks, counts)
+
+
+def _storages_ok(storages: list, raw_lens: list[int], counts: dict[str, int]) -> bool:
+    """True when every storage record passes ``_check_storages``; False when one may not.
+
+    The fast case, as for tensors (``_tensors_ok``): at least as strict as
+    the detailed checks, and pieces must already be listed in storage order
+    (writers list them so; others go to the detailed checks, which sort)."""
+    used = [0] * len(raw_lens)
+    nchunks = len(raw_lens)
+    for s in storages:
+        if type(s) is not dict:
+            return False
+        scope, sid, nbytes, pieces = s.get("scope"), s.get("id"), s.get("nbytes"), s.get("pieces")
+        if (scope not in SCOPES or type(sid) is not int or not 0 <= sid <= MAX_INT or type(nbytes) is not int
+                or not 0 <= nbytes <= MAX_INT or type(pieces) is not list or 0 <= counts[scope] <= sid):
+            return False
+        covered = 0
+        for p in pieces:
+            if type(p) is not dict:
+                return False
+            ch, off, n, at = p.get("chunk"), p.get("chunk_offset"), p.get("nbytes"), p.get("storage_offset")
+            if (type(ch) is not int or not 0 <= ch < nchunks or type(off) is not int or not 0 <= off <= MAX_INT
+                    or type(n) is not int or not 0 <= n <= MAX_INT or type(at) is not int or at != covered):
+                return False
+            raw, u = raw_lens[ch], used[ch] + n
+            if off + n > raw or u > raw:
+                return False
+            used[ch] = u
+            covered += n
+        if covered != nbytes:
+            return False
+    return True
+
+
+def _check_storages(c: _Check, storages: list, chunks: list, counts: dict[str, int]) -> None:
+    """Every check of the storage records, one field at a time: raises naming the first bad one."""
     used = [0] * len(chunks)  # piece bytes taken from each chunk: memory stays bounded by the data files
     for i, s in enumerate(storages):
         ctx = f"storages[{i}]."

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dtypes import code_of
+from .dtypes import DTYPE_TO_CODE, code_of
 from .errors import UnsupportedStateError
 
 # Extent starts are aligned down to this so every view's offset inside the
@@ -28,8 +28,7 @@ class Storage:
     nbytes: int
     elem_size: int
     device: torch.device
-    addr: int  # address of the extent's first byte (borrowed; see `keep`)
-    keep: torch.Tensor | None  # keeps the memory at `addr` alive until the save is captured
+    start: int  # bytes from the torch storage's first byte to the extent's
     pieces: list["Piece"] = field(default_factory=list)
 
 
@@ -40,7 +39,6 @@ class Piece:
     chunk: int
     chunk_offset: int
     nbytes: int
-    src_addr: int = 0
     src_device: int = -1  # engine convention: -1 = host memory
 
 
@@ -53,13 +51,30 @@ class Chunk:
 
 @dataclass
 class Described:
-    """Output of ``describe``: JSON tensor entries plus the storages they view."""
+    """Output of ``describe``: JSON tensor entries plus the storages they view.
+
+    Entries, storages and the pieces ``pack`` cuts them into hold no address: they describe the
+    layout, which a later ``describe`` of tensors with the same ``signature`` (the same layout,
+    wherever the memory now is) reuses. Addresses belong to one save: ``bases[i]`` is the address
+    of the torch storage behind ``storages[i]`` now, and ``keeps[i]`` a tensor of it that keeps the
+    memory alive until the save is captured."""
 
     entries: list[dict]
     storages: list[Storage]
+    keeps: list[torch.Tensor]
+    bases: list[int]
+    signature: list[tuple] | None = None
+
+    def addr(self, sid: int) -> int:
+        """Address of the first saved byte of storage ``sid`` in this save."""
+        return self.bases[sid] + self.storages[sid].start
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
+    """``t`` as its bytes are saved, or ``UnsupportedStateError`` naming ``path``.
+
+    Returns ``t`` itself unless it must change: a lazily conjugated/negated view is materialized, and
+    a tensor in an autograd graph is detached so keeping it alive until capture keeps no graph alive."""
     if type(t).__name__ == "DTensor":  # Checkpointer.save takes DTensors out (pyckpt/sharded.py)
         raise UnsupportedStateError(f"cannot save the DTensor at {path!r} here: sharded tensors are saved by "
                                     "pyckpt.Checkpointer.save as part of `state` (each rank writes its shards), "
@@ -69,10 +84,9 @@ def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
                                     "(only dense strided tensors are supported; convert with .to_dense())", key=path)
     if code_of(t.dtype) is None:
         raise UnsupportedStateError(f"cannot save tensor at {path!r}: dtype {t.dtype} has no byte layout", key=path)
-    t = t.detach()
     if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()  # lazy bits are not in the bytes: materialize
-    return t
+        return t.detach().resolve_conj().resolve_neg()  # lazy bits are not in the bytes: materialize
+    return t.detach() if t.grad_fn is not None else t
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
@@ -85,43 +99,92 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * isz
 
 
-def describe(tensors: list[torch.Tensor], paths: list[str]) -> Described:
-    """Group tensors by storage and describe each as a format tensor entry."""
-    checked = [_check_tensor(t, p) for t, p in zip(tensors, paths)]
-    grads = [t.requires_grad for t in tensors]  # before detach() drops it
-    groups: dict[tuple, list[int]] = {}
-    spans = []
-    for i, t in enumerate(checked):
+# Per-tensor work here runs on the training thread at every snapshot, for every tensor of the state
+# (thousands in a transformer with its optimizer): the common case (a dense, contiguous tensor with
+# a storage of its own) takes the short path, the general rules above handle the rest.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | None = None) -> Described:
+    """Group tensors by storage and describe each as a format tensor entry.
+
+    ``reuse``: an earlier result. When these tensors have its signature (the same grouping into
+    storages, dtypes, shapes, strides, offsets, devices and ``requires_grad``), its entries and
+    storages are returned again, with this call's addresses and tensors: a training job saves the
+    same tensors at every checkpoint, and rebuilding thousands of entries each time cost the
+    training thread time and left the garbage collector tens of thousands of new objects."""
+    groups: dict[tuple, int] = {}  # (device, storage address) -> index of its storage
+    members: list[list[int]] = []
+    saved: list[torch.Tensor] = []
+    spans: list[tuple[int, int]] = []
+    signature: list[tuple] = []
+    bases: list[int] = []
+    strided, codes = torch.strided, DTYPE_TO_CODE
+    for i, t in enumerate(tensors):
+        grad = t.requires_grad  # as given: a detached copy would lose it
+        if (type(t) in _PLAIN_TYPES and t.layout is strided and t.dtype in codes and not t.is_nested
+                and t.device.type != "meta" and not t.is_conj() and not t.is_neg()):
+            if t.grad_fn is not None:
+                t = t.detach()
+        else:
+            t = _check_tensor(t, paths[i])
+        saved.append(t)
         st = t.untyped_storage()
+        ptr = st.data_ptr()
+        isz = t.element_size()
+        lo = t.storage_offset() * isz
+        span = (lo, lo + t.numel() * isz) if t.is_contiguous() else _byte_span(t)
+        spans.append(span)
         # Zero-byte storages all sit at address 0: never merge those.
-        key = (t.device, st.data_ptr()) if st.nbytes() else ("empty", i)
-        groups.setdefault(key, []).append(i)
-        spans.append(_byte_span(t))
-    entries: list[dict] = [{}] * len(checked)
-    storages: list[Storage] = []
-    for members in groups.values():
-        storages.append(_storage_for(len(storages), members, checked, spans, entries))
-    for e, g in zip(entries, grads):
-        e["requires_grad"] = g
-    return Described(entries, storages)
+        key = (t.device, ptr) if st.nbytes() else ("empty", i)
+        gid = groups.get(key)
+        if gid is None:
+            gid = groups[key] = len(members)
+            members.append([i])
+            bases.append(ptr)
+        else:
+            members[gid].append(i)
+        signature.append((gid, span, t.dtype, t.shape, t.stride(), t.device, grad))
+    keeps = [saved[m[0]] for m in members]
+    if reuse is not None and reuse.signature == signature:
+        return Described(reuse.entries, reuse.storages, keeps, bases, reuse.signature)
+    devices: dict[torch.device, str] = {}
+    entries: list[dict] = [{}] * len(saved)
+    storages = [_storage_for(sid, m, saved, spans, entries, devices) for sid, m in enumerate(members)]
+    for e, sig in zip(entries, signature):
+        e["requires_grad"] = sig[-1]
+    return Described(entries, storages, keeps, bases, signature)
 
 
-def _storage_for(sid: int, members: list[int], ts: list[torch.Tensor], spans: list, entries: list) -> Storage:
-    used = [spans[i] for i in members if spans[i][1] > spans[i][0]]
-    lo = (min(s for s, _ in used) // _EXTENT_ALIGN) * _EXTENT_ALIGN if used else 0
-    hi = max((e for _, e in used), default=lo)
-    # The codec splits by at most 8-byte words (complex128 = two float64 words).
-    sizes = {min(ts[i].element_size(), 8) for i in members}
-    first = ts[members[0]]
+def _storage_for(sid: int, members: list[int], ts: list[torch.Tensor], spans: list, entries: list,
+                 devices: dict[torch.device, str]) -> Storage:
+    if len(members) == 1:
+        start, end = spans[members[0]]
+        used = end > start
+        lo = (start // _EXTENT_ALIGN) * _EXTENT_ALIGN if used else 0
+        hi = end if used else lo
+        elem_size = min(ts[members[0]].element_size(), 8)
+    else:
+        live = [spans[i] for i in members if spans[i][1] > spans[i][0]]
+        used = bool(live)
+        lo = (min(s for s, _ in live) // _EXTENT_ALIGN) * _EXTENT_ALIGN if used else 0
+        hi = max((e for _, e in live), default=lo)
+        # The codec splits by at most 8-byte words (complex128 = two float64 words).
+        sizes = {min(ts[i].element_size(), 8) for i in members}
+        elem_size = sizes.pop() if len(sizes) == 1 else 1
     for i in members:
         t = ts[i]
+        isz = t.element_size()
+        dev = t.device
+        name = devices.get(dev)
+        if name is None:
+            name = devices[dev] = str(dev)
         entries[i] = {
-            "dtype": code_of(t.dtype), "shape": list(t.shape), "stride": list(t.stride()),
-            "storage_offset": (spans[i][0] - lo) // t.element_size() if used else 0,
-            "storage": sid, "nbytes": t.numel() * t.element_size(), "device": str(t.device),
+            "dtype": DTYPE_TO_CODE[t.dtype], "shape": list(t.shape), "stride": list(t.stride()),
+            "storage_offset": (spans[i][0] - lo) // isz if used else 0,
+            "storage": sid, "nbytes": t.numel() * isz, "device": name,
         }
-    addr = first.untyped_storage().data_ptr() + lo
-    return Storage(sid, hi - lo, sizes.pop() if len(sizes) == 1 else 1, first.device, addr, first)
+    return Storage(sid, hi - lo, elem_size, ts[members[0]].device, lo)
 
 
 def assign_owners(storages: list[Storage], world_size: int) -> list[int]:
@@ -157,7 +220,7 @@ def pack(storages: list[Storage], chunk_bytes: int, chunks: list[Chunk] | None =
             c = chunks[ci]
             n = min(s.nbytes - done, chunk_bytes - c.raw_len)
             dev = s.device.index if s.device.type == "cuda" else -1
-            p = Piece(s.id, done, ci, c.raw_len, n, s.addr + done, dev)
+            p = Piece(s.id, done, ci, c.raw_len, n, dev)
             c.pieces.append(p)
             s.pieces.append(p)
             c.raw_len += n

@@ -17,15 +17,18 @@ rebuilt (so views that shared a storage share one again) and then placed by
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterable
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from . import layout, manifest, shard_format, tree
+from . import gcpause, layout, manifest, shard_format, tree
 from ._native import CODEC_IDS, cuda_available
 from .dtypes import dtype_of
 from .errors import CorruptCheckpointError, PyckptError
@@ -50,15 +53,107 @@ class IntoMismatchError(PyckptError, ValueError):
 
 @dataclass
 class Opened:
-    """A validated checkpoint: its manifest and every part."""
+    """A validated checkpoint: its manifest and every part.
+
+    ``manifest`` and ``parts`` may be shared with other ``Opened`` of the same
+    bytes (``open_checkpoint`` reuses them): treat them as read-only."""
 
     path: str
     manifest: dict
     parts: list[dict]
+    # check_sections passed for these parts (extents, trees): loading need not repeat it.
+    sections_checked: bool = field(default=False, repr=False)
 
     @property
     def step(self) -> int:
         return self.manifest["step"]
+
+
+@dataclass
+class _Validated:
+    """The bytes of a checkpoint's manifest and parts, and what validating them gave."""
+
+    raw_manifest: bytearray
+    raw_parts: list[bytearray]
+    manifest: dict
+    parts: list[dict]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.raw_manifest) + sum(map(len, self.raw_parts))
+
+
+class _ValidatedCache:
+    """Validated checkpoints by directory, reused only for byte-identical files.
+
+    One ``latest(verify=True)`` + ``restore()`` opens the newest checkpoint
+    four times, and parsing and validating its parts is most of a restore's
+    cost for a state of many tensors. Validation is a pure function of the
+    directory's path and the bytes of its manifest and parts, so a checkpoint
+    opened again is re-read (through ``safe_fs``, with the size and CRC32C
+    checks) and its cached result reused only when those bytes are equal:
+    a file rewritten on disk, whatever its size or time stamps, is validated
+    again. What does not come from those bytes (the data files on disk) is
+    checked at every open. Bounded, since the parsed parts stay in memory:
+    ``_ENTRIES`` checkpoints of at most ``_MAX_BYTES`` part bytes in all,
+    more only inside ``reusing()``."""
+
+    _ENTRIES = 4
+    _MAX_BYTES = 32 << 20
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, _Validated] = OrderedDict()
+        self._lock = threading.Lock()
+        self._scopes = 0
+
+    def get(self, key: str) -> _Validated | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+            return hit
+
+    def put(self, key: str, entry: _Validated) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            self._trim()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        with self._lock:
+            self._scopes += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._scopes -= 1
+                self._trim()
+
+    def _trim(self) -> None:
+        budget = None if self._scopes else self._MAX_BYTES
+        total = sum(e.nbytes for e in self._entries.values())
+        while self._entries and (len(self._entries) > self._ENTRIES or budget is not None and total > budget):
+            total -= self._entries.popitem(last=False)[1].nbytes
+
+
+_validated = _ValidatedCache()
+
+
+def clear_cache() -> None:
+    """Forget every validated checkpoint (the next open parses and validates again)."""
+    _validated.clear()
+
+
+def reusing() -> contextlib.AbstractContextManager[None]:
+    """Within this block, checkpoints of any size stay cached once validated (a ``restore()``
+    opens its checkpoint twice, a ``latest(verify=True)`` too); on leaving, the cache shrinks
+    back to its usual budget."""
+    return _validated.scope()
 
 
 def open_checkpoint(path: str) -> Opened:
@@ -67,17 +162,38 @@ def open_checkpoint(path: str) -> Opened:
     Every check short of reading tensor data runs here (manifest, parts,
     data file sizes, trees), so ``Checkpointer.latest()`` skips what ``load``
     would refuse. ``path``'s own last component must not be a symbolic link
-    (see ``safe_fs``); the path above it is used as given."""
+    (see ``safe_fs``); the path above it is used as given. Files whose bytes
+    equal those of an earlier successful open are not parsed again
+    (``_ValidatedCache``)."""
+    # Tens of thousands of parsed JSON containers, none in a cycle: no collector passes (gcpause.py).
+    with gcpause.paused():
+        return _open(path)
+
+
+def _open(path: str) -> Opened:
     with CheckpointDir(path) as d:
-        m = manifest.read_manifest(path, d)
-        parts = [manifest.read_part(path, info, d) for info in m["parts"]]
+        hit = _validated.get(d.path)
+        raw_m = manifest.read_manifest_bytes(path, d)
+        if hit is None or hit.raw_manifest != raw_m:
+            hit = None
+        m = manifest.parse_manifest(raw_m, path) if hit is None else hit.manifest
+        raws, parts = [], []
+        for r, info in enumerate(m["parts"]):  # read, check, then parse each in turn: errors name the first bad one
+            raw = manifest.read_part_bytes(path, info, d)
+            if hit is not None and hit.raw_parts[r] != raw:
+                hit = None
+            raws.append(raw)
+            parts.append(hit.parts[r] if hit is not None else manifest.parse_part(raw, path, info))
         _check_files(d, parts)
+    if hit is not None:
+        return Opened(path, m, parts, sections_checked=True)
     if parts[0].get("replicated") is None:
         where = os.path.join(path, layout.part_name(0))
         raise CorruptCheckpointError(f"{where} lacks the replicated state section", path=where)
     op = Opened(path, m, parts)
     check_sections(op)
     shard_format.check_checkpoint(path, parts)  # 1.2: every part lists the same sharded tensors
+    _validated.put(d.path, _Validated(raw_m, raws, m, parts))
     return op
 
 
@@ -170,9 +286,13 @@ def _gpu_storages(entries: list[dict], dests: dict, nbytes: dict[int, int],
 
 def _direct_target(entry: dict, dst: torch.Tensor | None, nbytes: int, users: int) -> bool:
     """Can this storage be read straight into ``dst`` with no second copy?"""
-    return (dst is not None and users == 1 and dst.device.type == "cpu" and dst.is_contiguous()
-            and dst.dtype == dtype_of(entry["dtype"]) and list(dst.shape) == entry["shape"]
-            and entry["storage_offset"] == 0 and entry["nbytes"] == nbytes and nbytes > 0
+    return (dst is not None and _whole_storage(entry, nbytes, users) and dst.is_cpu and dst.is_contiguous()
+            and dst.dtype == dtype_of(entry["dtype"]) and list(dst.shape) == entry["shape"])
+
+
+def _whole_storage(entry: dict, nbytes: int, users: int) -> bool:
+    """Is tensor ``entry`` its storage's only view, covering all of its ``nbytes`` densely?"""
+    return (users == 1 and entry["storage_offset"] == 0 and entry["nbytes"] == nbytes and nbytes > 0
             and _is_contiguous(entry))
 
 
@@ -206,7 +326,7 @@ def _target_problems(key: str, e: dict, dst: torch.Tensor) -> list[str]:
     """Why saved tensor entry ``e`` cannot be loaded into ``dst`` (empty when it can)."""
     out = []
     dt = dtype_of(e["dtype"])
-    if dst.device.type == "meta":
+    if dst.is_meta:
         out.append(f"{key!r}: the target is on the meta device and has no memory to load into "
                    "(materialize it first, e.g. module.to_empty(device='cpu'))")
     if list(dst.shape) != e["shape"]:
@@ -230,7 +350,8 @@ class _SectionReader:
         self.where = os.path.join(op.path, layout.part_name(0 if scope == "replicated" else rank))
         self.storages = _storages(op, scope, rank)
         self.nbytes = {sid: s["nbytes"] for sid, (_, s) in self.storages.items()}
-        manifest.check_tensor_extents(self.sec["tensors"], self.nbytes, self.where)
+        if not op.sections_checked:
+            manifest.check_tensor_extents(self.sec["tensors"], self.nbytes, self.where)
 
     def walk(self, visit, into: Any = None) -> None:
         """Visit every tensor leaf (checking its id) without building tensors."""
@@ -294,29 +415,34 @@ class _SectionReader:
         if into is not None:
             dests = self.match(into, strict)
         else:
-            self.walk(lambda i, d, p: None)  # the whole tree is checked before anything is read
+            if not self.op.sections_checked:
+                self.walk(lambda i, d, p: None)  # the whole tree is checked before anything is read
             dests = {}
-        bufs, direct = self._read_storages(engine, entries, dests,
-                                           _gpu_storages(entries, dests, self.nbytes, map_location))
-        moved: dict[tuple[int, torch.device], torch.Tensor] = {}
+        bufs = self._read_storages(engine, entries, dests, _gpu_storages(entries, dests, self.nbytes, map_location))
         return tree.unflatten(self.sec["tree"], lambda i, d, p: self._tensor(
-            i, entries[i], dests.get(i), p, bufs, direct, moved, map_location), into, self.where)
+            i, entries[i], dests.get(i), p, bufs, map_location), into, self.where)
 
     def _read_storages(self, engine: Any, entries: list[dict], dests: dict,
-                       gpu: dict[int, torch.device]) -> tuple[dict, set]:
+                       gpu: dict[int, torch.device]) -> _Buffers:
         users: dict[int, int] = {}
         for e in entries:
             users[e["storage"]] = users.get(e["storage"], 0) + 1
-        bufs: dict[int, torch.Tensor] = {}
-        direct: set[int] = set()
+        out = _Buffers()
+        bufs, direct = out.by_sid, out.direct
         for i, e in enumerate(entries):
             sid = e["storage"]
             if sid in bufs:
                 continue
-            nbytes = self.storages[sid][1]["nbytes"]
-            if _direct_target(e, dests.get(i), nbytes, users[sid]):
-                bufs[sid] = dests[i]
+            nbytes, dst = self.storages[sid][1]["nbytes"], dests.get(i)
+            if _direct_target(e, dst, nbytes, users[sid]):
+                bufs[sid] = dst
                 direct.add(sid)
+            elif dst is None and e["dtype"] != "C32" and _whole_storage(e, nbytes, users[sid]):
+                # A new tensor that is its storage's only view: read into the tensor itself (one
+                # allocation, no view to build). Not complex32: torch warns at each allocation.
+                bufs[sid] = torch.empty_strided(e["shape"], e["stride"], dtype=dtype_of(e["dtype"]),
+                                                device=gpu.get(sid, "cpu"))
+                out.shaped.add(sid)
             else:
                 bufs[sid] = torch.empty(nbytes, dtype=torch.uint8, device=gpu.get(sid, "cpu"))
         for dev in set(gpu.values()):
@@ -328,28 +454,50 @@ class _SectionReader:
                                     for sid, b in bufs.items() if sid not in direct}, fresh=True)
         read_into(engine, self.op, {sid: (self.storages[sid], bufs[sid].data_ptr(), -1) for sid in direct},
                   fresh=False)
-        return bufs, direct
+        return out
 
-    def _tensor(self, i, e, dst, key, bufs, direct, moved, map_location) -> torch.Tensor:
+    def _tensor(self, i: int, e: dict, dst: torch.Tensor | None, key: str, bufs: _Buffers,
+                map_location: Any) -> torch.Tensor:
         sid = e["storage"]
-        if sid in direct:
+        if sid in bufs.direct:
             return dst
         dt = dtype_of(e["dtype"], self.where)
-        buf = bufs[sid]
-        if dst is None:
-            dev = _map_device(e["device"], map_location, key)
-            if dev.type != "cpu":
-                try:
-                    buf = moved.setdefault((sid, dev), buf.to(dev))  # one copy per storage keeps views shared
-                except (RuntimeError, ValueError) as exc:
-                    raise PyckptError(f"cannot place tensor {key!r} on {dev}: {exc}; pass map_location "
-                                      "(e.g. 'cpu') to load it elsewhere") from None
-        t = _view(buf, dt, e)
+        read = bufs.by_sid[sid]
+        buf = read if dst is not None else self._placed(sid, e, key, bufs, map_location)
+        t = buf if buf is read and sid in bufs.shaped else _view(buf, dt, e)
         if dst is not None:
             return _copy_into(dst, t)
         if e.get("requires_grad") and (dt.is_floating_point or dt.is_complex):
             t.requires_grad_(True)
         return t
+
+    @staticmethod
+    def _placed(sid: int, e: dict, key: str, bufs: _Buffers, map_location: Any) -> torch.Tensor:
+        """Storage ``sid``'s buffer on the device new tensor ``e`` goes to (``map_location`` or where it was saved)."""
+        dev = bufs.devices.get(e["device"])
+        if dev is None:
+            dev = bufs.devices[e["device"]] = _map_device(e["device"], map_location, key)
+        if dev.type == "cpu":
+            return bufs.by_sid[sid]
+        buf = bufs.moved.get((sid, dev))
+        if buf is None:
+            try:
+                buf = bufs.moved[sid, dev] = bufs.by_sid[sid].to(dev)  # one copy per storage keeps views shared
+            except (RuntimeError, ValueError) as exc:
+                raise PyckptError(f"cannot place tensor {key!r} on {dev}: {exc}; pass map_location "
+                                  "(e.g. 'cpu') to load it elsewhere") from None
+        return buf
+
+
+@dataclass
+class _Buffers:
+    """Where a section's storages were read, by storage id."""
+
+    by_sid: dict[int, torch.Tensor] = field(default_factory=dict)
+    direct: set[int] = field(default_factory=set)  # read into the into= target itself
+    shaped: set[int] = field(default_factory=set)  # the buffer is already the (new) tensor, as saved
+    moved: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)  # copies on other devices
+    devices: dict[str, torch.device] = field(default_factory=dict)  # where each saved device's tensors go
 
 
 def _mismatch_line(unexpected: list[str], missing: list[str]) -> str:
@@ -465,7 +613,8 @@ def load_section(engine: Any, op: Opened, scope: str, rank: int, into: Any = Non
     purpose, e.g. a resume into the live modules): allowed silently."""
     if scope == "rank" and (rank >= len(op.parts) or op.parts[rank].get("rank_state") is None):
         return None
-    out = _SectionReader(op, scope, rank).read(engine, into, map_location, strict)
+    with gcpause.paused():  # the trees' containers: as in open_checkpoint
+        out = _SectionReader(op, scope, rank).read(engine, into, map_location, strict)
     if scope == "replicated":  # 1.2: the sharded tensors' places (null in the tree), re-cut for this rank
         from . import sharded
 
@@ -475,10 +624,13 @@ def load_section(engine: Any, op: Opened, scope: str, rank: int, into: Any = Non
 
 def check_sections(op: Opened) -> None:
     """Everything ``load_section`` checks before reading, for every section of ``op``."""
+    if op.sections_checked:
+        return
     _SectionReader(op, "replicated", 0).walk(lambda i, d, p: None)
     for r, part in enumerate(op.parts):
         if part.get("rank_state") is not None:
             _SectionReader(op, "rank", r).walk(lambda i, d, p: None)
+    op.sections_checked = True
 
 
 def verify(engine: Any, path: str) -> Opened:

@@ -69,6 +69,11 @@ def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | Non
     """The checkpoint named by PYCKPT_RESUME (``auto``: the newest sound commit all ranks see; ``never``: none)."""
     if setting == "never":
         return None
+    with reader.reusing():  # verifying, then reading the rank state, opens the chosen checkpoint twice
+        return _choose(ckpt, coord, setting)
+
+
+def _choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | None:
     if setting == "auto":
         from . import shm_tier  # a sound memory-tier copy at least as new as storage's: storage is not read
         if (src := shm_tier.choose(ckpt, coord)) is not None:

@@ -74,13 +74,18 @@ class ShardPlan:
 
     entries: list[dict] = field(default_factory=list)
     storages: list[Storage] = field(default_factory=list)
+    keeps: list[torch.Tensor] = field(default_factory=list)  # the local shard of each storage
+    bases: list[int] = field(default_factory=list)  # its address
+    chunks: list = field(default_factory=list)  # the chunks add_chunks packed them into
+
+    def addr(self, sid: int) -> int:
+        return self.bases[sid] + self.storages[sid].start
 
     def keep_alive(self) -> list[torch.Tensor]:
-        return [s.keep for s in self.storages if s.keep is not None]
+        return list(self.keeps)
 
     def release(self) -> None:
-        for s in self.storages:
-            s.keep = None
+        self.keeps = []
 
 
 def _path(key: list) -> str:
@@ -168,7 +173,9 @@ def plan(found: list[tuple[list, Any]]) -> ShardPlan:
                 local = local.contiguous()  # kept alive by the plan until captured
             sid = len(out.storages)
             isz = local.element_size()
-            out.storages.append(Storage(sid, local.numel() * isz, min(isz, 8), local.device, local.data_ptr(), local))
+            out.storages.append(Storage(sid, local.numel() * isz, min(isz, 8), local.device, 0))
+            out.keeps.append(local)
+            out.bases.append(local.data_ptr())
             entry["shards"].append({"offsets": box[0], "shape": box[1], "storage": sid})
         out.entries.append(entry)
     return out
@@ -182,7 +189,9 @@ def keep_alive(rank_plan: Any) -> list[torch.Tensor]:
 
 def add_chunks(sp: ShardPlan, chunks: list, chunk_bytes: int) -> None:
     """Pack the shard storages into the rank's chunk list (after its other sections)."""
+    first = len(chunks)
     pack(sp.storages, chunk_bytes, chunks)
+    sp.chunks = chunks[first:]
 
 
 def storages_json(rank_plan: Any) -> list[dict]:
@@ -480,9 +489,12 @@ def load_zero_state_dict(opt: Any, saved: dict | list[dict]) -> None:
 def storage_ptr(t: torch.Tensor) -> int:
     """``t.untyped_storage().data_ptr()``, for a DTensor that of its local tensor (a DTensor's own
     storage has no data pointer)."""
-    if _is_dtensor(t):
+    if type(t) not in _PLAIN_TENSORS and _is_dtensor(t):  # called per tensor per snapshot: plain ones first
         t = t.to_local()
     return t.untyped_storage().data_ptr()
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def is_fsdp(m: torch.nn.Module) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import discovery, frames, knobs, loopstate, rng, sharded
+from . import discovery, frames, gcpause, knobs, loopstate, rng, sharded
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry
@@ -297,8 +297,9 @@ class Session:
         if self.disabled_reason is not None or self.ckpt is None or self.step == self.last_snapshot_step:
             return
         try:
-            state, rank_state = self._collect(point)
-            fut = self.lazy.save(state, rank_state)  # copied now, or armed: the next step waits (lazy.py)
+            with gcpause.paused():  # thousands of tensors: no collector passes inside the snapshot (gcpause.py)
+                state, rank_state = self._collect(point)
+                fut = self.lazy.save(state, rank_state)  # copied now, or armed: the next step waits (lazy.py)
         except Exception as e:  # a checkpoint must never take the training job down
             say(f"warning: checkpoint of step {self.step} skipped: {type(e).__name__}: {e}", "warning")
             return

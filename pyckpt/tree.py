@@ -9,7 +9,9 @@ few listed types: it never imports or calls anything named in the file.
 from __future__ import annotations
 
 import base64
+import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -110,6 +112,19 @@ class _Decoder:
         return CorruptCheckpointError(f"malformed state tree in {self.where} at {path!r}: {why}", path=self.where)
 
     def value(self, v: Any, into: Any, path: str) -> Any:
+        tp = type(v)
+        if tp in _SCALARS:
+            return v
+        # Most nodes are plain JSON objects and lists: decoded inline, with no key path made
+        # for a scalar child (a checkpoint of many tensors has tens of thousands of nodes).
+        if tp is dict:
+            if TAG in v:
+                return self.tagged(v, into, path)
+            pre, val, sub = f"{path}/" if path else "", self.value, _children(into)
+            return {k: x if type(x) in _SCALARS else val(x, sub(k), f"{pre}{k}") for k, x in v.items()}
+        if tp is list:
+            pre, val, sub = f"{path}/" if path else "", self.value, _children(into)
+            return [x if type(x) in _SCALARS else val(x, sub(i), f"{pre}{i}") for i, x in enumerate(v)]
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
         if isinstance(v, list):
@@ -167,6 +182,17 @@ def _short(v: Any) -> str:
 
 
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_SCALARS = frozenset({type(None), bool, int, float, str})  # JSON's scalars, decoded as they are
+_NO_CHILDREN: dict = {}
+
+
+def _children(into: Any) -> Callable[[Any], Any]:
+    """``key -> _child(into, key)``, a plain ``dict.get`` where ``into`` is a plain mapping or None."""
+    if into is None:
+        return _NO_CHILDREN.get
+    if type(into) is dict or type(into) is OrderedDict:
+        return into.get
+    return functools.partial(_child, into)
 
 
 def _child(into: Any, key: Any) -> Any:

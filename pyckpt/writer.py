@@ -17,7 +17,7 @@ import torch
 from . import incremental, knobs, layout, tree
 from ._native import CODEC_NAMES, error_from_job, require_codec
 from .errors import StagingTimeoutError
-from .planner import Chunk, Storage, assign_owners, describe, pack
+from .planner import Chunk, Described, Storage, assign_owners, describe, pack
 
 log = logging.getLogger("pyckpt")
 
@@ -28,9 +28,22 @@ class Section:
 
     scope: str  # "replicated" | "rank"
     tree: Any
-    entries: list[dict]
-    storages: list[Storage]
+    described: Described
     mine: list[Storage]  # the storages this rank writes
+    keeps: list[torch.Tensor]  # keeps[i] keeps the memory of mine[i] alive until the save is captured
+    # Where this section's chunks sit in the rank's chunk list, and their storage records: computed
+    # once, shared (read-only) by later saves whose plan reuses ``described`` (planner.describe).
+    first_chunk: int = 0
+    chunks: list[Chunk] = field(default_factory=list)
+    json: list[dict] | None = None
+
+    @property
+    def entries(self) -> list[dict]:
+        return self.described.entries
+
+    @property
+    def storages(self) -> list[Storage]:
+        return self.described.storages
 
 
 @dataclass
@@ -50,7 +63,7 @@ class RankPlan:
 
     def keep_alive(self) -> list[torch.Tensor]:
         """Tensors whose memory the engine reads until the save is captured."""
-        return [s.keep for sec in self.sections() for s in sec.mine]
+        return [k for sec in self.sections() for k in sec.keeps]
 
     def sections(self) -> list[Section]:
         return [self.replicated] + ([self.rank_state] if self.rank_state else [])
@@ -58,30 +71,46 @@ class RankPlan:
     def release(self) -> None:
         """Drop every reference to the caller's tensors (call once the save is captured)."""
         for sec in self.sections():
-            for s in sec.storages:
-                s.keep = None
+            sec.keeps = []
 
 
-def _section(scope: str, state: Any, rank: int, world_size: int) -> Section:
+def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: int, chunks: list[Chunk],
+             last: Section | None) -> Section:
+    """Describe one scope and pack the storages this rank writes onto ``chunks``. ``last``: this
+    scope's section of the previous save (same rank, world size and chunk size): its storages,
+    pieces and chunks are reused when the tensors have the same layout (planner.describe)."""
     tr, tensors, paths = tree.flatten(state)
-    d = describe(tensors, paths)
+    first = len(chunks)
+    reusable = last is not None and last.first_chunk == first  # piece records name chunks by index
+    d = describe(tensors, paths, last.described if reusable else None)
+    if reusable and d.storages is last.storages:
+        chunks += last.chunks
+        return Section(scope, tr, d, last.mine, [d.keeps[s.id] for s in last.mine], first, last.chunks, last.json)
     if scope == "replicated":
         owners = assign_owners(d.storages, world_size)
         mine = [s for s in d.storages if owners[s.id] == rank]
     else:
         mine = list(d.storages)
-    return Section(scope, tr, d.entries, d.storages, mine)
+    pack(mine, chunk_bytes, chunks)
+    return Section(scope, tr, d, mine, [d.keeps[s.id] for s in mine], first, chunks[first:])
 
 
-def prepare(state: Any, rank_state: Any, rank: int, world_size: int, chunk_bytes: int) -> RankPlan:
-    """Flatten, validate and plan; raises ``UnsupportedStateError`` before any I/O."""
-    rep = _section("replicated", state, rank, world_size)
-    rs = _section("rank", rank_state, rank, world_size) if rank_state is not None else None
-    plan = RankPlan(rank, world_size, rep, rs)
-    pack(rep.mine, chunk_bytes, plan.chunks)
-    if rs is not None:
-        pack(rs.mine, chunk_bytes, plan.chunks)
-    return plan
+def prepare(state: Any, rank_state: Any, rank: int, world_size: int, chunk_bytes: int,
+            last: dict | None = None) -> RankPlan:
+    """Flatten, validate and plan; raises ``UnsupportedStateError`` before any I/O.
+
+    ``last``: a dict the caller keeps between saves (one per Checkpointer); the plan's sections are
+    remembered there so the next save of the same tensors reuses their layout (``_section``)."""
+    prev = (last or {}).get((rank, world_size, chunk_bytes), {})
+    chunks: list[Chunk] = []
+    rep = _section("replicated", state, rank, world_size, chunk_bytes, chunks, prev.get("replicated"))
+    rs = None
+    if rank_state is not None:
+        rs = _section("rank", rank_state, rank, world_size, chunk_bytes, chunks, prev.get("rank"))
+    if last is not None:
+        last.clear()  # one entry: the previous plan's sections only
+        last[(rank, world_size, chunk_bytes)] = {"replicated": rep, "rank": rs}
+    return RankPlan(rank, world_size, rep, rs, chunks)
 
 
 class DoneJob:
@@ -109,9 +138,30 @@ class DoneJob:
         return None
 
 
+def sources(plan: RankPlan) -> list[list[tuple[int, int, int]]]:
+    """Where the engine reads each chunk's pieces in this save: ``[(address, nbytes, device), ...]``
+    per chunk. Plans hold no addresses (a reused layout serves tensors that moved); the storages'
+    addresses of this save complete them here."""
+    owners = [(sec.chunks, sec.described) for sec in plan.sections()]
+    shards = getattr(plan, "shards", None)
+    if shards is not None:
+        owners.append((shards.chunks, shards))
+    out = [[(where.addr(p.storage) + p.storage_offset, p.nbytes, p.src_device) for p in c.pieces]
+           for chunks, where in owners for c in chunks]
+    if len(out) != len(plan.chunks):
+        raise AssertionError(f"pyckpt: plan has {len(plan.chunks)} chunks, its sections {len(out)}")
+    return out
+
+
 def storages_json(plan: RankPlan) -> list[dict]:
-    """The part's ``storages`` list for this plan (known before anything is written)."""
-    return [_storage_json(sec.scope, s) for sec in plan.sections() for s in sec.mine]
+    """The part's ``storages`` list for this plan (known before anything is written). A new list;
+    its records are shared with later plans that reuse the section, and must not be changed."""
+    out: list[dict] = []
+    for sec in plan.sections():
+        if sec.json is None:
+            sec.json = [_storage_json(sec.scope, s) for s in sec.mine]
+        out += sec.json
+    return out
 
 
 def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str, map_files: bool = False) -> Any:
@@ -126,7 +176,7 @@ def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str, map_files: boo
         return DoneJob()
     rel = layout.data_file_name(plan.rank)
     os.makedirs(os.path.dirname(os.path.join(ckpt_dir, rel)), exist_ok=True)
-    spec = [(0, c.elem_size, [(p.src_addr, p.nbytes, p.src_device) for p in c.pieces]) for c in plan.chunks]
+    spec = [(0, c.elem_size, pieces) for c, pieces in zip(plan.chunks, sources(plan))]
     # Each GPU's copies wait for the work queued on that GPU's current stream before this call
     # (a model spread over several GPUs of one process has one per device).
     devices = sorted({p.src_device for c in plan.chunks for p in c.pieces if p.src_device >= 0})

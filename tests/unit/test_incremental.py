@@ -373,3 +373,27 @@ def test_inference_mode_tensors_without_a_version_counter_are_fingerprinted(tmp_
             assert _equal(pyckpt.load(path), {"frozen": frozen.clone(), "moving": moving})
     assert not [r for r in caplog.records if r.name == "pyckpt"]
     assert any(c["file"].startswith("../") for c in _part(path)["chunks"])  # the frozen chunk referenced
+
+
+def test_retention_parses_no_part_this_process_committed(tmp_path, monkeypatch):
+    """Each commit asks what every kept checkpoint references; parsing their parts back cost the
+    commit thread tens of milliseconds of the GIL per save for a state of many tensors. The answer
+    for a part this process wrote is remembered at commit, and equals a fresh parse."""
+    from pyckpt import incremental, manifest
+
+    parsed = []
+    real = manifest.read_part
+    monkeypatch.setattr(manifest, "read_part", lambda path, *a: parsed.append(path) or real(path, *a))
+    model = Lora()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    root = str(tmp_path / "root")
+    with pyckpt.Checkpointer(root, keep=2) as ck:
+        for step in range(1, 6):
+            model(torch.randn(4, 700)).sum().backward()
+            opt.step()
+            ck.save(step, {"model": model.state_dict(), "optim": opt.state_dict()}).result(60)
+    assert parsed == []
+    remembered = incremental.referenced_dirs(root)
+    monkeypatch.setattr(incremental, "_PART_REFS", {})
+    assert incremental.referenced_dirs(root) == remembered == {"step-000000001"}
+    assert len(parsed) == 2  # the two kept checkpoints, parsed now that nothing is remembered

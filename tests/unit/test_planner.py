@@ -22,7 +22,7 @@ def test_large_storage_is_split_and_pieces_tile_it():
     assert [c.raw_len for c in chunks] == [4 * MB, 4 * MB, 2 * MB]
     pieces = d.storages[0].pieces
     assert [(p.storage_offset, p.nbytes) for p in pieces] == [(0, 4 * MB), (4 * MB, 4 * MB), (8 * MB, 2 * MB)]
-    assert pieces[1].src_addr == big.data_ptr() + 4 * MB and pieces[1].src_device == -1
+    assert d.addr(0) + pieces[1].storage_offset == big.data_ptr() + 4 * MB and pieces[1].src_device == -1
 
 
 def test_chunks_hold_one_element_size():
@@ -42,7 +42,7 @@ def test_views_of_one_storage_become_one_storage_with_its_used_extent():
     s = d.storages[0]
     # extent starts at byte 160 (aligned to 16) and ends after element 78
     assert s.nbytes == (79 - 40) * 4
-    assert s.addr == base.data_ptr() + 160
+    assert d.addr(s.id) == base.data_ptr() + 160
     assert d.entries[0]["storage_offset"] == 0 and d.entries[1]["storage_offset"] == 20
     assert d.entries[1]["stride"] == [2] and d.entries[1]["shape"] == [10]
 
@@ -51,7 +51,7 @@ def test_unaligned_view_extent_keeps_offsets_whole_elements():
     base = torch.arange(20, dtype=torch.float64)
     d = planner.describe([base[3:5]], ["v"])
     assert d.storages[0].nbytes % 8 == 0
-    assert d.entries[0]["storage_offset"] * 8 + d.storages[0].addr == base[3:5].data_ptr()
+    assert d.entries[0]["storage_offset"] * 8 + d.addr(0) == base[3:5].data_ptr()
 
 
 def test_empty_and_scalar_tensors():
@@ -75,7 +75,7 @@ def test_conjugate_view_is_materialized():
     z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex128)
     d = planner.describe([z.conj()], ["z"])
     s = d.storages[0]
-    raw = torch.frombuffer(bytearray(ctypes.string_at(s.addr, s.nbytes)), dtype=torch.complex128)
+    raw = torch.frombuffer(bytearray(ctypes.string_at(d.addr(s.id), s.nbytes)), dtype=torch.complex128)
     assert torch.equal(raw, torch.tensor([1 - 2j, 3 + 1j], dtype=torch.complex128))
 
 
@@ -96,3 +96,53 @@ def test_unsupported_tensor_kinds_name_the_key():
     with pytest.raises(UnsupportedStateError) as ei:
         planner.describe([torch.zeros(2, 2).to_sparse()], ["m/sparse"])
     assert ei.value.key == "m/sparse"
+
+
+# -- reuse of an earlier description (a training job saves the same tensors every time) -----------
+def _layout(d):
+    return [(s.id, s.nbytes, s.elem_size, d.addr(s.id), [(p.storage_offset, p.nbytes) for p in s.pieces])
+            for s in d.storages]
+
+
+def test_same_layout_reuses_the_description_with_this_calls_addresses_and_tensors():
+    base = torch.arange(64, dtype=torch.float32)
+    ts = [base[:16], base[16:48].view(4, 8), torch.ones(3, dtype=torch.int64)]
+    first = planner.describe(ts, ["a", "b", "c"])
+    moved = torch.arange(64, dtype=torch.float32) * 2  # the same layout in other memory (a buffer copied anew)
+    again = [moved[:16], moved[16:48].view(4, 8), ts[2]]
+    second = planner.describe(again, ["a", "b", "c"], reuse=first)
+    assert second.entries is first.entries and second.storages is first.storages
+    assert [second.addr(0), second.addr(1)] == [moved.data_ptr(), ts[2].data_ptr()]
+    assert [first.addr(0), first.addr(1)] == [base.data_ptr(), ts[2].data_ptr()]  # the first save's own
+    assert second.keeps[1] is ts[2]  # the caller's tensor keeps its memory alive: nothing copied
+    assert second.keeps[0].untyped_storage().data_ptr() == moved.data_ptr()
+
+
+def _changed_layouts():
+    """(name, tensors before, tensors after): each differs from the first in one thing a saved
+    entry or storage depends on."""
+    base = torch.arange(64, dtype=torch.float32)
+    other = torch.arange(64, dtype=torch.float32)
+    p = torch.nn.Parameter(torch.ones(4))
+    return [
+        ("two storages, then one", [base[:8], other[8:16]], [base[:8], base[8:16]]),
+        ("shape", [base[:16]], [base[:16].view(4, 4)]),
+        ("shape only", [base.as_strided((4, 1), (1, 1))], [base.as_strided((1, 4), (1, 1))]),  # same bytes, strides
+        ("stride", [base[:16].view(4, 4)], [base[:16].view(4, 4).t()]),
+        ("offset", [base[:16]], [base[8:24]]),
+        ("dtype", [base[:16]], [base[:16].view(torch.int32)]),
+        ("requires_grad", [p], [p.detach()]),
+        ("one storage shared, then two", [base[:8], base[8:16]], [base[:8], other[8:16]]),
+        ("one tensor more", [base[:16]], [base[:16], other[:4]]),
+        ("order", [base[:16], other[:8]], [other[:8], base[:16]]),
+    ]
+
+
+def test_any_change_of_layout_describes_afresh():
+    for name, before, after in _changed_layouts():
+        first = planner.describe(before, [str(i) for i in range(len(before))])
+        second = planner.describe(after, [str(i) for i in range(len(after))], reuse=first)
+        fresh = planner.describe(after, [str(i) for i in range(len(after))])
+        assert second.storages is not first.storages, name
+        assert second.entries == fresh.entries, name
+        assert _layout(second) == _layout(fresh), name

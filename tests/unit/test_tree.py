@@ -1,6 +1,7 @@
 """tree.flatten / unflatten: the JSON encoding of non-tensor state."""
 import json
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -77,6 +78,26 @@ def test_into_is_walked_in_parallel():
     seen = {}
     tree.unflatten(tr, lambda i, d, p: seen.setdefault(p, d), into={"a": [x, {"b": y}]})
     assert seen["a/0"] is x and seen["a/1/b"] is y and seen["t/0"] is None
+
+
+def test_into_reaches_each_tensor_through_every_kind_of_container():
+    """Plain and ordered dicts, dict subclasses, lists, tuples and int-keyed (tagged) dicts all hand
+    ``make_tensor`` the target at the same key path; scalars beside them decode unchanged."""
+    class Sub(dict):
+        pass
+
+    state = {"od": {"x": torch.ones(1), "lr": 0.1}, "lst": [torch.ones(1), 3, None], "tup": (torch.ones(1), "s"),
+             "sub": {"y": torch.ones(1), "ok": True}, "opt": {0: {"m": torch.ones(1)}, 1: 2.5}}
+    tr, _, paths = tree.flatten(state)
+    dst = [torch.zeros(1) for _ in paths]
+    into = {"od": OrderedDict(x=dst[0]), "lst": [dst[1]], "tup": (dst[2],), "sub": Sub(y=dst[3]),
+            "opt": {0: {"m": dst[4]}}}
+    seen = {}
+    out = tree.unflatten(json.loads(json.dumps(tr)), lambda i, d, p: seen.setdefault(i, (d, p))[0], into)
+    assert [seen[i][1] for i in range(len(paths))] == paths
+    assert all(seen[i][0] is dst[i] for i in range(len(paths)))
+    assert out["od"]["lr"] == 0.1 and out["lst"][1:] == [3, None] and out["tup"][1] == "s"
+    assert out["sub"]["ok"] is True and out["opt"][1] == 2.5 and out["opt"][0]["m"] is dst[4]
 
 
 @pytest.mark.parametrize("bad", [
