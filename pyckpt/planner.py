@@ -119,24 +119,26 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
     spans: list[tuple[int, int]] = []
     signature: list[tuple] = []
     bases: list[int] = []
-    strided, codes = torch.strided, DTYPE_TO_CODE
+    strided, codes, plain = torch.strided, DTYPE_TO_CODE, _PLAIN_TYPES
     for i, t in enumerate(tensors):
         grad = t.requires_grad  # as given: a detached copy would lose it
-        if (type(t) in _PLAIN_TYPES and t.layout is strided and t.dtype in codes and not t.is_nested
-                and t.device.type != "meta" and not t.is_conj() and not t.is_neg()):
+        dtype, dev = t.dtype, t.device
+        if (type(t) in plain and t.layout is strided and dtype in codes and not t.is_nested and not t.is_meta
+                and not t.is_conj() and not t.is_neg()):
             if t.grad_fn is not None:
                 t = t.detach()
         else:
             t = _check_tensor(t, paths[i])
+            dtype, dev = t.dtype, t.device
         saved.append(t)
         st = t.untyped_storage()
         ptr = st.data_ptr()
-        isz = t.element_size()
+        isz = dtype.itemsize
         lo = t.storage_offset() * isz
         span = (lo, lo + t.numel() * isz) if t.is_contiguous() else _byte_span(t)
         spans.append(span)
         # Zero-byte storages all sit at address 0: never merge those.
-        key = (t.device, ptr) if st.nbytes() else ("empty", i)
+        key = (dev, ptr) if st.nbytes() else ("empty", i)
         gid = groups.get(key)
         if gid is None:
             gid = groups[key] = len(members)
@@ -144,7 +146,7 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
             bases.append(ptr)
         else:
             members[gid].append(i)
-        signature.append((gid, span, t.dtype, t.shape, t.stride(), t.device, grad))
+        signature.append((gid, span, dtype, t.shape, t.stride(), dev, grad))
     keeps = [saved[m[0]] for m in members]
     if reuse is not None and reuse.signature == signature:
         return Described(reuse.entries, reuse.storages, keeps, bases, reuse.signature)
