@@ -252,14 +252,18 @@ def _walk(v: Any, path: str, out: list, plain: bool = True) -> None:
     if isinstance(v, torch.Tensor):
         out.append((path, v, plain))
     elif isinstance(v, dict):
+        inner = plain and _rebuildable(v)  # once per dict, not per item: a state has thousands
         for k, x in v.items():
-            _walk(x, f"{path}/{k}", out, plain and _rebuildable(v))
+            _walk(x, f"{path}/{k}", out, inner)
     elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+        inner = plain and type(v) in (list, tuple)
         for i, x in enumerate(v):
-            _walk(x, f"{path}/{i}", out, plain and type(v) in (list, tuple))
+            _walk(x, f"{path}/{i}", out, inner)
 
 
 def _rebuildable(d: dict) -> bool:
+    if type(d) is dict:
+        return True
     try:
         type(d)()
     except Exception:
