@@ -211,27 +211,34 @@ _PART_REFS_MAX = 1024
 def remember_part(ckpt_dir: str, info: dict, part: dict) -> None:
     """Note what part ``info`` of ``ckpt_dir``, just committed by this process from ``part`` (its
     bytes are ``manifest.dumps(part)``), references: retention need not parse it back."""
-    refs = frozenset(f["path"].split("/")[1] for f in part["files"] if f["path"].startswith("../"))
-    if len(_PART_REFS) >= _PART_REFS_MAX:
-        _PART_REFS.clear()
-    _PART_REFS[(os.path.abspath(ckpt_dir), info["file"], info["nbytes"], info["crc32c"])] = refs
+    _remember(_part_key(ckpt_dir, info), _references(part))
 
 
 def _part_references(path: str, info: dict, cdir) -> frozenset[str]:
     """The step directories the part ``info`` (a validated manifest entry) of checkpoint ``path`` references."""
     from . import manifest
 
-    key = (os.path.abspath(path), info["file"], info["nbytes"], info["crc32c"])
+    key = _part_key(path, info)
     refs = _PART_REFS.get(key)
     if refs is None:
         with gcpause.paused():  # the parsed part is tens of thousands of short-lived objects
-            part = manifest.read_part(path, info, cdir)
-            refs = frozenset(f["path"].split("/")[1] for f in part["files"] if f["path"].startswith("../"))
-            del part
-        if len(_PART_REFS) >= _PART_REFS_MAX:
-            _PART_REFS.clear()
-        _PART_REFS[key] = refs
+            refs = _references(manifest.read_part(path, info, cdir))
+        _remember(key, refs)
     return refs
+
+
+def _part_key(ckpt_dir: str, info: dict) -> tuple:
+    return (os.path.abspath(ckpt_dir), info["file"], info["nbytes"], info["crc32c"])
+
+
+def _references(part: dict) -> frozenset[str]:
+    return frozenset(f["path"].split("/")[1] for f in part["files"] if f["path"].startswith("../"))
+
+
+def _remember(key: tuple, refs: frozenset[str]) -> None:
+    if len(_PART_REFS) >= _PART_REFS_MAX:
+        _PART_REFS.clear()
+    _PART_REFS[key] = refs
 
 
 def collisions_line(statuses: list[int], where: str) -> str | None:
