@@ -114,6 +114,29 @@ def check_step(step: Any) -> int:
     return value
 
 
+class _StorageLayout(tuple):
+    """(storages, their ids, their starts, the chunks each is cut into) of one plan section."""
+
+    @classmethod
+    def of(cls, mine: list) -> "_StorageLayout":
+        return cls((mine, [s.id for s in mine], [s.start for s in mine],
+                    [[p.chunk for p in s.pieces] for s in mine]))
+
+
+def _versions_of(tensors: list[Any]) -> list[int | None]:
+    """Each tensor's version counter; None for an inference-mode tensor (it has none)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        out: list[int | None] = []
+        for t in tensors:
+            try:
+                out.append(t._version)
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
 def _failed(step: int, exc: BaseException) -> SaveFuture:
     f = SaveFuture(step)
     f._finish(None, exc)
@@ -151,7 +174,7 @@ class Checkpointer:
         # Unchanged chunks reference the earlier checkpoint (pyckpt/incremental.py); default PYCKPT_INCREMENTAL.
         self.incremental = knobs.get("PYCKPT_INCREMENTAL") if incremental is None else bool(incremental)
         self._baseline = incremental_mod.Baseline()
-        self._versions: dict[tuple, int] = {}  # (device, address, nbytes) -> version counter at the last save
+        self._versions: list[tuple] = []  # per plan section at the last save: (layout, addresses, versions)
         self._last_plan: dict = {}  # the previous plan (writer.prepare), reused while the layout stays the same
         catalog.check_best(keep_best, monitor, mode)  # best K by monitor() are kept besides the newest `keep`
         self.keep_best, self.monitor, self.mode = keep_best, monitor, mode
@@ -309,27 +332,27 @@ class Checkpointer:
         updated in place without changing (a frozen group with lr=0) gets a fingerprint then and is
         referenced from the next save on. A version that did not move proves nothing (``.data``
         writes bypass it, a new tensor may sit at an old address): those chunks keep the fingerprint."""
-        versions: dict[tuple, int] = {}
         moved: set[int] = set()
         still: set[int] = set()
-        names: dict = {}  # str(device) once per device: this loop runs per storage at every save
-        for sec in plan.sections():
-            addr = sec.described.addr
-            for s, keep in zip(sec.mine, sec.keeps):
-                try:
-                    version = keep._version
-                except RuntimeError:  # an inference-mode tensor has no version counter: fingerprinted
+        now: list[tuple] = []  # per section: (its storages' layout, their addresses, their versions)
+        for k, sec in enumerate(plan.sections()):
+            prev = self._versions[k] if k < len(self._versions) else None
+            # The storages' ids, starts and chunks: read once per layout (a reused plan keeps ``mine``).
+            lay = prev[0] if prev is not None and prev[0][0] is sec.mine else _StorageLayout.of(sec.mine)
+            addrs = list(map(operator.add, map(sec.described.bases.__getitem__, lay[1]), lay[2]))
+            versions = _versions_of(sec.keeps)
+            now.append((lay, addrs, versions))
+            if prev is not None and prev[0] is lay and prev[1] == addrs:
+                olds = prev[2]  # the same storages in the same memory: compared one by one
+            else:  # anything else: matched by (device, address, bytes) within the section's scope
+                old_keyed = {} if prev is None else {(str(s.device), a, s.nbytes): v
+                                                     for s, a, v in zip(prev[0][0], prev[1], prev[2]) if v is not None}
+                olds = [old_keyed.get((str(s.device), a, s.nbytes)) for s, a in zip(sec.mine, addrs)]
+            for chunks, old, version in zip(lay[3], olds, versions):
+                if version is None:  # an inference-mode tensor has no version counter: fingerprinted
                     continue
-                name = names.get(s.device)
-                if name is None:
-                    name = names[s.device] = str(s.device)
-                key = (name, addr(s.id), s.nbytes)
-                versions[key] = version
-                old = self._versions.get(key)
-                into = moved if old is not None and old != version else still
-                for p in s.pieces:
-                    into.add(p.chunk)
-        self._versions = versions
+                (moved if old is not None and old != version else still).update(chunks)
+        self._versions = now
         return moved - still
 
     def _start(self, engine: Any, plan: writer.RankPlan, tmp: str) -> tuple[Any, BaseException | None]:
@@ -400,8 +423,15 @@ class Checkpointer:
         plan.release()
         if err is None and self.coord.rank == 0 and fut._timer.monitor is not None:
             err = _try(lambda: catalog.write_monitor(tmp, fut._timer.monitor), OSError)  # keep_best reads it
+        raw = None
+        if err is None:
+            try:  # a reused layout's records and entries from their cached encoding (writer.encode_part)
+                raw = writer.encode_part(plan, part)
+            except Exception as e:  # reported by every rank's commit, never raised before it
+                err = e
         try:
-            commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err, self.directory)
+            fut._timer.figures = commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err,
+                                                     self.directory, raw)
         except Exception as e:
             if not getattr(e, "quiet", False):  # a vetoed lazy capture has said so in its own line
                 log.warning("pyckpt: checkpoint of step %d failed, previous checkpoints kept: %s", step, e)

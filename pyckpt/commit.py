@@ -380,22 +380,28 @@ def _pid_alive(token: str) -> bool:
 
 
 def commit_parts(coord, tag: str, tmp_dir: str, final_dir: str, step: int, part: dict | None,
-                 error: BaseException | None, root: str | None) -> None:
+                 error: BaseException | None, root: str | None, raw: bytes | None = None) -> dict | None:
     """Every rank: write its part, agree that all succeeded, rank 0 publishes.
 
     Every rank calls this even after a failure, so no rank waits forever; if any
     rank failed nobody commits and rank 0 removes the tmp directory. ``root``
     (when given) gets a commit sequence number and its ``latest`` pointer
-    updated. Raises on failure."""
-    from . import manifest
+    updated. ``raw``: the part's bytes when the caller has them (``writer.encode_part``),
+    else ``manifest.dumps(part)``. Raises on failure. Returns, on rank 0, the
+    checkpoint's byte figures (``metrics.sum_figures`` of every rank's part, sent
+    with the commit message so nobody parses the parts back), else None."""
+    from . import manifest, metrics
 
-    info = None
+    info = figures = None
     if error is None:
         try:
-            info = _write_part(tmp_dir, coord.rank, manifest.dumps(part))
+            info = _write_part(tmp_dir, coord.rank, manifest.dumps(part) if raw is None else raw)
+            figures = metrics.part_figures(part)
         except OSError as e:
             error = e
-    gathered = coord.all_gather_json({"info": info, "error": None if error is None else str(error)}, f"{tag}/parts")
+    # "figures" stays out of "info": the infos become the manifest's "parts" entries.
+    gathered = coord.all_gather_json({"info": info, "error": None if error is None else str(error),
+                                      "figures": figures}, f"{tag}/parts")
     failed = [(r, g["error"]) for r, g in enumerate(gathered) if g["info"] is None]
     outcome = None
     if coord.rank == 0:
@@ -410,6 +416,7 @@ def commit_parts(coord, tag: str, tmp_dir: str, final_dir: str, step: int, part:
     from .incremental import remember_part
 
     remember_part(final_dir, info, part)
+    return metrics.sum_figures([g.get("figures") for g in gathered]) if coord.rank == 0 else None
 
 
 def _write_part(tmp_dir: str, rank: int, raw: bytes) -> dict:

@@ -17,6 +17,7 @@ referenced and deletes its directory once nothing references it.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import posixpath
 import zlib
@@ -57,6 +58,11 @@ class Baseline:
         self.changed: set[tuple] = set()  # sigs whose fingerprint changed at the last save
         self.saves = 0
         self.seeded = False
+        # The last signatures computed, with the storage records they came from (held, so their
+        # identities stay theirs): expectations and update see the same records at every save of
+        # a reused plan (writer.storages_json shares them, read-only), and computing them again
+        # cost milliseconds of the GIL per save for thousands of storages.
+        self._sigs: tuple[list[dict], int, list[tuple]] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.chunks)
@@ -64,7 +70,7 @@ class Baseline:
     def update(self, part: dict, step_name: str) -> None:
         """Take the chunks of ``part`` (this rank's part of committed checkpoint ``step_name``)."""
         sizes = {f["path"]: f["nbytes"] for f in part.get("files", [])}
-        sigs = signatures(part.get("storages", []), len(part.get("chunks", [])))
+        sigs = self.signatures(part.get("storages", []), len(part.get("chunks", [])))
         new: dict[tuple, tuple[int, dict, int]] = {}
         for ch, sig in zip(part.get("chunks", []), sigs):
             fp = ch.get("fingerprint")
@@ -86,6 +92,17 @@ class Baseline:
         self.changed = {k for k, v in new.items() if k in self.chunks and self.chunks[k][0] != v[0]}
         self.chunks = new
         self.saves += 1
+
+    def signatures(self, storages_json: list[dict], nchunks: int) -> list[tuple]:
+        """``signatures(storages_json, nchunks)``, reused while called with the very same record
+        objects (in order) and chunk count as last time; the returned list must not be changed."""
+        last = self._sigs
+        if (last is not None and last[1] == nchunks and len(last[0]) == len(storages_json)
+                and all(map(operator.is_, last[0], storages_json))):
+            return last[2]
+        sigs = signatures(storages_json, nchunks)
+        self._sigs = (list(storages_json), nchunks, sigs)
+        return sigs
 
     def seed(self, root: str, rank: int) -> None:
         """First save of this process: start from the newest committed checkpoint's part of ``rank``
@@ -129,7 +146,7 @@ class Baseline:
         seen_files: dict[str, bool] = {}
         used: set[tuple[str, int]] = set()
         cur = layout.parse_step(final_name)
-        for i, sig in enumerate(signatures(storages_json, len(raw_lens))):
+        for i, sig in enumerate(self.signatures(storages_json, len(raw_lens))):
             key = (raw_lens[i],) + sig
             hit = self.chunks.get(key)
             if hit is None or key in self.changed:

@@ -27,6 +27,7 @@ capture off (``captured()`` at the consistent point, as before).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import threading
 import time
@@ -198,33 +199,38 @@ def _is_rank0(session: Any) -> bool:
 
 def _owned_storages(optimizers: Any) -> set[int]:
     """Storage addresses of every parameter and state tensor of the registered optimizers."""
-    out: set[int] = set()
+    tensors: list = []
     for opt in optimizers:
         for g in opt.param_groups:
-            for p in g["params"]:
-                out.add(_storage_ptr(p))
+            tensors += g["params"]
         for st in opt.state.values():
             if isinstance(st, dict):
-                for v in st.values():
-                    if isinstance(v, torch.Tensor):
-                        out.add(_storage_ptr(v))
+                tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    out = set(_storage_ptrs(tensors))
     out.discard(0)
     return out
+
+
+def _storage_ptrs(tensors: list) -> list[int]:
+    """``sharded.storage_ptr`` of each tensor; plain tensors inline (thousands at every snapshot)."""
+    plain = _PLAIN
+    return [t.untyped_storage().data_ptr() if type(t) in plain else _storage_ptr(t) for t in tensors]
+
+
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def _protect(tree: Any, owned: set[int], root: str) -> tuple[Any, list]:
     """``tree`` with small non-optimizer tensors replaced by copies, and guards for every other tensor."""
     found: list[tuple[str, torch.Tensor, bool]] = []
     _walk(tree, root, found)
-    ptrs = [_storage_ptr(t) for _, t, _ in found]
-    shared: dict[int, int] = {}
-    for ptr in ptrs:
-        shared[ptr] = shared.get(ptr, 0) + 1
+    ptrs = _storage_ptrs([t for _, t, _ in found])
+    shared = collections.Counter(ptrs)
     copies: dict[int, torch.Tensor] = {}
     guards = []
     for (name, t, plain), ptr in zip(found, ptrs):
-        small = t.numel() * t.element_size() <= EAGER_MAX_BYTES
-        if ptr not in owned and small and shared[ptr] == 1 and plain:
+        # Most tensors are the optimizer's: the ownership test first, the size only for the others.
+        if ptr not in owned and plain and shared[ptr] == 1 and t.nbytes <= EAGER_MAX_BYTES:
             copies[id(t)] = _copy_small(t)  # a view sharing storage keeps its sharing: guarded instead
         else:
             guards.append((t, t._version, name))

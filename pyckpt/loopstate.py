@@ -219,13 +219,22 @@ class _Encoder:
 
 
 def _module_tensor_ptrs(modules: list) -> set[int]:
-    out = set()
+    """Storage addresses of the modules' parameters and buffers. Read from each submodule's own
+    ``_parameters``/``_buffers`` (what ``parameters()``/``buffers()`` walk, without making a name
+    per tensor): this runs at every snapshot, over every tensor of the model."""
+    tensors: list = []
     for m in modules:
-        for t in itertools.chain(m.parameters(), m.buffers()):
-            try:
-                out.add(t.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):
-                pass
+        for sub in m.modules():
+            tensors += sub._parameters.values()
+            tensors += sub._buffers.values()
+    out = set()
+    for t in tensors:
+        if t is None:
+            continue
+        try:
+            out.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            pass
     return out
 
 

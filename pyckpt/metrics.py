@@ -1,9 +1,11 @@
 """Checkpoint metrics: one JSON line per save (and per restore) in ``ROOT/metrics.jsonl``.
 
 The commit thread of a ``Checkpointer`` hands a ``SaveTimer`` and the outcome
-to ``save_done``; the byte figures are read back from the committed files,
-so the line always agrees with what is on disk (``bytes_written`` is the sum
-of the data files' sizes). Callbacks registered with ``on_checkpoint`` get
+to ``save_done``. The byte figures agree with what is on disk (``bytes_written``
+is the sum of the data files' sizes): each rank computes its own from the part
+it wrote (``part_figures``) and rank 0 sums them (``sum_figures``), so a commit
+does not parse every part back; where a save has none, they are read back from
+the committed files (``data_figures``). Callbacks registered with ``on_checkpoint`` get
 the same record (rank 0 only). ``pyckpt stats DIR`` summarises the file.
 
 Record fields (event "save"): ``step``, ``time`` (unix seconds), ``ok``,
@@ -53,6 +55,7 @@ class SaveTimer:
         self.blocked_s = 0.0  # time callers spent inside captured()
         self.monitor: float | None = None
         self.url: str | None = None  # an object-storage root: the uploaded checkpoint's URL
+        self.figures: dict[str, Any] | None = None  # sum_figures of the committed parts, when known
 
     def returned(self) -> None:
         """``save()`` is about to return to the caller."""
@@ -114,8 +117,42 @@ def data_figures(ckpt_dir: str) -> dict[str, Any]:
             del part
     for rel in sorted(files):
         written += os.path.getsize(os.path.join(ckpt_dir, rel))
+    return _figures(raw, stored, written, skipped, len(manifest["parts"]))
+
+
+def _figures(raw: int, stored: int, written: int, skipped: int, world_size: int) -> dict[str, Any]:
     return {"bytes_raw": raw, "bytes_stored": stored, "bytes_written": written, "bytes_skipped": skipped,
-            "codec_ratio": round(raw / stored, 4) if stored else 1.0, "world_size": len(manifest["parts"])}
+            "codec_ratio": round(raw / stored, 4) if stored else 1.0, "world_size": world_size}
+
+
+def part_figures(part: dict) -> dict[str, Any] | None:
+    """One rank's share of ``data_figures``, from the part it is about to commit (in memory, sizes of
+    its data files as the part records them), for rank 0's ``sum_figures``; None when ``part`` is
+    not a well-formed part (rank 0 then reads the figures from disk)."""
+    try:
+        raw = stored = skipped = 0
+        for ch in part["chunks"]:
+            if ch["file"].startswith("../"):
+                skipped += ch["raw_len"]
+                continue
+            raw += ch["raw_len"]
+            stored += ch["stored_len"]
+        files = {fe["path"]: fe["nbytes"] for fe in part["files"] if not fe["path"].startswith("../")}
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return {"raw": raw, "stored": stored, "skipped": skipped, "files": files}
+
+
+def sum_figures(shares: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The record's byte figures (as ``data_figures`` gives them) from every rank's ``part_figures``
+    (one per part, in rank order); None when a rank has none."""
+    if not shares or any(not isinstance(f, dict) for f in shares):
+        return None
+    files: dict[str, int] = {}
+    for f in shares:
+        files.update(f["files"])  # a file listed by two parts is one file on disk
+    return _figures(sum(f["raw"] for f in shares), sum(f["stored"] for f in shares), sum(files.values()),
+                    sum(f["skipped"] for f in shares), len(shares))
 
 
 def save_record(timer: SaveTimer, path: str | None, error: BaseException | None) -> dict[str, Any]:
@@ -136,7 +173,8 @@ def save_record(timer: SaveTimer, path: str | None, error: BaseException | None)
         rec["url"] = timer.url
     if path is not None and error is None:
         try:
-            rec.update(data_figures(path))
+            # The ranks' own figures where the commit gathered them: no part is parsed back.
+            rec.update(timer.figures if timer.figures is not None else data_figures(path))
         except (OSError, ValueError, KeyError, TypeError) as e:
             rec["figures_error"] = f"{type(e).__name__}: {e}"
         if rec.get("durable_s") and "bytes_raw" in rec:

@@ -113,6 +113,10 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
     storages are returned again, with this call's addresses and tensors: a training job saves the
     same tensors at every checkpoint, and rebuilding thousands of entries each time cost the
     training thread time and left the garbage collector tens of thousands of new objects."""
+    if reuse is not None and reuse.signature is not None and len(tensors) == len(reuse.signature):
+        same = _same_layout(tensors, reuse)
+        if same is not None:
+            return Described(reuse.entries, reuse.storages, same[0], same[1], reuse.signature)
     groups: dict[tuple, int] = {}  # (device, storage address) -> index of its storage
     members: list[list[int]] = []
     saved: list[torch.Tensor] = []
@@ -156,6 +160,50 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
     for e, sig in zip(entries, signature):
         e["requires_grad"] = sig[-1]
     return Described(entries, storages, keeps, bases, signature)
+
+
+def _same_layout(tensors: list[torch.Tensor], reuse: Described) -> tuple[list, list] | None:
+    """(keeps, bases) when ``tensors`` have ``reuse.signature``; None when anything differs or is not
+    plainly checkable here (``describe`` then decides the long way, with its own checks and errors).
+
+    At every snapshot of a training job the same tensors come back, so this reads only what the
+    signature holds and what could make it wrong: each tensor's start address (its storage's address
+    follows from the saved offset) and the flags the long path rejects or materializes. The storage
+    grouping is proved from addresses: the members of a previous group share a base, and distinct
+    groups have distinct (device, base)."""
+    if not set(map(type, tensors)) <= _PLAIN_SET:
+        return None
+    sig = reuse.signature
+    strided = torch.strided
+    group_base: list = [None] * len(reuse.storages)
+    keeps: list = [None] * len(reuse.storages)
+    try:
+        for t, (gid, span, dtype, shape, stride, dev, grad) in zip(tensors, sig):
+            if (t.dtype is not dtype or t.shape != shape or t.stride() != stride or t.requires_grad is not grad
+                    or t.layout is not strided or t.device != dev or t.is_neg()
+                    or (dtype.is_complex and t.is_conj())):
+                return None
+            lo = span[0]
+            if t.storage_offset() * dtype.itemsize != lo:
+                return None
+            if span[1] == lo:  # no bytes: grouped by its storage object in describe (zero-byte storages)
+                return None
+            base = (dev, t.data_ptr() - lo)
+            had = group_base[gid]
+            if had is None:
+                group_base[gid] = base
+                keeps[gid] = t.detach() if grad and t.grad_fn is not None else t
+            elif had != base:
+                return None
+    except (RuntimeError, TypeError, AttributeError):  # strides of a nested or sparse tensor: the long way
+        return None
+    # (``None in keeps`` would call Tensor.__eq__ per item: tens of microseconds each)
+    if any(k is None for k in keeps) or len(set(group_base)) != len(group_base):
+        return None
+    return keeps, [b for _, b in group_base]
+
+
+_PLAIN_SET = frozenset(_PLAIN_TYPES)
 
 
 def _storage_for(sid: int, members: list[int], ts: list[torch.Tensor], spans: list, entries: list,

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from . import knobs
+from . import knobs, layout
 from .activation import _say as say
 
 SHM_ROOT = "/dev/shm"
@@ -195,8 +195,15 @@ def choose(ckpt: Any, coord: Any) -> Any:
     mine = next(iter(tier.ckpt._candidates()), None)
     if mine is None:
         return None
-    stored = next(iter(ckpt._candidates()), None)  # manifests and parts only
     step = _step(mine)
+    # Storage's newest valid commit decides only if storage holds a later step at all: when no
+    # commit there is newer than the copy, none is validated (parsing a part of thousands of
+    # tensors costs as much as the tier's whole restore). Every rank takes the same branch.
+    newer = ckpt.remote is not None or any((e.step if e.step is not None else -1) > step
+                                           for e in layout.committed(ckpt.directory))
+    if coord.world_size > 1:
+        newer = any(coord.all_gather_json(newer, "tier/newer"))
+    stored = next(iter(ckpt._candidates()), None) if newer else None  # manifests and parts only
     if stored is not None and _step(stored) > step:
         if tier.rank0:
             say(f"memory-tier copy of step {step} is older than {stored}: resuming from storage")

@@ -111,7 +111,8 @@ class Publication:
                                                                   os.path.basename(final)))
             except Exception as e:  # disk full, a bad record: no rank commits
                 err = e
-        commit.commit_parts(coord, f"tier-publish/{self.seq}", tmp, final, step, out, err, st.directory)
+        self.future._timer.figures = commit.commit_parts(coord, f"tier-publish/{self.seq}", tmp, final, step, out,
+                                                         err, st.directory)
         if st.incremental and out is not None:
             st._baseline.update(out, os.path.basename(final))  # the next copy references this one
         if coord.rank == 0:

@@ -29,7 +29,14 @@ def _path(parent: str, key: object) -> str:
     return f"{parent}/{key}" if parent else str(key)
 
 
+_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 class _Encoder:
+    """Encodes a state tree. A training state has thousands of tensors and their containers, encoded
+    at every snapshot: the children of plain dicts and lists that are plain scalars or plain tensors
+    are encoded inline (no call, no key path made for a scalar); everything else takes ``value``."""
+
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
         self.paths: list[str] = []
@@ -50,15 +57,32 @@ class _Encoder:
         if isinstance(v, dict):
             return self.mapping(v, path, depth)
         if isinstance(v, list):
-            return [self.value(x, _path(path, i), depth + 1) for i, x in enumerate(v)]
+            return self.sequence(v, path, depth)
         return self.special(v, path, depth)
+
+    def child(self, x: Any, path: str, key: Any, depth: int) -> Any:
+        """``value(x, _path(path, key), depth)``, inline for plain scalars and tensors."""
+        tp = type(x)
+        if tp is str or tp is int or tp is bool or x is None:
+            if depth <= _MAX_DEPTH:
+                return x
+        elif tp in _TENSOR_TYPES:
+            if depth <= _MAX_DEPTH:
+                self.tensors.append(x)
+                self.paths.append(_path(path, key))
+                return {TAG: "tensor", "id": len(self.tensors) - 1}
+        return self.value(x, _path(path, key), depth)
+
+    def sequence(self, v: list, path: str, depth: int) -> list:
+        child = self.child
+        return [child(x, path, i, depth + 1) for i, x in enumerate(v)]
 
     def special(self, v: Any, path: str, depth: int) -> Any:
         # torch.Size is a tuple subclass: test it first.
         if isinstance(v, torch.Size):
             return {TAG: "size", "dims": list(v)}
         if type(v) is tuple:
-            return {TAG: "tuple", "items": [self.value(x, _path(path, i), depth + 1) for i, x in enumerate(v)]}
+            return {TAG: "tuple", "items": self.sequence(list(v), path, depth)}
         if isinstance(v, torch.dtype) and v in DTYPE_TO_CODE:
             return {TAG: "dtype", "code": DTYPE_TO_CODE[v]}
         if isinstance(v, torch.device):
@@ -73,14 +97,15 @@ class _Encoder:
         )
 
     def mapping(self, d: dict, path: str, depth: int) -> Any:
+        child = self.child
         if all(type(k) is str for k in d) and TAG not in d:
-            return {k: self.value(x, _path(path, k), depth + 1) for k, x in d.items()}
+            return {k: child(x, path, k, depth + 1) for k, x in d.items()}
         # Non-string keys (optimizer state's int keys) keep their type.
         items = []
         for k, x in d.items():
             if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
                 raise UnsupportedStateError(f"cannot save dict key {k!r} of type {type(k).__name__} at {path!r}", key=path)
-            items.append([self.value(k, _path(path, k), depth + 1), self.value(x, _path(path, k), depth + 1)])
+            items.append([child(k, path, k, depth + 1), child(x, path, k, depth + 1)])
         return {TAG: "dict", "items": items}
 
 

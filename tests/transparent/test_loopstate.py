@@ -176,6 +176,27 @@ def test_what_is_skipped_warned_or_kept():
     assert not set(loc) & {"big", "fresh_big", "param", "module", "alias", "fh", "stream", "custom"}
 
 
+def test_tensors_shared_with_any_submodule_are_left_to_the_module():
+    """Parameters and buffers of nested submodules (a non-persistent buffer too, which no state_dict
+    holds) are the module's: a loop variable viewing them is skipped, not saved as a copy; a tensor
+    of its own is kept."""
+    inner = torch.nn.Linear(3, 3)
+    inner.register_buffer("mask", torch.ones(3), persistent=False)
+    model = torch.nn.Sequential(torch.nn.Sequential(inner), torch.nn.ReLU())
+    weight_row = inner.weight.data[0]  # a view into a submodule's parameter
+    mask = inner.mask
+    own = torch.arange(3.0)
+    own.add_(1)
+
+    def probe():
+        return loopstate.capture([sys._getframe(1)], "step", 1 << 20, [model])
+
+    cap = probe()
+    skipped = {k.split(" ")[0]: v for k, v in cap.skipped.items()}
+    assert "module" in skipped["weight_row"] and "module" in skipped["mask"], skipped
+    assert "own" in cap.tree["locals"][0] and "weight_row" not in cap.tree["locals"][0]
+
+
 def test_globals_of_script_modules_and_exclusion(tmp_path, monkeypatch):
     mod = types.ModuleType("__main__")
     mod.__file__ = str(tmp_path / "train.py")

@@ -95,6 +95,38 @@ def test_memory_copy_is_used_only_when_at_least_as_new_as_storage(tmp_path, shm,
             ck.close()
 
 
+def test_storage_is_validated_only_when_it_holds_a_newer_step(tmp_path, shm, monkeypatch):
+    """Choosing the memory copy reads no storage part while every storage commit is at most as new
+    as the copy (validating a part of thousands of tensors cost as much as the tier's restore); a
+    newer storage commit is still validated, and a damaged newer one does not hide the copy."""
+    from pyckpt import reader
+
+    opened = []
+    real = reader.open_checkpoint
+    monkeypatch.setattr(reader, "open_checkpoint", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
+    storage = str(tmp_path / "ck")
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(storage), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            ck.save(10, {"w": torch.zeros(4)}, {"n": 10}).result()
+            tier.save(20, {"w": torch.ones(4)}, {"n": 20}).result()
+            opened.clear()
+            src = shm_tier.choose(ck, coord)
+            assert src is not None and src.step == 20
+            assert not [p for p in opened if p.startswith(storage)], opened
+            ck.save(30, {"w": torch.zeros(4)}, {"n": 30}).result()
+            (tmp_path / "ck" / layout.step_dir_name(30) / layout.part_name(0)).write_bytes(b"{}")  # damaged
+            opened.clear()
+            src = shm_tier.choose(ck, coord)
+            assert any(p.startswith(storage) for p in opened)  # the newer commit was looked at
+            assert src is not None and src.step == 20  # and, damaged, does not count
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+
+
 def test_damaged_memory_copy_falls_back_to_storage_with_one_line(tmp_path, shm, plain_results):
     out = tmp_path / "out.pt"
     env = _env(tmp_path, PYCKPT_STORAGE_EVERY="1")
@@ -155,6 +187,35 @@ def test_storage_checkpoint_is_copied_from_the_memory_copy_not_captured_again(tm
             shm_tier._TIERS.pop(ck.directory, None)
             tier.remove()
             ck.close()
+
+
+def test_storage_copies_from_memory_report_their_figures_without_parsing_parts(tmp_path, shm, monkeypatch):
+    """A storage checkpoint published from the memory copy gets its metrics line's byte figures from
+    the commit, like any save (nothing parsed back), and they equal what the files on disk hold."""
+    from pyckpt import metrics
+
+    real, calls = metrics.data_figures, []
+    monkeypatch.setattr(metrics, "data_figures", lambda path: calls.append(path) or real(path))
+    big = torch.arange(3 << 20, dtype=torch.float32)
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            for step in (10, 20):
+                big[-1] = step  # the last chunk changes: copied; the others referenced
+                tier.publish(tier.save(step, {"big": big}, {"n": step}), ck, step).result(60)
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+    assert calls == []
+    records, _ = metrics.read(str(tmp_path / "ck"))
+    saves = [r for r in records if r["event"] == "save" and str(tmp_path / "ck") in (r["path"] or "")]
+    assert [r["step"] for r in saves] == [10, 20]
+    for r in saves:
+        fields = ("bytes_raw", "bytes_stored", "bytes_written", "bytes_skipped", "codec_ratio", "world_size")
+        assert {k: r[k] for k in fields} == real(r["path"])
+    assert saves[1]["bytes_skipped"] > 0  # the referenced chunks
 
 
 def test_copy_from_memory_catches_forced_fingerprint_collisions_by_crc(tmp_path, shm, caplog):

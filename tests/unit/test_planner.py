@@ -1,7 +1,9 @@
 """planner: storages, extents, packing into chunks, owner assignment."""
+import pytest
 import torch
 
 from pyckpt import planner
+from pyckpt.errors import UnsupportedStateError
 
 MB = 1 << 20
 
@@ -146,3 +148,41 @@ def test_any_change_of_layout_describes_afresh():
         assert second.storages is not first.storages, name
         assert second.entries == fresh.entries, name
         assert _layout(second) == _layout(fresh), name
+
+
+def test_reuse_keeps_what_a_fresh_description_would_save():
+    """A reused layout must still save the bytes the long path saves: a conjugate or negative view
+    materialized, a tensor in an autograd graph detached (the short check hands those to it)."""
+    c = torch.randn(8, dtype=torch.complex64)
+    p = torch.nn.Parameter(torch.randn(8))
+    x = torch.randn(8, dtype=torch.complex64)
+    cases = [("conjugate", [c], [c.conj()]),
+             ("negative view", [x.imag.clone()], [x.conj().imag]),
+             ("graph", [p * 3], [p * 2])]
+    for name, before, after in cases:
+        first = planner.describe(before, ["a"])
+        second = planner.describe(after, ["a"], reuse=first)
+        fresh = planner.describe(after, ["a"])
+        assert second.entries == fresh.entries, name
+        k = second.keeps[0]
+        assert k.grad_fn is None and not k.is_conj() and not k.is_neg(), name
+        assert torch.equal(k, fresh.keeps[0]), name
+
+
+def test_reuse_never_hides_an_unsupported_tensor():
+    dense = torch.ones(4, 4)
+    first = planner.describe([dense], ["w"])
+    for later in (dense.to_sparse(), torch.ones(4, 4, device="meta")):
+        with pytest.raises(UnsupportedStateError, match="'w'"):
+            planner.describe([later], ["w"], reuse=first)
+
+
+def test_reuse_with_empty_tensors_keeps_them_apart():
+    """Zero-byte storages all sit at address 0 and are never merged, reused or not."""
+    ts = [torch.empty(0), torch.empty(0), torch.ones(2)]
+    first = planner.describe(ts, ["a", "b", "c"])
+    again = [torch.empty(0), torch.empty(0), torch.ones(2)]
+    second = planner.describe(again, ["a", "b", "c"], reuse=first)
+    assert len(second.storages) == 3
+    assert [e["storage"] for e in second.entries] == [0, 1, 2]
+    assert second.keeps[2] is again[2]

@@ -122,3 +122,92 @@ def test_absurdly_deep_trees_are_refused_both_ways():
         bad = {"k": bad}
     with pytest.raises(CorruptCheckpointError, match="too deeply"):
         tree.unflatten(bad, lambda i, d, p: None, where="p.json")
+
+
+# -- the encoder's inline paths against the rules of docs/FORMAT.md "State tree" ------------------
+def _reference(v, path="", depth=0, out=None):
+    """The encoding rules written out plainly, one call per node (what flatten's inline paths for
+    plain scalars and tensors must agree with, including the depth limit and every key path)."""
+    out = out if out is not None else ([], [])
+    if depth > tree.MAX_DEPTH:
+        raise UnsupportedStateError("deep", key=path)
+    sub = (lambda p, k: f"{p}/{k}" if p else str(k))
+    if v is None or isinstance(v, (bool, str)):
+        return v, out
+    if isinstance(v, int):
+        return int(v), out
+    if isinstance(v, float):
+        return (v if math.isfinite(v) else {tree.TAG: "float", "value": repr(v)}), out
+    if isinstance(v, torch.Tensor):
+        out[0].append(v)
+        out[1].append(path)
+        return {tree.TAG: "tensor", "id": len(out[0]) - 1}, out
+    if isinstance(v, dict):
+        if all(type(k) is str for k in v) and tree.TAG not in v:
+            return {k: _reference(x, sub(path, k), depth + 1, out)[0] for k, x in v.items()}, out
+        return {tree.TAG: "dict", "items": [[_reference(k, sub(path, k), depth + 1, out)[0],
+                                             _reference(x, sub(path, k), depth + 1, out)[0]]
+                                            for k, x in v.items()]}, out
+    if isinstance(v, list):
+        return [_reference(x, sub(path, i), depth + 1, out)[0] for i, x in enumerate(v)], out
+    if isinstance(v, torch.Size):
+        return {tree.TAG: "size", "dims": list(v)}, out
+    if type(v) is tuple:
+        return {tree.TAG: "tuple", "items": [_reference(x, sub(path, i), depth + 1, out)[0]
+                                             for i, x in enumerate(v)]}, out
+    raise AssertionError(f"test generator made {type(v)}")
+
+
+def _random_state(rng, depth=0):
+    import enum
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
+    class Name(str):
+        pass
+
+    leaves = [lambda: rng.randint(-5, 2**65), lambda: rng.random() < 0.5, lambda: None,
+              lambda: Name("n") if rng.random() < 0.2 else "s", lambda: rng.choice([1.5, math.inf, -math.inf]),
+              lambda: torch.zeros(rng.randint(0, 3)), lambda: torch.nn.Parameter(torch.ones(2)),
+              lambda: Colour.RED, lambda: torch.Size([2, rng.randint(1, 4)])]
+    if depth > 4 or rng.random() < 0.3:
+        return rng.choice(leaves)()
+    kind = rng.randrange(5)
+    n = rng.randint(0, 5)
+    if kind == 0:
+        return {f"k{i}": _random_state(rng, depth + 1) for i in range(n)}
+    if kind == 1:  # int keys (an optimizer's state), an IntEnum key, or the tag key itself
+        keys = [i for i in range(n)] + rng.choice([[], [Colour.RED], [tree.TAG], [(1, "a")]])
+        return {k: _random_state(rng, depth + 1) for k in keys}
+    if kind == 2:
+        return tuple(_random_state(rng, depth + 1) for _ in range(n))
+    return [_random_state(rng, depth + 1) for _ in range(n)]
+
+
+def test_flatten_agrees_with_the_plain_rules_on_random_states():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(400):
+        state = {"root": _random_state(rng), "model": {"w": torch.ones(2), "b": [torch.zeros(1), 3]}}
+        tr, tensors, paths = tree.flatten(state)
+        want, (ts, ps) = _reference(state)
+        assert json.dumps(tr) == json.dumps(want)
+        assert paths == ps and len(tensors) == len(ts) and all(a is b for a, b in zip(tensors, ts))
+
+
+@pytest.mark.parametrize("leaf", [3, "s", None, True, torch.ones(1)])
+def test_depth_limit_holds_for_every_kind_of_leaf(leaf):
+    """A leaf exactly at the limit is kept; one level deeper is refused, whatever the leaf is."""
+    def nest(levels, container):
+        v = leaf
+        for _ in range(levels):
+            v = container(v)
+        return v
+
+    for container in (lambda v: [v], lambda v: {"k": v}, lambda v: {0: v}):
+        kept = tree.flatten(nest(tree.MAX_DEPTH, container))[1]
+        assert len(kept) == (1 if isinstance(leaf, torch.Tensor) else 0)
+        with pytest.raises(UnsupportedStateError, match="deeper"):
+            tree.flatten(nest(tree.MAX_DEPTH + 1, container))
