@@ -63,6 +63,9 @@ class SaveFuture:
         self._exc: BaseException | None = None
         self._timer: metrics.SaveTimer | None = None
         self._gate: Callable[[], BaseException | None] | None = None
+        # (part, plan) of this rank once committed, for a memory-tier Checkpointer only (``hand_over_parts``):
+        # storage's copy of it (tier_publish.py) then neither parses the part back nor encodes it anew.
+        self._committed: tuple[dict, Any] | None = None
 
     def captured(self, timeout: float | None = None) -> bool:
         """Block until every tensor is copied to staging (or the save failed); False on timeout."""
@@ -175,6 +178,7 @@ class Checkpointer:
         self.incremental = knobs.get("PYCKPT_INCREMENTAL") if incremental is None else bool(incremental)
         self._baseline = incremental_mod.Baseline()
         self._versions: list[tuple] = []  # per plan section at the last save: (layout, addresses, versions)
+        self.hand_over_parts = False  # set by the memory tier: futures keep their committed part (SaveFuture)
         self._last_plan: dict = {}  # the previous plan (writer.prepare), reused while the layout stays the same
         catalog.check_best(keep_best, monitor, mode)  # best K by monitor() are kept besides the newest `keep`
         self.keep_best, self.monitor, self.mode = keep_best, monitor, mode
@@ -440,6 +444,8 @@ class Checkpointer:
             return
         if part is not None and plan.refs is not None:
             self._baseline.update(part, os.path.basename(final))  # the next save references this one
+        if self.hand_over_parts and part is not None:
+            fut._committed = (part, plan)
         url = None
         if self.remote is not None:  # upload, then remote retention; staging keeps only its newest
             url, e = remote.publish(self, final, seq)

@@ -54,6 +54,7 @@ class Tier:
         self.every = knobs.get("PYCKPT_STORAGE_EVERY")
         self.warned_size = False
         self.ckpt = Checkpointer(path, keep=1, compress="none", coordinator=coord)
+        self.ckpt.hand_over_parts = True  # storage's copies take the committed part as it is (tier_publish.py)
         self.rank0 = coord.rank == 0
         self.publication: Any = None  # the newest tier_publish.Publication (storage copied from this tier)
         # An evicted snapshot's data files are written over by a later snapshot (mapped, in place): new

@@ -10,6 +10,10 @@ does not allow it), and the storage checkpoint is committed by the same protocol
 as a ``Checkpointer.save`` (tmp directory, every rank's part, rank 0's
 manifest, ``latest``, retention). The training tensors are read once, by the
 memory tier's capture; the storage write never delays an optimizer step.
+The part is taken as this process committed it to the memory tier (held by
+that save's future), not parsed back from ``/dev/shm``, and its storage
+records and tensor entries keep their cached encoding (``writer.encode_part``):
+for thousands of tensors those were tens of milliseconds of the GIL per copy.
 
 Incremental: a chunk whose fingerprint (and CRC32C, compared for free from
 the two records) equals the one storage's newest checkpoint holds for the same
@@ -28,7 +32,7 @@ import os
 import threading
 from typing import Any
 
-from . import commit, incremental, layout, manifest, metrics
+from . import commit, incremental, layout, manifest, metrics, writer
 from .checkpointer import SaveFuture
 from .safe_fs import CheckpointDir
 
@@ -52,6 +56,7 @@ class Publication:
     def __init__(self, tier_root: str, source: SaveFuture, storage: Any, step: int) -> None:
         self.tier_root, self.source, self.storage, self.step = tier_root, source, storage, step
         self.opened = threading.Event()  # the source files are open: the tier may retire them now
+        self.plan: Any = None  # the memory copy's plan, when it handed its committed part over
         self.future = SaveFuture(step)
         self.future._timer = metrics.SaveTimer(step)
         with storage._lock:
@@ -72,8 +77,11 @@ class Publication:
                 self.future._finish(None, e)
                 return
             part, err = None, None
+            committed, self.source._committed = self.source._committed, None  # (part, plan), or None
+            self.plan = committed[1] if committed is not None else None
             try:
-                part = _open_source(src, self.storage.coord.rank, self.tier_root, fds)
+                part = _open_source(src, self.storage.coord.rank, self.tier_root, fds,
+                                    committed[0] if committed is not None else None)
             except Exception as e:  # one rank only, maybe: the commit below fails on every rank
                 err = e
             finally:
@@ -111,8 +119,14 @@ class Publication:
                                                                   os.path.basename(final)))
             except Exception as e:  # disk full, a bad record: no rank commits
                 err = e
+        raw = None
+        if err is None and self.plan is not None:
+            try:  # storage records and entries shared with the memory copy's plan: encoded once (writer.py)
+                raw = writer.encode_part(self.plan, out)
+            except Exception as e:  # reported by every rank's commit
+                err = e
         self.future._timer.figures = commit.commit_parts(coord, f"tier-publish/{self.seq}", tmp, final, step, out,
-                                                         err, st.directory)
+                                                         err, st.directory, raw)
         if st.incremental and out is not None:
             st._baseline.update(out, os.path.basename(final))  # the next copy references this one
         if coord.rank == 0:
@@ -128,12 +142,19 @@ class Publication:
         self.thread.join()
 
 
-def _open_source(src: str, rank: int, tier_root: str, fds: dict[str, int]) -> dict:
+def _open_source(src: str, rank: int, tier_root: str, fds: dict[str, int], committed: dict | None = None) -> dict:
     """Rank ``rank``'s part of the committed memory copy ``src``, with every data file it names opened
-    into ``fds`` (root-relative path -> descriptor), so the tier may delete them while they are read."""
-    with CheckpointDir(src) as d:
-        m = manifest.read_manifest(src, d)
-        part = manifest.read_part(src, m["parts"][rank], d)
+    into ``fds`` (root-relative path -> descriptor), so the tier may delete them while they are read.
+
+    ``committed``: that part as this process committed it (``SaveFuture._committed``): taken as it is
+    (its chunk records copied, they get a source here) instead of parsing and validating the file
+    it was just written to, which for thousands of tensors cost tens of milliseconds of the GIL."""
+    if committed is not None:
+        part = dict(committed, chunks=[dict(ch) for ch in committed["chunks"]])
+    else:
+        with CheckpointDir(src) as d:
+            m = manifest.read_manifest(src, d)
+            part = manifest.read_part(src, m["parts"][rank], d)
     name = os.path.basename(src)
     for ch in part["chunks"]:
         rel = incremental.root_relative(name, ch["file"])

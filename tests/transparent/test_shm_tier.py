@@ -218,6 +218,36 @@ def test_storage_copies_from_memory_report_their_figures_without_parsing_parts(t
     assert saves[1]["bytes_skipped"] > 0  # the referenced chunks
 
 
+def test_storage_copy_takes_the_committed_part_without_parsing_it_back(tmp_path, shm, monkeypatch):
+    """Storage's copy of a snapshot takes the memory copy's part as this process committed it: the
+    part file in /dev/shm is not parsed again, and the storage part written is the canonical JSON of
+    what was committed there (same records, new chunk and file records), loading the same tensors."""
+    from pyckpt import manifest
+
+    real, parsed = manifest.read_part, []
+    monkeypatch.setattr(manifest, "read_part", lambda path, *a: parsed.append(str(path)) or real(path, *a))
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)])
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            for step in (10, 20, 30):
+                with torch.no_grad():
+                    model[step // 10].weight.add_(1.0)
+                want = {k: v.clone() for k, v in model.state_dict().items()}
+                path = tier.publish(tier.save(step, {"model": model.state_dict()}, {"n": step}), ck, step).result(60)
+                assert not [p for p in parsed if p.startswith(str(shm))], parsed
+                got = ck.restore(step)
+                assert all(torch.equal(got.state["model"][k], v) for k, v in want.items()) and got.rank_state == {"n": step}
+                raw = (Path(path) / layout.part_name(0)).read_bytes()
+                assert raw == manifest.dumps(real(path, manifest.read_manifest(path)["parts"][0]))
+            assert tier.ckpt.hand_over_parts and not ck.hand_over_parts
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+
+
 def test_copy_from_memory_catches_forced_fingerprint_collisions_by_crc(tmp_path, shm, caplog):
     # Every fingerprint is 0 (test build): a changed chunk looks unchanged to the fingerprint; the CRC32C
     # comparison of the two chunk records must catch it, so storage gets the new bytes, never the old.
