@@ -21,7 +21,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import incremental as incremental_mod
 from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, writer
@@ -117,13 +117,17 @@ def check_step(step: Any) -> int:
     return value
 
 
-class _StorageLayout(tuple):
-    """(storages, their ids, their starts, the chunks each is cut into) of one plan section."""
+class _StorageLayout(NamedTuple):
+    """The storages of one plan section and what ``_moved_chunks`` reads of them at every save."""
+
+    storages: list  # the section's ``mine`` (the same list while a plan is reused)
+    ids: list[int]
+    starts: list[int]
+    chunks: list[list[int]]  # the chunks each storage is cut into
 
     @classmethod
     def of(cls, mine: list) -> "_StorageLayout":
-        return cls((mine, [s.id for s in mine], [s.start for s in mine],
-                    [[p.chunk for p in s.pieces] for s in mine]))
+        return cls(mine, [s.id for s in mine], [s.start for s in mine], [[p.chunk for p in s.pieces] for s in mine])
 
 
 def _versions_of(tensors: list[Any]) -> list[int | None]:
@@ -341,18 +345,19 @@ class Checkpointer:
         now: list[tuple] = []  # per section: (its storages' layout, their addresses, their versions)
         for k, sec in enumerate(plan.sections()):
             prev = self._versions[k] if k < len(self._versions) else None
-            # The storages' ids, starts and chunks: read once per layout (a reused plan keeps ``mine``).
-            lay = prev[0] if prev is not None and prev[0][0] is sec.mine else _StorageLayout.of(sec.mine)
-            addrs = list(map(operator.add, map(sec.described.bases.__getitem__, lay[1]), lay[2]))
+            # A reused plan keeps ``mine``: its layout is read once, not at every save.
+            lay = prev[0] if prev is not None and prev[0].storages is sec.mine else _StorageLayout.of(sec.mine)
+            addrs = list(map(operator.add, map(sec.described.bases.__getitem__, lay.ids), lay.starts))
             versions = _versions_of(sec.keeps)
             now.append((lay, addrs, versions))
             if prev is not None and prev[0] is lay and prev[1] == addrs:
                 olds = prev[2]  # the same storages in the same memory: compared one by one
             else:  # anything else: matched by (device, address, bytes) within the section's scope
                 old_keyed = {} if prev is None else {(str(s.device), a, s.nbytes): v
-                                                     for s, a, v in zip(prev[0][0], prev[1], prev[2]) if v is not None}
+                                                     for s, a, v in zip(prev[0].storages, prev[1], prev[2])
+                                                     if v is not None}
                 olds = [old_keyed.get((str(s.device), a, s.nbytes)) for s, a in zip(sec.mine, addrs)]
-            for chunks, old, version in zip(lay[3], olds, versions):
+            for chunks, old, version in zip(lay.chunks, olds, versions):
                 if version is None:  # an inference-mode tensor has no version counter: fingerprinted
                     continue
                 (moved if old is not None and old != version else still).update(chunks)

@@ -100,24 +100,18 @@ def data_figures(ckpt_dir: str) -> dict[str, Any]:
     """Byte figures of a committed checkpoint, read from its part files and the data files' sizes."""
     with open(os.path.join(ckpt_dir, "MANIFEST.json"), "rb") as f:
         manifest = json.loads(f.read(16 << 20))
-    raw = stored = skipped = written = 0
-    files: set[str] = set()
+    shares = []
     for info in manifest["parts"]:
         with open(os.path.join(ckpt_dir, info["file"]), "rb") as f:
             text = f.read()
         with gcpause.paused():  # a big part is tens of thousands of short-lived objects (gcpause.py)
-            part = json.loads(text)
-            for ch in part["chunks"]:
-                if ch["file"].startswith("../"):
-                    skipped += ch["raw_len"]  # held by an older checkpoint, not written now
-                    continue
-                raw += ch["raw_len"]
-                stored += ch["stored_len"]
-            files.update(fe["path"] for fe in part["files"] if not fe["path"].startswith("../"))
-            del part
-    for rel in sorted(files):
-        written += os.path.getsize(os.path.join(ckpt_dir, rel))
-    return _figures(raw, stored, written, skipped, len(manifest["parts"]))
+            share = part_figures(json.loads(text))
+        if share is None:
+            raise ValueError(f"{info['file']} is not a well-formed part")
+        # The data files' sizes as they are on disk, not as the part recorded them.
+        share["files"] = {rel: os.path.getsize(os.path.join(ckpt_dir, rel)) for rel in share["files"]}
+        shares.append(share)
+    return sum_figures(shares) if shares else _figures(0, 0, 0, 0, 0)
 
 
 def _figures(raw: int, stored: int, written: int, skipped: int, world_size: int) -> dict[str, Any]:

@@ -56,7 +56,6 @@ class Publication:
     def __init__(self, tier_root: str, source: SaveFuture, storage: Any, step: int) -> None:
         self.tier_root, self.source, self.storage, self.step = tier_root, source, storage, step
         self.opened = threading.Event()  # the source files are open: the tier may retire them now
-        self.plan: Any = None  # the memory copy's plan, when it handed its committed part over
         self.future = SaveFuture(step)
         self.future._timer = metrics.SaveTimer(step)
         with storage._lock:
@@ -78,7 +77,6 @@ class Publication:
                 return
             part, err = None, None
             committed, self.source._committed = self.source._committed, None  # (part, plan), or None
-            self.plan = committed[1] if committed is not None else None
             try:
                 part = _open_source(src, self.storage.coord.rank, self.tier_root, fds,
                                     committed[0] if committed is not None else None)
@@ -86,7 +84,7 @@ class Publication:
                 err = e
             finally:
                 self.opened.set()
-            self._publish(part, fds, err)
+            self._publish(part, fds, err, committed[1] if committed is not None else None)
         except BaseException as e:
             log.warning("pyckpt: checkpoint of step %d not written to storage: %s", self.step, e)
             self.storage._record(self.future, None, e)
@@ -95,7 +93,8 @@ class Publication:
             for fd in fds.values():
                 os.close(fd)
 
-    def _publish(self, part: dict | None, fds: dict[str, int], err: BaseException | None) -> None:
+    def _publish(self, part: dict | None, fds: dict[str, int], err: BaseException | None, plan: Any) -> None:
+        """``plan``: the memory copy's plan when it handed its committed part over, else None."""
         st, step = self.storage, self.step
         coord = st.coord
         # As Checkpointer.save: one storage save in flight; every rank goes ahead or none does.
@@ -120,9 +119,9 @@ class Publication:
             except Exception as e:  # disk full, a bad record: no rank commits
                 err = e
         raw = None
-        if err is None and self.plan is not None:
+        if err is None and plan is not None:
             try:  # storage records and entries shared with the memory copy's plan: encoded once (writer.py)
-                raw = writer.encode_part(self.plan, out)
+                raw = writer.encode_part(plan, out)
             except Exception as e:  # reported by every rank's commit
                 err = e
         self.future._timer.figures = commit.commit_parts(coord, f"tier-publish/{self.seq}", tmp, final, step, out,

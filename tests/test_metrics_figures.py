@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyckpt
-from pyckpt import knobs, metrics
+from pyckpt import metrics
 
 FIELDS = ("bytes_raw", "bytes_stored", "bytes_written", "bytes_skipped", "codec_ratio", "world_size")
 
@@ -40,13 +40,13 @@ def _state(model: torch.nn.Module, frozen: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("compress, incremental", [("none", False), ("zstd", False), ("none", True)])
 def test_single_process_figures_equal_the_files_without_reading_them_back(ckpt_root, monkeypatch, compress,
-                                                                           incremental):
+                                                                           incremental, knob_env):
     calls = _count_data_figures(monkeypatch)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
     frozen = torch.zeros(1 << 18)  # 1 MiB of zeros: compresses; unchanged, so referenced when incremental
-    with knobs.override(PYCKPT_CHUNK_MB=1), \
-            pyckpt.Checkpointer(ckpt_root, keep=10, compress=compress, incremental=incremental) as ck:
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(ckpt_root, keep=10, compress=compress, incremental=incremental) as ck:
         for step in (1, 2, 3):
             with torch.no_grad():
                 model[step].weight.add_(1.0)

@@ -322,12 +322,13 @@ def test_a_chunk_that_just_changed_is_copied_without_a_fingerprint_pass(tmp_path
     assert refs == [False, False, False, True]
 
 
-def test_tensors_updated_in_place_are_written_without_computing_a_fingerprint(tmp_path):
+def test_tensors_updated_in_place_are_written_without_computing_a_fingerprint(tmp_path, knob_env):
     """A tensor whose version counter moved since the last save changed: its chunks are written
     without a fingerprint (one pass over the bytes less), except at a rotating 1 in 8 saves; an
     untouched tensor keeps its fingerprint and is referenced. Every checkpoint loads exactly."""
     moving, frozen = torch.zeros(1 << 18), torch.randn(1 << 18)  # 1 MiB each: one chunk each
-    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
         fps, refs = [], []
         for step in range(1, 11):
             moving.add_(1.0)
@@ -344,12 +345,13 @@ def test_tensors_updated_in_place_are_written_without_computing_a_fingerprint(tm
     assert sum(skipped) >= 6 and not all(skipped)  # sampled 1 in 8: at most 2 of these 8 fingerprinted
 
 
-def test_a_tensor_updated_in_place_without_changing_is_referenced_again(tmp_path):
+def test_a_tensor_updated_in_place_without_changing_is_referenced_again(tmp_path, knob_env):
     """A frozen parameter group with lr=0 is updated in place every step (its version moves) with no
     change: a sampled save fingerprints it, and from then on it is referenced, save after save."""
     still = torch.randn(1 << 18)
     refs = []
-    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
         for step in range(1, 13):
             still.add_(0.0)
             path = ck.save(step, {"still": still}).result(60)
@@ -359,13 +361,14 @@ def test_a_tensor_updated_in_place_without_changing_is_referenced_again(tmp_path
     assert first <= 9 and all(refs[first:]), refs
 
 
-def test_inference_mode_tensors_without_a_version_counter_are_fingerprinted(tmp_path, caplog):
+def test_inference_mode_tensors_without_a_version_counter_are_fingerprinted(tmp_path, caplog, knob_env):
     """A tensor made under torch.inference_mode has no version counter (reading it raises): such a
     state is saved incrementally like any other, with no warning, and loads exactly."""
     with torch.inference_mode():
         frozen = torch.randn(1 << 18)
     moving = torch.zeros(1 << 18)
-    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(str(tmp_path / "root"), keep=5) as ck, \
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=5) as ck, \
             caplog.at_level(logging.WARNING, logger="pyckpt"):
         for step in (1, 2, 3):
             moving.add_(1.0)
@@ -399,12 +402,13 @@ def test_retention_parses_no_part_this_process_committed(tmp_path, monkeypatch):
     assert len(parsed) == 2  # the two kept checkpoints, parsed now that nothing is remembered
 
 
-def test_moved_versions_are_matched_by_address_when_the_layout_changes(tmp_path):
+def test_moved_versions_are_matched_by_address_when_the_layout_changes(tmp_path, knob_env):
     """The state's layout changes at every save (a small tensor comes and goes), so no plan is
     reused: a tensor updated in place is still recognized by its memory (device, address, bytes)
     and written without a fingerprint, and an untouched one is still referenced."""
     moving, frozen = torch.zeros(1 << 18), torch.randn(1 << 18)
-    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
         fps, refs = [], []
         for step in range(1, 11):
             moving.add_(1.0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyckpt
-from pyckpt import commit, incremental, knobs, manifest, sharded, writer
+from pyckpt import commit, incremental, manifest, sharded, writer
 from pyckpt._native import get_engine
 from pyckpt.planner import Storage
 
@@ -150,7 +150,7 @@ def test_sharded_parts_and_changed_parts_are_encoded_afresh(tmp_path):
         writer.encode_part(plan, {**part, "rank_state": {"tree": float("nan")}})
 
 
-def test_checkpointer_writes_the_canonical_bytes_and_loads_them(ckpt_root, monkeypatch):
+def test_checkpointer_writes_the_canonical_bytes_and_loads_them(ckpt_root, monkeypatch, knob_env):
     """Through Checkpointer.save: fresh, reused, rank_state, incremental (referenced chunks); each
     part file holds manifest.dumps(part) and every checkpoint restores its own values."""
     captured = []
@@ -164,7 +164,8 @@ def test_checkpointer_writes_the_canonical_bytes_and_loads_them(ckpt_root, monke
     model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(10)])
     frozen = torch.randn(1 << 18)  # 1 MiB, unchanged between saves: referenced by the incremental ones
     want, fragments = {}, []
-    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(ckpt_root, keep=10, incremental=True) as ck:
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(ckpt_root, keep=10, incremental=True) as ck:
         for step in range(1, 5):
             with torch.no_grad():
                 model[step].weight.add_(1.0)  # in place: the plan is reused

@@ -8,7 +8,7 @@ import os
 import torch
 
 import pyckpt
-from pyckpt import incremental, knobs
+from pyckpt import incremental
 
 
 def _count(monkeypatch) -> list:
@@ -23,11 +23,12 @@ def _count(monkeypatch) -> list:
     return calls
 
 
-def test_saves_of_a_reused_plan_compute_signatures_once(ckpt_root, monkeypatch):
+def test_saves_of_a_reused_plan_compute_signatures_once(ckpt_root, monkeypatch, knob_env):
     calls = _count(monkeypatch)
     model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(8)])
     frozen = torch.randn(1 << 18)
-    with knobs.override(PYCKPT_CHUNK_MB=1), pyckpt.Checkpointer(ckpt_root, keep=10, incremental=True) as ck:
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(ckpt_root, keep=10, incremental=True) as ck:
         for step in range(1, 5):
             with torch.no_grad():
                 model[step].weight.mul_(2.0)
