@@ -357,10 +357,11 @@ class Checkpointer:
                                                      for s, a, v in zip(prev[0].storages, prev[1], prev[2])
                                                      if v is not None}
                 olds = [old_keyed.get((str(s.device), a, s.nbytes)) for s, a in zip(sec.mine, addrs)]
-            for chunks, old, version in zip(lay.chunks, olds, versions):
-                if version is None:  # an inference-mode tensor has no version counter: fingerprinted
-                    continue
-                (moved if old is not None and old != version else still).update(chunks)
+            # True: moved; False: did not, or nothing to compare with; None: an inference-mode tensor has no
+            # version counter (fingerprinted). Unions of whole lists: thousands of storages at every save.
+            flags = [None if v is None else (o is not None and o != v) for o, v in zip(olds, versions)]
+            moved.update(*[c for c, f in zip(lay.chunks, flags) if f])
+            still.update(*[c for c, f in zip(lay.chunks, flags) if f is False])
         self._versions = now
         return moved - still
 

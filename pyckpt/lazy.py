@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import operator
 import threading
 import time
 from typing import Any
 
 import torch
 
-from . import knobs, shm_tier
+from . import knobs, shm_tier, tree
+from .errors import UnsupportedStateError
 from .sharded import storage_ptr as _storage_ptr  # DTensors (FSDP2): their local tensor's memory
 from .activation import _say as say
 
@@ -52,8 +54,7 @@ class TornCapture(Exception):
 class Armed:
     """One armed snapshot: its futures, the version counters to check, and the verdict."""
 
-    def __init__(self, step: int, futures: list, guards: list[tuple[torch.Tensor, int, str]],
-                 owner: threading.Thread) -> None:
+    def __init__(self, step: int, futures: list, guards: list[Guards], owner: threading.Thread) -> None:
         self.step, self.futures, self.guards, self.owner = step, futures, guards, owner
         self.verdict = threading.Event()
         self.error: TornCapture | None = None
@@ -65,7 +66,7 @@ class Armed:
             if not self.verdict.is_set():
                 for f in self.futures:
                     f.captured()
-                changed = [name for t, v, name in self.guards if t._version != v]
+                changed = [name for g in self.guards for name in g.changed()]
                 self.guards = []  # drop the references: the tensors are the caller's again
                 if changed:
                     more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
@@ -82,6 +83,23 @@ class Armed:
             if not self.owner.is_alive():  # interpreter shutdown or the thread ended: nothing is in flight
                 self.settle()
         return self.error
+
+
+class Guards:
+    """Tensors of one encoded state (``tree.Flat``) and the version counters they had at arming."""
+
+    def __init__(self, flat: tree.Flat, which: list[int], root: str) -> None:
+        tensors = flat.tensors
+        self.tensors = [tensors[i] for i in which]
+        self.versions = [t._version for t in self.tensors]
+        self.which, self.paths, self.root = which, flat.paths, root  # names are made only for a changed one
+
+    def changed(self) -> list[str]:
+        """Key paths of the tensors whose version moved since arming."""
+        now = [t._version for t in self.tensors]
+        if now == self.versions:
+            return []
+        return [f"{self.root}/{self.paths[i]}" for i, a, b in zip(self.which, now, self.versions) if a != b]
 
 
 class Pending:
@@ -120,6 +138,7 @@ class Lazy:
         self.enabled = bool(knobs.get("PYCKPT_LAZY"))
         self.armed: Armed | None = None
         self.snapshots = 0
+        self._owned = _OwnedStorages()
         self.blocked = 0.0  # training-thread seconds spent on the current checkpoint (for the auto interval)
 
     # -- snapshot ----------------------------------------------------------------------
@@ -136,10 +155,18 @@ class Lazy:
         lazy = self.enabled and s.sigterm is None  # after SIGTERM the job exits right after this snapshot
         guards: list = []
         if lazy:
-            owned = _owned_storages(s.optimizers)
-            state, g1 = _protect(state, owned, "state")
-            rank_state, g2 = _protect(rank_state, owned, "rank_state")
-            guards = g1 + g2
+            try:  # encoded once here: the saves below take the encoding (tree.Flat) as it is
+                flat = tree.flatten(state)
+                rank_flat = None if rank_state is None else tree.flatten(rank_state)
+            except UnsupportedStateError:
+                pass  # nothing will be copied: the save below raises it, once every rank knows (Checkpointer._agree)
+            else:
+                owned = self._owned.storages(s.optimizers)
+                state, g = _protect(flat, owned, "state")
+                guards.append(g)
+                if rank_flat is not None:
+                    rank_state, g = _protect(rank_flat, owned, "rank_state")
+                    guards.append(g)
         futures: list = []
         armed = Armed(s.step, futures, guards, threading.current_thread())
         kw = {"_gate": armed.gate} if lazy else {}
@@ -197,18 +224,32 @@ def _is_rank0(session: Any) -> bool:
     return coord is None or coord.rank == 0
 
 
-def _owned_storages(optimizers: Any) -> set[int]:
-    """Storage addresses of every parameter and state tensor of the registered optimizers."""
-    tensors: list = []
-    for opt in optimizers:
-        for g in opt.param_groups:
-            tensors += g["params"]
-        for st in opt.state.values():
-            if isinstance(st, dict):
-                tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
-    out = set(_storage_ptrs(tensors))
-    out.discard(0)
-    return out
+class _OwnedStorages:
+    """Storage addresses of every parameter and state tensor of the registered optimizers, read again
+    only when one of those tensors moved: the same thousands of tensors come back at every snapshot."""
+
+    def __init__(self) -> None:
+        self._tensors: list = []
+        self._ptrs: list[int] = []
+        self._set: set[int] = set()
+
+    def storages(self, optimizers: Any) -> set[int]:
+        tensors: list = []
+        for opt in optimizers:
+            for g in opt.param_groups:
+                tensors += g["params"]
+            for st in opt.state.values():
+                if isinstance(st, dict):
+                    tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        # A tensor's data pointer is cheaper to read than its storage's (no storage object made); the
+        # same tensor objects at the same data pointers view the same storages as last time.
+        ptrs = [t.data_ptr() for t in tensors]
+        if (len(tensors) != len(self._tensors) or ptrs != self._ptrs
+                or not all(map(operator.is_, tensors, self._tensors))):
+            self._set = set(_storage_ptrs(tensors))
+            self._set.discard(0)
+            self._tensors, self._ptrs = tensors, ptrs
+        return self._set
 
 
 def _storage_ptrs(tensors: list) -> list[int]:
@@ -220,21 +261,24 @@ def _storage_ptrs(tensors: list) -> list[int]:
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
-def _protect(tree: Any, owned: set[int], root: str) -> tuple[Any, list]:
-    """``tree`` with small non-optimizer tensors replaced by copies, and guards for every other tensor."""
-    found: list[tuple[str, torch.Tensor, bool]] = []
-    _walk(tree, root, found)
-    ptrs = _storage_ptrs([t for _, t, _ in found])
-    shared = collections.Counter(ptrs)
-    copies: dict[int, torch.Tensor] = {}
-    guards = []
-    for (name, t, plain), ptr in zip(found, ptrs):
-        # Most tensors are the optimizer's: the ownership test first, the size only for the others.
-        if ptr not in owned and plain and shared[ptr] == 1 and t.nbytes <= EAGER_MAX_BYTES:
-            copies[id(t)] = _copy_small(t)  # a view sharing storage keeps its sharing: guarded instead
-        else:
-            guards.append((t, t._version, name))
-    return (_replace(tree, copies) if copies else tree), guards
+def _protect(flat: tree.Flat, owned: set[int], root: str) -> tuple[tree.Flat, Guards]:
+    """``flat`` with small non-optimizer tensors replaced by copies, and guards for every other tensor."""
+    tensors = flat.tensors
+    ptrs = _storage_ptrs(tensors)
+    # Most tensors are the optimizer's: the ownership test first, sharing and size only for the others.
+    others = [i for i, p in enumerate(ptrs) if p not in owned]
+    copy: list[int] = []
+    if others:
+        shared = collections.Counter(ptrs)
+        # a view sharing storage keeps its sharing: guarded instead
+        copy = [i for i in others if shared[ptrs[i]] == 1 and tensors[i].nbytes <= EAGER_MAX_BYTES]
+    if not copy:
+        return flat, Guards(flat, list(range(len(tensors))), root)
+    out = list(tensors)
+    for i in copy:
+        out[i] = _copy_small(tensors[i])
+    copied = set(copy)
+    return tree.Flat(flat.tree, out, flat.paths), Guards(flat, [i for i in range(len(tensors)) if i not in copied], root)
 
 
 def _copy_small(t: torch.Tensor) -> torch.Tensor:
@@ -251,43 +295,3 @@ def _copy_small(t: torch.Tensor) -> torch.Tensor:
     if n:
         ctypes.memmove(out.data_ptr(), t.data_ptr(), n)
     return out
-
-
-def _walk(v: Any, path: str, out: list, plain: bool = True) -> None:
-    """Every tensor in ``v`` as (path, tensor, whether ``_replace`` can swap it)."""
-    if isinstance(v, torch.Tensor):
-        out.append((path, v, plain))
-    elif isinstance(v, dict):
-        inner = plain and _rebuildable(v)  # once per dict, not per item: a state has thousands
-        for k, x in v.items():
-            _walk(x, f"{path}/{k}", out, inner)
-    elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
-        inner = plain and type(v) in (list, tuple)
-        for i, x in enumerate(v):
-            _walk(x, f"{path}/{i}", out, inner)
-
-
-def _rebuildable(d: dict) -> bool:
-    if type(d) is dict:
-        return True
-    try:
-        type(d)()
-    except Exception:
-        return False
-    return True
-
-
-def _replace(v: Any, copies: dict[int, torch.Tensor]) -> Any:
-    """``v`` with the tensors in ``copies`` (by id) swapped; containers rebuilt as their own type."""
-    if isinstance(v, torch.Tensor):
-        return copies.get(id(v), v)
-    if isinstance(v, dict):
-        out = type(v)()
-        for k, x in v.items():
-            out[k] = _replace(x, copies)
-        return out
-    if type(v) is list:
-        return [_replace(x, copies) for x in v]
-    if type(v) is tuple:
-        return tuple(_replace(x, copies) for x in v)
-    return v  # other sequences (namedtuples...) are kept as they are: tree.flatten decides about them

@@ -8,7 +8,9 @@ element size only, so the byte-plane codec can split it by significance.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,6 +66,8 @@ class Described:
     keeps: list[torch.Tensor]
     bases: list[int]
     signature: list[tuple] | None = None
+    columns: Any = None  # ``signature`` by field (_same_layout), made at its first reuse and shared
+
 
     def addr(self, sid: int) -> int:
         """Address of the first saved byte of storage ``sid`` in this save."""
@@ -116,7 +120,7 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
     if reuse is not None and reuse.signature is not None and len(tensors) == len(reuse.signature):
         same = _same_layout(tensors, reuse)
         if same is not None:
-            return Described(reuse.entries, reuse.storages, same[0], same[1], reuse.signature)
+            return Described(reuse.entries, reuse.storages, same[0], same[1], reuse.signature, reuse.columns)
     groups: dict[tuple, int] = {}  # (device, storage address) -> index of its storage
     members: list[list[int]] = []
     saved: list[torch.Tensor] = []
@@ -153,13 +157,32 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
         signature.append((gid, span, dtype, t.shape, t.stride(), dev, grad))
     keeps = [saved[m[0]] for m in members]
     if reuse is not None and reuse.signature == signature:
-        return Described(reuse.entries, reuse.storages, keeps, bases, reuse.signature)
+        return Described(reuse.entries, reuse.storages, keeps, bases, reuse.signature, reuse.columns)
     devices: dict[torch.device, str] = {}
     entries: list[dict] = [{}] * len(saved)
     storages = [_storage_for(sid, m, saved, spans, entries, devices) for sid, m in enumerate(members)]
     for e, sig in zip(entries, signature):
         e["requires_grad"] = sig[-1]
     return Described(entries, storages, keeps, bases, signature)
+
+
+class _Columns:
+    """A signature by field, one list per field (``_same_layout`` compares whole lists)."""
+
+    def __init__(self, signature: list[tuple]) -> None:
+        columns = [list(c) for c in zip(*signature)] or [[] for _ in range(7)]  # (no tensors: seven empty lists)
+        gids, spans, self.dtypes, self.shapes, self.strides, self.devices, self.grads = columns
+        self.gids = gids
+        self.offsets = [lo // dt.itemsize for (lo, _), dt in zip(spans, self.dtypes)]  # in elements
+        self.los = [lo for lo, _ in spans]
+        # Zero-byte tensors are grouped by storage object, not address, by describe: never reused here.
+        self.empty = any(lo == hi for lo, hi in spans)
+        self.complex = any(dt.is_complex for dt in self.dtypes)
+        firsts: dict[int, int] = {}
+        for i, g in enumerate(gids):
+            firsts.setdefault(g, i)
+        self.firsts = [firsts[g] for g in range(len(firsts))]  # each group's first member
+        self.group_devices = [self.devices[i] for i in self.firsts]
 
 
 def _same_layout(tensors: list[torch.Tensor], reuse: Described) -> tuple[list, list] | None:
@@ -170,37 +193,33 @@ def _same_layout(tensors: list[torch.Tensor], reuse: Described) -> tuple[list, l
     signature holds and what could make it wrong: each tensor's start address (its storage's address
     follows from the saved offset) and the flags the long path rejects or materializes. The storage
     grouping is proved from addresses: the members of a previous group share a base, and distinct
-    groups have distinct (device, base)."""
+    groups have distinct (device, base). One field at a time over all tensors, compared as whole
+    lists: thousands of tensors at every snapshot, and per-tensor Python steps cost more than the reads."""
     if not set(map(type, tensors)) <= _PLAIN_SET:
         return None
-    sig = reuse.signature
+    c = reuse.columns
+    if c is None:
+        c = reuse.columns = _Columns(reuse.signature)
+    if c.empty or len(c.gids) != len(tensors):
+        return None
     strided = torch.strided
-    group_base: list = [None] * len(reuse.storages)
-    keeps: list = [None] * len(reuse.storages)
     try:
-        for t, (gid, span, dtype, shape, stride, dev, grad) in zip(tensors, sig):
-            if (t.dtype is not dtype or t.shape != shape or t.stride() != stride or t.requires_grad is not grad
-                    or t.layout is not strided or t.device != dev or t.is_neg()
-                    or (dtype.is_complex and t.is_conj())):
-                return None
-            lo = span[0]
-            if t.storage_offset() * dtype.itemsize != lo:
-                return None
-            if span[1] == lo:  # no bytes: grouped by its storage object in describe (zero-byte storages)
-                return None
-            base = (dev, t.data_ptr() - lo)
-            had = group_base[gid]
-            if had is None:
-                group_base[gid] = base
-                keeps[gid] = t.detach() if grad and t.grad_fn is not None else t
-            elif had != base:
-                return None
+        if (any([t.layout is not strided for t in tensors]) or [t.dtype for t in tensors] != c.dtypes
+                or [t.shape for t in tensors] != c.shapes or [t.stride() for t in tensors] != c.strides
+                or [t.storage_offset() for t in tensors] != c.offsets
+                or [t.requires_grad for t in tensors] != c.grads or [t.device for t in tensors] != c.devices
+                or any([t.is_neg() for t in tensors]) or (c.complex and any([t.is_conj() for t in tensors]))):
+            return None
     except (RuntimeError, TypeError, AttributeError):  # strides of a nested or sparse tensor: the long way
         return None
-    # (``None in keeps`` would call Tensor.__eq__ per item: tens of microseconds each)
-    if any(k is None for k in keeps) or len(set(group_base)) != len(group_base):
-        return None
-    return keeps, [b for _, b in group_base]
+    bases = list(map(operator.sub, [t.data_ptr() for t in tensors], c.los))
+    group = [bases[i] for i in c.firsts]
+    if [group[g] for g in c.gids] != bases or len(set(zip(c.group_devices, group))) != len(group):
+        return None  # a group split, or two merged
+    keeps = [tensors[i] for i in c.firsts]
+    if any(c.grads):
+        keeps = [k.detach() if k.requires_grad and k.grad_fn is not None else k for k in keeps]
+    return keeps, group
 
 
 _PLAIN_SET = frozenset(_PLAIN_TYPES)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import reader, shard_format
+from . import reader, shard_format, tree
 from .dtypes import code_of, dtype_of
 from .errors import CorruptCheckpointError, PyckptError, UnsupportedStateError
 from .planner import Storage, _check_tensor, pack
@@ -98,6 +98,13 @@ def split(state: Any) -> tuple[Any, list[tuple[list, Any]]]:
     DTensor inside a tuple or under a key that is not a string or an integer."""
     if not _may_hold_dtensors():
         return state, []
+    if type(state) is tree.Flat:  # encoded already (transparent lazy capture)
+        dt = _dtensor_type()
+        if not any(isinstance(t, dt) for t in state.tensors):
+            return state, []
+        # Rare (FSDP2 with lazy capture): decoded back to containers, so the one walk below decides.
+        tensors = state.tensors
+        state = tree.unflatten(state.tree, lambda i, into, path: tensors[i])
     found: list[tuple[list, Any]] = []
 
     def walk(v: Any, key: list, depth: int) -> Any:

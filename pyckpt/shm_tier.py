@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from . import knobs, layout
+from . import knobs, layout, tree
 from .activation import _say as say
 
 SHM_ROOT = "/dev/shm"
@@ -234,18 +234,24 @@ def _step(path: str) -> int:
     return info_for(path).step
 
 
-def _nbytes(tree: Any) -> int:
+def _nbytes(state: Any) -> int:
+    """Bytes of the storages ``state`` views (a state or its encoding, ``tree.Flat``)."""
+    if type(state) is tree.Flat:
+        tensors = state.tensors
+    else:
+        tensors, stack = [], [state]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                tensors.append(v)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
     seen: dict[tuple, int] = {}
-    stack = [tree]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, torch.Tensor):
-            st = v.untyped_storage()
-            seen[(str(v.device), st.data_ptr())] = st.nbytes()
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+    for v in tensors:
+        st = v.untyped_storage()
+        seen[(v.device, st.data_ptr())] = st.nbytes()
     return sum(seen.values())
 
 

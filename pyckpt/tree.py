@@ -13,7 +13,7 @@ import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -74,8 +74,11 @@ class _Encoder:
         return self.value(x, _path(path, key), depth)
 
     def sequence(self, v: list, path: str, depth: int) -> list:
-        child = self.child
-        return [child(x, path, i, depth + 1) for i, x in enumerate(v)]
+        d1 = depth + 1
+        if d1 > _MAX_DEPTH or not _SCALAR_TYPES.issuperset(map(type, v)):
+            child = self.child
+            return [child(x, path, i, d1) for i, x in enumerate(v)]
+        return list(v)  # plain scalars only (an optimizer's parameter ids): as they are
 
     def special(self, v: Any, path: str, depth: int) -> Any:
         # torch.Size is a tuple subclass: test it first.
@@ -97,23 +100,70 @@ class _Encoder:
         )
 
     def mapping(self, d: dict, path: str, depth: int) -> Any:
-        child = self.child
-        if all(type(k) is str for k in d) and TAG not in d:
-            return {k: child(x, path, k, depth + 1) for k, x in d.items()}
+        d1 = depth + 1
+        if TAG not in d and _STR_ONLY.issuperset(map(type, d)):
+            if d1 > _MAX_DEPTH:  # every child is too deep: the first one says where
+                for k, x in d.items():
+                    return self.value(x, _path(path, k), d1)
+                return {}
+            return self.plain_mapping(d, path, d1)
         # Non-string keys (optimizer state's int keys) keep their type.
-        items = []
+        child, items = self.child, []
         for k, x in d.items():
-            if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
+            tk = type(k)
+            if tk is int or tk is str:
+                ek = k  # the common keys, as child() returns them (too deep: the value below says so, same path)
+            elif k is None or isinstance(k, (bool, int, float, str, tuple)):
+                ek = child(k, path, k, d1)
+            else:
                 raise UnsupportedStateError(f"cannot save dict key {k!r} of type {type(k).__name__} at {path!r}", key=path)
-            items.append([child(k, path, k, depth + 1), child(x, path, k, depth + 1)])
+            if type(x) is dict and d1 < _MAX_DEPTH and TAG not in x and _STR_ONLY.issuperset(map(type, x)):
+                items.append([ek, self.plain_mapping(x, _path(path, k), d1 + 1)])  # an optimizer's per-parameter state
+            else:
+                items.append([ek, child(x, path, k, d1)])
         return {TAG: "dict", "items": items}
 
+    def plain_mapping(self, d: dict, path: str, d1: int) -> dict:
+        """A dict with plain ``str`` keys whose children sit at depth ``d1`` (<= the limit): children that
+        are plain scalars, tensors or such dicts are encoded here, without a call each."""
+        out = {}
+        tensors, paths = self.tensors, self.paths
+        pre = f"{path}/" if path else ""
+        for k, x in d.items():
+            tp = type(x)
+            if tp is str or tp is int or tp is bool or x is None:
+                out[k] = x
+            elif tp in _TENSOR_TYPES:
+                out[k] = {TAG: "tensor", "id": len(tensors)}
+                tensors.append(x)
+                paths.append(pre + k)
+            elif tp is dict and d1 < _MAX_DEPTH and TAG not in x and _STR_ONLY.issuperset(map(type, x)):
+                out[k] = self.plain_mapping(x, pre + k, d1 + 1)
+            else:
+                out[k] = self.value(x, pre + k, d1)
+        return out
 
-def flatten(state: Any) -> tuple[Any, list[torch.Tensor], list[str]]:
+
+_STR_ONLY = frozenset((str,))
+_SCALAR_TYPES = frozenset((str, int, bool, type(None)))
+
+
+class Flat(NamedTuple):
+    """An encoded state: its JSON tree, its tensors (the tree's ``{"__pyckpt__": "tensor", "id": N}``
+    is ``tensors[N]``) and each tensor's key path. A save takes one in place of a state: the transparent
+    layer encodes a snapshot once and swaps tensors in the list (lazy.py) instead of walking and
+    rebuilding the state's containers."""
+
+    tree: Any
+    tensors: list[torch.Tensor]
+    paths: list[str]
+
+
+def flatten(state: Any) -> Flat:
     """Encode ``state``: returns (json_tree, tensors, key path of each tensor)."""
     enc = _Encoder()
     tree = enc.value(state, "", 0)
-    return tree, enc.tensors, enc.paths
+    return Flat(tree, enc.tensors, enc.paths)
 
 
 MakeTensor = Callable[[int, Any, str], torch.Tensor]

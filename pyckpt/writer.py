@@ -53,6 +53,9 @@ class Section:
     # The canonical JSON of ``json`` and of ``entries`` ("storages" / "entries" -> _Encoded), shared
     # with later sections that reuse them: a layout saved again is not encoded again (encode_part).
     encoded: dict[str, _Encoded] = field(default_factory=dict)
+    # Per chunk, its pieces as (storage id, byte offset from the torch storage's start, bytes, device):
+    # ``sources`` adds this save's storage addresses (made once per layout, shared like ``json``).
+    reads: list[list[tuple[int, int, int, int]]] | None = None
 
     @property
     def entries(self) -> list[dict]:
@@ -96,14 +99,14 @@ def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: in
     """Describe one scope and pack the storages this rank writes onto ``chunks``. ``last``: this
     scope's section of the previous save (same rank, world size and chunk size): its storages,
     pieces and chunks are reused when the tensors have the same layout (planner.describe)."""
-    tr, tensors, paths = tree.flatten(state)
+    tr, tensors, paths = state if type(state) is tree.Flat else tree.flatten(state)
     first = len(chunks)
     reusable = last is not None and last.first_chunk == first  # piece records name chunks by index
     d = describe(tensors, paths, last.described if reusable else None)
     if reusable and d.storages is last.storages:
         chunks += last.chunks
         return Section(scope, tr, d, last.mine, [d.keeps[s.id] for s in last.mine], first, last.chunks, last.json,
-                       last.encoded)
+                       last.encoded, last.reads)
     if scope == "replicated":
         owners = assign_owners(d.storages, world_size)
         mine = [s for s in d.storages if owners[s.id] == rank]
@@ -115,7 +118,8 @@ def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: in
 
 def prepare(state: Any, rank_state: Any, rank: int, world_size: int, chunk_bytes: int,
             last: dict | None = None) -> RankPlan:
-    """Flatten, validate and plan; raises ``UnsupportedStateError`` before any I/O.
+    """Flatten, validate and plan; raises ``UnsupportedStateError`` before any I/O. ``state`` and
+    ``rank_state`` may come encoded already (``tree.Flat``).
 
     ``last``: a dict the caller keeps between saves (one per Checkpointer); the plan's sections are
     remembered there so the next save of the same tensors reuses their layout (``_section``)."""
@@ -160,12 +164,18 @@ def sources(plan: RankPlan) -> list[list[tuple[int, int, int]]]:
     """Where the engine reads each chunk's pieces in this save: ``[(address, nbytes, device), ...]``
     per chunk. Plans hold no addresses (a reused layout serves tensors that moved); the storages'
     addresses of this save complete them here."""
-    owners = [(sec.chunks, sec.described) for sec in plan.sections()]
+    out = []
+    for sec in plan.sections():
+        if sec.reads is None:
+            st = sec.described.storages
+            sec.reads = [[(p.storage, st[p.storage].start + p.storage_offset, p.nbytes, p.src_device) for p in c.pieces]
+                         for c in sec.chunks]
+        bases = sec.described.bases
+        out += [[(bases[sid] + off, n, dev) for sid, off, n, dev in c] for c in sec.reads]
     shards = getattr(plan, "shards", None)
     if shards is not None:
-        owners.append((shards.chunks, shards))
-    out = [[(where.addr(p.storage) + p.storage_offset, p.nbytes, p.src_device) for p in c.pieces]
-           for chunks, where in owners for c in chunks]
+        out += [[(shards.addr(p.storage) + p.storage_offset, p.nbytes, p.src_device) for p in c.pieces]
+                for c in shards.chunks]
     if len(out) != len(plan.chunks):
         raise AssertionError(f"pyckpt: plan has {len(plan.chunks)} chunks, its sections {len(out)}")
     return out

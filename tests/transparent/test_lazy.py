@@ -125,3 +125,54 @@ def test_guarded_buffer_changed_by_forward_is_never_saved_torn(tmp_path):
     assert res["equal"] == {"2": None, "4": True, "6": True}
     assert len(warnings) == 1, warnings
     assert "discarded" in warnings[0] and ("running_" in warnings[0] or "num_batches_tracked" in warnings[0])
+
+
+# -- the snapshot point's protection of an encoded state (lazy._protect), in process ------------------
+class _NeedsArgs(dict):
+    """A dict subclass that cannot be rebuilt empty (``type(d)()`` fails)."""
+
+    def __init__(self, items):
+        super().__init__(items)
+
+
+def test_protect_copies_small_tensors_no_optimizer_owns_into_the_encoding_and_guards_the_rest():
+    import torch
+    from pyckpt import lazy, tree
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(4)
+    opt.step()
+    buf = torch.full((3,), 2.0)  # a BatchNorm-like buffer: forward changes it in place
+    big = torch.zeros(lazy.EAGER_MAX_BYTES // 4 + 1)  # over the eager-copy size: guarded
+    shared = torch.arange(6.0)
+    state = {"model": {"w": p.detach(), "b": buf, "big": big, "v": [shared[:3], shared[3:]]},
+             "opt": opt.state_dict(), "custom": _NeedsArgs({"x": torch.ones(2)})}
+    flat = tree.flatten(state)
+    owned = lazy._OwnedStorages().storages([opt])
+    out, guards = lazy._protect(flat, owned, "state")
+    assert out.tree is flat.tree and out.paths is flat.paths
+    copied = {path for path, a, b in zip(flat.paths, flat.tensors, out.tensors) if a is not b}
+    assert copied == {"model/b", "custom/x"}
+    buf.add_(1.0)
+    assert torch.equal(out.tensors[flat.paths.index("model/b")], torch.full((3,), 2.0))  # the snapshot point's
+    assert guards.changed() == []
+    with torch.no_grad():
+        p.add_(1.0)
+        big.add_(1.0)
+    assert sorted(guards.changed()) == ["state/model/big", "state/model/w"]
+
+
+def test_owned_storages_are_read_again_when_a_parameter_moves():
+    import torch
+    from pyckpt import lazy
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    owned = lazy._OwnedStorages()
+    assert p.untyped_storage().data_ptr() in owned.storages([opt])
+    old = p.untyped_storage().data_ptr()
+    keep = p.data  # the old memory stays allocated, so its address cannot be reused by the new one
+    p.data = torch.zeros(4)
+    now = owned.storages([opt])
+    assert p.untyped_storage().data_ptr() in now and old not in now and keep is not None

@@ -186,3 +186,43 @@ def test_reuse_with_empty_tensors_keeps_them_apart():
     assert len(second.storages) == 3
     assert [e["storage"] for e in second.entries] == [0, 1, 2]
     assert second.keeps[2] is again[2]
+
+
+def test_reuse_of_a_section_without_tensors():
+    first = planner.describe([], [])
+    second = planner.describe([], [], reuse=first)
+    assert second.storages is first.storages and second.storages == [] and second.keeps == []
+
+
+def _views(storages, picks):
+    return [storages[s][o:o + n].view(-1) for s, o, n in picks]
+
+
+def test_reuse_proves_the_grouping_of_many_views_from_addresses():
+    """200 views of 40 storages in shuffled order: the same views of new memory reuse the layout with
+    the new addresses; the same shapes and offsets with two views' storages exchanged (or two storages
+    made one) are described afresh, equal to a fresh description."""
+    import random
+
+    rng = random.Random(3)
+    picks = [(rng.randrange(40), 8 * rng.randrange(8), 8) for _ in range(200)]
+    picks += [(s, 0, 8) for s in range(40)]  # every storage has a view at offset 0
+    rng.shuffle(picks)
+    paths = [str(i) for i in range(len(picks))]
+    old = [torch.randn(72) for _ in range(40)]
+    first = planner.describe(_views(old, picks), paths)
+    new = [t.clone() for t in old]
+    second = planner.describe(_views(new, picks), paths, reuse=first)
+    assert second.storages is first.storages
+    assert sorted(second.bases) == sorted(t.data_ptr() for t in new)
+    assert [second.keeps[e["storage"]].untyped_storage().data_ptr() for e in second.entries] == \
+        [new[s].data_ptr() for s, _, _ in picks]
+    a = next(i for i, p in enumerate(picks) if p[0] != picks[0][0] and p[1:] == picks[0][1:])
+    swapped = list(picks)
+    swapped[0], swapped[a] = (picks[a][0],) + picks[0][1:], (picks[0][0],) + picks[a][1:]
+    merged = [(0 if s == 1 else s, o, n) for s, o, n in picks]
+    for name, changed in (("two views exchanged storages", swapped), ("two storages made one", merged)):
+        again = planner.describe(_views(new, changed), paths, reuse=first)
+        fresh = planner.describe(_views(new, changed), paths)
+        assert again.storages is not first.storages, name
+        assert again.entries == fresh.entries and _layout(again) == _layout(fresh), name

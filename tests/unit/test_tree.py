@@ -211,3 +211,29 @@ def test_depth_limit_holds_for_every_kind_of_leaf(leaf):
         assert len(kept) == (1 if isinstance(leaf, torch.Tensor) else 0)
         with pytest.raises(UnsupportedStateError, match="deeper"):
             tree.flatten(nest(tree.MAX_DEPTH + 1, container))
+
+
+@pytest.mark.parametrize("pattern", ["ls", "si", "is", "isl", "i"])
+def test_depth_limit_and_key_paths_hold_when_containers_alternate(pattern):
+    """Lists, str-keyed and int-keyed dicts nested in turn (an optimizer's state is int-keyed dicts of
+    str-keyed dicts; its param groups lists of ints): the encoding and the refusal one level past the
+    limit, with the key path it names, are the plain rules' at every mix, for leaves that are
+    themselves containers of scalars too."""
+    wrap = {"l": lambda v: [v], "s": lambda v: {"k": v}, "i": lambda v: {0: v}}
+
+    def nest(levels, leaf):
+        v = leaf
+        for n in range(levels):
+            v = wrap[pattern[n % len(pattern)]](v)
+        return v
+
+    for leaf, extra in ((torch.ones(1), 0), (7, 0), ([1, 2, None], 1), ({"a": 1, "b": torch.ones(1)}, 1)):
+        levels = tree.MAX_DEPTH - extra
+        tr, ts, paths = tree.flatten(nest(levels, leaf))
+        want, (wts, wps) = _reference(nest(levels, leaf))
+        assert json.dumps(tr) == json.dumps(want) and paths == wps and len(ts) == len(wts)
+        with pytest.raises(UnsupportedStateError, match="deeper") as got:
+            tree.flatten(nest(levels + 1, leaf))
+        with pytest.raises(UnsupportedStateError) as ref:
+            _reference(nest(levels + 1, leaf))
+        assert got.value.key == ref.value.key
