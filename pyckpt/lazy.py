@@ -278,7 +278,8 @@ def _protect(flat: tree.Flat, owned: set[int], root: str) -> tuple[tree.Flat, Gu
     for i in copy:
         out[i] = _copy_small(tensors[i])
     copied = set(copy)
-    return tree.Flat(flat.tree, out, flat.paths), Guards(flat, [i for i in range(len(tensors)) if i not in copied], root)
+    guarded = [i for i in range(len(tensors)) if i not in copied]
+    return tree.Flat(flat.tree, out, flat.paths), Guards(flat, guarded, root)
 
 
 def _copy_small(t: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,6 @@ class Described:
     signature: list[tuple] | None = None
     columns: Any = None  # ``signature`` by field (_same_layout), made at its first reuse and shared
 
-
     def addr(self, sid: int) -> int:
         """Address of the first saved byte of storage ``sid`` in this save."""
         return self.bases[sid] + self.storages[sid].start

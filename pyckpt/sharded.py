@@ -102,7 +102,7 @@ def split(state: Any) -> tuple[Any, list[tuple[list, Any]]]:
         dt = _dtensor_type()
         if not any(isinstance(t, dt) for t in state.tensors):
             return state, []
-        # Rare (FSDP2 with lazy capture): decoded back to containers, so the one walk below decides.
+        # FSDP2 state under lazy capture: decoded back to containers, so the one walk below decides.
         tensors = state.tensors
         state = tree.unflatten(state.tree, lambda i, into, path: tensors[i])
     found: list[tuple[list, Any]] = []

@@ -116,7 +116,8 @@ class _Encoder:
             elif k is None or isinstance(k, (bool, int, float, str, tuple)):
                 ek = child(k, path, k, d1)
             else:
-                raise UnsupportedStateError(f"cannot save dict key {k!r} of type {type(k).__name__} at {path!r}", key=path)
+                raise UnsupportedStateError(f"cannot save dict key {k!r} of type {type(k).__name__} at {path!r}",
+                                            key=path)
             if type(x) is dict and d1 < _MAX_DEPTH and TAG not in x and _STR_ONLY.issuperset(map(type, x)):
                 items.append([ek, self.plain_mapping(x, _path(path, k), d1 + 1)])  # an optimizer's per-parameter state
             else:
