@@ -1,63 +1,56 @@
 """The memory tier with two real ranks (gloo) on one machine: rank 0's retention parks every rank's
 evicted data file, and each rank's next snapshot writes over its own (tmpfs pages reused); every
 snapshot and every storage copy of one stays exact."""
-import json
 import os
 import shutil
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.dist
 
 
-def _worker(rank, world, tmp):
-    os.environ.update(PYCKPT_CHUNK_MB="1", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
-        from pyckpt import knobs, layout, shm_tier
-        from pyckpt.checkpointer import Checkpointer
-        from pyckpt.coord import StoreCoordinator
+def _ranks(rank, world, tmp):
+    os.environ["PYCKPT_CHUNK_MB"] = "1"
+    from pyckpt import knobs, layout, shm_tier
+    from pyckpt.checkpointer import Checkpointer
+    from pyckpt.coord import StoreCoordinator
 
-        big = torch.zeros(1 << 20)  # 4 MiB, replicated: each rank writes its share
-        mine = torch.zeros(1 << 18)  # 1 MiB per rank
-        out = {"inodes": [], "tier_ok": [], "storage_ok": []}
-        with knobs.override(PYCKPT_SHM_MB=64):
-            ck = Checkpointer(f"{tmp}/ck", coordinator=StoreCoordinator(timeout_s=120))
-            tier = shm_tier.tier_for(ck, ck.coord)
-            for step in range(1, 7):
-                big.fill_(float(step))
-                mine.fill_(float(100 * rank + step))
-                f = tier.save(step, {"big": big}, {"mine": mine})
-                if step % 2 == 0:
-                    assert tier.publish(f, ck, step).result(120)
-                snap = f.result(120)
-                data = os.path.join(snap, layout.data_file_name(rank))
-                out["inodes"].append(os.stat(data).st_ino)
-                r = tier.ckpt.restore(step)
-                out["tier_ok"].append(torch.equal(r.state["big"], big) and torch.equal(r.rank_state["mine"], mine))
-            dist.barrier()
-            for step in (4, 6):
-                r = ck.restore(step)
-                out["storage_ok"].append(torch.equal(r.state["big"], torch.full((1 << 20,), float(step)))
-                                         and torch.equal(r.rank_state["mine"],
-                                                         torch.full((1 << 18,), float(100 * rank + step))))
-            dist.barrier()
-            if rank == 0:
-                shutil.rmtree(tier.path, ignore_errors=True)
-            ck.close()
-        with open(f"{tmp}/out{rank}.json", "w") as fh:
-            json.dump(out, fh)
-    finally:
-        dist.destroy_process_group()
+    big = torch.zeros(1 << 20)  # 4 MiB, replicated: each rank writes its share
+    mine = torch.zeros(1 << 18)  # 1 MiB per rank
+    out = {"inodes": [], "tier_ok": [], "storage_ok": []}
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck = Checkpointer(f"{tmp}/ck", coordinator=StoreCoordinator(timeout_s=120))
+        tier = shm_tier.tier_for(ck, ck.coord)
+        for step in range(1, 7):
+            big.fill_(float(step))
+            mine.fill_(float(100 * rank + step))
+            f = tier.save(step, {"big": big}, {"mine": mine})
+            if step % 2 == 0:
+                assert tier.publish(f, ck, step).result(120)
+            snap = f.result(120)
+            data = os.path.join(snap, layout.data_file_name(rank))
+            out["inodes"].append(os.stat(data).st_ino)
+            r = tier.ckpt.restore(step)
+            out["tier_ok"].append(torch.equal(r.state["big"], big) and torch.equal(r.rank_state["mine"], mine))
+        dist.barrier()
+        for step in (4, 6):
+            r = ck.restore(step)
+            out["storage_ok"].append(torch.equal(r.state["big"], torch.full((1 << 20,), float(step)))
+                                     and torch.equal(r.rank_state["mine"],
+                                                     torch.full((1 << 18,), float(100 * rank + step))))
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(tier.path, ignore_errors=True)
+        ck.close()
+    return out
 
 
 def test_each_rank_writes_its_snapshot_over_its_own_evicted_file(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        out = json.loads((tmp_path / f"out{rank}.json").read_text())
+    for rank, out in enumerate(run_ranks(_ranks, 2, tmp_path)):
         assert out["tier_ok"] == [True] * 6 and out["storage_ok"] == [True, True]
         ino = out["inodes"]
         assert ino[0] != ino[1] and all(ino[k] == ino[k - 2] for k in range(2, 6)), (rank, ino)
