@@ -45,6 +45,7 @@ _directory: str | None = None
 _SESSION: Any = None  # the transparent Session, once torch is imported
 _error: ConfigError | None = None  # a bad setting seen by the start-up line, reported when torch is imported
 _watcher: Any = None  # the torch import finder while one is waiting
+_nesting: Any = None  # with it, the finder counting pyckpt modules whose code is running (after_import.py)
 _warned_both = False
 _stood_down = False
 
@@ -285,21 +286,27 @@ def _torch_loaded(module: Any) -> None:
 
 
 def _watch_torch() -> None:
-    global _watcher
+    global _watcher, _nesting
     if _watcher is None:
         if "torch" in sys.modules:
             _on_torch_imported()
             return
-        from .after_import import AfterImport  # torch-free, like this module
+        from .after_import import AfterImport, ImportNesting  # torch-free, like this module
 
-        _watcher = AfterImport({"torch": _torch_loaded}).install()
+        # A pyckpt module imported before torch (``import pyckpt.manifest`` first in a script) imports torch
+        # itself: the hooks then wait until that module has run to its end, since they import it.
+        nesting = _nesting = ImportNesting(f"{__package__}.").install()
+        _watcher = AfterImport({"torch": lambda module: nesting.when_done(lambda: _torch_loaded(module))}).install()
 
 
 def _stop_watching() -> None:
-    global _watcher
+    global _watcher, _nesting
     w, _watcher = _watcher, None
+    n, _nesting = _nesting, None
     if w is not None:
         w.remove()
+    if n is not None:
+        n.remove()
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -34,14 +34,7 @@ class AfterImport:
             return None
         self._busy = True  # the other finders below may import; never recurse into ourselves
         try:
-            spec = None
-            for finder in sys.meta_path:
-                find = getattr(finder, "find_spec", None) if finder is not self else None
-                if find is None:
-                    continue
-                spec = find(fullname, path, target)
-                if spec is not None:
-                    break
+            spec = _find_below(self, fullname, path, target)
         finally:
             self._busy = False
         loader = getattr(spec, "loader", None)
@@ -65,3 +58,75 @@ class AfterImport:
             sys.meta_path.remove(self)
         except ValueError:
             pass
+
+
+class ImportNesting:
+    """A ``sys.meta_path`` finder that counts the modules named ``prefix...`` whose code is running, so
+    that ``when_done(callback)`` runs once none is. The transparent hooks wait for ``import torch``; when
+    a pyckpt module is what imports torch, that module's names are not defined yet, and installing the
+    hooks (which import it) must wait until it has finished."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.depth = 0
+        self._then: list[Callable[[], None]] = []
+        self._busy = False
+
+    def install(self) -> "ImportNesting":
+        """Put this finder first on ``sys.meta_path``; returns it."""
+        sys.meta_path.insert(0, self)
+        return self
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        """The spec the other finders find for a module under ``prefix``, its loader counting; else None."""
+        if not fullname.startswith(self.prefix) or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = _find_below(self, fullname, path, target)
+        finally:
+            self._busy = False
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        original = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            self.depth += 1
+            try:
+                original(module)
+            finally:
+                self.depth -= 1
+                if self.depth == 0 and self._then:
+                    then, self._then = self._then, []
+                    for callback in then:
+                        callback()
+
+        loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """``callback()`` now when no module under ``prefix`` is executing, else right after the outermost has."""
+        if self.depth == 0:
+            callback()
+        else:
+            self._then.append(callback)
+
+    def remove(self) -> None:
+        """Take this finder off ``sys.meta_path``."""
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+
+
+def _find_below(me: Any, fullname: str, path: Any, target: Any) -> Any:
+    """The spec the finders on ``sys.meta_path`` other than ``me`` find for ``fullname`` (or None)."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None) if finder is not me else None
+        if find is None:
+            continue
+        spec = find(fullname, path, target)
+        if spec is not None:
+            return spec
+    return None

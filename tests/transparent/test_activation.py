@@ -68,3 +68,16 @@ def test_unwritable_directory(tmp_path):
     (tmp_path / "afile").write_text("")
     line = _stops_before_training(tmp_path, TRAIN, PYCKPT_DIR=tmp_path / "afile" / "ck")
     assert "not writable" in line and "afile" in line
+
+
+def test_environment_variable_activates_when_a_pyckpt_module_imports_torch_first(tmp_path):
+    """PYCKPT_DIR waits for torch; when the script's first import is a pyckpt module that itself imports
+    torch, the hooks are installed once that module has finished (its names are defined), not in the
+    middle of it (before: ImportError of a partially initialized module, transparent mode off)."""
+    for first in ("import pyckpt.dtypes", "import pyckpt.manifest", "from pyckpt import resume"):
+        (tmp_path / "main.py").write_text(f"{first}\nimport pyckpt.activation as a\nprint('ACTIVE', a.active())\n"
+                                          + TRAIN)
+        r = run_script(["main.py"], tmp_path, PYCKPT_DIR=tmp_path / "ck")
+        assert r.returncode == 0 and "ACTIVE True" in r.stdout, (first, r.stderr)
+        assert "warning" not in r.stderr, (first, r.stderr)
+        assert f"pyckpt: checkpointing to {tmp_path / 'ck'}" in r.stderr, (first, r.stderr)
