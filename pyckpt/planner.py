@@ -170,15 +170,14 @@ class _Columns:
 
     def __init__(self, signature: list[tuple]) -> None:
         columns = [list(c) for c in zip(*signature)] or [[] for _ in range(7)]  # (no tensors: seven empty lists)
-        gids, spans, self.dtypes, self.shapes, self.strides, self.devices, self.grads = columns
-        self.gids = gids
+        self.gids, spans, self.dtypes, self.shapes, self.strides, self.devices, self.grads = columns
         self.offsets = [lo // dt.itemsize for (lo, _), dt in zip(spans, self.dtypes)]  # in elements
         self.los = [lo for lo, _ in spans]
         # Zero-byte tensors are grouped by storage object, not address, by describe: never reused here.
         self.empty = any(lo == hi for lo, hi in spans)
         self.complex = any(dt.is_complex for dt in self.dtypes)
         firsts: dict[int, int] = {}
-        for i, g in enumerate(gids):
+        for i, g in enumerate(self.gids):
             firsts.setdefault(g, i)
         self.firsts = [firsts[g] for g in range(len(firsts))]  # each group's first member
         self.group_devices = [self.devices[i] for i in self.firsts]
