@@ -187,18 +187,19 @@ class StoreCoordinator:
 # Heartbeat threads still running, stopped and joined at exit (_stop_heartbeats).
 _heartbeats: list[tuple[threading.Event, threading.Thread]] = []
 _heartbeats_lock = threading.Lock()
-EXIT_JOIN_S = 2.0  # at exit, how long to wait for a heartbeat's store operation in flight
+EXIT_JOIN_S = 2.0  # at exit, how long to wait quietly for a heartbeat's store operation in flight
+EXIT_PATIENCE_S = 60.0  # then how much longer, after one line saying so
 
 
 def _start_heartbeat(coord: StoreCoordinator) -> None:
     """Bump ``coord``'s heartbeat counter every ``HEARTBEAT_S`` until ``coord`` is garbage, the store
     fails (its host is gone: the waits fail by themselves then) or the interpreter exits.
 
-    A daemon thread, so a store that hangs can never hold up exit, but stopped by an exit handler
-    all the same: a daemon thread whose store call (a C++ call without the GIL) returns once the
-    interpreter is finalizing is ended by ``pthread_exit`` as it takes the GIL back, and that
-    unwinding through torch's GIL guard aborts the process ("terminate called without an active
-    exception", exit status -6) after the training script ended well."""
+    A daemon thread, so a store that hangs can hold up exit for ``EXIT_PATIENCE_S`` at most, but
+    stopped by an exit handler all the same: a daemon thread whose store call (a C++ call without
+    the GIL) returns once the interpreter is finalizing is ended by ``pthread_exit`` as it takes the
+    GIL back, and that unwinding through torch's GIL guard aborts the process ("terminate called
+    without an active exception", exit status -6) after the training script ended well."""
     ref, store, key = weakref.ref(coord), coord.store, coord._alive_key(coord.rank)
     stop = threading.Event()
 
@@ -220,14 +221,29 @@ def _start_heartbeat(coord: StoreCoordinator) -> None:
     thread.start()
 
 
-def _stop_heartbeats(timeout_s: float = EXIT_JOIN_S) -> None:
-    """Stop every heartbeat thread and wait (bounded) for a store operation in flight to return."""
+def _stop_heartbeats() -> None:
+    """Stop every heartbeat thread and wait for a store operation in flight to return:
+    ``EXIT_JOIN_S`` without a word, then up to ``EXIT_PATIENCE_S`` more after one line saying so.
+    Past that the interpreter finalizes with the call still out, which aborts the process only if
+    the call returns during those last moments."""
     with _heartbeats_lock:
-        running = list(_heartbeats)
-    for stop, _ in running:
-        stop.set()
+        running = [t for _, t in _heartbeats]
+        for stop, _ in _heartbeats:
+            stop.set()
+    _join(running, EXIT_JOIN_S)
+    late = [t for t in running if t.is_alive()]
+    if late:
+        from .activation import _say
+
+        _say(f"exit waits up to {EXIT_PATIENCE_S:g} s for a store call of the heartbeat ({late[0].name}) "
+             "still in flight: a thread coming back from one while the interpreter shuts down would abort "
+             "the process", "warning")
+        _join(late, EXIT_PATIENCE_S)
+
+
+def _join(threads: list[threading.Thread], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    for _, thread in running:
+    for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
 
 

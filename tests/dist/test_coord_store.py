@@ -131,10 +131,9 @@ print("exiting", flush=True)
 """
 
 
-def test_a_heartbeat_call_in_flight_at_exit_does_not_abort_the_process(tmp_path):
-    # The CI failure: a DDP job that trained to the end died with "terminate called without an
-    # active exception" (exit -6) as it exited, because the heartbeat thread came back from a store
-    # call (GIL released) while the interpreter was finalizing.
+def _exit_with_store_call_held(tmp_path, hold_s: float) -> tuple[int, str]:
+    """Run _HELD_AT_EXIT; hold its FileStore's lock from before its heartbeat's next call until
+    ``hold_s`` after the child said it exits. Returns the child's exit status and stderr."""
     store_file = tmp_path / "store"
     child = subprocess.Popen([sys.executable, "-c", _HELD_AT_EXIT, str(store_file)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -144,12 +143,33 @@ def test_a_heartbeat_call_in_flight_at_exit_does_not_abort_the_process(tmp_path)
         fcntl.flock(fd, fcntl.LOCK_EX)  # FileStore takes this lock around every operation
         try:
             assert child.stdout.readline().strip() == "exiting"
-            time.sleep(0.3)  # the child is exiting: its exit handlers, or already finalizing
+            time.sleep(hold_s)  # the child is exiting: its exit handlers, or already finalizing
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert child.returncode == 0, err[-2000:]
+    return child.returncode, err
+
+
+def test_a_heartbeat_call_in_flight_at_exit_does_not_abort_the_process(tmp_path):
+    # The CI failure: a DDP job that trained to the end died with "terminate called without an
+    # active exception" (exit -6) as it exited, because the heartbeat thread came back from a store
+    # call (GIL released) while the interpreter was finalizing.
+    code, err = _exit_with_store_call_held(tmp_path, 0.3)
+    assert code == 0, err[-2000:]
     assert "terminate called" not in err
+    assert "pyckpt:" not in err  # a call that returns within EXIT_JOIN_S is waited for quietly
+
+
+def test_exit_waits_for_a_heartbeat_call_longer_than_the_quiet_wait_and_says_so(tmp_path):
+    # A store call that outlasts the quiet wait (a lock holder descheduled on a loaded machine, a
+    # slow store host) returned while the interpreter finalized and aborted the process.
+    from pyckpt.coord import EXIT_JOIN_S
+
+    code, err = _exit_with_store_call_held(tmp_path, EXIT_JOIN_S + 1.0)
+    assert code == 0, err[-2000:]
+    assert "terminate called" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("pyckpt:")]
+    assert len(lines) == 1 and "exit waits" in lines[0] and "store" in lines[0], err[-2000:]
