@@ -5,7 +5,8 @@ module on the stack, the locals of every script frame (``frames.user_frames``), 
 attributes of plain objects those reference (a trainer's ``self.iter_num``), and the positions of
 the ``for``-loop iterators the frames are executing. Only values of restorable kinds are kept
 (None, bool, int, float, str, bytes, tensors, tuples/lists/dicts/sets/deques of them,
-``torch.Generator``, ``random.Random``, NumPy arrays and generators); nothing is pickled. The
+``torch.Generator``, ``random.Random``, NumPy arrays and generators, and the ``state_dict()`` of an
+``nn.Module`` no optimizer owns a parameter of: an EMA copy, a teacher); nothing is pickled. The
 result is a plain tree for pyckpt's own state format, with every tensor once in a table.
 
 Restoring first checks that the script's stack has the same shape (same code objects, same
@@ -15,7 +16,8 @@ raises ``PyckptError`` before anything changed (never a partial restore).
 Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, requires_grad]``,
 ``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
 ``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array,
-``["g", i]`` torch.Generator, ``["r", state]`` random.Random, ``["ng", state]`` NumPy generator.
+``["g", i]`` torch.Generator, ``["r", state]`` random.Random, ``["ng", state]`` NumPy generator,
+``["m", class qualname, [[key, value], ...]]`` a module's ``state_dict()`` (loaded into the live module).
 """
 from __future__ import annotations
 
@@ -101,17 +103,21 @@ def _is_iterator(v: Any) -> bool:
 # ----------------------------------------------------------------------------- capture
 
 class _Encoder:
-    def __init__(self, max_bytes: int, module_tensors: set[int]) -> None:
+    def __init__(self, max_bytes: int, tracked: "_Tracked") -> None:
         self.tensors: list[torch.Tensor] = []
         self._tid: dict[int, int] = {}
         self.max_bytes = max_bytes
-        self.module_tensors = module_tensors  # data_ptrs of module parameters/buffers (restored there)
+        self.module_tensors = tracked.tensors  # data_ptrs of module parameters/buffers (restored there)
+        self.tracked_modules = tracked.modules  # ids of the modules pyckpt restores elsewhere
+        self._modules: dict[int, tuple[torch.nn.Module, list, int]] = {}  # id -> (module, encoding, table end)
+        self.nested: list[bool] = []  # modules met inside a container: True for one with state to save
         self.size = 0
         self.limit = max_bytes  # where the variable being encoded stops (begin() moves it)
 
     def begin(self) -> tuple[int, int]:
         """Start one variable: its own budget of ``max_bytes``; returns what ``rollback`` needs."""
         self.limit = self.size + self.max_bytes
+        self.nested = []
         return self.size, len(self.tensors)
 
     def rollback(self, mark: tuple[int, int]) -> None:
@@ -119,6 +125,8 @@ class _Encoder:
         self.size, n = mark
         del self.tensors[n:]
         self._tid = {k: i for k, i in self._tid.items() if i < n}
+        self._modules = {k: m for k, m in self._modules.items() if m[2] <= n}
+        self.nested = []
 
     def _grow(self, n: int) -> None:
         # Python objects count their in-memory size (sys.getsizeof: a list its header and slots, an
@@ -169,7 +177,67 @@ class _Encoder:
                                int(has_gauss), float(gauss)]]
         if isinstance(v, (float, int)) and not isinstance(v, (bool, enum.Enum)):  # numpy float64 is a float
             return ["v", float(v) if isinstance(v, float) else int(v)]
+        if isinstance(v, torch.nn.Module):
+            return self.module(v, depth)
         raise self.skip(v)
+
+    def module(self, v: torch.nn.Module, depth: int) -> list:
+        """A module pyckpt does not restore with the model (it owns no optimizer parameter: an EMA
+        copy, a teacher, a target network): its ``state_dict()``, loaded into the live module found at
+        the same place on resume. Entries sharing memory with the model's tensors are left to the model.
+        Inside a container (which a restore rebuilds around new objects) a module is only noted."""
+        tracked = id(v) in self.tracked_modules
+        if depth:
+            self.nested.append(not tracked and self._own_state(v))
+            return ["k"]
+        if tracked:
+            raise _Skip("an nn.Module restored by pyckpt with the model", False)
+        if id(v) in self._modules:
+            return self._modules[id(v)][1]
+        what = f"an nn.Module ({type(v).__qualname__}) that owns no optimizer parameter"
+        try:
+            sd = v.state_dict()
+        except Exception as e:  # cannot be saved: said, not hidden
+            raise _Skip(f"{what}, whose state_dict() failed ({type(e).__name__}: {e}); pyckpt.register it",
+                        True) from None
+        own, nbytes = self._own_entries(sd)
+        if not own:
+            raise _Skip("an nn.Module without state of its own", False)
+        if nbytes > self.max_bytes:  # said before anything is copied (a frozen teacher is copied never)
+            raise _Skip(f"{what}, of {nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}; "
+                        "pyckpt.register it", any(isinstance(x, torch.Tensor) and x._version > 0 for _, x in own))
+        entries = []
+        for key, x in own:
+            if isinstance(x, torch.Tensor):
+                entries.append([key, self.tensor(x, shared=False)])  # state_dict() made x: no memo
+            else:
+                entries.append([key, self.value(x, depth + 1)])  # get_extra_state()
+        if self.size > self.limit:
+            raise _Skip(f"{what}, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}; pyckpt.register it", True)
+        out = ["m", type(v).__qualname__, entries]
+        self._modules[id(v)] = (v, out, len(self.tensors))  # (v kept: its id stays its own meanwhile)
+        return out
+
+    def _own_entries(self, sd: dict) -> tuple[list[tuple[str, Any]], int]:
+        """The entries of a state_dict() that are not the tracked modules' tensors, and their bytes."""
+        own, nbytes = [], 0
+        for key, x in sd.items():
+            if isinstance(x, torch.Tensor):
+                try:
+                    if x.untyped_storage().data_ptr() in self.module_tensors:
+                        continue  # the model's (a tied weight): restored with it
+                except (RuntimeError, NotImplementedError):
+                    continue  # no storage: nothing to save
+                nbytes += x.numel() * x.element_size()
+            own.append((key, x))
+        return own, nbytes
+
+    def _own_state(self, v: torch.nn.Module) -> bool:
+        """Whether ``v`` holds state besides the tracked modules' tensors (a failing state_dict(): yes)."""
+        try:
+            return bool(self._own_entries(v.state_dict())[0])
+        except Exception:
+            return True
 
     def skip(self, v: Any) -> _Skip:
         t = type(v)
@@ -182,7 +250,8 @@ class _Encoder:
             return _Skip(f"an iterator ({name}) whose position cannot be restored", True)
         return _Skip(f"{name} is not a restorable kind", False)
 
-    def tensor(self, v: torch.Tensor) -> list:
+    def tensor(self, v: torch.Tensor, shared: bool = True) -> list:
+        """``shared``: ``v`` is the script's own tensor, stored once however often it is referenced."""
         if isinstance(v, torch.nn.Parameter):
             raise _Skip("a parameter (restored with its module)", False)
         try:
@@ -195,7 +264,7 @@ class _Encoder:
         if nbytes > self.max_bytes:
             raise _Skip(f"a tensor of {nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}",
                         v._version > 0)  # never changed in place: the relaunch makes it again
-        return ["t", self.add_tensor(v, shared=True), str(v.device), bool(v.requires_grad)]
+        return ["t", self.add_tensor(v, shared=shared), str(v.device), bool(v.requires_grad)]
 
     def add_tensor(self, v: torch.Tensor, shared: bool = False) -> int:
         """Index of a copy of ``v`` in the tensor table; ``shared``: the script's own tensor, stored once
@@ -218,13 +287,24 @@ class _Encoder:
         return ["n", self.add_tensor(t), str(v.dtype)]
 
 
-def _module_tensor_ptrs(modules: list) -> set[int]:
+@dataclass
+class _Tracked:
+    """What pyckpt restores elsewhere: storage addresses of the tracked modules' tensors, and the ids
+    of those modules, their submodules and the registered objects."""
+
+    tensors: set[int]
+    modules: set[int]
+
+
+def _tracked(modules: list, registered: list) -> _Tracked:
     """Storage addresses of the modules' parameters and buffers. Read from each submodule's own
     ``_parameters``/``_buffers`` (what ``parameters()``/``buffers()`` walk, without making a name
     per tensor): this runs at every snapshot, over every tensor of the model."""
     tensors: list = []
+    ids = {id(r) for r in registered}
     for m in modules:
         for sub in m.modules():
+            ids.add(id(sub))
             tensors += sub._parameters.values()
             tensors += sub._buffers.values()
     out = set()
@@ -235,7 +315,7 @@ def _module_tensor_ptrs(modules: list) -> set[int]:
             out.add(t.untyped_storage().data_ptr())
         except (RuntimeError, NotImplementedError):
             pass
-    return out
+    return _Tracked(out, ids)
 
 
 def stack_signature(user: list[types.FrameType], point: str) -> list:
@@ -243,16 +323,18 @@ def stack_signature(user: list[types.FrameType], point: str) -> list:
     return [point] + [[*frames.code_key(f.f_code), frames.position(f)] for f in user]
 
 
-def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list) -> Capture:
+def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list,
+            registered: list = ()) -> Capture:
     """The loop state of the script frames ``user`` (outermost first) at a ``point`` ("loader",
-    "step" or "backward")."""
+    "step" or "backward"). ``modules``: the tracked root modules; ``registered``: objects saved
+    through ``pyckpt.register`` (neither is saved again here)."""
     if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
         cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
                        "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user],
                        "objects": [], "iters": [None for _ in user], "tensors": []})
         cap.warnings["variables"] = "not captured (PYCKPT_LOOP_STATE_MAX_BYTES=0)"
         return cap
-    enc = _Encoder(max_bytes, _module_tensor_ptrs(modules))
+    enc = _Encoder(max_bytes, _tracked(modules, list(registered)))
     cap = Capture({})
     objects: list[tuple[Any, list]] = []  # (object, path)
     seen: set[int] = set()
@@ -278,6 +360,15 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         except _Skip as s:
             enc.rollback(mark)
             (warned if s.warn else cap.skipped)[name] = s.why
+            return None
+        if enc.nested:  # modules inside a container (below): the container is left out
+            stateful = any(enc.nested)
+            enc.rollback(mark)
+            if stateful:
+                warned[name] = ("holds an nn.Module that owns no optimizer parameter (an EMA copy, a teacher?) "
+                                "in a container; keep it in a variable or attribute of its own, or pyckpt.register it")
+            else:
+                cap.skipped[name] = "holds nn.Modules restored by pyckpt with the model"
             return None
         size = enc.size - mark[0]
         if size > max_bytes:  # several tensors, each under the cap, may be over it together
@@ -463,6 +554,13 @@ class _Decoder:
             return self.tensor(e[1]).numpy().astype(np.dtype(e[2]), copy=True)
         if tag in ("g", "r", "ng", "nr"):
             return _InPlace(tag, e[1], self)
+        if tag == "m" and depth == 0:
+            _check(len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], list), "module")
+            sd = {}
+            for kv in e[2]:
+                _check(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str), "module entry")
+                sd[kv[0]] = self.value(kv[1], depth + 1)
+            return _ModuleState(e[1], sd)
         raise _Bad(f"the checkpoint's loop state is malformed (unknown tag {tag[:20]!r})")
 
 
@@ -503,9 +601,50 @@ class _InPlace:
         return True
 
 
+class _ModuleState:
+    """The ``state_dict()`` entries of a module no optimizer owns a parameter of: loaded into the live
+    module at the same place (others may hold it: an attribute, a closure)."""
+
+    def __init__(self, qualname: str, state: dict) -> None:
+        self.qualname, self.state = qualname, state
+
+    def problem(self, live: Any) -> str | None:
+        """Why ``live`` cannot take this state (checked before anything is written), or None."""
+        if live is _MISSING:
+            return "does not exist at this point of the run (the checkpoint has its state)"
+        if not isinstance(live, torch.nn.Module) or type(live).__qualname__ != self.qualname:
+            return f"is a {type(live).__qualname__} now, the checkpoint holds the state of a {self.qualname}"
+        now = live.state_dict()
+        for k, v in self.state.items():
+            if k not in now:
+                return f"has no {k!r} now (the checkpoint has it)"
+            cur = now[k]
+            if isinstance(v, torch.Tensor) and not (isinstance(cur, torch.Tensor) and cur.shape == v.shape
+                                                    and cur.dtype == v.dtype):
+                desc = f"{tuple(cur.shape)} {cur.dtype}" if isinstance(cur, torch.Tensor) else type(cur).__name__
+                return f"has {k!r} of {desc} now, the checkpoint {tuple(v.shape)} {v.dtype}"
+        return None
+
+    def apply(self, live: torch.nn.Module) -> None:
+        live.load_state_dict(self.state, strict=False)  # entries shared with the model were left to it
+
+
+def _check_modules(decoded: dict, live: dict, label: Any) -> None:
+    """Raise ``PyckptError`` when a module state in ``decoded`` has no fitting module in ``live``."""
+    for k, v in decoded.items():
+        if isinstance(v, _ModuleState):
+            why = v.problem(live.get(k, _MISSING))
+            if why is not None:
+                raise PyckptError(f"{label(k)} {why}")
+
+
 def _assign(live: Any, saved: Any) -> Any:
-    """The value to bind: a random generator's state goes into the live generator; a container
-    of the same type is refilled in place (a defaultdict keeps its factory, aliases stay aliases)."""
+    """The value to bind: a random generator's state goes into the live generator, a module's into the
+    live module; a container of the same type is refilled in place (a defaultdict keeps its factory,
+    aliases stay aliases)."""
+    if isinstance(saved, _ModuleState):
+        saved.apply(live)  # checked by prepare()
+        return live
     if isinstance(saved, _InPlace):
         if not saved.apply(live):
             raise _Bad("a random generator in the checkpoint is not a generator of the same kind now")
@@ -586,12 +725,14 @@ def prepare(tree: Any, user: list[types.FrameType], point: str) -> Plan:
             raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")
         _check(isinstance(values, dict), "globals of a module")
         decoded = {k: dec.value(v) for k, v in values.items()}
+        _check_modules(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}")
         plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v) for k, v in d.items()}))
     loc = tree.get("locals")
     _check(isinstance(loc, list) and len(loc) == len(user), "locals")
     for f, values in zip(user, loc):
         _check(isinstance(values, dict), "locals of a frame")
         decoded = {k: dec.value(v) for k, v in values.items()}
+        _check_modules(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})")
         if decoded:
             def write(f=f, d=decoded):
                 cur = f.f_locals
@@ -606,6 +747,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str) -> Plan:
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
                               f"{o.get('type')}")
         decoded = {k: dec.value(v) for k, v in o["attrs"].items()}
+        _check_modules(decoded, vars(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}")
         plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(vars(obj).get(k), v))
                                                        for k, v in d.items()])
     iters = tree.get("iters")
@@ -695,6 +837,7 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder"):
             raise PyckptError(f"a for loop in {where} iterates another generator, or one at another point, "
                               "than in the checkpoint")
         decoded = {k: dec.value(v) for k, v in st[2].items()}
+        _check_modules(decoded, f.f_locals, lambda k: f"{k} (in generator {it.__qualname__})")
         live = frames.loop_iterators(f)
         if live is None or len(live) != len(st[3]):
             raise PyckptError(f"the for loops running in generator {it.__qualname__} differ from the checkpoint's")

@@ -335,7 +335,8 @@ class Session:
         """The script's loop state here (loopstate.py); what cannot be saved is said once, by name."""
         limit = knobs.get("PYCKPT_LOOP_STATE_MAX_BYTES")
         try:
-            cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules)
+            registered = [getattr(g, "__self__", None) for g, _ in REGISTERED.values()]  # saved there
+            cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules, registered)
         except Exception as e:  # never lose the checkpoint over the loop state; say it is inexact
             if "capture" not in self.loop_warned:
                 self.loop_warned.add("capture")

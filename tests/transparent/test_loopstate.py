@@ -381,3 +381,108 @@ def test_many_small_objects_count_toward_the_cap_and_a_left_out_variable_leaves_
     assert "PYCKPT_LOOP_STATE_MAX_BYTES" in cap.warnings["mixed (in f)"], cap.warnings
     assert set(cap.tree["locals"][0]) == {"kept"}
     assert cap.tree["tensors"] == []  # mixed's tensor was rolled back with it
+
+
+def _ema_loop(hook, trace, changed=False):
+    """A model trained by an optimizer (tracked) next to modules no optimizer owns: an EMA copy, a
+    teacher held by a plain object, a loss module without state; all updated in place."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    stats = Stats()
+    stats.teacher = torch.nn.Linear(3, 2, bias=not changed).requires_grad_(False)
+    crit = torch.nn.MSELoss()
+    seen = 0
+    for i in range(6):
+        hook(sys._getframe(), model)
+        seen += 1
+        x = torch.full((4, 3), float(i))
+        opt.zero_grad()
+        crit(model(x), torch.ones(4, 2)).backward()
+        opt.step()
+        ema.update_parameters(model)
+        with torch.no_grad():
+            stats.teacher.weight.lerp_(model.weight, 0.5)
+        trace.append((seen, [t.clone() for t in ema.state_dict().values()], stats.teacher.weight.clone(),
+                      model.weight.clone()))
+    return trace
+
+
+def _same_trace(a, b):
+    return len(a) == len(b) and all(
+        x[0] == y[0] and all(torch.equal(p, q) for p, q in zip(x[1], y[1])) and torch.equal(x[2], y[2])
+        and torch.equal(x[3], y[3]) for x, y in zip(a, b))
+
+
+def test_modules_no_optimizer_owns_are_saved_and_loaded_into_the_live_objects():
+    plain = _ema_loop(lambda f, m: None, [])
+    saved = {}
+
+    def capture(frame, model):
+        if len(calls) == 3:
+            cap = loopstate.capture([frame], "step", 1 << 20, [model])
+            assert not cap.warnings, cap.warnings
+            skipped = {k.split(" ")[0]: v for k, v in cap.skipped.items()}
+            assert "model" in skipped and "crit" in skipped, skipped  # tracked; no state of its own
+            saved["tree"] = through_format(cap.tree)
+            saved["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        calls.append(1)
+
+    calls: list = []
+    assert _same_trace(_ema_loop(capture, []), plain)
+    loc, objs = saved["tree"]["locals"][0], saved["tree"]["objects"]
+    assert loc["ema"][0] == "m" and [o["attrs"]["teacher"][0] for o in objs if o["type"] == "Stats"] == ["m"]
+    held = {}
+
+    def restore(frame, model):
+        if not held:
+            held.update(ema=frame.f_locals["ema"], teacher=frame.f_locals["stats"].teacher)
+            model.load_state_dict(saved["model"])  # what pyckpt does for the tracked model
+            loopstate.prepare(saved["tree"], [frame], "step").apply()
+            assert frame.f_locals["ema"] is held["ema"] and frame.f_locals["stats"].teacher is held["teacher"]
+
+    assert _same_trace(_ema_loop(restore, []), plain)  # `trace` too is a restored local
+
+
+def test_module_without_a_saved_entry_now_is_refused_before_anything_is_written():
+    saved = {}
+    _ema_loop(lambda f, m: saved.setdefault("t", through_format(loopstate.capture([f], "step", 1 << 20, [m]).tree)),
+              [])
+    errors = []
+
+    def restore(frame, model):
+        if not errors:
+            try:
+                loopstate.prepare(saved["t"], [frame], "step")
+            except PyckptError as e:
+                errors.append(str(e))
+
+    trace = _ema_loop(restore, [], changed=True)
+    assert errors and "stats.teacher has no 'bias' now (the checkpoint has it)" in errors[0], errors
+    assert trace[0][0] == 1  # `seen` was not written either
+
+
+def test_module_in_a_container_over_the_cap_or_registered_is_said_or_left_out():
+    model = torch.nn.Linear(2, 2)
+    teacher = torch.nn.Linear(2, 2)
+    big_ema = torch.nn.Linear(64, 64)
+    registered = torch.nn.Linear(2, 2)
+    pair = [model, teacher]  # a restore rebuilds a list around new objects: not restorable in place
+    tracked_only = {"m": model}
+    shares = torch.nn.Linear(2, 2)
+    shares.weight = model.weight  # its own bias is saved; the weight is the model's
+
+    def probe():
+        return loopstate.capture([sys._getframe(1)], "step", 4096, [model], [registered])
+
+    cap = probe()
+    warned = {k.split(" ")[0]: v for k, v in cap.warnings.items()}
+    assert set(warned) == {"pair", "big_ema"}, cap.warnings
+    assert "in a container" in warned["pair"] and "pyckpt.register" in warned["pair"]
+    assert "over PYCKPT_LOOP_STATE_MAX_BYTES=4096" in warned["big_ema"] and "pyckpt.register" in warned["big_ema"]
+    loc = cap.tree["locals"][0]
+    assert set(loc) & {"model", "teacher", "big_ema", "registered", "pair", "tracked_only", "shares"} == \
+        {"teacher", "shares"}
+    assert [k for k, _ in loc["shares"][2]] == ["bias"]
+    assert len(cap.tree["tensors"]) == 3  # teacher's weight and bias, shares' bias: nothing of a left-out one

@@ -1,10 +1,12 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
-MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual
+MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema
+(ema: an AveragedModel and a teacher copy updated in place, neither owning an optimizer parameter)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
 """
+import copy
 import os
 import signal
 import sys
@@ -44,6 +46,10 @@ elif MODE == "gan":
         [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}], lr=0.01, momentum=0.9)]
 else:
     opts = [torch.optim.AdamW(model.parameters(), lr=1e-2)]
+if MODE == "ema":
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    holder = types.SimpleNamespace(teacher=copy.deepcopy(model).requires_grad_(False))
+    models.update(ema=ema, teacher=holder.teacher)
 if MODE == "patched":
     def patched_step(self, *a, **k):  # what some libraries do to an optimizer instance
         return type(self).step(self, *a, **k)
@@ -85,6 +91,11 @@ def train_step(x, y):
         opts[0].zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         opts[0].step()
+        if MODE == "ema":
+            ema.update_parameters(model)
+            with torch.no_grad():
+                for t, p in zip(holder.teacher.parameters(), model.parameters()):
+                    t.lerp_(p, 0.25)
     step += 1
     maybe_die(step)
 
