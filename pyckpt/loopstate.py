@@ -6,7 +6,8 @@ attributes of plain objects those reference (a trainer's ``self.iter_num``), and
 the ``for``-loop iterators the frames are executing. Only values of restorable kinds are kept
 (None, bool, int, float, str, bytes, tensors, tuples/lists/dicts/sets/deques of them,
 ``torch.Generator``, ``random.Random``, NumPy arrays and generators, and the ``state_dict()`` of an
-``nn.Module`` no optimizer owns a parameter of: an EMA copy, a teacher); nothing is pickled. The
+``nn.Module`` no optimizer owns a parameter of, an EMA copy or a teacher, or of a library object
+with ``load_state_dict()``, an EMA helper); nothing is pickled. The
 result is a plain tree for pyckpt's own state format, with every tensor once in a table.
 
 Restoring first checks that the script's stack has the same shape (same code objects, same
@@ -17,7 +18,8 @@ Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, 
 ``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
 ``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array,
 ``["g", i]`` torch.Generator, ``["r", state]`` random.Random, ``["ng", state]`` NumPy generator,
-``["m", class qualname, [[key, value], ...]]`` a module's ``state_dict()`` (loaded into the live module).
+``["m", class qualname, [[key, value], ...]]`` a module's ``state_dict()``, ``["o", class qualname, value]``
+a library object's ``state_dict()`` (both loaded into the live object).
 """
 from __future__ import annotations
 
@@ -96,6 +98,23 @@ def _plain_object(v: Any) -> bool:
     return t.__module__ == "__main__" or (f is not None and frames.is_user_file(f))
 
 
+def _stateful(v: Any) -> bool:
+    """A library object with ``state_dict()`` and ``load_state_dict()`` that pyckpt does not restore
+    elsewhere (optimizers, schedulers, scalers and loaders are) and that is not iterable (a loader
+    wrapper, whose position pyckpt's fast-forward sets, would be positioned twice)."""
+    t = type(v)
+    return (callable(getattr(t, "state_dict", None)) and callable(getattr(t, "load_state_dict", None))
+            and not hasattr(t, "__iter__") and not isinstance(v, type) and not isinstance(v, _silent_kinds()))
+
+
+def _holds_tensor(v: Any, depth: int = 0) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if depth < 4 and isinstance(v, (list, tuple, dict)):
+        return any(_holds_tensor(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
 def _is_iterator(v: Any) -> bool:
     return hasattr(type(v), "__next__")
 
@@ -109,8 +128,8 @@ class _Encoder:
         self.max_bytes = max_bytes
         self.module_tensors = tracked.tensors  # data_ptrs of module parameters/buffers (restored there)
         self.tracked_modules = tracked.modules  # ids of the modules pyckpt restores elsewhere
-        self._modules: dict[int, tuple[torch.nn.Module, list, int]] = {}  # id -> (module, encoding, table end)
-        self.nested: list[bool] = []  # modules met inside a container: True for one with state to save
+        self._modules: dict[int, tuple[Any, list, int]] = {}  # id -> (kept alive, encoding, table end)
+        self.nested: list[bool] = []  # modules/objects met inside a container: True for one with state
         self.size = 0
         self.limit = max_bytes  # where the variable being encoded stops (begin() moves it)
 
@@ -179,7 +198,39 @@ class _Encoder:
             return ["v", float(v) if isinstance(v, float) else int(v)]
         if isinstance(v, torch.nn.Module):
             return self.module(v, depth)
+        if _stateful(v):
+            return self.stateful(v, depth)
         raise self.skip(v)
+
+    def stateful(self, v: Any, depth: int) -> list:
+        """A library object with ``state_dict()``/``load_state_dict()`` pyckpt does not track whose state
+        holds tensors (an EMA helper such as diffusers' ``EMAModel``): its state_dict(), loaded into the
+        live object on resume. One whose state holds no tensor (a scheduler or callback wrapper of a
+        library) is left to that library, as before."""
+        if id(v) in self.tracked_modules:  # registered
+            if depth:
+                self.nested.append(False)
+                return ["k"]
+            raise _Skip("saved by pyckpt.register", False)
+        if id(v) in self._modules and not depth:
+            return self._modules[id(v)][1]
+        what = f"a {type(v).__module__}.{type(v).__qualname__} with state_dict()"
+        try:
+            sd = v.state_dict()
+        except Exception:  # not the state_dict() of the convention (arguments needed): not a helper's
+            raise self.skip(v) from None
+        if not _holds_tensor(sd):
+            raise _Skip(f"{what} without tensors: left to its library", False)
+        if depth:
+            self.nested.append(True)
+            return ["k"]
+        try:
+            enc = self.value(sd, depth + 1)
+        except _Skip as s:
+            raise _Skip(f"{what}, not savable ({s.why}); pyckpt.register it with getter= and setter=", True) from None
+        out = ["o", type(v).__qualname__, enc]
+        self._modules[id(v)] = (sd, out, len(self.tensors))  # sd kept: ids of its tensors stay theirs meanwhile
+        return out
 
     def module(self, v: torch.nn.Module, depth: int) -> list:
         """A module pyckpt does not restore with the model (it owns no optimizer parameter: an EMA
@@ -271,8 +322,11 @@ class _Encoder:
         however often it is referenced (a temporary's id may be reused, so only those are memoised)."""
         if shared and id(v) in self._tid:
             return self._tid[id(v)]
+        nbytes = v.numel() * v.element_size()
+        if self.size + nbytes > self.limit:  # before copying: the variable is left out anyway
+            raise _Skip(f"over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes} with its tensors", True)
         self.tensors.append(v.detach().clone())  # the script may change it in place after this point
-        self.size += v.numel() * v.element_size()
+        self.size += nbytes
         if shared:
             self._tid[id(v)] = len(self.tensors) - 1
         return len(self.tensors) - 1
@@ -560,7 +614,10 @@ class _Decoder:
             for kv in e[2]:
                 _check(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str), "module entry")
                 sd[kv[0]] = self.value(kv[1], depth + 1)
-            return _ModuleState(e[1], sd)
+            return _StateOf(tag, e[1], sd)
+        if tag == "o" and depth == 0:
+            _check(len(e) == 3 and isinstance(e[1], str), "object with state_dict()")
+            return _StateOf(tag, e[1], self.value(e[2], depth + 1))
         raise _Bad(f"the checkpoint's loop state is malformed (unknown tag {tag[:20]!r})")
 
 
@@ -601,19 +658,23 @@ class _InPlace:
         return True
 
 
-class _ModuleState:
-    """The ``state_dict()`` entries of a module no optimizer owns a parameter of: loaded into the live
-    module at the same place (others may hold it: an attribute, a closure)."""
+class _StateOf:
+    """The ``state_dict()`` of a module no optimizer owns a parameter of (kind "m") or of a library
+    object (kind "o"): loaded into the live object at the same place (others may hold it: an
+    attribute, a closure)."""
 
-    def __init__(self, qualname: str, state: dict) -> None:
-        self.qualname, self.state = qualname, state
+    def __init__(self, kind: str, qualname: str, state: Any) -> None:
+        self.kind, self.qualname, self.state = kind, qualname, state
 
     def problem(self, live: Any) -> str | None:
         """Why ``live`` cannot take this state (checked before anything is written), or None."""
         if live is _MISSING:
             return "does not exist at this point of the run (the checkpoint has its state)"
-        if not isinstance(live, torch.nn.Module) or type(live).__qualname__ != self.qualname:
+        fits = isinstance(live, torch.nn.Module) if self.kind == "m" else _stateful(live)
+        if not fits or type(live).__qualname__ != self.qualname:
             return f"is a {type(live).__qualname__} now, the checkpoint holds the state of a {self.qualname}"
+        if self.kind == "o":
+            return None  # its own load_state_dict() checks the rest
         now = live.state_dict()
         for k, v in self.state.items():
             if k not in now:
@@ -625,14 +686,17 @@ class _ModuleState:
                 return f"has {k!r} of {desc} now, the checkpoint {tuple(v.shape)} {v.dtype}"
         return None
 
-    def apply(self, live: torch.nn.Module) -> None:
-        live.load_state_dict(self.state, strict=False)  # entries shared with the model were left to it
+    def apply(self, live: Any) -> None:
+        if self.kind == "m":
+            live.load_state_dict(self.state, strict=False)  # entries shared with the model were left to it
+        else:
+            live.load_state_dict(self.state)
 
 
 def _check_modules(decoded: dict, live: dict, label: Any) -> None:
-    """Raise ``PyckptError`` when a module state in ``decoded`` has no fitting module in ``live``."""
+    """Raise ``PyckptError`` when a module's or object's state in ``decoded`` has nothing fitting in ``live``."""
     for k, v in decoded.items():
-        if isinstance(v, _ModuleState):
+        if isinstance(v, _StateOf):
             why = v.problem(live.get(k, _MISSING))
             if why is not None:
                 raise PyckptError(f"{label(k)} {why}")
@@ -642,7 +706,7 @@ def _assign(live: Any, saved: Any) -> Any:
     """The value to bind: a random generator's state goes into the live generator, a module's into the
     live module; a container of the same type is refilled in place (a defaultdict keeps its factory,
     aliases stay aliases)."""
-    if isinstance(saved, _ModuleState):
+    if isinstance(saved, _StateOf):
         saved.apply(live)  # checked by prepare()
         return live
     if isinstance(saved, _InPlace):

@@ -140,8 +140,8 @@ def resize_line(path: str, saved: int, world_size: int) -> str:
     return (f"resuming {path} (written by {saved} rank(s)) on {world_size} rank(s): each rank takes the RNG streams "
             f"and other per-rank state of saved rank (rank % {saved}) [{takes}{more}]{dropped}; the rest of the "
             "interrupted epoch is re-split by global sample count; results are not bitwise those of an "
-            f"uninterrupted {saved}-rank run (another reduction order); the script's own variables (loop state) "
-            "are not restored: they may be rank-specific")
+            f"uninterrupted {saved}-rank run (another reduction order); the script's own variables (loop state, "
+            "with the modules no optimizer owns, such as an EMA copy) are not restored: they may be rank-specific")
 
 
 def read_rank_state(path: str, rank: int) -> Any:

@@ -486,3 +486,76 @@ def test_module_in_a_container_over_the_cap_or_registered_is_said_or_left_out():
         {"teacher", "shares"}
     assert [k for k, _ in loc["shares"][2]] == ["bias"]
     assert len(cap.tree["tensors"]) == 3  # teacher's weight and bias, shares' bias: nothing of a left-out one
+
+
+class LibraryEMA:  # made a library class below: its module is one of the standard library's
+    def __init__(self, t):
+        self.shadow, self.updates = t.clone(), 0
+
+    def state_dict(self):
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.shadow.copy_(state["shadow"])
+        self.updates = state["updates"]
+
+
+class LibrarySchedule(LibraryEMA):  # no tensor in its state: a library's own business, as before
+    def state_dict(self):
+        return {"updates": self.updates}
+
+
+class LibraryLoader(LibraryEMA):  # iterable: a loader wrapper, positioned by pyckpt's fast-forward
+    def __iter__(self):
+        return iter(())
+
+
+for _cls in (LibraryEMA, LibrarySchedule, LibraryLoader):
+    _cls.__module__ = "json"  # sys.modules["json"].__file__ is under the standard library
+
+
+def test_library_object_with_state_dict_is_loaded_into_the_live_object_or_refused():
+    def run(hook, cls=LibraryEMA):
+        helper = cls(torch.zeros(2))
+        listed = [helper]  # a restore would rebuild the list around a new object: said, not saved
+        schedule, loader = LibrarySchedule(torch.zeros(1)), LibraryLoader(torch.zeros(1))
+        for i in range(4):
+            hook(sys._getframe())
+            helper.shadow.add_(1.0)
+            helper.updates += 1
+        return helper
+
+    saved = {}
+
+    def capture(frame):
+        if not saved and frame.f_locals["i"] == 2:
+            cap = loopstate.capture([frame], "step", 1 << 20, [])
+            assert list(cap.warnings) == ["listed (in run)"] and "in a container" in cap.warnings["listed (in run)"]
+            assert cap.tree["locals"][0]["helper"][0] == "o"
+            assert {"schedule (in run)", "loader (in run)"} <= set(cap.skipped), cap.skipped
+            saved["tree"] = through_format(cap.tree)
+
+    run(capture)
+    holder = {}
+
+    def restore(frame):
+        if not holder:
+            holder["h"] = frame.f_locals["helper"]
+            loopstate.prepare(saved["tree"], [frame], "step").apply()
+
+    out = run(restore)
+    assert out is holder["h"] and out.updates == 4 and torch.equal(out.shadow, torch.full((2,), 4.0))
+
+    class OtherEMA(LibraryEMA):
+        pass
+
+    with pytest.raises(PyckptError, match=r"helper \(in run\) is a .*OtherEMA now, the checkpoint holds the state "
+                                          "of a LibraryEMA"):
+        run(lambda f: loopstate.prepare(saved["tree"], [f], "step"), OtherEMA)
+
+    def registered(frame):
+        if not holder.get("r"):
+            holder["r"] = loopstate.capture([frame], "step", 1 << 20, [], [frame.f_locals["helper"]])
+
+    run(registered)
+    assert "helper" not in holder["r"].tree["locals"][0]
