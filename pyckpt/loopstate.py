@@ -668,11 +668,9 @@ class _StateOf:
 
     def problem(self, live: Any) -> str | None:
         """Why ``live`` cannot take this state (checked before anything is written), or None."""
-        if live is _MISSING:
-            return "does not exist at this point of the run (the checkpoint has its state)"
         fits = isinstance(live, torch.nn.Module) if self.kind == "m" else _stateful(live)
         if not fits or type(live).__qualname__ != self.qualname:
-            return f"is a {type(live).__qualname__} now, the checkpoint holds the state of a {self.qualname}"
+            return f"is a {type(live).__qualname__} now, the checkpoint holds {self.qualname} state there"
         if self.kind == "o":
             return None  # its own load_state_dict() checks the rest
         now = live.state_dict()
@@ -693,13 +691,23 @@ class _StateOf:
             live.load_state_dict(self.state)
 
 
-def _check_modules(decoded: dict, live: dict, label: Any) -> None:
-    """Raise ``PyckptError`` when a module's or object's state in ``decoded`` has nothing fitting in ``live``."""
-    for k, v in decoded.items():
-        if isinstance(v, _StateOf):
-            why = v.problem(live.get(k, _MISSING))
-            if why is not None:
-                raise PyckptError(f"{label(k)} {why}")
+def _check_modules(decoded: dict, live: dict, label: Any, plan: "Plan") -> None:
+    """Raise ``PyckptError`` when a module's or object's state in ``decoded`` meets something else in
+    ``live``. Where nothing is there yet (None, or no such name: made lazily, or at the first
+    evaluation), the state is dropped from ``decoded`` with a warning for the plan."""
+    for k, v in list(decoded.items()):
+        if not isinstance(v, _StateOf):
+            continue
+        cur = live.get(k, _MISSING)
+        if cur is None or cur is _MISSING:
+            del decoded[k]
+            plan.warnings.append(f"{label(k)} is {'None' if cur is None else 'not there'} at this point of the run, "
+                                 f"the checkpoint holds {v.qualname} state there: not restored (exact "
+                                 "only if the script makes it again from restored state)")
+            continue
+        why = v.problem(cur)
+        if why is not None:
+            raise PyckptError(f"{label(k)} {why}")
 
 
 def _assign(live: Any, saved: Any) -> Any:
@@ -789,14 +797,14 @@ def prepare(tree: Any, user: list[types.FrameType], point: str) -> Plan:
             raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")
         _check(isinstance(values, dict), "globals of a module")
         decoded = {k: dec.value(v) for k, v in values.items()}
-        _check_modules(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}")
+        _check_modules(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}", plan)
         plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v) for k, v in d.items()}))
     loc = tree.get("locals")
     _check(isinstance(loc, list) and len(loc) == len(user), "locals")
     for f, values in zip(user, loc):
         _check(isinstance(values, dict), "locals of a frame")
         decoded = {k: dec.value(v) for k, v in values.items()}
-        _check_modules(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})")
+        _check_modules(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})", plan)
         if decoded:
             def write(f=f, d=decoded):
                 cur = f.f_locals
@@ -811,7 +819,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str) -> Plan:
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
                               f"{o.get('type')}")
         decoded = {k: dec.value(v) for k, v in o["attrs"].items()}
-        _check_modules(decoded, vars(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}")
+        _check_modules(decoded, vars(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan)
         plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(vars(obj).get(k), v))
                                                        for k, v in d.items()])
     iters = tree.get("iters")
@@ -824,7 +832,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str) -> Plan:
         if live is None or len(live) != len(saved):
             raise PyckptError(f"the for loops running in {f.f_code.co_name} differ from the checkpoint's")
         for it, st in zip(live, saved):
-            plan.writes.append(_positioner(it, st, f.f_code.co_name, dec))
+            plan.writes.append(_positioner(it, st, f.f_code.co_name, dec, plan))
     return plan
 
 
@@ -853,7 +861,7 @@ def _resolve(path: Any, user: list[types.FrameType]) -> Any:
 _MISSING = object()
 
 
-def _positioner(it: Any, st: Any, where: str, dec: "_Decoder"):
+def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
     """A write that puts loop iterator ``it`` at saved position ``st``; raises now if it cannot."""
     _check(isinstance(st, list) and st and isinstance(st[0], str), "iterator state")
     kind = st[0]
@@ -877,7 +885,7 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder"):
         _check(len(st) == 3 and type(st[1]) is int, "enumerate")
         if type(it) is not enumerate:
             raise bad
-        inner = _positioner(it.__reduce__()[1][0], st[2], where, dec)
+        inner = _positioner(it.__reduce__()[1][0], st[2], where, dec, plan)
 
         def enum() -> None:
             inner()
@@ -891,7 +899,7 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder"):
         parts = it.__reduce__()[1]
         if len(parts) != len(st[1]):
             raise bad
-        subs = [_positioner(p, s, where, dec) for p, s in zip(parts, st[1])]
+        subs = [_positioner(p, s, where, dec, plan) for p, s in zip(parts, st[1])]
         return lambda: [s() for s in subs]
     if kind == "generator":
         _check(len(st) == 4 and isinstance(st[1], list) and isinstance(st[2], dict) and isinstance(st[3], list),
@@ -901,11 +909,11 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder"):
             raise PyckptError(f"a for loop in {where} iterates another generator, or one at another point, "
                               "than in the checkpoint")
         decoded = {k: dec.value(v) for k, v in st[2].items()}
-        _check_modules(decoded, f.f_locals, lambda k: f"{k} (in generator {it.__qualname__})")
+        _check_modules(decoded, f.f_locals, lambda k: f"{k} (in generator {it.__qualname__})", plan)
         live = frames.loop_iterators(f)
         if live is None or len(live) != len(st[3]):
             raise PyckptError(f"the for loops running in generator {it.__qualname__} differ from the checkpoint's")
-        subs = [_positioner(x, s, f"generator {it.__qualname__}", dec) for x, s in zip(live, st[3])]
+        subs = [_positioner(x, s, f"generator {it.__qualname__}", dec, plan) for x, s in zip(live, st[3])]
 
         def gen() -> None:
             cur = f.f_locals

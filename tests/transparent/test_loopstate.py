@@ -549,8 +549,8 @@ def test_library_object_with_state_dict_is_loaded_into_the_live_object_or_refuse
     class OtherEMA(LibraryEMA):
         pass
 
-    with pytest.raises(PyckptError, match=r"helper \(in run\) is a .*OtherEMA now, the checkpoint holds the state "
-                                          "of a LibraryEMA"):
+    with pytest.raises(PyckptError, match=r"helper \(in run\) is a .*OtherEMA now, the checkpoint holds LibraryEMA "
+                                          "state there"):
         run(lambda f: loopstate.prepare(saved["tree"], [f], "step"), OtherEMA)
 
     def registered(frame):
@@ -559,3 +559,38 @@ def test_library_object_with_state_dict_is_loaded_into_the_live_object_or_refuse
 
     run(registered)
     assert "helper" not in holder["r"].tree["locals"][0]
+
+
+def test_module_made_lazily_is_said_not_restored_instead_of_refusing_the_resume():
+    """An EMA made at the first step (`if ema is None: ema = AveragedModel(model)`) is None at the
+    restore point of a relaunch: nothing to load into. The resume goes on, and says the EMA's saved
+    state was not restored; the variable is not bound to anything of pyckpt's."""
+    def run(hook):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 2)
+        ema = None
+        for i in range(4):
+            hook(sys._getframe(), model)
+            if ema is None:
+                ema = torch.optim.swa_utils.AveragedModel(model)
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            ema.update_parameters(model)
+        return ema
+
+    saved = {}
+    run(lambda f, m: saved.setdefault("t", through_format(loopstate.capture([f], "step", 1 << 20, [m]).tree))
+        if f.f_locals["i"] == 2 else None)
+    assert saved["t"]["locals"][0]["ema"][0] == "m"
+    plans = []
+
+    def restore(frame, model):
+        if not plans:
+            plans.append(loopstate.prepare(saved["t"], [frame], "step"))
+            plans[0].apply()
+            assert frame.f_locals["ema"] is None and frame.f_locals["i"] == 2
+
+    assert isinstance(run(restore), torch.optim.swa_utils.AveragedModel)
+    assert plans[0].warnings == ["ema (in run) is None at this point of the run, the checkpoint holds AveragedModel "
+                                 "state there: not restored (exact only if the script makes it again from restored "
+                                 "state)"]
