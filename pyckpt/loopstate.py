@@ -5,10 +5,11 @@ module on the stack, the locals of every script frame (``frames.user_frames``), 
 attributes of plain objects those reference (a trainer's ``self.iter_num``), and the positions of
 the ``for``-loop iterators the frames are executing. Only values of restorable kinds are kept
 (None, bool, int, float, str, bytes, tensors, tuples/lists/dicts/sets/deques of them,
-``torch.Generator``, ``random.Random``, NumPy arrays and generators, and the ``state_dict()`` of an
-``nn.Module`` no optimizer owns a parameter of, an EMA copy or a teacher, or of a library object
-with ``load_state_dict()``, an EMA helper); nothing is pickled. The
-result is a plain tree for pyckpt's own state format, with every tensor once in a table.
+``torch.Generator``, ``random.Random``, NumPy arrays and generators); nothing is pickled. The
+result is a plain tree for pyckpt's own state format, with every tensor once in a table. An
+``nn.Module`` no optimizer owns a parameter of (an EMA copy, a teacher) or a library object with
+``load_state_dict()`` (an EMA helper) is kept by reference: its ``state_dict()`` goes with the
+rank's state (``Capture.states``), not into the table.
 
 Restoring first checks that the script's stack has the same shape (same code objects, same
 instruction in each frame), decodes and checks everything, and only then writes: a mismatch
@@ -18,8 +19,9 @@ Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, 
 ``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
 ``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array,
 ``["g", i]`` torch.Generator, ``["r", state]`` random.Random, ``["ng", state]`` NumPy generator,
-``["m", class qualname, [[key, value], ...]]`` a module's ``state_dict()``, ``["o", class qualname, value]``
-a library object's ``state_dict()`` (both loaded into the live object).
+``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library object whose
+``state_dict()`` is saved with the rank's state under ``ref`` (``Capture.states``; loaded into the live
+object).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import torch
 
 from . import frames
 from .errors import PyckptError
+from .tree import flatten as _flatten_state
 
 VERSION = 1
 MAX_OBJECTS = 256  # plain objects followed per snapshot
@@ -61,6 +64,9 @@ class Capture:
     tree: dict
     warnings: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    # The state_dict() of each module or library object the tree refers to (["M"/"O", class, ref]),
+    # by ref: saved with the rank's state itself, not copied into the loop state (any size, lazily).
+    states: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -107,6 +113,15 @@ def _stateful(v: Any) -> bool:
             and not hasattr(t, "__iter__") and not isinstance(v, type) and not isinstance(v, _silent_kinds()))
 
 
+def _savable(state: Any, why: str) -> None:
+    """Raise ``_Skip`` (``why`` with the reason) unless the rank's state can hold ``state``: checked here,
+    or the snapshot would fail at every step point."""
+    try:
+        _flatten_state(state)
+    except PyckptError as e:
+        raise _Skip(why.format(e), True) from None
+
+
 def _holds_tensor(v: Any, depth: int = 0) -> bool:
     if isinstance(v, torch.Tensor):
         return True
@@ -128,7 +143,9 @@ class _Encoder:
         self.max_bytes = max_bytes
         self.module_tensors = tracked.tensors  # data_ptrs of module parameters/buffers (restored there)
         self.tracked_modules = tracked.modules  # ids of the modules pyckpt restores elsewhere
-        self._modules: dict[int, tuple[Any, list, int]] = {}  # id -> (kept alive, encoding, table end)
+        self.states: dict[str, Any] = {}  # ref -> state_dict() of a module or object saved by reference
+        self._refs: dict[int, tuple[Any, list]] = {}  # id -> (the object, kept alive; its encoding)
+        self.name = ""  # the variable being encoded (a reference is named after it)
         self.nested: list[bool] = []  # modules/objects met inside a container: True for one with state
         self.size = 0
         self.limit = max_bytes  # where the variable being encoded stops (begin() moves it)
@@ -144,7 +161,6 @@ class _Encoder:
         self.size, n = mark
         del self.tensors[n:]
         self._tid = {k: i for k, i in self._tid.items() if i < n}
-        self._modules = {k: m for k, m in self._modules.items() if m[2] <= n}
         self.nested = []
 
     def _grow(self, n: int) -> None:
@@ -204,16 +220,16 @@ class _Encoder:
 
     def stateful(self, v: Any, depth: int) -> list:
         """A library object with ``state_dict()``/``load_state_dict()`` pyckpt does not track whose state
-        holds tensors (an EMA helper such as diffusers' ``EMAModel``): its state_dict(), loaded into the
-        live object on resume. One whose state holds no tensor (a scheduler or callback wrapper of a
-        library) is left to that library, as before."""
+        holds tensors (an EMA helper such as diffusers' ``EMAModel``): saved by reference (``reference``),
+        loaded into the live object on resume. One whose state holds no tensor (a scheduler or callback
+        wrapper of a library) is left to that library, as before."""
         if id(v) in self.tracked_modules:  # registered
             if depth:
                 self.nested.append(False)
                 return ["k"]
             raise _Skip("saved by pyckpt.register", False)
-        if id(v) in self._modules and not depth:
-            return self._modules[id(v)][1]
+        if id(v) in self._refs and not depth:
+            return self._refs[id(v)][1]
         what = f"a {type(v).__module__}.{type(v).__qualname__} with state_dict()"
         try:
             sd = v.state_dict()
@@ -224,54 +240,51 @@ class _Encoder:
         if depth:
             self.nested.append(True)
             return ["k"]
-        try:
-            enc = self.value(sd, depth + 1)
-        except _Skip as s:
-            raise _Skip(f"{what}, not savable ({s.why}); pyckpt.register it with getter= and setter=", True) from None
-        out = ["o", type(v).__qualname__, enc]
-        self._modules[id(v)] = (sd, out, len(self.tensors))  # sd kept: ids of its tensors stay theirs meanwhile
-        return out
+        _savable(sd, f"{what}, not savable ({{}}); pyckpt.register it with getter= and setter=")
+        return self.reference("O", v, sd)
 
     def module(self, v: torch.nn.Module, depth: int) -> list:
         """A module pyckpt does not restore with the model (it owns no optimizer parameter: an EMA
-        copy, a teacher, a target network): its ``state_dict()``, loaded into the live module found at
-        the same place on resume. Entries sharing memory with the model's tensors are left to the model.
-        Inside a container (which a restore rebuilds around new objects) a module is only noted."""
+        copy, a teacher, a target network): saved by reference (``reference``), loaded into the live
+        module found at the same place on resume. Entries sharing memory with the model's tensors are
+        left to the model. Inside a container (which a restore rebuilds around new objects) a module
+        is only noted."""
         tracked = id(v) in self.tracked_modules
         if depth:
             self.nested.append(not tracked and self._own_state(v))
             return ["k"]
         if tracked:
             raise _Skip("an nn.Module restored by pyckpt with the model", False)
-        if id(v) in self._modules:
-            return self._modules[id(v)][1]
+        if id(v) in self._refs:
+            return self._refs[id(v)][1]
         what = f"an nn.Module ({type(v).__qualname__}) that owns no optimizer parameter"
         try:
             sd = v.state_dict()
         except Exception as e:  # cannot be saved: said, not hidden
             raise _Skip(f"{what}, whose state_dict() failed ({type(e).__name__}: {e}); pyckpt.register it",
                         True) from None
-        own, nbytes = self._own_entries(sd)
+        own = self._own_entries(sd)
         if not own:
             raise _Skip("an nn.Module without state of its own", False)
-        if nbytes > self.max_bytes:  # said before anything is copied (a frozen teacher is copied never)
-            raise _Skip(f"{what}, of {nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}; "
-                        "pyckpt.register it", any(isinstance(x, torch.Tensor) and x._version > 0 for _, x in own))
-        entries = []
-        for key, x in own:
-            if isinstance(x, torch.Tensor):
-                entries.append([key, self.tensor(x, shared=False)])  # state_dict() made x: no memo
-            else:
-                entries.append([key, self.value(x, depth + 1)])  # get_extra_state()
-        if self.size > self.limit:
-            raise _Skip(f"{what}, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}; pyckpt.register it", True)
-        out = ["m", type(v).__qualname__, entries]
-        self._modules[id(v)] = (v, out, len(self.tensors))  # (v kept: its id stays its own meanwhile)
+        if any(not isinstance(x, torch.Tensor) for x in own.values()):  # get_extra_state()
+            _savable(own, f"{what}, not savable ({{}}); pyckpt.register it")
+        return self.reference("M", v, own)
+
+    def reference(self, tag: str, v: Any, state: Any) -> list:
+        """``[tag, class, ref]``: ``state`` goes into ``states[ref]``, saved with the rank's state (copied
+        lazily like the model's, written incrementally, of any size), not into the loop state."""
+        ref, n = self.name, 1
+        while ref in self.states:
+            n += 1
+            ref = f"{self.name} #{n}"
+        self.states[ref] = state
+        out = [tag, type(v).__qualname__, ref]
+        self._refs[id(v)] = (v, out)
         return out
 
-    def _own_entries(self, sd: dict) -> tuple[list[tuple[str, Any]], int]:
-        """The entries of a state_dict() that are not the tracked modules' tensors, and their bytes."""
-        own, nbytes = [], 0
+    def _own_entries(self, sd: dict) -> dict:
+        """The entries of a module's state_dict() that are not the tracked modules' tensors."""
+        own = {}
         for key, x in sd.items():
             if isinstance(x, torch.Tensor):
                 try:
@@ -279,14 +292,13 @@ class _Encoder:
                         continue  # the model's (a tied weight): restored with it
                 except (RuntimeError, NotImplementedError):
                     continue  # no storage: nothing to save
-                nbytes += x.numel() * x.element_size()
-            own.append((key, x))
-        return own, nbytes
+            own[key] = x
+        return own
 
     def _own_state(self, v: torch.nn.Module) -> bool:
         """Whether ``v`` holds state besides the tracked modules' tensors (a failing state_dict(): yes)."""
         try:
-            return bool(self._own_entries(v.state_dict())[0])
+            return bool(self._own_entries(v.state_dict()))
         except Exception:
             return True
 
@@ -409,6 +421,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 objects.append((v, path))
             return None
         mark = enc.begin()
+        enc.name = name
         try:
             out = enc.value(v)
         except _Skip as s:
@@ -484,6 +497,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     cap.tree = {"version": VERSION, "stack": stack_signature(user, point), "argv": [str(a) for a in sys.argv[1:]],
                 "globals": gl, "locals": loc,
                 "objects": objs, "iters": iters, "tensors": enc.tensors}
+    cap.states = enc.states
     return cap
 
 
@@ -552,9 +566,10 @@ def _check(cond: bool, what: str) -> None:
 
 
 class _Decoder:
-    def __init__(self, tensors: list) -> None:
+    def __init__(self, tensors: list, states: dict) -> None:
         _check(isinstance(tensors, list) and all(isinstance(t, torch.Tensor) for t in tensors), "tensor table")
-        self.tensors = tensors
+        _check(isinstance(states, dict), "module states")
+        self.tensors, self.states = tensors, states
         self.made: dict[int, torch.Tensor] = {}
 
     def tensor(self, i: Any) -> torch.Tensor:
@@ -608,16 +623,10 @@ class _Decoder:
             return self.tensor(e[1]).numpy().astype(np.dtype(e[2]), copy=True)
         if tag in ("g", "r", "ng", "nr"):
             return _InPlace(tag, e[1], self)
-        if tag == "m" and depth == 0:
-            _check(len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], list), "module")
-            sd = {}
-            for kv in e[2]:
-                _check(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str), "module entry")
-                sd[kv[0]] = self.value(kv[1], depth + 1)
-            return _StateOf(tag, e[1], sd)
-        if tag == "o" and depth == 0:
-            _check(len(e) == 3 and isinstance(e[1], str), "object with state_dict()")
-            return _StateOf(tag, e[1], self.value(e[2], depth + 1))
+        if tag in ("M", "O") and depth == 0:
+            _check(len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str) and e[2] in self.states
+                   and (tag == "O" or isinstance(self.states[e[2]], dict)), "module or object state")
+            return _StateOf(tag, e[1], self.states[e[2]])
         raise _Bad(f"the checkpoint's loop state is malformed (unknown tag {tag[:20]!r})")
 
 
@@ -659,19 +668,19 @@ class _InPlace:
 
 
 class _StateOf:
-    """The ``state_dict()`` of a module no optimizer owns a parameter of (kind "m") or of a library
-    object (kind "o"): loaded into the live object at the same place (others may hold it: an
-    attribute, a closure)."""
+    """The ``state_dict()`` of a module no optimizer owns a parameter of (kind "M") or of a library
+    object (kind "O"), as read back with the rank's state: loaded into the live object at the same
+    place (others may hold it: an attribute, a closure)."""
 
     def __init__(self, kind: str, qualname: str, state: Any) -> None:
         self.kind, self.qualname, self.state = kind, qualname, state
 
     def problem(self, live: Any) -> str | None:
         """Why ``live`` cannot take this state (checked before anything is written), or None."""
-        fits = isinstance(live, torch.nn.Module) if self.kind == "m" else _stateful(live)
+        fits = isinstance(live, torch.nn.Module) if self.kind == "M" else _stateful(live)
         if not fits or type(live).__qualname__ != self.qualname:
             return f"is a {type(live).__qualname__} now, the checkpoint holds {self.qualname} state there"
-        if self.kind == "o":
+        if self.kind == "O":
             return None  # its own load_state_dict() checks the rest
         now = live.state_dict()
         for k, v in self.state.items():
@@ -685,7 +694,7 @@ class _StateOf:
         return None
 
     def apply(self, live: Any) -> None:
-        if self.kind == "m":
+        if self.kind == "M":
             live.load_state_dict(self.state, strict=False)  # entries shared with the model were left to it
         else:
             live.load_state_dict(self.state)
@@ -775,11 +784,12 @@ class Plan:
             w()
 
 
-def prepare(tree: Any, user: list[types.FrameType], point: str) -> Plan:
-    """Check and decode ``tree`` against the live script frames; nothing is written yet."""
+def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = None) -> Plan:
+    """Check and decode ``tree`` against the live script frames; nothing is written yet. ``states``: the
+    module and object states the tree refers to (``Capture.states``, as saved with the rank's state)."""
     _check(isinstance(tree, dict) and tree.get("version") == VERSION, "version")
     check_stack(tree.get("stack"), user, point)
-    dec = _Decoder(tree.get("tensors"))
+    dec = _Decoder(tree.get("tensors"), {} if states is None else states)
     plan = Plan()
     argv = tree.get("argv")
     if isinstance(argv, list) and argv != sys.argv[1:]:

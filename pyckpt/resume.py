@@ -60,6 +60,7 @@ class Source:
         state = reader.load_section(get_engine(), op, "replicated", 0, into, "cpu")
         rs = reader.load_section(get_engine(), op, "rank", self.src_rank, None, "cpu")
         rs.pop("loop", None)  # another rank's script variables (its `rank`, ...): see choose()
+        rs.pop("script_objects", None)
         if self.checkpointer.coord.rank == 0:
             metrics.restore_done(self.checkpointer.directory, op.step, self.path, time.monotonic() - t0)
         return Restored(state, rs, op.step, self.path)
@@ -98,6 +99,7 @@ def _choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | No
     # The script's own variables (loop state) are per rank and may hold rank-specific values (its
     # `rank`, a per-rank file name): taking another rank's would be wrong, so they are not restored.
     rank_state.pop("loop", None)
+    rank_state.pop("script_objects", None)  # the modules and objects the loop state refers to
     if coord.rank == 0:
         say(resize_line(path, saved, coord.world_size))
     return Source(ckpt, path, info_for(path).step, rank_state, src)

@@ -314,14 +314,17 @@ class Session:
         t = self.discovery.discover()
         objects = discovery.state_of(t)
         replicated = t.replicated(self.coord.world_size)
+        loop, script_objects = self._capture_loop(point, t)
         rank_state = {
-            "loop": self._capture_loop(point, t),
+            "loop": loop,
             "pyckpt": {"step": self.step, "world_size": self.coord.world_size, "replicated": replicated,
                        "optimizer_classes": discovery.class_names(t.optimizers)},
             "loader": self.train_stream.position() if self.train_stream is not None else None,
             "registered": {name: get() for name, (get, _) in REGISTERED.items()},
             "rng": rng.capture(),
         }
+        if script_objects:  # modules and EMA helpers no optimizer owns, by the loop state's references
+            rank_state["script_objects"] = script_objects
         if not t.optimizers and t.modules:
             rank_state["grads"] = discovery.grads_of(t)  # weights updated by hand use them after this point
         if not replicated:
@@ -331,8 +334,9 @@ class Session:
         sharded.split_per_rank(t.optimizers, objects, rank_state)  # ZeRO state is per rank
         return objects, rank_state
 
-    def _capture_loop(self, point: str, t: discovery.Tracked) -> dict | None:
-        """The script's loop state here (loopstate.py); what cannot be saved is said once, by name."""
+    def _capture_loop(self, point: str, t: discovery.Tracked) -> tuple[dict | None, dict]:
+        """The script's loop state here (loopstate.py) and the states of the modules and objects it
+        refers to; what cannot be saved is said once, by name."""
         limit = knobs.get("PYCKPT_LOOP_STATE_MAX_BYTES")
         try:
             registered = [getattr(g, "__self__", None) for g, _ in REGISTERED.values()]  # saved there
@@ -342,7 +346,7 @@ class Session:
                 self.loop_warned.add("capture")
                 say(f"warning: the script's loop state was not captured ({type(e).__name__}: {e}); a resume from "
                     "this checkpoint restarts the script's own counters; save them with pyckpt.register", "warning")
-            return None
+            return None, {}
         new = {k: v for k, v in cap.warnings.items() if k not in self.loop_warned}
         if new:
             self.loop_warned.update(new)
@@ -352,16 +356,17 @@ class Session:
                 "Loop state)", "warning")
         if cap.skipped and self.last_snapshot_step < 0:
             say("loop state: not captured: " + "; ".join(f"{k} ({v})" for k, v in cap.skipped.items()), "debug")
-        return cap.tree
+        return cap.tree, cap.states
 
     # -- restore -------------------------------------------------------------------------
     def _loop_plan(self, point: str) -> loopstate.Plan | None:
         """Check the checkpoint's loop state against the live script frames (before any tensor is read);
         raises PyckptError on a changed script or stack."""
-        tree = (self.source.rank_state or {}).get("loop")
+        rs = self.source.rank_state or {}
+        tree = rs.get("loop")
         if tree is None:
             return None  # written before loop state existed, or capture failed (warned then)
-        return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point)
+        return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"))
 
     def _load_tracked(self, t: discovery.Tracked) -> dict:
         """Read the checkpoint and load the tracked objects and registered state; returns its rank state."""

@@ -38,6 +38,15 @@ def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mod
     assert tree_equal(final, plain_results(mode))
 
 
+def test_modules_no_optimizer_owns_resume_exactly_over_the_loop_state_cap(tmp_path, plain_results):
+    # The EMA copy and the teacher (~0.5 kB each) are over a 64-byte loop-state cap: they are saved
+    # with the rank's state by reference, not copied into the loop state, so the cap does not apply.
+    first, second, final = _kill_and_resume(tmp_path, "ema", KILL_AT="13", PYCKPT_LOOP_STATE_MAX_BYTES="64")
+    assert first.returncode == -signal.SIGKILL
+    assert "ema" not in first.stderr and "teacher" not in first.stderr  # no warning names them
+    assert tree_equal(final, plain_results("ema"))
+
+
 def test_never_killed_run_equals_plain_run(tmp_path, plain_results):
     out = tmp_path / "out.pt"
     r = run_script([TINY, out], tmp_path, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="3")
