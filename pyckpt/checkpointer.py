@@ -33,6 +33,9 @@ from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptErro
 log = logging.getLogger("pyckpt")
 
 
+_UNREAD: Any = object()  # _restore_path: the rank section is still to be read
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str
@@ -582,14 +585,17 @@ class Checkpointer:
                                          f"({', '.join(skipped)})", path=skipped[0])
         raise CheckpointNotFoundError(f"no complete checkpoint in {self.directory}")
 
-    def _restore_path(self, path: str, into: Any, rank_into: Any, map_location: Any) -> Restored:
+    def _restore_path(self, path: str, into: Any, rank_into: Any, map_location: Any,
+                      rank_state: Any = _UNREAD) -> Restored:
+        """``rank_state``: this rank's section as already read (same ``map_location``, no ``rank_into``)."""
         from ._native import get_engine
 
         t0 = time.monotonic()
         op = reader.open_checkpoint(path)
         engine = get_engine()
         state = reader.load_section(engine, op, "replicated", 0, into, map_location)
-        rs = reader.load_section(engine, op, "rank", self.coord.rank, rank_into, map_location)
+        rs = rank_state if rank_state is not _UNREAD else reader.load_section(
+            engine, op, "rank", self.coord.rank, rank_into, map_location)
         if self.coord.rank == 0:
             metrics.restore_done(self.directory, op.step, path, time.monotonic() - t0)
         return Restored(state, rs, op.step, path)

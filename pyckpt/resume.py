@@ -50,17 +50,15 @@ class Source:
 
     def restore(self, into: Any) -> Restored:
         """Read the whole checkpoint; module tensors land in ``into`` in place."""
-        if self.src_rank < 0:
-            return self.checkpointer._restore_path(self.path, into, None, "cpu")
+        if self.src_rank < 0:  # this rank's own section was read by choose(): not read twice
+            return self.checkpointer._restore_path(self.path, into, None, "cpu", self.rank_state)
         from . import metrics
         from ._native import get_engine
 
         t0 = time.monotonic()
         op = reader.open_checkpoint(self.path)
         state = reader.load_section(get_engine(), op, "replicated", 0, into, "cpu")
-        rs = reader.load_section(get_engine(), op, "rank", self.src_rank, None, "cpu")
-        rs.pop("loop", None)  # another rank's script variables (its `rank`, ...): see choose()
-        rs.pop("script_objects", None)
+        rs = self.rank_state  # saved rank src_rank's, read by choose() (without its loop state)
         if self.checkpointer.coord.rank == 0:
             metrics.restore_done(self.checkpointer.directory, op.step, self.path, time.monotonic() - t0)
         return Restored(state, rs, op.step, self.path)
