@@ -313,8 +313,7 @@ class _Encoder:
             return _Skip(f"an iterator ({name}) whose position cannot be restored", True)
         return _Skip(f"{name} is not a restorable kind", False)
 
-    def tensor(self, v: torch.Tensor, shared: bool = True) -> list:
-        """``shared``: ``v`` is the script's own tensor, stored once however often it is referenced."""
+    def tensor(self, v: torch.Tensor) -> list:
         if isinstance(v, torch.nn.Parameter):
             raise _Skip("a parameter (restored with its module)", False)
         try:
@@ -327,7 +326,7 @@ class _Encoder:
         if nbytes > self.max_bytes:
             raise _Skip(f"a tensor of {nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}",
                         v._version > 0)  # never changed in place: the relaunch makes it again
-        return ["t", self.add_tensor(v, shared=shared), str(v.device), bool(v.requires_grad)]
+        return ["t", self.add_tensor(v, shared=True), str(v.device), bool(v.requires_grad)]
 
     def add_tensor(self, v: torch.Tensor, shared: bool = False) -> int:
         """Index of a copy of ``v`` in the tensor table; ``shared``: the script's own tensor, stored once
@@ -428,12 +427,12 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
             enc.rollback(mark)
             (warned if s.warn else cap.skipped)[name] = s.why
             return None
-        if enc.nested:  # modules inside a container (below): the container is left out
+        if enc.nested:  # modules or EMA helpers inside a container (see _Encoder.module): left out
             stateful = any(enc.nested)
             enc.rollback(mark)
             if stateful:
-                warned[name] = ("holds an nn.Module that owns no optimizer parameter (an EMA copy, a teacher?) "
-                                "in a container; keep it in a variable or attribute of its own, or pyckpt.register it")
+                warned[name] = ("holds a module or EMA helper that no optimizer owns (an EMA copy, a teacher?) in "
+                                "a container; keep it in a variable or attribute of its own, or pyckpt.register it")
             else:
                 cap.skipped[name] = "holds nn.Modules restored by pyckpt with the model"
             return None

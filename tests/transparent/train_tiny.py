@@ -1,7 +1,8 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema
-(ema: an AveragedModel and a teacher copy updated in place, neither owning an optimizer parameter)
+(ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
+optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -49,7 +50,8 @@ else:
 if MODE == "ema":
     ema = torch.optim.swa_utils.AveragedModel(model)
     holder = types.SimpleNamespace(teacher=copy.deepcopy(model).requires_grad_(False))
-    models.update(ema=ema, teacher=holder.teacher)
+    target = nn.Linear(600, 600).requires_grad_(False)
+    models.update(ema=ema, teacher=holder.teacher, target=target)
 if MODE == "patched":
     def patched_step(self, *a, **k):  # what some libraries do to an optimizer instance
         return type(self).step(self, *a, **k)
@@ -96,6 +98,7 @@ def train_step(x, y):
             with torch.no_grad():
                 for t, p in zip(holder.teacher.parameters(), model.parameters()):
                     t.lerp_(p, 0.25)
+                target.weight.mul_(0.5).add_(model[0].weight.sum())
     step += 1
     maybe_die(step)
 
