@@ -171,11 +171,18 @@ def test_a_manifest_changed_on_disk_is_validated_again(tmp_path):
     with open(mpath, "rb") as f:
         old = f.read()
     m = json.loads(old)
-    for step in range(1, 100):  # another step, sealed to exactly the old size (the checksum's digits vary)
-        m["step"] = step
-        new = manifest.seal(m)
-        if len(new) == len(old):
-            break
+    torch_version = m["created_by"]["torch"]
+
+    def candidates():
+        # Another step, sealed to exactly the old size. The checksum's digits vary (8 of 10 checksums
+        # have 10): shortening another field by 0-3 characters makes room for 0-3 more digits, so
+        # whatever the old checksum's length, some step fits (a fixed field failed ~1 run in 70).
+        for cut in range(4):
+            for step in range(1, 100):
+                m["step"], m["created_by"]["torch"] = step, torch_version[:len(torch_version) - cut]
+                yield manifest.seal(m)
+
+    new = next((c for c in candidates() if len(c) == len(old)), b"")
     assert len(new) == len(old)
     with open(mpath, "r+b") as f:
         f.write(new)
