@@ -362,9 +362,10 @@ class _Tracked:
 
 
 def _tracked(modules: list, registered: list) -> _Tracked:
-    """Storage addresses of the modules' parameters and buffers. Read from each submodule's own
-    ``_parameters``/``_buffers`` (what ``parameters()``/``buffers()`` walk, without making a name
-    per tensor): this runs at every snapshot, over every tensor of the model."""
+    """Storage addresses of the modules' parameters and buffers, and the ids of the modules, their
+    submodules and ``registered``. Read from each submodule's own ``_parameters``/``_buffers`` (what
+    ``parameters()``/``buffers()`` walk, without making a name per tensor): this runs at every
+    snapshot, over every tensor of the model."""
     tensors: list = []
     ids = {id(r) for r in registered}
     for m in modules:
@@ -699,7 +700,7 @@ class _StateOf:
             live.load_state_dict(self.state)
 
 
-def _check_modules(decoded: dict, live: dict, label: Any, plan: "Plan") -> None:
+def _check_states(decoded: dict, live: dict, label: Any, plan: "Plan") -> None:
     """Raise ``PyckptError`` when a module's or object's state in ``decoded`` meets something else in
     ``live``. Where nothing is there yet (None, or no such name: made lazily, or at the first
     evaluation), the state is dropped from ``decoded`` with a warning for the plan."""
@@ -806,14 +807,14 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
             raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")
         _check(isinstance(values, dict), "globals of a module")
         decoded = {k: dec.value(v) for k, v in values.items()}
-        _check_modules(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}", plan)
+        _check_states(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}", plan)
         plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v) for k, v in d.items()}))
     loc = tree.get("locals")
     _check(isinstance(loc, list) and len(loc) == len(user), "locals")
     for f, values in zip(user, loc):
         _check(isinstance(values, dict), "locals of a frame")
         decoded = {k: dec.value(v) for k, v in values.items()}
-        _check_modules(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})", plan)
+        _check_states(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})", plan)
         if decoded:
             def write(f=f, d=decoded):
                 cur = f.f_locals
@@ -828,7 +829,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
                               f"{o.get('type')}")
         decoded = {k: dec.value(v) for k, v in o["attrs"].items()}
-        _check_modules(decoded, vars(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan)
+        _check_states(decoded, vars(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan)
         plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(vars(obj).get(k), v))
                                                        for k, v in d.items()])
     iters = tree.get("iters")
@@ -918,7 +919,7 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
             raise PyckptError(f"a for loop in {where} iterates another generator, or one at another point, "
                               "than in the checkpoint")
         decoded = {k: dec.value(v) for k, v in st[2].items()}
-        _check_modules(decoded, f.f_locals, lambda k: f"{k} (in generator {it.__qualname__})", plan)
+        _check_states(decoded, f.f_locals, lambda k: f"{k} (in generator {it.__qualname__})", plan)
         live = frames.loop_iterators(f)
         if live is None or len(live) != len(st[3]):
             raise PyckptError(f"the for loops running in generator {it.__qualname__} differ from the checkpoint's")
