@@ -181,11 +181,12 @@ void bind_functions(py::module_& m) {
       py::arg("data"), py::arg("seed") = 0, "CRC32C by the crc32 instruction only (tests compare kernels)");
   m.def(
       "copy_crc32c",
-      [](uintptr_t dst, uintptr_t src, size_t nbytes, uint32_t seed) {
-        return copy_crc32c(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes, seed);
+      [](uintptr_t dst, uintptr_t src, size_t nbytes, uint32_t seed, bool stream) {
+        return copy_crc32c(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes, seed, stream);
       },
-      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("seed") = 0,
-      py::call_guard<py::gil_scoped_release>(), "copies nbytes from src to dst; CRC32C of the bytes stored");
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("seed") = 0, py::arg("stream") = true,
+      py::call_guard<py::gil_scoped_release>(),
+      "copies nbytes from src to dst; CRC32C of the bytes stored (stream=False: plain stores, no streaming)");
   m.def(
       "copy_crc32c_fingerprint",
       [](uintptr_t dst, uintptr_t src, size_t nbytes) {

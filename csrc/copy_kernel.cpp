@@ -97,19 +97,24 @@ PYCKPT_FOLD_TARGET uint32_t copy_fp_folded(uint8_t* d, const uint8_t* s, size_t 
 
 }  // namespace
 
-uint32_t copy_crc32c(void* dst, const void* src, size_t n, uint32_t seed) {
+uint32_t copy_crc32c(void* dst, const void* src, size_t n, uint32_t seed, bool stream) {
   auto* d = static_cast<uint8_t*>(dst);
   const auto* s = static_cast<const uint8_t*>(src);
 #if defined(__x86_64__)
   if (n >= kStreamMin && fold::available()) {
-    // Streaming stores need 32-byte-aligned destinations: the head goes first.
-    const size_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
-    std::memcpy(d, s, head);
-    seed = crc32c(d, head, seed);
-    d += head, s += head, n -= head;
-    Copy<true> take{s, d};
     size_t done = 0;
-    seed = fold_copy(take, n, seed, &done);
+    if (stream) {
+      // Streaming stores need 32-byte-aligned destinations: the head goes first.
+      const size_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
+      std::memcpy(d, s, head);
+      seed = crc32c(d, head, seed);
+      d += head, s += head, n -= head;
+      Copy<true> take{s, d};
+      seed = fold_copy(take, n, seed, &done);
+    } else {
+      Copy<false> take{s, d};
+      seed = fold_copy(take, n, seed, &done);
+    }
     d += done, s += done, n -= done;
   }
 #endif

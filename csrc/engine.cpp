@@ -625,6 +625,30 @@ namespace {
 void release_if_large(std::vector<uint8_t>& v) {
   if (v.capacity() > kKeepReadBuffer) std::vector<uint8_t>().swap(v);
 }
+
+// A chunk of a file in memory (the memory tier) going to fresh host memory,
+// which the caller drops if the read fails: each piece is copied and
+// checksummed in one pass (copy_crc32c) and the bytes between pieces only
+// checksummed, so the chunk is passed over once, not checksummed and then
+// copied. False (nothing done) unless every piece goes to the host and the
+// pieces lie in order without overlapping (the CRC runs through the chunk
+// front to back); true with the chunk's CRC in *crc otherwise.
+bool copy_and_checksum(const uint8_t* src, const ReadChunk& c, uint32_t* crc) {
+  uint64_t pos = 0;
+  for (const ReadPiece& p : c.pieces) {
+    if (p.device >= 0 || p.offset_in_raw < pos) return false;
+    pos = p.offset_in_raw + p.nbytes;
+  }
+  uint32_t run = 0;
+  pos = 0;
+  for (const ReadPiece& p : c.pieces) {
+    run = crc32c(src + pos, p.offset_in_raw - pos, run);
+    run = copy_crc32c(reinterpret_cast<void*>(p.dst), src + p.offset_in_raw, p.nbytes, run, false);
+    pos = p.offset_in_raw + p.nbytes;
+  }
+  *crc = crc32c(src + pos, c.raw_len - pos, run);
+  return true;
+}
 }  // namespace
 
 void Engine::read_chunk(const File& file, const MemoryFileView& view, const ReadChunk& c, bool verify,
@@ -660,8 +684,9 @@ void Engine::read_chunk(const File& file, const MemoryFileView& view, const Read
   // read fails): one host destination covering the whole uncompressed chunk
   // is read into directly and verified in place. Otherwise the bytes go
   // through the bounce buffer and reach destinations only once verified.
-  // A chunk of a file in memory (the memory tier) is checksummed where it
-  // lies and copied once, straight to its destinations.
+  // A chunk of a file in memory (the memory tier) is read where it lies:
+  // copied to fresh host memory with its checksum in the same pass
+  // (copy_and_checksum), else checksummed there first and copied once.
   const uint8_t* in_memory = view.at(c.file_offset, c.stored_len);
   const bool direct = in_memory == nullptr && direct_ok && c.codec == kCodecNone && c.pieces.size() == 1 &&
                       c.pieces[0].device < 0 && c.pieces[0].offset_in_raw == 0 &&
@@ -697,10 +722,13 @@ void Engine::read_chunk(const File& file, const MemoryFileView& view, const Read
   const uint8_t* src = in_memory != nullptr ? in_memory : stored;
   // The message carries the expected value only: the checksum of the bytes
   // read would disclose them (a 1-byte chunk's CRC names its byte).
-  if (verify && crc32c(src, c.stored_len) != c.crc32c)
+  uint32_t fused = 0;
+  const bool copied = in_memory != nullptr && direct_ok && verify && c.codec == kCodecNone &&
+                      copy_and_checksum(src, c, &fused);
+  if (verify && (copied ? fused : crc32c(src, c.stored_len)) != c.crc32c)
     throw Error(ErrorKind::Value, "checksum mismatch in " + where + " (expected crc32c " +
                                       hex32(c.crc32c) + ")");
-  if (direct) return;
+  if (copied || direct) return;
   const uint8_t* raw = src;
   bool raw_pinned = to_device && in_memory == nullptr;  // read into the pinned buffer above
   if (c.codec != kCodecNone) {

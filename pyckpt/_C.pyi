@@ -45,9 +45,10 @@ def crc32c_kernel() -> str:
     """The CRC32C kernel large buffers use here: "vpclmulqdq" (folding), "sse4.2" or "table"."""
 def crc32c_unfolded(data: memoryview | bytes | bytearray, seed: int = 0) -> int:
     """Same as ``crc32c`` by the crc32 instruction alone (tests compare the kernels)."""
-def copy_crc32c(dst: int, src: int, nbytes: int, seed: int = 0) -> int:
+def copy_crc32c(dst: int, src: int, nbytes: int, seed: int = 0, stream: bool = True) -> int:
     """Copies ``nbytes`` from address ``src`` to ``dst`` (the capture kernel: one pass, streaming
-    stores when large) and returns the CRC32C of the bytes stored, continuing from ``seed``."""
+    stores when large unless ``stream`` is False) and returns the CRC32C of the bytes stored,
+    continuing from ``seed``."""
 def copy_crc32c_fingerprint(dst: int, src: int, nbytes: int) -> tuple[int, int]:
     """``copy_crc32c`` that also fingerprints: (CRC32C, pkfp1 fingerprint) of the bytes stored."""
 FP_SEED: int  # start value of a chunk's fingerprint fold

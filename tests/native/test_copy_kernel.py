@@ -26,11 +26,13 @@ def _untouched_around(dst, dst_offset, n):
     return bool((dst[:dst_offset] == 0xA5).all() and (dst[dst_offset + n :] == 0xA5).all())
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming_stores", "plain_stores"])
 @pytest.mark.parametrize("src_offset, dst_offset", OFFSETS)
-def test_copy_crc32c_stores_the_bytes_and_returns_their_checksum(C, rng, src_offset, dst_offset):
+def test_copy_crc32c_stores_the_bytes_and_returns_their_checksum(C, rng, src_offset, dst_offset, stream):
+    # stream=False: the memory tier's reads into fresh memory (plain stores, any alignment).
     for n in LENGTHS:
         src, dst = _buffers(rng, n, src_offset, dst_offset)
-        crc = C.copy_crc32c(dst.ctypes.data + dst_offset, src.ctypes.data + src_offset, n, 77)
+        crc = C.copy_crc32c(dst.ctypes.data + dst_offset, src.ctypes.data + src_offset, n, 77, stream=stream)
         data = bytes(src[src_offset:])
         assert bytes(dst[dst_offset : dst_offset + n]) == data, n
         assert crc == C.crc32c_software(data, 77), n

@@ -107,6 +107,69 @@ def test_mapped_save_with_fingerprints_matches_a_written_save(make_engine, shm_d
     assert [r[3] for r in mapped.results()] == [r[3] for r in written.results()]
 
 
+TIER_CHUNK = 1 << 20  # pieces over the kernel's 256 KiB streaming threshold (its folding path) and under
+
+
+def _tier_chunks(engine, shm_dir, rng):
+    """A mapped save of a model-like state into /dev/shm: (files, arrays, layout, results)."""
+    engine_files = [os.path.join(shm_dir, "data-0.bin")]
+    arrays = mixed_state(rng, 2)
+    layout = plan(arrays, TIER_CHUNK, 1)
+    assert any(n >= 256 << 10 for _f, _es, ps in layout.chunks for i, _o, n in ps if i % 2 == 1)
+    return engine_files, arrays, layout, _save(engine, engine_files, arrays, layout)
+
+
+def _every_other_array(layout, results, dests, reverse=False):
+    """Read specs for the arrays of odd index only: shared chunks then hold bytes no piece copies (gaps
+    before, between and after the pieces); ``reverse`` lists each chunk's pieces back to front."""
+    specs = read_chunks(layout, results, dests)
+    out = []
+    for (f, off, stored, raw, crc, codec, pieces), (_f, _es, planned) in zip(specs, layout.chunks):
+        kept = [p for p, (i, _o, _n) in zip(pieces, planned) if i % 2 == 1]
+        if kept:
+            out.append((f, off, stored, raw, crc, codec, kept[::-1] if reverse else kept))
+    return out
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["pieces_in_order", "pieces_back_to_front"])
+def test_a_memory_tier_chunk_read_into_fresh_memory_lands_exactly_with_gaps_between_pieces(
+        make_engine, shm_dir, rng, reverse):
+    # Fresh destinations (direct=True) of a chunk in /dev/shm are copied with the checksum in one pass;
+    # the bytes of the chunk no piece takes are still checksummed, and nothing outside the pieces is written.
+    engine = make_engine(staging_bytes=4 * TIER_CHUNK, chunk_bytes=TIER_CHUNK)
+    files, arrays, layout, results = _tier_chunks(engine, shm_dir, rng)
+    dests = [np.full_like(a.view(np.uint8), 0x5A) for a in arrays]
+    specs = _every_other_array(layout, results, dests, reverse)
+    assert any(len(s[6]) > 1 for s in specs)  # some chunk has several pieces with gaps between them
+    assert engine.read(files, specs, True, direct=True) == []
+    for i, (a, d) in enumerate(zip(arrays, dests)):
+        want = a.view(np.uint8) if i % 2 == 1 else np.full_like(d, 0x5A)
+        assert np.array_equal(d, want), f"array {i}"
+
+
+@pytest.mark.parametrize("where", ["in_a_piece", "between_pieces"])
+def test_a_damaged_memory_tier_chunk_read_into_fresh_memory_is_refused_naming_its_file(
+        make_engine, shm_dir, rng, where):
+    engine = make_engine(staging_bytes=4 * TIER_CHUNK, chunk_bytes=TIER_CHUNK)
+    files, arrays, layout, results = _tier_chunks(engine, shm_dir, rng)
+    dests = [np.zeros_like(a.view(np.uint8)) for a in arrays]
+    specs = _every_other_array(layout, results, dests)
+    k, spec = next((k, s) for k, s in enumerate(specs) if len(s[6]) > 1)
+    off, pieces = spec[1], spec[6]
+    # A byte of the second piece, or the first byte of the gap before it (an even array no piece reads).
+    pos = off + (pieces[1][0] if where == "in_a_piece" else pieces[0][0] + pieces[0][2])
+    if where == "between_pieces":
+        assert pos < off + pieces[1][0]
+    with open(files[0], "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x01]))
+    errors = engine.read(files, specs, True, direct=True)
+    assert [i for i, _ in errors] == [k]
+    assert "checksum mismatch" in errors[0][1] and files[0] in errors[0][1]
+
+
 def test_map_files_needs_codec_none(make_engine, shm_dir, rng):
     engine = make_engine(staging_bytes=4 * CHUNK, chunk_bytes=CHUNK)
     arrays = mixed_state(rng)

@@ -11,8 +11,9 @@ namespace pyckpt {
 /// `seed`) of the bytes stored. Large copies use streaming stores: the copy
 /// is not read again soon (it goes to a file or stays as a snapshot), so it
 /// neither displaces the training's cache lines nor reads the destination
-/// from memory before overwriting it.
-uint32_t copy_crc32c(void* dst, const void* src, size_t n, uint32_t seed = 0);
+/// from memory before overwriting it. `stream` false: plain stores (memory
+/// just allocated, whose pages the kernel zeroes into cache as they fault).
+uint32_t copy_crc32c(void* dst, const void* src, size_t n, uint32_t seed = 0, bool stream = true);
 
 /// copy_crc32c that also adds the bytes stored to a fingerprint's lane sums
 /// (fingerprint.h; `first_stripe` is their stripe number within the piece).
