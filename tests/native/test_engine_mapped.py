@@ -107,16 +107,18 @@ def test_mapped_save_with_fingerprints_matches_a_written_save(make_engine, shm_d
     assert [r[3] for r in mapped.results()] == [r[3] for r in written.results()]
 
 
-TIER_CHUNK = 1 << 20  # pieces over the kernel's 256 KiB streaming threshold (its folding path) and under
+# 1 MiB chunks: the pieces read include some over the copy kernel's 256 KiB threshold (its folding path)
+# and some under it (its block path).
+TIER_CHUNK = 1 << 20
 
 
 def _tier_chunks(engine, shm_dir, rng):
     """A mapped save of a model-like state into /dev/shm: (files, arrays, layout, results)."""
-    engine_files = [os.path.join(shm_dir, "data-0.bin")]
+    files = [os.path.join(shm_dir, "data-0.bin")]
     arrays = mixed_state(rng, 2)
     layout = plan(arrays, TIER_CHUNK, 1)
     assert any(n >= 256 << 10 for _f, _es, ps in layout.chunks for i, _o, n in ps if i % 2 == 1)
-    return engine_files, arrays, layout, _save(engine, engine_files, arrays, layout)
+    return files, arrays, layout, _save(engine, files, arrays, layout)
 
 
 def _every_other_array(layout, results, dests, reverse=False):
