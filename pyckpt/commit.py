@@ -406,7 +406,14 @@ def commit_parts(coord, tag: str, tmp_dir: str, final_dir: str, step: int, part:
     outcome = None
     if coord.rank == 0:
         outcome = _rank0_publish(tmp_dir, final_dir, step, [g["info"] for g in gathered], failed, root)
-    outcome = coord.broadcast_json(outcome, f"{tag}/commit")
+    try:
+        outcome = coord.broadcast_json(outcome, f"{tag}/commit")
+    except Exception as e:
+        if coord.rank != 0 or not outcome["ok"]:
+            raise
+        # Every part was in and rank 0 has published: the checkpoint is complete and stays, whoever
+        # is gone now (a preempted rank that exited after its vote). Calling it failed would be false.
+        log.warning("pyckpt: checkpoint %s committed, but not every rank heard so: %s", final_dir, e)
     if error is not None:
         raise error
     if not outcome["ok"]:

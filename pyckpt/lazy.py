@@ -151,8 +151,12 @@ class Lazy:
         self.settle()  # a previous armed snapshot gets its verdict first (its commit may be waited for below)
         tier = shm_tier.tier_for(s.ckpt, s.coord)
         self.snapshots += 1
-        to_storage = tier is None or tier.storage_due(self.snapshots)
-        lazy = self.enabled and s.sigterm is None  # after SIGTERM the job exits right after this snapshot
+        preempted = self._preempted()
+        to_storage = tier is None or tier.storage_due(self.snapshots) or preempted
+        # After SIGTERM the signalled rank exits right after this snapshot, so every rank captures it
+        # now: a lazy rank's commit would wait for its next optimizer step, which waits on a
+        # collective with the rank that is waiting for that commit.
+        lazy = self.enabled and not preempted
         guards: list = []
         if lazy:
             try:  # encoded once here: the saves below take the encoding (tree.Flat) as it is
@@ -189,6 +193,17 @@ class Lazy:
             self.settle()  # eager: every tensor is copied before the script goes on
         self.blocked = time.monotonic() - t0
         return futures[0] if len(futures) == 1 and not lazy else Pending(armed, futures)
+
+    def _preempted(self) -> bool:
+        """Whether any rank got SIGTERM (a preemption notice may reach one rank, or one node, only).
+        That snapshot is then captured eagerly and written to storage on every rank, whatever
+        ``PYCKPT_STORAGE_EVERY`` says: a preempted job may come back on another machine, without
+        this one's ``/dev/shm``. One store round per snapshot in a multi-rank job."""
+        s = self.session
+        term = s.sigterm is not None
+        if s.coord.world_size > 1:
+            term = any(s.coord.all_gather_json(term, "lazy/sigterm"))
+        return term
 
     def settle(self) -> None:
         """Give the armed snapshot its verdict (training thread); a torn copy turns lazy capture off."""

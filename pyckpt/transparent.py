@@ -547,7 +547,7 @@ class Session:
         # A second SIGTERM now acts as usual; so does our own re-kill after the snapshot.
         signal.signal(signal.SIGTERM, prev)
         self.policy.force()
-        timer = threading.Timer(SIGTERM_GRACE_S, os.kill, (os.getpid(), signum))
+        timer = threading.Timer(SIGTERM_GRACE_S, _grace_expired, (signum,))
         timer.daemon = True
         timer.start()
 
@@ -558,6 +558,14 @@ class Session:
             say(f"warning: checkpoint on SIGTERM failed: {e}", "warning")
         prev, self.sigterm = self.sigterm, None
         _deliver(signal.SIGTERM, prev, None)
+
+
+def _grace_expired(signum: int) -> None:
+    """SIGTERM's grace ran out before the checkpoint it asked for was committed: say so, then act on
+    the signal as if pyckpt were not there."""
+    say(f"warning: SIGTERM: no checkpoint committed within {SIGTERM_GRACE_S:.0f} s of the signal; exiting "
+        "without it (no consistent point came, or its commit did not finish)", "warning")
+    os.kill(os.getpid(), signum)
 
 
 def _with_hint(e: Exception) -> str:

@@ -115,6 +115,24 @@ def pyckpt_env(ckpt_dir: Path | None, every_steps: int, **extra: str) -> dict[st
     return _harness.clean_env(settings)
 
 
+def tier_env(ckpt_dir: Path, every_steps: int, storage_every: int = 2, **extra: str) -> dict[str, str]:
+    """``pyckpt_env`` with the host-memory tier on: every snapshot kept in /dev/shm, every
+    ``storage_every``-th one also written to ``ckpt_dir``."""
+    return pyckpt_env(ckpt_dir, every_steps, PYCKPT_SHM_MB="64", PYCKPT_STORAGE_EVERY=str(storage_every), **extra)
+
+
+def tier_path(ckpt_dir: Path) -> Path:
+    """Where the memory tier of ``ckpt_dir`` lives (/dev/shm/pyckpt-<hash>)."""
+    from pyckpt import shm_tier
+
+    return Path(shm_tier.shm_path(str(ckpt_dir)))
+
+
+def tier_steps(ckpt_dir: Path) -> list[int]:
+    """Committed snapshots in the memory tier of ``ckpt_dir`` (none when it is off)."""
+    return _harness.committed_steps(tier_path(ckpt_dir))
+
+
 # ----------------------------------------------------------------------------- kill points
 
 Condition = Callable[[Run], bool]
@@ -142,10 +160,12 @@ def during_write(ckpt_dir: Path) -> Condition:
 @dataclass
 class Crash:
     killed: Run
-    committed: list[int]  # committed checkpoint steps once everything was dead
+    committed: list[int]  # committed checkpoint steps once everything was dead (storage and memory tier)
     in_progress: list[int]  # .tmp-* checkpoint steps left behind by the kill
     resumed: Run
     resume: dict | None = field(default=None)
+    in_memory: list[int] = field(default_factory=list)  # of ``committed``: those in the memory tier
+    in_storage: list[int] = field(default_factory=list)  # of ``committed``: those in PYCKPT_DIR
 
 
 def launch_and_kill(cmd: list[str], env: dict[str, str], out: Path, kill_when: Condition,
@@ -166,15 +186,18 @@ def kill_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: 
                       cwd: Path | None = None) -> Crash:
     """Launch, SIGKILL the process tree once ``kill_when`` holds, relaunch to the end."""
     run = launch_and_kill(cmd, env, out, kill_when, cwd)
-    committed = _harness.committed_steps(ckpt_dir)
+    stored, in_memory = _harness.committed_steps(ckpt_dir), tier_steps(ckpt_dir)
     in_progress = _harness.in_progress_steps(ckpt_dir)
     resumed = run_to_end(cmd, relaunch_env or env, cwd)
-    return Crash(run, committed, in_progress, resumed, _harness.resume_line(resumed.stderr))
+    return Crash(run, sorted(set(stored) | set(in_memory)), in_progress, resumed,
+                 _harness.resume_line(resumed.stderr), in_memory, stored)
 
 
-def sigterm_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: Path, at_step: int) -> Crash:
-    """SIGTERM the run once it printed step ``at_step``; it must take one checkpoint and exit by the
-    signal before the end. Then relaunch to the end."""
+def sigterm_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, out: Path, at_step: int,
+                         between: Callable[[], None] | None = None) -> Crash:
+    """SIGTERM the run once it printed step ``at_step``; it must take one checkpoint *in storage* (a
+    preempted job may come back on another machine, without this one's memory tier) and exit by the
+    signal before the end. Then call ``between`` (if given) and relaunch to the end."""
     run = _harness.launch(cmd, env)
     assert run.wait_until(lambda: run.last_step() >= at_step, KILL_TIMEOUT_S), run.stderr[-3000:]
     os.kill(run.popen.pid, signal.SIGTERM)
@@ -183,8 +206,11 @@ def sigterm_and_relaunch(cmd: list[str], env: dict[str, str], ckpt_dir: Path, ou
     assert not out.exists(), "the job trained to the end instead of stopping"
     committed = _harness.committed_steps(ckpt_dir)
     assert len(committed) == 1 and at_step <= committed[0] <= run.last_step(), (committed, run.last_step())
+    in_memory = tier_steps(ckpt_dir)
+    if between is not None:
+        between()
     resumed = run_to_end(cmd, env)
-    return Crash(run, committed, [], resumed, _harness.resume_line(resumed.stderr))
+    return Crash(run, committed, [], resumed, _harness.resume_line(resumed.stderr), in_memory, committed)
 
 
 def assert_lines_match(run: Run, reference: Reference) -> None:

@@ -5,10 +5,12 @@ get the one or two points where their particular state is most at risk.
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from e2e_helpers import (DDP, GAN, INFINITE, LORA, SINGLE, after_commit, assert_resumed_exactly, at_step,
-                         during_write, kill_and_relaunch, pyckpt_env, sigterm_and_relaunch)
+                         during_write, kill_and_relaunch, pyckpt_env, sigterm_and_relaunch, tier_env, tier_path)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("pyckpt_installed")]
 
@@ -82,4 +84,64 @@ def test_sigterm_checkpoints_exits_and_resumes_exactly(references, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
     env = pyckpt_env(ckpt, every_steps=1000)
     crash = sigterm_and_relaunch(SINGLE.command(out), env, ckpt, out, at_step=8)
+    assert_resumed_exactly(crash, references.get(SINGLE), out)
+
+
+# ----------------------------------------------------------------------------- with the memory tier
+# Kills with PYCKPT_SHM_MB on and storage written every 2nd snapshot: at the kill the newest snapshot
+# exists only in /dev/shm, and the relaunch must resume from it exactly (issue 9: nothing lost with
+# lazy, incremental and tiered snapshots on; lazy capture and incremental chunks are on by default).
+
+@pytest.fixture
+def tier_ckpt(tmp_path):
+    """``tmp_path/ckpt``; its memory tier is removed afterwards whatever happened."""
+    ckpt = tmp_path / "ckpt"
+    yield ckpt
+    shutil.rmtree(tier_path(ckpt), ignore_errors=True)
+
+
+def _assert_resumed_from_memory(crash, ckpt) -> None:
+    """The relaunch resumed from the memory tier's newest snapshot (at least as new as storage's),
+    and, ending normally, removed the memory copy."""
+    assert crash.in_memory, f"nothing in the memory tier after the kill (storage: {crash.in_storage})"
+    assert crash.resume["step"] == max(crash.in_memory) >= max(crash.in_storage, default=0), (
+        f"resumed from {crash.resume['step']}; memory {crash.in_memory}, storage {crash.in_storage}")
+    assert "resuming from the memory tier" in crash.resumed.stderr, crash.resumed.stderr[-3000:]
+    assert not tier_path(ckpt).exists(), "a run that ended normally left its memory copy behind"
+
+
+TIER_CASES = {  # example, checkpoint every N steps, kill at step, optimizer steps per printed line
+    "single_mid_epoch": (SINGLE, 3, 11, (1,)),  # snapshots 3, 6, 9: storage has 6, memory only 9
+    "gan_two_optimizers": (GAN, 3, 10, (1, 2)),
+    "lora_frozen_base": (LORA, 3, 11, (1,)),
+}
+
+
+@pytest.mark.parametrize("case", list(TIER_CASES))
+def test_resumes_exactly_from_the_memory_tier(case, references, tier_ckpt, tmp_path):
+    example, every, kill_step, per_line = TIER_CASES[case]
+    out = tmp_path / "final.pt"
+    crash = kill_and_relaunch(example.command(out), tier_env(tier_ckpt, every_steps=every), tier_ckpt, out,
+                              at_step(kill_step))
+    assert_resumed_exactly(crash, references.get(example), out, optimizer_steps_per_line=per_line)
+    _assert_resumed_from_memory(crash, tier_ckpt)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_torchrun_ddp_resumes_exactly_from_the_memory_tier(references, tier_ckpt, tmp_path):
+    out = tmp_path / "final.pt"  # snapshots 2, 4, 6: storage has 4, memory only 6 (both ranks' shares)
+    crash = kill_and_relaunch(DDP.command(out), tier_env(tier_ckpt, every_steps=2), tier_ckpt, out, at_step(7))
+    assert_resumed_exactly(crash, references.get(DDP), out)
+    _assert_resumed_from_memory(crash, tier_ckpt)
+
+
+def test_sigterm_checkpoint_goes_to_storage_with_the_memory_tier(references, tier_ckpt, tmp_path):
+    # A preempted job may come back on another machine, where this one's /dev/shm is not: the snapshot
+    # SIGTERM asks for is written to storage even when PYCKPT_STORAGE_EVERY would skip it.
+    out = tmp_path / "final.pt"
+    env = tier_env(tier_ckpt, every_steps=1000, storage_every=5)
+    crash = sigterm_and_relaunch(SINGLE.command(out), env, tier_ckpt, out, at_step=8,
+                                 between=lambda: shutil.rmtree(tier_path(tier_ckpt)))  # as on another machine
+    assert crash.in_memory == crash.committed, "the SIGTERM snapshot was not kept in memory as well"
     assert_resumed_exactly(crash, references.get(SINGLE), out)

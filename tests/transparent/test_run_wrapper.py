@@ -106,3 +106,40 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path, plain_d
     second = torchrun(tmp_path / "res.pt", **env)
     assert second.returncode == 0 and "pyckpt: resumed from step" in second.stderr
     assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("tier", [False, True], ids=["storage", "memory_tier"])
+def test_sigterm_to_one_rank_checkpoints_every_rank_to_storage(tmp_path, plain_ddp, tier):
+    """A preemption notice that reaches one rank only: every rank takes that snapshot and commits it to
+    storage before the signalled rank exits (the other rank's lazy commit once waited for its next
+    optimizer step, stuck in a collective with the exiting rank, until the 60 s grace timer killed the
+    job and the checkpoint with it). With the memory tier and PYCKPT_STORAGE_EVERY, that snapshot goes
+    to storage too: a preempted job may come back on another machine. The relaunch, without the
+    memory copy, resumes from it exactly."""
+    import shutil
+
+    from pyckpt import layout, shm_tier
+
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="1000", TERM_RANK1_AT="10",
+               KILL_MARK=tmp_path / "mark")
+    if tier:
+        env.update(PYCKPT_SHM_MB="64", PYCKPT_STORAGE_EVERY="5")
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", DDP,
+         tmp_path / "res.pt"], env=clean_env(**env), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    memory = Path(shm_tier.shm_path(str(tmp_path / "ck")))
+    try:
+        first = run()
+        assert first.returncode != 0 and "pyckpt: SIGTERM: checkpointing" in first.stderr, first.stderr[-3000:]
+        assert "no checkpoint committed within" not in first.stderr, first.stderr[-3000:]  # the grace timer's line
+        stored = [layout.parse_step(p.name) for p in (tmp_path / "ck").iterdir() if layout.is_checkpoint_dir(str(p))]
+        assert len(stored) == 1 and stored[0] >= 10, (stored, first.stderr[-3000:])
+        shutil.rmtree(memory, ignore_errors=True)  # as on another machine
+        second = run()
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert f"pyckpt: resumed from step {stored[0]} " in second.stderr
+        assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))
+    finally:
+        shutil.rmtree(memory, ignore_errors=True)

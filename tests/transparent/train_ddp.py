@@ -1,6 +1,7 @@
 """DDP training on gloo that never mentions pyckpt: DistributedSampler.set_epoch, 2 loader workers,
 BatchNorm, dropout, AdamW, per-epoch StepLR. KILL_AT/KILL_MARK: rank 1 SIGKILLs itself once.
-TERM_AGENT_AT/KILL_MARK: rank 0 sends SIGTERM to the torchrun agent (its parent) once."""
+TERM_AGENT_AT/KILL_MARK: rank 0 sends SIGTERM to the torchrun agent (its parent) once.
+TERM_RANK1_AT/KILL_MARK: rank 1 sends SIGTERM to itself only, once."""
 import os, sys, torch, torch.nn as nn, torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset, DistributedSampler
 dist.init_process_group("gloo")
@@ -31,6 +32,9 @@ for epoch in range(3):
         if str(step) == os.environ.get("TERM_AGENT_AT") and rank == 0 and marker and not os.path.exists(marker):
             open(marker, "w").close()
             os.kill(os.getppid(), 15)
+        if str(step) == os.environ.get("TERM_RANK1_AT") and rank == 1 and marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), 15)
     sched.step()
 if rank == 0:
     torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, sys.argv[1])

@@ -166,3 +166,39 @@ def test_crash_points_are_unique_and_paired():
     assert len(set(commit.CRASH_POINTS)) == len(commit.CRASH_POINTS)
     ops = {p.rsplit(".", 1)[0] for p in commit.CRASH_POINTS}
     assert all(f"{op}.before" in commit.CRASH_POINTS and f"{op}.after" in commit.CRASH_POINTS for op in ops)
+
+
+def test_a_rank_lost_after_every_part_is_in_does_not_turn_the_commit_into_a_failure(tmp_path, monkeypatch, caplog):
+    """Rank 1 writes its part and posts it, then is gone (a preempted rank that exits) before the
+    commit's outcome is broadcast. Rank 0 has published the checkpoint by then: it reports it committed,
+    with one line naming the lost rank, not "failed, previous checkpoints kept" over a committed one."""
+    import logging
+    import threading
+
+    import torch.distributed as dist
+
+    from pyckpt import coord, manifest
+    from pyckpt.coord import StoreCoordinator
+
+    monkeypatch.setattr(coord, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(coord, "_LOOK_AFTER_S", 0.1)
+    store = dist.HashStore()
+    c0 = StoreCoordinator(store, 0, 2, prefix="p")
+    c0.dead_after_s = 0.8
+    ranks = {1: StoreCoordinator(store, 1, 2, prefix="p")}  # dropped below: the only reference
+    root = str(tmp_path)
+    tmp, final = os.path.join(root, "step-000000005.tmp-x"), os.path.join(root, layout.step_dir_name(5))
+    os.makedirs(tmp)
+    part1 = {"rank": 1, "tensors": [], "files": []}
+    # Rank 1's side of commit_parts up to the outcome: its part file and its vote; then it is gone
+    # (its coordinator dropped, so its heartbeat stops) before the outcome is broadcast.
+    info1 = commit._write_part(tmp, 1, manifest.dumps(part1))
+    vote = {"info": info1, "error": None, "figures": None}
+    t = threading.Thread(target=lambda: ranks.pop(1).all_gather_json(vote, "save/0/parts"))
+    t.start()
+    with caplog.at_level(logging.WARNING, logger="pyckpt"):
+        commit.commit_parts(c0, "save/0", tmp, final, 5, {"rank": 0, "tensors": [], "files": []}, None, root)
+    t.join()
+    assert os.path.isfile(os.path.join(final, "MANIFEST.json")) and not os.path.exists(tmp)
+    assert any("committed" in r.getMessage() and "rank 1 is gone" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
