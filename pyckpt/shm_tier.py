@@ -18,7 +18,9 @@ exits without an uncaught exception.
 
 The tier needs every rank of the job on this machine (one ``/dev/shm``):
 it is off, with one line, when ``LOCAL_WORLD_SIZE`` differs from
-``WORLD_SIZE``. Decisions that must agree across ranks (tier on, a
+``WORLD_SIZE`` or when the ranks see different ``/dev/shm``s (``_machine_id``,
+compared across ranks as the tier opens: not every launcher sets
+``LOCAL_WORLD_SIZE``). Decisions that must agree across ranks (tier on, a
 snapshot too large for it) depend only on settings and the replicated state.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 from typing import Any
 
@@ -129,6 +132,14 @@ def _open(storage_dir: str, coord: Any) -> Tier | None:
         return None
     limit = mb << 20
     why = _unsuitable(limit)
+    if coord.world_size > 1:
+        # Launchers other than torchrun set no LOCAL_WORLD_SIZE: only the ranks can tell whether they
+        # share one /dev/shm. Agreed, so that every rank turns the tier on or off alike.
+        seen = coord.all_gather_json([_machine_id(), why], "tier/open")
+        if len({m for m, _ in seen}) > 1:
+            why = "the job's ranks are on more than one machine (or see different /dev/shm mounts)"
+        else:
+            why = next((w for _, w in seen if w is not None), None)
     if why is not None:
         if rank0:
             say(f"warning: memory tier off: {why}; snapshots go to {storage_dir} only", "warning")
@@ -155,6 +166,21 @@ def _unsuitable(limit: int) -> str | None:
     if free < limit:
         return f"{SHM_ROOT} has {free >> 20} MiB free, less than PYCKPT_SHM_MB={limit >> 20}"
     return None
+
+
+def _machine_id() -> str:
+    """Which ``/dev/shm`` this process sees: the kernel's boot id (random per boot, so differs between
+    machines), the mount's device number (differs between containers with their own) and the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    try:
+        dev = os.stat(SHM_ROOT).st_dev
+    except OSError:
+        dev = -1
+    return f"{boot}:{dev}:{socket.gethostname()}"
 
 
 def _origin(storage_dir: str) -> dict:
