@@ -61,6 +61,7 @@ class Session:
         self.last_snapshot_step = -1
         self.sigterm: Any = None  # the previous SIGTERM handler once SIGTERM arrived
         self._prev_sigterm: Any = None
+        self._grace: threading.Timer | None = None  # re-signals if SIGTERM's snapshot does not come in time
         self._worker_pids: dict[int, tuple] = {}  # DataLoader iterator id -> its live workers' pids
         self._remove_worker_pids: Any = None
         self.step_restore = False  # the checkpoint was taken at a step point: restore at the first one
@@ -547,15 +548,18 @@ class Session:
         # A second SIGTERM now acts as usual; so does our own re-kill after the snapshot.
         signal.signal(signal.SIGTERM, prev)
         self.policy.force()
-        timer = threading.Timer(SIGTERM_GRACE_S, _grace_expired, (signum,))
-        timer.daemon = True
-        timer.start()
+        self._grace = threading.Timer(SIGTERM_GRACE_S, _grace_expired, (signum,))
+        self._grace.daemon = True
+        self._grace.start()
 
     def _exit_after_sigterm(self) -> None:
         try:
             self.future.result()
         except Exception as e:  # the exit below happens anyway
             say(f"warning: checkpoint on SIGTERM failed: {e}", "warning")
+        if self._grace is not None:  # its snapshot came: a script whose own handler trains on is left alone
+            self._grace.cancel()
+            self._grace = None
         prev, self.sigterm = self.sigterm, None
         _deliver(signal.SIGTERM, prev, None)
 
