@@ -191,6 +191,8 @@ class Lazy:
         self.armed = armed
         if not lazy:
             self.settle()  # eager: every tensor is copied before the script goes on
+        else:
+            _DATA_GATE.close(armed)
         self.blocked = time.monotonic() - t0
         return futures[0] if len(futures) == 1 and not lazy else Pending(armed, futures)
 
@@ -210,6 +212,7 @@ class Lazy:
         armed, self.armed = self.armed, None
         if armed is None:
             return
+        _DATA_GATE.open()
         t0 = time.monotonic()
         err = armed.settle()
         self.blocked += time.monotonic() - t0
@@ -232,6 +235,52 @@ class Lazy:
                 level = "info" if policy.auto.measured == 1 else "debug"
                 say(f"checkpoint interval now {interval:.1f} s (Young/Daly: measured cost "
                     f"{policy.auto.cost:.3g} s per checkpoint, MTBF {policy.auto.mtbf_hours:g} h)", level)
+
+
+_BASE_DATA = torch._C.TensorBase.__dict__["data"]  # torch's own ``Tensor.data`` descriptor
+
+
+class _DataGate:
+    """While an armed snapshot is being copied, ``tensor.data`` first waits for the copy to finish.
+
+    A write through a ``.data`` alias (``p.data.mul_(...)``, common in older code and in WGAN's
+    clipping) does not move the tensor's version counter, so the guards cannot see it: without the
+    gate such a write right after the snapshot point would be committed silently. The gate is a
+    property on ``torch.Tensor`` only for that window; the first ``.data`` read waits for the copy
+    (as eager capture would have) and takes the property away, so later reads are torch's own."""
+
+    def __init__(self) -> None:
+        self.armed: Armed | None = None
+        self._lock = threading.Lock()
+        gate = self
+
+        def get(t: torch.Tensor) -> torch.Tensor:
+            armed = gate.armed
+            if armed is not None:
+                gate.open()
+                for f in armed.futures:
+                    f.captured()
+            return _BASE_DATA.__get__(t, type(t))
+
+        def set_(t: torch.Tensor, value: torch.Tensor) -> None:
+            _BASE_DATA.__set__(t, value)  # a new tensor: the old storage stays held by the copy
+
+        self._property = property(get, set_)
+
+    def close(self, armed: Armed) -> None:
+        with self._lock:
+            self.armed = armed
+            if torch.Tensor.__dict__.get("data") is not self._property:
+                torch.Tensor.data = self._property
+
+    def open(self) -> None:
+        with self._lock:
+            self.armed = None
+            if torch.Tensor.__dict__.get("data") is self._property:
+                del torch.Tensor.data
+
+
+_DATA_GATE = _DataGate()
 
 
 def _is_rank0(session: Any) -> bool:

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 from typing import Any
 
@@ -42,6 +43,7 @@ from .activation import _say as say
 SHM_ROOT = "/dev/shm"
 ORIGIN = ".origin.json"  # which storage directory (path, device, inode) the copy belongs to
 SPARES = ".spare"  # evicted snapshots' data files, parked for the next snapshot to write over
+TOKEN = ".pyckpt-tier-token"  # in PYCKPT_DIR: a random id the marker repeats (a wiped directory loses it)
 
 _TIERS: dict[str, Tier | None] = {}  # storage directory -> its tier (None: off), one per process
 _crashed = False
@@ -55,7 +57,7 @@ class Tier:
 
         self.storage_dir, self.path, self.limit = storage_dir, path, limit
         self.every = knobs.get("PYCKPT_STORAGE_EVERY")
-        self.warned_size = False
+        self.warned_size = self.warned_space = False
         self.ckpt = Checkpointer(path, keep=1, compress="none", coordinator=coord)
         self.ckpt.hand_over_parts = True  # storage's copies take the committed part as it is (tier_publish.py)
         self.rank0 = coord.rank == 0
@@ -85,9 +87,23 @@ class Tier:
                     "kept in memory (written to storage instead)", "warning")
             self.warned_size = True
             return None
+        room = self._room()
+        if need > room:
+            if not self.warned_space and self.rank0:
+                say(f"warning: snapshot of step {step} ({need / 2**20:.1f} MiB) not kept in memory: "
+                    f"{room / 2**20:.1f} MiB free in {SHM_ROOT} next to the copy before it (written to storage "
+                    "instead)", "warning")
+            self.warned_space = True
+            return None
         if self.publication is not None:
             self.publication.opened.wait()  # its source files are open: retention may delete them now
         return self.ckpt.save(step, state, rank_state, **kw)
+
+    def _room(self) -> int:
+        """Bytes a new copy can take: free tmpfs space plus the parked files it writes over. The copy
+        before it stays until the new one is committed, so running out here would fail the snapshot
+        (and the storage checkpoint due to be copied from it)."""
+        return _free(self.path) + _allocated(self.ckpt._spares)
 
     def publish(self, source: Any, storage: Any, step: int) -> Any:
         """Storage's checkpoint of ``step`` copied from this tier's commit ``source`` (a SaveFuture);
@@ -129,9 +145,12 @@ def _open(storage_dir: str, coord: Any) -> Tier | None:
     if not mb:
         if knobs.get("PYCKPT_STORAGE_EVERY") > 1 and rank0:
             say("warning: PYCKPT_STORAGE_EVERY is ignored without the memory tier (PYCKPT_SHM_MB)", "warning")
+        if rank0:
+            _left_behind(storage_dir)
         return None
     limit = mb << 20
-    why = _unsuitable(limit)
+    path = shm_path(storage_dir)
+    why = _unsuitable(limit, path)
     if coord.world_size > 1:
         # Launchers other than torchrun set no LOCAL_WORLD_SIZE: only the ranks can tell whether they
         # share one /dev/shm. Agreed, so that every rank turns the tier on or off alike.
@@ -140,14 +159,14 @@ def _open(storage_dir: str, coord: Any) -> Tier | None:
             why = "the job's ranks are on more than one machine (or see different /dev/shm mounts)"
         else:
             why = next((w for _, w in seen if w is not None), None)
+    if why is None:
+        why = _claim(path, _origin(storage_dir)) if rank0 else None
+        if coord.world_size > 1:
+            why = coord.broadcast_json(why, "tier/claim")
     if why is not None:
         if rank0:
             say(f"warning: memory tier off: {why}; snapshots go to {storage_dir} only", "warning")
         return None
-    path = shm_path(storage_dir)
-    origin = _origin(storage_dir)
-    if rank0:
-        _claim(path, origin)
     tier = Tier(storage_dir, path, limit, coord)
     if rank0:
         atexit.register(_at_exit, tier)
@@ -155,14 +174,14 @@ def _open(storage_dir: str, coord: Any) -> Tier | None:
     return tier
 
 
-def _unsuitable(limit: int) -> str | None:
+def _unsuitable(limit: int, path: str) -> str | None:
     if not os.path.isdir(SHM_ROOT):
         return f"{SHM_ROOT} does not exist"
     ws, lws = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
     if ws is not None and lws is not None and ws != lws:
         return f"the job spans machines (WORLD_SIZE={ws}, LOCAL_WORLD_SIZE={lws})"
-    st = os.statvfs(SHM_ROOT)
-    free = st.f_bavail * st.f_frsize
+    # A copy already at ``path`` (a crashed run's) is this tier's to reuse or replace: its room counts.
+    free = _free(SHM_ROOT) + _allocated(path)
     if free < limit:
         return f"{SHM_ROOT} has {free >> 20} MiB free, less than PYCKPT_SHM_MB={limit >> 20}"
     return None
@@ -183,29 +202,108 @@ def _machine_id() -> str:
     return f"{boot}:{dev}:{socket.gethostname()}"
 
 
+def _free(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _allocated(path: str) -> int:
+    """Bytes of tmpfs pages the files under ``path`` hold (0 when there is none)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 def _origin(storage_dir: str) -> dict:
+    """Which storage directory a copy belongs to: its real path, device and inode, and the token kept
+    in it (made here when absent). A directory wiped and made again may get the same inode back, never
+    the token."""
     st = os.stat(storage_dir)
-    return {"directory": os.path.realpath(storage_dir), "dev": st.st_dev, "ino": st.st_ino}
+    token_file = os.path.join(storage_dir, TOKEN)
+    try:
+        with open(token_file) as f:
+            token = f.read().strip()
+    except FileNotFoundError:
+        token = os.urandom(16).hex()
+        tmp = f"{token_file}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(token)
+        os.replace(tmp, token_file)
+    return {"directory": os.path.realpath(storage_dir), "dev": st.st_dev, "ino": st.st_ino, "token": token}
 
 
-def _claim(path: str, origin: dict) -> None:
-    """Make ``path`` this storage directory's: a copy written for another one is wiped (one line)."""
+def _private(path: str) -> bool:
+    """Whether ``path`` is a real directory of this user that nobody else may enter or change."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _claim(path: str, origin: dict) -> str | None:
+    """Make ``path`` this storage directory's private copy; None when done, else why it cannot be.
+
+    /dev/shm is open to every user: a copy there is trusted only in a directory this user owns and
+    nobody else may write (else anyone could plant a state to be resumed, loop variables included);
+    one that is not, or that was written for another run, is removed (one line)."""
     marker = os.path.join(path, ORIGIN)
-    if os.path.isdir(path):
-        try:
-            with open(marker) as f:
-                found = json.load(f)
-        except (OSError, ValueError):
-            found = None
+    if os.path.lexists(path):
+        found = None
+        if _private(path):
+            try:
+                with open(marker) as f:
+                    found = json.load(f)
+            except (OSError, ValueError):
+                pass
+            reason = "it was written for another run (directory " + (
+                str(found.get("directory")) if isinstance(found, dict) else "unknown") + ")"
+        else:
+            reason = "it is not this user's private directory"
         if found != origin:
-            say(f"warning: ignoring memory-tier copy {path}: it was written for another run "
-                f"(directory {found.get('directory') if isinstance(found, dict) else 'unknown'}); removing it",
-                "warning")
-            shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+            say(f"warning: ignoring memory-tier copy {path}: {reason}; removing it", "warning")
+            try:
+                if os.path.islink(path) or not os.path.isdir(path):
+                    os.unlink(path)
+                else:
+                    shutil.rmtree(path)
+            except OSError as e:
+                return f"cannot remove {path} ({e.strerror}), which is not this run's"
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # ours, checked above (or made by another process of this user just now: checked below)
+    except OSError as e:
+        return f"cannot create {path}: {e.strerror}"
+    if not _private(path):  # someone else made it between the removal and here
+        return f"{path} is not this user's private directory"
     if not os.path.exists(marker):
         with open(marker, "w") as f:
             json.dump(origin, f)
+    return None
+
+
+def _left_behind(storage_dir: str) -> None:
+    """With the tier off: say so when a copy of this directory is still in /dev/shm (a crashed run's),
+    and remove it at a normal end (the run's newest snapshot may be there; nothing uses it now)."""
+    path = shm_path(storage_dir)
+    if not _private(path):
+        return
+    say(f"warning: memory-tier copy {path} is not used: PYCKPT_SHM_MB is 0 (set it to resume from that copy); "
+        "it is removed if this run ends normally", "warning")
+    atexit.register(_remove_at_normal_exit, path)
+
+
+def _remove_at_normal_exit(path: str) -> None:
+    from . import finish
+
+    if not _crashed and not finish._failed and os.getpid() == _PID:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def choose(ckpt: Any, coord: Any) -> Any:
@@ -247,7 +345,11 @@ def choose(ckpt: Any, coord: Any) -> Any:
     if errors:
         if tier.rank0:
             say(f"warning: memory-tier copy {mine} not used ({errors[0][1]}); resuming from "
-                f"{'storage' if stored is None else stored}", "warning")
+                f"{'storage' if stored is None else stored}; removing it", "warning")
+            # Later copies would reference its chunks (incremental) and carry the damage on.
+            for name in os.listdir(tier.path):
+                if name.startswith("step-"):
+                    shutil.rmtree(os.path.join(tier.path, name), ignore_errors=True)
         return None
     if tier.rank0:
         say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")

@@ -31,8 +31,9 @@ if SC == "shm":  # every engine capture, by the directory it writes (the memory 
 if SC == "guard":
     lazy.EAGER_MAX_BYTES = 0  # buffers are then guarded by version counters instead of copied at once
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 1))
-opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+W = 1024 if SC == "data" else 16  # "data": 8 MB of state, so its copy is still running after the fetch
+model = nn.Sequential(nn.Linear(8, W), nn.BatchNorm1d(W), nn.Linear(W, W), nn.Linear(W, 1))
+opt = torch.optim.SGD(model.parameters(), lr=1e-3 if SC == "data" else 0.1, momentum=0.9)  # (no NaNs at 1024)
 loader = DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8)
 session = activation._SESSION
 expected, armed, step = {}, {}, 0
@@ -43,6 +44,9 @@ for x, y in loader:
         if SC == "mutate" and step in (2, 4):
             with torch.no_grad():
                 model[0].weight.add_(1.0)  # in place, right after arming
+        if SC == "data" and step in (2, 4):
+            for p in model.parameters():
+                p.data.mul_(0.5)  # through .data: the version counter does not move
     loss = ((model(x) - y) ** 2).mean()  # forward updates the BatchNorm running stats in place
     opt.zero_grad()
     loss.backward()
@@ -117,6 +121,15 @@ def test_parameter_changed_after_arming_discards_the_checkpoint_then_eager(tmp_p
     assert len(warnings) == 1, warnings
     assert "checkpoint of step 2 discarded" in warnings[0] and "0.weight" in warnings[0]
     assert "eager" in warnings[0]
+
+
+def test_a_write_through_data_right_after_arming_waits_for_the_copy(tmp_path):
+    # `.data` aliases share no version counter with their tensor, so the guards cannot see such a write:
+    # while a snapshot is being copied, `.data` waits for the copy to finish first (as eager would).
+    res, warnings = _run(tmp_path, "data", PYCKPT_STAGING_MB="1", PYCKPT_CHUNK_MB="1")
+    assert warnings == []
+    assert res["armed"] == {"2": True, "4": True, "6": True}
+    assert res["equal"] == {"2": True, "4": True, "6": True}  # the consistent point's values, never later
 
 
 def test_guarded_buffer_changed_by_forward_is_never_saved_torn(tmp_path):

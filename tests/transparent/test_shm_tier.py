@@ -5,9 +5,12 @@ must show that it was not read: had the relaunch read it, the checksums would ha
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from pyckpt import knobs, layout, shm_tier
 from pyckpt.checkpointer import Checkpointer, verify_share
 from pyckpt.coord import LocalCoordinator
 
-from transparent_helpers import TINY, load, run_script, tree_equal
+from transparent_helpers import TINY, clean_env, load, run_script, tree_equal
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shm_tier.SHM_ROOT), reason="no /dev/shm on this machine")
 
@@ -338,4 +341,157 @@ def test_a_snapshot_that_storage_is_still_copying_is_not_written_over(tmp_path, 
             release.set()
             shm_tier._TIERS.pop(ck.directory, None)
             tier.remove()
+            ck.close()
+
+
+# ----------------------------------------------------------------------------- trust and space
+
+def _fresh(ck):
+    """Forget this process's open tier of ``ck`` (as a relaunch starts without one)."""
+    t = shm_tier._TIERS.pop(ck.directory, None)
+    if t is not None:
+        t.ckpt.close()
+
+
+def _plant(tmp_path, shm, victim: Path) -> None:
+    """A sound copy of another job (step 30, w=7) under ``victim``'s memory-tier path, with an origin
+    marker naming ``victim`` (its path, device and inode are visible to anyone)."""
+    other = tmp_path / "other"
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck = Checkpointer(other)
+        tier = shm_tier.tier_for(ck, LocalCoordinator())
+        tier.save(30, {"w": torch.full((4,), 7.0)}, {"n": 30}).result()
+        _fresh(ck)
+        ck.close()
+    shutil.move(shm_tier.shm_path(str(other)), str(shm))
+    st = os.stat(victim)
+    name = getattr(shm_tier, "TOKEN", None)  # (absent before the marker held a token)
+    token = (victim / name).read_text() if name and (victim / name).exists() else None
+    origin = {"directory": os.path.realpath(victim), "dev": st.st_dev, "ino": st.st_ino}
+    if token is not None:
+        origin["token"] = token
+    (shm / shm_tier.ORIGIN).write_text(json.dumps(origin))
+
+
+@pytest.mark.parametrize("how", ["group_writable", "other_owner"])
+def test_a_copy_that_is_not_this_users_private_directory_is_never_trusted(tmp_path, shm, capfd, how):
+    if how == "other_owner" and os.geteuid() != 0:
+        pytest.skip("planting a directory owned by another uid needs root")
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        ck.save(10, {"w": torch.zeros(4)}, {"n": 10}).result()
+        shm_tier.tier_for(ck, coord)
+        _fresh(ck)
+        shutil.rmtree(shm)
+        _plant(tmp_path, shm, tmp_path / "ck")
+        if how == "other_owner":
+            for root, dirs, files in os.walk(shm):
+                for n in [root] + [os.path.join(root, f) for f in dirs + files]:
+                    os.chown(n, 65534, 65534)
+        else:
+            os.chmod(shm, 0o770)
+        capfd.readouterr()
+        try:
+            assert shm_tier.choose(ck, coord) is None  # storage's step 10, not the planted step 30
+            err = capfd.readouterr().err
+            assert "not this user's private directory" in err, err
+            st = os.lstat(shm)
+            assert st.st_uid == os.geteuid() and not st.st_mode & 0o077  # replaced by our own
+            assert not [p for p in os.listdir(shm) if p.startswith("step-")]
+        finally:
+            _fresh(ck)
+            ck.close()
+
+
+def test_a_copy_for_a_wiped_and_recreated_directory_is_removed_even_on_the_same_inode(tmp_path, shm, capfd):
+    """Wiping PYCKPT_DIR to start over may give the new directory the old inode (ext4 reuses them):
+    the marker also holds a token kept in PYCKPT_DIR, which the wipe took away."""
+    storage = tmp_path / "ck"
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(storage), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        tier.save(10, {"w": torch.ones(4)}, {"n": 10}).result()
+        _fresh(ck)
+        ck.close()
+        for p in storage.iterdir():  # wiped; the directory itself (same inode) stays
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        capfd.readouterr()
+        ck = Checkpointer(storage)
+        try:
+            assert shm_tier.choose(ck, coord) is None
+            assert "written for another run" in capfd.readouterr().err
+        finally:
+            _fresh(ck)
+            shutil.rmtree(shm, ignore_errors=True)
+            ck.close()
+
+
+NO_ROOM = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+torch.manual_seed(0)
+model = nn.Linear(256, 256)  # 0.26 MB of weights, 0.79 MB with Adam's moments
+opt = torch.optim.Adam(model.parameters())
+for x, y in DataLoader(TensorDataset(torch.randn(48, 256), torch.randn(48, 256)), batch_size=4):
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+"""
+
+
+def _private_shm_works() -> bool:
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_snapshot_with_no_room_left_in_shm_goes_to_storage(tmp_path):
+    """A real 1 MiB /dev/shm (a tmpfs in a private mount namespace) holds one 0.79 MB snapshot, not
+    two, and a new copy needs room next to the old one (which goes only once the new one is
+    committed). Such a snapshot is written to storage instead, with one line: it used to fail in the
+    tier, and with it the storage checkpoint due to be copied from it (every one, here)."""
+    if shutil.which("unshare") is None or not _private_shm_works():
+        pytest.skip("needs unshare and mount (root) for a private /dev/shm")
+    script = tmp_path / "train.py"
+    script.write_text(NO_ROOM)
+    env = clean_env(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="2", PYCKPT_SHM_MB="1", PYCKPT_STORAGE_EVERY="2")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} {script}"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "failed" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("free in /dev/shm") == 1, r.stderr[-3000:]
+    assert max(_steps(tmp_path / "ck")) == 12, r.stderr[-3000:]  # snapshots 4..12 went to storage
+
+
+def test_a_copy_left_by_a_crash_is_named_when_the_tier_is_off_and_removed_at_a_normal_end(tmp_path, shm):
+    out = tmp_path / "out.pt"
+    first = run_script([TINY, out], tmp_path, **_env(tmp_path, KILL_AT="19"))
+    assert first.returncode == -signal.SIGKILL and _steps(shm)  # the crashed run's copy is in /dev/shm
+    second = run_script([TINY, out], tmp_path, **_env(tmp_path, PYCKPT_SHM_MB="0", PYCKPT_STORAGE_EVERY="1"))
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count(f"memory-tier copy {shm} is not used: PYCKPT_SHM_MB is 0") == 1, second.stderr
+    assert not shm.exists()  # the run ended normally: nothing uses that copy any more
+
+
+def test_a_damaged_copy_is_removed_so_later_copies_do_not_reference_it(tmp_path, shm, capfd):
+    """Incremental copies reference unchanged chunks of the copy before: a copy found damaged at the
+    relaunch is removed, or every later copy would carry the damage (and be refused in turn)."""
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            tier.save(10, {"w": torch.ones(1 << 16)}, {"n": 10}).result()
+            _damage(shm)
+            _fresh(ck)
+            assert shm_tier.choose(ck, coord) is None
+            assert "not used" in capfd.readouterr().err
+            assert not [p for p in os.listdir(shm) if p.startswith("step-")]
+            tier = shm_tier.tier_for(ck, coord)
+            tier.save(20, {"w": torch.ones(1 << 16)}, {"n": 20}).result()  # same bytes: nothing to reference now
+            verify_share(next(iter(tier.ckpt._candidates())), 0, 1)  # sound: it references no damaged chunk
+        finally:
+            _fresh(ck)
+            shutil.rmtree(shm, ignore_errors=True)
             ck.close()
