@@ -10,7 +10,9 @@ while epochs are skipped survives and no second copy of the model is held.
 Because the fast-forward is decided before the tensors are read, the chosen
 checkpoint's data is verified first (every chunk checksum, ranks sharing the
 work): a damaged newest checkpoint is skipped with one line and the next
-older sound one is used.
+older sound one is used. When checkpoints were committed but none is sound,
+the resume stops with an error (``CorruptCheckpointError``) instead of
+training from scratch; with no committed checkpoint at all it starts over.
 
 A checkpoint written by another number of ranks (N) resumes on this job's M
 ranks when its state is replicated (DDP or one process) or FSDP2-sharded
@@ -35,7 +37,7 @@ from . import layout, manifest, reader, reshard_data
 from .activation import _say as say
 from .checkpointer import Checkpointer, Restored, info_for
 from .coord import Coordinator
-from .errors import CheckpointNotFoundError, PyckptError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, PyckptError
 
 
 @dataclass
@@ -65,7 +67,10 @@ class Source:
 
 
 def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | None:
-    """The checkpoint named by PYCKPT_RESUME (``auto``: the newest sound commit all ranks see; ``never``: none)."""
+    """The checkpoint named by PYCKPT_RESUME (``auto``: the newest sound commit all ranks see; ``never``: none).
+
+    ``auto`` returns None only when no rank sees a committed checkpoint; when some exist but none is
+    sound it raises ``CorruptCheckpointError`` on every rank, naming them."""
     if setting == "never":
         return None
     with reader.reusing():  # verifying, then reading the rank state, opens the chosen checkpoint twice
@@ -79,6 +84,10 @@ def _choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | No
             return src
         info = ckpt.latest(verify=True)
         if info is None:
+            # A memory-tier copy refused as damaged counts too (every rank knows it: the refusal is agreed).
+            unsound = committed_anywhere(ckpt, coord) + shm_tier.refused(ckpt)
+            if unsound:  # committed progress exists but none of it loads: never start over silently
+                raise CorruptCheckpointError(all_damaged_message(unsound), path=unsound[0])
             return None
         path = info.path
     else:
@@ -101,6 +110,31 @@ def _choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | No
     if coord.rank == 0:
         say(resize_line(path, saved, coord.world_size))
     return Source(ckpt, path, info_for(path).step, rank_state, src)
+
+
+def committed_anywhere(ckpt: Checkpointer, coord: Coordinator) -> list[str]:
+    """The committed checkpoints (paths, or URLs on object storage) that any rank sees, newest first;
+    the same list on every rank, so every rank takes the same decision from it."""
+    if ckpt.remote is not None:
+        mine = [ckpt.remote.url_of(e.name) for e in ckpt.remote.committed()]
+    else:
+        mine = [e.path for e in layout.committed(ckpt.directory)]
+    if coord.world_size == 1:
+        return mine
+    # A commit some rank cannot see is no more usable than a damaged one: the union counts.
+    out: list[str] = []
+    for theirs in coord.all_gather_json(mine, "resume/committed"):
+        out.extend(p for p in theirs if p not in out)
+    return out
+
+
+def all_damaged_message(paths: list[str], shown: int = 4) -> str:
+    """Why a resume stops when committed checkpoints exist but none is sound, with the ways out."""
+    names = ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+    return (f"every committed checkpoint is damaged ({names}; `pyckpt verify` names the damaged file and "
+            "chunk), so there is nothing to resume and training does not start over on its own. "
+            "PYCKPT_RESUME=never trains from scratch, PYCKPT_RESUME=<checkpoint dir> continues from a sound "
+            "copy, or use another PYCKPT_DIR")
 
 
 def check_resizable(path: str, saved: int, world_size: int, rank_state: Any) -> None:

@@ -46,6 +46,7 @@ SPARES = ".spare"  # evicted snapshots' data files, parked for the next snapshot
 TOKEN = ".pyckpt-tier-token"  # in PYCKPT_DIR: a random id the marker repeats (a wiped directory loses it)
 
 _TIERS: dict[str, Tier | None] = {}  # storage directory -> its tier (None: off), one per process
+_REFUSED: dict[str, list[str]] = {}  # storage directory -> the memory copy choose() found unsound
 _crashed = False
 
 
@@ -343,6 +344,7 @@ def choose(ckpt: Any, coord: Any) -> Any:
         err = e
     errors = tier.ckpt._gather_errors(err)
     if errors:
+        _REFUSED[ckpt.directory] = [mine]
         if tier.rank0:
             say(f"warning: memory-tier copy {mine} not used ({errors[0][1]}); resuming from "
                 f"{'storage' if stored is None else stored}; removing it", "warning")
@@ -353,7 +355,16 @@ def choose(ckpt: Any, coord: Any) -> Any:
         return None
     if tier.rank0:
         say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")
+    # Storage's chunks were not read, so not verified: its next checkpoint references none of them
+    # (written in full once; a damaged chunk would otherwise be inherited by every later one).
+    ckpt._baseline.seeded = True
     return resume.Source(tier.ckpt, mine, step, resume.read_rank_state(mine, coord.rank))
+
+
+def refused(ckpt: Any) -> list[str]:
+    """The memory-tier copy of ``ckpt``'s directory that ``choose`` refused as unsound (a list of at
+    most one path, the same on every rank), for the resume's "every checkpoint is damaged" check."""
+    return _REFUSED.get(ckpt.directory, [])
 
 
 def _step(path: str) -> int:

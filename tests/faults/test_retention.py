@@ -102,3 +102,31 @@ def test_every_checkpoint_damaged_is_an_error_not_a_silent_fresh_start(ckpt_root
         else:
             raise AssertionError("loading a root whose checkpoints are all damaged must fail")
     shutil.rmtree(ckpt_root)
+
+
+def test_transparent_resume_with_every_checkpoint_damaged_stops_instead_of_starting_over(tmp_path, flip_data_byte):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
+    env = dict(PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", KILL_AT="13", KILL_MARK=tmp_path / "mark")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode != 0 and "TRAINED" not in first.stdout
+    committed = [e.path for e in layout.committed(str(ckpt))]
+    assert committed, first.stderr
+    for path in committed:  # every committed checkpoint loses a chunk's checksum
+        flip_data_byte(path)
+    before = sorted(p.name for p in ckpt.iterdir())
+    second = run_script([TINY, out], tmp_path, **env)
+    assert second.returncode == 2, f"exit {second.returncode}, expected 2 (a silent fresh start?):\n{second.stderr}"
+    assert "Traceback" not in second.stderr, second.stderr
+    errors = [ln for ln in second.stderr.splitlines()
+              if ln.startswith("pyckpt: ") and "skipping damaged checkpoint" not in ln]
+    assert len(errors) == 1, second.stderr
+    line = errors[0]
+    assert line.startswith(f"pyckpt: cannot resume from {ckpt}: every committed checkpoint is damaged ("), line
+    assert all(path in line for path in committed), line
+    assert "PYCKPT_RESUME=never trains from scratch, PYCKPT_RESUME=<checkpoint dir>" in line, line
+    # Nothing trained: no new checkpoint, no output (the start-up line never came either).
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert not out.exists() and "TRAINED" not in second.stdout
+    # The way out the line names: PYCKPT_RESUME=never trains from scratch.
+    third = run_script([TINY, out], tmp_path, PYCKPT_RESUME="never", **env)
+    assert third.returncode == 0 and "TRAINED 30" in third.stdout, third.stderr

@@ -495,3 +495,50 @@ def test_a_damaged_copy_is_removed_so_later_copies_do_not_reference_it(tmp_path,
             _fresh(ck)
             shutil.rmtree(shm, ignore_errors=True)
             ck.close()
+
+
+def test_storage_checkpoints_after_a_resume_from_memory_reference_no_unread_storage_data(tmp_path, shm):
+    """A resume from the memory tier reads no storage data, so storage's older chunks were not verified:
+    the next storage checkpoint must not reference them (a damaged one would be inherited silently)."""
+    storage = tmp_path / "ck"
+    w = torch.ones(1 << 16)
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(storage), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        ck.save(10, {"w": w}, {"n": 10}).result()
+        tier.save(20, {"w": w}, {"n": 20}).result()
+        _fresh(ck)
+        ck.close()
+        _damage(storage / layout.step_dir_name(10))  # storage's old data, never read by the resume below
+        ck = Checkpointer(storage)  # a relaunch
+        try:
+            src = shm_tier.choose(ck, coord)
+            assert src is not None and src.step == 20
+            ck.save(30, {"w": w}, {"n": 30}).result()  # the same bytes as the damaged chunk's record
+            verify_share(str(storage / layout.step_dir_name(30)), 0, 1)
+        finally:
+            _fresh(ck)
+            shutil.rmtree(shm, ignore_errors=True)
+            ck.close()
+
+
+def test_a_damaged_memory_copy_with_nothing_in_storage_stops_the_resume(tmp_path, shm):
+    """With PYCKPT_STORAGE_EVERY > 1 the memory copy may be the job's only checkpoint: damaged, the
+    resume stops with the error every-checkpoint-damaged gets, instead of training from scratch."""
+    from pyckpt import resume
+    from pyckpt.errors import CorruptCheckpointError
+
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            tier.save(10, {"w": torch.ones(1 << 16)}, {"n": 10}).result()
+            _damage(shm)
+            _fresh(ck)
+            with pytest.raises(CorruptCheckpointError, match="every committed checkpoint is damaged"):
+                resume.choose(ck, coord, "auto")
+        finally:
+            _fresh(ck)
+            shm_tier._REFUSED.clear()
+            shutil.rmtree(shm, ignore_errors=True)
+            ck.close()
