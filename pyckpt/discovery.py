@@ -291,6 +291,8 @@ def load(t: Tracked, state: dict[str, Any]) -> None:
     """Load ``state`` (from ``state_of``) into the tracked objects; raises when they do not match."""
     _check_keys("modules", state["modules"], len(t.modules))
     _check_keys("optimizers", state["optimizers"], len(t.optimizers))
+    for i, o in enumerate(t.optimizers):  # before anything is loaded: a refusal leaves the objects as they were
+        _check_groups(i, o, state["optimizers"][str(i)])
     for i, m in enumerate(t.modules):
         m.load_state_dict(state["modules"][str(i)])
     for i, o in enumerate(t.optimizers):
@@ -303,6 +305,22 @@ def _check_keys(what: str, saved: dict, n: int) -> None:
     if len(saved) != n:
         raise PyckptError(f"the checkpoint holds {len(saved)} {what} but this run has {n}: the script builds "
                           "different objects than the one that wrote it; set PYCKPT_RESUME=never to start over")
+
+
+def _check_groups(i: int, o: Any, saved: Any) -> None:
+    """Refuse (one clear error) an optimizer whose parameter groups differ from the saved ones, which
+    torch's load_state_dict would raise as a bare ValueError after the modules were already loaded."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) and not sharded.is_zero(o) else None
+    if not isinstance(groups, list):
+        return  # ZeRO's or another format: its own load checks it
+    have = [len(g["params"]) for g in o.param_groups]
+    want = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else -1 for g in groups]
+    if have != want:
+        raise PyckptError(
+            f"the checkpoint's optimizer {i} ({type(o).__name__}) has {len(want)} parameter group(s) of {want} "
+            f"parameters, this run's has {len(have)} of {have} at the restore point: groups or parameters "
+            "added while training (optimizer.add_param_group, e.g. gradual unfreezing) are not re-created "
+            "by the fast-forward; set PYCKPT_RESUME=never to start over")
 
 
 def _load_named(what: str, live: dict[str, Any], saved: dict[str, Any]) -> None:

@@ -138,3 +138,40 @@ def test_registered_object_is_saved_and_restored(tmp_path):
     second = run_script(["reg.py"], tmp_path, **env)
     assert "pyckpt: resumed from step 10 " in second.stderr or "pyckpt: resumed from step 5 " in second.stderr
     assert "SEEN 32" in second.stdout  # what was seen before the checkpoint is restored, not recounted
+
+
+UNFREEZE = r"""
+import os, signal, sys, time, torch
+from torch.utils.data import DataLoader, TensorDataset
+torch.manual_seed(0)
+loader = DataLoader(TensorDataset(torch.randn(96, 16), torch.randn(96, 4)), batch_size=4)
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+model[0].requires_grad_(False)
+opt = torch.optim.Adam(model[2].parameters(), lr=1e-2)
+for step, (x, y) in enumerate(loader, 1):
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    if step == 4:  # gradual unfreezing: the backbone joins the optimizer
+        model[0].requires_grad_(True)
+        opt.add_param_group({"params": list(model[0].parameters()), "lr": 1e-3})
+    time.sleep(0.05)  # a real step's time: the step-8 checkpoint commits before the kill
+    if step == 15 and not os.path.exists("mark"):
+        open("mark", "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+print("TRAINED")
+"""
+
+
+def test_a_param_group_added_while_training_is_refused_with_one_line_not_a_traceback(tmp_path):
+    # The fast-forward does not run the script's add_param_group again, so the optimizer has fewer
+    # groups at the restore point than the checkpoint: one refusal, exit 2, nothing loaded or trained.
+    (tmp_path / "train.py").write_text(UNFREEZE)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="8")
+    first = run_script(["train.py"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = run_script(["train.py"], tmp_path, **env)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr and "TRAINED" not in second.stdout, second.stderr[-3000:]
+    lines = [x for x in second.stderr.splitlines() if x.startswith("pyckpt: cannot resume")]
+    assert len(lines) == 1 and "add_param_group" in lines[0] and "PYCKPT_RESUME=never" in lines[0], second.stderr
