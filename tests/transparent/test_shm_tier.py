@@ -5,6 +5,7 @@ must show that it was not read: had the relaunch read it, the checksums would ha
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -475,26 +476,34 @@ def test_a_copy_left_by_a_crash_is_named_when_the_tier_is_off_and_removed_at_a_n
     assert not shm.exists()  # the run ended normally: nothing uses that copy any more
 
 
+@contextlib.contextmanager
+def _damaged_copy(tmp_path, shm):
+    """(storage Checkpointer, coordinator) of a relaunch that finds the memory copy of step 10 damaged
+    and nothing in storage; everything is closed and removed afterwards."""
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        try:
+            shm_tier.tier_for(ck, coord).save(10, {"w": torch.ones(1 << 16)}, {"n": 10}).result()
+            _damage(shm)
+            _fresh(ck)
+            yield ck, coord
+        finally:
+            _fresh(ck)
+            shm_tier._REFUSED.clear()
+            shutil.rmtree(shm, ignore_errors=True)
+            ck.close()
+
+
 def test_a_damaged_copy_is_removed_so_later_copies_do_not_reference_it(tmp_path, shm, capfd):
     """Incremental copies reference unchanged chunks of the copy before: a copy found damaged at the
     relaunch is removed, or every later copy would carry the damage (and be refused in turn)."""
-    with knobs.override(PYCKPT_SHM_MB=16):
-        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+    with _damaged_copy(tmp_path, shm) as (ck, coord):
+        assert shm_tier.choose(ck, coord) is None
+        assert "not used" in capfd.readouterr().err
+        assert not [p for p in os.listdir(shm) if p.startswith("step-")]
         tier = shm_tier.tier_for(ck, coord)
-        try:
-            tier.save(10, {"w": torch.ones(1 << 16)}, {"n": 10}).result()
-            _damage(shm)
-            _fresh(ck)
-            assert shm_tier.choose(ck, coord) is None
-            assert "not used" in capfd.readouterr().err
-            assert not [p for p in os.listdir(shm) if p.startswith("step-")]
-            tier = shm_tier.tier_for(ck, coord)
-            tier.save(20, {"w": torch.ones(1 << 16)}, {"n": 20}).result()  # same bytes: nothing to reference now
-            verify_share(next(iter(tier.ckpt._candidates())), 0, 1)  # sound: it references no damaged chunk
-        finally:
-            _fresh(ck)
-            shutil.rmtree(shm, ignore_errors=True)
-            ck.close()
+        tier.save(20, {"w": torch.ones(1 << 16)}, {"n": 20}).result()  # same bytes: nothing to reference now
+        verify_share(next(iter(tier.ckpt._candidates())), 0, 1)  # sound: it references no damaged chunk
 
 
 def test_storage_checkpoints_after_a_resume_from_memory_reference_no_unread_storage_data(tmp_path, shm):
@@ -528,17 +537,6 @@ def test_a_damaged_memory_copy_with_nothing_in_storage_stops_the_resume(tmp_path
     from pyckpt import resume
     from pyckpt.errors import CorruptCheckpointError
 
-    with knobs.override(PYCKPT_SHM_MB=16):
-        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
-        tier = shm_tier.tier_for(ck, coord)
-        try:
-            tier.save(10, {"w": torch.ones(1 << 16)}, {"n": 10}).result()
-            _damage(shm)
-            _fresh(ck)
-            with pytest.raises(CorruptCheckpointError, match="every committed checkpoint is damaged"):
-                resume.choose(ck, coord, "auto")
-        finally:
-            _fresh(ck)
-            shm_tier._REFUSED.clear()
-            shutil.rmtree(shm, ignore_errors=True)
-            ck.close()
+    with _damaged_copy(tmp_path, shm) as (ck, coord):
+        with pytest.raises(CorruptCheckpointError, match="every committed checkpoint is damaged"):
+            resume.choose(ck, coord, "auto")
