@@ -2,7 +2,10 @@
 
 ``list`` reports every checkpoint directory (committed or not) with its size
 and, unless ``verify=False``, whether it is *sound*: its manifest, parts and
-every chunk's checksum verify (the same check as ``pyckpt verify``).
+every chunk's checksum verify (the same check as ``pyckpt verify``). A directory
+without a manifest is either garbage (an interrupted save, a deletion cut short)
+or a checkpoint retention retired whose data files committed checkpoints still
+reference (incremental chunks); ``Info.referenced_by`` tells them apart.
 """
 from __future__ import annotations
 
@@ -30,6 +33,15 @@ class Info:
     complete: bool  # has MANIFEST.json (committed)
     sound: bool | None  # verified (manifest, parts, every checksum); None when not checked
     error: str | None = None  # why it is not sound
+    # Without a manifest: the committed checkpoints whose parts reference its data files. Retention
+    # retired it (docs/FORMAT.md §14) but they still read it, so, unlike an interrupted save, it
+    # must not be deleted. Empty for committed checkpoints (not looked up) and for garbage.
+    referenced_by: tuple[str, ...] = ()
+
+    @property
+    def retired(self) -> bool:
+        """No checkpoint any more, but data that committed checkpoints need: keep it."""
+        return not self.complete and bool(self.referenced_by)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,11 +60,39 @@ def disk_usage(path: str) -> int:
 
 
 def entries(path: str) -> list[layout.Entry]:
-    """The checkpoint directories of a root, or ``path`` itself when it is one checkpoint."""
+    """The checkpoint directories of a root, or ``path`` itself when it is one checkpoint (or a
+    retired one: a ``step-*`` directory that still holds its parts but no manifest)."""
     p = os.path.abspath(os.fspath(path))
+    name = os.path.basename(p)
     if layout.is_checkpoint_dir(p):
-        return [layout.Entry(os.path.basename(p), p, layout.parse_step(os.path.basename(p)), True)]
-    return layout.scan(p)
+        return [layout.Entry(name, p, layout.parse_step(name), True)]
+    found = layout.scan(p)
+    if not found and layout.parse_step(name) is not None and layout.is_real_dir(p) \
+            and os.path.isfile(os.path.join(p, layout.part_name(0))):
+        # Asked about one retired directory (before deleting it, say): report it rather than "no checkpoints".
+        return [layout.Entry(name, p, layout.parse_step(name), False)]
+    return found
+
+
+def referrers(found: builtins.list[layout.Entry]) -> dict[str, tuple[str, ...]]:
+    """For each ``step-*`` directory of ``found`` without a manifest, the committed checkpoints of its
+    root (by step) whose parts reference its data files; directories nothing references are left out.
+
+    The same reference count garbage collection and retention use (``incremental.referenced_dirs``),
+    so what this names is exactly what ``pyckpt gc`` keeps. Committed parts are parsed only when such
+    a directory exists (a plain root is listed from manifests alone)."""
+    candidates = [e for e in found if not e.complete and layout.parse_step(e.name) is not None]
+    if not candidates:
+        return {}
+    from .incremental import referenced_dirs
+
+    root = os.path.dirname(candidates[0].path)
+    wanted = {e.name for e in candidates}
+    out: dict[str, builtins.list[str]] = {}
+    for c in sorted(layout.committed(root), key=lambda c: (c.step, c.name)):
+        for name in referenced_dirs(root, [c.name]) & wanted:
+            out.setdefault(name, []).append(c.name)
+    return {name: tuple(names) for name, names in out.items()}
 
 
 def check(path: str) -> str | None:
@@ -70,19 +110,25 @@ def check(path: str) -> str | None:
     return None
 
 
-def info_of(e: layout.Entry, verify: bool = True) -> Info:
-    """The ``Info`` of one scanned directory."""
+def info_of(e: layout.Entry, verify: bool = True, refs: dict[str, tuple[str, ...]] | None = None) -> Info:
+    """The ``Info`` of one scanned directory; ``refs``: ``referrers()`` of the entries it came from."""
     stamp = os.path.join(e.path, layout.MANIFEST) if e.complete else e.path
     try:
         t = os.path.getmtime(stamp)
     except OSError:
         t = math.nan
+    by = () if e.complete else (refs or {}).get(e.name, ())
     sound: bool | None = None
     error = None
     if verify:
-        error = check(e.path) if e.complete else "incomplete (no MANIFEST.json)"
+        if e.complete:
+            error = check(e.path)
+        elif by:  # its data is verified as part of the checkpoints that reference it
+            error = f"retired (no MANIFEST.json); its data files are referenced by {', '.join(by)}"
+        else:
+            error = "incomplete (no MANIFEST.json)"
         sound = error is None
-    return Info(e.name, e.path, e.step, t, disk_usage(e.path), e.complete, sound, error)
+    return Info(e.name, e.path, e.step, t, disk_usage(e.path), e.complete, sound, error, by)
 
 
 def list(directory: str | os.PathLike, verify: bool = True) -> builtins.list[Info]:
@@ -99,7 +145,9 @@ def list(directory: str | os.PathLike, verify: bool = True) -> builtins.list[Inf
     d = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(d):
         raise FileNotFoundError(f"{d} is not a directory")
-    return [info_of(e, verify) for e in entries(d)]
+    found = entries(d)
+    refs = referrers(found)
+    return [info_of(e, verify, refs) for e in found]
 
 
 def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:

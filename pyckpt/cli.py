@@ -136,7 +136,7 @@ def _resolve_or_err(args: argparse.Namespace) -> str | None:
     try:
         return _local(args.path, args) if _is_url(args.path) else resolve(args.path, newest_committed=True)
     except CheckpointNotFoundError as e:
-        _err(args.verb, str(e))
+        _err(args.verb, f"{e}{_retired_hint(args.path)}")
         return None
 
 
@@ -179,7 +179,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return NOT_FOUND
     else:
         found = catalog.entries(root)
-        infos = [catalog.info_of(e, verify=args.verify) for e in _progress_for(args)(found, "verify", "ckpt")]
+        refs = catalog.referrers(found)
+        infos = [catalog.info_of(e, verify=args.verify, refs=refs)
+                 for e in _progress_for(args)(found, "verify", "ckpt")]
     if args.json:
         _print_json({"dir": root if _is_url(root) else os.path.abspath(root), "finished": catalog.is_finished(root),
                      "checkpoints": [i.to_dict() for i in infos]})
@@ -190,12 +192,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"{'STEP':>12}  {'TIME (UTC)':<19}  {'SIZE':>10}  {'STATUS':<10}  NAME")
     for i in infos:
         step = "?" if i.step is None else str(i.step)
-        status = "incomplete" if not i.complete else ("complete" if i.sound is None else
-                                                       "sound" if i.sound else "DAMAGED")
-        print(f"{step:>12}  {_time(i.time)}  {_human(i.size):>10}  {status:<10}  {i.name}")
+        # A retired directory has no manifest either, but "incomplete" means "safe to delete": it is not.
+        status = ("referenced" if i.retired else "incomplete") if not i.complete else (
+            "complete" if i.sound is None else "sound" if i.sound else "DAMAGED")
+        note = f"  (data referenced by {', '.join(i.referenced_by)})" if i.retired else ""
+        print(f"{step:>12}  {_time(i.time)}  {_human(i.size):>10}  {status:<10}  {i.name}{note}")
     for i in infos:
         if i.complete and i.sound is False:
             _err("ls", f"{i.name} is damaged: {i.error}")
+    if any(i.retired for i in infos):
+        print(_RETIRED_NOTE, file=sys.stderr)
     if not args.verify and any(i.complete for i in infos):
         # "complete" only means committed: say that the data was not read, so nobody mistakes it for sound.
         print("pyckpt ls: complete = committed (manifest present); data not read: `pyckpt ls --verify` checks "
@@ -204,6 +210,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if marker is not None:
         print(f"run finished at step {marker.get('step')} ({_time(marker.get('time') or float('nan'))} UTC)")
     return FAILED if any(i.complete and i.sound is False for i in infos) else 0
+
+
+_RETIRED_NOTE = ("pyckpt ls: referenced = retired by retention (no MANIFEST.json, not loadable), but the "
+                 "checkpoints named read chunks from its data files: do not delete it; it is removed by the "
+                 "next save or `pyckpt gc` once no committed checkpoint references it")
+
+
+def _retired_hint(path: str) -> str:
+    """`` (...)`` naming the checkpoints that reference ``path`` when it is a retired directory, else ""."""
+    from . import catalog
+
+    try:
+        by = catalog.referrers(catalog.entries(path)).get(os.path.basename(os.path.abspath(path)))
+    except OSError:
+        return ""
+    return f" ({path} is a retired checkpoint: its data files are kept because {', '.join(by)} reference them)" \
+        if by else ""
 
 
 # -- verify -----------------------------------------------------------------------------
@@ -332,7 +355,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 # -- gc ---------------------------------------------------------------------------------
 def cmd_gc(args: argparse.Namespace) -> int:
-    from . import commit
+    from . import catalog, commit
 
     root = args.dir
     if _is_url(root):
@@ -348,16 +371,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
         # ones, retired ones no checkpoint references any more) and keeps retired ones whose data
         # a committed checkpoint still references (incremental chunks, docs/FORMAT.md §14).
         removed = commit.gc_tmp(root, set(), locked=held is not None)
+        # Say what was kept on purpose: it has no manifest, so it looks like a leftover to be deleted by hand.
+        kept = catalog.referrers(layout.scan(root))
     finally:
         if held is not None:
             held.release()
     if args.json:
-        _print_json({"dir": os.path.abspath(root), "removed": removed, "locked": held is not None, "note": note})
+        _print_json({"dir": os.path.abspath(root), "removed": removed, "locked": held is not None, "note": note,
+                     "kept_referenced": {name: list(by) for name, by in sorted(kept.items())}})
         return 0
     if note:
         _err("gc", note)
     for p in removed:
         print(f"removed {p}")
+    for name, by in sorted(kept.items()):
+        print(f"kept {os.path.join(root, name)}: retired, but its data files are referenced by {', '.join(by)}")
     print(f"{len(removed)} leftover(s) removed from {root}")
     return 0
 
@@ -472,8 +500,10 @@ def _add_stats(sp: argparse.ArgumentParser) -> None:
 _VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str, str]] = {
     "ls": (cmd_ls, _add_ls, "list checkpoints in a root directory",
            "List every checkpoint directory in DIR with its step, commit time, size on disk and whether it\n"
-           "is complete (has MANIFEST.json) or incomplete (an interrupted or in-progress save). DIR may\n"
-           "also be a single checkpoint directory. --verify checks every checksum (a full read)."),
+           "is complete (has MANIFEST.json) or incomplete (an interrupted or in-progress save). A directory\n"
+           "that is referenced was retired by retention but newer checkpoints (named on its row) read its\n"
+           "data files: never delete it by hand. DIR may also be a single checkpoint directory. --verify\n"
+           "checks every checksum (a full read)."),
     "verify": (cmd_verify, _add_path, "check a checkpoint's integrity (every chunk, every checksum)",
                "Validate the manifest and rank parts of PATH and re-read every data chunk, checking its\n"
                "CRC32C. PATH is a checkpoint directory or a root (then its newest committed checkpoint).\n"
@@ -502,7 +532,8 @@ _VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.
     "gc": (cmd_gc, _add_dir, "remove leftovers of interrupted saves and deletions",
            "Remove what crashed or killed writers left in DIR: step-*.tmp-* directories (interrupted saves),\n"
            "step-*.del-* (interrupted deletions), latest.tmp-* and MANIFEST.json.tmp-* files. When no job\n"
-           "holds DIR's lock, step directories without MANIFEST.json (half deleted) go too; while a job\n"
+           "holds DIR's lock, step directories without MANIFEST.json (half deleted) go too, except retired\n"
+           "ones whose data files a committed checkpoint still references (listed as kept); while a job\n"
            "runs, only leftovers of processes that are no longer running are removed. Committed\n"
            "checkpoints are never touched."),
     "stats": (cmd_stats, _add_stats, "summarise DIR/metrics.jsonl (stall, duration, bytes, throughput)",

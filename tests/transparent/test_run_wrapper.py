@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pyckpt import layout, shm_tier
 from pyckpt.run import main, torchrun_argv
 from transparent_helpers import clean_env, load, tree_equal
 
@@ -99,8 +101,6 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path, plain_d
                KILL_MARK=tmp_path / "mark")
     first = torchrun(tmp_path / "res.pt", **env)
     assert first.returncode != 0 and first.stderr.count("pyckpt: SIGTERM: checkpointing") == 2
-    from pyckpt import layout
-
     committed = [p.name for p in (tmp_path / "ck").iterdir() if layout.is_checkpoint_dir(str(p))]
     assert len(committed) == 1
     second = torchrun(tmp_path / "res.pt", **env)
@@ -118,10 +118,6 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_to_storage(tmp_path, plain_d
     job and the checkpoint with it). With the memory tier and PYCKPT_STORAGE_EVERY, that snapshot goes
     to storage too: a preempted job may come back on another machine. The relaunch, without the
     memory copy, resumes from it exactly."""
-    import shutil
-
-    from pyckpt import layout, shm_tier
-
     env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="1000", TERM_RANK1_AT="10",
                KILL_MARK=tmp_path / "mark")
     if tier:
