@@ -69,7 +69,12 @@ def resolve(path: str | os.PathLike, newest_committed: bool = False) -> str:
     that is itself a symbolic link is refused: inside a checkpoint root
     nothing is ever followed (docs/FORMAT.md "Reader requirements").
     With ``newest_committed`` a root resolves to its newest committed directory
-    even if that one is damaged (``pyckpt verify`` wants to report it)."""
+    even if that one is damaged (``pyckpt verify`` wants to report it).
+
+    Raises ``CheckpointNotFoundError`` when ``path`` is no checkpoint and no
+    root holding a committed one; ``CorruptCheckpointError`` naming them when a
+    root holds committed checkpoints of which none validates (a caller must
+    not take lost progress for "nothing saved yet")."""
     p = os.path.abspath(os.fspath(path))
     if layout.parse_step(os.path.basename(p)) is not None and os.path.islink(p):
         return p  # not resolved: the reader refuses it (CorruptCheckpointError naming it)
@@ -83,11 +88,15 @@ def resolve(path: str | os.PathLike, newest_committed: bool = False) -> str:
         if committed:
             return committed[0].path
     else:
-        from .checkpointer import iter_valid
+        from .checkpointer import iter_valid, unloadable_error
 
-        info = next(iter_valid(p), None)
+        why: dict[str, str] = {}
+        info = next(iter_valid(p, on_damaged=lambda q, exc: why.setdefault(os.path.basename(q), str(exc))), None)
         if info is not None:
             return info.path
+        committed = [e.path for e in layout.committed(p)]
+        if committed:
+            raise unloadable_error(p, committed, why)
     raise CheckpointNotFoundError(f"no complete checkpoint in {p}")
 
 
@@ -105,7 +114,12 @@ def load(path: str | os.PathLike, into: Any = None, map_location: Any = None, *,
     A chunk's bytes reach a target only after its checksum passed.
     ``map_location``: None keeps each tensor's saved device (a CUDA-saved
     tensor then needs CUDA: pass ``map_location="cpu"`` on CPU-only
-    machines), or a device / str; targets in ``into`` keep their device."""
+    machines), or a device / str; targets in ``into`` keep their device.
+
+    A root whose committed checkpoints all fail validation raises
+    ``CorruptCheckpointError`` naming them; ``CheckpointNotFoundError`` means
+    there is no checkpoint at ``path`` at all. A damaged newest checkpoint is
+    not skipped here (``Checkpointer.load`` falls back past it)."""
     from ._native import get_engine
 
     op = reader.open_checkpoint(resolve(path))

@@ -69,6 +69,7 @@ class SaveFuture:
         # (part, plan) of this rank once committed, for a memory-tier Checkpointer only (``hand_over_parts``):
         # storage's copy of it (tier_publish.py) then neither parses the part back nor encodes it anew.
         self._committed: tuple[dict, Any] | None = None
+        self._baseline: Any = None  # the Checkpointer's incremental Baseline this save was planned with
 
     def captured(self, timeout: float | None = None) -> bool:
         """Block until every tensor is copied to staging (or the save failed); False on timeout."""
@@ -287,6 +288,7 @@ class Checkpointer:
         job, err = self._start(engine, plan, tmp)
         fut = SaveFuture(step, job, plan.keep_alive() + sharded.keep_alive(plan) if job is not None else None)
         fut._timer = timer
+        fut._baseline = self._baseline
         fut._gate = _gate  # transparent lazy capture: None, or why this save must not commit
         with self._lock:
             self._inflight = fut
@@ -331,8 +333,10 @@ class Checkpointer:
                           if (i + self._baseline.saves) % incremental_mod.SAMPLE_EVERY}
         except Exception as e:  # never into training: this save is simply written in full
             log.warning("pyckpt: incremental save not possible, writing every chunk: %s", e)
+            damaged = self._baseline.damaged
             self._baseline = incremental_mod.Baseline()
             self._baseline.seeded = True  # start over from this save's chunks
+            self._baseline.damaged = damaged
             plan.expect, plan.refs = None, {}
 
     def _moved_chunks(self, plan: writer.RankPlan) -> set[int]:
@@ -451,8 +455,10 @@ class Checkpointer:
             self._record(fut, None, e)
             fut._finish(None, e)
             return
-        if part is not None and plan.refs is not None:
-            self._baseline.update(part, os.path.basename(final))  # the next save references this one
+        if part is not None and plan.refs is not None and fut._baseline is self._baseline:
+            # The next save references this one; unless damage found meanwhile started the baseline
+            # over (_found_damaged): this save's references may point into the damaged data.
+            self._baseline.update(part, os.path.basename(final))
         if self.hand_over_parts and part is not None:
             fut._committed = (part, plan)
         url = None
@@ -497,7 +503,10 @@ class Checkpointer:
         and ``load()``/``restore()`` fall back past it. ``verify=True`` also
         reads every chunk and checks its checksums (ranks share the work), so
         what it returns loads, at the cost of reading the checkpoint once.
-        ``check(path)`` runs first for each candidate; what it raises propagates."""
+        ``check(path)`` runs first for each candidate; what it raises propagates.
+        None does not mean "nothing saved yet": it is also the answer when
+        committed checkpoints exist but none validates (``restore()`` tells the
+        two apart: ``CheckpointNotFoundError`` versus ``CorruptCheckpointError``)."""
         with reader.reusing():  # the candidate scan and verify_share open the same checkpoint
             return self._latest(verify, check)
 
@@ -510,22 +519,37 @@ class Checkpointer:
             err = _try(lambda: verify_share(path, self.coord.rank, self.coord.world_size))
             errors = self._gather_errors(err)
             if not errors:
+                self._verified(path)
                 return info_for(path)
             if err is not None and not isinstance(err, CorruptCheckpointError):
                 raise err
+            self._found_damaged(path)
             self._skip_line(path, errors)
         return None
 
-    def _candidates(self):
+    def _candidates(self, on_damaged: Callable[[str, BaseException], None] | None = None):
+        """Paths of the commits that validate on every rank, newest first (lazily with one rank).
+
+        ``on_damaged(path, error)`` hears of each commit whose manifest, parts or data file sizes
+        do not validate here."""
         if self.remote is not None:
             return remote.candidates(self)  # downloaded and validated one by one, newest first
-        """Paths of the commits that validate on every rank, newest first (lazily with one rank)."""
+
+        def damaged(path: str, exc: BaseException) -> None:
+            self._found_damaged(path)
+            if on_damaged is not None:
+                on_damaged(path, exc)
+
         if self.coord.world_size == 1:
-            return (i.path for i in iter_valid(self.directory))
-        mine = [os.path.basename(i.path) for i in iter_valid(self.directory, warn=self.coord.rank == 0)]
+            return (i.path for i in iter_valid(self.directory, on_damaged=damaged))
+        mine = [os.path.basename(i.path)
+                for i in iter_valid(self.directory, warn=self.coord.rank == 0, on_damaged=damaged)]
         common = set(mine)
         for names in self.coord.all_gather_json(mine, "latest"):
             common &= set(names)
+        for n in mine:
+            if n not in common:  # another rank cannot load it: as damaged for this rank's baseline too
+                self._found_damaged(os.path.join(self.directory, n))
         return [os.path.join(self.directory, n) for n in mine if n in common]
 
     def _gather_errors(self, err: BaseException | None) -> list[tuple[int, str, bool]]:
@@ -542,6 +566,25 @@ class Checkpointer:
             where = f" (rank {rank})" if self.coord.world_size > 1 else ""
             log.warning("pyckpt: skipping damaged checkpoint %s%s: %s", path, where, msg)
 
+    def _verified(self, path: str) -> None:
+        """Every chunk of checkpoint ``path`` that this rank's part holds or references was read and
+        its checksum checked (a restore, ``latest(verify=True)``): a process that has not saved yet
+        seeds its first incremental save from it, not from whatever is newest (incremental.Baseline)."""
+        if not self._baseline.seeded and not self._baseline:
+            self._baseline.source = os.path.abspath(path)
+
+    def _found_damaged(self, path: str) -> None:
+        """Checkpoint ``path`` does not load. The chunks the next save would reference (this process's
+        own last save, or the seed) may be in it or in data it references, and a reference is checked
+        against the CRC record, not the bytes: start the baseline over, so the next save references
+        only a checkpoint verified from now on (``_verified``), or is written in full."""
+        path = os.path.abspath(path)
+        if path in self._baseline.damaged:
+            return  # known: found again by every later scan, which must not undo incremental saves
+        damaged = self._baseline.damaged | {path}
+        self._baseline = incremental_mod.Baseline()
+        self._baseline.damaged = damaged
+
     def load(self, step: int | None = None, into: Any = None, map_location: Any = None) -> Any:
         """The replicated state of checkpoint ``step`` (default: the newest that loads)."""
         return self.restore(step, into=into, map_location=map_location).state
@@ -554,7 +597,15 @@ class Checkpointer:
         while loading (a checksum, a truncated file), one line
         ``pyckpt: skipping damaged checkpoint <path>: <reason>`` is logged and
         the next older one is loaded instead (``into`` targets are then fully
-        overwritten by it). Every rank takes the same one."""
+        overwritten by it). Every rank takes the same one.
+
+        Raises ``CheckpointNotFoundError`` only when the directory holds no
+        committed checkpoint (or ``step`` names none); when committed ones exist
+        but none loads (checksums, missing or truncated files, bad parts),
+        ``CorruptCheckpointError`` naming each and what is wrong, so that
+        "no checkpoint yet, start fresh" is never mistaken for lost progress.
+        The next incremental save references only chunks of the checkpoint
+        restored (or of a later save), never of one that failed."""
         with reader.reusing():  # the candidate scan and the load open the same checkpoint
             return self._restore(step, into, rank_into, map_location)
 
@@ -566,8 +617,8 @@ class Checkpointer:
             if not (layout.is_real_dir(path) and layout.is_checkpoint_dir(path)):  # never through a link
                 raise CheckpointNotFoundError(f"no complete checkpoint for step {step} in {self.directory}")
             return self._restore_path(path, into, rank_into, map_location)
-        skipped = []
-        for path in self._candidates():
+        why: dict[str, str] = {}  # step directory name -> why it does not load (scan or load)
+        for path in self._candidates(lambda p, exc: why.setdefault(os.path.basename(p), str(exc))):
             out: list[Restored] = []
             err = _try(lambda: out.append(self._restore_path(path, into, rank_into, map_location)))
             errors = self._gather_errors(err)  # every rank leaves or goes on together
@@ -578,11 +629,16 @@ class Checkpointer:
             fatal = [(r, m) for r, m, corrupt in errors if not corrupt]
             if fatal:
                 raise PyckptError(f"rank {fatal[0][0]} could not load {path}: {fatal[0][1]}")
+            self._found_damaged(path)  # damage another rank found: this rank's load succeeded
             self._skip_line(path, errors)
-            skipped.append(path)
-        if skipped:
-            raise CorruptCheckpointError(f"no checkpoint in {self.directory} loads: every one is damaged "
-                                         f"({', '.join(skipped)})", path=skipped[0])
+            why[os.path.basename(path)] = errors[0][1]
+        # Nothing loaded. The candidate scan drops a commit whose manifest, parts or data files do
+        # not validate (a deleted data file) without trying it: those count as damaged too.
+        from .resume import committed_anywhere
+
+        unsound = committed_anywhere(self, self.coord)  # the same list on every rank
+        if unsound:
+            raise unloadable_error(self.directory, unsound, why)
         raise CheckpointNotFoundError(f"no complete checkpoint in {self.directory}")
 
     def _restore_path(self, path: str, into: Any, rank_into: Any, map_location: Any,
@@ -591,11 +647,16 @@ class Checkpointer:
         from ._native import get_engine
 
         t0 = time.monotonic()
-        op = reader.open_checkpoint(path)
-        engine = get_engine()
-        state = reader.load_section(engine, op, "replicated", 0, into, map_location)
-        rs = rank_state if rank_state is not _UNREAD else reader.load_section(
-            engine, op, "rank", self.coord.rank, rank_into, map_location)
+        try:
+            op = reader.open_checkpoint(path)
+            engine = get_engine()
+            state = reader.load_section(engine, op, "replicated", 0, into, map_location)
+            rs = rank_state if rank_state is not _UNREAD else reader.load_section(
+                engine, op, "rank", self.coord.rank, rank_into, map_location)
+        except CorruptCheckpointError:
+            self._found_damaged(path)
+            raise
+        self._verified(path)  # every chunk it read passed its checksum
         if self.coord.rank == 0:
             metrics.restore_done(self.directory, op.step, path, time.monotonic() - t0)
         return Restored(state, rs, op.step, path)
@@ -628,9 +689,22 @@ def info_for(path: str) -> CheckpointInfo:
                           os.path.getmtime(os.path.join(path, layout.MANIFEST)))
 
 
-def iter_valid(root: str, warn: bool = True):
+def unloadable_error(root: str, paths: list[str], why: dict[str, str], shown: int = 4) -> CorruptCheckpointError:
+    """The error for a root whose committed checkpoints ``paths`` (newest first) all fail to load;
+    ``why`` maps a step directory name to what is wrong with it (one line)."""
+    def reason(p: str) -> str:
+        r = why.get(os.path.basename(p.rstrip("/")), "does not validate")
+        return " ".join(r.split())  # one line, whatever the underlying message holds
+
+    items = [f"{p}: {reason(p)}" for p in paths[:shown]]
+    more = f"; and {len(paths) - shown} more" if len(paths) > shown else ""
+    return CorruptCheckpointError(f"no checkpoint in {root} loads: every one is damaged ({'; '.join(items)}{more})",
+                                  path=paths[0])
+
+
+def iter_valid(root: str, warn: bool = True, on_damaged: Callable[[str, BaseException], None] | None = None):
     """Committed checkpoints of ``root`` whose manifest and parts validate, newest commit first
-    (damaged ones are warned about).
+    (damaged ones are warned about, and handed to ``on_damaged(path, error)``).
 
     The ``latest`` pointer is a hint only: the commit order (``layout.committed``)
     decides, so a stale or missing pointer changes nothing."""
@@ -647,5 +721,7 @@ def iter_valid(root: str, warn: bool = True):
         except PyckptError as exc:
             if warn:
                 log.warning("pyckpt: skipping damaged checkpoint %s: %s", e.path, exc)
+            if on_damaged is not None:
+                on_damaged(e.path, exc)
             continue
         yield info_for(e.path)

@@ -11,7 +11,10 @@ class PyckptError(Exception):
 
 
 class CheckpointNotFoundError(PyckptError, FileNotFoundError):
-    """No complete checkpoint exists where one was asked for."""
+    """No committed checkpoint exists where one was asked for (nothing saved yet, or no such step).
+
+    Committed checkpoints that all fail to load are ``CorruptCheckpointError`` instead: a caller
+    may read this error as "start fresh", which must never hide lost progress."""
 
 
 class CorruptCheckpointError(PyckptError):

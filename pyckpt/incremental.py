@@ -58,6 +58,12 @@ class Baseline:
         self.changed: set[tuple] = set()  # sigs whose fingerprint changed at the last save
         self.saves = 0
         self.seeded = False
+        # What ``seed`` may start from. References are checked against CRC records, never against the
+        # bytes on disk, so a damaged chunk referenced once is inherited by every later checkpoint:
+        # ``source`` is the checkpoint (absolute path) this process restored or verified, the one to
+        # seed from; ``damaged`` the checkpoints it found unloadable, never seeded from (Checkpointer).
+        self.source: str | None = None
+        self.damaged: set[str] = set()
         # The last signatures computed, with the storage records they came from (held, so their
         # identities stay theirs): expectations and update see the same records at every save of
         # a reused plan (writer.storages_json shares them, read-only), and computing them again
@@ -105,17 +111,24 @@ class Baseline:
         return sigs
 
     def seed(self, root: str, rank: int) -> None:
-        """First save of this process: start from the newest committed checkpoint's part of ``rank``
-        (its chunk records carry fingerprints), so a resumed job's first save is incremental too."""
+        """First save of this process: start from a committed checkpoint's part of ``rank`` (its chunk
+        records carry fingerprints), so a resumed job's first save is incremental too.
+
+        That checkpoint is ``source`` (the one restored, whose chunks were verified) when set; else
+        the newest commit, unless a checkpoint was found damaged: then nothing (the save is written
+        in full), since the newest may be the damaged one or reference its data."""
         from . import manifest
         from .errors import PyckptError
         from .safe_fs import CheckpointDir
 
         self.seeded = True
         committed = layout.committed(root)
-        if not committed:
+        if self.source is not None:
+            e = next((e for e in committed if os.path.abspath(e.path) == self.source), None)
+        else:
+            e = committed[0] if committed and not self.damaged else None
+        if e is None:
             return
-        e = committed[0]
         try:
             with CheckpointDir(e.path) as d:
                 m = manifest.read_manifest(e.path, d)
