@@ -291,10 +291,14 @@ def load(t: Tracked, state: dict[str, Any]) -> None:
     """Load ``state`` (from ``state_of``) into the tracked objects; raises when they do not match."""
     _check_keys("modules", state["modules"], len(t.modules))
     _check_keys("optimizers", state["optimizers"], len(t.optimizers))
-    for i, o in enumerate(t.optimizers):  # before anything is loaded: a refusal leaves the objects as they were
+    # Before anything is loaded: a refusal leaves the objects as they were. Modules first: their keys
+    # name what changed (a submodule added with add_param_group also changes the groups).
+    for i, m in enumerate(t.modules):
+        _check_module(i, m, state["modules"][str(i)])
+    for i, o in enumerate(t.optimizers):
         _check_groups(i, o, state["optimizers"][str(i)])
     for i, m in enumerate(t.modules):
-        m.load_state_dict(state["modules"][str(i)])
+        _load_module(i, m, state["modules"][str(i)])
     for i, o in enumerate(t.optimizers):
         sharded.load_optimizer(o, state["optimizers"][str(i)])
     _load_named("LR scheduler", t.schedulers, state["schedulers"])
@@ -320,7 +324,70 @@ def _check_groups(i: int, o: Any, saved: Any) -> None:
             f"the checkpoint's optimizer {i} ({type(o).__name__}) has {len(want)} parameter group(s) of {want} "
             f"parameters, this run's has {len(have)} of {have} at the restore point: groups or parameters "
             "added while training (optimizer.add_param_group, e.g. gradual unfreezing) are not re-created "
-            "by the fast-forward; set PYCKPT_RESUME=never to start over")
+            f"by the fast-forward; {_WAY_OUT}")
+
+
+_WAY_OUT = ("checkpoint such a job with the explicit API (pyckpt.Checkpointer, which loads into the objects "
+            "as the script has built them by then), or set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to "
+            "start over")
+
+
+def _check_module(i: int, m: nn.Module, saved: Any) -> None:
+    """Refuse (one line) a module whose state_dict() entries or tensor shapes differ from the saved ones,
+    which torch's strict load_state_dict would raise as a multi-line RuntimeError, after the modules
+    before it were loaded. ``saved`` was made by the same state_dict() call, so a module built the same
+    way has the same keys (non-persistent buffers are in neither)."""
+    if not isinstance(saved, dict):
+        raise PyckptError(f"the checkpoint's state of module {i} is malformed")
+    live = m.state_dict()
+    extra = [k for k in saved if k not in live]
+    lacking = [k for k in live if k not in saved]
+    resized = [f"{k!r}: checkpoint {tuple(v.shape)}, this run {tuple(live[k].shape)}"
+               for k, v in saved.items() if k in live and _resized(v, live[k])]
+    if not (extra or lacking or resized):
+        return
+    parts = []
+    if extra:
+        parts.append(f"the checkpoint has {_few(extra)} that this run's module lacks")
+    if lacking:
+        parts.append(f"this run's module has {_few(lacking)} that the checkpoint lacks")
+    if resized:
+        parts.append(f"shapes differ: {_few(resized, quote=False)}")
+    raise PyckptError(
+        f"module {i} ({type(m).__name__}) does not match the checkpoint: {'; '.join(parts)}. Parameters, "
+        "buffers or submodules added or removed while training (add_module, register_buffer, "
+        "register_parameter, del) are not re-created by the fast-forward, which skips the script's steps "
+        f"up to the checkpoint, and an edited script builds other ones; {_WAY_OUT}")
+
+
+def _resized(saved: Any, live: Any) -> bool:
+    """Whether torch's load_state_dict would refuse ``saved`` for ``live`` as a size mismatch."""
+    if not (isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor)):
+        return False  # not a tensor on one side (extra state, a sharded placeholder): its load decides
+    if nn.parameter.is_lazy(live):
+        return False  # an uninitialised lazy parameter takes the saved shape
+    if live.dim() == 0 and tuple(saved.shape) == (1,):
+        return False  # torch loads a 1-element tensor into a 0-dim parameter (older checkpoints)
+    return saved.shape != live.shape
+
+
+def _few(items: list[str], n: int = 3, quote: bool = True) -> str:
+    shown = ", ".join(repr(x) if quote else x for x in items[:n])
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return f"{len(items)} entr{'y' if len(items) == 1 else 'ies'} ({shown}{more})"
+
+
+def _load_module(i: int, m: nn.Module, saved: dict) -> None:
+    try:
+        m.load_state_dict(saved)
+    except RuntimeError as e:
+        # What _check_module cannot foresee (a module's own _load_from_state_dict refusing a value):
+        # still one line, not a traceback; earlier modules are loaded by now, but the job stops here.
+        if not str(e).startswith("Error(s) in loading state_dict"):
+            raise
+        msg = " ".join(str(e).split())
+        raise PyckptError(f"module {i} ({type(m).__name__}) does not take the checkpoint's state: "
+                          f"{msg[:400]}{'...' if len(msg) > 400 else ''}; {_WAY_OUT}") from None
 
 
 def _load_named(what: str, live: dict[str, Any], saved: dict[str, Any]) -> None:

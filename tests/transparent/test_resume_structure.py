@@ -1,0 +1,213 @@
+"""A relaunch whose modules do not have the checkpoint's structure (a parameter, buffer or submodule
+added or removed while training, a layer widened in an edited script) is refused with one line and
+exit status 2, on every rank, before anything is loaded; what legitimately differs is not refused."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from pyckpt import discovery, layout
+from pyckpt.errors import PyckptError
+
+from transparent_helpers import clean_env, load, run_script, tree_equal
+
+# 24 steps; checkpoints every 8. CHANGE happens at step 4 (before the step-8 checkpoint, so the
+# relaunch's fast-forward skips it) or at step 10 ("later": after it, so the relaunch replays it).
+STRUCT = r"""
+import os, signal, sys, time, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+if "WORLD_SIZE" in os.environ:  # ranks training on their own (no DDP): each rank's state is its own
+    torch.distributed.init_process_group("gloo")
+change, width = os.environ.get("CHANGE", ""), int(os.environ.get("WIDTH", "32"))
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(16, width), nn.Linear(width, 4)
+        self.register_buffer("calib", torch.zeros(3))
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+torch.manual_seed(0)
+loader = DataLoader(TensorDataset(torch.randn(96, 16), torch.randn(96, 4)), batch_size=4)
+model = Net()
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+for step, (x, y) in enumerate(loader, 1):
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    if step == 4:
+        if change == "buffer":
+            model.head.register_buffer("seen", torch.tensor(step))
+        elif change == "parameter":
+            model.head.register_parameter("scale", nn.Parameter(torch.ones(4), requires_grad=False))
+        elif change == "submodule":
+            model.add_module("head2", nn.Linear(4, 4))
+            opt.add_param_group({"params": list(model.head2.parameters())})
+        elif change == "removed":
+            del model.calib
+        elif change == "later":  # not part of the state: a resume must not mind it
+            model.register_buffer("scratch", torch.ones(2), persistent=False)
+    if step == 10 and change == "later":
+        model.add_module("head2", nn.Linear(4, 4))
+        opt.add_param_group({"params": list(model.head2.parameters())})
+    time.sleep(0.05)  # a real step's time: the step-8 checkpoint commits before the kill
+    if step == 15 and os.environ.get("KILL") and not os.path.exists("mark"):
+        open("mark", "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"out{os.environ.get('RANK', '')}.pt")
+print("TRAINED")
+"""
+
+
+def _refusals(r: subprocess.CompletedProcess) -> list[str]:
+    """The relaunch's refusal lines, after checking it was refused (exit 2, no traceback, no training)."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "TRAINED" not in r.stdout, r.stderr[-3000:]
+    return [x for x in r.stderr.splitlines() if x.startswith("pyckpt: cannot resume")]
+
+
+@pytest.mark.parametrize("change,named", [
+    ("buffer", "'head.seen'"),          # register_buffer on an existing submodule: a key the relaunch lacks
+    ("parameter", "'head.scale'"),      # a frozen parameter (no optimizer group changes)
+    ("submodule", "'head2.weight'"),    # add_module + add_param_group: named by key, not only by group count
+    ("removed", "'calib'"),             # the mirror case: the relaunch has a key the checkpoint lacks
+])
+def test_a_module_changed_while_training_is_refused_with_one_line_naming_its_keys(tmp_path, change, named):
+    (tmp_path / "train.py").write_text(STRUCT)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="8", CHANGE=change)
+    first = run_script(["train.py"], tmp_path, KILL="1", **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = run_script(["train.py"], tmp_path, **env)
+    lines = _refusals(second)
+    assert len(lines) == 1, second.stderr
+    line = lines[0]
+    assert "module 0 (Net)" in line and named in line, line
+    assert "pyckpt.Checkpointer" in line and "PYCKPT_RESUME=never" in line, line
+
+
+def test_an_edited_script_with_a_wider_layer_is_refused_in_one_process(tmp_path):
+    # One process: the live parameters are the read's targets, whose shapes the reader checks before a
+    # byte is read (reader.IntoMismatchError, before discovery.load; it lists each tensor on a line of
+    # its own after the refusal line, see test_a_wider_layer_is_refused_with_one_line_on_every_rank...).
+    (tmp_path / "train.py").write_text(STRUCT)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="8")
+    first = run_script(["train.py"], tmp_path, KILL="1", **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = run_script(["train.py"], tmp_path, WIDTH="64", **env)
+    assert len(_refusals(second)) == 1, second.stderr
+    assert "'modules/0/body.weight': checkpoint shape (32, 16), target shape (64, 16)" in second.stderr
+    assert "PYCKPT_RESUME=never" in second.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(tmp_path, world: int = 2, **env: str) -> list[subprocess.CompletedProcess]:
+    """The script on ``world`` ranks (what torchrun would start, without its agent's own output)."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "train.py"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=clean_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env))
+             for r in range(world)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=180)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def test_a_wider_layer_is_refused_with_one_line_on_every_rank_without_ddp(tmp_path):
+    # Without DDP each rank's modules are stored with its own state and loaded by load_state_dict,
+    # which raised "size mismatch" as a multi-line RuntimeError traceback on every rank.
+    (tmp_path / "train.py").write_text(STRUCT)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="8")
+    assert all(r.returncode == 0 for r in _ranks(tmp_path, **env))
+    older = tmp_path / "ck" / layout.step_dir_name(16)
+    for r in _ranks(tmp_path, WIDTH="64", PYCKPT_RESUME=str(older), **env):
+        lines = _refusals(r)
+        assert len(lines) == 1, r.stderr
+        assert "module 0 (Net)" in lines[0] and "'body.weight': checkpoint (32, 16), this run (64, 16)" in lines[0]
+        assert "PYCKPT_RESUME=never" in lines[0], lines[0]
+
+
+def test_what_is_not_in_the_state_or_made_after_the_checkpoint_is_not_refused(tmp_path):
+    # A non-persistent buffer (not in state_dict()) registered before the checkpoint, and a submodule
+    # with its optimizer group added after it (the relaunch replays that): the resume is exact.
+    (tmp_path / "train.py").write_text(STRUCT)
+    plain = run_script(["train.py"], tmp_path, CHANGE="later")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    (tmp_path / "out.pt").rename(tmp_path / "plain.pt")
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="8", CHANGE="later")
+    first = run_script(["train.py"], tmp_path, KILL="1", **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = run_script(["train.py"], tmp_path, **env)
+    assert second.returncode == 0 and "pyckpt: resumed from step 8 " in second.stderr, second.stderr[-3000:]
+    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+
+
+def _tracked() -> tuple[discovery.Tracked, dict]:
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1, momentum=0.9)
+    opt.zero_grad()
+    b(a(torch.randn(4, 3))).sum().backward()
+    opt.step()
+    t = discovery.Tracked(optimizers=[opt], modules=[a, b])
+    state = discovery.state_of(t)  # as a checkpoint would hold it: module tensors not the live ones
+    state["modules"] = {k: {n: v.clone() for n, v in sd.items()} for k, sd in state["modules"].items()}
+    return t, state
+
+
+def test_load_refuses_a_changed_module_before_it_loads_any_object():
+    t, state = _tracked()
+    state["modules"]["0"]["weight"] = state["modules"]["0"]["weight"] + 1  # would be loaded first
+    state["modules"]["1"]["1.extra"] = torch.zeros(1)                       # the second module differs
+    before = t.modules[0].weight.detach().clone()
+    with pytest.raises(PyckptError, match=r"module 1 \(Sequential\).*'1\.extra'") as e:
+        discovery.load(t, state)
+    assert "\n" not in str(e.value)
+    assert torch.equal(t.modules[0].weight, before)  # nothing loaded: not even module 0
+
+
+def test_load_accepts_what_strict_load_state_dict_accepts():
+    # A non-persistent buffer is in neither state_dict(); a 0-dim parameter takes a saved 1-element
+    # tensor (torch's own compatibility rule).
+    t, state = _tracked()
+    t.modules[1].register_buffer("scratch", torch.ones(5), persistent=False)
+    t.modules[0].register_parameter("gain", nn.Parameter(torch.tensor(1.0)))
+    state["modules"]["0"]["gain"] = torch.tensor([2.0])
+    discovery.load(t, state)
+    assert t.modules[0].gain.item() == 2.0
+
+
+class _Picky(nn.Linear):
+    """A module whose own _load_from_state_dict refuses a value its keys and shapes cannot show."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if bool((state_dict[prefix + "weight"] == 0).all()):
+            args[-1].append("all-zero weights refused")  # error_msgs
+
+
+def test_a_refusal_of_load_state_dict_itself_is_one_line():
+    torch.manual_seed(0)
+    m = _Picky(2, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    t = discovery.Tracked(optimizers=[opt], modules=[m])
+    state = {"modules": {"0": {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}},
+             "optimizers": {"0": opt.state_dict()}, "schedulers": {}, "scalers": {}}
+    with pytest.raises(PyckptError, match=r"module 0 \(_Picky\) does not take .*all-zero weights refused") as e:
+        discovery.load(t, state)
+    assert "\n" not in str(e.value) and "PYCKPT_RESUME=never" in str(e.value)
