@@ -208,7 +208,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
               "every checksum", file=sys.stderr)
     marker = catalog.is_finished(root)
     if marker is not None:
-        print(f"run finished at step {marker.get('step')} ({_time(marker.get('time') or float('nan'))} UTC)")
+        at = "with no checkpoint" if marker.get("step") is None else f"at step {marker['step']}"
+        print(f"run finished {at} ({_time(marker.get('time') or float('nan'))} UTC)")
     return FAILED if any(i.complete and i.sound is False for i in infos) else 0
 
 

@@ -9,6 +9,10 @@ instead of training the run's tail again; ``PYCKPT_RESUME=never`` (train
 from scratch) or ``PYCKPT_RESUME=<checkpoint>`` (continue from it) remove the
 marker and go on.
 
+With the memory tier (``PYCKPT_SHM_MB``) the marker's handler first has the
+tier write a snapshot held only in ``/dev/shm`` to storage
+(``shm_tier.keep_newest``), so the step it names is one storage holds.
+
 "Normally" means: the script trained (at least one optimizer step), nothing
 was left pending (a resume that never happened, a SIGTERM), no uncaught
 exception, and no ``sys.exit`` with a non-zero status. A signal that kills
@@ -24,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from . import catalog, knobs, metrics
+from . import catalog, knobs, layout, metrics
 
 _failed: list[str] = []  # why this process is not ending normally
 _installed = False
@@ -42,9 +46,10 @@ def at_first_iter(session: Any) -> None:
         when = marker.get("time")
         stamp = (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
                  if isinstance(when, (int, float)) else "earlier")
+        last = "no checkpoint" if marker.get("step") is None else f"last checkpoint at step {marker['step']}"
         if _is_rank0():
-            _say(f"the run in {session.directory} already finished ({marker.get('steps', '?')} steps, last "
-                 f"checkpoint at step {marker.get('step')}, {stamp}); not training it again. "
+            _say(f"the run in {session.directory} already finished ({marker.get('steps', '?')} steps, {last}, "
+                 f"{stamp}); not training it again. "
                  "PYCKPT_RESUME=never trains from scratch, PYCKPT_RESUME=<checkpoint dir> continues from one, "
                  "or use another PYCKPT_DIR", "warning")
         raise SystemExit(0)
@@ -74,8 +79,17 @@ def install(session: Any) -> None:
     atexit.register(_at_exit, os.getpid())
 
 
+def _newest_committed(root: str) -> int | None:
+    """The step of the newest commit in local root ``root``; None when there is none, or for an
+    object-storage root (not listed from an exit handler)."""
+    if metrics._is_url(root):
+        return None
+    committed = layout.committed(root)
+    return committed[0].step if committed else None
+
+
 def _at_exit(pid: int) -> None:
-    from . import activation
+    from . import activation, shm_tier
 
     session = activation._SESSION
     if os.getpid() != pid or _failed or session is None or session.coord is None or session.coord.rank != 0:
@@ -85,9 +99,16 @@ def _at_exit(pid: int) -> None:
         return
     session.flush()
     fut = session.future
+    step, ok = (None, None) if fut is None else (session.last_snapshot_step, fut.wait(0))
     try:
-        metrics.mark_finished(session.directory, step=session.last_snapshot_step if fut is not None else None,
-                              steps=session.step, last_checkpoint_ok=None if fut is None else fut.wait(0))
+        # With the memory tier the newest snapshot may be held only in /dev/shm, removed at this exit:
+        # written to storage first, or the marker names storage's newest (never a step it lacks).
+        kept = shm_tier.at_normal_end(session.ckpt)
+        if kept is not None:
+            step, ok = kept
+        elif ok is False:  # the last snapshot failed (said in its own line): name what a relaunch would have
+            step = _newest_committed(session.directory)
+        metrics.mark_finished(session.directory, step=step, steps=session.step, last_checkpoint_ok=ok)
     except Exception as e:  # the run's result stands; a relaunch will train the tail again
         activation._say(f"warning: could not mark {session.directory} finished: {type(e).__name__}: {e}",
                         "warning")

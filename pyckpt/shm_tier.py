@@ -14,7 +14,10 @@ checkpoint is copied from the committed memory copy (``tier_publish``). The
 memory copy is verified where it lies (``checkpointer.verify_share``: the
 engine checksums chunks of files on tmpfs through a mapping, no read into a
 buffer). The copy is removed when the process
-exits without an uncaught exception.
+exits without an uncaught exception; first, when this process's newest
+snapshot is held only by the copy (``PYCKPT_STORAGE_EVERY``), rank 0 writes
+it to storage (``keep_newest``: the finished marker names it, and the run's
+last snapshot is not lost with the copy).
 
 The tier needs every rank of the job on this machine (one ``/dev/shm``):
 it is off, with one line, when ``LOCAL_WORLD_SIZE`` differs from
@@ -48,6 +51,7 @@ TOKEN = ".pyckpt-tier-token"  # in PYCKPT_DIR: a random id the marker repeats (a
 _TIERS: dict[str, Tier | None] = {}  # storage directory -> its tier (None: off), one per process
 _REFUSED: dict[str, list[str]] = {}  # storage directory -> the memory copy choose() found unsound
 _crashed = False
+_UNDECIDED = object()
 
 
 class Tier:
@@ -63,6 +67,11 @@ class Tier:
         self.ckpt.hand_over_parts = True  # storage's copies take the committed part as it is (tier_publish.py)
         self.rank0 = coord.rank == 0
         self.publication: Any = None  # the newest tier_publish.Publication (storage copied from this tier)
+        self.storage: Any = None  # storage's Checkpointer (set by tier_for)
+        # (step, its SaveFuture here, or the committed path a resume found) of this process's newest
+        # snapshot while this tier holds it; None once storage took a newer one directly (over the limit).
+        self.newest: tuple[int, Any] | None = None
+        self.kept: Any = _UNDECIDED  # keep_newest's answer, once given
         # An evicted snapshot's data files are written over by a later snapshot (mapped, in place): new
         # tmpfs files cost a page allocation and zeroing per 4 KiB, and freeing the old ones as much
         # again. Not while this rank's publication may still read one (it holds their descriptors;
@@ -83,6 +92,7 @@ class Tier:
         """Start the memory copy (a SaveFuture), or None when the state is over the limit (one line)."""
         need = _nbytes(state) if self.ckpt.coord.world_size > 1 else _nbytes(state) + _nbytes(rank_state)
         if need > self.limit:
+            self.newest = None  # storage captures this one itself: the memory copy is older
             if not self.warned_size and self.rank0:
                 say(f"warning: snapshot of {need / 2**20:.0f} MiB is over PYCKPT_SHM_MB={self.limit >> 20}: not "
                     "kept in memory (written to storage instead)", "warning")
@@ -90,6 +100,7 @@ class Tier:
             return None
         room = self._room()
         if need > room:
+            self.newest = None
             if not self.warned_space and self.rank0:
                 say(f"warning: snapshot of step {step} ({need / 2**20:.1f} MiB) not kept in memory: "
                     f"{room / 2**20:.1f} MiB free in {SHM_ROOT} next to the copy before it (written to storage "
@@ -98,7 +109,9 @@ class Tier:
             return None
         if self.publication is not None:
             self.publication.opened.wait()  # its source files are open: retention may delete them now
-        return self.ckpt.save(step, state, rank_state, **kw)
+        fut = self.ckpt.save(step, state, rank_state, **kw)
+        self.newest = (step, fut)
+        return fut
 
     def _room(self) -> int:
         """Bytes a new copy can take: free tmpfs space plus the parked files it writes over. The copy
@@ -120,6 +133,8 @@ class Tier:
 
     def remove(self) -> None:
         """Wait for the memory copy in flight, then delete it (the run ended normally)."""
+        if self.kept is _UNDECIDED:
+            self.kept = None  # nothing is left to keep_newest
         if self.publication is not None:
             self.publication.wait()  # it reads the memory copy's files
         self.ckpt.close()
@@ -137,7 +152,102 @@ def tier_for(ckpt: Any, coord: Any) -> Tier | None:
     key = ckpt.directory
     if key not in _TIERS:
         _TIERS[key] = _open(ckpt.directory, coord)
-    return _TIERS[key]
+    tier = _TIERS[key]
+    if tier is not None:
+        tier.storage = ckpt
+    return tier
+
+
+def keep_newest(tier: Tier) -> tuple[int | None, bool] | None:
+    """At a normal end (rank 0, before the copy is removed): write this process's newest snapshot to
+    storage when only this tier holds it (``PYCKPT_STORAGE_EVERY``), else it is lost with the copy.
+
+    Returns None when nothing changed (no such snapshot, or storage has it), else (the step of
+    storage's newest checkpoint now, None when it has none; whether that is the newest snapshot).
+    Answered once: the finished marker's exit handler and this tier's run in either order. Never
+    raises (a failure is one line).
+
+    Multi-rank: the other ranks may have exited, so rank 0 copies every rank's part of the committed
+    memory copy itself (``tier_publish.publish_whole``), which the memory commit already agreed on."""
+    if tier.kept is not _UNDECIDED:
+        return tier.kept
+    tier.kept = None
+    if tier.newest is None or tier.storage is None or not tier.rank0 or tier.ckpt._closed:
+        return None  # (closed: this process let the copy go, as a test's relaunch does)
+    from . import tier_publish
+
+    storage, step = tier.storage, tier.newest[0]
+    try:
+        src, step, failed = _memory_only(tier)
+        if src is None:  # storage holds it; or the newest failed (said in its own line), nothing older is here
+            tier.kept = (_stored_step(storage), False) if failed else None
+            return tier.kept
+        why = _uncopyable(storage)
+        if why is None:
+            tier_publish.publish_whole(tier.path, src, storage, step)
+            tier.kept = (step, not failed)
+            return tier.kept
+    except Exception as e:  # disk full, storage gone: the marker must not name a step storage lacks
+        why = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+    stored = _stored_step(storage)
+    say(f"warning: the snapshot of step {step}, kept only in memory, could not be written to "
+        f"{storage.directory} at the end of the run ({why}); it is lost with the memory copy: the newest "
+        "checkpoint there is " + (f"step {stored}" if stored is not None else "none"), "warning")
+    tier.kept = (stored, False)
+    return tier.kept
+
+
+def _memory_only(tier: Tier) -> tuple[str | None, int, bool]:
+    """(path, step) of the newest snapshot only this tier holds (path None: none), and whether the
+    newest snapshot failed."""
+    from .checkpointer import iter_valid
+
+    step, held = tier.newest
+    storage = tier.storage
+    if tier.publication is not None:
+        tier.publication.wait()
+    failed = False
+    if not isinstance(held, str):
+        if held.wait():
+            done = storage._inflight  # storage's newest save or copy (of this step, when one was due)
+            if done is not None and done.step == step and done.wait():
+                return None, step, False
+            return held.result(), step, False
+        failed = True  # said in its own line; the snapshot before it may be held only here too
+    # Resumed from this copy with no snapshot since, or the newest snapshot failed: the copy's newest
+    # commit is the newest snapshot there is.
+    info = next(iter(iter_valid(tier.path, warn=False)), None)
+    if info is None or any(e.step == info.step for e in layout.committed(storage.directory)):
+        return None, step, failed
+    return info.path, info.step, failed
+
+
+def _uncopyable(storage: Any) -> str | None:
+    """Why the memory copy cannot be copied into ``storage`` (tier_publish.usable), or None."""
+    if storage._closed:
+        return "its Checkpointer was closed (pyckpt.disable())"
+    if storage.remote is not None:
+        return "object storage takes no copies of it"
+    if storage.compress != "none" or storage.keep_best:
+        return "a compressed or keep_best PYCKPT_DIR takes no copies of it"
+    return None
+
+
+def at_normal_end(ckpt: Any) -> tuple[int | None, bool] | None:
+    """``keep_newest`` for ``ckpt``'s directory (finish.py, rank 0), or None when its tier is off."""
+    tier = _TIERS.get(ckpt.directory)
+    return keep_newest(tier) if tier is not None else None
+
+
+def _stored_step(storage: Any) -> int | None:
+    """The step of storage's newest valid commit (what a relaunch resumes from), or None."""
+    from .checkpointer import iter_valid
+
+    try:
+        newest = next(iter(iter_valid(storage.directory, warn=False)), None)
+    except OSError:
+        return None
+    return None if newest is None else newest.step
 
 
 def _open(storage_dir: str, coord: Any) -> Tier | None:
@@ -301,9 +411,7 @@ def _left_behind(storage_dir: str) -> None:
 
 
 def _remove_at_normal_exit(path: str) -> None:
-    from . import finish
-
-    if not _crashed and not finish._failed and os.getpid() == _PID:
+    if _normal_end():
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -355,6 +463,7 @@ def choose(ckpt: Any, coord: Any) -> Any:
         return None
     if tier.rank0:
         say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")
+    tier.newest = (step, mine)  # storage may not hold it: kept at a normal end if no snapshot follows
     # Storage's chunks were not read, so not verified: its next checkpoint references none of them
     # (written in full once; a damaged chunk would otherwise be inherited by every later one).
     ckpt._baseline.seeded = True
@@ -406,10 +515,17 @@ def _watch_crashes() -> None:
     sys.excepthook = hook
 
 
-def _at_exit(tier: Tier) -> None:
-    from . import finish  # its sys.exit(non-zero) watch: the same "normal end" as the finished marker
+def _normal_end() -> bool:
+    """This process (not a forked child) is ending without an uncaught exception or ``sys.exit`` with a
+    non-zero status: finish.py's watch, so the same "normal end" as the finished marker."""
+    from . import finish
 
-    if not _crashed and not finish._failed and os.getpid() == _PID:
+    return not _crashed and not finish._failed and os.getpid() == _PID
+
+
+def _at_exit(tier: Tier) -> None:
+    if _normal_end():
+        keep_newest(tier)  # before the copy goes (done already if the finished marker's handler ran first)
         tier.remove()
 
 

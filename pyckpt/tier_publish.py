@@ -23,6 +23,10 @@ bytes is referenced there instead of copied (docs/FORMAT.md §14), exactly as
 Used only where a plain copy gives the same checkpoint a save would: a local
 storage directory (not object storage) without compression or ``keep_best``;
 otherwise the snapshot is captured a second time for storage, as before.
+
+``publish_whole``: at a normal end the newest snapshot may be held only by
+the memory copy, which is about to be removed; rank 0 then copies it to
+storage alone, every rank's part (``shm_tier``).
 """
 from __future__ import annotations
 
@@ -141,6 +145,67 @@ class Publication:
         self.thread.join()
 
 
+def publish_whole(tier_root: str, src: str, storage: Any, step: int) -> str:
+    """Storage's checkpoint of ``step`` copied from the committed memory copy ``src`` by this process
+    alone, every rank's part; returns its path, or raises (nothing committed, nothing left behind).
+
+    For the end of a run (``shm_tier``), when the other ranks may have exited: a storage commit of
+    their own would need them all. None is needed: the memory copy was committed only once every
+    rank's part was in, so its parts are the checkpoint the job agreed on, and a copy of all of them
+    (records unchanged) is what every rank's publication would have committed. Rank 0 (it holds
+    storage's directory lock); runs on the calling thread, as an exit handler may start none."""
+    st = storage
+    fut = SaveFuture(step)
+    fut._timer = metrics.SaveTimer(step)
+    with st._lock:
+        seq, st._seq = st._seq, st._seq + 1
+    fut._timer.returned()
+    token = f"{st._session}-{seq}"
+    final = os.path.join(st.directory, layout.step_dir_name(step))
+    tmp = os.path.join(st.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
+    outs, infos, figures = {}, [], []
+    try:
+        commit.gc_tmp(st.directory, {token}, locked=True)
+        try:
+            for rank in range(manifest.read_manifest(src)["world_size"]):
+                fds: dict[str, int] = {}
+                try:
+                    out, collisions = _copy_part(_open_source(src, rank, tier_root, fds), fds, tmp, final, st,
+                                                 rank=rank)
+                finally:
+                    for fd in fds.values():
+                        os.close(fd)
+                if collisions:
+                    log.warning("%s", incremental.collisions_line([incremental.STATUS_COLLISION] * collisions,
+                                                                  os.path.basename(final)))
+                infos.append(commit._write_part(tmp, rank, manifest.dumps(out)))
+                figures.append(metrics.part_figures(out))
+                outs[rank] = out
+            fut._timer.captured()
+        except BaseException:
+            commit.remove_tree(tmp)
+            raise
+        outcome = commit._rank0_publish(tmp, final, step, infos, [], st.directory)  # removes tmp on failure
+        if not outcome["ok"]:
+            from .errors import NativeError
+
+            raise NativeError(f"checkpoint {final} was not committed: {outcome['error']}")
+    except Exception as e:
+        st._record(fut, None, e)
+        fut._finish(None, e)
+        raise
+    fut._timer.figures = metrics.sum_figures(figures)
+    if st.incremental and st.coord.rank in outs:
+        st._baseline.update(outs[st.coord.rank], os.path.basename(final))
+    try:
+        commit.apply_retention(st.directory, st.keep, protect={os.path.basename(final)})
+    except Exception as e:  # committed; retention tries again after the next save
+        log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
+    st._record(fut, final, None)
+    fut._finish(final, None)
+    return final
+
+
 def _open_source(src: str, rank: int, tier_root: str, fds: dict[str, int], committed: dict | None = None) -> dict:
     """Rank ``rank``'s part of the committed memory copy ``src``, with every data file it names opened
     into ``fds`` (root-relative path -> descriptor), so the tier may delete them while they are read.
@@ -165,20 +230,24 @@ def _open_source(src: str, rank: int, tier_root: str, fds: dict[str, int], commi
     return part
 
 
-def _copy_part(part: dict, fds: dict[str, int], tmp: str, final: str, st: Any) -> tuple[dict, int]:
-    """Write this rank's data file of ``tmp`` from the memory copy; returns its part JSON and the number of
-    fingerprint collisions caught (chunks then copied)."""
+def _copy_part(part: dict, fds: dict[str, int], tmp: str, final: str, st: Any,
+               rank: int | None = None) -> tuple[dict, int]:
+    """Write rank ``rank``'s (default: this rank's) data file of ``tmp`` from the memory copy; returns its
+    part JSON and the number of fingerprint collisions caught (chunks then copied)."""
+    own = rank is None or rank == st.coord.rank
+    rank = st.coord.rank if rank is None else rank
     chunks = part["chunks"]
     expect: dict[int, tuple[int, int]] = {}
     refs: dict[int, tuple[dict, int]] = {}
-    # Chunks written without a fingerprint (they had changed: Checkpointer._moved_chunks) are copied.
-    if st.incremental and chunks and any(isinstance(c.get("fingerprint"), str) for c in chunks):
+    # Chunks written without a fingerprint (they had changed: Checkpointer._moved_chunks) are copied;
+    # so is another rank's part (publish_whole): only this rank's baseline is known here.
+    if own and st.incremental and chunks and any(isinstance(c.get("fingerprint"), str) for c in chunks):
         if not st._baseline.seeded and not st._baseline:
             st._baseline.seed(st.directory, st.coord.rank)
         exp, refs = st._baseline.expectations(part["storages"], [c["raw_len"] for c in chunks],
                                               [False] * len(chunks), os.path.basename(final), st.directory, "off")
         expect = {i: (fp, crc) for i, fp, _, crc in exp}
-    rel = layout.data_file_name(st.coord.rank)
+    rel = layout.data_file_name(rank)
     out_chunks, ref_files, collisions, off = [], {}, 0, 0
     with _Writer(os.path.join(tmp, rel), fds) as w:
         for i, ch in enumerate(chunks):

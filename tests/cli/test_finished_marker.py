@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = """
 import os, sys, torch
 from torch.utils.data import DataLoader, TensorDataset
+if os.environ.get("FULL_AT"):  # storage refuses the checkpoint of that step (a full disk)
+    from pyckpt import checkpointer, layout
+    real = checkpointer.Checkpointer._start
+    def _start(self, engine, plan, tmp):
+        if os.path.basename(tmp).startswith(layout.step_dir_name(int(os.environ["FULL_AT"]))):
+            return None, OSError(28, "No space left on device")
+        return real(self, engine, plan, tmp)
+    checkpointer.Checkpointer._start = _start
 torch.manual_seed(0)
 model = torch.nn.Linear(3, 1)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -27,7 +38,7 @@ if os.environ.get("END") == "raise":
 
 def _run(tmp_path, root, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
-    full.update(PYCKPT_DIR=str(root), PYCKPT_EVERY_STEPS="3", **env)
+    full.update({"PYCKPT_DIR": str(root), "PYCKPT_EVERY_STEPS": "3", **env})
     return subprocess.run([sys.executable, "-c", SCRIPT], env=full, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
 
@@ -61,3 +72,47 @@ def test_finished_run_is_marked_and_its_relaunch_stops_with_one_line(tmp_path, c
     fresh = _run(tmp_path, root, PYCKPT_RESUME="never")  # trains from scratch, and is marked again
     assert fresh.returncode == 0 and "TRAINED" in fresh.stdout, fresh.stderr[-2000:]
     assert json.loads((root / "FINISHED.json").read_text())["time"] > marker["time"]
+
+
+def test_a_failed_last_checkpoint_is_not_named_by_the_marker(tmp_path, capsys):
+    """Snapshots at steps 2 and 4; storage refuses step 4's. The marker names step 2, the newest
+    checkpoint the root holds (it named the failed step 4), and says the last one failed."""
+    from pyckpt import cli, layout
+
+    root = tmp_path / "ck"
+    r = _run(tmp_path, root, PYCKPT_EVERY_STEPS="2", FULL_AT="4")
+    assert r.returncode == 0 and "TRAINED" in r.stdout, r.stderr[-2000:]
+    assert "pyckpt: checkpoint of step 4 failed" in r.stderr, r.stderr
+    assert [e.step for e in layout.committed(str(root))] == [2]
+    marker = json.loads((root / "FINISHED.json").read_text())
+    assert marker["step"] == 2 and marker["steps"] == 4 and marker["last_checkpoint_ok"] is False, marker
+    assert cli.main(["ls", str(root)]) == 0 and "run finished at step 2" in capsys.readouterr().out
+
+    shutil.rmtree(root)  # no checkpoint at all: the marker names none
+    r = _run(tmp_path, root, PYCKPT_EVERY_STEPS="4", FULL_AT="4")
+    assert r.returncode == 0 and layout.committed(str(root)) == [], r.stderr[-2000:]
+    assert json.loads((root / "FINISHED.json").read_text())["step"] is None
+    again = _run(tmp_path, root)
+    assert "TRAINED" not in again.stdout and "already finished (4 steps, no checkpoint," in again.stderr, again.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_marker_names_a_snapshot_storage_holds_when_the_last_was_only_in_memory(tmp_path, resume):
+    """With the memory tier and PYCKPT_STORAGE_EVERY=2 the run's one snapshot (step 3) is kept only in
+    /dev/shm, which a normal end removes. The marker must name a checkpoint in storage: the snapshot
+    is written there first. ``auto`` opens the tier before the marker's exit handler is installed,
+    ``never`` after it (exit handlers run last-registered first): both orders keep it."""
+    from pyckpt import layout, shm_tier
+
+    root = tmp_path / "ck"
+    shm = shm_tier.shm_path(str(root))
+    try:
+        r = _run(tmp_path, root, PYCKPT_SHM_MB="16", PYCKPT_STORAGE_EVERY="2", PYCKPT_RESUME=resume)
+        assert r.returncode == 0 and "TRAINED" in r.stdout, r.stderr[-2000:]
+        marker = json.loads((root / "FINISHED.json").read_text())
+        assert marker["step"] == 3 and marker["last_checkpoint_ok"] is True, marker
+        assert [e.step for e in layout.committed(str(root))] == [3]
+        assert not os.path.exists(shm)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)

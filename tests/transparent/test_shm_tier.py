@@ -540,3 +540,129 @@ def test_a_damaged_memory_copy_with_nothing_in_storage_stops_the_resume(tmp_path
     with _damaged_copy(tmp_path, shm) as (ck, coord):
         with pytest.raises(CorruptCheckpointError, match="every committed checkpoint is damaged"):
             resume.choose(ck, coord, "auto")
+
+
+def _finished(root: Path) -> dict:
+    return json.loads((root / "FINISHED.json").read_text())
+
+
+def test_a_normal_end_writes_a_last_snapshot_held_only_in_memory_to_storage(tmp_path, shm, plain_results):
+    """Snapshots every 4 of 30 steps: 4..28 in memory, every 3rd (12, 24) in storage too. The last one,
+    28, was only in memory, which a normal end removes: it is written to storage first (it used to be
+    lost), FINISHED.json names it, and it is storage's newest commit, one that continues the run
+    exactly."""
+    ck, out = tmp_path / "ck", tmp_path / "out.pt"
+    env = _env(tmp_path, PYCKPT_STORAGE_EVERY="3", KILL_AT="")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == 0, first.stderr
+    assert not shm.exists()  # a normal end removes the memory copy
+    assert "pyckpt: warning" not in first.stderr, first.stderr
+    assert _finished(ck)["step"] == 28 and _finished(ck)["last_checkpoint_ok"] is True, _finished(ck)
+    assert {12, 24, 28} <= set(_steps(ck)), _steps(ck)
+    assert layout.committed(str(ck))[0].step == 28  # the newest commit: what a relaunch resumes from
+    verify_share(str(ck / layout.step_dir_name(28)), 0, 1)
+    again = run_script([TINY, out], tmp_path, **env, PYCKPT_RESUME=ck / layout.step_dir_name(28))
+    assert again.returncode == 0, again.stderr
+    assert "pyckpt: resumed from step 28 " in again.stderr, again.stderr
+    assert tree_equal(load(out), plain_results("adamw"))
+
+
+FULL_DISK_AT_END = """
+import errno, os, runpy, sys
+from pyckpt import layout, tier_publish
+
+real = tier_publish._copy_part
+
+
+def full(part, fds, tmp, final, *a, **k):  # storage fills up for the last snapshot only
+    if os.path.basename(final) == layout.step_dir_name(28):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(part, fds, tmp, final, *a, **k)
+
+
+tier_publish._copy_part = full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_last_snapshot_that_cannot_reach_storage_is_named_in_one_line(tmp_path, shm):
+    """When storage refuses the memory-only last snapshot at the end (disk full), one line says so and
+    FINISHED.json names storage's newest commit (24), never a step storage does not hold."""
+    ck, out = tmp_path / "ck", tmp_path / "out.pt"
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(FULL_DISK_AT_END)
+    r = run_script([wrapper, TINY, out], tmp_path, **_env(tmp_path, PYCKPT_STORAGE_EVERY="3", KILL_AT=""))
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if "step 28" in x]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("pyckpt: warning: the snapshot of step 28, kept only in memory"), lines[0]
+    assert "No space left" in lines[0] and lines[0].endswith("the newest checkpoint there is step 24"), lines[0]
+    assert 28 not in _steps(ck) and not [p for p in ck.iterdir() if ".tmp-" in p.name]
+    marker = _finished(ck)
+    assert marker["step"] == 24 and marker["last_checkpoint_ok"] is False, marker
+    assert not shm.exists()
+
+
+CRASH_AFTER_TRAINING = """
+import os, runpy, sys
+
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+if os.environ.get("CRASH"):
+    raise RuntimeError("evaluation failed")
+"""
+
+
+def test_a_resumed_copy_that_no_snapshot_follows_is_written_to_storage_at_the_end(tmp_path, shm, plain_results):
+    """A run that fails after training keeps its memory copy (28; storage has 12 and 24). Its relaunch
+    resumes from it and ends before another snapshot is due: that copy is still the newest snapshot,
+    held only in memory, so the normal end writes it to storage before removing it."""
+    ck, out = tmp_path / "ck", tmp_path / "out.pt"
+    wrapper = tmp_path / "crash.py"
+    wrapper.write_text(CRASH_AFTER_TRAINING)
+    env = _env(tmp_path, PYCKPT_STORAGE_EVERY="3", KILL_AT="")
+    first = run_script([wrapper, TINY, out], tmp_path, **env, CRASH="1")
+    assert first.returncode == 1 and "evaluation failed" in first.stderr, first.stderr
+    assert max(_steps(shm)) == 28 and _steps(ck) == [12, 24] and not (ck / "FINISHED.json").exists()
+    second = run_script([wrapper, TINY, out], tmp_path, **env)  # the same call stack (its frames are restored)
+    assert second.returncode == 0, second.stderr
+    assert "resuming from the memory tier" in second.stderr and "pyckpt: resumed from step 28 " in second.stderr
+    assert tree_equal(load(out), plain_results("adamw"))
+    assert _steps(ck) == [12, 24, 28] and layout.committed(str(ck))[0].step == 28
+    verify_share(str(ck / layout.step_dir_name(28)), 0, 1)
+    assert _finished(ck)["step"] == 28 and _finished(ck)["last_checkpoint_ok"] is True, _finished(ck)
+    assert not shm.exists()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_two_rank_run_keeps_its_memory_only_last_snapshot_with_every_ranks_part(tmp_path):
+    """torchrun, 2 ranks (train_ddp.py: 36 steps): snapshots every 5 steps, every 3rd (15, 30) to storage.
+    At the end the other rank may be gone, so rank 0 writes the memory-only 35 to storage alone, both
+    ranks' parts: checksums hold for each, and resuming both ranks from it ends exactly as the run did."""
+    ck, out = tmp_path / "ck", tmp_path / "out.pt"
+    shm = Path(shm_tier.shm_path(str(ck)))
+    env = dict(PYCKPT_DIR=ck, PYCKPT_EVERY_STEPS="5", PYCKPT_SHM_MB="64", PYCKPT_STORAGE_EVERY="3")
+
+    def torchrun(**extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               "2", Path(__file__).parent / "train_ddp.py", out], env=clean_env(**env, **extra),
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    try:
+        first = torchrun()
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert "pyckpt: warning: the snapshot" not in first.stderr, first.stderr[-3000:]
+        assert _finished(ck)["step"] == 35 and _finished(ck)["last_checkpoint_ok"] is True, _finished(ck)
+        assert _steps(ck) == [15, 30, 35] and not shm.exists()
+        last = ck / layout.step_dir_name(35)
+        for rank in (0, 1):
+            verify_share(str(last), rank, 2)
+        shutil.copy(out, tmp_path / "first.pt")
+        again = torchrun(PYCKPT_RESUME=last)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "pyckpt: resumed from step 35 " in again.stderr, again.stderr[-3000:]
+        assert tree_equal(load(out), load(tmp_path / "first.pt"))
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
