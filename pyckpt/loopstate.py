@@ -777,7 +777,8 @@ class Plan:
     """Decoded loop state, checked against the live frames, ready to write."""
 
     writes: list = field(default_factory=list)  # callables, run in order
-    warnings: list = field(default_factory=list)  # lines to say once the restore is done
+    warnings: list = field(default_factory=list)  # lines to say once the restore is done (this rank's)
+    job_warnings: list = field(default_factory=list)  # the same on every rank (the command line): rank 0 says them
 
     def apply(self) -> None:
         for w in self.writes:
@@ -794,7 +795,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
     argv = tree.get("argv")
     if isinstance(argv, list) and argv != sys.argv[1:]:
         then, now = " ".join(map(str, argv)), " ".join(sys.argv[1:])
-        plan.warnings.append(f"the command line differs from the run that wrote the checkpoint ({then!r} then, "
+        plan.job_warnings.append(f"the command line differs from the run that wrote the checkpoint ({then!r} then, "
                              f"{now!r} now): the script's variables, including those derived from its arguments, "
                              "are restored as they were then")
     gl = tree.get("globals")

@@ -622,6 +622,33 @@ def load_section(engine: Any, op: Opened, scope: str, rank: int, into: Any = Non
     return out
 
 
+def shapes(op: Opened) -> Any:
+    """The replicated state ``load_section`` would rebuild, with a ``meta`` tensor of each saved tensor's
+    shape and dtype in its place (a sharded tensor's at its global shape), from the validated trees
+    alone: no tensor data is read (a resume checks the live objects against it before reading)."""
+    sec = _SectionReader(op, "replicated", 0)
+    entries = sec.sec["tensors"]
+
+    def meta(i: int, d: Any, p: str) -> torch.Tensor:
+        if not 0 <= i < len(entries):
+            raise CorruptCheckpointError(f"invalid {sec.where}: tree leaf {p!r} names tensor {i} of "
+                                         f"{len(entries)}", path=sec.where)
+        return torch.empty(entries[i]["shape"], dtype=dtype_of(entries[i]["dtype"], sec.where), device="meta")
+
+    with gcpause.paused():  # the trees' containers: as in open_checkpoint
+        out = tree.unflatten(sec.sec["tree"], meta, None, sec.where)
+    for e in (op.parts[0].get("sharded") or {}).get("tensors", []):  # 1.2: null in the tree, placed by key
+        parent, key = out, e["key"]
+        for k in key[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else (
+                parent[k] if isinstance(parent, list) and type(k) is int and 0 <= k < len(parent) else None)
+        k = key[-1]
+        if (isinstance(parent, dict) and parent.get(k, 0) is None) or (
+                isinstance(parent, list) and type(k) is int and 0 <= k < len(parent) and parent[k] is None):
+            parent[k] = torch.empty(e["shape"], dtype=dtype_of(e["dtype"]), device="meta")
+    return out
+
+
 def check_sections(op: Opened) -> None:
     """Everything ``load_section`` checks before reading, for every section of ``op``."""
     if op.sections_checked:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import discovery, frames, gcpause, knobs, loopstate, rng, sharded
+from . import discovery, frames, gcpause, knobs, loopstate, reader, rng, sharded
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry
@@ -98,11 +98,26 @@ class Session:
         """Remove every hook, wait for an in-flight checkpoint, restore the SIGTERM handler."""
         self.flush()
         if self.ckpt is not None:
+            self._keep_newest()
             self.ckpt.close()  # releases the directory lock, so enable() can take it again
         self.hooks.remove_all()
         if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
             if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
                 signal.signal(signal.SIGTERM, self._prev_sigterm)
+
+    def _keep_newest(self) -> None:
+        """Before storage's Checkpointer closes: with the memory tier (PYCKPT_STORAGE_EVERY) the newest
+        snapshot may be held only in /dev/shm, and at the normal end a closed Checkpointer takes no copy
+        of it (the copy is removed, the snapshot lost). Written to storage now (rank 0; one line if not)."""
+        from . import shm_tier
+
+        tier = shm_tier._TIERS.get(self.ckpt.directory)
+        if tier is None:
+            return
+        shm_tier.keep_newest(tier)
+        # Answered for this session only: an enable() on the same directory reuses the tier, and its own
+        # newest snapshot must be kept at the end in turn (this one is in storage now, or said lost).
+        tier.newest, tier.kept = None, shm_tier._UNDECIDED
 
     def _patch_destroy_process_group(self) -> None:
         import torch.distributed as dist
@@ -376,10 +391,13 @@ class Session:
         # at its first step with a bare KeyError, or train on with the other class's settings).
         discovery.check_classes((src.rank_state or {}).get("pyckpt", {}).get("optimizer_classes"), t.optimizers)
         replicated = t.replicated(self.coord.world_size)
-        into = discovery.into_of(t)
-        if replicated:  # FSDP2 optimizer state: DTensor targets, so each rank reads only its box
-            into = sharded.optimizer_targets(t.optimizers, src.path, into)
-        restored = src.restore(into if replicated else None)
+        with reader.reusing():  # the checks below, the targets and the read open the checkpoint in turn
+            if replicated:
+                _check_modules_before_read(t, src)
+            into = discovery.into_of(t)
+            if replicated:  # FSDP2 optimizer state: DTensor targets, so each rank reads only its box
+                into = sharded.optimizer_targets(t.optimizers, src.path, into)
+            restored = src.restore(into if replicated else None)
         rs = restored.rank_state
         if replicated:
             state = restored.state
@@ -401,8 +419,7 @@ class Session:
         rs = self._load_tracked(t)
         if plan is not None:
             plan.apply()  # the script's globals, locals, object attributes, loop iterators
-            for w in plan.warnings:
-                say(f"warning: {w}", "warning")
+            self._say_plan_warnings(plan)
         pos = rs["loader"]
         stream.restore_sampler_state(pos)
         rng.restore(rs["rng"])  # last: loading state above may draw nothing, but be safe
@@ -431,8 +448,7 @@ class Session:
                 raise PyckptError("the checkpoint has no loop state to resume a loop no DataLoader drives")
             rs = self._load_tracked(t)
             plan.apply()
-            for w in plan.warnings:
-                say(f"warning: {w}", "warning")
+            self._say_plan_warnings(plan)
         except PyckptError as e:
             say(f"cannot resume from {path}: {_with_hint(e)}", "warning")
             raise SystemExit(2) from None
@@ -446,6 +462,12 @@ class Session:
             say(f"resumed from step {self.step} (after {where}, no DataLoader position) in "
                 f"{time.monotonic() - self.started:.1f} s")
             self._say_ddp_bucket_order(t)
+
+    def _say_plan_warnings(self, plan: loopstate.Plan) -> None:
+        """The loop state's warnings. The command line is the job's, the same on every rank: said by rank
+        0 only, like the job's other lines; the others are about this rank's own variables."""
+        for w in (plan.job_warnings if self.coord.rank == 0 else []) + plan.warnings:
+            say(f"warning: {w}", "warning")
 
     def _say_ddp_bucket_order(self, t: discovery.Tracked) -> None:
         """DDP rebuilds its gradient buckets after the first step of a process, so a relaunch's first
@@ -572,9 +594,29 @@ def _grace_expired(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+def _check_modules_before_read(t: discovery.Tracked, src: Any) -> None:
+    """Refuse modules that do not match the checkpoint (discovery's one line naming the module, its keys
+    and shapes) from the shapes its tree records, before any tensor is read. The live parameters are the
+    read's targets here: the reader would refuse a changed shape first, one tensor per line, and under
+    FSDP2 only after other tensors were read into the live ones."""
+    saved = reader.shapes(reader.open_checkpoint(src.path))
+    modules = saved.get("modules") if isinstance(saved, dict) else None
+    if not isinstance(modules, dict):
+        return  # malformed: the read and discovery.load say so
+    # Buffers are per rank, read with the rank state already (discovery.split_buffers).
+    for i, bufs in ((src.rank_state or {}).get("buffers") or {}).items():
+        if isinstance(modules.get(i), dict) and isinstance(bufs, dict):
+            modules[i].update(bufs)
+    discovery._check_keys("modules", modules, len(t.modules))
+    for i, m in enumerate(t.modules):
+        discovery._check_module(i, m, modules.get(str(i)))
+
+
 def _with_hint(e: Exception) -> str:
-    """A refusal's message with the way out, unless it names one already."""
-    msg = str(e)
+    """A refusal's message, on one line, with the way out unless it names one already."""
+    first, *rest = str(e).splitlines() or [""]
+    # A multi-line message (the reader lists one problem per line) is still one `pyckpt:` line.
+    msg = " ".join([first.rstrip(), "; ".join(x.strip() for x in rest if x.strip())]).strip()
     return msg if "PYCKPT_RESUME" in msg else f"{msg}; set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over"
 
 

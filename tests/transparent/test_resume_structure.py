@@ -7,13 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 from torch import nn
 
-from pyckpt import discovery, layout
+from pyckpt import discovery, layout, transparent
+from pyckpt.checkpointer import Checkpointer
 from pyckpt.errors import PyckptError
+from pyckpt.reader import IntoMismatchError
 
 from transparent_helpers import clean_env, load, run_script, tree_equal
 
@@ -94,17 +97,106 @@ def test_a_module_changed_while_training_is_refused_with_one_line_naming_its_key
 
 
 def test_an_edited_script_with_a_wider_layer_is_refused_in_one_process(tmp_path):
-    # One process: the live parameters are the read's targets, whose shapes the reader checks before a
-    # byte is read (reader.IntoMismatchError, before discovery.load; it lists each tensor on a line of
-    # its own after the refusal line, see test_a_wider_layer_is_refused_with_one_line_on_every_rank...).
+    # One process: the live parameters are the read's targets. The module check runs on the shapes the
+    # checkpoint's tree records, before any tensor is read, so the refusal is discovery's one line (the
+    # reader's own check used to refuse first, with each tensor on a line of its own, no mention of the
+    # explicit API, and the way out at the end of the last line).
     (tmp_path / "train.py").write_text(STRUCT)
     env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="8")
     first = run_script(["train.py"], tmp_path, KILL="1", **env)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     second = run_script(["train.py"], tmp_path, WIDTH="64", **env)
-    assert len(_refusals(second)) == 1, second.stderr
-    assert "'modules/0/body.weight': checkpoint shape (32, 16), target shape (64, 16)" in second.stderr
-    assert "PYCKPT_RESUME=never" in second.stderr
+    lines = _refusals(second)
+    assert len(lines) == 1, second.stderr
+    assert [x for x in second.stderr.splitlines() if not x.startswith("pyckpt: ")] == [], second.stderr
+    line = lines[0]
+    assert "module 0 (Net)" in line and "'body.weight': checkpoint (32, 16), this run (64, 16)" in line, line
+    assert "3 entries" in line and "'head.weight': checkpoint (4, 32), this run (4, 64)" in line, line
+    assert "pyckpt.Checkpointer" in line and "PYCKPT_RESUME=never" in line, line
+
+
+def _damage(ckpt) -> None:
+    """Flip the first bytes of every data file: a read of any tensor fails its checksum."""
+    for f in ckpt.rglob("data-*.bin"):
+        with open(f, "r+b") as fh:
+            head = fh.read(16)
+            fh.seek(0)
+            fh.write(bytes(b ^ 0xFF for b in head))
+
+
+def _saved_checkpoint(tmp_path, model: nn.Module):
+    """A one-process transparent-style checkpoint of ``model`` (buffers per rank), its data damaged."""
+    sd = model.state_dict()
+    names = {n for n, _ in model.named_buffers()}
+    with Checkpointer(str(tmp_path / "ck")) as ckpt:
+        ckpt.save(8, {"modules": {"0": {k: v for k, v in sd.items() if k not in names}}},
+                  rank_state={"buffers": {"0": {k: v for k, v in sd.items() if k in names}}}).wait()
+        path = ckpt.latest().path
+    _damage(tmp_path / "ck")
+    return types.SimpleNamespace(path=path, rank_state={"buffers": {"0": {k: sd[k] for k in names}}})
+
+
+def test_a_changed_module_is_refused_from_the_checkpoints_tree_before_any_tensor_is_read(tmp_path):
+    # The data is damaged: had a tensor been read, its checksum would have failed first. The buffers
+    # (per rank, BatchNorm's) come from the rank state: without them the same module would be refused.
+    torch.manual_seed(0)
+    src = _saved_checkpoint(tmp_path, nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32)))
+    same = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32))
+    opt = torch.optim.SGD(same.parameters(), lr=0.1)
+    transparent._check_modules_before_read(discovery.Tracked(optimizers=[opt], modules=[same]), src)
+    wider = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64))
+    opt = torch.optim.SGD(wider.parameters(), lr=0.1)
+    with pytest.raises(PyckptError, match=r"module 0 \(Sequential\).*'0\.weight': checkpoint \(32, 16\), "
+                                          r"this run \(64, 16\)") as e:
+        transparent._check_modules_before_read(discovery.Tracked(optimizers=[opt], modules=[wider]), src)
+    assert "6 entries" in str(e.value) and "\n" not in str(e.value) and "pyckpt.Checkpointer" in str(e.value)
+
+
+FSDP_WIDER = r"""
+import sys, types, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from pyckpt import Checkpointer, discovery, transparent
+from pyckpt.errors import PyckptError
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}/rdv", rank=0, world_size=1)
+def build(width):
+    m = nn.Sequential(nn.Linear(5, width), nn.Linear(width, 3))
+    fully_shard(m, mesh=init_device_mesh("cpu", (1,)))
+    return m, torch.optim.AdamW(m.parameters())
+m, opt = build(7)
+with Checkpointer(sys.argv[1] + "/ck") as ckpt:
+    ckpt.save(8, {"modules": {"0": m.state_dict()}}).wait()
+    path = ckpt.latest().path
+for f in __import__("pathlib").Path(sys.argv[1], "ck").rglob("data-*.bin"):
+    f.write_bytes(bytes(b ^ 0xFF for b in f.read_bytes()))
+src = types.SimpleNamespace(path=path, rank_state={})
+m, opt = build(7)
+transparent._check_modules_before_read(discovery.Tracked(optimizers=[opt], modules=[m]), src)
+m, opt = build(9)
+try:
+    transparent._check_modules_before_read(discovery.Tracked(optimizers=[opt], modules=[m]), src)
+except PyckptError as e:
+    print("REFUSED", e)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.dist
+def test_a_wider_fsdp2_layer_is_refused_at_its_global_shape_before_any_tensor_is_read(tmp_path):
+    # FSDP2's tensors are not in the checkpoint's tree (their shards are placed by key): the check sees
+    # them at their global shape, the live DTensors' too. The data is damaged, so nothing was read.
+    (tmp_path / "fsdp.py").write_text(FSDP_WIDER)
+    r = run_script(["fsdp.py", tmp_path], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("REFUSED"))
+    assert "'0.weight': checkpoint (7, 5), this run (9, 5)" in line and "'1.weight'" in line, line
+
+
+def test_a_refusal_of_many_lines_is_said_on_one():
+    e = IntoMismatchError("cannot load X into the given targets; 2 problem(s):\n  'a': one\n  'b': two", [], [], [])
+    assert transparent._with_hint(e) == ("cannot load X into the given targets; 2 problem(s): 'a': one; 'b': two; "
+                                         "set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over")
 
 
 def _free_port() -> int:
