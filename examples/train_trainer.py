@@ -36,6 +36,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=44, help="training sequences (11 micro-batches of 4)")
     p.add_argument("--save-steps", type=int, default=4, help="the Trainer's own checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    p.add_argument("--word-dropout", type=float, default=0.0,
+                   help="replace each input token by [UNK] with this probability when a batch is collated "
+                        "(random draws in the process that collates: the main one with --workers 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint-N in the output dir, if any (the Trainer's own resume)")
     p.add_argument("--step-sleep", type=float, default=0.0,
@@ -67,6 +71,19 @@ class Windows(Dataset):
         return {"input_ids": self.items[i], "labels": self.items[i]}
 
 
+class WordDropout:
+    """A data collator that draws random numbers (as masking collators do): each input token becomes
+    [UNK] with probability ``p``."""
+
+    def __init__(self, p: float, unk: int) -> None:
+        self.p, self.unk = p, unk
+
+    def __call__(self, items: list) -> dict:
+        ids = torch.stack([it["input_ids"] for it in items])
+        return {"input_ids": ids.masked_fill(torch.rand(ids.shape) < self.p, self.unk),
+                "labels": torch.stack([it["labels"] for it in items])}
+
+
 class PrintLoss(TrainerCallback):
     """One line per optimizer step: ``step N epoch E loss X``."""
 
@@ -91,10 +108,11 @@ def main() -> None:
     training_args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         num_train_epochs=args.epochs, learning_rate=1e-3, lr_scheduler_type="linear", weight_decay=0.01,
-        logging_steps=1, save_steps=args.save_steps, report_to=[], dataloader_num_workers=2,
+        logging_steps=1, save_steps=args.save_steps, report_to=[], dataloader_num_workers=args.workers,
         use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_tqdm=True, bf16=True)
+    collator = {"data_collator": WordDropout(args.word_dropout, tokenizer.unk_token_id)} if args.word_dropout else {}
     trainer = Trainer(model=model, args=training_args, train_dataset=Windows(tokenizer, args.samples),
-                      callbacks=[PrintLoss(args.step_sleep)])
+                      callbacks=[PrintLoss(args.step_sleep)], **collator)
     # As the Hugging Face example scripts do: resume from the last checkpoint-N when there is one.
     last = get_last_checkpoint(output_dir) if args.resume and os.path.isdir(output_dir) else None
     trainer.train(resume_from_checkpoint=last)

@@ -88,6 +88,11 @@ def _newest_committed(root: str) -> int | None:
     return committed[0].step if committed else None
 
 
+def _committed(root: str, step: int) -> bool:
+    """Whether local root ``root`` holds a commit of ``step`` (False for an object-storage root)."""
+    return not metrics._is_url(root) and any(e.step == step for e in layout.committed(root))
+
+
 def _at_exit(pid: int) -> None:
     from . import activation, shm_tier
 
@@ -108,6 +113,9 @@ def _at_exit(pid: int) -> None:
             step, ok = kept
         elif ok is False:  # the last snapshot failed (said in its own line): name what a relaunch would have
             step = _newest_committed(session.directory)
+        elif fut is None and session.last_snapshot_step >= 0 and _committed(session.directory,
+                                                                            session.last_snapshot_step):
+            step, ok = session.last_snapshot_step, True  # resumed, no snapshot since: the one resumed from
         metrics.mark_finished(session.directory, step=step, steps=session.step, last_checkpoint_ok=ok)
     except Exception as e:  # the run's result stands; a relaunch will train the tail again
         activation._say(f"warning: could not mark {session.directory} finished: {type(e).__name__}: {e}",

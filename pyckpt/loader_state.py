@@ -22,6 +22,9 @@ it hands batch k to the loop) are registered with ``count_handed_by``: their
 ``__iter__`` is wrapped to count the batches handed to the loop, so a position
 is (batches handed B, batches fetched F >= B). Fast-forward skips B and the
 restore waits until the wrapper has fetched F again (its look-ahead refilled).
+Loaded in the main process (no workers), those F - B batches may draw random
+numbers (a masking collator): the random state before each of them is saved
+(``ahead_rng``) and put back before each is fetched again.
 A rank that another rank reads for (accelerate's dispatcher) counts its
 ``follow_fetch`` calls instead: the same points, in the loop's terms. Each
 stream also keeps the step count at each epoch start (``epoch_steps``), which
@@ -35,7 +38,9 @@ last two optimizer steps, mid-epoch), each positioned as of the last step.
 """
 from __future__ import annotations
 
+import collections
 import os
+import random
 import sys
 import weakref
 from collections.abc import Callable
@@ -127,6 +132,11 @@ class Stream:
     # Another rank reads this loader and sends this rank its batches (accelerate's DataLoaderDispatcher
     # on processes other than 0): its fetches are that rank's, one per batch handed; no worker state.
     follower: bool = False
+    # Under a look-ahead wrapper with no worker processes: (batches fetched before, raw random state) right
+    # before each of the last fetches. A batch loaded and collated in the main process may draw random
+    # numbers; the batches fetched ahead of the snapshot point are fetched again by the relaunch before the
+    # restore, so it needs the states they were drawn from (``ahead_rng`` in the position).
+    pre_fetch: Any = field(default_factory=lambda: collections.deque(maxlen=AHEAD_RNG_KEPT))
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
@@ -152,6 +162,8 @@ class Stream:
         pos.update(reshard_data.position_extra(self))  # a remapped epoch (another world size) stores its split
         if loader is not None and not self.follower:  # a follower's loader is never read: nothing to save
             pos.update(self._pipeline_position(loader, self.batches - handed))
+            if batch is None and self.batches > handed and loader.num_workers == 0:
+                pos.update(self._ahead_rng(handed))
         if others:
             pos["others"] = [st.position(batch=st.mark, others=False) for st in self.tracker.zipped_with(self)]
         return pos
@@ -182,6 +194,17 @@ class Stream:
                           "without pickle; its position is reached by loading and dropping batches", "warning")
         return out
 
+    def _ahead_rng(self, handed: int) -> dict[str, Any]:
+        """The random state before each batch fetched beyond ``handed`` (loaded in this process)."""
+        kept = dict(self.pre_fetch)
+        raw = [kept.get(n) for n in range(handed, self.batches)]
+        if any(r is None for r in raw):
+            _say_once(f"warning: loader {self.sig}: the random state before the {self.batches - handed} batch(es) "
+                      f"fetched ahead of the loop is not kept (at most {AHEAD_RNG_KEPT}); random draws of the "
+                      "dataset or collate_fn for them may differ after a resume", "warning")
+            return {}
+        return {"ahead_rng": [_saved_rng(r) for r in raw]}
+
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
         """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward)."""
         loader = self.loader() if self.loader is not None else None
@@ -209,6 +232,25 @@ class Stream:
 
 
 EPOCH_STEPS_KEPT = 256  # a framework's checkpoint older than that many epochs is not mapped (its resume wins)
+AHEAD_RNG_KEPT = 8  # random states before main-process fetches kept per stream (a wrapper's look-ahead depth)
+
+
+def _raw_rng() -> tuple:
+    """The CPU random streams a main-process fetch may draw from (``rng.capture``'s, CUDA's aside), taken
+    cheaply at every such fetch; converted to the checkpoint's form only when a snapshot stores one."""
+    np = sys.modules.get("numpy")
+    return random.getstate(), torch.get_rng_state(), (np.random.get_state() if np is not None else None)
+
+
+def _saved_rng(raw: tuple) -> dict[str, Any]:
+    """``_raw_rng()``'s state in ``rng.capture``'s form (no pickle; ``rng.restore`` puts it back)."""
+    (version, words, gauss_next), cpu, np_state = raw
+    state: dict[str, Any] = {"python": (version, torch.tensor(words, dtype=torch.int64), gauss_next), "torch": cpu}
+    if np_state is not None:
+        name, keys, pos, has_gauss, gauss = np_state
+        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return state
 
 
 def epoch_steps_of(pos: dict[str, Any]) -> tuple[int, list[int]]:
@@ -255,6 +297,8 @@ class FastForward:
     position: dict = field(default_factory=dict)
     fetched: int = -1
     others: list = field(default_factory=list)  # zipped loaders' FastForwards (reached, not restored at)
+    # The random state before each of the fetched - batch fetches ahead of the loop (main-process loading)
+    ahead_rng: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -270,8 +314,12 @@ class FastForward:
             except (KeyError, TypeError, ValueError, AttributeError):
                 _say_once("warning: a zipped loader's position in the checkpoint is malformed; that loader "
                           "restarts its epoch", "warning")
+        fetched = int(pos.get("fetched", batch))
+        ahead = pos.get("ahead_rng")
+        if not isinstance(ahead, list) or len(ahead) != fetched - batch:
+            ahead = []  # absent (workers, no look-ahead) or malformed: _fast_forward says so if it matters
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
-                   bool(pos.get("reused")), pos, int(pos.get("fetched", batch)), others)
+                   bool(pos.get("reused")), pos, fetched, others, ahead)
 
 
 class _SkipFirst:
@@ -399,6 +447,8 @@ class LoaderTracker:
             if tracker.armed and tracker._ready(st):
                 tracker.on_point(st)
             tracker.last = st
+            if st.handed is not None and getattr(it, "_num_workers", 1) == 0:
+                tracker._before_main_process_fetch(st)
             try:
                 data = orig_next(it)
             except StopIteration:
@@ -531,6 +581,23 @@ class LoaderTracker:
             return result
         self._count_batch(st)
         return result
+
+    def _before_main_process_fetch(self, st: Stream) -> None:
+        """A fetch under a look-ahead wrapper, loaded in this process: on resume, the batches fetched ahead
+        of the restore point draw from the random state the original run drew them from; and the state
+        before this fetch is kept for a snapshot whose look-ahead includes it."""
+        plan = self.plan
+        if plan is not None and plan.ahead_rng and st is self.plan_stream:
+            i = st.batches - plan.batch
+            if 0 <= i < len(plan.ahead_rng):
+                try:
+                    rng.restore(plan.ahead_rng[i])
+                except Exception as e:  # malformed: nothing read from a checkpoint is trusted unchecked
+                    plan.ahead_rng = []
+                    _say_once(f"warning: loader {plan.sig}: the random state saved for the batches fetched ahead "
+                              f"of the loop is not usable ({type(e).__name__}: {e}); random draws of the dataset "
+                              "or collate_fn for them may differ after this resume", "warning")
+        st.pre_fetch.append((st.batches, _raw_rng()))
 
     def _count_batch(self, st: Stream) -> None:
         """Book-keeping of a fetch that handed ``st``'s loop a batch (the patched ``__next__`` and
@@ -681,6 +748,7 @@ class LoaderTracker:
         st.epochs += 1
         st.batches = 0
         st.mark, st.ended = 0, False  # this epoch's batches all come after the last step
+        st.pre_fetch.clear()
         st.probe = True
         st.handed = 0 if self.wrapper_depth else None
         st.skipping = False
@@ -752,6 +820,13 @@ class LoaderTracker:
             remap = reshard_data.index_sampler(loader, plan.position, st)  # another world size: reshard_data.py
             loader.__dict__["_pyckpt_skip"] = (remap if remap is not None
                                                else _SkipFirst(loader._index_sampler, plan.batch, before))
+        if remap is not None:
+            plan.ahead_rng = []  # other batches than the ones fetched ahead originally
+        elif (primary and plan.position and plan.fetched > plan.batch and not plan.ahead_rng
+              and loader.num_workers == 0 and not plan.position.get("follower")):
+            _say_once(f"warning: the checkpoint holds no random state for the {plan.fetched - plan.batch} batch(es) "
+                      f"of loader {plan.sig} fetched ahead of the loop; random draws of the dataset or collate_fn "
+                      "for them may differ after this resume", "warning")
         # StatefulDataLoader ("loader_state") keeps its positions but not its workers' generators.
         own_workers = own is not None and key != "loader_state"
         workers = None if remap is not None or own_workers else _saved_workers(loader, plan)

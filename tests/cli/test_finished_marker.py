@@ -74,6 +74,20 @@ def test_finished_run_is_marked_and_its_relaunch_stops_with_one_line(tmp_path, c
     assert json.loads((root / "FINISHED.json").read_text())["time"] > marker["time"]
 
 
+def test_a_resumed_run_that_takes_no_snapshot_names_the_checkpoint_it_resumed_from(tmp_path):
+    """4 steps, a snapshot every 3: the relaunch from step 3 trains step 4 and ends with no snapshot of
+    its own. Its marker names step 3, which the root holds (it named none: "finished with no checkpoint")."""
+    from pyckpt import layout
+
+    root = tmp_path / "ck"
+    assert _run(tmp_path, root).returncode == 0
+    again = _run(tmp_path, root, PYCKPT_RESUME=str(root / layout.step_dir_name(3)))
+    assert again.returncode == 0 and "pyckpt: resumed from step 3" in again.stderr, again.stderr[-2000:]
+    assert [e.step for e in layout.committed(str(root))] == [3]
+    marker = json.loads((root / "FINISHED.json").read_text())
+    assert marker["step"] == 3 and marker["steps"] == 4 and marker["last_checkpoint_ok"] is True, marker
+
+
 def test_a_failed_last_checkpoint_is_not_named_by_the_marker(tmp_path, capsys):
     """Snapshots at steps 2 and 4; storage refuses step 4's. The marker names step 2, the newest
     checkpoint the root holds (it named the failed step 4), and says the last one failed."""

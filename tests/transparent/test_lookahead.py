@@ -10,6 +10,7 @@ import re
 import sys
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
@@ -43,6 +44,20 @@ def test_snapshot_while_the_last_batch_is_handed_after_the_loader_ended():
 def test_relaunch_past_epoch_0_skips_finished_epochs_without_none_batches():
     pos = _resume_equals_reference(stop=(2, 2))
     assert (pos["epoch"], pos["batch"]) == (3, 2)
+
+
+def _noisy(items):
+    """A collate_fn that draws random numbers (as a masking collator does): item * 1000 + noise."""
+    return torch.stack(items) * 1000 + torch.randint(0, 1000, (len(items),))
+
+
+@pytest.mark.parametrize("stop", [(0, 3), (1, 5)], ids=["mid_epoch", "last_batch_handed_after_the_end"])
+def test_batches_fetched_ahead_draw_what_they_drew_before(stop):
+    # Loaded in this process, the batch fetched ahead of the snapshot point is collated again by the
+    # relaunch before the restore point: from the random state it was collated from originally.
+    make = lambda: LookAhead(DataLoader(Items(), batch_size=4, shuffle=True, collate_fn=_noisy))  # noqa: E731
+    pos, _, _ = resumes_exactly(make, stop, resume_seed=777, handed_by=LookAhead)
+    assert pos["fetched"] - pos["batch"] == len(pos["ahead_rng"]) == 1
 
 
 def test_skipped_epoch_iterator_is_a_finished_real_dataloader_iterator():
