@@ -95,6 +95,12 @@ def _choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | No
         if not layout.is_checkpoint_dir(path):
             raise CheckpointNotFoundError(f"PYCKPT_RESUME={setting!r} is not a complete pyckpt checkpoint "
                                           "directory (one holding MANIFEST.json)")
+    return source_for(ckpt, path, coord)
+
+
+def source_for(ckpt: Checkpointer, path: str, coord: Coordinator) -> Source:
+    """The Source of chosen checkpoint ``path`` (of ``ckpt``: storage's, or the memory tier's); on
+    another number of ranks checked (``check_resizable``) and said in one line."""
     saved = manifest.read_manifest(path)["world_size"]
     if saved == coord.world_size:
         return Source(ckpt, path, info_for(path).step, read_rank_state(path, coord.rank))

@@ -504,6 +504,16 @@ def storage_ptr(t: torch.Tensor) -> int:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def storage_bytes(t: torch.Tensor) -> tuple[Any, int]:
+    """(key, bytes) of the storage ``t`` views, for the memory tier's size check (``shm_tier._nbytes``).
+    A DTensor's own storage has no data pointer; it counts its global bytes: what all ranks' shards
+    take in /dev/shm together, and the same on every rank (the check's verdict must agree)."""
+    if type(t) not in _PLAIN_TENSORS and _is_dtensor(t):
+        return ("dtensor", id(t)), t.numel() * t.element_size()
+    st = t.untyped_storage()
+    return (t.device, st.data_ptr()), st.nbytes()
+
+
 def is_fsdp(m: torch.nn.Module) -> bool:
     """Whether ``m`` holds sharded (DTensor) parameters: ``fully_shard``, tensor parallel."""
     return any(_is_dtensor(p) for p in m.parameters())

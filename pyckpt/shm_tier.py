@@ -24,7 +24,8 @@ it is off, with one line, when ``LOCAL_WORLD_SIZE`` differs from
 ``WORLD_SIZE`` or when the ranks see different ``/dev/shm``s (``_machine_id``,
 compared across ranks as the tier opens: not every launcher sets
 ``LOCAL_WORLD_SIZE``). Decisions that must agree across ranks (tier on, a
-snapshot too large for it) depend only on settings and the replicated state.
+snapshot too large for it or without room) are taken from values the ranks
+exchange (``Tier.save``: every rank's per-rank bytes and free room).
 """
 from __future__ import annotations
 
@@ -90,7 +91,14 @@ class Tier:
 
     def save(self, step: int, state: Any, rank_state: Any, **kw: Any) -> Any:
         """Start the memory copy (a SaveFuture), or None when the state is over the limit (one line)."""
-        need = _nbytes(state) if self.ckpt.coord.world_size > 1 else _nbytes(state) + _nbytes(rank_state)
+        coord, room = self.ckpt.coord, None
+        need = _nbytes(state) + _nbytes(rank_state)
+        if coord.world_size > 1:
+            # Every rank's per-rank state lands in this /dev/shm too (a ZeroRedundancyOptimizer's share of
+            # the optimizer state is most of a snapshot); one store round, so that every rank decides alike.
+            seen = coord.all_gather_json([_nbytes(rank_state), self._room()], "tier/need")
+            need = _nbytes(state) + sum(n for n, _ in seen)
+            room = min(r for _, r in seen)
         if need > self.limit:
             self.newest = None  # storage captures this one itself: the memory copy is older
             if not self.warned_size and self.rank0:
@@ -98,7 +106,7 @@ class Tier:
                     "kept in memory (written to storage instead)", "warning")
             self.warned_size = True
             return None
-        room = self._room()
+        room = self._room() if room is None else room
         if need > room:
             self.newest = None
             if not self.warned_space and self.rank0:
@@ -418,10 +426,10 @@ def _remove_at_normal_exit(path: str) -> None:
 def choose(ckpt: Any, coord: Any) -> Any:
     """For ``resume.choose``: a ``resume.Source`` in the memory tier when its newest copy is sound
     (every checksum verified) and at least as new as storage's newest commit, else None (one line
-    saying why, when there was a copy). Storage data is not read."""
-    from . import manifest, resume
+    saying why, when there was a copy). Storage data is not read. A copy written by another number
+    of ranks is resumed like storage's would be (``resume.source_for``)."""
+    from . import resume
     from .checkpointer import verify_share
-    from .errors import PyckptError
 
     tier = tier_for(ckpt, coord)
     if tier is None:
@@ -443,10 +451,7 @@ def choose(ckpt: Any, coord: Any) -> Any:
             say(f"memory-tier copy of step {step} is older than {stored}: resuming from storage")
         return None
     err = None
-    try:
-        saved = manifest.read_manifest(mine)["world_size"]
-        if saved != coord.world_size:  # storage's copy handles a resize
-            raise PyckptError(f"written by {saved} rank(s), this job has {coord.world_size}")
+    try:  # (on another number of ranks too: the copy holds every saved rank's part, as storage's would)
         verify_share(mine, coord.rank, coord.world_size)
     except Exception as e:  # damage, another job's shape: storage is the fallback
         err = e
@@ -463,11 +468,12 @@ def choose(ckpt: Any, coord: Any) -> Any:
         return None
     if tier.rank0:
         say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")
+    src = resume.source_for(tier.ckpt, mine, coord)  # another number of ranks: checked and said as for storage
     tier.newest = (step, mine)  # storage may not hold it: kept at a normal end if no snapshot follows
     # Storage's chunks were not read, so not verified: its next checkpoint references none of them
     # (written in full once; a damaged chunk would otherwise be inherited by every later one).
     ckpt._baseline.seeded = True
-    return resume.Source(tier.ckpt, mine, step, resume.read_rank_state(mine, coord.rank))
+    return src
 
 
 def refused(ckpt: Any) -> list[str]:
@@ -496,10 +502,12 @@ def _nbytes(state: Any) -> int:
                 stack.extend(v.values())
             elif isinstance(v, (list, tuple)):
                 stack.extend(v)
-    seen: dict[tuple, int] = {}
+    from .sharded import storage_bytes  # a DTensor (FSDP2) has no storage pointer of its own
+
+    seen: dict[Any, int] = {}
     for v in tensors:
-        st = v.untyped_storage()
-        seen[(v.device, st.data_ptr())] = st.nbytes()
+        key, n = storage_bytes(v)
+        seen[key] = n
     return sum(seen.values())
 
 
