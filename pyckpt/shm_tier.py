@@ -241,6 +241,16 @@ def _uncopyable(storage: Any) -> str | None:
     return None
 
 
+def keep_newest_before_close(ckpt: Any) -> None:
+    """``keep_newest`` before storage's Checkpointer ``ckpt`` closes (``pyckpt.disable()``), answered for
+    that session only: an ``enable()`` on the same directory reuses the tier, and its own newest
+    snapshot must be kept at its end in turn."""
+    tier = _TIERS.get(ckpt.directory)
+    if tier is not None:
+        keep_newest(tier)
+        tier.newest, tier.kept = None, _UNDECIDED
+
+
 def at_normal_end(ckpt: Any) -> tuple[int | None, bool] | None:
     """``keep_newest`` for ``ckpt``'s directory (finish.py, rank 0), or None when its tier is off."""
     tier = _TIERS.get(ckpt.directory)

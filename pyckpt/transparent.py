@@ -111,13 +111,7 @@ class Session:
         of it (the copy is removed, the snapshot lost). Written to storage now (rank 0; one line if not)."""
         from . import shm_tier
 
-        tier = shm_tier._TIERS.get(self.ckpt.directory)
-        if tier is None:
-            return
-        shm_tier.keep_newest(tier)
-        # Answered for this session only: an enable() on the same directory reuses the tier, and its own
-        # newest snapshot must be kept at the end in turn (this one is in storage now, or said lost).
-        tier.newest, tier.kept = None, shm_tier._UNDECIDED
+        shm_tier.keep_newest_before_close(self.ckpt)
 
     def _patch_destroy_process_group(self) -> None:
         import torch.distributed as dist
