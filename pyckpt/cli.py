@@ -188,6 +188,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     if not infos:
         print(f"no checkpoints in {root}")
+        _print_finished(root)  # a relaunch would stop at once: say why, even with nothing to list
         return 0
     print(f"{'STEP':>12}  {'TIME (UTC)':<19}  {'SIZE':>10}  {'STATUS':<10}  NAME")
     for i in infos:
@@ -206,11 +207,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
         # "complete" only means committed: say that the data was not read, so nobody mistakes it for sound.
         print("pyckpt ls: complete = committed (manifest present); data not read: `pyckpt ls --verify` checks "
               "every checksum", file=sys.stderr)
+    _print_finished(root)
+    return FAILED if any(i.complete and i.sound is False for i in infos) else 0
+
+
+def _print_finished(root: str) -> None:
+    """The finished-run marker's line, when the run that wrote ``root`` finished normally."""
+    from . import catalog
+
     marker = catalog.is_finished(root)
     if marker is not None:
         at = "with no checkpoint" if marker.get("step") is None else f"at step {marker['step']}"
         print(f"run finished {at} ({_time(marker.get('time') or float('nan'))} UTC)")
-    return FAILED if any(i.complete and i.sound is False for i in infos) else 0
 
 
 _RETIRED_NOTE = ("pyckpt ls: referenced = retired by retention (no MANIFEST.json, not loadable), but the "

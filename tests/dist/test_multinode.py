@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 
 from pyckpt import layout, manifest
 from pyckpt.run import torchrun_argv
+from sample_ranks import free_port
 
 SCRIPT = Path(__file__).parents[2] / "examples" / "train_ddp_samples.py"
 
@@ -35,12 +35,6 @@ def test_multinode_options_reach_torchrun():
     # --nnodes alone is a multi-node job too: --standalone (a private localhost rendezvous) would split it
     for args in (["--nnodes", "2", "t.py"], ["--nnodes=2:4", "t.py"], ["--rdzv-id", "x", "t.py"]):
         assert "--standalone" not in torchrun_argv(args)[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict[str, str]:
@@ -107,7 +101,7 @@ def test_two_nodes_of_two_one_node_lost_mid_save_restart_and_resume_exactly(tmp_
                                   "4", SCRIPT], env=_env(RUN="plain", **common), stdout=subprocess.DEVNULL,
                                  stderr=err, cwd=tmp_path, process_group=0)
     agents = [plain]
-    port = _free_port()
+    port = free_port()
     env = _env(RUN="mn", STOP_AT="10", STOP_RANK="2,3",
                STOP_AFTER=tmp_path / "ck" / layout.step_dir_name(8) / layout.MANIFEST, **common)
     try:

@@ -9,11 +9,6 @@ exactly once, and the next epoch is the normal sampler's on the new world size."
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,52 +19,20 @@ import torch
 import pyckpt
 from pyckpt import layout, sharded
 from pyckpt.reshard_data import Remap, epoch_order, split_sizes
+from sample_ranks import launch_samples
 
 pytestmark = pytest.mark.dist
 
-SCRIPT = Path(__file__).parents[2] / "examples" / "train_ddp_samples.py"
 N, BS = 27, 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp: Path, run: str, world: int, stop_at: int = -1, stop_after: int = -1, **env) -> str:
-    """Start ``world`` ranks of the script in one new session; when ``stop_at`` is given, wait until
-    every rank stopped after checkpoint ``stop_after`` committed and SIGKILL them all. Rank 0's stderr."""
+    """``world`` ranks of the script checkpointing every 2 steps; with ``stop_at``, SIGKILLed together once
+    checkpoint ``stop_after`` committed (``sample_ranks.launch_samples``). Rank 0's stderr."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
-    base.update(PYCKPT_DIR=str(tmp / "ck"), PYCKPT_EVERY_STEPS="2", PYCKPT_KEEP="20", SAMPLES_LOG=str(tmp), RUN=run,
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                STOP_AT=str(stop_at), OMP_NUM_THREADS="1", **env)
-    if stop_at >= 0:
-        base["STOP_AFTER"] = str(tmp / "ck" / layout.step_dir_name(stop_after) / layout.MANIFEST)
-    procs = []
-    for r in range(world):
-        with open(tmp / f"{run}-{r}.err", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, str(SCRIPT)], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
-                                          stdout=subprocess.DEVNULL, stderr=err,
-                                          process_group=procs[0].pid if procs else 0))  # one group: killed at once
-    try:
-        deadline = time.monotonic() + 120
-        if stop_at >= 0:
-            while not all((tmp / f"{run}-{r}.stopped").exists() for r in range(world)):
-                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-                    (tmp / f"{run}-0.err").read_text()[-3000:]
-                time.sleep(0.05)
-            os.killpg(procs[0].pid, signal.SIGKILL)  # the whole job at once
-        for p in procs:
-            p.wait(max(deadline - time.monotonic(), 1))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if stop_at < 0:
-        assert all(p.returncode == 0 for p in procs), (tmp / f"{run}-0.err").read_text()[-3000:]
-    return (tmp / f"{run}-0.err").read_text()
+    base.update(PYCKPT_DIR=str(tmp / "ck"), PYCKPT_EVERY_STEPS="2", PYCKPT_KEEP="20", OMP_NUM_THREADS="1", **env)
+    after = tmp / "ck" / layout.step_dir_name(stop_after) / layout.MANIFEST if stop_at >= 0 else None
+    return launch_samples(tmp, run, world, base, stop_at, after)
 
 
 def trained(tmp: Path, run: str, world: int, upto: int = 1 << 30) -> list[tuple[int, int, int, list[int]]]:

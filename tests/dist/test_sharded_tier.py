@@ -7,10 +7,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +28,7 @@ import _harness  # noqa: E402
 from e2e_helpers import (Crash, Example, References, assert_resumed_exactly, run_to_end, tier_env,  # noqa: E402
                          tier_path, tier_steps)
 from gloo_ranks import run_ranks  # noqa: E402
+from sample_ranks import launch_samples  # noqa: E402
 
 pytestmark = pytest.mark.dist
 
@@ -111,49 +110,10 @@ def test_fsdp2_resumes_exactly_from_a_snapshot_held_only_in_memory(tier_ckpt, tm
 
 
 # ----------------------------------------------------------------------------- another number of ranks
-SAMPLES = ROOT / "examples" / "train_ddp_samples.py"  # 27 samples, batch 3: 5 steps per epoch on 2 ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_samples(tmp: Path, run: str, world: int, env: dict, stop_at: int = -1,
-                   stop_after: Path | None = None) -> str:
-    """``world`` ranks of train_ddp_samples.py in one process group; with ``stop_at``, every rank waits
-    after that step until ``stop_after`` exists, then the whole job is SIGKILLed. Rank 0's stderr."""
-    base = _harness.clean_env(dict(env, SAMPLES_LOG=str(tmp), RUN=run, MASTER_ADDR="127.0.0.1",
-                                   MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                                   LOCAL_WORLD_SIZE=str(world), STOP_AT=str(stop_at)))
-    if stop_after is not None:
-        base["STOP_AFTER"] = str(stop_after)
-    procs = []
-    for r in range(world):
-        with open(tmp / f"{run}-{r}.err", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, str(SAMPLES)], stdout=subprocess.DEVNULL, stderr=err,
-                                          env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
-                                          process_group=procs[0].pid if procs else 0))  # one group: killed at once
-    try:
-        deadline = time.monotonic() + 120
-        if stop_at >= 0:
-            while not all((tmp / f"{run}-{r}.stopped").exists() for r in range(world)):
-                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-                    (tmp / f"{run}-0.err").read_text()[-3000:]
-                time.sleep(0.05)
-            os.killpg(procs[0].pid, signal.SIGKILL)
-        for p in procs:
-            p.wait(max(deadline - time.monotonic(), 1))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    err = (tmp / f"{run}-0.err").read_text()
-    if stop_at < 0:
-        assert all(p.returncode == 0 for p in procs), err[-3000:]
-    return err
+def _samples(tmp: Path, run: str, world: int, env: dict, **kw) -> str:
+    """train_ddp_samples.py (27 samples, batch 3: 5 steps per epoch on 2 ranks) on ``world`` ranks of this
+    machine: LOCAL_WORLD_SIZE tells the memory tier they share one /dev/shm."""
+    return launch_samples(tmp, run, world, _harness.clean_env(dict(env, LOCAL_WORLD_SIZE=str(world))), **kw)
 
 
 @pytest.mark.e2e
@@ -165,10 +125,10 @@ def test_resumes_on_one_rank_from_a_two_rank_snapshot_held_only_in_memory(parall
     env = dict(PYCKPT_DIR=str(tier_ckpt), PYCKPT_EVERY_STEPS="2", PYCKPT_SHM_MB="64", PYCKPT_STORAGE_EVERY="5",
                PARALLEL=parallel)
     mem = tier_path(tier_ckpt)
-    launch_samples(tmp_path, "a", 2, env, stop_at=9, stop_after=mem / "step-000000008" / "MANIFEST.json")
+    _samples(tmp_path, "a", 2, env, stop_at=9, stop_after=mem / "step-000000008" / "MANIFEST.json")
     assert _harness.committed_steps(tier_ckpt) == [] and tier_steps(tier_ckpt) == [8]
     shutil.copytree(mem, tmp_path / "mem", ignore=shutil.ignore_patterns(".spare"))  # the relaunch removes it
-    err = launch_samples(tmp_path, "b", 1, env)
+    err = _samples(tmp_path, "b", 1, env)
     assert "pyckpt: resuming from the memory tier" in err and "(written by 2 rank(s)) on 1 rank(s)" in err, err[-3000:]
     assert "pyckpt: resumed from step 8 (epoch 1, batch 3)" in err, err[-3000:]
     saved_path = str(tmp_path / "mem" / "step-000000008")

@@ -92,17 +92,3 @@ def test_trainer_random_collate_in_the_main_process_resumes_exactly(random_colla
     assert_resumed_exactly(crash, random_collate_reference, out)
     assert not tier_path(tier_ckpt).exists()
     assert _finished_step(tier_ckpt) in _harness.committed_steps(tier_ckpt)
-
-
-def test_finished_marker_names_the_checkpoint_resumed_from_when_no_snapshot_follows(references, tier_ckpt,
-                                                                                    tmp_path):
-    # Snapshots every 5 steps, every 3rd to storage: 5, 10 (memory), 15 (both). Killed right after storage's
-    # 15; the relaunch resumes from the memory copy of 15 and ends at 18 with no snapshot of its own.
-    reference = references.get(TRAINER)
-    out = tmp_path / "final.pt"
-    crash = kill_and_relaunch(TRAINER.command(out), tier_env(tier_ckpt, every_steps=5, storage_every=3), tier_ckpt,
-                              out, after_commit(tier_ckpt, 15))
-    assert_resumed_exactly(crash, reference, out)
-    assert crash.resume["step"] == 15 and not tier_path(tier_ckpt).exists()
-    assert _harness.committed_steps(tier_ckpt)[-1] == 15
-    assert _finished_step(tier_ckpt) == 15, (tier_ckpt / "FINISHED.json").read_text()

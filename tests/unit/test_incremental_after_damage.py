@@ -105,26 +105,24 @@ def test_same_process_restoring_past_a_damaged_own_save_does_not_reference_it(
     _check_after_deleting_the_damaged_one(root)
 
 
-def test_transparent_resume_past_a_damaged_newest_does_not_reference_it(tmp_path, flip_data_byte, one_mib_chunks):
+def _transparent_resume(ck: pyckpt.Checkpointer) -> int:
     """Transparent mode resumes through resume.choose (latest(verify=True)) and Source.restore."""
+    src = resume.choose(ck, LocalCoordinator(), "auto")
+    assert src is not None and _equal(src.restore(None).state, _state(src.step))
+    return src.step
+
+
+@pytest.mark.parametrize("learn", [_transparent_resume, lambda ck: ck.latest(verify=True).step],
+                         ids=["transparent_resume", "latest_verify_alone"])
+def test_a_relaunch_that_finds_the_newest_damaged_does_not_reference_it(tmp_path, flip_data_byte, one_mib_chunks,
+                                                                        learn):
+    """However the relaunch learns of the damage: a transparent resume, or a caller that only asks
+    latest(verify=True) and loads elsewhere."""
     root = str(tmp_path / "root")
     with pyckpt.Checkpointer(root, keep=5) as ck:
         _save_three(ck, root, flip_data_byte)
     with pyckpt.Checkpointer(root, keep=5) as ck:
-        src = resume.choose(ck, LocalCoordinator(), "auto")
-        assert src is not None and src.step == 2
-        assert _equal(src.restore(None).state, _state(2))
-        _check_next_save(ck, root)
-    _check_after_deleting_the_damaged_one(root)
-
-
-def test_latest_verify_finding_the_newest_damaged_is_enough(tmp_path, flip_data_byte, one_mib_chunks):
-    """A caller that only asks latest(verify=True) (then loads elsewhere) learns of the damage too."""
-    root = str(tmp_path / "root")
-    with pyckpt.Checkpointer(root, keep=5) as ck:
-        _save_three(ck, root, flip_data_byte)
-    with pyckpt.Checkpointer(root, keep=5) as ck:
-        assert ck.latest(verify=True).step == 2
+        assert learn(ck) == 2
         _check_next_save(ck, root)
     _check_after_deleting_the_damaged_one(root)
 
