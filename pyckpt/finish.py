@@ -79,13 +79,18 @@ def install(session: Any) -> None:
     atexit.register(_at_exit, os.getpid())
 
 
-def _newest_committed(root: str) -> int | None:
-    """The step of the newest commit in local root ``root``; None when there is none, or for an
-    object-storage root (not listed from an exit handler)."""
+def newest_step(root: str) -> int | None:
+    """The step of local root ``root``'s newest valid commit (what a relaunch resumes from); None when
+    there is none, or for an object-storage root (not listed from an exit handler)."""
+    from .checkpointer import iter_valid
+
     if metrics._is_url(root):
         return None
-    committed = layout.committed(root)
-    return committed[0].step if committed else None
+    try:
+        newest = next(iter(iter_valid(root, warn=False)), None)
+    except OSError:
+        return None
+    return None if newest is None else newest.step
 
 
 def _committed(root: str, step: int) -> bool:
@@ -112,7 +117,7 @@ def _at_exit(pid: int) -> None:
         if kept is not None:
             step, ok = kept
         elif ok is False:  # the last snapshot failed (said in its own line): name what a relaunch would have
-            step = _newest_committed(session.directory)
+            step = newest_step(session.directory)
         elif fut is None and session.last_snapshot_step >= 0 and _committed(session.directory,
                                                                             session.last_snapshot_step):
             step, ok = session.last_snapshot_step, True  # resumed, no snapshot since: the one resumed from

@@ -637,14 +637,11 @@ def shapes(op: Opened) -> Any:
 
     with gcpause.paused():  # the trees' containers: as in open_checkpoint
         out = tree.unflatten(sec.sec["tree"], meta, None, sec.where)
+    from .sharded import _empty_slot, _locate  # (sharded imports this module)
+
     for e in (op.parts[0].get("sharded") or {}).get("tensors", []):  # 1.2: null in the tree, placed by key
-        parent, key = out, e["key"]
-        for k in key[:-1]:
-            parent = parent.get(k) if isinstance(parent, dict) else (
-                parent[k] if isinstance(parent, list) and type(k) is int and 0 <= k < len(parent) else None)
-        k = key[-1]
-        if (isinstance(parent, dict) and parent.get(k, 0) is None) or (
-                isinstance(parent, list) and type(k) is int and 0 <= k < len(parent) and parent[k] is None):
+        parent, k = _locate(out, e["key"][:-1]), e["key"][-1]
+        if _empty_slot(parent, k):
             parent[k] = torch.empty(e["shape"], dtype=dtype_of(e["dtype"]), device="meta")
     return out
 

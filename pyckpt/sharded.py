@@ -430,13 +430,18 @@ def _bitwise_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
             dst.copy_(src)
 
 
+def _empty_slot(parent: Any, k: Any) -> bool:
+    """Whether ``parent[k]`` exists and is None: where a sharded tensor goes (null in the tree, 1.2)."""
+    ok = (isinstance(parent, dict) and k in parent) or (isinstance(parent, list) and type(k) is int
+                                                        and 0 <= k < len(parent))
+    return ok and parent[k] is None
+
+
 def _place(state: Any, t: _Target, path: str, map_location: Any) -> None:
     key = t.entry["key"]
     parent = _locate(state, key[:-1])
     k = key[-1]
-    ok = (isinstance(parent, dict) and k in parent) or (isinstance(parent, list) and type(k) is int
-                                                        and 0 <= k < len(parent))
-    if not ok or parent[k] is not None:
+    if not _empty_slot(parent, k):
         raise CorruptCheckpointError(f"invalid {path}: the state has no empty place for the sharded tensor "
                                      f"{_path(key)!r}", path=path)
     value = t.result

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import knobs, layout, tree
+from . import finish, knobs, layout, tree
 from .activation import _say as say
 
 SHM_ROOT = "/dev/shm"
@@ -188,7 +188,7 @@ def keep_newest(tier: Tier) -> tuple[int | None, bool] | None:
     try:
         src, step, failed = _memory_only(tier)
         if src is None:  # storage holds it; or the newest failed (said in its own line), nothing older is here
-            tier.kept = (_stored_step(storage), False) if failed else None
+            tier.kept = (finish.newest_step(storage.directory), False) if failed else None
             return tier.kept
         why = _uncopyable(storage)
         if why is None:
@@ -197,7 +197,7 @@ def keep_newest(tier: Tier) -> tuple[int | None, bool] | None:
             return tier.kept
     except Exception as e:  # disk full, storage gone: the marker must not name a step storage lacks
         why = " ".join(f"{type(e).__name__}: {e}".split())  # one line
-    stored = _stored_step(storage)
+    stored = finish.newest_step(storage.directory)
     say(f"warning: the snapshot of step {step}, kept only in memory, could not be written to "
         f"{storage.directory} at the end of the run ({why}); it is lost with the memory copy: the newest "
         "checkpoint there is " + (f"step {stored}" if stored is not None else "none"), "warning")
@@ -255,17 +255,6 @@ def at_normal_end(ckpt: Any) -> tuple[int | None, bool] | None:
     """``keep_newest`` for ``ckpt``'s directory (finish.py, rank 0), or None when its tier is off."""
     tier = _TIERS.get(ckpt.directory)
     return keep_newest(tier) if tier is not None else None
-
-
-def _stored_step(storage: Any) -> int | None:
-    """The step of storage's newest valid commit (what a relaunch resumes from), or None."""
-    from .checkpointer import iter_valid
-
-    try:
-        newest = next(iter(iter_valid(storage.directory, warn=False)), None)
-    except OSError:
-        return None
-    return None if newest is None else newest.step
 
 
 def _open(storage_dir: str, coord: Any) -> Tier | None:
@@ -536,8 +525,6 @@ def _watch_crashes() -> None:
 def _normal_end() -> bool:
     """This process (not a forked child) is ending without an uncaught exception or ``sys.exit`` with a
     non-zero status: finish.py's watch, so the same "normal end" as the finished marker."""
-    from . import finish
-
     return not _crashed and not finish._failed and os.getpid() == _PID
 
 

@@ -60,12 +60,7 @@ class Publication:
     def __init__(self, tier_root: str, source: SaveFuture, storage: Any, step: int) -> None:
         self.tier_root, self.source, self.storage, self.step = tier_root, source, storage, step
         self.opened = threading.Event()  # the source files are open: the tier may retire them now
-        self.future = SaveFuture(step)
-        self.future._timer = metrics.SaveTimer(step)
-        with storage._lock:
-            self._prev, storage._inflight = storage._inflight, self.future
-            self.seq, storage._seq = storage._seq, storage._seq + 1
-        self.future._timer.returned()
+        self.future, self.seq, self._prev = _numbered(storage, step, inflight=True)
         self.thread = threading.Thread(target=self._run, name=f"pyckpt-publish-{step}", daemon=False)
         self.thread.start()
 
@@ -107,9 +102,7 @@ class Publication:
             ready = all(coord.all_gather_json(bool(ready), f"tier-publish/{self.seq}/ready"))
         if not ready:
             raise RuntimeError("the previous storage checkpoint of another rank failed to finish")
-        token = f"{st._session}-{self.seq}"
-        final = os.path.join(st.directory, layout.step_dir_name(step))
-        tmp = os.path.join(st.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
+        token, final, tmp = _paths(st, step, self.seq)
         if coord.rank == 0:
             commit.gc_tmp(st.directory, {token}, locked=True)
         out = None
@@ -130,15 +123,7 @@ class Publication:
                 err = e
         self.future._timer.figures = commit.commit_parts(coord, f"tier-publish/{self.seq}", tmp, final, step, out,
                                                          err, st.directory, raw)
-        if st.incremental and out is not None:
-            st._baseline.update(out, os.path.basename(final))  # the next copy references this one
-        if coord.rank == 0:
-            try:
-                commit.apply_retention(st.directory, st.keep, protect={os.path.basename(final)})
-            except Exception as e:  # committed; retention tries again after the next save
-                log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
-        st._record(self.future, final, None)
-        self.future._finish(final, None)
+        _committed(st, self.future, final, step, out)
 
     def wait(self) -> None:
         """Until storage's checkpoint is committed or failed."""
@@ -155,14 +140,8 @@ def publish_whole(tier_root: str, src: str, storage: Any, step: int) -> str:
     (records unchanged) is what every rank's publication would have committed. Rank 0 (it holds
     storage's directory lock); runs on the calling thread, as an exit handler may start none."""
     st = storage
-    fut = SaveFuture(step)
-    fut._timer = metrics.SaveTimer(step)
-    with st._lock:
-        seq, st._seq = st._seq, st._seq + 1
-    fut._timer.returned()
-    token = f"{st._session}-{seq}"
-    final = os.path.join(st.directory, layout.step_dir_name(step))
-    tmp = os.path.join(st.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
+    fut, seq, _ = _numbered(st, step)
+    token, final, tmp = _paths(st, step, seq)
     outs, infos, figures = {}, [], []
     try:
         commit.gc_tmp(st.directory, {token}, locked=True)
@@ -195,15 +174,43 @@ def publish_whole(tier_root: str, src: str, storage: Any, step: int) -> str:
         fut._finish(None, e)
         raise
     fut._timer.figures = metrics.sum_figures(figures)
-    if st.incremental and st.coord.rank in outs:
-        st._baseline.update(outs[st.coord.rank], os.path.basename(final))
-    try:
-        commit.apply_retention(st.directory, st.keep, protect={os.path.basename(final)})
-    except Exception as e:  # committed; retention tries again after the next save
-        log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
+    _committed(st, fut, final, step, outs.get(st.coord.rank))
+    return final
+
+
+def _numbered(storage: Any, step: int, inflight: bool = False) -> tuple[SaveFuture, int, Any]:
+    """Storage's future for its copy of ``step``, the save number (every rank numbers alike) and, with
+    ``inflight`` (the copy is storage's save in flight from now on), the save in flight before it."""
+    fut, prev = SaveFuture(step), None
+    fut._timer = metrics.SaveTimer(step)
+    with storage._lock:
+        if inflight:
+            prev, storage._inflight = storage._inflight, fut
+        seq, storage._seq = storage._seq, storage._seq + 1
+    fut._timer.returned()
+    return fut, seq, prev
+
+
+def _paths(storage: Any, step: int, seq: int) -> tuple[str, str, str]:
+    """(token, final directory, temporary directory) of storage's save number ``seq``, as a save's."""
+    token = f"{storage._session}-{seq}"
+    name = layout.step_dir_name(step)
+    return (token, os.path.join(storage.directory, name),
+            os.path.join(storage.directory, layout.tmp_dir_name(name, token)))
+
+
+def _committed(st: Any, fut: SaveFuture, final: str, step: int, own: dict | None) -> None:
+    """After storage committed ``final``: the next copy references this rank's part ``own`` (incremental),
+    retention runs (rank 0), and the future reports it."""
+    if st.incremental and own is not None:
+        st._baseline.update(own, os.path.basename(final))
+    if st.coord.rank == 0:
+        try:
+            commit.apply_retention(st.directory, st.keep, protect={os.path.basename(final)})
+        except Exception as e:  # committed; retention tries again after the next save
+            log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
     st._record(fut, final, None)
     fut._finish(final, None)
-    return final
 
 
 def _open_source(src: str, rank: int, tier_root: str, fds: dict[str, int], committed: dict | None = None) -> dict:
