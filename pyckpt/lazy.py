@@ -192,7 +192,7 @@ class Lazy:
         if not lazy:
             self.settle()  # eager: every tensor is copied before the script goes on
         else:
-            _DATA_GATE.close(armed)
+            _ALIAS_GATE.close(armed)
         self.blocked = time.monotonic() - t0
         return futures[0] if len(futures) == 1 and not lazy else Pending(armed, futures)
 
@@ -212,7 +212,7 @@ class Lazy:
         armed, self.armed = self.armed, None
         if armed is None:
             return
-        _DATA_GATE.open()
+        _ALIAS_GATE.open()
         t0 = time.monotonic()
         err = armed.settle()
         self.blocked += time.monotonic() - t0
@@ -238,49 +238,92 @@ class Lazy:
 
 
 _BASE_DATA = torch._C.TensorBase.__dict__["data"]  # torch's own ``Tensor.data`` descriptor
+_BASE_NUMPY = torch._C.TensorBase.numpy
+_TENSOR_DLPACK = torch.Tensor.__dict__.get("__dlpack__")  # defined in Python on torch.Tensor itself
 
 
-class _DataGate:
-    """While an armed snapshot is being copied, ``tensor.data`` first waits for the copy to finish.
+class _AliasGate:
+    """While an armed snapshot is being copied, making an alias that bypasses version counters first
+    waits for the copy to finish.
 
     A write through a ``.data`` alias (``p.data.mul_(...)``, common in older code and in WGAN's
-    clipping) does not move the tensor's version counter, so the guards cannot see it: without the
-    gate such a write right after the snapshot point would be committed silently. The gate is a
-    property on ``torch.Tensor`` only for that window; the first ``.data`` read waits for the copy
-    (as eager capture would have) and takes the property away, so later reads are torch's own."""
+    clipping), through ``.numpy()`` (``np.asarray(p)`` included) or through a DLPack export
+    (``__dlpack__``: CuPy, JAX, ``np.from_dlpack``) does not move the tensor's version counter, so the
+    guards cannot see it: without the gate such a write right after the snapshot point would be
+    committed silently. The gate is a set of attributes on ``torch.Tensor`` only for that window. The
+    first ``.data`` read waits for the copy (as eager capture would) and takes the gate away, so later
+    reads are torch's own; ``.numpy()`` and ``__dlpack__`` wait only for a guarded tensor's memory, so
+    a script that logs activations through numpy inside forward keeps its lazy capture."""
 
     def __init__(self) -> None:
         self.armed: Armed | None = None
+        self._guarded: set[int] | None = None  # storages of the armed snapshot's guarded tensors, on demand
         self._lock = threading.Lock()
         gate = self
 
         def get(t: torch.Tensor) -> torch.Tensor:
-            armed = gate.armed
-            if armed is not None:
-                gate.open()
-                for f in armed.futures:
-                    f.captured()
+            if gate.armed is not None:
+                gate.wait()
             return _BASE_DATA.__get__(t, type(t))
 
         def set_(t: torch.Tensor, value: torch.Tensor) -> None:
             _BASE_DATA.__set__(t, value)  # a new tensor: the old storage stays held by the copy
 
-        self._property = property(get, set_)
+        def numpy(t: torch.Tensor, *, force: bool = False) -> Any:
+            gate.wait_for(t)
+            return _BASE_NUMPY(t, force=force)
+
+        def dlpack(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            gate.wait_for(t)
+            return _TENSOR_DLPACK(t, *args, **kwargs)
+
+        self._attrs = {"data": property(get, set_), "numpy": numpy}
+        if _TENSOR_DLPACK is not None:
+            self._attrs["__dlpack__"] = dlpack
+
+    def wait(self) -> None:
+        """Wait for the armed copy and take the gate away (any thread; the verdict is still the trainer's)."""
+        armed = self.armed
+        self.open()
+        if armed is not None:
+            for f in armed.futures:
+                f.captured()
+
+    def wait_for(self, t: torch.Tensor) -> None:
+        """``wait()`` if ``t`` views memory of a guarded tensor of the armed snapshot."""
+        armed = self.armed
+        if armed is None:
+            return
+        guarded = self._guarded
+        if guarded is None:
+            guarded = {_storage_ptr(g) for gs in armed.guards for g in gs.tensors}
+            self._guarded = guarded
+        try:
+            ptr = _storage_ptr(t)
+        except Exception:  # no storage to share (a meta or sparse tensor): nothing of the snapshot's
+            return
+        if ptr in guarded:
+            self.wait()
 
     def close(self, armed: Armed) -> None:
         with self._lock:
-            self.armed = armed
-            if torch.Tensor.__dict__.get("data") is not self._property:
-                torch.Tensor.data = self._property
+            self.armed, self._guarded = armed, None
+            for name, attr in self._attrs.items():
+                if torch.Tensor.__dict__.get(name) is not attr:
+                    setattr(torch.Tensor, name, attr)
 
     def open(self) -> None:
         with self._lock:
-            self.armed = None
-            if torch.Tensor.__dict__.get("data") is self._property:
-                del torch.Tensor.data
+            self.armed, self._guarded = None, None
+            for name, attr in self._attrs.items():
+                if torch.Tensor.__dict__.get(name) is attr:
+                    if name == "__dlpack__":
+                        torch.Tensor.__dlpack__ = _TENSOR_DLPACK  # torch's own lives on torch.Tensor
+                    else:
+                        delattr(torch.Tensor, name)
 
 
-_DATA_GATE = _DataGate()
+_ALIAS_GATE = _AliasGate()
 
 
 def _is_rank0(session: Any) -> bool:

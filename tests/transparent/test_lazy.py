@@ -31,22 +31,33 @@ if SC == "shm":  # every engine capture, by the directory it writes (the memory 
 if SC == "guard":
     lazy.EAGER_MAX_BYTES = 0  # buffers are then guarded by version counters instead of copied at once
 torch.manual_seed(0)
-W = 1024 if SC == "data" else 16  # "data": 8 MB of state, so its copy is still running after the fetch
+ALIAS = SC in ("data", "numpy", "dlpack")  # writes through an alias whose version counter is not the tensor's
+W = 1024 if ALIAS else 16  # 8 MB of state, so its copy is still running after the fetch
 model = nn.Sequential(nn.Linear(8, W), nn.BatchNorm1d(W), nn.Linear(W, W), nn.Linear(W, 1))
-opt = torch.optim.SGD(model.parameters(), lr=1e-3 if SC == "data" else 0.1, momentum=0.9)  # (no NaNs at 1024)
+opt = torch.optim.SGD(model.parameters(), lr=1e-3 if ALIAS else 0.1, momentum=0.9)  # (no NaNs at 1024)
 loader = DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8)
 session = activation._SESSION
-expected, armed, step = {}, {}, 0
+expected, armed, gated, step = {}, {}, {}, 0
 for x, y in loader:
     if step in (2, 4, 6):  # the snapshot of `step` was taken at the fetch that just returned
         armed[step] = session.lazy.armed is not None
         expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        if SC == "bn":  # numpy of memory no guarded tensor views (the batch, an activation): no wait
+            x.numpy(), model[0](x).detach().numpy()
+            gated[step] = lazy._ALIAS_GATE.armed is not None
         if SC == "mutate" and step in (2, 4):
             with torch.no_grad():
                 model[0].weight.add_(1.0)  # in place, right after arming
         if SC == "data" and step in (2, 4):
             for p in model.parameters():
                 p.data.mul_(0.5)  # through .data: the version counter does not move
+        if SC == "numpy" and step in (2, 4):
+            for p in model.parameters():
+                a = p.detach().numpy()  # numpy's writes move no version counter either
+                a *= 0.5
+        if SC == "dlpack" and step in (2, 4):
+            for p in model.parameters():  # an interop round trip (CuPy, JAX): a tensor with its own counter
+                torch.from_dlpack(p.detach()).mul_(0.5)
     loss = ((model(x) - y) ** 2).mean()  # forward updates the BatchNorm running stats in place
     opt.zero_grad()
     loss.backward()
@@ -61,7 +72,7 @@ def tensors(v, path, out):
     elif isinstance(v, dict):
         for k, x in v.items():
             tensors(x, f"{path}/{k}", out)
-result = {"armed": armed, "equal": {}, "captures": captures}
+result = {"armed": armed, "gated": gated, "equal": {}, "captures": captures}
 with pyckpt.Checkpointer(os.environ["PYCKPT_DIR"]) as ck:
     for s, exp in expected.items():
         try:
@@ -98,6 +109,8 @@ def test_lazy_snapshot_holds_the_consistent_point_values_bn_buffers_included(tmp
     assert warnings == []
     # lazy: armed (copy in flight) while forward mutates BatchNorm buffers; PYCKPT_LAZY=0: copied at once
     assert res["armed"] == {s: scenario == "bn" for s in ("2", "4", "6")}
+    if scenario == "bn":  # .numpy() of the batch or an activation left the alias gate closed: no wait
+        assert res["gated"] == {"2": True, "4": True, "6": True}
     assert res["equal"] == {"2": True, "4": True, "6": True}
 
 
@@ -123,10 +136,12 @@ def test_parameter_changed_after_arming_discards_the_checkpoint_then_eager(tmp_p
     assert "eager" in warnings[0]
 
 
-def test_a_write_through_data_right_after_arming_waits_for_the_copy(tmp_path):
-    # `.data` aliases share no version counter with their tensor, so the guards cannot see such a write:
-    # while a snapshot is being copied, `.data` waits for the copy to finish first (as eager would).
-    res, warnings = _run(tmp_path, "data", PYCKPT_STAGING_MB="1", PYCKPT_CHUNK_MB="1")
+@pytest.mark.parametrize("alias", ["data", "numpy", "dlpack"])
+def test_a_write_through_an_alias_right_after_arming_waits_for_the_copy(tmp_path, alias):
+    # `.data`, `.numpy()` and DLPack aliases share no version counter with their tensor, so the guards
+    # cannot see a write through one: while a snapshot is being copied, making such an alias of a
+    # guarded tensor waits for the copy to finish first (as eager capture would).
+    res, warnings = _run(tmp_path, alias, PYCKPT_STAGING_MB="1", PYCKPT_CHUNK_MB="1")
     assert warnings == []
     assert res["armed"] == {"2": True, "4": True, "6": True}
     assert res["equal"] == {"2": True, "4": True, "6": True}  # the consistent point's values, never later
