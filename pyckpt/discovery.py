@@ -333,10 +333,11 @@ _WAY_OUT = ("checkpoint such a job with the explicit API (pyckpt.Checkpointer, w
 
 
 def _check_module(i: int, m: nn.Module, saved: Any) -> None:
-    """Refuse (one line) a module whose state_dict() entries or tensor shapes differ from the saved ones,
-    which torch's strict load_state_dict would raise as a multi-line RuntimeError, after the modules
-    before it were loaded. ``saved`` was made by the same state_dict() call, so a module built the same
-    way has the same keys (non-persistent buffers are in neither)."""
+    """Refuse (one line) a module whose state_dict() entries, tensor shapes or dtypes differ from the saved
+    ones: torch's strict load_state_dict would raise the first two as a multi-line RuntimeError, after
+    the modules before it were loaded, and would cast the third silently (not the state that was saved).
+    ``saved`` was made by the same state_dict() call, so a module built the same way has the same keys
+    (non-persistent buffers are in neither)."""
     if not isinstance(saved, dict):
         raise PyckptError(f"the checkpoint's state of module {i} is malformed")
     live = m.state_dict()
@@ -344,7 +345,9 @@ def _check_module(i: int, m: nn.Module, saved: Any) -> None:
     lacking = [k for k in live if k not in saved]
     resized = [f"{k!r}: checkpoint {tuple(v.shape)}, this run {tuple(live[k].shape)}"
                for k, v in saved.items() if k in live and _resized(v, live[k])]
-    if not (extra or lacking or resized):
+    recast = [f"{k!r}: checkpoint {v.dtype}, this run {live[k].dtype}"
+              for k, v in saved.items() if k in live and _recast(v, live[k])]
+    if not (extra or lacking or resized or recast):
         return
     parts = []
     if extra:
@@ -353,11 +356,13 @@ def _check_module(i: int, m: nn.Module, saved: Any) -> None:
         parts.append(f"this run's module has {_few(lacking)} that the checkpoint lacks")
     if resized:
         parts.append(f"shapes differ: {_few(resized, quote=False)}")
+    if recast:
+        parts.append(f"dtypes differ: {_few(recast, quote=False)}")
     raise PyckptError(
         f"module {i} ({type(m).__name__}) does not match the checkpoint: {'; '.join(parts)}. Parameters, "
-        "buffers or submodules added or removed while training (add_module, register_buffer, "
-        "register_parameter, del) are not re-created by the fast-forward, which skips the script's steps "
-        f"up to the checkpoint, and an edited script builds other ones; {_WAY_OUT}")
+        "buffers or submodules added, removed or cast while training (add_module, register_buffer, "
+        "register_parameter, del, .to(dtype)) are not re-created by the fast-forward, which skips the "
+        f"script's steps up to the checkpoint, and an edited script builds other ones; {_WAY_OUT}")
 
 
 def _resized(saved: Any, live: Any) -> bool:
@@ -369,6 +374,15 @@ def _resized(saved: Any, live: Any) -> bool:
     if live.dim() == 0 and tuple(saved.shape) == (1,):
         return False  # torch loads a 1-element tensor into a 0-dim parameter (older checkpoints)
     return saved.shape != live.shape
+
+
+def _recast(saved: Any, live: Any) -> bool:
+    """Whether ``saved`` has another dtype than ``live`` (load_state_dict would cast it on the way in)."""
+    if not (isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor)):
+        return False
+    if nn.parameter.is_lazy(live):
+        return False  # an uninitialised lazy parameter takes what it is given
+    return saved.dtype != live.dtype
 
 
 def _few(items: list[str], n: int = 3, quote: bool = True) -> str:

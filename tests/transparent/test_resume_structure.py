@@ -303,3 +303,25 @@ def test_a_refusal_of_load_state_dict_itself_is_one_line():
     with pytest.raises(PyckptError, match=r"module 0 \(_Picky\) does not take .*all-zero weights refused") as e:
         discovery.load(t, state)
     assert "\n" not in str(e.value) and "PYCKPT_RESUME=never" in str(e.value)
+
+
+def test_a_module_cast_to_another_dtype_is_refused_not_loaded_with_a_silent_cast(tmp_path):
+    # An edited script that builds the model in float64: torch's load_state_dict would cast the saved
+    # float32 state into it without a word, a resume that is not the saved state. Refused with one
+    # line, by both checks: the per-rank load's (discovery.load) and the one before any read.
+    torch.manual_seed(0)
+    saved_model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    live = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double()
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    opt = torch.optim.SGD(live.parameters(), lr=0.1)
+    tracked = discovery.Tracked(optimizers=[opt], modules=[live])
+    state = {"modules": {"0": saved_model.state_dict()}, "optimizers": {"0": opt.state_dict()},
+             "schedulers": {}, "scalers": {}}
+    with pytest.raises(PyckptError, match=r"module 0 \(Sequential\).*dtypes differ: .*'0\.weight': checkpoint "
+                                          r"torch\.float32, this run torch\.float64") as e:
+        discovery.load(tracked, state)
+    assert "\n" not in str(e.value) and "PYCKPT_RESUME=never" in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in live.state_dict().items())  # nothing was loaded
+    src = _saved_checkpoint(tmp_path, saved_model)  # its data damaged: a read would fail its checksum
+    with pytest.raises(PyckptError, match=r"module 0 \(Sequential\).*dtypes differ"):
+        transparent._check_modules_before_read(tracked, src)
