@@ -409,6 +409,8 @@ class Checkpointer:
         for name in names:
             if not (name.startswith("rank-") and name[5:].isdigit()):
                 continue
+            if int(name[5:]) >= self.coord.world_size:
+                continue  # a rank a resized job no longer has: never written over, its pages would stay held
             src = os.path.join(victim, layout.data_file_name(int(name[5:])))
             try:
                 if stat.S_ISREG(os.lstat(src).st_mode):  # never a link planted there

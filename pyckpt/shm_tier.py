@@ -79,6 +79,8 @@ class Tier:
         # a publication reads only the snapshot it was started for, and one runs at a time).
         self.ckpt._spares = os.path.join(path, SPARES)
         os.makedirs(self.ckpt._spares, mode=0o700, exist_ok=True)
+        if self.rank0:
+            _drop_spares_of_missing_ranks(self.ckpt._spares, coord.world_size)
         self.ckpt._may_recycle = self._publication_done
 
     def _publication_done(self) -> bool:
@@ -153,6 +155,23 @@ def shm_path(storage_dir: str) -> str:
     """``/dev/shm/pyckpt-<16 hex digits of the storage directory's real path>``."""
     digest = hashlib.sha1(os.path.realpath(storage_dir).encode()).hexdigest()[:16]
     return os.path.join(SHM_ROOT, f"pyckpt-{digest}")
+
+
+def _drop_spares_of_missing_ranks(spares: str, world_size: int) -> None:
+    """Delete parked files of ranks this job does not have (a larger job's, before a resize): no save
+    writes over them, so they would hold their tmpfs pages, and count as room (``Tier._room``) that no
+    copy can use, until the memory copy is removed."""
+    try:
+        names = os.listdir(spares)
+    except OSError:
+        return
+    for name in names:
+        rank = name[5:-4]
+        if name.startswith("rank-") and name.endswith(".bin") and rank.isdigit() and int(rank) >= world_size:
+            try:
+                os.unlink(os.path.join(spares, name))
+            except OSError:
+                pass  # gone already; or not removable, then the copy's removal takes it
 
 
 def tier_for(ckpt: Any, coord: Any) -> Tier | None:

@@ -666,3 +666,34 @@ def test_a_two_rank_run_keeps_its_memory_only_last_snapshot_with_every_ranks_par
         assert tree_equal(load(out), load(tmp_path / "first.pt"))
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_parked_files_of_ranks_a_resized_job_lacks_are_freed(tmp_path, shm):
+    # A 2-rank job's memory copy, resumed by 1 rank: rank 1's parked file (left by the earlier job) and
+    # rank 1's data file of an evicted 2-rank snapshot would never be written over, yet hold their tmpfs
+    # pages and count as room for the next copy. Rank 0's are parked as before.
+    spares = shm / shm_tier.SPARES
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck = Checkpointer(tmp_path / "ck")
+        earlier = shm_tier.tier_for(ck, LocalCoordinator())  # the earlier job's tier, left by its crash
+        for r in (0, 1, 12):
+            (spares / f"rank-{r:05d}.bin").write_bytes(b"x" * 4096)
+        shm_tier._TIERS.pop(ck.directory)
+        earlier.ckpt.close()
+        ck.close()
+        ck = Checkpointer(tmp_path / "ck")
+        tier = shm_tier.tier_for(ck, LocalCoordinator())  # the relaunch, on one rank
+        try:
+            assert sorted(p.name for p in spares.iterdir()) == ["rank-00000.bin"]
+            victim = shm / "step-000000008.garbage"  # retention's victim of a 2-rank snapshot
+            for r in (0, 1):
+                (victim / f"rank-{r:05d}").mkdir(parents=True)
+                (victim / layout.data_file_name(r)).write_bytes(b"y" * (1 << 20))
+            tier.ckpt._salvage(str(victim))
+            assert sorted(p.name for p in spares.iterdir()) == ["rank-00000.bin"]
+            assert (spares / "rank-00000.bin").read_bytes() == b"y" * (1 << 20)
+            assert (victim / layout.data_file_name(1)).exists()  # left to go with the victim
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
