@@ -575,6 +575,13 @@ class Checkpointer:
         if not self._baseline.seeded and not self._baseline:
             self._baseline.source = os.path.abspath(path)
 
+    def _start_over(self) -> None:
+        """The job trains from scratch next to earlier checkpoints (PYCKPT_RESUME=never, the way out
+        when every one is damaged): its first save references none of their data, which nothing here
+        verified (written in full; later saves reference this run's own)."""
+        if not self._baseline.seeded and not self._baseline:
+            self._baseline.seeded = True
+
     def _found_damaged(self, path: str) -> None:
         """Checkpoint ``path`` does not load. The chunks the next save would reference (this process's
         own last save, or the seed) may be in it or in data it references, and a reference is checked

@@ -72,6 +72,7 @@ def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | Non
     ``auto`` returns None only when no rank sees a committed checkpoint; when some exist but none is
     sound it raises ``CorruptCheckpointError`` on every rank, naming them."""
     if setting == "never":
+        ckpt._start_over()
         return None
     with reader.reusing():  # verifying, then reading the rank state, opens the chosen checkpoint twice
         return _choose(ckpt, coord, setting)

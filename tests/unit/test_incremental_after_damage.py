@@ -161,3 +161,24 @@ def test_a_save_in_flight_when_the_damage_is_found_does_not_become_the_baseline(
     assert "../step-000000001/rank-00000/data-000.bin" in files, files
     reader.verify(get_engine(), path)
     assert _equal(pyckpt.load(path), _state(5) | {"m": moving[5]})
+
+
+def test_a_run_started_over_with_resume_never_references_no_earlier_checkpoint(tmp_path, flip_data_byte,
+                                                                                one_mib_chunks):
+    """PYCKPT_RESUME=never is the way out the refusal names when every checkpoint is damaged: the run
+    started over must not reference their chunks (its first save would inherit the frozen base's
+    damage, and so every later checkpoint of it). Its first save is written in full."""
+    root = str(tmp_path / "root")
+    with pyckpt.Checkpointer(root, keep=5) as ck:
+        for s in (1, 2):
+            ck.save(s, _state(s)).result(60)
+    flip_data_byte(os.path.join(root, "step-000000001"))  # the frozen base every later save references
+    with pyckpt.Checkpointer(root, keep=5) as ck:
+        assert resume.choose(ck, LocalCoordinator(), "never") is None
+        path = ck.save(3, _state(3)).result(60)
+        assert _files(path) == {"rank-00000/data-000.bin"}  # nothing of the earlier run's
+        reader.verify(get_engine(), path)
+        assert _equal(pyckpt.load(path), _state(3))
+        later = ck.save(4, _state(4)).result(60)  # and incremental again from its own first save
+        assert "../step-000000003/rank-00000/data-000.bin" in _files(later)
+        reader.verify(get_engine(), later)
