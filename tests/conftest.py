@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 
+# One intra-op thread in this process and every child it starts (torchrun's default for its workers,
+# and examples/_harness.py's): two pytest workers, each running several training processes, would
+# otherwise put two spinning OpenMP threads per process on two cores. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 import zygote as zygote_module
