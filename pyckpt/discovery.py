@@ -283,8 +283,10 @@ def merge_buffers(state: dict[str, Any], buffers: dict[str, dict[str, Any]]) -> 
 
 
 def into_of(t: Tracked) -> dict[str, Any]:
-    """Existing tensors to restore module state into, in place."""
-    return {"modules": {str(i): m.state_dict() for i, m in enumerate(t.modules)}}
+    """Existing tensors to restore module state into, in place. Not extra state: what
+    ``get_extra_state`` returned goes to ``set_extra_state`` as it was saved (``_free_keys``)."""
+    return {"modules": {str(i): {k: v for k, v in m.state_dict().items() if not k.endswith(_EXTRA)}
+                        for i, m in enumerate(t.modules)}}
 
 
 def load(t: Tracked, state: dict[str, Any]) -> None:
@@ -343,10 +345,11 @@ def _check_module(i: int, m: nn.Module, saved: Any) -> None:
     live = m.state_dict()
     extra = [k for k in saved if k not in live]
     lacking = [k for k in live if k not in saved]
+    free = _free_keys(m, live)
     resized = [f"{k!r}: checkpoint {tuple(v.shape)}, this run {tuple(live[k].shape)}"
-               for k, v in saved.items() if k in live and _resized(v, live[k])]
+               for k, v in saved.items() if k in live and k not in free and _resized(v, live[k])]
     recast = [f"{k!r}: checkpoint {v.dtype}, this run {live[k].dtype}"
-              for k, v in saved.items() if k in live and _recast(v, live[k])]
+              for k, v in saved.items() if k in live and k not in free and _recast(v, live[k])]
     if not (extra or lacking or resized or recast):
         return
     parts = []
@@ -385,6 +388,32 @@ def _recast(saved: Any, live: Any) -> bool:
     return saved.dtype != live.dtype
 
 
+_EXTRA = "_extra_state"  # torch's state_dict() key suffix for get_extra_state()
+
+
+def _free_keys(m: nn.Module, live: dict[str, Any]) -> set[str]:
+    """``state_dict()`` keys whose saved value is put back as it was, whatever its dtype or shape:
+    buffers (a script may assign a new tensor to one while training: a counter that becomes a float,
+    a mask that becomes bool, an observer's statistics that grow per channel; the module then held
+    the saved tensor, so it gets it back, ``_put_buffers``) and extra state."""
+    buffers = {n for n, _ in m.named_buffers()}
+    return {k for k in live if k in buffers or k.endswith(_EXTRA)}
+
+
+def _put_buffers(m: nn.Module, saved: dict) -> None:
+    """Replace each buffer whose saved tensor has another dtype or shape than the live one by a copy of
+    the saved tensor (on the live one's device); load_state_dict would cast it or refuse it."""
+    live = m.state_dict()
+    for k in _free_keys(m, live):
+        v, now = saved.get(k), live[k]
+        if k.endswith(_EXTRA) or not isinstance(v, torch.Tensor) or not isinstance(now, torch.Tensor):
+            continue
+        if v.dtype != now.dtype or v.shape != now.shape:
+            path, _, name = k.rpartition(".")
+            owner = m.get_submodule(path)
+            owner._buffers[name] = v.detach().to(device=now.device, copy=True)
+
+
 def _few(items: list[str], n: int = 3, quote: bool = True) -> str:
     shown = ", ".join(repr(x) if quote else x for x in items[:n])
     more = f" and {len(items) - n} more" if len(items) > n else ""
@@ -392,6 +421,7 @@ def _few(items: list[str], n: int = 3, quote: bool = True) -> str:
 
 
 def _load_module(i: int, m: nn.Module, saved: dict) -> None:
+    _put_buffers(m, saved)
     try:
         m.load_state_dict(saved)
     except RuntimeError as e:

@@ -149,7 +149,7 @@ def test_a_changed_module_is_refused_from_the_checkpoints_tree_before_any_tensor
     with pytest.raises(PyckptError, match=r"module 0 \(Sequential\).*'0\.weight': checkpoint \(32, 16\), "
                                           r"this run \(64, 16\)") as e:
         transparent._check_modules_before_read(discovery.Tracked(optimizers=[opt], modules=[wider]), src)
-    assert "6 entries" in str(e.value) and "\n" not in str(e.value) and "pyckpt.Checkpointer" in str(e.value)
+    assert "4 entries" in str(e.value) and "\n" not in str(e.value) and "pyckpt.Checkpointer" in str(e.value)
 
 
 FSDP_WIDER = r"""
@@ -325,3 +325,79 @@ def test_a_module_cast_to_another_dtype_is_refused_not_loaded_with_a_silent_cast
     src = _saved_checkpoint(tmp_path, saved_model)  # its data damaged: a read would fail its checksum
     with pytest.raises(PyckptError, match=r"module 0 \(Sequential\).*dtypes differ"):
         transparent._check_modules_before_read(tracked, src)
+
+
+REASSIGNED = r"""
+import os, signal, time, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.register_buffer("seen", torch.tensor(0))  # int64, a float32 once forward adds to it
+        self.register_buffer("active", torch.ones(32))  # float, a bool mask after step 2
+        self.best = 0  # extra state: torch.tensor(0) (int64) at first, float32 once set from a loss
+    def get_extra_state(self):
+        return torch.tensor(self.best)
+    def set_extra_state(self, s):
+        self.best = s.item()
+    def forward(self, x):
+        self.seen = self.seen + float(x.shape[0])
+        return self.head(torch.relu(self.body(x)) * self.active)
+
+torch.manual_seed(0)
+loader = DataLoader(TensorDataset(torch.randn(96, 16), torch.randn(96, 4)), batch_size=4)
+model = Net()
+opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+for step, (x, y) in enumerate(loader, 1):
+    opt.zero_grad()
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    opt.step()
+    if step == 2:
+        model.active = model.body.weight.abs().sum(1) > 2.2
+    model.best = max(model.best, round(float(loss), 3))
+    time.sleep(0.05)
+    if step == 15 and os.environ.get("KILL") and not os.path.exists("mark"):
+        open("mark", "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save(model.state_dict(), os.environ["OUT"])
+"""
+
+
+def test_buffers_and_extra_state_the_script_reassigns_with_another_dtype_resume_exactly(tmp_path):
+    # The module at the restore point is as the script builds it: buffers it later reassigns (a counter
+    # that becomes a float, a mask that becomes bool) and its extra state have their first dtype there.
+    # They get the saved tensors back (not cast into the old ones, not refused as an edited script).
+    (tmp_path / "train.py").write_text(REASSIGNED)
+    plain = run_script(["train.py"], tmp_path, OUT="plain.pt")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="4", OUT="resumed.pt")
+    first = run_script(["train.py"], tmp_path, KILL="1", **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = run_script(["train.py"], tmp_path, **env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "pyckpt: resumed from step 12" in second.stderr, second.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("plain.pt", "resumed.pt"))
+    assert a.keys() == b.keys() and a["seen"].dtype == torch.float32 and a["active"].dtype == torch.bool
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), \
+        {k: (a[k], b[k]) for k in a if not torch.equal(a[k], b[k])}
+
+
+def test_a_reassigned_buffer_is_put_back_with_its_saved_dtype_and_shape_by_the_per_rank_load():
+    # The per-rank path (discovery.load): load_state_dict would cast the float counter into the int one
+    # (0.5 -> 0) and refuse the per-channel statistics that grew from one element to four.
+    saved_model, live = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    saved_model.register_buffer("seen", torch.tensor(2.5))
+    saved_model.register_buffer("scale", torch.arange(4.0))
+    live.register_buffer("seen", torch.tensor(0))
+    live.register_buffer("scale", torch.ones(1))
+    opt = torch.optim.SGD(live.parameters(), lr=0.1)
+    state = {"modules": {"0": saved_model.state_dict()}, "optimizers": {"0": opt.state_dict()},
+             "schedulers": {}, "scalers": {}}
+    discovery.load(discovery.Tracked(optimizers=[opt], modules=[live]), state)
+    assert live.seen.dtype == torch.float32 and float(live.seen) == 2.5
+    assert torch.equal(live.scale, torch.arange(4.0))
+    assert live.scale is not state["modules"]["0"]["scale"]  # a copy: the checkpoint's tensor stays its own
