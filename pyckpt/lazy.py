@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import operator
+import os
 import threading
 import time
 from typing import Any
@@ -105,20 +106,25 @@ class Guards:
 class Pending:
     """What ``Session.future`` holds for a lazy snapshot: waiting settles the verdict first."""
 
-    def __init__(self, armed: Armed, futures: list) -> None:
-        self.armed, self.futures = armed, futures  # futures[0] decides result(): storage when written
+    def __init__(self, lazy: Lazy, armed: Armed, futures: list) -> None:
+        self.lazy, self.armed, self.futures = lazy, armed, futures  # futures[0] decides result()
         self.step = armed.step
 
+    def _settle(self) -> None:
+        # Through the Lazy layer while this is its armed snapshot (a flush, disable(), the exit
+        # handler): it also opens the alias gate and says a torn copy's line.
+        self.lazy.settle_armed(self.armed)
+
     def captured(self, timeout: float | None = None) -> bool:
-        self.armed.settle()
+        self._settle()
         return True
 
     def wait(self, timeout: float | None = None) -> bool:
-        self.armed.settle()
+        self._settle()
         return all([f.wait(timeout) for f in self.futures])
 
     def result(self, timeout: float | None = None) -> str:
-        self.armed.settle()
+        self._settle()
         for f in self.futures[1:]:
             f.wait(timeout)
         return self.futures[0].result(timeout)
@@ -194,7 +200,7 @@ class Lazy:
         else:
             _ALIAS_GATE.close(armed)
         self.blocked = time.monotonic() - t0
-        return futures[0] if len(futures) == 1 and not lazy else Pending(armed, futures)
+        return futures[0] if len(futures) == 1 and not lazy else Pending(self, armed, futures)
 
     def _preempted(self) -> bool:
         """Whether any rank got SIGTERM (a preemption notice may reach one rank, or one node, only).
@@ -206,6 +212,13 @@ class Lazy:
         if s.coord.world_size > 1:
             term = any(s.coord.all_gather_json(term, "lazy/sigterm"))
         return term
+
+    def settle_armed(self, armed: Armed) -> None:
+        """``settle()`` when ``armed`` is the armed snapshot, else its own verdict (given already)."""
+        if self.armed is armed:
+            self.settle()
+        else:
+            armed.settle()
 
     def settle(self) -> None:
         """Give the armed snapshot its verdict (training thread); a torn copy turns lazy capture off."""
@@ -257,7 +270,8 @@ class _AliasGate:
 
     def __init__(self) -> None:
         self.armed: Armed | None = None
-        self._guarded: set[int] | None = None  # storages of the armed snapshot's guarded tensors, on demand
+        self._guarded: tuple[Armed, set[int]] | None = None  # storages of its guarded tensors, on demand
+        self._replaced: dict[str, Any] = {}  # what close() replaced on torch.Tensor, put back by open()
         self._lock = threading.Lock()
         gate = self
 
@@ -271,58 +285,83 @@ class _AliasGate:
 
         def numpy(t: torch.Tensor, *, force: bool = False) -> Any:
             gate.wait_for(t)
-            return _BASE_NUMPY(t, force=force)
+            return gate._original("numpy", _BASE_NUMPY)(t, force=force)
 
         def dlpack(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             gate.wait_for(t)
-            return _TENSOR_DLPACK(t, *args, **kwargs)
+            return gate._original("__dlpack__", _TENSOR_DLPACK)(t, *args, **kwargs)
 
         self._attrs = {"data": property(get, set_), "numpy": numpy}
         if _TENSOR_DLPACK is not None:
             self._attrs["__dlpack__"] = dlpack
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _original(self, name: str, base: Any) -> Any:
+        """What ``name`` was on torch.Tensor before the gate (a library's wrapper), else torch's own."""
+        before = self._replaced.get(name, _ABSENT)
+        return base if before is _ABSENT else before
 
     def wait(self) -> None:
         """Wait for the armed copy and take the gate away (any thread; the verdict is still the trainer's)."""
         armed = self.armed
-        self.open()
-        if armed is not None:
-            for f in armed.futures:
-                f.captured()
+        if armed is None:
+            return
+        self.open(armed)
+        for f in armed.futures:
+            f.captured()
 
     def wait_for(self, t: torch.Tensor) -> None:
         """``wait()`` if ``t`` views memory of a guarded tensor of the armed snapshot."""
         armed = self.armed
         if armed is None:
             return
-        guarded = self._guarded
-        if guarded is None:
-            guarded = {_storage_ptr(g) for gs in armed.guards for g in gs.tensors}
-            self._guarded = guarded
+        cached = self._guarded
+        if cached is None or cached[0] is not armed:
+            cached = (armed, {_storage_ptr(g) for gs in armed.guards for g in gs.tensors})
+            self._guarded = cached
         try:
             ptr = _storage_ptr(t)
         except Exception:  # no storage to share (a meta or sparse tensor): nothing of the snapshot's
             return
-        if ptr in guarded:
+        if ptr in cached[1]:
             self.wait()
 
     def close(self, armed: Armed) -> None:
         with self._lock:
             self.armed, self._guarded = armed, None
             for name, attr in self._attrs.items():
-                if torch.Tensor.__dict__.get(name) is not attr:
+                now = torch.Tensor.__dict__.get(name, _ABSENT)
+                if now is not attr:
+                    self._replaced[name] = now  # torch's own, or what a library put there
                     setattr(torch.Tensor, name, attr)
 
-    def open(self) -> None:
+    def open(self, armed: Armed | None = None) -> None:
+        """Take the gate away; with ``armed``, only while it is still that snapshot's (a thread whose
+        wait began before it was settled must not open the next snapshot's gate)."""
         with self._lock:
+            if armed is not None and self.armed is not armed:
+                return
             self.armed, self._guarded = None, None
-            for name, attr in self._attrs.items():
-                if torch.Tensor.__dict__.get(name) is attr:
-                    if name == "__dlpack__":
-                        torch.Tensor.__dlpack__ = _TENSOR_DLPACK  # torch's own lives on torch.Tensor
-                    else:
-                        delattr(torch.Tensor, name)
+            self._put_back()
+
+    def _put_back(self) -> None:
+        for name, attr in self._attrs.items():
+            if torch.Tensor.__dict__.get(name) is attr:
+                before = self._replaced.pop(name, _ABSENT)
+                if before is _ABSENT:
+                    delattr(torch.Tensor, name)
+                else:
+                    setattr(torch.Tensor, name, before)
+
+    def _forget(self) -> None:
+        """In a child forked while a snapshot is armed (a DataLoader worker): the copy is the parent's
+        and its memory is the child's own copy, so nothing there waits for it."""
+        self._lock = threading.Lock()
+        self.armed, self._guarded = None, None
+        self._put_back()
 
 
+_ABSENT = object()
 _ALIAS_GATE = _AliasGate()
 
 
