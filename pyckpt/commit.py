@@ -439,12 +439,29 @@ def _write_part(tmp_dir: str, rank: int, raw: bytes) -> dict:
     return {"rank": rank, "file": name, "nbytes": len(raw), "crc32c": crc32c(raw)}
 
 
+def _read_by_others(root: str, final_dir: str) -> list[str]:
+    """The committed checkpoints of ``root`` other than ``final_dir`` whose parts reference its files
+    (parsed only when a save is about to replace an existing directory: a re-save of a step)."""
+    from .incremental import referenced_dirs
+
+    name = os.path.basename(os.path.normpath(final_dir))
+    others = [e.name for e in layout.committed(root) if e.name != name]
+    return [n for n in others if name in referenced_dirs(root, [n])]
+
+
 def _rank0_publish(tmp_dir: str, final_dir: str, step: int, infos: list, failed: list, root: str | None) -> dict:
     from .manifest import build_manifest, seal
 
     if failed:
         remove_tree(tmp_dir)
         return {"ok": False, "error": "; ".join(f"rank {r}: {msg}" for r, msg in failed)}
+    held = _read_by_others(root, final_dir) if root is not None and os.path.lexists(final_dir) else []
+    if held:
+        remove_tree(tmp_dir)
+        return {"ok": False, "error": (
+            f"{final_dir} exists and committed checkpoints ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}) "
+            "read chunks from its data files (incremental saves); replacing it would damage them. A run "
+            "started over (PYCKPT_RESUME=never) next to an earlier run's checkpoints should use a new directory")}
     try:
         fsync_dir(tmp_dir)
         seq = next_seq(root) if root is not None else None

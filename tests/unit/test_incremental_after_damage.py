@@ -182,3 +182,25 @@ def test_a_run_started_over_with_resume_never_references_no_earlier_checkpoint(t
         later = ck.save(4, _state(4)).result(60)  # and incremental again from its own first save
         assert "../step-000000003/rank-00000/data-000.bin" in _files(later)
         reader.verify(get_engine(), later)
+
+
+@pytest.mark.parametrize("keep", [5, 2], ids=["committed", "retired_but_referenced"])
+def test_a_save_never_replaces_a_directory_other_checkpoints_read_chunks_from(tmp_path, one_mib_chunks, keep):
+    """A run started over next to an earlier one (PYCKPT_RESUME=never) saves step 1 again, where the
+    earlier run's step 1 (committed, or retired by retention) holds the frozen base its later
+    checkpoints reference: replacing it damaged them all. The save fails instead, naming them."""
+    root = str(tmp_path / "root")
+    with pyckpt.Checkpointer(root, keep=keep) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, _state(s)).result(60)
+    kept = [e.path for e in layout.committed(root)]
+    assert {"../step-000000001/rank-00000/data-000.bin"} <= _files(kept[0])
+    with pyckpt.Checkpointer(root, keep=keep) as ck:
+        assert resume.choose(ck, LocalCoordinator(), "never") is None
+        fresh = {"frozen": _frozen() + 1, "x": torch.zeros(N), "step": 1}
+        with pytest.raises(pyckpt.PyckptError, match=r"step-000000001 exists and committed checkpoints "
+                                                      r"\(step-000000003, step-000000002\) read chunks"):
+            ck.save(1, fresh).result(60)
+    for path in kept:  # the earlier run's checkpoints are intact
+        reader.verify(get_engine(), path)
+        assert _equal(pyckpt.load(path), _state(layout.parse_step(os.path.basename(path))))
