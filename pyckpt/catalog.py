@@ -84,15 +84,9 @@ def referrers(found: builtins.list[layout.Entry]) -> dict[str, tuple[str, ...]]:
     candidates = [e for e in found if not e.complete and layout.parse_step(e.name) is not None]
     if not candidates:
         return {}
-    from .incremental import referenced_dirs
+    from .incremental import referrers as referrers_in
 
-    root = os.path.dirname(candidates[0].path)
-    wanted = {e.name for e in candidates}
-    out: dict[str, builtins.list[str]] = {}
-    for c in sorted(layout.committed(root), key=lambda c: (c.step, c.name)):
-        for name in referenced_dirs(root, [c.name]) & wanted:
-            out.setdefault(name, []).append(c.name)
-    return {name: tuple(names) for name, names in out.items()}
+    return referrers_in(os.path.dirname(candidates[0].path), {e.name for e in candidates})
 
 
 def check(path: str) -> str | None:

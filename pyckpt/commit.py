@@ -440,13 +440,12 @@ def _write_part(tmp_dir: str, rank: int, raw: bytes) -> dict:
 
 
 def _read_by_others(root: str, final_dir: str) -> list[str]:
-    """The committed checkpoints of ``root`` other than ``final_dir`` whose parts reference its files
-    (parsed only when a save is about to replace an existing directory: a re-save of a step)."""
-    from .incremental import referenced_dirs
+    """The committed checkpoints of ``root`` other than ``final_dir`` whose parts reference its files,
+    newest first (parsed only when a save is about to replace an existing directory: a re-save)."""
+    from .incremental import referrers
 
     name = os.path.basename(os.path.normpath(final_dir))
-    others = [e.name for e in layout.committed(root) if e.name != name]
-    return [n for n in others if name in referenced_dirs(root, [n])]
+    return list(referrers(root, {name}).get(name, ()))[::-1]
 
 
 def _rank0_publish(tmp_dir: str, final_dir: str, step: int, infos: list, failed: list, root: str | None) -> dict:

@@ -406,9 +406,7 @@ def _put_buffers(m: nn.Module, saved: dict) -> None:
     live = m.state_dict()
     for k in _free_keys(m, live):
         v, now = saved.get(k), live[k]
-        if k.endswith(_EXTRA) or not isinstance(v, torch.Tensor) or not isinstance(now, torch.Tensor):
-            continue
-        if v.dtype != now.dtype or v.shape != now.shape:
+        if not k.endswith(_EXTRA) and (_resized(v, now) or _recast(v, now)):  # (both tensors)
             path, _, name = k.rpartition(".")
             owner = m.get_submodule(path)
             owner._buffers[name] = v.detach().to(device=now.device, copy=True)

@@ -202,6 +202,16 @@ def _file_has(root: str, rel: str, nbytes: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size >= nbytes
 
 
+def referrers(root: str, wanted: set[str]) -> dict[str, tuple[str, ...]]:
+    """For each step directory name in ``wanted``, the committed checkpoints of ``root`` other than
+    itself whose parts reference its files, oldest step first; names nothing references are left out."""
+    out: dict[str, list[str]] = {}
+    for c in sorted(layout.committed(root), key=lambda c: (c.step, c.name)):
+        for name in referenced_dirs(root, [c.name]) & wanted:
+            out.setdefault(name, []).append(c.name)
+    return {name: tuple(names) for name, names in out.items()}
+
+
 def referenced_dirs(root: str, names: list[str] | None = None) -> set[str]:
     """Step directory names whose files the committed checkpoints ``names`` (all by default)
     reference, besides themselves.
