@@ -33,9 +33,10 @@ class Info:
     complete: bool  # has MANIFEST.json (committed)
     sound: bool | None  # verified (manifest, parts, every checksum); None when not checked
     error: str | None = None  # why it is not sound
-    # Without a manifest: the committed checkpoints whose parts reference its data files. Retention
-    # retired it (docs/FORMAT.md §14) but they still read it, so, unlike an interrupted save, it
-    # must not be deleted. Empty for committed checkpoints (not looked up) and for garbage.
+    # The other committed checkpoints whose parts reference its data files (incremental chunks). Without
+    # a manifest, retention retired it (docs/FORMAT.md §14) but they still read it, so, unlike an
+    # interrupted save, it must not be deleted; a committed one cannot be deleted without breaking them
+    # either. Empty for garbage, and for committed ones when the caller did not look them up.
     referenced_by: tuple[str, ...] = ()
 
     @property
@@ -74,14 +75,15 @@ def entries(path: str) -> list[layout.Entry]:
     return found
 
 
-def referrers(found: builtins.list[layout.Entry]) -> dict[str, tuple[str, ...]]:
-    """For each ``step-*`` directory of ``found`` without a manifest, the committed checkpoints of its
-    root (by step) whose parts reference its data files; directories nothing references are left out.
+def referrers(found: builtins.list[layout.Entry], committed: bool = False) -> dict[str, tuple[str, ...]]:
+    """For each ``step-*`` directory of ``found`` without a manifest (and with ``committed``, each
+    committed one too), the other committed checkpoints of its root (by step) whose parts reference
+    its data files; directories nothing references are left out.
 
     The same reference count garbage collection and retention use (``incremental.referenced_dirs``),
-    so what this names is exactly what ``pyckpt gc`` keeps. Committed parts are parsed only when such
-    a directory exists (a plain root is listed from manifests alone)."""
-    candidates = [e for e in found if not e.complete and layout.parse_step(e.name) is not None]
+    so what this names is exactly what ``pyckpt gc`` keeps. Without ``committed``, committed parts are
+    parsed only when a directory without a manifest exists."""
+    candidates = [e for e in found if (committed or not e.complete) and layout.parse_step(e.name) is not None]
     if not candidates:
         return {}
     from .incremental import referrers as referrers_in
@@ -111,7 +113,7 @@ def info_of(e: layout.Entry, verify: bool = True, refs: dict[str, tuple[str, ...
         t = os.path.getmtime(stamp)
     except OSError:
         t = math.nan
-    by = () if e.complete else (refs or {}).get(e.name, ())
+    by = (refs or {}).get(e.name, ())
     sound: bool | None = None
     error = None
     if verify:
@@ -140,7 +142,7 @@ def list(directory: str | os.PathLike, verify: bool = True) -> builtins.list[Inf
     if not os.path.isdir(d):
         raise FileNotFoundError(f"{d} is not a directory")
     found = entries(d)
-    refs = referrers(found)
+    refs = referrers(found, committed=True)
     return [info_of(e, verify, refs) for e in found]
 
 

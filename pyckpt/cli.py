@@ -179,7 +179,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return NOT_FOUND
     else:
         found = catalog.entries(root)
-        refs = catalog.referrers(found)
+        refs = catalog.referrers(found, committed=True)
         infos = [catalog.info_of(e, verify=args.verify, refs=refs)
                  for e in _progress_for(args)(found, "verify", "ckpt")]
     if args.json:
@@ -196,7 +196,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         # A retired directory has no manifest either, but "incomplete" means "safe to delete": it is not.
         status = ("referenced" if i.retired else "incomplete") if not i.complete else (
             "complete" if i.sound is None else "sound" if i.sound else "DAMAGED")
-        note = f"  (data referenced by {', '.join(i.referenced_by)})" if i.retired else ""
+        note = f"  (data referenced by {', '.join(i.referenced_by)})" if i.retired else \
+            f"  (its data is also read by {', '.join(i.referenced_by)})" if i.complete and i.referenced_by else ""
         print(f"{step:>12}  {_time(i.time)}  {_human(i.size):>10}  {status:<10}  {i.name}{note}")
     for i in infos:
         if i.complete and i.sound is False:
@@ -511,7 +512,9 @@ _VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.
            "List every checkpoint directory in DIR with its step, commit time, size on disk and whether it\n"
            "is complete (has MANIFEST.json) or incomplete (an interrupted or in-progress save). A directory\n"
            "that is referenced was retired by retention but newer checkpoints (named on its row) read its\n"
-           "data files: never delete it by hand. DIR may also be a single checkpoint directory. --verify\n"
+           "data files: never delete it by hand. A complete checkpoint whose row names newer ones holds\n"
+           "chunks they read (unchanged memory is written once): deleting it by hand breaks them too.\n"
+           "DIR may also be a single checkpoint directory. --verify\n"
            "checks every checksum (a full read)."),
     "verify": (cmd_verify, _add_path, "check a checkpoint's integrity (every chunk, every checksum)",
                "Validate the manifest and rank parts of PATH and re-read every data chunk, checking its\n"

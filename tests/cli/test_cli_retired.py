@@ -115,3 +115,27 @@ def test_gc_keeps_referenced_data_and_removes_it_once_unreferenced(cli, ckpt_roo
     r = cli("gc", ckpt_root)
     assert r.returncode == 0, r.stderr
     assert not os.path.exists(os.path.join(ckpt_root, retired))
+
+
+def test_ls_names_the_checkpoints_that_read_a_committed_checkpoints_data(cli, ckpt_root):
+    # Deleting an old committed checkpoint by hand to free space breaks the newer ones that read its
+    # chunks (here the frozen base, written by step 1 only): ls has to say so on its row.
+    base = torch.randn(600_000, generator=torch.Generator().manual_seed(0))
+    adapter = torch.zeros(5000)
+    with pyckpt.Checkpointer(ckpt_root, keep=3) as ck:
+        for step in range(1, 4):
+            adapter.add_(1.0)
+            ck.save(step, {"base": base, "adapter": adapter}).result(60)
+    first, readers = layout.step_dir_name(1), [layout.step_dir_name(2), layout.step_dir_name(3)]
+
+    r = cli("ls", ckpt_root, "--json")
+    assert r.returncode == 0, r.stderr
+    by_name = {c["name"]: c for c in json.loads(r.stdout)["checkpoints"]}
+    assert all(c["complete"] for c in by_name.values())
+    assert by_name[first]["referenced_by"] == readers
+    assert by_name[readers[0]]["referenced_by"] == [] and by_name[readers[1]]["referenced_by"] == []
+
+    rows = _rows(cli("ls", ckpt_root).stdout)
+    assert rows[first][5] == "complete"  # still a checkpoint of its own, not "referenced"
+    assert all(n in " ".join(rows[first][7:]) for n in readers), rows[first]
+    assert rows[readers[1]][7:] == [], rows[readers[1]]
