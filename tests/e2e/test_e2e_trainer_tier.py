@@ -87,7 +87,8 @@ def test_trainer_random_collate_in_the_main_process_resumes_exactly(random_colla
     out = tmp_path / "final.pt"
     crash = kill_and_relaunch(TRAINER.command(out) + RANDOM_COLLATE, tier_env(tier_ckpt, every_steps=3),
                               tier_ckpt, out, lambda run: 9 in tier_steps(tier_ckpt))
-    assert crash.in_memory == [9] and max(crash.in_storage, default=0) < 9, (crash.in_memory, crash.in_storage)
+    # The tier frees 6's copy only after 9's is committed, so a kill right then may find both there.
+    assert crash.in_memory[-1] == 9 and max(crash.in_storage, default=0) < 9, (crash.in_memory, crash.in_storage)
     assert "pyckpt: resuming from the memory tier" in crash.resumed.stderr, crash.resumed.stderr[-3000:]
     assert_resumed_exactly(crash, random_collate_reference, out)
     assert not tier_path(tier_ckpt).exists()
