@@ -197,6 +197,9 @@ _knob("PYCKPT_SHM_MB", "0", "an integer >= 0", "keep the newest snapshot in /dev
 _knob("PYCKPT_INCREMENTAL", "1", "1/0", "write only chunks whose fingerprint changed; unchanged ones reference the earlier checkpoint", _flag)
 _knob("PYCKPT_INCREMENTAL_VERIFY", "auto", "auto, all, sample, off", "CRC32C check of unchanged chunks against the chunk they reference (auto: all host chunks, a rotating 1 in 8 of GPU chunks)", _choice("auto", "all", "sample", "off"))
 _knob("PYCKPT_STORAGE_EVERY", "1", "an integer >= 1", "with PYCKPT_SHM_MB: write every Nth snapshot to PYCKPT_DIR too (a SIGTERM snapshot always)", _int_at_least(1))
+_knob("PYCKPT_LAUNCH_ID", None, "any text", "set by pyckpt-run, new at each of its invocations: one launch of the "
+      "job, the same in every restart of its workers (PYCKPT_RESUME never/<dir> apply to a launch's first start)",
+      lambda n, raw: raw)
 _knob("PYCKPT_MTBF_HOURS", "24", "a number > 0", "expected hours between failures, for PYCKPT_EVERY=auto (PYCKPT_EVERY_STEPS=auto)", _float_above(0.0))
 _knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget in MiB", _int_at_least(1))
 _knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))

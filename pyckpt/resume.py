@@ -71,11 +71,93 @@ def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | Non
 
     ``auto`` returns None only when no rank sees a committed checkpoint; when some exist but none is
     sound it raises ``CorruptCheckpointError`` on every rank, naming them."""
+    if setting != "auto" and (own := _own_launch(ckpt, coord, setting)) is not None:
+        return own
     if setting == "never":
         ckpt._start_over()
         return None
     with reader.reusing():  # verifying, then reading the rank state, opens the chosen checkpoint twice
         return _choose(ckpt, coord, setting)
+
+
+def launch_id() -> str | None:
+    """This launch of the job, the same in every restart of its workers (recorded in each transparent
+    snapshot's ``rank_state["pyckpt"]["launch"]``): ``PYCKPT_LAUNCH_ID``, which pyckpt-run sets anew at
+    each invocation; else torchrun's run id; None in a process no launcher started."""
+    from . import knobs
+
+    if (given := knobs.get("PYCKPT_LAUNCH_ID")):
+        return given
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return f"torchrun:{run_id}" if run_id else None
+
+
+def _own_launch(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | None:
+    """With PYCKPT_RESUME ``never`` or a directory: the newest checkpoint when this launch wrote it,
+    else None (the setting applies). The elastic agent restarts failed workers with the environment
+    they started with, so without this every restart trained from scratch again (or went back to
+    the directory), dropping what the launch had trained and checkpointed since.
+
+    A launch is told apart by ``launch_id``: under pyckpt-run any start may be a restart (its id is
+    new at each invocation); under plain torchrun only a counted restart is one, because a multi-node
+    job's ``--rdzv-id`` is its run id and repeats from one launch to the next. Agreed by every rank: a
+    node that restarted its workers for a membership change counts no restart, and a replacement
+    node has a new pyckpt-run id."""
+    from . import knobs
+
+    mine = launch_id()
+    maybe = mine is not None and (knobs.get("PYCKPT_LAUNCH_ID") is not None
+                                  or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"))
+    if coord.world_size > 1:
+        maybe = any(coord.all_gather_json(maybe, "resume/restart"))
+    if not maybe:
+        return None
+    # Cheap first (no chunk read): the newest commit's launch, and the memory tier's newest copy's.
+    own = mine is not None and mine in _newest_launches(ckpt, coord)
+    if coord.world_size > 1:
+        own = any(coord.all_gather_json(own, "resume/own"))
+    if not own:
+        return None
+    try:
+        with reader.reusing():
+            src = _choose(ckpt, coord, "auto")
+    except PyckptError:  # none of it loads (said per checkpoint): the setting decides, as at the start
+        src = None
+    own = src is not None and _launch_of(src.rank_state) == mine
+    if coord.world_size > 1:
+        own = any(coord.all_gather_json(own, "resume/own-chosen"))
+    if not own:
+        return None
+    if coord.rank == 0:
+        say(f"restart of this launch: resuming from its own newest checkpoint {src.path} "
+            f"(PYCKPT_RESUME={setting} applies to the launch's first start)")
+    return src
+
+
+def _newest_launches(ckpt: Checkpointer, coord: Coordinator) -> set:
+    """The launches recorded in this rank's part of storage's newest commit and of the memory tier's
+    newest copy (unreadable ones: none)."""
+    from . import commit, shm_tier
+
+    paths = []
+    if ckpt.remote is None and (name := commit.read_latest(ckpt.directory)) is not None:
+        paths.append(os.path.join(ckpt.directory, name))
+    tier = shm_tier.tier_for(ckpt, coord)
+    if tier is not None and (name := commit.read_latest(tier.path)) is not None:
+        paths.append(os.path.join(tier.path, name))
+    found = set()
+    for path in paths:
+        try:
+            if coord.rank < manifest.read_manifest(path)["world_size"]:
+                found.add(_launch_of(read_rank_state(path, coord.rank)))
+        except (PyckptError, OSError, KeyError, TypeError):  # damaged or foreign: not this launch's
+            continue
+    return found
+
+
+def _launch_of(rank_state: Any) -> Any:
+    meta = rank_state.get("pyckpt") if isinstance(rank_state, dict) else None
+    return meta.get("launch") if isinstance(meta, dict) else None
 
 
 def _choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | None:

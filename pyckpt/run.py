@@ -177,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Without this the agent's restarted gloo group can dial the dead attempt's peers.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # One launch: its workers' restarts resume its own checkpoints whatever PYCKPT_RESUME says (resume.py).
+    os.environ["PYCKPT_LAUNCH_ID"] = os.urandom(8).hex()
     return supervise([sys.executable, "-m", "torch.distributed.run", *targv])
 
 

@@ -57,6 +57,7 @@ class Session:
         self.ckpt: Any = None
         self.coord: Any = None
         self.source: Any = None  # resume.Source while a restore is pending
+        self.launch: str | None = None  # resume.launch_id(), set at the start
         self.future: Any = None
         self.last_snapshot_step = -1
         self.sigterm: Any = None  # the previous SIGTERM handler once SIGTERM arrived
@@ -251,6 +252,7 @@ class Session:
             self.policy.set_agreement(StoreAgreement(self.coord.store, self.coord.rank, self.coord.world_size,
                                                      prefix=self.coord.prefix + "/policy"))
         setting = knobs.get("PYCKPT_RESUME")
+        self.launch = resume.launch_id()  # recorded in each snapshot: a restart of this launch resumes it
         try:
             self.source = resume.choose(self.ckpt, self.coord, setting)
         except PyckptError as e:
@@ -328,6 +330,7 @@ class Session:
         rank_state = {
             "loop": loop,
             "pyckpt": {"step": self.step, "world_size": self.coord.world_size, "replicated": replicated,
+                       "launch": self.launch,
                        "optimizer_classes": discovery.class_names(t.optimizers)},
             "loader": self.train_stream.position() if self.train_stream is not None else None,
             "registered": {name: get() for name, (get, _) in REGISTERED.items()},

@@ -139,3 +139,26 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_to_storage(tmp_path, plain_d
         assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))
     finally:
         shutil.rmtree(memory, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_restart_under_resume_never_resumes_the_launchs_own_checkpoint(tmp_path):
+    """`pyckpt-run --resume never` (start over, e.g. next to an earlier run's checkpoints): the worker
+    SIGKILLs itself once at step 13; the agent restarts it with the same environment, and it used to
+    train from step 1 again, silently dropping the checkpoints of steps 4-12 this launch had made."""
+    from transparent_helpers import TINY, run_script
+
+    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    earlier = run_script([TINY, tmp_path / "earlier.pt"], tmp_path, PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="3",
+                         EPOCHS="2")  # an earlier run's checkpoints in the same directory (steps 3-18, kept 12-18)
+    assert earlier.returncode == 0, earlier.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "4",
+                        "--resume", "never", "--max-restarts", "1", "--nproc-per-node", "1", TINY, tmp_path / "res.pt"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=clean_env(KILL_AT="13", KILL_MARK=tmp_path / "mark"))
+    assert r.returncode == 0 and (tmp_path / "mark").exists(), r.stderr[-3000:]
+    # The first start trained from scratch (never); the restart resumed this launch's newest commit.
+    assert "pyckpt: restart of this launch: resuming from its own newest checkpoint" in r.stderr, r.stderr[-3000:]
+    assert re.search(r"pyckpt: resumed from step (8|12) ", r.stderr), r.stderr[-3000:]
+    assert tree_equal(load(tmp_path / "res.pt"), load(tmp_path / "plain.pt"))

@@ -65,3 +65,74 @@ def test_no_committed_checkpoint_starts_over(tmp_path):
     (tmp_path / "step-000000003.tmp-x-0").mkdir()  # an uncommitted leftover is no checkpoint
     with pyckpt.Checkpointer(tmp_path) as ck:
         assert resume.choose(ck, LocalCoordinator(), "auto") is None
+
+
+def _launch_save(ck, step: int, launch: str | None) -> str:
+    """A commit as transparent mode writes it: the launch that wrote it in ``rank_state["pyckpt"]``."""
+    rank_state = {"pyckpt": {"step": step, "world_size": 1, "launch": launch}}
+    return ck.save(step, {"w": torch.full((8,), float(step))}, rank_state=rank_state).result(60)
+
+
+_LAUNCH_VARS = ("PYCKPT_LAUNCH_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    for name in _LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+    return set_env
+
+
+@pytest.mark.parametrize("setting", ["never", "path"])
+def test_a_restart_resumes_its_own_launchs_newest_checkpoint_whatever_resume_names(tmp_path, launch_env, capsys,
+                                                                                   setting):
+    # pyckpt-run --resume never/<dir> --max-restarts N: the elastic agent restarts failed workers with the
+    # same environment, and each restart used to start over from scratch (or go back to <dir>), silently
+    # dropping everything this launch had trained and checkpointed.
+    earlier = tmp_path / "earlier"
+    with pyckpt.Checkpointer(earlier) as ck:
+        given = _launch_save(ck, 5, "launch-0")
+    launch_env(PYCKPT_LAUNCH_ID="launch-1")
+    value = "never" if setting == "never" else given
+    with pyckpt.Checkpointer(tmp_path / "ck", keep=3) as ck:
+        _launch_save(ck, 20, "launch-0")  # an earlier launch's, in the same directory
+        first = resume.choose(ck, LocalCoordinator(), value)  # nothing of this launch's yet: as set
+        assert first is None if setting == "never" else first.path == given
+        assert "restart" not in capsys.readouterr().err
+        own = _launch_save(ck, 4, "launch-1")  # this launch's first checkpoint (a lower step, committed later)
+        src = resume.choose(ck, LocalCoordinator(), value)
+    assert src is not None and src.path == own and src.step == 4
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "restart" in ln]
+    assert len(lines) == 1 and own in lines[0] and f"PYCKPT_RESUME={value}" in lines[0], lines
+
+
+@pytest.mark.parametrize("setting", ["never", "path"])
+def test_without_a_checkpoint_of_its_own_launch_the_setting_applies(tmp_path, launch_env, setting):
+    # A new launch (another PYCKPT_LAUNCH_ID), or a restart before this launch committed anything: the
+    # newest checkpoint is an earlier launch's, which never / <dir> were given to avoid.
+    earlier = tmp_path / "earlier"
+    with pyckpt.Checkpointer(earlier) as ck:
+        given = _launch_save(ck, 5, None)
+    launch_env(PYCKPT_LAUNCH_ID="launch-2")
+    with pyckpt.Checkpointer(tmp_path / "ck") as ck:
+        _launch_save(ck, 20, "launch-1")
+        src = resume.choose(ck, LocalCoordinator(), "never" if setting == "never" else given)
+    if setting == "never":
+        assert src is None
+    else:
+        assert src.path == given and src.step == 5
+
+
+@pytest.mark.parametrize("restart_count,resumes", [("1", True), ("0", False)])
+def test_plain_torchrun_restarts_are_told_by_the_restart_count(tmp_path, launch_env, restart_count, resumes):
+    # Without pyckpt-run the launch is torchrun's run id, which a multi-node job given a fixed --rdzv-id
+    # keeps from one launch to the next: only a counted restart resumes against PYCKPT_RESUME=never.
+    launch_env(TORCHELASTIC_RUN_ID="job7", TORCHELASTIC_RESTART_COUNT=restart_count)
+    with pyckpt.Checkpointer(tmp_path / "ck") as ck:
+        own = _launch_save(ck, 6, resume.launch_id())
+        src = resume.choose(ck, LocalCoordinator(), "never")
+    assert (src is not None and src.path == own) if resumes else src is None
