@@ -1,8 +1,8 @@
 """The transparent-mode session: hook callbacks, snapshots and the deferred restore.
 
 Data flow. A global optimizer post-step hook counts steps of the *primary*
-optimizer (the first one that ever steps, so a GAN's two optimizers make
-one step per iteration) and asks the ``Policy`` whether a snapshot is due;
+optimizer (the first one that steps, so a GAN's two optimizers make one
+step per iteration; replaced when it is gone or superseded, see ``primary``) and asks the ``Policy`` whether a snapshot is due;
 if so the ``LoaderTracker`` is armed and the snapshot is taken when the
 *training stream* (the loader fetched last before that step) is next asked
 for a batch, before the batch is fetched. Then every per-step and per-epoch
@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -49,7 +50,9 @@ class Session:
         self.tracker.session = self  # integrations compose their framework's own resume with this session
         self.policy = Policy(*knobs.interval())
         self.step = 0
-        self.primary: Any = None
+        self._primary: Any = None  # weakref.ref of the optimizer whose steps are counted (see primary)
+        self._primary_params: frozenset[int] = frozenset()
+        self._supersedes_cache: tuple = (None, False)
         self.fetches_at_step = -1
         self.train_stream: Stream | None = None
         self.snapshot_due = False
@@ -135,7 +138,7 @@ class Session:
 
         def backward(*args, **kwargs):
             out = original(*args, **kwargs)
-            if session.primary is None:  # no optimizer has stepped (yet)
+            if session._primary is None:  # no optimizer has stepped (yet)
                 session._after_backward()
             return out
 
@@ -169,14 +172,36 @@ class Session:
             self.future.wait()
 
     # -- hooks ---------------------------------------------------------------------------
+    @property
+    def primary(self) -> Any:
+        """The optimizer whose steps are counted: the first that stepped, until it is gone or another
+        that steps updates every parameter it did (a script's second phase: a new optimizer for the
+        whole model). Kept for good, an optimizer the script replaced stopped the count and with it
+        every later snapshot, silently."""
+        return None if self._primary is None else self._primary()
+
     def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if opt is not self.primary:
+        primary = self.primary
+        if opt is not primary:
             if id(opt) not in self.optimizers._ids:  # made before enable(): register it now
                 self.optimizers.add(opt)
-            if self.primary is not None:
-                return
-            self.primary = opt
+            if primary is not None and not self._supersedes(opt):
+                return  # a GAN's other optimizer: one step per iteration is counted
+            if self._primary is not None:
+                why = "is gone" if primary is None else "updates no parameter this one does not"
+                say(f"steps are counted on {type(opt).__name__} from step {self.step + 1}: the optimizer that "
+                    f"counted them{'' if primary is None else ' (' + type(primary).__name__ + ')'} {why}")
+            self._primary = weakref.ref(opt)
+            self._primary_params = frozenset(id(p) for g in opt.param_groups for p in g["params"])
         self._on_step("step")
+
+    def _supersedes(self, opt: torch.optim.Optimizer) -> bool:
+        """Whether ``opt`` updates every parameter the primary does (checked again when its groups grow)."""
+        key = (id(opt), self._primary, sum(len(g["params"]) for g in opt.param_groups))
+        if self._supersedes_cache[0] != key:
+            ids = {id(p) for g in opt.param_groups for p in g["params"]}
+            self._supersedes_cache = (key, bool(self._primary_params) and self._primary_params <= ids)
+        return self._supersedes_cache[1]
 
     def _on_step(self, point: str) -> None:
         """A training step ended (``point``: "step" after the primary optimizer's step, "backward" after

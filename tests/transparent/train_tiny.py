@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
-MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema
-(ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
+MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases
+(phases: AdamW in epoch 0, then a new SGD over every parameter; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
 optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
@@ -109,6 +109,8 @@ if MODE == "while":
         train_step(x, y)
 else:
     for epoch in range(EPOCHS):
+        if MODE == "phases" and epoch == 1:  # a second phase: a new optimizer for the whole model
+            opts[0] = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # (the schedulers keep the old)
         model.train()
         for x, y in loader:
             train_step(x, y)
