@@ -30,6 +30,9 @@ class Tracked:
     modules: list[nn.Module] = field(default_factory=list)
     schedulers: dict[str, Any] = field(default_factory=dict)
     scalers: dict[str, Any] = field(default_factory=dict)
+    # Optimizer parameters no tracked module owns (a learned temperature made as a bare Parameter or leaf
+    # tensor), by "optimizer.group.index": saved per rank and copied back in place (``load_loose``).
+    loose: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def replicated(self, world_size: int) -> bool:
         """Whether this state is identical on every rank (written once) or per rank."""
@@ -63,6 +66,7 @@ class Discovery:
         self.scans = 0  # full gc scans so far (for the tests and the benchmark)
         self._scanned = False
         self._key: tuple | None = None
+        self._covered = True  # whether the roots own every optimizer parameter (else Tracked.loose)
         self._roots: list[weakref.ref] = []
         self._rescanned_key: tuple | None = None
 
@@ -129,6 +133,8 @@ class Discovery:
         opts = sharded.drop_inner(list(self.optimizers))  # a ZeRO optimizer's local one is saved through it
         # No optimizer (weights updated by hand after backward()): the modules with trainable parameters.
         t = Tracked(optimizers=opts, modules=self._root_modules(opts) if opts else self.trainable_roots())
+        if opts and not self._covered:
+            t.loose = _loose(opts, t.modules)
         per_opt: dict[int, int] = {}
         for s in self.schedulers:
             idx = next((i for i, o in enumerate(opts) if o is getattr(s, "optimizer", None)), None)
@@ -160,7 +166,7 @@ class Discovery:
             # reference cycle. Drop such garbage (only now, when the structure changed).
             gc.collect()
             roots, covered = root_modules(opts, self.modules)
-        self._key, self._roots = key, [weakref.ref(m) for m in roots]
+        self._key, self._roots, self._covered = key, [weakref.ref(m) for m in roots], covered
         return roots
 
     def trainable_roots(self) -> list[nn.Module]:
@@ -174,6 +180,50 @@ class Discovery:
         """True when some live module has gradients although no optimizer ever stepped."""
         self.scan_once()
         return any(p.grad is not None for m in self.modules for p in m.parameters(recurse=False))
+
+
+def _loose(opts: list[torch.optim.Optimizer], modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    owned = {id(p) for m in modules for p in m.parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for i, o in enumerate(opts):
+        for g, group in enumerate(o.param_groups):
+            for j, p in enumerate(group["params"]):
+                if id(p) not in owned:
+                    owned.add(id(p))  # one optimizer's entry when two share it
+                    out[f"{i}.{g}.{j}"] = p
+    return out
+
+
+def check_loose(t: Tracked, saved: Any) -> None:
+    """Refuse, before anything is read, a checkpoint whose optimizer parameters outside every module
+    (``Tracked.loose``) are not this run's: other keys, shapes or dtypes. A checkpoint written before
+    they were saved has none: resuming it would leave them at their initial values."""
+    saved = {} if saved is None else saved
+    if not isinstance(saved, dict):
+        raise PyckptError("the checkpoint's optimizer parameters outside modules are malformed")
+    if set(saved) != set(t.loose):
+        raise PyckptError(
+            f"this run's optimizers hold {len(t.loose)} parameter(s) no module owns ({', '.join(sorted(t.loose)) or 'none'}; "
+            f"optimizer.group.index) and the checkpoint holds {len(saved)} ({', '.join(sorted(saved)) or 'none'}): "
+            "they would not be restored; set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over")
+    for k, p in t.loose.items():
+        v = saved[k]
+        if not isinstance(v, torch.Tensor) or v.shape != p.shape or v.dtype != p.dtype:
+            raise PyckptError(f"the checkpoint's optimizer parameter {k} (outside modules) is "
+                              f"{_describe(v)}, this run's is {_describe(p)}; set PYCKPT_RESUME=never (or use a new "
+                              "PYCKPT_DIR) to start over")
+
+
+def load_loose(t: Tracked, saved: Any) -> None:
+    """Copy the saved optimizer parameters outside modules into the live ones, in place (the optimizer
+    and the script hold these very tensors). Checked by ``check_loose`` first."""
+    with torch.no_grad():
+        for k, p in t.loose.items():
+            p.copy_(saved[k])
+
+
+def _describe(v: Any) -> str:
+    return f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:

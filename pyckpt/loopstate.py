@@ -321,7 +321,8 @@ class _Encoder:
         except (RuntimeError, NotImplementedError):
             raise _Skip("a tensor without storage", False) from None
         if ptr and ptr in self.module_tensors:
-            raise _Skip("shares memory with a module's parameters or buffers (restored with the module)", False)
+            raise _Skip("shares memory with a module's parameters or buffers or an optimizer's parameters "
+                        "(restored there)", False)
         nbytes = v.numel() * v.element_size()
         if nbytes > self.max_bytes:
             raise _Skip(f"a tensor of {nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}",
@@ -361,7 +362,7 @@ class _Tracked:
     modules: set[int]
 
 
-def _tracked(modules: list, registered: list) -> _Tracked:
+def _tracked(modules: list, registered: list, loose: list = ()) -> _Tracked:
     """Storage addresses of the modules' parameters and buffers, and the ids of the modules, their
     submodules and ``registered``. Read from each submodule's own ``_parameters``/``_buffers`` (what
     ``parameters()``/``buffers()`` walk, without making a name per tensor): this runs at every
@@ -373,6 +374,7 @@ def _tracked(modules: list, registered: list) -> _Tracked:
             ids.add(id(sub))
             tensors += sub._parameters.values()
             tensors += sub._buffers.values()
+    tensors += loose  # optimizer parameters outside modules: restored in place with the optimizers
     out = set()
     for t in tensors:
         if t is None:
@@ -390,17 +392,18 @@ def stack_signature(user: list[types.FrameType], point: str) -> list:
 
 
 def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list,
-            registered: list = ()) -> Capture:
+            registered: list = (), loose: list = ()) -> Capture:
     """The loop state of the script frames ``user`` (outermost first) at a ``point`` ("loader",
     "step" or "backward"). ``modules``: the tracked root modules; ``registered``: objects saved
-    through ``pyckpt.register`` (neither is saved again here)."""
+    through ``pyckpt.register``; ``loose``: optimizer parameters outside modules (none of them is
+    saved again here: a variable naming one keeps the live tensor, which is restored in place)."""
     if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
         cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
                        "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user],
                        "objects": [], "iters": [None for _ in user], "tensors": []})
         cap.warnings["variables"] = "not captured (PYCKPT_LOOP_STATE_MAX_BYTES=0)"
         return cap
-    enc = _Encoder(max_bytes, _tracked(modules, list(registered)))
+    enc = _Encoder(max_bytes, _tracked(modules, list(registered), list(loose)))
     cap = Capture({})
     objects: list[tuple[Any, list]] = []  # (object, path)
     seen: set[int] = set()

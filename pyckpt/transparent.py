@@ -363,6 +363,8 @@ class Session:
         }
         if script_objects:  # modules and EMA helpers no optimizer owns, by the loop state's references
             rank_state["script_objects"] = script_objects
+        if t.loose:  # optimizer parameters no module owns: per rank (DDP does not synchronize them)
+            rank_state["loose"] = dict(t.loose)
         if not t.optimizers and t.modules:
             rank_state["grads"] = discovery.grads_of(t)  # weights updated by hand use them after this point
         if not replicated:
@@ -378,7 +380,8 @@ class Session:
         limit = knobs.get("PYCKPT_LOOP_STATE_MAX_BYTES")
         try:
             registered = [getattr(g, "__self__", None) for g, _ in REGISTERED.values()]  # saved there
-            cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules, registered)
+            cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules, registered,
+                                    list(t.loose.values()))
         except Exception as e:  # never lose the checkpoint over the loop state; say it is inexact
             if "capture" not in self.loop_warned:
                 self.loop_warned.add("capture")
@@ -412,6 +415,7 @@ class Session:
         # Before any tensor is read: another optimizer class would load without complaint (then fail
         # at its first step with a bare KeyError, or train on with the other class's settings).
         discovery.check_classes((src.rank_state or {}).get("pyckpt", {}).get("optimizer_classes"), t.optimizers)
+        discovery.check_loose(t, (src.rank_state or {}).get("loose"))
         replicated = t.replicated(self.coord.world_size)
         with reader.reusing():  # the checks below, the targets and the read open the checkpoint in turn
             if replicated:
@@ -429,6 +433,7 @@ class Session:
         else:
             state = rs["objects"]
         discovery.load(t, state)
+        discovery.load_loose(t, rs.get("loose"))
         if "grads" in rs:
             discovery.load_grads(t, rs["grads"])
         self._load_registered(rs.get("registered") or {})

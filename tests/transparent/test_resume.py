@@ -28,6 +28,7 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
     ("patched", 13),  # opt.step replaced on the instance
     ("compiled", 13),  # torch.compile'd module (_orig_mod. keys)
     ("ema", 13),     # modules owning no optimizer parameter: an EMA copy (global), a teacher (an attribute)
+    ("loose", 13),   # optimizer parameters no module owns: were not saved, or restored as new tensors
     ("phases", 23),  # the optimizer replaced at epoch 1: steps (and snapshots) used to stop being counted
 ])
 def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mode, kill_at):

@@ -401,3 +401,25 @@ def test_a_reassigned_buffer_is_put_back_with_its_saved_dtype_and_shape_by_the_p
     assert live.seen.dtype == torch.float32 and float(live.seen) == 2.5
     assert torch.equal(live.scale, torch.arange(4.0))
     assert live.scale is not state["modules"]["0"]["scale"]  # a copy: the checkpoint's tensor stays its own
+
+
+def test_optimizer_parameters_outside_modules_are_found_refused_when_missing_and_put_back_in_place():
+    from pyckpt.hooks import Registry
+
+    model, temp, shift = nn.Linear(3, 1), nn.Parameter(torch.zeros(())), torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([{"params": model.parameters()}, {"params": [temp, shift]}], lr=0.1)
+    opts = Registry()
+    opts.add(opt)
+    t = discovery.Discovery(opts, Registry(), Registry()).discover()
+    assert t.modules == [model] and list(t.loose) == ["0.1.0", "0.1.1"]
+    assert t.loose["0.1.0"] is temp and t.loose["0.1.1"] is shift
+    # A checkpoint without them (written before they were saved) or with other shapes: refused, not ignored.
+    with pytest.raises(PyckptError, match=r"2 parameter\(s\) no module owns \(0\.1\.0, 0\.1\.1;.*holds 0 \(none\)"):
+        discovery.check_loose(t, None)
+    with pytest.raises(PyckptError, match=r"parameter 0\.1\.1 \(outside modules\) is torch.float32 \(3,\)"):
+        discovery.check_loose(t, {"0.1.0": torch.ones(()), "0.1.1": torch.ones(3)})
+    saved = {"0.1.0": torch.tensor(0.5), "0.1.1": torch.tensor([1.0, 2.0])}
+    discovery.check_loose(t, saved)
+    discovery.load_loose(t, saved)  # in place: the optimizer and the script keep these very tensors
+    assert opt.param_groups[1]["params"][0] is temp and temp.item() == 0.5 and temp.requires_grad
+    assert torch.equal(shift.detach(), torch.tensor([1.0, 2.0])) and shift.requires_grad

@@ -1,7 +1,8 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases
-(phases: AdamW in epoch 0, then a new SGD over every parameter; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
+(loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
+phases: AdamW in epoch 0, then a new SGD over every parameter; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
 optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
@@ -45,6 +46,9 @@ elif MODE == "gan":
     models["critic"] = critic
     opts = [torch.optim.Adam(critic.parameters(), lr=1e-2), torch.optim.SGD(
         [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}], lr=0.01, momentum=0.9)]
+elif MODE == "loose":  # optimizer parameters no module owns: a bare Parameter and a plain leaf tensor
+    temp, shift = nn.Parameter(torch.zeros(())), torch.zeros(1, requires_grad=True)
+    opts = [torch.optim.AdamW([*model.parameters(), temp, shift], lr=1e-2)]
 else:
     opts = [torch.optim.AdamW(model.parameters(), lr=1e-2)]
 if MODE == "ema":
@@ -91,7 +95,8 @@ def train_step(x, y):
         return
     else:
         opts[0].zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
+        out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
+        ((out - y) ** 2).mean().backward()
         opts[0].step()
         if MODE == "ema":
             ema.update_parameters(model)
@@ -122,4 +127,4 @@ else:
 print("TRAINED", step, flush=True)
 torch.save({"models": {k: m.state_dict() for k, m in models.items()},
             "opts": [o.state_dict() for o in opts], "sched": sched.state_dict(),
-            "plateau": plateau.state_dict()}, sys.argv[1])
+            "plateau": plateau.state_dict(), "loose": [temp, shift] if MODE == "loose" else []}, sys.argv[1])
