@@ -73,6 +73,9 @@ def choose(ckpt: Checkpointer, coord: Coordinator, setting: str) -> Source | Non
     sound it raises ``CorruptCheckpointError`` on every rank, naming them."""
     if setting != "auto" and (own := _own_launch(ckpt, coord, setting)) is not None:
         return own
+    if setting != "auto" and coord.rank == 0 and ckpt.remote is None:
+        from . import shm_tier
+        shm_tier.discard(ckpt.directory)  # the run this one forks from: an auto relaunch must not take it
     if setting == "never":
         ckpt._start_over()
         return None

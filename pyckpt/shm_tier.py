@@ -30,6 +30,7 @@ exchange (``Tier.save``: every rank's per-rank bytes and free room).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -73,6 +74,7 @@ class Tier:
         # snapshot while this tier holds it; None once storage took a newer one directly (over the limit).
         self.newest: tuple[int, Any] | None = None
         self.kept: Any = _UNDECIDED  # keep_newest's answer, once given
+        self.saves = 0  # snapshots this process put here (it trained: its normal end is the run's)
         # An evicted snapshot's data files are written over by a later snapshot (mapped, in place): new
         # tmpfs files cost a page allocation and zeroing per 4 KiB, and freeing the old ones as much
         # again. Not while this rank's publication may still read one (it holds their descriptors;
@@ -121,6 +123,7 @@ class Tier:
             self.publication.opened.wait()  # its source files are open: retention may delete them now
         fut = self.ckpt.save(step, state, rank_state, **kw)
         self.newest = (step, fut)
+        self.saves += 1
         return fut
 
     def _room(self) -> int:
@@ -429,16 +432,48 @@ def _left_behind(storage_dir: str) -> None:
     """With the tier off: say so when a copy of this directory is still in /dev/shm (a crashed run's),
     and remove it at a normal end (the run's newest snapshot may be there; nothing uses it now)."""
     path = shm_path(storage_dir)
-    if not _private(path):
-        return
+    if not _private(path) or not any(n.startswith("step-") for n in os.listdir(path)):
+        return  # none, or no snapshot in it (discarded)
     say(f"warning: memory-tier copy {path} is not used: PYCKPT_SHM_MB is 0 (set it to resume from that copy); "
-        "it is removed if this run ends normally", "warning")
+        "it is removed if this run trains and ends normally", "warning")
     atexit.register(_remove_at_normal_exit, path)
 
 
 def _remove_at_normal_exit(path: str) -> None:
-    if _normal_end():
+    if _normal_end() and _trained(None):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _trained(tier: Tier | None) -> bool:
+    """Whether this process trained as the run (stepped past any pending restore, or put a snapshot in
+    ``tier``): only then is its normal end the run's. An evaluation script sharing PYCKPT_DIR ends
+    normally too, and removing the copy then lost a crashed run's newest snapshot."""
+    from . import activation
+
+    s = activation._SESSION
+    if s is not None and s.step > 0 and s.source is None and getattr(s.tracker, "plan", None) is None:
+        return True
+    return tier is not None and tier.saves > 0
+
+
+def discard(storage_dir: str) -> None:
+    """Remove the snapshots of ``storage_dir``'s memory copy (rank 0): a run that starts over or from a
+    chosen checkpoint (PYCKPT_RESUME never / a directory) forks from what the copy continues, and its
+    step numbers repeat that run's. Left there, an ``auto`` relaunch took the copy for newer than this
+    run's own checkpoints of lower steps and resumed the earlier run, silently."""
+    path = shm_path(storage_dir)
+    if not _private(path):
+        return
+    steps = [n for n in os.listdir(path) if n.startswith("step-") or n == layout.LATEST]
+    if steps:
+        say(f"memory-tier copy {path} holds the run this one does not continue: removing it")
+    for name in steps:
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
 
 
 def choose(ckpt: Any, coord: Any) -> Any:
@@ -548,7 +583,7 @@ def _normal_end() -> bool:
 
 
 def _at_exit(tier: Tier) -> None:
-    if _normal_end():
+    if _normal_end() and _trained(tier):
         keep_newest(tier)  # before the copy goes (done already if the finished marker's handler ran first)
         tier.remove()
 

@@ -697,3 +697,58 @@ def test_parked_files_of_ranks_a_resized_job_lacks_are_freed(tmp_path, shm):
             shm_tier._TIERS.pop(ck.directory, None)
             tier.remove()
             ck.close()
+
+
+EVAL_ONLY = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+model = torch.nn.Linear(6, 1)
+with torch.no_grad():
+    for x, y in DataLoader(TensorDataset(torch.randn(8, 6), torch.randn(8, 1)), batch_size=4):
+        model(x)
+print("EVALUATED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("tier", ["off", "on"])
+def test_a_process_that_does_not_train_keeps_a_crashed_runs_copy(tmp_path, shm, tier):
+    # An evaluation script run with the job's exported settings ends normally without one optimizer
+    # step: that is not the run's end. It used to remove the copy (tier off: the crashed run's only
+    # newest snapshot, storage lagging behind; tier on: after writing it to storage).
+    out = tmp_path / "out.pt"
+    first = run_script([TINY, out], tmp_path, **_env(tmp_path, KILL_AT="19"))
+    assert first.returncode == -signal.SIGKILL
+    held, stored = _steps(shm), _steps(tmp_path / "ck")
+    assert held and max(held) > max(stored, default=0), (held, stored)
+    (tmp_path / "evaluate.py").write_text(EVAL_ONLY)
+    shm_mb = "0" if tier == "off" else "64"
+    ev = run_script([tmp_path / "evaluate.py"], tmp_path, **_env(tmp_path, PYCKPT_SHM_MB=shm_mb, KILL_AT=""))
+    assert ev.returncode == 0 and "EVALUATED" in ev.stdout, ev.stderr
+    assert _steps(shm) == held and _steps(tmp_path / "ck") == stored
+
+
+@pytest.mark.parametrize("setting", ["never", "path"])
+def test_a_run_that_forks_from_the_copys_run_removes_the_copy(tmp_path, shm, capsys, setting):
+    # PYCKPT_RESUME=never (or a chosen checkpoint) with the tier off: the earlier run's copy of step 10 stayed,
+    # and an `auto` relaunch with the tier on took it for newer than this run's own commits of lower steps.
+    from pyckpt import resume
+
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        try:
+            given = ck.save(2, {"w": torch.zeros(4)}).result(60)
+            shm_tier.tier_for(ck, coord).save(10, {"w": torch.ones(4)}, {"n": 10}).result()
+            assert _steps(shm) == [10]
+        finally:
+            _fresh(ck)
+            ck.close()
+    with knobs.override(PYCKPT_SHM_MB=0):
+        ck = Checkpointer(tmp_path / "ck")
+        try:
+            src = resume.choose(ck, coord, "never" if setting == "never" else given)
+            assert src is None if setting == "never" else src.path == given
+        finally:
+            _fresh(ck)
+            ck.close()
+    assert _steps(shm) == []
+    assert f"memory-tier copy {shm} holds the run this one does not continue: removing it" in capsys.readouterr().err
