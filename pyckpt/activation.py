@@ -272,6 +272,8 @@ def _warn_unknown_names() -> None:
     msg = knobs.unknown_names_message()
     if msg:
         _say(msg, "warning")
+    for msg in knobs.ignored_messages():  # validated by now: set, known, and without effect
+        _say(msg, "warning")
 
 
 # -- waiting for torch --------------------------------------------------------------------

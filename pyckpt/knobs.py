@@ -28,10 +28,25 @@ class Knob(NamedTuple):  # not a dataclass: the start-up line imports this modul
     help: str
 
 
+def _int(raw: str) -> int:
+    """int(), without Python's digit grouping ("1_0" is 10 there, a typo here)."""
+    if "_" in raw:
+        raise ValueError(raw)
+    return int(raw)
+
+
+def _float(raw: str) -> float:
+    """float(), without digit grouping; only finite values (an infinite wait or interval never ends)."""
+    value = float(raw)
+    if "_" in raw or not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
 def _int_at_least(lo: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
-            value = int(raw)
+            value = _int(raw)
         except ValueError:
             value = None
         if value is None or value < lo:
@@ -44,24 +59,25 @@ def _int_at_least(lo: int) -> Callable[[str, str], int]:
 def _float_at_least(lo: float) -> Callable[[str, str], float]:
     def parse(name: str, raw: str) -> float:
         try:
-            value = float(raw)
+            value = _float(raw)
         except ValueError:
             value = None
         if value is None or not value >= lo:
-            raise ConfigError(f"{name}={raw!r} is not valid: expected a number >= {lo}")
+            raise ConfigError(f"{name}={raw!r} is not valid: expected a finite number >= {lo}")
         return value
 
     return parse
 
 
-def _float_above(lo: float) -> Callable[[str, str], float]:
+def _float_above(lo: float, hi: float = math.inf) -> Callable[[str, str], float]:
     def parse(name: str, raw: str) -> float:
         try:
-            value = float(raw)
+            value = _float(raw)
         except ValueError:
             value = None
-        if value is None or not (lo < value < math.inf):
-            raise ConfigError(f"{name}={raw!r} is not valid: expected a number > {lo:g}")
+        if value is None or not (lo < value <= hi):
+            upto = f" and <= {hi:g}" if hi < math.inf else ""
+            raise ConfigError(f"{name}={raw!r} is not valid: expected a number > {lo:g}{upto}")
         return value
 
     return parse
@@ -80,7 +96,7 @@ def _flag(name: str, raw: str) -> bool:
     v = raw.strip().lower()
     if v in ("1", "true", "yes", "on"):
         return True
-    if v in ("", "0", "false", "no", "off"):
+    if v in ("0", "false", "no", "off"):  # not "": set but empty is a mistake, not "off" (as PYCKPT_DIR=)
         return False
     raise ConfigError(f"{name}={raw!r} is not valid: expected 1/0, true/false, yes/no or on/off")
 
@@ -160,11 +176,11 @@ def _every(name: str, raw: str) -> tuple[str, int | float | str]:
         return "steps", "auto"
     try:
         if v.endswith("s"):
-            seconds = float(v[:-1])
-            if seconds > 0 and math.isfinite(seconds):
+            seconds = _float(v[:-1])
+            if seconds > 0:
                 return "seconds", seconds
         else:
-            steps = int(v)
+            steps = _int(v)
             if steps >= 1:
                 return "steps", steps
     except ValueError:
@@ -200,7 +216,7 @@ _knob("PYCKPT_STORAGE_EVERY", "1", "an integer >= 1", "with PYCKPT_SHM_MB: write
 _knob("PYCKPT_LAUNCH_ID", None, "any text", "set by pyckpt-run, new at each of its invocations: one launch of the "
       "job, the same in every restart of its workers (PYCKPT_RESUME never/<dir> apply to a launch's first start)",
       lambda n, raw: raw)
-_knob("PYCKPT_MTBF_HOURS", "24", "a number > 0", "expected hours between failures, for PYCKPT_EVERY=auto (PYCKPT_EVERY_STEPS=auto)", _float_above(0.0))
+_knob("PYCKPT_MTBF_HOURS", "24", "a number > 0 and <= 1e6", "expected hours between failures, for PYCKPT_EVERY=auto (PYCKPT_EVERY_STEPS=auto)", _float_above(0.0, 1e6))
 _knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget in MiB", _int_at_least(1))
 _knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))
 _knob("PYCKPT_IO_THREADS", "4", "an integer >= 1", "writer/reader threads per process", _int_at_least(1))
@@ -274,6 +290,16 @@ def unknown_names_message(environ: dict[str, str] | None = None) -> str | None:
         return None
     parts = [f"{n} (did you mean {c}?)" if c else n for n, c in bad]
     return f"warning: unknown setting{'s' if len(bad) > 1 else ''} ignored: {', '.join(parts)}"
+
+
+def ignored_messages() -> list[str]:
+    """One warning per setting that is set but has no effect with the others (validated first)."""
+    out = []
+    if os.environ.get("PYCKPT_MTBF_HOURS") is not None and interval()[0] != "auto":
+        out.append("warning: PYCKPT_MTBF_HOURS is ignored: it sets the automatic interval only (PYCKPT_EVERY=auto)")
+    if os.environ.get("PYCKPT_INCREMENTAL_VERIFY") is not None and not get("PYCKPT_INCREMENTAL"):
+        out.append("warning: PYCKPT_INCREMENTAL_VERIFY is ignored: PYCKPT_INCREMENTAL is off")
+    return out
 
 
 @contextlib.contextmanager

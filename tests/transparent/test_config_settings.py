@@ -140,6 +140,35 @@ def test_every_seconds_must_be_positive_and_finite(monkeypatch):
     assert knobs.get("PYCKPT_EVERY_SECONDS") == 0.5
 
 
+@pytest.mark.parametrize("name,raw", [
+    ("PYCKPT_LAZY", ""), ("PYCKPT_INCREMENTAL", " "),  # empty turned a default-on feature off, silently
+    ("PYCKPT_KEEP", "1_0"), ("PYCKPT_EVERY", "1_0"), ("PYCKPT_EVERY_SECONDS", "1_0"),  # Python's digit grouping
+    ("PYCKPT_STAGING_TIMEOUT_S", "inf"),  # a wait that never ends
+    ("PYCKPT_MTBF_HOURS", "1e305"),  # overflowed to an infinite interval: one snapshot for the whole job
+])
+def test_values_that_used_to_be_taken_silently_are_refused(monkeypatch, name, raw):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigError, match=f"{name}={raw!r} is not valid"):
+        knobs.get(name)
+
+
+def test_settings_that_have_no_effect_are_said(monkeypatch):
+    for name in ("PYCKPT_EVERY", "PYCKPT_EVERY_STEPS", "PYCKPT_EVERY_SECONDS", "PYCKPT_MTBF_HOURS",
+                 "PYCKPT_INCREMENTAL", "PYCKPT_INCREMENTAL_VERIFY"):
+        monkeypatch.delenv(name, raising=False)
+    assert knobs.ignored_messages() == []
+    monkeypatch.setenv("PYCKPT_MTBF_HOURS", "5")
+    monkeypatch.setenv("PYCKPT_EVERY_STEPS", "100")
+    monkeypatch.setenv("PYCKPT_INCREMENTAL", "0")
+    monkeypatch.setenv("PYCKPT_INCREMENTAL_VERIFY", "all")
+    assert knobs.ignored_messages() == [
+        "warning: PYCKPT_MTBF_HOURS is ignored: it sets the automatic interval only (PYCKPT_EVERY=auto)",
+        "warning: PYCKPT_INCREMENTAL_VERIFY is ignored: PYCKPT_INCREMENTAL is off"]
+    monkeypatch.setenv("PYCKPT_EVERY_STEPS", "auto")
+    monkeypatch.setenv("PYCKPT_INCREMENTAL", "1")
+    assert knobs.ignored_messages() == []
+
+
 # -- the start-up line --------------------------------------------------------------------
 def test_startup_line_says_where_how_often_and_that_600_s_is_the_default(tmp_path):
     r = _train(tmp_path, PYCKPT_DIR="ck")
