@@ -75,6 +75,9 @@ class Tier:
         self.newest: tuple[int, Any] | None = None
         self.kept: Any = _UNDECIDED  # keep_newest's answer, once given
         self.saves = 0  # snapshots this process put here (it trained: its normal end is the run's)
+        # every - 1 after a resume from a copy storage lacks: this process's first snapshot goes to storage
+        # too. Counted per process, a job restarted before its every-th snapshot never wrote storage.
+        self.lag = 0
         # An evicted snapshot's data files are written over by a later snapshot (mapped, in place): new
         # tmpfs files cost a page allocation and zeroing per 4 KiB, and freeing the old ones as much
         # again. Not while this rank's publication may still read one (it holds their descriptors;
@@ -91,7 +94,7 @@ class Tier:
 
     def storage_due(self, n: int) -> bool:
         """Whether snapshot number ``n`` (1, 2, ...) of this process also goes to storage."""
-        return n % self.every == 0
+        return (n + self.lag) % self.every == 0
 
     def save(self, step: int, state: Any, rank_state: Any, **kw: Any) -> Any:
         """Start the memory copy (a SaveFuture), or None when the state is over the limit (one line)."""
@@ -523,6 +526,8 @@ def choose(ckpt: Any, coord: Any) -> Any:
         say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")
     src = resume.source_for(tier.ckpt, mine, coord)  # another number of ranks: checked and said as for storage
     tier.newest = (step, mine)  # storage may not hold it: kept at a normal end if no snapshot follows
+    if tier.every > 1 and not any(e.step == step for e in layout.committed(ckpt.directory)):
+        tier.lag = tier.every - 1
     # Storage's chunks were not read, so not verified: its next checkpoint references none of them
     # (written in full once; a damaged chunk would otherwise be inherited by every later one).
     ckpt._baseline.seeded = True

@@ -752,3 +752,27 @@ def test_a_run_that_forks_from_the_copys_run_removes_the_copy(tmp_path, shm, cap
             ck.close()
     assert _steps(shm) == []
     assert f"memory-tier copy {shm} holds the run this one does not continue: removing it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_after_a_resume_from_a_copy_storage_lacks_the_first_snapshot_goes_to_storage(tmp_path, shm, stored):
+    # PYCKPT_STORAGE_EVERY counted snapshots per process: a job restarted before its N-th snapshot each
+    # time (a flaky node) kept everything in /dev/shm only, and a reboot then lost it all.
+    with knobs.override(PYCKPT_SHM_MB=16, PYCKPT_STORAGE_EVERY=3):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        try:
+            if stored:
+                ck.save(10, {"w": torch.ones(4)}, {"n": 10}).result(60)
+            shm_tier.tier_for(ck, coord).save(10, {"w": torch.ones(4)}, {"n": 10}).result()
+        finally:
+            _fresh(ck)
+            ck.close()
+        ck = Checkpointer(tmp_path / "ck")
+        try:
+            assert shm_tier.choose(ck, coord) is not None
+            tier = shm_tier.tier_for(ck, coord)
+            due = [n for n in range(1, 8) if tier.storage_due(n)]
+        finally:
+            _fresh(ck)
+            ck.close()
+    assert due == ([3, 6] if stored else [1, 4, 7])
