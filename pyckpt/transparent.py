@@ -292,6 +292,13 @@ class Session:
             raise PyckptError(f"checkpoint {self.source.path} has no training-loader position for rank "
                               f"{self.coord.rank}; set PYCKPT_RESUME=never to start over")
         self.tracker.plan = FastForward.from_position(pos)
+        skipped = int(pos.get("epoch", 1)) - 1  # epochs started before the one resumed into
+        if skipped > 0 and self.coord.rank == 0:
+            # The fast-forward cannot skip the script's own code around the loader: say what runs again.
+            say(f"epoch{'s 0-' if skipped > 1 else ' '}{skipped - 1} run{'' if skipped > 1 else 's'} again without "
+                f"data before the restore point (epoch {skipped}): what the script's per-epoch code prints or "
+                "writes to files there reflects the state before the restore, and variables set only inside "
+                "the loader loop are unset there")
         for opt in self.optimizers:
             # As in the run that wrote the checkpoint, the optimizer has stepped before any
             # scheduler.step() that per-epoch code makes while epochs are skipped.

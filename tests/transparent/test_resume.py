@@ -1,6 +1,7 @@
 """Kill a tiny training script at various steps, relaunch it, and compare with an uninterrupted run."""
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -37,6 +38,11 @@ def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mod
     assert "TRAINED" not in first.stdout
     saved = (kill_at // 4) * 4
     assert f"pyckpt: resumed from step {saved} " in second.stderr or f"resumed from step {saved - 4} " in second.stderr
+    # A resume into epoch 1 runs epoch 0's code again without data first, and says so; one into epoch 0 does not.
+    epoch = int(re.search(r"resumed from step \d+ \(epoch (\d+)", second.stderr).group(1))
+    said = "pyckpt: epoch 0 runs again without data before the restore point (epoch 1): what the script's"
+    assert (said in second.stderr) == (epoch == 1) and "runs again" not in second.stderr.replace(said, ""), \
+        second.stderr
     assert tree_equal(final, plain_results(mode))
 
 
