@@ -158,6 +158,8 @@ def test_what_is_skipped_warned_or_kept():
     module = torch.nn.Linear(2, 2)
     alias = module.weight.data  # shares the module's memory: restored with the module
     stream = _gen()
+    used_up = _gen()
+    list(used_up)  # as model.parameters() given to an optimizer: nothing left to restore, nothing to warn about
     custom = iter(collections.OrderedDict(a=1).items())
     fh = open(__file__)
     try:
@@ -172,8 +174,8 @@ def test_what_is_skipped_warned_or_kept():
     assert sorted(keys) == ["big", "custom", "stream"], cap.warnings
     assert "generator" in cap.warnings[next(k for k in cap.warnings if k.startswith("stream"))]
     skipped = {k.split(" ")[0] for k in cap.skipped}
-    assert {"fresh_big", "param", "module", "alias", "fh"} <= skipped
-    assert not set(loc) & {"big", "fresh_big", "param", "module", "alias", "fh", "stream", "custom"}
+    assert {"fresh_big", "param", "module", "alias", "fh", "used_up"} <= skipped
+    assert not set(loc) & {"big", "fresh_big", "param", "module", "alias", "fh", "stream", "custom", "used_up"}
 
 
 def test_tensors_shared_with_any_submodule_are_left_to_the_module():
