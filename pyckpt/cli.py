@@ -182,12 +182,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
         refs = catalog.referrers(found, committed=True)
         infos = [catalog.info_of(e, verify=args.verify, refs=refs)
                  for e in _progress_for(args)(found, "verify", "ckpt")]
+    tier = None if _is_url(root) else _tier_copy(root)
     if args.json:
         _print_json({"dir": root if _is_url(root) else os.path.abspath(root), "finished": catalog.is_finished(root),
-                     "checkpoints": [i.to_dict() for i in infos]})
+                     "checkpoints": [i.to_dict() for i in infos],
+                     "memory_tier": None if tier is None else {"path": tier[0], "step": tier[1]}})
         return 0
     if not infos:
         print(f"no checkpoints in {root}")
+        if tier is not None:  # a crashed run's only snapshots (PYCKPT_STORAGE_EVERY): say they exist
+            print(_tier_line(root, tier, infos))
         _print_finished(root)  # a relaunch would stop at once: say why, even with nothing to list
         return 0
     print(f"{'STEP':>12}  {'TIME (UTC)':<19}  {'SIZE':>10}  {'STATUS':<10}  NAME")
@@ -199,6 +203,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         note = f"  (data referenced by {', '.join(i.referenced_by)})" if i.retired else \
             f"  (its data is also read by {', '.join(i.referenced_by)})" if i.complete and i.referenced_by else ""
         print(f"{step:>12}  {_time(i.time)}  {_human(i.size):>10}  {status:<10}  {i.name}{note}")
+    if tier is not None:
+        print(_tier_line(root, tier, infos))
     for i in infos:
         if i.complete and i.sound is False:
             _err("ls", f"{i.name} is damaged: {i.error}")
@@ -225,6 +231,23 @@ def _print_finished(root: str) -> None:
 _RETIRED_NOTE = ("pyckpt ls: referenced = retired by retention (no MANIFEST.json, not loadable), but the "
                  "checkpoints named read chunks from its data files: do not delete it; it is removed by the "
                  "next save or `pyckpt gc` once no committed checkpoint references it")
+
+
+def _tier_copy(root: str) -> tuple[str, int] | None:
+    """The memory-tier copy of ``root`` on this machine, if any (shm_tier.held_copy)."""
+    try:
+        from .shm_tier import held_copy
+        return held_copy(root)
+    except (OSError, ImportError):
+        return None
+
+
+def _tier_line(root: str, tier: tuple[str, int], infos: list) -> str:
+    newest = max((i.step for i in infos if i.complete and i.step is not None), default=None)
+    if newest is None or tier[1] > newest:
+        return (f"memory tier: {tier[0]} holds step {tier[1]}, newer than any checkpoint listed: a relaunch "
+                "on this machine resumes from it (a reboot or clearing /dev/shm loses it)")
+    return f"memory tier: {tier[0]} holds step {tier[1]}"
 
 
 def _retired_hint(path: str) -> str:

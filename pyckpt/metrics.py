@@ -56,6 +56,14 @@ class SaveTimer:
         self.monitor: float | None = None
         self.url: str | None = None  # an object-storage root: the uploaded checkpoint's URL
         self.figures: dict[str, Any] | None = None  # sum_figures of the committed parts, when known
+        # The training stall, when another save's (storage's copy of a memory-tier snapshot: the memory
+        # save stalled training, the copy did not; its record used to say 0 for every save).
+        self.stall_s: float | None = None
+
+    def stall(self) -> float:
+        """Seconds the caller was held: the ``save()`` call and waits in ``captured()`` so far."""
+        t_ret = self.t_return if self.t_return is not None else time.monotonic()
+        return t_ret - self.t0 + self.blocked_s
 
     def returned(self) -> None:
         """``save()`` is about to return to the caller."""
@@ -156,7 +164,7 @@ def save_record(timer: SaveTimer, path: str | None, error: BaseException | None)
     rec: dict[str, Any] = {
         "event": "save", "step": timer.step, "time": round(timer.wall, 3), "ok": error is None,
         "error": None if error is None else f"{type(error).__name__}: {error}", "path": path,
-        "stall_s": round(t_ret - timer.t0 + timer.blocked_s, 6),
+        "stall_s": round(t_ret - timer.t0 + timer.blocked_s if timer.stall_s is None else timer.stall_s, 6),
         "save_call_s": round(t_ret - timer.t0, 6),
         "capture_s": None if timer.t_captured is None else round(timer.t_captured - timer.t0, 6),
         "durable_s": round(now - timer.t0, 6) if error is None else None,

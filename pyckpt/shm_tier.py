@@ -459,6 +459,18 @@ def _trained(tier: Tier | None) -> bool:
     return tier is not None and tier.saves > 0
 
 
+def held_copy(storage_dir: str) -> tuple[str, int] | None:
+    """(path, step) of the newest snapshot this user's memory copy of ``storage_dir`` holds on this
+    machine (``pyckpt ls``), or None. Not verified here: a relaunch checks it."""
+    from .commit import read_latest
+
+    path = shm_path(storage_dir)
+    if not _private(path) or (name := read_latest(path)) is None:
+        return None
+    step = layout.parse_step(name)
+    return None if step is None or not layout.is_checkpoint_dir(os.path.join(path, name)) else (path, step)
+
+
 def discard(storage_dir: str) -> None:
     """Remove the snapshots of ``storage_dir``'s memory copy (rank 0): a run that starts over or from a
     chosen checkpoint (PYCKPT_RESUME never / a directory) forks from what the copy continues, and its

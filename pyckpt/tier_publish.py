@@ -69,6 +69,9 @@ class Publication:
         try:
             try:
                 src = self.source.result()
+                source_timer = getattr(self.source, "_timer", None)
+                if source_timer is not None:  # the training stall was the memory save's (stats, metrics.jsonl)
+                    self.future._timer.stall_s = source_timer.stall()
             except BaseException as e:  # the memory copy failed on every rank (its commit is collective)
                 self.opened.set()  # and was said there (a vetoed lazy capture, a full /dev/shm)
                 self.storage._record(self.future, None, e)

@@ -776,3 +776,46 @@ def test_after_a_resume_from_a_copy_storage_lacks_the_first_snapshot_goes_to_sto
             _fresh(ck)
             ck.close()
     assert due == ([3, 6] if stored else [1, 4, 7])
+
+
+def test_storage_copies_from_memory_record_the_training_stall_of_the_memory_save(tmp_path, shm):
+    # The storage record's stall said 0 for every save with the tier on (its copy stalls nothing), so
+    # `pyckpt stats` showed no stall at all; the stall is the memory save's, whose own record lives in
+    # /dev/shm and goes with the copy.
+    from pyckpt import metrics
+
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            for step in (10, 20):
+                fut = tier.save(step, {"big": torch.full((1 << 20,), float(step))}, {"n": step})
+                fut.captured()  # as the next optimizer step waits for the copy
+                tier.publish(fut, ck, step).result(60)
+            memory = {r["step"]: r["stall_s"] for r in metrics.read(str(shm))[0] if r["event"] == "save"}
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+    stored = {r["step"]: r["stall_s"] for r in metrics.read(str(tmp_path / "ck"))[0] if r["event"] == "save"}
+    assert stored == memory and all(v > 0 for v in stored.values()), (stored, memory)
+
+
+def test_ls_names_a_memory_copy_newer_than_storage(tmp_path, shm):
+    # After a crash with PYCKPT_STORAGE_EVERY > 1 the newest snapshot may be only in /dev/shm: `pyckpt ls`
+    # listed storage alone, and an operator moving or rebooting the job could not know what it loses.
+    with knobs.override(PYCKPT_SHM_MB=16):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        try:
+            ck.save(8, {"w": torch.ones(4)}).result(60)
+            shm_tier.tier_for(ck, coord).save(12, {"w": torch.ones(4)}, {"n": 12}).result()
+        finally:
+            _fresh(ck)
+            ck.close()
+    cmd = [sys.executable, "-m", "pyckpt", "ls", str(tmp_path / "ck")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"memory tier: {shm} holds step 12, newer than any checkpoint listed: a relaunch on this machine " \
+           "resumes from it" in r.stdout, r.stdout
+    r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert json.loads(r.stdout)["memory_tier"] == {"path": str(shm), "step": 12}
