@@ -305,8 +305,8 @@ class _Encoder:
     def skip(self, v: Any) -> _Skip:
         t = type(v)
         name = f"{t.__module__}.{t.__qualname__}"
-        if isinstance(v, types.GeneratorType) and v.gi_frame is None:  # run to its end (model.parameters()
-            return _Skip(f"a finished generator ({v.__qualname__}): nothing to restore", False)  # given to an optimizer)
+        if isinstance(v, types.GeneratorType) and v.gi_frame is None:  # run to its end: model.parameters()
+            return _Skip(f"a finished generator ({v.__qualname__}): nothing to restore", False)  # an optimizer took
         if isinstance(v, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
             return _Skip(f"a generator ({getattr(v, '__qualname__', name)}) whose position cannot be restored", True)
         if isinstance(v, _silent_kinds()):

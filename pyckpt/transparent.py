@@ -2,7 +2,8 @@
 
 Data flow. A global optimizer post-step hook counts steps of the *primary*
 optimizer (the first one that steps, so a GAN's two optimizers make one
-step per iteration; replaced when it is gone or superseded, see ``primary``) and asks the ``Policy`` whether a snapshot is due;
+step per iteration; replaced when it is gone or superseded, see ``primary``)
+and asks the ``Policy`` whether a snapshot is due;
 if so the ``LoaderTracker`` is armed and the snapshot is taken when the
 *training stream* (the loader fetched last before that step) is next asked
 for a batch, before the batch is fetched. Then every per-step and per-epoch
@@ -188,9 +189,10 @@ class Session:
             if primary is not None and not self._supersedes(opt):
                 return  # a GAN's other optimizer: one step per iteration is counted
             if self._primary is not None:
-                why = "is gone" if primary is None else "updates no parameter this one does not"
+                why = "is gone" if primary is None else \
+                    f"({type(primary).__name__}) is superseded: this one updates every parameter it did"
                 say(f"steps are counted on {type(opt).__name__} from step {self.step + 1}: the optimizer that "
-                    f"counted them{'' if primary is None else ' (' + type(primary).__name__ + ')'} {why}")
+                    f"counted them {why}")
             self._primary = weakref.ref(opt)
             self._primary_params = frozenset(id(p) for g in opt.param_groups for p in g["params"])
         self._on_step("step")
