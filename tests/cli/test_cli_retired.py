@@ -15,14 +15,14 @@ from pyckpt import layout
 DEAD_PID = 2 ** 22 + 12345  # above the kernel's pid limit: never a running process
 
 
-def _retired_root(root: str) -> dict:
-    """Four incremental saves with keep=2 of a frozen base and a changing adapter: the base is
-    written by step 1 only, so retention retires step 1 (no manifest) and keeps its data for
-    steps 3 and 4; step 2's own data is referenced by nobody and goes. Returns the last state."""
+def _retired_root(root: str, keep: int = 2, steps: int = 4) -> dict:
+    """Incremental saves of steps 1..``steps`` of a frozen base and a changing adapter: the base is
+    written by step 1 only. With the defaults retention retires step 1 (no manifest) and keeps its
+    data for steps 3 and 4; step 2's own data is referenced by nobody and goes. Returns the last state."""
     base = torch.randn(600_000, generator=torch.Generator().manual_seed(0))
     adapter = torch.zeros(5000)
-    with pyckpt.Checkpointer(root, keep=2) as ck:
-        for step in range(1, 5):
+    with pyckpt.Checkpointer(root, keep=keep) as ck:
+        for step in range(1, steps + 1):
             adapter.add_(1.0)
             ck.save(step, {"base": base, "adapter": adapter}).result(60)
     return {"base": base.clone(), "adapter": adapter.clone()}
@@ -120,12 +120,7 @@ def test_gc_keeps_referenced_data_and_removes_it_once_unreferenced(cli, ckpt_roo
 def test_ls_names_the_checkpoints_that_read_a_committed_checkpoints_data(cli, ckpt_root):
     # Deleting an old committed checkpoint by hand to free space breaks the newer ones that read its
     # chunks (here the frozen base, written by step 1 only): ls has to say so on its row.
-    base = torch.randn(600_000, generator=torch.Generator().manual_seed(0))
-    adapter = torch.zeros(5000)
-    with pyckpt.Checkpointer(ckpt_root, keep=3) as ck:
-        for step in range(1, 4):
-            adapter.add_(1.0)
-            ck.save(step, {"base": base, "adapter": adapter}).result(60)
+    _retired_root(ckpt_root, keep=3, steps=3)  # nothing retired: step 1 is committed and read by 2 and 3
     first, readers = layout.step_dir_name(1), [layout.step_dir_name(2), layout.step_dir_name(3)]
 
     r = cli("ls", ckpt_root, "--json")
