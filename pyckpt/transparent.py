@@ -54,6 +54,7 @@ class Session:
         self._primary: Any = None  # weakref.ref of the optimizer whose steps are counted (see primary)
         self._primary_params: frozenset[int] = frozenset()
         self._supersedes_cache: tuple = (None, False)
+        self._last_stepped = 0  # id() of the optimizer whose step ended last
         self.fetches_at_step = -1
         self.train_stream: Stream | None = None
         self.snapshot_due = False
@@ -183,10 +184,13 @@ class Session:
 
     def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         primary = self.primary
+        again, self._last_stepped = self._last_stepped == id(opt), id(opt)
         if opt is not primary:
             if id(opt) not in self.optimizers._ids:  # made before enable(): register it now
                 self.optimizers.add(opt)
-            if primary is not None and not self._supersedes(opt):
+            # Superseded only by one that steps twice with no step of the primary between: a wrapper and
+            # the optimizer it steps inside its own step (ZeroRedundancyOptimizer, SAM) alternate.
+            if primary is not None and not (again and self._supersedes(opt)):
                 return  # a GAN's other optimizer: one step per iteration is counted
             if self._primary is not None:
                 why = "is gone" if primary is None else \
