@@ -479,14 +479,19 @@ def discard(storage_dir: str) -> None:
     path = shm_path(storage_dir)
     if not _private(path):
         return
-    steps = [n for n in os.listdir(path) if n.startswith("step-") or n == layout.LATEST]
-    if steps:
+    if any(n.startswith("step-") for n in os.listdir(path)):
         say(f"memory-tier copy {path} holds the run this one does not continue: removing it")
-    for name in steps:
+    _remove_snapshots(path)
+
+
+def _remove_snapshots(path: str) -> None:
+    """Delete every snapshot of the copy at ``path`` and its ``latest`` pointer (its parked spares and
+    origin marker stay)."""
+    for name in os.listdir(path):
         target = os.path.join(path, name)
-        if os.path.isdir(target) and not os.path.islink(target):
+        if name.startswith("step-") and os.path.isdir(target) and not os.path.islink(target):
             shutil.rmtree(target, ignore_errors=True)
-        else:
+        elif name.startswith("step-") or name == layout.LATEST:
             with contextlib.suppress(OSError):
                 os.unlink(target)
 
@@ -530,9 +535,7 @@ def choose(ckpt: Any, coord: Any) -> Any:
             say(f"warning: memory-tier copy {mine} not used ({errors[0][1]}); resuming from "
                 f"{'storage' if stored is None else stored}; removing it", "warning")
             # Later copies would reference its chunks (incremental) and carry the damage on.
-            for name in os.listdir(tier.path):
-                if name.startswith("step-"):
-                    shutil.rmtree(os.path.join(tier.path, name), ignore_errors=True)
+            _remove_snapshots(tier.path)
         return None
     if tier.rank0:
         say(f"resuming from the memory tier: {mine} (checksums verified; storage not read)")
