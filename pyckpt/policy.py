@@ -21,6 +21,7 @@ DEFAULT_EVERY_SECONDS = 600.0  # used when neither PYCKPT_EVERY_STEPS nor PYCKPT
 POLL_S = 0.2
 MARGIN = 2
 FIRST_AUTO_S = 60.0  # PYCKPT_EVERY_STEPS=auto: the first snapshot, which measures the cost, comes after this
+FIRST_AUTO_MTBF = 0.1  # ... or after this fraction of the MTBF when sooner: a job that fails every 30 s lives to one
 MIN_AUTO_S = 1.0  # never snapshot more often than this, whatever the cost measured
 BASELINE_STEPS = 20  # step times (no checkpoint in flight) whose median is the no-checkpoint step time
 
@@ -30,11 +31,18 @@ def young_daly(cost_s: float, mtbf_s: float) -> float:
     return math.sqrt(2.0 * cost_s * mtbf_s)
 
 
+def first_auto_s(mtbf_hours: float) -> float:
+    """Seconds to ``auto``'s first snapshot, which measures the cost: 60 s, or a tenth of the MTBF when
+    that is sooner (never under ``MIN_AUTO_S``)."""
+    return max(min(FIRST_AUTO_S, FIRST_AUTO_MTBF * mtbf_hours * 3600.0), MIN_AUTO_S)
+
+
 def describe_auto(mtbf_hours: float, cap_s: float | None = None) -> str:
     """The start-up line's words for ``PYCKPT_EVERY_STEPS=auto``."""
     cap = f", at most {cap_s:g} s (PYCKPT_EVERY_SECONDS)" if cap_s is not None else ""
+    first = first_auto_s(mtbf_hours)
     return (f"at an interval chosen from the measured cost C (Young/Daly sqrt(2*C*MTBF), MTBF {mtbf_hours:g} h "
-            f"from PYCKPT_MTBF_HOURS; the first after {min(FIRST_AUTO_S, cap_s or FIRST_AUTO_S):g} s measures C"
+            f"from PYCKPT_MTBF_HOURS; the first after {min(first, cap_s or first):g} s measures C"
             f"{cap})")
 
 
@@ -60,7 +68,7 @@ class AutoInterval:
     def interval(self) -> float:
         """Seconds between snapshots now."""
         if self.cost is None:
-            t = FIRST_AUTO_S
+            t = first_auto_s(self.mtbf_hours)
         else:
             t = max(young_daly(self.cost, self.mtbf_s), MIN_AUTO_S)
         return min(t, self.cap_s) if self.cap_s is not None else t

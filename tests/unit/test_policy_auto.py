@@ -59,3 +59,19 @@ def test_setting_and_start_up_line():
     with knobs.override(PYCKPT_MTBF_HOURS="0"):
         with pytest.raises(ConfigError, match="PYCKPT_MTBF_HOURS"):
             knobs.get("PYCKPT_MTBF_HOURS")
+
+
+def test_the_first_snapshot_comes_well_before_a_short_mtbf():
+    # A job that fails every 36 s on average never lived to a first snapshot fixed at 60 s.
+    p = Policy("auto", None, now=0.0, mtbf_hours=0.01)
+    assert p.every_seconds == pytest.approx(0.01 * 3600 / 10)
+    assert "the first after 3.6 s" in startup_line_auto(0.01)
+    q = Policy("auto", None, now=0.0, mtbf_hours=24)  # a usual MTBF: the first after 60 s
+    assert q.every_seconds == FIRST_AUTO_S and "the first after 60 s" in startup_line_auto(24)
+    r = Policy("auto", None, now=0.0, mtbf_hours=1e-6)  # never more often than MIN_AUTO_S
+    assert r.every_seconds == MIN_AUTO_S
+
+
+def startup_line_auto(mtbf_hours: float) -> str:
+    with knobs.override(PYCKPT_EVERY_STEPS="auto", PYCKPT_MTBF_HOURS=str(mtbf_hours)):
+        return startup_line("/ck", "auto", None, 3, 600.0)
