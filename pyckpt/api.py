@@ -39,16 +39,48 @@ def save(state: Any, path: str | os.PathLike, *, compress: str = "none", step: i
     plan = writer.prepare(state, None, coord.rank, coord.world_size, engine.chunk_bytes())
     final = os.path.abspath(os.fspath(path))
     _check_replaceable(final)
-    commit.gc_siblings(final)  # leftovers of saves to this path that were killed
-    token = coord.broadcast_json(commit.new_token(), "api-save")
-    tmp = f"{final}.tmp-{token}"
-    os.makedirs(tmp, exist_ok=True)
+    held, refusal = _claim_root(final) if coord.rank == 0 else (None, None)
     try:
-        part, err = writer.collect(writer.start(engine, plan, tmp, compress), plan, tmp)
-    except Exception as e:  # the job could not start (e.g. the data file cannot be created)
-        part, err = None, e
-    commit.commit_parts(coord, f"api-save/{token}", tmp, final, step, part, err, None)
+        # Rank 0 decides for every rank, before anything is written.
+        got = coord.broadcast_json({"token": commit.new_token(), "refused": refusal}, "api-save")
+        if got["refused"] is not None:
+            raise PyckptError(got["refused"])
+        token = got["token"]
+        commit.gc_siblings(final)  # leftovers of saves to this path that were killed
+        tmp = f"{final}.tmp-{token}"
+        os.makedirs(tmp, exist_ok=True)
+        try:
+            part, err = writer.collect(writer.start(engine, plan, tmp, compress), plan, tmp)
+        except Exception as e:  # the job could not start (e.g. the data file cannot be created)
+            part, err = None, e
+        commit.commit_parts(coord, f"api-save/{token}", tmp, final, step, part, err, None)
+    finally:
+        if held is not None:
+            held.release()
     return final
+
+
+def _claim_root(final: str) -> tuple[Any, str | None]:
+    """For a save to ``final`` inside a Checkpointer root (a ``step-*`` entry): (the root's directory
+    lock, held until the save is over; None where the root has no lock file) or (None, why the save
+    is refused): another writer holds the root, or committed checkpoints read ``final``'s data files."""
+    from .lock import DirLock
+
+    root, name = os.path.split(final)
+    if layout.parse_step(name) is None:
+        return None, None
+    held = None
+    if os.path.lexists(os.path.join(root, layout.LOCK)):
+        try:
+            held = DirLock(root)
+        except PyckptError as e:  # a job writes there: its commits and retention would race with ours
+            return None, f"refusing to save {final}: {e}"
+    why = commit.replace_refusal(root, final)
+    if why is not None:
+        if held is not None:
+            held.release()
+        return None, f"refusing to save {final}: {why}; save to another path"
+    return held, None
 
 
 def _check_replaceable(final: str) -> None:

@@ -429,9 +429,15 @@ def _try_lock(root: str) -> tuple[Any, str | None]:
         from .lock import DirLock
     except ImportError:
         return None, None
+    from .lock import holder, pids_comparable
+
     try:
         return DirLock(root), None
     except PyckptError as e:
+        if not pids_comparable(holder(root)):
+            return None, (f"{e}; that holder runs in another PID namespace or machine (or did not say where), "
+                          "so no pid here proves a leftover's writer gone: nothing is removed (the job collects "
+                          "leftovers itself at its next save)")
         return None, (f"{e}; only leftovers of writers that are no longer running are removed")
 
 
@@ -569,8 +575,8 @@ _VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.
            "step-*.del-* (interrupted deletions), latest.tmp-* and MANIFEST.json.tmp-* files. When no job\n"
            "holds DIR's lock, step directories without MANIFEST.json (half deleted) go too, except retired\n"
            "ones whose data files a committed checkpoint still references (listed as kept); while a job\n"
-           "runs, only leftovers of processes that are no longer running are removed. Committed\n"
-           "checkpoints are never touched."),
+           "runs, only leftovers of processes that are no longer running are removed, and none when the\n"
+           "job runs in another PID namespace or on another machine. Committed checkpoints are never touched."),
     "stats": (cmd_stats, _add_stats, "summarise DIR/metrics.jsonl (stall, duration, bytes, throughput)",
               "Read the per-checkpoint metrics lines of DIR/metrics.jsonl and print the number of saves,\n"
               "failures and restores, mean/p50/p90/max of stall, capture and durable time, throughput,\n"

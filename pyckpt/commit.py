@@ -326,8 +326,17 @@ def gc_tmp(root: str, live_tokens: set[str], locked: bool = False) -> list[str]:
     Tokens in ``live_tokens`` are kept. ``locked``: the caller holds the
     directory lock, so no other writer can be active and every other leftover
     is garbage; otherwise a leftover whose token names a process still
-    running on this host is kept. Links are removed, never followed."""
+    running on this host is kept, and nothing at all is removed when the lock
+    file names a holder whose pids are not this process's to check (another
+    machine or PID namespace, or unknown). Links are removed, never followed."""
     removed = []
+    if not locked:
+        from . import lock
+
+        if not lock.pids_comparable(lock.holder(root)):
+            # Its in-progress save's token names a pid of another pid space: a pid that looks dead
+            # here may be the live holder. The holder collects its own leftovers at its next save.
+            return removed
     try:
         names = os.listdir(root)
     except OSError:
@@ -448,19 +457,28 @@ def _read_by_others(root: str, final_dir: str) -> list[str]:
     return list(referrers(root, {name}).get(name, ()))[::-1]
 
 
+def replace_refusal(root: str, final_dir: str) -> str | None:
+    """Why ``final_dir`` (an entry of ``root``) must not be replaced, or None: committed checkpoints
+    of ``root`` read chunks from its data files (docs/FORMAT.md §7 step 6)."""
+    held = _read_by_others(root, final_dir) if os.path.lexists(final_dir) else []
+    if not held:
+        return None
+    return (f"{final_dir} exists and committed checkpoints ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}) "
+            "read chunks from its data files (incremental saves); replacing it would damage them")
+
+
 def _rank0_publish(tmp_dir: str, final_dir: str, step: int, infos: list, failed: list, root: str | None) -> dict:
     from .manifest import build_manifest, seal
 
     if failed:
         remove_tree(tmp_dir)
         return {"ok": False, "error": "; ".join(f"rank {r}: {msg}" for r, msg in failed)}
-    held = _read_by_others(root, final_dir) if root is not None and os.path.lexists(final_dir) else []
-    if held:
+    why = replace_refusal(root, final_dir) if root is not None else None
+    if why is not None:
         remove_tree(tmp_dir)
         return {"ok": False, "error": (
-            f"{final_dir} exists and committed checkpoints ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}) "
-            "read chunks from its data files (incremental saves); replacing it would damage them. A run "
-            "started over (PYCKPT_RESUME=never) next to an earlier run's checkpoints should use a new directory")}
+            f"{why}. A run started over (PYCKPT_RESUME=never) next to an earlier run's checkpoints should use "
+            "a new directory")}
     try:
         fsync_dir(tmp_dir)
         seq = next_seq(root) if root is not None else None

@@ -20,6 +20,7 @@ import logging
 import operator
 import os
 import posixpath
+import stat
 import zlib
 
 from . import gcpause, layout
@@ -69,6 +70,12 @@ class Baseline:
         # a reused plan (writer.storages_json shares them, read-only), and computing them again
         # cost milliseconds of the GIL per save for thousands of storages.
         self._sigs: tuple[list[dict], int, list[tuple]] | None = None
+        # The bytes a reference points at can rot after their commit, and a reference is checked
+        # against its CRC record only: each referenced chunk is read back and CRC-checked once, the
+        # first time a save would reference it. Per root-relative file: the identity it had then
+        # (a write, a truncation or a replacement changes it: checked again) and the chunks found
+        # sound, as (offset, stored_len, crc32c).
+        self._sound_on_disk: dict[str, tuple[tuple, set[tuple[int, int, int]]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.chunks)
@@ -156,29 +163,37 @@ class Baseline:
         files that are no longer there with their recorded size."""
         expect: list[tuple] = []
         refs: dict[int, tuple[dict, int]] = {}
-        seen_files: dict[str, bool] = {}
+        files: dict[str, _RefFile | None] = {}  # each referenced file opened once per save
         used: set[tuple[str, int]] = set()
         cur = layout.parse_step(final_name)
-        for i, sig in enumerate(self.signatures(storages_json, len(raw_lens))):
-            key = (raw_lens[i],) + sig
-            hit = self.chunks.get(key)
-            if hit is None or key in self.changed:
-                continue
-            fp, rec, nbytes = hit
-            f = rec["file"]
-            held_by = layout.parse_step(f.split("/", 1)[0])
-            if held_by is None or cur is None or held_by >= cur or (f, rec["offset"]) in used:
-                continue
-            if f not in seen_files:
-                seen_files[f] = _file_has(root, f, nbytes)
-            if not seen_files[f]:
-                continue
-            used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
-            sampled = (zlib.crc32(repr(sig).encode()) + self.saves) % SAMPLE_EVERY == 0
-            check = (verify == "all" or (verify == "auto" and not on_device[i])
-                     or (verify in ("sample", "auto") and sampled))
-            expect.append((i, fp, check, rec["raw_crc32c"]))
-            refs[i] = (rec, nbytes)
+        try:
+            for i, sig in enumerate(self.signatures(storages_json, len(raw_lens))):
+                key = (raw_lens[i],) + sig
+                hit = self.chunks.get(key)
+                if hit is None or key in self.changed:
+                    continue
+                fp, rec, nbytes = hit
+                f = rec["file"]
+                held_by = layout.parse_step(f.split("/", 1)[0])
+                if held_by is None or cur is None or held_by >= cur or (f, rec["offset"]) in used:
+                    continue
+                if f not in files:
+                    files[f] = _RefFile.open(root, f, nbytes, self._sound_on_disk)
+                if files[f] is None or not files[f].sound(rec):
+                    continue  # written afresh by this save
+                used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
+                sampled = (zlib.crc32(repr(sig).encode()) + self.saves) % SAMPLE_EVERY == 0
+                check = (verify == "all" or (verify == "auto" and not on_device[i])
+                         or (verify in ("sample", "auto") and sampled))
+                expect.append((i, fp, check, rec["raw_crc32c"]))
+                refs[i] = (rec, nbytes)
+        finally:
+            for ref in files.values():
+                if ref is not None:
+                    ref.close()
+        # A file this save does not reference is referenced by no later one (references are copied
+        # from the previous save's part): forget it.
+        self._sound_on_disk = {f: v for f, v in self._sound_on_disk.items() if f in files}
         return expect, refs
 
 
@@ -192,14 +207,73 @@ def root_relative(step_name: str, rel: str) -> str | None:
     return out if layout.parse_step(head) is not None and not out.startswith("..") else None
 
 
-def _file_has(root: str, rel: str, nbytes: int) -> bool:
-    try:
-        st = os.lstat(os.path.join(root, rel))
-    except OSError:
-        return False
-    import stat
+_READ_BYTES = 8 << 20  # read-back buffer of the on-disk check
 
-    return stat.S_ISREG(st.st_mode) and st.st_size >= nbytes
+
+class _RefFile:
+    """A data file a save is about to reference, open for the on-disk check of its chunks."""
+
+    def __init__(self, path: str, fd: int, sound: set[tuple[int, int, int]]) -> None:
+        self.path, self.fd, self._sound = path, fd, sound
+        self.damaged = 0
+        self._buf: memoryview | None = None
+
+    @classmethod
+    def open(cls, root: str, rel: str, nbytes: int,
+             cache: dict[str, tuple[tuple, set[tuple[int, int, int]]]]) -> _RefFile | None:
+        """``rel`` opened (no link followed at its last component), or None when it is not a
+        regular file of at least ``nbytes`` bytes (its chunks are then written afresh)."""
+        path = os.path.join(root, rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
+            os.close(fd)
+            return None
+        # ctime too: a write that puts the old mtime back still moves it.
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        prev = cache.get(rel)
+        if prev is None or prev[0] != ident:
+            prev = cache[rel] = (ident, set())
+        return cls(path, fd, prev[1])
+
+    def sound(self, rec: dict) -> bool:
+        """Whether chunk ``rec``'s stored bytes in this file match its ``crc32c`` (read once, then remembered)."""
+        key = (rec["offset"], rec["stored_len"], rec["crc32c"])
+        if key in self._sound:
+            return True
+        from ._native import native
+
+        if self._buf is None:
+            self._buf = memoryview(bytearray(_READ_BYTES))
+        crc, pos, left = 0, rec["offset"], rec["stored_len"]
+        try:
+            while left:
+                n = os.preadv(self.fd, [self._buf[:min(left, _READ_BYTES)]], pos)
+                if n <= 0:
+                    break
+                crc = native().crc32c(self._buf[:n], crc)
+                pos, left = pos + n, left - n
+        except OSError:
+            left = -1
+        if left == 0 and crc == rec["crc32c"]:
+            self._sound.add(key)
+            return True
+        self.damaged += 1
+        return False
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.damaged:
+            log.warning("pyckpt: %s: %d chunk(s) no longer match their CRC32C (damaged on disk): this save "
+                        "writes them afresh instead of referencing them; the checkpoints that hold or "
+                        "reference them are damaged (pyckpt verify)", self.path, self.damaged)
 
 
 def referrers(root: str, wanted: set[str]) -> dict[str, tuple[str, ...]]:

@@ -65,7 +65,8 @@ class DirLock:
                                   "Checkpointers cannot share a directory: use another directory, or stop the "
                                   "other one") from None
             info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+                               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               **pid_space()}).encode()
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, info + b"\n", 0)
@@ -105,6 +106,59 @@ def _holder(fd: int) -> str:
         return f"pid {int(info['pid'])} on host {str(info['host'])[:255]} since {str(info['since'])[:40]}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (its lock file names no holder)"
+
+
+def pid_space() -> dict[str, str]:
+    """Where this process's pids mean something: this boot of this machine (``boot``; a host name
+    may repeat across machines) and its PID namespace (``pidns``; containers share the host's boot)."""
+    out = {}
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            out["boot"] = f.read(64).strip()
+        out["pidns"] = os.readlink("/proc/self/ns/pid")
+    except (OSError, ValueError):
+        pass  # not Linux: nothing to compare, so no pid is trusted across processes
+    return out
+
+
+def holder(root: str) -> dict | None:
+    """What the lock file of ``root`` says about its holder (bounded read, no link followed), None
+    when there is no lock file; ``{}`` when it names nobody readable."""
+    with _guard:
+        entry = _held.get(os.path.realpath(root))
+        own = entry[1]() if entry is not None and entry[0] == os.getpid() else None
+        if own is not None and own._fd is not None:
+            return _parse(own._fd)
+    try:
+        fd = os.open(os.path.join(root, layout.LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:  # closing this descriptor drops no lock: this process holds none on root (see above)
+        return _parse(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else {}
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+
+
+def _parse(fd: int) -> dict:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def pids_comparable(info: dict | None) -> bool:
+    """Whether a pid written by the holder ``info`` (``holder()``) names the same process here: the
+    holder recorded this machine's boot and this PID namespace. A lock file without them (older
+    writers, unreadable) proves nothing."""
+    if info is None:
+        return True  # no lock file: no holder
+    mine = pid_space()
+    return len(mine) == 2 and all(info.get(k) == v for k, v in mine.items())
 
 
 @atexit.register

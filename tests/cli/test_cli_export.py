@@ -143,3 +143,24 @@ def test_import_and_export_of_missing_paths_exit_2(cli, tmp_path):
     junk.write_bytes(b"hello world, not a model")
     r = cli("import", str(junk), str(tmp_path / "o"))
     assert r.returncode == 1 and "neither a torch.save file nor a safetensors file" in r.stderr
+
+
+def test_import_over_a_checkpoint_newer_ones_reference_is_refused(cli, tmp_path, knob_env):
+    """`pyckpt import FILE ROOT/step-N` must neither write into a root a job holds nor replace a
+    checkpoint whose data files the newer ones reference (docs/FORMAT.md §7 step 6)."""
+    knob_env(PYCKPT_CHUNK_MB=1)
+    n = 1 << 18  # 1 MiB of float32: one chunk each
+    root, src = str(tmp_path / "root"), str(tmp_path / "other.pt")
+    frozen = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    torch.save({"frozen": torch.zeros(n), "t": torch.zeros(n)}, src)
+    first = os.path.join(root, "step-000000001")
+    with pyckpt.Checkpointer(root, keep=3) as ck:  # the job
+        for s in (1, 2, 3):
+            ck.save(s, {"frozen": frozen, "t": torch.full((n,), float(s))}).result(60)
+        r = cli("import", src, first)
+        assert r.returncode == 1 and f"is in use by pid {os.getpid()} " in r.stderr, r.stderr
+    r = cli("import", src, first)  # the job has ended; its checkpoints still read step 1's data
+    assert r.returncode == 1 and "step-000000003, step-000000002" in r.stderr, r.stderr
+    assert sorted(i.name for i in pyckpt.list(root, verify=True) if i.sound) == [
+        "step-000000001", "step-000000002", "step-000000003"]
+    assert torch.equal(pyckpt.load(first)["frozen"], frozen)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 
+import pytest
 import torch
 from torch.distributed import HashStore
 
@@ -124,3 +127,49 @@ def test_gc_while_a_job_holds_the_directory_removes_only_dead_writers_leftovers(
         assert live in left and dead["half"] in left  # may belong to the running job: kept
         assert not {dead["tmp"], dead["del"], dead["latest"]} & left
         assert "step-000000005" in left
+
+
+def _job_in_progress(ck: pyckpt.Checkpointer, root: str) -> str:
+    """A directory of the running job's own save in progress (its session token: the lock holder's pid)."""
+    name = f"step-000000010.tmp-{ck._session}-99"
+    os.makedirs(os.path.join(root, name, "rank-00000"))
+    return name
+
+
+def test_gc_in_another_pid_namespace_leaves_the_running_jobs_saves(ckpt_root):
+    """gc from another container sharing the file system: the job's pid means nothing there, so
+    its in-progress saves are not proven dead and must stay."""
+    with pyckpt.Checkpointer(ckpt_root) as ck:  # this process is the live job
+        ck.save(5, {"t": torch.arange(7)}).result(60)
+        live = _job_in_progress(ck, ckpt_root)
+        r = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+                            sys.executable, "-m", "pyckpt", "gc", ckpt_root], capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode != 0 and r.stderr.startswith("unshare:"):
+            pytest.skip(f"no unprivileged PID namespace here: {r.stderr.strip()}")
+        assert r.returncode == 0, r.stderr
+        assert live in os.listdir(ckpt_root), r.stderr
+        assert "is in use by" in r.stderr and "another PID namespace or machine" in r.stderr, r.stderr
+        ck.save(6, {"t": torch.arange(8)}).result(60)  # and the job goes on saving
+    assert pyckpt.load(ckpt_root)["t"].tolist() == list(range(8))
+
+
+def test_gc_leaves_leftovers_while_a_holder_on_another_machine_holds_the_lock(cli, ckpt_root):
+    """The lock file names a holder on another machine: no pid on this one says whether a leftover's
+    writer is alive (a dead-looking pid here may be the holder's own, there), so nothing is removed."""
+    with pyckpt.Checkpointer(ckpt_root) as ck:  # holds the lock: gc cannot take it
+        ck.save(5, {"t": torch.arange(7)}).result(60)
+        dead_here = 2 ** 22 + 12345  # no such process on this machine
+        # What a holder elsewhere wrote, written by another process: closing a descriptor of the
+        # lock file in this one would drop this process's lock.
+        holder = json.dumps({"pid": dead_here, "host": "node-7", "since": "2025-01-01T00:00:00Z",
+                             "boot": "00000000-0000-0000-0000-000000000000", "pidns": "pid:[4026531836]"})
+        subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                        os.path.join(ckpt_root, ".pyckpt.lock"), holder], check=True, timeout=60)
+        names = _leftovers(ckpt_root, dead_here)
+        r = cli("gc", ckpt_root, "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["removed"] == [] and not out["locked"], out
+        assert "another PID namespace or machine" in out["note"], out
+        assert set(names.values()) <= set(os.listdir(ckpt_root))

@@ -9,6 +9,7 @@ import torch
 
 import pyckpt
 from pyckpt import incremental
+from pyckpt.manifest import crc32c
 
 
 def _count(monkeypatch) -> list:
@@ -64,8 +65,10 @@ def test_same_length_but_other_records_miss(tmp_path, monkeypatch):
     os.makedirs(root / "step-000000001" / "rank-00000")
     (root / "step-000000001" / "rank-00000" / "data-000.bin").write_bytes(b"\0" * 96)
     a = [_record(0, 0, 48), _record(1, 1, 48)]
+    zeros = crc32c(bytes(48))  # a save checks the bytes on disk of each chunk it references
     chunks = [{"file": "rank-00000/data-000.bin", "offset": 48 * i, "stored_len": 48, "raw_len": 48, "elem_size": 4,
-               "codec": "none", "crc32c": 1, "raw_crc32c": 2, "fingerprint": f"{i + 7:016x}"} for i in range(2)]
+               "codec": "none", "crc32c": zeros, "raw_crc32c": zeros, "fingerprint": f"{i + 7:016x}"}
+              for i in range(2)]
     b = incremental.Baseline()
     b.update({"files": [{"path": "rank-00000/data-000.bin", "nbytes": 96}], "chunks": chunks, "storages": a},
              "step-000000001")

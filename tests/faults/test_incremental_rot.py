@@ -1,0 +1,83 @@
+"""A chunk that rots on disk after its commit, while later incremental saves would reference it
+(pyckpt/incremental.py): the next save must check the referenced bytes on disk and write the chunk
+afresh, or every later checkpoint inherits the damage and retention deletes the last sound one."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+import pyckpt
+from pyckpt import reader
+from pyckpt._native import get_engine
+
+N = 1 << 18  # 1 MiB of float32: one chunk each with PYCKPT_CHUNK_MB=1
+ROTTED = "step-000000003"
+
+
+def _state(step: int) -> dict:
+    """``frozen`` never changes; ``x`` changes at step 2 only (save 3 still writes it: a chunk that
+    changed at the previous save is copied without comparison; saves 4 and 5 would reference step 3's
+    copy); ``t`` changes at every step."""
+    return {"frozen": torch.randn(N, generator=torch.Generator().manual_seed(0)),
+            "x": torch.full((N,), 0.0 if step == 1 else 1.0), "t": torch.full((N,), float(step))}
+
+
+def _part(ckpt_dir: str) -> dict:
+    with open(os.path.join(ckpt_dir, "rank-00000.json"), "rb") as f:
+        return json.loads(f.read())
+
+
+def _rot_own_chunks(ckpt_dir: str) -> str:
+    """Invert one byte of each chunk ``ckpt_dir`` holds itself, keeping the file's size and times
+    as a failing disk would; returns the file's path."""
+    own = [c for c in _part(ckpt_dir)["chunks"] if not c["file"].startswith("../")]
+    assert own and len({c["file"] for c in own}) == 1, own
+    path = os.path.join(ckpt_dir, own[0]["file"])
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        for c in own:
+            f.seek(c["offset"] + 100)
+            b = f.read(1)
+            f.seek(c["offset"] + 100)
+            f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return path
+
+
+def test_a_chunk_rotted_on_disk_is_written_afresh_not_referenced(ckpt_root, knob_env, caplog):
+    knob_env(PYCKPT_CHUNK_MB=1)
+    with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, _state(s)).result(60)
+        rotted = _rot_own_chunks(os.path.join(ckpt_root, ROTTED))
+        with caplog.at_level(logging.WARNING, logger="pyckpt"):
+            paths = [ck.save(s, _state(s)).result(60) for s in (4, 5)]
+    for path in paths:  # neither later checkpoint references the rotted chunk
+        assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith(f"../{ROTTED}/")]
+        reader.verify(get_engine(), path)  # every chunk it reads, referenced ones included, is sound
+    lines = [r.getMessage() for r in caplog.records if rotted in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: "), caplog.text  # one line names the file
+    # Retention kept the two newest, and they load.
+    with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
+        r = ck.restore()
+    assert r.step == 5 and all(torch.equal(r.state[k], _state(5)[k]) for k in ("frozen", "x", "t"))
+
+
+def test_a_chunk_checked_at_an_earlier_save_is_checked_again_once_its_file_changed(ckpt_root, knob_env, caplog):
+    """``frozen`` lives in step 1's file and was checked when save 2 first referenced it; a write to
+    that file afterwards (its size and mtime kept) must not let save 4 reference it unchecked."""
+    knob_env(PYCKPT_CHUNK_MB=1)
+    first = os.path.join(ckpt_root, "step-000000001")
+    with pyckpt.Checkpointer(ckpt_root, keep=5) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, _state(s)).result(60)
+        assert "../step-000000001/rank-00000/data-000.bin" in {c["file"] for c in _part(ck.latest().path)["chunks"]}
+        rotted = _rot_own_chunks(first)
+        with caplog.at_level(logging.WARNING, logger="pyckpt"):
+            path = ck.save(4, _state(4)).result(60)
+    assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith("../step-000000001/")]
+    reader.verify(get_engine(), path)
+    assert f"pyckpt: {rotted}: " in caplog.text
