@@ -18,11 +18,11 @@ raises ``PyckptError`` before anything changed (never a partial restore).
 Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, requires_grad]``,
 ``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
 ``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array,
-``["g", i]`` torch.Generator, ``["r", state]`` random.Random, ``["ng", state]`` NumPy generator,
-``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library object whose
-``state_dict()`` is saved with the rank's state under ``ref`` (``Capture.states``; loaded into the live
-object).
-"""
+``["g", i, device]`` torch.Generator (no device: CPU), ``["r", state]`` random.Random, ``["ng", state]``
+NumPy generator, ``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library
+object whose ``state_dict()`` is saved with the rank's state under ``ref`` (``Capture.states``; loaded
+into the live object). A generator's state goes into the live generator at the same place, inside
+containers too, or into a new one where the script holds none there yet."""
 from __future__ import annotations
 
 import collections
@@ -194,7 +194,7 @@ class _Encoder:
         if t is torch.device or t is torch.dtype:
             return ["x", v]  # the state format stores both
         if isinstance(v, torch.Generator):
-            return ["g", self.add_tensor(v.get_state())]
+            return ["g", self.add_tensor(v.get_state()), str(v.device)]  # the device: to make one anew
         if t is random.Random:
             ver, words, gauss = v.getstate()
             return ["r", [ver, self.add_tensor(torch.tensor(words, dtype=torch.int64)), gauss]]
@@ -576,6 +576,14 @@ class _Decoder:
         _check(isinstance(states, dict), "module states")
         self.tensors, self.states = tensors, states
         self.made: dict[int, torch.Tensor] = {}
+        # ids of the decoded containers holding a random generator at any depth: only those are walked
+        # to put each generator's state into the live one at the same place (see _live_generators)
+        self.holders: set[int] = set()
+
+    def _note(self, out: Any, items: Any) -> Any:
+        if any(isinstance(x, _InPlace) or id(x) in self.holders for x in items):
+            self.holders.add(id(out))
+        return out
 
     def tensor(self, i: Any) -> torch.Tensor:
         _check(type(i) is int and 0 <= i < len(self.tensors), "tensor index")
@@ -605,9 +613,9 @@ class _Decoder:
             items = [self.value(x, depth + 1) for x in e[1]]
             if tag == "q":
                 _check(len(e) == 3 and (e[2] is None or type(e[2]) is int), "deque")
-                return collections.deque(items, e[2])
+                return self._note(collections.deque(items, e[2]), items)
             try:
-                return {"l": list, "u": tuple, "s": set, "f": frozenset}[tag](items)
+                return self._note({"l": list, "u": tuple, "s": set, "f": frozenset}[tag](items), items)
             except TypeError:
                 raise _Bad("the checkpoint's loop state is malformed (unhashable set item)") from None
         if tag == "d":
@@ -620,13 +628,17 @@ class _Decoder:
                     out[k] = self.value(kv[1], depth + 1)
                 except TypeError:
                     raise _Bad("the checkpoint's loop state is malformed (unhashable key)") from None
-            return out
+            return self._note(out, itertools.chain(out.keys(), out.values()))
         if tag == "n":
             import numpy as np
 
             _check(len(e) == 3 and isinstance(e[2], str), "array")
             return self.tensor(e[1]).numpy().astype(np.dtype(e[2]), copy=True)
-        if tag in ("g", "r", "ng", "nr"):
+        if tag == "g":
+            _check(len(e) in (2, 3) and (len(e) == 2 or isinstance(e[2], str)), "torch generator")
+            return _InPlace(tag, e[1], self, e[2] if len(e) == 3 else "cpu")  # written without a device: CPU
+        if tag in ("r", "ng", "nr"):
+            _check(len(e) == 2, "random generator")
             return _InPlace(tag, e[1], self)
         if tag in ("M", "O") and depth == 0:
             _check(len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str) and e[2] in self.states
@@ -636,40 +648,71 @@ class _Decoder:
 
 
 class _InPlace:
-    """A random generator's state: put into the live generator object (others may share it)."""
+    """A random generator's state: put into the live generator object at the same place (others may
+    share it), or into a new generator of the saved kind where the script holds none there (yet)."""
 
-    def __init__(self, tag: str, state: Any, dec: _Decoder) -> None:
+    def __init__(self, tag: str, state: Any, dec: _Decoder, device: str = "cpu") -> None:
         self.tag = tag
         if tag == "g":
-            self.state = dec.tensor(state)
+            self.state = dec.tensor(state).to(torch.uint8)
+            try:
+                self.device = torch.device(device)
+                fresh: Any = torch.Generator(device=self.device)
+                fresh.set_state(self.state)
+            except RuntimeError as e:  # here, not halfway through writing the script's variables
+                raise PyckptError(f"a torch.Generator on {device} in the checkpoint's loop state cannot be "
+                                  f"made in this run ({e})") from None
         elif tag == "r":
             _check(isinstance(state, list) and len(state) == 3, "random state")
             words = dec.tensor(state[1])
             self.state = (state[0], tuple(int(w) for w in words.tolist()), state[2])
+            fresh = random.Random()
+            try:
+                fresh.setstate(self.state)
+            except (TypeError, ValueError):
+                raise _Bad("the checkpoint's loop state is malformed (random state)") from None
         elif tag == "ng":
+            import numpy as np
+
             self.state = dec.value(state)
             _check(isinstance(self.state, dict), "numpy generator state")
+            kind = getattr(np.random, str(self.state.get("bit_generator")), None)
+            _check(isinstance(kind, type) and issubclass(kind, np.random.BitGenerator), "numpy bit generator")
+            fresh = np.random.Generator(kind())
+            try:
+                fresh.bit_generator.state = self.state
+            except (TypeError, ValueError, KeyError):
+                raise _Bad("the checkpoint's loop state is malformed (numpy generator state)") from None
         else:
             _check(isinstance(state, list) and len(state) == 5, "numpy random state")
             import numpy as np
 
             keys = dec.tensor(state[1]).numpy().astype(np.uint32)
             self.state = (state[0], keys, state[2], state[3], state[4])
+            fresh = np.random.RandomState()
+            try:
+                fresh.set_state(self.state)
+            except (TypeError, ValueError):
+                raise _Bad("the checkpoint's loop state is malformed (numpy random state)") from None
+        # Made and set now, so a state this run cannot take is refused before anything is written.
+        self.fresh = fresh
 
-    def apply(self, live: Any) -> bool:
-        """Set ``live``'s state; False when ``live`` is not a generator of the saved kind."""
+    def into(self, live: Any) -> Any:
+        """The generator to hold: ``live`` with the saved state when it is a generator of the saved kind,
+        else the new one (the script made its generator later than this point, or another kind)."""
         np = sys.modules.get("numpy")
-        if self.tag == "g" and isinstance(live, torch.Generator):
-            live.set_state(self.state.to(torch.uint8))
+        if self.tag == "g" and isinstance(live, torch.Generator) and live.device.type == self.device.type:
+            live.set_state(self.state)
         elif self.tag == "r" and isinstance(live, random.Random):
             live.setstate(self.state)
-        elif self.tag == "ng" and np is not None and isinstance(live, np.random.Generator):
+        elif (self.tag == "ng" and np is not None and isinstance(live, np.random.Generator)
+              and type(live.bit_generator) is type(self.fresh.bit_generator)):
             live.bit_generator.state = self.state
         elif self.tag == "nr" and np is not None and isinstance(live, np.random.RandomState):
             live.set_state(self.state)
         else:
-            return False
-        return True
+            return self.fresh
+        return live
 
 
 class _StateOf:
@@ -724,17 +767,38 @@ def _check_states(decoded: dict, live: dict, label: Any, plan: "Plan") -> None:
             raise PyckptError(f"{label(k)} {why}")
 
 
-def _assign(live: Any, saved: Any) -> Any:
-    """The value to bind: a random generator's state goes into the live generator, a module's into the
-    live module; a container of the same type is refilled in place (a defaultdict keeps its factory,
-    aliases stay aliases)."""
+def _live_generators(saved: Any, live: Any, holders: set[int]) -> Any:
+    """``saved`` with each random generator state in it put into the generator ``live`` holds at the same
+    place (dict key, list/tuple/deque index, at any depth): the script and any other reference keep
+    that object. Only containers in ``holders`` (``_Decoder.holders``) are walked and copied."""
+    if isinstance(saved, _InPlace):
+        return saved.into(live)
+    if id(saved) not in holders:
+        return saved
+    t = type(saved)
+    if t is dict:
+        at = live if isinstance(live, dict) else {}
+        # A generator as a key has no place to match (nor a live key to find): a new one.
+        return {_live_generators(k, None, holders): _live_generators(v, at.get(k), holders) for k, v in saved.items()}
+    if t in (set, frozenset):  # unordered: no place to match either
+        return t(_live_generators(x, None, holders) for x in saved)
+    at = list(live) if isinstance(live, (list, tuple, collections.deque)) else []
+    items = [_live_generators(x, at[i] if i < len(at) else None, holders) for i, x in enumerate(saved)]
+    if t is tuple:
+        # Immutable: the live tuple itself when its items are what it would hold anyway.
+        same = type(live) is tuple and len(live) == len(items) and all(a is b for a, b in zip(live, items))
+        return live if same else tuple(items)
+    return collections.deque(items, saved.maxlen) if t is collections.deque else items
+
+
+def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
+    """The value to bind: a random generator's state goes into the live generator (inside a container
+    too, see ``_live_generators``), a module's into the live module; a container of the same type is
+    refilled in place (a defaultdict keeps its factory, aliases stay aliases)."""
     if isinstance(saved, _StateOf):
         saved.apply(live)  # checked by prepare()
         return live
-    if isinstance(saved, _InPlace):
-        if not saved.apply(live):
-            raise _Bad("a random generator in the checkpoint is not a generator of the same kind now")
-        return live
+    saved = _live_generators(saved, live, holders)  # before a refill below clears ``live``
     if type(saved) in (list, dict, set, collections.deque) and isinstance(live, type(saved)) and live is not saved:
         if isinstance(live, collections.deque) and live.maxlen != saved.maxlen:
             return saved
@@ -814,7 +878,8 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
         _check(isinstance(values, dict), "globals of a module")
         decoded = {k: dec.value(v) for k, v in values.items()}
         _check_states(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}", plan)
-        plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v) for k, v in d.items()}))
+        plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v, dec.holders)
+                                                            for k, v in d.items()}))
     loc = tree.get("locals")
     _check(isinstance(loc, list) and len(loc) == len(user), "locals")
     for f, values in zip(user, loc):
@@ -824,7 +889,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
         if decoded:
             def write(f=f, d=decoded):
                 cur = f.f_locals
-                frames.write_locals(f, {k: _assign(cur.get(k), v) for k, v in d.items()})
+                frames.write_locals(f, {k: _assign(cur.get(k), v, dec.holders) for k, v in d.items()})
             plan.writes.append(write)
     objs = tree.get("objects")
     _check(isinstance(objs, list), "objects")
@@ -836,7 +901,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                               f"{o.get('type')}")
         decoded = {k: dec.value(v) for k, v in o["attrs"].items()}
         _check_states(decoded, vars(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan)
-        plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(vars(obj).get(k), v))
+        plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(vars(obj).get(k), v, dec.holders))
                                                        for k, v in d.items()])
     iters = tree.get("iters")
     _check(isinstance(iters, list) and len(iters) == len(user), "iterators")
@@ -933,7 +998,7 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
 
         def gen() -> None:
             cur = f.f_locals
-            frames.write_locals(f, {k: _assign(cur.get(k), v) for k, v in decoded.items()})
+            frames.write_locals(f, {k: _assign(cur.get(k), v, dec.holders) for k, v in decoded.items()})
             for s in subs:
                 s()
         return gen
