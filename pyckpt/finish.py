@@ -34,6 +34,11 @@ _failed: list[str] = []  # why this process is not ending normally
 _installed = False
 
 
+def note_failure(why: str) -> None:
+    """This process is ending in failure (a resume refused with exit status 2): no marker, no end-of-run line."""
+    _failed.append(why)
+
+
 def at_first_iter(session: Any) -> None:
     """Before the session decides what to resume: stop a finished run's relaunch, or clear the marker."""
     from .activation import _is_rank0, _say
@@ -104,8 +109,18 @@ def _at_exit(pid: int) -> None:
     session = activation._SESSION
     if os.getpid() != pid or _failed or session is None or session.coord is None or session.coord.rank != 0:
         return  # a forked child, a failing script, transparent mode off, or not rank 0
-    if (session.ckpt is None or session.step == 0 or session.source is not None
-            or session.tracker.plan is not None or session.sigterm is not None):
+    if session.source is not None and session.ckpt is not None:
+        # The script never came to the checkpoint's position (its loops end sooner than the run that wrote
+        # it): nothing was restored and the training after that point did not run. Exit status 0 alone
+        # would read as a finished run.
+        pos = (session.source.rank_state or {}).get("loader") or {}
+        where = f" (epoch {max(int(pos.get('epoch', 1)) - 1, 0)}, batch {pos.get('batch', '?')})" if pos else ""
+        activation._say(f"warning: the script ended before reaching the point checkpoint {session.source.path} was "
+                        f"taken at{where}: nothing was restored and this run did not resume it; "
+                        f"{session.directory} is not marked finished", "warning")
+        return
+    if (session.ckpt is None or session.step == 0 or session.tracker.plan is not None
+            or session.sigterm is not None):
         return
     session.flush()
     fut = session.future

@@ -91,14 +91,46 @@ def _sampler_chain(loader: DataLoader) -> list:
     return chain
 
 
-def _epoch_rng(loader: DataLoader) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "gens": [rng.generator_state(g) for g in generators(loader)]}
+def _epoch_rng(loader: DataLoader, host: bool = True) -> dict[str, Any]:
+    """What an epoch may draw from at its ``iter()``: a sampler shuffling with torch's, Python's or NumPy's
+    global stream (a bucketing batch sampler with ``random.shuffle``) or the loader's generators, and a
+    sampler's own epoch counter. A relaunch skipping epochs runs no sampler, so the resumed epoch's
+    ``iter()`` is given these back. Python's and NumPy's are kept raw (cheap, at every ``iter()``) and
+    converted when a checkpoint stores them (``_stored_epoch_rng``). ``host=False``: torch's and the
+    generators' only (a plan an integration makes from the current state, as before)."""
+    state = {"torch": torch.get_rng_state(), "gens": [rng.generator_state(g) for g in generators(loader)]}
+    if host:
+        state.update(host=_raw_rng(), samplers=[_sampler_state(s) for s in _samplers(loader)])
+    return state
+
+
+def _stored_epoch_rng(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    if state is None or not isinstance(state.get("host"), tuple):
+        return state
+    return dict(state, host=_saved_rng(state["host"]))
 
 
 def _set_epoch_rng(loader: DataLoader, state: dict[str, Any]) -> None:
+    host = state.get("host")  # absent in checkpoints written before it was kept
+    if host is not None:
+        try:
+            rng.restore(_saved_rng(host) if isinstance(host, tuple) else host)
+        except Exception as e:  # malformed: nothing read from a checkpoint is trusted unchecked
+            _say_once(f"warning: the Python/NumPy random state saved at the start of the resumed epoch is not "
+                      f"usable ({type(e).__name__}: {e}); a sampler drawing from them may shuffle differently "
+                      "after this resume", "warning")
     torch.set_rng_state(state["torch"].to(torch.uint8))
     for g, s in zip(generators(loader), state["gens"]):
         rng.set_generator_state(g, s)
+    _set_sampler_states(loader, state.get("samplers"))
+
+
+def _set_sampler_states(loader: DataLoader, states: Any) -> None:
+    """Put samplers' plain counters back (``_sampler_state``'s; only ints are taken from a checkpoint)."""
+    for smp, s in zip(_samplers(loader), states if isinstance(states, list) else []):
+        for k, v in (s if isinstance(s, dict) else {}).items():
+            if k in ("epoch", "seed") and isinstance(v, int) and not isinstance(v, bool):
+                setattr(smp, k, v)
 
 
 @dataclass
@@ -137,6 +169,18 @@ class Stream:
     # numbers; the batches fetched ahead of the snapshot point are fetched again by the relaunch before the
     # restore, so it needs the states they were drawn from (``ahead_rng`` in the position).
     pre_fetch: Any = field(default_factory=lambda: collections.deque(maxlen=AHEAD_RNG_KEPT))
+    # A *side* stream: an iteration of this signature started while the stream's epoch iterator was live
+    # and not at its end (an evaluation drawing batches from the training loader inside its epoch, a
+    # loader of the same kind sampled there). It runs only because steps ran, so a relaunch that skips
+    # epochs never repeats it: counted as an epoch it moved the epoch count away from what the relaunch
+    # reaches, and its batches mixed into the training epoch's position. ``main``: the stream it nests in.
+    main: "Stream | None" = None
+    # The random state right before this epoch's first fetch, loaded in this process (raw ``_raw_rng()``, or
+    # a checkpoint's form after a resume): a sampler draws its permutation then, after whatever ran
+    # between the epoch's iter() and that fetch (a zipped loader's iter(), an evaluation, an earlier
+    # loader's first batch drawing random augmentation), which the relaunch does not repeat.
+    first_rng: Any = None
+    side_steps: int = 0  # steps with a fetch from this side stream before them (lockstep: said once)
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
@@ -152,10 +196,12 @@ class Stream:
         if batch is not None:
             handed = max(0, min(batch, handed))
         pos: dict[str, Any] = {"sig": self.sig, "epoch": self.epochs, "batch": handed, "fetched": self.batches,
-                               "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "samplers": [],
+                               "epoch_rng": _stored_epoch_rng(self.epoch_rng), "reused": self.reused, "gens": [], "samplers": [],
                                "epoch_steps": list(self.epoch_steps), "epoch_steps_from": self.epoch_steps_from}
         if self.follower:
             pos["follower"] = True
+        if self.first_rng is not None:
+            pos["first_rng"] = _saved_rng(self.first_rng) if isinstance(self.first_rng, tuple) else self.first_rng
         if loader is not None:
             pos["gens"] = [rng.generator_state(g) for g in generators(loader)]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
@@ -212,9 +258,7 @@ class Stream:
             return
         for g, s in zip(generators(loader), pos.get("gens", [])):
             rng.set_generator_state(g, s)
-        for smp, s in zip(_samplers(loader), pos.get("samplers", [])):
-            for k, v in (s or {}).items():
-                setattr(smp, k, v)
+        _set_sampler_states(loader, pos.get("samplers"))
         first, steps = epoch_steps_of(pos)
         if steps:
             self.epoch_steps, self.epoch_steps_from = steps, first
@@ -278,10 +322,10 @@ def _samplers(loader: DataLoader) -> list:
 
 
 def _sampler_state(sampler: Any) -> dict[str, Any] | None:
-    # DistributedSampler keeps epoch (from set_epoch) and seed as plain ints.
-    if isinstance(getattr(sampler, "epoch", None), int) and isinstance(getattr(sampler, "seed", None), int):
-        return {"epoch": sampler.epoch, "seed": sampler.seed}
-    return None
+    # DistributedSampler keeps epoch (from set_epoch) and seed as plain ints; a custom sampler may keep
+    # an epoch counter of its own, advanced in its __iter__.
+    state = {k: v for k in ("epoch", "seed") if type(v := getattr(sampler, k, None)) is int}
+    return state if "epoch" in state else None
 
 
 @dataclass
@@ -440,6 +484,13 @@ class LoaderTracker:
             st = it._pyckpt_stream
             if st is None:
                 return orig_next(it)
+            if st.main is not None and tracker._main_gone(st):
+                st = tracker._promote(st)
+            skipping = it.__dict__.get("_sampler_iter")
+            if type(skipping) is _Skipping and not skipping.primed:
+                tracker._prime(skipping, st)  # a resumed epoch's first fetch: skip its batches now
+            elif st.batches == 0 and st.first_rng is None and getattr(it, "_num_workers", 1) == 0:
+                st.first_rng = _raw_rng()
             if st.probe:
                 st.probe = False
                 if tracker.wrapper_depth == 0:
@@ -705,6 +756,18 @@ class LoaderTracker:
         if not fetched:
             return  # a second optimizer in the same iteration (a GAN): nothing fetched since
         self._fetched_since_step = {}
+        for side in [st for st in fetched.values() if st.main is not None]:
+            if id(side.main) in fetched:
+                side.side_steps += 1
+                if self.last is side:
+                    self.last = side.main  # an evaluation fetched after the training batch: the loop's is that
+                if side.side_steps == 2:
+                    _say_once(f"warning: two loaders of one kind {side.sig} are iterated together across steps; "
+                              "the position of the second is not saved, so after a resume it starts its epoch "
+                              "again (give it another batch size or dataset length to keep it)", "warning")
+            else:  # the steps run on it alone: the loop moved to it (its old iterator idles)
+                main = self._promote(side)
+                fetched[id(main)] = main
         self.steps_marked += 1
         for st in self.streams.values():
             st.streak = st.streak + 1 if id(st) in fetched else 0
@@ -745,16 +808,19 @@ class LoaderTracker:
             return orig_iter(loader)  # DataLoader.__iter__ called by a routed subclass's own: counted there
         self.ensure_started()
         st = self.stream_for(loader)
+        if self._nested(st, loader):
+            st = Stream(st.sig, self, main=st)
         st.epochs += 1
         st.batches = 0
         st.mark, st.ended = 0, False  # this epoch's batches all come after the last step
         st.pre_fetch.clear()
+        st.first_rng = None
         st.probe = True
         st.handed = 0 if self.wrapper_depth else None
         st.skipping = False
         st.loader = weakref.ref(loader)
         st.note_epoch_start(getattr(getattr(self, "session", None), "step", 0) or 0)
-        plan = self.plan
+        plan = self.plan if st.main is None else None
         target = None
         if plan is not None and plan.sig == st.sig and self.plan_stream is None:
             target = plan
@@ -764,6 +830,9 @@ class LoaderTracker:
             st.skipping = True
             it = _FinishedEpoch(loader)
             it._pyckpt_stream = st
+            # Over from the start, fetched or not: a loop that keeps it (``batches = zip(a, b)`` held until
+            # the next epoch's zip is made, ``b`` never fetched at its end) starts no side iteration.
+            st.iterator, st.ended = weakref.ref(it), True
             return it
         if target is not None and st.epochs == target.epoch:
             return self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is plan)
@@ -773,6 +842,61 @@ class LoaderTracker:
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)
         return it
+
+    def _prime(self, skipping: "_Skipping", st: Stream) -> None:
+        """A resumed epoch's first fetch (before the restore point there, for the training loader): its
+        sampler skips its batches now, drawing its permutation from the random state the original epoch's
+        first fetch had (``first_rng``); the state is then put back as it was, for what runs next."""
+        saved = st.first_rng
+        now = _raw_rng() if saved is not None else None
+        try:
+            if saved is not None:
+                rng.restore(saved)
+            skipping.prime()
+        except StopIteration:
+            pass  # fewer batches than the skip: the epoch is over
+        except Exception as e:  # a malformed state: nothing read from a checkpoint is trusted unchecked
+            _say_once(f"warning: loader {st.sig}: the random state saved at its epoch's first fetch is not usable "
+                      f"({type(e).__name__}: {e}); its order of batches may differ after this resume", "warning")
+        finally:
+            if now is not None:
+                rng.restore(_saved_rng(now))
+
+    @staticmethod
+    def _nested(st: Stream, loader: DataLoader) -> bool:
+        """Whether an ``iter()`` of ``st``'s signature starts inside its current epoch: that epoch's
+        iterator is still referenced (a loop is on it) and has not ended. A loop that left its epoch
+        early dropped its iterator, or drops it right after (the side is promoted at its first fetch, or
+        at a step that fetched from it alone: ``_promote``)."""
+        cur = st.iterator() if st.iterator is not None else None
+        if cur is None or st.ended or st.main is not None:
+            return False
+        # Persistent workers: iter() resets and returns the loader's one iterator, the next epoch.
+        return not (loader.persistent_workers and cur is loader.__dict__.get("_iterator"))
+
+    @staticmethod
+    def _main_gone(side: Stream) -> bool:
+        main = side.main
+        assert main is not None
+        return main.ended or main.iterator is None or main.iterator() is None
+
+    def _promote(self, side: Stream) -> Stream:
+        """``side`` turned out to be the stream's next epoch (its first iterator is gone, or no longer
+        fetched while steps run): move its state into the main stream, counted as that epoch."""
+        main, side.main = side.main, None
+        assert main is not None
+        step = side.epoch_steps[-1] if side.epoch_steps else -1
+        main.epochs += 1
+        main.note_epoch_start(step)
+        for name in ("batches", "epoch_rng", "reused", "loader", "handed", "skipping", "iterator", "mark",
+                     "streak", "ended", "probe", "wrapper_cls", "pre_fetch", "first_rng"):
+            setattr(main, name, getattr(side, name))
+        it = main.iterator() if main.iterator is not None else None
+        if it is not None:
+            it._pyckpt_stream = main
+        if self.last is side:
+            self.last = main
+        return main
 
     def _start(self, loader: DataLoader, orig_iter: Callable, workers: tuple | None = None) -> Any:
         """``iter(loader)``; new worker processes of a map-style dataset are started with a
@@ -837,11 +961,9 @@ class LoaderTracker:
         st.iterator = weakref.ref(it)
         if iterable and own is None:
             _consume(it, plan.batch, orig_next)
-        elif isinstance(getattr(it, "_sampler_iter", None), _Skipping):
-            try:
-                it._sampler_iter.prime()
-            except StopIteration:
-                pass
+        # Otherwise a sampler loaded in this process skips at the iterator's first fetch (``_prime``), where
+        # the original drew its permutation: after the iter() of every loader zipped with it, say.
+        st.first_rng = plan.position.get("first_rng")
         it._pyckpt_stream = st
         st.batches = plan.batch
         if st.handed is not None:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import discovery, frames, gcpause, knobs, loopstate, reader, rng, sharded
+from . import discovery, finish, frames, gcpause, knobs, loopstate, reader, rng, sharded
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry
@@ -257,6 +257,7 @@ class Session:
                 # The script does not match the checkpoint: one line and exit status 2, as for a
                 # refusal at the first iter(); the exit handler ends live loader workers.
                 say(f"cannot resume from {path}: {_with_hint(e)}", "warning")
+                finish.note_failure("resume refused")
                 raise SystemExit(2) from None
         elif self.source is None and tr.plan is not None and stream is tr.plan_stream:
             # A position-only plan (the script's framework restored the state itself): reached.
@@ -319,11 +320,20 @@ class Session:
     def _stepped_before_restore(self) -> None:
         plan = self.tracker.plan
         where = f"resuming from {self.source.path}" if self.source is not None else "resuming"
+        # A loader of the training dataset's type but another length or batch size stepped: most likely one
+        # rebuilt at each epoch over a growing or shrinking dataset (a curriculum), which is a new stream
+        # to pyckpt at every epoch, so its earlier epochs cannot be skipped. Say that, not "another script".
+        kin = [st.sig for st in self.tracker.streams.values() if st.sig[:1] == plan.sig[:1] and st.sig != plan.sig]
+        why = (f"a loader of the same dataset type with another length or batch size ({kin[0]}) came first; if "
+               "it is the training loader rebuilt at each epoch over a dataset that grows or shrinks (a "
+               "curriculum), pyckpt cannot fast-forward it (it tells a loader's epochs apart by dataset type, "
+               "length and batch size), else this run does not replay the run that wrote it"
+               if kin else "this run does not replay the run that wrote it")
         # One line and exit status 2, not a traceback from inside optimizer.step().
         say(f"cannot resume: {where}: the optimizer stepped before the training loader reached the "
-            f"checkpoint's position (loader {plan.sig}, epoch {plan.epoch}, batch {plan.batch}), so this run "
-            "does not replay the run that wrote it; refusing to guess. Set PYCKPT_RESUME=never (or use a new "
-            "PYCKPT_DIR) to start over", "warning")
+            f"checkpoint's position (loader {plan.sig}, its epoch {plan.epoch - 1}, batch {plan.batch}): {why}; "
+            "refusing to guess. Set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over", "warning")
+        finish.note_failure("resume refused")
         raise SystemExit(2)
 
     # -- undetectable patterns -----------------------------------------------------------
@@ -491,6 +501,7 @@ class Session:
             self._say_plan_warnings(plan)
         except PyckptError as e:
             say(f"cannot resume from {path}: {_with_hint(e)}", "warning")
+            finish.note_failure("resume refused")
             raise SystemExit(2) from None
         rng.restore(rs["rng"])
         self.step = self.last_snapshot_step = int(rs["pyckpt"]["step"])

@@ -221,7 +221,7 @@ def _skip_first_batches(tracker: Any, dataloader: Any, num_batches: int, orig: A
     if mode == "pyckpt" or num_batches <= 0:
         return dataloader
     st = tracker.stream_for(dataloader)
-    tracker.plan = FastForward(sig, st.epochs + 1, int(num_batches), _epoch_rng(dataloader), False)
+    tracker.plan = FastForward(sig, st.epochs + 1, int(num_batches), _epoch_rng(dataloader, host=False), False)
     tracker.plan_stream = None
     return dataloader
 

@@ -99,7 +99,7 @@ def install(module: ModuleType, tracker: Any, hooks: HookSet) -> None:
         stream.epochs = max(stream.epochs, epoch)
         if skip <= 0 or self.args.ignore_data_skip:
             return orig_run_epoch(*bound.args, **bound.kwargs)
-        tracker.plan = FastForward(stream.sig, epoch + 1, skip, _epoch_rng(loader), False)
+        tracker.plan = FastForward(stream.sig, epoch + 1, skip, _epoch_rng(loader, host=False), False)
         orig_skip = module.skip_first_batches
         module.skip_first_batches = lambda dataloader, num_batches=0: dataloader
         try:

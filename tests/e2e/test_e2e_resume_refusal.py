@@ -44,3 +44,37 @@ def test_step_before_restore_point_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     lines = [line for line in run.stderr_lines if "refusing to guess" in line]
     assert len(lines) == 1 and lines[0].startswith("pyckpt: cannot resume: "), run.stderr[-3000:]
+
+
+CURRICULUM = '''
+import sys
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+data = TensorDataset(torch.randn(24, 4))
+for epoch in range(3):
+    for (x,) in DataLoader(Subset(data, range(8 + 4 * epoch)), batch_size=4):  # grows every epoch
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+sys.exit(3)
+'''
+
+
+def test_a_curriculum_loader_is_refused_with_a_line_that_names_it(tmp_path):
+    # A loader rebuilt every epoch over a growing dataset is a new stream at every epoch: its earlier
+    # epochs train again. The refusal said "this run does not replay the run that wrote it" of an identical
+    # command; it now names the loader that came first and the likely cause.
+    script = tmp_path / "train.py"
+    script.write_text(CURRICULUM)
+    env = pyckpt_env(tmp_path / "ckpt", every_steps=4)
+    first = _harness.launch(_harness.python_command(script, []), env)
+    assert first.finish(RUN_TIMEOUT_S) == 3, first.stderr[-3000:]
+    run = _harness.launch(_harness.python_command(script, []), env)
+    assert run.finish(RUN_TIMEOUT_S) == 2, run.stderr[-3000:]
+    lines = [line for line in run.stderr_lines if "refusing to guess" in line]
+    assert len(lines) == 1 and "(a curriculum), pyckpt cannot fast-forward it" in lines[0], run.stderr[-3000:]
+    assert "['Subset', 8, 4," in lines[0] and "does not replay" in lines[0]

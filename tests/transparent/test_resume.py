@@ -31,6 +31,8 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
     ("ema", 13),     # modules owning no optimizer parameter: an EMA copy (global), a teacher (an attribute)
     ("loose", 13),   # optimizer parameters no module owns: were not saved, or restored as new tensors
     ("phases", 23),  # the optimizer replaced at epoch 1: steps (and snapshots) used to stop being counted
+    ("peek", 17),    # the training loader iterated inside its own epoch (an evaluation): the relaunch never
+    ("peek", 22),    # got there (trained 0 steps, exit 0), or took the snapshot inside the evaluation
 ])
 def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mode, kill_at):
     first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT=str(kill_at))
@@ -183,3 +185,20 @@ def test_a_param_group_added_while_training_is_refused_with_one_line_not_a_trace
     assert "Traceback" not in second.stderr and "TRAINED" not in second.stdout, second.stderr[-3000:]
     lines = [x for x in second.stderr.splitlines() if x.startswith("pyckpt: cannot resume")]
     assert len(lines) == 1 and "add_param_group" in lines[0] and "PYCKPT_RESUME=never" in lines[0], second.stderr
+
+
+def test_a_relaunch_that_ends_before_the_checkpoints_position_says_so_and_is_not_marked_finished(tmp_path):
+    # The relaunch's loops end sooner (fewer epochs) than the epoch the checkpoint was taken in: the restore
+    # point is never reached. That used to end with status 0 and no line, as if it had resumed and finished.
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
+    env = dict(PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", KILL_AT="29", KILL_MARK=tmp_path / "mark")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL
+    second = run_script([TINY, out], tmp_path, **env, EPOCHS="2")
+    assert "resumed from" not in second.stderr and "TRAINED 0" in second.stdout
+    said = re.search(r"pyckpt: warning: the script ended before reaching the point checkpoint \S+step-0+(\d+) was "
+                     r"taken at \(epoch 2, batch \d\): nothing was restored", second.stderr)
+    assert said and int(said.group(1)) in (24, 28), second.stderr
+    assert not (ckpt / "FINISHED.json").exists()
+    third = run_script([TINY, out], tmp_path, **env)  # the full command resumes it
+    assert f"pyckpt: resumed from step {said.group(1)} " in third.stderr and "TRAINED 30" in third.stdout

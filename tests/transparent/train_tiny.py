@@ -1,8 +1,9 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
-MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases
+MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases | peek
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
-phases: AdamW in epoch 0, then a new SGD over every parameter; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
+phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
+loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
 optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
@@ -33,6 +34,8 @@ def maybe_die(step):
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(40, 6), torch.randn(40, 1))
 loader = DataLoader(data, batch_size=4, shuffle=True)
+if MODE == "peek":  # the same signature as the training loader (dataset type and length, batch size, ...)
+    twin_loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randn(40, 1)), batch_size=4, shuffle=True)
 val_loader = DataLoader(TensorDataset(torch.randn(12, 6), torch.randn(12, 1)), batch_size=4)
 model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
 models = {"model": model}
@@ -105,7 +108,21 @@ def train_step(x, y):
                     t.lerp_(p, 0.25)
                 target.weight.mul_(0.5).add_(model[0].weight.sum())
     step += 1
+    if MODE == "peek" and step % 5 == 0:
+        estimate_loss()
     maybe_die(step)
+
+
+@torch.no_grad()
+def estimate_loss():
+    # Iterations of the training loader (and of one like it) inside the training loop's own epoch.
+    total = 0.0
+    for k, (x, y) in enumerate(loader):
+        if k == 2:
+            break
+        total += ((model(x) - y) ** 2).mean().item()
+    x, y = next(iter(twin_loader))
+    return total + ((model(x) - y) ** 2).mean().item()
 
 
 if MODE == "while":
