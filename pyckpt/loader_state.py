@@ -195,13 +195,17 @@ class Stream:
             handed = self.batches  # a probed iterator class not yet seen handing one batch per item
         if batch is not None:
             handed = max(0, min(batch, handed))
+        # Converted once per epoch, not at every snapshot (the stored form is what a resume reads anyway).
+        self.epoch_rng = _stored_epoch_rng(self.epoch_rng)
+        if isinstance(self.first_rng, tuple):
+            self.first_rng = _saved_rng(self.first_rng)
         pos: dict[str, Any] = {"sig": self.sig, "epoch": self.epochs, "batch": handed, "fetched": self.batches,
-                               "epoch_rng": _stored_epoch_rng(self.epoch_rng), "reused": self.reused, "gens": [], "samplers": [],
+                               "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "samplers": [],
                                "epoch_steps": list(self.epoch_steps), "epoch_steps_from": self.epoch_steps_from}
         if self.follower:
             pos["follower"] = True
         if self.first_rng is not None:
-            pos["first_rng"] = _saved_rng(self.first_rng) if isinstance(self.first_rng, tuple) else self.first_rng
+            pos["first_rng"] = self.first_rng
         if loader is not None:
             pos["gens"] = [rng.generator_state(g) for g in generators(loader)]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]

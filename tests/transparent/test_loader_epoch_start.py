@@ -79,6 +79,8 @@ torch.save({"model": model.state_dict(), "last_batches": torch.stack(seen[-5:])}
 '''
 
 
+# numpy_iterable resumed exactly before this file's fixes too (coverage of that shape, not of a fix); the
+# others drew another order after a resume.
 @pytest.mark.parametrize("shape", ["python_random", "own_epoch", "numpy_iterable", "zip", "val_first"])
 def test_a_resume_into_a_later_epoch_draws_that_epochs_batches(tmp_path, shape):
     script = tmp_path / "train.py"
