@@ -119,6 +119,17 @@ def position(frame: types.FrameType) -> int:
     return lasti
 
 
+@lru_cache(maxsize=1024)
+def _opnames(code: types.CodeType) -> dict[int, str]:
+    return {i.offset: i.opname for i in dis.get_instructions(code)}
+
+
+def calls_explicitly(frame: types.FrameType) -> bool:
+    """Whether ``frame`` is in a call (``next(it)``, ``it.__next__()``) rather than a ``for`` loop or a
+    ``yield from`` asking an iterator for its next item."""
+    return _opnames(frame.f_code).get(position(frame), "").startswith(("CALL", "PRECALL"))
+
+
 # ----------------------------------------------------------------------------- locals
 
 def is_module_frame(frame: types.FrameType) -> bool:

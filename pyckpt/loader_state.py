@@ -51,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import loader_workers, reshard_data, rng
+from . import frames, loader_workers, reshard_data, rng
 from .hooks import HookSet
 
 
@@ -463,6 +463,7 @@ class LoaderTracker:
         self.last: Stream | None = None
         self.plan: FastForward | None = None
         self.plan_stream: Stream | None = None  # set once the plan's epoch iterator exists
+        self.skip_note: str | None = None  # said when the first skipped epoch of the plan's stream ends
         self.wrapper_depth = 0  # > 0 while a registered look-ahead wrapper runs its own code
         self._first = True
         self.steps_marked = 0  # optimizer steps with a fetch before them (zipped-loader detection)
@@ -488,6 +489,12 @@ class LoaderTracker:
             st = it._pyckpt_stream
             if st is None:
                 return orig_next(it)
+            if type(it) is _FinishedEpoch:
+                real = it.__dict__.get("_pyckpt_real") or tracker._collapse(it, st, orig_iter, orig_next)
+                if real is not None:
+                    return __next__(real)
+                if tracker._target(st) is tracker.plan:
+                    tracker.say_skip_note()  # a skipped epoch of the training loader ends here
             if st.main is not None and tracker._main_gone(st):
                 st = tracker._promote(st)
             skipping = it.__dict__.get("_sampler_iter")
@@ -815,21 +822,9 @@ class LoaderTracker:
         if self._nested(st, loader):
             st = Stream(st.sig, self, main=st)
         st.epochs += 1
-        st.batches = 0
-        st.mark, st.ended = 0, False  # this epoch's batches all come after the last step
-        st.pre_fetch.clear()
-        st.first_rng = None
-        st.probe = True
-        st.handed = 0 if self.wrapper_depth else None
-        st.skipping = False
-        st.loader = weakref.ref(loader)
-        st.note_epoch_start(getattr(getattr(self, "session", None), "step", 0) or 0)
-        plan = self.plan if st.main is None else None
-        target = None
-        if plan is not None and plan.sig == st.sig and self.plan_stream is None:
-            target = plan
-        elif plan is not None:  # a loader zipped with the training loader, not reached yet
-            target = next((p for p in plan.others if p.sig == st.sig and st.epochs <= p.epoch), None)
+        st.note_epoch_start(self._step())
+        self._begin_epoch(st, loader)
+        target = self._target(st)
         if target is not None and st.epochs < target.epoch:
             st.skipping = True
             it = _FinishedEpoch(loader)
@@ -839,13 +834,71 @@ class LoaderTracker:
             st.iterator, st.ended = weakref.ref(it), True
             return it
         if target is not None and st.epochs == target.epoch:
-            return self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is plan)
+            return self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is self.plan)
         st.reused = bool(loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None)
         st.epoch_rng = _epoch_rng(loader)
         it = self._start(loader, orig_iter)
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)
         return it
+
+    def say_skip_note(self) -> None:
+        """Say once (rank 0) that the script's per-epoch code ran again in the epochs the resume skipped."""
+        note, self.skip_note = self.skip_note, None
+        if note is not None:
+            _say_once(note, "info")
+
+    def _step(self) -> int:
+        return getattr(getattr(self, "session", None), "step", 0) or 0
+
+    def _begin_epoch(self, st: Stream, loader: DataLoader) -> None:
+        """Reset ``st``'s per-epoch counters for the epoch its ``iter()`` of ``loader`` starts."""
+        st.batches = 0
+        st.mark, st.ended = 0, False  # this epoch's batches all come after the last step
+        st.pre_fetch.clear()
+        st.first_rng = None
+        st.probe = True
+        st.handed = 0 if self.wrapper_depth else None
+        st.skipping = False
+        st.loader = weakref.ref(loader)
+
+    def _target(self, st: Stream) -> FastForward | None:
+        """The position a resume fast-forwards ``st`` to, while not reached yet."""
+        plan = self.plan if st.main is None else None
+        if plan is not None and plan.sig == st.sig and self.plan_stream is None:
+            return plan
+        if plan is not None:  # a loader zipped with the training loader, not reached yet
+            return next((p for p in plan.others if p.sig == st.sig and st.epochs <= p.epoch), None)
+        return None
+
+    def _collapse(self, it: "_FinishedEpoch", st: Stream, orig_iter: Callable, orig_next: Callable) -> Any:
+        """The script calls ``next()`` itself on the iterator of an epoch skipped on resume (a loop counted
+        in steps: ``try: next(it) except StopIteration: it = iter(loader)``, or a fixed number of
+        ``next(it)`` per epoch). Raising StopIteration there ends such a loop (or the script) in an epoch
+        the relaunch must pass without data, so it could never reach the restore point. Instead this
+        iterator goes on as the resumed epoch itself: the epochs in between count as started, the real
+        iterator is fast-forwarded to the checkpoint's position, and the loop state restored at its first
+        fetch (the restore point) puts the script's own counters and loops where they were. A ``for``
+        loop, or a library's call, ends the skipped epoch as before (its per-epoch code runs again)."""
+        target = self._target(st)
+        caller = sys._getframe(2)  # _collapse <- the patched __next__ <- whoever asked for the item
+        if (target is None or not st.skipping or st.epochs >= target.epoch or st.iterator is None
+                or st.iterator() is not it or not frames.is_user_file(caller.f_code.co_filename)
+                or not frames.calls_explicitly(caller)):
+            return None
+        loader = st.loader() if st.loader is not None else None
+        if loader is None:
+            return None
+        if target is self.plan:
+            self.skip_note = None  # no epoch is run again from here: the script's loop goes on in this one
+        step = self._step()
+        while st.epochs < target.epoch:
+            st.epochs += 1
+            st.note_epoch_start(step)  # restored from the checkpoint's position at the restore point
+        self._begin_epoch(st, loader)
+        real = self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is self.plan)
+        it.__dict__["_pyckpt_real"] = real
+        return real
 
     def _prime(self, skipping: "_Skipping", st: Stream) -> None:
         """A resumed epoch's first fetch (before the restore point there, for the training loader): its
@@ -973,6 +1026,7 @@ class LoaderTracker:
         if st.handed is not None:
             st.handed = plan.batch
         if primary:
+            self.say_skip_note()  # epochs were passed without a fetch from them (a wrapper's own skip)
             self.plan_stream = st
             self.armed = True  # the restore happens at this iterator's next fetch
         return it

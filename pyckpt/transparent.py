@@ -301,8 +301,10 @@ class Session:
         self.tracker.plan = FastForward.from_position(pos)
         skipped = int(pos.get("epoch", 1)) - 1  # epochs started before the one resumed into
         if skipped > 0 and self.coord.rank == 0:
-            # The fast-forward cannot skip the script's own code around the loader: say what runs again.
-            say(f"epoch{'s 0-' if skipped > 1 else ' '}{skipped - 1} run{'' if skipped > 1 else 's'} again without "
+            # The fast-forward cannot skip the script's own code around the loader: say what runs again,
+            # once a skipped epoch ends (one the script's own next() goes on in runs no such code again).
+            self.tracker.skip_note = (
+                f"epoch{'s 0-' if skipped > 1 else ' '}{skipped - 1} run{'' if skipped > 1 else 's'} again without "
                 f"data before the restore point (epoch {skipped}): what the script's per-epoch code prints or "
                 "writes to files there reflects the state before the restore, and variables set only inside "
                 "the loader loop are unset there")

@@ -48,6 +48,23 @@ def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mod
     assert tree_equal(final, plain_results(mode))
 
 
+@pytest.mark.parametrize("mode,kill_at", [
+    ("reiter", 25),  # next(it); at StopIteration it = iter(loader) and next(it) again
+    ("fixed_next", 17),  # 7 x next(it) per epoch, fewer than the loader has
+])
+def test_a_loop_calling_next_itself_resumes_in_a_later_epoch(tmp_path, plain_results, mode, kill_at):
+    # An epoch skipped on resume raised StopIteration at the script's own next(): uncaught, or caught and
+    # raised again by the next iter()'s next(), the relaunch crashed before its restore point. The
+    # skipped epoch's iterator goes on as the resumed epoch instead, and no epoch's code runs again.
+    first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT=str(kill_at))
+    assert first.returncode == -signal.SIGKILL
+    resumed = re.search(r"pyckpt: resumed from step (\d+) \(epoch (\d+)", second.stderr)
+    assert resumed and int(resumed.group(1)) in (kill_at // 4 * 4, kill_at // 4 * 4 - 4), second.stderr
+    assert int(resumed.group(2)) >= 1  # (the snapshot before the last one may not be committed at the kill)
+    assert "again without data" not in second.stderr
+    assert tree_equal(final, plain_results(mode))
+
+
 def test_modules_no_optimizer_owns_resume_exactly_over_the_loop_state_cap(tmp_path, plain_results):
     # The EMA copy and the teacher (~0.5 kB each) are over a 64-byte loop-state cap: they are saved
     # with the rank's state by reference, not copied into the loop state, so the cap does not apply.

@@ -1,10 +1,13 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
-MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases | peek
+MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases | peek | reiter
+| fixed_next
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
-optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded)
+optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded;
+reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
+scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -129,6 +132,22 @@ if MODE == "while":
     x, y = next(iter(loader))
     while step < 30:
         train_step(x, y)
+elif MODE == "reiter":  # the loop of step-counted pre-training scripts
+    it = iter(loader)
+    while step < 30:
+        try:
+            x, y = next(it)
+        except StopIteration:
+            sched.step()
+            it = iter(loader)
+            x, y = next(it)
+        train_step(x, y)
+elif MODE == "fixed_next":
+    for epoch in range(EPOCHS):
+        it = iter(loader)
+        for _ in range(7):
+            train_step(*next(it))
+        sched.step()
 else:
     for epoch in range(EPOCHS):
         if MODE == "phases" and epoch == 1:  # a second phase: a new optimizer for the whole model
