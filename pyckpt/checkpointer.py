@@ -229,6 +229,7 @@ class Checkpointer:
             return
         self.wait()
         self._closed = True
+        self._baseline.stop_precheck()
         if self._dirlock is not None:
             self._dirlock.release()
         if self.remote is not None:
@@ -334,6 +335,7 @@ class Checkpointer:
         except Exception as e:  # never into training: this save is simply written in full
             log.warning("pyckpt: incremental save not possible, writing every chunk: %s", e)
             damaged = self._baseline.damaged
+            self._baseline.stop_precheck()
             self._baseline = incremental_mod.Baseline()
             self._baseline.seeded = True  # start over from this save's chunks
             self._baseline.damaged = damaged
@@ -459,8 +461,9 @@ class Checkpointer:
             return
         if part is not None and plan.refs is not None and fut._baseline is self._baseline:
             # The next save references this one; unless damage found meanwhile started the baseline
-            # over (_found_damaged): this save's references may point into the damaged data.
-            self._baseline.update(part, os.path.basename(final))
+            # over (_found_damaged): this save's references may point into the damaged data. Its chunks
+            # are read back and checked now, in the background, not in the next save call.
+            self._baseline.update(part, os.path.basename(final), self.directory)
         if self.hand_over_parts and part is not None:
             fut._committed = (part, plan)
         url = None
@@ -518,10 +521,11 @@ class Checkpointer:
                 check(path)
             if not verify:
                 return info_for(path)
-            err = _try(lambda: verify_share(path, self.coord.rank, self.coord.world_size))
+            with reader.checked_reads() as checked:
+                err = _try(lambda: verify_share(path, self.coord.rank, self.coord.world_size))
             errors = self._gather_errors(err)
             if not errors:
-                self._verified(path)
+                self._verified(path, checked)
                 return info_for(path)
             if err is not None and not isinstance(err, CorruptCheckpointError):
                 raise err
@@ -568,12 +572,15 @@ class Checkpointer:
             where = f" (rank {rank})" if self.coord.world_size > 1 else ""
             log.warning("pyckpt: skipping damaged checkpoint %s%s: %s", path, where, msg)
 
-    def _verified(self, path: str) -> None:
+    def _verified(self, path: str, checked: dict | None = None) -> None:
         """Every chunk of checkpoint ``path`` that this rank's part holds or references was read and
         its checksum checked (a restore, ``latest(verify=True)``): a process that has not saved yet
-        seeds its first incremental save from it, not from whatever is newest (incremental.Baseline)."""
+        seeds its first incremental save from it, not from whatever is newest (incremental.Baseline).
+        ``checked`` (``reader.checked_reads``): the chunks found sound, which that save need not read again."""
         if not self._baseline.seeded and not self._baseline:
             self._baseline.source = os.path.abspath(path)
+            if checked:
+                self._baseline.checked_on_disk(self.directory, checked)
 
     def _start_over(self) -> None:
         """The job trains from scratch next to earlier checkpoints (PYCKPT_RESUME=never, the way out
@@ -591,6 +598,7 @@ class Checkpointer:
         if path in self._baseline.damaged:
             return  # known: found again by every later scan, which must not undo incremental saves
         damaged = self._baseline.damaged | {path}
+        self._baseline.stop_precheck()
         self._baseline = incremental_mod.Baseline()
         self._baseline.damaged = damaged
 
@@ -657,15 +665,16 @@ class Checkpointer:
 
         t0 = time.monotonic()
         try:
-            op = reader.open_checkpoint(path)
-            engine = get_engine()
-            state = reader.load_section(engine, op, "replicated", 0, into, map_location)
-            rs = rank_state if rank_state is not _UNREAD else reader.load_section(
-                engine, op, "rank", self.coord.rank, rank_into, map_location)
+            with reader.checked_reads() as checked:
+                op = reader.open_checkpoint(path)
+                engine = get_engine()
+                state = reader.load_section(engine, op, "replicated", 0, into, map_location)
+                rs = rank_state if rank_state is not _UNREAD else reader.load_section(
+                    engine, op, "rank", self.coord.rank, rank_into, map_location)
         except CorruptCheckpointError:
             self._found_damaged(path)
             raise
-        self._verified(path)  # every chunk it read passed its checksum
+        self._verified(path, checked)  # every chunk it read passed its checksum
         if self.coord.rank == 0:
             metrics.restore_done(self.directory, op.step, path, time.monotonic() - t0)
         return Restored(state, rs, op.step, path)

@@ -21,6 +21,7 @@ import operator
 import os
 import posixpath
 import stat
+import threading
 import zlib
 
 from . import gcpause, layout
@@ -71,17 +72,21 @@ class Baseline:
         # cost milliseconds of the GIL per save for thousands of storages.
         self._sigs: tuple[list[dict], int, list[tuple]] | None = None
         # The bytes a reference points at can rot after their commit, and a reference is checked
-        # against its CRC record only: each referenced chunk is read back and CRC-checked once, the
-        # first time a save would reference it. Per root-relative file: the identity it had then
-        # (a write, a truncation or a replacement changes it: checked again) and the chunks found
-        # sound, as (offset, stored_len, crc32c).
+        # against its CRC record only: each referenced chunk is read back and CRC-checked once before
+        # a save references it. Per root-relative file: the identity it had then (a write, a
+        # truncation or a replacement changes it: checked again) and the chunks found sound, as
+        # (offset, stored_len, crc32c). Filled off the training thread where possible: by the
+        # pre-check a commit starts (``precheck``) and by a restore's reads (``checked_on_disk``).
         self._sound_on_disk: dict[str, tuple[tuple, set[tuple[int, int, int]]]] = {}
+        self._lock = threading.Lock()  # _sound_on_disk and its sets: the pre-check thread writes them too
+        self._precheck: _Precheck | None = None
 
     def __bool__(self) -> bool:
         return bool(self.chunks)
 
-    def update(self, part: dict, step_name: str) -> None:
-        """Take the chunks of ``part`` (this rank's part of committed checkpoint ``step_name``)."""
+    def update(self, part: dict, step_name: str, root: str | None = None) -> None:
+        """Take the chunks of ``part`` (this rank's part of committed checkpoint ``step_name``); with
+        ``root`` (the checkpoints' root), start the background pre-check of those the next save may reference."""
         sizes = {f["path"]: f["nbytes"] for f in part.get("files", [])}
         sigs = self.signatures(part.get("storages", []), len(part.get("chunks", [])))
         new: dict[tuple, tuple[int, dict, int]] = {}
@@ -105,6 +110,44 @@ class Baseline:
         self.changed = {k for k, v in new.items() if k in self.chunks and self.chunks[k][0] != v[0]}
         self.chunks = new
         self.saves += 1
+        if root is not None:
+            self.precheck(root)
+
+    def precheck(self, root: str) -> None:
+        """Read back and CRC-check, on a low-priority daemon thread, the chunks the next save may
+        reference (all but those that just changed), so that save finds them checked: the read
+        costs the training thread nothing unless that save comes before it is done."""
+        self.stop_precheck()
+        todo: dict[str, tuple[int, list[dict]]] = {}
+        for key, (_, rec, nbytes) in self.chunks.items():
+            if key not in self.changed:
+                todo.setdefault(rec["file"], (nbytes, []))[1].append(rec)
+        if todo:
+            for _, recs in todo.values():
+                recs.sort(key=operator.itemgetter("offset"))  # one pass along each file
+            self._precheck = _Precheck(self, root, todo)
+            self._precheck.start()
+
+    def stop_precheck(self) -> None:
+        """Tell the pre-check to stop (it does after its current read of at most 8 MiB); never waits.
+        What it found so far stays remembered; what it did not reach, a save checks itself."""
+        t, self._precheck = self._precheck, None
+        if t is not None:
+            t.stop.set()
+
+    def checked_on_disk(self, root: str, checked: dict[tuple[str, str], tuple[tuple, set]]) -> None:
+        """Remember the chunks a restore or verify read and found sound (``reader.checked_reads``):
+        those of checkpoints in ``root`` need no read before the next save references them."""
+        root = os.path.abspath(root)
+        with self._lock:
+            for (ckpt, rel), (ident, keys) in checked.items():
+                name = root_relative(os.path.basename(ckpt), rel) if os.path.dirname(ckpt) == root else None
+                if name is None:
+                    continue
+                prev = self._sound_on_disk.get(name)
+                if prev is None or prev[0] != ident:
+                    prev = self._sound_on_disk[name] = (ident, set())
+                prev[1].update(keys)
 
     def signatures(self, storages_json: list[dict], nchunks: int) -> list[tuple]:
         """``signatures(storages_json, nchunks)``, reused while called with the very same record
@@ -161,6 +204,8 @@ class Baseline:
         step saved again replaces it), nor a higher step left by a run this one resumed before
         (the run will save that step again, replacing what a reference would point at); nor
         files that are no longer there with their recorded size."""
+        # A pre-check still running is not waited for: what it has not checked yet is checked here.
+        self.stop_precheck()
         expect: list[tuple] = []
         refs: dict[int, tuple[dict, int]] = {}
         files: dict[str, _RefFile | None] = {}  # each referenced file opened once per save
@@ -178,7 +223,7 @@ class Baseline:
                 if held_by is None or cur is None or held_by >= cur or (f, rec["offset"]) in used:
                     continue
                 if f not in files:
-                    files[f] = _RefFile.open(root, f, nbytes, self._sound_on_disk)
+                    files[f] = _RefFile.open(root, f, nbytes, self)
                 if files[f] is None or not files[f].sound(rec):
                     continue  # written afresh by this save
                 used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
@@ -193,7 +238,8 @@ class Baseline:
                     ref.close()
         # A file this save does not reference is referenced by no later one (references are copied
         # from the previous save's part): forget it.
-        self._sound_on_disk = {f: v for f, v in self._sound_on_disk.items() if f in files}
+        with self._lock:
+            self._sound_on_disk = {f: v for f, v in self._sound_on_disk.items() if f in files}
         return expect, refs
 
 
@@ -210,17 +256,22 @@ def root_relative(step_name: str, rel: str) -> str | None:
 _READ_BYTES = 8 << 20  # read-back buffer of the on-disk check
 
 
+def file_identity(st: os.stat_result) -> tuple:
+    """What tells a data file's bytes may have changed since a check: a write, a truncation or a
+    replacement moves one of these (ctime too: a write that puts the old mtime back still moves it)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class _RefFile:
     """A data file a save is about to reference, open for the on-disk check of its chunks."""
 
-    def __init__(self, path: str, fd: int, sound: set[tuple[int, int, int]]) -> None:
-        self.path, self.fd, self._sound = path, fd, sound
+    def __init__(self, path: str, fd: int, owner: Baseline, sound: set[tuple[int, int, int]]) -> None:
+        self.path, self.fd, self._owner, self._sound = path, fd, owner, sound
         self.damaged = 0
         self._buf: memoryview | None = None
 
     @classmethod
-    def open(cls, root: str, rel: str, nbytes: int,
-             cache: dict[str, tuple[tuple, set[tuple[int, int, int]]]]) -> _RefFile | None:
+    def open(cls, root: str, rel: str, nbytes: int, owner: Baseline) -> _RefFile | None:
         """``rel`` opened (no link followed at its last component), or None when it is not a
         regular file of at least ``nbytes`` bytes (its chunks are then written afresh)."""
         path = os.path.join(root, rel)
@@ -236,18 +287,20 @@ class _RefFile:
         if not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
             os.close(fd)
             return None
-        # ctime too: a write that puts the old mtime back still moves it.
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        prev = cache.get(rel)
-        if prev is None or prev[0] != ident:
-            prev = cache[rel] = (ident, set())
-        return cls(path, fd, prev[1])
+        ident = file_identity(st)
+        with owner._lock:
+            prev = owner._sound_on_disk.get(rel)
+            if prev is None or prev[0] != ident:
+                prev = owner._sound_on_disk[rel] = (ident, set())
+        return cls(path, fd, owner, prev[1])
 
-    def sound(self, rec: dict) -> bool:
-        """Whether chunk ``rec``'s stored bytes in this file match its ``crc32c`` (read once, then remembered)."""
+    def sound(self, rec: dict, stop: threading.Event | None = None) -> bool:
+        """Whether chunk ``rec``'s stored bytes in this file match its ``crc32c`` (read once, then
+        remembered); False without a verdict when ``stop`` is set meanwhile."""
         key = (rec["offset"], rec["stored_len"], rec["crc32c"])
-        if key in self._sound:
-            return True
+        with self._owner._lock:
+            if key in self._sound:
+                return True
         from ._native import native
 
         if self._buf is None:
@@ -255,6 +308,8 @@ class _RefFile:
         crc, pos, left = 0, rec["offset"], rec["stored_len"]
         try:
             while left:
+                if stop is not None and stop.is_set():
+                    return False
                 n = os.preadv(self.fd, [self._buf[:min(left, _READ_BYTES)]], pos)
                 if n <= 0:
                     break
@@ -263,17 +318,52 @@ class _RefFile:
         except OSError:
             left = -1
         if left == 0 and crc == rec["crc32c"]:
-            self._sound.add(key)
+            with self._owner._lock:
+                self._sound.add(key)
             return True
         self.damaged += 1
         return False
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
         os.close(self.fd)
-        if self.damaged:
+        if self.damaged and not quiet:
             log.warning("pyckpt: %s: %d chunk(s) no longer match their CRC32C (damaged on disk): this save "
                         "writes them afresh instead of referencing them; the checkpoints that hold or "
                         "reference them are damaged (pyckpt verify)", self.path, self.damaged)
+
+
+class _Precheck(threading.Thread):
+    """``Baseline.precheck``'s thread. A daemon (never holds up the process's exit) at the lowest
+    CPU priority, which Linux's BFQ and CFQ I/O schedulers also apply to its reads; its reads and
+    CRC passes release the GIL. A damaged chunk it finds is only left unremembered: the save checks
+    it again, writes it afresh and says so in its one line."""
+
+    def __init__(self, owner: Baseline, root: str, todo: dict[str, tuple[int, list[dict]]]) -> None:
+        super().__init__(name="pyckpt-precheck", daemon=True)
+        self.owner, self.root, self.todo = owner, root, todo
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
+        except (AttributeError, OSError):
+            pass
+        try:
+            for rel, (nbytes, recs) in self.todo.items():
+                if self.stop.is_set():
+                    return
+                ref = _RefFile.open(self.root, rel, nbytes, self.owner)
+                if ref is None:
+                    continue
+                try:
+                    for rec in recs:
+                        ref.sound(rec, self.stop)
+                        if self.stop.is_set():
+                            return
+                finally:
+                    ref.close(quiet=True)
+        except Exception as e:  # never into training: the save checks what is left
+            log.debug("pyckpt: incremental pre-check stopped: %s", e)
 
 
 def referrers(root: str, wanted: set[str]) -> dict[str, tuple[str, ...]]:

@@ -156,6 +156,27 @@ def reusing() -> contextlib.AbstractContextManager[None]:
     return _validated.scope()
 
 
+# What the reads on this thread found sound, while ``checked_reads`` collects it (else None).
+_checked = threading.local()
+
+
+@contextlib.contextmanager
+def checked_reads() -> Iterator[dict[tuple[str, str], tuple[tuple, set[tuple[int, int, int]]]]]:
+    """Collect what the reads inside (on this thread) checked: ``(checkpoint path, file as the part
+    names it) -> (the file's identity when opened, {(offset, stored_len, crc32c) of each chunk whose
+    checksum passed})``. An incremental save need not read those chunks again (incremental.Baseline).
+    Nested: the outer collection gets everything."""
+    out = getattr(_checked, "out", None)
+    if out is not None:
+        yield out
+        return
+    _checked.out = out = {}
+    try:
+        yield out
+    finally:
+        _checked.out = None
+
+
 def open_checkpoint(path: str) -> Opened:
     """Read and validate the manifest and all parts of checkpoint directory ``path``.
 
@@ -567,6 +588,9 @@ class _FileTable:
         self.paths: list[str] = []
         self.fds: list[int] = []
         self.index: dict[str, int] = {}
+        self.checked = getattr(_checked, "out", None)  # checked_reads: where this read's sound chunks go
+        self.idents: dict[str, tuple] = {}
+        self.pending: list[tuple[str, tuple[int, int, int]]] = []
 
     def idx(self, rel: str) -> int:
         if rel not in self.index:
@@ -574,7 +598,23 @@ class _FileTable:
             self.index[rel] = len(self.paths)
             self.paths.append(full_path(self.dir.path, rel))
             self.fds.append(fd)
+            if self.checked is not None:
+                from .incremental import file_identity
+
+                self.idents[rel] = file_identity(os.fstat(fd))  # before the read: a later write changes it
         return self.index[rel]
+
+    def passed(self) -> None:
+        """The engine read every chunk specified so far and each one's checksum passed."""
+        if self.checked is None:
+            return
+        ckpt = os.path.abspath(self.dir.path)
+        for rel, key in self.pending:
+            ent = self.checked.get((ckpt, rel))
+            if ent is None or ent[0] != self.idents[rel]:
+                ent = self.checked[(ckpt, rel)] = (self.idents[rel], set())
+            ent[1].add(key)
+        self.pending = []
 
     def __enter__(self) -> "_FileTable":
         return self
@@ -587,12 +627,15 @@ class _FileTable:
 
 
 def _chunk_spec(files: _FileTable, ch: dict, pieces: list) -> tuple:
+    if files.checked is not None:
+        files.pending.append((ch["file"], (ch["offset"], ch["stored_len"], ch["crc32c"])))
     return (files.idx(ch["file"]), ch["offset"], ch["stored_len"], ch["raw_len"], ch["crc32c"],
             CODEC_IDS[ch["codec"]], pieces)
 
 
 def _raise_errors(errors: list, keys: list, op: Opened, files: _FileTable) -> None:
     if not errors:
+        files.passed()
         return
     ci, msg = errors[0]
     pi, chunk = keys[ci]

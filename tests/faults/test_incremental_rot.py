@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 import torch
 
@@ -81,3 +82,56 @@ def test_a_chunk_checked_at_an_earlier_save_is_checked_again_once_its_file_chang
     assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith("../step-000000001/")]
     reader.verify(get_engine(), path)
     assert f"pyckpt: {rotted}: " in caplog.text
+
+
+def _precheck_done() -> None:
+    """Wait for the background read-back of the last commit's chunks (incremental.Baseline.precheck)."""
+    for t in threading.enumerate():
+        if t.name == "pyckpt-precheck":
+            t.join(60)
+
+
+def test_a_chunk_rotted_after_the_background_check_passed_it_is_still_caught(ckpt_root, knob_env, caplog):
+    """Step 3's chunks were read back and found sound in the background after its commit; bytes that
+    rot afterwards (a write: the file's ctime moves) must be read again by save 4, not trusted."""
+    knob_env(PYCKPT_CHUNK_MB=1)
+    state = _state(1)  # kept and changed in place: x's version counter does not move after step 2
+    with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
+        for s in (1, 2, 3):
+            if s == 2:
+                state["x"].fill_(1.0)
+            state["t"].fill_(float(s))
+            ck.save(s, state).result(60)
+        _precheck_done()
+        rel = f"{ROTTED}/rank-00000/data-000.bin"
+        assert ck._baseline._sound_on_disk[rel][1]  # x's chunk (save 4 would reference it) found sound
+        rotted = _rot_own_chunks(os.path.join(ckpt_root, ROTTED))
+        with caplog.at_level(logging.WARNING, logger="pyckpt"):
+            paths = []
+            for s in (4, 5):
+                state["t"].fill_(float(s))
+                paths.append(ck.save(s, state).result(60))
+    for path in paths:
+        assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith(f"../{ROTTED}/")]
+        reader.verify(get_engine(), path)
+    lines = [r.getMessage() for r in caplog.records if rotted in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: "), caplog.text
+
+
+def test_a_chunk_rotted_after_a_restore_checked_it_is_caught_at_the_first_save(ckpt_root, knob_env, caplog):
+    """A relaunched process restored step 3 (every chunk read and checked); bytes that rot afterwards
+    must be read again by its first save, not taken as checked by the restore."""
+    knob_env(PYCKPT_CHUNK_MB=1)
+    with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, _state(s)).result(60)
+    with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
+        assert ck.restore().step == 3
+        rotted = _rot_own_chunks(os.path.join(ckpt_root, ROTTED))
+        with caplog.at_level(logging.WARNING, logger="pyckpt"):
+            paths = [ck.save(s, _state(s)).result(60) for s in (4, 5)]
+    for path in paths:
+        assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith(f"../{ROTTED}/")]
+        reader.verify(get_engine(), path)
+    lines = [r.getMessage() for r in caplog.records if rotted in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: "), caplog.text
