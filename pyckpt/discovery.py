@@ -222,6 +222,30 @@ def load_loose(t: Tracked, saved: Any) -> None:
             p.copy_(saved[k])
 
 
+def requires_grad_of(t: Tracked) -> dict[str, str]:
+    """Each optimizer's parameters' ``requires_grad`` flags in ``param_groups`` order, as "1"/"0": a script
+    that unfreezes (or freezes) optimizer parameters inside its loop changes them, state_dict() holds none,
+    and the relaunch's fast-forward skips the step that flipped them."""
+    return {str(i): "".join(["1" if p.requires_grad else "0" for p in _params(o)]) for i, o in enumerate(t.optimizers)}
+
+
+def load_requires_grad(t: Tracked, saved: Any) -> str | None:
+    """Inverse of ``requires_grad_of`` (nothing saved: a checkpoint written before, nothing done). Returns
+    why the flags were not put back (malformed, or another number of parameters), else None."""
+    if saved is None:
+        return None
+    live = [_params(o) for o in t.optimizers]
+    if not (isinstance(saved, dict) and len(saved) == len(live) and all(
+            isinstance(f := saved.get(str(i)), str) and len(f) == len(ps) and set(f) <= {"0", "1"}
+            for i, ps in enumerate(live))):
+        return "the checkpoint's requires_grad flags do not match this run's optimizer parameters"
+    for i, ps in enumerate(live):
+        for p, f in zip(ps, saved[str(i)]):
+            if p.requires_grad != (f == "1") and p.is_leaf:
+                p.requires_grad_(f == "1")
+    return None
+
+
 def _describe(v: Any) -> str:
     return f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
 

@@ -385,6 +385,7 @@ class Session:
             "loader": self.train_stream.position() if self.train_stream is not None else None,
             "registered": {name: get() for name, (get, _) in REGISTERED.items()},
             "rng": rng.capture(),
+            "requires_grad": discovery.requires_grad_of(t),  # per rank: a few bytes, never chunked
         }
         if script_objects:  # modules and EMA helpers no optimizer owns, by the loop state's references
             rank_state["script_objects"] = script_objects
@@ -458,6 +459,10 @@ class Session:
         else:
             state = rs["objects"]
         discovery.load(t, state)
+        why = discovery.load_requires_grad(t, rs.get("requires_grad"))
+        if why is not None:
+            say(f"warning: {why}: parameters frozen or unfrozen while training keep the flags this run gave them; "
+                "the resume may not be exact", "warning")
         discovery.load_loose(t, rs.get("loose"))
         if "grads" in rs:
             discovery.load_grads(t, rs["grads"])

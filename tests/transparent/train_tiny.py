@@ -1,13 +1,14 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases | peek | reiter
-| fixed_next
+| fixed_next | unfreeze
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
 optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
-scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`)
+scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
+unfreeze: the first layer frozen until step 6, unfrozen in the training loop)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -57,6 +58,8 @@ elif MODE == "loose":  # optimizer parameters no module owns: a bare Parameter a
     opts = [torch.optim.AdamW([*model.parameters(), temp, shift], lr=1e-2)]
 else:
     opts = [torch.optim.AdamW(model.parameters(), lr=1e-2)]
+if MODE == "unfreeze":
+    model[0].requires_grad_(False)  # in the optimizer, not trained until unfrozen
 if MODE == "ema":
     ema = torch.optim.swa_utils.AveragedModel(model)
     holder = types.SimpleNamespace(teacher=copy.deepcopy(model).requires_grad_(False))
@@ -100,6 +103,8 @@ def train_step(x, y):
                 p -= 0.01 * p.grad
         return
     else:
+        if MODE == "unfreeze" and step == 6:
+            model[0].requires_grad_(True)
         opts[0].zero_grad()
         out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
         ((out - y) ** 2).mean().backward()
