@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import discovery, finish, frames, gcpause, knobs, loopstate, reader, rng, sharded
+from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, reader, rng, sharded
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry
@@ -76,6 +76,7 @@ class Session:
         self._backwards_unstepped = 0
         self._steps_since_fetch = 0
         self.loop_warned: set[str] = set()  # loop-state variables already warned about (once each)
+        self.own_resume_seen = False  # the script's own resume (own_resume.py) was composed with already
 
     # -- installation ------------------------------------------------------------------
     def install(self) -> None:
@@ -97,6 +98,7 @@ class Session:
                 self.hooks.wrap_init(cls, self.schedulers.add)
         self.hooks.wrap_init(torch.amp.GradScaler, self.scalers.add)
         self.discovery.install(self.hooks)
+        own_resume.install(self, self.hooks)
         self._patch_destroy_process_group()
         self._patch_backward()
 
@@ -299,15 +301,10 @@ class Session:
             raise PyckptError(f"checkpoint {self.source.path} has no training-loader position for rank "
                               f"{self.coord.rank}; set PYCKPT_RESUME=never to start over")
         self.tracker.plan = FastForward.from_position(pos)
-        skipped = int(pos.get("epoch", 1)) - 1  # epochs started before the one resumed into
-        if skipped > 0 and self.coord.rank == 0:
+        if self.coord.rank == 0:
             # The fast-forward cannot skip the script's own code around the loader: say what runs again,
             # once a skipped epoch ends (one the script's own next() goes on in runs no such code again).
-            self.tracker.skip_note = (
-                f"epoch{'s 0-' if skipped > 1 else ' '}{skipped - 1} run{'' if skipped > 1 else 's'} again without "
-                f"data before the restore point (epoch {skipped}): what the script's per-epoch code prints or "
-                "writes to files there reflects the state before the restore, and variables set only inside "
-                "the loader loop are unset there")
+            self.tracker.skip_note = skip_note(0, int(pos.get("epoch", 1)) - 1)
         for opt in self.optimizers:
             # As in the run that wrote the checkpoint, the optimizer has stepped before any
             # scheduler.step() that per-epoch code makes while epochs are skipped.
@@ -642,6 +639,18 @@ class Session:
             self._grace = None
         prev, self.sigterm = self.sigterm, None
         _deliver(signal.SIGTERM, prev, None)
+
+
+def skip_note(first: int, resumed: int) -> str | None:
+    """The line saying that epochs ``first`` .. ``resumed - 1`` (0-based, as ``range()`` numbers them) run
+    again without data before the restore point in epoch ``resumed``; None when there are none."""
+    if resumed <= first:
+        return None
+    many = resumed - first > 1
+    return (f"epoch{'s' if many else ''} {first}{f'-{resumed - 1}' if many else ''} run{'' if many else 's'} again "
+            f"without data before the restore point (epoch {resumed}): what the script's per-epoch code prints or "
+            "writes to files there reflects the state before the restore, and variables set only inside the "
+            "loader loop are unset there")
 
 
 def _grace_expired(signum: int) -> None:

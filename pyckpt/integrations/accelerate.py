@@ -141,66 +141,19 @@ def _install_load_state(module: ModuleType, tracker: Any, hooks: HookSet) -> Non
 
 def _after_load_state(tracker: Any, accelerator: Any, input_dir: Any) -> None:
     """The script resumed itself: pyckpt's checkpoint or the loaded one wins, whichever is newer."""
-    from ..loader_state import Stream, epoch_steps_of
-    from ..transparent import say
+    from ..own_resume import compose, optimizer_steps
 
     session = getattr(tracker, "session", None)
     if session is None:
         return
-    tracker.ensure_started()
-    source, plan = session.source, tracker.plan
-    theirs = _optimizer_steps(accelerator)
-    rank0 = getattr(session.coord, "rank", 0) == 0
+    session.own_resume_seen = True  # the optimizers' load_state_dict() inside was accelerate's
     where = f"accelerate's load_state({str(input_dir)!r})" if input_dir else "accelerate's load_state()"
-    steps = f"optimizer step {theirs}" if theirs is not None else "optimizer step unknown"
-    if source is not None and plan is not None and tracker.plan_stream is None and theirs is not None \
-            and source.step >= theirs:
-        epoch = _epoch_of(*epoch_steps_of((source.rank_state or {}).get("loader") or {}), theirs)
-        if epoch is not None and epoch <= plan.epoch:
-            # The script's first iter() of the loader after this is epoch number `epoch` of pyckpt's
-            # count; pyckpt skips from there to its position (its skip_first_batches is left to pyckpt).
-            key = tuple(plan.sig)
-            st = tracker.streams.get(key)
-            if st is None:
-                st = tracker.streams[key] = Stream(list(plan.sig), tracker)
-            st.epochs = epoch - 1
-            _Compose.mode, _Compose.at_step = "pyckpt", session.step
-            if rank0:
-                say(f"resume: pyckpt's checkpoint {source.path} (step {source.step}) is newer than or as new as "
-                    f"{where} ({steps}); resuming from pyckpt's: it replaces the loaded state at its resume point "
-                    "and positions the data itself (the script's skip_first_batches returns the loader as it is)")
-            return
-        why = "pyckpt's checkpoint does not say which epoch that step was in"
-    elif source is not None and theirs is None:
-        why = "the loaded optimizer keeps no step count to compare"
-    else:
-        why = None
-    if source is not None and rank0:
-        if why is None:
-            say(f"resume: {where} ({steps}) is newer than pyckpt's checkpoint {source.path} (step {source.step}); "
-                "resuming from accelerate's, pyckpt counts on from its step")
-        else:
-            say(f"warning: resume: the script resumes itself with {where} ({steps}); pyckpt's checkpoint "
-                f"{source.path} (step {source.step}) is not used: {why}", "warning")
-    if source is not None or theirs is not None:
-        session.cancel_pending_resume(theirs if theirs is not None else session.step)
+    if compose(session, optimizer_steps(getattr(accelerator, "_optimizers", []) or []), where,
+               " (the script's skip_first_batches returns the loader as it is)"):
+        # pyckpt's skip_first_batches is left to pyckpt.
+        _Compose.mode, _Compose.at_step = "pyckpt", session.step
+        return
     _Compose.mode, _Compose.at_step = "accelerate", session.step
-
-
-def _epoch_of(first: int, epoch_steps: list[int], step: int) -> int | None:
-    """The epoch number (1-based ``iter()`` count) a run resuming after optimizer step ``step`` starts
-    in: the last epoch that began at or before that step (at an epoch's end: the next one).
-    ``epoch_steps[i]``: the step count when epoch number ``first + i`` began (-1: not known).
-    None when that is not known (an epoch of unknown start may be the one)."""
-    found, unknown = None, False
-    for i, s in enumerate(epoch_steps):
-        if s < 0:
-            unknown = True  # this epoch may have begun at or before `step`, after `found`'s
-        elif s <= step:
-            found, unknown = first + i, False
-        else:
-            break
-    return None if unknown else found
 
 
 def _skip_first_batches(tracker: Any, dataloader: Any, num_batches: int, orig: Any) -> Any:
@@ -224,21 +177,6 @@ def _skip_first_batches(tracker: Any, dataloader: Any, num_batches: int, orig: A
     tracker.plan = FastForward(sig, st.epochs + 1, int(num_batches), _epoch_rng(dataloader, host=False), False)
     tracker.plan_stream = None
     return dataloader
-
-
-def _optimizer_steps(accelerator: Any) -> int | None:
-    """Optimizer steps of the loaded state (the ``step`` an Adam-like optimizer keeps per parameter)."""
-    found = []
-    for opt in getattr(accelerator, "_optimizers", []) or []:
-        inner = getattr(opt, "optimizer", opt)
-        for st in getattr(inner, "state", {}).values():
-            step = st.get("step") if isinstance(st, dict) else None
-            if step is not None:
-                try:
-                    found.append(int(step))
-                except (TypeError, ValueError):
-                    pass
-    return max(found) if found else None
 
 
 def finish_skipped(loader: Any) -> None:

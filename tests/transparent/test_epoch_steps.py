@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyckpt import loader_state
-from pyckpt.integrations.accelerate import _epoch_of
+from pyckpt.own_resume import epoch_of as _epoch_of
 from pyckpt.loader_state import Stream, epoch_steps_of
 
 
