@@ -22,10 +22,26 @@ Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, 
 NumPy generator, ``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library
 object whose ``state_dict()`` is saved with the rank's state under ``ref`` (``Capture.states``; loaded
 into the live object). A generator's state goes into the live generator at the same place, inside
-containers too, or into a new one where the script holds none there yet."""
+containers too, or into a new one where the script holds none there yet.
+
+Values of the script's own classes (``_Encoder.struct``; members are ``[[name, value], ...]``):
+``["nt", class qualname, members]`` a namedtuple (``typing.NamedTuple`` too), ``["dc", class qualname,
+members]`` a frozen dataclass, ``["dd", class qualname, [[k, v], ...], members]`` a dict subclass (an
+AttrDict: its items, then its attributes), ``["ob", class qualname, members]`` a plain object held
+inside a container or another value (attributes of ``__dict__`` and ``__slots__``), ``["en", class
+qualname, member name]`` an enum member. None of them names a class to look up: each is put back
+through the live value at the same place, of the same class (``_Struct``): a namedtuple is
+``type(live)._make``, a frozen dataclass ``dataclasses.replace(live, ...)`` (both rebound), a dict
+subclass and an object are refilled in place; another class there refuses the resume, nothing there
+(not bound yet at the restore point) leaves the variable out with a warning. A plain object held by
+a variable or attribute (a slots class and a non-frozen dataclass too) is followed in place through
+``objects`` (``{"at": path, "type": qualname, "attrs": {...}}``), as before. Checkpoints written
+before these tags load unchanged (``VERSION`` 1)."""
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import enum
 import functools
 import itertools
@@ -87,21 +103,83 @@ def _silent_kinds() -> tuple[type, ...]:
                             torch.amp.GradScaler)
 
 
+def _script_class(t: type) -> bool:
+    """Whether class ``t`` is the script's own (defined in ``__main__`` or another script file)."""
+    mod = sys.modules.get(getattr(t, "__module__", None) or "")
+    f = getattr(mod, "__file__", None) if mod is not None else None
+    return t.__module__ == "__main__" or (isinstance(f, str) and frames.is_user_file(f))
+
+
+@functools.lru_cache(maxsize=512)
+def _slot_names(t: type) -> tuple[str, ...] | None:
+    """The attribute names the ``__slots__`` of ``t`` and its bases declare (private names mangled), or
+    None when no class of its MRO declares ``__slots__``."""
+    names: list[str] = []
+    declared = False
+    for c in t.__mro__:
+        s = c.__dict__.get("__slots__")
+        if s is None:
+            continue
+        declared = True
+        for n in ([s] if isinstance(s, str) else list(s)):
+            if not isinstance(n, str) or n in ("__dict__", "__weakref__"):
+                continue
+            if n.startswith("__") and not n.endswith("__"):
+                n = f"_{c.__name__.lstrip('_')}{n}"
+            if n not in names:
+                names.append(n)
+    return tuple(names) if declared else None
+
+
+def _instance_dict(obj: Any) -> dict | None:
+    """``obj.__dict__``, or None (read without the class's ``__getattr__``: an AttrDict's raises KeyError)."""
+    try:
+        d = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _attrs(obj: Any) -> dict:
+    """An object's own attributes: its ``__dict__`` and the ``__slots__`` that are set (read with the
+    slot descriptors: no ``__getattr__`` of the class runs)."""
+    d = _instance_dict(obj)
+    out = dict(d) if d is not None else {}
+    for n in _slot_names(type(obj)) or ():
+        try:
+            out[n] = object.__getattribute__(obj, n)
+        except AttributeError:  # an unset slot
+            pass
+    return out
+
+
+def _frozen_dataclass(t: type) -> bool:
+    params = getattr(t, "__dataclass_params__", None)
+    return params is not None and bool(getattr(params, "frozen", False)) and isinstance(
+        getattr(t, "__dataclass_fields__", None), dict)
+
+
+def _namedtuple(t: type) -> bool:
+    return issubclass(t, tuple) and isinstance(getattr(t, "_fields", None), tuple) and callable(getattr(t, "_make", None))
+
+
 def _plain_object(v: Any) -> bool:
-    """A plain object whose attributes are followed: a script class, argparse/SimpleNamespace."""
+    """A plain object whose attributes are followed in place: an instance of a script class with a
+    ``__dict__`` or ``__slots__`` (a dataclass too, unless frozen), argparse/SimpleNamespace. A script
+    subclass of a container (a namedtuple, an ``AttrDict(dict)``) and a frozen dataclass are values
+    (``_Encoder.struct``), not plain objects: their items or fields are what changes."""
     import argparse
 
     t = type(v)
     if t in (argparse.Namespace, types.SimpleNamespace):
         return True
-    if not hasattr(v, "__dict__") or isinstance(v, _silent_kinds()) or isinstance(v, (type, enum.Enum)):
+    if isinstance(v, _silent_kinds()) or isinstance(v, (type, enum.Enum)) or isinstance(v, _CONTAINERS):
         return False
-    params = getattr(t, "__dataclass_params__", None)
-    if params is not None and getattr(params, "frozen", False):
-        return False  # immutable: nothing to restore (and setattr would raise)
-    mod = sys.modules.get(t.__module__)
-    f = getattr(mod, "__file__", None) if mod is not None else None
-    return t.__module__ == "__main__" or (f is not None and frames.is_user_file(f))
+    if _instance_dict(v) is None and _slot_names(t) is None:
+        return False
+    if _frozen_dataclass(t):
+        return False  # immutable: rebound by the script, so restored as a value ("dc")
+    return _script_class(t)
 
 
 def _stateful(v: Any) -> bool:
@@ -149,6 +227,7 @@ class _Encoder:
         self.nested: list[bool] = []  # modules/objects met inside a container: True for one with state
         self.size = 0
         self.limit = max_bytes  # where the variable being encoded stops (begin() moves it)
+        self._active: set[int] = set()  # ids of the script objects being encoded (a back-reference is left out)
 
     def begin(self) -> tuple[int, int]:
         """Start one variable: its own budget of ``max_bytes``; returns what ``rollback`` needs."""
@@ -158,10 +237,15 @@ class _Encoder:
 
     def rollback(self, mark: tuple[int, int]) -> None:
         """Forget a variable that was left out part-way (its size and the tensors it had added)."""
-        self.size, n = mark
-        del self.tensors[n:]
-        self._tid = {k: i for k, i in self._tid.items() if i < n}
+        self._truncate(mark)
         self.nested = []
+        self._active = set()
+
+    def _truncate(self, mark: tuple[int, int]) -> None:
+        self.size, n = mark
+        if len(self.tensors) > n:
+            del self.tensors[n:]
+            self._tid = {k: i for k, i in self._tid.items() if i < n}
 
     def _grow(self, n: int) -> None:
         # Python objects count their in-memory size (sys.getsizeof: a list its header and slots, an
@@ -210,13 +294,80 @@ class _Encoder:
                 name, keys, pos, has_gauss, gauss = v.get_state()
                 return ["nr", [str(name), self.add_tensor(torch.from_numpy(keys.astype(np.int64))), int(pos),
                                int(has_gauss), float(gauss)]]
+        if isinstance(v, enum.Enum) and _script_class(t) and t.__members__.get(v.name) is v:  # not a Flag combination
+            self._grow(sys.getsizeof(v.name))
+            return ["en", t.__qualname__, v.name]  # a member of the live value's enum class on resume
         if isinstance(v, (float, int)) and not isinstance(v, (bool, enum.Enum)):  # numpy float64 is a float
             return ["v", float(v) if isinstance(v, float) else int(v)]
         if isinstance(v, torch.nn.Module):
             return self.module(v, depth)
         if _stateful(v):
             return self.stateful(v, depth)
+        out = self.struct(v, depth)
+        if out is not None:
+            return out
         raise self.skip(v)
+
+    def struct(self, v: Any, depth: int) -> list | None:
+        """A value of a script class (``_script_class``) that is not a plain object followed in place at
+        the top (``capture``): ``["nt", class, members]`` a namedtuple and ``["dc", class, members]`` a
+        frozen dataclass, rebuilt on resume from the live value at the same place; ``["dd", class, items,
+        members]`` a dict subclass (an AttrDict) and ``["ob", class, members]`` a plain object inside a
+        container or another value, refilled in place there. None: none of those. Members are
+        ``[[name, value], ...]``; one that pyckpt restores elsewhere or that is stateless (a model, an
+        optimizer, a back-reference) is left out and keeps the live value."""
+        t = type(v)
+        namespace = _plain_object(v) and not _script_class(t)  # argparse/SimpleNamespace in a container
+        if not (_script_class(t) or namespace):
+            return None
+        q = t.__qualname__
+        if id(v) in self._active:  # a back-reference: the live object at that place refers back the same way
+            raise _Skip(f"a {q} that refers back to an object holding it", False)
+        self._active.add(id(v))
+        try:
+            if _namedtuple(t):
+                self._grow(sys.getsizeof(v))
+                vals = [tuple.__getitem__(v, i) for i in range(min(tuple.__len__(v), len(t._fields)))]
+                return ["nt", q, self.members(dict(zip(t._fields, vals)), depth)]
+            if isinstance(v, dict):  # grown by value() already
+                items = [[self.value(k, depth + 1), self.value(x, depth + 1)] for k, x in dict.items(v)]
+                return ["dd", q, items, self.members(_attrs(v), depth)]
+            if _frozen_dataclass(t):
+                self._grow(sys.getsizeof(v))
+                vals = {}
+                for f in dataclasses.fields(v):
+                    try:
+                        vals[f.name] = object.__getattribute__(v, f.name)
+                    except AttributeError:
+                        pass
+                return ["dc", q, self.members(vals, depth)]
+            if _plain_object(v):
+                self._grow(sys.getsizeof(v))
+                return ["ob", q, self.members(_attrs(v), depth)]
+            return None
+        finally:
+            self._active.discard(id(v))
+
+    def members(self, values: dict, depth: int) -> list:
+        """``[[name, encoded], ...]`` of a struct's fields or attributes (``struct``); a member left out
+        quietly (``_Skip`` without ``warn``, a module restored with the model) is not listed."""
+        out = []
+        for name, x in values.items():
+            if not isinstance(name, str) or name.startswith("__"):
+                continue
+            mark, n = (self.size, len(self.tensors)), len(self.nested)
+            try:
+                e = self.value(x, depth + 1)
+            except _Skip as s:
+                if s.warn:
+                    raise
+                self._truncate(mark)
+                continue
+            if e == ["k"] and not any(self.nested[n:]):  # a module pyckpt restores with the model
+                del self.nested[n:]
+                continue
+            out.append([name, e])
+        return out
 
     def stateful(self, v: Any, depth: int) -> list:
         """A library object with ``state_dict()``/``load_state_dict()`` pyckpt does not track whose state
@@ -313,6 +464,8 @@ class _Encoder:
             return _Skip(f"{name}: restored by pyckpt elsewhere or stateless", False)
         if _is_iterator(v) and not hasattr(v, "read"):  # file objects are iterators too
             return _Skip(f"an iterator ({name}) whose position cannot be restored", True)
+        if _script_class(t):  # the script's own kind: it may hold loop state, so said
+            return _Skip(f"a {t.__qualname__} (a class of the script) is not a restorable kind", True)
         return _Skip(f"{name} is not a restorable kind", False)
 
     def tensor(self, v: torch.Tensor) -> list:
@@ -492,7 +645,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         k += 1
         attrs = {}
         label = _label(path)
-        for name, v in list(vars(obj).items()):
+        for name, v in _attrs(obj).items():
             if name.startswith("__"):
                 continue
             e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name])
@@ -581,7 +734,7 @@ class _Decoder:
         self.holders: set[int] = set()
 
     def _note(self, out: Any, items: Any) -> Any:
-        if any(isinstance(x, _InPlace) or id(x) in self.holders for x in items):
+        if any(isinstance(x, (_InPlace, _Struct)) or id(x) in self.holders for x in items):
             self.holders.add(id(out))
         return out
 
@@ -640,11 +793,154 @@ class _Decoder:
         if tag in ("r", "ng", "nr"):
             _check(len(e) == 2, "random generator")
             return _InPlace(tag, e[1], self)
+        if tag in ("nt", "dc", "ob"):
+            _check(len(e) == 3 and isinstance(e[1], str), "object")
+            return _Struct(tag, e[1], self._members(e[2], depth), self)
+        if tag == "dd":
+            _check(len(e) == 4 and isinstance(e[1], str) and isinstance(e[2], list), "dict subclass")
+            items = self.value(["d", e[2]], depth)
+            return _Struct(tag, e[1], self._members(e[3], depth), self, items)
+        if tag == "en":
+            _check(len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str), "enum member")
+            return _Struct(tag, e[1], {}, self, name=e[2])
         if tag in ("M", "O") and depth == 0:
             _check(len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str) and e[2] in self.states
                    and (tag == "O" or isinstance(self.states[e[2]], dict)), "module or object state")
             return _StateOf(tag, e[1], self.states[e[2]])
         raise _Bad(f"the checkpoint's loop state is malformed (unknown tag {tag[:20]!r})")
+
+    def _members(self, e: Any, depth: int) -> dict:
+        _check(isinstance(e, list), "object members")
+        out = {}
+        for m in e:
+            _check(isinstance(m, list) and len(m) == 2 and isinstance(m[0], str), "object member")
+            out[m[0]] = self.value(m[1], depth + 1)
+        return out
+
+
+class _Mismatch(Exception):
+    """A live value of another class than the checkpoint's where a struct is put back (refused)."""
+
+
+class _Struct:
+    """A value of a script class (``_Encoder.struct``) as decoded: put back at the same place through the
+    live value there, never made from the checkpoint (no class is looked up by name): a namedtuple
+    ("nt") is ``type(live)._make(...)``, a frozen dataclass ("dc") ``dataclasses.replace(live, ...)``
+    (both rebound: the script rebinds them), a dict subclass ("dd") and a plain object ("ob") are
+    refilled in place, an enum member ("en") is the live enum class's member of the saved name.
+    Members left out at capture keep the live value."""
+
+    def __init__(self, tag: str, qualname: str, members: dict, dec: "_Decoder", items: dict | None = None,
+                 name: str = "") -> None:
+        self.tag, self.qualname, self.members, self.dec, self.items, self.name = tag, qualname, members, dec, items, name
+
+    def _fits(self, live: Any) -> bool:
+        t = type(live)
+        if t.__qualname__ != self.qualname or isinstance(live, type):
+            return False
+        if self.tag == "nt":
+            return _namedtuple(t) and set(self.members) <= set(t._fields)
+        if self.tag == "dc":
+            return _frozen_dataclass(t) and set(self.members) <= {f.name for f in dataclasses.fields(live)}
+        if self.tag == "dd":
+            return isinstance(live, dict)
+        if self.tag == "en":
+            return isinstance(live, enum.Enum) and self.name in t.__members__
+        return not isinstance(live, (dict, tuple, enum.Enum))
+
+    def _live_member(self, live: Any, name: str) -> Any:
+        if self.tag == "nt":
+            return tuple.__getitem__(live, type(live)._fields.index(name))
+        if self.tag == "dc":
+            return getattr(live, name, _MISSING)
+        return _attrs(live).get(name, _MISSING)
+
+    def problem(self, live: Any) -> str | None:
+        """Why nothing can be put back at this place (nothing there: the variable is left as it is, said),
+        or None; raises ``_Mismatch`` where a value of another class is there (refused)."""
+        if live is None or live is _MISSING:
+            return f"is {'None' if live is None else 'not there'} at this point of the run, the checkpoint holds a {self.qualname} there"
+        if not self._fits(live):
+            raise _Mismatch(f"is a {type(live).__qualname__} now, the checkpoint holds a {self.qualname} there")
+        for k, v in (self.items or {}).items():
+            why = _problem(k, _MISSING, self.dec.holders) or _problem(v, dict.get(live, k, _MISSING), self.dec.holders)
+            if why:
+                return _at(f"[{k!r}]", why)
+        for k, v in self.members.items():
+            why = _problem(v, self._live_member(live, k), self.dec.holders)
+            if why:
+                return _at(f".{k}", why)
+        return None
+
+    def into(self, live: Any) -> Any:
+        """The value to hold at this place (checked by ``problem`` before anything was written)."""
+        if live is None or live is _MISSING or not self._fits(live):
+            return live
+        h = self.dec.holders
+        t = type(live)
+        if self.tag == "en":
+            return t.__members__[self.name]
+        vals, same = {}, True
+        for k, v in self.members.items():
+            now = self._live_member(live, k)
+            vals[k] = _assign(None if now is _MISSING else now, v, h)
+            same = same and (vals[k] is now or (type(now) is type(vals[k]) and type(now) in _SCALARS
+                                                and now == vals[k]))
+        if same and self.tag in ("nt", "dc"):
+            return live  # already what the checkpoint holds (a constant): not made again
+        if self.tag == "nt":
+            fields = dict(zip(t._fields, (tuple.__getitem__(live, i) for i in range(len(t._fields)))))
+            fields.update(vals)
+            return t._make([fields[f] for f in t._fields])
+        if self.tag == "dc":
+            init = {f.name for f in dataclasses.fields(live) if f.init}
+            try:  # __init__ and __post_init__ run, as when the script made it (attributes they derive)
+                new = dataclasses.replace(live, **{k: x for k, x in vals.items() if k in init})
+            except (TypeError, ValueError):  # an InitVar without default: a copy of the live one
+                new = copy.copy(live)
+            for k, x in vals.items():  # the saved values exactly (init=False fields too)
+                object.__setattr__(new, k, x)
+            return new
+        if self.tag == "dd":
+            items = {k: _assign(dict.get(live, k), v, h) for k, v in self.items.items()}
+            dict.clear(live)
+            dict.update(live, items)
+            for k, x in vals.items():
+                object.__setattr__(live, k, x)
+            return live
+        for k, x in vals.items():
+            setattr(live, k, x)
+        return live
+
+
+def _at(where: str, why: str) -> str:
+    """``why`` said of the member or item ``where`` (``.name``, ``[key]``) of a value."""
+    return where + (why if why[:1] in "[." else " " + why)
+
+
+def _problem(saved: Any, live: Any, holders: set[int]) -> str | None:
+    """Why ``saved`` cannot be put back over ``live`` (``_Struct.problem``), walking the containers in
+    ``holders`` the way ``_live_generators`` does; None when it can."""
+    if isinstance(saved, _Struct):
+        return saved.problem(live)
+    if id(saved) not in holders:
+        return None
+    t = type(saved)
+    if t is dict:
+        at = live if isinstance(live, dict) else {}
+        for k, v in saved.items():
+            why = _problem(k, _MISSING, holders) or _problem(v, dict.get(at, k, _MISSING), holders)
+            if why:
+                return _at(f"[{k!r}]", why)
+        return None
+    if t in (set, frozenset):
+        return next((f"(in a set) {w}" for x in saved if (w := _problem(x, _MISSING, holders))), None)
+    at = list(live) if isinstance(live, (list, tuple, collections.deque)) else []
+    for i, x in enumerate(saved):
+        why = _problem(x, at[i] if i < len(at) else _MISSING, holders)
+        if why:
+            return _at(f"[{i}]", why)
+    return None
 
 
 class _InPlace:
@@ -748,12 +1044,21 @@ class _StateOf:
             live.load_state_dict(self.state)
 
 
-def _check_states(decoded: dict, live: dict, label: Any, plan: "Plan") -> None:
+def _check_states(decoded: dict, live: dict, label: Any, plan: "Plan", holders: set[int] = frozenset()) -> None:
     """Raise ``PyckptError`` when a module's or object's state in ``decoded`` meets something else in
     ``live``. Where nothing is there yet (None, or no such name: made lazily, or at the first
-    evaluation), the state is dropped from ``decoded`` with a warning for the plan."""
+    evaluation), the state is dropped from ``decoded`` with a warning for the plan. The same for a
+    value of a script class (``_Struct``), at any depth of containers."""
     for k, v in list(decoded.items()):
         if not isinstance(v, _StateOf):
+            try:
+                why = _problem(v, live.get(k, _MISSING), holders)
+            except _Mismatch as e:
+                raise PyckptError(f"{label(k)} {e}") from None
+            if why is not None:
+                del decoded[k]
+                plan.warnings.append(f"{_at(label(k), why)}: not restored (exact only if the script makes it again "
+                                     "from restored state)")
             continue
         cur = live.get(k, _MISSING)
         if cur is None or cur is _MISSING:
@@ -771,7 +1076,7 @@ def _live_generators(saved: Any, live: Any, holders: set[int]) -> Any:
     """``saved`` with each random generator state in it put into the generator ``live`` holds at the same
     place (dict key, list/tuple/deque index, at any depth): the script and any other reference keep
     that object. Only containers in ``holders`` (``_Decoder.holders``) are walked and copied."""
-    if isinstance(saved, _InPlace):
+    if isinstance(saved, (_InPlace, _Struct)):
         return saved.into(live)
     if id(saved) not in holders:
         return saved
@@ -877,7 +1182,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
             raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")
         _check(isinstance(values, dict), "globals of a module")
         decoded = {k: dec.value(v) for k, v in values.items()}
-        _check_states(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}", plan)
+        _check_states(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}", plan, dec.holders)
         plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v, dec.holders)
                                                             for k, v in d.items()}))
     loc = tree.get("locals")
@@ -885,7 +1190,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
     for f, values in zip(user, loc):
         _check(isinstance(values, dict), "locals of a frame")
         decoded = {k: dec.value(v) for k, v in values.items()}
-        _check_states(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})", plan)
+        _check_states(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})", plan, dec.holders)
         if decoded:
             def write(f=f, d=decoded):
                 cur = f.f_locals
@@ -900,8 +1205,8 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
                               f"{o.get('type')}")
         decoded = {k: dec.value(v) for k, v in o["attrs"].items()}
-        _check_states(decoded, vars(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan)
-        plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(vars(obj).get(k), v, dec.holders))
+        _check_states(decoded, _attrs(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan, dec.holders)
+        plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(_attrs(obj).get(k), v, dec.holders))
                                                        for k, v in d.items()])
     iters = tree.get("iters")
     _check(isinstance(iters, list) and len(iters) == len(user), "iterators")
@@ -931,8 +1236,8 @@ def _resolve(path: Any, user: list[types.FrameType]) -> Any:
     for name in path[3:]:
         if missing:
             break
-        d = getattr(cur, "__dict__", None)
-        missing = not isinstance(d, dict) or name not in d
+        d = _attrs(cur)
+        missing = name not in d
         cur = d.get(name) if not missing else None
     if missing:
         raise PyckptError(f"{_label(path)} does not exist at this point of the run (the checkpoint has it)")
@@ -990,7 +1295,7 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
             raise PyckptError(f"a for loop in {where} iterates another generator, or one at another point, "
                               "than in the checkpoint")
         decoded = {k: dec.value(v) for k, v in st[2].items()}
-        _check_states(decoded, f.f_locals, lambda k: f"{k} (in generator {it.__qualname__})", plan)
+        _check_states(decoded, f.f_locals, lambda k: f"{k} (in generator {it.__qualname__})", plan, dec.holders)
         live = frames.loop_iterators(f)
         if live is None or len(live) != len(st[3]):
             raise PyckptError(f"the for loops running in generator {it.__qualname__} differ from the checkpoint's")
