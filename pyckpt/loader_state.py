@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
 from . import frames, loader_workers, reshard_data, rng
@@ -66,14 +66,162 @@ def signature(loader: DataLoader) -> list:
             type(bs).__qualname__ if bs is not None else None, bool(loader.drop_last), int(loader.num_workers)]
 
 
-def generators(loader: DataLoader) -> list[torch.Generator]:
-    """The loader's own torch.Generators (loader, then its samplers), deduplicated, in a fixed order."""
+def generators(loader: DataLoader) -> list[tuple[str, str, Any]]:
+    """The random generators the loader's parts keep, as (key, kind, generator), deduplicated, in a fixed
+    order: torch.Generator, random.Random, NumPy RandomState and Generator objects held as attributes
+    (``vars()``, or items of a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader
+    (``"loader.generator"``), each sampler of ``_sampler_chain`` (``"sampler.1.rng"``), the dataset
+    (``"dataset.rng"``) and the datasets it wraps, two levels down (a Subset's ``"dataset.dataset.rng"``,
+    a ConcatDataset's ``"dataset.datasets.0.rng"``). A sampler drawing its order from one, or a dataset its
+    augmentation in this process, draws other numbers on a relaunch that skipped what drew them; the key
+    is stored with each state, so a checkpoint of another layout is detected rather than misapplied.
+    A plain loader has a few dozen attributes to look at: no cache (a generator replaced is seen)."""
+    found: list[tuple[str, str, Any]] = []
+    seen: set[int] = set()
+    kind_of = rng.kind_of
+
+    def add(key: str, kind: str, v: Any) -> None:
+        if id(v) not in seen and len(found) < OWN_RNG_MAX:
+            seen.add(id(v))
+            found.append((key, kind, v))
+
+    def look(prefix: str, owner: Any, inner: list | None) -> None:
+        attrs = getattr(owner, "__dict__", None)
+        if type(attrs) is not dict:
+            return
+        for name, v in attrs.items():
+            t = type(v)
+            if t is list or t is tuple or t is dict:
+                if len(v) > HELD_MAX:
+                    continue
+                for k, x in (v.items() if t is dict else enumerate(v)):
+                    kind = kind_of(x)
+                    if kind is not None and (type(k) is int or type(k) is str):
+                        add(f"{prefix}.{name}.{k}", kind, x)
+                    elif inner is not None and _is_dataset(type(x)):
+                        inner.append((f"{prefix}.{name}.{k}", x))
+                continue
+            kind = kind_of(v)
+            if kind is not None:
+                add(f"{prefix}.{name}", kind, v)
+            elif inner is not None and _is_dataset(t):
+                inner.append((f"{prefix}.{name}", v))
+
+    look("loader", loader, None)
+    for i, s in enumerate(_sampler_chain(loader)):
+        look(f"sampler.{i}", s, None)
+    datasets: list = [("dataset", loader.dataset)]
+    for depth in range(3):  # the dataset, what it wraps, what that wraps
+        inner: list | None = [] if depth < 2 else None
+        for prefix, ds in datasets:
+            look(prefix, ds, inner)
+        datasets = inner or []
+    return found
+
+
+_DATASET_TYPES: dict[type, bool] = {}
+
+
+def _is_dataset(t: type) -> bool:
+    is_ds = _DATASET_TYPES.get(t)
+    if is_ds is None:
+        is_ds = _DATASET_TYPES[t] = issubclass(t, Dataset)
+    return is_ds
+
+
+def _legacy_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The generators a checkpoint written before ``generators`` kept its ``"gens"`` for: the torch.Generator
+    attributes named ``generator`` of the loader, then its samplers, deduplicated, in that order."""
     found: list[torch.Generator] = []
     for owner in (loader, *_sampler_chain(loader)):
         g = getattr(owner, "generator", None)
         if isinstance(g, torch.Generator) and all(g is not x for x in found):
             found.append(g)
     return found
+
+
+OWN_RNG_MAX = 32  # generators kept per loader
+HELD_MAX = 32  # items of a list/tuple/dict attribute looked into (not a dataset's list of samples)
+
+
+def _own_raw(loader: DataLoader) -> tuple:
+    """The states of ``generators(loader)``, raw (cheap: taken at every ``iter()``); a tuple marks the raw form."""
+    return tuple((key, kind, rng.raw_state(g, kind)) for key, kind, g in generators(loader))
+
+
+def _own_saved(raw: tuple) -> list:
+    """``_own_raw``'s result in the checkpoint's form: [key, kind, state] each (no pickle)."""
+    return [[key, kind, rng.saved_state(kind, state)] for key, kind, state in raw]
+
+
+def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
+    """Put the loader's generators back from ``state["rngs"]`` (``_own_raw``'s or ``_own_saved``'s form),
+    matched by key and kind. Every entry is checked before any generator is written; an entry that does
+    not fit (malformed, no such generator in this run, another kind) is left out and named in one warning
+    line, as is a generator of this run the checkpoint holds no state for. A checkpoint written before
+    these were kept has ``"gens"`` only: the ``generator`` attributes, as then (``_legacy_generators``)."""
+    saved = state.get("rngs")
+    live = generators(loader)
+    if saved is None:
+        legacy = _legacy_generators(loader)
+        gens = state.get("gens")
+        try:
+            for g, s in zip(legacy, gens if isinstance(gens, list) else []):
+                rng.check_state(g, "torch", rng.raw_from_saved("torch", s))
+            for g, s in zip(legacy, gens if isinstance(gens, list) else []):
+                rng.set_generator_state(g, s)
+        except Exception as e:  # malformed: nothing read from a checkpoint is trusted unchecked
+            _say_once(f"warning: loader {_sig_of(loader)}: the generator state saved {when} is not usable "
+                      f"({type(e).__name__}: {e}); its order of batches may differ after this resume", "warning")
+        rest = [key for key, _, g in live if all(g is not x for x in legacy)]
+        if rest:
+            _say_once(f"warning: loader {_sig_of(loader)}: the checkpoint (written by an older pyckpt) holds no "
+                      f"state of its random generator(s) {_keys(rest)}; what they draw may differ after this "
+                      "resume", "warning")
+        return
+    by_key = {key: (kind, g) for key, kind, g in live}
+    raw_form = isinstance(saved, tuple)
+    todo, bad = [], []
+    for entry in saved if isinstance(saved, (list, tuple)) else [None]:
+        key = entry[0] if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], str) else "?"
+        try:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3 or key == "?" or key not in by_key:
+                raise KeyError(key)
+            kind, g = by_key.pop(key)
+            if entry[1] != kind:
+                raise TypeError(kind)
+            raw = entry[2] if raw_form else rng.raw_from_saved(kind, entry[2])
+            rng.check_state(g, kind, raw)
+            todo.append((g, kind, raw))
+        except Exception:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
+            bad.append(key[:60])
+    failed = []
+    for g, kind, raw in todo:
+        try:
+            rng.set_state(g, kind, raw)
+        except Exception:  # noqa: BLE001 - checked above; a generator refusing it anyway is said
+            failed.append(next(k for k, _, x in live if x is g))
+    if bad or by_key or failed:
+        parts = []
+        if bad:
+            parts.append(f"the state(s) {_keys(bad)} do not fit a generator of this run")
+        if by_key:
+            parts.append(f"the checkpoint holds no state of {_keys(list(by_key))}")
+        if failed:
+            parts.append(f"{_keys(failed)} refused their state")
+        _say_once(f"warning: loader {_sig_of(loader)}: random generators saved {when} not restored: "
+                  f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
+
+
+def _keys(keys: list[str]) -> str:
+    return ", ".join(keys[:6]) + (f" (+{len(keys) - 6})" if len(keys) > 6 else "")
+
+
+def _sig_of(loader: DataLoader) -> list:
+    try:
+        return signature(loader)
+    except Exception:  # noqa: BLE001 - a message only
+        return [type(loader).__qualname__]
 
 
 def _sampler_chain(loader: DataLoader) -> list:
@@ -97,17 +245,26 @@ def _epoch_rng(loader: DataLoader, host: bool = True) -> dict[str, Any]:
     sampler's own epoch counter. A relaunch skipping epochs runs no sampler, so the resumed epoch's
     ``iter()`` is given these back. Python's and NumPy's are kept raw (cheap, at every ``iter()``) and
     converted when a checkpoint stores them (``_stored_epoch_rng``). ``host=False``: torch's and the
-    generators' only (a plan an integration makes from the current state, as before)."""
-    state = {"torch": torch.get_rng_state(), "gens": [rng.generator_state(g) for g in generators(loader)]}
+    generators' only (a plan an integration makes from the current state, as before). The generators the
+    loader's sampler and dataset keep (``generators``) are kept raw in ``"rngs"`` too; ``"gens"`` (the
+    ``generator`` attributes, in checkpoints written before) stays empty."""
+    state = {"torch": torch.get_rng_state(), "gens": [], "rngs": _own_raw(loader)}
     if host:
         state.update(host=_raw_rng(), samplers=[_sampler_state(s) for s in _samplers(loader)])
     return state
 
 
 def _stored_epoch_rng(state: dict[str, Any] | None) -> dict[str, Any] | None:
-    if state is None or not isinstance(state.get("host"), tuple):
+    if state is None:
         return state
-    return dict(state, host=_saved_rng(state["host"]))
+    if isinstance(state.get("host"), tuple):
+        state = dict(state, host=_saved_rng(state["host"]))
+    if isinstance(state.get("rngs"), tuple):
+        try:
+            state = dict(state, rngs=_own_saved(state["rngs"]))
+        except Exception:  # noqa: BLE001 - a malformed checkpoint's (read back as a tuple): said when it was read
+            state = dict(state, rngs=[])
+    return state
 
 
 def _set_epoch_rng(loader: DataLoader, state: dict[str, Any]) -> None:
@@ -120,8 +277,7 @@ def _set_epoch_rng(loader: DataLoader, state: dict[str, Any]) -> None:
                       f"usable ({type(e).__name__}: {e}); a sampler drawing from them may shuffle differently "
                       "after this resume", "warning")
     torch.set_rng_state(state["torch"].to(torch.uint8))
-    for g, s in zip(generators(loader), state["gens"]):
-        rng.set_generator_state(g, s)
+    _set_own(loader, state, "at the start of the resumed epoch")
     _set_sampler_states(loader, state.get("samplers"))
 
 
@@ -200,15 +356,24 @@ class Stream:
         if isinstance(self.first_rng, tuple):
             self.first_rng = _saved_rng(self.first_rng)
         pos: dict[str, Any] = {"sig": self.sig, "epoch": self.epochs, "batch": handed, "fetched": self.batches,
-                               "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "samplers": [],
-                               "epoch_steps": list(self.epoch_steps), "epoch_steps_from": self.epoch_steps_from}
+                               "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "rngs": [],
+                               "samplers": [], "epoch_steps": list(self.epoch_steps),
+                               "epoch_steps_from": self.epoch_steps_from}
         if self.follower:
             pos["follower"] = True
         if self.first_rng is not None:
             pos["first_rng"] = self.first_rng
         if loader is not None:
-            pos["gens"] = [rng.generator_state(g) for g in generators(loader)]
+            own = generators(loader)
+            pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
+            if loader.num_workers > 0 and any(key.startswith("dataset.") for key, _, _ in own):
+                _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
+                          f"dataset's random generator(s) "
+                          f"{_keys([k for k, _, _ in own if k.startswith('dataset.')])}; those copies are not "
+                          "saved, so what they draw may differ after a resume (derive per-sample generators "
+                          "from get_worker_info().seed, or draw from torch's, Python's or NumPy's global "
+                          "generators, which are saved per worker)", "warning")
         pos.update(reshard_data.position_extra(self))  # a remapped epoch (another world size) stores its split
         if loader is not None and not self.follower:  # a follower's loader is never read: nothing to save
             pos.update(self._pipeline_position(loader, self.batches - handed))
@@ -256,12 +421,12 @@ class Stream:
         return {"ahead_rng": [_saved_rng(r) for r in raw]}
 
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
-        """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward)."""
+        """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward):
+        the loader's, its samplers' and its dataset's generators (``generators``) as at the snapshot."""
         loader = self.loader() if self.loader is not None else None
         if loader is None:
             return
-        for g, s in zip(generators(loader), pos.get("gens", [])):
-            rng.set_generator_state(g, s)
+        _set_own(loader, pos, "at the checkpoint")
         _set_sampler_states(loader, pos.get("samplers"))
         first, steps = epoch_steps_of(pos)
         if steps:
@@ -879,12 +1044,17 @@ class LoaderTracker:
         iterator goes on as the resumed epoch itself: the epochs in between count as started, the real
         iterator is fast-forwarded to the checkpoint's position, and the loop state restored at its first
         fetch (the restore point) puts the script's own counters and loops where they were. A ``for``
-        loop, or a library's call, ends the skipped epoch as before (its per-epoch code runs again)."""
+        loop, or a library's call, ends the skipped epoch as before (its per-epoch code runs again), and so
+        does a call the checkpoint's loop state cannot be restored at (the first ``next()`` of a script's
+        prefetcher or look-ahead wrapper, which handles the end of the epoch itself): the script's stack
+        must be the one the snapshot was taken with."""
         target = self._target(st)
         caller = sys._getframe(2)  # _collapse <- the patched __next__ <- whoever asked for the item
-        if (target is None or not st.skipping or st.epochs >= target.epoch or st.iterator is None
-                or st.iterator() is not it or not frames.is_user_file(caller.f_code.co_filename)
-                or not frames.calls_explicitly(caller)):
+        session = getattr(self, "session", None)
+        if (target is None or target is not self.plan or not st.skipping or st.epochs >= target.epoch
+                or st.iterator is None or st.iterator() is not it or session is None
+                or not frames.is_user_file(caller.f_code.co_filename) or not frames.calls_explicitly(caller)
+                or not session.can_restore_at(caller)):
             return None
         loader = st.loader() if st.loader is not None else None
         if loader is None:

@@ -6,6 +6,12 @@ CUDA has been initialised: a program that never touched CUDA has no CUDA
 random state worth saving, and initialising it here would cost memory on
 every device). The captured state uses only tensors, tuples and JSON values,
 so it goes through the checkpoint format without pickle.
+
+Generator *objects* a program keeps (a sampler's ``random.Random``, a dataset's
+``np.random.default_rng``, a ``torch.Generator``): ``kind_of``, ``raw_state``
+(a cheap copy), ``saved_state`` (the checkpoint's form, the same forms as the
+global streams'), ``raw_from_saved``, ``check_state`` (refuses what the object
+could not take, writing nothing) and ``set_state``.
 """
 from __future__ import annotations
 
@@ -21,14 +27,10 @@ def capture() -> dict[str, Any]:
 
     The Mersenne Twister words (625 for Python, 624 for NumPy) are one int64 tensor each,
     not a list of ints: a list costs one state-tree leaf per word in every snapshot."""
-    version, words, gauss_next = random.getstate()
-    state: dict[str, Any] = {"python": (version, torch.tensor(words, dtype=torch.int64), gauss_next),
-                             "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"python": python_saved(random.getstate()), "torch": torch.get_rng_state()}
     np = sys.modules.get("numpy")
     if np is not None:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        state["numpy"] = numpy_saved(np.random.get_state())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
@@ -36,20 +38,204 @@ def capture() -> dict[str, Any]:
 
 def restore(state: dict[str, Any]) -> None:
     """Put every stream back to ``state`` (as returned by ``capture``)."""
-    py = state["python"]
-    # Words as a tensor (this version) or a tuple/list of ints (checkpoints written before).
-    random.setstate((py[0], tuple(_ints(py[1])), py[2]))
+    random.setstate(python_raw(state["python"]))
     torch.set_rng_state(_cpu_byte_tensor(state["torch"]))
     if "numpy" in state:
         import numpy as np
 
-        s = state["numpy"]
-        np.random.set_state((s["name"], np.array(_ints(s["keys"]), dtype=np.uint32), s["pos"], s["has_gauss"],
-                             s["gauss"]))
+        np.random.set_state(numpy_raw(state["numpy"]))
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available():
         n = min(len(cuda), torch.cuda.device_count())
         torch.cuda.set_rng_state_all([_cpu_byte_tensor(t) for t in cuda[:n]])
+
+
+def python_saved(raw: tuple) -> tuple:
+    """``random.getstate()``'s (or a ``random.Random``'s) state in the checkpoint's form."""
+    version, words, gauss_next = raw
+    return (version, torch.tensor(words, dtype=torch.int64), gauss_next)
+
+
+def python_raw(saved: Any) -> tuple:
+    """``python_saved``'s form back as ``random.setstate()`` takes it. The words as a tensor (this
+    version) or a tuple/list of ints (checkpoints written before)."""
+    return (saved[0], tuple(_ints(saved[1])), saved[2])
+
+
+def numpy_saved(raw: tuple) -> dict[str, Any]:
+    """NumPy's legacy ``get_state()`` tuple (the global stream's, a ``RandomState``'s) in the checkpoint's form."""
+    name, keys, pos, has_gauss, gauss = raw
+    return {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def numpy_raw(saved: dict[str, Any]) -> tuple:
+    import numpy as np
+
+    return (saved["name"], np.array(_ints(saved["keys"]), dtype=np.uint32), saved["pos"], saved["has_gauss"],
+            saved["gauss"])
+
+
+# -- generator objects ---------------------------------------------------------------------------
+
+_KIND_OF_TYPE: dict[type, str | None] = {}  # kind_of's answer per class (torch.Generator's isinstance is slow)
+
+
+def kind_of(v: Any) -> str | None:
+    """``v``'s kind of random generator object, or None (not one, or one without state: SystemRandom).
+    Cheap (one dict look-up per class seen before): looked up for every attribute of a loader's parts."""
+    t = type(v)
+    kind = _KIND_OF_TYPE.get(t, "")
+    if kind == "":
+        kind = _KIND_OF_TYPE[t] = _kind_of(v)
+    return kind
+
+
+def _kind_of(v: Any) -> str | None:
+    if isinstance(v, torch.Generator):
+        return "torch"
+    if isinstance(v, random.Random):
+        return None if isinstance(v, random.SystemRandom) else "random"
+    np = sys.modules.get("numpy")
+    if np is not None and hasattr(np, "random"):
+        if isinstance(v, np.random.RandomState):
+            return "numpy.RandomState"
+        if isinstance(v, np.random.Generator):
+            return "numpy.Generator"
+    return None
+
+
+def raw_state(v: Any, kind: str) -> Any:
+    """A copy of generator object ``v``'s state, cheap to take (``saved_state`` converts it)."""
+    if kind == "torch":
+        return v.get_state()
+    if kind == "random":
+        return v.getstate()
+    if kind == "numpy.RandomState":
+        return v.get_state()
+    return v.bit_generator.state
+
+
+def saved_state(kind: str, raw: Any) -> Any:
+    """``raw_state``'s result in the checkpoint's form (tensors, tuples, JSON values; no pickle): a torch
+    generator's state tensor, ``random.Random``'s and ``RandomState``'s as the global streams' in
+    ``capture``, a NumPy ``Generator``'s bit generator state dict with its integers as decimal strings
+    (PCG64's are 128-bit) and its arrays as byte tensors."""
+    if kind == "torch":
+        return raw
+    if kind == "random":
+        return python_saved(raw)
+    if kind == "numpy.RandomState":
+        return numpy_saved(raw)
+    if kind == "numpy.Generator":
+        return _tree_saved(raw, 0)
+    raise ValueError(f"unknown generator kind {kind!r}")
+
+
+def raw_from_saved(kind: str, saved: Any) -> Any:
+    """``saved_state``'s form back as the generator takes it (ValueError/TypeError/KeyError: malformed)."""
+    if kind == "torch":
+        if not isinstance(saved, torch.Tensor):
+            raise TypeError("a torch generator state is not a tensor")
+        return _cpu_byte_tensor(saved)
+    if kind == "random":
+        if not isinstance(saved, (tuple, list)) or len(saved) != 3:
+            raise TypeError("malformed random.Random state")
+        return python_raw(saved)
+    if kind == "numpy.RandomState":
+        if not isinstance(saved, dict):
+            raise TypeError("malformed RandomState state")
+        return numpy_raw(saved)
+    if kind == "numpy.Generator":
+        raw = _tree_raw(saved, 0)
+        if not isinstance(raw, dict):
+            raise TypeError("malformed numpy Generator state")
+        return raw
+    raise ValueError(f"unknown generator kind {str(kind)[:40]!r}")
+
+
+def check_state(v: Any, kind: str, raw: Any) -> None:
+    """Raise (ValueError, TypeError, ...) unless ``set_state(v, kind, raw)`` would succeed; writes nothing
+    to ``v`` (the state is set into a new generator of ``v``'s kind)."""
+    if kind != kind_of(v):
+        raise TypeError(f"the generator is a {type(v).__qualname__}, the state a {kind}'s")
+    if kind == "torch":
+        if not isinstance(raw, torch.Tensor):
+            raise TypeError("a torch generator state is not a tensor")
+        if v.device.type == "cpu":
+            torch.Generator().set_state(_cpu_byte_tensor(raw))
+        elif raw.numel() != v.get_state().numel():
+            raise ValueError(f"a {v.device.type} generator state of {raw.numel()} bytes")
+    elif kind == "random":
+        random.Random().setstate(raw)
+    elif kind == "numpy.RandomState":
+        import numpy as np
+
+        np.random.RandomState().set_state(raw)
+    else:
+        import numpy as np
+
+        np.random.Generator(type(v.bit_generator)()).bit_generator.state = raw
+
+
+def set_state(v: Any, kind: str, raw: Any) -> None:
+    """Put ``raw`` (``raw_state``'s or ``raw_from_saved``'s result) into generator object ``v``."""
+    if kind == "torch":
+        v.set_state(_cpu_byte_tensor(raw))
+    elif kind == "random":
+        v.setstate(raw)
+    elif kind == "numpy.RandomState":
+        v.set_state(raw)
+    else:
+        v.bit_generator.state = raw
+
+
+def _tree_saved(v: Any, depth: int) -> Any:
+    """A NumPy bit generator state (dicts of str, int, float and arrays) as tagged JSON values and tensors."""
+    import numpy as np
+
+    if depth > 8:
+        raise ValueError("a numpy generator state nested too deeply")
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise TypeError("a numpy generator state with non-string keys")
+        return {k: _tree_saved(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, str):
+        return ["s", v]
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return ["i", str(int(v))]
+    if isinstance(v, (float, np.floating)):
+        return ["f", float(v)]
+    if isinstance(v, np.ndarray) and v.dtype.kind in "iuf":
+        flat = np.ascontiguousarray(v).reshape(-1)
+        return ["a", v.dtype.str, list(v.shape), torch.from_numpy(flat.view(np.uint8).copy())]
+    raise TypeError(f"a {type(v).__qualname__} in a numpy generator state")
+
+
+def _tree_raw(e: Any, depth: int) -> Any:
+    import numpy as np
+
+    if depth > 8:
+        raise ValueError("a numpy generator state nested too deeply")
+    if isinstance(e, dict):
+        return {str(k): _tree_raw(x, depth + 1) for k, x in e.items()}
+    if not isinstance(e, (list, tuple)) or not e:
+        raise TypeError("malformed numpy generator state")
+    tag = e[0]
+    if tag == "s" and len(e) == 2 and isinstance(e[1], str):
+        return e[1]
+    if tag == "i" and len(e) == 2 and isinstance(e[1], str) and len(e[1]) <= 80:
+        return int(e[1])
+    if tag == "f" and len(e) == 2 and isinstance(e[1], (int, float)) and not isinstance(e[1], bool):
+        return float(e[1])
+    if (tag == "a" and len(e) == 4 and isinstance(e[1], str) and isinstance(e[2], (list, tuple))
+            and all(type(n) is int and n >= 0 for n in e[2]) and isinstance(e[3], torch.Tensor)):
+        dtype = np.dtype(e[1])
+        if dtype.kind not in "iuf":
+            raise TypeError(f"a numpy generator state array of dtype {dtype}")
+        data = e[3].detach().to(device="cpu", dtype=torch.uint8).contiguous().numpy().tobytes()
+        return np.frombuffer(data, dtype=dtype).reshape(tuple(e[2])).copy()
+    raise TypeError("malformed numpy generator state")
 
 
 def _ints(words: Any) -> list[int]:

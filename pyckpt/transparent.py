@@ -432,6 +432,19 @@ class Session:
             return None  # written before loop state existed, or capture failed (warned then)
         return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"))
 
+    def can_restore_at(self, frame: Any) -> bool:
+        """Whether the checkpoint's loop state would be restored with the script's stack at ``frame`` (the
+        same code and instruction in each script frame, loop positions it can reach): checked, nothing written."""
+        rs = (self.source.rank_state or {}) if self.source is not None else {}
+        tree = rs.get("loop")
+        if tree is None:
+            return False
+        try:
+            loopstate.prepare(tree, frames.user_frames(frame), "loader", rs.get("script_objects"))
+        except Exception:  # noqa: BLE001 - not here (a mismatch, or a malformed tree the restore will name)
+            return False
+        return True
+
     def _load_tracked(self, t: discovery.Tracked) -> dict:
         """Read the checkpoint and load the tracked objects and registered state; returns its rank state."""
         src = self.source

@@ -1,0 +1,140 @@
+"""Random generators a loader's sampler or dataset keeps itself (pyckpt/loader_state.py ``generators``): a
+length-bucketing batch sampler shuffling with its own ``random.Random`` / ``np.random.default_rng`` /
+``torch.Generator`` (under an attribute not named ``generator``), a dataset augmenting from its own
+``np.random.default_rng``. A relaunch runs no sampler in the epochs it skips and loads none of the skipped
+batches, so those generators were behind: the resumed run drew other batches and other noise, silently.
+Their states are kept at each epoch's ``iter()`` and at the snapshot and put back at the resumed epoch's
+``iter()`` and at the restore point."""
+from __future__ import annotations
+
+import random
+import re
+import signal
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+import zygote
+from pyckpt import loader_state, tree
+from transparent_helpers import HERE, clean_env, load, run_script, tree_equal
+
+SCRIPT = HERE / "own_rng_train.py"
+
+
+@pytest.mark.parametrize("shape", ["sampler_random", "sampler_numpy", "sampler_torch", "dataset_numpy",
+                                   "subset_numpy"])
+def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
+    # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
+    plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    # 10 steps an epoch; a snapshot every 4 steps; killed after step 17: resumed at step 16 or 12, in epoch 1
+    env = dict(SHAPE=shape, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="17",
+               KILL_MARK=tmp_path / "mark")
+    first = run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"pyckpt: resumed from step (16|12) \(epoch 1, batch [26]\)", second.stderr), second.stderr
+    assert "warning" not in second.stderr, second.stderr
+    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+
+
+class _Bucket(Sampler):
+    def __init__(self):
+        self.rng = random.Random(1)
+        self.more = [np.random.default_rng(2), np.random.Generator(np.random.Philox(3))]
+        self.by_name = {"t": torch.Generator().manual_seed(4), "rs": np.random.RandomState(5),
+                        "mt": np.random.Generator(np.random.MT19937(6)), "sfc": np.random.Generator(np.random.SFC64(7))}
+
+    def all(self):
+        return [self.rng, *self.more, *self.by_name.values()]
+
+    def __iter__(self):
+        return iter([[0, 1]])
+
+    def __len__(self):
+        return 1
+
+
+def _stream():
+    """A tracked stream of a loader whose batch sampler keeps a generator of every kind."""
+    loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_sampler=_Bucket())
+    tracker = loader_state.LoaderTracker(lambda st: None, lambda: None, lambda: None)
+    st = tracker.stream_for(loader)
+    st.loader = weakref.ref(loader)
+    return loader, st
+
+
+def _draws(loader):
+    return [torch.rand(2, generator=g).tolist() if isinstance(g, torch.Generator) else float(g.random())
+            for g in loader.batch_sampler.all()]
+
+
+def _through_the_tree(value):
+    encoded, tensors, _ = tree.flatten(value)
+    return tree.unflatten(encoded, lambda i, into, path: tensors[i].clone())
+
+
+def test_every_kind_round_trips_through_the_checkpoint_by_key():
+    """The epoch-start states and the snapshot's go through the state tree without pickle (PCG64's 128-bit
+    integers as strings) and come back into the generator of the same key."""
+    loader, st = _stream()
+    st.epoch_rng = loader_state._epoch_rng(loader)  # the epoch's iter()
+    at_epoch_start = _draws(loader)
+    pos = _through_the_tree(st.position(others=False))  # the snapshot
+    at_snapshot = _draws(loader)
+    assert [e[0] for e in pos["rngs"]] == [
+        "sampler.1.rng", "sampler.1.more.0", "sampler.1.more.1", "sampler.1.by_name.t", "sampler.1.by_name.rs",
+        "sampler.1.by_name.mt", "sampler.1.by_name.sfc"]
+    _draws(loader)
+    loader_state._set_epoch_rng(loader, pos["epoch_rng"])
+    assert _draws(loader) == at_epoch_start
+    st.restore_sampler_state(pos)
+    assert _draws(loader) == at_snapshot
+
+
+def _states(loader):
+    return [repr(g.get_state() if isinstance(g, torch.Generator) else
+                 g.bit_generator.state if isinstance(g, np.random.Generator) else g.get_state()
+                 if isinstance(g, np.random.RandomState) else g.getstate()) for g in loader.batch_sampler.all()]
+
+
+def test_a_malformed_or_mismatching_entry_is_said_and_never_written(capsys):
+    loader, st = _stream()
+    pos = _through_the_tree(st.position(others=False))
+    _draws(loader)
+    before = _states(loader)
+    bad = [list(e) for e in pos["rngs"]]
+    bad[0][2] = (3, torch.zeros(5, dtype=torch.int64), None)  # a random.Random state of 5 words
+    bad[1][1] = "torch"  # another kind under that key
+    bad[2][0] = "sampler.1.other"  # a key this run has no generator for
+    st.restore_sampler_state(dict(pos, rngs=bad + [7]))
+    err = capsys.readouterr().err
+    assert err.count("pyckpt: warning:") == 1, err
+    assert "sampler.1.rng" in err and "sampler.1.more.0" in err and "sampler.1.other" in err, err
+    assert "no state of sampler.1.more.1" in err, err
+    assert _states(loader)[:3] == before[:3]  # the generators whose entries did not fit: untouched
+    st.restore_sampler_state(dict(pos, rngs="not a list"))
+    assert capsys.readouterr().err.count("pyckpt: warning:") == 1
+
+
+def test_a_checkpoint_without_them_sets_the_generator_attributes_as_before_and_says_what_it_lacks(capsys):
+    """A checkpoint written before these were kept has only ``"gens"``: the loader's ``generator``
+    attributes are set from it as then; the generators it holds nothing for are named in one line."""
+    g = torch.Generator().manual_seed(3)
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2, shuffle=True, generator=g)
+    tracker = loader_state.LoaderTracker(lambda st: None, lambda: None, lambda: None)
+    st = tracker.stream_for(loader)
+    st.loader = weakref.ref(loader)
+    state = g.get_state()
+    expected = torch.rand(3, generator=g)
+    st.restore_sampler_state({"gens": [state], "samplers": []})
+    assert torch.equal(torch.rand(3, generator=g), expected)
+    assert capsys.readouterr().err == ""
+    loader.batch_sampler.rng = random.Random(0)  # a generator the old checkpoint holds nothing for
+    st.restore_sampler_state({"gens": [state], "samplers": []})
+    err = capsys.readouterr().err
+    assert err.count("pyckpt: warning:") == 1 and "sampler.1.rng" in err, err
