@@ -16,6 +16,7 @@ referenced and deletes its directory once nothing references it.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import operator
 import os
@@ -118,6 +119,8 @@ class Baseline:
         reference (all but those that just changed), so that save finds them checked: the read
         costs the training thread nothing unless that save comes before it is done."""
         self.stop_precheck()
+        if _EXITING:
+            return
         todo: dict[str, tuple[int, list[dict]]] = {}
         for key, (_, rec, nbytes) in self.chunks.items():
             if key not in self.changed:
@@ -332,9 +335,31 @@ class _RefFile:
                         "reference them are damaged (pyckpt verify)", self.path, self.damaged)
 
 
+_RUNNING: set[_Precheck] = set()  # pre-checks not finished: stopped and joined at exit (_stop_all)
+
+
+def _stop_all() -> None:
+    """At exit, before the interpreter finalizes: stop every pre-check and wait for it (it stops after its
+    current read of at most 8 MiB). A daemon thread still inside the native CRC (the GIL released) when
+    the interpreter finalizes is ended by pthread_exit while it takes the GIL back, an unwind through
+    pybind11's noexcept GIL guard: std::terminate, the process aborted at its end."""
+    global _EXITING
+    _EXITING = True  # a commit at exit (another atexit handler's) starts none after this
+    for t in list(_RUNNING):
+        t.stop.set()
+    for t in list(_RUNNING):
+        t.join(30)
+
+
+_EXITING = False
+
+
+atexit.register(_stop_all)
+
+
 class _Precheck(threading.Thread):
-    """``Baseline.precheck``'s thread. A daemon (never holds up the process's exit) at the lowest
-    CPU priority, which Linux's BFQ and CFQ I/O schedulers also apply to its reads; its reads and
+    """``Baseline.precheck``'s thread. A daemon (never holds up the process's exit: ``_stop_all``) at the
+    lowest CPU priority, which Linux's BFQ and CFQ I/O schedulers also apply to its reads; its reads and
     CRC passes release the GIL. A damaged chunk it finds is only left unremembered: the save checks
     it again, writes it afresh and says so in its one line."""
 
@@ -343,7 +368,17 @@ class _Precheck(threading.Thread):
         self.owner, self.root, self.todo = owner, root, todo
         self.stop = threading.Event()
 
+    def start(self) -> None:
+        _RUNNING.add(self)
+        super().start()
+
     def run(self) -> None:
+        try:
+            self._check()
+        finally:
+            _RUNNING.discard(self)
+
+    def _check(self) -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
         except (AttributeError, OSError):

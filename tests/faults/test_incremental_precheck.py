@@ -90,3 +90,29 @@ def test_the_first_save_after_a_resume_reads_nothing_the_resume_checked(ckpt_roo
         assert FIRST in _files(path)
         assert during == 0
     reader.verify(get_engine(), path)
+
+
+_EXIT_SCRIPT = r'''
+import atexit, sys, threading
+# Registered before pyckpt is imported, so it runs after pyckpt's own exit handler (atexit is LIFO).
+atexit.register(lambda: print("ALIVE", [t.name for t in threading.enumerate() if t.name == "pyckpt-precheck"],
+                              flush=True))
+import torch, pyckpt
+ck = pyckpt.Checkpointer(sys.argv[1], keep=3)
+ck.save(1, {"frozen": torch.ones(64 << 20)}).result(60)  # 256 MiB: its read-back outlasts the script
+print("RUNNING", [t.name for t in threading.enumerate() if t.name == "pyckpt-precheck"], flush=True)
+'''
+
+
+def test_a_precheck_still_running_at_exit_is_stopped_and_joined_before_the_interpreter_finalizes(tmp_path):
+    # A daemon thread inside the native CRC (GIL released) when the interpreter finalizes is ended by
+    # pthread_exit as it takes the GIL back, an unwind through a noexcept guard: "terminate called without
+    # an active exception", the relaunched job aborted (-6) at its very end.
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "ck")], capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")})
+    assert r.returncode == 0, r.stderr
+    assert "RUNNING ['pyckpt-precheck']" in r.stdout  # the case: the read-back is still going at the end
+    assert "ALIVE []" in r.stdout, r.stdout
