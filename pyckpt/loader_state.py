@@ -336,6 +336,12 @@ class Stream:
     # between the epoch's iter() and that fetch (a zipped loader's iter(), an evaluation, an earlier
     # loader's first batch drawing random augmentation), which the relaunch does not repeat.
     first_rng: Any = None
+    # The random state when the previous epoch ended (its iterator raised StopIteration; raw, or the
+    # checkpoint's form once stored), and this epoch's end: what the script's per-epoch code between the
+    # two epochs drew from (a subset drawn with torch.randperm, a per-epoch augmentation choice). A relaunch
+    # gets it back where its last skipped epoch ends, so that code draws the same numbers again.
+    prev_end_rng: Any = None
+    end_rng: Any = None
     side_steps: int = 0  # steps with a fetch from this side stream before them (lockstep: said once)
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
@@ -363,6 +369,10 @@ class Stream:
             pos["follower"] = True
         if self.first_rng is not None:
             pos["first_rng"] = self.first_rng
+        if self.prev_end_rng is not None:
+            if isinstance(self.prev_end_rng, tuple):
+                self.prev_end_rng = _saved_rng(self.prev_end_rng)
+            pos["prev_end_rng"] = self.prev_end_rng
         if loader is not None:
             own = generators(loader)
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
@@ -682,6 +692,13 @@ class LoaderTracker:
                 # The end of an epoch is a fetch event too: a look-ahead wrapper hands its last batch
                 # after this, so the loop's last step of the epoch follows no successful fetch.
                 tracker.fetches += 1
+                if st.main is None:
+                    if type(it) is _FinishedEpoch:
+                        if not it.__dict__.get("_pyckpt_ended"):  # once: a script may ask again
+                            it.__dict__["_pyckpt_ended"] = True
+                            tracker._skipped_epoch_ended(st)
+                    elif not st.ended:
+                        st.end_rng = _raw_rng()
                 st.ended = True
                 raise
             tracker._count_batch(st)
@@ -988,6 +1005,8 @@ class LoaderTracker:
             st = Stream(st.sig, self, main=st)
         st.epochs += 1
         st.note_epoch_start(self._step())
+        if st.main is None:
+            st.prev_end_rng, st.end_rng = st.end_rng, None
         self._begin_epoch(st, loader)
         target = self._target(st)
         if target is not None and st.epochs < target.epoch:
@@ -1012,6 +1031,23 @@ class LoaderTracker:
         note, self.skip_note = self.skip_note, None
         if note is not None:
             _say_once(note, "info")
+
+    def _skipped_epoch_ended(self, st: Stream) -> None:
+        """A skipped epoch of the training loader ends in the relaunch: the last one before the resumed epoch
+        gets back the random state its original ended with (``prev_end_rng``), for the per-epoch code that
+        runs next. Without it, checkpoints written before, or an epoch that ended by ``break``: as it is."""
+        plan = self.plan
+        if plan is None or self._target(st) is not plan or st.epochs != plan.epoch - 1:
+            return
+        saved = plan.position.get("prev_end_rng")
+        if saved is None:
+            return
+        try:
+            rng.restore(saved)
+        except Exception as e:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
+            _say_once(f"warning: loader {st.sig}: the random state saved at the end of epoch {st.epochs - 1} is not "
+                      f"usable ({type(e).__name__}: {e}); what the script draws before epoch {st.epochs} may differ "
+                      "after this resume", "warning")
 
     def _step(self) -> int:
         return getattr(getattr(self, "session", None), "step", 0) or 0
@@ -1115,6 +1151,7 @@ class LoaderTracker:
         step = side.epoch_steps[-1] if side.epoch_steps else -1
         main.epochs += 1
         main.note_epoch_start(step)
+        main.prev_end_rng, main.end_rng = main.end_rng, None
         for name in ("batches", "epoch_rng", "reused", "loader", "handed", "skipping", "iterator", "mark",
                      "streak", "ended", "probe", "wrapper_cls", "pre_fetch", "first_rng"):
             setattr(main, name, getattr(side, name))
@@ -1191,6 +1228,7 @@ class LoaderTracker:
         # Otherwise a sampler loaded in this process skips at the iterator's first fetch (``_prime``), where
         # the original drew its permutation: after the iter() of every loader zipped with it, say.
         st.first_rng = plan.position.get("first_rng")
+        st.prev_end_rng = plan.position.get("prev_end_rng")  # for the snapshots of this epoch, as originally
         it._pyckpt_stream = st
         st.batches = plan.batch
         if st.handed is not None:

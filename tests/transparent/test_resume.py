@@ -34,6 +34,7 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
     ("peek", 17),    # the training loader iterated inside its own epoch (an evaluation): the relaunch never
     ("peek", 22),    # got there (trained 0 steps, exit 0), or took the snapshot inside the evaluation
     ("unfreeze", 13),  # requires_grad flipped in the loop at step 6: the relaunch trained on with it frozen
+    ("subset", 19),  # a per-epoch subset drawn with randperm before iter(): other samples after a resume
 ])
 def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mode, kill_at):
     first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT=str(kill_at))

@@ -1,14 +1,15 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases | peek | reiter
-| fixed_next | unfreeze
+| fixed_next | unfreeze | subset
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
 optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
 scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
-unfreeze: the first layer frozen until step 6, unfrozen in the training loop)
+unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch
+trains on a new loader over 32 of the 40 samples drawn with torch.randperm before its iter())
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -147,6 +148,12 @@ elif MODE == "reiter":  # the loop of step-counted pre-training scripts
             it = iter(loader)
             x, y = next(it)
         train_step(x, y)
+elif MODE == "subset":
+    for epoch in range(EPOCHS):
+        pick = torch.randperm(len(data))[:32]  # after the previous epoch's dropout draws
+        for x, y in DataLoader(torch.utils.data.Subset(data, pick.tolist()), batch_size=4, shuffle=True):
+            train_step(x, y)
+        sched.step()
 elif MODE == "fixed_next":
     for epoch in range(EPOCHS):
         it = iter(loader)
