@@ -342,6 +342,13 @@ class Stream:
     # gets it back where its last skipped epoch ends, so that code draws the same numbers again.
     prev_end_rng: Any = None
     end_rng: Any = None
+    # An IterableDataset loaded in this process, replayed on resume (LoaderTracker._probe_draws): fetches
+    # still watched this epoch, the global random state after the last one, what was seen, said once.
+    draw_probe: int = 0
+    last_mark: Any = None
+    fetch_draws: bool = False
+    step_draws: bool = False
+    draws_said: bool = False
     side_steps: int = 0  # steps with a fetch from this side stream before them (lockstep: said once)
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
@@ -456,6 +463,22 @@ class Stream:
 
 EPOCH_STEPS_KEPT = 256  # a framework's checkpoint older than that many epochs is not mapped (its resume wins)
 AHEAD_RNG_KEPT = 8  # random states before main-process fetches kept per stream (a wrapper's look-ahead depth)
+
+
+DRAW_PROBE_FETCHES = 16
+
+
+def _rng_mark() -> tuple:
+    """What tells whether the global torch, Python or NumPy generators drew since (``_same_mark``)."""
+    np = sys.modules.get("numpy")
+    words = random.getstate()[1]  # the index (last) moves with each draw, the words when it wraps
+    npst = np.random.get_state() if np is not None else None
+    return (torch.get_rng_state(), words[-1], words[:4],
+            (npst[2], npst[1][:4].tobytes()) if npst is not None else None)
+
+
+def _same_mark(a: tuple, b: tuple) -> bool:
+    return a[1:] == b[1:] and torch.equal(a[0], b[0])
 
 
 def _raw_rng() -> tuple:
@@ -686,6 +709,11 @@ class LoaderTracker:
             tracker.last = st
             if st.handed is not None and getattr(it, "_num_workers", 1) == 0:
                 tracker._before_main_process_fetch(st)
+            probe = st.draw_probe > 0
+            if probe:
+                before = _rng_mark()
+                if st.last_mark is not None and not _same_mark(st.last_mark, before):
+                    st.step_draws = True
             try:
                 data = orig_next(it)
             except StopIteration:
@@ -701,6 +729,8 @@ class LoaderTracker:
                         st.end_rng = _raw_rng()
                 st.ended = True
                 raise
+            if probe:
+                tracker._probe_draws(st, before)
             tracker._count_batch(st)
             return data
 
@@ -1062,6 +1092,32 @@ class LoaderTracker:
         st.handed = 0 if self.wrapper_depth else None
         st.skipping = False
         st.loader = weakref.ref(loader)
+        # An IterableDataset loaded in this process and positioned by loading and dropping batches: watch
+        # whether its fetches and the steps between them draw from the same global generators (below).
+        replayed = (loader._dataset_kind == _DatasetKind.Iterable and loader.num_workers == 0
+                    and st.main is None and _stateful_owner(loader)[0] is None)
+        st.draw_probe = DRAW_PROBE_FETCHES if replayed and not st.draws_said else 0
+        st.last_mark, st.fetch_draws, st.step_draws = None, False, False
+
+    def _probe_draws(self, st: Stream, before: tuple) -> None:
+        """After a fetch of a watched IterableDataset (``_begin_epoch``): a resume loads and drops its batches
+        back to back, so a dataset that draws from the global generators while it yields (a shuffle buffer)
+        gives other batches then when the training step also draws from them between its fetches (dropout):
+        said once. Watched for the first DRAW_PROBE_FETCHES fetches of an epoch only (the check costs tens
+        of microseconds)."""
+        after = _rng_mark()
+        if not _same_mark(before, after):
+            st.fetch_draws = True
+        st.last_mark = after
+        st.draw_probe -= 1
+        if st.fetch_draws and st.step_draws:
+            st.draw_probe, st.draws_said = 0, True
+            _say_once(f"warning: loader {st.sig}: its IterableDataset draws random numbers in this process while "
+                      "it yields, and the training steps draw from the same generators between its batches; a "
+                      "resume in the middle of an epoch loads and drops the batches before its position one after "
+                      "the other, so the batches after it may differ. Give the dataset state_dict()/"
+                      "load_state_dict() (it is then positioned through them), load it in worker processes, or "
+                      "let it draw from a generator of its own (kept with the loader)", "warning")
 
     def _target(self, st: Stream) -> FastForward | None:
         """The position a resume fast-forwards ``st`` to, while not reached yet."""
