@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 
-from . import layout
+from . import gcpause, layout
 from .errors import PyckptError
 
 _held: dict[str, tuple[int, "weakref.ref[DirLock]"]] = {}  # realpath(root) -> (pid, lock)
@@ -38,7 +38,9 @@ class DirLock:
         self.key = os.path.realpath(root)
         self.path = os.path.join(root, layout.LOCK)
         self._fd: int | None = None
-        with _guard:
+        # The collector paused while _guard is held: a pass run by an allocation in here finalizes a
+        # garbage DirLock, whose __del__ takes _guard in this same thread (a deadlock; seen in the suite).
+        with gcpause.paused(), _guard:
             prev = _held.get(self.key)
             other = prev[1]() if prev is not None and prev[0] == os.getpid() else None
             if other is not None and other._fd is not None:
@@ -79,7 +81,7 @@ class DirLock:
 
     def release(self) -> None:
         """Drop the lock (idempotent). The file stays: removing it would race with a new holder."""
-        with _guard:
+        with gcpause.paused(), _guard:
             fd, self._fd = self._fd, None
             if fd is None:
                 return
