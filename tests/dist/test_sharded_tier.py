@@ -126,7 +126,8 @@ def test_resumes_on_one_rank_from_a_two_rank_snapshot_held_only_in_memory(parall
                PARALLEL=parallel)
     mem = tier_path(tier_ckpt)
     _samples(tmp_path, "a", 2, env, stop_at=9, stop_after=mem / "step-000000008" / "MANIFEST.json")
-    assert _harness.committed_steps(tier_ckpt) == [] and tier_steps(tier_ckpt) == [8]
+    # Stopped right after step 8's publish: the tier may still hold step 6 (its removal comes after).
+    assert _harness.committed_steps(tier_ckpt) == [] and tier_steps(tier_ckpt) in ([8], [6, 8])
     shutil.copytree(mem, tmp_path / "mem", ignore=shutil.ignore_patterns(".spare"))  # the relaunch removes it
     err = _samples(tmp_path, "b", 1, env)
     assert "pyckpt: resuming from the memory tier" in err and "(written by 2 rank(s)) on 1 rank(s)" in err, err[-3000:]
