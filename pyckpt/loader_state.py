@@ -1140,10 +1140,10 @@ class LoaderTracker:
         does a call the checkpoint's loop state cannot be restored at (the first ``next()`` of a script's
         prefetcher or look-ahead wrapper, which handles the end of the epoch itself): the script's stack
         must be the one the snapshot was taken with."""
-        target = self._target(st)
+        target = self.plan  # the training loader's; a zipped loader's skipped epoch ends as before
         caller = sys._getframe(2)  # _collapse <- the patched __next__ <- whoever asked for the item
         session = getattr(self, "session", None)
-        if (target is None or target is not self.plan or not st.skipping or st.epochs >= target.epoch
+        if (target is None or self._target(st) is not target or not st.skipping or st.epochs >= target.epoch
                 or st.iterator is None or st.iterator() is not it or session is None
                 or not frames.is_user_file(caller.f_code.co_filename) or not frames.calls_explicitly(caller)
                 or not session.can_restore_at(caller)):
@@ -1151,14 +1151,13 @@ class LoaderTracker:
         loader = st.loader() if st.loader is not None else None
         if loader is None:
             return None
-        if target is self.plan:
-            self.skip_note = None  # no epoch is run again from here: the script's loop goes on in this one
+        self.skip_note = None  # no epoch is run again from here: the script's loop goes on in this one
         step = self._step()
         while st.epochs < target.epoch:
             st.epochs += 1
             st.note_epoch_start(step)  # restored from the checkpoint's position at the restore point
         self._begin_epoch(st, loader)
-        real = self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is self.plan)
+        real = self._fast_forward(loader, st, target, orig_iter, orig_next)
         it.__dict__["_pyckpt_real"] = real
         return real
 
