@@ -30,7 +30,7 @@ def plain(tmp_path_factory):
 def test_the_newer_of_the_two_resumes_wins_and_the_run_equals_an_uninterrupted_one(tmp_path, plain, every,
                                                                                    kill_at, winner):
     env = dict(PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS=every, LAST=tmp_path / "last.pt",
-               KILL_AT=kill_at, KILL_MARK=tmp_path / "mark")
+               KILL_AT=kill_at, KILL_MARK=tmp_path / "mark", KILL_AFTER_COMMIT=tmp_path / "ckpt")
     first = run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
     assert first.returncode == -signal.SIGKILL
     second = run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)

@@ -1,16 +1,28 @@
 """A script with its own auto-resume (never mentions pyckpt): at start it loads LAST if it exists
 (model, Adam, RNG, epoch, step) and starts at the next epoch; at each epoch's end it saves LAST.
 
-env: LAST (its own checkpoint file), EPOCHS, KILL_AT=N (SIGKILL right after step N unless KILL_MARK exists)
+env: LAST (its own checkpoint file), EPOCHS, KILL_AT=N (SIGKILL right after step N unless KILL_MARK exists),
+KILL_AFTER_COMMIT=DIR (before that kill, wait up to 60 s for a committed DIR/step-*/MANIFEST.json: a
+snapshot taken a few steps before the kill is still being written on a slow machine)
 argv[1]: where to torch.save the final state
 """
+import glob
 import os
 import signal
 import sys
+import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+
+def wait_for_commit(ckpt_dir):
+    deadline = time.monotonic() + 60
+    while ckpt_dir and not glob.glob(os.path.join(ckpt_dir, "step-*", "MANIFEST.json")):
+        if time.monotonic() > deadline:
+            sys.exit("no checkpoint committed in " + ckpt_dir)
+        time.sleep(0.02)
 
 
 def main():
@@ -38,6 +50,7 @@ def main():
             mark = os.environ.get("KILL_MARK", "")
             if os.environ.get("KILL_AT") == str(step) and mark and not os.path.exists(mark):
                 open(mark, "w").close()
+                wait_for_commit(os.environ.get("KILL_AFTER_COMMIT"))
                 os.kill(os.getpid(), signal.SIGKILL)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "step": step,
                     "rng": torch.get_rng_state()}, last)
