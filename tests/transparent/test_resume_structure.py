@@ -26,6 +26,16 @@ STRUCT = r"""
 import os, signal, sys, time, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+def wait_for_commit(step):
+    # Commits are asynchronous: on a loaded machine the newest snapshot before the kill may still be
+    # written a few steps later. Wait (bounded) for it, so the test knows which one the relaunch resumes.
+    every = int(os.environ["PYCKPT_EVERY_STEPS"])
+    want = os.path.join(os.environ["PYCKPT_DIR"], "step-%09d" % (step // every * every), "MANIFEST.json")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(want) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
 if "WORLD_SIZE" in os.environ:  # ranks training on their own (no DDP): each rank's state is its own
     torch.distributed.init_process_group("gloo")
 change, width = os.environ.get("CHANGE", ""), int(os.environ.get("WIDTH", "32"))
@@ -61,9 +71,10 @@ for step, (x, y) in enumerate(loader, 1):
     if step == 10 and change == "later":
         model.add_module("head2", nn.Linear(4, 4))
         opt.add_param_group({"params": list(model.head2.parameters())})
-    time.sleep(0.05)  # a real step's time: the step-8 checkpoint commits before the kill
+    time.sleep(0.05)  # a real step's time
     if step == 15 and os.environ.get("KILL") and not os.path.exists("mark"):
         open("mark", "w").close()
+        wait_for_commit(15)
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"out{os.environ.get('RANK', '')}.pt")
 print("TRAINED")
@@ -332,6 +343,16 @@ import os, signal, time, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+def wait_for_commit(step):
+    # Commits are asynchronous: on a loaded machine the newest snapshot before the kill may still be
+    # written a few steps later. Wait (bounded) for it, so the test knows which one the relaunch resumes.
+    every = int(os.environ["PYCKPT_EVERY_STEPS"])
+    want = os.path.join(os.environ["PYCKPT_DIR"], "step-%09d" % (step // every * every), "MANIFEST.json")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(want) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -362,6 +383,7 @@ for step, (x, y) in enumerate(loader, 1):
     time.sleep(0.05)
     if step == 15 and os.environ.get("KILL") and not os.path.exists("mark"):
         open("mark", "w").close()
+        wait_for_commit(15)
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save(model.state_dict(), os.environ["OUT"])
 """
