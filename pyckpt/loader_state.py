@@ -24,7 +24,10 @@ is (batches handed B, batches fetched F >= B). Fast-forward skips B and the
 restore waits until the wrapper has fetched F again (its look-ahead refilled).
 Loaded in the main process (no workers), those F - B batches may draw random
 numbers (a masking collator): the random state before each of them is saved
-(``ahead_rng``) and put back before each is fetched again.
+(``ahead_rng``) and put back before each is fetched again. Unregistered ones (a class with
+``__next__``, or the script's own no-argument ``next()`` of the apex/YOLOX prefetchers) are found on
+the stack at an epoch's first fetch (``_probe_wrapper``). A snapshot point after the epoch's end (an
+apex ``next()`` asks the ended iterator again) is marked ``ended``; the restore waits for that end too.
 A rank that another rank reads for (accelerate's dispatcher) counts its
 ``follow_fetch`` calls instead: the same points, in the loop's terms. Each
 stream also keeps the step count at each epoch start (``epoch_steps``), which
@@ -39,9 +42,12 @@ last two optimizer steps, mid-epoch), each positioned as of the last step.
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import os
 import random
 import sys
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -374,6 +380,10 @@ class Stream:
                                "epoch_steps_from": self.epoch_steps_from}
         if self.follower:
             pos["follower"] = True
+        if batch is None and self.ended and self.main is None:
+            # This point is a fetch after the epoch's end (an apex prefetcher's next() after its last batch
+            # calls next() on the exhausted iterator again): the relaunch's restore waits for its end too.
+            pos["ended"] = True
         if self.first_rng is not None:
             pos["first_rng"] = self.first_rng
         if self.prev_end_rng is not None:
@@ -545,6 +555,7 @@ class FastForward:
     others: list = field(default_factory=list)  # zipped loaders' FastForwards (reached, not restored at)
     # The random state before each of the fetched - batch fetches ahead of the loop (main-process loading)
     ahead_rng: list = field(default_factory=list)
+    ended: bool = False  # the snapshot point came after the epoch's iterator had ended
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -565,7 +576,7 @@ class FastForward:
         if not isinstance(ahead, list) or len(ahead) != fetched - batch:
             ahead = []  # absent (workers, no look-ahead) or malformed: _fast_forward says so if it matters
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
-                   bool(pos.get("reused")), pos, fetched, others, ahead)
+                   bool(pos.get("reused")), pos, fetched, others, ahead, pos.get("ended") is True)
 
 
 class _SkipFirst:
@@ -909,8 +920,9 @@ class LoaderTracker:
         self._hooks.patch(cls, "__iter__", __iter__)
 
     def _probe_wrapper(self, st: Stream) -> None:
-        """At an epoch's first fetch: if it is made by an iterator object of a class with ``__next__``
-        (the outermost one on the stack below the loop's frame: a Lightning-style fetcher that keeps
+        """At an epoch's first fetch: if it is made by an object of a class that hands items to the loop
+        (``_handing_method``: ``__next__``, or the script's own no-argument ``next()`` of the apex/YOLOX
+        prefetchers; the outermost such object on the stack below the loop's frame, a fetcher that keeps
         a batch ahead), count the batches that class hands to the loop from now on."""
         frame, found, in_next = sys._getframe(2), None, False
         for _ in range(12):
@@ -919,27 +931,34 @@ class LoaderTracker:
             if not frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
                 obj = frame.f_locals.get("self")
                 cls = type(obj) if obj is not None else None
-                if cls is None or not callable(getattr(cls, "__next__", None)) or cls.__module__.startswith("torch"):
+                method = _handing_method(cls) if cls is not None else None
+                if method is None:
                     break  # the loop's own frame (or a trainer object's method)
                 if cls is not found:
                     found, in_next = cls, False
-                in_next = in_next or frame.f_code.co_name == "__next__"
+                in_next = in_next or frame.f_code.co_name == method
             frame = frame.f_back
         if found is None or self._found.get(found) is False:
             return
         if found not in self._found:
-            self._found[found] = None  # on probation until one counted __next__ took one batch at most
+            self._found[found] = None  # on probation until one counted call took one batch at most
             self._count_next(found)
-        # Batches before this fetch were handed (skipped on resume); a __next__ running now hands one more.
+        # Batches before this fetch were handed (skipped on resume); a call running now hands one more.
         st.handed = st.batches + (1 if in_next else 0)
         st.wrapper_cls = found
 
     def _count_next(self, cls: type) -> None:
-        """Count the items ``cls.__next__`` hands to the loop (one DataLoader batch each, checked: a
-        class that takes more than one batch per item is no look-ahead wrapper and is left alone)."""
-        orig_next, orig_iter, tracker = cls.__next__, cls.__iter__, self
+        """Count the items ``cls``'s handing method (``__next__`` or ``next``) hands to the loop (one
+        DataLoader batch each, checked: a class that takes more than one batch per item is no look-ahead
+        wrapper and is left alone). Its ``__iter__`` starts an epoch counted in its items, and so does a
+        ``next()`` class's ``__init__`` (an apex prefetcher, made every epoch, makes the DataLoader's
+        iterator and fetches its first batch there)."""
+        method = _handing_method(cls)
+        assert method is not None
+        orig_next, tracker = getattr(cls, method), self
 
-        def __next__(wrapper):  # noqa: N807
+        @functools.wraps(orig_next)
+        def handing(wrapper):
             if tracker._found.get(cls) is False:
                 return orig_next(wrapper)
             tracker.wrapper_depth += 1
@@ -959,18 +978,24 @@ class LoaderTracker:
                     st.handed += 1
             return item
 
-        def __iter__(wrapper):  # noqa: N807
-            if tracker._found.get(cls) is False:
-                return orig_iter(wrapper)
-            tracker.wrapper_depth += 1  # an iter() of the DataLoader inside it starts a counted epoch
-            try:
-                return orig_iter(wrapper)
-            finally:
-                tracker.wrapper_depth -= 1
+        def starting(orig: Callable) -> Callable:
+            @functools.wraps(orig)
+            def start(wrapper, *args, **kwargs):
+                if tracker._found.get(cls) is False:
+                    return orig(wrapper, *args, **kwargs)
+                tracker.wrapper_depth += 1  # an iter() of the DataLoader inside it starts a counted epoch
+                try:
+                    return orig(wrapper, *args, **kwargs)
+                finally:
+                    tracker.wrapper_depth -= 1
+            return start
 
         assert self._hooks is not None
-        self._hooks.patch(cls, "__next__", __next__)
-        self._hooks.patch(cls, "__iter__", __iter__)
+        self._hooks.patch(cls, method, handing)
+        for name in ("__iter__", "__init__") if method == "next" else ("__iter__",):
+            orig = getattr(cls, name, None)
+            if orig is not None and orig is not getattr(object, name, None):
+                self._hooks.patch(cls, name, starting(orig))
 
     def _on_step(self) -> None:
         """An optimizer stepped: remember each stream's batches now (a zipped loader fetched before
@@ -1006,9 +1031,11 @@ class LoaderTracker:
 
     def _ready(self, st: Stream) -> bool:
         """Whether a point on ``st`` may run now: a pending restore waits until a look-ahead
-        wrapper has fetched as many batches as it had when the snapshot was taken."""
+        wrapper has fetched as many batches as it had when the snapshot was taken (and seen the epoch's
+        end, if it had then)."""
         plan = self.plan
-        return plan is None or st is not self.plan_stream or st.batches >= plan.fetched
+        return (plan is None or st is not self.plan_stream
+                or (st.batches >= plan.fetched and (st.ended or not plan.ended)))
 
     # -- iteration --------------------------------------------------------------
     def stream_for(self, loader: DataLoader) -> Stream:
@@ -1144,6 +1171,8 @@ class LoaderTracker:
         caller = sys._getframe(2)  # _collapse <- the patched __next__ <- whoever asked for the item
         session = getattr(self, "session", None)
         if (target is None or self._target(st) is not target or not st.skipping or st.epochs >= target.epoch
+                # the restore is not at this fetch: a wrapper's look-ahead or end, redone only from the epoch's start
+                or target.fetched > target.batch or target.ended
                 or st.iterator is None or st.iterator() is not it or session is None
                 or not frames.is_user_file(caller.f_code.co_filename) or not frames.calls_explicitly(caller)
                 or not session.can_restore_at(caller)):
@@ -1293,6 +1322,24 @@ class LoaderTracker:
             self.plan_stream = st
             self.armed = True  # the restore happens at this iterator's next fetch
         return it
+
+
+def _handing_method(cls: type) -> str | None:
+    """The method by which objects of ``cls`` hand the loop its items: ``__next__`` (a class outside
+    torch), or a ``next`` method of the script's own code callable with no argument (apex's
+    ``data_prefetcher``, YOLOX's ``DataPrefetcher``); None for any other class."""
+    if cls.__module__.startswith("torch"):
+        return None
+    if callable(getattr(cls, "__next__", None)):
+        return "__next__"
+    fn = getattr(cls, "next", None)
+    if not isinstance(fn, types.FunctionType) or not frames.is_user_file(fn.__code__.co_filename):
+        return None
+    try:
+        inspect.signature(fn).bind(None)  # self only: what ``prefetcher.next()`` passes
+    except (TypeError, ValueError):
+        return None
+    return "next"
 
 
 def _saved_workers(loader: DataLoader, plan: FastForward) -> tuple | None:

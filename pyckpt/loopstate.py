@@ -12,7 +12,8 @@ result is a plain tree for pyckpt's own state format, with every tensor once in 
 rank's state (``Capture.states``), not into the table.
 
 Restoring first checks that the script's stack has the same shape (same code objects, same
-instruction in each frame), decodes and checks everything, and only then writes: a mismatch
+instruction in each frame, or a call whose continuation is provably the same: ``continuation``),
+decodes and checks everything, and only then writes: a mismatch
 raises ``PyckptError`` before anything changed (never a partial restore).
 
 Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, requires_grad]``,
@@ -53,7 +54,7 @@ from typing import Any
 
 import torch
 
-from . import frames
+from . import continuation, frames
 from .errors import PyckptError
 from .tree import flatten as _flatten_state
 
@@ -1134,7 +1135,10 @@ def check_stack(saved: Any, user: list[types.FrameType], point: str) -> None:
     if len(old) != len(new):
         why = f"{len(old)} script frames in the checkpoint, {len(new)} now"
     else:
-        n = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+        differ = [i for i, (a, b) in enumerate(zip(old, new)) if a != b and not _same_continuation(a, b, user[i])]
+        if not differ:
+            return
+        n = differ[0]
         a, b = old[n], new[n]
         where = f"{b[1]} ({b[0]}, defined at line {b[2]})"
         if isinstance(a, tuple) and len(a) == 5 and a[:3] == b[:3] and a[3] != b[3]:
@@ -1144,6 +1148,15 @@ def check_stack(saved: Any, user: list[types.FrameType], point: str) -> None:
         else:
             why = f"frame {n} is {where}, the checkpoint has {a[1] if isinstance(a, tuple) and len(a) > 1 else a}"
     raise PyckptError(f"the script or its call stack differs from the run that wrote the checkpoint: {why}")
+
+
+def _same_continuation(saved: Any, now: tuple, frame: types.FrameType) -> bool:
+    """Whether a frame of the same code at another call than the checkpoint's goes on as the
+    checkpoint's would (a prefetcher's ``next()`` before the loop and at the end of its body): the
+    bytecode after both calls is provably the same (``continuation.same_after``)."""
+    if not (isinstance(saved, tuple) and len(saved) == 5 and saved[:4] == now[:4] and type(saved[4]) is int):
+        return False
+    return continuation.same_after(frame.f_code, saved[4], now[4])
 
 
 @dataclass

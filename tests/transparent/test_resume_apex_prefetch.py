@@ -1,0 +1,41 @@
+"""The NVIDIA apex ImageNet example's prefetcher (train_apex_prefetch.py), killed with SIGKILL and
+relaunched: every relaunch used to be refused ("<module> is at another instruction than in the
+checkpoint"). The class has a plain ``next()`` and fetches one batch ahead, from ``__init__``; the
+relaunch reaches its restore point at the ``next()`` call before ``while input is not None:``, the
+snapshot was taken at the one at the end of the loop body, whose continuation is the same."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from transparent_helpers import HERE, load, run_script, tree_equal
+
+SCRIPT = HERE / "train_apex_prefetch.py"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("apex_plain")
+    r = run_script([SCRIPT, root / "plain.pt"], root, PYCKPT_DISABLE="1")
+    assert r.returncode == 0, r.stderr
+    return load(root / "plain.pt")
+
+
+@pytest.mark.parametrize("every,kill_at,resumed", [
+    (3, 8, "step 6 (epoch 0, batch 6)"),     # in epoch 0
+    (5, 13, "step 10 (epoch 0, batch 10)"),  # the snapshot's next() asked the ended iterator again
+    (3, 23, "step 21 (epoch 2, batch 1)"),   # in a later epoch: epochs 0 and 1 are passed without data
+])
+def test_apex_prefetcher_killed_and_relaunched_equals_a_plain_run(tmp_path, plain, every, kill_at, resumed):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
+    env = dict(PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS=str(every), EVERY=str(every), KILL_AT=str(kill_at),
+               KILL_MARK=tmp_path / "mark")
+    first = run_script([SCRIPT, out], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = run_script([SCRIPT, out], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    assert f"pyckpt: resumed from {resumed} " in second.stderr, second.stderr
+    final = load(out)
+    assert tree_equal(final["model"], plain["model"])
+    assert tree_equal(final["batches"], plain["batches"])  # each batch trained on, in order

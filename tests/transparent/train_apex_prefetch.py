@@ -1,0 +1,70 @@
+"""The NVIDIA apex ImageNet example's prefetcher (YOLOX's DataPrefetcher is the same): a class with a
+plain ``next()`` that fetches its first batch in ``__init__``, one batch ahead of the loop, called once
+before ``while input is not None:`` and once at the end of the loop body.
+
+    python train_apex_prefetch.py OUT.pt
+env: KILL_AT (step after which the process SIGKILLs itself, once: KILL_MARK is created) and
+EVERY (PYCKPT_EVERY_STEPS): before the kill it waits (bounded) for the newest snapshot before it to be
+committed. Saves the model and the batches trained on."""
+import glob
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class data_prefetcher:  # noqa: N801 - apex's name
+    def __init__(self, loader):
+        self.loader = iter(loader)
+        self.preload()
+
+    def preload(self):
+        try:
+            self.next_input, self.next_target = next(self.loader)
+        except StopIteration:
+            self.next_input = None
+            self.next_target = None
+
+    def next(self):
+        input, target = self.next_input, self.next_target
+        self.preload()
+        return input, target
+
+
+def wait_for_commit(step):
+    """Commits are asynchronous: wait until the snapshot of ``step`` is on disk."""
+    path = os.path.join(os.environ.get("PYCKPT_DIR", ""), f"step-{step:09d}", "MANIFEST.json")
+    deadline = time.monotonic() + 60
+    while os.environ.get("PYCKPT_DIR") and not glob.glob(path):
+        if time.monotonic() > deadline:
+            sys.exit("no checkpoint committed at " + path)
+        time.sleep(0.02)
+
+
+torch.manual_seed(0)
+x = torch.randn(40, 6)
+loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=True)
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+kill_at, every = int(os.environ.get("KILL_AT", "0")), int(os.environ.get("EVERY", "1"))
+step, seen = 0, []
+for epoch in range(3):
+    prefetcher = data_prefetcher(loader)
+    input, target = prefetcher.next()
+    while input is not None:
+        loss = ((model(input) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        seen.append(input.clone())
+        if step == kill_at and not os.path.exists(os.environ["KILL_MARK"]):
+            wait_for_commit((step - 1) // every * every)
+            open(os.environ["KILL_MARK"], "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        input, target = prefetcher.next()
+torch.save({"model": model.state_dict(), "batches": torch.stack(seen)}, sys.argv[1])
