@@ -20,21 +20,25 @@ from pyckpt.reader import IntoMismatchError
 
 from transparent_helpers import clean_env, load, run_script, tree_equal
 
-# 24 steps; checkpoints every 8. CHANGE happens at step 4 (before the step-8 checkpoint, so the
-# relaunch's fast-forward skips it) or at step 10 ("later": after it, so the relaunch replays it).
-STRUCT = r"""
-import os, signal, sys, time, torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+# Both scripts kill themselves at step 15 after the snapshot the test expects has committed: commits are
+# asynchronous, and on a loaded machine the newest snapshot before the kill may be written steps later.
+WAIT_FOR_COMMIT = r"""
+import os, time
 
 def wait_for_commit(step):
-    # Commits are asynchronous: on a loaded machine the newest snapshot before the kill may still be
-    # written a few steps later. Wait (bounded) for it, so the test knows which one the relaunch resumes.
     every = int(os.environ["PYCKPT_EVERY_STEPS"])
     want = os.path.join(os.environ["PYCKPT_DIR"], "step-%09d" % (step // every * every), "MANIFEST.json")
     deadline = time.monotonic() + 60
     while not os.path.exists(want) and time.monotonic() < deadline:
         time.sleep(0.02)
+"""
+
+# 24 steps; checkpoints every 8. CHANGE happens at step 4 (before the step-8 checkpoint, so the
+# relaunch's fast-forward skips it) or at step 10 ("later": after it, so the relaunch replays it).
+STRUCT = WAIT_FOR_COMMIT + r"""
+import os, signal, sys, time, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 if "WORLD_SIZE" in os.environ:  # ranks training on their own (no DDP): each rank's state is its own
     torch.distributed.init_process_group("gloo")
@@ -338,19 +342,10 @@ def test_a_module_cast_to_another_dtype_is_refused_not_loaded_with_a_silent_cast
         transparent._check_modules_before_read(tracked, src)
 
 
-REASSIGNED = r"""
+REASSIGNED = WAIT_FOR_COMMIT + r"""
 import os, signal, time, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-def wait_for_commit(step):
-    # Commits are asynchronous: on a loaded machine the newest snapshot before the kill may still be
-    # written a few steps later. Wait (bounded) for it, so the test knows which one the relaunch resumes.
-    every = int(os.environ["PYCKPT_EVERY_STEPS"])
-    want = os.path.join(os.environ["PYCKPT_DIR"], "step-%09d" % (step // every * every), "MANIFEST.json")
-    deadline = time.monotonic() + 60
-    while not os.path.exists(want) and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 class Net(nn.Module):
