@@ -651,7 +651,50 @@ class _FinishedEpoch(_BaseDataLoaderIter):
         self._sampler_iter, self._num_yielded = iter(()), 0
 
     def _next_data(self) -> Any:
-        raise StopIteration
+        raise SkippedEpochEnd
+
+
+class SkippedEpochEnd(StopIteration):
+    """The end of an epoch the resume skips (it finished before the checkpoint), raised by its iterator
+    at once: a StopIteration to every loop. One the script lets escape is named at exit (``_SkipHook``)."""
+
+
+class _SkipHook:
+    """``sys.excepthook`` while a relaunch skips epochs: a script that asks a skipped epoch's iterator for
+    a batch itself, outside a ``for`` loop, and does not catch its end (a prefetcher that re-iterates the
+    DataLoader when it ends, made once for the whole run) stopped with a bare StopIteration traceback
+    from pyckpt's code; one line now says why, before the traceback."""
+
+    installed = False
+
+    @classmethod
+    def install(cls, tracker: "LoaderTracker") -> None:
+        if cls.installed:
+            return
+        cls.installed = True
+        previous = sys.excepthook
+
+        def hook(tp, value, tb):
+            if tracker.plan is not None and _caused_by_skip(value):
+                _say_once("the relaunch stopped before the checkpoint's restore point: the script asked the "
+                          "DataLoader itself (outside a for loop) for a batch of an epoch the resume skips (it "
+                          "finished before the checkpoint) and did not catch that epoch's end (StopIteration); "
+                          "this loop shape resumes only within its first epoch. PYCKPT_RESUME=never (or a new "
+                          "PYCKPT_DIR) trains from scratch", "warning")
+            previous(tp, value, tb)
+
+        sys.excepthook = hook
+
+
+def _caused_by_skip(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a skipped epoch's end, or was raised while handling or because of one (a
+    generator turns it into RuntimeError)."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, SkippedEpochEnd):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class LoaderTracker:
@@ -1068,6 +1111,7 @@ class LoaderTracker:
         target = self._target(st)
         if target is not None and st.epochs < target.epoch:
             st.skipping = True
+            _SkipHook.install(self)
             it = _FinishedEpoch(loader)
             it._pyckpt_stream = st
             # Over from the start, fetched or not: a loop that keeps it (``batches = zip(a, b)`` held until

@@ -39,3 +39,38 @@ def test_apex_prefetcher_killed_and_relaunched_equals_a_plain_run(tmp_path, plai
     final = load(out)
     assert tree_equal(final["model"], plain["model"])
     assert tree_equal(final["batches"], plain["batches"])  # each batch trained on, in order
+
+
+@pytest.fixture(scope="module")
+def plain_reiter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("apex_reiter_plain")
+    r = run_script([SCRIPT, root / "plain.pt"], root, PYCKPT_DISABLE="1", MODE="reiter")
+    assert r.returncode == 0, r.stderr
+    return load(root / "plain.pt")
+
+
+def _reiter(tmp_path, kill_at):
+    env = dict(PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="3", EVERY="3", KILL_AT=str(kill_at),
+               KILL_MARK=tmp_path / "mark", MODE="reiter")
+    first = run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    return run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
+
+
+def test_a_prefetcher_made_once_that_reiterates_resumes_within_the_first_epoch(tmp_path, plain_reiter):
+    second = _reiter(tmp_path, 8)
+    assert second.returncode == 0 and "pyckpt: resumed from step 6 " in second.stderr, second.stderr
+    final = load(tmp_path / "out.pt")
+    assert tree_equal(final["model"], plain_reiter["model"])
+    assert tree_equal(final["batches"], plain_reiter["batches"])
+
+
+def test_a_prefetcher_made_once_that_reiterates_into_a_skipped_epoch_is_named(tmp_path):
+    # Its preload() asks a skipped epoch's iterator for a batch itself, gets that epoch's end and re-iterates
+    # into the next skipped one: the StopIteration escapes the script. It used to be a bare traceback from
+    # pyckpt's code; one line now says why the relaunch stopped and how to start over.
+    second = _reiter(tmp_path, 23)
+    assert second.returncode == 1, second.stderr
+    lines = [x for x in second.stderr.splitlines() if "relaunch stopped before the checkpoint's restore" in x]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: ") and "PYCKPT_RESUME=never" in lines[0], second.stderr
+    assert "SkippedEpochEnd" in second.stderr  # the traceback itself still follows

@@ -5,7 +5,8 @@ before ``while input is not None:`` and once at the end of the loop body.
     python train_apex_prefetch.py OUT.pt
 env: KILL_AT (step after which the process SIGKILLs itself, once: KILL_MARK is created) and
 EVERY (PYCKPT_EVERY_STEPS): before the kill it waits (bounded) for the newest snapshot before it to be
-committed. Saves the model and the batches trained on."""
+committed. Saves the model and the batches trained on. MODE=reiter: one prefetcher for the whole run,
+whose ``preload()`` re-iterates the DataLoader when an epoch ends, and 30 steps counted by the script."""
 import glob
 import os
 import signal
@@ -35,6 +36,19 @@ class data_prefetcher:  # noqa: N801 - apex's name
         return input, target
 
 
+class reiterating_prefetcher(data_prefetcher):  # noqa: N801 - an "infinite loader" made once
+    def preload(self):
+        try:
+            self.next_input, self.next_target = next(self.loader)
+        except StopIteration:
+            self.loader = iter(self.source)
+            self.next_input, self.next_target = next(self.loader)
+
+    def __init__(self, loader):
+        self.source = loader
+        super().__init__(loader)
+
+
 def wait_for_commit(step):
     """Commits are asynchronous: wait until the snapshot of ``step`` is on disk."""
     path = os.path.join(os.environ.get("PYCKPT_DIR", ""), f"step-{step:09d}", "MANIFEST.json")
@@ -52,7 +66,27 @@ model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 kill_at, every = int(os.environ.get("KILL_AT", "0")), int(os.environ.get("EVERY", "1"))
 step, seen = 0, []
-for epoch in range(3):
+
+
+def kill_here(step):
+    if step == kill_at and not os.path.exists(os.environ["KILL_MARK"]):
+        wait_for_commit((step - 1) // every * every)
+        open(os.environ["KILL_MARK"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if os.environ.get("MODE") == "reiter":
+    prefetcher = reiterating_prefetcher(loader)
+    for _ in range(30):
+        input, target = prefetcher.next()
+        loss = ((model(input) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        seen.append(input.clone())
+        kill_here(step)
+for epoch in range(0 if os.environ.get("MODE") == "reiter" else 3):
     prefetcher = data_prefetcher(loader)
     input, target = prefetcher.next()
     while input is not None:
@@ -62,9 +96,6 @@ for epoch in range(3):
         opt.step()
         step += 1
         seen.append(input.clone())
-        if step == kill_at and not os.path.exists(os.environ["KILL_MARK"]):
-            wait_for_commit((step - 1) // every * every)
-            open(os.environ["KILL_MARK"], "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_here(step)
         input, target = prefetcher.next()
 torch.save({"model": model.state_dict(), "batches": torch.stack(seen)}, sys.argv[1])
