@@ -678,9 +678,9 @@ class _SkipHook:
             if tracker.plan is not None and _caused_by_skip(value):
                 _say_once("the relaunch stopped before the checkpoint's restore point: the script asked the "
                           "DataLoader itself (outside a for loop) for a batch of an epoch the resume skips (it "
-                          "finished before the checkpoint) and did not catch that epoch's end (StopIteration); "
-                          "this loop shape resumes only within its first epoch. PYCKPT_RESUME=never (or a new "
-                          "PYCKPT_DIR) trains from scratch", "warning")
+                          "finished before the checkpoint) and did not catch that epoch's end (StopIteration): "
+                          "a loop that re-iterates the DataLoader itself cannot resume this many epochs in. "
+                          "PYCKPT_RESUME=never (or a new PYCKPT_DIR) trains from scratch", "warning")
             previous(tp, value, tb)
 
         sys.excepthook = hook
@@ -1005,7 +1005,12 @@ class LoaderTracker:
             if tracker._found.get(cls) is False:
                 return orig_next(wrapper)
             tracker.wrapper_depth += 1
-            before = tracker.ok_fetches
+            before, last = tracker.ok_fetches, tracker.last
+            # How far ahead of the loop it keeps the stream, and in which epoch: a call that starts the next
+            # epoch itself (an "infinite loader" re-iterating on StopIteration) hands an item of the old
+            # epoch's look-ahead, and the new epoch's fetches are all ahead of the loop.
+            ahead = last.batches - last.handed if last is not None and last.handed is not None else None
+            epochs = last.epochs if last is not None else None
             try:
                 item = orig_next(wrapper)
             finally:
@@ -1018,7 +1023,10 @@ class LoaderTracker:
             else:
                 tracker._found[cls] = True
                 if st is not None and st.handed is not None:
-                    st.handed += 1
+                    if st is last and st.epochs != epochs and ahead is not None and ahead > 0:
+                        st.handed = max(0, st.batches - ahead)
+                    else:
+                        st.handed += 1
             return item
 
         def starting(orig: Callable) -> Callable:

@@ -57,9 +57,16 @@ def _reiter(tmp_path, kill_at):
     return run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
 
 
-def test_a_prefetcher_made_once_that_reiterates_resumes_within_the_first_epoch(tmp_path, plain_reiter):
-    second = _reiter(tmp_path, 8)
-    assert second.returncode == 0 and "pyckpt: resumed from step 6 " in second.stderr, second.stderr
+@pytest.mark.parametrize("kill_at,resumed", [
+    (8, "step 6 (epoch 0, batch 6)"),
+    # The relaunch's next() re-iterates from the skipped epoch 0 into epoch 1: its item came from epoch 0's
+    # look-ahead, so epoch 1 starts with one batch fetched and none handed (it counted one handed, and the
+    # relaunch was refused: the restore fell into __init__'s fetch).
+    (13, "step 12 (epoch 1, batch 2)"),
+])
+def test_a_prefetcher_made_once_that_reiterates_resumes_exactly(tmp_path, plain_reiter, kill_at, resumed):
+    second = _reiter(tmp_path, kill_at)
+    assert second.returncode == 0 and f"pyckpt: resumed from {resumed} " in second.stderr, second.stderr
     final = load(tmp_path / "out.pt")
     assert tree_equal(final["model"], plain_reiter["model"])
     assert tree_equal(final["batches"], plain_reiter["batches"])
