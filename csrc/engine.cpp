@@ -3,10 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <functional>
-#include <iomanip>
-#include <sstream>
 
 #include "pyckpt/codec.h"
 #include "pyckpt/copy_kernel.h"
@@ -42,9 +41,9 @@ void destroy_all(const DeviceEvents& after) noexcept {
 constexpr size_t kParallelCopyMin = 1 << 20;
 
 std::string hex32(uint32_t v) {
-  std::ostringstream os;
-  os << "0x" << std::hex << std::setw(8) << std::setfill('0') << v;
-  return os.str();
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "0x%08x", static_cast<unsigned>(v));
+  return buf;
 }
 
 // Read-side buffers, one set per I/O thread, grown to the largest chunk seen
@@ -190,7 +189,7 @@ std::shared_ptr<SaveJob> Engine::save(std::vector<std::string> files,
 }
 
 std::string Engine::staging_timeout_message(const SaveJob& job) const {
-  std::ostringstream os;
+  Msg os;
   os << "staging timeout: no free staging slab within " << job.options().staging_timeout_ms
      << " ms (pool of " << pool_.max_slabs() << " slabs x " << pool_.slab_bytes()
      << " bytes is busy with earlier checkpoints); the checkpoint was skipped. Raise "

@@ -13,18 +13,14 @@ const char* short_path(const char* file) {
 }  // namespace
 
 void throw_at(ErrorKind kind, const std::string& message, const char* file, int line) {
-  std::ostringstream os;
-  os << message << " [" << short_path(file) << ":" << line << "]";
-  throw Error(kind, os.str());
+  throw Error(kind, message + " [" + short_path(file) + ":" + std::to_string(line) + "]");
 }
 
 std::string errno_text(int err) {
   char buf[256];
   // GNU strerror_r may return a static string instead of filling buf.
   const char* text = strerror_r(err, buf, sizeof buf);
-  std::ostringstream os;
-  os << text << " (errno " << err << ")";
-  return os.str();
+  return std::string(text) + " (errno " + std::to_string(err) + ")";
 }
 
 }  // namespace pyckpt
