@@ -325,12 +325,13 @@ class Checkpointer:
         try:
             if not self._baseline.seeded and not self._baseline:
                 self._baseline.seed(self.directory, self.coord.rank)
+            moved = self._moved_chunks(plan)
             plan.expect, plan.refs = self._baseline.expectations(
                 writer.storages_json(plan) + sharded.storages_json(plan), [c.raw_len for c in plan.chunks],
                 [any(p.src_device >= 0 for p in c.pieces) for c in plan.chunks], os.path.basename(final),
-                self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"))
+                self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"), moved)
             expected = {e[0] for e in plan.expect}
-            plan.no_fp = {i for i in self._moved_chunks(plan) - expected
+            plan.no_fp = {i for i in moved - expected
                           if (i + self._baseline.saves) % incremental_mod.SAMPLE_EVERY}
         except Exception as e:  # never into training: this save is simply written in full
             log.warning("pyckpt: incremental save not possible, writing every chunk: %s", e)

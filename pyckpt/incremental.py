@@ -194,7 +194,8 @@ class Baseline:
         self.update(part, e.name)
 
     def expectations(self, storages_json: list[dict], raw_lens: list[int], on_device: list[bool],
-                     final_name: str, root: str, verify: str) -> tuple[list[tuple], dict[int, tuple[dict, int]]]:
+                     final_name: str, root: str, verify: str,
+                     moved: set[int] = frozenset()) -> tuple[list[tuple], dict[int, tuple[dict, int]]]:
         """For the plan chunks (described by their storage JSON, raw lengths, whether on a GPU): the
         engine's ``expect`` list and the reference each skipped chunk would become (chunk -> (record, nbytes)).
 
@@ -206,7 +207,14 @@ class Baseline:
         Only checkpoints of a lower step are referenced: never ``final_name`` itself (the same
         step saved again replaces it), nor a higher step left by a run this one resumed before
         (the run will save that step again, replacing what a reference would point at); nor
-        files that are no longer there with their recorded size."""
+        files that are no longer there with their recorded size.
+
+        A chunk in ``moved`` (its storages were written in place since the last save: trained
+        weights, optimizer moments) is expected unchanged only where the on-disk check of the
+        chunk it would reference is already done (the pre-check after the last commit): it almost
+        surely changed, and reading the referenced bytes back here, on the caller's thread, stalled
+        the first saves of a GPU job for seconds. Chunks that did not move (frozen weights) are
+        checked here when the pre-check has not reached them yet."""
         # A pre-check still running is not waited for: what it has not checked yet is checked here.
         self.stop_precheck()
         expect: list[tuple] = []
@@ -227,7 +235,7 @@ class Baseline:
                     continue
                 if f not in files:
                     files[f] = _RefFile.open(root, f, nbytes, self)
-                if files[f] is None or not files[f].sound(rec):
+                if files[f] is None or (i in moved and not files[f].known_sound(rec)) or not files[f].sound(rec):
                     continue  # written afresh by this save
                 used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
                 sampled = (zlib.crc32(repr(sig).encode()) + self.saves) % SAMPLE_EVERY == 0
@@ -296,6 +304,11 @@ class _RefFile:
             if prev is None or prev[0] != ident:
                 prev = owner._sound_on_disk[rel] = (ident, set())
         return cls(path, fd, owner, prev[1])
+
+    def known_sound(self, rec: dict) -> bool:
+        """Whether chunk ``rec`` was already found sound in this file (no read)."""
+        with self._owner._lock:
+            return (rec["offset"], rec["stored_len"], rec["crc32c"]) in self._sound
 
     def sound(self, rec: dict, stop: threading.Event | None = None) -> bool:
         """Whether chunk ``rec``'s stored bytes in this file match its ``crc32c`` (read once, then
