@@ -240,13 +240,13 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, const DeviceEvent
         job->mark_captured(i);
         continue;
       }
-      uint8_t* slab = pool_.acquire(std::chrono::milliseconds(0), &job->stop_flag());
+      uint8_t* slab = pool_.acquire(c.raw_len, std::chrono::milliseconds(0), &job->stop_flag());
       if (!slab) {
         // Pool dry: finish the queued copies and start the deferred writes,
         // which free slabs, then wait.
         while (!copying.empty()) finish_device_copy(*job, copying, captured);
         submit_writes(job, captured);
-        slab = pool_.acquire(timeout, &job->stop_flag());
+        slab = pool_.acquire(c.raw_len, timeout, &job->stop_flag());
       }
       if (!slab) {
         job->fail(staging_timeout_message(*job));  // no-op if already cancelled
@@ -534,7 +534,7 @@ void Engine::write_stored(const File& file, const Encoded& e, uint8_t* slab, uin
   // rounded up to 4 KiB, so an uncompressed chunk can go out with O_DIRECT
   // once its tail is padded with zeros (the padding lies in its own region).
   const size_t padded = (e.size + 4095) / 4096 * 4096;
-  if (e.data == slab && padded <= pool_.slab_bytes()) {
+  if (e.data == slab && padded <= pool_.block_bytes(e.size)) {
     std::memset(slab + e.size, 0, padded - e.size);
     if (file.pwrite_direct(slab, padded, offset)) return;
     // Padding included: a reused (memory-tier) file holds older bytes there.

@@ -1,6 +1,8 @@
 #include "pyckpt/staging_pool.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <iterator>
 #include <cstring>
 
 #include "pyckpt/cuda_api.h"
@@ -47,30 +49,61 @@ void StagingPool::free_slab(uint8_t* p) noexcept {
     std::free(p);
 }
 
-uint8_t* StagingPool::acquire(std::chrono::milliseconds timeout, const std::atomic<bool>* abort) {
+int StagingPool::split_for(size_t nbytes) const {
+  const size_t need = round_up(std::max<size_t>(nbytes, 1), kAlign);
+  int split = 0;
+  while (split + 1 < kSplits && block_size(split + 1) >= need) ++split;
+  return split;
+}
+
+size_t StagingPool::block_size(int split) const {
+  // Whole slabs are slab_bytes_; blocks are cut at 4 KiB boundaries (O_DIRECT
+  // writes straight from them) and none is smaller than 4 KiB.
+  return split == 0 ? slab_bytes_ : std::max<size_t>((slab_bytes_ >> split) / kAlign * kAlign, kAlign);
+}
+
+uint8_t* StagingPool::take_whole(std::unique_lock<std::mutex>& lock) {
+  if (!free_.empty()) {
+    uint8_t* p = free_.back();
+    free_.pop_back();
+    return p;
+  }
+  if (all_.size() + allocating_ >= max_slabs_) return nullptr;
+  ++allocating_;
+  lock.unlock();
+  uint8_t* p = nullptr;
+  try {
+    p = allocate_slab();
+  } catch (...) {
+    lock.lock();
+    --allocating_;
+    throw;
+  }
+  lock.lock();
+  --allocating_;
+  all_.push_back(p);
+  slabs_.emplace(p, Slab{});
+  return p;
+}
+
+uint8_t* StagingPool::acquire(size_t nbytes, std::chrono::milliseconds timeout, const std::atomic<bool>* abort) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const int split = split_for(nbytes);
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    if (!free_.empty()) {
-      uint8_t* p = free_.back();
-      free_.pop_back();
+    if (split > 0 && !free_blocks_[split].empty()) {
+      uint8_t* p = free_blocks_[split].back();
+      free_blocks_[split].pop_back();
+      --std::prev(slabs_.upper_bound(p))->second.free;
       return p;
     }
-    if (all_.size() + allocating_ < max_slabs_) {
-      ++allocating_;
-      lock.unlock();
-      uint8_t* p = nullptr;
-      try {
-        p = allocate_slab();
-      } catch (...) {
-        lock.lock();
-        --allocating_;
-        throw;
-      }
-      lock.lock();
-      --allocating_;
-      all_.push_back(p);
-      return p;
+    if (uint8_t* base = take_whole(lock)) {
+      if (split == 0) return base;
+      // Split it: the first block is returned, the others wait in this size's free list.
+      const size_t block = block_size(split), n = slab_bytes_ / block;
+      slabs_[base] = Slab{split, n - 1};
+      for (size_t k = n - 1; k >= 1; --k) free_blocks_[split].push_back(base + k * block);
+      return base;
     }
     if (abort && abort->load()) return nullptr;
     const auto now = std::chrono::steady_clock::now();
@@ -79,12 +112,28 @@ uint8_t* StagingPool::acquire(std::chrono::milliseconds timeout, const std::atom
   }
 }
 
-void StagingPool::release(uint8_t* slab) {
+void StagingPool::release(uint8_t* block) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(slab);
+    auto it = std::prev(slabs_.upper_bound(block));
+    Slab& slab = it->second;
+    if (slab.split == 0) {
+      free_.push_back(block);
+    } else {
+      std::vector<uint8_t*>& list = free_blocks_[slab.split];
+      list.push_back(block);
+      if (++slab.free == slab_bytes_ / block_size(slab.split)) {
+        // Every block back: the slab is whole again, for a chunk of any size.
+        uint8_t* base = it->first;
+        uint8_t* end = base + slab_bytes_;
+        list.erase(std::remove_if(list.begin(), list.end(), [&](uint8_t* p) { return p >= base && p < end; }),
+                   list.end());
+        slab = Slab{};
+        free_.push_back(base);
+      }
+    }
   }
-  cv_.notify_one();
+  cv_.notify_all();  // a whole slab serves a waiter of any size
 }
 
 size_t StagingPool::allocated_bytes() const {

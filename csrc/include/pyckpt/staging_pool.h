@@ -3,6 +3,13 @@
 // then reused for every later save, so steady-state checkpoints neither
 // allocate nor page-fault. When every slab is in use, acquire() waits up to a
 // timeout and then gives up: memory never grows past the budget.
+//
+// A chunk much smaller than a slab (the tail of a large tensor, a tensor of
+// a quarter chunk or more, which shares its chunks with nothing) gets a block
+// of a slab split into 2, 4, 8 or 16 equal parts, the smallest that holds it;
+// a split slab is whole again once all its blocks are back. With one slab per
+// chunk, a 4 GiB GPU state of 495 tensors took 1.45x its size in slabs: the
+// pool ran dry and capture waited for the disk (0.14 of a plain copy's speed).
 #pragma once
 
 #include <atomic>
@@ -10,6 +17,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -24,11 +32,14 @@ class StagingPool {
   StagingPool(const StagingPool&) = delete;
   StagingPool& operator=(const StagingPool&) = delete;
 
-  /// A free slab, or nullptr once `timeout` passed or `*abort` became true.
-  uint8_t* acquire(std::chrono::milliseconds timeout, const std::atomic<bool>* abort);
-  void release(uint8_t* slab);
+  /// A free block of at least `nbytes` (<= slab_bytes(); block_bytes(nbytes)
+  /// long, 4 KiB-aligned), or nullptr once `timeout` passed or `*abort` became true.
+  uint8_t* acquire(size_t nbytes, std::chrono::milliseconds timeout, const std::atomic<bool>* abort);
+  void release(uint8_t* block);
 
   size_t slab_bytes() const { return slab_bytes_; }
+  /// The length of the block acquire(nbytes) returns.
+  size_t block_bytes(size_t nbytes) const { return block_size(split_for(nbytes)); }
   size_t max_slabs() const { return max_slabs_; }
   size_t allocated_bytes() const;
   /// Bytes of slabs acquired and not released (0 once every job is done).
@@ -36,6 +47,14 @@ class StagingPool {
   bool pinned() const { return pinned_; }
 
  private:
+  static constexpr int kSplits = 5;  // a slab whole, or in 2, 4, 8, 16 blocks
+  struct Slab {
+    int split = 0;     // index into the splits: blocks of slab_bytes_ >> split
+    size_t free = 0;   // its blocks in free_blocks_[split] (split > 0)
+  };
+  int split_for(size_t nbytes) const;
+  size_t block_size(int split) const;
+  uint8_t* take_whole(std::unique_lock<std::mutex>& lock);  // nullptr: none free or allocatable
   uint8_t* allocate_slab();
   void free_slab(uint8_t* p) noexcept;
 
@@ -44,7 +63,9 @@ class StagingPool {
   const bool pinned_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<uint8_t*> free_;
+  std::vector<uint8_t*> free_;  // whole slabs
+  std::vector<uint8_t*> free_blocks_[kSplits];
+  std::map<uint8_t*, Slab> slabs_;  // by base address: a block's slab is found by upper_bound
   std::vector<uint8_t*> all_;
   size_t allocating_ = 0;  // slabs being allocated outside the lock
 };
