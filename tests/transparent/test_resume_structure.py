@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,16 +23,7 @@ from transparent_helpers import clean_env, load, run_script, tree_equal
 
 # Both scripts kill themselves at step 15 after the snapshot the test expects has committed: commits are
 # asynchronous, and on a loaded machine the newest snapshot before the kill may be written steps later.
-WAIT_FOR_COMMIT = r"""
-import os, time
-
-def wait_for_commit(step):
-    every = int(os.environ["PYCKPT_EVERY_STEPS"])
-    want = os.path.join(os.environ["PYCKPT_DIR"], "step-%09d" % (step // every * every), "MANIFEST.json")
-    deadline = time.monotonic() + 60
-    while not os.path.exists(want) and time.monotonic() < deadline:
-        time.sleep(0.02)
-"""
+WAIT_FOR_COMMIT = (Path(__file__).parent / "commit_wait.py").read_text()
 
 # 24 steps; checkpoints every 8. CHANGE happens at step 4 (before the step-8 checkpoint, so the
 # relaunch's fast-forward skips it) or at step 10 ("later": after it, so the relaunch replays it).
@@ -78,7 +70,8 @@ for step, (x, y) in enumerate(loader, 1):
     time.sleep(0.05)  # a real step's time
     if step == 15 and os.environ.get("KILL") and not os.path.exists("mark"):
         open("mark", "w").close()
-        wait_for_commit(15)
+        every = int(os.environ["PYCKPT_EVERY_STEPS"])
+        wait_for_commit(os.environ["PYCKPT_DIR"], 15 // every * every)
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"out{os.environ.get('RANK', '')}.pt")
 print("TRAINED")
@@ -378,7 +371,8 @@ for step, (x, y) in enumerate(loader, 1):
     time.sleep(0.05)
     if step == 15 and os.environ.get("KILL") and not os.path.exists("mark"):
         open("mark", "w").close()
-        wait_for_commit(15)
+        every = int(os.environ["PYCKPT_EVERY_STEPS"])
+        wait_for_commit(os.environ["PYCKPT_DIR"], 15 // every * every)
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save(model.state_dict(), os.environ["OUT"])
 """

@@ -7,15 +7,15 @@ env: KILL_AT (step after which the process SIGKILLs itself, once: KILL_MARK is c
 EVERY (PYCKPT_EVERY_STEPS): before the kill it waits (bounded) for the newest snapshot before it to be
 committed. Saves the model and the batches trained on. MODE=reiter: one prefetcher for the whole run,
 whose ``preload()`` re-iterates the DataLoader when an epoch ends, and 30 steps counted by the script."""
-import glob
 import os
 import signal
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from commit_wait import wait_for_commit
 
 
 class data_prefetcher:  # noqa: N801 - apex's name
@@ -49,16 +49,6 @@ class reiterating_prefetcher(data_prefetcher):  # noqa: N801 - an "infinite load
         super().__init__(loader)
 
 
-def wait_for_commit(step):
-    """Commits are asynchronous: wait until the snapshot of ``step`` is on disk."""
-    path = os.path.join(os.environ.get("PYCKPT_DIR", ""), f"step-{step:09d}", "MANIFEST.json")
-    deadline = time.monotonic() + 60
-    while os.environ.get("PYCKPT_DIR") and not glob.glob(path):
-        if time.monotonic() > deadline:
-            sys.exit("no checkpoint committed at " + path)
-        time.sleep(0.02)
-
-
 torch.manual_seed(0)
 x = torch.randn(40, 6)
 loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=True)
@@ -70,7 +60,7 @@ step, seen = 0, []
 
 def kill_here(step):
     if step == kill_at and not os.path.exists(os.environ["KILL_MARK"]):
-        wait_for_commit((step - 1) // every * every)
+        wait_for_commit(os.environ.get("PYCKPT_DIR"), (step - 1) // every * every)
         open(os.environ["KILL_MARK"], "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -6,23 +6,15 @@ KILL_AFTER_COMMIT=DIR (before that kill, wait up to 60 s for a committed DIR/ste
 snapshot taken a few steps before the kill is still being written on a slow machine)
 argv[1]: where to torch.save the final state
 """
-import glob
 import os
 import signal
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-
-def wait_for_commit(ckpt_dir):
-    deadline = time.monotonic() + 60
-    while ckpt_dir and not glob.glob(os.path.join(ckpt_dir, "step-*", "MANIFEST.json")):
-        if time.monotonic() > deadline:
-            sys.exit("no checkpoint committed in " + ckpt_dir)
-        time.sleep(0.02)
+from commit_wait import wait_for_commit
 
 
 def main():
