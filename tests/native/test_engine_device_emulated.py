@@ -104,6 +104,26 @@ def test_a_pool_of_two_slabs_with_copies_queued_neither_deadlocks_nor_mixes_chun
     assert np.array_equal(read_back(engine, path, job, src.nbytes), src)
 
 
+def test_device_chunks_of_mixed_sizes_share_split_slabs_while_their_copies_are_queued(C, emulated, tmp_path, rng):
+    """Tails and small tensors (0.1-0.5 MiB) between full 1 MiB chunks, copies slowed so that blocks
+    of one split slab are written by queued copies at once, in a pool of two slabs: every chunk
+    lands whole in its own block, and all slabs come back whole."""
+    emulated(copy_delay_us=1000)
+    engine = C.Engine(2 * MIB, MIB, io_threads=1, pinned=True)
+    sizes = [MIB, 300_000, 200_000, MIB, 100_000, 500_000, 250_000, 120_000, MIB, 400_000, 60_000, 5_000]
+    src = rng.integers(0, 256, sum(sizes), dtype=np.uint8)
+    chunks, off = [], 0
+    for n in sizes:
+        chunks.append((0, 1, [(addr(src) + off, n, 0)]))
+        off += n
+    path = str(tmp_path / "mixed.bin")
+    job = engine.save([path], chunks, stream=0, device=0, staging_timeout_ms=20000)
+    assert job.wait(60) and job.error() is None
+    assert engine.staging_bytes_allocated() <= 2 * MIB
+    assert engine.staging_bytes_in_use() == 0
+    assert np.array_equal(read_back(engine, path, job, src.nbytes), src)
+
+
 @pytest.mark.parametrize("fail_copy_at", [0, 2, 5])
 def test_a_copy_failing_mid_stream_fails_the_save_and_gives_back_every_slab(C, emulated, tmp_path, rng, fail_copy_at):
     # 12 chunks, copies queued behind the failing one; the pool is large enough that none waits for a slab.
