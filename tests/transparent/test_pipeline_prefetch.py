@@ -7,9 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from pyckpt.hooks import HookSet
-from pyckpt.loader_state import FastForward, LoaderTracker
-from tracked_loop import Items, resumes_exactly
+from tracked_loop import Items, resumes_exactly, tracking
 
 
 class Prefetcher:
@@ -108,22 +106,8 @@ class ApexPairs(ApexPrefetcher):
 def _run_apex(cls, epochs=3, *, stop=None, plan=None, seed=0):
     """``tracked_loop.run_tracked`` for apex's loop: ``next()`` once before ``while batch is not None:``
     and once at the end of its body, a new prefetcher every epoch."""
-    hooks, got = HookSet(), {}
-
-    def on_point(st):
-        if tracker.plan is not None and st is tracker.plan_stream:
-            torch.set_rng_state(plan[1])  # what the session restores at the snapshot point
-            tracker.plan = None
-        if got.pop("want", False):
-            got["pos"], got["rng"] = st.position(), torch.get_rng_state()
-        tracker.armed = False
-
-    tracker = LoaderTracker(on_point, lambda: None, lambda: None)
-    tracker.install(hooks)
-    if plan is not None:
-        tracker.plan = FastForward.from_position(plan[0])
     out = []
-    try:
+    with tracking(plan) as (tracker, got):
         torch.manual_seed(seed)
         loader = DataLoader(Items(24), batch_size=4, shuffle=True)
         for e in range(epochs):
@@ -135,8 +119,6 @@ def _run_apex(cls, epochs=3, *, stop=None, plan=None, seed=0):
                 if stop == (e, i):
                     got["want"], tracker.armed = True, True  # an optimizer step
                 batch = prefetcher.next()
-    finally:
-        hooks.remove_all()
     return out, got
 
 

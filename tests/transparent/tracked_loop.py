@@ -4,7 +4,8 @@ fast-forwarded to that position. Shared by the loader-position tests (look-ahead
 worker processes, prefetching iterators)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -57,18 +58,14 @@ class LookAhead:
         self.ended += 1
 
 
-def run_tracked(make: Callable[[], Any], epochs: int = 3, *, stop: tuple[int, int] | None = None,
-                plan: tuple[dict, torch.Tensor] | None = None, seed: int = 0, handed_by: type | None = None,
-                leave_epoch_0_after: int | None = None) -> tuple[list, dict, Any]:
-    """Train `epochs` epochs on what ``make()`` builds (after ``torch.manual_seed(seed)``).
-
-    ``stop=(epoch, n)``: after the loop got its n-th batch of ``epoch`` a step arms the tracker (as
-    the session does after an optimizer step); the next snapshot point records the position and
-    torch's RNG state in ``got["pos"]``, ``got["rng"]``. ``plan=(position, rng)``: fast-forward to
-    that position and restore the RNG state at the snapshot point, as a relaunch does.
-    ``handed_by``: a wrapper class registered with ``count_handed_by``. ``leave_epoch_0_after``: the
-    loop breaks out of epoch 0 after that many batches. Returns ([(epoch, batch as list)], got,
-    the object iterated)."""
+@contextlib.contextmanager
+def tracking(plan: tuple[dict, torch.Tensor] | None = None,
+             handed_by: type | None = None) -> Iterator[tuple[LoaderTracker, dict]]:
+    """A LoaderTracker installed as the session installs it, yielding ``(tracker, got)``: a loop sets
+    ``got["want"], tracker.armed = True, True`` at its optimizer step, and the next snapshot point
+    records the position and torch's RNG state in ``got["pos"]``, ``got["rng"]``. With ``plan=(position,
+    rng)`` it fast-forwards to that position and restores the RNG state at the snapshot point, as a
+    relaunch does; ``handed_by``: a wrapper class registered with ``count_handed_by``."""
     hooks, got = HookSet(), {}
 
     def on_point(st):
@@ -81,12 +78,30 @@ def run_tracked(make: Callable[[], Any], epochs: int = 3, *, stop: tuple[int, in
 
     tracker = LoaderTracker(on_point, lambda: None, lambda: None)
     tracker.install(hooks)
-    if handed_by is not None:
-        tracker.count_handed_by(hooks, handed_by, finish_skipped)
-    if plan is not None:
-        tracker.plan = FastForward.from_position(plan[0])
-    out = []
     try:
+        if handed_by is not None:
+            tracker.count_handed_by(hooks, handed_by, finish_skipped)
+        if plan is not None:
+            tracker.plan = FastForward.from_position(plan[0])
+        yield tracker, got
+    finally:
+        hooks.remove_all()
+
+
+def run_tracked(make: Callable[[], Any], epochs: int = 3, *, stop: tuple[int, int] | None = None,
+                plan: tuple[dict, torch.Tensor] | None = None, seed: int = 0, handed_by: type | None = None,
+                leave_epoch_0_after: int | None = None) -> tuple[list, dict, Any]:
+    """Train `epochs` epochs on what ``make()`` builds (after ``torch.manual_seed(seed)``).
+
+    ``stop=(epoch, n)``: after the loop got its n-th batch of ``epoch`` a step arms the tracker (as
+    the session does after an optimizer step); the next snapshot point records the position and
+    torch's RNG state in ``got["pos"]``, ``got["rng"]``. ``plan=(position, rng)``: fast-forward to
+    that position and restore the RNG state at the snapshot point, as a relaunch does.
+    ``handed_by``: a wrapper class registered with ``count_handed_by``. ``leave_epoch_0_after``: the
+    loop breaks out of epoch 0 after that many batches. Returns ([(epoch, batch as list)], got,
+    the object iterated)."""
+    out = []
+    with tracking(plan, handed_by) as (tracker, got):
         torch.manual_seed(seed)
         source = make()
         for e in range(epochs):
@@ -96,8 +111,6 @@ def run_tracked(make: Callable[[], Any], epochs: int = 3, *, stop: tuple[int, in
                     got["want"], tracker.armed = True, True
                 if e == 0 and i + 1 == leave_epoch_0_after:
                     break
-    finally:
-        hooks.remove_all()
     return out, got, source
 
 
