@@ -8,8 +8,8 @@ biases) totalling ``--gib`` on ``--device``. Measured in one process:
 * pyckpt capture: ``Checkpointer(keep=1).save(step, state)``, timed from the call until
   ``captured()`` returns (the caller may change its tensors from then on), every tensor changed in
   place before each save. ``PYCKPT_STAGING_MB`` is set so that the staging pool holds the whole state:
-  the capture never waits for the disk. The first save (it allocates the pinned pool) is a warm-up
-  and left out. Goal (issue 9): median >= 80 % of the plain copy's median. Also printed: the time
+  the capture never waits for the disk (``--trace`` shows whether it did). The first save (it
+  allocates the pinned pool) is a warm-up and left out. Goal (issue 9): median >= 80 % of the plain copy's median. Also printed: the time
   until durable (``result()``) and the part spent in ``save()`` itself (planning on the caller's thread);
 * restore: ``pyckpt.load(path, into=state)`` of the last checkpoint (page cache warm) into the live
   tensors, and ``pyckpt.load(path)`` as new tensors on the device, both checked against the saved
@@ -20,11 +20,19 @@ It ends with a ``RESULT`` line followed by ``key value`` lines (benchmarks/gpu_c
 buffers, a memcpy) so the script can be checked anywhere; those figures are not the GPU goal. Without
 CUDA (and without ``--device cpu``) it says that nothing was measured and exits 0.
 
-    python benchmarks/gpu_capture.py [--gib 4] [--device cuda|cpu] [--reps 5] [--saves 5] [--json PATH]
+``--trace`` (CUDA only) records each measured save's device-to-host copies with torch.profiler
+(CUPTI) and prints, per save, how long the copy engine was busy against the span from the first copy
+to the last, and the gaps between copies: copies back to back mean the copy is the limit; gaps of
+milliseconds, one per chunk, mean capture waited for slabs (the disk); short regular gaps mean the
+engine's per-chunk work.
+
+    python benchmarks/gpu_capture.py [--gib 4] [--device cuda|cpu] [--reps 5] [--saves 5] [--trace]
+                                     [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -91,6 +99,33 @@ def summary(name: str, nbytes: int, times: list[float]) -> tuple[float, float]:
     return best, med
 
 
+def copy_tracer():
+    """torch.profiler recording CUDA activity (the engine's copies too: CUPTI traces the process's
+    context, whichever runtime issued them)."""
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CUDA])
+
+
+def copy_trace_summary(prof) -> str:
+    """The device-to-host copies of one traced save: count, bytes, busy time, span, gaps."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name)).get("traceEvents", [])
+    copies = sorted((e for e in events if "memcpy" in str(e.get("cat", "")).lower()
+                     and "DtoH" in str(e.get("name", ""))), key=lambda e: e["ts"])
+    if not copies:
+        return "no device-to-host copies traced"
+    nbytes = sum(float(e.get("args", {}).get("bytes", 0)) for e in copies)
+    busy_ms = sum(e["dur"] for e in copies) / 1e3
+    span_ms = (copies[-1]["ts"] + copies[-1]["dur"] - copies[0]["ts"]) / 1e3
+    gaps = [(b["ts"] - a["ts"] - a["dur"]) / 1e3 for a, b in zip(copies, copies[1:])]
+    long_gaps = [g for g in gaps if g > 0.1]
+    return (f"{len(copies)} copies, {nbytes / 1e9:.2f} GB, copy engine busy {busy_ms:.1f} ms "
+            f"({nbytes / 1e6 / max(busy_ms, 1e-9):.1f} GB/s) in a span of {span_ms:.1f} ms; "
+            f"gaps > 0.1 ms: {len(long_gaps)}, {sum(long_gaps):.1f} ms in all"
+            + (f", median {statistics.median(long_gaps):.2f} ms" if long_gaps else ""))
+
+
 def measure_capture(state: dict[str, torch.Tensor], root: str, args: argparse.Namespace,
                     sync: Callable[[], None], res: dict[str, object]) -> str:
     """``--saves`` saves (the first a warm-up) timed to captured() and to durable; the last
@@ -114,12 +149,16 @@ def measure_capture(state: dict[str, torch.Tensor], root: str, args: argparse.Na
                 for t in tensors:
                     t.neg_()
             sync()
-            t0 = time.perf_counter()
-            fut = ck.save(i, state)
-            t1 = time.perf_counter()
-            if not fut.captured(args.timeout):
-                raise SystemExit(f"gpu_capture: save {i} not captured after {args.timeout} s")
-            t2 = time.perf_counter()
+            tracer = copy_tracer() if args.trace and i >= 1 else contextlib.nullcontext()
+            with tracer as prof:
+                t0 = time.perf_counter()
+                fut = ck.save(i, state)
+                t1 = time.perf_counter()
+                if not fut.captured(args.timeout):
+                    raise SystemExit(f"gpu_capture: save {i} not captured after {args.timeout} s")
+                t2 = time.perf_counter()
+            if prof is not None:
+                print(f"  save {i} trace: {copy_trace_summary(prof)}", flush=True)
             path = fut.result(args.timeout)
             t3 = time.perf_counter()
             rows.append((t1 - t0, t2 - t0, t3 - t0))
@@ -211,6 +250,8 @@ def main() -> int:
                          "save slow to commit")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds one capture/commit may take")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--trace", action="store_true",
+                    help="CUDA: trace each measured save's copies (torch.profiler) and print where capture waited")
     args = ap.parse_args()
     if args.saves < 2:
         ap.error("--saves must be >= 2 (the first is a warm-up)")
@@ -236,6 +277,9 @@ def main() -> int:
     print(f"gpu_capture: {total / 2**30:.2f} GiB in {len(tensors)} tensors on {device} ({name})", flush=True)
     if not on_gpu:
         print("gpu_capture: --device cpu: host-memory copies, a check of this script; NOT the GPU goal")
+        if args.trace:
+            print("gpu_capture: --trace traces device copies: not on --device cpu")
+            args.trace = False
     res: dict[str, object] = {"device": str(device), "device_name": name, "state_bytes": total,
                               "tensors": len(tensors)}
 
@@ -254,7 +298,9 @@ def main() -> int:
 
     # -- pyckpt ----------------------------------------------------------------------------------
     # The engine reads PYCKPT_* when it is built (rebuilt here, else at the first save): a pool that
-    # holds every chunk of the state (small tensors share chunks: the count stays near total / chunk).
+    # holds every chunk of the state. Small tensors share chunks; tails and tensors of a quarter chunk
+    # or more keep theirs, and take a block of a split slab (csrc/staging_pool.cpp), so the pool's
+    # bytes stay near the state's (before blocks, a 4 GiB state of 495 tensors needed 5.8 GiB).
     res["staging_mb"] = int(total * 1.125) // 2**20 + 256
     os.environ["PYCKPT_STAGING_MB"] = str(res["staging_mb"])
     if args.chunk_mb is not None:

@@ -10,7 +10,8 @@
 #   6 train        benchmarks/train_loop.py --paired, a GPU-sized MLP (8 x 4096², batch 4096): pyckpt and
 #                  the memory tier every 50 steps (goal: <= 1 % overhead, i.e. pyckpt's ratio >= 0.99), then
 #                  every step and every 10 steps if time is left
-#   7 capture-16mb step 5 with PYCKPT_CHUNK_MB=16, if time is left (is the per-chunk sync the limit?)
+#   7 capture-trace step 5 again with --trace, if time is left: the copies' CUDA trace says whether
+#                  capture waited for slabs (the disk) or for the engine's per-chunk work
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine; results in $OUT (default ./gpu_check_out)
 #                                             # (with .whl/ carried: see "carried wheels" below)
@@ -334,9 +335,11 @@ else
   train train-every-10 10 100 0 45 30 3 pyckpt SKIP
 fi
 
-# -- 7 capture with 16 MiB chunks, only with the time left: if the default misses its goal, this
-# tells whether the per-chunk cost (an event and a slab per 4 MiB chunk) is the cause.
-capture capture-16mb 90 0 60 SKIP "${CAPTURE_ARGS[@]}" --chunk-mb 16 --saves 4 --restores 0
+# -- 7 the capture again under torch.profiler, only with the time left: on 2026-12-04 its trace showed
+# the copies back to back at 52 GB/s and then a 2 ms gap per chunk, a staging pool run dry (fixed since).
+TRACE_ARGS=(--trace)
+[[ $DRY == 1 ]] && TRACE_ARGS=()  # --trace follows device copies: nothing to trace on the CPU
+capture capture-trace 90 0 60 SKIP "${CAPTURE_ARGS[@]}" "${TRACE_ARGS[@]}" --saves 4 --restores 0
 
 # -- summary -------------------------------------------------------------------------------------
 {
