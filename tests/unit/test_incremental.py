@@ -222,10 +222,14 @@ def _precheck_done(ck: pyckpt.Checkpointer) -> None:
 
 def test_a_save_right_after_a_commit_reads_no_checkpoint_back_for_trained_tensors(tmp_path, monkeypatch):
     """Every tensor trained in place since the last save (a full fine-tune, a GPU job's first
-    checkpoints): save() reads none of the previous checkpoint back on the caller's thread, even
-    when the background check of its files has not run (it cost the first saves of a 4 GiB GPU
-    state 1.2-2.4 s of stall); the chunks are written afresh and the checkpoint loads exactly.
-    A frozen tensor next to them is still checked there and referenced."""
+    checkpoints), more of it than MOVED_CHECK_BYTES (made 1 MiB here): save() reads none of the
+    previous checkpoint back on the caller's thread when the background check of its files has not
+    run (it cost the second save of a 4 GiB GPU state 1.2-2.4 s of stall); the chunks are written
+    afresh and the checkpoint loads exactly. A frozen tensor next to them is still checked there and
+    referenced."""
+    from pyckpt import incremental
+
+    monkeypatch.setattr(incremental, "MOVED_CHECK_BYTES", 1 << 20)
     trained, frozen = torch.randn(600_000), torch.randn(600_000)
     reads: list[str] = []
     real = os.preadv
