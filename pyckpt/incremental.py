@@ -210,13 +210,13 @@ class Baseline:
         files that are no longer there with their recorded size.
 
         A chunk in ``moved`` (its storages were written in place since the last save: trained
-        weights, optimizer moments) almost surely changed: where the on-disk check of the chunk it
-        would reference is not done yet (the pre-check after the last commit), it is checked here
-        only while the moved chunks checked so far hold no more than ``MOVED_CHECK_BYTES``, and
-        otherwise written afresh without an expectation; reading them all back here, on the
-        caller's thread, stalled the second save of a 4 GiB GPU state for 1.2-2.4 s. Chunks that
-        did not move (frozen weights) are always checked here when the pre-check has not reached
-        them yet."""
+        weights, optimizer moments) almost surely changed: it is expected unchanged only when the
+        chunk it would reference is already known sound (found so by the pre-check after the last
+        commit, or by a restore), and is otherwise written afresh without an expectation. It is
+        never read back here, on the caller's thread: on an H200 that read (64 MiB per save at
+        most, then) was the whole of a 71 ms ``save()`` of a 4 GiB state whose every chunk had
+        changed. Chunks that did not move (frozen weights) are always checked here when the
+        pre-check has not reached them yet."""
         # A pre-check still running is not waited for: what it has not checked yet is checked here.
         self.stop_precheck()
         expect: list[tuple] = []
@@ -224,7 +224,6 @@ class Baseline:
         files: dict[str, _RefFile | None] = {}  # each referenced file opened once per save
         used: set[tuple[str, int]] = set()
         cur = layout.parse_step(final_name)
-        moved_budget = MOVED_CHECK_BYTES
         try:
             for i, sig in enumerate(self.signatures(storages_json, len(raw_lens))):
                 key = (raw_lens[i],) + sig
@@ -241,9 +240,7 @@ class Baseline:
                 if files[f] is None:
                     continue
                 if i in moved and not files[f].known_sound(rec):
-                    if rec["stored_len"] > moved_budget:
-                        continue  # written afresh by this save, without reading its reference back
-                    moved_budget -= rec["stored_len"]
+                    continue  # written afresh by this save, without reading its reference back
                 if not files[f].sound(rec):
                     continue  # written afresh by this save
                 used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
@@ -274,10 +271,6 @@ def root_relative(step_name: str, rel: str) -> str | None:
 
 
 _READ_BYTES = 8 << 20  # read-back buffer of the on-disk check
-# Moved chunks a save reads back on the caller's thread at most (``Baseline.expectations``): a small
-# state keeps its lr=0 groups referenced from the next save on; a large one does not stall (~40 ms at
-# 1.5 GB/s instead of seconds).
-MOVED_CHECK_BYTES = 64 << 20
 
 
 def file_identity(st: os.stat_result) -> tuple:
