@@ -31,6 +31,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 import pyckpt
 from pyckpt import _native
 
+import _page_cache  # benchmarks/_page_cache.py (the script's folder is on sys.path)
+
 
 def build_state(n_params: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A stack of square Linear layers with ~n_params parameters and one Adam step taken."""
@@ -61,15 +63,6 @@ def fsync_tree(path: str) -> None:
         fd = os.open(root, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-
-
-def read_tree(path: str) -> None:
-    """Pull every file into the page cache (warm-cache loads)."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                while f.read(1 << 24):
-                    pass
 
 
 def best_of(repeat: int, fn: Callable[[], dict]) -> dict:
@@ -178,7 +171,7 @@ class Bench:
     # ---- loads --------------------------------------------------------
     def torch_load(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
         f = os.path.join(self.root, "torch_save", "ckpt.pt")
-        read_tree(os.path.dirname(f))
+        _page_cache.warm(os.path.dirname(f))
         t0 = time.perf_counter()
         sd = torch.load(f, map_location="cpu", weights_only=True)
         model.load_state_dict(sd["model"])
@@ -187,14 +180,14 @@ class Bench:
 
     def dcp_load(self) -> dict:
         p = os.path.join(self.root, "dcp")
-        read_tree(p)
+        _page_cache.warm(p)
         t0 = time.perf_counter()
         dcp.load(self.state, storage_reader=dcp.FileSystemReader(p))
         return {"total": time.perf_counter() - t0}
 
     def pyckpt_load(self) -> dict:
         p = os.path.join(self.root, "pyckpt_save")
-        read_tree(p)
+        _page_cache.warm(p)
         t0 = time.perf_counter()
         pyckpt.load(p, into=self.state)
         return {"total": time.perf_counter() - t0}
