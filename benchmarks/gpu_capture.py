@@ -110,9 +110,13 @@ def copy_tracer():
 
 def copy_trace_summary(prof) -> str:
     """The device-to-host copies of one traced save: count, bytes, busy time, span, gaps."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)  # written through its own handle: f reads it from the start
-        events = json.load(f).get("traceEvents", [])
+    # A directory, not an open temporary file: the exporter may replace the file it is given, so
+    # a handle opened before the export can still point at the old, empty one.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
     copies = sorted((e for e in events if "memcpy" in str(e.get("cat", "")).lower()
                      and "DtoH" in str(e.get("name", ""))), key=lambda e: e["ts"])
     if not copies:
