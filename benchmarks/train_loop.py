@@ -196,12 +196,19 @@ def paired_child(args: argparse.Namespace) -> None:
         savers[m] = Saver(m, os.path.join(args.dir, m), model, opt, storage_every)
     batches = iter(())
     step, pairs = 0, {m: [] for m in modes}
+    parts: dict[str, list[list[float]]] = {}
+    steps: dict[str | None, list[list[tuple[float, str]]]] = {}  # per mode (None: no checkpoint), per window
 
     def run(n: int, saver: Saver | None) -> float:
+        """Train n steps; returns the seconds. With a saver, adds to parts[saver.mode] where the
+        training thread waited: in save(), for capture before an optimizer step, for durability at the end."""
         nonlocal batches, step
         t0 = time.perf_counter()
         waiting = False
+        waited = [0.0, 0.0, 0.0]  # save() call, capture wait, end-of-window durable wait
+        times: list[tuple[float, str]] = []  # per step: seconds less the waits above, Saver.in_flight()
         for i in range(n):
+            t_step, w_before = time.perf_counter(), waited[0] + waited[1]
             try:
                 x, y = next(batches)
             except StopIteration:
@@ -211,18 +218,24 @@ def paired_child(args: argparse.Namespace) -> None:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             if waiting:
-                saver.before_step()
+                waited[1] += saver.before_step()
                 waiting = False
             opt.step()
             step += 1
             if device == "cuda":  # the training stream only: not the checkpoint's copies
                 torch.cuda.current_stream().synchronize()
             if saver is not None and i % args.every == 0:
-                saver.checkpoint(step)
+                waited[0] += saver.checkpoint(step)
                 waiting = True
+            times.append((time.perf_counter() - t_step - (waited[0] + waited[1] - w_before),
+                          saver.in_flight() if saver is not None else ""))
+        steps.setdefault(saver.mode if saver is not None else None, []).append(times)
         if saver is not None:
-            saver.before_step()
+            waited[1] += saver.before_step()
+            t_end = time.perf_counter()
             saver.finish()  # durable before the window ends: its writes are not left to the next one
+            waited[2] = time.perf_counter() - t_end
+            parts.setdefault(saver.mode, []).append(waited)
         return time.perf_counter() - t0
 
     run(args.warmup, None)
@@ -235,7 +248,18 @@ def paired_child(args: argparse.Namespace) -> None:
             else:
                 on, off = run(args.window, savers[m]), run(args.window, None)
             pairs[m].append((off, on))
-    print(json.dumps({"pairs": pairs, "checkpoints_per_window": -(-args.window // args.every),
+    # The measured windows' waits only: the first window per mode (allocation, first fingerprints) is not counted.
+    parts = {m: w[1:] for m, w in parts.items()}
+    # Per checkpoint window, how much longer its steps took than a step of the windows without
+    # (their median), apart from the waits: split by what of a checkpoint ran in the background at
+    # the step's end (its write, the check of the last commit, nothing).
+    plain = statistics.median(t for w in steps.get(None, [])[1:] for t, _ in w)
+    for m in modes:
+        for j, w in enumerate(steps.get(m, [])[1:]):
+            for label in ("write", "check", ""):
+                ts = [t - plain for t, b in w if b == label]
+                parts[m][j] += [sum(ts), len(ts)]
+    print(json.dumps({"pairs": pairs, "parts": parts, "checkpoints_per_window": -(-args.window // args.every),
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
@@ -255,6 +279,21 @@ def measure_paired(args: argparse.Namespace, modes: list[str]) -> str:
         lines.append(f"| {m} | {statistics.median(ratios):.3f} | {q[0]:.3f}–{q[2]:.3f} | "
                      f"{statistics.median(extra):.4f} s | "
                      f"{statistics.median(o for o, _ in res['pairs'][m]):.3f} s |")
+    lines += ["", "Where the extra time goes (median over the checkpoint windows, seconds per checkpoint; "
+              "'rest' = extra time minus these waits: slower steps, split by what of the checkpoint ran in the background "
+              "at each step's end (medians per column: they need not add up)):", "",
+              "| mode | save() call | wait for capture | wait for durable at window end | rest | "
+              "of which: steps while writing (steps) | while checking the last commit (steps) | other steps |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    n = res["checkpoints_per_window"]
+    for m in modes:
+        waits = res.get("parts", {}).get(m, [])
+        if not waits:
+            continue
+        extra = statistics.median((on - off) / n for off, on in res["pairs"][m])
+        med = [statistics.median(w[j] for w in waits) / n for j in range(9)]
+        lines.append(f"| {m} | {med[0]:.4f} s | {med[1]:.4f} s | {med[2]:.4f} s | {extra - sum(med[:3]):.4f} s | "
+                     f"{med[3]:.4f} s ({med[4]:.1f}) | {med[5]:.4f} s ({med[6]:.1f}) | {med[7]:.4f} s |")
     return "\n".join(lines)
 
 
@@ -452,6 +491,17 @@ class Saver:
             self.staging.result()
         self.staging = None
         return time.perf_counter() - t0
+
+    def in_flight(self) -> str:
+        """What of the last checkpoint still runs in the background: "write" (not durable yet),
+        "check" (pyckpt's read-back check of the last commit, which later saves reference), or ""."""
+        if self.pending is not None and not self.pending[1].done():
+            return "write"
+        if self.mode.startswith("pyckpt"):
+            from pyckpt import incremental
+            if incremental._RUNNING:  # pre-checks not finished (a private set: this is a benchmark)
+                return "check"
+        return ""
 
     def _reap(self, wait: bool) -> None:
         if self.pending is None:
