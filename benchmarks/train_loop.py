@@ -253,8 +253,9 @@ def paired_child(args: argparse.Namespace) -> None:
     # Per checkpoint window, how much longer its steps took than a step of the windows without
     # (their median), apart from the waits: split by what of a checkpoint ran in the background at
     # the step's end (its write, the check of the last commit, nothing).
-    plain = statistics.median(t for w in steps.get(None, [])[1:] for t, _ in w)
-    for m in modes:
+    plain_steps = [t for w in steps.get(None, [])[1:] for t, _ in w]  # the warm-up window left out
+    for m in modes if plain_steps else ():
+        plain = statistics.median(plain_steps)
         for j, w in enumerate(steps.get(m, [])[1:]):
             for label in ("write", "check", ""):
                 ts = [t - plain for t, b in w if b == label]
@@ -288,7 +289,7 @@ def measure_paired(args: argparse.Namespace, modes: list[str]) -> str:
     n = res["checkpoints_per_window"]
     for m in modes:
         waits = res.get("parts", {}).get(m, [])
-        if not waits:
+        if not waits or len(waits[0]) < 9:  # no measured window (--pairs 0)
             continue
         extra = statistics.median((on - off) / n for off, on in res["pairs"][m])
         med = [statistics.median(w[j] for w in waits) / n for j in range(9)]
