@@ -6,8 +6,11 @@ was its start-up: importing torch and pyckpt (1-2 s each on 2 cores).
 A ``Zygote`` is one Python process that imports them once and then forks a child per job
 (what multiprocessing's forkserver does): each child is a real, separate process with its own
 argv, environment, working directory and stdout/stderr files, and it dies by a real SIGKILL.
-Not for tests about interpreter start-up itself (the PYCKPT_DIR start-up hook): a forked child
-has no start-up.
+A forked child has no start-up of its own: ``run_path(..., startup=True)`` runs the line of
+pyckpt-autostart.pth an interpreter's start-up runs (PYCKPT_DIR turns transparent mode on), and
+the transparent-mode tests run their training scripts so (tests/transparent/transparent_helpers.py).
+Not for tests about interpreter start-up itself, nor for scripts that turn pyckpt on by
+``import pyckpt`` alone (the package is already imported here): those take a new interpreter.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ from pathlib import Path
 # The zygote: imports what every child imports, then serves one request per line on stdin
 # ("RUN <json>" -> "PID <pid>", "WAIT <pid>" -> "EXIT <returncode>").
 _SERVER = r'''
-import atexit, importlib, json, os, sys, traceback
+import atexit, importlib, json, os, sys
 # The point: imported once, before any fork. Through importlib, not `import pyckpt` in __main__:
 # that statement would turn transparent mode on in this process and so in every child.
 importlib.import_module("torch")
 importlib.import_module("pyckpt")
+importlib.import_module("torch._dynamo")  # what the first optimizer step imports (torch._disable_dynamo)
 
 def child(job):
     fds = [os.open(os.devnull, os.O_RDONLY)] + [
@@ -42,6 +46,8 @@ def child(job):
     if job["cwd"]:
         os.chdir(job["cwd"])
     sys.argv = ["-c", *job["argv"]]
+    # PYTHONPATH is read at an interpreter's start-up: its entries come right after the script's folder.
+    sys.path[0:0] = [p for p in job["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     code = 0
     try:
         exec(compile(job["code"], "<child>", "exec"), {"__name__": "__main__"})
@@ -52,29 +58,37 @@ def child(job):
             print(e.code, file=sys.stderr)
             code = 1
     except BaseException:
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())  # as an interpreter reports an uncaught exception (hooks included)
         code = 1
     atexit._run_exitfuncs()  # what a normal interpreter exit runs
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
-print("READY", flush=True)
-for line in sys.stdin:
-    op, _, arg = line.strip().partition(" ")
-    if op == "RUN":
-        job = json.loads(arg)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                child(job)
-            finally:
-                os._exit(70)  # never back into this loop
-        print("PID", pid, flush=True)
-    elif op == "WAIT":
-        _, status = os.waitpid(int(arg), 0)
-        print("EXIT", os.waitstatus_to_exitcode(status), flush=True)
+def serve():
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]  # what -m put first (the zygote's folder): no child's `python script` has it
+    print("READY", flush=True)
+    for line in sys.stdin:
+        op, _, arg = line.strip().partition(" ")
+        if op == "RUN":
+            job = json.loads(arg)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    child(job)
+                finally:
+                    os._exit(70)  # never back into this loop
+            print("PID", pid, flush=True)
+        elif op == "WAIT":
+            _, status = os.waitpid(int(arg), 0)
+            print("EXIT", os.waitstatus_to_exitcode(status), flush=True)
+
+serve()
 '''
+
+
+_PTH = Path(__file__).resolve().parent.parent / "pyckpt-autostart.pth"  # the start-up line, as installed
 
 
 class Child:
@@ -122,8 +136,15 @@ class Zygote:
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, timeout: float = 120) -> None:
         self.tmp, self.n, self.children = tmp, 0, []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")} if env is None else env
-        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=self.env)
+        # The server is a module in a user site directory of its own (PYTHONUSERBASE), run with -m:
+        # pyckpt counts installed code, and `python -c` code, as library or script by where it lies,
+        # and a child must see on its stack only the frames of the script it runs as the script's.
+        base = tmp / "zygote-userbase"
+        site_dir = base / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        site_dir.mkdir(parents=True, exist_ok=True)
+        (site_dir / "_pyckpt_test_zygote.py").write_text(_SERVER)
+        self.proc = subprocess.Popen([sys.executable, "-m", "_pyckpt_test_zygote"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env={**self.env, "PYTHONUSERBASE": str(base)})
         assert self._reply(timeout) == "READY"
 
     def _reply(self, timeout: float) -> str:
@@ -170,12 +191,18 @@ class Zygote:
         return self.run(code, args, env, timeout)
 
     def run_path(self, script: str | os.PathLike, args: list = (), env: dict[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None, timeout: float = 120) -> Child:
+                 cwd: str | os.PathLike | None = None, timeout: float = 120, startup: bool = False) -> Child:
         """What ``python script *args`` does, in a forked child; finished, like ``subprocess.run``.
-        Only for scripts that do not use pyckpt (its start-up line does not run in a forked child)."""
-        script = os.path.abspath(script)
-        code = (f"import runpy, sys; sys.argv[0] = {script!r}; sys.path.insert(0, {os.path.dirname(script)!r}); "
-                f"runpy.run_path({script!r}, run_name='__main__')")
+
+        ``startup``: the child first runs the line of ``pyckpt-autostart.pth`` that an interpreter's
+        start-up runs (so PYCKPT_DIR turns transparent mode on, as in a fresh interpreter). Without it,
+        or for a script that turns pyckpt on by ``import pyckpt`` alone: nothing of pyckpt runs (the
+        package is already imported here, so that statement does nothing)."""
+        path = os.path.abspath(os.path.join(os.getcwd() if cwd is None else cwd, script))
+        code = f"import runpy, sys; sys.argv[0] = {str(script)!r}; sys.path.insert(0, {os.path.dirname(path)!r})\n"
+        if startup:
+            code += _PTH.read_text()
+        code += f"\nrunpy.run_path({path!r}, run_name='__main__')"
         child = self.start(code, args, env, cwd)
         child.wait(timeout)
         return child

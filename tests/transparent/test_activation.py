@@ -1,7 +1,12 @@
 """How transparent mode turns on, and how bad settings stop a job before training."""
 from __future__ import annotations
 
-from transparent_helpers import run_script
+import functools
+
+import transparent_helpers
+
+# Start-up itself is what these tests are about: every script runs in a new interpreter.
+run_script = functools.partial(transparent_helpers.run_script, fresh=True)
 
 PROBE = "import pyckpt\nprint('ACTIVE', pyckpt.activation.active())\n"
 # Training starts at the first DataLoader iter(): the directory is created (and announced) only then.

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from transparent_helpers import run_script
+import functools
+
+import transparent_helpers
+
+# These scripts use pyckpt by `import pyckpt` (explicit API, late imports): a new interpreter each, where that import runs.
+run_script = functools.partial(transparent_helpers.run_script, fresh=True)
 
 BATCHES, EPOCHS = 4, 3
 STAND_DOWN = "transparent checkpointing is off"

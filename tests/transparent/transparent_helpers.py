@@ -19,10 +19,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_script(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    """Run ``python args...`` with a clean PYCKPT_* environment plus ``env``."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=clean_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+def run_script(args: list[str], cwd: Path, timeout: float = 120, fresh: bool = False,
+               **env: str) -> subprocess.CompletedProcess:
+    """Run ``python args...`` with a clean PYCKPT_* environment plus ``env``: in a process forked by
+    the session's zygote (torch and pyckpt imported; pyckpt's start-up line run in it, as an
+    interpreter's start-up runs it), or, ``fresh``, in a new interpreter (tests of start-up itself,
+    and scripts that turn pyckpt on by ``import pyckpt`` alone)."""
+    if fresh:
+        return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=clean_env(**env), capture_output=True,
+                              text=True, timeout=timeout)
+    import zygote
+
+    child = zygote.shared().run_path(args[0], list(args[1:]), env=clean_env(**env), cwd=cwd, timeout=timeout,
+                                     startup=True)
+    return subprocess.CompletedProcess(args, child.returncode, child.stdout, child.stderr)
 
 
 def tree_equal(a, b) -> bool:
