@@ -66,6 +66,11 @@ def child(job):
     os._exit(code)
 
 def serve():
+    import site
+    # Computed now, from PYTHONUSERBASE, and kept by every child (whose environment is its job's):
+    # pyckpt's frames take code under it for installed code.
+    user_site = os.path.realpath(site.getusersitepackages())
+    assert os.path.realpath(__file__).startswith(user_site + os.sep), (__file__, user_site)
     if sys.path and sys.path[0] in ("", os.getcwd()):
         del sys.path[0]  # what -m put first (the zygote's folder): no child's `python script` has it
     print("READY", flush=True)
@@ -143,8 +148,11 @@ class Zygote:
         site_dir = base / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
         site_dir.mkdir(parents=True, exist_ok=True)
         (site_dir / "_pyckpt_test_zygote.py").write_text(_SERVER)
+        # Found through PYTHONPATH (a virtualenv turns user sites off; their path still counts).
+        path = os.pathsep.join(p for p in (str(site_dir), self.env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen([sys.executable, "-m", "_pyckpt_test_zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env={**self.env, "PYTHONUSERBASE": str(base)})
+                                     stdout=subprocess.PIPE, text=True,
+                                     env={**self.env, "PYTHONUSERBASE": str(base), "PYTHONPATH": path})
         assert self._reply(timeout) == "READY"
 
     def _reply(self, timeout: float) -> str:
