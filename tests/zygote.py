@@ -60,7 +60,9 @@ def child(job):
     except BaseException:
         sys.excepthook(*sys.exc_info())  # as an interpreter reports an uncaught exception (hooks included)
         code = 1
-    atexit._run_exitfuncs()  # what a normal interpreter exit runs
+    import threading
+    threading._shutdown()  # what an interpreter's exit runs first: it waits for non-daemon threads
+    atexit._run_exitfuncs()  # and then this
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -624,7 +624,7 @@ def test_a_resumed_copy_that_no_snapshot_follows_is_written_to_storage_at_the_en
     env = _env(tmp_path, PYCKPT_STORAGE_EVERY="3", KILL_AT="")
     first = run_script([wrapper, TINY, out], tmp_path, **env, CRASH="1")
     assert first.returncode == 1 and "evaluation failed" in first.stderr, first.stderr
-    assert max(_steps(shm)) == 28 and _steps(ck) == [12, 24] and not (ck / "FINISHED.json").exists()
+    assert max(_steps(shm)) == 28 and _steps(ck) == [12, 24] and not (ck / "FINISHED.json").exists(), first.stderr
     second = run_script([wrapper, TINY, out], tmp_path, **env)  # the same call stack (its frames are restored)
     assert second.returncode == 0, second.stderr
     assert "resuming from the memory tier" in second.stderr and "pyckpt: resumed from step 28 " in second.stderr
