@@ -320,6 +320,7 @@ class Checkpointer:
     def _plan_incremental(self, plan: writer.RankPlan, final: str) -> None:
         """Mark the plan's chunks that may be skipped as unchanged (incremental saves only; never
         for an object-storage root, whose uploads and retention know nothing of references)."""
+        plan.deferred = {}  # unmoved chunks' references not checked yet: checked on the commit thread
         if not self.incremental or self.remote is not None or not plan.chunks:
             return
         try:
@@ -329,7 +330,7 @@ class Checkpointer:
             plan.expect, plan.refs = self._baseline.expectations(
                 writer.storages_json(plan) + sharded.storages_json(plan), [c.raw_len for c in plan.chunks],
                 [any(p.src_device >= 0 for p in c.pieces) for c in plan.chunks], os.path.basename(final),
-                self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"), moved)
+                self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"), moved, plan.deferred)
             expected = {e[0] for e in plan.expect}
             plan.no_fp = {i for i in moved - expected
                           if (i + self._baseline.saves) % incremental_mod.SAMPLE_EVERY}
@@ -340,7 +341,7 @@ class Checkpointer:
             self._baseline = incremental_mod.Baseline()
             self._baseline.seeded = True  # start over from this save's chunks
             self._baseline.damaged = damaged
-            plan.expect, plan.refs = None, {}
+            plan.expect, plan.refs, plan.deferred = None, {}, {}
 
     def _moved_chunks(self, plan: writer.RankPlan) -> set[int]:
         """Chunks every storage of which moved its version counter since the last save (trained
@@ -436,6 +437,8 @@ class Checkpointer:
                 fut._keep = None
                 plan.release()
             part, err = writer.collect(job, plan, tmp)
+            if err is None and part is not None and plan.deferred:
+                err = self._baseline.check_deferred(self.directory, plan.deferred, part)
             if part is not None and getattr(plan, "shards", None) is not None:
                 sharded.add_to_part(part, plan)
             if err is None and fut._gate is not None:

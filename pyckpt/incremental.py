@@ -195,7 +195,8 @@ class Baseline:
 
     def expectations(self, storages_json: list[dict], raw_lens: list[int], on_device: list[bool],
                      final_name: str, root: str, verify: str,
-                     moved: set[int] = frozenset()) -> tuple[list[tuple], dict[int, tuple[dict, int]]]:
+                     moved: set[int] = frozenset(), deferred: dict[int, tuple[str, dict, int]] | None = None,
+                     ) -> tuple[list[tuple], dict[int, tuple[dict, int]]]:
         """For the plan chunks (described by their storage JSON, raw lengths, whether on a GPU): the
         engine's ``expect`` list and the reference each skipped chunk would become (chunk -> (record, nbytes)).
 
@@ -215,8 +216,10 @@ class Baseline:
         commit, or by a restore), and is otherwise written afresh without an expectation. It is
         never read back here, on the caller's thread: on an H200 that read (64 MiB per save at
         most, then) was the whole of a 71 ms ``save()`` of a 4 GiB state whose every chunk had
-        changed. Chunks that did not move (frozen weights) are always checked here when the
-        pre-check has not reached them yet."""
+        changed. A chunk that did not move (a frozen weight) whose reference the pre-check has not
+        reached yet is checked here, unless ``deferred`` is given: then it is expected unchanged
+        without a read and entered there (chunk -> (file, record, file nbytes)); the caller checks
+        those references off this thread (``check_deferred``) before the save may commit."""
         # A pre-check still running is not waited for: what it has not checked yet is checked here.
         self.stop_precheck()
         expect: list[tuple] = []
@@ -241,7 +244,9 @@ class Baseline:
                     continue
                 if i in moved and not files[f].known_sound(rec):
                     continue  # written afresh by this save, without reading its reference back
-                if not files[f].sound(rec):
+                if deferred is not None and not files[f].known_sound(rec):
+                    deferred[i] = (f, rec, nbytes)  # checked before the commit, by check_deferred
+                elif not files[f].sound(rec):
                     continue  # written afresh by this save
                 used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
                 sampled = (zlib.crc32(repr(sig).encode()) + self.saves) % SAMPLE_EVERY == 0
@@ -258,6 +263,38 @@ class Baseline:
         with self._lock:
             self._sound_on_disk = {f: v for f, v in self._sound_on_disk.items() if f in files}
         return expect, refs
+
+
+    def check_deferred(self, root: str, deferred: dict[int, tuple[str, dict, int]], part: dict) -> Exception | None:
+        """Read back and CRC-check the references ``expectations`` entered in ``deferred`` that this
+        save's ``part`` made (the chunk was found unchanged): on the commit thread, before the save
+        may commit. None when every one is sound; else the error that keeps this save from committing,
+        naming the damaged file; those chunks are then forgotten, so the next save writes them afresh."""
+        from .errors import CorruptCheckpointError
+
+        todo: dict[str, tuple[int, list[dict]]] = {}
+        for i, (rel, rec, nbytes) in deferred.items():
+            if part["chunks"][i]["file"].startswith("../"):
+                todo.setdefault(rel, (nbytes, []))[1].append(rec)
+        bad: list[tuple[str, dict]] = []
+        for rel, (nbytes, recs) in todo.items():
+            ref = _RefFile.open(root, rel, nbytes, self)
+            if ref is None:
+                bad += [(rel, rec) for rec in recs]
+                continue
+            try:
+                bad += [(rel, rec) for rec in sorted(recs, key=operator.itemgetter("offset")) if not ref.sound(rec)]
+            finally:
+                ref.close(quiet=True)
+        if not bad:
+            return None
+        gone = {(rel, rec["offset"]) for rel, rec in bad}
+        self.chunks = {k: v for k, v in self.chunks.items() if (v[1]["file"], v[1]["offset"]) not in gone}
+        path = os.path.join(root, bad[0][0])
+        return CorruptCheckpointError(
+            f"{path}: {len(bad)} chunk(s) this checkpoint would reference no longer match their CRC32C (damaged "
+            "on disk or gone): it is not committed, and the next checkpoint writes them afresh; the checkpoints "
+            "that hold or reference them are damaged (pyckpt verify)", path=path)
 
 
 def root_relative(step_name: str, rel: str) -> str | None:

@@ -77,6 +77,9 @@ class RankPlan:
     # reference each skipped chunk becomes; refs is None when the save is not incremental.
     expect: list | None = None
     refs: dict | None = None
+    # chunk -> (file, record, nbytes): references made without a check, checked before the commit
+    # (incremental.Baseline.check_deferred).
+    deferred: dict = field(default_factory=dict)
     # Chunks known to have changed (every tensor in them moved its version counter since the
     # previous save): written without a fingerprint (Checkpointer._plan_incremental).
     no_fp: set[int] = field(default_factory=set)

@@ -1,6 +1,8 @@
 """A chunk that rots on disk after its commit, while later incremental saves would reference it
-(pyckpt/incremental.py): the next save must check the referenced bytes on disk and write the chunk
-afresh, or every later checkpoint inherits the damage and retention deletes the last sound one."""
+(pyckpt/incremental.py): the next save must check the referenced bytes on disk before it commits, or
+every later checkpoint inherits the damage and retention deletes the last sound one. A chunk of a
+tensor that did not move, whose reference the background check had not passed yet, is checked on the
+commit thread (not in ``save()``): that save is then not committed, and the next one writes it afresh."""
 from __future__ import annotations
 
 import json
@@ -10,8 +12,11 @@ import threading
 
 import torch
 
+import pytest
+
 import pyckpt
-from pyckpt import reader
+from pyckpt import layout, reader
+from pyckpt.errors import CorruptCheckpointError
 from pyckpt._native import get_engine
 
 N = 1 << 18  # 1 MiB of float32: one chunk each with PYCKPT_CHUNK_MB=1
@@ -48,14 +53,23 @@ def _rot_own_chunks(ckpt_dir: str) -> str:
     return path
 
 
+def _rejected(ck, step: int, state: dict, rotted: str) -> None:
+    """Save ``step``: its commit must refuse to reference the rotted file, naming it."""
+    with pytest.raises(CorruptCheckpointError, match=rotted):
+        ck.save(step, state).result(60)
+    assert not os.path.exists(os.path.join(ck.directory, layout.step_dir_name(step)))
+
+
 def test_a_chunk_rotted_on_disk_is_written_afresh_not_referenced(ckpt_root, knob_env, caplog):
     knob_env(PYCKPT_CHUNK_MB=1)
     with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
         for s in (1, 2, 3):
             ck.save(s, _state(s)).result(60)
+        ck._baseline.stop_precheck()  # the next save comes before the background check reached step 3
         rotted = _rot_own_chunks(os.path.join(ckpt_root, ROTTED))
         with caplog.at_level(logging.WARNING, logger="pyckpt"):
-            paths = [ck.save(s, _state(s)).result(60) for s in (4, 5)]
+            _rejected(ck, 4, _state(4), rotted)
+            paths = [ck.save(s, _state(s)).result(60) for s in (5, 6)]
     for path in paths:  # neither later checkpoint references the rotted chunk
         assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith(f"../{ROTTED}/")]
         reader.verify(get_engine(), path)  # every chunk it reads, referenced ones included, is sound
@@ -64,7 +78,7 @@ def test_a_chunk_rotted_on_disk_is_written_afresh_not_referenced(ckpt_root, knob
     # Retention kept the two newest, and they load.
     with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
         r = ck.restore()
-    assert r.step == 5 and all(torch.equal(r.state[k], _state(5)[k]) for k in ("frozen", "x", "t"))
+    assert r.step == 6 and all(torch.equal(r.state[k], _state(6)[k]) for k in ("frozen", "x", "t"))
 
 
 def test_a_chunk_checked_at_an_earlier_save_is_checked_again_once_its_file_changed(ckpt_root, knob_env, caplog):
@@ -78,10 +92,11 @@ def test_a_chunk_checked_at_an_earlier_save_is_checked_again_once_its_file_chang
         assert "../step-000000001/rank-00000/data-000.bin" in {c["file"] for c in _part(ck.latest().path)["chunks"]}
         rotted = _rot_own_chunks(first)
         with caplog.at_level(logging.WARNING, logger="pyckpt"):
-            path = ck.save(4, _state(4)).result(60)
+            _rejected(ck, 4, _state(4), rotted)
+            path = ck.save(5, _state(5)).result(60)
     assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith("../step-000000001/")]
     reader.verify(get_engine(), path)
-    assert f"pyckpt: {rotted}: " in caplog.text
+    assert f"{rotted}: 1 chunk(s) this checkpoint would reference" in caplog.text
 
 
 def _precheck_done() -> None:
@@ -107,8 +122,10 @@ def test_a_chunk_rotted_after_the_background_check_passed_it_is_still_caught(ckp
         assert ck._baseline._sound_on_disk[rel][1]  # x's chunk (save 4 would reference it) found sound
         rotted = _rot_own_chunks(os.path.join(ckpt_root, ROTTED))
         with caplog.at_level(logging.WARNING, logger="pyckpt"):
+            state["t"].fill_(4.0)
+            _rejected(ck, 4, state, rotted)
             paths = []
-            for s in (4, 5):
+            for s in (5, 6):
                 state["t"].fill_(float(s))
                 paths.append(ck.save(s, state).result(60))
     for path in paths:
@@ -129,7 +146,8 @@ def test_a_chunk_rotted_after_a_restore_checked_it_is_caught_at_the_first_save(c
         assert ck.restore().step == 3
         rotted = _rot_own_chunks(os.path.join(ckpt_root, ROTTED))
         with caplog.at_level(logging.WARNING, logger="pyckpt"):
-            paths = [ck.save(s, _state(s)).result(60) for s in (4, 5)]
+            _rejected(ck, 4, _state(4), rotted)
+            paths = [ck.save(s, _state(s)).result(60) for s in (5, 6)]
     for path in paths:
         assert not [c["file"] for c in _part(path)["chunks"] if c["file"].startswith(f"../{ROTTED}/")]
         reader.verify(get_engine(), path)

@@ -15,6 +15,7 @@ import pyckpt
 from pyckpt import layout, reader, resume
 from pyckpt._native import get_engine
 from pyckpt.coord import LocalCoordinator
+from pyckpt.errors import CorruptCheckpointError
 
 DAMAGED = "step-000000003"
 N = 1 << 18  # 1 MiB of float32: one chunk each with PYCKPT_CHUNK_MB=1
@@ -143,8 +144,9 @@ def test_relaunch_without_a_restore_still_continues_incrementally(tmp_path, one_
 
 def test_a_save_in_flight_when_the_damage_is_found_does_not_become_the_baseline(
         tmp_path, flip_data_byte, knob_env):
-    """Save 4 was planned from step 3's chunks before the restore found step 3 damaged: when it
-    commits, its references must not seed save 5 (they point into the damaged data)."""
+    """Save 4 was planned from step 3's chunks before the restore found step 3 damaged: its
+    references must not seed save 5 (they point into the damaged data). Its check of them before
+    its commit finds the damage, so it does not commit at all."""
     knob_env(PYCKPT_CHUNK_MB=1)
     root = str(tmp_path / "root")
     moving = {s: torch.full((N,), float(s)) for s in range(1, 6)}  # changes: written at every save
@@ -154,7 +156,9 @@ def test_a_save_in_flight_when_the_damage_is_found_does_not_become_the_baseline(
         in_flight = ck.save(4, _state(4) | {"m": moving[4]})
         assert ck.restore().step == 2
         assert not in_flight.done()  # the race this test is about did happen
-        in_flight.result(60)
+        # Its reference into step 3 (x, unmoved) is checked before its commit: it does not commit.
+        with pytest.raises(CorruptCheckpointError, match=DAMAGED):
+            in_flight.result(60)
         path = ck.save(5, _state(5) | {"m": moving[5]}).result(60)
     files = _files(path)
     assert not [f for f in files if f.startswith(("../step-000000003/", "../step-000000004/"))], files
