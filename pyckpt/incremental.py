@@ -220,7 +220,8 @@ class Baseline:
         reached yet is checked here, unless ``deferred`` is given: then it is expected unchanged
         without a read and entered there (chunk -> (file, record, file nbytes)); the caller checks
         those references off this thread (``check_deferred``) before the save may commit."""
-        # A pre-check still running is not waited for: what it has not checked yet is checked here.
+        # A pre-check still running is not waited for: what it has not checked yet is checked here
+        # (or, with ``deferred``, on the commit thread), or not referenced.
         self.stop_precheck()
         expect: list[tuple] = []
         refs: dict[int, tuple[dict, int]] = {}
@@ -263,7 +264,6 @@ class Baseline:
         with self._lock:
             self._sound_on_disk = {f: v for f, v in self._sound_on_disk.items() if f in files}
         return expect, refs
-
 
     def check_deferred(self, root: str, deferred: dict[int, tuple[str, dict, int]], part: dict) -> Exception | None:
         """Read back and CRC-check the references ``expectations`` entered in ``deferred`` that this
