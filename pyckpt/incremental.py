@@ -126,8 +126,6 @@ class Baseline:
             if key not in self.changed:
                 todo.setdefault(rec["file"], (nbytes, []))[1].append(rec)
         if todo:
-            for _, recs in todo.values():
-                recs.sort(key=operator.itemgetter("offset"))  # one pass along each file
             self._precheck = _Precheck(self, root, todo)
             self._precheck.start()
 
@@ -276,16 +274,7 @@ class Baseline:
         for i, (rel, rec, nbytes) in deferred.items():
             if part["chunks"][i]["file"].startswith("../"):
                 todo.setdefault(rel, (nbytes, []))[1].append(rec)
-        bad: list[tuple[str, dict]] = []
-        for rel, (nbytes, recs) in todo.items():
-            ref = _RefFile.open(root, rel, nbytes, self)
-            if ref is None:
-                bad += [(rel, rec) for rec in recs]
-                continue
-            try:
-                bad += [(rel, rec) for rec in sorted(recs, key=operator.itemgetter("offset")) if not ref.sound(rec)]
-            finally:
-                ref.close(quiet=True)
+        bad = read_back(self, root, todo)
         if not bad:
             return None
         gone = {(rel, rec["offset"]) for rel, rec in bad}
@@ -308,6 +297,32 @@ def root_relative(step_name: str, rel: str) -> str | None:
 
 
 _READ_BYTES = 8 << 20  # read-back buffer of the on-disk check
+
+
+def read_back(owner: Baseline, root: str, todo: dict[str, tuple[int, list[dict]]],
+              stop: threading.Event | None = None) -> list[tuple[str, dict]]:
+    """Read back and CRC-check chunk records ``todo`` (root-relative file -> (its nbytes, records)),
+    one pass along each file; the sound ones are remembered in ``owner``. Returns the (file, record)
+    found unsound, a file that cannot be opened counting for all its records; when ``stop`` is set
+    meanwhile, returns early (what was not reached counts as neither)."""
+    bad: list[tuple[str, dict]] = []
+    for rel, (nbytes, recs) in todo.items():
+        if stop is not None and stop.is_set():
+            break
+        ref = _RefFile.open(root, rel, nbytes, owner)
+        if ref is None:
+            bad += [(rel, rec) for rec in recs]
+            continue
+        try:
+            for rec in sorted(recs, key=operator.itemgetter("offset")):
+                sound = ref.sound(rec, stop)
+                if stop is not None and stop.is_set():
+                    break
+                if not sound:
+                    bad.append((rel, rec))
+        finally:
+            ref.close(quiet=True)
+    return bad
 
 
 def file_identity(st: os.stat_result) -> tuple:
@@ -440,19 +455,7 @@ class _Precheck(threading.Thread):
         except (AttributeError, OSError):
             pass
         try:
-            for rel, (nbytes, recs) in self.todo.items():
-                if self.stop.is_set():
-                    return
-                ref = _RefFile.open(self.root, rel, nbytes, self.owner)
-                if ref is None:
-                    continue
-                try:
-                    for rec in recs:
-                        ref.sound(rec, self.stop)
-                        if self.stop.is_set():
-                            return
-                finally:
-                    ref.close(quiet=True)
+            read_back(self.owner, self.root, self.todo, self.stop)  # a damaged chunk: the save checks it again
         except Exception as e:  # never into training: the save checks what is left
             log.debug("pyckpt: incremental pre-check stopped: %s", e)
 

@@ -95,7 +95,7 @@ serve()
 '''
 
 
-_PTH = Path(__file__).resolve().parent.parent / "pyckpt-autostart.pth"  # the start-up line, as installed
+_PTH_LINE = (Path(__file__).resolve().parent.parent / "pyckpt-autostart.pth").read_text()  # as installed
 
 
 class Child:
@@ -211,7 +211,7 @@ class Zygote:
         path = os.path.abspath(os.path.join(os.getcwd() if cwd is None else cwd, script))
         code = f"import runpy, sys; sys.argv[0] = {str(script)!r}; sys.path.insert(0, {os.path.dirname(path)!r})\n"
         if startup:
-            code += _PTH.read_text()
+            code += _PTH_LINE
         code += f"\nrunpy.run_path({path!r}, run_name='__main__')"
         child = self.start(code, args, env, cwd)
         child.wait(timeout)

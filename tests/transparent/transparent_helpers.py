@@ -1,4 +1,4 @@
-"""Helpers for the transparent-mode tests: run scripts as real subprocesses."""
+"""Helpers for the transparent-mode tests: run scripts as real processes (forked from the test zygote, or new interpreters)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+import zygote
 
 HERE = Path(__file__).parent
 TINY = HERE / "train_tiny.py"
@@ -28,8 +30,6 @@ def run_script(args: list[str], cwd: Path, timeout: float = 120, fresh: bool = F
     if fresh:
         return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=clean_env(**env), capture_output=True,
                               text=True, timeout=timeout)
-    import zygote
-
     child = zygote.shared().run_path(args[0], list(args[1:]), env=clean_env(**env), cwd=cwd, timeout=timeout,
                                      startup=True)
     return subprocess.CompletedProcess(args, child.returncode, child.stdout, child.stderr)
