@@ -7,6 +7,9 @@ import os
 # and examples/_harness.py's): two pytest workers, each running several training processes, would
 # otherwise put two spinning OpenMP threads per process on two cores. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every child (mp.spawn ranks, zygote children, scripts) prints its threads' Python stacks if it dies by
+# a fatal signal: a rare abort on the loaded CI machine then says where it happened.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 import pytest
 
