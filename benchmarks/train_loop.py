@@ -253,9 +253,8 @@ def paired_child(args: argparse.Namespace) -> None:
     # Per checkpoint window, how much longer its steps took than a step of the windows without
     # (their median), apart from the waits: split by what of a checkpoint ran in the background at
     # the step's end (its write, the check of the last commit, nothing).
-    plain_steps = [t for w in steps.get(None, [])[1:] for t, _ in w]  # the warm-up window left out
-    for m in modes if plain_steps else ():
-        plain = statistics.median(plain_steps)
+    plain = statistics.median(t for w in steps[None][1:] for t, _ in w)  # the warm-up window left out
+    for m in modes:
         for j, w in enumerate(steps.get(m, [])[1:]):
             for label in ("write", "check", ""):
                 ts = [t - plain for t, b in w if b == label]
@@ -289,7 +288,7 @@ def measure_paired(args: argparse.Namespace, modes: list[str]) -> str:
     n = res["checkpoints_per_window"]
     for m in modes:
         waits = res.get("parts", {}).get(m, [])
-        if not waits or len(waits[0]) < 9:  # no measured window (--pairs 0)
+        if not waits:
             continue
         extra = statistics.median((on - off) / n for off, on in res["pairs"][m])
         med = [statistics.median(w[j] for w in waits) / n for j in range(9)]
@@ -653,6 +652,8 @@ def main() -> None:
     args = p.parse_args()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.paired and args.pairs < 1:
+        p.error("--pairs must be at least 1: each mode's figures are medians over its pairs")
     if args.child == "restore":
         return restore_child(args)
     if args.child and args.child.startswith("paired:"):

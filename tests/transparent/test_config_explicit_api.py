@@ -6,10 +6,9 @@ in the middle of epoch 1 once, and is launched again. A script with its own
 """
 from __future__ import annotations
 
-import pytest
-
 import functools
 
+import pytest
 import transparent_helpers
 
 # These scripts use pyckpt by `import pyckpt` (explicit API, late imports): a new interpreter each, where that import runs.
