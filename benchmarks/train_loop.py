@@ -268,7 +268,7 @@ def measure_paired(args: argparse.Namespace, modes: list[str]) -> str:
     lines = [f"paired windows: job={args.job} ({args.width}x{args.depth}, batch {args.batch}) device={args.device} "
              f"every={args.every} window={args.window} "
              f"steps pairs={args.pairs} (one process, modes in rotation; ratio = window without / window "
-             "with checkpoints next to it, median over pairs)", "",
+             f"with checkpoints next to it, median over pairs); {settings_line()}", "",
              "| mode | ratio to none (median) | ratio, quartiles | extra seconds per checkpoint (median) | "
              "window without (median) |", "|---|---:|---:|---:|---:|"]
     res = run_mode(args, "paired:" + ",".join(modes))
@@ -394,7 +394,7 @@ def measure_restore(args: argparse.Namespace) -> dict[str, list[float]]:
 def _restore_run(args: argparse.Namespace, work: str, what: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "restore", "--dir", work, "--job", args.job,
            "--device", args.device, *_size_args(args)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
+    env = _child_env()
     env["TL_RESTORE"] = what
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if r.returncode != 0:
@@ -599,6 +599,23 @@ def _prune(directory: str, keep_path: str) -> None:
 
 
 # -- the driver ------------------------------------------------------------------------------
+# How pyckpt saves: these settings reach every mode's process. Every other PYCKPT_* variable is
+# dropped (PYCKPT_DIR and the other activation settings would turn the transparent layer on in the
+# explicit modes, or make a transparent mode resume); ``main`` names both kinds.
+TUNING = ("PYCKPT_INCREMENTAL", "PYCKPT_INCREMENTAL_VERIFY", "PYCKPT_STAGING_MB", "PYCKPT_CHUNK_MB",
+          "PYCKPT_IO_THREADS", "PYCKPT_COPY_THREADS", "PYCKPT_ENGINE_NICE", "PYCKPT_STAGING_TIMEOUT_S")
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_") or k in TUNING}
+
+
+def settings_line() -> str:
+    """The pyckpt settings every mode runs with, for the output (a figure depends on them)."""
+    passed = [f"{k}={os.environ[k]}" for k in TUNING if k in os.environ]
+    return "pyckpt settings: " + (" ".join(passed) if passed else "defaults")
+
+
 def _size_args(args: argparse.Namespace) -> list[str]:
     return ["--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch)]
 
@@ -609,7 +626,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
            "--every", str(args.every), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--storage-every", str(args.storage_every),
            "--window", str(args.window), "--pairs", str(args.pairs), *_size_args(args)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
+    env = _child_env()
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     finally:
@@ -661,6 +678,11 @@ def main() -> None:
     if args.child:
         return child(args)
     modes = args.modes.split(",")
+    dropped = sorted(k for k in os.environ if k.startswith("PYCKPT_") and k not in TUNING)
+    if dropped:
+        print(f"pyckpt benchmark: {', '.join(dropped)} not passed to the modes (only {', '.join(TUNING)} are)",
+              file=sys.stderr)
+    print(settings_line(), flush=True)
     if not args.paired and any(m in PAIRED_ONLY for m in modes):
         p.error(f"{', '.join(PAIRED_ONLY)}: --paired only")
     if args.paired:
@@ -686,7 +708,7 @@ def summary(args: argparse.Namespace, results: dict[str, list[dict]], restore: d
     base = statistics.median(x["steps_per_s"] for x in results["none"]) if "none" in results else None
     base_step = statistics.median(x["median_step"] for x in results["none"]) if "none" in results else None
     lines = [f"job={args.job} ({args.width}x{args.depth}, batch {args.batch}) device={args.device} "
-             f"every={args.every} steps={args.steps} rounds={args.rounds}",
+             f"every={args.every} steps={args.steps} rounds={args.rounds}; {settings_line()}",
              "", "| mode | steps/s | ratio to none | stall per checkpoint (median) | of it: snapshot point | "
              "of it: wait before the next step | start → durable (median) | peak RSS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -1,11 +1,38 @@
 #include "pyckpt/thread_pool.h"
 
+#if defined(__linux__)
+#include <cerrno>
+
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace pyckpt {
 
-ThreadPool::ThreadPool(size_t nthreads) {
+void lower_thread_priority(int nice) noexcept {
+#if defined(__linux__)
+  // On Linux a nice value belongs to one thread (its tid), not to the whole process. Only ever
+  // lowered: a process already niced further keeps its value (and root never raises one).
+  if (nice <= 0) return;
+  const auto tid = static_cast<id_t>(syscall(SYS_gettid));
+  errno = 0;
+  const int now = getpriority(PRIO_PROCESS, tid);
+  if (errno == 0 && now >= nice) return;
+  (void)setpriority(PRIO_PROCESS, tid, nice);
+#else
+  (void)nice;
+#endif
+}
+
+ThreadPool::ThreadPool(size_t nthreads, int nice) {
   if (nthreads == 0) nthreads = 1;
   workers_.reserve(nthreads);
-  for (size_t i = 0; i < nthreads; ++i) workers_.emplace_back([this] { work(); });
+  for (size_t i = 0; i < nthreads; ++i)
+    workers_.emplace_back([this, nice] {
+      lower_thread_priority(nice);
+      work();
+    });
 }
 
 ThreadPool::~ThreadPool() {

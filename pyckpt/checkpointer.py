@@ -286,17 +286,34 @@ class Checkpointer:
         final = os.path.join(self.directory, layout.step_dir_name(step))
         tmp = os.path.join(self.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
         self._plan_incremental(plan, final)
-        job, err = self._start(engine, plan, tmp)
-        fut = SaveFuture(step, job, plan.keep_alive() + sharded.keep_alive(plan) if job is not None else None)
+        fut = SaveFuture(step)
         fut._timer = timer
         fut._baseline = self._baseline
         fut._gate = _gate  # transparent lazy capture: None, or why this save must not commit
         with self._lock:
             self._inflight = fut
-        timer.returned()
-        threading.Thread(target=self._finish, args=(fut, plan, job, err, tmp, final, step, seq),
+        # The commit thread starts before the engine does: ``Thread.start`` waits until the new thread
+        # runs, and once the engine's threads copy on every core that wait is a scheduling delay of
+        # milliseconds on the training thread.
+        started: list = [None, PyckptError(f"checkpoint of step {step} interrupted before it started")]
+        launched = threading.Event()
+        threading.Thread(target=self._finish_when_started, args=(fut, plan, started, launched, tmp, final, step, seq),
                          name=f"pyckpt-commit-{step}", daemon=False).start()
+        try:
+            started[:] = self._start(engine, plan, tmp)
+            job = started[0]
+            if job is not None:
+                fut._job, fut._keep = job, plan.keep_alive() + sharded.keep_alive(plan)
+        finally:
+            launched.set()
+        timer.returned()
         return fut
+
+    def _finish_when_started(self, fut: SaveFuture, plan: writer.RankPlan, started: list,
+                             launched: threading.Event, *rest: Any) -> None:
+        launched.wait()
+        job, err = started
+        self._finish(fut, plan, job, err, *rest)
 
     def _agree(self, step: int, bad: UnsupportedStateError | None) -> bool:
         """Wait (bounded) for the previous save; all ranks agree whether to go ahead.
@@ -329,7 +346,7 @@ class Checkpointer:
             moved = self._moved_chunks(plan)
             plan.expect, plan.refs = self._baseline.expectations(
                 writer.storages_json(plan) + sharded.storages_json(plan), [c.raw_len for c in plan.chunks],
-                [any(p.src_device >= 0 for p in c.pieces) for c in plan.chunks], os.path.basename(final),
+                list(map(bool, writer.chunk_gpus(plan))), os.path.basename(final),
                 self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"), moved, plan.deferred)
             expected = {e[0] for e in plan.expect}
             plan.no_fp = {i for i in moved - expected

@@ -43,14 +43,15 @@ def _float(raw: str) -> float:
     return value
 
 
-def _int_at_least(lo: int) -> Callable[[str, str], int]:
+def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
             value = _int(raw)
         except ValueError:
             value = None
-        if value is None or value < lo:
-            raise ConfigError(f"{name}={raw!r} is not valid: expected an integer >= {lo}")
+        if value is None or value < lo or (hi is not None and value > hi):
+            expected = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+            raise ConfigError(f"{name}={raw!r} is not valid: expected {expected}")
         return value
 
     return parse
@@ -221,6 +222,8 @@ _knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget 
 _knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))
 _knob("PYCKPT_IO_THREADS", "4", "an integer >= 1", "writer/reader threads per process", _int_at_least(1))
 _knob("PYCKPT_COPY_THREADS", "2", "an integer >= 1", "threads for host-to-host capture copies", _int_at_least(1))
+_knob("PYCKPT_ENGINE_NICE", "0", "an integer from 0 to 19", "nice value of the engine's copy, capture and I/O threads "
+      "(Linux; 0: the process's own priority)", _int_at_least(0, 19))
 _knob("PYCKPT_STAGING_TIMEOUT_S", "60", "a number >= 0", "how long capture waits for staging memory before skipping", _float_at_least(0.0))
 _knob("PYCKPT_LOOP_STATE_MAX_BYTES", "16777216", "an integer >= 0", "transparent mode: a script variable larger than this is not captured (0: no variables, only the stack)", _int_at_least(0))
 # Test/diagnostic only: sleep this many ms after writing each chunk (simulates a slow disk).

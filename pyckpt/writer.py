@@ -56,6 +56,8 @@ class Section:
     # Per chunk, its pieces as (storage id, byte offset from the torch storage's start, bytes, device):
     # ``sources`` adds this save's storage addresses (made once per layout, shared like ``json``).
     reads: list[list[tuple[int, int, int, int]]] | None = None
+    # Per chunk, the GPUs its pieces are read from (empty: host memory only); shared like ``reads``.
+    gpus: list[frozenset[int]] | None = None
 
     @property
     def entries(self) -> list[dict]:
@@ -108,8 +110,10 @@ def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: in
     d = describe(tensors, paths, last.described if reusable else None)
     if reusable and d.storages is last.storages:
         chunks += last.chunks
-        return Section(scope, tr, d, last.mine, [d.keeps[s.id] for s in last.mine], first, last.chunks, last.json,
-                       last.encoded, last.reads)
+        # ``mine`` keeps the storages' order (ids count from 0): when it has them all, keeps is d.keeps.
+        keeps = d.keeps if len(last.mine) == len(d.keeps) else [d.keeps[s.id] for s in last.mine]
+        return Section(scope, tr, d, last.mine, keeps, first, last.chunks, last.json, last.encoded, last.reads,
+                       last.gpus)
     if scope == "replicated":
         owners = assign_owners(d.storages, world_size)
         mine = [s for s in d.storages if owners[s.id] == rank]
@@ -184,6 +188,19 @@ def sources(plan: RankPlan) -> list[list[tuple[int, int, int]]]:
     return out
 
 
+def chunk_gpus(plan: RankPlan) -> list[frozenset[int]]:
+    """Per chunk of ``plan.chunks``, the GPUs its pieces are read from (empty: host memory only)."""
+    out: list[frozenset[int]] = []
+    for sec in plan.sections():
+        if sec.gpus is None:
+            sec.gpus = [frozenset(p.src_device for p in c.pieces if p.src_device >= 0) for c in sec.chunks]
+        out += sec.gpus
+    shards = getattr(plan, "shards", None)
+    if shards is not None:
+        out += [frozenset(p.src_device for p in c.pieces if p.src_device >= 0) for c in shards.chunks]
+    return out
+
+
 def storages_json(plan: RankPlan) -> list[dict]:
     """The part's ``storages`` list for this plan (known before anything is written). A new list;
     its records are shared with later plans that reuse the section, and must not be changed."""
@@ -210,7 +227,7 @@ def start(engine: Any, plan: RankPlan, ckpt_dir: str, codec: str, map_files: boo
     spec = [(0, c.elem_size, pieces) for c, pieces in zip(plan.chunks, sources(plan))]
     # Each GPU's copies wait for the work queued on that GPU's current stream before this call
     # (a model spread over several GPUs of one process has one per device).
-    devices = sorted({p.src_device for c in plan.chunks for p in c.pieces if p.src_device >= 0})
+    devices = sorted(frozenset().union(*chunk_gpus(plan)))
     streams = [(d, torch.cuda.current_stream(d).cuda_stream) for d in devices]
     return engine.save(
         [os.path.join(ckpt_dir, rel)], spec, codec=require_codec(codec), streams=streams,

@@ -200,3 +200,27 @@ def test_non_integer_step_is_a_clear_type_error(ckpt_root, tmp_path, bad):
         ck.save(-1, {"t": torch.ones(1)})
     assert ck.save(torch.tensor(3), {"t": torch.ones(1)}).result(60).endswith("step-000000003")
     assert sorted(os.listdir(ckpt_root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000003"]
+
+
+def test_a_save_interrupted_while_starting_fails_its_future_and_the_next_save_commits(ckpt_root, knob_env,
+                                                                                       monkeypatch):
+    """The commit thread starts before the engine does (save() then never waits for it to be
+    scheduled). An interrupt in between must still end that thread with the save failed, or the
+    next save would wait for it until PYCKPT_STAGING_TIMEOUT_S and be skipped."""
+    knob_env(PYCKPT_STAGING_TIMEOUT_S=10)
+    ck = pyckpt.Checkpointer(ckpt_root)
+    ck.save(1, state_for(1)).result(60)
+    start = pyckpt.Checkpointer._start
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pyckpt.Checkpointer, "_start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(2, state_for(2))
+    monkeypatch.setattr(pyckpt.Checkpointer, "_start", start)
+    assert ck.wait(10) is False  # the interrupted save ended, failed
+    assert ck.save(3, state_for(3)).result(60).endswith("step-000000003")
+    assert sorted(n for n in os.listdir(ckpt_root) if n.startswith("step-")) == ["step-000000001", "step-000000003"]
+    assert_state_equal(ck.restore().state, state_for(3))
+    ck.close()

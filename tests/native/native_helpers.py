@@ -97,3 +97,31 @@ def mixed_state(rng: np.random.Generator, scale: int = 1) -> list[np.ndarray]:
     ]
     arrays += [rng.standard_normal(int(rng.integers(1, 300)), dtype=np.float32) for _ in range(40)]
     return arrays
+
+
+def nice_of_threads() -> dict[int, int]:
+    """tid -> nice value of every thread of this process (Linux keeps one per thread)."""
+    import os
+
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        out[int(tid)] = int(fields[16])  # proc(5): field 19 is nice; fields[0] is field 3
+    return out
+
+
+def new_threads(before: set[int], want: int, nice: int, timeout: float = 10.0) -> dict[int, int]:
+    """tid -> nice of the threads not in ``before``, once ``want`` of them are there, all at
+    ``nice`` (or at the timeout: the caller's assertion then shows what there was)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        now = {t: n for t, n in nice_of_threads().items() if t not in before}
+        if (len(now) >= want and all(n == nice for n in now.values())) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.01)

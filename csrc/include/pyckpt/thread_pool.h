@@ -12,9 +12,15 @@
 
 namespace pyckpt {
 
+/// Lowers the calling thread's scheduling priority to nice value `nice` (Linux: per thread; a
+/// no-op for `nice` <= 0 or where it fails). The engine's threads then take a core only when the
+/// training threads leave one idle, instead of an equal share of it.
+void lower_thread_priority(int nice) noexcept;
+
 class ThreadPool {
  public:
-  explicit ThreadPool(size_t nthreads);
+  /// `nice` > 0: each worker lowers its own scheduling priority to that nice value (Linux).
+  explicit ThreadPool(size_t nthreads, int nice = 0);
   /// Runs every queued task, then joins the workers.
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
