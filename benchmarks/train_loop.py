@@ -603,7 +603,7 @@ def _prune(directory: str, keep_path: str) -> None:
 # dropped (PYCKPT_DIR and the other activation settings would turn the transparent layer on in the
 # explicit modes, or make a transparent mode resume); ``main`` names both kinds.
 TUNING = ("PYCKPT_INCREMENTAL", "PYCKPT_INCREMENTAL_VERIFY", "PYCKPT_STAGING_MB", "PYCKPT_CHUNK_MB",
-          "PYCKPT_IO_THREADS", "PYCKPT_COPY_THREADS", "PYCKPT_ENGINE_NICE", "PYCKPT_STAGING_TIMEOUT_S")
+          "PYCKPT_IO_THREADS", "PYCKPT_COPY_THREADS", "PYCKPT_IO_NICE", "PYCKPT_STAGING_TIMEOUT_S")
 
 
 def _child_env() -> dict[str, str]:

@@ -300,7 +300,7 @@ void bind_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init<size_t, size_t, size_t, size_t, bool, int>(), py::arg("staging_bytes"),
            py::arg("chunk_bytes"), py::arg("io_threads") = 4, py::arg("copy_threads") = 2,
-           py::arg("pinned") = false, py::arg("nice") = 0)
+           py::arg("pinned") = false, py::arg("io_nice") = 0)
       .def("staging_bytes_allocated", &Engine::staging_bytes_allocated)
       .def("staging_bytes_in_use", &Engine::staging_bytes_in_use,
            "bytes of staging slabs held by saves in progress (0 when none runs)")

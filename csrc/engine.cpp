@@ -98,13 +98,12 @@ ReadBuffers& read_buffers() {
 }  // namespace
 
 Engine::Engine(size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size_t copy_threads,
-               bool pinned, int nice)
+               bool pinned, int io_nice)
     : chunk_bytes_(chunk_bytes),
-      nice_(nice),
       pool_(staging_bytes, chunk_bytes, pinned),
-      copy_(copy_threads > 1 ? copy_threads - 1 : 1, nice),
+      copy_(copy_threads > 1 ? copy_threads - 1 : 1),
       copy_parts_(copy_threads > 0 ? copy_threads : 1),
-      io_(io_threads, nice) {
+      io_(io_threads, io_nice) {
   PYCKPT_CHECK_ARG(chunk_bytes > 0 && chunk_bytes <= kMaxChunkBytes,
                    "chunk_bytes must be in (0, 2 GiB], got " << chunk_bytes);
 }
@@ -185,10 +184,7 @@ std::shared_ptr<SaveJob> Engine::save(std::vector<std::string> files,
   job->begin_task();  // the capture loop's unit of work
   reap_captures(false);
   std::lock_guard<std::mutex> lock(captures_mu_);
-  captures_.emplace_back(job, std::thread([this, job, after] {
-                           lower_thread_priority(nice_);
-                           capture_loop(job, after);
-                         }));
+  captures_.emplace_back(job, std::thread([this, job, after] { capture_loop(job, after); }));
   return job;
 }
 

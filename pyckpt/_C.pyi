@@ -100,11 +100,11 @@ class Engine:
         io_threads: int = 4,
         copy_threads: int = 2,
         pinned: bool = False,
-        nice: int = 0,
+        io_nice: int = 0,
     ) -> None:
         """The staging pool is allocated lazily on the first save, up to
         ``staging_bytes`` (at least one slab of ``chunk_bytes``), then reused.
-        ``nice`` > 0: the engine's threads run at that nice value (Linux), never raised."""
+        ``io_nice`` > 0: the I/O workers run at that nice value (Linux), never raised."""
     def staging_bytes_allocated(self) -> int: ...
     def staging_bytes_in_use(self) -> int:
         """Bytes of staging slabs held by saves in progress (0 when none runs)."""

@@ -134,7 +134,7 @@ def get_engine() -> "_CType.Engine":
                 io_threads=knobs.get("PYCKPT_IO_THREADS"),
                 copy_threads=knobs.get("PYCKPT_COPY_THREADS"),
                 pinned=_want_pinned(),
-                nice=knobs.get("PYCKPT_ENGINE_NICE"),
+                io_nice=knobs.get("PYCKPT_IO_NICE"),
             )
         return _engine
 

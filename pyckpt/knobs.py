@@ -222,7 +222,7 @@ _knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget 
 _knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))
 _knob("PYCKPT_IO_THREADS", "4", "an integer >= 1", "writer/reader threads per process", _int_at_least(1))
 _knob("PYCKPT_COPY_THREADS", "2", "an integer >= 1", "threads for host-to-host capture copies", _int_at_least(1))
-_knob("PYCKPT_ENGINE_NICE", "0", "an integer from 0 to 19", "nice value of the engine's copy, capture and I/O threads "
+_knob("PYCKPT_IO_NICE", "0", "an integer from 0 to 19", "nice value of the engine's I/O (write and read) threads "
       "(Linux; 0: the process's own priority)", _int_at_least(0, 19))
 _knob("PYCKPT_STAGING_TIMEOUT_S", "60", "a number >= 0", "how long capture waits for staging memory before skipping", _float_at_least(0.0))
 _knob("PYCKPT_LOOP_STATE_MAX_BYTES", "16777216", "an integer >= 0", "transparent mode: a script variable larger than this is not captured (0: no variables, only the stack)", _int_at_least(0))

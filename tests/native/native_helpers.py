@@ -114,14 +114,16 @@ def nice_of_threads() -> dict[int, int]:
     return out
 
 
-def new_threads(before: set[int], want: int, nice: int, timeout: float = 10.0) -> dict[int, int]:
-    """tid -> nice of the threads not in ``before``, once ``want`` of them are there, all at
-    ``nice`` (or at the timeout: the caller's assertion then shows what there was)."""
+def new_threads(before: set[int], want: int, niced: tuple[int, int] = (0, 0), timeout: float = 10.0) -> dict[int, int]:
+    """tid -> nice of the threads not in ``before``, once ``want`` of them are there and, with
+    ``niced=(n, value)``, ``n`` of them at ``value`` (a worker lowers itself as it starts); or at the
+    timeout, when the caller's assertion shows what there was."""
     import time
 
+    n, value = niced
     deadline = time.monotonic() + timeout
     while True:
-        now = {t: n for t, n in nice_of_threads().items() if t not in before}
-        if (len(now) >= want and all(n == nice for n in now.values())) or time.monotonic() > deadline:
+        now = {t: v for t, v in nice_of_threads().items() if t not in before}
+        if (len(now) >= want and sum(v == value for v in now.values()) >= n) or time.monotonic() > deadline:
             return now
         time.sleep(0.01)

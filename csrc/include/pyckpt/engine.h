@@ -76,9 +76,10 @@ class File;
 
 class Engine {
  public:
-  /// `nice` > 0: the engine's threads (copy, I/O, capture) run at that nice value (Linux).
+  /// `io_nice` > 0: the I/O (write and read) workers run at that nice value (Linux); capture
+  /// and copy threads keep the caller's, as the next optimizer step may wait for them.
   Engine(size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size_t copy_threads,
-         bool pinned, int nice = 0);
+         bool pinned, int io_nice = 0);
   /// Waits for every job still in flight, then stops the workers.
   ~Engine();
   Engine(const Engine&) = delete;
@@ -160,7 +161,6 @@ class Engine {
   void reap_captures(bool all);
 
   const size_t chunk_bytes_;
-  const int nice_;
   StagingPool pool_;
   MappingCache maps_;  // the memory tier's files, mapped (SaveOptions::map_files)
   ThreadPool copy_;  // copy_threads - 1 workers: the capture thread copies too

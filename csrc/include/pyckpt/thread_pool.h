@@ -13,7 +13,7 @@
 namespace pyckpt {
 
 /// Lowers the calling thread's scheduling priority to nice value `nice` (Linux: per thread; a
-/// no-op for `nice` <= 0 or where it fails). The engine's threads then take a core only when the
+/// no-op for `nice` <= 0 or where it fails). The engine's writers then take a core only when the
 /// training threads leave one idle, instead of an equal share of it.
 void lower_thread_priority(int nice) noexcept;
 
