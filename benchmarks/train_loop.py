@@ -549,7 +549,10 @@ class Saver:
             fut = self.pool.submit(copy_all)
             self.staging = fut  # the next optimizer step waits for the copy; nothing becomes durable
         elif self.mode == "pyckpt":
-            self._reap(wait=False)
+            # save() waits for the previous checkpoint to commit (one in flight), so waiting here
+            # costs the stall nothing and records its durable time; a checkpoint still in flight
+            # used to be dropped from the figures, leaving only those faster than the interval.
+            self._reap(wait=True)
             fut = self.ckpt.save(step, self.state())
             self.staging = fut  # captured() before the next optimizer step
             self.pending = (t0, fut)
