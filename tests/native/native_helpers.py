@@ -2,6 +2,8 @@
 for numpy buffers, and independent reference implementations."""
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,8 +103,6 @@ def mixed_state(rng: np.random.Generator, scale: int = 1) -> list[np.ndarray]:
 
 def nice_of_threads() -> dict[int, int]:
     """tid -> nice value of every thread of this process (Linux keeps one per thread)."""
-    import os
-
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
@@ -118,8 +118,6 @@ def new_threads(before: set[int], want: int, niced: tuple[int, int] = (0, 0), ti
     """tid -> nice of the threads not in ``before``, once ``want`` of them are there and, with
     ``niced=(n, value)``, ``n`` of them at ``value`` (a worker lowers itself as it starts); or at the
     timeout, when the caller's assertion shows what there was."""
-    import time
-
     n, value = niced
     deadline = time.monotonic() + timeout
     while True:
