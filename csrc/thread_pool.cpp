@@ -9,7 +9,9 @@
 #endif
 
 namespace pyckpt {
+namespace {
 
+// The calling thread's nice value raised to `nice` (a no-op for `nice` <= 0 or where it fails).
 void lower_thread_priority(int nice) noexcept {
 #if defined(__linux__)
   // On Linux a nice value belongs to one thread (its tid), not to the whole process. Only ever
@@ -24,6 +26,8 @@ void lower_thread_priority(int nice) noexcept {
   (void)nice;
 #endif
 }
+
+}  // namespace
 
 ThreadPool::ThreadPool(size_t nthreads, int nice) {
   if (nthreads == 0) nthreads = 1;

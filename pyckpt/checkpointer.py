@@ -20,6 +20,7 @@ import os
 import stat
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -295,24 +296,22 @@ class Checkpointer:
         # The commit thread starts before the engine does: ``Thread.start`` waits until the new thread
         # runs, and once the engine's threads copy on every core that wait is a scheduling delay of
         # milliseconds on the training thread.
-        started: list = [None, PyckptError(f"checkpoint of step {step} interrupted before it started")]
-        launched = threading.Event()
-        threading.Thread(target=self._finish_when_started, args=(fut, plan, started, launched, tmp, final, step, seq),
+        started: Future = Future()  # (job, error) of _start
+        threading.Thread(target=self._finish_when_started, args=(fut, plan, started, tmp, final, step, seq),
                          name=f"pyckpt-commit-{step}", daemon=False).start()
         try:
-            started[:] = self._start(engine, plan, tmp)
-            job = started[0]
+            job, err = self._start(engine, plan, tmp)
             if job is not None:
                 fut._job, fut._keep = job, plan.keep_alive() + sharded.keep_alive(plan)
+            started.set_result((job, err))
         finally:
-            launched.set()
+            if not started.done():  # interrupted: the commit thread ends with this save failed
+                started.set_result((None, PyckptError(f"checkpoint of step {step} interrupted before it started")))
         timer.returned()
         return fut
 
-    def _finish_when_started(self, fut: SaveFuture, plan: writer.RankPlan, started: list,
-                             launched: threading.Event, *rest: Any) -> None:
-        launched.wait()
-        job, err = started
+    def _finish_when_started(self, fut: SaveFuture, plan: writer.RankPlan, started: Future, *rest: Any) -> None:
+        job, err = started.result()
         self._finish(fut, plan, job, err, *rest)
 
     def _agree(self, step: int, bad: UnsupportedStateError | None) -> bool:

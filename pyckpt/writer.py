@@ -190,15 +190,16 @@ def sources(plan: RankPlan) -> list[list[tuple[int, int, int]]]:
 
 def chunk_gpus(plan: RankPlan) -> list[frozenset[int]]:
     """Per chunk of ``plan.chunks``, the GPUs its pieces are read from (empty: host memory only)."""
+    def gpus(chunks: list[Chunk]) -> list[frozenset[int]]:
+        return [frozenset(p.src_device for p in c.pieces if p.src_device >= 0) for c in chunks]
+
     out: list[frozenset[int]] = []
     for sec in plan.sections():
         if sec.gpus is None:
-            sec.gpus = [frozenset(p.src_device for p in c.pieces if p.src_device >= 0) for c in sec.chunks]
+            sec.gpus = gpus(sec.chunks)
         out += sec.gpus
     shards = getattr(plan, "shards", None)
-    if shards is not None:
-        out += [frozenset(p.src_device for p in c.pieces if p.src_device >= 0) for c in shards.chunks]
-    return out
+    return out + gpus(shards.chunks) if shards is not None else out
 
 
 def storages_json(plan: RankPlan) -> list[dict]:

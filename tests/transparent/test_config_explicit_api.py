@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+
 import transparent_helpers
 
 # These scripts use pyckpt by `import pyckpt` (explicit API, late imports): a new interpreter each, where that import runs.

@@ -12,14 +12,10 @@
 
 namespace pyckpt {
 
-/// Lowers the calling thread's scheduling priority to nice value `nice` (Linux: per thread; a
-/// no-op for `nice` <= 0 or where it fails). The engine's writers then take a core only when the
-/// training threads leave one idle, instead of an equal share of it.
-void lower_thread_priority(int nice) noexcept;
-
 class ThreadPool {
  public:
-  /// `nice` > 0: each worker lowers its own scheduling priority to that nice value (Linux).
+  /// `nice` > 0: each worker lowers its own scheduling priority to that nice value (Linux), so
+  /// it takes a core only when the training threads leave one idle, not an equal share of it.
   explicit ThreadPool(size_t nthreads, int nice = 0);
   /// Runs every queued task, then joins the workers.
   ~ThreadPool();
