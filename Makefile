@@ -22,6 +22,7 @@ test: setup
 bench: setup
 	$(PYTHON) benchmarks/save_load.py
 	$(PYTHON) benchmarks/save_cpu.py
+	$(PYTHON) benchmarks/save_call.py
 	$(PYTHON) benchmarks/resume_time.py
 	$(PYTHON) benchmarks/hook_overhead.py
 	$(PYTHON) benchmarks/codec.py

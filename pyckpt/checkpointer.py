@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from . import incremental as incremental_mod
-from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, writer
+from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, tree, writer
 from ._native import CODEC_IDS, require_codec
 from .coord import Coordinator, LocalCoordinator
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError,
@@ -264,7 +264,10 @@ class Checkpointer:
         timer.monitor = catalog.monitor_value(self.monitor) if self.coord.rank == 0 else None
         engine = get_engine()
         try:
-            state, found = sharded.split(state)  # DTensors: each rank writes its own shards (sharded.py)
+            # Encoded first: the DTensor search then reads the tensor list, not the containers again
+            # (a process group is up in every DDP job, and a walk of thousands of tensors cost each save ms).
+            flat = state if type(state) is tree.Flat else tree.flatten(state)
+            state, found = sharded.split(flat)  # DTensors: each rank writes its own shards (sharded.py)
             shards = sharded.plan(found) if found else None
             plan = writer.prepare(state, rank_state, self.coord.rank, self.coord.world_size, engine.chunk_bytes(),
                                   self._last_plan)

@@ -100,7 +100,7 @@ def split(state: Any) -> tuple[Any, list[tuple[list, Any]]]:
         return state, []
     if type(state) is tree.Flat:  # encoded already (transparent lazy capture)
         dt = _dtensor_type()
-        if not any(isinstance(t, dt) for t in state.tensors):
+        if not any(issubclass(tp, dt) for tp in set(map(type, state.tensors))):  # a few types, thousands of tensors
             return state, []
         # FSDP2 state under lazy capture: decoded back to containers, so the one walk below decides.
         tensors = state.tensors
