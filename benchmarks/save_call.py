@@ -5,7 +5,9 @@ A transformer and its optimizer have thousands of tensors; pyckpt's Python work 
 incremental saves) is then what the caller waits for, not the bytes. This times the call alone,
 in steady state (the layout of the previous save reused), in one process with no process group and
 again with a process group up (gloo, world size 1: what every DDP job has, and where the state is
-also searched for DTensors), and prints the median per call and per tensor of each.
+also searched for DTensors), and prints the median per call and per tensor of each, and the CPU
+time the whole save took in the process (every thread: the call, the engine's copies, checksums and
+writes, and the commit thread's Python work, which holds the GIL the training thread needs).
 
 State: ``--layers`` x Linear(``--width``, ``--width``) + Adam (weight and bias, each with two moments
 and a step counter: 8 tensors per layer), every parameter and moment changed before each save as an
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -36,8 +39,9 @@ def _state(layers: int, width: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
-def _time_saves(root: str, model: nn.Module, opt: torch.optim.Optimizer, saves: int) -> list[float]:
-    """Seconds of each ``save()`` call; the first (planned from scratch) is dropped."""
+def _time_saves(root: str, model: nn.Module, opt: torch.optim.Optimizer, saves: int) -> list[tuple[float, float]]:
+    """(seconds of the ``save()`` call, CPU seconds of the whole save) of each save; the first
+    (planned from scratch) is dropped."""
     import pyckpt
 
     moving = [*model.parameters(), *(v for s in opt.state.values() for v in s.values() if v.dim())]
@@ -48,10 +52,12 @@ def _time_saves(root: str, model: nn.Module, opt: torch.optim.Optimizer, saves: 
             with torch.no_grad():
                 torch._foreach_add_(moving, 1e-3)
             state = {"model": model.state_dict(), "optim": opt.state_dict()}
-            t0 = time.perf_counter()
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fut = ck.save(i, state)
-            out.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
             fut.result()
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            out.append((t1 - t0, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime))
     finally:
         ck.close()
     return out[1:]
@@ -89,11 +95,13 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     print(f"save() call, {ntensors} tensors ({args.layers} x Linear({args.width}, {args.width}) + Adam), "
           f"{args.saves} saves per row, medians; torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print("| setting | save() ms | min ms | per tensor µs |")
-    print("|---|---:|---:|---:|")
-    for name, ts in rows:
-        med = statistics.median(ts)
-        print(f"| {name} | {med * 1e3:.2f} | {min(ts) * 1e3:.2f} | {med / ntensors * 1e6:.2f} |")
+    print("| setting | save() ms | min ms | per tensor µs | CPU of the whole save, ms (all threads) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, saves in rows:
+        calls, cpu = [c for c, _ in saves], [u for _, u in saves]
+        med = statistics.median(calls)
+        print(f"| {name} | {med * 1e3:.2f} | {min(calls) * 1e3:.2f} | {med / ntensors * 1e6:.2f} | "
+              f"{statistics.median(cpu) * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ records and tensor entries are exactly ``manifest.dumps(part)``, whatever was do
 ``describe_part``; a layout saved again is not encoded again; the checkpoints load."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -186,3 +187,35 @@ def test_checkpointer_writes_the_canonical_bytes_and_loads_them(ckpt_root, monke
         assert raw == manifest.dumps(part)
         with open(os.path.join(final, "rank-00000.json"), "rb") as f:
             assert f.read() == raw
+
+
+def test_a_tree_saved_again_unchanged_is_not_encoded_again_and_any_change_of_value_or_type_is(tmp_path, monkeypatch):
+    """The state tree's JSON is reused only for a tree equal in values *and* types: Python's ``==``
+    holds between 1, 1.0 and True, and between 0.0 and -0.0, whose JSON differs."""
+    last: dict = {}
+    seen = _encodes(monkeypatch)
+
+    def state(**scalars):
+        return {**_model_state(), **scalars}
+
+    base = {"lr": 1.0, "flag": True, "zero": 0.0, "n": 3}
+    plan = writer.prepare(state(**base), None, 0, 1, CHUNK, last)
+    part = _written(tmp_path, plan, "t0")
+    assert writer.encode_part(plan, part) == manifest.dumps(part)
+
+    seen.clear()
+    plan = writer.prepare(state(**base), None, 0, 1, CHUNK, last)  # a new tree object, the same values
+    part = _written(tmp_path, plan, "t1")
+    assert part["replicated"]["tree"] is not None
+    assert writer.encode_part(plan, part) == manifest.dumps(part)
+    assert not any(type(o) is dict and "model" in o for o in seen)  # the tree was not encoded again
+
+    changes = [{"lr": 1}, {"flag": 1}, {"n": True}, {"n": 3.0}, {"zero": -0.0}, {"lr": 1.5}, {"extra": None}]
+    for i, change in enumerate(changes):
+        plan = writer.prepare(state(**{**base, **change}), None, 0, 1, CHUNK, last)
+        part = _written(tmp_path, plan, f"c{i}")
+        raw = writer.encode_part(plan, part)
+        assert raw == manifest.dumps(part), change
+        tree = json.loads(raw)["replicated"]["tree"]
+        key, want = next(iter(change.items()))
+        assert type(tree[key]) is type(want) and repr(tree[key]) == repr(want), change  # the value as given
