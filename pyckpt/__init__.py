@@ -32,7 +32,7 @@ from .activation import disable, enable, register  # noqa: E402
 # The rest loads on first use (PEP 562): importing pyckpt, which the start-up
 # line does in every process that has PYCKPT_DIR, must not import torch.
 _LAZY = {"save": "api", "load": "api", "Checkpointer": "checkpointer", "SaveFuture": "checkpointer",
-         "cuda_available": "_native", "list": "catalog", "on_checkpoint": "metrics"}
+         "cuda_available": "_native", "list": "catalog", "on_checkpoint": "metrics", "StoreCoordinator": "coord"}
 
 
 def __getattr__(name: str):
@@ -56,6 +56,7 @@ __all__ = [
     "load",
     "Checkpointer",
     "SaveFuture",
+    "StoreCoordinator",
     "cuda_available",
     "enable",
     "disable",

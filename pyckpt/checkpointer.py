@@ -149,6 +149,17 @@ def _versions_of(tensors: list[Any]) -> list[int | None]:
         return out
 
 
+def _every_rank_hint() -> str:
+    """For a directory already in use: the likely cause when this process is one rank of several and its
+    Checkpointer was made without a coordinator (each rank then made its own), and what to do."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ""
+    return (f" (this is rank {dist.get_rank()} of {dist.get_world_size()} and its Checkpointer has no coordinator: "
+            "create it on rank 0 only, or on every rank with coordinator=pyckpt.StoreCoordinator())")
+
+
 def _failed(step: int, exc: BaseException) -> SaveFuture:
     f = SaveFuture(step)
     f._finish(None, exc)
@@ -160,7 +171,10 @@ class Checkpointer:
 
     Holds the directory's lock until ``close()`` (also a context manager);
     raises ``PyckptError`` naming the holder when another Checkpointer or job
-    already uses ``directory``. ``keep_best=K, monitor=fn, mode="min"``: besides
+    already uses ``directory``. ``coordinator``: None (default) saves what this
+    process holds, as one rank (in DDP, make it on rank 0 only);
+    ``pyckpt.StoreCoordinator()`` on every rank of a job writes one checkpoint
+    together, each rank its share (sharded state: its shards). ``keep_best=K, monitor=fn, mode="min"``: besides
     the newest ``keep``, keep the K checkpoints with the best ``fn()`` (called
     at each ``save()``; docs/OPERATIONS.md). ``directory`` may be an object-storage
     URL such as ``s3://bucket/run`` (``storage_options`` go to fsspec; local
@@ -206,6 +220,8 @@ class Checkpointer:
                 self._dirlock = lock.DirLock(self.directory)
             except (PyckptError, OSError) as e:
                 error = str(e) if isinstance(e, PyckptError) else f"cannot create {self.directory}: {e}"
+                if coordinator is None and isinstance(e, PyckptError):
+                    error += _every_rank_hint()
         # One token per Checkpointer, agreed by all ranks, names its tmp directories; every rank
         # learns whether rank 0 got the directory.
         agreed = self.coord.broadcast_json({"token": commit.new_token(), "error": error}, "session")
@@ -269,6 +285,8 @@ class Checkpointer:
             flat = state if type(state) is tree.Flat else tree.flatten(state)
             state, found = sharded.split(flat)  # DTensors: each rank writes its own shards (sharded.py)
             shards = sharded.plan(found) if found else None
+            if shards is not None and self.coord.world_size == 1:
+                sharded.check_alone(shards)  # one rank's shards of a tensor cut over several: refused here
             plan = writer.prepare(state, rank_state, self.coord.rank, self.coord.world_size, engine.chunk_bytes(),
                                   self._last_plan)
             if shards is not None:

@@ -25,6 +25,7 @@ the entries of the parameters the loading rank owns (same world size: exactly it
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +187,21 @@ def plan(found: list[tuple[list, Any]]) -> ShardPlan:
             entry["shards"].append({"offsets": box[0], "shape": box[1], "storage": sid})
         out.entries.append(entry)
     return out
+
+
+def check_alone(sp: ShardPlan) -> None:
+    """A save by this rank alone (a Checkpointer whose coordinator has one rank: the default) must hold
+    every element of each sharded tensor here. Otherwise its checkpoint would commit and then be
+    refused by every reader, whose check is that the parts' shards tile each tensor (docs/FORMAT.md
+    §12), while retention deleted the good checkpoints before it. Raises ``UnsupportedStateError``."""
+    for e in sp.entries:
+        held, total = sum(math.prod(s["shape"]) for s in e["shards"]), math.prod(e["shape"])
+        if held != total:
+            path = _path(e["key"])
+            raise UnsupportedStateError(
+                f"cannot save the DTensor at {path!r} from this rank alone: the shards here hold {held} of its "
+                f"{total} elements (device mesh {tuple(e['mesh_shape'])}); create the Checkpointer on every rank "
+                "with coordinator=pyckpt.StoreCoordinator() and call save() on every rank", key=path)
 
 
 def keep_alive(rank_plan: Any) -> list[torch.Tensor]:

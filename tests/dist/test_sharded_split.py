@@ -72,3 +72,58 @@ def test_dtensor_that_no_shard_record_can_name_is_refused_before_anything_is_wri
         ck.save(3, state)
     assert not [n for n in os.listdir(tmp_path / "ck") if n.startswith("step-")]
     ck.close()
+
+
+def _without_coordinator(rank, world, tmp):
+    """One rank of a 2-rank gloo job using the explicit API without ``coordinator=``: (a) every rank
+    makes a Checkpointer of the same directory; (b) rank 0 alone saves FSDP2-sharded state."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
+    out = {}
+    try:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        try:
+            ck = pyckpt.Checkpointer(f"{tmp}/every")
+            dist.barrier()  # both constructed (or refused) before either releases the directory
+            ck.close()
+            out["every"] = None
+        except pyckpt.PyckptError as e:
+            dist.barrier()
+            out["every"] = str(e)
+        torch.manual_seed(0)
+        m = torch.nn.Linear(8, 6)
+        fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+        opt = torch.optim.Adam(m.parameters())
+        m(torch.randn(2, 8)).sum().backward()
+        opt.step()
+        msd, osd = get_state_dict(m, opt)  # collective: every rank
+        if rank == 0:
+            with pyckpt.Checkpointer(f"{tmp}/alone") as ck:
+                try:
+                    ck.save(1, {"model": msd, "optim": osd}).result(60)
+                    out["alone"] = None
+                except UnsupportedStateError as e:
+                    out["alone"] = str(e)
+            out["alone_dirs"] = sorted(n for n in os.listdir(f"{tmp}/alone") if n.startswith("step-"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    with open(f"{tmp}/out{rank}.json", "w") as f:
+        json.dump(out, f)
+
+
+def test_explicit_api_without_coordinator_in_a_multi_rank_job_says_what_to_do_and_commits_nothing_partial(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_without_coordinator, args=(2, str(tmp_path)), nprocs=2, join=True)
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(2)]
+    # (a) one rank got the directory; the other is refused with the way out named
+    refused = [o["every"] for o in outs if o["every"] is not None]
+    assert len(refused) == 1
+    assert "in use" in refused[0] and "of 2" in refused[0] and "coordinator=pyckpt.StoreCoordinator()" in refused[0]
+    # (b) half of each sharded tensor: refused before anything is written, no checkpoint committed
+    assert outs[0]["alone"] is not None and "from this rank alone" in outs[0]["alone"]
+    assert "coordinator=pyckpt.StoreCoordinator()" in outs[0]["alone"]
+    assert outs[0]["alone_dirs"] == []
