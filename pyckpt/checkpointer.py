@@ -174,7 +174,8 @@ class Checkpointer:
     already uses ``directory``. ``coordinator``: None (default) saves what this
     process holds, as one rank (in DDP, make it on rank 0 only);
     ``pyckpt.StoreCoordinator()`` on every rank of a job writes one checkpoint
-    together, each rank its share (sharded state: its shards). ``keep_best=K, monitor=fn, mode="min"``: besides
+    together, each rank its share (sharded state: its shards).
+    ``keep_best=K, monitor=fn, mode="min"``: besides
     the newest ``keep``, keep the K checkpoints with the best ``fn()`` (called
     at each ``save()``; docs/OPERATIONS.md). ``directory`` may be an object-storage
     URL such as ``s3://bucket/run`` (``storage_options`` go to fsspec; local
