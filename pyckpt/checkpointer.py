@@ -296,7 +296,7 @@ class Checkpointer:
             bad = None
         except UnsupportedStateError as e:
             plan, bad = None, e
-        ready = self._agree(step, bad)  # every rank learns about a bad value on any rank
+        ready = self._agree(step, bad, plan)  # every rank learns about a bad value on any rank
         if not ready:
             exc = StagingTimeoutError(f"checkpoint of step {step} skipped: the previous checkpoint is still being "
                                       f"written after PYCKPT_STAGING_TIMEOUT_S={knobs.get('PYCKPT_STAGING_TIMEOUT_S')} s")
@@ -336,20 +336,30 @@ class Checkpointer:
         job, err = started.result()
         self._finish(fut, plan, job, err, *rest)
 
-    def _agree(self, step: int, bad: UnsupportedStateError | None) -> bool:
+    def _agree(self, step: int, bad: UnsupportedStateError | None, plan: writer.RankPlan | None = None) -> bool:
         """Wait (bounded) for the previous save; all ranks agree whether to go ahead.
 
         Raises ``UnsupportedStateError`` on every rank when any rank's state
-        cannot be stored, so no rank is left waiting for the others."""
+        cannot be stored, or when the ranks' replicated states are not laid
+        out alike (``writer.Section.layout_key``), so no rank is left waiting
+        for the others and nothing is written."""
         prev = self._inflight
         ready = bad is None and (prev is None or prev._done.wait(knobs.get("PYCKPT_STAGING_TIMEOUT_S")))
         if self.coord.world_size > 1:
-            mine = {"ready": bool(ready), "bad": None if bad is None else [str(bad), bad.key]}
+            mine = {"ready": bool(ready), "bad": None if bad is None else [str(bad), bad.key],
+                    "layout": None if plan is None else plan.replicated.layout_key()}
             votes = self.coord.all_gather_json(mine, "ready")
             others = [(r, v["bad"]) for r, v in enumerate(votes) if v["bad"] is not None]
             if bad is None and others:
                 r, (msg, key) = others[0]
                 raise UnsupportedStateError(f"rank {r} cannot save its state: {msg}", key=key)
+            layouts = [v.get("layout") for v in votes]
+            if bad is None and len(set(layouts)) > 1:
+                r = next(r for r, lay in enumerate(layouts) if lay != layouts[0])
+                raise UnsupportedStateError(
+                    f"checkpoint of step {step} not written: rank {r}'s state is laid out unlike rank 0's (its tensors' "
+                    "keys, their order, dtypes, shapes or strides differ); the state of a save must be alike on "
+                    "every rank, and what differs between ranks goes in rank_state", key="")
             ready = all(v["ready"] for v in votes)
         if bad is not None:
             raise bad

@@ -8,6 +8,7 @@ element size only, so the byte-plane codec can split it by significance.
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,15 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
     for e, sig in zip(entries, signature):
         e["requires_grad"] = sig[-1]
     return Described(entries, storages, keeps, bases, signature)
+
+
+def layout_digest(d: Described) -> str:
+    """A digest of ``d``'s layout that does not depend on devices or addresses: per tensor its storage
+    group, byte span, dtype, shape, strides and ``requires_grad``; per storage its size and element
+    size (identical on every rank of a data-parallel job; writer.Section.layout_key)."""
+    sig = [(g, span, str(dt), tuple(shape), tuple(stride), grad) for g, span, dt, shape, stride, _, grad in d.signature]
+    sizes = [(s.nbytes, s.elem_size) for s in d.storages]
+    return hashlib.blake2b(repr((sig, sizes)).encode(), digest_size=12).hexdigest()
 
 
 class _Columns:

@@ -11,6 +11,7 @@ import logging
 import marshal
 import operator
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -20,7 +21,7 @@ from . import incremental, knobs, layout, tree
 from ._native import CODEC_NAMES, error_from_job, require_codec
 from .errors import StagingTimeoutError
 from .manifest import dumps
-from .planner import Chunk, Described, Storage, assign_owners, describe, pack
+from .planner import Chunk, Described, Storage, assign_owners, describe, layout_digest, pack
 
 log = logging.getLogger("pyckpt")
 
@@ -67,6 +68,19 @@ class Section:
     reads: list[list[tuple[int, int, int, int]]] | None = None
     # Per chunk, the GPUs its pieces are read from (empty: host memory only); shared like ``reads``.
     gpus: list[frozenset[int]] | None = None
+    paths: list[str] = field(default_factory=list)  # each tensor's key path (this save's)
+    # ``layout_digest`` of ``described`` once computed; shared like ``reads``.
+    digest: str | None = None
+
+    def layout_key(self) -> str:
+        """What every rank's replicated state must agree on before a save writes anything: each
+        tensor's key path, dtype, shape, strides, bytes in its storage, storage grouping and
+        ``requires_grad``, and each storage's size; not devices (cuda:0 on one rank, cuda:1 on the
+        next) or addresses. Ranks that differ would write storages the others' records do not
+        describe: a checkpoint that commits and that no reader accepts, or reads wrong values."""
+        if self.digest is None:
+            self.digest = layout_digest(self.described)
+        return f"{self.digest}-{zlib.crc32(chr(0).join(self.paths).encode()):08x}"
 
     @property
     def entries(self) -> list[dict]:
@@ -122,14 +136,14 @@ def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: in
         # ``mine`` keeps the storages' order (ids count from 0): when it has them all, keeps is d.keeps.
         keeps = d.keeps if len(last.mine) == len(d.keeps) else [d.keeps[s.id] for s in last.mine]
         return Section(scope, tr, d, last.mine, keeps, first, last.chunks, last.json, last.encoded, last.reads,
-                       last.gpus)
+                       last.gpus, paths, last.digest)
     if scope == "replicated":
         owners = assign_owners(d.storages, world_size)
         mine = [s for s in d.storages if owners[s.id] == rank]
     else:
         mine = list(d.storages)
     pack(mine, chunk_bytes, chunks)
-    return Section(scope, tr, d, mine, [d.keeps[s.id] for s in mine], first, chunks[first:])
+    return Section(scope, tr, d, mine, [d.keeps[s.id] for s in mine], first, chunks[first:], paths=paths)
 
 
 def prepare(state: Any, rank_state: Any, rank: int, world_size: int, chunk_bytes: int,

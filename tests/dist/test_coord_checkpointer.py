@@ -65,3 +65,47 @@ def test_two_ranks_write_replicated_state_once(tmp_path):
     one_copy = sum(SIZES) * 4 + 4 + 2 * 16  # + the optimizer step scalar + the two rank_state tensors
     assert one_copy <= sum(data) <= one_copy + 8 * 4096  # one copy plus chunk alignment, not two copies
     assert min(data) > 0.3 * one_copy  # the work is shared between the ranks
+
+
+def _unlike_worker(rank, world, tmp):
+    """Each case: rank 1's replicated state differs from rank 0's in one way; then both agree again."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv-unlike", rank=rank, world_size=world)
+    try:
+        import pyckpt
+        from pyckpt.coord import StoreCoordinator
+
+        def state(case):
+            a, b = torch.full((5000,), 1.0), torch.full((5000,), 2.0)
+            if rank == 1 and case == "key":
+                return {"a": a}
+            if rank == 1 and case == "order":  # same tensors, other order: storages would be swapped
+                return {"b": b, "a": a}
+            if rank == 1 and case == "dtype":  # same bytes per storage: values would be read as the wrong type
+                return {"a": a, "b": b.to(torch.int32)}
+            if rank == 1 and case == "stride":
+                return {"a": a, "b": b.reshape(50, 100).t()}
+            return {"a": a, "b": b if case != "stride" else b.reshape(50, 100)}
+
+        out = {}
+        with pyckpt.Checkpointer(f"{tmp}/root", coordinator=StoreCoordinator(timeout_s=120)) as ck:
+            for step, case in enumerate(("key", "order", "dtype", "stride", "alike"), 1):
+                try:
+                    ck.save(step, state(case)).result(120)
+                    out[case] = None
+                except pyckpt.UnsupportedStateError as e:
+                    out[case] = str(e)
+            out["committed"] = [c.step for c in pyckpt.list(f"{tmp}/root")]
+        with open(f"{tmp}/unlike{rank}.json", "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_save_whose_ranks_hold_unlike_replicated_states_is_refused_on_every_rank_before_it_writes(tmp_path):
+    mp.spawn(_unlike_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    outs = [json.loads((tmp_path / f"unlike{r}.json").read_text()) for r in range(2)]
+    for out in outs:
+        for case in ("key", "order", "dtype", "stride"):
+            assert out[case] is not None and "rank 1's state is laid out unlike rank 0's" in out[case], case
+        assert out["alike"] is None
+        assert out["committed"] == [5]  # only the save whose ranks agreed
