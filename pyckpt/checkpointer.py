@@ -266,7 +266,10 @@ class Checkpointer:
 
         Raises ``UnsupportedStateError`` (nothing written) for values that
         cannot be stored, ``TypeError`` for a step that is not an integer;
-        every later failure is reported by the future."""
+        with a coordinator of several ranks, on every rank, also when any
+        rank's ``state`` cannot be stored or is laid out unlike rank 0's
+        (``UnsupportedStateError``) and when the ranks' steps differ
+        (``ValueError``); every later failure is reported by the future."""
         with gcpause.paused():  # planning thousands of tensors must not start collector passes (gcpause.py)
             return self._save(step, state, rank_state, _gate)
 
@@ -341,14 +344,20 @@ class Checkpointer:
 
         Raises ``UnsupportedStateError`` on every rank when any rank's state
         cannot be stored, or when the ranks' replicated states are not laid
-        out alike (``writer.Section.layout_key``), so no rank is left waiting
-        for the others and nothing is written."""
+        out alike (``writer.Section.layout_key``), and ``ValueError`` when
+        their steps differ, so no rank is left waiting for the others and
+        nothing is written."""
         prev = self._inflight
         ready = bad is None and (prev is None or prev._done.wait(knobs.get("PYCKPT_STAGING_TIMEOUT_S")))
         if self.coord.world_size > 1:
-            mine = {"ready": bool(ready), "bad": None if bad is None else [str(bad), bad.key],
+            mine = {"ready": bool(ready), "bad": None if bad is None else [str(bad), bad.key], "step": step,
                     "layout": None if plan is None else plan.replicated.layout_key()}
             votes = self.coord.all_gather_json(mine, "ready")
+            steps = [v.get("step") for v in votes]
+            if len(set(steps)) > 1:  # each rank would write into its own step's directory: rank 0's commit lacks parts
+                raise ValueError(f"checkpoint not written: the ranks called save() with different steps "
+                                 f"({', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))}); every rank must "
+                                 "save the same step")
             others = [(r, v["bad"]) for r, v in enumerate(votes) if v["bad"] is not None]
             if bad is None and others:
                 r, (msg, key) = others[0]

@@ -68,7 +68,8 @@ def test_two_ranks_write_replicated_state_once(tmp_path):
 
 
 def _unlike_worker(rank, world, tmp):
-    """Each case: rank 1's replicated state differs from rank 0's in one way; then both agree again."""
+    """Each case: rank 1's replicated state differs from rank 0's in one way; then both agree again;
+    then the states agree and the steps do not."""
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv-unlike", rank=rank, world_size=world)
     try:
         import pyckpt
@@ -94,6 +95,11 @@ def _unlike_worker(rank, world, tmp):
                     out[case] = None
                 except pyckpt.UnsupportedStateError as e:
                     out[case] = str(e)
+            try:  # alike states, but each rank names its own step
+                ck.save(10 + rank, state("alike")).result(120)
+                out["steps"] = None
+            except ValueError as e:
+                out["steps"] = str(e)
             out["committed"] = [c.step for c in pyckpt.list(f"{tmp}/root")]
         with open(f"{tmp}/unlike{rank}.json", "w") as f:
             json.dump(out, f)
@@ -101,11 +107,12 @@ def _unlike_worker(rank, world, tmp):
         dist.destroy_process_group()
 
 
-def test_a_save_whose_ranks_hold_unlike_replicated_states_is_refused_on_every_rank_before_it_writes(tmp_path):
+def test_a_save_whose_ranks_hold_unlike_states_or_steps_is_refused_on_every_rank_before_it_writes(tmp_path):
     mp.spawn(_unlike_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     outs = [json.loads((tmp_path / f"unlike{r}.json").read_text()) for r in range(2)]
     for out in outs:
         for case in ("key", "order", "dtype", "stride"):
             assert out[case] is not None and "rank 1's state is laid out unlike rank 0's" in out[case], case
         assert out["alike"] is None
+        assert out["steps"] is not None and "rank 0: 10, rank 1: 11" in out["steps"]
         assert out["committed"] == [5]  # only the save whose ranks agreed
