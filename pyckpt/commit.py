@@ -479,6 +479,13 @@ def _rank0_publish(tmp_dir: str, final_dir: str, step: int, infos: list, failed:
         return {"ok": False, "error": (
             f"{why}. A run started over (PYCKPT_RESUME=never) next to an earlier run's checkpoints should use "
             "a new directory")}
+    absent = [i["rank"] for i in infos if not _part_here(tmp_dir, i)]
+    if absent:  # the ranks wrote into different directories, or onto file systems they do not share
+        remove_tree(tmp_dir)
+        return {"ok": False, "error": (
+            f"the part file{'s' if len(absent) > 1 else ''} of rank{'s' if len(absent) > 1 else ''} "
+            f"{', '.join(map(str, absent))} {'are' if len(absent) > 1 else 'is'} not in {tmp_dir} as rank 0 sees it: "
+            "every rank must save into the same directory, on a file system all ranks share")}
     try:
         fsync_dir(tmp_dir)
         seq = next_seq(root) if root is not None else None
@@ -502,6 +509,14 @@ def _rank0_publish(tmp_dir: str, final_dir: str, step: int, infos: list, failed:
             log.warning("pyckpt: checkpoint %s committed, but the 'latest' pointer was not updated "
                         "(readers find it by scanning): %s", final_dir, e)
     return {"ok": True, "error": None}
+
+
+def _part_here(tmp_dir: str, info: dict) -> bool:
+    """Whether the part file a rank announced (``_write_part``) is in ``tmp_dir`` with its size."""
+    try:
+        return os.stat(os.path.join(tmp_dir, info["file"])).st_size == info["nbytes"]
+    except OSError:
+        return False
 
 
 def gc_siblings(final_dir: str) -> list[str]:

@@ -116,3 +116,34 @@ def test_a_save_whose_ranks_hold_unlike_states_or_steps_is_refused_on_every_rank
         assert out["alike"] is None
         assert out["steps"] is not None and "rank 0: 10, rank 1: 11" in out["steps"]
         assert out["committed"] == [5]  # only the save whose ranks agreed
+
+
+def _apart_worker(rank, world, tmp):
+    """Each rank names its own directory (as ranks on nodes without a shared file system would,
+    with the same path): rank 0 cannot see rank 1's part."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv-apart", rank=rank, world_size=world)
+    try:
+        import pyckpt
+        from pyckpt.coord import StoreCoordinator
+
+        out = {}
+        with pyckpt.Checkpointer(f"{tmp}/root{rank}", coordinator=StoreCoordinator(timeout_s=120)) as ck:
+            try:
+                ck.save(1, {"a": torch.ones(1000), "b": torch.zeros(1000)}).result(120)
+                out["error"] = None
+            except pyckpt.PyckptError as e:
+                out["error"] = str(e)
+        out["committed"] = [c.step for c in pyckpt.list(f"{tmp}/root{rank}", verify=False) if c.complete]
+        with open(f"{tmp}/apart{rank}.json", "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_saving_into_directories_rank_0_cannot_see_commit_nothing(tmp_path):
+    mp.spawn(_apart_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    outs = [json.loads((tmp_path / f"apart{r}.json").read_text()) for r in range(2)]
+    for out in outs:
+        assert out["error"] is not None and "part file of rank 1 is not in" in out["error"]
+        assert "same directory" in out["error"]
+        assert out["committed"] == []
