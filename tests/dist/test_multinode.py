@@ -96,10 +96,7 @@ def test_two_nodes_of_two_one_node_lost_mid_save_restart_and_resume_exactly(tmp_
     # another order (1 ulp off in exp_avg_sq; said in one line at resume, checked below).
     common = {"SAMPLES_LOG": tmp_path, "EPOCHS": 4, "BIAS": 0}
     # The plain 4-rank reference runs alongside (mostly start-up and waiting on both sides).
-    with open(tmp_path / "plain.err", "w") as err:
-        plain = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                  "4", SCRIPT], env=_env(RUN="plain", **common), stdout=subprocess.DEVNULL,
-                                 stderr=err, cwd=tmp_path, process_group=0)
+    plain = _plain_reference(tmp_path, common)
     agents = [plain]
     port = free_port()
     env = _env(RUN="mn", STOP_AT="10", STOP_RANK="2,3",
@@ -137,6 +134,8 @@ def test_two_nodes_of_two_one_node_lost_mid_save_restart_and_resume_exactly(tmp_
                         pass
                 a.wait()
     errs = [(tmp_path / f"node{n}.err").read_text() for n in range(2)]
+    if rcs[0] != 0 and _GLOO_EXIT_RACE in (tmp_path / "plain.err").read_text():
+        rcs[0] = _plain_reference(tmp_path, common).wait(240)  # torch's race at exit, in the run without pyckpt
     assert rcs[0] == 0, (tmp_path / "plain.err").read_text()[-3000:]
     assert rcs[1:] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     both = errs[0] + errs[1]
@@ -155,6 +154,19 @@ def test_two_nodes_of_two_one_node_lost_mid_save_restart_and_resume_exactly(tmp_
         m = manifest.read_manifest(e.path)
         assert m["world_size"] == 4 and [p["rank"] for p in m["parts"]] == [0, 1, 2, 3]
         assert all((Path(e.path) / layout.part_name(r)).exists() for r in range(4))
+
+
+# A gloo worker thread that frees a Python object after the interpreter began to finalize aborts the
+# process (docs/OPERATIONS.md): seen in the plain torchrun reference below, which never imports pyckpt.
+_GLOO_EXIT_RACE = "terminate called without an active exception"
+
+
+def _plain_reference(tmp_path: Path, common: dict) -> subprocess.Popen:
+    """The uninterrupted 4-rank run without pyckpt (its outputs, ``plain-*``, are rewritten by each run)."""
+    with open(tmp_path / "plain.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "4", SCRIPT], env=_env(RUN="plain", **common), stdout=subprocess.DEVNULL,
+                                stderr=err, cwd=tmp_path, process_group=0)
 
 
 def torch_equal(a, b) -> bool:
