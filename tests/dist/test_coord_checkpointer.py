@@ -67,50 +67,59 @@ def test_two_ranks_write_replicated_state_once(tmp_path):
     assert min(data) > 0.3 * one_copy  # the work is shared between the ranks
 
 
-def _unlike_worker(rank, world, tmp):
-    """Each case: rank 1's replicated state differs from rank 0's in one way; then both agree again;
-    then the states agree and the steps do not."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv-unlike", rank=rank, world_size=world)
+def _rank_main(rank, world, tmp, tag, body):
+    """One spawned gloo rank: ``body(rank, tmp)``'s dict goes to ``{tmp}/{tag}{rank}.json``."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv-{tag}", rank=rank, world_size=world)
     try:
-        import pyckpt
-        from pyckpt.coord import StoreCoordinator
-
-        def state(case):
-            a, b = torch.full((5000,), 1.0), torch.full((5000,), 2.0)
-            if rank == 1 and case == "key":
-                return {"a": a}
-            if rank == 1 and case == "order":  # same tensors, other order: storages would be swapped
-                return {"b": b, "a": a}
-            if rank == 1 and case == "dtype":  # same bytes per storage: values would be read as the wrong type
-                return {"a": a, "b": b.to(torch.int32)}
-            if rank == 1 and case == "stride":
-                return {"a": a, "b": b.reshape(50, 100).t()}
-            return {"a": a, "b": b if case != "stride" else b.reshape(50, 100)}
-
-        out = {}
-        with pyckpt.Checkpointer(f"{tmp}/root", coordinator=StoreCoordinator(timeout_s=120)) as ck:
-            for step, case in enumerate(("key", "order", "dtype", "stride", "alike"), 1):
-                try:
-                    ck.save(step, state(case)).result(120)
-                    out[case] = None
-                except pyckpt.UnsupportedStateError as e:
-                    out[case] = str(e)
-            try:  # alike states, but each rank names its own step
-                ck.save(10 + rank, state("alike")).result(120)
-                out["steps"] = None
-            except ValueError as e:
-                out["steps"] = str(e)
-            out["committed"] = [c.step for c in pyckpt.list(f"{tmp}/root")]
-        with open(f"{tmp}/unlike{rank}.json", "w") as f:
-            json.dump(out, f)
+        out = body(rank, tmp)
     finally:
         dist.destroy_process_group()
+    with open(f"{tmp}/{tag}{rank}.json", "w") as f:
+        json.dump(out, f)
+
+
+def _on_two_ranks(tmp_path, tag, body) -> list[dict]:
+    mp.spawn(_rank_main, args=(2, str(tmp_path), tag, body), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"{tag}{r}.json").read_text()) for r in range(2)]
+
+
+def _unlike(rank, tmp):
+    """Each case: rank 1's replicated state differs from rank 0's in one way; then both agree again;
+    then the states agree and the steps do not."""
+    import pyckpt
+    from pyckpt.coord import StoreCoordinator
+
+    def state(case):
+        a, b = torch.full((5000,), 1.0), torch.full((5000,), 2.0)
+        if rank == 1 and case == "key":
+            return {"a": a}
+        if rank == 1 and case == "order":  # same tensors, other order: storages would be swapped
+            return {"b": b, "a": a}
+        if rank == 1 and case == "dtype":  # same bytes per storage: values would be read as the wrong type
+            return {"a": a, "b": b.to(torch.int32)}
+        if rank == 1 and case == "stride":
+            return {"a": a, "b": b.reshape(50, 100).t()}
+        return {"a": a, "b": b if case != "stride" else b.reshape(50, 100)}
+
+    out = {}
+    with pyckpt.Checkpointer(f"{tmp}/root", coordinator=StoreCoordinator(timeout_s=120)) as ck:
+        for step, case in enumerate(("key", "order", "dtype", "stride", "alike"), 1):
+            try:
+                ck.save(step, state(case)).result(120)
+                out[case] = None
+            except pyckpt.UnsupportedStateError as e:
+                out[case] = str(e)
+        try:  # alike states, but each rank names its own step
+            ck.save(10 + rank, state("alike")).result(120)
+            out["steps"] = None
+        except ValueError as e:
+            out["steps"] = str(e)
+        out["committed"] = [c.step for c in pyckpt.list(f"{tmp}/root")]
+    return out
 
 
 def test_a_save_whose_ranks_hold_unlike_states_or_steps_is_refused_on_every_rank_before_it_writes(tmp_path):
-    mp.spawn(_unlike_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    outs = [json.loads((tmp_path / f"unlike{r}.json").read_text()) for r in range(2)]
-    for out in outs:
+    for out in _on_two_ranks(tmp_path, "unlike", _unlike):
         for case in ("key", "order", "dtype", "stride"):
             assert out[case] is not None and "rank 1's state is laid out unlike rank 0's" in out[case], case
         assert out["alike"] is None
@@ -118,32 +127,25 @@ def test_a_save_whose_ranks_hold_unlike_states_or_steps_is_refused_on_every_rank
         assert out["committed"] == [5]  # only the save whose ranks agreed
 
 
-def _apart_worker(rank, world, tmp):
+def _apart(rank, tmp):
     """Each rank names its own directory (as ranks on nodes without a shared file system would,
     with the same path): rank 0 cannot see rank 1's part."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv-apart", rank=rank, world_size=world)
-    try:
-        import pyckpt
-        from pyckpt.coord import StoreCoordinator
+    import pyckpt
+    from pyckpt.coord import StoreCoordinator
 
-        out = {}
-        with pyckpt.Checkpointer(f"{tmp}/root{rank}", coordinator=StoreCoordinator(timeout_s=120)) as ck:
-            try:
-                ck.save(1, {"a": torch.ones(1000), "b": torch.zeros(1000)}).result(120)
-                out["error"] = None
-            except pyckpt.PyckptError as e:
-                out["error"] = str(e)
-        out["committed"] = [c.step for c in pyckpt.list(f"{tmp}/root{rank}", verify=False) if c.complete]
-        with open(f"{tmp}/apart{rank}.json", "w") as f:
-            json.dump(out, f)
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    with pyckpt.Checkpointer(f"{tmp}/root{rank}", coordinator=StoreCoordinator(timeout_s=120)) as ck:
+        try:
+            ck.save(1, {"a": torch.ones(1000), "b": torch.zeros(1000)}).result(120)
+            out["error"] = None
+        except pyckpt.PyckptError as e:
+            out["error"] = str(e)
+    out["committed"] = [c.step for c in pyckpt.list(f"{tmp}/root{rank}", verify=False) if c.complete]
+    return out
 
 
 def test_ranks_saving_into_directories_rank_0_cannot_see_commit_nothing(tmp_path):
-    mp.spawn(_apart_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    outs = [json.loads((tmp_path / f"apart{r}.json").read_text()) for r in range(2)]
-    for out in outs:
+    for out in _on_two_ranks(tmp_path, "apart", _apart):
         assert out["error"] is not None and "part file of rank 1 is not in" in out["error"]
         assert "same directory" in out["error"]
         assert out["committed"] == []
