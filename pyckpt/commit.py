@@ -482,10 +482,10 @@ def _rank0_publish(tmp_dir: str, final_dir: str, step: int, infos: list, failed:
     absent = [i["rank"] for i in infos if not _part_here(tmp_dir, i)]
     if absent:  # the ranks wrote into different directories, or onto file systems they do not share
         remove_tree(tmp_dir)
-        return {"ok": False, "error": (
-            f"the part file{'s' if len(absent) > 1 else ''} of rank{'s' if len(absent) > 1 else ''} "
-            f"{', '.join(map(str, absent))} {'are' if len(absent) > 1 else 'is'} not in {tmp_dir} as rank 0 sees it: "
-            "every rank must save into the same directory, on a file system all ranks share")}
+        ranks = ", ".join(map(str, absent))
+        who = f"file of rank {ranks} is" if len(absent) == 1 else f"files of ranks {ranks} are"
+        return {"ok": False, "error": (f"the part {who} not in {tmp_dir} as rank 0 sees it: every rank must save "
+                                       "into the same directory, on a file system all ranks share")}
     try:
         fsync_dir(tmp_dir)
         seq = next_seq(root) if root is not None else None
