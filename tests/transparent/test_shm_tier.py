@@ -715,14 +715,19 @@ def test_a_process_that_does_not_train_keeps_a_crashed_runs_copy(tmp_path, shm, 
     # An evaluation script run with the job's exported settings ends normally without one optimizer
     # step: that is not the run's end. It used to remove the copy (tier off: the crashed run's only
     # newest snapshot, storage lagging behind; tier on: after writing it to storage).
+    # Snapshots at 4, 8, ..., 20, the 3rd (12) to storage: saving 20 waited for both tiers' commits of
+    # 16 and 12, so memory holds a newer step than storage whatever the timing. (Killed at 19, with
+    # every 2nd to storage, storage's commit of 16 could win the race with the kill.)
     out = tmp_path / "out.pt"
-    first = run_script([TINY, out], tmp_path, **_env(tmp_path, KILL_AT="19"))
+    settings = dict(PYCKPT_STORAGE_EVERY="3")
+    first = run_script([TINY, out], tmp_path, **_env(tmp_path, KILL_AT="23", **settings))
     assert first.returncode == -signal.SIGKILL
     held, stored = _steps(shm), _steps(tmp_path / "ck")
     assert held and max(held) > max(stored, default=0), (held, stored)
     (tmp_path / "evaluate.py").write_text(EVAL_ONLY)
     shm_mb = "0" if tier == "off" else "64"
-    ev = run_script([tmp_path / "evaluate.py"], tmp_path, **_env(tmp_path, PYCKPT_SHM_MB=shm_mb, KILL_AT=""))
+    ev = run_script([tmp_path / "evaluate.py"], tmp_path,
+                    **_env(tmp_path, PYCKPT_SHM_MB=shm_mb, KILL_AT="", **settings))
     assert ev.returncode == 0 and "EVALUATED" in ev.stdout, ev.stderr
     assert _steps(shm) == held and _steps(tmp_path / "ck") == stored
 
