@@ -100,7 +100,7 @@ def main() -> None:
         base = [sys.executable, script, "--params", str(args.params)]
         # Two steps under pyckpt: a snapshot of step 2 is taken at the third fetch, written to
         # PYCKPT_DIR and kept in the memory tier (the run crashes, so the memory copy stays).
-        shm_mb = str(max(64, int(args.params * 16 / 2**20)))
+        shm_mb = str(max(64, int(args.params * 32 / 2**20)))  # two copies of params + Adam's moments (16 B each)
         env = env_without_pyckpt() | {"PYCKPT_DIR": ckdir, "PYCKPT_EVERY_STEPS": "2", "PYCKPT_SHM_MB": shm_mb}
         crashed = subprocess.run(base + ["--steps", "3", "--torch-save", pt, "--crash"], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

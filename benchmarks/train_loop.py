@@ -461,7 +461,7 @@ class Saver:
 
             self.ckpt = pyckpt.Checkpointer(directory, keep=2)
         elif mode == "pyckpt-memory":
-            os.environ["PYCKPT_SHM_MB"] = str(max(4096, state_mib * 5 // 4))
+            os.environ["PYCKPT_SHM_MB"] = str(max(4096, state_mib * 5 // 2))  # the tier holds two copies at a time
             import pyckpt
             from pyckpt import shm_tier
 

@@ -210,7 +210,7 @@ _knob("PYCKPT_COMPRESS", "none", "none, zstd", "tensor encoding", _choice("none"
 _knob("PYCKPT_RESUME", "auto", "auto, never, or an existing checkpoint directory", "what to resume from at start-up", _resume)
 _knob("PYCKPT_LOG", "info", "info, debug, quiet", "how much pyckpt prints on stderr", _choice("info", "debug", "quiet"))
 _knob("PYCKPT_LAZY", "1", "1/0", "copy snapshots during the next forward/backward (0: at the snapshot point)", _flag)
-_knob("PYCKPT_SHM_MB", "0", "an integer >= 0", "keep the newest snapshot in /dev/shm too, up to this many MiB (0: off)", _int_at_least(0))
+_knob("PYCKPT_SHM_MB", "0", "an integer >= 0", "keep the newest snapshot in /dev/shm too, holding at most this many MiB there: a state of S MiB needs 2S (0: off)", _int_at_least(0))
 _knob("PYCKPT_INCREMENTAL", "1", "1/0", "write only chunks whose fingerprint changed; unchanged ones reference the earlier checkpoint", _flag)
 _knob("PYCKPT_INCREMENTAL_VERIFY", "auto", "auto, all, sample, off", "CRC32C check of unchanged chunks against the chunk they reference (auto: all host chunks, a rotating 1 in 8 of GPU chunks)", _choice("auto", "all", "sample", "off"))
 _knob("PYCKPT_STORAGE_EVERY", "1", "an integer >= 1", "with PYCKPT_SHM_MB: write every Nth snapshot to PYCKPT_DIR too (a SIGTERM snapshot always)", _int_at_least(1))

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import finish, knobs, layout, tree
+from . import commit, finish, knobs, layout, tree
 from .activation import _say as say
 
 SHM_ROOT = "/dev/shm"
@@ -86,6 +86,9 @@ class Tier:
         os.makedirs(self.ckpt._spares, mode=0o700, exist_ok=True)
         if self.rank0:
             _drop_spares_of_missing_ranks(self.ckpt._spares, coord.world_size)
+            # A copy being written when its process was killed: its data would count toward PYCKPT_SHM_MB
+            # (Tier.save) until this tier's first commit removed it, and no copy is kept while it does.
+            commit.gc_tmp(path, set(), locked=True)  # rank 0 holds the directory lock: no writer is live
         self.ckpt._may_recycle = self._publication_done
 
     def _publication_done(self) -> bool:
@@ -97,23 +100,47 @@ class Tier:
         return (n + self.lag) % self.every == 0
 
     def save(self, step: int, state: Any, rank_state: Any, **kw: Any) -> Any:
-        """Start the memory copy (a SaveFuture), or None when the state is over the limit (one line)."""
-        coord, room = self.ckpt.coord, None
+        """Start the memory copy (a SaveFuture), or None when it is not kept (one line): the tier would
+        hold more of ``/dev/shm`` than PYCKPT_SHM_MB, or ``/dev/shm`` lacks the room."""
+        coord = self.ckpt.coord
+        prev = self.ckpt._inflight
+        if prev is not None:
+            # Measured once the copy before is committed and its predecessor parked (retention runs in
+            # the save's commit); Checkpointer.save would wait for it as long, a moment later.
+            prev._done.wait(knobs.get("PYCKPT_STAGING_TIMEOUT_S"))
         need = _nbytes(state) + _nbytes(rank_state)
+        held, parked, room = self._held()
+        recyclable = self._publication_done()  # else Checkpointer._take_spare leaves the parked files be
         if coord.world_size > 1:
             # Every rank's per-rank state lands in this /dev/shm too (a ZeroRedundancyOptimizer's share of
             # the optimizer state is most of a snapshot); one store round, so that every rank decides alike.
-            seen = coord.all_gather_json([_nbytes(rank_state), self._room()], "tier/need")
-            need = _nbytes(state) + sum(n for n, _ in seen)
-            room = min(r for _, r in seen)
-        if need > self.limit:
+            # Rank 0's footprint: its wait above covered the commit, and retention, of every rank's part.
+            seen = coord.all_gather_json([_nbytes(rank_state), room, held, parked, recyclable], "tier/need")
+            need = _nbytes(state) + sum(s[0] for s in seen)
+            room = min(s[1] for s in seen)
+            held, parked = seen[0][2], seen[0][3]
+            recyclable = all(s[4] for s in seen)
+        if not recyclable:
+            parked = 0  # a new file is written next to them
+        if 2 * need > self.limit:
+            # The copy before a snapshot stays until the snapshot is committed: the tier holds two.
             self.newest = None  # storage captures this one itself: the memory copy is older
             if not self.warned_size and self.rank0:
-                say(f"warning: snapshot of {need / 2**20:.0f} MiB is over PYCKPT_SHM_MB={self.limit >> 20}: not "
-                    "kept in memory (written to storage instead)", "warning")
+                say(f"warning: snapshot of {need / 2**20:.1f} MiB is not kept in memory: it needs "
+                    f"{2 * need / 2**20:.1f} MiB of {SHM_ROOT} (the copy before it stays until it is committed), "
+                    f"over PYCKPT_SHM_MB={self.limit >> 20}; written to storage instead (PYCKPT_SHM_MB="
+                    f"{-(-2 * need >> 20)} or more keeps it)", "warning")
             self.warned_size = True
             return None
-        room = self._room() if room is None else room
+        if held - parked + need > self.limit:
+            self.newest = None  # a larger copy before it, or leftovers: kept again once they are gone
+            if not self.warned_size and self.rank0:
+                say(f"warning: snapshot of step {step} ({need / 2**20:.1f} MiB) not kept in memory: next to what "
+                    f"the tier holds now (the copy before it, files a storage copy still reads) it would hold "
+                    f"{(held - parked + need) / 2**20:.1f} MiB of {SHM_ROOT}, over PYCKPT_SHM_MB={self.limit >> 20} "
+                    "(written to storage instead)", "warning")
+            self.warned_size = True
+            return None
         if need > room:
             self.newest = None
             if not self.warned_space and self.rank0:
@@ -129,11 +156,13 @@ class Tier:
         self.saves += 1
         return fut
 
-    def _room(self) -> int:
-        """Bytes a new copy can take: free tmpfs space plus the parked files it writes over. The copy
-        before it stays until the new one is committed, so running out here would fail the snapshot
-        (and the storage checkpoint due to be copied from it)."""
-        return _free(self.path) + _allocated(self.ckpt._spares)
+    def _held(self) -> tuple[int, int, int]:
+        """(bytes of /dev/shm the tier holds, of those the parked files a new copy writes over, bytes a
+        new copy can take). The room is free tmpfs space plus the parked files: the copy before stays
+        until the new one is committed, so running out there would fail the snapshot (and the storage
+        checkpoint due to be copied from it)."""
+        parked = _allocated(self.ckpt._spares)
+        return _allocated(self.path), parked, _free(self.path) + parked
 
     def publish(self, source: Any, storage: Any, step: int) -> Any:
         """Storage's checkpoint of ``step`` copied from this tier's commit ``source`` (a SaveFuture);
@@ -165,7 +194,7 @@ def shm_path(storage_dir: str) -> str:
 
 def _drop_spares_of_missing_ranks(spares: str, world_size: int) -> None:
     """Delete parked files of ranks this job does not have (a larger job's, before a resize): no save
-    writes over them, so they would hold their tmpfs pages, and count as room (``Tier._room``) that no
+    writes over them, so they would hold their tmpfs pages, and count as room (``Tier._held``) that no
     copy can use, until the memory copy is removed."""
     try:
         names = os.listdir(spares)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -434,7 +435,10 @@ from torch.utils.data import DataLoader, TensorDataset
 torch.manual_seed(0)
 model = nn.Linear(256, 256)  # 0.26 MB of weights, 0.79 MB with Adam's moments
 opt = torch.optim.Adam(model.parameters())
-for x, y in DataLoader(TensorDataset(torch.randn(48, 256), torch.randn(48, 256)), batch_size=4):
+for i, (x, y) in enumerate(DataLoader(TensorDataset(torch.randn(48, 256), torch.randn(48, 256)), batch_size=4)):
+    if i == 3:  # after the first snapshot another user of /dev/shm (a DataLoader worker's batches) takes 1.5 MiB
+        with open("/dev/shm/other", "wb") as f:
+            f.write(bytes(3 << 19))
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     opt.step()
@@ -448,17 +452,18 @@ def _private_shm_works() -> bool:
 
 
 def test_a_snapshot_with_no_room_left_in_shm_goes_to_storage(tmp_path):
-    """A real 1 MiB /dev/shm (a tmpfs in a private mount namespace) holds one 0.79 MB snapshot, not
-    two, and a new copy needs room next to the old one (which goes only once the new one is
-    committed). Such a snapshot is written to storage instead, with one line: it used to fail in the
-    tier, and with it the storage checkpoint due to be copied from it (every one, here)."""
+    """A real 3 MiB /dev/shm (a tmpfs in a private mount namespace) and PYCKPT_SHM_MB=2: after the
+    first 0.79 MB snapshot another user takes 1.5 MiB, which leaves room for one copy, not two, and a
+    new copy needs room next to the old one (which goes only once the new one is committed). Such a
+    snapshot is written to storage instead, with one line: it used to fail in the tier, and with it
+    the storage checkpoint due to be copied from it (every one, here)."""
     if shutil.which("unshare") is None or not _private_shm_works():
         pytest.skip("needs unshare and mount (root) for a private /dev/shm")
     script = tmp_path / "train.py"
     script.write_text(NO_ROOM)
-    env = clean_env(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="2", PYCKPT_SHM_MB="1", PYCKPT_STORAGE_EVERY="2")
+    env = clean_env(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="2", PYCKPT_SHM_MB="2", PYCKPT_STORAGE_EVERY="2")
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                        f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} {script}"],
+                        f"mount -t tmpfs -o size=3m tmpfs /dev/shm && exec {sys.executable} {script}"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "failed" not in r.stderr, r.stderr[-3000:]
@@ -826,3 +831,163 @@ def test_ls_names_a_memory_copy_newer_than_storage(tmp_path, shm):
            "resumes from it" in r.stdout, r.stdout
     r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=clean_env(), timeout=120)
     assert json.loads(r.stdout)["memory_tier"] == {"path": str(shm), "step": 12}
+
+
+def test_the_tier_never_holds_more_of_dev_shm_than_its_setting(tmp_path, shm, capfd):
+    """PYCKPT_SHM_MB bounds the tier's whole footprint in /dev/shm. The copy before a snapshot stays
+    until the snapshot is committed (then parked, to be written over), so a state of S MiB needs 2S:
+    the tier used to keep any snapshot of up to the setting, holding up to twice what the user gave it."""
+    mib = 1 << 20
+    with knobs.override(PYCKPT_SHM_MB=4):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        try:
+            tier = shm_tier.tier_for(ck, coord)
+            capfd.readouterr()
+            kept, held = [], []
+            for step, size in ((1, mib), (2, mib), (3, mib), (4, 7 * mib // 2)):
+                fut = tier.save(step, {"w": torch.full((size // 4,), float(step))}, {"n": step})
+                kept.append(fut is not None)
+                if fut is not None:
+                    fut.result(60)
+                held.append(shm_tier._allocated(str(shm)))
+            err = capfd.readouterr().err
+        finally:
+            _fresh(ck)
+            ck.close()
+    assert kept == [True, True, True, False], (kept, err)
+    assert max(held) <= 4 * mib and held[2] >= 2 * mib, held  # two 1 MiB copies fit: the tier works
+    assert "pyckpt: warning: snapshot of 3.5 MiB is not kept in memory: it needs 7.0 MiB of /dev/shm" in err, err
+    assert err.count("not kept in memory") == 1, err
+
+
+STARVED_LOADER = """
+import os, torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+class Samples(Dataset):  # 1 MiB a sample: DataLoader workers hand each batch over through /dev/shm
+    def __len__(self):
+        return 96
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(256, 1024, generator=g), torch.randn(1, generator=g)
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(1024, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 1))  # 88 MiB with Adam
+opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+loader = DataLoader(Samples(), batch_size=16, num_workers=2, prefetch_factor=4, shuffle=True)
+step = 0
+for epoch in range(6):  # each epoch's workers fill their prefetch queues at once: 8 batches of 16 MiB
+    for x, y in loader:
+        loss = ((model(x).mean(1) - y) ** 2).mean()
+        opt.zero_grad(); loss.backward(); opt.step(); step += 1
+print("TRAINED", step, flush=True)
+"""
+
+
+def test_dataloader_workers_keep_the_dev_shm_the_tier_was_not_given(tmp_path):
+    """A container's /dev/shm of 340 MiB (Docker's is 64 MiB unless --shm-size says more), PYCKPT_SHM_MB=120
+    to leave the rest to the job's DataLoader workers. The tier used to keep the 88 MiB state twice (the
+    copy before and the new one): 176 MiB, and the workers, which need up to ~165 MiB, failed with
+    "unable to allocate shared memory" and took training down. Now no snapshot is kept that would take
+    the tier past its 120 MiB, and training ends normally (its snapshots in storage)."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"needs a mount namespace of its own (unshare -m: {probe.stderr.decode().strip()})")
+    (tmp_path / "train.py").write_text(STARVED_LOADER)
+    inner = f"mount -t tmpfs -o size=340m tmpfs {shm_tier.SHM_ROOT} && exec {sys.executable} train.py"
+    env = clean_env(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="3", PYCKPT_SHM_MB="120", PYCKPT_STORAGE_EVERY="5")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", inner], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "TRAINED 36" in r.stdout, r.stderr[-3000:]
+    assert "not kept in memory" in r.stderr, r.stderr[-3000:]
+    assert _steps(tmp_path / "ck")[-1] == 36, r.stderr[-3000:]
+
+
+
+CRASHED_SAVE = """
+import sys, torch
+from pyckpt import knobs, shm_tier
+from pyckpt.checkpointer import Checkpointer
+from pyckpt.coord import LocalCoordinator
+with knobs.override(PYCKPT_SHM_MB=4):
+    tier = shm_tier.tier_for(Checkpointer(sys.argv[1]), LocalCoordinator())
+    tier.save(1, {"w": torch.full((3 << 17,), 1.0)}, None).result(60)  # 1.5 MiB, committed
+    tier.save(2, {"w": torch.full((3 << 17,), 2.0)}, None).result(60)  # SIGKILLed before its commit
+"""
+
+
+def _tier_saves(tier, shm, steps, between=None):
+    """(kept or not, the tier's bytes in /dev/shm afterwards) for a 1.5 MiB snapshot at each step."""
+    kept, held = [], []
+    for step in steps:
+        fut = tier.save(step, {"w": torch.full((3 << 17,), float(step))}, None)
+        kept.append(fut is not None)
+        if fut is not None:
+            fut.result(60)
+        held.append(shm_tier._allocated(str(shm)))
+        if between is not None:
+            between(step, fut)
+    return kept, held
+
+
+def test_a_relaunch_clears_a_killed_copys_data_before_it_counts_toward_the_setting(tmp_path, shm, capfd):
+    """A process SIGKILLed while its memory copy was being committed leaves that copy's data next to
+    the committed one. Counted toward PYCKPT_SHM_MB (4 MiB: two 1.5 MiB copies), it would keep every
+    snapshot of the relaunch out of memory, since only the tier's own commit cleared it; uncounted, the
+    tier would hold three copies. The relaunch's tier clears it as it opens."""
+    (tmp_path / "crash.py").write_text(CRASHED_SAVE)
+    r = subprocess.run([sys.executable, "crash.py", str(tmp_path / "ck")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env=clean_env(PYCKPT_TEST_CRASH_AT="commit.part.before:2"))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    mib = 1 << 20
+    assert shm_tier._allocated(str(shm)) >= 3 * mib  # the committed copy and the killed one's data
+    with knobs.override(PYCKPT_SHM_MB=4):
+        ck = Checkpointer(tmp_path / "ck")
+        try:
+            tier = shm_tier.tier_for(ck, LocalCoordinator())
+            capfd.readouterr()
+            kept, held = _tier_saves(tier, shm, (3, 4, 5))
+            err = capfd.readouterr().err
+        finally:
+            _fresh(ck)
+            ck.close()
+    assert kept == [True, True, True], (kept, err)
+    assert max(held) <= 4 * mib, held
+    assert "not kept in memory" not in err, err
+
+
+def test_a_snapshot_is_not_kept_while_a_storage_copy_pins_the_parked_files(tmp_path, shm, capfd):
+    """A storage checkpoint being copied from the memory tier (PYCKPT_STORAGE_EVERY=1, a slow disk)
+    still reads the evicted copy's files, so the next snapshot cannot write over them: with the copy
+    before it the tier would hold three 1.5 MiB copies, over PYCKPT_SHM_MB=4. That snapshot goes to
+    storage (one line); once the storage copy is done, snapshots are kept again."""
+    mib = 1 << 20
+    release = threading.Event()
+    with knobs.override(PYCKPT_SHM_MB=4, PYCKPT_STORAGE_EVERY=1):
+        ck = Checkpointer(tmp_path / "ck")
+        try:
+            tier = shm_tier.tier_for(ck, LocalCoordinator())
+            # Storage's save of step 0 stays in flight (its commit waits): a slow disk, as the next
+            # storage checkpoint (copied from the tier's step 1) waits for it.
+            slow = ck.save(0, {"w": torch.zeros(4)}, _gate=lambda: release.wait(60) and None)
+            capfd.readouterr()
+
+            def between(step, fut):
+                if step == 1:
+                    tier.publish(fut, ck, step)  # reads step 1's files until storage's step 0 is done
+                if step == 3:
+                    release.set()
+                    tier.publication.wait()
+
+            kept, held = _tier_saves(tier, shm, (1, 2, 3, 4), between)
+            err = capfd.readouterr().err
+            assert slow.result(60) and tier.publication.future.result(60)
+        finally:
+            release.set()
+            _fresh(ck)
+            ck.close()
+    assert kept == [True, True, False, True], (kept, err)
+    assert max(held) <= 4 * mib, held
+    assert err.count("not kept in memory: next to what the tier holds now") == 1, err
