@@ -64,7 +64,7 @@ class Tier:
 
         self.storage_dir, self.path, self.limit = storage_dir, path, limit
         self.every = knobs.get("PYCKPT_STORAGE_EVERY")
-        self.warned_size = self.warned_space = False
+        self.warned_size = self.warned_held = self.warned_space = self.warned_slow = False
         self.ckpt = Checkpointer(path, keep=1, compress="none", coordinator=coord)
         self.ckpt.hand_over_parts = True  # storage's copies take the committed part as it is (tier_publish.py)
         self.rank0 = coord.rank == 0
@@ -103,11 +103,10 @@ class Tier:
         """Start the memory copy (a SaveFuture), or None when it is not kept (one line): the tier would
         hold more of ``/dev/shm`` than PYCKPT_SHM_MB, or ``/dev/shm`` lacks the room."""
         coord = self.ckpt.coord
-        prev = self.ckpt._inflight
-        if prev is not None:
-            # Measured once the copy before is committed and its predecessor parked (retention runs in
-            # the save's commit); Checkpointer.save would wait for it as long, a moment later.
-            prev._done.wait(knobs.get("PYCKPT_STAGING_TIMEOUT_S"))
+        prev, timeout = self.ckpt._inflight, knobs.get("PYCKPT_STAGING_TIMEOUT_S")
+        # Measured once the copy before is committed and its predecessor parked (retention runs in the
+        # save's commit); Checkpointer.save would wait for it as long, a moment later.
+        committed = prev is None or prev._done.wait(timeout)
         need = _nbytes(state) + _nbytes(rank_state)
         held, parked, room = self._held()
         recyclable = self._publication_done()  # else Checkpointer._take_spare leaves the parked files be
@@ -115,11 +114,23 @@ class Tier:
             # Every rank's per-rank state lands in this /dev/shm too (a ZeroRedundancyOptimizer's share of
             # the optimizer state is most of a snapshot); one store round, so that every rank decides alike.
             # Rank 0's footprint: its wait above covered the commit, and retention, of every rank's part.
-            seen = coord.all_gather_json([_nbytes(rank_state), room, held, parked, recyclable], "tier/need")
+            seen = coord.all_gather_json([_nbytes(rank_state), room, held, parked, recyclable, committed],
+                                         "tier/need")
             need = _nbytes(state) + sum(s[0] for s in seen)
             room = min(s[1] for s in seen)
             held, parked = seen[0][2], seen[0][3]
             recyclable = all(s[4] for s in seen)
+            committed = all(s[5] for s in seen)
+        if not committed:
+            # Not a failed copy (Checkpointer.save would wait as long again, then skip it, and the storage
+            # checkpoint due to be copied from it with it): storage captures this one itself.
+            self.newest = None
+            if not self.warned_slow and self.rank0:
+                say(f"warning: snapshot of step {step} not kept in memory: the copy before it is still being "
+                    f"committed after PYCKPT_STAGING_TIMEOUT_S={timeout:g} s (written to storage instead)",
+                    "warning")
+            self.warned_slow = True
+            return None
         if not recyclable:
             parked = 0  # a new file is written next to them
         if 2 * need > self.limit:
@@ -134,12 +145,12 @@ class Tier:
             return None
         if held - parked + need > self.limit:
             self.newest = None  # a larger copy before it, or leftovers: kept again once they are gone
-            if not self.warned_size and self.rank0:
+            if not self.warned_held and self.rank0:
                 say(f"warning: snapshot of step {step} ({need / 2**20:.1f} MiB) not kept in memory: next to what "
                     f"the tier holds now (the copy before it, files a storage copy still reads) it would hold "
                     f"{(held - parked + need) / 2**20:.1f} MiB of {SHM_ROOT}, over PYCKPT_SHM_MB={self.limit >> 20} "
                     "(written to storage instead)", "warning")
-            self.warned_size = True
+            self.warned_held = True
             return None
         if need > room:
             self.newest = None

@@ -991,3 +991,31 @@ def test_a_snapshot_is_not_kept_while_a_storage_copy_pins_the_parked_files(tmp_p
     assert kept == [True, True, False, True], (kept, err)
     assert max(held) <= 4 * mib, held
     assert err.count("not kept in memory: next to what the tier holds now") == 1, err
+
+
+def test_a_snapshot_whose_predecessor_is_still_committing_goes_to_storage(tmp_path, shm, capfd):
+    """The memory copy before is still being committed after PYCKPT_STAGING_TIMEOUT_S. The tier used to
+    start the copy anyway, which then waited the timeout again and failed, and with it the storage
+    checkpoint due to be copied from it. Now it is not kept (one line) and storage captures it itself."""
+    release = threading.Event()
+    with knobs.override(PYCKPT_SHM_MB=16, PYCKPT_STAGING_TIMEOUT_S=0.5):
+        ck = Checkpointer(tmp_path / "ck")
+        try:
+            tier = shm_tier.tier_for(ck, LocalCoordinator())
+            capfd.readouterr()
+            stuck = tier.save(1, {"w": torch.ones(8)}, None, _gate=lambda: release.wait(60) and None)
+            second = tier.save(2, {"w": torch.full((8,), 2.0)}, None)
+            newest_after_second = tier.newest
+            release.set()
+            assert stuck.result(60)
+            third = tier.save(3, {"w": torch.full((8,), 3.0)}, None)
+            assert third is not None and third.result(60)
+            err = capfd.readouterr().err
+        finally:
+            release.set()
+            _fresh(ck)
+            ck.close()
+    assert second is None and newest_after_second is None, (second, err)
+    assert err.count("snapshot of step 2 not kept in memory: the copy before it is still being committed after "
+                     "PYCKPT_STAGING_TIMEOUT_S=0.5 s") == 1, err
+    assert "not kept in memory" not in err.replace("snapshot of step 2 not kept in memory", ""), err
