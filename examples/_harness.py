@@ -29,8 +29,10 @@ from typing import Any
 
 TOKEN_VAR = "E2E_HARNESS_TOKEN"
 STEP_RE = re.compile(r"^step (\d+) epoch (\d+) loss (\S+)")
+# A loop no DataLoader drives (random-offset batches, nanoGPT-style) has no epoch or batch to name.
 RESUME_RE = re.compile(
-    r"pyckpt: resumed from step (\d+) \(epoch (\d+), batch (\d+)\) in ([0-9.eE+-]+) s")
+    r"pyckpt: resumed from step (\d+) \((?:epoch (\d+), batch (\d+)|after .+?, no DataLoader position)\) "
+    r"in ([0-9.eE+-]+) s")
 COMMITTED_RE = re.compile(r"^step-(\d{9})$")
 IN_PROGRESS_RE = re.compile(r"^step-(\d{9})\.tmp-")
 
@@ -311,12 +313,13 @@ def in_progress_steps(ckpt_dir: str | Path) -> list[int]:
 
 
 def resume_line(stderr: str) -> dict[str, float] | None:
-    """Parse ``pyckpt: resumed from step N (epoch E, batch B) in T s`` (None if absent)."""
+    """Parse ``pyckpt: resumed from step N (epoch E, batch B) in T s`` (None if absent); epoch and
+    batch are None after ``(after optimizer.step(), no DataLoader position)``."""
     m = RESUME_RE.search(stderr)
     if not m:
         return None
-    return {"step": int(m.group(1)), "epoch": int(m.group(2)), "batch": int(m.group(3)),
-            "seconds": float(m.group(4))}
+    epoch, batch = (None, None) if m.group(2) is None else (int(m.group(2)), int(m.group(3)))
+    return {"step": int(m.group(1)), "epoch": epoch, "batch": batch, "seconds": float(m.group(4))}
 
 
 # ----------------------------------------------------------------------------- states
