@@ -47,6 +47,10 @@ from .activation import _say as say
 
 SHM_ROOT = "/dev/shm"
 ORIGIN = ".origin.json"  # which storage directory (path, device, inode) the copy belongs to
+# A copy's bytes beyond its tensors' (measured: ~300 B of manifest a tensor, ~24 KiB of manifest
+# framing, marker files and page rounding a copy): counted so that PYCKPT_SHM_MB's bound holds as said.
+ENTRY_BYTES = 512
+COPY_BYTES = 64 << 10
 SPARES = ".spare"  # evicted snapshots' data files, parked for the next snapshot to write over
 TOKEN = ".pyckpt-tier-token"  # in PYCKPT_DIR: a random id the marker repeats (a wiped directory loses it)
 
@@ -107,7 +111,7 @@ class Tier:
         # Measured once the copy before is committed and its predecessor parked (retention runs in the
         # save's commit); Checkpointer.save would wait for it as long, a moment later.
         committed = prev is None or prev._done.wait(timeout)
-        need = _nbytes(state) + _nbytes(rank_state)
+        need = COPY_BYTES + _nbytes(state) + _nbytes(rank_state)
         held, parked, room = self._held()
         recyclable = self._publication_done()  # else Checkpointer._take_spare leaves the parked files be
         if coord.world_size > 1:
@@ -116,7 +120,7 @@ class Tier:
             # Rank 0's footprint: its wait above covered the commit, and retention, of every rank's part.
             seen = coord.all_gather_json([_nbytes(rank_state), room, held, parked, recyclable, committed],
                                          "tier/need")
-            need = _nbytes(state) + sum(s[0] for s in seen)
+            need = COPY_BYTES + _nbytes(state) + sum(s[0] for s in seen)
             room = min(s[1] for s in seen)
             held, parked = seen[0][2], seen[0][3]
             recyclable = all(s[4] for s in seen)
@@ -602,7 +606,8 @@ def _step(path: str) -> int:
 
 
 def _nbytes(state: Any) -> int:
-    """Bytes of the storages ``state`` views (a state or its encoding, ``tree.Flat``)."""
+    """Bytes a copy of ``state`` (a state or its encoding, ``tree.Flat``) takes in the tier: the storages
+    it views, and its tensors' manifest entries."""
     if type(state) is tree.Flat:
         tensors = state.tensors
     else:
@@ -621,7 +626,7 @@ def _nbytes(state: Any) -> int:
     for v in tensors:
         key, n = storage_bytes(v)
         seen[key] = n
-    return sum(seen.values())
+    return sum(seen.values()) + ENTRY_BYTES * len(tensors)
 
 
 def _watch_crashes() -> None:

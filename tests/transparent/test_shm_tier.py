@@ -856,7 +856,9 @@ def test_the_tier_never_holds_more_of_dev_shm_than_its_setting(tmp_path, shm, ca
             ck.close()
     assert kept == [True, True, True, False], (kept, err)
     assert max(held) <= 4 * mib and held[2] >= 2 * mib, held  # two 1 MiB copies fit: the tier works
-    assert "pyckpt: warning: snapshot of 3.5 MiB is not kept in memory: it needs 7.0 MiB of /dev/shm" in err, err
+    # 3.5 MiB of data and 64.5 KiB counted for the copy's manifest and files (shm_tier.COPY_BYTES, ENTRY_BYTES)
+    assert "pyckpt: warning: snapshot of 3.6 MiB is not kept in memory: it needs 7.1 MiB of /dev/shm" in err, err
+    assert "PYCKPT_SHM_MB=8 or more keeps it" in err, err
     assert err.count("not kept in memory") == 1, err
 
 
@@ -1019,3 +1021,40 @@ def test_a_snapshot_whose_predecessor_is_still_committing_goes_to_storage(tmp_pa
     assert err.count("snapshot of step 2 not kept in memory: the copy before it is still being committed after "
                      "PYCKPT_STAGING_TIMEOUT_S=0.5 s") == 1, err
     assert "not kept in memory" not in err.replace("snapshot of step 2 not kept in memory", ""), err
+
+
+def test_the_setting_the_line_advises_keeps_every_snapshot_of_a_many_tensor_state(tmp_path, shm, capfd):
+    """A state of 4,000 small tensors (8 MiB) is over a 4 MiB setting; the line names the setting that
+    keeps it. Set to that, every snapshot is kept and the tier stays within it, manifests included
+    (~1.2 MB a copy here): an advice from the tensors' bytes alone would be too small to keep any
+    snapshot after the first."""
+    import re
+
+    def saves(mb):
+        with knobs.override(PYCKPT_SHM_MB=mb):
+            ck, tier = Checkpointer(tmp_path / f"ck{mb}"), None
+            try:
+                tier = shm_tier.tier_for(ck, LocalCoordinator())
+                capfd.readouterr()
+                kept, held = [], []
+                for step in range(1, 5):
+                    state = {f"t{i}": torch.full((512,), float(step + i)) for i in range(4000)}
+                    fut = tier.save(step, state, None)
+                    kept.append(fut is not None)
+                    if fut is not None:
+                        fut.result(60)
+                    held.append(shm_tier._allocated(tier.path))
+                return kept, held, capfd.readouterr().err
+            finally:
+                if tier is not None:
+                    tier.remove()
+                _fresh(ck)
+                ck.close()
+
+    kept, _, err = saves(4)
+    advised = re.search(r"PYCKPT_SHM_MB=(\d+) or more keeps it", err)
+    assert kept == [False] * 4 and advised, (kept, err)
+    kept, held, err = saves(int(advised.group(1)))
+    assert kept == [True] * 4, (kept, err)
+    assert max(held) <= int(advised.group(1)) << 20, (held, advised.group(1))
+    assert "not kept in memory" not in err, err
