@@ -142,7 +142,7 @@ class Tier:
             self.newest = None  # storage captures this one itself: the memory copy is older
             if not self.warned_size and self.rank0:
                 say(f"warning: snapshot of {need / 2**20:.1f} MiB is not kept in memory: it needs "
-                    f"{2 * need / 2**20:.1f} MiB of {SHM_ROOT} (the copy before it stays until it is committed), "
+                    f"{-(-2 * need * 10 >> 20) / 10:.1f} MiB of {SHM_ROOT} (the copy before it stays until it is committed), "
                     f"over PYCKPT_SHM_MB={self.limit >> 20}; written to storage instead (PYCKPT_SHM_MB="
                     f"{-(-2 * need >> 20)} or more keeps it)", "warning")
             self.warned_size = True
