@@ -68,7 +68,7 @@ class Tier:
 
         self.storage_dir, self.path, self.limit = storage_dir, path, limit
         self.every = knobs.get("PYCKPT_STORAGE_EVERY")
-        self.warned_size = self.warned_held = self.warned_space = self.warned_slow = False
+        self.warned: set[str] = set()  # kinds of snapshot not kept (Tier._not_kept) said so far
         self.ckpt = Checkpointer(path, keep=1, compress="none", coordinator=coord)
         self.ckpt.hand_over_parts = True  # storage's copies take the committed part as it is (tier_publish.py)
         self.rank0 = coord.rank == 0
@@ -111,59 +111,41 @@ class Tier:
         # Measured once the copy before is committed and its predecessor parked (retention runs in the
         # save's commit); Checkpointer.save would wait for it as long, a moment later.
         committed = prev is None or prev._done.wait(timeout)
-        need = COPY_BYTES + _nbytes(state) + _nbytes(rank_state)
+        shared, mine = _nbytes(state), _nbytes(rank_state)
+        need = COPY_BYTES + shared + mine
         held, parked, room = self._held()
         recyclable = self._publication_done()  # else Checkpointer._take_spare leaves the parked files be
         if coord.world_size > 1:
             # Every rank's per-rank state lands in this /dev/shm too (a ZeroRedundancyOptimizer's share of
             # the optimizer state is most of a snapshot); one store round, so that every rank decides alike.
             # Rank 0's footprint: its wait above covered the commit, and retention, of every rank's part.
-            seen = coord.all_gather_json([_nbytes(rank_state), room, held, parked, recyclable, committed],
-                                         "tier/need")
-            need = COPY_BYTES + _nbytes(state) + sum(s[0] for s in seen)
+            seen = coord.all_gather_json([mine, room, held, parked, recyclable, committed], "tier/need")
+            need = COPY_BYTES + shared + sum(s[0] for s in seen)
             room = min(s[1] for s in seen)
             held, parked = seen[0][2], seen[0][3]
             recyclable = all(s[4] for s in seen)
             committed = all(s[5] for s in seen)
-        if not committed:
-            # Not a failed copy (Checkpointer.save would wait as long again, then skip it, and the storage
-            # checkpoint due to be copied from it with it): storage captures this one itself.
-            self.newest = None
-            if not self.warned_slow and self.rank0:
-                say(f"warning: snapshot of step {step} not kept in memory: the copy before it is still being "
-                    f"committed after PYCKPT_STAGING_TIMEOUT_S={timeout:g} s (written to storage instead)",
-                    "warning")
-            self.warned_slow = True
-            return None
         if not recyclable:
             parked = 0  # a new file is written next to them
-        if 2 * need > self.limit:
-            # The copy before a snapshot stays until the snapshot is committed: the tier holds two.
-            self.newest = None  # storage captures this one itself: the memory copy is older
-            if not self.warned_size and self.rank0:
-                say(f"warning: snapshot of {need / 2**20:.1f} MiB is not kept in memory: it needs "
-                    f"{-(-2 * need * 10 >> 20) / 10:.1f} MiB of {SHM_ROOT} (the copy before it stays until it is committed), "
-                    f"over PYCKPT_SHM_MB={self.limit >> 20}; written to storage instead (PYCKPT_SHM_MB="
-                    f"{-(-2 * need >> 20)} or more keeps it)", "warning")
-            self.warned_size = True
-            return None
-        if held - parked + need > self.limit:
-            self.newest = None  # a larger copy before it, or leftovers: kept again once they are gone
-            if not self.warned_held and self.rank0:
-                say(f"warning: snapshot of step {step} ({need / 2**20:.1f} MiB) not kept in memory: next to what "
-                    f"the tier holds now (the copy before it, files a storage copy still reads) it would hold "
-                    f"{(held - parked + need) / 2**20:.1f} MiB of {SHM_ROOT}, over PYCKPT_SHM_MB={self.limit >> 20} "
-                    "(written to storage instead)", "warning")
-            self.warned_held = True
-            return None
+        mib, limit = 2**20, f"PYCKPT_SHM_MB={self.limit >> 20}"
+        if not committed:
+            # Not a failed copy (Checkpointer.save would wait as long again, then skip it, and the storage
+            # checkpoint due to be copied from it with it).
+            return self._not_kept("slow", f"snapshot of step {step} not kept in memory: the copy before it is still "
+                                  f"being committed after PYCKPT_STAGING_TIMEOUT_S={timeout:g} s")
+        if 2 * need > self.limit:  # the copy before a snapshot stays until the snapshot is committed
+            return self._not_kept("size", f"snapshot of {need / mib:.1f} MiB is not kept in memory: it needs "
+                                  f"{-(-2 * need * 10 // mib) / 10:.1f} MiB of {SHM_ROOT} (the copy before it stays "
+                                  f"until it is committed), over {limit}; written to storage instead "
+                                  f"(PYCKPT_SHM_MB={-(-2 * need // mib)} or more keeps it)", suffix=False)
+        if held - parked + need > self.limit:  # a larger copy before it, or leftovers: kept once they are gone
+            return self._not_kept("held", f"snapshot of step {step} ({need / mib:.1f} MiB) not kept in memory: "
+                                  "next to what the tier holds now (the copy before it, files a storage copy still "
+                                  f"reads) it would hold {(held - parked + need) / mib:.1f} MiB of {SHM_ROOT}, "
+                                  f"over {limit}")
         if need > room:
-            self.newest = None
-            if not self.warned_space and self.rank0:
-                say(f"warning: snapshot of step {step} ({need / 2**20:.1f} MiB) not kept in memory: "
-                    f"{room / 2**20:.1f} MiB free in {SHM_ROOT} next to the copy before it (written to storage "
-                    "instead)", "warning")
-            self.warned_space = True
-            return None
+            return self._not_kept("space", f"snapshot of step {step} ({need / mib:.1f} MiB) not kept in memory: "
+                                  f"{room / mib:.1f} MiB free in {SHM_ROOT} next to the copy before it")
         if self.publication is not None:
             self.publication.opened.wait()  # its source files are open: retention may delete them now
         fut = self.ckpt.save(step, state, rank_state, **kw)
@@ -171,13 +153,21 @@ class Tier:
         self.saves += 1
         return fut
 
+    def _not_kept(self, kind: str, line: str, suffix: bool = True) -> None:
+        """Storage captures this snapshot itself (the memory copy is older now); one line per kind."""
+        self.newest = None
+        if kind not in self.warned and self.rank0:
+            say(f"warning: {line}" + (" (written to storage instead)" if suffix else ""), "warning")
+        self.warned.add(kind)
+
     def _held(self) -> tuple[int, int, int]:
         """(bytes of /dev/shm the tier holds, of those the parked files a new copy writes over, bytes a
         new copy can take). The room is free tmpfs space plus the parked files: the copy before stays
         until the new one is committed, so running out there would fail the snapshot (and the storage
         checkpoint due to be copied from it)."""
         parked = _allocated(self.ckpt._spares)
-        return _allocated(self.path), parked, _free(self.path) + parked
+        held = _allocated(self.path) if self.rank0 else 0  # rank 0's is the one used (Tier.save)
+        return held, parked, _free(self.path) + parked
 
     def publish(self, source: Any, storage: Any, step: int) -> Any:
         """Storage's checkpoint of ``step`` copied from this tier's commit ``source`` (a SaveFuture);

@@ -833,6 +833,25 @@ def test_ls_names_a_memory_copy_newer_than_storage(tmp_path, shm):
     assert json.loads(r.stdout)["memory_tier"] == {"path": str(shm), "step": 12}
 
 
+def _tier_saves(tier, saves, between=None):
+    """(kept or not, the tier's bytes in /dev/shm afterwards) for each (step, state) of ``saves``."""
+    kept, held = [], []
+    for step, state in saves:
+        fut = tier.save(step, state, None)
+        kept.append(fut is not None)
+        if fut is not None:
+            fut.result(60)
+        held.append(shm_tier._allocated(tier.path))
+        if between is not None:
+            between(step, fut)
+    return kept, held
+
+
+def _mib_and_a_half(steps):
+    """A 1.5 MiB snapshot at each step."""
+    return [(step, {"w": torch.full((3 << 17,), float(step))}) for step in steps]
+
+
 def test_the_tier_never_holds_more_of_dev_shm_than_its_setting(tmp_path, shm, capfd):
     """PYCKPT_SHM_MB bounds the tier's whole footprint in /dev/shm. The copy before a snapshot stays
     until the snapshot is committed (then parked, to be written over), so a state of S MiB needs 2S:
@@ -843,13 +862,8 @@ def test_the_tier_never_holds_more_of_dev_shm_than_its_setting(tmp_path, shm, ca
         try:
             tier = shm_tier.tier_for(ck, coord)
             capfd.readouterr()
-            kept, held = [], []
-            for step, size in ((1, mib), (2, mib), (3, mib), (4, 7 * mib // 2)):
-                fut = tier.save(step, {"w": torch.full((size // 4,), float(step))}, {"n": step})
-                kept.append(fut is not None)
-                if fut is not None:
-                    fut.result(60)
-                held.append(shm_tier._allocated(str(shm)))
+            sizes = ((1, mib), (2, mib), (3, mib), (4, 7 * mib // 2))
+            kept, held = _tier_saves(tier, [(step, {"w": torch.full((n // 4,), float(step))}) for step, n in sizes])
             err = capfd.readouterr().err
         finally:
             _fresh(ck)
@@ -921,20 +935,6 @@ with knobs.override(PYCKPT_SHM_MB=4):
 """
 
 
-def _tier_saves(tier, shm, steps, between=None):
-    """(kept or not, the tier's bytes in /dev/shm afterwards) for a 1.5 MiB snapshot at each step."""
-    kept, held = [], []
-    for step in steps:
-        fut = tier.save(step, {"w": torch.full((3 << 17,), float(step))}, None)
-        kept.append(fut is not None)
-        if fut is not None:
-            fut.result(60)
-        held.append(shm_tier._allocated(str(shm)))
-        if between is not None:
-            between(step, fut)
-    return kept, held
-
-
 def test_a_relaunch_clears_a_killed_copys_data_before_it_counts_toward_the_setting(tmp_path, shm, capfd):
     """A process SIGKILLed while its memory copy was being committed leaves that copy's data next to
     the committed one. Counted toward PYCKPT_SHM_MB (4 MiB: two 1.5 MiB copies), it would keep every
@@ -951,7 +951,7 @@ def test_a_relaunch_clears_a_killed_copys_data_before_it_counts_toward_the_setti
         try:
             tier = shm_tier.tier_for(ck, LocalCoordinator())
             capfd.readouterr()
-            kept, held = _tier_saves(tier, shm, (3, 4, 5))
+            kept, held = _tier_saves(tier, _mib_and_a_half((3, 4, 5)))
             err = capfd.readouterr().err
         finally:
             _fresh(ck)
@@ -984,7 +984,7 @@ def test_a_snapshot_is_not_kept_while_a_storage_copy_pins_the_parked_files(tmp_p
                     release.set()
                     tier.publication.wait()
 
-            kept, held = _tier_saves(tier, shm, (1, 2, 3, 4), between)
+            kept, held = _tier_saves(tier, _mib_and_a_half((1, 2, 3, 4)), between)
             err = capfd.readouterr().err
             assert slow.result(60) and tier.publication.future.result(60)
         finally:
@@ -1037,14 +1037,8 @@ def test_the_setting_the_line_advises_keeps_every_snapshot_of_a_many_tensor_stat
             try:
                 tier = shm_tier.tier_for(ck, LocalCoordinator())
                 capfd.readouterr()
-                kept, held = [], []
-                for step in range(1, 5):
-                    state = {f"t{i}": torch.full((512,), float(step + i)) for i in range(4000)}
-                    fut = tier.save(step, state, None)
-                    kept.append(fut is not None)
-                    if fut is not None:
-                        fut.result(60)
-                    held.append(shm_tier._allocated(tier.path))
+                states = (({f"t{i}": torch.full((512,), float(step + i)) for i in range(4000)}) for step in range(1, 5))
+                kept, held = _tier_saves(tier, enumerate(states, 1))
                 return kept, held, capfd.readouterr().err
             finally:
                 if tier is not None:
