@@ -2,7 +2,7 @@
 (model, Adam, RNG, epoch, step) and starts at the next epoch; at each epoch's end it saves LAST.
 
 env: LAST (its own checkpoint file), EPOCHS, KILL_AT=N (SIGKILL right after step N unless KILL_MARK exists),
-KILL_AFTER_COMMIT=DIR (before that kill, wait up to 60 s for a committed DIR/step-*/MANIFEST.json: a
+KILL_AFTER_COMMIT=DIR (before that kill, wait up to 60 s for a committed checkpoint in DIR: a
 snapshot taken a few steps before the kill is still being written on a slow machine)
 argv[1]: where to torch.save the final state
 """
