@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -922,9 +923,8 @@ def test_dataloader_workers_keep_the_dev_shm_the_tier_was_not_given(tmp_path):
     copy before and the new one): 176 MiB, and the workers, which need up to ~165 MiB, failed with
     "unable to allocate shared memory" and took training down. Now no snapshot is kept that would take
     the tier past its 120 MiB, and training ends normally (its snapshots in storage)."""
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"needs a mount namespace of its own (unshare -m: {probe.stderr.decode().strip()})")
+    if shutil.which("unshare") is None or not _private_shm_works():
+        pytest.skip("needs unshare and mount (root) for a private /dev/shm")
     (tmp_path / "train.py").write_text(STARVED_LOADER)
     inner = f"mount -t tmpfs -o size=340m tmpfs {shm_tier.SHM_ROOT} && exec {sys.executable} train.py"
     env = clean_env(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="3", PYCKPT_SHM_MB="120", PYCKPT_STORAGE_EVERY="5")
@@ -933,7 +933,6 @@ def test_dataloader_workers_keep_the_dev_shm_the_tier_was_not_given(tmp_path):
     assert r.returncode == 0 and "TRAINED 36" in r.stdout, r.stderr[-3000:]
     assert "not kept in memory" in r.stderr, r.stderr[-3000:]
     assert _steps(tmp_path / "ck")[-1] == 36, r.stderr[-3000:]
-
 
 
 CRASHED_SAVE = """
@@ -1042,8 +1041,6 @@ def test_the_setting_the_line_advises_keeps_every_snapshot_of_a_many_tensor_stat
     keeps it. Set to that, every snapshot is kept and the tier stays within it, manifests included
     (~1.2 MB a copy here): an advice from the tensors' bytes alone would be too small to keep any
     snapshot after the first."""
-    import re
-
     def saves(mb):
         with knobs.override(PYCKPT_SHM_MB=mb):
             ck, tier = Checkpointer(tmp_path / f"ck{mb}"), None
