@@ -129,10 +129,12 @@ class _StorageLayout(NamedTuple):
     ids: list[int]
     starts: list[int]
     chunks: list[list[int]]  # the chunks each storage is cut into
+    every: frozenset[int]  # the union of ``chunks``
 
     @classmethod
     def of(cls, mine: list) -> "_StorageLayout":
-        return cls(mine, [s.id for s in mine], [s.start for s in mine], [[p.chunk for p in s.pieces] for s in mine])
+        chunks = [[p.chunk for p in s.pieces] for s in mine]
+        return cls(mine, [s.id for s in mine], [s.start for s in mine], chunks, frozenset().union(*chunks))
 
 
 def _versions_of(tensors: list[Any]) -> list[int | None]:
@@ -337,7 +339,11 @@ class Checkpointer:
 
     def _finish_when_started(self, fut: SaveFuture, plan: writer.RankPlan, started: Future, *rest: Any) -> None:
         job, err = started.result()
-        self._finish(fut, plan, job, err, *rest)
+        try:
+            self._finish(fut, plan, job, err, *rest)
+        finally:
+            for sec in plan.sections():  # (again, where _finish ended before its own call)
+                sec.forget_tree()
 
     def _agree(self, step: int, bad: UnsupportedStateError | None, plan: writer.RankPlan | None = None) -> bool:
         """Wait (bounded) for the previous save; all ranks agree whether to go ahead.
@@ -425,6 +431,13 @@ class Checkpointer:
                                                      for s, a, v in zip(prev[0].storages, prev[1], prev[2])
                                                      if v is not None}
                 olds = [old_keyed.get((str(s.device), a, s.nbytes)) for s, a in zip(sec.mine, addrs)]
+            if None not in versions and None not in olds:  # the common cases first: a union per storage costs
+                if all(map(operator.ne, olds, versions)):  # every storage moved (a step of full training)
+                    moved.update(lay.every)
+                    continue
+                if olds == versions:  # none did (a frozen model)
+                    still.update(lay.every)
+                    continue
             # True: moved; False: did not, or nothing to compare with; None: an inference-mode tensor has no
             # version counter (fingerprinted). Unions of whole lists: thousands of storages at every save.
             flags = [None if v is None else (o is not None and o != v) for o, v in zip(olds, versions)]
@@ -511,6 +524,8 @@ class Checkpointer:
                 raw = writer.encode_part(plan, part)
             except Exception as e:  # reported by every rank's commit, never raised before it
                 err = e
+        for sec in plan.sections():  # before the future is done: the caller may free its tensors then
+            sec.forget_tree()
         try:
             fut._timer.figures = commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err,
                                                      self.directory, raw)

@@ -72,6 +72,7 @@ class Baseline:
         # a reused plan (writer.storages_json shares them, read-only), and computing them again
         # cost milliseconds of the GIL per save for thousands of storages.
         self._sigs: tuple[list[dict], int, list[tuple]] | None = None
+        self._crcs: tuple[list[tuple], dict[int, int]] | None = None  # (signatures, chunk -> crc), _sig_crc
         # The bytes a reference points at can rot after their commit, and a reference is checked
         # against its CRC record only: each referenced chunk is read back and CRC-checked once before
         # a save references it. Per root-relative file: the identity it had then (a write, a
@@ -161,6 +162,18 @@ class Baseline:
         self._sigs = (list(storages_json), nchunks, sigs)
         return sigs
 
+    def _sig_crc(self, sigs: list[tuple], i: int) -> int:
+        """CRC32 of ``repr(sigs[i])`` (the sample rotation's phase), remembered while ``sigs`` is the
+        list ``signatures`` returns again: the repr of a chunk of thousands of storages is not made anew
+        at every save."""
+        memo = self._crcs
+        if memo is None or memo[0] is not sigs:
+            memo = self._crcs = (sigs, {})
+        crc = memo[1].get(i)
+        if crc is None:
+            crc = memo[1][i] = zlib.crc32(repr(sigs[i]).encode())
+        return crc
+
     def seed(self, root: str, rank: int) -> None:
         """First save of this process: start from a committed checkpoint's part of ``rank`` (its chunk
         records carry fingerprints), so a resumed job's first save is incremental too.
@@ -227,7 +240,8 @@ class Baseline:
         used: set[tuple[str, int]] = set()
         cur = layout.parse_step(final_name)
         try:
-            for i, sig in enumerate(self.signatures(storages_json, len(raw_lens))):
+            sigs = self.signatures(storages_json, len(raw_lens))
+            for i, sig in enumerate(sigs):
                 key = (raw_lens[i],) + sig
                 hit = self.chunks.get(key)
                 if hit is None or key in self.changed:
@@ -248,7 +262,7 @@ class Baseline:
                 elif not files[f].sound(rec):
                     continue  # written afresh by this save
                 used.add((f, rec["offset"]))  # a part may not hold the same bytes twice
-                sampled = (zlib.crc32(repr(sig).encode()) + self.saves) % SAMPLE_EVERY == 0
+                sampled = (self._sig_crc(sigs, i) + self.saves) % SAMPLE_EVERY == 0
                 check = (verify == "all" or (verify == "auto" and not on_device[i])
                          or (verify in ("sample", "auto") and sampled))
                 expect.append((i, fp, check, rec["raw_crc32c"]))

@@ -171,11 +171,11 @@ class Lazy:
             except UnsupportedStateError:
                 pass  # nothing will be copied: the save below raises it, once every rank knows (Checkpointer._agree)
             else:
-                owned = self._owned.storages(s.optimizers)
-                state, g = _protect(flat, owned, "state")
+                owned, ids = self._owned.storages(s.optimizers), self._owned.ids
+                state, g = _protect(flat, owned, "state", ids)
                 guards.append(g)
                 if rank_flat is not None:
-                    rank_state, g = _protect(rank_flat, owned, "rank_state")
+                    rank_state, g = _protect(rank_flat, owned, "rank_state", ids)
                     guards.append(g)
         futures: list = []
         armed = Armed(s.step, futures, guards, threading.current_thread())
@@ -378,6 +378,7 @@ class _OwnedStorages:
         self._tensors: list = []
         self._ptrs: list[int] = []
         self._set: set[int] = set()
+        self.ids: set[int] = set()  # id() of those tensors (alive: ``_tensors`` holds them), as of ``storages``
 
     def storages(self, optimizers: Any) -> set[int]:
         tensors: list = []
@@ -395,6 +396,7 @@ class _OwnedStorages:
             self._set = set(_storage_ptrs(tensors))
             self._set.discard(0)
             self._tensors, self._ptrs = tensors, ptrs
+            self.ids = set(map(id, tensors))
         return self._set
 
 
@@ -407,14 +409,18 @@ def _storage_ptrs(tensors: list) -> list[int]:
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
-def _protect(flat: tree.Flat, owned: set[int], root: str) -> tuple[tree.Flat, Guards]:
-    """``flat`` with small non-optimizer tensors replaced by copies, and guards for every other tensor."""
+def _protect(flat: tree.Flat, owned: set[int], root: str, ids: set[int] | frozenset[int] = frozenset()
+             ) -> tuple[tree.Flat, Guards]:
+    """``flat`` with small non-optimizer tensors replaced by copies, and guards for every other tensor.
+    ``owned``: the optimizers' storage addresses; ``ids``: ``id()`` of the optimizers' live tensors
+    (their state tensors come back as the same objects: owned without reading their storage)."""
     tensors = flat.tensors
-    ptrs = _storage_ptrs(tensors)
     # Most tensors are the optimizer's: the ownership test first, sharing and size only for the others.
-    others = [i for i, p in enumerate(ptrs) if p not in owned]
+    maybe = [i for i, t in enumerate(tensors) if id(t) not in ids]
+    others = [i for i, p in zip(maybe, _storage_ptrs([tensors[i] for i in maybe])) if p not in owned]
     copy: list[int] = []
     if others:
+        ptrs = _storage_ptrs(tensors)
         shared = collections.Counter(ptrs)
         # a view sharing storage keeps its sharing: guarded instead
         copy = [i for i in others if shared[ptrs[i]] == 1 and tensors[i].nbytes <= EAGER_MAX_BYTES]

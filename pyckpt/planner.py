@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import metaguard
 from .dtypes import DTYPE_TO_CODE, code_of
 from .errors import UnsupportedStateError
 
@@ -191,6 +192,8 @@ class _Columns:
             firsts.setdefault(g, i)
         self.firsts = [firsts[g] for g in range(len(firsts))]  # each group's first member
         self.group_devices = [self.devices[i] for i in self.firsts]
+        self.one_device = len(set(self.group_devices)) <= 1  # then distinct groups need distinct bases only
+        self.guard: metaguard.MetaGuard | None | bool = None  # None: not made yet; False: not used
 
 
 def _same_layout(tensors: list[torch.Tensor], reuse: Described) -> tuple[list, list] | None:
@@ -201,33 +204,50 @@ def _same_layout(tensors: list[torch.Tensor], reuse: Described) -> tuple[list, l
     signature holds and what could make it wrong: each tensor's start address (its storage's address
     follows from the saved offset) and the flags the long path rejects or materializes. The storage
     grouping is proved from addresses: the members of a previous group share a base, and distinct
-    groups have distinct (device, base). One field at a time over all tensors, compared as whole
-    lists: thousands of tensors at every snapshot, and per-tensor Python steps cost more than the reads."""
-    if not set(map(type, tensors)) <= _PLAIN_SET:
-        return None
+    groups have distinct (device, base). Types, dtypes, shapes, strides, devices, ``requires_grad``
+    and lazy negation are compared in one C++ pass where this torch allows (metaguard.py), else one
+    field at a time over all tensors: thousands of tensors at every snapshot."""
     c = reuse.columns
     if c is None:
         c = reuse.columns = _Columns(reuse.signature)
     if c.empty or len(c.gids) != len(tensors):
         return None
-    strided = torch.strided
-    try:
-        if (any([t.layout is not strided for t in tensors]) or [t.dtype for t in tensors] != c.dtypes
-                or [t.shape for t in tensors] != c.shapes or [t.stride() for t in tensors] != c.strides
-                or [t.storage_offset() for t in tensors] != c.offsets
-                or [t.requires_grad for t in tensors] != c.grads or [t.device for t in tensors] != c.devices
-                or any([t.is_neg() for t in tensors]) or (c.complex and any([t.is_conj() for t in tensors]))):
+    guard = c.guard
+    if not (guard and guard.same(tensors)):
+        if not _same_attributes(tensors, c):
             return None
-    except (RuntimeError, TypeError, AttributeError):  # strides of a nested or sparse tensor: the long way
+        # Made at the first reuse, from tensors just shown to match; one that refuses matching
+        # tensors (a tensor object listed twice) is not asked again.
+        c.guard = metaguard.make(tensors) if guard is None else False
+    try:
+        if [t.storage_offset() for t in tensors] != c.offsets:
+            return None
+    except (RuntimeError, TypeError, AttributeError):
         return None
     bases = list(map(operator.sub, [t.data_ptr() for t in tensors], c.los))
     group = [bases[i] for i in c.firsts]
-    if [group[g] for g in c.gids] != bases or len(set(zip(c.group_devices, group))) != len(group):
+    # (Hashing device objects costs more than comparing addresses: the common one-device case skips it.)
+    distinct = set(group) if c.one_device else set(zip(c.group_devices, group))
+    if [group[g] for g in c.gids] != bases or len(distinct) != len(group):
         return None  # a group split, or two merged
     keeps = [tensors[i] for i in c.firsts]
     if any(c.grads):
         keeps = [k.detach() if k.requires_grad and k.grad_fn is not None else k for k in keeps]
     return keeps, group
+
+
+def _same_attributes(tensors: list[torch.Tensor], c: _Columns) -> bool:
+    """``_same_layout``'s metadata comparison read from Python, one field at a time."""
+    if not set(map(type, tensors)) <= _PLAIN_SET:
+        return False
+    strided = torch.strided
+    try:
+        return not (any([t.layout is not strided for t in tensors]) or [t.dtype for t in tensors] != c.dtypes
+                    or [t.shape for t in tensors] != c.shapes or [t.stride() for t in tensors] != c.strides
+                    or [t.requires_grad for t in tensors] != c.grads or [t.device for t in tensors] != c.devices
+                    or any([t.is_neg() for t in tensors]) or (c.complex and any([t.is_conj() for t in tensors])))
+    except (RuntimeError, TypeError, AttributeError):  # strides of a nested or sparse tensor: the long way
+        return False
 
 
 _PLAIN_SET = frozenset(_PLAIN_TYPES)

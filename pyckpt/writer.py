@@ -71,6 +71,9 @@ class Section:
     paths: list[str] = field(default_factory=list)  # each tensor's key path (this save's)
     # ``layout_digest`` of ``described`` once computed; shared like ``reads``.
     digest: str | None = None
+    # ``sources``' last answer for this layout and the storage addresses it was made for, shared like
+    # ``reads``: a training job's tensors stay where they are, and thousands of pieces are not made again.
+    addressed: dict = field(default_factory=dict)
 
     def layout_key(self) -> str:
         """What every rank's replicated state must agree on before a save writes anything: each
@@ -81,6 +84,14 @@ class Section:
         if self.digest is None:
             self.digest = layout_digest(self.described)
         return f"{self.digest}-{zlib.crc32(chr(0).join(self.paths).encode()):08x}"
+
+    def forget_tree(self) -> None:
+        """Drop this save's state tree and key paths (the commit thread does, once the save is over): a
+        later save reuses only the layout, and the training thread would otherwise free the thousands of
+        objects they are at its next snapshot point (``prepare`` replacing the previous plan). The tensors
+        and addresses of this save's description go too (a later save describes its own)."""
+        self.tree, self.paths, self.keeps = None, [], []
+        self.described.keeps, self.described.bases = [], []
 
     @property
     def entries(self) -> list[dict]:
@@ -136,7 +147,7 @@ def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: in
         # ``mine`` keeps the storages' order (ids count from 0): when it has them all, keeps is d.keeps.
         keeps = d.keeps if len(last.mine) == len(d.keeps) else [d.keeps[s.id] for s in last.mine]
         return Section(scope, tr, d, last.mine, keeps, first, last.chunks, last.json, last.encoded, last.reads,
-                       last.gpus, paths, last.digest)
+                       last.gpus, paths, last.digest, last.addressed)
     if scope == "replicated":
         owners = assign_owners(d.storages, world_size)
         mine = [s for s in d.storages if owners[s.id] == rank]
@@ -200,8 +211,11 @@ def sources(plan: RankPlan) -> list[list[tuple[int, int, int]]]:
             st = sec.described.storages
             sec.reads = [[(p.storage, st[p.storage].start + p.storage_offset, p.nbytes, p.src_device) for p in c.pieces]
                          for c in sec.chunks]
-        bases = sec.described.bases
-        out += [[(bases[sid] + off, n, dev) for sid, off, n, dev in c] for c in sec.reads]
+        bases, memo = sec.described.bases, sec.addressed
+        if memo.get("bases") != bases:
+            memo["pieces"] = [[(bases[sid] + off, n, dev) for sid, off, n, dev in c] for c in sec.reads]
+            memo["bases"] = list(bases)
+        out += memo["pieces"]
     shards = getattr(plan, "shards", None)
     if shards is not None:
         out += [[(shards.addr(p.storage) + p.storage_offset, p.nbytes, p.src_device) for p in c.pieces]

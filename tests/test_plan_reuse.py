@@ -72,3 +72,26 @@ def test_rank_state_after_a_grown_replicated_state_is_planned_afresh(ckpt_root):
         assert _sections(ck)["rank"].storages is not first
         r = ck.restore(2)
         assert torch.equal(r.rank_state["r"], rank["r"]) and torch.equal(r.state["big"], big)
+
+
+def test_a_finished_save_keeps_neither_the_callers_tensors_nor_its_state_tree(ckpt_root):
+    """Only the layout is kept for the next save: the memory of a tensor saved once is the caller's
+    to free as soon as its save finished (it was held until the next save), and the state tree and
+    key paths are dropped by the commit thread, not at the training thread's next save."""
+    import gc
+    import weakref
+
+    with pyckpt.Checkpointer(ckpt_root, keep=5) as ck:
+        big = torch.randn(1 << 20)
+        gone = weakref.ref(big)
+        ck.save(1, {"w": big, "n": 3}).result(120)
+        del big
+        gc.collect()
+        assert gone() is None
+        rep = _sections(ck)["replicated"]
+        assert rep.tree is None and rep.paths == [] and rep.described.bases == []
+        again = torch.randn(1 << 20)
+        ck.save(2, {"w": again, "n": 4}).result(120)  # the layout is still reused
+        assert _sections(ck)["replicated"].storages is rep.storages
+        out = _restored(ck, 2)
+        assert torch.equal(out["w"], again) and out["n"] == 4

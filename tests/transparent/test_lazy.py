@@ -179,18 +179,24 @@ def test_protect_copies_small_tensors_no_optimizer_owns_into_the_encoding_and_gu
     state = {"model": {"w": p.detach(), "b": buf, "big": big, "v": [shared[:3], shared[3:]]},
              "opt": opt.state_dict(), "custom": _NeedsArgs({"x": torch.ones(2)})}
     flat = tree.flatten(state)
-    owned = lazy._OwnedStorages().storages([opt])
-    out, guards = lazy._protect(flat, owned, "state")
-    assert out.tree is flat.tree and out.paths is flat.paths
-    copied = {path for path, a, b in zip(flat.paths, flat.tensors, out.tensors) if a is not b}
-    assert copied == {"model/b", "custom/x"}
-    buf.add_(1.0)
-    assert torch.equal(out.tensors[flat.paths.index("model/b")], torch.full((3,), 2.0))  # the snapshot point's
-    assert guards.changed() == []
-    with torch.no_grad():
-        p.add_(1.0)
-        big.add_(1.0)
-    assert sorted(guards.changed()) == ["state/model/big", "state/model/w"]
+    tracker = lazy._OwnedStorages()
+    owned = tracker.storages([opt])
+    # The optimizer's own tensor objects (its momentum buffer) are known by identity, without a storage read.
+    assert id(opt.state[p]["momentum_buffer"]) in tracker.ids and id(p) in tracker.ids
+    for ids in (frozenset(), tracker.ids):
+        out, guards = lazy._protect(flat, owned, "state", ids)
+        assert out.tree is flat.tree and out.paths is flat.paths
+        copied = {path for path, a, b in zip(flat.paths, flat.tensors, out.tensors) if a is not b}
+        assert copied == {"model/b", "custom/x"}
+        before = buf.clone()
+        buf.add_(1.0)
+        assert torch.equal(out.tensors[flat.paths.index("model/b")], before)  # the snapshot point's
+        assert guards.changed() == []
+        with torch.no_grad():
+            p.add_(1.0)
+            big.add_(1.0)
+            opt.state[p]["momentum_buffer"].add_(1.0)
+        assert sorted(guards.changed()) == ["state/model/big", "state/model/w", "state/opt/state/0/momentum_buffer"]
 
 
 def test_owned_storages_are_read_again_when_a_parameter_moves():

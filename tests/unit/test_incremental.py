@@ -481,3 +481,32 @@ def test_moved_versions_are_matched_by_address_when_the_layout_changes(tmp_path,
     skipped = [not f for f in fps[2:]]
     assert sum(skipped) >= 6, fps
     assert all(r >= 1 for r in refs[1:]), refs  # the frozen chunk
+
+
+def test_moved_chunks_are_exactly_those_whose_every_storage_moved(tmp_path, knob_env, monkeypatch):
+    """``Checkpointer._moved_chunks`` over a reused plan: every storage moved (full training), none
+    (a frozen model), some (a fine-tune), and a chunk shared by a moved and an unmoved tensor."""
+    from pyckpt.checkpointer import Checkpointer
+
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    big = {k: torch.randn(1 << 18) for k in ("a", "b")}  # 1 MiB each: a chunk of its own each
+    small = {k: torch.randn(16) for k in ("c", "d")}  # both packed into one chunk
+    seen: list[set[int]] = []
+    real = Checkpointer._moved_chunks
+    monkeypatch.setattr(Checkpointer, "_moved_chunks", lambda self, plan: seen.append(real(self, plan)) or seen[-1])
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
+        chunk_of = {}
+        for step, touched in enumerate(((), ("a", "b", "c", "d"), (), ("a",), ("b", "c")), 1):
+            for k in touched:
+                {**big, **small}[k].add_(1.0)
+            path = ck.save(step, {**big, **small}).result(60)
+            part = _part(path)
+            for k in "abcd":
+                sid = part["replicated"]["tensors"][part["replicated"]["tree"][k]["id"]]["storage"]
+                rec = next(s for s in part["storages"] if s["scope"] == "replicated" and s["id"] == sid)
+                chunk_of[k] = rec["pieces"][0]["chunk"]
+            assert _equal(pyckpt.load(path), {**big, **small})
+    assert chunk_of["c"] == chunk_of["d"] and len({chunk_of["a"], chunk_of["b"], chunk_of["c"]}) == 3
+    a, b, cd = chunk_of["a"], chunk_of["b"], chunk_of["c"]
+    # the first save has nothing to compare with; then all, none, one, and a half-moved shared chunk
+    assert seen == [set(), {a, b, cd}, set(), {a}, {b}]

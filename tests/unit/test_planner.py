@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pyckpt import planner
+from pyckpt import metaguard, planner
 from pyckpt.errors import UnsupportedStateError
 
 MB = 1 << 20
@@ -226,3 +226,48 @@ def test_reuse_proves_the_grouping_of_many_views_from_addresses():
         fresh = planner.describe(_views(new, changed), paths)
         assert again.storages is not first.storages, name
         assert again.entries == fresh.entries and _layout(again) == _layout(fresh), name
+
+
+# -- from the second reuse on, metadata is compared by the guard made at the first (metaguard.py) -----
+def _reused_once(before):
+    """``before`` described, then reused with the same tensors (its guard is made then)."""
+    paths = [str(i) for i in range(len(before))]
+    first = planner.describe(before, paths)
+    second = planner.describe(before, paths, reuse=first)
+    assert second.storages is first.storages
+    return second
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guard", "attributes"])
+def test_any_change_of_layout_describes_afresh_at_later_reuses(guarded, monkeypatch):
+    if not guarded:  # a torch without usable guards: the attributes are read from Python
+        monkeypatch.setattr(metaguard, "_USABLE", False)
+    c = torch.randn(8, dtype=torch.complex64)
+    x = torch.randn(8, dtype=torch.complex64)
+    materialized = [("conjugate", [c], [c.conj()]), ("negative view", [x.imag.clone()], [x.conj().imag])]
+    for name, before, after in _changed_layouts() + materialized:
+        second = _reused_once(before)
+        assert bool(second.columns.guard) is guarded, name
+        paths = [str(i) for i in range(len(after))]
+        third = planner.describe(after, paths, reuse=second)
+        fresh = planner.describe(after, paths)
+        if (name, before, after) not in materialized:  # (a materialized copy may keep the layout, in new memory)
+            assert third.storages is not second.storages, name
+            assert _layout(third) == _layout(fresh), name
+        assert third.entries == fresh.entries, name
+        assert all(not k.is_conj() and not k.is_neg() for k in third.keeps), name
+        assert [torch.equal(k, f) for k, f in zip(third.keeps, fresh.keeps)] == [True] * len(fresh.keeps), name
+        unchanged = planner.describe(before, [str(i) for i in range(len(before))], reuse=second)
+        assert unchanged.storages is second.storages, name  # and the same tensors still reuse it
+
+
+def test_a_guard_that_refuses_matching_tensors_is_dropped_and_the_layout_still_reused():
+    """The guard refuses a list naming one tensor object twice; its refusal is checked from Python,
+    not trusted, and the guard is not asked again."""
+    a = torch.ones(4)
+    first = planner.describe([a, a], ["x", "y"])
+    second = planner.describe([a, a], ["x", "y"], reuse=first)
+    assert second.columns.guard  # made from these tensors at the first reuse
+    third = planner.describe([a, a], ["x", "y"], reuse=second)
+    assert third.storages is first.storages and third.bases == [a.data_ptr()]
+    assert first.columns.guard is False

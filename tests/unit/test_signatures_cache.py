@@ -86,3 +86,15 @@ def test_same_length_but_other_records_miss(tmp_path, monkeypatch):
     assert b.signatures(moved, 1) == incremental.signatures(moved, 1)  # another chunk count: computed
     assert len(calls) == 5
     assert b.signatures(list(moved), 1) is b.signatures(moved, 1) and len(calls) == 5  # now a hit
+
+
+def test_the_sample_phase_of_a_chunk_follows_its_signature():
+    """The rotation of sampled CRC checks is phased by a chunk's signature (``_sig_crc``): remembered
+    while ``signatures`` returns the same list, made anew for another list at the same index."""
+    import zlib
+
+    base = incremental.Baseline()
+    one = [(("a", 1),), (("b", 2),)]
+    other = [(("c", 3),), (("d", 4),)]
+    assert base._sig_crc(one, 1) == zlib.crc32(repr(one[1]).encode())
+    assert base._sig_crc(other, 1) == zlib.crc32(repr(other[1]).encode()) != base._sig_crc(one, 1)
