@@ -50,8 +50,9 @@ def _usable() -> bool:
             g = _raw([x])
             changed = [x.t(), x.reshape(12), x.double(), x.clone().requires_grad_(), x._neg_view(), x.to_sparse(),
                        torch.nn.Parameter(x.clone(), requires_grad=False), x[:, :2], x.unsqueeze(0)]
+            z = torch.zeros(2, dtype=torch.complex64)  # a conjugate view's bytes are materialized by the planner
             _USABLE = bool(g.check(x) and g.check(x.detach()) and g.check(torch.zeros(3, 4))
-                           and not any(g.check(c) for c in changed))
+                           and not any(g.check(c) for c in changed) and not _raw([z]).check(z.conj()))
         except Exception:  # noqa: BLE001 - absent or another signature in this torch: read attributes instead
             _USABLE = False
     return _USABLE
