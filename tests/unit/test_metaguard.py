@@ -69,3 +69,17 @@ def test_a_guard_that_does_not_refuse_changes_is_not_used(monkeypatch):
 
     monkeypatch.setattr(metaguard, "_raw", missing)
     assert metaguard.make([_base()]) is None
+
+
+def test_a_guard_holds_no_reference_to_its_tensors():
+    """The planner keeps a guard per layout for the whole job: it must not keep the tensors it was made
+    from (a replaced parameter's memory) alive."""
+    import gc
+    import weakref
+
+    t = torch.randn(1 << 16)
+    gone = weakref.ref(t)
+    g = metaguard.make([t])
+    del t
+    gc.collect()
+    assert gone() is None and g.same([torch.zeros(1 << 16)])
