@@ -189,7 +189,8 @@ if ((LIM == 0)); then
   record tests FAIL - 0 "no time left"
 else
   run "$LIM" "$OUT/tests.log" "$PY" -m pytest -m gpu -v -p no:cacheprovider "${TIMEOUT_FLAG[@]}" \
-    --junitxml="$OUT/tests.xml" tests/native/test_gpu.py tests/test_api_gpu.py tests/unit/test_incremental_gpu.py
+    --junitxml="$OUT/tests.xml" tests/native/test_gpu.py tests/test_api_gpu.py tests/unit/test_incremental_gpu.py \
+    tests/unit/test_metaguard_gpu.py
   rc=$?
   COUNTS=$("$PY" - "$OUT/tests.xml" <<'EOF' 2>/dev/null
 import sys, xml.etree.ElementTree as ET
