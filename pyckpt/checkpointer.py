@@ -263,7 +263,7 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------
     def save(self, step: int, state: Any, rank_state: Any = None, *,
-             _gate: Callable[[], BaseException | None] | None = None) -> SaveFuture:
+             _gate: Callable[[], BaseException | None] | None = None, _as_state_dict: bool = False) -> SaveFuture:
         """Start checkpointing ``state`` at ``step``; returns at once.
 
         Raises ``UnsupportedStateError`` (nothing written) for values that
@@ -271,12 +271,14 @@ class Checkpointer:
         with a coordinator of several ranks, on every rank, also when any
         rank's ``state`` cannot be stored or is laid out unlike rank 0's
         (``UnsupportedStateError``) and when the ranks' steps differ
-        (``ValueError``); every later failure is reported by the future."""
-        with gcpause.paused():  # planning thousands of tensors must not start collector passes (gcpause.py)
-            return self._save(step, state, rank_state, _gate)
+        (``ValueError``); every later failure is reported by the future.
 
-    def _save(self, step: int, state: Any, rank_state: Any, _gate: Callable[[], BaseException | None] | None
-              ) -> SaveFuture:
+        (``_gate`` and ``_as_state_dict`` are the transparent layer's: lazy.py.)"""
+        with gcpause.paused():  # planning thousands of tensors must not start collector passes (gcpause.py)
+            return self._save(step, state, rank_state, _gate, _as_state_dict)
+
+    def _save(self, step: int, state: Any, rank_state: Any, _gate: Callable[[], BaseException | None] | None,
+              as_state_dict: bool = False) -> SaveFuture:
         from ._native import get_engine
 
         step = check_step(step)
@@ -294,7 +296,7 @@ class Checkpointer:
             if shards is not None and self.coord.world_size == 1:
                 sharded.check_alone(shards)  # one rank's shards of a tensor cut over several: refused here
             plan = writer.prepare(state, rank_state, self.coord.rank, self.coord.world_size, engine.chunk_bytes(),
-                                  self._last_plan)
+                                  self._last_plan, as_state_dict)
             if shards is not None:
                 sharded.add_chunks(shards, plan.chunks, engine.chunk_bytes())
                 plan.shards = shards

@@ -302,29 +302,36 @@ def check_classes(saved: Any, opts: list[torch.optim.Optimizer]) -> None:
                           "set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over")
 
 
-def state_of(t: Tracked) -> dict[str, Any]:
-    """The checkpoint state of the tracked objects (live tensors: capture before mutating)."""
+def state_of(t: Tracked, parameters_as_is: bool = False) -> dict[str, Any]:
+    """The checkpoint state of the tracked objects (live tensors: capture before mutating).
+    ``parameters_as_is``: see ``module_state``."""
     return {
-        "modules": {str(i): module_state(m) for i, m in enumerate(t.modules)},
+        "modules": {str(i): module_state(m, parameters_as_is) for i, m in enumerate(t.modules)},
         "optimizers": {str(i): sharded.optimizer_state_dict(o) for i, o in enumerate(t.optimizers)},  # ZeRO: no gather
         "schedulers": {k: s.state_dict() for k, s in t.schedulers.items()},
         "scalers": {k: s.state_dict() for k, s in t.scalers.items()},
     }
 
 
-def module_state(m: nn.Module) -> dict[str, Any]:
+def module_state(m: nn.Module, parameters_as_is: bool = False) -> dict[str, Any]:
     """``m.state_dict()``, built here for the modules of its tree that leave state_dict as torch's.
 
     torch's recursive state_dict costs milliseconds for a model of hundreds of modules, at every
     snapshot. A module whose class keeps torch's ``state_dict`` and ``_save_to_state_dict``, with no
     state-dict hooks and no extra state, contributes exactly what torch's would: its parameters and
     persistent buffers, detached, then its children in order, with the same ``_metadata``. Any other
-    module gets its own ``state_dict(destination=..., prefix=...)`` call, as its parent's would make."""
+    module gets its own ``state_dict(destination=..., prefix=...)`` call, as its parent's would make.
+
+    ``parameters_as_is``: such a module's plain ``nn.Parameter`` objects are given themselves, not
+    detached (``keep_vars=True`` for them): a detach makes a new tensor per parameter at every
+    snapshot, and the snapshot's later passes know the optimizer's own parameter objects by identity.
+    The caller then records them as torch's state_dict would (``requires_grad`` false:
+    ``Checkpointer.save(_as_state_dict=True)``)."""
     if not _plain_state(m):
         return m.state_dict()
     out: Any = OrderedDict()
     out._metadata = OrderedDict()
-    _put_state(m, "", out)
+    _put_state(m, "", out, parameters_as_is)
     return out
 
 
@@ -336,11 +343,12 @@ def _plain_state(m: nn.Module) -> bool:
             and "state_dict" not in m.__dict__ and "_save_to_state_dict" not in m.__dict__)
 
 
-def _put_state(m: nn.Module, prefix: str, out: Any) -> None:
+def _put_state(m: nn.Module, prefix: str, out: Any, as_is: bool) -> None:
     out._metadata[prefix[:-1]] = {"version": m._version}
     for name, p in m._parameters.items():
         if p is not None:
-            out[prefix + name] = p.detach()
+            # (A subclass, a DTensor parameter of FSDP2 included, is detached as torch's would.)
+            out[prefix + name] = p if as_is and type(p) is _PARAMETER else p.detach()
     if m._buffers:
         skip = m._non_persistent_buffers_set
         for name, b in m._buffers.items():
@@ -350,7 +358,7 @@ def _put_state(m: nn.Module, prefix: str, out: Any) -> None:
         if child is None:
             continue
         if _plain_state(child):
-            _put_state(child, f"{prefix}{name}.", out)
+            _put_state(child, f"{prefix}{name}.", out, as_is)
         else:
             child.state_dict(destination=out, prefix=f"{prefix}{name}.", keep_vars=False)
 
@@ -358,6 +366,7 @@ def _put_state(m: nn.Module, prefix: str, out: Any) -> None:
 _MODULE_STATE_DICT = nn.Module.state_dict
 _MODULE_SAVE = nn.Module._save_to_state_dict
 _MODULE_EXTRA = nn.Module.get_extra_state
+_PARAMETER = nn.Parameter
 
 
 def grads_of(t: Tracked) -> dict[str, dict[str, Any]]:

@@ -179,7 +179,10 @@ class Lazy:
                     guards.append(g)
         futures: list = []
         armed = Armed(s.step, futures, guards, threading.current_thread())
-        kw = {"_gate": armed.gate} if lazy else {}
+        # The state's module parameters come undetached (Session._collect): recorded as state_dict()'s.
+        kw: dict[str, Any] = {"_as_state_dict": True}
+        if lazy:
+            kw["_gate"] = armed.gate
         try:
             f = tier.save(s.step, state, rank_state, **kw) if tier is not None else None
             # Captured once: storage's checkpoint is copied from the memory tier's (tier_publish.py).

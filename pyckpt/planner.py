@@ -69,6 +69,7 @@ class Described:
     bases: list[int]
     signature: list[tuple] | None = None
     columns: Any = None  # ``signature`` by field (_same_layout), made at its first reuse and shared
+    as_state_dict: bool = False  # entries record ``requires_grad`` false (describe's argument)
 
     def addr(self, sid: int) -> int:
         """Address of the first saved byte of storage ``sid`` in this save."""
@@ -110,18 +111,25 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | None = None) -> Described:
+def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | None = None,
+             as_state_dict: bool = False) -> Described:
     """Group tensors by storage and describe each as a format tensor entry.
 
     ``reuse``: an earlier result. When these tensors have its signature (the same grouping into
     storages, dtypes, shapes, strides, offsets, devices and ``requires_grad``), its entries and
     storages are returned again, with this call's addresses and tensors: a training job saves the
     same tensors at every checkpoint, and rebuilding thousands of entries each time cost the
-    training thread time and left the garbage collector tens of thousands of new objects."""
+    training thread time and left the garbage collector tens of thousands of new objects.
+
+    ``as_state_dict``: every entry records ``requires_grad`` false, as torch's ``state_dict()``
+    (detached tensors) would give it, while the tensors passed are the parameters themselves."""
+    if reuse is not None and reuse.as_state_dict != as_state_dict:
+        reuse = None  # its entries record other flags
     if reuse is not None and reuse.signature is not None and len(tensors) == len(reuse.signature):
         same = _same_layout(tensors, reuse)
         if same is not None:
-            return Described(reuse.entries, reuse.storages, same[0], same[1], reuse.signature, reuse.columns)
+            return Described(reuse.entries, reuse.storages, same[0], same[1], reuse.signature, reuse.columns,
+                             as_state_dict)
     groups: dict[tuple, int] = {}  # (device, storage address) -> index of its storage
     members: list[list[int]] = []
     saved: list[torch.Tensor] = []
@@ -158,13 +166,13 @@ def describe(tensors: list[torch.Tensor], paths: list[str], reuse: Described | N
         signature.append((gid, span, dtype, t.shape, t.stride(), dev, grad))
     keeps = [saved[m[0]] for m in members]
     if reuse is not None and reuse.signature == signature:
-        return Described(reuse.entries, reuse.storages, keeps, bases, reuse.signature, reuse.columns)
+        return Described(reuse.entries, reuse.storages, keeps, bases, reuse.signature, reuse.columns, as_state_dict)
     devices: dict[torch.device, str] = {}
     entries: list[dict] = [{}] * len(saved)
     storages = [_storage_for(sid, m, saved, spans, entries, devices) for sid, m in enumerate(members)]
     for e, sig in zip(entries, signature):
-        e["requires_grad"] = sig[-1]
-    return Described(entries, storages, keeps, bases, signature)
+        e["requires_grad"] = False if as_state_dict else sig[-1]
+    return Described(entries, storages, keeps, bases, signature, as_state_dict=as_state_dict)
 
 
 def layout_digest(d: Described) -> str:
@@ -191,6 +199,7 @@ class _Columns:
         for i, g in enumerate(self.gids):
             firsts.setdefault(g, i)
         self.firsts = [firsts[g] for g in range(len(firsts))]  # each group's first member
+        self.grad_firsts = [j for j, i in enumerate(self.firsts) if self.grads[i]]  # those requiring grad
         self.group_devices = [self.devices[i] for i in self.firsts]
         self.one_device = len(set(self.group_devices)) <= 1  # then distinct groups need distinct bases only
         self.guard: metaguard.MetaGuard | None | bool = None  # None: not made yet; False: not used
@@ -231,8 +240,9 @@ def _same_layout(tensors: list[torch.Tensor], reuse: Described) -> tuple[list, l
     if [group[g] for g in c.gids] != bases or len(distinct) != len(group):
         return None  # a group split, or two merged
     keeps = [tensors[i] for i in c.firsts]
-    if any(c.grads):
-        keeps = [k.detach() if k.requires_grad and k.grad_fn is not None else k for k in keeps]
+    for j in c.grad_firsts:  # a tensor in an autograd graph: its keep holds no graph (_check_tensor)
+        if keeps[j].grad_fn is not None:
+            keeps[j] = keeps[j].detach()
     return keeps, group
 
 

@@ -371,8 +371,10 @@ class Session:
 
     def _collect(self, point: str = "loader") -> tuple[dict, dict]:
         t = self.discovery.discover()
-        objects = discovery.state_of(t)
         replicated = t.replicated(self.coord.world_size)
+        # Replicated, the modules' parameters go as they are (no detach each): that section is recorded
+        # as state_dict() gives it (Lazy.save); per rank, with the flags they have.
+        objects = discovery.state_of(t, parameters_as_is=replicated)
         loop, script_objects = self._capture_loop(point, t)
         rank_state = {
             "loop": loop,

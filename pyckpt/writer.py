@@ -134,14 +134,15 @@ class RankPlan:
 
 
 def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: int, chunks: list[Chunk],
-             last: Section | None) -> Section:
+             last: Section | None, as_state_dict: bool = False) -> Section:
     """Describe one scope and pack the storages this rank writes onto ``chunks``. ``last``: this
     scope's section of the previous save (same rank, world size and chunk size): its storages,
-    pieces and chunks are reused when the tensors have the same layout (planner.describe)."""
+    pieces and chunks are reused when the tensors have the same layout (planner.describe).
+    ``as_state_dict``: planner.describe's."""
     tr, tensors, paths = state if type(state) is tree.Flat else tree.flatten(state)
     first = len(chunks)
     reusable = last is not None and last.first_chunk == first  # piece records name chunks by index
-    d = describe(tensors, paths, last.described if reusable else None)
+    d = describe(tensors, paths, last.described if reusable else None, as_state_dict)
     if reusable and d.storages is last.storages:
         chunks += last.chunks
         # ``mine`` keeps the storages' order (ids count from 0): when it has them all, keeps is d.keeps.
@@ -158,15 +159,17 @@ def _section(scope: str, state: Any, rank: int, world_size: int, chunk_bytes: in
 
 
 def prepare(state: Any, rank_state: Any, rank: int, world_size: int, chunk_bytes: int,
-            last: dict | None = None) -> RankPlan:
+            last: dict | None = None, as_state_dict: bool = False) -> RankPlan:
     """Flatten, validate and plan; raises ``UnsupportedStateError`` before any I/O. ``state`` and
     ``rank_state`` may come encoded already (``tree.Flat``).
 
     ``last``: a dict the caller keeps between saves (one per Checkpointer); the plan's sections are
-    remembered there so the next save of the same tensors reuses their layout (``_section``)."""
+    remembered there so the next save of the same tensors reuses their layout (``_section``).
+    ``as_state_dict``: ``state``'s entries record ``requires_grad`` false (planner.describe)."""
     prev = (last or {}).get((rank, world_size, chunk_bytes), {})
     chunks: list[Chunk] = []
-    rep = _section("replicated", state, rank, world_size, chunk_bytes, chunks, prev.get("replicated"))
+    rep = _section("replicated", state, rank, world_size, chunk_bytes, chunks, prev.get("replicated"),
+                   as_state_dict)
     rs = None
     if rank_state is not None:
         rs = _section("rank", rank_state, rank, world_size, chunk_bytes, chunks, prev.get("rank"))

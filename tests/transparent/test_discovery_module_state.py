@@ -108,3 +108,36 @@ def test_a_change_after_one_call_is_seen_by_the_next():
     sd = module_state(m)
     assert "1.late" in sd and sd["0.hooked"] == 1
     _same(m.state_dict(), sd, "after changes")
+
+
+
+def test_parameters_as_is_gives_the_parameter_objects_and_otherwise_torchs_tensors():
+    """The transparent layer's variant: each plain parameter of a module built by pyckpt's walk is the
+    module's own object (no new tensor per parameter per snapshot); buffers, parameter subclasses and
+    the subtrees of customized modules as torch gives them."""
+    for name, m in _models().items():
+        plain, ours = m.state_dict(), module_state(m, parameters_as_is=True)
+        assert list(plain) == list(ours) and list(plain._metadata.items()) == list(ours._metadata.items()), name
+        for k, v in ours.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v.detach(), plain[k]), (name, k)
+                if not k.endswith(("added", "w_scaled", "post")):  # made anew by each call
+                    assert v.data_ptr() == plain[k].data_ptr(), (name, k)
+    plain = _models()["plain"]
+    sd = module_state(plain, parameters_as_is=True)
+    assert all(sd[k] is p for k, p in plain.named_parameters()) and len(sd) == 10
+    m = _models()["mixed"]
+    sd = module_state(m, parameters_as_is=True)
+    assert sd["0.weight"] is m[0].weight and sd["1.weight"] is m[1].weight and sd["3.0.bias"] is m[3][0].bias
+    detached = ["1.running_mean", "2.inner.weight", "4.w", "6.weight", "7.bias"]  # buffer; customized subtrees
+    for k in detached:
+        assert type(sd[k]) is torch.Tensor and not sd[k].requires_grad, k
+
+    class _MyParam(nn.Parameter):
+        pass
+
+    sub = nn.Linear(2, 2)
+    sub.weight = _MyParam(sub.weight.detach().clone())
+    sd = module_state(sub, parameters_as_is=True)
+    assert sd["bias"] is sub.bias and type(sd["weight"]) is torch.Tensor and not sd["weight"].requires_grad
+    assert module_state(sub)["bias"] is not sub.bias  # the default detaches every one, as torch does

@@ -74,7 +74,7 @@ def tensors(v, path, out):
     elif isinstance(v, dict):
         for k, x in v.items():
             tensors(x, f"{path}/{k}", out)
-result = {"armed": armed, "gated": gated, "equal": {}, "captures": captures}
+result = {"armed": armed, "gated": gated, "equal": {}, "captures": captures, "requires_grad": []}
 with pyckpt.Checkpointer(os.environ["PYCKPT_DIR"]) as ck:
     for s, exp in expected.items():
         try:
@@ -85,6 +85,7 @@ with pyckpt.Checkpointer(os.environ["PYCKPT_DIR"]) as ck:
         saved = {}
         tensors(r.state, "", saved)
         tensors(r.rank_state, "", saved)
+        result["requires_grad"] += [p for p, t in saved.items() if t.requires_grad]  # as state_dict() gives them
         ok = True
         for k, v in exp.items():
             hits = [t for p, t in saved.items() if p.endswith("/" + k) and "optimizers" not in p]
@@ -114,6 +115,7 @@ def test_lazy_snapshot_holds_the_consistent_point_values_bn_buffers_included(tmp
     if scenario == "bn":  # .numpy() of the batch or an activation left the alias gate closed: no wait
         assert res["gated"] == {"2": True, "4": True, "6": True}
     assert res["equal"] == {"2": True, "4": True, "6": True}
+    assert res["requires_grad"] == []  # the parameters were handed over undetached, recorded as state_dict()'s
 
 
 def test_memory_tier_captures_once_and_storage_holds_the_consistent_point_values(tmp_path):
@@ -125,6 +127,7 @@ def test_memory_tier_captures_once_and_storage_holds_the_consistent_point_values
         shutil.rmtree(shm_tier.shm_path(str(tmp_path / "ck")), ignore_errors=True)
     assert warnings == []
     assert res["equal"] == {"2": True, "4": True, "6": True}  # storage's copies, read back bitwise
+    assert res["requires_grad"] == []
     # Each snapshot was captured once, by the memory tier; storage's checkpoint was copied from it.
     assert len(res["captures"]) >= 3 and all(c.startswith(shm_tier.SHM_ROOT) for c in res["captures"])
 

@@ -71,6 +71,20 @@ def test_requires_grad_is_recorded():
     assert d.entries[0]["requires_grad"] is True and d.entries[1]["requires_grad"] is False
 
 
+def test_as_state_dict_records_parameters_as_state_dict_gives_them_and_is_not_reused_across():
+    """The transparent layer passes parameters undetached and records them as ``state_dict()`` would;
+    a description made with the other setting records other flags, so it is never reused for this one."""
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    d = planner.describe([p, q, torch.ones(1)], ["p", "q", "r"], as_state_dict=True)
+    assert [e["requires_grad"] for e in d.entries] == [False, False, False] and d.keeps[0] is p
+    again = planner.describe([p, q, torch.ones(1)], ["p", "q", "r"], reuse=d, as_state_dict=True)
+    assert again.entries is d.entries and again.as_state_dict
+    other = planner.describe([p, q, torch.ones(1)], ["p", "q", "r"], reuse=d)
+    assert other.entries is not d.entries and [e["requires_grad"] for e in other.entries] == [True, False, False]
+    back = planner.describe([p, q, torch.ones(1)], ["p", "q", "r"], reuse=other, as_state_dict=True)
+    assert back.entries is not other.entries and not any(e["requires_grad"] for e in back.entries)
+
+
 def test_conjugate_view_is_materialized():
     import ctypes
 
