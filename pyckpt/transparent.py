@@ -373,7 +373,7 @@ class Session:
         t = self.discovery.discover()
         replicated = t.replicated(self.coord.world_size)
         # Replicated, the modules' parameters go as they are (no detach each): that section is recorded
-        # as state_dict() gives it (Lazy.save); per rank, with the flags they have.
+        # as state_dict() gives it (Lazy.save). Per rank (the rank section records flags as given): detached.
         objects = discovery.state_of(t, parameters_as_is=replicated)
         loop, script_objects = self._capture_loop(point, t)
         rank_state = {
