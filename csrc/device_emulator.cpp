@@ -77,7 +77,7 @@ std::atomic<bool> g_ever_enabled{false};
 ThreadPool& stream_for(State& st, int device) {
   PYCKPT_CHECK_ARG(device >= 0, "emulated device index must be >= 0, got " << device);
   auto& s = st.streams[device];
-  if (!s) s = std::make_unique<ThreadPool>(1);
+  if (!s) s = std::make_unique<ThreadPool>(1, 0, "pyckpt-emu");
   return *s;
 }
 

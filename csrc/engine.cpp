@@ -101,9 +101,9 @@ Engine::Engine(size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size
                bool pinned, int io_nice)
     : chunk_bytes_(chunk_bytes),
       pool_(staging_bytes, chunk_bytes, pinned),
-      copy_(copy_threads > 1 ? copy_threads - 1 : 1),
+      copy_(copy_threads > 1 ? copy_threads - 1 : 1, 0, "pyckpt-copy"),
       copy_parts_(copy_threads > 0 ? copy_threads : 1),
-      io_(io_threads, io_nice) {
+      io_(io_threads, io_nice, "pyckpt-io") {
   PYCKPT_CHECK_ARG(chunk_bytes > 0 && chunk_bytes <= kMaxChunkBytes,
                    "chunk_bytes must be in (0, 2 GiB], got " << chunk_bytes);
 }
@@ -209,6 +209,7 @@ void Engine::submit_writes(const std::shared_ptr<SaveJob>& job,
 void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, const DeviceEvents& after) {
   std::vector<std::pair<size_t, uint8_t*>> captured;  // captured, write not yet submitted
   std::deque<DeviceCopy> copying;  // device chunks queued on the engine stream, oldest first
+  name_this_thread("pyckpt-capture");
   try {
     job->open_files();
     job->map_files(maps_);

@@ -3,6 +3,7 @@
 #if defined(__linux__)
 #include <cerrno>
 
+#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -29,11 +30,22 @@ void lower_thread_priority(int nice) noexcept {
 
 }  // namespace
 
-ThreadPool::ThreadPool(size_t nthreads, int nice) {
+void name_this_thread(const char* name) noexcept {
+#if defined(__linux__)
+  char buf[16] = {};  // the kernel keeps 15 characters; a longer name would make the call fail
+  for (size_t i = 0; i + 1 < sizeof buf && name[i] != '\0'; ++i) buf[i] = name[i];
+  (void)pthread_setname_np(pthread_self(), buf);
+#else
+  (void)name;
+#endif
+}
+
+ThreadPool::ThreadPool(size_t nthreads, int nice, const char* name) {
   if (nthreads == 0) nthreads = 1;
   workers_.reserve(nthreads);
   for (size_t i = 0; i < nthreads; ++i)
-    workers_.emplace_back([this, nice] {
+    workers_.emplace_back([this, nice, name] {
+      name_this_thread(name);
       lower_thread_priority(nice);
       work();
     });

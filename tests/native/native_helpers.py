@@ -114,6 +114,18 @@ def nice_of_threads() -> dict[int, int]:
     return out
 
 
+def names_of_threads(tids) -> dict[int, str]:
+    """tid -> the thread's name (/proc/self/task/<tid>/comm) for those of ``tids`` still running."""
+    out = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                out[int(tid)] = f.read().strip()
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def new_threads(before: set[int], want: int, niced: tuple[int, int] = (0, 0), timeout: float = 10.0) -> dict[int, int]:
     """tid -> nice of the threads not in ``before``, once ``want`` of them are there and, with
     ``niced=(n, value)``, ``n`` of them at ``value`` (a worker lowers itself as it starts); or at the

@@ -1,7 +1,9 @@
 """PYCKPT_IO_NICE: the engine's I/O workers (writes and reads) run at that nice value; its capture
 and copy threads, which the next optimizer step may wait for, and the thread that made the engine
 keep the process's; a value is only ever lowered, never raised. Read back from /proc per thread
-(Linux keeps a nice value per thread), in a child process each, so no other test's thread counts."""
+(Linux keeps a nice value per thread), in a child process each, so no other test's thread counts.
+The engine's threads are named (pyckpt-io, pyckpt-copy, pyckpt-capture) so that top -H, py-spy and
+perf tell them from training's threads."""
 from __future__ import annotations
 
 import json
@@ -48,6 +50,30 @@ def test_the_io_workers_run_at_the_nice_value_and_every_other_thread_keeps_the_p
     assert out["ok"] and out["after"] == mine  # the calling thread is unchanged
     assert out["workers"] == sorted([mine] * 2 + [19] * 3)
     assert out["capture"] == [mine]
+
+
+def test_the_engines_threads_carry_names_that_say_what_they_do(tmp_path):
+    out = run_child(f"""
+        import numpy as np
+        from pyckpt import _native
+        from native_helpers import addr, names_of_threads, new_threads, nice_of_threads
+        MIB = 1 << 20
+        before = set(nice_of_threads())
+        engine = _native.native().Engine(MIB, MIB, io_threads=3, copy_threads=3)
+        workers = new_threads(before, 3 + 2)
+        src = np.arange(3 * MIB, dtype=np.uint8)
+        chunks = [(0, 1, [(addr(src) + i * MIB, MIB, -1)]) for i in range(3)]
+        job = engine.save([{str(tmp_path / 'd.bin')!r}], chunks, write_delay_us=300_000, staging_timeout_ms=60_000)
+        capture = new_threads(before | set(workers), 1)
+        names = {{"workers": sorted(names_of_threads(workers).values()),
+                 "capture": sorted(names_of_threads(capture).values())}}
+        ok = job.wait(60) and job.error() is None
+        print(json.dumps(dict(names, ok=ok, main=names_of_threads([os.getpid()])[os.getpid()])))
+    """)
+    assert out["ok"]
+    assert out["workers"] == ["pyckpt-copy"] * 2 + ["pyckpt-io"] * 3
+    assert out["capture"] == ["pyckpt-capture"]
+    assert not out["main"].startswith("pyckpt")  # the calling thread keeps its name
 
 
 def test_io_nice_zero_leaves_the_workers_at_the_process_value():

@@ -16,7 +16,9 @@ class ThreadPool {
  public:
   /// `nice` > 0: each worker lowers its own scheduling priority to that nice value (Linux), so
   /// it takes a core only when the training threads leave one idle, not an equal share of it.
-  explicit ThreadPool(size_t nthreads, int nice = 0);
+  /// `name` (at most 15 characters on Linux) labels the workers in `top -H`, py-spy and
+  /// /proc/<pid>/task/*/comm, so an operator can tell the engine's threads from training's.
+  explicit ThreadPool(size_t nthreads, int nice = 0, const char* name = "pyckpt-pool");
   /// Runs every queued task, then joins the workers.
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -36,6 +38,9 @@ class ThreadPool {
 };
 
 /// Counts outstanding tasks; wait() returns when the count reaches zero.
+/// Names the calling thread (Linux: at most 15 characters are kept; elsewhere a no-op).
+void name_this_thread(const char* name) noexcept;
+
 class WaitGroup {
  public:
   void add(size_t n);
