@@ -5,7 +5,9 @@ so this prints, per save, the time until ``captured()`` and until durable, and t
 and system CPU seconds over the save (``getrusage``; copy, checksums, writes, commit, retention).
 State: the 12 x 2048² fp32 MLP + Adam of benchmarks/train_loop.py (0.6 GB), every tensor changed
 before each save (as an optimizer step would), ``keep=2``. The first save (staging allocation and
-first touch) is printed but left out of the medians.
+first touch) is printed but left out of the medians. Also printed: what the process read per save over
+the whole run (``/proc/self/io`` ``rchar``, Linux): with incremental chunks, the background check after
+each commit reads back the chunks the next save may reference.
 
 ``--memory-tier``: the same saves go to the memory tier alone (``PYCKPT_SHM_MB``'s ``/dev/shm`` copy,
 ``keep=1``, no storage), as every snapshot of a job with ``PYCKPT_STORAGE_EVERY`` does; its first two
@@ -16,6 +18,7 @@ saves create the two files the tier then writes over in turn, so the medians sta
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -33,8 +36,6 @@ def main() -> None:
     ap.add_argument("--memory-tier", action="store_true", help="save to the /dev/shm memory tier only")
     args = ap.parse_args()
     if args.memory_tier:
-        import os
-
         os.environ["PYCKPT_SHM_MB"] = "4096"
     import pyckpt
     from pyckpt import shm_tier
@@ -46,6 +47,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="pyckpt-savecpu-", dir=args.dir)
     rows = []
     tier = None
+    read0 = _bytes_read()
     try:
         ck = pyckpt.Checkpointer(root, keep=2)
         if args.memory_tier:
@@ -66,6 +68,7 @@ def main() -> None:
             rows.append((t1 - t0, t2 - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
             print(f"save {i}: captured {rows[-1][0]:.3f} s, durable {rows[-1][1]:.3f} s, "
                   f"CPU user {rows[-1][2]:.3f} s, sys {rows[-1][3]:.3f} s", flush=True)
+        read = _bytes_read()
     finally:
         if tier is not None:
             tier.remove()
@@ -75,6 +78,18 @@ def main() -> None:
     med = [statistics.median(col) for col in zip(*steady)]
     print(f"{'memory tier: ' if args.memory_tier else ''}median of saves {first}..{len(rows) - 1}: captured {med[0]:.3f} s, durable {med[1]:.3f} s, "
           f"CPU user {med[2]:.3f} s, sys {med[3]:.3f} s")
+    if read is not None and read0 is not None:
+        print(f"read by the process per save (whole run, /proc/self/io rchar / {len(rows)} saves): "
+              f"{(read - read0) / len(rows) / 1e6:.1f} MB")
+
+
+def _bytes_read() -> int | None:
+    """Bytes this process has read through read()-like calls so far (Linux), else None."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 if __name__ == "__main__":

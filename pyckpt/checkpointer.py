@@ -391,14 +391,14 @@ class Checkpointer:
         try:
             if not self._baseline.seeded and not self._baseline:
                 self._baseline.seed(self.directory, self.coord.rank)
-            moved = self._moved_chunks(plan)
+            moved = plan.moved = self._moved_chunks(plan)
             plan.expect, plan.refs = self._baseline.expectations(
                 writer.storages_json(plan) + sharded.storages_json(plan), [c.raw_len for c in plan.chunks],
                 list(map(bool, writer.chunk_gpus(plan))), os.path.basename(final),
                 self.directory, knobs.get("PYCKPT_INCREMENTAL_VERIFY"), moved, plan.deferred)
             expected = {e[0] for e in plan.expect}
             plan.no_fp = {i for i in moved - expected
-                          if (i + self._baseline.saves) % incremental_mod.SAMPLE_EVERY}
+                          if (i + self._baseline.saves) % incremental_mod.SAMPLE_EVERY > 1}
         except Exception as e:  # never into training: this save is simply written in full
             log.warning("pyckpt: incremental save not possible, writing every chunk: %s", e)
             damaged = self._baseline.damaged
@@ -412,9 +412,10 @@ class Checkpointer:
         """Chunks every storage of which moved its version counter since the last save (trained
         weights, optimizer moments). Those with no expectation (no fingerprint to compare with, or
         one that changed at the last save) are written without computing a fingerprint, one pass
-        over their bytes less per save, except at a rotating 1 in SAMPLE_EVERY saves: a tensor
-        updated in place without changing (a frozen group with lr=0) gets a fingerprint then and is
-        referenced from the next save on. A version that did not move proves nothing (``.data``
+        over their bytes less per save, except at two saves in a row of every SAMPLE_EVERY: a tensor
+        updated in place without changing (a frozen group with lr=0) gets the same fingerprint at both,
+        is then read back by the pre-check and referenced from the next save on; one that changes gets
+        two that differ, and is neither read back nor fingerprinted before its copy (Baseline.unproven). A version that did not move proves nothing (``.data``
         writes bypass it, a new tensor may sit at an old address): those chunks keep the fingerprint."""
         moved: set[int] = set()
         still: set[int] = set()
@@ -541,7 +542,7 @@ class Checkpointer:
             # The next save references this one; unless damage found meanwhile started the baseline
             # over (_found_damaged): this save's references may point into the damaged data. Its chunks
             # are read back and checked now, in the background, not in the next save call.
-            self._baseline.update(part, os.path.basename(final), self.directory)
+            self._baseline.update(part, os.path.basename(final), self.directory, plan.moved)
         if self.hand_over_parts and part is not None:
             fut._committed = (part, plan)
         url = None

@@ -59,6 +59,11 @@ class Baseline:
     def __init__(self) -> None:
         self.chunks: dict[tuple, tuple[int, dict, int]] = {}  # sig -> (fp, record, file nbytes)
         self.changed: set[tuple] = set()  # sigs whose fingerprint changed at the last save
+        # Sigs the last save recorded without a fingerprint (trained chunks copied without one), and
+        # those it fingerprinted, that the save before had recorded so, whose tensors moved in between:
+        # one fingerprint with nothing to compare it with does not show they stopped changing.
+        self.unfingerprinted: set[tuple] = set()
+        self.unproven: set[tuple] = set()
         self.saves = 0
         self.seeded = False
         # What ``seed`` may start from. References are checked against CRC records, never against the
@@ -86,16 +91,23 @@ class Baseline:
     def __bool__(self) -> bool:
         return bool(self.chunks)
 
-    def update(self, part: dict, step_name: str, root: str | None = None) -> None:
+    def update(self, part: dict, step_name: str, root: str | None = None, moved: set[int] = frozenset()) -> None:
         """Take the chunks of ``part`` (this rank's part of committed checkpoint ``step_name``); with
-        ``root`` (the checkpoints' root), start the background pre-check of those the next save may reference."""
+        ``root`` (the checkpoints' root), start the background pre-check of those the next save may reference.
+        ``moved``: the chunks whose tensors all moved their version counter before that save."""
         sizes = {f["path"]: f["nbytes"] for f in part.get("files", [])}
         sigs = self.signatures(part.get("storages", []), len(part.get("chunks", [])))
         new: dict[tuple, tuple[int, dict, int]] = {}
-        for ch, sig in zip(part.get("chunks", []), sigs):
+        unfingerprinted: set[tuple] = set()
+        unproven: set[tuple] = set()
+        for i, (ch, sig) in enumerate(zip(part.get("chunks", []), sigs)):
             fp = ch.get("fingerprint")
+            if sig and not isinstance(fp, str):
+                unfingerprinted.add((ch["raw_len"],) + sig)
             if not isinstance(fp, str) or not sig or ch["file"] not in sizes:
                 continue
+            if i in moved and (ch["raw_len"],) + sig in self.unfingerprinted:
+                unproven.add((ch["raw_len"],) + sig)
             try:
                 value = int(fp, 16)
             except ValueError:
@@ -110,6 +122,11 @@ class Baseline:
         # capture path); its fingerprint still comes from the staged copy, so a chunk that stops
         # changing is referenced again one save later.
         self.changed = {k for k, v in new.items() if k in self.chunks and self.chunks[k][0] != v[0]}
+        # A trained chunk sampled by this save (Checkpointer._moved_chunks fingerprints moved chunks at two
+        # saves in a row): not read back until the second fingerprint shows it unchanged. One that did
+        # not move this time (trained no more) is read back as any other.
+        self.unproven = unproven
+        self.unfingerprinted = unfingerprinted
         self.chunks = new
         self.saves += 1
         if root is not None:
@@ -117,14 +134,15 @@ class Baseline:
 
     def precheck(self, root: str) -> None:
         """Read back and CRC-check, on a low-priority daemon thread, the chunks the next save may
-        reference (all but those that just changed), so that save finds them checked: the read
-        costs the training thread nothing unless that save comes before it is done."""
+        reference (all but those that just changed, or that have only one fingerprint since they last
+        moved: trained weights, which would be read back and compared in vain), so that save finds them
+        checked: the read costs the training thread nothing unless that save comes before it is done."""
         self.stop_precheck()
         if _EXITING:
             return
         todo: dict[str, tuple[int, list[dict]]] = {}
         for key, (_, rec, nbytes) in self.chunks.items():
-            if key not in self.changed:
+            if key not in self.changed and key not in self.unproven:
                 todo.setdefault(rec["file"], (nbytes, []))[1].append(rec)
         if todo:
             self._precheck = _Precheck(self, root, todo)

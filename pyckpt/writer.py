@@ -119,6 +119,9 @@ class RankPlan:
     # Chunks known to have changed (every tensor in them moved its version counter since the
     # previous save): written without a fingerprint (Checkpointer._plan_incremental).
     no_fp: set[int] = field(default_factory=set)
+    # Chunks every tensor of which moved its version counter since the previous save, fingerprinted
+    # or not (Baseline.update: such a chunk's first fingerprint is not read back).
+    moved: set[int] = field(default_factory=set)
 
     def keep_alive(self) -> list[torch.Tensor]:
         """Tensors whose memory the engine reads until the save is captured."""

@@ -398,6 +398,50 @@ def test_tensors_updated_in_place_are_written_without_computing_a_fingerprint(tm
     assert sum(skipped) >= 6 and not all(skipped)  # sampled 1 in 8: at most 2 of these 8 fingerprinted
 
 
+def test_a_tensor_that_changes_at_every_save_is_never_read_back_nor_fingerprinted_before_its_copy(
+        tmp_path, monkeypatch, knob_env):
+    """Trained weights change at every save. The save that samples their fingerprint (fused with the
+    copy) has no earlier one to compare it with; that alone proves nothing, so the background check
+    does not read the chunk back from disk, and the next save does not fingerprint it again before
+    copying it (both were wasted on every trained chunk a sampled save had touched: 1/8 of the state
+    read back, and fingerprinted in an extra pass, at every save). A frozen tensor is still checked
+    once and referenced. Every checkpoint loads exactly."""
+    from pyckpt import incremental
+
+    moving, frozen = torch.zeros(1 << 18), torch.randn(1 << 18)  # 1 MiB each: one chunk each
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    read_back, expected = [], []
+    real_sound = incremental._RefFile.sound
+    monkeypatch.setattr(incremental._RefFile, "sound",
+                        lambda self, rec, stop=None: (self.known_sound(rec) or read_back.append(rec["offset"])
+                                                      or real_sound(self, rec, stop)))
+    real_expect = incremental.Baseline.expectations
+
+    def expectations(self, *a, **kw):
+        expect, refs = real_expect(self, *a, **kw)
+        expected.append({refs[i][0]["offset"] for i, *_ in expect})  # offsets in the referenced file
+        return expect, refs
+
+    monkeypatch.setattr(incremental.Baseline, "expectations", expectations)
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
+        offsets = []
+        for step in range(1, 20):
+            moving.add_(1.0)
+            _precheck_done(ck)  # saves minutes apart: the background check had all the time it wanted
+            before = len(read_back)
+            path = ck.save(step, {"frozen": frozen, "moving": moving}).result(60)
+            assert _equal(pyckpt.load(path), {"frozen": frozen, "moving": moving})
+            chunks = _part(path)["chunks"]
+            offsets.append((step, len(read_back) - before, [c["file"].startswith("../") for c in chunks]))
+        _precheck_done(ck)
+    # Save 1 wrote both chunks; the check after it read both back (no save had told them apart yet).
+    # From then on only the frozen chunk is referenced, and nothing more is read: the frozen chunk's
+    # reference stays known sound, and no sampled fingerprint of the trained one sends it to disk.
+    assert len(read_back) == 2, read_back
+    assert all(sum(refs) == 1 for _, _, refs in offsets[1:]), offsets
+    assert all(len(e) <= 1 for e in expected[2:]), expected  # the frozen chunk only, from save 3 on
+
+
 def test_a_tensor_updated_in_place_without_changing_is_referenced_again(tmp_path, knob_env):
     """A frozen parameter group with lr=0 is updated in place every step (its version moves) with no
     change: a sampled save fingerprints it, and from then on it is referenced, save after save."""
@@ -413,6 +457,26 @@ def test_a_tensor_updated_in_place_without_changing_is_referenced_again(tmp_path
             assert _equal(pyckpt.load(path), {"still": still})
     first = refs.index(True)
     assert first <= 9 and all(refs[first:]), refs
+
+
+def test_a_trained_tensor_that_stops_changing_but_is_still_updated_in_place_is_referenced_again(tmp_path, knob_env):
+    """A group trained for a while, then frozen by setting its lr to 0 (still updated in place, its
+    version moving at every step): once two sampled fingerprints in a row agree, its chunk is read
+    back in the background and referenced from then on, save after save."""
+    settling = torch.zeros(1 << 18)
+    refs = []
+    knob_env(PYCKPT_CHUNK_MB=1)  # the engine rebuilt with 1 MiB chunks, and again after the test
+    with pyckpt.Checkpointer(str(tmp_path / "root"), keep=30) as ck:
+        for step in range(1, 25):
+            settling.add_(1.0 if step <= 4 else 0.0)
+            _precheck_done(ck)  # saves minutes apart: the reference was checked on disk meanwhile
+            path = ck.save(step, {"settling": settling}).result(60)
+            refs.append(any(c["file"].startswith("../") for c in _part(path)["chunks"]))
+            assert _equal(pyckpt.load(path), {"settling": settling})
+    assert not any(refs[:5]), refs  # changed at each of saves 1-4 (save 5 is the first unchanged one)
+    first = refs.index(True)
+    # Fingerprinted at two saves in a row of every 8, then referenced from the next save on.
+    assert first <= 4 + 8 + 2 and all(refs[first:]), refs
 
 
 def test_inference_mode_tensors_without_a_version_counter_are_fingerprinted(tmp_path, caplog, knob_env):
