@@ -415,8 +415,9 @@ class Checkpointer:
         over their bytes less per save, except at two saves in a row of every SAMPLE_EVERY: a tensor
         updated in place without changing (a frozen group with lr=0) gets the same fingerprint at both,
         is then read back by the pre-check and referenced from the next save on; one that changes gets
-        two that differ, and is neither read back nor fingerprinted before its copy (Baseline.unproven). A version that did not move proves nothing (``.data``
-        writes bypass it, a new tensor may sit at an old address): those chunks keep the fingerprint."""
+        two that differ, and is neither read back nor fingerprinted before its copy (Baseline.unproven).
+        A version that did not move proves nothing (``.data`` writes bypass it, a new tensor may sit at an
+        old address): those chunks keep the fingerprint."""
         moved: set[int] = set()
         still: set[int] = set()
         now: list[tuple] = []  # per section: (its storages' layout, their addresses, their versions)
