@@ -124,6 +124,9 @@ void translate(const Error& e) {
 
 void bind_functions(py::module_& m) {
   m.def("version", [] { return std::string(PYCKPT_VERSION); });
+  m.def(
+      "name_this_thread", [](const std::string& name) { name_this_thread(name.c_str()); }, py::arg("name"),
+      "Name the calling OS thread (Linux keeps 15 characters; elsewhere a no-op), as top -H and perf show it.");
   m.def("cuda_compiled", &cuda::compiled);
   m.def("cuda_available", &cuda::available, py::call_guard<py::gil_scoped_release>());
   m.def(

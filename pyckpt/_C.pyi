@@ -17,6 +17,8 @@ MAX_CHUNK_BYTES: int  # 2**31: no chunk decodes to more (Engine's chunk_bytes is
 MAX_ZSTD_RATIO: int  # 32768: a zstd chunk never decodes to more than this times its stored bytes
 
 def version() -> str: ...
+def name_this_thread(name: str) -> None:
+    """Name the calling OS thread (Linux keeps 15 characters; elsewhere a no-op)."""
 def cuda_compiled() -> bool:
     """True when the CUDA sources were compiled in (nvcc was found at build time)."""
 def cuda_available() -> bool:

@@ -32,6 +32,14 @@ except ImportError as e:  # not built, or built for another Python
     _IMPORT_ERROR = e
 
 
+def name_os_thread() -> None:
+    """Give the calling thread's Python name (``pyckpt-commit-12``) to the OS thread too, cut to 15
+    characters on Linux, so that ``top -H``, ``ps -T`` and perf tell pyckpt's threads from training's
+    (Python 3.11 leaves every thread named after the process)."""
+    if _C is not None:  # only a label: without the extension there is nothing to name
+        _C.name_this_thread(threading.current_thread().name)
+
+
 def native() -> "ModuleType":
     """Return ``pyckpt._C``, or raise NativeError saying how to build it."""
     if _C is None:

@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import incremental as incremental_mod
 from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, tree, writer
-from ._native import CODEC_IDS, require_codec
+from ._native import CODEC_IDS, name_os_thread, require_codec
 from .coord import Coordinator, LocalCoordinator
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError,
                      UnsupportedStateError)
@@ -340,6 +340,7 @@ class Checkpointer:
         return fut
 
     def _finish_when_started(self, fut: SaveFuture, plan: writer.RankPlan, started: Future, *rest: Any) -> None:
+        name_os_thread()
         job, err = started.result()
         try:
             self._finish(fut, plan, job, err, *rest)

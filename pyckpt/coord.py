@@ -28,6 +28,8 @@ import weakref
 from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
+from . import _native
+
 _POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.01  # store polls back off from 0.2 ms to 10 ms
 HEARTBEAT_S = 0.5  # how often each rank bumps its heartbeat counter
 DEAD_AFTER_S = 5.0  # a waited-for rank whose counter has not moved this long (waiter's clock) is gone
@@ -204,6 +206,7 @@ def _start_heartbeat(coord: StoreCoordinator) -> None:
     stop = threading.Event()
 
     def beat() -> None:
+        _native.name_os_thread()
         while ref() is not None and not stop.is_set():
             try:
                 store.add(key, 1)

@@ -25,7 +25,7 @@ import stat
 import threading
 import zlib
 
-from . import gcpause, layout
+from . import _native, gcpause, layout
 
 log = logging.getLogger("pyckpt")
 
@@ -482,6 +482,7 @@ class _Precheck(threading.Thread):
             _RUNNING.discard(self)
 
     def _check(self) -> None:
+        _native.name_os_thread()
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
         except (AttributeError, OSError):

@@ -36,7 +36,7 @@ import os
 import threading
 from typing import Any
 
-from . import commit, incremental, layout, manifest, metrics, writer
+from . import _native, commit, incremental, layout, manifest, metrics, writer
 from .checkpointer import SaveFuture
 from .safe_fs import CheckpointDir
 
@@ -65,6 +65,7 @@ class Publication:
         self.thread.start()
 
     def _run(self) -> None:
+        _native.name_os_thread()
         fds: dict[str, int] = {}
         try:
             try:

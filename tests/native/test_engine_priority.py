@@ -76,6 +76,23 @@ def test_the_engines_threads_carry_names_that_say_what_they_do(tmp_path):
     assert not out["main"].startswith("pyckpt")  # the calling thread keeps its name
 
 
+def test_pyckpts_python_threads_carry_their_names_to_the_os(tmp_path):
+    # Python 3.11 leaves a thread's OS name the process's; the commit thread sets its own (cut to 15).
+    out = run_child(f"""
+        import time, torch, pyckpt
+        from native_helpers import names_of_threads, nice_of_threads
+        ck = pyckpt.Checkpointer({str(tmp_path / 'root')!r})
+        fut = ck.save(7, {{"w": torch.randn(1 << 18)}})
+        seen = set()
+        while not fut.done():
+            seen.update(names_of_threads(nice_of_threads()).values())
+            time.sleep(0.01)
+        fut.result(60)
+        print(json.dumps(sorted(n for n in seen if n.startswith("pyckpt"))))
+    """, env={"PYCKPT_TEST_WRITE_DELAY_MS": "300", "PYCKPT_DISABLE": "1"})
+    assert "pyckpt-commit-7" in out and "pyckpt-capture" in out and "pyckpt-io" in out, out
+
+
 def test_io_nice_zero_leaves_the_workers_at_the_process_value():
     out = run_child("""
         from pyckpt import _native
