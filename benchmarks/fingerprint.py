@@ -1,13 +1,15 @@
 """Chunk fingerprint speed (issue 9 item 3) and the bytes a LoRA fine-tune writes per checkpoint.
 
-Prints, on this machine: the engine's fingerprint (AVX2 and portable loop), CRC32C (the kernel
-in use and the crc32 instruction alone), the capture kernels (copy + CRC32C, copy + CRC32C +
-fingerprint, one pass) and memcpy throughput on one core over a buffer far larger than the caches; on a CUDA machine, the
-fingerprint kernel on device memory against a device-to-host copy into pinned memory (best and
-median; goal of issue 9: >= 1 TB/s on H100/H200-class memory); then a LoRA-like state (frozen base +
-small adapters with Adam) saved by Checkpointer with incremental chunks on and off: bytes written and
-time per save after the first. ``--only`` runs some parts alone: the device part wants a buffer of a
-few GiB (``--mb 4096``), which takes ~1 ms at 4 TB/s, so that the call's fixed cost does not count.
+Prints, on this machine: the engine's fingerprint (AVX2 and portable loop), CRC32C (the kernel in use
+and the crc32 instruction alone), the capture kernels (copy + CRC32C, copy + CRC32C + fingerprint, one
+pass), the check of a chunk expected unchanged (fingerprint and CRC32C, in two reads and in one) and
+memcpy throughput on one core over a buffer far larger than the caches; on a CUDA machine, the
+fingerprint kernel on device memory against a device-to-host copy into pinned memory (best and median;
+goal of issue 9: >= 1 TB/s on H100/H200-class memory); then a LoRA-like state (frozen base + small
+adapters with Adam) saved by Checkpointer with incremental chunks on and off: bytes written, time to
+``captured()`` and to the commit per save after the first. ``--only`` runs some parts alone: the
+device part wants a buffer of a few GiB (``--mb 4096``), which takes ~1 ms at 4 TB/s, so that the
+call's fixed cost does not count.
 
     python benchmarks/fingerprint.py [--mb 512] [--base-mb 400] [--saves 5] [--only host,device,lora]
 """
@@ -59,6 +61,9 @@ def host(mb: int) -> None:
         ("copy + CRC32C + fingerprint (capture, 1 core)", best(lambda: C.copy_crc32c_fingerprint(b, a, n))),
         (f"fingerprint (engine, {'AVX2' if C.fingerprint_simd() else 'portable'}, 1 core)",
          best(lambda: C.fingerprint_addr(a, n))),
+        # What an incremental save reads to find a host chunk unchanged (PYCKPT_INCREMENTAL_VERIFY=auto).
+        ("fingerprint, then CRC32C (two reads, 1 core)", best(lambda: (C.fingerprint_addr(a, n), C.crc32c_addr(a, n)))),
+        ("fingerprint + CRC32C in one read (1 core)", best(lambda: C.crc32c_fingerprint(a, n))),
         ("fingerprint (portable loop, 1 core)", best(lambda: C.fingerprint_portable(view))),
     ]
     print(f"host, {mb} MiB buffer:")
@@ -137,7 +142,7 @@ def lora(base_mb: int, saves: int) -> None:
           f"(with Adam moments {trainable_state / 1e6:.2f} MB); {saves} saves each:")
     for inc in (True, False):
         root = tempfile.mkdtemp(prefix="pyckpt-fp-bench-")
-        written, times = [], []
+        written, times, captured = [], [], []
         try:
             with knobs.override(PYCKPT_INCREMENTAL=None), pyckpt.Checkpointer(root, keep=2, incremental=inc) as ck:
                 for step in range(saves):
@@ -146,7 +151,10 @@ def lora(base_mb: int, saves: int) -> None:
                     opt.zero_grad()
                     os.sync()
                     t = time.perf_counter()
-                    path = ck.save(step, {"model": model.state_dict(), "optim": opt.state_dict()}).result(300)
+                    fut = ck.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})
+                    fut.captured()  # what the next optimizer step waits for: the unchanged base checked
+                    captured.append(time.perf_counter() - t)
+                    path = fut.result(300)
                     times.append(time.perf_counter() - t)
                     written.append(_written(path))
         finally:
@@ -154,7 +162,8 @@ def lora(base_mb: int, saves: int) -> None:
         later = written[1:]
         print(f"  incremental={'on ' if inc else 'off'}: first save {written[0] / 1e6:8.1f} MB; later saves "
               f"{max(later) / 1e6:8.2f} MB max = {max(later) / trainable_state:6.2f}x the trainable state; "
-              f"save to commit {sorted(times[1:])[len(later) // 2]:.3f} s median")
+              f"captured {statistics.median(captured[1:]):.3f} s, save to commit {statistics.median(times[1:]):.3f} s "
+              "median")
 
 
 def main() -> None:

@@ -203,6 +203,18 @@ void bind_functions(py::module_& m) {
       },
       py::arg("dst"), py::arg("src"), py::arg("nbytes"),
       "copies nbytes from src to dst; (CRC32C, fingerprint) of the bytes stored");
+  m.def(
+      "crc32c_fingerprint",
+      [](uintptr_t src, size_t nbytes) {
+        uint64_t lanes[4] = {0, 0, 0, 0};
+        uint32_t crc;
+        {
+          py::gil_scoped_release release;
+          crc = crc32c_fp(reinterpret_cast<const void*>(src), nbytes, 0, 0, lanes);
+        }
+        return py::make_tuple(crc, fingerprint_finish(lanes, nbytes));
+      },
+      py::arg("src"), py::arg("nbytes"), "(CRC32C, fingerprint) of nbytes at src, in one read of them");
   m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"),
         "CRC32C of A||B from crc32c(A), crc32c(B) and len(B)");
   m.def(

@@ -29,6 +29,16 @@ uint32_t copy_blocks(uint8_t* d, const uint8_t* s, size_t n, uint32_t crc, uint6
   return crc;
 }
 
+// crc32c_fp without folding: block by block, each hashed while still in cache.
+uint32_t sum_blocks(const uint8_t* s, size_t n, uint32_t crc, uint64_t first_stripe, uint64_t* lanes) {
+  for (size_t o = 0; o < n; o += kBlock) {
+    const size_t len = std::min(kBlock, n - o);
+    crc = crc32c(s + o, len, crc);
+    fingerprint_lanes(s + o, len, first_stripe + o / 32, lanes);
+  }
+  return crc;
+}
+
 #if defined(__x86_64__)
 
 // Each block is stored from the register it is checksummed (and hashed)
@@ -57,6 +67,19 @@ struct CopyFingerprint {
   __m256i key, step, acc;
   PYCKPT_FOLD_TARGET __m256i operator()(size_t off) {
     const __m256i w = copy(off);
+    const __m256i x = _mm256_xor_si256(w, key);
+    acc = _mm256_add_epi64(acc, _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_srli_epi64(x, 32)), w));
+    key = _mm256_add_epi64(key, step);
+    return w;
+  }
+};
+
+// Read only: the fingerprint's stripe sums of each 32-byte block, which the fold then checksums.
+struct ReadFingerprint {
+  const uint8_t* src;
+  __m256i key, step, acc;
+  PYCKPT_FOLD_TARGET __m256i operator()(size_t off) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + off));
     const __m256i x = _mm256_xor_si256(w, key);
     acc = _mm256_add_epi64(acc, _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_srli_epi64(x, 32)), w));
     key = _mm256_add_epi64(key, step);
@@ -93,9 +116,37 @@ PYCKPT_FOLD_TARGET uint32_t copy_fp_folded(uint8_t* d, const uint8_t* s, size_t 
   return crc;
 }
 
+PYCKPT_FOLD_TARGET uint32_t sum_fp_folded(const uint8_t* s, size_t n, uint32_t seed, uint64_t first_stripe,
+                                          uint64_t* lanes, size_t* done) {
+  ReadFingerprint take{s,
+                       _mm256_add_epi64(
+                           _mm256_set_epi64x(static_cast<long long>(kFpKey[3]), static_cast<long long>(kFpKey[2]),
+                                             static_cast<long long>(kFpKey[1]), static_cast<long long>(kFpKey[0])),
+                           _mm256_set1_epi64x(static_cast<long long>(first_stripe * kFpStep))),
+                       _mm256_set1_epi64x(static_cast<long long>(kFpStep)), _mm256_setzero_si256()};
+  const uint32_t crc = ~fold::update(~seed, n, take, done);
+  alignas(32) uint64_t sums[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), take.acc);
+  for (int j = 0; j < 4; ++j) lanes[j] += sums[j];
+  return crc;
+}
+
 #endif
 
 }  // namespace
+
+uint32_t crc32c_fp(const void* src, size_t n, uint32_t seed, uint64_t first_stripe, uint64_t lanes[4]) {
+  const auto* s = static_cast<const uint8_t*>(src);
+#if defined(__x86_64__)
+  if (n >= fold::kMin && fold::available() && fingerprint_simd()) {
+    size_t done = 0;
+    seed = sum_fp_folded(s, n, seed, first_stripe, lanes, &done);
+    s += done, n -= done;
+    first_stripe += done / 32;
+  }
+#endif
+  return sum_blocks(s, n, seed, first_stripe, lanes);
+}
 
 uint32_t copy_crc32c(void* dst, const void* src, size_t n, uint32_t seed, bool stream) {
   auto* d = static_cast<uint8_t*>(dst);

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <tuple>
 
 #include "pyckpt/codec.h"
 #include "pyckpt/copy_kernel.h"
@@ -221,11 +222,17 @@ void Engine::capture_loop(const std::shared_ptr<SaveJob>& job, const DeviceEvent
       const SaveChunk& c = job->chunks()[i];
       bool verify_slab = false;  // a device chunk's CRC is checked once it is in staging
       if (c.expect) {
-        const uint64_t fp =
-            job->options().constant_fp ? 0 : source_fingerprint(c, dev_fps.empty() ? nullptr : &dev_fps[i], after);
+        // A host chunk to be CRC-checked too is fingerprinted and checksummed in one read of it.
+        const bool together = c.verify && !c.on_device && !job->options().constant_fp;
+        uint64_t fp = 0;
+        uint32_t crc = 0;
+        if (together)
+          std::tie(fp, crc) = host_fingerprint_crc(c);
+        else if (!job->options().constant_fp)
+          fp = source_fingerprint(c, dev_fps.empty() ? nullptr : &dev_fps[i], after);
         job->set_fingerprint(i, fp);
         if (fp == c.expect_fp) {
-          if (!c.verify || (!c.on_device && chunk_crc(c) == c.expect_crc)) {
+          if (!c.verify || (!c.on_device && (together ? crc : chunk_crc(c)) == c.expect_crc)) {
             job->set_status(i, kChunkReferenced);  // unchanged: no slab, no copy, no write
             job->mark_captured(i);
             continue;
@@ -398,6 +405,29 @@ uint64_t Engine::host_fingerprint(const uint8_t* p, size_t n) {
   for (size_t k = 0; k < used; ++k)
     for (int j = 0; j < 4; ++j) acc[j] += sums[k][j];
   return fingerprint_finish(acc, n);
+}
+
+std::pair<uint64_t, uint32_t> Engine::host_fingerprint_crc(const SaveChunk& chunk) {
+  uint32_t crc = 0;
+  uint64_t h = kFpSeed;
+  std::vector<uint32_t> crcs(copy_parts_ + 1);
+  std::vector<size_t> lens(copy_parts_ + 1);
+  std::vector<std::array<uint64_t, 4>> sums(copy_parts_ + 1);
+  for (const SavePiece& piece : chunk.pieces) {
+    const auto* src = reinterpret_cast<const uint8_t*>(piece.addr);
+    // As capture_host_summed: parts' CRCs from 0 combined in order, their lane sums added.
+    const size_t used = split_parts(piece.nbytes, [&](size_t k, size_t begin, size_t len) {
+      lens[k] = len, sums[k] = {0, 0, 0, 0};
+      crcs[k] = crc32c_fp(src + begin, len, 0, begin / 32, sums[k].data());
+    });
+    uint64_t acc[4] = {0, 0, 0, 0};
+    for (size_t k = 0; k < used; ++k) {
+      crc = crc32c_combine(crc, crcs[k], lens[k]);
+      for (int j = 0; j < 4; ++j) acc[j] += sums[k][j];
+    }
+    h = chunk_fold(h, fingerprint_finish(acc, piece.nbytes));
+  }
+  return {h, crc};
 }
 
 std::vector<std::vector<uint64_t>> Engine::device_fingerprints(const std::vector<SaveChunk>& chunks,

@@ -54,6 +54,8 @@ def copy_crc32c(dst: int, src: int, nbytes: int, seed: int = 0, stream: bool = T
 def copy_crc32c_fingerprint(dst: int, src: int, nbytes: int) -> tuple[int, int]:
     """``copy_crc32c`` that also fingerprints: (CRC32C, pkfp1 fingerprint) of the bytes stored."""
 FP_SEED: int  # start value of a chunk's fingerprint fold
+def crc32c_fingerprint(src: int, nbytes: int) -> tuple[int, int]:
+    """(CRC32C, fingerprint) of nbytes at address src, in one read of them."""
 def fingerprint(data: memoryview | bytes | bytearray) -> int:
     """64-bit pkfp1 fingerprint (csrc/include/pyckpt/fingerprint.h) of a host buffer (AVX2 when present)."""
 def fingerprint_portable(data: memoryview | bytes | bytearray) -> int:

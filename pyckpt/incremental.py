@@ -231,8 +231,8 @@ class Baseline:
 
         ``verify`` (PYCKPT_INCREMENTAL_VERIFY) says which unchanged chunks the engine also CRC-checks
         against the referenced chunk's ``raw_crc32c`` before skipping them: ``all``; ``sample`` (a
-        rotating 1 in SAMPLE_EVERY); ``auto`` (all host chunks, where the check costs one CRC pass
-        and no copy; sampled GPU chunks, where it costs a device-to-host copy); ``off``.
+        rotating 1 in SAMPLE_EVERY); ``auto`` (all host chunks, where the CRC comes from the same read
+        as the fingerprint; sampled GPU chunks, where it costs a device-to-host copy); ``off``.
 
         Only checkpoints of a lower step are referenced: never ``final_name`` itself (the same
         step saved again replaces it), nor a higher step left by a run this one resumed before

@@ -49,3 +49,16 @@ def test_copy_with_fingerprint_matches_the_separate_passes(C, rng, src_offset, d
         assert crc == C.crc32c_software(data), n
         assert fp == C.fingerprint_portable(data), n
         assert _untouched_around(dst, dst_offset, n), n
+
+
+@pytest.mark.parametrize("src_offset", [0, 3, 33])
+def test_checksum_with_fingerprint_in_one_read_matches_the_separate_passes(C, rng, src_offset):
+    # An incremental save's check of a chunk expected unchanged: both values from one read.
+    for n in LENGTHS:
+        src = np.frombuffer(rng.bytes(n + src_offset), dtype=np.uint8)
+        before = bytes(src)
+        crc, fp = C.crc32c_fingerprint(src.ctypes.data + src_offset, n)
+        data = bytes(src[src_offset:])
+        assert crc == C.crc32c_software(data), n
+        assert fp == C.fingerprint_portable(data), n
+        assert bytes(src) == before  # read only

@@ -90,7 +90,8 @@ def test_pyckpts_python_threads_carry_their_names_to_the_os(tmp_path):
         fut.result(60)
         print(json.dumps(sorted(n for n in seen if n.startswith("pyckpt"))))
     """, env={"PYCKPT_TEST_WRITE_DELAY_MS": "300", "PYCKPT_DISABLE": "1"})
-    assert "pyckpt-commit-7" in out and "pyckpt-capture" in out and "pyckpt-io" in out, out
+    # The commit thread lives until the save is durable (the engine's threads: the test above).
+    assert "pyckpt-commit-7" in out and "pyckpt-io" in out, out
 
 
 def test_io_nice_zero_leaves_the_workers_at_the_process_value():

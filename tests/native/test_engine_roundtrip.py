@@ -189,6 +189,42 @@ def test_checksums_and_fingerprints_taken_while_copying_match_the_bytes(C, make_
         assert fp == want
 
 
+@pytest.mark.parametrize("copy_threads", [1, 3])
+def test_host_chunks_expected_unchanged_are_referenced_only_when_fingerprint_and_crc_both_match(
+        C, make_engine, tmp_path, rng, copy_threads):
+    """A host chunk expected unchanged, with the CRC check on (PYCKPT_INCREMENTAL_VERIFY=auto), is
+    fingerprinted and checksummed in one read, split over the copy threads: it is referenced
+    (status 1) when both match; a matching fingerprint with another CRC (a collision) is written
+    afresh (2), as is a changed chunk (0); what is written reads back exactly."""
+    chunk = 4 << 20
+    engine = make_engine(staging_bytes=4 * chunk, chunk_bytes=chunk, copy_threads=copy_threads)
+    arrays = [rng.integers(0, 256, (9 << 20) + 13, dtype=np.uint8), rng.integers(0, 256, 777, dtype=np.uint8),
+              rng.integers(0, 256, (1 << 20) + 3, dtype=np.uint8)]
+    layout = plan(arrays, chunk)
+    first = engine.save([str(tmp_path / "a.bin")], save_chunks(layout, arrays), fingerprint=True)
+    assert first.wait(60) and first.error() is None
+    fps = [fp for fp, _ in first.incremental()]
+    crcs = [r[5] for r in first.results()]
+    n = len(layout.chunks)
+    assert n >= 3 and any(len(pieces) > 1 for _f, _es, pieces in layout.chunks)
+    collided, changed = 0, n - 1  # the last chunk holds the odd tail and both small arrays
+    arrays[2][5] ^= 0x77  # in the last chunk
+    expect = [(i, fps[i], True, crcs[i] ^ (1 if i == collided else 0)) for i in range(n)]
+    path = str(tmp_path / "b.bin")
+    second = engine.save([path], save_chunks(layout, arrays), fingerprint=True, expect=expect)
+    assert second.wait(60) and second.error() is None
+    status = [s for _, s in second.incremental()]
+    assert status == [2 if i == collided else 0 if i == changed else 1 for i in range(n)]
+    for i in (collided, changed):
+        _f, _es, pieces = layout.chunks[i]
+        want = b"".join(arrays[a].view(np.uint8)[o:o + k].tobytes() for a, o, k in pieces)
+        o, s, r, c, k, raw_crc = second.results()[i]
+        assert raw_crc == C.crc32c_software(want)
+        out = np.zeros(r, dtype=np.uint8)
+        assert engine.read([path], [(0, o, s, r, c, k, [(0, addr(out), r, -1)])]) == []
+        assert out.tobytes() == want
+
+
 def test_chunks_marked_changed_are_written_without_a_fingerprint(C, make_engine, tmp_path, rng):
     """skip_fingerprint: those chunks get no fingerprint (0), the others the real one, and every chunk
     is written and read back exactly; a chunk cannot be both expected unchanged and skipped."""

@@ -20,4 +20,9 @@ uint32_t copy_crc32c(void* dst, const void* src, size_t n, uint32_t seed = 0, bo
 uint32_t copy_crc32c_fp(void* dst, const void* src, size_t n, uint32_t seed, uint64_t first_stripe,
                         uint64_t lanes[4]);
 
+/// The CRC32C (continuing from `seed`) of n bytes and their fingerprint lane sums, in one read of
+/// them: an incremental save's check of a chunk expected unchanged (fingerprint, then checksum
+/// against the chunk it would reference) without a second pass over memory.
+uint32_t crc32c_fp(const void* src, size_t n, uint32_t seed, uint64_t first_stripe, uint64_t lanes[4]);
+
 }  // namespace pyckpt

@@ -151,6 +151,9 @@ class Engine {
   static std::vector<std::vector<uint64_t>> device_fingerprints(const std::vector<SaveChunk>& chunks,
                                                                 const DeviceEvents& after);
   uint64_t host_fingerprint(const uint8_t* p, size_t n);
+  /// An all-host chunk's fingerprint and the CRC32C of its bytes, in one read of them on the copy
+  /// workers: the check of a chunk expected unchanged whose reference's CRC must match too.
+  std::pair<uint64_t, uint32_t> host_fingerprint_crc(const SaveChunk& chunk);
   /// A captured chunk's fingerprint, from its staging slab.
   static uint64_t slab_fingerprint(const SaveChunk& chunk, const uint8_t* slab);
   void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
