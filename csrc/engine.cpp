@@ -407,27 +407,36 @@ uint64_t Engine::host_fingerprint(const uint8_t* p, size_t n) {
   return fingerprint_finish(acc, n);
 }
 
-std::pair<uint64_t, uint32_t> Engine::host_fingerprint_crc(const SaveChunk& chunk) {
+std::pair<uint64_t, uint32_t> Engine::sum_pieces(const SaveChunk& chunk, bool want_fp, const PartSum& part) {
   uint32_t crc = 0;
   uint64_t h = kFpSeed;
+  size_t at = 0;  // the piece's offset in the chunk
   std::vector<uint32_t> crcs(copy_parts_ + 1);
   std::vector<size_t> lens(copy_parts_ + 1);
   std::vector<std::array<uint64_t, 4>> sums(copy_parts_ + 1);
   for (const SavePiece& piece : chunk.pieces) {
     const auto* src = reinterpret_cast<const uint8_t*>(piece.addr);
-    // As capture_host_summed: parts' CRCs from 0 combined in order, their lane sums added.
+    // Each part's CRC starts from 0; combined in order they give the piece's
+    // CRC, and the parts' lane sums add up to its fingerprint's.
     const size_t used = split_parts(piece.nbytes, [&](size_t k, size_t begin, size_t len) {
       lens[k] = len, sums[k] = {0, 0, 0, 0};
-      crcs[k] = crc32c_fp(src + begin, len, 0, begin / 32, sums[k].data());
+      crcs[k] = part(src + begin, at + begin, begin / 32, len, want_fp ? sums[k].data() : nullptr);
     });
     uint64_t acc[4] = {0, 0, 0, 0};
     for (size_t k = 0; k < used; ++k) {
       crc = crc32c_combine(crc, crcs[k], lens[k]);
       for (int j = 0; j < 4; ++j) acc[j] += sums[k][j];
     }
-    h = chunk_fold(h, fingerprint_finish(acc, piece.nbytes));
+    if (want_fp) h = chunk_fold(h, fingerprint_finish(acc, piece.nbytes));
+    at += piece.nbytes;
   }
   return {h, crc};
+}
+
+std::pair<uint64_t, uint32_t> Engine::host_fingerprint_crc(const SaveChunk& chunk) {
+  return sum_pieces(chunk, true, [](const uint8_t* src, size_t, uint64_t stripe, size_t len, uint64_t* lanes) {
+    return crc32c_fp(src, len, 0, stripe, lanes);  // one read: no copy
+  });
 }
 
 std::vector<std::vector<uint64_t>> Engine::device_fingerprints(const std::vector<SaveChunk>& chunks,
@@ -506,30 +515,11 @@ uint64_t Engine::slab_fingerprint(const SaveChunk& chunk, const uint8_t* slab) {
 }
 
 uint32_t Engine::capture_host_summed(const SaveChunk& chunk, uint8_t* slab, uint64_t* fp) {
-  uint32_t crc = 0;
-  uint64_t h = kFpSeed;
-  uint8_t* dst = slab;
-  std::vector<uint32_t> crcs(copy_parts_ + 1);
-  std::vector<size_t> lens(copy_parts_ + 1);
-  std::vector<std::array<uint64_t, 4>> sums(copy_parts_ + 1);
-  for (const SavePiece& piece : chunk.pieces) {
-    const auto* src = reinterpret_cast<const uint8_t*>(piece.addr);
-    // Each part's CRC starts from 0; combined in order they give the piece's
-    // CRC, and the parts' lane sums add up to its fingerprint's.
-    const size_t used = split_parts(piece.nbytes, [&](size_t k, size_t begin, size_t len) {
-      lens[k] = len, sums[k] = {0, 0, 0, 0};
-      // One pass over memory: copy, CRC32C (and fingerprint) from the same registers (copy_kernel.h).
-      crcs[k] = fp ? copy_crc32c_fp(dst + begin, src + begin, len, 0, begin / 32, sums[k].data())
-                   : copy_crc32c(dst + begin, src + begin, len, 0);
-    });
-    uint64_t acc[4] = {0, 0, 0, 0};
-    for (size_t k = 0; k < used; ++k) {
-      crc = crc32c_combine(crc, crcs[k], lens[k]);
-      for (int j = 0; j < 4; ++j) acc[j] += sums[k][j];
-    }
-    if (fp) h = chunk_fold(h, fingerprint_finish(acc, piece.nbytes));
-    dst += piece.nbytes;
-  }
+  const auto copy = [slab](const uint8_t* src, size_t at, uint64_t stripe, size_t len, uint64_t* lanes) {
+    // One pass over memory: copy, CRC32C (and fingerprint) from the same registers (copy_kernel.h).
+    return lanes ? copy_crc32c_fp(slab + at, src, len, 0, stripe, lanes) : copy_crc32c(slab + at, src, len, 0);
+  };
+  const auto [h, crc] = sum_pieces(chunk, fp != nullptr, copy);
   if (fp) *fp = h;
   return crc;
 }

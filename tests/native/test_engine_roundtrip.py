@@ -164,18 +164,23 @@ def test_empty_job_creates_and_syncs_files(make_engine, tmp_path):
     assert path.exists() and path.stat().st_size == 0
 
 
+def _odd_pieces(make_engine, rng, copy_threads: int):
+    """(engine with 4 MiB chunks, arrays, their layout): a 9 MiB + 13 B array (whole chunks, then an
+    odd tail sharing a chunk with the small arrays) and pieces of odd lengths, so that stripes, the
+    copy threads' parts and pieces do not line up."""
+    chunk = 4 << 20
+    engine = make_engine(staging_bytes=4 * chunk, chunk_bytes=chunk, copy_threads=copy_threads)
+    arrays = [rng.integers(0, 256, (9 << 20) + 13, dtype=np.uint8), rng.integers(0, 256, 777, dtype=np.uint8),
+              rng.integers(0, 256, (1 << 20) + 3, dtype=np.uint8)]
+    return engine, arrays, plan(arrays, chunk)
+
+
 @pytest.mark.parametrize("copy_threads", [1, 2, 3])
 def test_checksums_and_fingerprints_taken_while_copying_match_the_bytes(C, make_engine, tmp_path, rng, copy_threads):
     """Host chunks are checksummed and fingerprinted during the copy (one pass), split over
     the copy threads for pieces >= 1 MiB; each result must equal the values computed from
     the source bytes by the independent table CRC and the single-threaded fingerprint."""
-    chunk = 4 << 20
-    engine = make_engine(staging_bytes=4 * chunk, chunk_bytes=chunk, copy_threads=copy_threads)
-    # A 9 MiB + 13 B array (whole chunks, then an odd tail sharing a chunk with the
-    # small arrays) and pieces of odd lengths, so stripes, parts and pieces do not line up.
-    arrays = [rng.integers(0, 256, (9 << 20) + 13, dtype=np.uint8), rng.integers(0, 256, 777, dtype=np.uint8),
-              rng.integers(0, 256, (1 << 20) + 3, dtype=np.uint8)]
-    layout = plan(arrays, chunk)
+    engine, arrays, layout = _odd_pieces(make_engine, rng, copy_threads)
     job = engine.save([str(tmp_path / "d.bin")], save_chunks(layout, arrays), fingerprint=True)
     assert job.wait(60) and job.error() is None
     fps = [fp for fp, _status in job.incremental()]
@@ -196,11 +201,7 @@ def test_host_chunks_expected_unchanged_are_referenced_only_when_fingerprint_and
     fingerprinted and checksummed in one read, split over the copy threads: it is referenced
     (status 1) when both match; a matching fingerprint with another CRC (a collision) is written
     afresh (2), as is a changed chunk (0); what is written reads back exactly."""
-    chunk = 4 << 20
-    engine = make_engine(staging_bytes=4 * chunk, chunk_bytes=chunk, copy_threads=copy_threads)
-    arrays = [rng.integers(0, 256, (9 << 20) + 13, dtype=np.uint8), rng.integers(0, 256, 777, dtype=np.uint8),
-              rng.integers(0, 256, (1 << 20) + 3, dtype=np.uint8)]
-    layout = plan(arrays, chunk)
+    engine, arrays, layout = _odd_pieces(make_engine, rng, copy_threads)
     first = engine.save([str(tmp_path / "a.bin")], save_chunks(layout, arrays), fingerprint=True)
     assert first.wait(60) and first.error() is None
     fps = [fp for fp, _ in first.incremental()]

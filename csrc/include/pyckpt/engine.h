@@ -154,6 +154,12 @@ class Engine {
   /// An all-host chunk's fingerprint and the CRC32C of its bytes, in one read of them on the copy
   /// workers: the check of a chunk expected unchanged whose reference's CRC must match too.
   std::pair<uint64_t, uint32_t> host_fingerprint_crc(const SaveChunk& chunk);
+  /// One part of a host piece: (part's source, its offset in the chunk, its first fingerprint
+  /// stripe, its length, lane sums to add to or null) -> the part's CRC32C from 0.
+  using PartSum = std::function<uint32_t(const uint8_t*, size_t, uint64_t, size_t, uint64_t*)>;
+  /// (fingerprint, CRC32C) of an all-host chunk, each piece split over the copy workers and
+  /// `part` run on each part; the fingerprint only with `want_fp`.
+  std::pair<uint64_t, uint32_t> sum_pieces(const SaveChunk& chunk, bool want_fp, const PartSum& part);
   /// A captured chunk's fingerprint, from its staging slab.
   static uint64_t slab_fingerprint(const SaveChunk& chunk, const uint8_t* slab);
   void write_chunk(SaveJob& job, size_t i, uint8_t* slab);
