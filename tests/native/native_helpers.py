@@ -126,6 +126,17 @@ def names_of_threads(tids) -> dict[int, str]:
     return out
 
 
+def names_once_set(tids, prefix: str = "pyckpt", timeout: float = 10.0) -> list[str]:
+    """The sorted names of ``tids`` once every one of them starts with ``prefix`` (a new thread names
+    itself as it starts, a moment after it appears in /proc), or at the timeout, as they are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = sorted(names_of_threads(tids).values())
+        if all(n.startswith(prefix) for n in names) or time.monotonic() > deadline:
+            return names
+        time.sleep(0.01)
+
+
 def new_threads(before: set[int], want: int, niced: tuple[int, int] = (0, 0), timeout: float = 10.0) -> dict[int, int]:
     """tid -> nice of the threads not in ``before``, once ``want`` of them are there and, with
     ``niced=(n, value)``, ``n`` of them at ``value`` (a worker lowers itself as it starts); or at the

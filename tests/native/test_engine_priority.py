@@ -56,7 +56,7 @@ def test_the_engines_threads_carry_names_that_say_what_they_do(tmp_path):
     out = run_child(f"""
         import numpy as np
         from pyckpt import _native
-        from native_helpers import addr, names_of_threads, new_threads, nice_of_threads
+        from native_helpers import addr, names_of_threads, names_once_set, new_threads, nice_of_threads
         MIB = 1 << 20
         before = set(nice_of_threads())
         engine = _native.native().Engine(MIB, MIB, io_threads=3, copy_threads=3)
@@ -65,8 +65,7 @@ def test_the_engines_threads_carry_names_that_say_what_they_do(tmp_path):
         chunks = [(0, 1, [(addr(src) + i * MIB, MIB, -1)]) for i in range(3)]
         job = engine.save([{str(tmp_path / 'd.bin')!r}], chunks, write_delay_us=300_000, staging_timeout_ms=60_000)
         capture = new_threads(before | set(workers), 1)
-        names = {{"workers": sorted(names_of_threads(workers).values()),
-                 "capture": sorted(names_of_threads(capture).values())}}
+        names = {{"workers": names_once_set(workers), "capture": names_once_set(capture)}}
         ok = job.wait(60) and job.error() is None
         print(json.dumps(dict(names, ok=ok, main=names_of_threads([os.getpid()])[os.getpid()])))
     """)

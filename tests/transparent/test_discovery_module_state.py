@@ -110,7 +110,6 @@ def test_a_change_after_one_call_is_seen_by_the_next():
     _same(m.state_dict(), sd, "after changes")
 
 
-
 def test_parameters_as_is_gives_the_parameter_objects_and_otherwise_torchs_tensors():
     """The transparent layer's variant: each plain parameter of a module built by pyckpt's walk is the
     module's own object (no new tensor per parameter per snapshot); buffers, parameter subclasses and

@@ -424,7 +424,7 @@ def test_a_tensor_that_changes_at_every_save_is_never_read_back_nor_fingerprinte
 
     monkeypatch.setattr(incremental.Baseline, "expectations", expectations)
     with pyckpt.Checkpointer(str(tmp_path / "root"), keep=20) as ck:
-        offsets = []
+        saves = []  # (step, chunks read back before it, which of its chunks are references)
         for step in range(1, 20):
             moving.add_(1.0)
             _precheck_done(ck)  # saves minutes apart: the background check had all the time it wanted
@@ -432,13 +432,13 @@ def test_a_tensor_that_changes_at_every_save_is_never_read_back_nor_fingerprinte
             path = ck.save(step, {"frozen": frozen, "moving": moving}).result(60)
             assert _equal(pyckpt.load(path), {"frozen": frozen, "moving": moving})
             chunks = _part(path)["chunks"]
-            offsets.append((step, len(read_back) - before, [c["file"].startswith("../") for c in chunks]))
+            saves.append((step, len(read_back) - before, [c["file"].startswith("../") for c in chunks]))
         _precheck_done(ck)
     # Save 1 wrote both chunks; the check after it read both back (no save had told them apart yet).
     # From then on only the frozen chunk is referenced, and nothing more is read: the frozen chunk's
     # reference stays known sound, and no sampled fingerprint of the trained one sends it to disk.
     assert len(read_back) == 2, read_back
-    assert all(sum(refs) == 1 for _, _, refs in offsets[1:]), offsets
+    assert all(sum(refs) == 1 for _, _, refs in saves[1:]), saves
     assert all(len(e) <= 1 for e in expected[2:]), expected  # the frozen chunk only, from save 3 on
 
 

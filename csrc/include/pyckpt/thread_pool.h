@@ -37,10 +37,10 @@ class ThreadPool {
   std::vector<std::thread> workers_;
 };
 
-/// Counts outstanding tasks; wait() returns when the count reaches zero.
 /// Names the calling thread (Linux: at most 15 characters are kept; elsewhere a no-op).
 void name_this_thread(const char* name) noexcept;
 
+/// Counts outstanding tasks; wait() returns when the count reaches zero.
 class WaitGroup {
  public:
   void add(size_t n);
