@@ -98,6 +98,15 @@ void SaveJob::open_files() {
   files_.reserve(paths_.size());
   for (const auto& p : paths_)
     files_.push_back(File::create(p, /*direct=*/!options_.map_files, /*keep=*/options_.map_files));
+  if (options_.map_files || options_.codec != kCodecNone) return;
+  // Uncompressed, the room the chunks to be written take is known now: allocated
+  // before the parallel writes, they land inside the file (File::preallocate).
+  // A chunk expected unchanged is left out (usually referenced, not written);
+  // finalize() cuts the file to its data's end either way.
+  std::vector<uint64_t> lens(paths_.size(), 0);
+  for (const SaveChunk& c : chunks_)
+    if (!c.expect) lens[c.file_idx] += (c.raw_len + kAlign - 1) / kAlign * kAlign;
+  for (size_t i = 0; i < files_.size(); ++i) files_[i].preallocate(lens[i]);
 }
 
 void SaveJob::map_files(MappingCache& cache) {

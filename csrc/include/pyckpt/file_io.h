@@ -45,6 +45,10 @@ class File {
   /// `n` and `offset` must be 4 KiB multiples. Returns false (nothing written)
   /// when the kernel refuses direct I/O for this request: use pwrite_all.
   bool pwrite_direct(const void* data, size_t n, uint64_t offset) const;
+  /// Allocates [0, n) of a new, empty file opened for direct writes, on ext4
+  /// and XFS only; false (nothing allocated) elsewhere or on any failure, when
+  /// the writes extend the file as before. Call before any write.
+  bool preallocate(uint64_t n) const;
   /// Reads up to n bytes; returns fewer only at end of file.
   size_t pread_all(void* data, size_t n, uint64_t offset) const;
   void fsync() const;

@@ -109,6 +109,8 @@ class SaveJob {
 
   /// Records the first failure and stops the job; later failures are ignored.
   void fail(const std::string& message);
+  /// Creates the files; uncompressed, also allocates the room the chunks to be
+  /// written will take (File::preallocate).
   void open_files();
   const File& file(size_t i) const { return files_[i]; }
   /// With options().map_files: maps every file over the room all its chunks
