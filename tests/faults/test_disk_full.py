@@ -7,6 +7,7 @@ space is back leaves nothing behind.
 Needs root (mounts a small tmpfs); CI runs as root, so a failing mount fails the test loudly.
 """
 import contextlib
+import errno
 import logging
 import os
 import subprocess
@@ -106,3 +107,66 @@ def test_disk_full_in_a_subprocess_never_kills_training(tmp_path):
         failures = [ln for ln in r.stderr.splitlines() if ln.startswith("pyckpt: checkpoint of step")]
         assert len(failures) == 5 and all("No space left on device" in ln for ln in failures), r.stderr
         assert torch.equal(pyckpt.load(os.path.join(mnt, "root"))["w"], torch.zeros(10))
+
+
+@contextlib.contextmanager
+def small_ext4(tmp_path, size_mb):
+    """An ext4 file system of ``size_mb`` MiB in a file, mounted through a loop device (root)."""
+    img, mnt = str(tmp_path / "ext4.img"), str(tmp_path / "ext4")
+    os.makedirs(mnt)
+    with open(img, "wb") as f:
+        f.truncate(size_mb << 20)
+    for cmd in (["mkfs.ext4", "-q", "-F", img], ["mount", "-o", "loop", img, mnt]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed (these tests need root and a loop device): {r.stderr}"
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=30)
+
+
+def fill_ext4_leaving(mount, pages):
+    """Fill the file system, then free ``pages`` pages of a file written before the filler."""
+    hole = os.path.join(mount, "hole")
+    with open(hole, "wb") as f:
+        f.write(b"\1" * pages * PAGE)
+        os.fsync(f.fileno())
+    filler = os.path.join(mount, "filler")
+    with open(filler, "wb", buffering=0) as f:
+        for piece in (64 * PAGE, PAGE):
+            try:
+                while True:
+                    f.write(b"\0" * piece)
+                    os.fsync(f.fileno())
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+    os.remove(hole)
+    os.sync()
+    return filler
+
+
+def test_disk_full_on_ext4_where_data_files_are_allocated_before_the_writes(tmp_path, caplog):
+    """On ext4 the engine allocates an uncompressed data file's room before writing it
+    (File::preallocate). A save that does not fit still fails in one line naming the data file, the
+    previous checkpoint loads, the failed save leaves no space taken, and once space is back the
+    next save commits."""
+    with small_ext4(tmp_path, 8) as mnt:
+        root = os.path.join(mnt, "root")
+        with pyckpt.Checkpointer(root, keep=1, incremental=False) as ck:
+            ck.save(1, BASE).result(60)
+            filler = fill_ext4_leaving(mnt, 8)  # BIG's data alone needs 16 pages
+            free = os.statvfs(mnt).f_bfree
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="pyckpt"):
+                fut = ck.save(2, BIG)  # must not raise: training goes on
+                assert not fut.wait(60)
+            lines = [r.getMessage() for r in caplog.records if r.name == "pyckpt"]
+            err = str(fut.exception())
+            assert "No space left on device" in err and "data-000.bin" in err, err
+            assert len(lines) == 1 and err in lines[0], lines
+            assert ck.latest().step == 1 and torch.equal(ck.load()["t"], BASE["t"])
+            assert os.statvfs(mnt).f_bfree >= free
+            os.remove(filler)
+            ck.save(3, BIG).result(60)
+            assert torch.equal(pyckpt.load(root)["t"], BIG["t"])
+            assert sorted(os.listdir(root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000003"]
