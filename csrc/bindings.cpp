@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <unistd.h>
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -311,9 +313,28 @@ void bind_save_job(py::module_& m) {
       .def("cancel", &SaveJob::cancel);
 }
 
+// A forked child (a fork-based DataLoader worker, say) inherits the parent's
+// engines but none of their threads. Destroying one there would wake and join
+// threads that do not exist: glibc's condition-variable broadcast then waits
+// forever for the parent's sleeping workers, and a garbage collection in the
+// child hangs it. Such a copy is left undestroyed (its memory is the child's
+// copy of the parent's and goes with the child).
+struct DeleteInOwnerOnly {
+  pid_t owner;
+  void operator()(Engine* e) const {
+    if (::getpid() == owner) delete e;
+  }
+};
+
 void bind_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
-      .def(py::init<size_t, size_t, size_t, size_t, bool, int>(), py::arg("staging_bytes"),
+      .def(py::init([](size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size_t copy_threads,
+                       bool pinned, int io_nice) {
+             return std::shared_ptr<Engine>(
+                 new Engine(staging_bytes, chunk_bytes, io_threads, copy_threads, pinned, io_nice),
+                 DeleteInOwnerOnly{::getpid()});
+           }),
+           py::arg("staging_bytes"),
            py::arg("chunk_bytes"), py::arg("io_threads") = 4, py::arg("copy_threads") = 2,
            py::arg("pinned") = false, py::arg("io_nice") = 0)
       .def("staging_bytes_allocated", &Engine::staging_bytes_allocated)
