@@ -155,19 +155,13 @@ def reset_engine() -> None:
         _engine = None
 
 
-# Engines orphaned by fork(): never destroyed, see _after_fork_in_child.
-_orphans: list = []
-
-
 def _after_fork_in_child() -> None:
     """A forked child (e.g. a fork-based DataLoader or test worker) inherits
-    the engine object but none of its threads: using it would hang, and
-    destroying it would join threads that do not exist. Keep it alive
-    forever and let the child build its own on first use."""
+    the engine object but none of its threads: using it would hang. The child
+    drops it (the binding never destroys an engine outside the process that
+    made it) and builds its own on first use."""
     global _engine, _engine_lock
-    if _engine is not None:
-        _orphans.append(_engine)
-        _engine = None
+    _engine = None
     _engine_lock = threading.Lock()  # the parent may have held it while forking
 
 
