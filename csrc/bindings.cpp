@@ -1,4 +1,5 @@
-// Python bindings for the engine: the ONLY file that includes pybind11.
+// Python bindings for the engine: with state_tree.cpp (which walks Python containers, not memory),
+// the only files that include pybind11.
 //
 // Arguments are converted to plain C++ structs while holding the GIL; every
 // call that copies, hashes, compresses, waits or does I/O then releases it,
@@ -21,6 +22,7 @@
 #include "pyckpt/engine.h"
 #include "pyckpt/errors.h"
 #include "pyckpt/fingerprint.h"
+#include "pyckpt/state_tree.h"
 #include "pyckpt/zstd_api.h"
 
 namespace py = pybind11;
@@ -258,6 +260,9 @@ void bind_functions(py::module_& m) {
       "fingerprint of memory at addr (device >= 0: computed on that GPU, after its pending work "
       "on the engine stream only: synchronize the caller's stream first)");
   m.def("fingerprint_simd", &fingerprint_simd);
+  m.def("encode_state_tree", &encode_state_tree, py::arg("encoder"), py::arg("state"), py::arg("tag"),
+        py::arg("tensor_type"), py::arg("parameter_type"), py::arg("ordered_dict_type"), py::arg("max_depth"),
+        "pyckpt.tree's encoding of a state, its common cases in C++ (holds the GIL: it reads Python objects).");
   m.def("chunk_fold", &chunk_fold, py::arg("h"), py::arg("piece_fp"));
   m.attr("FP_SEED") = kFpSeed;
   m.def(

@@ -8,7 +8,7 @@ SAFETY: addresses are borrowed. A save's source memory must stay alive and
 unmodified until its chunk is captured; a read's destination memory must stay
 alive until ``read`` returns.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 CODEC_NONE: int  # 0: bytes stored as they are
 CODEC_ZSTD: int  # 1: byte planes, each raw or zstd (see docs/FORMAT.md "zstd/1 chunk frame")
@@ -64,6 +64,10 @@ def fingerprint_addr(addr: int, nbytes: int, device: int = -1) -> int:
     """Fingerprint of memory at ``addr``; ``device >= 0``: device memory, by the CUDA kernel
     on the engine's stream (synchronize the caller's stream first)."""
 def fingerprint_simd() -> bool: ...
+def encode_state_tree(encoder: Any, state: Any, tag: str, tensor_type: type, parameter_type: type,
+                      ordered_dict_type: type, max_depth: int) -> Any:
+    """pyckpt.tree's encoding of ``state`` (``encoder.value(state, "", 0)``): exact dicts, OrderedDicts,
+    lists, scalars and plain tensors walked in C++, every other value by ``encoder``. Holds the GIL."""
 def chunk_fold(h: int, piece_fp: int) -> int:
     """Fold a piece's fingerprint into a chunk's (start from FP_SEED; pieces in order)."""
 def encode(data: bytes, elem_size: int, level: int = ...) -> Tuple[int, bytes]:

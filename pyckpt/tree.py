@@ -162,9 +162,26 @@ class Flat(NamedTuple):
 
 def flatten(state: Any) -> Flat:
     """Encode ``state``: returns (json_tree, tensors, key path of each tensor)."""
-    enc = _Encoder()
-    tree = enc.value(state, "", 0)
+    if _native_encode is None:
+        return flatten_python(state)
+    enc = _Encoder()  # the same encoding, its common cases in C++ (the rest calls back into enc)
+    tree = _native_encode(enc, state, TAG, torch.Tensor, torch.nn.Parameter, OrderedDict, _MAX_DEPTH)
     return Flat(tree, enc.tensors, enc.paths)
+
+
+def flatten_python(state: Any) -> Flat:
+    """``flatten`` in Python only (the reference the native encoder is tested against)."""
+    enc = _Encoder()
+    return Flat(enc.value(state, "", 0), enc.tensors, enc.paths)
+
+
+def _native_encoder() -> Callable[..., Any] | None:
+    from ._native import _C  # (tree.py is imported by _native's importers: loaded here, once)
+
+    return getattr(_C, "encode_state_tree", None) if _C is not None else None
+
+
+_native_encode = _native_encoder()
 
 
 MakeTensor = Callable[[int, Any, str], torch.Tensor]
