@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _native
 from .dtypes import DTYPE_TO_CODE, dtype_of
 from .errors import CorruptCheckpointError, PyckptError, UnsupportedStateError
 
@@ -175,13 +176,8 @@ def flatten_python(state: Any) -> Flat:
     return Flat(enc.value(state, "", 0), enc.tensors, enc.paths)
 
 
-def _native_encoder() -> Callable[..., Any] | None:
-    from ._native import _C  # (tree.py is imported by _native's importers: loaded here, once)
-
-    return getattr(_C, "encode_state_tree", None) if _C is not None else None
-
-
-_native_encode = _native_encoder()
+# None without the extension (or with a build older than it): flatten is then flatten_python.
+_native_encode: Callable[..., Any] | None = getattr(_native._C, "encode_state_tree", None)
 
 
 MakeTensor = Callable[[int, Any, str], torch.Tensor]
