@@ -2,11 +2,11 @@
 //
 // Besides bindings.cpp, the only file that touches Python objects: a transparent snapshot encodes a
 // training state of thousands of tensors and their containers at every snapshot, and walking them
-// in Python was a measured part of the time the training thread stops. Only exact built-in types
-// are handled here (None, bool, str, int, finite float, torch.Tensor/Parameter, dict, list); any
-// other value, and every error, goes to the Python encoder's ``value``, so the output (tree, tensor
-// order, key paths) and the messages are the Python encoder's by construction
-// (tests/unit/test_tree_native.py compares both on generated states).
+// in Python was a measured part of the time the training thread stops. Only exact types are
+// handled here (None, bool, str and its subclasses, int, finite float, torch.Tensor/Parameter,
+// dict, OrderedDict, list); any other value, and every error, goes to the Python encoder's
+// ``value``, so the output (tree, tensor order, key paths) and the messages are the Python
+// encoder's by construction (tests/unit/test_tree_native.py compares both on generated states).
 #include "pyckpt/state_tree.h"
 
 #include <cmath>
