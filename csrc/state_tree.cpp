@@ -169,11 +169,8 @@ class Encoder {
     if (!int_or_str) return py_mapping_(borrow(d), path, depth);
     py::list out_items;
     items.each([&](const py::object& k, const py::object& x) {
-      py::object enc;
-      if (PyDict_CheckExact(x.ptr()) && d1 < max_depth_) {  // an optimizer's per-parameter state
-        Items sub(x.ptr(), true);
-        if (sub.str_keys() && !has_tag(x.ptr())) enc = plain_mapping(sub, join(path, k.ptr()), d1 + 1);
-      }
+      // An optimizer's per-parameter state inline; the rest as _Encoder.child does.
+      py::object enc = plain_child(x.ptr(), d1, [&] { return join(path, k.ptr()); });
       if (!enc) enc = child(x.ptr(), path, k.ptr(), d1);
       PyObject* pair = PyList_New(2);
       if (pair == nullptr) throw py::error_already_set();
@@ -190,22 +187,28 @@ class Encoder {
     py::object pre = prefix(path);
     items.each([&](const py::object& k, const py::object& x) {
       PyObject* xp = x.ptr();
+      auto key_path = [&] { return steal(PyUnicode_Concat(pre.ptr(), k.ptr())); };  // made only when used
       py::object enc;
       if (scalar(xp)) {
         enc = x;
       } else if (is_tensor(Py_TYPE(xp))) {
-        enc = add_tensor(xp, steal(PyUnicode_Concat(pre.ptr(), k.ptr())));
-      } else {
-        if (PyDict_CheckExact(xp) && d1 < max_depth_) {
-          Items sub(xp, true);
-          if (sub.str_keys() && !has_tag(xp))
-            enc = plain_mapping(sub, steal(PyUnicode_Concat(pre.ptr(), k.ptr())), d1 + 1);
-        }
-        if (!enc) enc = value(xp, steal(PyUnicode_Concat(pre.ptr(), k.ptr())), d1);
+        enc = add_tensor(xp, key_path());
+      } else if (!(enc = plain_child(xp, d1, key_path))) {
+        enc = value(xp, key_path(), d1);
       }
       if (PyDict_SetItem(out.ptr(), k.ptr(), enc.ptr()) != 0) throw py::error_already_set();
     });
     return std::move(out);
+  }
+
+  // A child that is an exact dict of str keys, no TAG, short of the depth limit: encoded by
+  // plain_mapping at path_of(); else an empty object (the caller encodes it its own way).
+  template <typename PathOf>
+  py::object plain_child(PyObject* x, int d1, PathOf&& path_of) {
+    if (!PyDict_CheckExact(x) || d1 >= max_depth_) return py::object();
+    Items sub(x, true);
+    if (!sub.str_keys() || has_tag(x)) return py::object();
+    return plain_mapping(sub, path_of(), d1 + 1);
   }
 
   // _Encoder.sequence, for an exact list.
