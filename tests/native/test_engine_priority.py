@@ -6,25 +6,14 @@ The engine's threads are named (pyckpt-io, pyckpt-copy, pyckpt-capture) so that 
 perf tell them from training's threads."""
 from __future__ import annotations
 
-import json
 import os
-import textwrap
 
 import pytest
 
-import zygote
+from native_helpers import run_child
 from pyckpt import knobs
 from pyckpt.errors import ConfigError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_child(body: str, env: dict[str, str] | None = None) -> dict:
-    """Run ``body`` in a forked child with native_helpers importable; returns the JSON it prints last."""
-    script = f"import json, os, sys\nsys.path.insert(0, {HERE!r})\n" + textwrap.dedent(body)
-    r = zygote.shared().run(script, env=dict(os.environ, **(env or {})))
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_the_io_workers_run_at_the_nice_value_and_every_other_thread_keeps_the_process_value(tmp_path):

@@ -10,6 +10,10 @@
 // a split slab is whole again once all its blocks are back. With one slab per
 // chunk, a 4 GiB GPU state of 495 tensors took 1.45x its size in slabs: the
 // pool ran dry and capture waited for the disk (0.14 of a plain copy's speed).
+//
+// Host (unpinned) slabs are anonymous mappings, on 2 MiB boundaries and
+// advised to use transparent huge pages when a slab holds one, and are not
+// inherited by forked children.
 #pragma once
 
 #include <atomic>
@@ -26,7 +30,7 @@ namespace pyckpt {
 class StagingPool {
  public:
   /// pinned: use page-locked memory (requires CUDA at run time; falls back
-  /// to plain 4 KiB-aligned memory when CUDA is unavailable).
+  /// to host slabs as above when CUDA is unavailable).
   StagingPool(size_t budget_bytes, size_t slab_bytes, bool pinned);
   ~StagingPool();
   StagingPool(const StagingPool&) = delete;
@@ -55,6 +59,7 @@ class StagingPool {
   int split_for(size_t nbytes) const;
   size_t block_size(int split) const;
   uint8_t* take_whole(std::unique_lock<std::mutex>& lock);  // nullptr: none free or allocatable
+  uint8_t* map_slab() const;
   uint8_t* allocate_slab();
   void free_slab(uint8_t* p) noexcept;
 
