@@ -56,7 +56,6 @@ def main() -> None:
     alone, with_workers = [], []
     try:
         ck = Checkpointer(root, keep=2)
-        step = 0
         for step in range(1, 3):  # staging allocated and touched
             _timed_save(ck, step, state)
         for _ in range(args.rounds):

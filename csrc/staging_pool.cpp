@@ -14,8 +14,8 @@ namespace pyckpt {
 
 namespace {
 constexpr size_t kAlign = 4096;
-// Slabs of whole 2 MiB huge pages start on one, so the kernel can back them
-// with transparent huge pages where it allows them ("madvise" or "always").
+// A slab that holds a 2 MiB page starts on a 2 MiB boundary, so the kernel can
+// back it with transparent huge pages where it allows them ("madvise", "always").
 constexpr size_t kHugePage = size_t{2} << 20;
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 // Abort flags are polled at this interval while waiting for a slab.
@@ -60,14 +60,14 @@ uint8_t* StagingPool::allocate_slab() {
                                         std::to_string(slab_bytes_) +
                                         " bytes: out of memory (lower PYCKPT_STAGING_MB)");
   // Huge pages where the kernel grants them: an O_DIRECT write pins 512x
-  // fewer pages (600 MB: a quarter of the kernel CPU and 0.7x the time on a
-  // virtual disk) and the capture copy misses the TLB less. Advice only:
+  // fewer pages (benchmarks/save_cpu.py: 0.6 GB saves spent about a third
+  // less kernel CPU) and the capture copy misses the TLB less. Advice only:
   // refused, the slab keeps 4 KiB pages.
   if (slab_bytes_ >= kHugePage) ::madvise(p, slab_bytes_, MADV_HUGEPAGE);
   // A forked child (a DataLoader worker) never uses the engine it inherits:
   // without this, each fork shares the slabs copy-on-write, and the next
-  // capture copies them page by page (splitting their huge pages) while the
-  // child lives.
+  // capture copies them page by page while the child lives
+  // (benchmarks/fork_capture.py).
   ::madvise(p, slab_bytes_, MADV_DONTFORK);
   // First touch costs a page fault per page; pay it once here, not per save.
   std::memset(p, 0, slab_bytes_);

@@ -15,7 +15,6 @@ from pyckpt import knobs
 from pyckpt.errors import ConfigError
 
 
-
 def test_the_io_workers_run_at_the_nice_value_and_every_other_thread_keeps_the_process_value(tmp_path):
     out = run_child(f"""
         import numpy as np
