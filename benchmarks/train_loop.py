@@ -63,6 +63,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -442,7 +443,7 @@ class Saver:
         # so a large GPU job's capture is not throttled by the disk: the defaults, or more.
         state_mib = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) >> 20
         os.environ["PYCKPT_STAGING_MB"] = str(max(1024, state_mib * 5 // 4))
-        self.pending = None  # (start time, future-like)
+        self.pending = None  # (start time, future-like, [the time it was done], its watcher): _track
         self.staging = None  # a future the next optimizer step must wait for
         self.durable: list[float] = []
         if mode == "dcp.async_save":
@@ -495,7 +496,7 @@ class Saver:
     def in_flight(self) -> str:
         """What of the last checkpoint still runs in the background: "write" (not durable yet),
         "check" (pyckpt's read-back check of the last commit, which later saves reference), or ""."""
-        if self.pending is not None and not self.pending[1].done():
+        if self.pending is not None and not self.pending[2]:
             return "write"
         if self.mode.startswith("pyckpt"):
             from pyckpt import incremental
@@ -506,11 +507,28 @@ class Saver:
     def _reap(self, wait: bool) -> None:
         if self.pending is None:
             return
-        t0, fut = self.pending
-        if wait or fut.done():
+        t0, fut, done_at, watcher = self.pending
+        if wait or done_at:
+            watcher.join()
             fut.result()
-            self.durable.append(time.perf_counter() - t0)
+            self.durable.append(done_at[0] - t0)
             self.pending = None
+
+    def _track(self, t0: float, fut) -> None:
+        """Make ``fut`` the pending checkpoint, timed when it is done, not when ``_reap`` next looks:
+        that is at the next checkpoint, and a write done early counted as the whole interval."""
+        done_at: list[float] = []
+
+        def watch() -> None:
+            try:
+                fut.result()
+            except BaseException:  # noqa: BLE001 (raised again by _reap)
+                pass
+            done_at.append(time.perf_counter())
+
+        watcher = threading.Thread(target=watch, name="durable-watch", daemon=True)
+        watcher.start()
+        self.pending = (t0, fut, done_at, watcher)
 
     def checkpoint(self, step: int) -> float:
         t0 = time.perf_counter()
@@ -532,7 +550,7 @@ class Saver:
                 self.staging, fut = resp.staging_completion, resp.upload_completion
             else:
                 fut = resp
-            self.pending = (t0, fut)
+            self._track(t0, fut)
             _prune(self.dir, path)
         elif self.mode == "floor-memcpy":
             live = [t for t in _tensors(self.state()) if t.numel()]
@@ -555,7 +573,7 @@ class Saver:
             self._reap(wait=True)
             fut = self.ckpt.save(step, self.state())
             self.staging = fut  # captured() before the next optimizer step
-            self.pending = (t0, fut)
+            self._track(t0, fut)
         elif self.mode == "pyckpt-memory":
             self.snapshots += 1
             fut = self.tier.save(step, self.state(), None)
@@ -565,7 +583,7 @@ class Saver:
                     raise SystemExit("pyckpt benchmark: storage cannot be copied from the memory tier here")
                 self._reap(wait=False)
                 if self.pending is None:
-                    self.pending = (t0, stored)
+                    self._track(t0, stored)
             self.staging = fut
         stall = time.perf_counter() - t0
         self._reap(wait=False)
