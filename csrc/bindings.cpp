@@ -135,13 +135,14 @@ void bind_functions(py::module_& m) {
   m.def("cuda_available", &cuda::available, py::call_guard<py::gil_scoped_release>());
   m.def(
       "_emulate_device",
-      [](bool enabled, int64_t copy_delay_us, int64_t fail_copy_at) {
-        cuda::emulated::configure({enabled, copy_delay_us, fail_copy_at});
+      [](bool enabled, int64_t copy_delay_us, int64_t fail_copy_at, bool refuse_register) {
+        cuda::emulated::configure({enabled, copy_delay_us, fail_copy_at, refuse_register});
       },
       py::arg("enabled"), py::arg("copy_delay_us") = 0, py::arg("fail_copy_at") = -1,
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("refuse_register") = false, py::call_guard<py::gil_scoped_release>(),
       "Tests only: device pieces (device >= 0) are host memory copied by an emulated in-order stream "
-      "(each copy lasting >= copy_delay_us; the copy numbered fail_copy_at, from 0, fails stickily). "
+      "(each copy lasting >= copy_delay_us; the copy numbered fail_copy_at, from 0, fails stickily; "
+      "refuse_register: the driver refuses to page-lock memory the engine mapped). "
       "Off again with enabled=False. Switch only while no save or read is running.");
   m.def("_emulated_hold_stream", &cuda::emulated::hold_stream, py::arg("stream"), py::arg("hold"),
         py::call_guard<py::gil_scoped_release>(),
@@ -155,6 +156,7 @@ void bind_functions(py::module_& m) {
     d["h2d_copies"] = st.h2d_copies;
     d["h2d_pageable"] = st.h2d_pageable;
     d["live_events"] = st.live_events;
+    d["registered"] = st.registered;
     return d;
   });
   m.def("hw_crc32c", &crc32c_hardware);

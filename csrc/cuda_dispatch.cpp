@@ -22,6 +22,17 @@ void host_free(void* p) noexcept {
     runtime::host_free(p);
 }
 
+bool host_register(void* p, size_t nbytes) noexcept {
+  return emu::enabled() ? emu::host_register(p, nbytes) : runtime::host_register(p, nbytes);
+}
+
+void host_unregister(void* p) noexcept {
+  if (emu::owns_registered(p))
+    emu::host_unregister(p);
+  else
+    runtime::host_unregister(p);
+}
+
 Event record_on(int device, uintptr_t stream) {
   return emu::enabled() ? emu::record_on(device, stream) : runtime::record_on(device, stream);
 }

@@ -17,6 +17,8 @@ bool compiled() { return false; }
 bool available() { return false; }
 void* host_alloc(size_t) { not_compiled(); }
 void host_free(void*) noexcept {}
+bool host_register(void*, size_t) noexcept { return false; }
+void host_unregister(void*) noexcept {}
 Event record_on(int, uintptr_t) { not_compiled(); }
 void copy_d2h_async(int, void*, const void*, size_t, Event) { not_compiled(); }
 Event record_engine(int) { not_compiled(); }

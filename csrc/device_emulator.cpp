@@ -60,6 +60,7 @@ struct State {
   std::string sticky;  // the first copy failure since configure()
   std::map<int, std::unique_ptr<ThreadPool>> streams;
   std::map<void*, size_t> allocations;  // host_alloc'd memory: base -> size
+  std::map<void*, size_t> registered;   // host_register'ed ranges: base -> size
   std::set<Event> events;
   std::map<uintptr_t, std::vector<EventRef>> held;  // held caller streams: their pending events
 };
@@ -123,6 +124,7 @@ void configure(const Settings& s) {
   const uint64_t live = st.stats.live_events;
   st.stats = Stats{};
   st.stats.live_events = live;
+  st.stats.registered = st.registered.size();
   st.in_flight = 0;
   st.sticky.clear();
   if (s.enabled) g_ever_enabled = true;
@@ -146,6 +148,13 @@ bool owns(void* p) noexcept {
   return st.allocations.count(p) != 0;
 }
 
+bool owns_registered(void* p) noexcept {
+  if (!ever_enabled()) return false;
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  return st.registered.count(p) != 0;
+}
+
 bool owns_event(Event e) noexcept {
   if (!ever_enabled()) return false;
   State& st = state();
@@ -165,6 +174,22 @@ void* host_alloc(size_t nbytes) {
   std::lock_guard<std::mutex> lock(st.mu);
   st.allocations.emplace(p, n);
   return p;
+}
+
+bool host_register(void* p, size_t nbytes) noexcept {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  if (st.settings.refuse_register || !p || nbytes == 0) return false;
+  st.registered.emplace(p, nbytes);
+  st.stats.registered = st.registered.size();
+  return true;
+}
+
+void host_unregister(void* p) noexcept {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  st.registered.erase(p);
+  st.stats.registered = st.registered.size();
 }
 
 void host_free(void* p) noexcept {
@@ -280,10 +305,11 @@ void copy_h2d(int device, void* dst, const void* src, size_t nbytes) {
     ++st.stats.h2d_copies;
     // From page-locked memory the real copy is one DMA; from pageable memory the driver stages it.
     const auto* from = static_cast<const uint8_t*>(src);
-    auto it = st.allocations.upper_bound(const_cast<void*>(src));
-    const bool pinned = it != st.allocations.begin() &&
-                        (--it, from + nbytes <= static_cast<const uint8_t*>(it->first) + it->second);
-    if (!pinned) ++st.stats.h2d_pageable;
+    const auto within = [from, nbytes](const std::map<void*, size_t>& ranges) {
+      auto it = ranges.upper_bound(const_cast<uint8_t*>(from));
+      return it != ranges.begin() && (--it, from + nbytes <= static_cast<const uint8_t*>(it->first) + it->second);
+    };
+    if (!within(st.allocations) && !within(st.registered)) ++st.stats.h2d_pageable;
   }
   std::memcpy(dst, src, nbytes);
 }

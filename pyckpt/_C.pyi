@@ -23,14 +23,17 @@ def cuda_compiled() -> bool:
     """True when the CUDA sources were compiled in (nvcc was found at build time)."""
 def cuda_available() -> bool:
     """True when CUDA was compiled in and a driver with >= 1 device is present now."""
-def _emulate_device(enabled: bool, copy_delay_us: int = 0, fail_copy_at: int = -1) -> None:
+def _emulate_device(enabled: bool, copy_delay_us: int = 0, fail_copy_at: int = -1,
+                    refuse_register: bool = False) -> None:
     """Tests only: an emulated GPU made of host memory (csrc/device_emulator.cpp), so the engine's
-    device paths run without one; device pieces then name host addresses. Off with enabled=False."""
+    device paths run without one; device pieces then name host addresses (refuse_register: page-locking
+    the pool's own slabs is refused, as a driver may). Off with enabled=False."""
 def _emulated_hold_stream(stream: int, hold: bool) -> None:
     """Tests only: events recorded on this caller stream stay pending while held (work "still queued")."""
 def _emulated_device_stats() -> dict:
     """copies, max_in_flight (most device-to-host copies queued and unfinished at once), h2d_copies,
-    h2d_pageable (of those, copies from memory not page-locked), live_events, since the last _emulate_device call."""
+    h2d_pageable (of those, copies from memory not page-locked), live_events, since the last _emulate_device call;
+    registered: ranges page-locked in place and not yet unlocked."""
 def hw_crc32c() -> bool:
     """True when CRC32C uses the CPU's crc32 instruction."""
 def zstd_load(path: str) -> None:

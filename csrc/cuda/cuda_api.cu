@@ -69,6 +69,16 @@ void host_free(void* p) noexcept {
   if (p) cudaFreeHost(p);  // errors at process exit are harmless
 }
 
+bool host_register(void* p, size_t nbytes) noexcept {
+  if (cudaHostRegister(p, nbytes, cudaHostRegisterPortable) == cudaSuccess) return true;
+  cudaGetLastError();  // not sticky: clear it, the caller falls back to cudaHostAlloc
+  return false;
+}
+
+void host_unregister(void* p) noexcept {
+  if (p) cudaHostUnregister(p);  // errors at process exit are harmless
+}
+
 Event record_on(int device, uintptr_t stream) {
   use_device(device);
   Event e = new_event();

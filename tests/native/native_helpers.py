@@ -85,6 +85,23 @@ def save_chunks(layout: Layout, arrays: list[np.ndarray]) -> list:
     ]
 
 
+def slab_engine(C, kind: str, budget: int, chunk: int = 4 << 20):
+    """(engine, save(path, layout, array) -> job, registered() -> int) with staging slabs of ``kind``:
+    "host", or "pinned" for chunks on the emulated device (csrc/device_emulator.cpp stands in for the
+    CUDA runtime: page-locking is recorded, not done; it stays on for the rest of the process)."""
+    if kind == "host":
+        engine = C.Engine(budget, chunk, io_threads=2, copy_threads=2)
+        return engine, lambda path, layout, a: engine.save([path], save_chunks(layout, [a])), lambda: 0
+    C._emulate_device(True)
+    engine = C.Engine(budget, chunk, io_threads=2, copy_threads=2, pinned=True)
+
+    def save(path: str, layout: Layout, a: np.ndarray):
+        chunks = [(f, es, [(p, n, 0) for p, n, _ in pieces]) for f, es, pieces in save_chunks(layout, [a])]
+        return engine.save([path], chunks, stream=0, device=0)
+
+    return engine, save, lambda: C._emulated_device_stats()["registered"]
+
+
 def read_chunks(layout: Layout, results: list, dests: list[np.ndarray]) -> list:
     out = []
     for (f, _es, pieces), (offset, stored, raw, crc, codec, _raw_crc) in zip(layout.chunks, results):

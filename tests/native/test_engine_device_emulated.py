@@ -23,8 +23,8 @@ MIB = 1 << 20
 def emulated(C):
     """Switches the emulated device on for one test; returns a function that reconfigures it."""
 
-    def configure(copy_delay_us: int = 0, fail_copy_at: int = -1) -> None:
-        C._emulate_device(True, copy_delay_us, fail_copy_at)
+    def configure(copy_delay_us: int = 0, fail_copy_at: int = -1, refuse_register: bool = False) -> None:
+        C._emulate_device(True, copy_delay_us, fail_copy_at, refuse_register)
 
     configure()
     try:
@@ -69,6 +69,25 @@ def test_device_chunks_are_copied_several_at_a_time_and_land_whole(C, emulated, 
     # Read into the device: the host-to-device path gets the same bytes.
     assert np.array_equal(read_back(engine, path, job, src.nbytes, device=0), src)
     assert C._emulated_device_stats()["h2d_copies"] == 13
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["registered", "refused"])
+def test_pinned_slabs_are_page_locked_where_they_lie_or_cudahostalloced_when_that_is_refused(C, emulated, tmp_path,
+                                                                                            rng, refuse):
+    """Pinned slabs are the pool's own huge-page mappings, page-locked in place (cudaHostRegister);
+    where the driver refuses, cudaHostAlloc'd as before. Either way the
+    capture lands whole, and freeing the pool unlocks what it locked."""
+    emulated(refuse_register=refuse)
+    engine = C.Engine(8 * MIB, MIB, pinned=True)
+    src = rng.integers(0, 256, 6 * MIB, dtype=np.uint8)
+    path = str(tmp_path / "d.bin")
+    job = engine.save([path], device_chunks(src, MIB), stream=0, device=0)
+    assert job.wait(60) and job.error() is None, job.error()
+    assert np.array_equal(read_back(engine, path, job, src.nbytes), src)
+    assert engine.staging_bytes_allocated() == 6 * MIB
+    assert C._emulated_device_stats()["registered"] == (0 if refuse else 6)
+    del job, engine
+    assert C._emulated_device_stats()["registered"] == 0
 
 
 def test_a_chunk_reported_captured_is_saved_with_its_value_before_any_later_change(C, emulated, tmp_path, rng):

@@ -62,3 +62,26 @@ def test_capture_sees_work_queued_before_save(C, cuda, tmp_path):
     (o, s, r, c, k, _), = job.results()
     assert engine.read([str(tmp_path / "e.bin")], [(0, o, s, r, c, k, [(0, out.data_ptr(), r, -1)])]) == []
     assert bool((out == 7.0).all())
+
+
+def test_pinned_slabs_are_huge_pages_page_locked_in_place(C, cuda, tmp_path):
+    """On a GPU the staging slabs are the pool's own mappings on huge pages, page-locked by
+    cudaHostRegister (tests/native/test_staging_pool.py checks the same on the emulated device).
+    Fails where the driver refused to page-lock them and cudaHostAlloc's 4 KiB pages were used."""
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        if "[never]" in f.read():
+            pytest.skip("the kernel grants no transparent huge pages here")
+
+    def huge_kib() -> int:
+        with open("/proc/self/smaps") as f:
+            return sum(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+    chunk = 4 * CHUNK
+    engine = C.Engine(4 * chunk, chunk, pinned=True)
+    src = torch.randn(4 * chunk // 4, device=cuda)
+    before = huge_kib()
+    chunks = [(0, 4, [(src.data_ptr() + i * chunk, chunk, 0)]) for i in range(4)]
+    job = engine.save([str(tmp_path / "h.bin")], chunks, stream=torch.cuda.current_stream().cuda_stream, device=0)
+    assert job.wait(60) and job.error() is None
+    assert engine.staging_bytes_allocated() == 4 * chunk
+    assert huge_kib() - before >= 2048

@@ -71,51 +71,58 @@ def _thp_mode() -> str:
 
 
 @pytest.mark.skipif(_thp_mode() == "never", reason="the kernel grants no transparent huge pages here")
-def test_slabs_of_whole_huge_pages_are_backed_by_huge_pages(tmp_path):
+@pytest.mark.parametrize("kind", ["host", "pinned"])
+def test_slabs_of_whole_huge_pages_are_backed_by_huge_pages(tmp_path, kind):
     """4 MiB slabs start on a 2 MiB boundary and ask for transparent huge pages, so an O_DIRECT
-    write pins 512x fewer pages. Counted from /proc/self/smaps in a child, around the save that
+    write pins 512x fewer pages; pinned slabs (a GPU's staging) are such slabs page-locked in place,
+    not cudaHostAlloc'd 4 KiB pages. Counted from /proc/self/smaps in a child, around the save that
     allocates the slabs (the pool keeps them); the source array exists before the first count, so
     only staging memory can change it."""
     out = run_child(f"""
         import numpy as np
         from pyckpt import _native
-        from native_helpers import Layout, save_chunks
+        from native_helpers import Layout, slab_engine
 
         def huge_kib():
             with open("/proc/self/smaps") as f:
                 return sum(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:"))
 
         MIB = 1 << 20
+        C = _native.native()
+        engine, save, registered = slab_engine(C, {kind!r}, 16 * MIB)
         src = np.random.default_rng(0).integers(0, 255, 16 * MIB, dtype=np.uint8)
-        engine = _native.native().Engine(16 * MIB, 4 * MIB, io_threads=2, copy_threads=2)
         before = huge_kib()
         layout = Layout(4 * MIB, [(0, 1, [(0, i * 4 * MIB, 4 * MIB)]) for i in range(4)])
-        job = engine.save([{str(tmp_path / "a.bin")!r}], save_chunks(layout, [src]))
+        job = save({str(tmp_path / "a.bin")!r}, layout, src)
         ok = job.wait(60) and job.error() is None
-        print(json.dumps({{"ok": ok, "huge_kib": huge_kib() - before, "allocated": engine.staging_bytes_allocated()}}))
+        print(json.dumps({{"ok": ok, "huge_kib": huge_kib() - before, "allocated": engine.staging_bytes_allocated(),
+                          "registered": registered()}}))
     """)
     assert out["ok"] and out["allocated"] == 16 << 20
     assert out["huge_kib"] >= 2048, out  # at least one 2 MiB page; 0 without the advice
+    assert out["registered"] == (4 if kind == "pinned" else 0), out  # each pinned slab page-locked where it lies
 
 
-def test_a_forked_child_does_not_inherit_the_slabs(tmp_path):
+@pytest.mark.parametrize("kind", ["host", "pinned"])
+def test_a_forked_child_does_not_inherit_the_slabs(tmp_path, kind):
     """A fork-based DataLoader worker never uses the engine it inherits; were the slabs inherited,
     every fork would share them copy-on-write and the parent's next capture would copy them page by
     page while the worker lives. The child's address space is smaller by the slabs' bytes."""
     out = run_child(f"""
         import numpy as np
         from pyckpt import _native
-        from native_helpers import Layout, save_chunks
+        from native_helpers import Layout, slab_engine
 
         def vm_kib():
             with open("/proc/self/status") as f:
                 return next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
 
         MIB = 1 << 20
+        C = _native.native()
+        engine, save, registered = slab_engine(C, {kind!r}, 64 * MIB)
         src = np.arange(64 * MIB, dtype=np.uint8)
-        engine = _native.native().Engine(64 * MIB, 4 * MIB, io_threads=2, copy_threads=2)
         layout = Layout(4 * MIB, [(0, 1, [(0, i * 4 * MIB, 4 * MIB)]) for i in range(16)])
-        job = engine.save([{str(tmp_path / "a.bin")!r}], save_chunks(layout, [src]))
+        job = save({str(tmp_path / "a.bin")!r}, layout, src)
         ok = job.wait(60) and job.error() is None
         r, w = os.pipe()
         pid = os.fork()

@@ -23,6 +23,13 @@ bool available();
 void* host_alloc(size_t nbytes);
 void host_free(void* p) noexcept;
 
+/// Page-lock `nbytes` at `p`, memory the caller mapped, for device copies as
+/// host_alloc's (portable). False when the driver refuses (or there is no
+/// CUDA): the caller then unmaps it and uses host_alloc. Undone by
+/// host_unregister, before the caller unmaps it.
+bool host_register(void* p, size_t nbytes) noexcept;
+void host_unregister(void* p) noexcept;
+
 /// Opaque cudaEvent_t.
 using Event = void*;
 

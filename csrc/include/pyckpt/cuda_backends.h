@@ -20,6 +20,8 @@
   bool available();                                                                               \
   void* host_alloc(size_t nbytes);                                                                \
   void host_free(void* p) noexcept;                                                               \
+  bool host_register(void* p, size_t nbytes) noexcept;                                            \
+  void host_unregister(void* p) noexcept;                                                         \
   Event record_on(int device, uintptr_t stream);                                                  \
   void copy_d2h_async(int device, void* dst, const void* src, size_t nbytes, Event after);        \
   Event record_engine(int device);                                                                \
@@ -40,6 +42,7 @@ struct Settings {
   bool enabled = false;
   int64_t copy_delay_us = 0;  // each device-to-host copy takes at least this long
   int64_t fail_copy_at = -1;  // the copy with this index (from 0, counted since enabling) fails
+  bool refuse_register = false;  // host_register refuses, as a driver may
 };
 
 struct Stats {
@@ -48,6 +51,7 @@ struct Stats {
   uint64_t h2d_copies = 0;      // host-to-device copies since enabling
   uint64_t h2d_pageable = 0;    // of which from memory host_alloc did not return
   uint64_t live_events = 0;     // events created and not destroyed
+  uint64_t registered = 0;      // host_register'ed ranges not unregistered (kept across configure)
 };
 
 /// Switches the emulated device on or off and resets its statistics. Waits
@@ -60,6 +64,8 @@ bool ever_enabled() noexcept;
 Stats stats();
 /// True for memory this backend's host_alloc returned and host_free has not freed.
 bool owns(void* p) noexcept;
+/// True for a range this backend's host_register accepted and host_unregister has not undone.
+bool owns_registered(void* p) noexcept;
 /// While held, events recorded on the caller stream `stream` stay pending, as
 /// if kernels queued there before them were still running; releasing
 /// completes them. Stream 0 is never held.

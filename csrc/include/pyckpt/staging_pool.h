@@ -11,9 +11,10 @@
 // chunk, a 4 GiB GPU state of 495 tensors took 1.45x its size in slabs: the
 // pool ran dry and capture waited for the disk (0.14 of a plain copy's speed).
 //
-// Host (unpinned) slabs are anonymous mappings, on 2 MiB boundaries and
-// advised to use transparent huge pages when a slab holds one, and are not
-// inherited by forked children.
+// Slabs are anonymous mappings, on 2 MiB boundaries and advised to use
+// transparent huge pages when a slab holds one, and are not inherited by
+// forked children. Pinned slabs are such mappings page-locked for the device
+// (cuda::host_register), or cudaHostAlloc'd where that is refused.
 #pragma once
 
 #include <atomic>
@@ -23,6 +24,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <vector>
 
 namespace pyckpt {
@@ -60,7 +62,8 @@ class StagingPool {
   size_t block_size(int split) const;
   uint8_t* take_whole(std::unique_lock<std::mutex>& lock);  // nullptr: none free or allocatable
   uint8_t* map_slab() const;
-  uint8_t* allocate_slab();
+  uint8_t* allocate_slab(bool& registered);
+  uint8_t* prepare_mapped(uint8_t* p) const;
   void free_slab(uint8_t* p) noexcept;
 
   const size_t slab_bytes_;
@@ -72,6 +75,7 @@ class StagingPool {
   std::vector<uint8_t*> free_blocks_[kSplits];
   std::map<uint8_t*, Slab> slabs_;  // by base address: a block's slab is found by upper_bound
   std::vector<uint8_t*> all_;
+  std::set<uint8_t*> registered_;  // of all_, the mapped slabs page-locked by host_register
   size_t allocating_ = 0;  // slabs being allocated outside the lock
 };
 
