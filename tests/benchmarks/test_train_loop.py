@@ -32,18 +32,23 @@ def test_every_passed_setting_is_one_pyckpt_knows():
     assert set(train_loop.TUNING) <= set(knobs.KNOBS)
 
 
-def test_a_checkpoint_still_in_flight_at_the_next_one_keeps_its_durable_time(tmp_path, knob_env, monkeypatch):
-    """The pyckpt mode replaced its pending checkpoint at the next one: a checkpoint slower than the
-    interval was left out of "start → durable", so the median counted only the fast ones."""
+def _pyckpt_saver(tmp_path, monkeypatch) -> train_loop.Saver:
+    """The benchmark's pyckpt mode over a trained Linear(512, 512) + Adam (1 MB of weights, 3 MB in all)."""
     import torch
 
     monkeypatch.setenv("PYCKPT_STAGING_MB", "1024")  # Saver sets it; restored after the test
-    knob_env(PYCKPT_CHUNK_MB=1, PYCKPT_TEST_WRITE_DELAY_MS=100)  # 2 chunks: about 0.2 s per checkpoint
     model = torch.nn.Linear(512, 512)
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 512)).sum().backward()
     opt.step()
-    saver = train_loop.Saver("pyckpt", str(tmp_path), model, opt)
+    return train_loop.Saver("pyckpt", str(tmp_path), model, opt)
+
+
+def test_a_checkpoint_still_in_flight_at_the_next_one_keeps_its_durable_time(tmp_path, knob_env, monkeypatch):
+    """The pyckpt mode replaced its pending checkpoint at the next one: a checkpoint slower than the
+    interval was left out of "start → durable", so the median counted only the fast ones."""
+    knob_env(PYCKPT_CHUNK_MB=1, PYCKPT_TEST_WRITE_DELAY_MS=100)  # 2 chunks: about 0.2 s per checkpoint
+    saver = _pyckpt_saver(tmp_path, monkeypatch)
     saver.checkpoint(1)
     saver.before_step()
     saver.checkpoint(2)  # the first is still being written
@@ -58,15 +63,8 @@ def test_a_checkpoint_durable_long_before_the_next_one_is_timed_when_it_became_d
     done in a tenth of a second counted as the whole interval, so the column showed the interval."""
     import time
 
-    import torch
-
-    monkeypatch.setenv("PYCKPT_STAGING_MB", "1024")  # Saver sets it; restored after the test
     knob_env(PYCKPT_CHUNK_MB=1)
-    model = torch.nn.Linear(512, 512)  # 1 MB of weights, 3 MB with Adam's moments
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 512)).sum().backward()
-    opt.step()
-    saver = train_loop.Saver("pyckpt", str(tmp_path), model, opt)
+    saver = _pyckpt_saver(tmp_path, monkeypatch)
     saver.checkpoint(1)
     saver.before_step()
     saver.ckpt.wait()  # durable now
