@@ -30,6 +30,12 @@ def _path(parent: str, key: object) -> str:
     return f"{parent}/{key}" if parent else str(key)
 
 
+def _short_path(path: str) -> str:
+    """A key path of hundreds of levels cut to its first four keys and its last two (for one line)."""
+    keys = path.split("/")
+    return path if len(keys) <= 8 else "/".join(keys[:4] + ["..."] + keys[-2:])
+
+
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
@@ -44,7 +50,8 @@ class _Encoder:
 
     def value(self, v: Any, path: str, depth: int) -> Any:
         if depth > _MAX_DEPTH:
-            raise UnsupportedStateError(f"state is nested deeper than {_MAX_DEPTH} levels at {path!r}", key=path)
+            raise UnsupportedStateError(f"state is nested deeper than {_MAX_DEPTH} levels at {_short_path(path)!r} (a "
+                                        "container inside itself nests without end)", key=path)
         if v is None or isinstance(v, (bool, str)):
             return v
         if isinstance(v, int):

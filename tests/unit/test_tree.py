@@ -237,3 +237,17 @@ def test_depth_limit_and_key_paths_hold_when_containers_alternate(pattern):
         with pytest.raises(UnsupportedStateError) as ref:
             _reference(nest(levels + 1, leaf))
         assert got.value.key == ref.value.key
+
+
+def test_a_container_inside_itself_is_refused_in_one_readable_line():
+    """A dict holding itself nests without end: the error named all 200 levels of its key path
+    (1,249 characters for this one), and not what that usually means. The line stays short; the
+    error's ``key`` keeps the whole path."""
+    loop: dict = {}
+    loop["state"] = loop
+    with pytest.raises(UnsupportedStateError) as e:
+        tree.flatten({"model": loop})
+    msg = str(e.value)
+    assert len(msg) < 300, msg
+    assert "'model/state/state" in msg and "itself" in msg, msg
+    assert e.value.key.startswith("model/state/state") and e.value.key.count("/") >= 200
