@@ -193,8 +193,8 @@ class Checkpointer:
                  cache_dir: str | os.PathLike | None = None, incremental: bool | None = None) -> None:
         activation.explicit_api_used("Checkpointer")  # a bare `import pyckpt` must not resume behind it
         directory = knobs.check_local_path(directory, allow_url=True)  # "s3://b/x" is no local folder "s3:"
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # (1.5 would fail every retention)
+            raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
         if compress not in CODEC_IDS:
             raise ValueError(f"compress must be one of {sorted(CODEC_IDS)}, got {compress!r}")
         require_codec(compress)  # fail now, not in the first save, when zstd is unavailable

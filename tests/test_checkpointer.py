@@ -202,6 +202,15 @@ def test_non_integer_step_is_a_clear_type_error(ckpt_root, tmp_path, bad):
     assert sorted(os.listdir(ckpt_root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000003"]
 
 
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "3", True, None])
+def test_a_keep_that_is_not_a_whole_number_of_checkpoints_is_refused_at_once(ckpt_root, bad):
+    """keep=1.5 was accepted; every save then committed and logged that retention failed, and no
+    checkpoint was ever removed (the disk filled). keep="3" failed with a bare '<' TypeError."""
+    with pytest.raises(ValueError, match="keep must be an integer >= 1"):
+        pyckpt.Checkpointer(ckpt_root, keep=bad)
+    assert not os.path.exists(os.path.join(ckpt_root, ".pyckpt.lock"))  # refused before the directory was taken
+
+
 def test_a_save_interrupted_while_starting_fails_its_future_and_the_next_save_commits(ckpt_root, knob_env,
                                                                                        monkeypatch):
     """The commit thread starts before the engine does (save() then never waits for it to be
