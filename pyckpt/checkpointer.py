@@ -683,13 +683,26 @@ class Checkpointer:
         self._baseline = incremental_mod.Baseline()
         self._baseline.damaged = damaged
 
-    def load(self, step: int | None = None, into: Any = None, map_location: Any = None) -> Any:
-        """The replicated state of checkpoint ``step`` (default: the newest that loads)."""
-        return self.restore(step, into=into, map_location=map_location).state
+    def load(self, step: int | None = None, into: Any = None, map_location: Any = None, *,
+             strict: bool | None = None) -> Any:
+        """The replicated state of checkpoint ``step`` (default: the newest that loads); ``into`` and
+        ``strict`` as for ``restore``."""
+        return self.restore(step, into=into, map_location=map_location, strict=strict).state
 
     def restore(self, step: int | None = None, into: Any = None, rank_into: Any = None,
-                map_location: Any = None) -> Restored:
+                map_location: Any = None, *, strict: bool | None = None) -> Restored:
         """Replicated state plus this rank's ``rank_state`` of checkpoint ``step``.
+
+        ``into`` / ``rank_into``: structures parallel to the saved ones whose
+        tensors receive the values in place (same shape and dtype, checked
+        before anything is written). By default every target needs a saved
+        tensor (one without would silently keep its old value), while saved
+        tensors without a target come back as new tensors (a fresh optimizer
+        has no state tensors yet: pass its ``state_dict()`` and load the
+        returned one); either way ``IntoMismatchError`` lists every problem
+        and nothing is written. ``strict=True``: saved tensors without a
+        target are errors too (as ``pyckpt.load``'s default);
+        ``strict=False``: neither is, both are named in one ``pyckpt:`` line.
 
         Without ``step``: the newest commit; when its data turns out damaged
         while loading (a checksum, a truncated file), one line
@@ -705,20 +718,22 @@ class Checkpointer:
         The next incremental save references only chunks of the checkpoint
         restored (or of a later save), never of one that failed."""
         with reader.reusing():  # the candidate scan and the load open the same checkpoint
-            return self._restore(step, into, rank_into, map_location)
+            return self._restore(step, into, rank_into, map_location, reader.TARGETS if strict is None else strict)
 
-    def _restore(self, step: int | None, into: Any, rank_into: Any, map_location: Any) -> Restored:
+    def _restore(self, step: int | None, into: Any, rank_into: Any, map_location: Any,
+                 strict: bool | str) -> Restored:
         if step is not None and self.remote is not None:
-            return self._restore_path(remote.fetch_step(self, check_step(step)), into, rank_into, map_location)
+            return self._restore_path(remote.fetch_step(self, check_step(step)), into, rank_into, map_location,
+                                      strict=strict)
         if step is not None:
             path = os.path.join(self.directory, layout.step_dir_name(check_step(step)))
             if not (layout.is_real_dir(path) and layout.is_checkpoint_dir(path)):  # never through a link
                 raise CheckpointNotFoundError(f"no complete checkpoint for step {step} in {self.directory}")
-            return self._restore_path(path, into, rank_into, map_location)
+            return self._restore_path(path, into, rank_into, map_location, strict=strict)
         why: dict[str, str] = {}  # step directory name -> why it does not load (scan or load)
         for path in self._candidates(lambda p, exc: why.setdefault(os.path.basename(p), str(exc))):
             out: list[Restored] = []
-            err = _try(lambda: out.append(self._restore_path(path, into, rank_into, map_location)))
+            err = _try(lambda: out.append(self._restore_path(path, into, rank_into, map_location, strict=strict)))
             errors = self._gather_errors(err)  # every rank leaves or goes on together
             if not errors:
                 return out[0]
@@ -740,8 +755,9 @@ class Checkpointer:
         raise CheckpointNotFoundError(f"no complete checkpoint in {self.directory}")
 
     def _restore_path(self, path: str, into: Any, rank_into: Any, map_location: Any,
-                      rank_state: Any = _UNREAD) -> Restored:
-        """``rank_state``: this rank's section as already read (same ``map_location``, no ``rank_into``)."""
+                      rank_state: Any = _UNREAD, strict: bool | str | None = None) -> Restored:
+        """``rank_state``: this rank's section as already read (same ``map_location``, no ``rank_into``).
+        ``strict``: reader.load_section's (None: the transparent resume's partial targets, on purpose)."""
         from ._native import get_engine
 
         t0 = time.monotonic()
@@ -749,9 +765,9 @@ class Checkpointer:
             with reader.checked_reads() as checked:
                 op = reader.open_checkpoint(path)
                 engine = get_engine()
-                state = reader.load_section(engine, op, "replicated", 0, into, map_location)
+                state = reader.load_section(engine, op, "replicated", 0, into, map_location, strict)
                 rs = rank_state if rank_state is not _UNREAD else reader.load_section(
-                    engine, op, "rank", self.coord.rank, rank_into, map_location)
+                    engine, op, "rank", self.coord.rank, rank_into, map_location, strict)
         except CorruptCheckpointError:
             self._found_damaged(path)
             raise

@@ -411,12 +411,13 @@ class _SectionReader:
         sharded = {"/".join(map(str, t["key"])) for t in (self.op.parts[0].get("sharded") or {}).get("tensors", [])
                    if isinstance(t, dict)} if self.sec is self.op.parts[0]["replicated"] else set()
         missing = [p for p, t in _into_leaves(into) if (p, id(t)) not in matched and p not in sharded]  # 1.2
-        if strict:
+        if strict is True:
             problems += [f"{p!r}: saved tensor has no target tensor in into=" for p in unexpected]
+        if strict is True or strict == TARGETS:
             problems += [f"{p!r}: target in into= has no saved tensor in the checkpoint" for p in missing]
         if problems:
             hint = ""
-            if strict and (unexpected or missing):
+            if (strict is True and unexpected) or (strict in (True, TARGETS) and missing):
                 hint = " (strict=False loads saved tensors without a target as new tensors and leaves targets " \
                        "without a saved tensor unchanged)"
             raise IntoMismatchError(
@@ -644,16 +645,21 @@ def _raise_errors(errors: list, keys: list, op: Opened, files: _FileTable) -> No
     raise CorruptCheckpointError(f"{path}: chunk {chunk} of rank {pi} is damaged: {msg}{more}", path=path, chunk=chunk)
 
 
+# ``load_section``'s strictness of Checkpointer.load/restore: every target needs a saved tensor.
+TARGETS = "targets"
+
+
 def load_section(engine: Any, op: Opened, scope: str, rank: int, into: Any = None, map_location: Any = None,
-                 strict: bool | None = None) -> Any:
+                 strict: bool | str | None = None) -> Any:
     """Rebuild the replicated state (scope "replicated") or ``rank``'s rank_state (scope "rank").
 
     ``into`` targets are always checked for shape, dtype and device before
     anything is read. ``strict=True``: saved tensors without a target and
-    targets without a saved tensor are errors too; ``False``: they are
-    reported in one ``pyckpt:`` log line (the former come back as new
-    tensors); ``None`` (internal callers that pass partial targets on
-    purpose, e.g. a resume into the live modules): allowed silently."""
+    targets without a saved tensor are errors too; ``TARGETS``: only the
+    latter (the former come back as new tensors); ``False``: both are
+    reported in one ``pyckpt:`` log line; ``None`` (internal callers that
+    pass partial targets on purpose, e.g. a resume into the live modules):
+    allowed silently."""
     if scope == "rank" and (rank >= len(op.parts) or op.parts[rank].get("rank_state") is None):
         return None
     with gcpause.paused():  # the trees' containers: as in open_checkpoint

@@ -233,3 +233,49 @@ def test_a_save_interrupted_while_starting_fails_its_future_and_the_next_save_co
     assert sorted(n for n in os.listdir(ckpt_root) if n.startswith("step-")) == ["step-000000001", "step-000000003"]
     assert_state_equal(ck.restore().state, state_for(3))
     ck.close()
+
+
+def _model_and_adam(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    return model, torch.optim.Adam(model.parameters())
+
+
+def test_load_into_targets_the_checkpoint_lacks_is_refused_and_writes_nothing(ckpt_root):
+    """into= one level off (the model's state_dict where the checkpoint holds {"model": ...}) loaded
+    nothing in place and raised nothing: a script relying on the in-place load resumed from its fresh
+    weights. Targets without a saved tensor are now an IntoMismatchError, nothing written."""
+    model, opt = _model_and_adam(0)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    ck = pyckpt.Checkpointer(ckpt_root)
+    ck.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).result(60)
+    fresh, _ = _model_and_adam(1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(pyckpt.reader.IntoMismatchError, match="target in into= has no saved tensor") as e:
+        ck.load(into=fresh.state_dict())
+    assert sorted(e.value.missing) == ["bias", "weight"]
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # untouched
+    with pytest.raises(pyckpt.reader.IntoMismatchError):
+        ck.restore(into={"model": {**fresh.state_dict(), "extra": torch.zeros(1)}})
+
+
+def test_load_into_a_fresh_optimizer_returns_its_state_and_fills_the_model_in_place(ckpt_root, caplog):
+    """The resume pattern: a fresh Adam has no state tensors yet, so its saved moments have no target;
+    they come back as new tensors for opt.load_state_dict, and the model's are filled in place. With
+    strict=True those untargeted tensors are errors; strict=False names them in one line."""
+    model, opt = _model_and_adam(0)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    ck = pyckpt.Checkpointer(ckpt_root)
+    ck.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).result(60)
+    fresh, fresh_opt = _model_and_adam(1)
+    state = ck.load(into={"model": fresh.state_dict(), "optim": fresh_opt.state_dict()})
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    fresh_opt.load_state_dict(state["optim"])
+    assert torch.equal(fresh_opt.state[fresh.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+    with pytest.raises(pyckpt.reader.IntoMismatchError, match="saved tensor has no target"):
+        ck.load(into={"model": fresh.state_dict(), "optim": _model_and_adam(2)[1].state_dict()}, strict=True)
+    with caplog.at_level(logging.WARNING, logger="pyckpt"):
+        ck.load(into=fresh.state_dict(), strict=False)
+    assert "target(s) without a saved tensor, left unchanged: weight, bias" in caplog.text
