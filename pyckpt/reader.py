@@ -393,6 +393,8 @@ class _SectionReader:
 
     def match(self, into: Any, strict: bool | None) -> dict[int, torch.Tensor]:
         """Targets by tensor id; raises IntoMismatchError listing every problem before anything is read."""
+        if strict is not None and strict != TARGETS:
+            strict = bool(strict)  # (a caller's strict=1 is strict)
         entries = self.sec["tensors"]
         dests: dict[int, torch.Tensor] = {}
         matched: set[tuple[str, int]] = set()
