@@ -241,15 +241,21 @@ def _model_and_adam(seed: int):
     return model, torch.optim.Adam(model.parameters())
 
 
+def _trained_and_saved(root):
+    """A Checkpointer of ``root`` holding step 1 of a Linear + Adam trained one step, and those two."""
+    model, opt = _model_and_adam(0)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    ck = pyckpt.Checkpointer(root)
+    ck.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).result(60)
+    return ck, model, opt
+
+
 def test_load_into_targets_the_checkpoint_lacks_is_refused_and_writes_nothing(ckpt_root):
     """into= one level off (the model's state_dict where the checkpoint holds {"model": ...}) loaded
     nothing in place and raised nothing: a script relying on the in-place load resumed from its fresh
     weights. Targets without a saved tensor are now an IntoMismatchError, nothing written."""
-    model, opt = _model_and_adam(0)
-    model(torch.randn(2, 4)).sum().backward()
-    opt.step()
-    ck = pyckpt.Checkpointer(ckpt_root)
-    ck.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).result(60)
+    ck, _, _ = _trained_and_saved(ckpt_root)
     fresh, _ = _model_and_adam(1)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(pyckpt.reader.IntoMismatchError, match="target in into= has no saved tensor") as e:
@@ -264,11 +270,7 @@ def test_load_into_a_fresh_optimizer_returns_its_state_and_fills_the_model_in_pl
     """The resume pattern: a fresh Adam has no state tensors yet, so its saved moments have no target;
     they come back as new tensors for opt.load_state_dict, and the model's are filled in place. With
     strict=True those untargeted tensors are errors; strict=False names them in one line."""
-    model, opt = _model_and_adam(0)
-    model(torch.randn(2, 4)).sum().backward()
-    opt.step()
-    ck = pyckpt.Checkpointer(ckpt_root)
-    ck.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).result(60)
+    ck, model, opt = _trained_and_saved(ckpt_root)
     fresh, fresh_opt = _model_and_adam(1)
     state = ck.load(into={"model": fresh.state_dict(), "optim": fresh_opt.state_dict()})
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
