@@ -413,13 +413,13 @@ class _SectionReader:
         sharded = {"/".join(map(str, t["key"])) for t in (self.op.parts[0].get("sharded") or {}).get("tensors", [])
                    if isinstance(t, dict)} if self.sec is self.op.parts[0]["replicated"] else set()
         missing = [p for p, t in _into_leaves(into) if (p, id(t)) not in matched and p not in sharded]  # 1.2
-        if strict is True:
-            problems += [f"{p!r}: saved tensor has no target tensor in into=" for p in unexpected]
-        if strict is True or strict == TARGETS:
-            problems += [f"{p!r}: target in into= has no saved tensor in the checkpoint" for p in missing]
+        untargeted = unexpected if strict is True else []
+        unloaded = missing if strict is True or strict == TARGETS else []
+        problems += [f"{p!r}: saved tensor has no target tensor in into=" for p in untargeted]
+        problems += [f"{p!r}: target in into= has no saved tensor in the checkpoint" for p in unloaded]
         if problems:
             hint = ""
-            if (strict is True and unexpected) or (strict in (True, TARGETS) and missing):
+            if untargeted or unloaded:
                 hint = " (strict=False loads saved tensors without a target as new tensors and leaves targets " \
                        "without a saved tensor unchanged)"
             raise IntoMismatchError(

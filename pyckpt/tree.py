@@ -50,8 +50,8 @@ class _Encoder:
 
     def value(self, v: Any, path: str, depth: int) -> Any:
         if depth > _MAX_DEPTH:
-            raise UnsupportedStateError(f"state is nested deeper than {_MAX_DEPTH} levels at {_short_path(path)!r} (a "
-                                        "container inside itself nests without end)", key=path)
+            raise UnsupportedStateError(f"state is nested deeper than {_MAX_DEPTH} levels at {_short_path(path)!r} (as a "
+                                        "container that holds itself does)", key=path)
         if v is None or isinstance(v, (bool, str)):
             return v
         if isinstance(v, int):

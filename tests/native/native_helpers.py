@@ -86,20 +86,32 @@ def save_chunks(layout: Layout, arrays: list[np.ndarray]) -> list:
 
 
 def slab_engine(C, kind: str, budget: int, chunk: int = 4 << 20):
-    """(engine, save(path, layout, array) -> job, registered() -> int) with staging slabs of ``kind``:
-    "host", or "pinned" for chunks on the emulated device (csrc/device_emulator.cpp stands in for the
-    CUDA runtime: page-locking is recorded, not done; it stays on for the rest of the process)."""
-    if kind == "host":
-        engine = C.Engine(budget, chunk, io_threads=2, copy_threads=2)
-        return engine, lambda path, layout, a: engine.save([path], save_chunks(layout, [a])), lambda: 0
-    C._emulate_device(True)
-    engine = C.Engine(budget, chunk, io_threads=2, copy_threads=2, pinned=True)
+    """(engine, save(path, array) -> ok, registered() -> int) with staging slabs of ``kind``: "host",
+    or "pinned" for chunks on the emulated device (csrc/device_emulator.cpp stands in for the CUDA
+    runtime: page-locking is recorded, not done; it stays on for the rest of the process). ``save``
+    writes the array in whole chunks, one slab each, and waits for it."""
+    pinned = kind == "pinned"
+    if pinned:
+        C._emulate_device(True)
+    engine = C.Engine(budget, chunk, io_threads=2, copy_threads=2, pinned=pinned)
 
-    def save(path: str, layout: Layout, a: np.ndarray):
-        chunks = [(f, es, [(p, n, 0) for p, n, _ in pieces]) for f, es, pieces in save_chunks(layout, [a])]
-        return engine.save([path], chunks, stream=0, device=0)
+    def save(path: str, a: np.ndarray) -> bool:
+        layout = Layout(chunk, [(0, 1, [(0, off, chunk)]) for off in range(0, a.nbytes, chunk)])
+        chunks = save_chunks(layout, [a])
+        if pinned:
+            chunks = [(f, es, [(p, n, 0) for p, n, _ in pieces]) for f, es, pieces in chunks]
+            job = engine.save([path], chunks, stream=0, device=0)
+        else:
+            job = engine.save([path], chunks)
+        return job.wait(60) and job.error() is None
 
-    return engine, save, lambda: C._emulated_device_stats()["registered"]
+    return engine, save, (lambda: C._emulated_device_stats()["registered"]) if pinned else (lambda: 0)
+
+
+def proc_kib(path: str, field: str) -> int:
+    """The kB figures of ``field`` in a /proc file (``/proc/self/smaps``: summed over mappings)."""
+    with open(path) as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def read_chunks(layout: Layout, results: list, dests: list[np.ndarray]) -> list:

@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from native_helpers import proc_kib
+
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.gpu
@@ -73,8 +75,7 @@ def test_pinned_slabs_are_huge_pages_page_locked_in_place(C, cuda, tmp_path):
             pytest.skip("the kernel grants no transparent huge pages here")
 
     def huge_kib() -> int:
-        with open("/proc/self/smaps") as f:
-            return sum(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+        return proc_kib("/proc/self/smaps", "AnonHugePages")
 
     chunk = 4 * CHUNK
     engine = C.Engine(4 * chunk, chunk, pinned=True)

@@ -81,22 +81,14 @@ def test_slabs_of_whole_huge_pages_are_backed_by_huge_pages(tmp_path, kind):
     out = run_child(f"""
         import numpy as np
         from pyckpt import _native
-        from native_helpers import Layout, slab_engine
+        from native_helpers import proc_kib, slab_engine
 
-        def huge_kib():
-            with open("/proc/self/smaps") as f:
-                return sum(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:"))
-
-        MIB = 1 << 20
-        C = _native.native()
-        engine, save, registered = slab_engine(C, {kind!r}, 16 * MIB)
-        src = np.random.default_rng(0).integers(0, 255, 16 * MIB, dtype=np.uint8)
-        before = huge_kib()
-        layout = Layout(4 * MIB, [(0, 1, [(0, i * 4 * MIB, 4 * MIB)]) for i in range(4)])
-        job = save({str(tmp_path / "a.bin")!r}, layout, src)
-        ok = job.wait(60) and job.error() is None
-        print(json.dumps({{"ok": ok, "huge_kib": huge_kib() - before, "allocated": engine.staging_bytes_allocated(),
-                          "registered": registered()}}))
+        engine, save, registered = slab_engine(_native.native(), {kind!r}, 16 << 20)
+        src = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
+        before = proc_kib("/proc/self/smaps", "AnonHugePages")
+        ok = save({str(tmp_path / "a.bin")!r}, src)
+        print(json.dumps({{"ok": ok, "huge_kib": proc_kib("/proc/self/smaps", "AnonHugePages") - before,
+                          "allocated": engine.staging_bytes_allocated(), "registered": registered()}}))
     """)
     assert out["ok"] and out["allocated"] == 16 << 20
     assert out["huge_kib"] >= 2048, out  # at least one 2 MiB page; 0 without the advice
@@ -111,19 +103,13 @@ def test_a_forked_child_does_not_inherit_the_slabs(tmp_path, kind):
     out = run_child(f"""
         import numpy as np
         from pyckpt import _native
-        from native_helpers import Layout, slab_engine
+        from native_helpers import proc_kib, slab_engine
 
         def vm_kib():
-            with open("/proc/self/status") as f:
-                return next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
+            return proc_kib("/proc/self/status", "VmSize")
 
-        MIB = 1 << 20
-        C = _native.native()
-        engine, save, registered = slab_engine(C, {kind!r}, 64 * MIB)
-        src = np.arange(64 * MIB, dtype=np.uint8)
-        layout = Layout(4 * MIB, [(0, 1, [(0, i * 4 * MIB, 4 * MIB)]) for i in range(16)])
-        job = save({str(tmp_path / "a.bin")!r}, layout, src)
-        ok = job.wait(60) and job.error() is None
+        engine, save, _ = slab_engine(_native.native(), {kind!r}, 64 << 20)
+        ok = save({str(tmp_path / "a.bin")!r}, np.arange(64 << 20, dtype=np.uint8))
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
