@@ -86,13 +86,24 @@ def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
                                     "pyckpt.Checkpointer.save as part of `state` (each rank writes its shards), "
                                     "not in rank_state or by pyckpt.save; or pass dtensor.full_tensor()", key=path)
     if t.layout != torch.strided or t.is_quantized or t.device.type == "meta" or t.is_nested:
-        raise UnsupportedStateError(f"cannot save tensor at {path!r}: layout {t.layout}, device {t.device} "
-                                    "(only dense strided tensors are supported; convert with .to_dense())", key=path)
+        raise UnsupportedStateError(f"cannot save tensor at {path!r}: {_unsupported_kind(t)}", key=path)
     if code_of(t.dtype) is None:
         raise UnsupportedStateError(f"cannot save tensor at {path!r}: dtype {t.dtype} has no byte layout", key=path)
     if t.is_conj() or t.is_neg():
         return t.detach().resolve_conj().resolve_neg()  # lazy bits are not in the bytes: materialize
     return t.detach() if t.grad_fn is not None else t
+
+
+def _unsupported_kind(t: torch.Tensor) -> str:
+    """What ``t`` is and what to save instead: a quantized or nested tensor's layout is strided too."""
+    if t.is_nested:
+        return "a nested tensor (only dense tensors are saved; save its components, t.unbind())"
+    if t.is_quantized:
+        return (f"a quantized tensor ({t.dtype}; only plain dtypes are saved: save t.dequantize(), or "
+                "t.int_repr() with its scale and zero point)")
+    if t.device.type == "meta":
+        return "a meta tensor (it has no data to save; materialize it with .to_empty() and initialize it)"
+    return f"a {t.layout} tensor (only dense strided tensors are saved; convert with .to_dense())"
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:

@@ -114,6 +114,23 @@ def test_unsupported_tensor_kinds_name_the_key():
     assert ei.value.key == "m/sparse"
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # quantized and nested tensors warn that they are beta
+@pytest.mark.parametrize("kind", ["sparse", "quantized", "meta", "nested"])
+def test_an_unsupported_tensor_is_refused_saying_what_it_is_and_what_to_save_instead(kind):
+    """A quantized or nested tensor has a strided layout: its refusal must not say the layout is the trouble."""
+    t = {"sparse": lambda: torch.eye(3).to_sparse(),
+         "quantized": lambda: torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8),
+         "meta": lambda: torch.empty(3, device="meta"),
+         "nested": lambda: torch.nested.nested_tensor([torch.randn(2), torch.randn(3)])}[kind]()
+    advice = {"sparse": ".to_dense()", "quantized": ".dequantize()", "meta": "no data", "nested": ".unbind()"}
+    with pytest.raises(UnsupportedStateError) as ei:
+        planner.describe([t], ["m/x"])
+    msg = str(ei.value)
+    assert ei.value.key == "m/x" and "'m/x'" in msg
+    assert kind in msg and advice[kind] in msg
+    assert "layout torch.strided" not in msg
+
+
 # -- reuse of an earlier description (a training job saves the same tensors every time) -----------
 def _layout(d):
     return [(s.id, s.nbytes, s.elem_size, d.addr(s.id), [(p.storage_offset, p.nbytes) for p in s.pieces])
