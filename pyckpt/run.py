@@ -24,9 +24,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Sequence
 
-from . import knobs
+from . import knobs, layout, metrics
 from .errors import ConfigError
 
 # our flag -> (environment variable, metavar, help)
@@ -179,7 +180,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # One launch: its workers' restarts resume its own checkpoints whatever PYCKPT_RESUME says (resume.py).
     os.environ["PYCKPT_LAUNCH_ID"] = os.urandom(8).hex()
-    return supervise([sys.executable, "-m", "torch.distributed.run", *targv])
+    started = time.time()
+    rc = supervise([sys.executable, "-m", "torch.distributed.run", *targv])
+    if rc != 0:
+        line = after_failure(os.environ["PYCKPT_DIR"], started, rc, knobs.get("PYCKPT_RESUME"))
+        if line:
+            sys.stderr.write(line + "\n")
+    return rc
+
+
+def after_failure(directory: str, since: float, rc: int, resume: str) -> str | None:
+    """One ``pyckpt-run:`` line after a launch that gave up: what the same command would resume from,
+    and whether this launch's restarts got past the checkpoint they resumed from.
+
+    torchrun's own summary names the failed worker but not the checkpoints; an operator deciding
+    whether to relaunch needs both, and a failure that repeats after every resume is a bug to fix
+    first, not a machine to replace. Read from ``metrics.jsonl`` (rank 0 records every save and
+    restore) and the committed checkpoints; never raises."""
+    if knobs.is_url(directory):
+        return None  # an object-storage root: its listing is a network call, not for an exit path
+    try:
+        records = [r for r in metrics.read(directory)[0] if _number(r.get("time")) >= since]
+        newest = layout.committed(directory)
+    except OSError:
+        return None
+    restores = [r for r in records if r.get("event") == "restore"]
+    head = f"pyckpt-run: the workers failed (exit status {rc})"
+    if restores:
+        first = _number(restores[0].get("time"))
+        progressed = any(r.get("event") == "save" and r.get("ok") and _number(r.get("time")) > first for r in records)
+        steps = sorted({r.get("step") for r in restores}, key=str)
+        if not progressed:
+            n = len(restores)
+            where = f"step {steps[0]}" if len(steps) == 1 else "steps " + ", ".join(map(str, steps))
+            head += (f"; {n} resume{'s' if n > 1 else ''} of this launch (from {where}) failed again before "
+                     "another checkpoint (a failure that repeats after a resume is more likely the script's or its "
+                     "data's than the machine's: restarting again repeats it)")
+    if not newest:
+        return f"{head}; {directory} holds no committed checkpoint: the same command starts from the beginning"
+    at = f"{newest[0].path} (step {newest[0].step})"
+    if resume == "never":
+        return f"{head}; the same command starts over (--resume never); --resume auto resumes from {at}"
+    if resume != "auto":
+        return f"{head}; the same command resumes from {resume} again; --resume auto resumes from {at}"
+    return f"{head}; the same command resumes from {at}, or an older one if that one fails its checks"
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("-inf")
 
 
 def supervise(cmd: list[str]) -> int:

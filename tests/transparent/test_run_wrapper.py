@@ -162,3 +162,96 @@ def test_a_restart_under_resume_never_resumes_the_launchs_own_checkpoint(tmp_pat
     assert "pyckpt: restart of this launch: resuming from its own newest checkpoint" in r.stderr, r.stderr[-3000:]
     assert re.search(r"pyckpt: resumed from step (8|12) ", r.stderr), r.stderr[-3000:]
     assert tree_equal(load(tmp_path / "res.pt"), load(tmp_path / "plain.pt"))
+
+
+FAILS_AT_12 = """
+import torch
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(1, 30):
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    if step == 12:
+        raise ZeroDivisionError("the script's own bug, at step 12")
+"""
+
+
+def _wrapper_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("pyckpt-run:")]
+
+
+@pytest.mark.slow
+def test_a_failure_that_repeats_after_every_restart_is_named_with_the_checkpoint_a_relaunch_uses(tmp_path):
+    """A worker that fails at the same step after each resume (a bug, not a machine): the agent's
+    restarts only repeat it, and the wrapper used to end with torchrun's traceback and nothing else;
+    it now says, in one line, that the launch's resumes (from step 10) each failed again before another
+    checkpoint, and which checkpoint the same command would resume from."""
+    script = tmp_path / "fails.py"
+    script.write_text(FAILS_AT_12)
+    r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "5",
+                        "--max-restarts", "2", "--nproc-per-node", "1", script],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert r.returncode != 0 and r.stderr.count("ZeroDivisionError: the script's own bug") == 3, r.stderr[-3000:]
+    lines = _wrapper_lines(r.stderr)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "; 2 resumes of this launch (from step 10) failed again before another checkpoint" in lines[0], lines
+    assert f"the same command resumes from {tmp_path / 'ck' / 'step-000000010'} (step 10)" in lines[0], lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_a_launch_that_gives_up_names_what_the_same_command_would_do(tmp_path, resume):
+    """No restarts left (--max-restarts 0): the one line names the newest checkpoint and whether the
+    same command resumes from it (PYCKPT_RESUME=auto) or starts over (never)."""
+    script = tmp_path / "fails.py"
+    script.write_text(FAILS_AT_12)
+    r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "5",
+                        "--resume", resume, "--max-restarts", "0", "--nproc-per-node", "1", script],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert r.returncode != 0, r.stderr[-3000:]
+    lines = _wrapper_lines(r.stderr)
+    assert len(lines) == 1 and "resume of this launch" not in lines[0], r.stderr[-3000:]
+    newest = tmp_path / "ck" / "step-000000010"
+    if resume == "auto":
+        assert f"the same command resumes from {newest} (step 10)" in lines[0], lines
+    else:
+        assert f"the same command starts over (--resume never); --resume auto resumes from {newest} (step 10)" \
+            in lines[0], lines
+
+
+def test_a_launch_that_fails_before_any_checkpoint_says_a_relaunch_starts_from_the_beginning(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("raise SystemExit(3)\n")
+    r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--max-restarts", "0",
+                        "--nproc-per-node", "1", script],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert r.returncode != 0
+    lines = _wrapper_lines(r.stderr)
+    assert len(lines) == 1 and "holds no committed checkpoint: the same command starts from the beginning" \
+        in lines[0], r.stderr[-3000:]
+
+
+def test_a_launch_that_succeeds_adds_no_line(tmp_path):
+    script = tmp_path / "ok.py"
+    script.write_text("print('fine')\n")
+    r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--nproc-per-node", "1", script],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert r.returncode == 0 and "fine" in r.stdout and _wrapper_lines(r.stderr) == [], r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_restart_that_got_past_its_checkpoint_is_not_called_a_repeat(tmp_path):
+    """First attempt fails at step 12 (once), the restart resumes from 10, commits 15 and 20 and fails at 22:
+    the launch made progress, so the line names step 20 and no repeating failure."""
+    script = tmp_path / "fails.py"
+    script.write_text(FAILS_AT_12.replace("if step == 12:", f"if step == 22 or (step == 12 and not os.path.exists("
+                                          f"{str(tmp_path / 'mark')!r}) and not open({str(tmp_path / 'mark')!r}, "
+                                          "'w').close()):").replace("import torch", "import os, torch"))
+    r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "5",
+                        "--max-restarts", "1", "--nproc-per-node", "1", script],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert r.returncode != 0 and r.stderr.count("ZeroDivisionError: the script's own bug") == 2, r.stderr[-3000:]
+    lines = _wrapper_lines(r.stderr)
+    assert len(lines) == 1 and "failed again" not in lines[0], r.stderr[-3000:]
+    assert f"the same command resumes from {tmp_path / 'ck' / 'step-000000020'} (step 20)" in lines[0], lines
