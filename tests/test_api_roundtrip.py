@@ -138,6 +138,41 @@ def test_unsupported_value_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_subclasses_of_builtin_types_come_back_as_their_base_type_and_namedtuples_are_refused(tmp_path):
+    """docs/FORMAT.md §8: what a dict/list/int/str/float subclass becomes after a round trip."""
+    import collections
+    import enum
+
+    import numpy as np
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Name(str, enum.Enum):
+        BEE = "bee"
+
+    class Tagged(list):
+        pass
+
+    state = {"od": collections.OrderedDict([("z", 1), ("a", torch.ones(2))]),
+             "dd": collections.defaultdict(list, {"k": [1]}), "count": collections.Counter("aab"),
+             "tagged": Tagged([1, 2]), "level": Level.HIGH, "name": Name.BEE, "f64": np.float64(1.5),
+             "enum_key": {Level.HIGH: "x"}}
+    pyckpt.save(state, str(tmp_path / "c"))
+    got = pyckpt.load(str(tmp_path / "c"))
+    assert {k: type(v) for k, v in got.items()} == {
+        "od": dict, "dd": dict, "count": dict, "tagged": list, "level": int, "name": str, "f64": float,
+        "enum_key": dict}
+    assert list(got["od"]) == ["z", "a"] and torch.equal(got["od"]["a"], torch.ones(2))
+    assert got["dd"] == {"k": [1]} and got["count"] == {"a": 2, "b": 1} and got["tagged"] == [1, 2]
+    assert got["level"] == 3 and got["name"] == "bee" and got["f64"] == 1.5
+    assert list(got["enum_key"]) == [3] and type(next(iter(got["enum_key"]))) is int
+    point = collections.namedtuple("Point", "x y")
+    with pytest.raises(UnsupportedStateError, match="Point"):
+        pyckpt.save({"p": point(1, 2)}, str(tmp_path / "d"))
+    assert not (tmp_path / "d").exists()
+
+
 def test_map_location(tmp_path):
     pyckpt.save({"x": torch.ones(2, dtype=torch.float16)}, tmp_path / "c")
     out = pyckpt.load(tmp_path / "c", map_location="cpu")
