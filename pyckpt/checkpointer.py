@@ -235,6 +235,7 @@ class Checkpointer:
         self._seq = 0
         self._inflight: SaveFuture | None = None
         self._lock = threading.Lock()
+        self._saving = threading.RLock()  # held through save(): saves from several threads run one by one
         # The memory tier (shm_tier) sets these: retention (rank 0) parks an evicted checkpoint's data
         # files in ``_spares``, and each rank's next save writes into its own in place, mapped (when
         # ``_may_recycle()``: nothing of this rank may still read it), so a snapshot neither allocates
@@ -274,7 +275,10 @@ class Checkpointer:
         (``ValueError``); every later failure is reported by the future.
 
         (``_gate`` and ``_as_state_dict`` are the transparent layer's: lazy.py.)"""
-        with gcpause.paused():  # planning thousands of tensors must not start collector passes (gcpause.py)
+        # One save at a time: saves from several threads (a loop and a callback) each saw none in flight,
+        # and one's clean-up removed the other's temporary directory. Re-entrant: a signal handler on the
+        # saving thread that saves again must not deadlock.
+        with self._saving, gcpause.paused():  # planning must not start collector passes (gcpause.py)
             return self._save(step, state, rank_state, _gate, _as_state_dict)
 
     def _save(self, step: int, state: Any, rank_state: Any, _gate: Callable[[], BaseException | None] | None,

@@ -135,6 +135,37 @@ def test_second_save_while_writing_is_skipped_after_timeout(ckpt_root, knob_env,
     assert ck.latest().step == 1
 
 
+def test_saves_from_several_threads_at_once_are_taken_one_after_another(ckpt_root):
+    """Three threads share one Checkpointer (a training loop, an evaluation callback, a watchdog). Their
+    saves used to overlap: two saw no save in flight, and one save's clean-up removed the other's
+    temporary directory, so several of them failed (FileNotFoundError on the other's files)."""
+    import threading
+
+    ck = pyckpt.Checkpointer(ckpt_root, keep=3)
+    results: dict[int, object] = {}
+
+    def saver(base: int) -> None:
+        for i in range(8):
+            step = base + i
+            try:
+                results[step] = ck.save(step, {"w": torch.full((1 << 18,), float(step))}).result(60)
+            except Exception as e:  # noqa: BLE001 - each failure is what the test reports
+                results[step] = e
+
+    threads = [threading.Thread(target=saver, args=(k * 1000,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    failed = {s: r for s, r in results.items() if isinstance(r, Exception)}
+    assert len(results) == 24 and not failed, failed
+    kept = layout.committed(ckpt_root)
+    assert len(kept) == 3
+    for e in kept:  # each kept checkpoint holds its own step's tensor
+        assert torch.equal(pyckpt.load(e.path)["w"], torch.full((1 << 18,), float(e.step)))
+    ck.close()
+
+
 def test_staging_pool_bounds_memory_and_streams_a_large_state(ckpt_root, knob_env):
     knob_env(PYCKPT_STAGING_MB=8, PYCKPT_CHUNK_MB=1)
     g = torch.Generator().manual_seed(3)
