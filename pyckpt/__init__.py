@@ -25,6 +25,7 @@ from .errors import (  # noqa: E402
     NativeError,
     PyckptError,
     StagingTimeoutError,
+    TornSaveError,
     UnsupportedStateError,
 )
 from .activation import disable, enable, register  # noqa: E402
@@ -69,6 +70,7 @@ __all__ = [
     "FormatVersionError",
     "UnsupportedStateError",
     "StagingTimeoutError",
+    "TornSaveError",
     "NativeError",
     "ConfigError",
 ]

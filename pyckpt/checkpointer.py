@@ -28,7 +28,7 @@ from . import incremental as incremental_mod
 from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, tree, writer
 from ._native import CODEC_IDS, name_os_thread, require_codec
 from .coord import Coordinator, LocalCoordinator
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError,
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError, TornSaveError,
                      UnsupportedStateError)
 
 log = logging.getLogger("pyckpt")
@@ -71,6 +71,10 @@ class SaveFuture:
         # storage's copy of it (tier_publish.py) then neither parses the part back nor encodes it anew.
         self._committed: tuple[dict, Any] | None = None
         self._baseline: Any = None  # the Checkpointer's incremental Baseline this save was planned with
+        # Explicit saves: (section, its keeps, their versions at save()) to compare once captured, and
+        # whether captured() has returned True to the caller (who may write the tensors from then on).
+        self._watch: list[tuple[Any, list, list]] | None = None
+        self._waited = False
 
     def captured(self, timeout: float | None = None) -> bool:
         """Block until every tensor is copied to staging (or the save failed); False on timeout."""
@@ -82,6 +86,7 @@ class SaveFuture:
             self._timer.add_blocked(time.monotonic() - t)
         if ok:
             self._keep = None  # the engine reads no source memory once this is true, even after a failure
+            self._waited = True  # before returning: any write the caller makes now comes after it
         return ok
 
     def done(self) -> bool:
@@ -149,6 +154,32 @@ def _versions_of(tensors: list[Any]) -> list[int | None]:
             except RuntimeError:
                 out.append(None)
         return out
+
+
+def _written_before_captured(fut: SaveFuture, step: int) -> BaseException | None:
+    """A TornSaveError when a tensor's version counter moved after save() while the caller had not had
+    ``captured()`` return True: the copy may hold part of it from before the write and part from after.
+
+    Versions are read before the flag: a write the caller makes after captured() returned then finds
+    the flag set (no error), one made without waiting does not. A write through ``.data`` moves no
+    counter and is not seen."""
+    watch, fut._watch = fut._watch, None
+    changed = []
+    for sec, keeps, versions in watch:
+        for i, (t, v) in enumerate(zip(keeps, versions)):
+            if v is not None and t._version != v:
+                changed.append((sec, sec.mine[i].id))
+    if not changed or fut._waited:
+        return None
+    names = []
+    for sec, sid in changed[:3]:
+        at = next((k for k, e in enumerate(sec.entries) if e["storage"] == sid), None)
+        names.append(repr(sec.paths[at]) if at is not None and at < len(sec.paths) else f"storage {sid}")
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return TornSaveError(
+        f"checkpoint of step {step} not written: {', '.join(names)}{more} changed after save() and before the "
+        "save had copied it, so it would hold parts of two steps; call future.captured() before the next "
+        "optimizer step (or any in-place write) when saving with Checkpointer.save")
 
 
 def _every_rank_hint() -> str:
@@ -321,6 +352,9 @@ class Checkpointer:
         tmp = os.path.join(self.directory, layout.tmp_dir_name(layout.step_dir_name(step), token))
         self._plan_incremental(plan, final)
         fut = SaveFuture(step)
+        if _gate is None:  # the transparent layer guards its own tensors (lazy.py)
+            versions = plan.versions or [_versions_of(sec.keeps) for sec in plan.sections()]
+            fut._watch = [(sec, sec.keeps, v) for sec, v in zip(plan.sections(), versions)]
         fut._timer = timer
         fut._baseline = self._baseline
         fut._gate = _gate  # transparent lazy capture: None, or why this save must not commit
@@ -453,6 +487,7 @@ class Checkpointer:
             moved.update(*[c for c, f in zip(lay.chunks, flags) if f])
             still.update(*[c for c, f in zip(lay.chunks, flags) if f is False])
         self._versions = now
+        plan.versions = [n[2] for n in now]
         return moved - still
 
     def _start(self, engine: Any, plan: writer.RankPlan, tmp: str) -> tuple[Any, BaseException | None]:
@@ -511,11 +546,14 @@ class Checkpointer:
         if err is None:
             captured = job.wait_captured(None)
             fut._timer.captured()
+            if captured and fut._watch is not None:
+                err = _written_before_captured(fut, step)
             if captured:
                 # The engine no longer reads the caller's tensors (captured, or failed and stopped).
                 fut._keep = None
                 plan.release()
-            part, err = writer.collect(job, plan, tmp)
+            part, collect_err = writer.collect(job, plan, tmp)
+            err = err or collect_err
             if err is None and part is not None and plan.deferred:
                 err = self._baseline.check_deferred(self.directory, plan.deferred, part)
             if part is not None and getattr(plan, "shards", None) is not None:

@@ -41,6 +41,11 @@ class UnsupportedStateError(PyckptError, TypeError):
         self.key = key
 
 
+class TornSaveError(PyckptError):
+    """A tensor of the state was written after ``save()`` and before the save had copied it (the
+    caller did not wait for ``captured()``): the checkpoint would mix two steps, so it is not committed."""
+
+
 class StagingTimeoutError(PyckptError):
     """Staging memory stayed full past the timeout; the checkpoint was skipped."""
 

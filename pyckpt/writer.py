@@ -122,6 +122,9 @@ class RankPlan:
     # Chunks every tensor of which moved its version counter since the previous save, fingerprinted
     # or not (Baseline.update: such a chunk's first fingerprint is not read back).
     moved: set[int] = field(default_factory=set)
+    # Per section, its ``keeps``' version counters when they were read at this save (_moved_chunks), so
+    # the written-before-captured check (Checkpointer) does not read them again on the training thread.
+    versions: list[list[int | None]] | None = None
 
     def keep_alive(self) -> list[torch.Tensor]:
         """Tensors whose memory the engine reads until the save is captured."""

@@ -166,6 +166,32 @@ def test_saves_from_several_threads_at_once_are_taken_one_after_another(ckpt_roo
     ck.close()
 
 
+def test_a_tensor_written_before_the_save_captured_it_fails_the_save_instead_of_tearing_it(ckpt_root, knob_env):
+    """The explicit API's contract: tensors may change again once ``captured()`` returned. A script that
+    trains on without waiting (as after torch.save) used to commit a checkpoint holding part of the
+    tensor from before the write and part from after it, without a word."""
+    knob_env(PYCKPT_CHUNK_MB=1, PYCKPT_STAGING_MB=4, PYCKPT_TEST_WRITE_DELAY_MS=40)  # capture waits for writes
+    from pyckpt.errors import TornSaveError
+
+    ck = pyckpt.Checkpointer(ckpt_root, incremental=False)
+    w, other = torch.zeros(4 << 20), torch.ones(3)
+    ck.save(1, {"w": w, "other": other}).result(60)
+    fut = ck.save(2, {"w": w, "other": other})  # 16 chunks through 4 slabs: captured after most writes
+    w.add_(1)  # no captured() first
+    with pytest.raises(TornSaveError) as ei:
+        fut.result(120)
+    assert "'w'" in str(ei.value) and "captured()" in str(ei.value) and "'other'" not in str(ei.value)
+    assert ck.latest().step == 1 and not os.path.exists(os.path.join(ckpt_root, layout.step_dir_name(2)))
+    # Waiting for captured() first is the contract: the write right after it never fails the save.
+    for step in range(3, 9):
+        fut = ck.save(step, {"w": w, "other": other})
+        assert fut.captured(60)
+        w.add_(1)
+        assert fut.result(120).endswith(layout.step_dir_name(step))
+        assert torch.equal(pyckpt.load(fut.result())["w"], w - 1)
+    ck.close()
+
+
 def test_staging_pool_bounds_memory_and_streams_a_large_state(ckpt_root, knob_env):
     knob_env(PYCKPT_STAGING_MB=8, PYCKPT_CHUNK_MB=1)
     g = torch.Generator().manual_seed(3)
