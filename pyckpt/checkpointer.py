@@ -279,8 +279,11 @@ class Checkpointer:
         """Wait for the in-flight save, then release the directory (idempotent)."""
         if self._closed:
             return
-        self.wait()
-        self._closed = True
+        with self._saving:  # a save() under way in another thread starts its save first, then is waited for
+            if self._closed:
+                return
+            self.wait()
+            self._closed = True
         self._baseline.stop_precheck()
         if self._dirlock is not None:
             self._dirlock.release()

@@ -166,6 +166,34 @@ def test_saves_from_several_threads_at_once_are_taken_one_after_another(ckpt_roo
     ck.close()
 
 
+def test_close_from_another_thread_waits_for_a_save_call_under_way(ckpt_root):
+    """close() used to see no save in flight while another thread was still inside save() (planning, or
+    here its monitor), released the directory lock and returned; that save then wrote and committed
+    into a directory this process no longer held."""
+    import threading
+    import time
+
+    entered = threading.Event()
+
+    def slow_monitor() -> float:
+        entered.set()
+        time.sleep(0.5)
+        return 1.0
+
+    ck = pyckpt.Checkpointer(ckpt_root, keep_best=1, monitor=slow_monitor)
+    futures = []
+    saver = threading.Thread(target=lambda: futures.append(ck.save(1, {"w": torch.ones(4)})))
+    saver.start()
+    assert entered.wait(30)
+    ck.close()
+    done_when_closed = [f.done() for f in futures]
+    saver.join(30)
+    assert done_when_closed == [True]
+    assert futures[0].result(0).endswith(layout.step_dir_name(1))
+    with pyckpt.Checkpointer(ckpt_root) as again:  # the directory is free, and holds the save
+        assert again.latest().step == 1
+
+
 def test_a_tensor_written_before_the_save_captured_it_fails_the_save_instead_of_tearing_it(ckpt_root, knob_env):
     """The explicit API's contract: tensors may change again once ``captured()`` returned. A script that
     trains on without waiting (as after torch.save) used to commit a checkpoint holding part of the
