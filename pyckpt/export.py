@@ -16,6 +16,8 @@ and every sidecar field is checked before it is used.
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
 import math
 import os
@@ -85,10 +87,31 @@ def export(path: str, fmt: str, out: str, rank: int | None = None, progress: Pro
     tensors = flat[1]
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     if fmt == "torch":
+        _check_torch_can_store(tensors, flat[2])
         _atomic(out, lambda tmp: torch.save(state, tmp))
         return Exported([out], len(tensors), step)
     files = _export_safetensors(st, state, flat, step, out, progress)
     return Exported(files, len(tensors), step)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_saves(dtype: torch.dtype) -> bool:
+    """Whether torch.save can write a tensor of ``dtype`` (it has no storage type for the sub-byte
+    integers, torch.uint1..7 and int1..7, which pyckpt stores)."""
+    try:
+        torch.save(torch.empty(0, dtype=dtype), io.BytesIO())
+    except (KeyError, RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _check_torch_can_store(tensors: list[torch.Tensor], paths: list[str]) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
+        bad = next(((p, t.dtype) for t, p in zip(tensors, paths) if not _torch_saves(t.dtype)), None)
+    if bad is not None:
+        raise PyckptError(f"torch.save cannot store {bad[0]!r} ({bad[1]}): export with --to safetensors, "
+                          "which carries it as raw bytes described in the sidecar")
 
 
 def _atomic(out: str, write: Callable[[str], None]) -> None:

@@ -113,6 +113,27 @@ def test_torch_export_loads_with_weights_only(cli, tmp_path, byte_equal):
     assert_same(pyckpt.load(root), pyckpt.load(os.path.join(root, "step-000000040")), byte_equal)
 
 
+def test_torch_export_of_a_dtype_torch_save_cannot_store_is_one_line_naming_it(cli, tmp_path, byte_equal):
+    """torch.save has no storage type for the sub-byte integer dtypes (torch.uint1..7, int1..7), which
+    pyckpt stores: the export died with torch's KeyError traceback. Now one line names the key and
+    the dtype and points at safetensors, which carries them (as raw bytes and the sidecar)."""
+    low = torch.tensor([1, 0, 3], dtype=torch.uint8).view(torch.uint4)
+    ckpt = str(tmp_path / "c")
+    pyckpt.save({"model": {"q.weight": low, "fc.weight": torch.ones(2)}}, ckpt)
+    out = str(tmp_path / "state.pt")
+    r = cli("export", ckpt, "--to", "torch", out)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt export:"), r.stderr
+    assert "'model/q.weight'" in lines[0] and "torch.uint4" in lines[0] and "--to safetensors" in lines[0]
+    assert os.listdir(tmp_path) == ["c"]  # no OUT, no temporary file
+    r = cli("export", ckpt, "--to", "safetensors", str(tmp_path / "s.safetensors"))
+    assert r.returncode == 0, r.stderr
+    r = cli("import", str(tmp_path / "s.safetensors"), str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    assert_same(pyckpt.load(str(tmp_path / "back")), pyckpt.load(ckpt), byte_equal)
+
+
 def test_export_of_rank_state(cli, tmp_path, byte_equal):
     root = str(tmp_path / "root")
     with pyckpt.Checkpointer(root) as ck:
