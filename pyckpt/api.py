@@ -146,7 +146,9 @@ def load(path: str | os.PathLike, into: Any = None, map_location: Any = None, *,
     A chunk's bytes reach a target only after its checksum passed.
     ``map_location``: None keeps each tensor's saved device (a CUDA-saved
     tensor then needs CUDA: pass ``map_location="cpu"`` on CPU-only
-    machines), or a device / str; targets in ``into`` keep their device.
+    machines), a device / str for every new tensor, or torch.load's dict
+    ``{saved device: device}`` (``{"cuda:1": "cuda:0"}``; a saved device it
+    does not name is kept); targets in ``into`` keep their device.
 
     A root whose committed checkpoints all fail validation raises
     ``CorruptCheckpointError`` naming them; ``CheckpointNotFoundError`` means

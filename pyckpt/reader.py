@@ -252,7 +252,27 @@ def _storages(op: Opened, scope: str, rank: int) -> dict[int, tuple[int, dict]]:
     return found
 
 
+_MAP_LOCATION_FORMS = ("map_location takes a device (torch.device, 'cpu', 'cuda:1') or a dict {saved device: "
+                       "device} as torch.load does ({'cuda:1': 'cuda:0'}; devices it does not name are kept)")
+
+
+def check_map_location(map_location: Any) -> None:
+    """A PyckptError unless ``map_location`` is None, a device, or a dict of devices (torch.load's forms
+    less its storage function, which pyckpt has no storages to hand)."""
+    pairs = (list(map_location.items()) if isinstance(map_location, dict)
+             else [] if map_location is None else [("cpu", map_location)])
+    for saved, dev in pairs:
+        try:
+            if not isinstance(saved, str) or not isinstance(dev, (str, torch.device)):
+                raise TypeError(f"{saved!r}: {dev!r}" if isinstance(map_location, dict) else repr(dev))
+            torch.device(saved), torch.device(dev)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise PyckptError(f"{_MAP_LOCATION_FORMS}; got {map_location!r} ({str(e).splitlines()[0]})") from None
+
+
 def _map_device(saved: str, map_location: Any, key: str) -> torch.device:
+    if isinstance(map_location, dict):
+        map_location = map_location.get(saved)  # torch.load's dict: a device it does not name stays
     if map_location is not None:
         return torch.device(map_location)
     dev = torch.device(saved)
@@ -430,11 +450,7 @@ class _SectionReader:
         return dests
 
     def read(self, engine: Any, into: Any, map_location: Any, strict: bool | None) -> Any:
-        if map_location is not None:
-            try:
-                torch.device(map_location)
-            except (RuntimeError, TypeError, ValueError) as e:
-                raise PyckptError(f"map_location {map_location!r} is not a device: {e}") from None
+        check_map_location(map_location)
         entries = self.sec["tensors"]
         if into is not None:
             dests = self.match(into, strict)
@@ -507,7 +523,7 @@ class _SectionReader:
         if buf is None:
             try:
                 buf = bufs.moved[sid, dev] = bufs.by_sid[sid].to(dev)  # one copy per storage keeps views shared
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError, AssertionError) as exc:  # (torch built without CUDA asserts)
                 raise PyckptError(f"cannot place tensor {key!r} on {dev}: {exc}; pass map_location "
                                   "(e.g. 'cpu') to load it elsewhere") from None
         return buf

@@ -194,6 +194,34 @@ def test_saved_cuda_tensor_needs_map_location_without_cuda(tmp_path):
     assert torch.equal(pyckpt.load(tmp_path / "c", map_location="cpu")["x"], torch.ones(2))
 
 
+def test_map_location_as_torch_loads_dict_maps_saved_devices(tmp_path):
+    """torch.load's dict form ({saved device: device}), which scripts moving from torch.load pass, was
+    refused with torch.device()'s list of signatures; a device it does not name keeps its tensors'."""
+    pyckpt.save({"x": torch.ones(2), "y": torch.zeros(1)}, tmp_path / "c")
+    part = tmp_path / "c" / "rank-00000.json"
+    # "x" as if saved from a GPU (the manifest checksum follows the edit), "y" from the CPU.
+    text = part.read_text().replace('"device":"cpu"', '"device":"cuda:1"', 1)
+    _rewrite_part(tmp_path / "c", text)
+    out = pyckpt.load(tmp_path / "c", map_location={"cuda:1": "cpu", "cuda:0": "meta"})
+    assert out["x"].device.type == "cpu" and torch.equal(out["x"], torch.ones(2))
+    assert out["y"].device.type == "cpu"
+    out = pyckpt.load(tmp_path / "c", map_location={"cuda:1": "meta", "cpu": torch.device("meta")})
+    assert out["x"].device.type == "meta" and out["y"].device.type == "meta"
+    for bad in ({"cuda:1": "nowhere"}, {3: "cpu"}, lambda storage, loc: storage):
+        with pytest.raises(PyckptError, match=r"a device .* or a dict \{saved device: device\}") as ei:
+            pyckpt.load(tmp_path / "c", map_location=bad)
+        assert "received an invalid combination" not in str(ei.value)
+
+
+def test_a_device_this_torch_cannot_use_is_a_pyckpt_error_naming_the_tensor(tmp_path):
+    pyckpt.save({"x": torch.ones(2)}, tmp_path / "c")
+    if torch.cuda.is_available():  # a CUDA machine loads it there; the refusal is for CPU-only torch
+        assert pyckpt.load(tmp_path / "c", map_location="cuda")["x"].is_cuda
+        return
+    with pytest.raises(PyckptError, match="cannot place tensor 'x' on cuda"):
+        pyckpt.load(tmp_path / "c", map_location="cuda")
+
+
 def _rewrite_part(ckpt, text):
     import json
 
