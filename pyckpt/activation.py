@@ -62,24 +62,39 @@ def enable(directory: str | os.PathLike | None = None, **settings: Any) -> str |
     that cannot be written. The hooks are installed now if torch is imported,
     else as soon as it is."""
     global _how
-    for key, value in settings.items():
+    for key in settings:
         name = "PYCKPT_" + key.upper()
         if name not in knobs.KNOBS:
             close = knobs.unknown_names({name: ""})[0][1]
             hint = f"; did you mean {close[7:].lower()}?" if close else ""
             raise ConfigError(f"unknown pyckpt setting {key!r}{hint} (known: "
                               f"{', '.join(k[7:].lower() for k in knobs.KNOBS)})")
-        os.environ[name] = str(value)
-    knobs.validate_all()
-    if directory is not None:
-        knobs.check_local_path(directory, allow_url=True)
-    if knobs.get("PYCKPT_DISABLE"):
-        return None
-    path = knobs.resolve_dir(directory or knobs.get("PYCKPT_DIR") or DEFAULT_DIR)
-    if _how is not None and path == _directory:
-        _how = "enable()"  # asked for explicitly now: the explicit API no longer turns it off
-        return path
-    _check_writable(path)
+    if directory is not None and settings.get("dir") is not None and os.fspath(directory) != str(settings["dir"]):
+        raise ConfigError(f"enable() was given two directories, {os.fspath(directory)!r} and dir="
+                          f"{str(settings['dir'])!r}: pass one")
+    # Set in os.environ (workers inherit them), and put back as they were when the call is refused:
+    # a bad value left there failed the corrected call and every worker process.
+    before = {n: os.environ.get(n) for n in ("PYCKPT_" + k.upper() for k in settings)}
+    try:
+        for key, value in settings.items():
+            os.environ["PYCKPT_" + key.upper()] = str(value)
+        knobs.validate_all()
+        if directory is not None:
+            knobs.check_local_path(directory, allow_url=True)
+        if knobs.get("PYCKPT_DISABLE"):
+            return None
+        path = knobs.resolve_dir(directory or knobs.get("PYCKPT_DIR") or DEFAULT_DIR)
+        if _how is not None and path == _directory:
+            _how = "enable()"  # asked for explicitly now: the explicit API no longer turns it off
+            return path
+        _check_writable(path)
+    except BaseException:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        raise
     if _how is not None:
         disable()
     _turn_on(path, "enable()")

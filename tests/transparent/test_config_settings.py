@@ -120,6 +120,40 @@ def test_enable_rejects_a_misspelt_setting_naming_the_closest():
         activation.enable("unused", every_step=5)
 
 
+ENABLE_AGAIN = """\
+import os, sys, pyckpt
+from pyckpt import ConfigError
+d = sys.argv[1]
+for bad in ({"every_steps": 0}, {"every_seconds": 60, "keep": "x"}):
+    try:
+        pyckpt.enable(d, **bad)
+    except ConfigError as e:
+        print("REFUSED", e)
+print("LEFT", os.environ.get("PYCKPT_EVERY_STEPS"), os.environ.get("PYCKPT_EVERY_SECONDS"), os.environ.get("PYCKPT_KEEP"))
+print("ON", pyckpt.enable(d, every_seconds=60))
+try:
+    pyckpt.enable(d, dir=d + "-other")
+except ConfigError as e:
+    print("CONFLICT", e)
+print("DIR", os.environ.get("PYCKPT_DIR"))
+"""
+
+
+def test_a_refused_enable_leaves_no_setting_behind_and_a_second_directory_is_refused(tmp_path):
+    """enable(every_steps=0) is refused, but it used to leave PYCKPT_EVERY_STEPS=0 in os.environ: the
+    corrected call failed on it, as would every worker process. enable(D, dir=E) used to use D here and
+    export PYCKPT_DIR=E to the processes it starts."""
+    r = run_script(["-c", ENABLE_AGAIN, tmp_path / "ck"], tmp_path, fresh=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.splitlines()
+    assert sum(line.startswith("REFUSED") for line in out) == 2, r.stdout
+    assert "LEFT None None None" in out, r.stdout
+    assert f"ON {tmp_path / 'ck'}" in out, r.stdout + r.stderr[-2000:]
+    conflict = [line for line in out if line.startswith("CONFLICT")]
+    assert len(conflict) == 1 and "dir=" in conflict[0] and str(tmp_path / "ck-other") in conflict[0], r.stdout
+    assert "DIR None" in out, r.stdout  # the refused dir= was not exported to workers either
+
+
 def test_checkpointer_and_save_reject_urls(tmp_path, monkeypatch):
     import pyckpt
 
