@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import weakref
 from typing import Any, Callable
 
@@ -360,7 +361,8 @@ class Session:
                 state, rank_state = self._collect(point)
                 fut = self.lazy.save(state, rank_state)  # copied now, or armed: the next step waits (lazy.py)
         except Exception as e:  # a checkpoint must never take the training job down
-            say(f"warning: checkpoint of step {self.step} skipped: {type(e).__name__}: {e}", "warning")
+            why = str(e) if isinstance(e, RegisteredCallError) else f"{type(e).__name__}: {e}"
+            say(f"warning: checkpoint of step {self.step} skipped: {why}", "warning")
             return
         self.future = fut
         self.last_snapshot_step = self.step
@@ -382,7 +384,7 @@ class Session:
                        "launch": self.launch,
                        "optimizer_classes": discovery.class_names(t.optimizers)},
             "loader": self.train_stream.position() if self.train_stream is not None else None,
-            "registered": {name: get() for name, (get, _) in REGISTERED.items()},
+            "registered": {name: _registered_call("getter", name, get) for name, (get, _) in REGISTERED.items()},
             "rng": rng.capture(),
             "requires_grad": discovery.requires_grad_of(t),  # per rank: a few bytes, never chunked
         }
@@ -555,7 +557,7 @@ class Session:
             say(f"warning: registered objects {missing} are not in the checkpoint; left as they are", "warning")
         for name, (_, set_state) in REGISTERED.items():
             if name in saved:
-                set_state(saved[name])
+                _registered_call("setter", name, set_state, saved[name])  # raised: the resume is refused
 
     # -- SIGTERM -------------------------------------------------------------------------
     def _install_sigterm(self) -> None:
@@ -692,6 +694,21 @@ def _check_modules_before_read(t: discovery.Tracked, src: Any) -> None:
     discovery._check_keys("modules", modules, len(t.modules))
     for i, m in enumerate(t.modules):
         discovery._check_module(i, m, modules.get(str(i)))
+
+
+class RegisteredCallError(PyckptError):
+    """A ``pyckpt.register`` getter or setter raised; the message names it and where it raised."""
+
+
+def _registered_call(kind: str, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; its exception as a RegisteredCallError naming the registered ``name`` and the
+    script line that raised (a snapshot skip or a resume refusal is one line, not a traceback)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" ({os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if len(tb) > 1 else ""
+        raise RegisteredCallError(f"the {kind} registered as {name!r} raised {type(e).__name__}: {e}{where}") from e
 
 
 def _with_hint(e: Exception) -> str:

@@ -129,7 +129,7 @@ for bad in ({"every_steps": 0}, {"every_seconds": 60, "keep": "x"}):
         pyckpt.enable(d, **bad)
     except ConfigError as e:
         print("REFUSED", e)
-print("LEFT", os.environ.get("PYCKPT_EVERY_STEPS"), os.environ.get("PYCKPT_EVERY_SECONDS"), os.environ.get("PYCKPT_KEEP"))
+print("LEFT", *(os.environ.get("PYCKPT_" + k) for k in ("EVERY_STEPS", "EVERY_SECONDS", "KEEP")))
 print("ON", pyckpt.enable(d, every_seconds=60))
 try:
     pyckpt.enable(d, dir=d + "-other")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 
 import pytest
@@ -167,6 +168,36 @@ def test_registered_object_is_saved_and_restored(tmp_path):
     second = run_script(["reg.py"], tmp_path, **env)
     assert "pyckpt: resumed from step 10 " in second.stderr or "pyckpt: resumed from step 5 " in second.stderr
     assert "SEEN 32" in second.stdout  # what was seen before the checkpoint is restored, not recounted
+
+
+def test_a_registered_getter_or_setter_that_raises_is_named_in_one_line(tmp_path):
+    """A getter that raises skips the snapshot with a line naming the registered name and where it
+    raised (it said only "RuntimeError: ..."); a setter that raises at resume used to end the relaunch
+    with a traceback from inside the loader: now one refusal line naming it, exit status 2."""
+    script = REGISTERED.replace(
+        '    def state_dict(self): return {"seen": self.seen}',
+        '    def state_dict(self):\n'
+        '        if os.environ.get("BAD") == "get" and self.seen > 12: raise RuntimeError("no state now")\n'
+        '        return {"seen": self.seen}').replace(
+        '    def load_state_dict(self, s): self.seen = s["seen"]',
+        '    def load_state_dict(self, s):\n'
+        '        if os.environ.get("BAD") == "set": raise KeyError("seen")\n'
+        '        self.seen = s["seen"]')
+    (tmp_path / "reg.py").write_text(script)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="5")
+    got = run_script(["reg.py"], tmp_path, BAD="get", **env)
+    assert got.returncode == -signal.SIGKILL, got.stderr[-2000:]
+    assert re.search(r"pyckpt: warning: checkpoint of step 10 skipped: the getter registered as 'counter' raised "
+                     r"RuntimeError: no state now \(reg\.py:\d+\)", got.stderr), got.stderr[-2000:]
+    shutil.rmtree(tmp_path / "ck")
+    (tmp_path / "mark").unlink()
+    assert run_script(["reg.py"], tmp_path, **env).returncode == -signal.SIGKILL
+    put = run_script(["reg.py"], tmp_path, BAD="set", **env)
+    assert put.returncode == 2 and "Traceback" not in put.stderr, put.stderr[-2000:]
+    lines = [line for line in put.stderr.splitlines() if "cannot resume" in line]
+    assert len(lines) == 1 and "the setter registered as 'counter' raised KeyError: 'seen' (reg.py:" in lines[0], \
+        put.stderr[-2000:]
+    assert "PYCKPT_RESUME=never" in lines[0]
 
 
 UNFREEZE = r"""
