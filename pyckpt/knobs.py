@@ -113,6 +113,8 @@ def check_local_path(path: str | os.PathLike, what: str = "checkpoint directory"
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
+    if not text:  # os.path.abspath("") is the working directory: an unset variable would checkpoint there
+        raise ConfigError(f"{what} is an empty string: give a directory path ('.' for the working directory)")
     if _URL.match(text):
         if allow_url:
             from .remote import check_supported

@@ -154,6 +154,21 @@ def test_a_refused_enable_leaves_no_setting_behind_and_a_second_directory_is_ref
     assert "DIR None" in out, r.stdout  # the refused dir= was not exported to workers either
 
 
+def test_an_empty_directory_name_is_refused_not_taken_for_the_working_directory(tmp_path, monkeypatch):
+    """Checkpointer(os.environ.get("CKPT_DIR", "")) with the variable unset used to checkpoint into the
+    working directory (a source tree) without a word; an empty PYCKPT_DIR was already refused."""
+    import pyckpt
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="checkpoint directory is an empty string"):
+        pyckpt.Checkpointer("")
+    with pytest.raises(ConfigError, match="checkpoint directory is an empty string"):
+        pyckpt.save({"a": 1}, "")
+    with pytest.raises(ConfigError, match="checkpoint directory is an empty string"):
+        activation.enable("")
+    assert os.listdir(tmp_path) == []
+
+
 def test_checkpointer_and_save_reject_urls(tmp_path, monkeypatch):
     import pyckpt
 
