@@ -287,6 +287,21 @@ def test_non_integer_step_is_a_clear_type_error(ckpt_root, tmp_path, bad):
     assert sorted(os.listdir(ckpt_root)) == [".pyckpt.lock", "latest", "metrics.jsonl", "step-000000003"]
 
 
+def test_a_step_past_the_formats_range_is_refused_before_anything_is_written(ckpt_root, tmp_path):
+    """Steps are 64-bit signed in the manifest (docs/FORMAT.md): a save of step 2**63 used to commit
+    a checkpoint that every reader then refused as corrupt ("'step' must be an integer in [0, ...]")."""
+    ck = pyckpt.Checkpointer(ckpt_root)
+    for bad in (2**63, 10**30):
+        with pytest.raises(ValueError, match="step must be <= 9223372036854775807"):
+            ck.save(bad, {"t": torch.ones(1)})
+        with pytest.raises(ValueError, match="step must be <= 9223372036854775807"):
+            pyckpt.save({"t": torch.ones(1)}, tmp_path / "one", step=bad)
+    top = ck.save(2**63 - 1, {"t": torch.ones(1)}).result(60)
+    assert ck.load(step=2**63 - 1)["t"].item() == 1.0 and ck.latest().path == top
+    assert sorted(n for n in os.listdir(ckpt_root) if n.startswith("step-")) == [os.path.basename(top)]
+    assert not (tmp_path / "one").exists()
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "3", True, None])
 def test_a_keep_that_is_not_a_whole_number_of_checkpoints_is_refused_at_once(ckpt_root, bad):
     """keep=1.5 was accepted; every save then committed and logged that retention failed, and no
