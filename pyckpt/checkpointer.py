@@ -571,6 +571,7 @@ class Checkpointer:
             if err is None:
                 commit._crash_point("save.data.after")
         plan.release()
+        fut._watch = None  # (a save that failed before its capture kept the caller's tensors here)
         if err is None and self.coord.rank == 0 and fut._timer.monitor is not None:
             err = _try(lambda: catalog.write_monitor(tmp, fut._timer.monitor), OSError)  # keep_best reads it
         raw = None
