@@ -509,7 +509,9 @@ class Checkpointer:
                 self._take_spare(tmp)
             return writer.start(engine, plan, tmp, self.compress, map_files=in_place), None
         except Exception as e:  # disk full, permissions: reported by the future
-            return None, e
+            # Without its traceback: its frames lead back (f_back) to save()'s, whose locals hold the
+            # caller's state, which the future would keep alive. The message names the path and errno.
+            return None, e.with_traceback(None)
 
     def _take_spare(self, tmp: str) -> None:
         """Move this rank's parked data file (``_salvage``) to where this save writes it, unless this

@@ -220,6 +220,26 @@ def test_a_tensor_written_before_the_save_captured_it_fails_the_save_instead_of_
     ck.close()
 
 
+def test_a_failed_save_keeps_no_reference_to_the_callers_tensors(ckpt_root):
+    """The written-before-captured check holds the saved tensors until the capture; a save that fails
+    before it (its directory removed under it) must not keep them alive through its future."""
+    import gc
+    import shutil
+    import weakref
+
+    ck = pyckpt.Checkpointer(ckpt_root)
+    shutil.rmtree(ckpt_root)
+    open(ckpt_root, "w").close()  # a file where the root was: the save cannot make its temporary directory
+    t = torch.ones(1 << 16)
+    ref = weakref.ref(t)
+    fut = ck.save(1, {"t": t})
+    with pytest.raises(Exception):
+        fut.result(60)
+    del t
+    gc.collect()
+    assert ref() is None and fut.done()
+
+
 def test_staging_pool_bounds_memory_and_streams_a_large_state(ckpt_root, knob_env):
     knob_env(PYCKPT_STAGING_MB=8, PYCKPT_CHUNK_MB=1)
     g = torch.Generator().manual_seed(3)
