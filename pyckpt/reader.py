@@ -382,6 +382,51 @@ def _target_problems(key: str, e: dict, dst: torch.Tensor) -> list[str]:
     return out
 
 
+def _spans(dests: dict[int, torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    """(device index, first byte, end byte, target) of every target with memory, sorted: thousands of
+    targets at a restore, so contiguous ones (nearly all) skip the extent sum."""
+    out = []
+    for i, d in dests.items():
+        n = d.numel()
+        if n == 0 or d.is_meta:
+            continue
+        lo = d.data_ptr()
+        extent = n if d.is_contiguous() else 1 + sum((k - 1) * abs(st) for k, st in zip(d.shape, d.stride()))
+        out.append((d.get_device(), lo, lo + extent * d.element_size(), i))
+    out.sort()
+    return out
+
+
+def _aliased_targets(entries: list[dict], dests: dict[int, torch.Tensor], paths: dict[int, str]
+                     ) -> tuple[list[str], list[list[int]]]:
+    """Targets that share memory: (problems, groups). Targets that are one tensor (tied weights) fed
+    from different saved storages form a group, loaded only if those bytes agree (``_check_tied``);
+    ones overlapping in part are a problem. (Both were read into the one memory: a chunk-by-chunk mix.)
+    Views of one saved storage are left alone: the checkpoint holds them as consistent bytes."""
+    problems: list[str] = []
+    groups: dict[tuple, list[int]] = {}
+    live: list[tuple[int, int]] = []  # (end byte, target) of earlier targets that may reach later ones
+    device = None
+    for dev, lo, hi, i in _spans(dests):
+        if dev != device:
+            live, device = [], dev
+        live = [(end, j) for end, j in live if end > lo]  # sorted by start: these overlap target i
+        for _, j in live:
+            ea, eb = entries[j], entries[i]
+            if ea["storage"] == eb["storage"]:
+                continue
+            a, b = dests[j], dests[i]
+            if (a.data_ptr(), a.shape, a.stride(), a.dtype) != (b.data_ptr(), b.shape, b.stride(), b.dtype):
+                problems.append(f"{paths[j]!r} and {paths[i]!r} overlap in memory in part: neither can be "
+                                "loaded without changing the other")
+                continue
+            group = groups.setdefault((dev, a.data_ptr()), [j])
+            if i not in group:
+                group.append(i)
+        live.append((hi, i))
+    return problems, list(groups.values())
+
+
 class _SectionReader:
     """Reads one scope ("replicated" or "rank") of an opened checkpoint."""
 
@@ -393,6 +438,8 @@ class _SectionReader:
         self.nbytes = {sid: s["nbytes"] for sid, (_, s) in self.storages.items()}
         if not op.sections_checked:
             manifest.check_tensor_extents(self.sec["tensors"], self.nbytes, self.where)
+        self.tied: list[list[int]] = []  # groups of tied targets fed from different saved bytes (match)
+        self.paths: dict[int, str] = {}  # key path of each targeted tensor entry (match)
 
     def walk(self, visit, into: Any = None) -> None:
         """Visit every tensor leaf (checking its id) without building tensors."""
@@ -421,6 +468,8 @@ class _SectionReader:
         problems: list[str] = []
         unexpected: list[str] = []
 
+        paths: dict[int, str] = {}
+
         def visit(i, d, p):
             if d is None:
                 unexpected.append(p)
@@ -428,8 +477,12 @@ class _SectionReader:
             matched.add((p, id(d)))
             problems.extend(_target_problems(p, entries[i], d))
             dests[i] = d
+            paths[i] = p
 
         self.walk(visit, into)
+        overlapping, self.tied = _aliased_targets(entries, dests, paths)
+        problems += overlapping
+        self.paths = paths
         sharded = {"/".join(map(str, t["key"])) for t in (self.op.parts[0].get("sharded") or {}).get("tensors", [])
                    if isinstance(t, dict)} if self.sec is self.op.parts[0]["replicated"] else set()
         missing = [p for p, t in _into_leaves(into) if (p, id(t)) not in matched and p not in sharded]  # 1.2
@@ -459,14 +512,36 @@ class _SectionReader:
                 self.walk(lambda i, d, p: None)  # the whole tree is checked before anything is read
             dests = {}
         bufs = self._read_storages(engine, entries, dests, _gpu_storages(entries, dests, self.nbytes, map_location))
+        if self.tied:
+            self._check_tied(entries, bufs)
         return tree.unflatten(self.sec["tree"], lambda i, d, p: self._tensor(
             i, entries[i], dests.get(i), p, bufs, map_location), into, self.where)
+
+    def _check_tied(self, entries: list[dict], bufs: _Buffers) -> None:
+        """Each group of tied targets (``_aliased_targets``): their saved values, read and verified into
+        fresh buffers, must agree, or nothing is written."""
+        problems = []
+        for group in self.tied:
+            def raw(i: int) -> torch.Tensor:
+                e = entries[i]
+                return _view(bufs.by_sid[e["storage"]], dtype_of(e["dtype"], self.where), e).contiguous() \
+                    .reshape(-1).view(torch.uint8)
+            first = raw(group[0])
+            for i in group[1:]:
+                if not torch.equal(first, raw(i).to(first.device)):  # (one may be staged on the GPU)
+                    problems.append(f"{self.paths[group[0]]!r} and {self.paths[i]!r} are the same target memory "
+                                    "(tied weights) but the checkpoint holds different values for them")
+        if problems:
+            raise IntoMismatchError(
+                f"cannot load {self.op.path} into the given targets, nothing was written; "
+                f"{len(problems)} problem(s):\n  " + "\n  ".join(problems), problems, [], [])
 
     def _read_storages(self, engine: Any, entries: list[dict], dests: dict,
                        gpu: dict[int, torch.device]) -> _Buffers:
         users: dict[int, int] = {}
         for e in entries:
             users[e["storage"]] = users.get(e["storage"], 0) + 1
+        tied = {i for group in self.tied for i in group}  # read apart, compared, then copied
         out = _Buffers()
         bufs, direct = out.by_sid, out.direct
         for i, e in enumerate(entries):
@@ -474,7 +549,7 @@ class _SectionReader:
             if sid in bufs:
                 continue
             nbytes, dst = self.storages[sid][1]["nbytes"], dests.get(i)
-            if _direct_target(e, dst, nbytes, users[sid]):
+            if i not in tied and _direct_target(e, dst, nbytes, users[sid]):
                 bufs[sid] = dst
                 direct.add(sid)
             elif dst is None and e["dtype"] != "C32" and _whole_storage(e, nbytes, users[sid]):

@@ -142,3 +142,46 @@ def test_map_location_garbage_is_a_pyckpt_error(saved):
     path, _ = saved
     with pytest.raises(PyckptError, match="map_location"):
         pyckpt.load(path, map_location="nonsense:3")
+
+
+def test_tied_targets_from_two_saved_tensors_load_only_when_the_values_agree(tmp_path):
+    """Two targets that are one tensor (tied weights) fed from two saved tensors: both were read straight
+    into it in parallel, so with different values it ended up a chunk-by-chunk mix of both (seen with
+    64 MiB tensors: one chunk of 16 from one, the rest from the other), without a word. Equal values
+    still load."""
+    n = 4 << 20  # 4 chunks each
+    pyckpt.save({"emb": torch.zeros(n), "head": torch.ones(n)}, tmp_path / "untied")
+    tied = torch.full((n,), SENTINEL)
+    with pytest.raises(IntoMismatchError, match="'emb' and 'head' are the same target memory") as ei:
+        pyckpt.load(tmp_path / "untied", into={"emb": tied, "head": tied})
+    assert "nothing was written" in str(ei.value) and bool((tied == SENTINEL).all())
+    pyckpt.save({"emb": torch.arange(n, dtype=torch.float32), "head": torch.arange(n, dtype=torch.float32)},
+                tmp_path / "equal")  # e.g. exported to safetensors, which cannot share, and imported back
+    pyckpt.load(tmp_path / "equal", into={"emb": tied, "head": tied})
+    assert torch.equal(tied, torch.arange(n, dtype=torch.float32))
+    shared = torch.randn(n)  # saved tied: one storage, no comparison needed
+    pyckpt.save({"emb": shared, "head": shared}, tmp_path / "tied")
+    pyckpt.load(tmp_path / "tied", into={"emb": tied, "head": tied})
+    assert torch.equal(tied, shared)
+
+
+def test_targets_that_overlap_in_part_are_refused_before_reading(tmp_path):
+    pyckpt.save({"a": torch.zeros(6), "b": torch.ones(4)}, tmp_path / "c")
+    base = torch.full((8,), SENTINEL)
+    with pytest.raises(IntoMismatchError, match="'a' and 'b' overlap in memory"):
+        pyckpt.load(tmp_path / "c", into={"a": base[:6], "b": base[4:]})
+    assert bool((base == SENTINEL).all())
+
+
+def test_targets_that_are_views_of_one_tensor_without_overlap_or_as_saved_load(tmp_path):
+    """No false alarm: disjoint views of one target tensor, and views saved as views of one storage."""
+    big = torch.arange(10, dtype=torch.float32)
+    pyckpt.save({"lo": big[:4], "hi": big[4:], "t": big[2:8].view(2, 3).t()}, tmp_path / "c")
+    base = torch.full((10,), SENTINEL)
+    pyckpt.load(tmp_path / "c", into={"lo": base[:4], "hi": base[4:], "t": base[2:8].view(2, 3).t()})
+    assert torch.equal(base, big)
+    pyckpt.save({"a": torch.zeros(10), "b": torch.ones(2), "c": torch.full((2,), 2.0)}, tmp_path / "d")
+    wide = torch.full((10,), SENTINEL)  # a wide target, then two disjoint ones inside another tensor
+    other = torch.full((4,), SENTINEL)
+    pyckpt.load(tmp_path / "d", into={"a": wide, "b": other[:2], "c": other[2:]})
+    assert torch.equal(other, torch.tensor([1.0, 1.0, 2.0, 2.0])) and not wide.any()
