@@ -457,7 +457,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return NOT_FOUND
     records, bad = metrics.read(root)
     if not records:
-        _err("stats", f"no metrics in {os.path.join(root, metrics.METRICS_FILE)} (written by Checkpointer "
+        what = f"{bad} unreadable line(s) and no record" if bad else "no metrics"
+        _err("stats", f"{what} in {os.path.join(root, metrics.METRICS_FILE)} (written by Checkpointer "
                       "saves and transparent mode)")
         return NOT_FOUND
     s = metrics.summarize(records)

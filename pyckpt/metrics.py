@@ -227,6 +227,26 @@ def restore_done(root: str, step: int, path: str, seconds: float) -> dict[str, A
     return rec
 
 
+# Figures of save and restore records: non-negative numbers below 2**63 (seconds, bytes, ratios).
+_FIGURES = ("time", "stall_s", "save_call_s", "capture_s", "durable_s", "restore_s", "bytes_raw", "bytes_stored",
+            "bytes_written", "bytes_skipped", "codec_ratio", "world_size", "throughput_mb_s")
+
+
+def _sound(rec: dict[str, Any]) -> bool:
+    """Whether ``rec`` has the kinds of values pyckpt writes: the file lies in the checkpoint directory,
+    and a string where a time goes crashed `pyckpt stats`, an infinite one printed 300 digits."""
+    step = rec.get("step")
+    if not isinstance(rec.get("event"), str) or ("ok" in rec and not isinstance(rec["ok"], bool)):
+        return False
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        return False
+    for key in _FIGURES:
+        v = rec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 2**63):
+            return False  # (NaN fails the comparison too)
+    return True
+
+
 def read(root: str) -> tuple[list[dict[str, Any]], int]:
     """The records of ``root/metrics.jsonl`` in file order, and the number of unreadable lines."""
     out, bad = [], 0
@@ -237,8 +257,8 @@ def read(root: str) -> tuple[list[dict[str, Any]], int]:
                     if len(raw) > _MAX_LINE:
                         raise ValueError("line too long")
                     rec = json.loads(raw)
-                    if not isinstance(rec, dict):
-                        raise ValueError("not an object")
+                    if not isinstance(rec, dict) or not _sound(rec):
+                        raise ValueError("not a record pyckpt writes")
                     out.append(rec)
                 except (ValueError, UnicodeDecodeError):
                     bad += 1  # e.g. a line cut by a crash or a disk-full

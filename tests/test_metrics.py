@@ -156,6 +156,34 @@ def test_stats_summary_and_plot(ckpt_root):
     assert r.returncode == 2 and "no metrics" in r.stderr
 
 
+def test_stats_counts_records_with_fields_of_the_wrong_kind_as_unreadable(ckpt_root):
+    """metrics.jsonl lies in the checkpoint directory and is read like the rest of it: a record whose
+    fields are not what pyckpt writes (a string stall, an infinite time, a 10**30 byte count) crashed
+    `pyckpt stats` ('>' not supported between float and str) or printed a 300-digit mean."""
+    with pyckpt.Checkpointer(ckpt_root, keep=2) as ck:
+        for step in (1, 2):
+            ck.save(step, {"t": torch.randn(1000)}).result(60)
+    bad = [{"event": "save", "step": 3, "ok": True, "stall_s": "x"},
+           {"event": "save", "step": 4, "ok": True, "stall_s": 1e308, "durable_s": float("inf")},
+           {"event": "save", "step": 5, "ok": True, "bytes_written": 10**30},
+           {"event": "save", "step": "6", "ok": "yes"},
+           {"event": "restore", "step": 2, "restore_s": True},
+           {"event": 7}]
+    with open(os.path.join(ckpt_root, metrics.METRICS_FILE), "a") as f:
+        for rec in bad:
+            f.write(json.dumps(rec) + "\n")
+    r = _pyckpt("stats", ckpt_root)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"2 save(s) (2 committed, 0 failed), 0 restore(s), {len(bad)} unreadable line(s)" in r.stdout, r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) < 200, r.stdout
+    doc = json.loads(_pyckpt("stats", ckpt_root, "--json").stdout)
+    assert (doc["saves"], doc["unreadable_lines"]) == (2, len(bad))
+    with open(os.path.join(ckpt_root, metrics.METRICS_FILE), "w") as f:  # nothing but such lines
+        f.write(json.dumps(bad[0]) + "\n")
+    r = _pyckpt("stats", ckpt_root)
+    assert r.returncode == 2 and "1 unreadable line(s) and no record in" in r.stderr, r.stderr
+
+
 def _steps(root: str) -> list[str]:
     # Committed ones only: a retired step directory (no manifest) holds data newer ones reference.
     return sorted(n for n in os.listdir(root) if n.startswith("step-") and "." not in n
