@@ -160,7 +160,21 @@ def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
                 body = json.loads(f.read(1 << 16))
     except (OSError, ValueError):
         return None
-    return body if isinstance(body, dict) and body.get("finished") is True else None
+    if not isinstance(body, dict) or body.get("finished") is not True:
+        return None
+    # Read from the checkpoint directory like the rest of it: a field of the wrong kind is dropped
+    # (shown as unknown), not trusted (a time of 1e300 crashed a relaunch's first iter()).
+    marker: dict[str, Any] = {"finished": True}
+    for key in ("step", "steps"):
+        v = body.get(key)
+        if v is None and key in body or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63:
+            marker[key] = v
+    t = body.get("time")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e11:  # (1e11 s: year 5138)
+        marker["time"] = t
+    if isinstance(body.get("last_checkpoint_ok"), bool) or body.get("last_checkpoint_ok", 0) is None:
+        marker["last_checkpoint_ok"] = body["last_checkpoint_ok"]
+    return marker
 
 
 # -- keep_best -------------------------------------------------------------------------

@@ -224,8 +224,10 @@ def _print_finished(root: str) -> None:
 
     marker = catalog.is_finished(root)
     if marker is not None:
-        at = "with no checkpoint" if marker.get("step") is None else f"at step {marker['step']}"
-        print(f"run finished {at} ({_time(marker.get('time') or float('nan'))} UTC)")
+        at = ("at step ?" if "step" not in marker else "with no checkpoint" if marker["step"] is None
+              else f"at step {marker['step']}")
+        when = f"{_time(marker['time'])} UTC" if "time" in marker else "time unknown"
+        print(f"run finished {at} ({when})")
 
 
 _RETIRED_NOTE = ("pyckpt ls: referenced = retired by retention (no MANIFEST.json, not loadable), but the "

@@ -51,9 +51,10 @@ def at_first_iter(session: Any) -> None:
         when = marker.get("time")
         stamp = (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
                  if isinstance(when, (int, float)) else "earlier")
-        last = "no checkpoint" if marker.get("step") is None else f"last checkpoint at step {marker['step']}"
+        last = ("last checkpoint at step ?" if "step" not in marker else "no checkpoint" if marker["step"] is None
+                else f"last checkpoint at step {marker['step']}")
         if _is_rank0():
-            _say(f"the run in {session.directory} already finished ({marker.get('steps', '?')} steps, {last}, "
+            _say(f"the run in {session.directory} already finished ({marker.get('steps') or '?'} steps, {last}, "
                  f"{stamp}); not training it again. "
                  "PYCKPT_RESUME=never trains from scratch, PYCKPT_RESUME=<checkpoint dir> continues from one, "
                  "or use another PYCKPT_DIR", "warning")

@@ -129,3 +129,28 @@ def test_marker_names_a_snapshot_storage_holds_when_the_last_was_only_in_memory(
         assert not os.path.exists(shm)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.mark.parametrize("garbled", [{"time": 1e300}, {"time": "yesterday", "step": 1e400, "steps": "x"},
+                                     {"step": -3, "steps": True, "last_checkpoint_ok": "no"}])
+def test_a_marker_with_fields_of_the_wrong_kind_shows_them_unknown(tmp_path, capsys, garbled):
+    """FINISHED.json lies in the checkpoint directory: its fields are checked like the rest. A time of
+    1e300 made the relaunch's first iter() and `pyckpt ls` die with OverflowError (timestamp out of
+    range); an infinite step printed "at step inf"."""
+    from pyckpt import catalog, cli
+
+    root = tmp_path / "ck"
+    r = _run(tmp_path, root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    marker = json.loads((root / "FINISHED.json").read_text())
+    marker.update(garbled)
+    (root / "FINISHED.json").write_text(json.dumps(marker))
+    assert catalog.is_finished(root) == {k: v for k, v in marker.items() if k not in garbled}
+    assert cli.main(["ls", str(root)]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("run finished")]
+    expect_step = "at step ?" if "step" in garbled else f"at step {marker['step']}"
+    assert len(line) == 1 and expect_step in line[0] and ("time unknown" in line[0]) == ("time" in garbled), line
+    again = _run(tmp_path, root)  # the relaunch still stops, saying what it knows
+    assert again.returncode == 0 and "TRAINED" not in again.stdout and "Traceback" not in again.stderr, \
+        again.stderr[-2000:]
+    assert "already finished" in again.stderr and ("earlier" in again.stderr) == ("time" in garbled)
