@@ -192,9 +192,12 @@ def read_monitor(ckpt_dir: str) -> float | None:
             value = json.loads(f.read(4096)).get("value")
     except (OSError, ValueError, AttributeError):
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value)
+    except OverflowError:  # an integer past float's range
         return None
-    return float(value)
 
 
 def select_best(values: dict[str, float | None], k: int, mode: str = "min") -> set[str]:

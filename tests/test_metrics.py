@@ -220,3 +220,13 @@ def test_keep_best_settings_are_checked(ckpt_root, caplog):
     with pyckpt.Checkpointer(ckpt_root, keep=1, keep_best=1, monitor=broken) as ck:
         assert ck.save(1, {"t": torch.ones(2)}).result(60)
     assert "monitor() failed (ZeroDivisionError: no val set)" in caplog.text
+
+
+def test_a_stored_monitor_value_out_of_float_range_reads_as_none(tmp_path):
+    """pyckpt-monitor.json lies in the checkpoint: an integer too large for a float raised OverflowError
+    from math.isfinite (in retention and `pyckpt ls`) instead of counting as no value."""
+    from pyckpt import catalog
+
+    for raw in ('{"value": 1' + "0" * 400 + "}", '{"value": 1e400}', '{"value": "1"}', '{"value": 2.5}'):
+        (tmp_path / catalog.MONITOR_FILE).write_text(raw)
+        assert catalog.read_monitor(str(tmp_path)) == (2.5 if raw.endswith("2.5}") else None), raw
