@@ -164,16 +164,16 @@ def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
         return None
     # Read from the checkpoint directory like the rest of it: a field of the wrong kind is dropped
     # (shown as unknown), not trusted (a time of 1e300 crashed a relaunch's first iter()).
-    marker: dict[str, Any] = {"finished": True}
+    marker = dict(body)  # other keys (mark_finished's **info) are shown as they are
     for key in ("step", "steps"):
-        v = body.get(key)
-        if v is None and key in body or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63:
-            marker[key] = v
-    t = body.get("time")
-    if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e11:  # (1e11 s: year 5138)
-        marker["time"] = t
-    if isinstance(body.get("last_checkpoint_ok"), bool) or body.get("last_checkpoint_ok", 0) is None:
-        marker["last_checkpoint_ok"] = body["last_checkpoint_ok"]
+        v = marker.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63):
+            del marker[key]
+    t = marker.get("time")
+    if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e11):
+        del marker["time"]  # (1e11 s is the year 5138)
+    if marker.get("last_checkpoint_ok") is not None and not isinstance(marker["last_checkpoint_ok"], bool):
+        del marker["last_checkpoint_ok"]
     return marker
 
 

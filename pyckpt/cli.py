@@ -226,7 +226,7 @@ def _print_finished(root: str) -> None:
     if marker is not None:
         at = ("at step ?" if "step" not in marker else "with no checkpoint" if marker["step"] is None
               else f"at step {marker['step']}")
-        when = f"{_time(marker['time'])} UTC" if "time" in marker else "time unknown"
+        when = f"{_time(marker['time'])} UTC" if marker.get("time") is not None else "time unknown"
         print(f"run finished {at} ({when})")
 
 

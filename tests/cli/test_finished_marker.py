@@ -132,7 +132,7 @@ def test_marker_names_a_snapshot_storage_holds_when_the_last_was_only_in_memory(
 
 
 @pytest.mark.parametrize("garbled", [{"time": 1e300}, {"time": "yesterday", "step": 1e400, "steps": "x"},
-                                     {"step": -3, "steps": True, "last_checkpoint_ok": "no"}])
+                                     {"step": -3, "steps": True, "last_checkpoint_ok": "no"}, {"time": None}])
 def test_a_marker_with_fields_of_the_wrong_kind_shows_them_unknown(tmp_path, capsys, garbled):
     """FINISHED.json lies in the checkpoint directory: its fields are checked like the rest. A time of
     1e300 made the relaunch's first iter() and `pyckpt ls` die with OverflowError (timestamp out of
@@ -145,7 +145,8 @@ def test_a_marker_with_fields_of_the_wrong_kind_shows_them_unknown(tmp_path, cap
     marker = json.loads((root / "FINISHED.json").read_text())
     marker.update(garbled)
     (root / "FINISHED.json").write_text(json.dumps(marker))
-    assert catalog.is_finished(root) == {k: v for k, v in marker.items() if k not in garbled}
+    kept = {k: v for k, v in marker.items() if k not in garbled or v is None}  # (None: no value, kept)
+    assert catalog.is_finished(root) == kept
     assert cli.main(["ls", str(root)]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("run finished")]
     expect_step = "at step ?" if "step" in garbled else f"at step {marker['step']}"
