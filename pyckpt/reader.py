@@ -367,6 +367,9 @@ def _target_problems(key: str, e: dict, dst: torch.Tensor) -> list[str]:
     """Why saved tensor entry ``e`` cannot be loaded into ``dst`` (empty when it can)."""
     out = []
     dt = dtype_of(e["dtype"])
+    if dst.layout != torch.strided:
+        return [f"{key!r}: the target is a {dst.layout} tensor; load into a dense one (or load as a new tensor "
+                "and convert it)"]
     if dst.is_meta:
         out.append(f"{key!r}: the target is on the meta device and has no memory to load into "
                    "(materialize it first, e.g. module.to_empty(device='cpu'))")
@@ -388,7 +391,7 @@ def _spans(dests: dict[int, torch.Tensor]) -> list[tuple[int, int, int, int]]:
     out = []
     for i, d in dests.items():
         n = d.numel()
-        if n == 0 or d.is_meta:
+        if n == 0 or d.is_meta or d.layout != torch.strided:  # (refused by _target_problems: no memory to span)
             continue
         lo = d.data_ptr()
         extent = n if d.is_contiguous() else 1 + sum((k - 1) * abs(st) for k, st in zip(d.shape, d.stride()))

@@ -185,3 +185,14 @@ def test_targets_that_are_views_of_one_tensor_without_overlap_or_as_saved_load(t
     other = torch.full((4,), SENTINEL)
     pyckpt.load(tmp_path / "d", into={"a": wide, "b": other[:2], "c": other[2:]})
     assert torch.equal(other, torch.tensor([1.0, 1.0, 2.0, 2.0])) and not wide.any()
+
+
+def test_a_sparse_target_is_a_listed_problem(saved):
+    """A sparse target has no strided memory: it is one of the listed problems, not a RuntimeError from
+    reading its data pointer (the aliasing check reads every target's)."""
+    path, _ = saved
+    t = targets()
+    t["model"]["w"] = torch.zeros(2, 3).to_sparse()
+    with pytest.raises(IntoMismatchError, match="'model/w': the target is a torch.sparse_coo tensor"):
+        pyckpt.load(path, into=t)
+    assert bool((t["model"]["b"] == SENTINEL).all())
