@@ -148,7 +148,7 @@ def list(directory: str | os.PathLike, verify: bool = True) -> builtins.list[Inf
 
 def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
     """The finished-run marker of ``root`` (written by ``metrics.mark_finished``), or None."""
-    from .metrics import FINISHED_FILE
+    from .metrics import FINISHED_FILE, is_figure
     from .remote import is_url, reader_root
 
     try:
@@ -166,12 +166,10 @@ def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
     # (shown as unknown), not trusted (a time of 1e300 crashed a relaunch's first iter()).
     marker = dict(body)  # other keys (mark_finished's **info) are shown as they are
     for key in ("step", "steps"):
-        v = marker.get(key)
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63):
+        if marker.get(key) is not None and not (isinstance(marker[key], int) and is_figure(marker[key])):
             del marker[key]
-    t = marker.get("time")
-    if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e11):
-        del marker["time"]  # (1e11 s is the year 5138)
+    if marker.get("time") is not None and not is_figure(marker["time"], below=1e11):  # (1e11 s: year 5138)
+        del marker["time"]
     if marker.get("last_checkpoint_ok") is not None and not isinstance(marker["last_checkpoint_ok"], bool):
         del marker["last_checkpoint_ok"]
     return marker

@@ -240,11 +240,12 @@ def _sound(rec: dict[str, Any]) -> bool:
         return False
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         return False
-    for key in _FIGURES:
-        v = rec.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 2**63):
-            return False  # (NaN fails the comparison too)
-    return True
+    return all(rec.get(key) is None or is_figure(rec[key]) for key in _FIGURES)
+
+
+def is_figure(v: Any, below: float = 2**63) -> bool:
+    """A number pyckpt writes in its records: not a bool, 0 <= v < ``below`` (NaN and inf are not)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < below
 
 
 def read(root: str) -> tuple[list[dict[str, Any]], int]:

@@ -471,7 +471,7 @@ class _SectionReader:
         problems: list[str] = []
         unexpected: list[str] = []
 
-        paths: dict[int, str] = {}
+        paths = self.paths = {}
 
         def visit(i, d, p):
             if d is None:
@@ -485,7 +485,6 @@ class _SectionReader:
         self.walk(visit, into)
         overlapping, self.tied = _aliased_targets(entries, dests, paths)
         problems += overlapping
-        self.paths = paths
         sharded = {"/".join(map(str, t["key"])) for t in (self.op.parts[0].get("sharded") or {}).get("tensors", [])
                    if isinstance(t, dict)} if self.sec is self.op.parts[0]["replicated"] else set()
         missing = [p for p, t in _into_leaves(into) if (p, id(t)) not in matched and p not in sharded]  # 1.2
@@ -498,9 +497,7 @@ class _SectionReader:
             if untargeted or unloaded:
                 hint = " (strict=False loads saved tensors without a target as new tensors and leaves targets " \
                        "without a saved tensor unchanged)"
-            raise IntoMismatchError(
-                f"cannot load {self.op.path} into the given targets, nothing was written; "
-                f"{len(problems)} problem(s){hint}:\n  " + "\n  ".join(problems), problems, unexpected, missing)
+            raise self._mismatch(problems, hint, unexpected, missing)
         if strict is False and (unexpected or missing):
             log.warning("pyckpt: load into=: %s", _mismatch_line(unexpected, missing))
         return dests
@@ -523,21 +520,27 @@ class _SectionReader:
     def _check_tied(self, entries: list[dict], bufs: _Buffers) -> None:
         """Each group of tied targets (``_aliased_targets``): their saved values, read and verified into
         fresh buffers, must agree, or nothing is written."""
+        def saved_bytes(i: int) -> torch.Tensor:
+            e = entries[i]
+            return _view(bufs.by_sid[e["storage"]], dtype_of(e["dtype"], self.where), e).contiguous() \
+                .reshape(-1).view(torch.uint8)
+
         problems = []
-        for group in self.tied:
-            def raw(i: int) -> torch.Tensor:
-                e = entries[i]
-                return _view(bufs.by_sid[e["storage"]], dtype_of(e["dtype"], self.where), e).contiguous() \
-                    .reshape(-1).view(torch.uint8)
-            first = raw(group[0])
-            for i in group[1:]:
-                if not torch.equal(first, raw(i).to(first.device)):  # (one may be staged on the GPU)
-                    problems.append(f"{self.paths[group[0]]!r} and {self.paths[i]!r} are the same target memory "
+        for first, *others in self.tied:
+            want = saved_bytes(first)
+            for i in others:
+                if not torch.equal(want, saved_bytes(i).to(want.device)):  # (one may be staged on the GPU)
+                    problems.append(f"{self.paths[first]!r} and {self.paths[i]!r} are the same target memory "
                                     "(tied weights) but the checkpoint holds different values for them")
         if problems:
-            raise IntoMismatchError(
-                f"cannot load {self.op.path} into the given targets, nothing was written; "
-                f"{len(problems)} problem(s):\n  " + "\n  ".join(problems), problems, [], [])
+            raise self._mismatch(problems)
+
+    def _mismatch(self, problems: list[str], hint: str = "", unexpected: list[str] | None = None,
+                  missing: list[str] | None = None) -> IntoMismatchError:
+        return IntoMismatchError(
+            f"cannot load {self.op.path} into the given targets, nothing was written; "
+            f"{len(problems)} problem(s){hint}:\n  " + "\n  ".join(problems), problems, unexpected or [],
+            missing or [])
 
     def _read_storages(self, engine: Any, entries: list[dict], dests: dict,
                        gpu: dict[int, torch.device]) -> _Buffers:

@@ -200,15 +200,16 @@ def after_failure(directory: str, since: float, rc: int, resume: str) -> str | N
     if knobs.is_url(directory):
         return None  # an object-storage root: its listing is a network call, not for an exit path
     try:
-        records = [r for r in metrics.read(directory)[0] if _number(r.get("time")) >= since]
+        # (metrics.read keeps only records whose figures are numbers or null)
+        records = [r for r in metrics.read(directory)[0] if (r.get("time") or 0.0) >= since]
         newest = layout.committed(directory)
     except OSError:
         return None
     restores = [r for r in records if r.get("event") == "restore"]
     head = f"pyckpt-run: the workers failed (exit status {rc})"
     if restores:
-        first = _number(restores[0].get("time"))
-        progressed = any(r.get("event") == "save" and r.get("ok") and _number(r.get("time")) > first for r in records)
+        first = restores[0]["time"]
+        progressed = any(r.get("event") == "save" and r.get("ok") and r["time"] > first for r in records)
         steps = sorted({r.get("step") for r in restores}, key=str)
         if not progressed:
             n = len(restores)
@@ -224,10 +225,6 @@ def after_failure(directory: str, since: float, rc: int, resume: str) -> str | N
     if resume != "auto":
         return f"{head}; the same command resumes from {resume} again; --resume auto resumes from {at}"
     return f"{head}; the same command resumes from {at}, or an older one if that one fails its checks"
-
-
-def _number(value: object) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("-inf")
 
 
 def supervise(cmd: list[str]) -> int:
