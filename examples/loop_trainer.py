@@ -5,9 +5,11 @@
 The loader draws samples with replacement forever (``RandomSampler(replacement=True,
 num_samples=10**10)``) in two worker processes; ``Trainer.run`` pulls batches with
 ``next()`` and stops when ``self.iter_num`` reaches ``max_iters``. The trainer also
-keeps the last loss and the best loss seen.
+keeps the last loss and the best loss seen. ``LOOP_HOLD_AFTER_STEP=N`` makes it wait 300 s
+after step N (tests SIGKILL it there).
 """
 import argparse
+import os
 import time
 
 import torch
@@ -70,6 +72,8 @@ class Trainer:
                 self.history.append(round(self.loss.item(), 6))
             print(f"step {self.iter_num} epoch 0 loss {self.loss.item():.9g}", flush=True)
             time.sleep(config.step_sleep)
+            if os.environ.get("LOOP_HOLD_AFTER_STEP") == str(self.iter_num):
+                time.sleep(300)  # for tests: read here, not kept in the trainer, so a relaunch does not inherit it
             if config.max_iters is not None and self.iter_num >= config.max_iters:
                 break
 
