@@ -75,6 +75,7 @@ class Session:
         self.manual = False  # weights are updated by hand: steps are backward() calls (_after_backward)
         self._weights_seen: Any = None
         self._backwards_unstepped = 0
+        self._stepping = 0  # optimizer step() calls under way (pre-hook run, post-hook not yet)
         self._steps_since_fetch = 0
         self.loop_warned: set[str] = set()  # loop-state variables already warned about (once each)
         self.own_resume_seen = False  # the script's own resume (own_resume.py) was composed with already
@@ -90,7 +91,7 @@ class Session:
         self.tracker.install(self.hooks)
         self.hooks.add_handle(register_optimizer_step_post_hook(self._post_step))
         self.lazy = Lazy(self)  # pyckpt/lazy.py: snapshots copied during the next forward/backward
-        self.hooks.add_handle(register_optimizer_step_pre_hook(self.lazy.before_step))
+        self.hooks.add_handle(register_optimizer_step_pre_hook(self._pre_step))
         self.hooks.wrap_init(torch.optim.Optimizer, self.optimizers.add)
         # SequentialLR, ChainedScheduler and ReduceLROnPlateau do not call LRScheduler.__init__:
         # wrap every scheduler class that defines its own __init__ (registration is idempotent).
@@ -143,7 +144,9 @@ class Session:
 
         def backward(*args, **kwargs):
             out = original(*args, **kwargs)
-            if session._primary is None:  # no optimizer has stepped (yet)
+            # No optimizer has stepped (yet), and none is stepping: a closure's backward() inside step()
+            # (LBFGS) is part of that step, and the weights it sees change are the optimizer's updates.
+            if session._primary is None and not session._stepping:
                 session._after_backward()
             return out
 
@@ -185,7 +188,14 @@ class Session:
         every later snapshot, silently."""
         return None if self._primary is None else self._primary()
 
+    def _pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step pre-hook: a step is under way until its post-hook. (A step that raised leaves the
+        count up; it is read only until the first step completes, see _patch_backward.)"""
+        self._stepping += 1
+        self.lazy.before_step(opt, args, kwargs)
+
     def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepping = max(0, self._stepping - 1)
         primary = self.primary
         again, self._last_stepped = self._last_stepped == id(opt), id(opt)
         if opt is not primary:

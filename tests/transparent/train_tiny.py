@@ -1,11 +1,12 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
-MODE: adamw (default) | gan | lbfgs | patched | compiled | while | manual | ema | phases | peek | reiter
-| fixed_next | unfreeze | subset
+MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
+| reiter | fixed_next | unfreeze | subset
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
 optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded;
+lbfgs_while: LBFGS (its closure calls backward() inside step()) on one batch, no loader in the loop;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
 scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
 unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch
@@ -47,7 +48,7 @@ models = {"model": model}
 if MODE == "compiled":
     model = torch.compile(model, backend="eager")  # state_dict keys gain "_orig_mod."
     models = {"model": model}
-if MODE == "lbfgs":
+if MODE in ("lbfgs", "lbfgs_while"):
     opts = [torch.optim.LBFGS(model.parameters(), lr=0.5, history_size=3, max_iter=3)]
 elif MODE == "gan":
     critic = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
@@ -80,7 +81,7 @@ step = 0
 
 def train_step(x, y):
     global step
-    if MODE == "lbfgs":
+    if MODE in ("lbfgs", "lbfgs_while"):
         def closure():
             opts[0].zero_grad()
             loss = ((model(x) - y) ** 2).mean()
@@ -134,7 +135,7 @@ def estimate_loss():
     return total + ((model(x) - y) ** 2).mean().item()
 
 
-if MODE == "while":
+if MODE in ("while", "lbfgs_while"):
     x, y = next(iter(loader))
     while step < 30:
         train_step(x, y)
