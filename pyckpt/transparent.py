@@ -76,6 +76,7 @@ class Session:
         self._weights_seen: Any = None
         self._backwards_unstepped = 0
         self._stepping = 0  # optimizer step() calls under way (pre-hook run, post-hook not yet)
+        self._backward_depth = 0  # torch.autograd.backward calls under way (nested: reentrant checkpoints)
         self._steps_since_fetch = 0
         self.loop_warned: set[str] = set()  # loop-state variables already warned about (once each)
         self.own_resume_seen = False  # the script's own resume (own_resume.py) was composed with already
@@ -141,12 +142,22 @@ class Session:
         exists); Tensor.backward looks ``torch.autograd.backward`` up at each call."""
         original = torch.autograd.backward
         session = self
+        depth_lock = threading.Lock()
 
         def backward(*args, **kwargs):
-            out = original(*args, **kwargs)
+            # A backward() run inside another (a reentrant activation checkpoint recomputes its segment and
+            # calls backward() from the autograd engine, on any of its threads) is part of the outer one.
+            with depth_lock:  # (inner calls may come from several engine threads at once)
+                outer = not session._backward_depth
+                session._backward_depth += 1
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                with depth_lock:
+                    session._backward_depth -= 1
             # No optimizer has stepped (yet), and none is stepping: a closure's backward() inside step()
             # (LBFGS) is part of that step, and the weights it sees change are the optimizer's updates.
-            if session._primary is None and not session._stepping:
+            if outer and session._primary is None and not session._stepping:
                 session._after_backward()
             return out
 
@@ -402,8 +413,9 @@ class Session:
             rank_state["script_objects"] = script_objects
         if t.loose:  # optimizer parameters no module owns: per rank (DDP does not synchronize them)
             rank_state["loose"] = dict(t.loose)
-        if not t.optimizers and t.modules:
-            rank_state["grads"] = discovery.grads_of(t)  # weights updated by hand use them after this point
+        if (self.manual or not t.optimizers) and t.modules:
+            # Weights updated by hand use them after this point (also when an optimizer exists but never steps).
+            rank_state["grads"] = discovery.grads_of(t)
         if not replicated:
             rank_state["objects"] = objects
             return {}, rank_state

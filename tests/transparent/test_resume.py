@@ -142,6 +142,21 @@ def test_weights_updated_by_hand_are_checkpointed_and_resume_exactly(tmp_path, p
     assert tree_equal(load(out), plain_results("manual"))
 
 
+@pytest.mark.parametrize("mode", ["manual_while", "manual_reentrant"])
+def test_weights_updated_by_hand_with_no_loader_resume_exactly(tmp_path, plain_results, mode):
+    # Snapshots right after backward(), an optimizer that never steps: the gradients the script's update
+    # uses next were saved only when no optimizer existed, so the relaunch updated with its own (silently).
+    # manual_reentrant: the last layer under a reentrant activation checkpoint, whose backward() runs inside
+    # the script's. Each was counted as a step, and a snapshot taken inside the script's backward() was
+    # resumed silently, with the rest of that backward computed from other weights.
+    first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT="13")
+    assert first.returncode == -signal.SIGKILL
+    assert any(f"pyckpt: resumed from step {s} (after backward(), no DataLoader position)" in second.stderr
+               for s in (8, 12)), second.stderr
+    assert "TRAINED 30" in second.stdout
+    assert tree_equal(final, plain_results(mode))
+
+
 REGISTERED = """
 import os, signal, sys, torch
 import pyckpt

@@ -6,6 +6,9 @@ MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while |
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
 optimizer parameter; the target is over lazy capture's eager-copy size, so its copy is guarded;
+manual_while: weights updated by hand (an optimizer exists, never steps) on one batch, no loader in the loop;
+manual_reentrant: manual_while with the last layer under a reentrant activation checkpoint (its backward()
+runs inside the script's backward());
 lbfgs_while: LBFGS (its closure calls backward() inside step()) on one batch, no loader in the loop;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
 scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
@@ -22,6 +25,7 @@ import sys
 import types
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -43,7 +47,19 @@ loader = DataLoader(data, batch_size=4, shuffle=True)
 if MODE == "peek":  # the same signature as the training loader (dataset type and length, batch size, ...)
     twin_loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randn(40, 1)), batch_size=4, shuffle=True)
 val_loader = DataLoader(TensorDataset(torch.randn(12, 6), torch.randn(12, 1)), batch_size=4)
-model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+
+
+class Reentrant(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+
+
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2),
+                      Reentrant(nn.Linear(8, 1)) if MODE == "manual_reentrant" else nn.Linear(8, 1))
 models = {"model": model}
 if MODE == "compiled":
     model = torch.compile(model, backend="eager")  # state_dict keys gain "_orig_mod."
@@ -97,13 +113,14 @@ def train_step(x, y):
         g_opt.zero_grad()
         (-critic(model(x)).mean()).backward()
         g_opt.step()
-    elif MODE == "manual":
+    elif MODE in ("manual", "manual_while", "manual_reentrant"):
         model.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         with torch.no_grad():
             for p in model.parameters():
                 p -= 0.01 * p.grad
-        return
+        if MODE == "manual":
+            return
     else:
         if MODE == "unfreeze" and step == 6:
             model[0].requires_grad_(True)
@@ -135,7 +152,7 @@ def estimate_loss():
     return total + ((model(x) - y) ** 2).mean().item()
 
 
-if MODE in ("while", "lbfgs_while"):
+if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant"):
     x, y = next(iter(loader))
     while step < 30:
         train_step(x, y)
