@@ -243,6 +243,11 @@ class Session:
         tr = self.tracker
         tr.ensure_started()  # no DataLoader iterated yet: storage and the resume decision now
         if self.step_restore:
+            if point == "backward" and loopstate.point_of((self.source.rank_state or {}).get("loop")) == "step":
+                # The run that wrote it counted optimizer steps by then. backward() points before this run's
+                # first optimizer step are its start (SAM moves the weights between two backward() calls,
+                # which reads as updates by hand until an optimizer steps): the restore point comes later.
+                return
             self._restore_at_step(point)
             return
         if tr.plan is not None and tr.streams:  # (steps before any loader's iter() are replayed, then overwritten)

@@ -142,6 +142,19 @@ def test_weights_updated_by_hand_are_checkpointed_and_resume_exactly(tmp_path, p
     assert tree_equal(load(out), plain_results("manual"))
 
 
+def test_weights_moved_between_two_backwards_before_the_first_step_do_not_block_the_resume(tmp_path, plain_results):
+    # SAM's two-step use with no loader in the loop: in the first iteration the weights change between two
+    # backward() calls before any optimizer step, which reads as weights updated by hand. The relaunch
+    # stopped there, at a backward() point, and refused every checkpoint (all taken after optimizer.step()).
+    first, second, final = _kill_and_resume(tmp_path, "sam_while", KILL_AT="13")
+    assert first.returncode == -signal.SIGKILL
+    assert second.returncode == 0 and "cannot resume" not in second.stderr, second.stderr
+    assert re.search(r"pyckpt: resumed from step \d+ \(after optimizer.step\(\), no DataLoader position\)",
+                     second.stderr), second.stderr
+    assert "TRAINED 30" in second.stdout
+    assert tree_equal(final, plain_results("sam_while"))
+
+
 @pytest.mark.parametrize("mode", ["manual_while", "manual_reentrant"])
 def test_weights_updated_by_hand_with_no_loader_resume_exactly(tmp_path, plain_results, mode):
     # Snapshots right after backward(), an optimizer that never steps: the gradients the script's update

@@ -9,6 +9,8 @@ optimizer parameter; the target is over lazy capture's eager-copy size, so its c
 manual_while: weights updated by hand (an optimizer exists, never steps) on one batch, no loader in the loop;
 manual_reentrant: manual_while with the last layer under a reentrant activation checkpoint (its backward()
 runs inside the script's backward());
+sam_while: SAM's two-step use (backward, weights moved by hand, backward, moved back, AdamW step) on one batch,
+no loader in the loop;
 lbfgs_while: LBFGS (its closure calls backward() inside step()) on one batch, no loader in the loop;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
 scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
@@ -113,6 +115,19 @@ def train_step(x, y):
         g_opt.zero_grad()
         (-critic(model(x)).mean()).backward()
         g_opt.step()
+    elif MODE == "sam_while":
+        ((model(x) - y) ** 2).mean().backward()
+        with torch.no_grad():
+            moves = [0.05 * p.grad / (p.grad.norm() + 1e-12) for p in model.parameters()]
+            for p, e in zip(model.parameters(), moves):
+                p.add_(e)
+        opts[0].zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), moves):
+                p.sub_(e)
+        opts[0].step()
+        opts[0].zero_grad()
     elif MODE in ("manual", "manual_while", "manual_reentrant"):
         model.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
@@ -152,7 +167,7 @@ def estimate_loss():
     return total + ((model(x) - y) ** 2).mean().item()
 
 
-if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant"):
+if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant", "sam_while"):
     x, y = next(iter(loader))
     while step < 30:
         train_step(x, y)
