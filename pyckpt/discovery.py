@@ -175,7 +175,7 @@ class Discovery:
         (for loops that update weights by hand: there is no optimizer to find them through)."""
         owners = [m for m in self.modules if any(p.requires_grad for p in m.parameters())]
         inner = {id(sub) for m in owners for sub in m.modules() if sub is not m}
-        return [m for m in owners if id(m) not in inner]
+        return _without_traced_copies([m for m in owners if id(m) not in inner])
 
     def grads_without_optimizer(self) -> bool:
         """True when some live module has gradients although no optimizer ever stepped."""
@@ -266,10 +266,22 @@ def root_modules(opts: list[torch.optim.Optimizer], modules: Iterable[nn.Module]
         return [], True
     owners = [m for m in modules if any(id(p) in order for p in m.parameters())]
     inner = {id(sub) for m in owners for sub in m.modules() if sub is not m}
-    roots = [m for m in owners if id(m) not in inner]
+    roots = _without_traced_copies([m for m in owners if id(m) not in inner])
     owned = {id(p) for m in roots for p in m.parameters()}
     roots.sort(key=lambda m: min(order[id(p)] for p in m.parameters() if id(p) in order))
     return roots, all(k in owned for k in order)
+
+
+def _without_traced_copies(roots: list[nn.Module]) -> list[nn.Module]:
+    """``roots`` less the torch.fx graph modules whose parameters other roots own: Dynamo's graph of a
+    compiled function (a compiled ``opt.step()`` holds the optimizer's parameters as its own) exists
+    only once that function has run, so a relaunch restoring before it runs would lack it. A graph
+    module that is the model itself (``model = symbolic_trace(model)``) owns its parameters alone."""
+    graphs = [m for m in roots if isinstance(m, torch.fx.GraphModule)]
+    if not graphs:
+        return roots
+    others = {id(p) for m in roots if not any(m is g for g in graphs) for p in m.parameters()}
+    return [m for m in roots if not (any(m is g for g in graphs) and all(id(p) in others for p in m.parameters()))]
 
 
 def _share_parameters(roots: list[nn.Module]) -> bool:

@@ -83,6 +83,20 @@ def user_frames(start: types.FrameType | None) -> list[types.FrameType]:
     return out
 
 
+_DYNAMO_RESUME = "torch_dynamo_resume_in_"  # Dynamo's name for the rest of a function after a graph break
+
+
+def compiled_function(user: list[types.FrameType]) -> str | None:
+    """``"name (file:line)"`` of a script function torch.compile is running in ``user`` after a graph break
+    (Dynamo's transformed frames: their code changes as Dynamo recompiles), else None."""
+    for f in user:
+        name = f.f_code.co_name
+        if name.startswith(_DYNAMO_RESUME):
+            original = name[len(_DYNAMO_RESUME):].rsplit("_at_", 1)[0]
+            return f"{original} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})"
+    return None
+
+
 @lru_cache(maxsize=1024)
 def code_key(code: types.CodeType) -> tuple:
     """What identifies a code object across runs: file name, function, first line and a digest of

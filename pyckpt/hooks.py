@@ -8,11 +8,36 @@ the class had none of its own).
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 _MISSING = object()
+
+
+def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, run as plain Python also when torch.compile traces the code that calls it.
+
+    A hook called inside a compiled region (an optimizer's post-step hook under a compiled ``opt.step()``,
+    the ``backward()`` wrapper under a compiled train step) is otherwise traced by Dynamo, which fails
+    on what the hooks do (``gc.get_objects()``, files, threads) and takes training down. Wrapped in
+    ``torch.compiler.disable`` once Dynamo is imported: importing it here would add seconds to every
+    start-up, and nothing is compiled before it is imported."""
+    disabled: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            import torch
+
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 class HookSet:

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
 from . import frames, loader_workers, reshard_data, rng
-from .hooks import HookSet
+from .hooks import HookSet, eager
 
 
 def signature(loader: DataLoader) -> list:
@@ -814,7 +814,7 @@ class LoaderTracker:
         hooks.patch(_MultiProcessingDataLoaderIter, "_try_put_index", _try_put_index)
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        hooks.add_handle(register_optimizer_step_post_hook(lambda opt, args, kwargs: tracker._on_step()))
+        hooks.add_handle(register_optimizer_step_post_hook(eager(lambda opt, args, kwargs: tracker._on_step())))
         hooks.patch(_BaseDataLoaderIter, "_pyckpt_stream", None)
         hooks.patch(DataLoader, "__iter__", __iter__)
         # Loaders that keep their own position and replace DataLoader.__iter__ (torchdata's

@@ -28,7 +28,7 @@ import torch
 from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, reader, rng, sharded
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
-from .hooks import HookSet, Registry
+from .hooks import HookSet, Registry, eager
 from .loader_state import FastForward, LoaderTracker, Stream
 from .policy import Policy, StoreAgreement
 
@@ -90,9 +90,9 @@ class Session:
         from .lazy import Lazy
 
         self.tracker.install(self.hooks)
-        self.hooks.add_handle(register_optimizer_step_post_hook(self._post_step))
+        self.hooks.add_handle(register_optimizer_step_post_hook(eager(self._post_step)))
         self.lazy = Lazy(self)  # pyckpt/lazy.py: snapshots copied during the next forward/backward
-        self.hooks.add_handle(register_optimizer_step_pre_hook(self._pre_step))
+        self.hooks.add_handle(register_optimizer_step_pre_hook(eager(self._pre_step)))
         self.hooks.wrap_init(torch.optim.Optimizer, self.optimizers.add)
         # SequentialLR, ChainedScheduler and ReduceLROnPlateau do not call LRScheduler.__init__:
         # wrap every scheduler class that defines its own __init__ (registration is idempotent).
@@ -161,7 +161,7 @@ class Session:
                 session._after_backward()
             return out
 
-        self.hooks.patch(torch.autograd, "backward", backward)
+        self.hooks.patch(torch.autograd, "backward", eager(backward))
 
     def _after_backward(self) -> None:
         """Count a step at the end of backward() when weights are updated by hand: no optimizer exists,
@@ -381,6 +381,13 @@ class Session:
     # -- snapshot ------------------------------------------------------------------------
     def _snapshot(self, point: str = "loader") -> None:
         if self.disabled_reason is not None or self.ckpt is None or self.step == self.last_snapshot_step:
+            return
+        traced = frames.compiled_function(frames.user_frames(sys._getframe(1))) if point != "loader" else None
+        if traced is not None:  # a relaunch could not stop at the same place: its frames are Dynamo's
+            where = "optimizer.step()" if point == "step" else "backward()"
+            self._give_up(f"{where} runs inside {traced}, which torch.compile traces, and no DataLoader drives "
+                          "the loop, so a relaunch cannot stop at the same place; compile the model "
+                          "(torch.compile(model)) or the optimizer step alone, not the whole training step")
             return
         try:
             with gcpause.paused():  # thousands of tensors: no collector passes inside the snapshot (gcpause.py)

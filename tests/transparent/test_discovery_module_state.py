@@ -140,3 +140,21 @@ def test_parameters_as_is_gives_the_parameter_objects_and_otherwise_torchs_tenso
     sd = module_state(sub, parameters_as_is=True)
     assert sd["bias"] is sub.bias and type(sd["weight"]) is torch.Tensor and not sd["weight"].requires_grad
     assert module_state(sub)["bias"] is not sub.bias  # the default detaches every one, as torch does
+
+
+def test_a_graph_module_sharing_another_roots_parameters_is_not_a_root_but_a_traced_model_is():
+    # Dynamo's graph of a compiled opt.step() holds the optimizer's parameters as its own: it was saved as a
+    # second model, which a relaunch restoring before its first step lacks. A model replaced by its
+    # symbolic_trace owns its parameters alone and stays the root.
+    from torch.fx import symbolic_trace
+
+    from pyckpt.discovery import root_modules
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    copy = symbolic_trace(model)  # a GraphModule whose parameters are the model's own tensors
+    assert {id(p) for p in copy.parameters()} == {id(p) for p in model.parameters()}
+    roots, covered = root_modules([opt], [model, copy])
+    assert roots == [model] and covered
+    roots, covered = root_modules([opt], [copy])  # the model gone: the traced one is the model
+    assert roots == [copy] and covered

@@ -29,6 +29,8 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
     ("lbfgs", 13),   # closure optimizer with history in its state
     ("patched", 13),  # opt.step replaced on the instance
     ("compiled", 13),  # torch.compile'd module (_orig_mod. keys)
+    ("compiled_step", 13),  # optimizer step under torch.compile: its Dynamo graph module (the optimizer's
+    # parameters as its own) was saved as a second model, which the relaunch (no step compiled yet) lacked
     ("ema", 13),     # modules owning no optimizer parameter: an EMA copy (global), a teacher (an attribute)
     ("loose", 13),   # optimizer parameters no module owns: were not saved, or restored as new tensors
     ("phases", 23),  # the optimizer replaced at epoch 1: steps (and snapshots) used to stop being counted
@@ -110,13 +112,15 @@ def test_resume_never_ignores_checkpoints(tmp_path):
     assert "TRAINED 30" in r.stdout
 
 
-@pytest.mark.parametrize("mode", ["while", "lbfgs_while"])
+@pytest.mark.parametrize("mode", ["while", "lbfgs_while", "compiled_step_while"])
 def test_loop_without_a_dataloader_resumes_exactly(tmp_path, plain_results, mode):
     # The optimizer steps with no DataLoader fetch in between: formerly a warning and no snapshots;
     # now snapshots at the end of optimizer.step() with the script's loop state (issue 6).
     # lbfgs_while: LBFGS's closure calls backward() inside step(), between updates of the weights. Those
     # were taken for weights updated by hand: snapshots inside step() (the relaunch died in LBFGS with a
     # TypeError) and relaunches refused ("this run reached a backward point first").
+    # compiled_step_while: the optimizer step under torch.compile, whose Dynamo traced pyckpt's post-step hook
+    # (the snapshot) and failed inside it: training died with InternalTorchDynamoError.
     first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT="13")
     assert first.returncode == -signal.SIGKILL
     assert "pyckpt: warning" not in first.stderr + second.stderr, first.stderr + second.stderr
@@ -153,6 +157,42 @@ def test_weights_moved_between_two_backwards_before_the_first_step_do_not_block_
                      second.stderr), second.stderr
     assert "TRAINED 30" in second.stdout
     assert tree_equal(final, plain_results("sam_while"))
+
+
+WHOLE_STEP_COMPILED = """
+import sys, torch
+from torch import nn
+torch.manual_seed(0)
+x, y = torch.randn(8, 4), torch.randn(8, 1)
+model = nn.Linear(4, 1)
+opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+
+@torch.compile(backend="eager")
+def train_step():
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()  # (Dynamo breaks its graph here: optimizer.step() runs in a resumed, transformed frame)
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+step = 0
+while step < 12:
+    train_step()
+    step += 1
+print("TRAINED", step, flush=True)
+"""
+
+
+def test_a_step_point_inside_a_compiled_train_step_takes_no_checkpoint_and_says_so(tmp_path):
+    # The step point lay inside Dynamo's transformed frames, whose code changes as Dynamo recompiles: every
+    # relaunch refused those checkpoints ("the code of train_step changed"), each written with no word.
+    (tmp_path / "whole.py").write_text(WHOLE_STEP_COMPILED)
+    ckpt = tmp_path / "ckpt"
+    r = run_script([tmp_path / "whole.py"], tmp_path, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4")
+    assert r.returncode == 0 and "TRAINED 12" in r.stdout, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("pyckpt: warning: no checkpoints")]
+    assert len(lines) == 1 and "train_step" in lines[0] and "torch.compile" in lines[0], r.stderr
+    assert not [p for p in ckpt.iterdir() if layout.is_checkpoint_dir(str(p))]
 
 
 @pytest.mark.parametrize("mode", ["manual_while", "manual_reentrant"])

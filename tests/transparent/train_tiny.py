@@ -9,6 +9,8 @@ optimizer parameter; the target is over lazy capture's eager-copy size, so its c
 manual_while: weights updated by hand (an optimizer exists, never steps) on one batch, no loader in the loop;
 manual_reentrant: manual_while with the last layer under a reentrant activation checkpoint (its backward()
 runs inside the script's backward());
+compiled_step: the optimizer step under torch.compile (the compiled-optimizer recipe; its hooks run inside
+the compiled region); compiled_step_while: the same on one batch, no DataLoader at all;
 sam_while: SAM's two-step use (backward, weights moved by hand, backward, moved back, AdamW step) on one batch,
 no loader in the loop;
 lbfgs_while: LBFGS (its closure calls backward() inside step()) on one batch, no loader in the loop;
@@ -97,6 +99,11 @@ plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opts[0], patience=0, factor
 step = 0
 
 
+@torch.compile(fullgraph=False, backend="eager")  # (eager: Dynamo traces it all the same, without a compiler)
+def compiled_opt_step():
+    opts[0].step()
+
+
 def train_step(x, y):
     global step
     if MODE in ("lbfgs", "lbfgs_while"):
@@ -142,7 +149,7 @@ def train_step(x, y):
         opts[0].zero_grad()
         out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
         ((out - y) ** 2).mean().backward()
-        opts[0].step()
+        compiled_opt_step() if MODE.startswith("compiled_step") else opts[0].step()
         if MODE == "ema":
             ema.update_parameters(model)
             with torch.no_grad():
@@ -167,8 +174,9 @@ def estimate_loss():
     return total + ((model(x) - y) ** 2).mean().item()
 
 
-if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant", "sam_while"):
-    x, y = next(iter(loader))
+if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant", "sam_while", "compiled_step_while"):
+    # compiled_step_while: no DataLoader at all, so pyckpt starts at the first (compiled) optimizer step
+    x, y = data[:4] if MODE == "compiled_step_while" else next(iter(loader))
     while step < 30:
         train_step(x, y)
 elif MODE == "reiter":  # the loop of step-counted pre-training scripts
