@@ -277,11 +277,11 @@ def _without_traced_copies(roots: list[nn.Module]) -> list[nn.Module]:
     compiled function (a compiled ``opt.step()`` holds the optimizer's parameters as its own) exists
     only once that function has run, so a relaunch restoring before it runs would lack it. A graph
     module that is the model itself (``model = symbolic_trace(model)``) owns its parameters alone."""
-    graphs = [m for m in roots if isinstance(m, torch.fx.GraphModule)]
+    graphs = {id(m) for m in roots if isinstance(m, torch.fx.GraphModule)}
     if not graphs:
         return roots
-    others = {id(p) for m in roots if not any(m is g for g in graphs) for p in m.parameters()}
-    return [m for m in roots if not (any(m is g for g in graphs) and all(id(p) in others for p in m.parameters()))]
+    others = {id(p) for m in roots if id(m) not in graphs for p in m.parameters()}
+    return [m for m in roots if id(m) not in graphs or not all(id(p) in others for p in m.parameters())]
 
 
 def _share_parameters(roots: list[nn.Module]) -> bool:
