@@ -11,6 +11,11 @@ result is a plain tree for pyckpt's own state format, with every tensor once in 
 ``load_state_dict()`` (an EMA helper) is kept by reference: its ``state_dict()`` goes with the
 rank's state (``Capture.states``), not into the table.
 
+With the tracked modules, the tree's ``modules`` holds their ``train()``/``eval()`` flags and the
+attributes of their submodules of script classes and of torch's layers (``module_attrs``: values in the
+encoding below, one budget of ``max_bytes`` for them all; plain objects they hold are followed through
+``objects`` at paths ``["m", root, submodule name, attribute, ...]``).
+
 Restoring first checks that the script's stack has the same shape (same code objects, same
 instruction in each frame, or a call whose continuation is provably the same: ``continuation``),
 decodes and checks everything, and only then writes: a mismatch
@@ -568,8 +573,9 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     exclude = getattr(main, "__pyckpt_exclude__", ()) if main is not None else ()
     exclude = set(exclude) if isinstance(exclude, (list, tuple, set, frozenset)) else set()
 
-    def keep(name: str, v: Any, path: list, quiet: bool = False) -> list | None:
-        """The encoded value, or None (left out: warned, or listed for debug when ``quiet``)."""
+    def keep(name: str, v: Any, path: list, quiet: bool = False, limit: int | None = None) -> list | None:
+        """The encoded value, or None (left out: warned, or listed for debug when ``quiet``). ``limit``: where
+        a budget shared with other values ends (``enc.size``), besides the value's own cap."""
         warned = cap.skipped if quiet else cap.warnings
         if path[-1] in exclude:  # the script's own opt-out: __pyckpt_exclude__ = {"name", ...}
             cap.skipped[name] = "listed in __pyckpt_exclude__"
@@ -580,12 +586,14 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 objects.append((v, path))
             return None
         mark = enc.begin()
+        if limit is not None:
+            enc.limit = min(enc.limit, limit)
         enc.name = name
         try:
             out = enc.value(v)
         except _Skip as s:
             enc.rollback(mark)
-            (warned if s.warn else cap.skipped)[name] = s.why
+            (warned if s.warn else cap.skipped)[name] = _shared(s.why, max_bytes, limit)
             return None
         if enc.nested:  # modules or EMA helpers inside a container (see _Encoder.module): left out
             stateful = any(enc.nested)
@@ -597,9 +605,10 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 cap.skipped[name] = "holds nn.Modules restored by pyckpt with the model"
             return None
         size = enc.size - mark[0]
-        if size > max_bytes:  # several tensors, each under the cap, may be over it together
+        if size > max_bytes or (limit is not None and enc.size > limit):  # several tensors, each under the cap
             enc.rollback(mark)
-            warned[name] = f"{size} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={max_bytes}"
+            warned[name] = f"{size} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={max_bytes}" + (
+                " with the model's other attributes" if limit is not None else "")
             return None
         return out
 
@@ -639,6 +648,32 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                     f"{sys.version_info[0]}.{sys.version_info[1]} ({sys.implementation.name})")
             continue
         iters.append([_iter_state(it, f"the for-loop iterator in {f.f_code.co_name}", cap, keep) for it in its])
+    mods = None
+    if modules:
+        from . import module_attrs
+
+        # The model's attributes share one budget of max_bytes: activations a layer keeps for logging
+        # (self.attn_probs) would be copied at every snapshot, each under the cap, for every layer.
+        end = enc.size + max_bytes
+
+        def keep_attr(name: str, v: Any, path: list) -> list | None:
+            return keep(name, v, path, limit=end)
+
+        def keep_tensor(name: str, t: torch.Tensor) -> list | None:
+            """A buffer not in state_dict() (``keep`` leaves module tensors to the module)."""
+            mark = enc.begin()
+            enc.limit = min(enc.limit, end)
+            try:
+                if t.numel() * t.element_size() > max_bytes:  # never changed in place: the relaunch makes it again
+                    raise _Skip(f"a buffer of {t.numel() * t.element_size()} bytes, over "
+                                f"PYCKPT_LOOP_STATE_MAX_BYTES={max_bytes}", t._version > 0)
+                return ["t", enc.add_tensor(t, shared=True), str(t.device), bool(t.requires_grad)]
+            except _Skip as s:
+                enc.rollback(mark)
+                (cap.warnings if s.warn else cap.skipped)[name] = _shared(s.why, max_bytes, end)
+                return None
+
+        mods = module_attrs.capture(list(modules), keep_attr, keep_tensor, _script_class, _attrs)
     objs = []
     k = 0
     while k < len(objects):
@@ -656,14 +691,25 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     cap.tree = {"version": VERSION, "stack": stack_signature(user, point), "argv": [str(a) for a in sys.argv[1:]],
                 "globals": gl, "locals": loc,
                 "objects": objs, "iters": iters, "tensors": enc.tensors}
+    if mods is not None:  # train()/eval() flags and attributes of the modules (module_attrs.py)
+        cap.tree["modules"] = mods
     cap.states = enc.states
     return cap
+
+
+def _shared(why: str, max_bytes: int, limit: int | None) -> str:
+    """``why`` a value was left out, saying when the budget it was over is shared (``keep``'s ``limit``)."""
+    if limit is not None and why.startswith("over PYCKPT_LOOP_STATE_MAX_BYTES"):
+        return f"over PYCKPT_LOOP_STATE_MAX_BYTES={max_bytes} with the model's other attributes"
+    return why
 
 
 def _label(path: list) -> str:
     if path[0] == "g":
         base = path[2] if path[1] == "__main__" else f"{path[1]}.{path[2]}"
         rest = path[3:]
+    elif path[0] == "m":  # an attribute of a submodule (module_attrs.py)
+        base, rest = ".".join(x for x in (f"model[{path[1]}]", str(path[2])) if x), path[3:]
     else:
         base, rest = str(path[2]), path[3:]
     return ".".join([base, *map(str, rest)])
@@ -1172,9 +1218,12 @@ class Plan:
             w()
 
 
-def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = None) -> Plan:
+def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = None,
+            modules: list | None = None) -> Plan:
     """Check and decode ``tree`` against the live script frames; nothing is written yet. ``states``: the
-    module and object states the tree refers to (``Capture.states``, as saved with the rank's state)."""
+    module and object states the tree refers to (``Capture.states``, as saved with the rank's state).
+    ``modules``: the tracked root modules, whose flags and attributes (``module_attrs``) are put back
+    too (None: not checked, not written)."""
     _check(isinstance(tree, dict) and tree.get("version") == VERSION, "version")
     check_stack(tree.get("stack"), user, point)
     dec = _Decoder(tree.get("tensors"), {} if states is None else states)
@@ -1209,11 +1258,24 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                 cur = f.f_locals
                 frames.write_locals(f, {k: _assign(cur.get(k), v, dec.holders) for k, v in d.items()})
             plan.writes.append(write)
+    from . import module_attrs
+
+    if modules is not None and "modules" in tree:  # first: a layer of another class is named as such
+        plan.writes += module_attrs.prepare(
+            tree["modules"], list(modules), dec.value,
+            lambda d, live, lab: _check_states(d, live, lab, plan, dec.holders), _attrs,
+            lambda live, v: _assign(live, v, dec.holders), plan.warnings)
     objs = tree.get("objects")
     _check(isinstance(objs, list), "objects")
     for o in objs:
         _check(isinstance(o, dict) and isinstance(o.get("attrs"), dict), "object")
-        obj = _resolve(o.get("at"), user)
+        at = o.get("at")
+        if isinstance(at, list) and len(at) >= 3 and at[0] == "m":  # held by a layer (module_attrs.py)
+            if modules is None:
+                continue  # (not checked: can_restore_at)
+            if module_attrs.submodule(list(modules), at[1], at[2]) is None:
+                continue  # a layer this run lacks: said by module_attrs.prepare
+        obj = _resolve(at, user, modules)
         if type(obj).__qualname__ != o.get("type"):
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
                               f"{o.get('type')}")
@@ -1235,18 +1297,28 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
     return plan
 
 
-def _resolve(path: Any, user: list[types.FrameType]) -> Any:
-    _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l"), "object path")
-    if path[0] == "g":
+def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None) -> Any:
+    _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l", "m"), "object path")
+    if path[0] == "m":  # an attribute of a submodule of a tracked root (module_attrs.py)
+        from . import module_attrs
+
+        _check(len(path) >= 4 and isinstance(path[3], str), "object path")
+        m = module_attrs.submodule(list(modules or ()), path[1], path[2])
+        d = _attrs(m) if m is not None else {}
+        cur, missing = d.get(path[3], _MISSING), path[3] not in d
+        path_rest = path[4:]
+    elif path[0] == "g":
         mod = sys.modules.get(path[1]) if isinstance(path[1], str) else None
         g = next((f.f_globals for f in user if f.f_globals.get("__name__") == path[1]),
                  mod.__dict__ if mod is not None else {})
         cur, missing = g.get(path[2], _MISSING), path[2] not in g
+        path_rest = path[3:]
     else:
         _check(type(path[1]) is int and 0 <= path[1] < len(user), "object frame")
         loc = user[path[1]].f_locals
         cur, missing = loc.get(path[2], _MISSING), path[2] not in loc
-    for name in path[3:]:
+        path_rest = path[3:]
+    for name in path_rest:
         if missing:
             break
         d = _attrs(cur)

@@ -461,14 +461,15 @@ class Session:
         return cap.tree, cap.states
 
     # -- restore -------------------------------------------------------------------------
-    def _loop_plan(self, point: str) -> loopstate.Plan | None:
-        """Check the checkpoint's loop state against the live script frames (before any tensor is read);
-        raises PyckptError on a changed script or stack."""
+    def _loop_plan(self, point: str, t: discovery.Tracked) -> loopstate.Plan | None:
+        """Check the checkpoint's loop state against the live script frames and ``t``'s modules (before
+        any tensor is read); raises PyckptError on a changed script or stack."""
         rs = self.source.rank_state or {}
         tree = rs.get("loop")
         if tree is None:
             return None  # written before loop state existed, or capture failed (warned then)
-        return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"))
+        return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"),
+                                 t.modules)
 
     def can_restore_at(self, frame: Any) -> bool:
         """Whether the checkpoint's loop state would be restored with the script's stack at ``frame`` (the
@@ -520,7 +521,7 @@ class Session:
     def _restore(self) -> None:
         stream = self.tracker.plan_stream
         t = self.discovery.discover()
-        plan = self._loop_plan("loader")
+        plan = self._loop_plan("loader", t)
         rs = self._load_tracked(t)
         if plan is not None:
             plan.apply()  # the script's globals, locals, object attributes, loop iterators
@@ -548,7 +549,7 @@ class Session:
         path = self.source.path
         try:
             t = self.discovery.discover()
-            plan = self._loop_plan(point)
+            plan = self._loop_plan(point, t)
             if plan is None:
                 raise PyckptError("the checkpoint has no loop state to resume a loop no DataLoader drives")
             rs = self._load_tracked(t)

@@ -210,6 +210,40 @@ def test_weights_updated_by_hand_with_no_loader_resume_exactly(tmp_path, plain_r
     assert tree_equal(final, plain_results(mode))
 
 
+@pytest.mark.parametrize("resume_at", [8, 16])
+def test_train_eval_flags_set_inside_the_loop_resume_exactly(tmp_path, plain_results, resume_at):
+    # Dropout put in eval mode at steps 6 and 13 until the epoch loop's model.train(): a resume in that
+    # stretch trained on with dropout on, silently (flags are no state_dict() entry, and the relaunch's
+    # fast-forward skips the step that set them). Resumed from those very checkpoints (a kill right after
+    # one may find it not committed yet, and the one before is outside the stretch).
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE="flags", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="10")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == 0 and tree_equal(load(out), plain_results("flags")), first.stderr
+    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(resume_at)), **env)
+    assert second.returncode == 0, second.stderr
+    assert f"pyckpt: resumed from step {resume_at} (epoch {resume_at // 10}, batch {resume_at % 10})" in \
+        second.stderr, second.stderr
+    assert "pyckpt: warning" not in second.stderr, second.stderr
+    assert tree_equal(load(out), plain_results("flags"))
+
+
+@pytest.mark.parametrize("mode", ["attrs", "attrs_while"])
+def test_module_state_outside_state_dict_resumes_exactly(tmp_path, plain_results, mode):
+    # A layer of the script's own class counting its calls, keeping a gain as a plain tensor attribute and
+    # a table in a non-persistent buffer registered empty and made in forward; dropout's p set at step 6.
+    # The relaunch trained on with its own counter, gain and table (from a checkpoint taken at a step point
+    # too, where its own first iteration had run), and with p = 0.2.
+    first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT="13")
+    assert first.returncode == -signal.SIGKILL
+    assert re.search(r"pyckpt: resumed from step (8|12) ", second.stderr), second.stderr
+    assert "pyckpt: warning" not in first.stderr + second.stderr, first.stderr + second.stderr
+    assert "TRAINED 30" in second.stdout
+    plain = plain_results(mode)
+    assert final["models"]["annealed"]["calls"] == plain["models"]["annealed"]["calls"] == 30  # training forwards
+    assert tree_equal(final, plain)
+
+
 REGISTERED = """
 import os, signal, sys, torch
 import pyckpt

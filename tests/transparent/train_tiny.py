@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | unfreeze | subset
+| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -16,6 +16,10 @@ no loader in the loop;
 lbfgs_while: LBFGS (its closure calls backward() inside step()) on one batch, no loader in the loop;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
 scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
+flags: the dropout layer put in eval mode at steps 6 and 13, until the epoch loop's model.train();
+attrs: the last layer keeps state outside state_dict() (Annealed: a counter, a plain tensor attribute, a
+non-persistent buffer made in forward) and dropout's p is set to 0.5 at step 6; attrs_while: the same on
+one batch, no loader in the loop;
 unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch
 trains on a new loader over 32 of the 40 samples drawn with torch.randperm before its iter())
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
@@ -62,8 +66,28 @@ class Reentrant(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
 
 
-model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2),
-                      Reentrant(nn.Linear(8, 1)) if MODE == "manual_reentrant" else nn.Linear(8, 1))
+class Annealed(nn.Linear):
+    """State outside state_dict(): a forward counter, a gain kept as a plain tensor attribute, and a table
+    rebuilt every 5 calls into a non-persistent buffer registered empty, with its length in a plain int."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.calls, self.gain, self.table_len = 0, torch.ones(()), -1
+        self.register_buffer("table", None, persistent=False)
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            self.gain = self.gain * 0.99
+        if self.table_len != self.calls // 5:
+            self.table_len = self.calls // 5
+            self.table = torch.full((1,), 1 + 0.1 * self.table_len)
+        return super().forward(x) * self.gain * self.table
+
+
+last = (Reentrant(nn.Linear(8, 1)) if MODE == "manual_reentrant" else Annealed(8, 1) if MODE in ("attrs", "attrs_while")
+        else nn.Linear(8, 1))
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), last)
 models = {"model": model}
 if MODE == "compiled":
     model = torch.compile(model, backend="eager")  # state_dict keys gain "_orig_mod."
@@ -150,6 +174,10 @@ def train_step(x, y):
     else:
         if MODE == "unfreeze" and step == 6:
             model[0].requires_grad_(True)
+        if MODE == "flags" and step in (6, 13):
+            model[1].eval()  # dropout off for the rest of the epoch (the epoch loop calls model.train())
+        if MODE.startswith("attrs") and step == 6:
+            model[1].p = 0.5  # a hyper-parameter torch's layer keeps as an attribute, set by a schedule
         opts[0].zero_grad()
         out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
         ((out - y) ** 2).mean().backward()
@@ -178,7 +206,8 @@ def estimate_loss():
     return total + ((model(x) - y) ** 2).mean().item()
 
 
-if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant", "sam_while", "compiled_step_while"):
+if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant", "sam_while", "compiled_step_while",
+            "attrs_while"):
     # compiled_step_while: no DataLoader at all, so pyckpt starts at the first (compiled) optimizer step
     x, y = data[:4] if MODE == "compiled_step_while" else next(iter(loader))
     while step < 30:
@@ -218,6 +247,8 @@ else:
             val = sum(((model(x) - y) ** 2).mean().item() for x, y in val_loader)
         plateau.step(val)
 print("TRAINED", step, flush=True)
-torch.save({"models": {k: m.state_dict() for k, m in models.items()},
+if MODE.startswith("attrs"):
+    models["annealed"] = {"calls": torch.tensor(last.calls), "gain": last.gain, "table": last.table}
+torch.save({"models": {k: m if isinstance(m, dict) else m.state_dict() for k, m in models.items()},
             "opts": [o.state_dict() for o in opts], "sched": sched.state_dict(),
             "plateau": plateau.state_dict(), "loose": [temp, shift] if MODE == "loose" else []}, sys.argv[1])
