@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import frames, loader_workers, reshard_data, rng
+from . import epoch_gaps, frames, loader_workers, reshard_data, rng
 from .hooks import HookSet, eager
 
 
@@ -348,6 +348,9 @@ class Stream:
     # gets it back where its last skipped epoch ends, so that code draws the same numbers again.
     prev_end_rng: Any = None
     end_rng: Any = None
+    # The streams each earlier gap's per-epoch code drew from (epoch_gaps.py): code whose effect carries
+    # over (a dataset's order shuffled in place every epoch) needs every gap's, not only the last one's.
+    gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)
     # An IterableDataset loaded in this process, replayed on resume (LoaderTracker._probe_draws): fetches
     # still watched this epoch, the global random state after the last one, what was seen, said once.
     draw_probe: int = 0
@@ -390,6 +393,8 @@ class Stream:
             if isinstance(self.prev_end_rng, tuple):
                 self.prev_end_rng = _saved_rng(self.prev_end_rng)
             pos["prev_end_rng"] = self.prev_end_rng
+        if self.gaps.states:
+            pos["past_ends"] = self.gaps.stored()
         if loader is not None:
             own = generators(loader)
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
@@ -498,6 +503,14 @@ def _raw_rng() -> tuple:
     return random.getstate(), torch.get_rng_state(), (np.random.get_state() if np is not None else None)
 
 
+def _close_gap(st: Stream) -> None:
+    """``st``'s next epoch starts (``st.epochs`` counts it): the gap after the previous one is over
+    (``epoch_gaps``)."""
+    if st.epochs > 1:
+        st.gaps.close(st.end_rng if isinstance(st.end_rng, tuple) else None, _raw_rng())
+    st.prev_end_rng, st.end_rng = st.end_rng, None
+
+
 def _saved_rng(raw: tuple) -> dict[str, Any]:
     """``_raw_rng()``'s state in ``rng.capture``'s form (no pickle; ``rng.restore`` puts it back)."""
     (version, words, gauss_next), cpu, np_state = raw
@@ -556,6 +569,7 @@ class FastForward:
     # The random state before each of the fetched - batch fetches ahead of the loop (main-process loading)
     ahead_rng: list = field(default_factory=list)
     ended: bool = False  # the snapshot point came after the epoch's iterator had ended
+    gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)  # the states of the gaps between epochs
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -575,8 +589,16 @@ class FastForward:
         ahead = pos.get("ahead_rng")
         if not isinstance(ahead, list) or len(ahead) != fetched - batch:
             ahead = []  # absent (workers, no look-ahead) or malformed: _fast_forward says so if it matters
+        gaps = epoch_gaps.Gaps()
+        if "past_ends" in pos:  # (checkpoints written before have none)
+            parsed = epoch_gaps.Gaps.parse(pos["past_ends"])
+            if parsed is not None:
+                gaps = parsed
+            else:
+                _say_once("warning: the random states of the gaps between epochs in the checkpoint are malformed; "
+                          "the per-epoch code of the epochs a resume runs again draws from others", "warning")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
-                   bool(pos.get("reused")), pos, fetched, others, ahead, pos.get("ended") is True)
+                   bool(pos.get("reused")), pos, fetched, others, ahead, pos.get("ended") is True, gaps)
 
 
 class _SkipFirst:
@@ -1114,7 +1136,7 @@ class LoaderTracker:
         st.epochs += 1
         st.note_epoch_start(self._step())
         if st.main is None:
-            st.prev_end_rng, st.end_rng = st.end_rng, None
+            _close_gap(st)
         self._begin_epoch(st, loader)
         target = self._target(st)
         if target is not None and st.epochs < target.epoch:
@@ -1146,13 +1168,22 @@ class LoaderTracker:
         gets back the random state its original ended with (``prev_end_rng``), for the per-epoch code that
         runs next. Without it, checkpoints written before, or an epoch that ended by ``break``: as it is."""
         plan = self.plan
-        if plan is None or self._target(st) is not plan or st.epochs != plan.epoch - 1:
+        if plan is None or self._target(st) is not plan or st.epochs >= plan.epoch:
             return
-        saved = plan.position.get("prev_end_rng")
+        if st.epochs == plan.epoch - 1:
+            saved, put = plan.position.get("prev_end_rng"), rng.restore
+        else:  # an earlier gap: the streams its code drew from (epoch_gaps.py)
+            saved, lost = plan.gaps.state_of(st.epochs - 1)
+            put = rng.restore_some
+            if lost:  # (said once: the same line for every such epoch)
+                _say_once(f"warning: loader {st.sig}: the random states the per-epoch code drew from are kept for "
+                          f"the last {epoch_gaps.KEPT} epochs only: before epochs 1-{plan.gaps.first} it drew from "
+                          "others after this resume, so what it made there (a dataset's order shuffled in place) "
+                          "may differ", "warning")
         if saved is None:
             return
         try:
-            rng.restore(saved)
+            put(saved)
         except Exception as e:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
             _say_once(f"warning: loader {st.sig}: the random state saved at the end of epoch {st.epochs - 1} is not "
                       f"usable ({type(e).__name__}: {e}); what the script draws before epoch {st.epochs} may differ "
@@ -1287,7 +1318,7 @@ class LoaderTracker:
         step = side.epoch_steps[-1] if side.epoch_steps else -1
         main.epochs += 1
         main.note_epoch_start(step)
-        main.prev_end_rng, main.end_rng = main.end_rng, None
+        _close_gap(main)
         for name in ("batches", "epoch_rng", "reused", "loader", "handed", "skipping", "iterator", "mark",
                      "streak", "ended", "probe", "wrapper_cls", "pre_fetch", "first_rng"):
             setattr(main, name, getattr(side, name))
@@ -1365,6 +1396,7 @@ class LoaderTracker:
         # the original drew its permutation: after the iter() of every loader zipped with it, say.
         st.first_rng = plan.position.get("first_rng")
         st.prev_end_rng = plan.position.get("prev_end_rng")  # for the snapshots of this epoch, as originally
+        st.gaps = plan.gaps  # the original's, for the snapshots after the resume (the skipped ones were none)
         it._pyckpt_stream = st
         st.batches = plan.batch
         if st.handed is not None:

@@ -15,6 +15,7 @@ could not take, writing nothing) and ``set_state``.
 """
 from __future__ import annotations
 
+import functools
 import random
 import sys
 from typing import Any
@@ -48,6 +49,23 @@ def restore(state: dict[str, Any]) -> None:
     if cuda and torch.cuda.is_available():
         n = min(len(cuda), torch.cuda.device_count())
         torch.cuda.set_rng_state_all([_cpu_byte_tensor(t) for t in cuda[:n]])
+
+
+def restore_some(state: dict[str, Any]) -> None:
+    """Put back only the CPU streams ``state`` holds (``"python"``, ``"torch"``, ``"numpy"``), each checked
+    before any is set: a malformed one raises and changes nothing."""
+    setters = []
+    if "python" in state:
+        setters.append(functools.partial(random.setstate, python_raw(state["python"])))
+    if "torch" in state:
+        setters.append(functools.partial(torch.set_rng_state, _cpu_byte_tensor(state["torch"])))
+    if "numpy" in state:
+        import numpy as np
+
+        np_state = numpy_raw(state["numpy"])
+        setters.append(lambda: np.random.set_state(np_state))
+    for put in setters:
+        put()
 
 
 def python_saved(raw: tuple) -> tuple:

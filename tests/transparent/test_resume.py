@@ -210,6 +210,48 @@ def test_weights_updated_by_hand_with_no_loader_resume_exactly(tmp_path, plain_r
     assert tree_equal(final, plain_results(mode))
 
 
+@pytest.mark.parametrize("resume_at", [24, 28])
+def test_per_epoch_code_with_cumulative_draws_resumes_exactly_epochs_later(tmp_path, plain_results, resume_at):
+    # The dataset's order, a list shuffled in place with NumPy at each epoch's start, while the batches
+    # draw NumPy numbers in the main process: the relaunch's skipped epochs shuffled from other states
+    # (only the last epoch end's was put back), so epoch 2 trained on another order, silently.
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE="reshuffle", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="10", EPOCHS="4")
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == 0, first.stderr
+    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(resume_at)), **env)
+    assert second.returncode == 0, second.stderr
+    assert f"pyckpt: resumed from step {resume_at} (epoch 2, batch {resume_at - 20})" in second.stderr, second.stderr
+    assert "pyckpt: warning" not in second.stderr, second.stderr
+    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE="reshuffle", EPOCHS="4")
+    assert plain.returncode == 0, plain.stderr
+    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+
+
+KEPT_TWO = """
+import runpy, sys
+import pyckpt.epoch_gaps
+pyckpt.epoch_gaps.KEPT = 2  # the gaps of the last 2 epochs only
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+
+
+def test_a_resume_past_the_kept_gap_states_says_so(tmp_path):
+    # Epoch 4 of 5, 2 gap states kept: the per-epoch code of gaps 0 and 1 drew from others after the resume.
+    script = tmp_path / "kept_two.py"
+    script.write_text(KEPT_TWO)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE="reshuffle", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="20", EPOCHS="5")
+    first = run_script([script, TINY, out], tmp_path, **env)
+    assert first.returncode == 0, first.stderr
+    second = run_script([script, TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(44)), **env)
+    assert second.returncode == 0, second.stderr
+    assert "pyckpt: resumed from step 44 (epoch 4, batch 4)" in second.stderr, second.stderr
+    lines = [x for x in second.stderr.splitlines() if "are kept for the last 2 epochs only" in x]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: warning: loader") and "before epochs 1-2 " in lines[0], \
+        second.stderr
+
+
 @pytest.mark.parametrize("resume_at", [8, 16])
 def test_train_eval_flags_set_inside_the_loop_resume_exactly(tmp_path, plain_results, resume_at):
     # Dropout put in eval mode at steps 6 and 13 until the epoch loop's model.train(): a resume in that

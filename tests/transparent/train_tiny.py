@@ -20,7 +20,8 @@ flags: the dropout layer put in eval mode at steps 6 and 13, until the epoch loo
 attrs: the last layer keeps state outside state_dict() (Annealed: a counter, a plain tensor attribute, a
 non-persistent buffer made in forward) and dropout's p is set to 0.5 at step 6; attrs_while: the same on
 one batch, no loader in the loop;
-unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch
+reshuffle: the dataset's order is a list shuffled in place with NumPy at each epoch's start, batches
+augmented in the main process from NumPy's generator; unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch
 trains on a new loader over 32 of the 40 samples drawn with torch.randperm before its iter())
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
@@ -226,6 +227,35 @@ elif MODE == "subset":
     for epoch in range(EPOCHS):
         pick = torch.randperm(len(data))[:32]  # after the previous epoch's dropout draws
         for x, y in DataLoader(torch.utils.data.Subset(data, pick.tolist()), batch_size=4, shuffle=True):
+            train_step(x, y)
+        sched.step()
+elif MODE == "reshuffle":  # Keras-style: the dataset's order shuffled in place at each epoch's start
+    import numpy as np
+    from torch.utils.data import default_collate
+
+    def noisy(batch):  # main-process augmentation drawing from NumPy's global generator
+        x, y = default_collate(batch)
+        return x * (1 + 0.1 * float(np.random.rand())), y
+
+    class Reordered(torch.utils.data.Dataset):  # datasets are not loop state: the relaunch makes its own
+        def __init__(self):
+            self.order = list(range(len(data)))
+
+        def reshuffle(self):
+            np.random.shuffle(self.order)  # cumulative: each epoch's order depends on all the draws before
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[self.order[i]]
+
+    np.random.seed(0)
+    reordered = Reordered()
+    in_order = DataLoader(reordered, batch_size=4, collate_fn=noisy)
+    for epoch in range(EPOCHS):
+        reordered.reshuffle()
+        for x, y in in_order:
             train_step(x, y)
         sched.step()
 elif MODE == "fixed_next":
