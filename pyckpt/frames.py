@@ -64,6 +64,13 @@ def is_user_file(filename: str) -> bool:
     return not path.startswith(_library_roots())
 
 
+def is_script_class(t: type) -> bool:
+    """Whether class ``t`` is the script's own (defined in ``__main__`` or another script file)."""
+    mod = sys.modules.get(getattr(t, "__module__", None) or "")
+    f = getattr(mod, "__file__", None) if mod is not None else None
+    return t.__module__ == "__main__" or (isinstance(f, str) and is_user_file(f))
+
+
 @lru_cache(maxsize=1024)
 def is_own_file(filename: str) -> bool:
     """Whether code in ``filename`` is pyckpt's own (its wrapper generators sit in the script's loops)."""

@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import epoch_gaps, frames, loader_workers, reshard_data, rng
+from . import epoch_gaps, frames, loader_workers, pipeline_attrs, reshard_data, rng
 from .hooks import HookSet, eager
 
 
@@ -256,7 +256,8 @@ def _epoch_rng(loader: DataLoader, host: bool = True) -> dict[str, Any]:
     ``generator`` attributes, in checkpoints written before) stays empty."""
     state = {"torch": torch.get_rng_state(), "gens": [], "rngs": _own_raw(loader)}
     if host:
-        state.update(host=_raw_rng(), samplers=[_sampler_state(s) for s in _samplers(loader)])
+        state.update(host=_raw_rng(), samplers=[_sampler_state(s) for s in _samplers(loader)],
+                     attrs=pipeline_attrs.capture(loader, _sampler_chain(loader)))
     return state
 
 
@@ -285,6 +286,15 @@ def _set_epoch_rng(loader: DataLoader, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].to(torch.uint8))
     _set_own(loader, state, "at the start of the resumed epoch")
     _set_sampler_states(loader, state.get("samplers"))
+    _set_attrs(loader, state.get("attrs"), "at the start of the resumed epoch")
+
+
+def _set_attrs(loader: DataLoader, saved: Any, when: str) -> None:
+    """The plain settings of the loader's parts of the script's classes as ``when`` (pipeline_attrs.py)."""
+    why = pipeline_attrs.restore(loader, _sampler_chain(loader), saved)
+    if why is not None:
+        _say_once(f"warning: loader {_sig_of(loader)}: the settings of its dataset, sampler or collate_fn saved "
+                  f"{when} were not put back ({why}); the batches after this resume may differ", "warning")
 
 
 def _set_sampler_states(loader: DataLoader, states: Any) -> None:
@@ -399,6 +409,7 @@ class Stream:
             own = generators(loader)
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
+            pos["attrs"] = pipeline_attrs.capture(loader, _sampler_chain(loader))
             if loader.num_workers > 0 and any(key.startswith("dataset.") for key, _, _ in own):
                 _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
                           f"dataset's random generator(s) "
@@ -460,6 +471,7 @@ class Stream:
             return
         _set_own(loader, pos, "at the checkpoint")
         _set_sampler_states(loader, pos.get("samplers"))
+        _set_attrs(loader, pos.get("attrs"), "at the checkpoint")
         first, steps = epoch_steps_of(pos)
         if steps:
             self.epoch_steps, self.epoch_steps_from = steps, first
@@ -1151,7 +1163,10 @@ class LoaderTracker:
         if target is not None and st.epochs == target.epoch:
             return self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is self.plan)
         st.reused = bool(loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None)
+        started = (st.epoch_rng or {}).get("attrs") if st.reused else None
         st.epoch_rng = _epoch_rng(loader)
+        if started is not None:  # persistent workers keep the dataset copies of the iter() that started them
+            st.epoch_rng["attrs"] = started
         it = self._start(loader, orig_iter)
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)

@@ -12,7 +12,7 @@ result is a plain tree for pyckpt's own state format, with every tensor once in 
 rank's state (``Capture.states``), not into the table.
 
 With the tracked modules, the tree's ``modules`` holds their ``train()``/``eval()`` flags and the
-attributes of their submodules of script classes and of torch's layers (``module_attrs``: values in the
+attributes of their submodules of script classes and of torch's layers (``object_attrs``: values in the
 encoding below, one budget of ``max_bytes`` for them all; plain objects they hold are followed through
 ``objects`` at paths ``["m", root, submodule name, attribute, ...]``).
 
@@ -109,11 +109,7 @@ def _silent_kinds() -> tuple[type, ...]:
                             torch.amp.GradScaler)
 
 
-def _script_class(t: type) -> bool:
-    """Whether class ``t`` is the script's own (defined in ``__main__`` or another script file)."""
-    mod = sys.modules.get(getattr(t, "__module__", None) or "")
-    f = getattr(mod, "__file__", None) if mod is not None else None
-    return t.__module__ == "__main__" or (isinstance(f, str) and frames.is_user_file(f))
+_script_class = frames.is_script_class
 
 
 @functools.lru_cache(maxsize=512)
@@ -421,8 +417,12 @@ class _Encoder:
             raise _Skip(f"{what}, whose state_dict() failed ({type(e).__name__}: {e}); pyckpt.register it",
                         True) from None
         own = self._own_entries(sd)
-        if not own:
-            raise _Skip("an nn.Module without state of its own", False)
+        if not own:  # a loss function: its flag and settings (label_smoothing set at some step), in place
+            from . import object_attrs
+
+            members = object_attrs.stateless_members(v, _script_class, _attrs)
+            self._grow(sys.getsizeof(v))
+            return ["ob", type(v).__qualname__, self.members(members, depth)]
         if any(not isinstance(x, torch.Tensor) for x in own.values()):  # get_extra_state()
             _savable(own, f"{what}, not savable ({{}}); pyckpt.register it")
         return self.reference("M", v, own)
@@ -553,11 +553,12 @@ def stack_signature(user: list[types.FrameType], point: str) -> list:
 
 
 def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list,
-            registered: list = (), loose: list = ()) -> Capture:
+            registered: list = (), loose: list = (), optimizers: list = ()) -> Capture:
     """The loop state of the script frames ``user`` (outermost first) at a ``point`` ("loader",
     "step" or "backward"). ``modules``: the tracked root modules; ``registered``: objects saved
     through ``pyckpt.register``; ``loose``: optimizer parameters outside modules (none of them is
-    saved again here: a variable naming one keeps the live tensor, which is restored in place)."""
+    saved again here: a variable naming one keeps the live tensor, which is restored in place);
+    ``optimizers``: the tracked optimizers (the attributes of those of script classes, ``object_attrs``)."""
     if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
         cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
                        "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user],
@@ -581,9 +582,13 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
             cap.skipped[name] = "listed in __pyckpt_exclude__"
             return None
         if _plain_object(v):
-            if path[0] != "gen" and id(v) not in seen and len(objects) < MAX_OBJECTS:  # not via generators
-                seen.add(id(v))
-                objects.append((v, path))
+            if path[0] != "gen" and id(v) not in seen:  # not via generators
+                if len(objects) < MAX_OBJECTS:
+                    seen.add(id(v))
+                    objects.append((v, path))
+                else:
+                    cap.warnings["plain objects"] = (f"more than {MAX_OBJECTS} objects of the script's classes: {name} "
+                                                     "and the ones after it are not followed")
             return None
         mark = enc.begin()
         if limit is not None:
@@ -648,9 +653,29 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                     f"{sys.version_info[0]}.{sys.version_info[1]} ({sys.implementation.name})")
             continue
         iters.append([_iter_state(it, f"the for-loop iterator in {f.f_code.co_name}", cap, keep) for it in its])
-    mods = None
-    if modules:
-        from . import module_attrs
+    objs: list[dict] = []
+    done = 0
+
+    def follow() -> None:
+        """Follow the plain objects found so far (and those they hold) in place."""
+        nonlocal done
+        while done < len(objects):
+            obj, path = objects[done]
+            done += 1
+            attrs = {}
+            label = _label(path)
+            for name, v in _attrs(obj).items():
+                if name.startswith("__"):
+                    continue
+                e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name])
+                if e is not None:
+                    attrs[name] = e
+            objs.append({"at": path, "type": type(obj).__qualname__, "attrs": attrs})
+
+    follow()  # first: the frames' objects (a trainer's counters) before those the model's layers hold
+    mods = opts = None
+    if modules or optimizers:
+        from . import object_attrs
 
         # The model's attributes share one budget of max_bytes: activations a layer keeps for logging
         # (self.attn_probs) would be copied at every snapshot, each under the cap, for every layer.
@@ -673,26 +698,16 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 (cap.warnings if s.warn else cap.skipped)[name] = _shared(s.why, max_bytes, end)
                 return None
 
-        mods = module_attrs.capture(list(modules), keep_attr, keep_tensor, _script_class, _attrs)
-    objs = []
-    k = 0
-    while k < len(objects):
-        obj, path = objects[k]
-        k += 1
-        attrs = {}
-        label = _label(path)
-        for name, v in _attrs(obj).items():
-            if name.startswith("__"):
-                continue
-            e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name])
-            if e is not None:
-                attrs[name] = e
-        objs.append({"at": path, "type": type(obj).__qualname__, "attrs": attrs})
+        mods = object_attrs.capture(list(modules), keep_attr, keep_tensor, _script_class, _attrs)
+        opts = object_attrs.capture_optimizers(list(optimizers), keep_attr, _script_class, _attrs)
+        follow()
     cap.tree = {"version": VERSION, "stack": stack_signature(user, point), "argv": [str(a) for a in sys.argv[1:]],
                 "globals": gl, "locals": loc,
                 "objects": objs, "iters": iters, "tensors": enc.tensors}
-    if mods is not None:  # train()/eval() flags and attributes of the modules (module_attrs.py)
+    if mods is not None:  # train()/eval() flags and attributes of the modules (object_attrs.py)
         cap.tree["modules"] = mods
+    if opts is not None and any(opts):  # attributes of optimizers of script classes
+        cap.tree["optimizers"] = opts
     cap.states = enc.states
     return cap
 
@@ -708,8 +723,10 @@ def _label(path: list) -> str:
     if path[0] == "g":
         base = path[2] if path[1] == "__main__" else f"{path[1]}.{path[2]}"
         rest = path[3:]
-    elif path[0] == "m":  # an attribute of a submodule (module_attrs.py)
+    elif path[0] == "m":  # an attribute of a submodule (object_attrs.py)
         base, rest = ".".join(x for x in (f"model[{path[1]}]", str(path[2])) if x), path[3:]
+    elif path[0] == "o":  # an attribute of an optimizer
+        base, rest = f"optimizer[{path[1]}]", path[2:]
     else:
         base, rest = str(path[2]), path[3:]
     return ".".join([base, *map(str, rest)])
@@ -1219,11 +1236,11 @@ class Plan:
 
 
 def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = None,
-            modules: list | None = None) -> Plan:
+            modules: list | None = None, optimizers: list | None = None) -> Plan:
     """Check and decode ``tree`` against the live script frames; nothing is written yet. ``states``: the
     module and object states the tree refers to (``Capture.states``, as saved with the rank's state).
-    ``modules``: the tracked root modules, whose flags and attributes (``module_attrs``) are put back
-    too (None: not checked, not written)."""
+    ``modules``, ``optimizers``: the tracked root modules and optimizers, whose flags and attributes
+    (``object_attrs``) are put back too (None: not checked, not written)."""
     _check(isinstance(tree, dict) and tree.get("version") == VERSION, "version")
     check_stack(tree.get("stack"), user, point)
     dec = _Decoder(tree.get("tensors"), {} if states is None else states)
@@ -1258,24 +1275,31 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                 cur = f.f_locals
                 frames.write_locals(f, {k: _assign(cur.get(k), v, dec.holders) for k, v in d.items()})
             plan.writes.append(write)
-    from . import module_attrs
+    from . import object_attrs
 
     if modules is not None and "modules" in tree:  # first: a layer of another class is named as such
-        plan.writes += module_attrs.prepare(
+        plan.writes += object_attrs.prepare(
             tree["modules"], list(modules), dec.value,
             lambda d, live, lab: _check_states(d, live, lab, plan, dec.holders), _attrs,
             lambda live, v: _assign(live, v, dec.holders), plan.warnings)
+    if optimizers is not None and "optimizers" in tree:
+        plan.writes += object_attrs.prepare_optimizers(
+            tree["optimizers"], list(optimizers), dec.value,
+            lambda d, live, lab: _check_states(d, live, lab, plan, dec.holders), _attrs,
+            lambda live, v: _assign(live, v, dec.holders))
     objs = tree.get("objects")
     _check(isinstance(objs, list), "objects")
     for o in objs:
         _check(isinstance(o, dict) and isinstance(o.get("attrs"), dict), "object")
         at = o.get("at")
-        if isinstance(at, list) and len(at) >= 3 and at[0] == "m":  # held by a layer (module_attrs.py)
+        if isinstance(at, list) and len(at) >= 3 and at[0] == "m":  # held by a layer (object_attrs.py)
             if modules is None:
                 continue  # (not checked: can_restore_at)
-            if module_attrs.submodule(list(modules), at[1], at[2]) is None:
-                continue  # a layer this run lacks: said by module_attrs.prepare
-        obj = _resolve(at, user, modules)
+            if object_attrs.submodule(list(modules), at[1], at[2]) is None:
+                continue  # a layer this run lacks: said by object_attrs.prepare
+        if isinstance(at, list) and at[:1] == ["o"] and optimizers is None:
+            continue  # held by an optimizer: not checked (can_restore_at)
+        obj = _resolve(at, user, modules, optimizers)
         if type(obj).__qualname__ != o.get("type"):
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
                               f"{o.get('type')}")
@@ -1297,13 +1321,20 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
     return plan
 
 
-def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None) -> Any:
-    _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l", "m"), "object path")
-    if path[0] == "m":  # an attribute of a submodule of a tracked root (module_attrs.py)
-        from . import module_attrs
+def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None,
+             optimizers: list | None = None) -> Any:
+    _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l", "m", "o"), "object path")
+    if path[0] == "o":  # an attribute of an optimizer of a script class (object_attrs.py)
+        opts = list(optimizers or ())
+        _check(type(path[1]) is int and 0 <= path[1] < len(opts) and isinstance(path[2], str), "object path")
+        d = _attrs(opts[path[1]])
+        cur, missing = d.get(path[2], _MISSING), path[2] not in d
+        path_rest = path[3:]
+    elif path[0] == "m":  # an attribute of a submodule of a tracked root (object_attrs.py)
+        from . import object_attrs
 
         _check(len(path) >= 4 and isinstance(path[3], str), "object path")
-        m = module_attrs.submodule(list(modules or ()), path[1], path[2])
+        m = object_attrs.submodule(list(modules or ()), path[1], path[2])
         d = _attrs(m) if m is not None else {}
         cur, missing = d.get(path[3], _MISSING), path[3] not in d
         path_rest = path[4:]

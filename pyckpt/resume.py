@@ -267,7 +267,8 @@ def resize_line(path: str, saved: int, world_size: int) -> str:
             f"and other per-rank state of saved rank (rank % {saved}) [{takes}{more}]{dropped}; the rest of the "
             "interrupted epoch is re-split by global sample count; results are not bitwise those of an "
             f"uninterrupted {saved}-rank run (another reduction order); the script's own variables (loop state, "
-            "with the modules no optimizer owns, such as an EMA copy) are not restored: they may be rank-specific")
+            "with the modules no optimizer owns, such as an EMA copy, the model's train()/eval() flags and its "
+            "layers' attributes) are not restored: they may be rank-specific")
 
 
 def read_rank_state(path: str, rank: int) -> Any:

@@ -442,7 +442,7 @@ class Session:
         try:
             registered = [getattr(g, "__self__", None) for g, _ in REGISTERED.values()]  # saved there
             cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules, registered,
-                                    list(t.loose.values()))
+                                    list(t.loose.values()), t.optimizers)
         except Exception as e:  # never lose the checkpoint over the loop state; say it is inexact
             if "capture" not in self.loop_warned:
                 self.loop_warned.add("capture")
@@ -469,7 +469,7 @@ class Session:
         if tree is None:
             return None  # written before loop state existed, or capture failed (warned then)
         return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"),
-                                 t.modules)
+                                 t.modules, t.optimizers)
 
     def can_restore_at(self, frame: Any) -> bool:
         """Whether the checkpoint's loop state would be restored with the script's stack at ``frame`` (the

@@ -38,6 +38,7 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
     ("peek", 22),    # got there (trained 0 steps, exit 0), or took the snapshot inside the evaluation
     ("unfreeze", 13),  # requires_grad flipped in the loop at step 6: the relaunch trained on with it frozen
     ("subset", 19),  # a per-epoch subset drawn with randperm before iter(): other samples after a resume
+    ("lookahead", 13),  # an optimizer of the script's class: its counter and slow weights restarted
 ])
 def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mode, kill_at):
     first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT=str(kill_at))
@@ -225,6 +226,26 @@ def test_per_epoch_code_with_cumulative_draws_resumes_exactly_epochs_later(tmp_p
     assert "pyckpt: warning" not in second.stderr, second.stderr
     plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE="reshuffle", EPOCHS="4")
     assert plain.returncode == 0, plain.stderr
+    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("resume_at", [12, 24])
+def test_settings_the_loop_keeps_on_the_dataset_and_collate_fn_resume_exactly(tmp_path, workers, resume_at):
+    # A crop length warmed up on the dataset and a collator's annealed scale, set after each step: the
+    # relaunch's fast-forward skipped those steps and loaded the resumed batches with its own values (in the
+    # main process, or in the worker processes copying the dataset at the resumed epoch's iter()).
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE="knobs", WORKERS=workers)
+    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, **env)
+    assert plain.returncode == 0, plain.stderr
+    env.update(PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="10")
+    assert run_script([TINY, out], tmp_path, **env).returncode == 0
+    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(resume_at)), **env)
+    assert second.returncode == 0, second.stderr
+    assert f"pyckpt: resumed from step {resume_at} (epoch {resume_at // 10}, batch {resume_at % 10})" in \
+        second.stderr, second.stderr
+    assert "pyckpt: warning" not in second.stderr, second.stderr
     assert tree_equal(load(out), load(tmp_path / "plain.pt"))
 
 

@@ -16,13 +16,17 @@ no loader in the loop;
 lbfgs_while: LBFGS (its closure calls backward() inside step()) on one batch, no loader in the loop;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
 scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
+lookahead: an optimizer of the script's class (Lookahead over AdamW) with a step counter and slow weights;
 flags: the dropout layer put in eval mode at steps 6 and 13, until the epoch loop's model.train();
 attrs: the last layer keeps state outside state_dict() (Annealed: a counter, a plain tensor attribute, a
-non-persistent buffer made in forward) and dropout's p is set to 0.5 at step 6; attrs_while: the same on
+non-persistent buffer made in forward), dropout's p is set to 0.5 and the SmoothL1Loss's beta to 0.25 at
+step 6; attrs_while: the same on
 one batch, no loader in the loop;
-reshuffle: the dataset's order is a list shuffled in place with NumPy at each epoch's start, batches
-augmented in the main process from NumPy's generator; unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch
-trains on a new loader over 32 of the 40 samples drawn with torch.randperm before its iter())
+knobs: a dataset of the script's class whose crop length, and a collate_fn object whose scale, the loop
+sets after each step (WORKERS: the loader's num_workers); reshuffle: the dataset's order is a list shuffled
+in place with NumPy at each epoch's start, batches augmented in the main process from NumPy's generator;
+unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch trains on a
+new loader over 32 of the 40 samples drawn with torch.randperm before its iter())
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -93,8 +97,30 @@ models = {"model": model}
 if MODE == "compiled":
     model = torch.compile(model, backend="eager")  # state_dict keys gain "_orig_mod."
     models = {"model": model}
+class LookaheadAdamW(torch.optim.AdamW):
+    """An optimizer of the script's class keeping state outside state_dict(): a step counter and the slow
+    weights it pulls the parameters back to every k steps (Lookahead)."""
+
+    def __init__(self, params, k=3, **kw):
+        super().__init__(params, **kw)
+        self.k, self.counter = k, 0
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.counter += 1
+        if self.counter % self.k == 0:
+            for p, s in zip([p for g in self.param_groups for p in g["params"]], self.slow):
+                s.add_(p - s, alpha=0.5)
+                p.copy_(s)
+        return loss
+
+
 if MODE in ("lbfgs", "lbfgs_while"):
     opts = [torch.optim.LBFGS(model.parameters(), lr=0.5, history_size=3, max_iter=3)]
+elif MODE == "lookahead":
+    opts = [LookaheadAdamW(model.parameters(), lr=1e-2)]
 elif MODE == "gan":
     critic = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
     models["critic"] = critic
@@ -122,6 +148,7 @@ sched = torch.optim.lr_scheduler.SequentialLR(opts[-1], [  # SequentialLR skips 
     torch.optim.lr_scheduler.StepLR(opts[-1], step_size=1, gamma=0.8)], milestones=[2])
 plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opts[0], patience=0, factor=0.5)
 step = 0
+criterion = nn.SmoothL1Loss(beta=1.0)
 
 
 def compiled_opt_step():
@@ -179,9 +206,10 @@ def train_step(x, y):
             model[1].eval()  # dropout off for the rest of the epoch (the epoch loop calls model.train())
         if MODE.startswith("attrs") and step == 6:
             model[1].p = 0.5  # a hyper-parameter torch's layer keeps as an attribute, set by a schedule
+            criterion.beta = 0.25  # and one of the loss function (a module with no state_dict() entries)
         opts[0].zero_grad()
         out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
-        ((out - y) ** 2).mean().backward()
+        (criterion(out, y) if MODE.startswith("attrs") else ((out - y) ** 2).mean()).backward()
         compiled_opt_step() if MODE.startswith("compiled_step") else opts[0].step()
         if MODE == "ema":
             ema.update_parameters(model)
@@ -257,6 +285,37 @@ elif MODE == "reshuffle":  # Keras-style: the dataset's order shuffled in place 
         reordered.reshuffle()
         for x, y in in_order:
             train_step(x, y)
+        sched.step()
+elif MODE == "knobs":  # settings the loop changes on the dataset and the collate_fn object after each step
+    from torch.utils.data import default_collate
+
+    class Cropped(torch.utils.data.Dataset):  # a sequence-length warm-up kept on the dataset
+        def __init__(self):
+            self.keep = 2
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            x, y = data[i]
+            return torch.cat([x[:self.keep], torch.zeros(len(x) - self.keep)]), y
+
+    class Noisy:  # a collator whose scale is annealed
+        def __init__(self):
+            self.scale = 0.5
+
+        def __call__(self, batch):
+            x, y = default_collate(batch)
+            return x * (1 + self.scale), y
+
+    cropped, noisy = Cropped(), Noisy()
+    knob_loader = DataLoader(cropped, batch_size=4, shuffle=True, collate_fn=noisy,
+                             num_workers=int(os.environ.get("WORKERS", "0")))
+    for epoch in range(EPOCHS):
+        for x, y in knob_loader:
+            train_step(x, y)
+            cropped.keep = min(6, 2 + step // 3)
+            noisy.scale *= 0.9
         sched.step()
 elif MODE == "fixed_next":
     for epoch in range(EPOCHS):

@@ -1,4 +1,4 @@
-"""The modules' state outside ``state_dict()``, captured with the loop state (``loopstate``).
+"""The modules' and optimizers' state outside ``state_dict()``, captured with the loop state (``loopstate``).
 
 ``state_dict()`` holds parameters and persistent buffers. A training script also changes, inside its
 loop, state that it does not hold, and the relaunch's fast-forward skips the step that changed it:
@@ -9,7 +9,9 @@ loop, state that it does not hold, and the relaunch's fast-forward skips the ste
   ``forward`` driving an annealed temperature, a rotary table cached as ``self.cos_cached`` with its
   ``self.seq_len_cached``, and the buffers registered with ``persistent=False`` that go with them;
 * the hyper-parameters torch's own layers keep as public attributes (``Dropout.p``, ``BatchNorm``'s
-  ``momentum``), set by a schedule at some step.
+  ``momentum``), set by a schedule at some step;
+* attributes of an optimizer of the script's own class: a Lookahead's step counter and slow weights,
+  a preconditioner's update count (``state_dict()`` holds ``state`` and ``param_groups`` only).
 
 A resume restored the parameters and buffers but left all of these as the relaunch made them: a
 silent wrong resume. Per tracked root module (``discovery``'s roots, in their order) the capture is
@@ -20,10 +22,14 @@ DDP's wrapper, FSDP2's classes) keeps its flag only: its private attributes are 
 machinery (DDP's bucket state, a cache that pairs with state not saved). Restored at the restore
 point with the rest of the loop state, after the modules' ``state_dict()``; a submodule of another
 class there refuses the resume before anything is written, one the relaunch lacks is said in a line.
+Optimizers (the tracked ones, in their order): ``{"type": class qualname, "attrs": {...}}`` for one of a
+script class, None for the others.
 """
 from __future__ import annotations
 
+import dis
 import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +51,87 @@ def _kind(t: type, script_class: Callable[[type], bool]) -> str:
     if script_class(t):
         return "script"
     return "torch" if (t.__module__ or "").startswith("torch.nn.modules.") else "library"
+
+
+@functools.lru_cache(maxsize=1024)
+def _own_names(t: type, script_class: Callable[[type], bool]) -> frozenset[str]:
+    """The names the code of ``t``'s script classes (itself and its script bases) assigns as attributes
+    (``self.calls = ...``) or names as strings (``register_buffer("table", ...)``). Only those of an
+    object are its state: a script subclass of a library class (of ``DistributedDataParallel``, of a
+    Hugging Face model) inherits that library's machinery, whose flags must match state no checkpoint
+    holds (DDP's ``_lazy_init_ran``, its bucket state)."""
+    names: set[str] = set()
+    todo = []
+    for c in t.__mro__:
+        if c is object or not script_class(c):
+            continue
+        for v in vars(c).values():
+            if isinstance(v, (staticmethod, classmethod)):
+                v = v.__func__
+            fns = [v.fget, v.fset, v.fdel] if isinstance(v, property) else [v]
+            todo += [f.__code__ for f in fns if isinstance(getattr(f, "__code__", None), types.CodeType)]
+    while todo:
+        code = todo.pop()
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                todo.append(c)  # a nested function, a comprehension
+            elif isinstance(c, str) and c.isidentifier():
+                names.add(c)
+        names.update(i.argval for i in dis.get_instructions(code) if i.opname == "STORE_ATTR")
+    return frozenset(names)
+
+
+def _optimizer_base(name: str) -> bool:
+    """torch's own attributes of an optimizer (its state, groups, defaults, hook dicts, warning flags) and
+    the ``step`` an LR scheduler wraps on the instance: saved by ``state_dict()``, or no state."""
+    return name in ("defaults", "param_groups", "state", "step") or name.startswith(
+        ("_optimizer_", "_warned_", "_zero_grad", "_opt_called", "_pyckpt", "__"))
+
+
+def capture_optimizers(optimizers: list, keep: Callable[..., Any], script_class: Callable[[type], bool],
+                       attrs_of: Callable[[Any], dict]) -> list[dict | None]:
+    """The attributes of the optimizers of script classes (``capture``'s ``keep`` and ``attrs_of``)."""
+    out: list[dict | None] = []
+    for i, o in enumerate(optimizers):
+        got = {}
+        if script_class(type(o)):
+            own = _own_names(type(o), script_class)
+            for k, v in attrs_of(o).items():
+                if k in own and not _optimizer_base(k):
+                    e = keep(f"optimizer[{i}].{k}", v, ["o", i, k])
+                    if e is not None:
+                        got[k] = e
+        out.append({"type": type(o).__qualname__, "attrs": got} if got else None)
+    return out
+
+
+def prepare_optimizers(saved: Any, optimizers: list, decode: Callable[[Any], Any],
+                       check: Callable[[dict, dict, Callable[[str], str]], None], attrs_of: Callable[[Any], dict],
+                       assign: Callable[[Any, Any], Any]) -> list[Callable[[], None]]:
+    """``capture_optimizers``' values checked against ``optimizers`` (another class there, or another
+    number of optimizers: PyckptError, nothing written); returns the writes."""
+    if not (isinstance(saved, list) and all(e is None or isinstance(e, dict) for e in saved)):
+        raise PyckptError("the checkpoint's loop state is malformed (optimizers)")
+    if len(saved) != len(optimizers):
+        raise PyckptError(f"the checkpoint holds the state of {len(saved)} optimizer(s), this run has "
+                          f"{len(optimizers)}")
+    writes: list[Callable[[], None]] = []
+    for i, (e, o) in enumerate(zip(saved, optimizers)):
+        if e is None:
+            continue
+        if not isinstance(e.get("attrs"), dict):
+            raise PyckptError("the checkpoint's loop state is malformed (optimizer attributes)")
+        if type(o).__qualname__ != e.get("type"):
+            raise PyckptError(f"optimizer[{i}] is a {type(o).__qualname__} now, the checkpoint holds a {e.get('type')}")
+        decoded = {k: decode(v) for k, v in e["attrs"].items() if isinstance(k, str) and not _optimizer_base(k)}
+        check(decoded, attrs_of(o), lambda k, i=i: f"optimizer[{i}].{k}")
+
+        def write(o: Any = o, decoded: dict = decoded) -> None:
+            now = attrs_of(o)
+            for k, v in decoded.items():
+                setattr(o, k, assign(now.get(k), v))
+        writes.append(write)
+    return writes
 
 
 def capture(roots: list[nn.Module], keep: Callable[..., Any], keep_tensor: Callable[..., Any],
@@ -70,7 +157,7 @@ def capture(roots: list[nn.Module], keep: Callable[..., Any], keep_tensor: Calla
                 if got:
                     attrs[name] = {"type": type(m).__qualname__, "attrs": got}
                 continue
-            entry = _script_module(i, name, m, keep, keep_tensor, attrs_of)
+            entry = _script_module(i, name, m, keep, keep_tensor, attrs_of, _own_names(type(m), script_class))
             if entry is not None:
                 attrs[name] = entry
         out.append({"train": flag, "flip": flip, "attrs": attrs})
@@ -78,17 +165,22 @@ def capture(roots: list[nn.Module], keep: Callable[..., Any], keep_tensor: Calla
 
 
 def _script_module(i: int, name: str, m: nn.Module, keep: Callable[..., Any], keep_tensor: Callable[..., Any],
-                   attrs_of: Callable[[Any], dict]) -> dict | None:
+                   attrs_of: Callable[[Any], dict], own: frozenset[str]) -> dict | None:
     got: dict[str, Any] = {}
     for k, v in attrs_of(m).items():
         if k in _BASE or k.startswith("__"):
             continue
-        e = keep(label(i, name, k), v, ["m", i, name, k])
+        if k in own:
+            e = keep(label(i, name, k), v, ["m", i, name, k])
+        elif type(v) in _PLAIN and k[0] != "_" and _torch_layer_base(type(m)):
+            e = ["v", v]  # a hyper-parameter of the torch layer it extends (in_features, p)
+        else:
+            continue  # set by a library base class: its machinery, not the script's state
         if e is not None:
             got[k] = e
     buffers: dict[str, Any] = {}
     for k in sorted(m._non_persistent_buffers_set):  # not in state_dict(), so nowhere else
-        if k not in m._buffers:
+        if k not in m._buffers or k not in own:
             continue
         b = m._buffers[k]
         e = ["v", None] if b is None else keep_tensor(label(i, name, k), b)
@@ -97,6 +189,30 @@ def _script_module(i: int, name: str, m: nn.Module, keep: Callable[..., Any], ke
     if not got and not buffers:
         return None
     return {"type": type(m).__qualname__, "attrs": got, "buffers": buffers}
+
+
+def stateless_members(m: nn.Module, script_class: Callable[[type], bool], attrs_of: Callable[[Any], dict]) -> dict:
+    """What to keep of a module the script holds that has no ``state_dict()`` entries of its own and is
+    no part of the model (a loss function: ``label_smoothing`` or a focal loss's ``gamma`` set at some
+    step): its flag and the attributes the rules above pick for its class, put back in place."""
+    t = type(m)
+    kind = _kind(t, script_class)
+    out = {"training": m.training}
+    if kind == "library":
+        return out
+    own = _own_names(t, script_class) if kind == "script" else frozenset()
+    torch_layer = kind == "torch" or _torch_layer_base(t)
+    for k, v in attrs_of(m).items():
+        if k in _BASE or k.startswith("__"):
+            continue
+        if k in own or (torch_layer and k[0] != "_" and type(v) in _PLAIN):
+            out[k] = v
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _torch_layer_base(t: type) -> bool:
+    return any((c.__module__ or "").startswith("torch.nn.modules.") and c is not nn.Module for c in t.__mro__)
 
 
 def label(i: int, name: str, attr: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Modules' state outside state_dict() (pyckpt/module_attrs.py), captured and restored with the loop state
+"""Modules' state outside state_dict() (pyckpt/object_attrs.py), captured and restored with the loop state
 in-process: a "run" captures at a point, the state then changes as a relaunch would have it, and the
 restore at the same point puts the captured flags and attributes back (through the checkpoint format)."""
 from __future__ import annotations
@@ -142,10 +142,15 @@ def test_a_layer_this_run_lacks_is_said_and_the_rest_restored():
     assert not now[2].training and now[1].training and now[1].momentum == 0.3
 
 
+class WithBig(Counted):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("big", torch.zeros(64), persistent=False)  # 256 bytes, over a 200-byte cap
+
+
 def test_large_buffers_never_changed_are_left_to_the_relaunch_changed_ones_are_said():
     m = _model()
-    c = m[3]
-    c.register_buffer("big", torch.zeros(64), persistent=False)  # 256 bytes, over a 200-byte cap
+    m[3] = c = WithBig()
     cap, _ = _run(m, lambda x: None, max_bytes=200)
     assert not [k for k in cap.warnings if "big" in k], cap.warnings
     assert [k for k in cap.skipped if k.endswith(".big")], cap.skipped
@@ -170,6 +175,33 @@ def test_a_malformed_module_section_is_refused_with_pyckpt_error():
     _twice(hook)
 
 
+class Wrapper(nn.Module):  # stands for a library's wrapper with machinery of its own (DDP's _lazy_init_ran)
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self._ran, self.sync = inner, False, True
+
+
+Wrapper.__module__ = "somelibrary.parallel"
+
+
+class MyWrapper(Wrapper):  # a script subclass of it: only what the script's code assigns is its state
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.seen = 0
+
+
+def test_a_script_subclass_of_a_library_class_keeps_the_library_s_attributes_out():
+    m = MyWrapper(nn.Linear(2, 2))
+    m._ran, m.sync, m.seen = True, False, 4
+
+    def relaunch(x):
+        x._ran, x.sync, x.seen = False, True, 0
+
+    cap, _ = _run(m, relaunch)
+    assert set(cap.tree["modules"][0]["attrs"][""]["attrs"]) == {"seen"}
+    assert (m._ran, m.sync, m.seen) == (False, True, 4)
+
+
 def test_the_models_attributes_share_one_cap():
     # Each layer's 240-byte activation kept for logging is under a 400-byte cap, both together are not:
     # the second is left out, and said (every layer's would be copied at every snapshot).
@@ -178,3 +210,106 @@ def test_the_models_attributes_share_one_cap():
     cap, _ = _run(m, lambda x: None, max_bytes=400)
     assert "model[0].0.cache" not in cap.warnings
     assert "with the model's other attributes" in cap.warnings["model[0].1.cache"], cap.warnings
+
+
+class Counting(torch.optim.SGD):  # an optimizer of the script's class with state outside state_dict()
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.updates, self.meter = 0, Meter()
+
+
+def _run_opts(then, change, now=None):
+    got = {}
+
+    def hook(i, frame):
+        if i == 0:
+            got["cap"] = loopstate.capture([frame], "step", 1 << 20, [], optimizers=then)
+            got["tree"] = through_format(got["cap"].tree)
+            change()
+        else:
+            got["plan"] = loopstate.prepare(got["tree"], [frame], "step", None, [], now or then)
+            got["plan"].apply()
+
+    _twice(hook)
+    return got["cap"]
+
+
+def test_an_optimizer_of_the_script_s_class_gets_its_attributes_back_library_ones_are_not_looked_at():
+    p = nn.Parameter(torch.zeros(2))
+    mine, theirs = Counting([p]), torch.optim.Adam([p])
+    mine.updates, mine.meter.seen = 5, 2
+    theirs.extra = 7  # a library class: left alone
+
+    def change():
+        mine.updates, mine.meter.seen, theirs.extra = 0, 0, 0
+
+    cap = _run_opts([mine, theirs], change)
+    assert cap.tree["optimizers"][1] is None
+    assert set(cap.tree["optimizers"][0]["attrs"]) == {"updates"}  # meter: followed as a plain object
+    assert (mine.updates, mine.meter.seen, theirs.extra) == (5, 2, 0)
+
+
+def test_an_optimizer_of_another_class_refuses_the_resume():
+    p = nn.Parameter(torch.zeros(2))
+    mine = Counting([p])
+    mine.updates = 3
+    with pytest.raises(PyckptError, match=r"optimizer\[0\] is a SGD now, the checkpoint holds a Counting"):
+        _run_opts([mine], lambda: None, [torch.optim.SGD([p], lr=0.1)])
+
+
+class Holder(nn.Module):  # a layer holding a plain object of the script (its settings)
+    def __init__(self):
+        super().__init__()
+        self.cfg = Meter()
+
+
+class Trainer:
+    def __init__(self):
+        self.state = Meter()
+
+
+def _capture_with(trainer, model):
+    return loopstate.capture([sys._getframe()], "step", 1 << 20, [model])
+
+
+def test_the_script_s_own_objects_come_before_the_layers_and_objects_past_the_limit_are_said():
+    # 300 layers each holding an object: the trainer's nested state (found from the frame) is followed
+    # first; the layers' objects past the limit are left out, and said (they used to be dropped quietly).
+    model = nn.Sequential(*[Holder() for _ in range(300)])
+    cap = _capture_with(Trainer(), model)
+    paths = [o["at"] for o in cap.tree["objects"]]
+    assert ["l", 0, "trainer", "state"] in paths and ["m", 0, "0", "cfg"] in paths
+    assert len(paths) == loopstate.MAX_OBJECTS
+    assert "are not followed" in cap.warnings["plain objects"]
+
+
+class Focal(nn.Module):  # a loss of the script's class: no state_dict() entries, a gamma annealed by the loop
+    def __init__(self):
+        super().__init__()
+        self.gamma, self.calls = 2.0, 0
+
+
+def _hold(criterion, focal, hook, i):
+    hook(i, sys._getframe())
+
+
+def test_a_loss_function_held_by_the_script_gets_its_settings_and_flag_back_in_place():
+    # nn.CrossEntropyLoss's label_smoothing set at some step, a script loss's gamma: neither is a part of
+    # the model nor has state_dict() entries, so both were left out ("a module without state of its own").
+    criterion, focal = nn.CrossEntropyLoss(), Focal()
+    got = {}
+
+    def hook(i, frame):
+        if i == 0:
+            criterion.label_smoothing, focal.gamma, focal.calls = 0.1, 0.5, 9
+            focal.eval()
+            got["t"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+            criterion.label_smoothing, focal.gamma, focal.calls = 0.0, 2.0, 0
+            focal.train()
+        else:
+            loopstate.prepare(got["t"], [frame], "step", None, []).apply()
+
+    held = (criterion, focal)
+    _hold(*held, hook, 0)
+    _hold(*held, hook, 1)
+    assert criterion.label_smoothing == 0.1 and (focal.gamma, focal.calls, focal.training) == (0.5, 9, False)

@@ -1,0 +1,98 @@
+"""Plain settings the data pipeline's objects of the script's own classes keep, set while training.
+
+A dataset's ``seq_len`` warmed up after each step, a curriculum's ``difficulty`` raised at some step, a
+collator's ``mask_prob`` annealed, a batch sampler's ``batch_size`` grown: the loop sets them on the
+dataset, sampler or ``collate_fn`` object, which are no loop state (``loopstate`` leaves datasets and
+samplers to the loader's fast-forward), and the relaunch's fast-forward skips the steps that set them.
+The resumed epoch then loaded its batches with the relaunch's values: silently other data.
+
+So the loader's parts of the script's classes (the dataset and the datasets it wraps, two levels
+down; each sampler of the chain; a ``collate_fn`` that is an object), except those with a
+``state_dict()``/``load_state_dict()`` of their own (restored through it), have their plain attributes
+(``None``, ``bool``, ``int``, ``float``, ``str``) kept twice in the loader's position: as they were at
+the epoch's ``iter()`` (when worker processes took their copies of the dataset; for persistent workers
+reused, the ``iter()`` that started them), put back before the resumed epoch's ``iter()`` starts its
+workers, and as they were at the snapshot point, put back there. Containers and other values are
+left to the relaunch (a file list is made again; an order shuffled per epoch comes out the same from
+``epoch_gaps``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import frames
+
+_PLAIN = (type(None), bool, int, float, str)
+MAX_ATTRS = 64  # per object: settings, not data
+
+
+def parts(loader: Any, samplers: list) -> list[tuple[str, Any]]:
+    """(key, object) for the loader's parts that are instances of the script's classes, in a fixed order:
+    ``dataset`` and what it wraps (``dataset.dataset``, ``dataset.datasets.0``, two levels down), each
+    of ``samplers`` (``sampler.0`` ...), ``collate_fn``."""
+    found: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+
+    def add(key: str, obj: Any) -> None:
+        t = type(obj)
+        if (id(obj) not in seen and frames.is_script_class(t) and isinstance(getattr(obj, "__dict__", None), dict)
+                and not (callable(getattr(t, "state_dict", None)) and callable(getattr(t, "load_state_dict", None)))):
+            seen.add(id(obj))  # (one with its own state_dict() is positioned through it: loader_state)
+            found.append((key, obj))
+
+    from torch.utils.data import Dataset
+
+    level = [("dataset", getattr(loader, "dataset", None))]
+    for _ in range(3):
+        inner = []
+        for key, ds in level:
+            if not isinstance(ds, Dataset):
+                continue
+            add(key, ds)
+            for name, v in vars(ds).items() if isinstance(getattr(ds, "__dict__", None), dict) else ():
+                if isinstance(v, Dataset):
+                    inner.append((f"{key}.{name}", v))
+                elif type(v) in (list, tuple) and len(v) <= 32:
+                    inner += [(f"{key}.{name}.{i}", x) for i, x in enumerate(v) if isinstance(x, Dataset)]
+        level = inner
+    for i, s in enumerate(samplers):
+        add(f"sampler.{i}", s)
+    collate = getattr(loader, "collate_fn", None)
+    if collate is not None:  # an object of the script's class (a function is no script class's instance)
+        add("collate_fn", collate)
+    return found
+
+
+def capture(loader: Any, samplers: list) -> dict[str, Any]:
+    """``{key: {"type": class qualname, "attrs": {name: value}}}`` of ``parts``' plain attributes."""
+    out = {}
+    for key, obj in parts(loader, samplers):
+        attrs = {k: v for k, v in vars(obj).items() if type(v) in _PLAIN and not k.startswith("__")}
+        if attrs and len(attrs) <= MAX_ATTRS:
+            out[key] = {"type": type(obj).__qualname__, "attrs": attrs}
+    return out
+
+
+def restore(loader: Any, samplers: list, saved: Any) -> str | None:
+    """Put ``capture``'s values back into the live parts (an attribute this run holds a container or an
+    object in is left alone). Returns what did not fit (a part of another class, a malformed entry), for
+    one warning line, else None. Checked before anything is written."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        return "malformed"
+    live = dict(parts(loader, samplers))
+    writes = []
+    for key, e in saved.items():
+        obj = live.get(key)
+        if not (isinstance(e, dict) and isinstance(e.get("attrs"), dict)
+                and all(isinstance(k, str) and type(v) in _PLAIN for k, v in e["attrs"].items())):
+            return "malformed"
+        if obj is None or type(obj).__qualname__ != e.get("type"):
+            return f"{key} is {type(obj).__qualname__ if obj is not None else 'not there'} now, " \
+                   f"the checkpoint holds a {e.get('type')}"
+        mine = vars(obj)
+        writes += [(obj, k, v) for k, v in e["attrs"].items() if k not in mine or type(mine[k]) in _PLAIN]
+    for obj, k, v in writes:
+        setattr(obj, k, v)
+    return None

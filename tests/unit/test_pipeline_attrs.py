@@ -1,0 +1,83 @@
+"""Plain settings of the data pipeline's objects of the script's classes (pyckpt/pipeline_attrs.py)."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, RandomSampler, Subset, TensorDataset
+
+from pyckpt import pipeline_attrs
+
+
+class Curriculum(torch.utils.data.Dataset):
+    def __init__(self):
+        self.level, self.name, self.files, self.__secret = 1, "easy", ["a", "b"], 3
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.tensor(float(i * self.level))
+
+
+class Growing(BatchSampler):  # a batch sampler whose batch size the loop grows
+    pass
+
+
+class Collator:
+    def __init__(self):
+        self.mask_prob = 0.15
+
+    def __call__(self, batch):
+        return torch.stack(batch)
+
+
+def _loader(ds=None, collate=None):
+    ds = ds if ds is not None else Curriculum()
+    bs = Growing(RandomSampler(ds), batch_size=2, drop_last=False)
+    return DataLoader(ds, batch_sampler=bs, collate_fn=collate or Collator())
+
+
+def _chain(loader):
+    return [loader.batch_sampler, loader.batch_sampler.sampler]
+
+
+class Resumable(Curriculum):  # positioned through its own state_dict(), not its attributes
+    def state_dict(self):
+        return {"level": self.level}
+
+    def load_state_dict(self, state):
+        self.level = state["level"]
+
+
+def test_the_script_s_objects_are_found_through_wrapping_datasets_and_library_ones_are_not():
+    inner = Curriculum()
+    ds = ConcatDataset([Subset(inner, [0, 1]), TensorDataset(torch.zeros(2)), Resumable()])
+    loader = _loader(ds)
+    keys = [k for k, _ in pipeline_attrs.parts(loader, _chain(loader))]
+    assert keys == ["dataset.datasets.0.dataset", "sampler.0", "collate_fn"]
+
+
+def test_plain_values_are_kept_and_put_back_containers_are_not():
+    loader = _loader()
+    ds, bs, coll = loader.dataset, loader.batch_sampler, loader.collate_fn
+    ds.level, ds.name, bs.batch_size, coll.mask_prob = 3, "hard", 8, 0.3
+    saved = pipeline_attrs.capture(loader, _chain(loader))
+    assert saved["dataset"] == {"type": "Curriculum", "attrs": {"level": 3, "name": "hard",
+                                                                "_Curriculum__secret": 3}}
+    assert saved["sampler.0"]["attrs"]["batch_size"] == 8 and saved["collate_fn"]["attrs"] == {"mask_prob": 0.3}
+    fresh = _loader()
+    fresh.dataset.files = ["c"]
+    assert pipeline_attrs.restore(fresh, _chain(fresh), saved) is None
+    assert (fresh.dataset.level, fresh.dataset.name, fresh.batch_sampler.batch_size) == (3, "hard", 8)
+    assert fresh.collate_fn.mask_prob == 0.3 and fresh.dataset.files == ["c"]
+
+
+def test_another_class_or_a_malformed_entry_writes_nothing_and_says_why():
+    loader = _loader()
+    loader.dataset.level = 5
+    saved = pipeline_attrs.capture(loader, _chain(loader))
+    other = _loader(collate=lambda b: torch.stack(b))  # a function: no collate_fn entry now
+    why = pipeline_attrs.restore(other, _chain(other), saved)
+    assert why == "collate_fn is not there now, the checkpoint holds a Collator" and other.dataset.level == 1
+    bad = {"dataset": {"type": "Curriculum", "attrs": {"level": [5]}}}
+    assert pipeline_attrs.restore(loader, _chain(loader), bad) == "malformed"
+    assert pipeline_attrs.restore(loader, _chain(loader), ["x"]) == "malformed"
