@@ -12,9 +12,12 @@ result is a plain tree for pyckpt's own state format, with every tensor once in 
 rank's state (``Capture.states``), not into the table.
 
 With the tracked modules, the tree's ``modules`` holds their ``train()``/``eval()`` flags and the
-attributes of their submodules of script classes and of torch's layers (``object_attrs``: values in the
-encoding below, one budget of ``max_bytes`` for them all; plain objects they hold are followed through
-``objects`` at paths ``["m", root, submodule name, attribute, ...]``).
+attributes of their submodules of script classes and of torch's layers, and ``optimizers`` the
+attributes of the tracked optimizers of script classes (``object_attrs``: values in the encoding below,
+one budget of ``max_bytes`` for them all; plain objects they hold are followed through ``objects`` at
+paths ``["m", root, submodule name, attribute, ...]`` and ``["o", optimizer, attribute, ...]``). A
+module no optimizer owns without ``state_dict()`` entries (a loss function) is ``["ob", ...]`` of its
+flag and settings (``object_attrs.stateless_members``), put back in place.
 
 Restoring first checks that the script's stack has the same shape (same code objects, same
 instruction in each frame, or a call whose continuation is provably the same: ``continuation``),
@@ -586,7 +589,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 if len(objects) < MAX_OBJECTS:
                     seen.add(id(v))
                     objects.append((v, path))
-                else:
+                elif "plain objects" not in cap.warnings:  # the first one left out, and the rest
                     cap.warnings["plain objects"] = (f"more than {MAX_OBJECTS} objects of the script's classes: {name} "
                                                      "and the ones after it are not followed")
             return None

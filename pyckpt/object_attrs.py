@@ -5,7 +5,7 @@ loop, state that it does not hold, and the relaunch's fast-forward skips the ste
 
 * ``train()``/``eval()`` flags: BatchNorm frozen at step N (``m.eval()`` on its layers), dropout
   turned off after a warm-up, an evaluation every N steps that never calls ``model.train()`` again;
-* plain attributes of the script's own module classes: a counter ``self.num_updates += 1`` in
+* attributes the code of the script's own module classes assigns: a counter ``self.num_updates += 1`` in
   ``forward`` driving an annealed temperature, a rotary table cached as ``self.cos_cached`` with its
   ``self.seq_len_cached``, and the buffers registered with ``persistent=False`` that go with them;
 * the hyper-parameters torch's own layers keep as public attributes (``Dropout.p``, ``BatchNorm``'s
@@ -46,8 +46,8 @@ _BASE = frozenset(vars(nn.Module())) | {"training"}
 
 @functools.lru_cache(maxsize=1024)
 def _kind(t: type, script_class: Callable[[type], bool]) -> str:
-    """"script" (the script's own class: every attribute), "torch" (``torch.nn.modules``: its public
-    plain hyper-parameters) or "library" (the flag only)."""
+    """"script" (the script's own class: the attributes its code assigns, ``_own_names``), "torch"
+    (``torch.nn.modules``: its public plain hyper-parameters) or "library" (the flag only)."""
     if script_class(t):
         return "script"
     return "torch" if (t.__module__ or "").startswith("torch.nn.modules.") else "library"

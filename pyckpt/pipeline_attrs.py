@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from . import frames
 
 _PLAIN = (type(None), bool, int, float, str)
@@ -40,8 +42,6 @@ def parts(loader: Any, samplers: list) -> list[tuple[str, Any]]:
             seen.add(id(obj))  # (one with its own state_dict() is positioned through it: loader_state)
             found.append((key, obj))
 
-    from torch.utils.data import Dataset
-
     level = [("dataset", getattr(loader, "dataset", None))]
     for _ in range(3):
         inner = []
@@ -49,7 +49,8 @@ def parts(loader: Any, samplers: list) -> list[tuple[str, Any]]:
             if not isinstance(ds, Dataset):
                 continue
             add(key, ds)
-            for name, v in vars(ds).items() if isinstance(getattr(ds, "__dict__", None), dict) else ():
+            held = getattr(ds, "__dict__", None)
+            for name, v in (held.items() if isinstance(held, dict) else ()):
                 if isinstance(v, Dataset):
                     inner.append((f"{key}.{name}", v))
                 elif type(v) in (list, tuple) and len(v) <= 32:

@@ -52,8 +52,9 @@ def restore(state: dict[str, Any]) -> None:
 
 
 def restore_some(state: dict[str, Any]) -> None:
-    """Put back only the CPU streams ``state`` holds (``"python"``, ``"torch"``, ``"numpy"``), each checked
-    before any is set: a malformed one raises and changes nothing."""
+    """Put back only the CPU streams ``state`` holds (``"python"``, ``"torch"``, ``"numpy"``). Each is
+    converted before any is set, so a malformed value raises first (a state of the wrong size is refused
+    by torch or ``random`` only when set: the streams before it are then set)."""
     setters = []
     if "python" in state:
         setters.append(functools.partial(random.setstate, python_raw(state["python"])))
