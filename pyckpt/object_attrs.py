@@ -5,9 +5,10 @@ loop, state that it does not hold, and the relaunch's fast-forward skips the ste
 
 * ``train()``/``eval()`` flags: BatchNorm frozen at step N (``m.eval()`` on its layers), dropout
   turned off after a warm-up, an evaluation every N steps that never calls ``model.train()`` again;
-* attributes the code of the script's own module classes assigns: a counter ``self.num_updates += 1`` in
-  ``forward`` driving an annealed temperature, a rotary table cached as ``self.cos_cached`` with its
-  ``self.seq_len_cached``, and the buffers registered with ``persistent=False`` that go with them;
+* attributes the code of the script's own module classes assigns or reads: a counter
+  ``self.num_updates += 1`` in ``forward`` driving an annealed temperature, a rotary table cached as
+  ``self.cos_cached`` with its ``self.seq_len_cached``, and the buffers registered with
+  ``persistent=False`` that go with them;
 * the hyper-parameters torch's own layers keep as public attributes (``Dropout.p``, ``BatchNorm``'s
   ``momentum``), set by a schedule at some step;
 * attributes of an optimizer of the script's own class: a Lookahead's step counter and slow weights,
@@ -46,20 +47,24 @@ _BASE = frozenset(vars(nn.Module())) | {"training"}
 
 @functools.lru_cache(maxsize=1024)
 def _kind(t: type, script_class: Callable[[type], bool]) -> str:
-    """"script" (the script's own class: the attributes its code assigns, ``_own_names``), "torch"
-    (``torch.nn.modules``: its public plain hyper-parameters) or "library" (the flag only)."""
+    """"script" (the script's own class: the attributes its code assigns or reads, ``_own_names``),
+    "torch" (``torch.nn.modules``: its public plain hyper-parameters) or "library" (the flag only)."""
     if script_class(t):
         return "script"
     return "torch" if (t.__module__ or "").startswith("torch.nn.modules.") else "library"
 
 
+_ATTR_OPS = frozenset(("STORE_ATTR", "LOAD_ATTR", "DELETE_ATTR"))
+
+
 @functools.lru_cache(maxsize=1024)
 def _own_names(t: type, script_class: Callable[[type], bool]) -> frozenset[str]:
-    """The names the code of ``t``'s script classes (itself and its script bases) assigns as attributes
-    (``self.calls = ...``) or names as strings (``register_buffer("table", ...)``). Only those of an
-    object are its state: a script subclass of a library class (of ``DistributedDataParallel``, of a
-    Hugging Face model) inherits that library's machinery, whose flags must match state no checkpoint
-    holds (DDP's ``_lazy_init_ran``, its bucket state)."""
+    """The names the code of ``t``'s script classes (itself and its script bases) assigns or reads as
+    attributes (``self.calls = ...``; ``self.temperature`` that the training loop sets) or names as
+    strings (``register_buffer("table", ...)``, ``getattr(self, "tau", 1.0)``). Only those of an object
+    are its state: a script subclass of a library class (of ``DistributedDataParallel``, of a Hugging
+    Face model) inherits that library's machinery, whose flags must match state no checkpoint holds
+    (DDP's ``_lazy_init_ran``, its bucket state)."""
     names: set[str] = set()
     todo = []
     for c in t.__mro__:
@@ -77,7 +82,7 @@ def _own_names(t: type, script_class: Callable[[type], bool]) -> frozenset[str]:
                 todo.append(c)  # a nested function, a comprehension
             elif isinstance(c, str) and c.isidentifier():
                 names.add(c)
-        names.update(i.argval for i in dis.get_instructions(code) if i.opname == "STORE_ATTR")
+        names.update(i.argval for i in dis.get_instructions(code) if i.opname in _ATTR_OPS)
     return frozenset(names)
 
 

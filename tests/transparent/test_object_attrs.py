@@ -313,3 +313,20 @@ def test_a_loss_function_held_by_the_script_gets_its_settings_and_flag_back_in_p
     _hold(*held, hook, 0)
     _hold(*held, hook, 1)
     assert criterion.label_smoothing == 0.1 and (focal.gamma, focal.calls, focal.training) == (0.5, 9, False)
+
+
+class Tempered(nn.Module):  # reads a temperature the training loop sets (its own code never assigns it)
+    def forward(self, x):
+        return x / self.temperature
+
+
+def test_an_attribute_the_loop_sets_and_the_layer_reads_is_kept():
+    m = nn.Sequential(Tempered())
+    m[0].temperature = 0.5
+    m[0].note_from_outside = 3  # neither assigned nor read by the class: not its state
+
+    def relaunch(x):
+        x[0].temperature, x[0].note_from_outside = 2.0, 0
+
+    _run(m, relaunch)
+    assert m[0].temperature == 0.5 and m[0].note_from_outside == 0
