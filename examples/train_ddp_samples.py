@@ -32,7 +32,17 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
 n = 27
-ds = TensorDataset(torch.arange(n), torch.randn(n, 4), torch.randn(n, 1))
+class RankedDataset(TensorDataset):
+    """A dataset that knows its process's rank (as sharded or per-rank augmenting datasets do): a plain
+    attribute of a script class, which a resume on another number of ranks must not take from a saved
+    rank (a new rank 2 would get saved rank 0's)."""
+
+    def __init__(self, *tensors):
+        super().__init__(*tensors)
+        self.rank = rank
+
+
+ds = RankedDataset(torch.arange(n), torch.randn(n, 4), torch.randn(n, 1))
 sampler = DistributedSampler(ds, shuffle=True, seed=3, drop_last=os.environ.get("DROP_LAST") == "1")
 loader = DataLoader(ds, batch_size=3, sampler=sampler)
 mode = os.environ.get("PARALLEL", "ddp")
@@ -96,6 +106,8 @@ for epoch in range(int(os.environ.get("EPOCHS", "3"))):
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
         step = step_count()
+        if ds.rank != rank:
+            raise SystemExit(f"rank {rank}: the dataset says rank {ds.rank}")
         if log:
             log.write(f"{epoch} {step} {' '.join(map(str, idx.tolist()))}\n")
             log.flush()

@@ -195,6 +195,11 @@ def source_for(ckpt: Checkpointer, path: str, coord: Coordinator) -> Source:
     check_resizable(path, saved, coord.world_size, rank_state)
     for pos in [rank_state["loader"], *(rank_state["loader"].get("others") or [])]:  # zipped loaders too
         pos["from_world"] = saved  # reshard_data remaps the interrupted epoch
+        # The settings kept on the loader's parts (pipeline_attrs.py) may be rank-specific too (a
+        # DistributedSampler subclass's rank and num_replicas): not put back either.
+        pos.pop("attrs", None)
+        if isinstance(pos.get("epoch_rng"), dict):
+            pos["epoch_rng"].pop("attrs", None)
     # The script's own variables (loop state) are per rank and may hold rank-specific values (its
     # `rank`, a per-rank file name): taking another rank's would be wrong, so they are not restored.
     rank_state.pop("loop", None)
@@ -267,8 +272,9 @@ def resize_line(path: str, saved: int, world_size: int) -> str:
             f"and other per-rank state of saved rank (rank % {saved}) [{takes}{more}]{dropped}; the rest of the "
             "interrupted epoch is re-split by global sample count; results are not bitwise those of an "
             f"uninterrupted {saved}-rank run (another reduction order); the script's own variables (loop state, "
-            "with the modules no optimizer owns, such as an EMA copy, the model's train()/eval() flags and its "
-            "layers' attributes) are not restored: they may be rank-specific")
+            "with the modules no optimizer owns, such as an EMA copy, the model's train()/eval() flags, its "
+            "layers' attributes and the settings kept on the dataset, sampler and collate_fn) are not restored: "
+            "they may be rank-specific")
 
 
 def read_rank_state(path: str, rank: int) -> Any:
