@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from . import continuation, frames
+from . import continuation, frames, object_attrs
 from .errors import PyckptError
 from .tree import flatten as _flatten_state
 
@@ -421,8 +421,6 @@ class _Encoder:
                         True) from None
         own = self._own_entries(sd)
         if not own:  # a loss function: its flag and settings (label_smoothing set at some step), in place
-            from . import object_attrs
-
             members = object_attrs.stateless_members(v, _script_class, _attrs)
             self._grow(sys.getsizeof(v))
             return ["ob", type(v).__qualname__, self.members(members, depth)]
@@ -678,8 +676,6 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     follow()  # first: the frames' objects (a trainer's counters) before those the model's layers hold
     mods = opts = None
     if modules or optimizers:
-        from . import object_attrs
-
         # The model's attributes share one budget of max_bytes: activations a layer keeps for logging
         # (self.attn_probs) would be copied at every snapshot, each under the cap, for every layer.
         end = enc.size + max_bytes
@@ -1278,8 +1274,6 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                 cur = f.f_locals
                 frames.write_locals(f, {k: _assign(cur.get(k), v, dec.holders) for k, v in d.items()})
             plan.writes.append(write)
-    from . import object_attrs
-
     if modules is not None and "modules" in tree:  # first: a layer of another class is named as such
         plan.writes += object_attrs.prepare(
             tree["modules"], list(modules), dec.value,
@@ -1334,8 +1328,6 @@ def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None
         cur, missing = d.get(path[2], _MISSING), path[2] not in d
         path_rest = path[3:]
     elif path[0] == "m":  # an attribute of a submodule of a tracked root (object_attrs.py)
-        from . import object_attrs
-
         _check(len(path) >= 4 and isinstance(path[3], str), "object path")
         m = object_attrs.submodule(list(modules or ()), path[1], path[2])
         d = _attrs(m) if m is not None else {}

@@ -152,40 +152,47 @@ def capture(roots: list[nn.Module], keep: Callable[..., Any], keep_tensor: Calla
         for name, m in root.named_modules():
             if m.training is not flag:
                 flip.append(name)
-            kind = _kind(type(m), script_class)
-            if kind == "library":
-                continue
-            if kind == "torch":  # plain values only: in_features, p, momentum, eps (no call per value)
-                d = m.__dict__
-                # (the set difference first: a module's __dict__ is mostly torch's own entries)
-                got = {k: ["v", d[k]] for k in sorted(d.keys() - _BASE) if k[0] != "_" and type(d[k]) in _PLAIN}
-                if got:
-                    attrs[name] = {"type": type(m).__qualname__, "attrs": got}
-                continue
-            entry = _script_module(i, name, m, keep, keep_tensor, attrs_of, _own_names(type(m), script_class))
+            entry = _module_entry(i, name, m, keep, keep_tensor, script_class, attrs_of)
             if entry is not None:
                 attrs[name] = entry
         out.append({"train": flag, "flip": flip, "attrs": attrs})
     return out
 
 
-def _script_module(i: int, name: str, m: nn.Module, keep: Callable[..., Any], keep_tensor: Callable[..., Any],
-                   attrs_of: Callable[[Any], dict], own: frozenset[str]) -> dict | None:
-    got: dict[str, Any] = {}
-    for k, v in attrs_of(m).items():
-        if k in _BASE or k.startswith("__"):
-            continue
-        if k in own:
-            e = keep(label(i, name, k), v, ["m", i, name, k])
-        elif type(v) in _PLAIN and k[0] != "_" and _torch_layer_base(type(m)):
-            e = ["v", v]  # a hyper-parameter of the torch layer it extends (in_features, p)
-        else:
-            continue  # set by a library base class: its machinery, not the script's state
+def _settings(m: nn.Module, script_class: Callable[[type], bool],
+              attrs_of: Callable[[Any], dict]) -> tuple[dict, dict, frozenset[str]]:
+    """The attributes kept of module ``m``: (those the code of its script classes uses, the public plain
+    hyper-parameters of the torch layer it is or extends, ``_own_names`` of its class). The rest (a
+    library base class's machinery, torch's own entries) is not the script's state."""
+    t = type(m)
+    kind = _kind(t, script_class)
+    if kind == "library":
+        return {}, {}, frozenset()
+    # (torch's layers have no __slots__: their __dict__ as it is, no copy per layer per snapshot)
+    d = attrs_of(m) if kind == "script" else m.__dict__
+    names = _own_names(t, script_class) if kind == "script" else frozenset()
+    layer = kind == "torch" or _torch_layer_base(t)
+    own, plain = {}, {}
+    for k in sorted(d.keys() - _BASE):  # (the set difference first: mostly torch's own entries)
+        v = d[k]
+        if k in names and not k.startswith("__"):
+            own[k] = v
+        elif layer and k[0] != "_" and type(v) in _PLAIN:
+            plain[k] = v
+    return own, plain, names
+
+
+def _module_entry(i: int, name: str, m: nn.Module, keep: Callable[..., Any], keep_tensor: Callable[..., Any],
+                  script_class: Callable[[type], bool], attrs_of: Callable[[Any], dict]) -> dict | None:
+    own, plain, names = _settings(m, script_class, attrs_of)
+    got: dict[str, Any] = {k: ["v", v] for k, v in plain.items()}  # no call per hyper-parameter
+    for k, v in own.items():
+        e = keep(label(i, name, k), v, ["m", i, name, k])
         if e is not None:
             got[k] = e
     buffers: dict[str, Any] = {}
-    for k in sorted(m._non_persistent_buffers_set):  # not in state_dict(), so nowhere else
-        if k not in m._buffers or k not in own:
+    for k in sorted(m._non_persistent_buffers_set & names):  # not in state_dict(), so nowhere else
+        if k not in m._buffers:
             continue
         b = m._buffers[k]
         e = ["v", None] if b is None else keep_tensor(label(i, name, k), b)
@@ -193,26 +200,18 @@ def _script_module(i: int, name: str, m: nn.Module, keep: Callable[..., Any], ke
             buffers[k] = e
     if not got and not buffers:
         return None
-    return {"type": type(m).__qualname__, "attrs": got, "buffers": buffers}
+    entry = {"type": type(m).__qualname__, "attrs": got}
+    if buffers:
+        entry["buffers"] = buffers
+    return entry
 
 
 def stateless_members(m: nn.Module, script_class: Callable[[type], bool], attrs_of: Callable[[Any], dict]) -> dict:
     """What to keep of a module the script holds that has no ``state_dict()`` entries of its own and is
     no part of the model (a loss function: ``label_smoothing`` or a focal loss's ``gamma`` set at some
-    step): its flag and the attributes the rules above pick for its class, put back in place."""
-    t = type(m)
-    kind = _kind(t, script_class)
-    out = {"training": m.training}
-    if kind == "library":
-        return out
-    own = _own_names(t, script_class) if kind == "script" else frozenset()
-    torch_layer = kind == "torch" or _torch_layer_base(t)
-    for k, v in attrs_of(m).items():
-        if k in _BASE or k.startswith("__"):
-            continue
-        if k in own or (torch_layer and k[0] != "_" and type(v) in _PLAIN):
-            out[k] = v
-    return out
+    step): its flag and the attributes ``_settings`` picks, put back in place."""
+    own, plain, _ = _settings(m, script_class, attrs_of)
+    return {"training": m.training, **plain, **own}
 
 
 @functools.lru_cache(maxsize=1024)
