@@ -1226,6 +1226,10 @@ class Plan:
     """Decoded loop state, checked against the live frames, ready to write."""
 
     writes: list = field(default_factory=list)  # callables, run in order
+    # id of each live loop iterator given a positioner -> its saved state. A generator whose frame is on the
+    # stack (the snapshot point is inside it: a ``for epoch ...: for b in loader: yield b`` stream) is also
+    # the iterator of a loop outside: its own loops' iterators are met twice and must be advanced once.
+    positioned: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)  # lines to say once the restore is done (this rank's)
     job_warnings: list = field(default_factory=list)  # the same on every rank (the command line): rank 0 says them
 
@@ -1361,6 +1365,11 @@ _MISSING = object()
 def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
     """A write that puts loop iterator ``it`` at saved position ``st``; raises now if it cannot."""
     _check(isinstance(st, list) and st and isinstance(st[0], str), "iterator state")
+    if id(it) in plan.positioned:
+        if plan.positioned[id(it)] != st:  # one iterator, captured at one point: one saved state
+            raise PyckptError(f"the checkpoint holds two positions for one loop iterator in {where}")
+        return lambda: None
+    plan.positioned[id(it)] = st
     kind = st[0]
     tn = type(it).__name__
     from torch.utils.data.dataloader import _BaseDataLoaderIter

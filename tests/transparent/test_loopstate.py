@@ -273,6 +273,48 @@ def test_loop_over_a_generator_is_positioned_through_its_frame():
     assert gen_loop(res, []) == plain
 
 
+def epochs_inside(hook, n):
+    """timm's MultiEpochsDataLoader.__iter__, the ``for epoch in range(E): for b in loader: yield b``
+    stream: the snapshot point (the fetch) is inside the generator, so its frame is on the stack *and*
+    iterated by the loop outside."""
+    for k in range(n):
+        hook(sys._getframe())
+        yield k
+
+
+def outer_loop(hook, trace):
+    for epoch in range(3):
+        for k in epochs_inside(hook, 4):
+            trace.append((epoch, k))
+    return trace
+
+
+def _two(frame):
+    return [frame.f_back, frame]  # outer_loop, then the generator (outermost first, as frames.user_frames)
+
+
+def test_a_generator_on_the_stack_and_iterated_outside_is_positioned_once():
+    # Its range iterator was consumed twice over (once per place it was seen): the generator ended
+    # early and the loop outside moved to the next epoch, silently.
+    plain = outer_loop(lambda f: None, [])
+    saved, calls = {}, []
+
+    def cap(frame):
+        if len(calls) == 6:  # epoch 1, k = 2: one item left in the generator's range
+            saved["t"] = through_format(loopstate.capture(_two(frame), "step", 1 << 20, []).tree)
+        calls.append(1)
+
+    outer_loop(cap, [])
+    done = []
+
+    def res(frame):
+        if not done:
+            done.append(1)
+            loopstate.prepare(saved["t"], _two(frame), "step").apply()
+
+    assert outer_loop(res, []) == plain  # (the trace is restored too)
+
+
 def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypatch):
     def f(hook):
         x = 1
