@@ -283,7 +283,7 @@ def _set_epoch_rng(loader: DataLoader, state: dict[str, Any]) -> None:
             _say_once(f"warning: the Python/NumPy random state saved at the start of the resumed epoch is not "
                       f"usable ({type(e).__name__}: {e}); a sampler drawing from them may shuffle differently "
                       "after this resume", "warning")
-    torch.set_rng_state(state["torch"].to(torch.uint8))
+    torch.set_rng_state(rng.cpu_bytes(state["torch"]))
     _set_own(loader, state, "at the start of the resumed epoch")
     _set_sampler_states(loader, state.get("samplers"))
     _set_attrs(loader, state.get("attrs"), "at the start of the resumed epoch")

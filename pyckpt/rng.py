@@ -40,7 +40,7 @@ def capture() -> dict[str, Any]:
 def restore(state: dict[str, Any]) -> None:
     """Put every stream back to ``state`` (as returned by ``capture``)."""
     random.setstate(python_raw(state["python"]))
-    torch.set_rng_state(_cpu_byte_tensor(state["torch"]))
+    torch.set_rng_state(cpu_bytes(state["torch"]))
     if "numpy" in state:
         import numpy as np
 
@@ -48,7 +48,7 @@ def restore(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available():
         n = min(len(cuda), torch.cuda.device_count())
-        torch.cuda.set_rng_state_all([_cpu_byte_tensor(t) for t in cuda[:n]])
+        torch.cuda.set_rng_state_all([cpu_bytes(t) for t in cuda[:n]])
 
 
 def restore_some(state: dict[str, Any]) -> None:
@@ -59,7 +59,7 @@ def restore_some(state: dict[str, Any]) -> None:
     if "python" in state:
         setters.append(functools.partial(random.setstate, python_raw(state["python"])))
     if "torch" in state:
-        setters.append(functools.partial(torch.set_rng_state, _cpu_byte_tensor(state["torch"])))
+        setters.append(functools.partial(torch.set_rng_state, cpu_bytes(state["torch"])))
     if "numpy" in state:
         import numpy as np
 
@@ -156,7 +156,7 @@ def raw_from_saved(kind: str, saved: Any) -> Any:
     if kind == "torch":
         if not isinstance(saved, torch.Tensor):
             raise TypeError("a torch generator state is not a tensor")
-        return _cpu_byte_tensor(saved)
+        return cpu_bytes(saved)
     if kind == "random":
         if not isinstance(saved, (tuple, list)) or len(saved) != 3:
             raise TypeError("malformed random.Random state")
@@ -182,7 +182,7 @@ def check_state(v: Any, kind: str, raw: Any) -> None:
         if not isinstance(raw, torch.Tensor):
             raise TypeError("a torch generator state is not a tensor")
         if v.device.type == "cpu":
-            torch.Generator().set_state(_cpu_byte_tensor(raw))
+            torch.Generator().set_state(cpu_bytes(raw))
         elif raw.numel() != v.get_state().numel():
             raise ValueError(f"a {v.device.type} generator state of {raw.numel()} bytes")
     elif kind == "random":
@@ -200,7 +200,7 @@ def check_state(v: Any, kind: str, raw: Any) -> None:
 def set_state(v: Any, kind: str, raw: Any) -> None:
     """Put ``raw`` (``raw_state``'s or ``raw_from_saved``'s result) into generator object ``v``."""
     if kind == "torch":
-        v.set_state(_cpu_byte_tensor(raw))
+        v.set_state(cpu_bytes(raw))
     elif kind == "random":
         v.setstate(raw)
     elif kind == "numpy.RandomState":
@@ -271,8 +271,11 @@ def generator_state(gen: torch.Generator) -> torch.Tensor:
 
 def set_generator_state(gen: torch.Generator, state: torch.Tensor) -> None:
     """Restore ``gen`` from ``generator_state``'s result."""
-    gen.set_state(_cpu_byte_tensor(state))
+    gen.set_state(cpu_bytes(state))
 
 
-def _cpu_byte_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.uint8).contiguous()
+def cpu_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A generator state as ``set_state``/``set_rng_state`` take it: a CPU byte tensor of its own."""
+    # A tensor of its own: set_state/set_rng_state read a view with a storage offset (a row of a stacked
+    # table, epoch_gaps.py) from its storage's start and crashed the process.
+    return t.detach().to(device="cpu", dtype=torch.uint8).clone(memory_format=torch.contiguous_format)

@@ -229,6 +229,21 @@ def test_per_epoch_code_with_cumulative_draws_resumes_exactly_epochs_later(tmp_p
     assert tree_equal(load(out), load(tmp_path / "plain.pt"))
 
 
+def test_per_epoch_torch_draws_resume_exactly_several_epochs_later(tmp_path):
+    # A new subset drawn with torch.randperm at each epoch's start: the torch states of the gaps are kept as
+    # one table, and the relaunch put back its second row (a view into the table) with torch.set_rng_state,
+    # which read it from the wrong place and crashed the relaunch (SIGSEGV) in the epochs it ran again.
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE="subset", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="20", EPOCHS="5")
+    assert run_script([TINY, out], tmp_path, **env).returncode == 0
+    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(36)), **env)
+    assert second.returncode == 0, second.stderr
+    assert "pyckpt: resumed from step 36 (epoch 4, batch 4)" in second.stderr, second.stderr
+    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE="subset", EPOCHS="5")
+    assert plain.returncode == 0, plain.stderr
+    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 @pytest.mark.parametrize("resume_at", [12, 24])
 def test_settings_the_loop_keeps_on_the_dataset_and_collate_fn_resume_exactly(tmp_path, workers, resume_at):

@@ -71,6 +71,23 @@ def test_gaps_beyond_the_kept_number_are_dropped_and_the_ones_that_drew_counted(
         assert {k: draw[k]() for k in theirs} == expected
 
 
+def test_a_torch_state_from_any_row_of_the_stored_table_is_put_back():
+    # Rows after the first are views into the table (a storage offset): torch.set_rng_state read such a view
+    # from the wrong place and crashed the process (a resume whose per-epoch code drew from torch in two gaps).
+    gaps, expected = epoch_gaps.Gaps(), []
+    for _ in range(3):
+        end = _raw()
+        torch.rand(1)
+        gaps.close(end, _raw())
+        rng.restore_some(gaps.state_of(len(gaps.states) - 1)[0])
+        expected.append(torch.rand(4))
+    again = epoch_gaps.Gaps.parse(tree_round_trip(gaps.stored()))
+    assert again.stored()["torch"].shape[0] == 3
+    for gap in (2, 1, 0):
+        rng.restore_some(again.state_of(gap)[0])
+        assert torch.equal(torch.rand(4), expected[gap])
+
+
 def tree_round_trip(value):
     from pyckpt import tree
 
