@@ -95,15 +95,21 @@ class Gaps:
 
 
 def _pack(g: Gaps) -> dict[str, Any]:
+    return {"first": g.first, "lost": g.lost, **pack_states(g.states)}
+
+
+def pack_states(states: list) -> dict[str, Any]:
+    """States in ``rng.restore_some``'s form (or None) as ``drew`` and one table per stream (the form in
+    the module docstring; ``sampler_draws`` stores its states so too)."""
     rows: dict[str, list] = {"python": [], "torch": [], "numpy": []}
     drew = []
-    for s in g.states:
+    for s in states:
         drew.append("".join(_LETTER[k] for k in ("python", "torch", "numpy") if s and k in s))
         for k in rows:
             if s and k in s:
                 rows[k].append(s[k])
     py, np_ = rows["python"], rows["numpy"]
-    out: dict[str, Any] = {"first": g.first, "lost": g.lost, "drew": drew}
+    out: dict[str, Any] = {"drew": drew}
     if py:
         out["python"] = {"words": torch.stack([p[1] for p in py]), "version": [p[0] for p in py],
                          "gauss": [p[2] for p in py]}
@@ -122,8 +128,18 @@ def _is_count(v: Any) -> bool:
 def _unpack(saved: Any) -> Gaps | None:
     if not (isinstance(saved, dict) and _is_count(saved.get("first")) and _is_count(saved.get("lost"))):
         return None
+    states = unpack_states(saved, KEPT)
+    if states is None:
+        return None
+    g = Gaps()
+    g.first, g.lost, g.states = saved["first"], saved["lost"], states
+    return g
+
+
+def unpack_states(saved: dict, most: int) -> list | None:
+    """``pack_states``' form back (at most ``most`` states), checked; None when malformed."""
     drew = saved.get("drew")
-    if not (isinstance(drew, list) and len(drew) <= KEPT and all(isinstance(d, str) and set(d) <= set("ptn")
+    if not (isinstance(drew, list) and len(drew) <= most and all(isinstance(d, str) and set(d) <= set("ptn")
                                                                  for d in drew)):
         return None
     need = {k: sum(letter in d for d in drew) for k, letter in _LETTER.items()}
@@ -141,8 +157,7 @@ def _unpack(saved: Any) -> Gaps | None:
             and table(np_["keys"] if need["numpy"] else None, need["numpy"], torch.int64)
             and all(column(np_, k, need["numpy"]) for k in ("name", "pos", "has_gauss", "gauss"))):
         return None
-    g = Gaps()
-    g.first, g.lost = saved["first"], saved["lost"]
+    states: list = []
     at = {"python": 0, "torch": 0, "numpy": 0}
     for d in drew:
         s: dict[str, Any] = {}
@@ -157,5 +172,5 @@ def _unpack(saved: Any) -> Gaps | None:
                 s[k] = cpu[i]
             else:
                 s[k] = {"keys": np_["keys"][i], **{f: np_[f][i] for f in ("name", "pos", "has_gauss", "gauss")}}
-        g.states.append(s or None)
-    return g
+        states.append(s or None)
+    return states

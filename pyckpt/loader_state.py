@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import epoch_gaps, frames, loader_workers, pipeline_attrs, reshard_data, rng
+from . import epoch_gaps, frames, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
 from .hooks import HookSet, eager
 
 
@@ -361,6 +361,9 @@ class Stream:
     # The streams each earlier gap's per-epoch code drew from (epoch_gaps.py): code whose effect carries
     # over (a dataset's order shuffled in place every epoch) needs every gap's, not only the last one's.
     gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)
+    # What the sampler drew from the global generators in the middle of this epoch's iterator (a pass of a
+    # repeated RandomSampler: sampler_draws.py), with the number of the index batch it pulled then.
+    draws: sampler_draws.Draws = field(default_factory=sampler_draws.Draws)
     # An IterableDataset loaded in this process, replayed on resume (LoaderTracker._probe_draws): fetches
     # still watched this epoch, the global random state after the last one, what was seen, said once.
     draw_probe: int = 0
@@ -405,6 +408,8 @@ class Stream:
             pos["prev_end_rng"] = self.prev_end_rng
         if self.gaps.states:
             pos["past_ends"] = self.gaps.stored()
+        if self.draws.at or self.draws.lost:
+            pos["sampler_draws"] = self.draws.stored()
         if loader is not None:
             own = generators(loader)
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
@@ -515,6 +520,14 @@ def _raw_rng() -> tuple:
     return random.getstate(), torch.get_rng_state(), (np.random.get_state() if np is not None else None)
 
 
+def _put_raw(raw: tuple) -> None:
+    """Put ``_raw_rng()``'s state back as it is."""
+    random.setstate(raw[0])
+    torch.set_rng_state(raw[1])
+    if raw[2] is not None:
+        sys.modules["numpy"].random.set_state(raw[2])
+
+
 def _close_gap(st: Stream) -> None:
     """``st``'s next epoch starts (``st.epochs`` counts it): the gap after the previous one is over
     (``epoch_gaps``)."""
@@ -582,6 +595,7 @@ class FastForward:
     ahead_rng: list = field(default_factory=list)
     ended: bool = False  # the snapshot point came after the epoch's iterator had ended
     gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)  # the states of the gaps between epochs
+    draws: sampler_draws.Draws = field(default_factory=sampler_draws.Draws)  # the sampler's, mid-epoch
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -609,16 +623,28 @@ class FastForward:
             else:
                 _say_once("warning: the random states of the gaps between epochs in the checkpoint are malformed; "
                           "the per-epoch code of the epochs a resume runs again draws from others", "warning")
+        draws = sampler_draws.Draws()
+        if "sampler_draws" in pos:  # (checkpoints written before have none)
+            parsed_draws = sampler_draws.Draws.parse(pos["sampler_draws"])
+            if parsed_draws is not None:
+                draws = parsed_draws
+            else:
+                _say_once("warning: the random states the sampler drew from in the middle of its epoch are malformed "
+                          "in the checkpoint; the order of the batches after this resume may differ", "warning")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
-                   bool(pos.get("reused")), pos, fetched, others, ahead, pos.get("ended") is True, gaps)
+                   bool(pos.get("reused")), pos, fetched, others, ahead, pos.get("ended") is True, gaps, draws)
 
 
 class _SkipFirst:
     """Stands in for the loader's index sampler during one ``iter()``: the first iterator
-    advanced drops ``k`` index batches; later ones (persistent workers' next epochs) do not."""
+    advanced drops ``k`` index batches (``pending``); later ones (persistent workers' next epochs) do not.
+    Each iterator's pulls are watched for draws from the global generators (into ``stream.draws``), and
+    the skipping one's draws at the pulls of ``replay`` ({pull number: state}) are made from those states."""
 
-    def __init__(self, inner: Any, k: int, before_first_draw: Callable[[], None] | None) -> None:
-        self.inner, self.k, self.pending, self.before_first_draw = inner, k, True, before_first_draw
+    def __init__(self, inner: Any, k: int, before_first_draw: Callable[[], None] | None,
+                 stream: "Stream | None" = None, replay: dict | None = None, pending: bool = True) -> None:
+        self.inner, self.k, self.pending, self.before_first_draw = inner, k, pending, before_first_draw
+        self.stream, self.replay = stream, replay
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -628,10 +654,40 @@ class _SkipFirst:
 
 
 class _Skipping:
-    """Index-batch iterator that drops ``owner.k`` batches once, on ``prime()`` or first use."""
+    """Index-batch iterator that drops ``owner.k`` batches once, on ``prime()`` or first use; watches
+    what each pull after the first draws from the global generators (``sampler_draws``)."""
 
     def __init__(self, inner: Any, owner: _SkipFirst) -> None:
-        self.it, self.owner, self.primed = iter(inner), owner, False
+        self.it, self.owner, self.primed = iter(inner), owner, not owner.pending
+        self.pulled, self.replay = 0, None
+        self.draws = owner.stream.draws if owner.stream is not None else None  # this epoch's
+
+    def _pull(self) -> Any:
+        n = self.pulled
+        self.pulled += 1
+        saved = self.replay.get(n) if self.replay else None
+        if saved is not None:  # the original pulled it from this state (kept in the checkpoint)
+            now = _raw_rng()
+            try:
+                rng.restore_some(saved)
+            except Exception as e:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
+                self.replay = None
+                _put_raw(now)
+                _say_once(f"warning: the random state the sampler drew from in the middle of its epoch is not usable "
+                          f"({type(e).__name__}: {e}); the order of the batches after this resume may differ",
+                          "warning")
+                return next(self.it)
+            try:
+                return next(self.it)
+            finally:
+                _put_raw(now)  # what runs next draws as it would have without this pull
+        d = self.draws
+        if d is None or n == 0:  # the first pull's draws: the epoch's start state covers them
+            return next(self.it)
+        then = sampler_draws.before(d)
+        out = next(self.it)
+        sampler_draws.drawn(d, n, then)
+        return out
 
     def __iter__(self) -> "_Skipping":
         return self
@@ -641,13 +697,14 @@ class _Skipping:
         if self.primed:
             return
         self.primed = True
-        if self.owner.pending:
+        if self.owner.pending:  # the first iterator used (torch makes two: in __init__ and _reset)
             self.owner.pending = False
+            self.replay, self.owner.replay = self.owner.replay, None
             if self.owner.before_first_draw is not None:
                 # Before the sampler's first draw (a lazy sampler draws on first next()).
                 self.owner.before_first_draw()
             for _ in range(self.owner.k):
-                next(self.it)
+                self._pull()
 
     def __next__(self) -> Any:
         if not self.primed:
@@ -655,7 +712,7 @@ class _Skipping:
                 self.prime()
             except StopIteration:
                 pass  # fewer batches than the skip: the epoch is over
-        return next(self.it)
+        return self._pull()
 
 
 class _FinishedEpoch(_BaseDataLoaderIter):
@@ -1167,7 +1224,12 @@ class LoaderTracker:
         st.epoch_rng = _epoch_rng(loader)
         if started is not None:  # persistent workers keep the dataset copies of the iter() that started them
             st.epoch_rng["attrs"] = started
-        it = self._start(loader, orig_iter)
+        if _watched(loader):  # the sampler's draws in the middle of the epoch (sampler_draws.py)
+            loader.__dict__["_pyckpt_skip"] = _SkipFirst(loader._index_sampler, 0, None, st, pending=False)
+        try:
+            it = self._start(loader, orig_iter)
+        finally:
+            loader.__dict__.pop("_pyckpt_skip", None)
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)
         return it
@@ -1213,6 +1275,7 @@ class LoaderTracker:
         st.mark, st.ended = 0, False  # this epoch's batches all come after the last step
         st.pre_fetch.clear()
         st.first_rng = None
+        st.draws = sampler_draws.Draws(st.draws)
         st.probe = True
         st.handed = 0 if self.wrapper_depth else None
         st.skipping = False
@@ -1335,7 +1398,7 @@ class LoaderTracker:
         main.note_epoch_start(step)
         _close_gap(main)
         for name in ("batches", "epoch_rng", "reused", "loader", "handed", "skipping", "iterator", "mark",
-                     "streak", "ended", "probe", "wrapper_cls", "pre_fetch", "first_rng"):
+                     "streak", "ended", "probe", "wrapper_cls", "pre_fetch", "first_rng", "draws"):
             setattr(main, name, getattr(side, name))
         it = main.iterator() if main.iterator is not None else None
         if it is not None:
@@ -1388,8 +1451,16 @@ class LoaderTracker:
         remap = None
         if not iterable and own is None:
             remap = reshard_data.index_sampler(loader, plan.position, st)  # another world size: reshard_data.py
-            loader.__dict__["_pyckpt_skip"] = (remap if remap is not None
-                                               else _SkipFirst(loader._index_sampler, plan.batch, before))
+            watched = _watched(loader)
+            st.draws = plan.draws if watched else sampler_draws.Draws()  # the original's, for this epoch's snapshots
+            if watched and plan.draws.lost:
+                _say_once(f"warning: loader {plan.sig}: its sampler drew from the global random generators at more "
+                          f"places in its epoch than pyckpt kept ({sampler_draws.KEPT}, or a NumPy draw seen after "
+                          "the fact); the order of the batches after this resume may differ", "warning")
+            loader.__dict__["_pyckpt_skip"] = (
+                remap if remap is not None
+                else _SkipFirst(loader._index_sampler, plan.batch, before, st if watched else None,
+                                plan.draws.replay() if watched else None))
         if remap is not None:
             plan.ahead_rng = []  # other batches than the ones fetched ahead originally
         elif (primary and plan.position and plan.fetched > plan.batch and not plan.ahead_rng
@@ -1421,6 +1492,12 @@ class LoaderTracker:
             self.plan_stream = st
             self.armed = True  # the restore happens at this iterator's next fetch
         return it
+
+
+def _watched(loader: DataLoader) -> bool:
+    """Whether ``loader``'s sampler pulls are watched (``sampler_draws``): a map-style dataset read by torch's
+    own iterators (a loader class with iterators of its own may keep its sampler's iterator's state)."""
+    return loader._dataset_kind == _DatasetKind.Map and type(loader)._get_iterator is DataLoader._get_iterator
 
 
 def _handing_method(cls: type) -> str | None:

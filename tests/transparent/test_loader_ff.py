@@ -2,9 +2,11 @@
 from (epoch E, batch B) on, without loading the skipped samples."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
+from pyckpt import sampler_draws
 from pyckpt.hooks import HookSet
 from pyckpt.loader_state import FastForward, LoaderTracker
 
@@ -168,3 +170,71 @@ def test_generator_of_a_sampler_nested_in_a_wrapping_batch_sampler():
     make = lambda: DataLoader(ds, batch_sampler=Shard(BatchSampler(  # noqa: E731
         RandomSampler(ds, generator=torch.Generator()), batch_size=4, drop_last=False)))
     _check(make, stop=(3, 2))
+
+
+class Repeat:
+    """timm's ``_RepeatSampler``: MultiEpochsDataLoader's batch sampler, passed over forever by one iterator."""
+
+    def __init__(self, batch_sampler) -> None:
+        self.sampler = batch_sampler
+
+    def __iter__(self):
+        while True:
+            yield from iter(self.sampler)
+
+
+def _one_iterator(make, n, stop=None, plan=None, seed=0):
+    """``n`` batches from one iterator, drawing from torch's global generator after each (a training step's
+    dropout); the position and random state at batch ``stop``."""
+    hooks, got = HookSet(), {}
+
+    def on_point(st):
+        if tracker.plan is not None and st is tracker.plan_stream:
+            torch.set_rng_state(plan[1])  # the restore, once
+            tracker.plan = None
+        if stop is not None and st.batches == stop:
+            got["pos"], got["rng"] = st.position(), torch.get_rng_state()
+
+    tracker = LoaderTracker(on_point, lambda: None, lambda: None)
+    tracker.install(hooks)
+    tracker.armed = True
+    if plan is not None:
+        tracker.plan = FastForward.from_position(plan[0])
+    out = []
+    try:
+        torch.manual_seed(seed)
+        it = iter(make())
+        for _ in range(n - (plan[0]["batch"] if plan else 0)):
+            out.append(next(it).tolist())
+            torch.rand(3)
+        return out, got
+    finally:
+        hooks.remove_all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sampler_drawing_from_the_global_generator_mid_epoch_draws_the_same_after_a_resume(workers):
+    # Each pass of the RandomSampler draws its seed from torch's global generator when the previous pass ends,
+    # in the middle of the one iterator, after steps drew from it too. The relaunch pulled the skipped index
+    # batches back to back (the pass drew from another state): other batches after the resume, silently.
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_sampler=Repeat(BatchSampler(RandomSampler(ds), 4, False)),  # noqa: E731
+                              num_workers=workers)
+    ref, got = _one_iterator(make, 20, stop=9)  # 6 batches per pass: passes start at 6, 12 and 18
+    resumed, _ = _one_iterator(make, 20, plan=(got["pos"], got["rng"]), seed=99)
+    assert resumed == ref[9:]
+    assert got["pos"]["sampler_draws"]["at"] == ([6] if workers == 0 else [6, 12])  # (workers pull 4 ahead)
+    # An ordinary shuffled loader draws at its first pull only (covered by the epoch's start state): nothing kept.
+    _, plain = _one_iterator(lambda: DataLoader(ds, batch_size=4, shuffle=True, num_workers=workers), 5, stop=3)
+    assert "sampler_draws" not in plain["pos"]
+
+
+def test_a_sampler_draw_not_kept_is_said_at_the_resume(monkeypatch, capsys):
+    monkeypatch.setattr(sampler_draws, "KEPT", 1)
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_sampler=Repeat(BatchSampler(RandomSampler(ds), 4, False)))  # noqa: E731
+    _, got = _one_iterator(make, 15, stop=14)
+    assert got["pos"]["sampler_draws"]["at"] == [12] and got["pos"]["sampler_draws"]["lost"] == 1
+    _one_iterator(make, 15, plan=(got["pos"], got["rng"]))
+    assert "drew from the global random generators at more places in its epoch than pyckpt kept" in \
+        capsys.readouterr().err

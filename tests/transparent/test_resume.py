@@ -39,6 +39,8 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
     ("unfreeze", 13),  # requires_grad flipped in the loop at step 6: the relaunch trained on with it frozen
     ("subset", 19),  # a per-epoch subset drawn with randperm before iter(): other samples after a resume
     ("lookahead", 13),  # an optimizer of the script's class: its counter and slow weights restarted
+    ("multiepoch", 17),  # MultiEpochsDataLoader: its generator's loop advanced twice (the script's epoch ended
+                         # early), and the pass drew its order from another state (other batches)
 ])
 def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mode, kill_at):
     first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT=str(kill_at))

@@ -26,7 +26,9 @@ knobs: a dataset of the script's class whose crop length, and a collate_fn objec
 sets after each step (WORKERS: the loader's num_workers); reshuffle: the dataset's order is a list shuffled
 in place with NumPy at each epoch's start, batches augmented in the main process from NumPy's generator;
 unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch trains on a
-new loader over 32 of the 40 samples drawn with torch.randperm before its iter())
+new loader over 32 of the 40 samples drawn with torch.randperm before its iter(); multiepoch: timm's
+MultiEpochsDataLoader, one iterator for the whole run over a shuffled batch sampler repeated forever, each pass
+drawing its order from torch's global generator in the middle of that iterator)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -316,6 +318,35 @@ elif MODE == "knobs":  # settings the loop changes on the dataset and the collat
             train_step(x, y)
             cropped.keep = min(6, 2 + step // 3)
             noisy.scale *= 0.9
+        sched.step()
+elif MODE == "multiepoch":  # timm's MultiEpochsDataLoader: one iterator over a batch sampler repeated forever
+    class _RepeatSampler:
+        def __init__(self, batch_sampler):
+            self.sampler = batch_sampler
+
+        def __iter__(self):
+            while True:
+                yield from iter(self.sampler)
+
+    class MultiEpochsDataLoader(DataLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._DataLoader__initialized = False
+            self.batch_sampler = _RepeatSampler(self.batch_sampler)
+            self._DataLoader__initialized = True
+            self.iterator = super().__iter__()
+
+        def __len__(self):
+            return len(self.batch_sampler.sampler)
+
+        def __iter__(self):
+            for _ in range(len(self)):
+                yield next(self.iterator)
+
+    repeating = MultiEpochsDataLoader(data, batch_size=4, shuffle=True)
+    for epoch in range(EPOCHS):
+        for x, y in repeating:
+            train_step(x, y)
         sched.step()
 elif MODE == "fixed_next":
     for epoch in range(EPOCHS):

@@ -1,0 +1,179 @@
+"""Random numbers an index sampler draws from the global generators in the middle of an epoch's iterator.
+
+timm's ``MultiEpochsDataLoader`` (one iterator for the whole run, over a batch sampler repeated forever)
+and endless samplers that re-shuffle at each pass: a ``RandomSampler`` without a generator of its own
+draws each pass's seed from torch's global generator when the previous pass ends, in the middle of the
+loader's iterator, and the training steps (dropout) draw from the same generator between fetches. A
+relaunch skipping to the checkpoint's batch pulls the skipped index batches back to back at its first
+fetch: the pass drew from another state, and the batches after the restore were other ones, silently.
+
+So each index batch pulled from the sampler's iterator after the first is watched
+(``loader_state._Skipping``): the CPU streams (torch's, Python's ``random``, NumPy's global) that changed
+while it was pulled were drawn by the sampler, and their states before it are kept with the pull's
+number. The relaunch puts each back right before it pulls that index batch again, and its own state
+after. The first pull's draws (a ``RandomSampler``'s permutation) are covered by the epoch's start state
+(``loader_state``'s ``epoch_rng`` and ``first_rng``), so an ordinary loader keeps nothing.
+
+At most ``KEPT`` draws per epoch iterator are kept (one per pass of a repeated ``RandomSampler``: a run of
+a thousand epochs on one iterator); a resume in an iterator that dropped some says so. Draws from Python's
+and NumPy's generators are seen from their positions, read in place (their whole states cost 6 and 30 us
+to read, at every pull of every loader): the first one at a pull after the first is not kept (said at a
+resume in that iterator); from then on their states are read before each pull. Torch's state is read
+whole each time (0.6 us): its draws, the common case, are kept from the first.
+
+Stored form (a snapshot's loader position, ``sampler_draws``): ``{"at": [pull number per draw], "lost":
+draws not kept}`` plus ``epoch_gaps.pack_states``' tables of the states.
+"""
+from __future__ import annotations
+
+import ctypes
+import random
+import sys
+from typing import Any
+
+import torch
+
+from . import epoch_gaps, rng
+
+KEPT = 1024
+
+
+class Draws:
+    """The draws of one epoch iterator's sampler: ``states[i]`` (``rng.restore_some``'s form) before pull
+    ``at[i]``."""
+
+    def __init__(self, before: "Draws | None" = None) -> None:
+        """``before``: the previous epoch's, whose knowledge of the streams its sampler drew from is kept."""
+        self.at: list[int] = []
+        self.states: list[dict[str, Any]] = []
+        self.lost = 0  # draws not kept (beyond KEPT, or a NumPy state not read)
+        # The sampler drew from Python's / NumPy's generator: their whole states are read before each pull
+        self.python = before.python if before is not None else False
+        self.numpy = before.numpy if before is not None else False
+        self._stored: dict[str, Any] | None = None
+
+    def add(self, n: int, state: dict[str, Any] | None, unread: bool = False) -> None:
+        """A draw at pull ``n`` from ``state`` (None: nothing kept); ``unread``: it drew from a stream whose
+        state was not read."""
+        self.lost += unread
+        if state:
+            self.at.append(n)
+            self.states.append(state)
+            if len(self.at) > KEPT:
+                self.at.pop(0)
+                self.states.pop(0)
+                self.lost += 1
+        self._stored = None
+
+    def replay(self) -> dict[int, dict[str, Any]]:
+        """{pull number: the state to draw it from}."""
+        return dict(zip(self.at, self.states))
+
+    def stored(self) -> dict[str, Any]:
+        """The form a snapshot's loader position holds (above); built once per draw, not per snapshot."""
+        if self._stored is None:
+            self._stored = {"at": list(self.at), "lost": self.lost, **epoch_gaps.pack_states(self.states)}
+        return self._stored
+
+    @classmethod
+    def parse(cls, saved: Any) -> "Draws | None":
+        """``stored()``'s form back, checked (nothing read from a checkpoint is trusted unchecked); None when
+        malformed."""
+        try:
+            at, lost = saved["at"], saved["lost"]
+            if not (isinstance(at, list) and all(type(n) is int and n > 0 for n in at)
+                    and type(lost) is int and lost >= 0):
+                return None
+            states = epoch_gaps.unpack_states(saved, KEPT)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
+            return None
+        if states is None or len(states) != len(at) or any(s is None for s in states):
+            return None
+        d = cls()
+        d.at, d.states, d.lost = list(at), states, lost
+        return d
+
+
+class _InPlace:
+    """A Mersenne Twister generator's position, read in place through ``ctypes`` (0.3 us): its index word and
+    its first key word, at byte offsets of the C object ``locate()`` returns the address of. Checked once
+    against ``documented()`` (the same two values from the generator's public state); where they differ
+    (another layout), ``documented()`` is read each time instead."""
+
+    def __init__(self, locate: Any, index_at: int, key_at: int, documented: Any) -> None:
+        self.locate, self.index_at, self.key_at, self.documented = locate, index_at, key_at, documented
+        self.addr: int | None = None
+        self.checked = False
+
+    def __call__(self) -> Any:
+        if not self.checked:
+            self.checked = True
+            try:
+                addr = self.locate()
+                if addr is not None and self._read(addr) == self.documented():
+                    self.addr = addr
+            except Exception:  # noqa: BLE001 - another build: the slow, documented way
+                self.addr = None
+        if self.addr is not None:
+            return self._read(self.addr)
+        return self.documented()
+
+    def _read(self, addr: int) -> tuple:
+        return (ctypes.c_int.from_address(addr + self.index_at).value,
+                ctypes.c_uint32.from_address(addr + self.key_at).value)
+
+
+def _python_documented() -> tuple:
+    words = random.getstate()[1]
+    return words[-1], words[0]
+
+
+def _numpy() -> Any:
+    np = sys.modules.get("numpy")
+    return np.random if np is not None else None
+
+
+def _numpy_documented() -> tuple | None:
+    np_random = _numpy()
+    if np_random is None:
+        return None
+    st = np_random.get_state()
+    return int(st[2]), int(st[1][0])
+
+
+# CPython's RandomObject: the object header (16 bytes), ``int index``, ``uint32_t state[624]``; NumPy's
+# mt19937_state: ``uint32_t key[624]``, ``int pos``.
+python_mark = _InPlace(lambda: id(random._inst), 16, 20, _python_documented)
+numpy_mark = _InPlace(lambda: _numpy().mtrand._rand._bit_generator.ctypes.state_address if _numpy() else None,
+                      624 * 4, 0, _numpy_documented)
+
+
+def before(draws: Draws) -> tuple:
+    """What ``drawn`` compares with, taken right before a pull (a few microseconds): torch's state, the
+    positions of Python's and NumPy's generators, and the whole state of each that the sampler drew from."""
+    np_random = _numpy() if draws.numpy else None
+    return (torch.get_rng_state(), python_mark(), numpy_mark(), random.getstate() if draws.python else None,
+            np_random.get_state() if np_random is not None else None)
+
+
+def drawn(draws: Draws, n: int, then: tuple) -> None:
+    """After pull ``n``: keep the states of the streams it drew from (``then``: ``before``'s)."""
+    cpu, py_mark, np_mark, py_state, np_state = then
+    state: dict[str, Any] = {}
+    unread = False
+    if not torch.equal(cpu, torch.get_rng_state()):
+        state["torch"] = cpu
+    if py_mark != python_mark():
+        draws.python = True
+        if py_state is not None:
+            state["python"] = rng.python_saved(py_state)
+        else:
+            unread = True  # seen after the fact: said at a resume in this iterator
+    if np_mark != numpy_mark():
+        draws.numpy = True
+        if np_state is not None:
+            state["numpy"] = rng.numpy_saved(np_state)
+        else:
+            unread = True
+    if state or unread:
+        draws.add(n, state, unread)

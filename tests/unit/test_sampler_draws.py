@@ -1,0 +1,68 @@
+"""What an index sampler draws from the global generators in the middle of an epoch (pyckpt/sampler_draws.py)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pyckpt import rng, sampler_draws, tree
+
+
+def _pull(draws, n, draw):
+    then = sampler_draws.before(draws)
+    draw()
+    sampler_draws.drawn(draws, n, then)
+
+
+def test_a_torch_draw_is_kept_with_its_state_before_the_pull_and_goes_through_a_checkpoint():
+    d = sampler_draws.Draws()
+    _pull(d, 1, lambda: None)  # a pull that draws nothing keeps nothing
+    state = torch.get_rng_state()
+    expected = torch.rand(2)
+    torch.set_rng_state(state)
+    _pull(d, 2, lambda: torch.rand(2))
+    assert d.at == [2] and set(d.states[0]) == {"torch"} and d.lost == 0
+    enc, tensors, _ = tree.flatten({"v": d.stored()})  # as a checkpoint holds it
+    again = sampler_draws.Draws.parse(tree.unflatten(enc, lambda i, into, path: tensors[i].clone())["v"])
+    assert again.at == [2] and again.lost == 0
+    rng.restore_some(again.replay()[2])
+    assert torch.equal(torch.rand(2), expected)
+
+
+@pytest.mark.parametrize("stream", ["python", "numpy"])
+def test_a_python_or_numpy_draw_is_seen_first_and_read_in_full_from_then_on(stream):
+    # Their positions are read in place before every pull; their whole states (6 and 30 us) only once the
+    # sampler drew from them, from then on, and in the epochs after.
+    draw, get, put = {"python": (random.random, random.getstate, random.setstate),
+                      "numpy": (np.random.rand, np.random.get_state, np.random.set_state)}[stream]
+    d = sampler_draws.Draws()
+    _pull(d, 3, draw)
+    assert d.at == [] and d.lost == 1 and getattr(d, stream)
+    for d in (d, sampler_draws.Draws(d)):  # the next epoch's iterator knows it from the start
+        state = get()
+        expected = draw()
+        put(state)
+        _pull(d, 4, draw)
+        assert d.at[-1] == 4 and set(d.states[-1]) == {stream}
+        rng.restore_some(d.states[-1])
+        assert draw() == expected
+
+
+def test_only_the_last_kept_number_of_draws_is_kept(monkeypatch):
+    monkeypatch.setattr(sampler_draws, "KEPT", 2)
+    d = sampler_draws.Draws()
+    for n in (1, 2, 3):
+        _pull(d, n, lambda: torch.rand(1))
+    assert d.at == [2, 3] and d.lost == 1
+
+
+@pytest.mark.parametrize("bad", [
+    None, {}, {"at": [1], "lost": 0, "drew": []}, {"at": [0], "lost": 0, "drew": ["t"]},
+    {"at": [1], "lost": -1, "drew": ["t"], "torch": torch.zeros(1, 5056, dtype=torch.uint8)},
+    {"at": [1], "lost": 0, "drew": [""]},  # a draw with no state
+    {"at": [1], "lost": 0, "drew": ["t"], "torch": torch.zeros(2, 5056, dtype=torch.uint8)},
+])
+def test_a_malformed_saved_form_is_not_used(bad):
+    assert sampler_draws.Draws.parse(bad) is None
