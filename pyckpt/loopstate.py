@@ -233,6 +233,7 @@ class _Encoder:
         self.size = 0
         self.limit = max_bytes  # where the variable being encoded stops (begin() moves it)
         self._active: set[int] = set()  # ids of the script objects being encoded (a back-reference is left out)
+        self.running: set[int] = set()  # ids of the frames captured (a generator running there is positioned)
 
     def begin(self) -> tuple[int, int]:
         """Start one variable: its own budget of ``max_bytes``; returns what ``rollback`` needs."""
@@ -465,6 +466,10 @@ class _Encoder:
         name = f"{t.__module__}.{t.__qualname__}"
         if isinstance(v, types.GeneratorType) and v.gi_frame is None:  # run to its end: model.parameters()
             return _Skip(f"a finished generator ({v.__qualname__}): nothing to restore", False)  # an optimizer took
+        if isinstance(v, types.GeneratorType) and id(v.gi_frame) in self.running:
+            # The snapshot point is inside it (``batch = next(batches)`` of a ``cycle(loader)`` stream): it is
+            # positioned through its frame on the stack, and the variable keeps the relaunch's generator.
+            return _Skip(f"a generator ({v.__qualname__}) running on the stack: positioned through its frame", False)
         if isinstance(v, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
             return _Skip(f"a generator ({getattr(v, '__qualname__', name)}) whose position cannot be restored", True)
         if isinstance(v, _silent_kinds()):
@@ -567,6 +572,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         cap.warnings["variables"] = "not captured (PYCKPT_LOOP_STATE_MAX_BYTES=0)"
         return cap
     enc = _Encoder(max_bytes, _tracked(modules, list(registered), list(loose)))
+    enc.running = {id(f) for f in user}
     cap = Capture({})
     objects: list[tuple[Any, list]] = []  # (object, path)
     seen: set[int] = set()
