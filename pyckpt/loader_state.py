@@ -257,7 +257,7 @@ def _epoch_rng(loader: DataLoader, host: bool = True) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "gens": [], "rngs": _own_raw(loader)}
     if host:
         state.update(host=_raw_rng(), samplers=[_sampler_state(s) for s in _samplers(loader)],
-                     attrs=pipeline_attrs.capture(loader, _sampler_chain(loader)))
+                     attrs=_capture_attrs(loader))
     return state
 
 
@@ -289,8 +289,17 @@ def _set_epoch_rng(loader: DataLoader, state: dict[str, Any]) -> None:
     _set_attrs(loader, state.get("attrs"), "at the start of the resumed epoch")
 
 
+def _capture_attrs(loader: DataLoader) -> dict[str, Any]:
+    """``pipeline_attrs.capture`` of the loader's parts; a sampler's tensor over its size limit said once."""
+    def over(name: str) -> None:
+        _say_once(f"warning: loader {_sig_of(loader)}: {name} is over {pipeline_attrs.MAX_TENSOR_BYTES >> 20} MiB and "
+                  "is not kept; if the loop changes it, the batches after a resume may differ", "warning")
+
+    return pipeline_attrs.capture(loader, _sampler_chain(loader), over)
+
+
 def _set_attrs(loader: DataLoader, saved: Any, when: str) -> None:
-    """The plain settings of the loader's parts of the script's classes as ``when`` (pipeline_attrs.py)."""
+    """The settings of the loader's parts (the script's classes', its samplers') as ``when`` (pipeline_attrs.py)."""
     why = pipeline_attrs.restore(loader, _sampler_chain(loader), saved)
     if why is not None:
         _say_once(f"warning: loader {_sig_of(loader)}: the settings of its dataset, sampler or collate_fn saved "
@@ -414,7 +423,7 @@ class Stream:
             own = generators(loader)
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
-            pos["attrs"] = pipeline_attrs.capture(loader, _sampler_chain(loader))
+            pos["attrs"] = _capture_attrs(loader)
             if loader.num_workers > 0 and any(key.startswith("dataset.") for key, _, _ in own):
                 _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
                           f"dataset's random generator(s) "
@@ -1451,7 +1460,7 @@ class LoaderTracker:
         remap = None
         if not iterable and own is None:
             remap = reshard_data.index_sampler(loader, plan.position, st)  # another world size: reshard_data.py
-            watched = _watched(loader)
+            watched = remap is None and _watched(loader)  # (a remapped epoch pulls other index batches)
             st.draws = plan.draws if watched else sampler_draws.Draws()  # the original's, for this epoch's snapshots
             if watched and plan.draws.lost:
                 _say_once(f"warning: loader {plan.sig}: its sampler drew from the global random generators at more "

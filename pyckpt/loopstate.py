@@ -792,6 +792,19 @@ def _check(cond: bool, what: str) -> None:
         raise _Bad(f"the checkpoint's loop state is malformed ({what})")
 
 
+class _Holders(set):
+    """``_Decoder.holders``, with the tensors written in place so far (``_assign``): ``into[id(live)]`` is the
+    saved tensor copied into ``live``, ``live_of[id(saved)]`` the live tensor it went into. One live tensor that
+    two variables share in the relaunch but not in the checkpoint (``best = current = torch.zeros(())`` before
+    the loop rebinds one) takes the first one's value; the second is bound to a new tensor. Two variables
+    sharing one tensor in the checkpoint get one live tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.into: dict[int, Any] = {}
+        self.live_of: dict[int, Any] = {}
+
+
 class _Decoder:
     def __init__(self, tensors: list, states: dict) -> None:
         _check(isinstance(tensors, list) and all(isinstance(t, torch.Tensor) for t in tensors), "tensor table")
@@ -800,7 +813,7 @@ class _Decoder:
         self.made: dict[int, torch.Tensor] = {}
         # ids of the decoded containers holding a random generator at any depth: only those are walked
         # to put each generator's state into the live one at the same place (see _live_generators)
-        self.holders: set[int] = set()
+        self.holders: _Holders = _Holders()
 
     def _note(self, out: Any, items: Any) -> Any:
         if any(isinstance(x, (_InPlace, _Struct)) or id(x) in self.holders for x in items):
@@ -1172,6 +1185,17 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
     if isinstance(saved, _StateOf):
         saved.apply(live)  # checked by prepare()
         return live
+    if type(saved) is torch.Tensor:
+        written = holders if isinstance(holders, _Holders) else _Holders()
+        if id(saved) in written.live_of:  # an alias in the checkpoint stays one
+            return written.live_of[id(saved)]
+        if (type(live) is torch.Tensor and live is not saved and _fits(live, saved)
+                and written.into.setdefault(id(live), saved) is saved):
+            with torch.no_grad():
+                live.copy_(saved)
+            written.live_of[id(saved)] = live
+            return live
+        return saved
     saved = _live_generators(saved, live, holders)  # before a refill below clears ``live``
     if type(saved) in (list, dict, set, collections.deque) and isinstance(live, type(saved)) and live is not saved:
         if isinstance(live, collections.deque) and live.maxlen != saved.maxlen:
@@ -1180,6 +1204,18 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
         (live.extend if isinstance(live, (list, collections.deque)) else live.update)(saved)
         return live
     return saved
+
+
+def _fits(live: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether ``saved`` is copied into ``live`` rather than bound in its place: a tensor the script passed to
+    a library object stays that object's (a WeightedRandomSampler's weights the loop updates in place were
+    rebound, and the sampler drew from the relaunch's tensor from then on). Only a leaf of the same shape,
+    dtype and device that is a whole storage of its own: a view (``x = data[i:i + 4]``) would write into
+    what it views."""
+    return (live.shape == saved.shape and live.dtype == saved.dtype and live.device == saved.device
+            and live.requires_grad == saved.requires_grad and live.grad_fn is None and live._base is None
+            and live.layout == torch.strided and not live.is_inference() and live.storage_offset() == 0
+            and live.untyped_storage().nbytes() == live.numel() * live.element_size())
 
 
 def point_of(tree: Any) -> str | None:

@@ -97,6 +97,83 @@ def test_capture_then_restore_in_a_fresh_run_continues_identically():
     assert relaunch == plain  # the trace list itself is a restored local (refilled in place)
 
 
+class Holder:  # a library object the script handed its tensor to (a WeightedRandomSampler's weights)
+    __module__ = "somelib"
+
+    def __init__(self, t):
+        self.t = t
+
+
+def shared_tensor_loop(hook, data):
+    weights = torch.ones(3)
+    holder = Holder(weights)
+    window = data[0:2]  # a view of the script's data
+    for k in range(4):
+        hook(sys._getframe())
+        weights[k % 3] += 1
+        window = data[k:k + 2]
+    return holder, weights, window
+
+
+def test_a_tensor_is_restored_into_the_live_one_unless_it_is_a_view():
+    # Bound to a new tensor, the script's variable was no longer the one the library object held: the loop's
+    # updates after the restore went to the new tensor, the object kept the relaunch's. A view (a window into
+    # the data) is bound anew: written in place, the data it views would change.
+    saved = {}
+
+    def cap(frame):
+        if frame.f_locals["k"] == 2:
+            saved["t"] = through_format(loopstate.capture(_user(frame), "step", 1 << 20, []).tree)
+
+    data = torch.arange(6.0)
+    shared_tensor_loop(cap, data)
+    done = []
+
+    def res(frame):
+        if not done:
+            done.append(1)
+            loopstate.prepare(saved["t"], _user(frame), "step").apply()
+
+    fresh = torch.arange(6.0)
+    holder, weights, window = shared_tensor_loop(res, fresh)
+    assert holder.t is weights and weights.tolist() == [3.0, 2.0, 2.0]
+    assert torch.equal(fresh, torch.arange(6.0)) and window.tolist() == [3.0, 4.0]
+
+
+def aliases_loop(hook):
+    best = current = torch.zeros(2)  # one tensor until the loop rebinds ``current``
+    a, b = torch.zeros(2), torch.zeros(2)  # two tensors until the loop makes ``b`` an alias of ``a``
+    for k in range(4):
+        hook(sys._getframe())
+        current = current + 1
+        if k == 0:
+            best = current
+        if k == 1:
+            b = a
+        a += 1
+    return best, current, a, b
+
+
+def test_tensors_shared_in_the_relaunch_or_in_the_checkpoint_are_restored_as_they_were_shared():
+    saved = {}
+
+    def cap(frame):
+        if frame.f_locals["k"] == 3:
+            saved["t"] = through_format(loopstate.capture(_user(frame), "step", 1 << 20, []).tree)
+
+    plain = aliases_loop(cap)
+    done = []
+
+    def res(frame):
+        if not done:
+            done.append(1)
+            loopstate.prepare(saved["t"], _user(frame), "step").apply()
+
+    best, current, a, b = aliases_loop(res)
+    assert best.tolist() == plain[0].tolist() == [1.0, 1.0] and current.tolist() == [4.0, 4.0]
+    assert b is a and a.tolist() == plain[2].tolist() == [4.0, 4.0]
+
+
 def test_stack_of_edited_code_is_refused_before_anything_is_written():
     src = ("def f(hook):\n    x = 1\n    for k in range(3):\n        hook(__import__('sys')._getframe())\n"
            "        x += {inc}\n    return x\n")

@@ -246,6 +246,23 @@ def test_per_epoch_torch_draws_resume_exactly_several_epochs_later(tmp_path):
     assert tree_equal(load(out), load(tmp_path / "plain.pt"))
 
 
+@pytest.mark.parametrize("resume_at", [20, 24])
+def test_sampler_weights_the_loop_updates_in_place_resume_exactly(tmp_path, resume_at):
+    # Hard-example mining: a WeightedRandomSampler's weights updated in place from the losses. The resumed epoch
+    # drew its samples with the relaunch's weights (all ones; at 24, mid-epoch), and the script's variable, bound
+    # to a new tensor at the restore, was no longer the sampler's: later epochs drew with stale weights (at 20).
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE="ohem", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="20", EPOCHS="4")
+    assert run_script([TINY, out], tmp_path, **env).returncode == 0
+    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(resume_at)), **env)
+    assert second.returncode == 0, second.stderr
+    assert f"pyckpt: resumed from step {resume_at} (epoch " in second.stderr, second.stderr
+    assert "pyckpt: warning" not in second.stderr, second.stderr
+    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE="ohem", EPOCHS="4")
+    assert plain.returncode == 0, plain.stderr
+    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 @pytest.mark.parametrize("resume_at", [12, 24])
 def test_settings_the_loop_keeps_on_the_dataset_and_collate_fn_resume_exactly(tmp_path, workers, resume_at):

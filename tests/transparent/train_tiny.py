@@ -28,7 +28,8 @@ in place with NumPy at each epoch's start, batches augmented in the main process
 unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch trains on a
 new loader over 32 of the 40 samples drawn with torch.randperm before its iter(); multiepoch: timm's
 MultiEpochsDataLoader, one iterator for the whole run over a shuffled batch sampler repeated forever, each pass
-drawing its order from torch's global generator in the middle of that iterator)
+drawing its order from torch's global generator in the middle of that iterator; ohem: a WeightedRandomSampler
+whose weights tensor the loop updates in place from per-sample losses before each step)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -346,6 +347,16 @@ elif MODE == "multiepoch":  # timm's MultiEpochsDataLoader: one iterator over a 
     repeating = MultiEpochsDataLoader(data, batch_size=4, shuffle=True)
     for epoch in range(EPOCHS):
         for x, y in repeating:
+            train_step(x, y)
+        sched.step()
+elif MODE == "ohem":  # hard-example mining: a WeightedRandomSampler's weights updated in place from the losses
+    weights = torch.ones(len(data), dtype=torch.double)
+    indexed = torch.utils.data.StackDataset(data, torch.arange(len(data)))
+    mining = DataLoader(indexed, batch_size=4, sampler=torch.utils.data.WeightedRandomSampler(weights, len(data)))
+    for epoch in range(EPOCHS):
+        for (x, y), i in mining:
+            with torch.no_grad():
+                weights[i] = ((model(x) - y) ** 2).squeeze(1).double() + 0.01
             train_step(x, y)
         sched.step()
 elif MODE == "fixed_next":

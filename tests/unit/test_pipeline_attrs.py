@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, RandomSampler, Subset, TensorDataset
+from torch.utils.data import (BatchSampler, ConcatDataset, DataLoader, RandomSampler, Subset, TensorDataset,
+                              WeightedRandomSampler)
 
 from pyckpt import pipeline_attrs
 
@@ -49,11 +50,33 @@ class Resumable(Curriculum):  # positioned through its own state_dict(), not its
 
 
 def test_the_script_s_objects_are_found_through_wrapping_datasets_and_library_ones_are_not():
+    # torch's datasets are not parts (their data is no setting); torch's samplers are (the RandomSampler).
     inner = Curriculum()
     ds = ConcatDataset([Subset(inner, [0, 1]), TensorDataset(torch.zeros(2)), Resumable()])
     loader = _loader(ds)
     keys = [k for k, _ in pipeline_attrs.parts(loader, _chain(loader))]
-    assert keys == ["dataset.datasets.0.dataset", "sampler.0", "collate_fn"]
+    assert keys == ["dataset.datasets.0.dataset", "sampler.0", "sampler.1", "collate_fn"]
+
+
+def test_a_sampler_s_tensors_are_kept_and_copied_back_into_the_live_tensor(monkeypatch):
+    weights = torch.ones(4, dtype=torch.double)
+    loader = DataLoader(Curriculum(), batch_size=2, sampler=WeightedRandomSampler(weights, 4))
+    chain = [loader.sampler, loader.batch_sampler]
+    weights[1] = 5.0  # the loop updates the script's tensor, which is the sampler's
+    loader.dataset.table = torch.zeros(3)  # a dataset's tensors are its data: not kept
+    saved = pipeline_attrs.capture(loader, chain)
+    weights[1] = 7.0  # a copy was kept, not the live tensor
+    assert saved["sampler.0"]["attrs"]["weights"].tolist() == [1.0, 5.0, 1.0, 1.0]
+    assert "table" not in saved["dataset"]["attrs"] and saved["dataset"]["attrs"]["level"] == 1
+    fresh_weights = torch.ones(4, dtype=torch.double)
+    fresh = DataLoader(Curriculum(), batch_size=2, sampler=WeightedRandomSampler(fresh_weights, 4))
+    assert pipeline_attrs.restore(fresh, [fresh.sampler, fresh.batch_sampler], saved) is None
+    assert fresh.sampler.weights is fresh_weights and fresh_weights.tolist() == [1.0, 5.0, 1.0, 1.0]
+    # Over the size limit: not kept, and named to the caller (one warning line in loader_state).
+    monkeypatch.setattr(pipeline_attrs, "MAX_TENSOR_BYTES", 16)
+    over = []
+    saved = pipeline_attrs.capture(loader, chain, over.append)
+    assert "weights" not in saved["sampler.0"]["attrs"] and over == ["sampler.0.weights"]
 
 
 def test_plain_values_are_kept_and_put_back_containers_are_not():
