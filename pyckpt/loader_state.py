@@ -670,6 +670,10 @@ class _Skipping:
         self.it, self.owner, self.primed = iter(inner), owner, not owner.pending
         self.pulled, self.replay = 0, None
         self.draws = owner.stream.draws if owner.stream is not None else None  # this epoch's
+        try:
+            self.length: int | None = len(inner)
+        except TypeError:  # no len(): a sampler repeated forever (MultiEpochsDataLoader's)
+            self.length = None
 
     def _pull(self) -> Any:
         n = self.pulled
@@ -691,11 +695,11 @@ class _Skipping:
             finally:
                 _put_raw(now)  # what runs next draws as it would have without this pull
         d = self.draws
-        if d is None or n == 0:  # the first pull's draws: the epoch's start state covers them
+        if d is None or not sampler_draws.watched(d, n, self.length):
             return next(self.it)
         then = sampler_draws.before(d)
         out = next(self.it)
-        sampler_draws.drawn(d, n, then)
+        sampler_draws.drawn(d, n, then, self.length)
         return out
 
     def __iter__(self) -> "_Skipping":
@@ -716,12 +720,20 @@ class _Skipping:
                 self._pull()
 
     def __next__(self) -> Any:
+        n = self.pulled
+        if self.primed and not self.replay and self.length is not None and PULLS_QUIET <= n < self.length \
+                and (self.draws is None or not self.draws.every):
+            self.pulled = n + 1  # a pull nothing watches (most of them): as cheap as can be
+            return next(self.it)
         if not self.primed:
             try:
                 self.prime()
             except StopIteration:
                 pass  # fewer batches than the skip: the epoch is over
         return self._pull()
+
+
+PULLS_QUIET = sampler_draws.PROBED + 1  # the first pull not watched by default (sampler_draws.watched)
 
 
 class _FinishedEpoch(_BaseDataLoaderIter):

@@ -7,11 +7,12 @@ loader's iterator, and the training steps (dropout) draw from the same generator
 relaunch skipping to the checkpoint's batch pulls the skipped index batches back to back at its first
 fetch: the pass drew from another state, and the batches after the restore were other ones, silently.
 
-So each index batch pulled from the sampler's iterator after the first is watched
-(``loader_state._Skipping``): the CPU streams (torch's, Python's ``random``, NumPy's global) that changed
-while it was pulled were drawn by the sampler, and their states before it are kept with the pull's
-number. The relaunch puts each back right before it pulls that index batch again, and its own state
-after. The first pull's draws (a ``RandomSampler``'s permutation) are covered by the epoch's start state
+So the index batches pulled from the sampler's iterator past its length (all of them for a sampler
+without ``len()``) are watched (``loader_state._Skipping``), and the first ``PROBED`` after the first of
+every iterator: a sampler seen drawing there draws per batch, and every later pull is watched. The CPU
+streams (torch's, Python's ``random``, NumPy's global) that changed while a watched pull ran were drawn
+by the sampler, and their states before it are kept with the pull's number. The relaunch puts each
+back right before it pulls that index batch again, and its own state after. The first pull's draws (a ``RandomSampler``'s permutation) are covered by the epoch's start state
 (``loader_state``'s ``epoch_rng`` and ``first_rng``), so an ordinary loader keeps nothing.
 
 At most ``KEPT`` draws per epoch iterator are kept (one per pass of a repeated ``RandomSampler``: a run of
@@ -36,6 +37,15 @@ import torch
 from . import epoch_gaps, rng
 
 KEPT = 1024
+PROBED = 2  # pulls after the first watched in every epoch iterator (and all past the sampler's length)
+
+
+def watched(draws: "Draws", n: int, length: int | None) -> bool:
+    """Whether pull ``n`` of an iterator over a sampler of ``length`` index batches (None: no ``len()``) is
+    watched: not the first (the epoch's start state covers it); the next ``PROBED``; every one past the
+    length (a sampler repeated forever, whose ``len()`` is one pass or none); all of them once the sampler
+    drew inside its length after the first (a sampler drawing per batch)."""
+    return n > 0 and (n <= PROBED or draws.every or length is None or n >= length)
 
 
 class Draws:
@@ -50,6 +60,8 @@ class Draws:
         # The sampler drew from Python's / NumPy's generator: their whole states are read before each pull
         self.python = before.python if before is not None else False
         self.numpy = before.numpy if before is not None else False
+        # The sampler drew at a pull inside its declared length, past the first: every pull is watched
+        self.every = before.every if before is not None else False
         self._stored: dict[str, Any] | None = None
 
     def add(self, n: int, state: dict[str, Any] | None, unread: bool = False) -> None:
@@ -107,13 +119,15 @@ class _InPlace:
 
     def __call__(self) -> Any:
         if not self.checked:
-            self.checked = True
             try:
                 addr = self.locate()
-                if addr is not None and self._read(addr) == self.documented():
-                    self.addr = addr
             except Exception:  # noqa: BLE001 - another build: the slow, documented way
-                self.addr = None
+                addr, self.checked = None, True
+            if addr is None:  # (NumPy not imported yet: checked once it is)
+                return self.documented()
+            self.checked = True
+            if self._read(addr) == self.documented():
+                self.addr = addr
         if self.addr is not None:
             return self._read(self.addr)
         return self.documented()
@@ -156,8 +170,9 @@ def before(draws: Draws) -> tuple:
             np_random.get_state() if np_random is not None else None)
 
 
-def drawn(draws: Draws, n: int, then: tuple) -> None:
-    """After pull ``n``: keep the states of the streams it drew from (``then``: ``before``'s)."""
+def drawn(draws: Draws, n: int, then: tuple, length: int | None = None) -> None:
+    """After pull ``n`` (of a sampler of ``length`` index batches): keep the states of the streams it drew
+    from (``then``: ``before``'s)."""
     cpu, py_mark, np_mark, py_state, np_state = then
     state: dict[str, Any] = {}
     unread = False
@@ -177,3 +192,5 @@ def drawn(draws: Draws, n: int, then: tuple) -> None:
             unread = True
     if state or unread:
         draws.add(n, state, unread)
+        if length is not None and n < length:
+            draws.every = True

@@ -238,3 +238,30 @@ def test_a_sampler_draw_not_kept_is_said_at_the_resume(monkeypatch, capsys):
     _one_iterator(make, 15, plan=(got["pos"], got["rng"]))
     assert "drew from the global random generators at more places in its epoch than pyckpt kept" in \
         capsys.readouterr().err
+
+
+class PerBatch(Sampler):
+    """A batch sampler drawing each batch from torch's global generator as it is asked for it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return 12
+
+    def __iter__(self):
+        for _ in range(12):
+            yield torch.randint(self.n, (4,)).tolist()
+
+
+def test_a_sampler_drawing_at_every_batch_is_seen_in_the_first_pulls_and_watched_from_then_on():
+    # Inside its length, only the first pulls of an iterator are looked at (sampler_draws.PROBED); a draw
+    # there marks the sampler as one that draws per batch, and every later pull is watched. (Worker processes
+    # are fed 4 index batches ahead of the loop: pulled before the restore point, they drew from the
+    # relaunch's state.)
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_sampler=PerBatch(len(ds)), num_workers=2)  # noqa: E731
+    ref, got = _one_iterator(make, 12, stop=7)
+    resumed, _ = _one_iterator(make, 12, plan=(got["pos"], got["rng"]), seed=99)
+    assert resumed == ref[7:]
+    assert got["pos"]["sampler_draws"]["at"] == list(range(1, 11))
