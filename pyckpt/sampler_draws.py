@@ -12,8 +12,9 @@ without ``len()``) are watched (``loader_state._Skipping``), and the first ``PRO
 every iterator: a sampler seen drawing there draws per batch, and every later pull is watched. The CPU
 streams (torch's, Python's ``random``, NumPy's global) that changed while a watched pull ran were drawn
 by the sampler, and their states before it are kept with the pull's number. The relaunch puts each
-back right before it pulls that index batch again, and its own state after. The first pull's draws (a ``RandomSampler``'s permutation) are covered by the epoch's start state
-(``loader_state``'s ``epoch_rng`` and ``first_rng``), so an ordinary loader keeps nothing.
+back right before it pulls that index batch again, and its own state after. The first pull's draws (a
+``RandomSampler``'s permutation) are covered by the epoch's start state (``loader_state``'s ``epoch_rng``
+and ``first_rng``), so an ordinary loader keeps nothing.
 
 At most ``KEPT`` draws per epoch iterator are kept (one per pass of a repeated ``RandomSampler``: a run of
 a thousand epochs on one iterator); a resume in an iterator that dropped some says so. Draws from Python's
