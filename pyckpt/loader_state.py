@@ -647,8 +647,9 @@ class FastForward:
 class _SkipFirst:
     """Stands in for the loader's index sampler during one ``iter()``: the first iterator
     advanced drops ``k`` index batches (``pending``); later ones (persistent workers' next epochs) do not.
-    Each iterator's pulls are watched for draws from the global generators (into ``stream.draws``), and
-    the skipping one's draws at the pulls of ``replay`` ({pull number: state}) are made from those states."""
+    Each iterator's pulls are watched for draws from the global generators (into ``stream.draws``, as
+    ``sampler_draws.watched`` says), and the skipping one's draws at the pulls of ``replay`` ({pull number:
+    state}) are made from those states."""
 
     def __init__(self, inner: Any, k: int, before_first_draw: Callable[[], None] | None,
                  stream: "Stream | None" = None, replay: dict | None = None, pending: bool = True) -> None:
@@ -663,8 +664,8 @@ class _SkipFirst:
 
 
 class _Skipping:
-    """Index-batch iterator that drops ``owner.k`` batches once, on ``prime()`` or first use; watches
-    what each pull after the first draws from the global generators (``sampler_draws``)."""
+    """Index-batch iterator that drops ``owner.k`` batches once, on ``prime()`` or first use; watches what
+    the pulls ``sampler_draws.watched`` names draw from the global generators."""
 
     def __init__(self, inner: Any, owner: _SkipFirst) -> None:
         self.it, self.owner, self.primed = iter(inner), owner, not owner.pending

@@ -24,7 +24,8 @@ resume in that iterator); from then on their states are read before each pull. T
 whole each time (0.6 us): its draws, the common case, are kept from the first.
 
 Stored form (a snapshot's loader position, ``sampler_draws``): ``{"at": [pull number per draw], "lost":
-draws not kept}`` plus ``epoch_gaps.pack_states``' tables of the states.
+draws not kept, "every", "from_python", "from_numpy": the flags of ``Draws``}`` plus
+``epoch_gaps.pack_states``' tables of the states.
 """
 from __future__ import annotations
 
@@ -85,7 +86,9 @@ class Draws:
     def stored(self) -> dict[str, Any]:
         """The form a snapshot's loader position holds (above); built once per draw, not per snapshot."""
         if self._stored is None:
-            self._stored = {"at": list(self.at), "lost": self.lost, **epoch_gaps.pack_states(self.states)}
+            self._stored = {"at": list(self.at), "lost": self.lost, "every": self.every,
+                            "from_python": self.python, "from_numpy": self.numpy,
+                            **epoch_gaps.pack_states(self.states)}
         return self._stored
 
     @classmethod
@@ -104,6 +107,8 @@ class Draws:
             return None
         d = cls()
         d.at, d.states, d.lost = list(at), states, lost
+        # What was learnt of the sampler goes on after a resume (absent in checkpoints written before)
+        d.every, d.python, d.numpy = (saved.get(k) is True for k in ("every", "from_python", "from_numpy"))
         return d
 
 
@@ -192,6 +197,6 @@ def drawn(draws: Draws, n: int, then: tuple, length: int | None = None) -> None:
         else:
             unread = True
     if state or unread:
-        draws.add(n, state, unread)
         if length is not None and n < length:
-            draws.every = True
+            draws.every = True  # (before add(), which renews what stored() gives)
+        draws.add(n, state, unread)

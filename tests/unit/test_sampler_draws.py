@@ -26,7 +26,15 @@ def test_a_torch_draw_is_kept_with_its_state_before_the_pull_and_goes_through_a_
     assert d.at == [2] and set(d.states[0]) == {"torch"} and d.lost == 0
     enc, tensors, _ = tree.flatten({"v": d.stored()})  # as a checkpoint holds it
     again = sampler_draws.Draws.parse(tree.unflatten(enc, lambda i, into, path: tensors[i].clone())["v"])
-    assert again.at == [2] and again.lost == 0
+    assert again.at == [2] and again.lost == 0 and not again.every
+    # A NumPy draw inside the sampler's length: it draws per batch, from NumPy. What was learnt of the sampler
+    # goes on after a resume.
+    then = sampler_draws.before(d)
+    np.random.rand()
+    sampler_draws.drawn(d, 3, then, length=10)
+    enc, tensors, _ = tree.flatten({"v": d.stored()})
+    learnt = sampler_draws.Draws.parse(tree.unflatten(enc, lambda i, into, path: tensors[i].clone())["v"])
+    assert (learnt.every, learnt.python, learnt.numpy, learnt.lost) == (True, False, True, 1) and learnt.at == [2]
     rng.restore_some(again.replay()[2])
     assert torch.equal(torch.rand(2), expected)
 
