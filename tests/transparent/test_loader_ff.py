@@ -262,6 +262,10 @@ def test_a_sampler_drawing_at_every_batch_is_seen_in_the_first_pulls_and_watched
     ds = Counting()
     make = lambda: DataLoader(ds, batch_sampler=PerBatch(len(ds)), num_workers=2)  # noqa: E731
     ref, got = _one_iterator(make, 12, stop=7)
-    resumed, _ = _one_iterator(make, 12, plan=(got["pos"], got["rng"]), seed=99)
+    resumed, again = _one_iterator(make, 12, stop=9, plan=(got["pos"], got["rng"]), seed=99)
     assert resumed == ref[7:]
     assert got["pos"]["sampler_draws"]["at"] == list(range(1, 11))
+    # The resumed iterator pulled its first ones from the checkpoint's states, without looking: what was
+    # learnt of the sampler came with them, and its later pulls are watched for a second resume.
+    twice, _ = _one_iterator(make, 12, plan=(again["pos"], again["rng"]), seed=7)
+    assert twice == ref[9:]
