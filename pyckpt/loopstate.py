@@ -910,7 +910,8 @@ class _Struct:
     ("nt") is ``type(live)._make(...)``, a frozen dataclass ("dc") ``dataclasses.replace(live, ...)``
     (both rebound: the script rebinds them), a dict subclass ("dd") and a plain object ("ob") are
     refilled in place, an enum member ("en") is the live enum class's member of the saved name.
-    Members left out at capture keep the live value."""
+    Members left out at capture keep the live value. (A missing entry of a ``defaultdict`` whose factory
+    is that class is made by the live factory: ``_made_by_factory``.)"""
 
     def __init__(self, tag: str, qualname: str, members: dict, dec: "_Decoder", items: dict | None = None,
                  name: str = "") -> None:
@@ -1011,7 +1012,9 @@ def _problem(saved: Any, live: Any, holders: set[int]) -> str | None:
     if t is dict:
         at = live if isinstance(live, dict) else {}
         for k, v in saved.items():
-            why = _problem(k, _MISSING, holders) or _problem(v, dict.get(at, k, _MISSING), holders)
+            now = dict.get(at, k, _MISSING)
+            why = _problem(k, _MISSING, holders) or (None if now is _MISSING and _made_by_factory(at, v)
+                                                     else _problem(v, now, holders))
             if why:
                 return _at(f"[{k!r}]", why)
         return None
@@ -1154,6 +1157,17 @@ def _check_states(decoded: dict, live: dict, label: Any, plan: "Plan", holders: 
             raise PyckptError(f"{label(k)} {why}")
 
 
+def _made_by_factory(live: Any, saved: Any) -> bool:
+    """Whether the object of a script class ``saved`` holds is made where ``live``, a ``defaultdict`` whose
+    factory is that very class, has no entry yet: the script makes it there at its first use
+    (``self.meters = defaultdict(SmoothedValue)`` of the torchvision references' MetricLogger, an entry
+    made at the first ``update()`` after the restore point), and its saved members go into it. The factory
+    is the running script's class (nothing is looked up by a name from the checkpoint)."""
+    factory = getattr(live, "default_factory", None) if isinstance(live, collections.defaultdict) else None
+    return (isinstance(saved, _Struct) and saved.tag == "ob" and isinstance(factory, type)
+            and frames.is_script_class(factory) and factory.__qualname__ == saved.qualname)
+
+
 def _live_generators(saved: Any, live: Any, holders: set[int]) -> Any:
     """``saved`` with each random generator state in it put into the generator ``live`` holds at the same
     place (dict key, list/tuple/deque index, at any depth): the script and any other reference keep
@@ -1165,8 +1179,12 @@ def _live_generators(saved: Any, live: Any, holders: set[int]) -> Any:
     t = type(saved)
     if t is dict:
         at = live if isinstance(live, dict) else {}
+
+        def place(k: Any, v: Any) -> Any:  # the live value at key k, made as the script would make it
+            return at.default_factory() if k not in at and _made_by_factory(at, v) else dict.get(at, k)
+
         # A generator as a key has no place to match (nor a live key to find): a new one.
-        return {_live_generators(k, None, holders): _live_generators(v, at.get(k), holders) for k, v in saved.items()}
+        return {_live_generators(k, None, holders): _live_generators(v, place(k, v), holders) for k, v in saved.items()}
     if t in (set, frozenset):  # unordered: no place to match either
         return t(_live_generators(x, None, holders) for x in saved)
     at = list(live) if isinstance(live, (list, tuple, collections.deque)) else []

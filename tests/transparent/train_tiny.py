@@ -29,7 +29,9 @@ unfreeze: the first layer frozen until step 6, unfrozen in the training loop; su
 new loader over 32 of the 40 samples drawn with torch.randperm before its iter(); multiepoch: timm's
 MultiEpochsDataLoader, one iterator for the whole run over a shuffled batch sampler repeated forever, each pass
 drawing its order from torch's global generator in the middle of that iterator; ohem: a WeightedRandomSampler
-whose weights tensor the loop updates in place from per-sample losses before each step)
+whose weights tensor the loop updates in place from per-sample losses before each step; metriclogger: the
+torchvision references' MetricLogger, its meters in a defaultdict made at their first update, each epoch's
+mean loss saved)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -359,6 +361,35 @@ elif MODE == "ohem":  # hard-example mining: a WeightedRandomSampler's weights u
                 weights[i] = ((model(x) - y) ** 2).squeeze(1).double() + 0.01
             train_step(x, y)
         sched.step()
+elif MODE == "metriclogger":  # the torchvision references' MetricLogger: meters made at their first update()
+    import collections
+
+    class SmoothedValue:
+        def __init__(self):
+            self.window, self.total, self.count = collections.deque(maxlen=5), 0.0, 0
+
+        def update(self, value):
+            self.window.append(value)
+            self.total, self.count = self.total + value, self.count + 1
+
+    class MetricLogger:
+        def __init__(self):
+            self.meters = collections.defaultdict(SmoothedValue)
+
+        def log_every(self, iterable):
+            for obj in iterable:
+                yield obj
+
+    epoch_means = []
+    for epoch in range(EPOCHS):
+        metric_logger = MetricLogger()
+        for x, y in metric_logger.log_every(loader):
+            metric_logger.meters["loss"].update(((model(x) - y) ** 2).mean().item())
+            train_step(x, y)
+        # DeiT/MAE's train_one_epoch returns this (empty in an epoch a relaunch runs again without data)
+        epoch_means.append({k: meter.total / meter.count for k, meter in metric_logger.meters.items()})
+        sched.step()
+    models["log"] = {"epoch_means": torch.tensor([stats["loss"] for stats in epoch_means])}
 elif MODE == "fixed_next":
     for epoch in range(EPOCHS):
         it = iter(loader)
