@@ -624,24 +624,26 @@ class FastForward:
         ahead = pos.get("ahead_rng")
         if not isinstance(ahead, list) or len(ahead) != fetched - batch:
             ahead = []  # absent (workers, no look-ahead) or malformed: _fast_forward says so if it matters
-        gaps = epoch_gaps.Gaps()
-        if "past_ends" in pos:  # (checkpoints written before have none)
-            parsed = epoch_gaps.Gaps.parse(pos["past_ends"])
-            if parsed is not None:
-                gaps = parsed
-            else:
-                _say_once("warning: the random states of the gaps between epochs in the checkpoint are malformed; "
-                          "the per-epoch code of the epochs a resume runs again draws from others", "warning")
-        draws = sampler_draws.Draws()
-        if "sampler_draws" in pos:  # (checkpoints written before have none)
-            parsed_draws = sampler_draws.Draws.parse(pos["sampler_draws"])
-            if parsed_draws is not None:
-                draws = parsed_draws
-            else:
-                _say_once("warning: the random states the sampler drew from in the middle of its epoch are malformed "
-                          "in the checkpoint; the order of the batches after this resume may differ", "warning")
+        gaps = _parsed(pos, "past_ends", epoch_gaps.Gaps, "the random states of the gaps between epochs in the "
+                       "checkpoint are malformed; the per-epoch code of the epochs a resume runs again draws from "
+                       "others")
+        draws = _parsed(pos, "sampler_draws", sampler_draws.Draws, "the random states the sampler drew from in the "
+                        "middle of its epoch are malformed in the checkpoint; the order of the batches after this "
+                        "resume may differ")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
                    bool(pos.get("reused")), pos, fetched, others, ahead, pos.get("ended") is True, gaps, draws)
+
+
+def _parsed(pos: dict[str, Any], key: str, kind: Any, malformed: str) -> Any:
+    """``kind.parse(pos[key])``; an empty ``kind()`` when the position has none (checkpoints written before)
+    or, said in one warning line, when it is malformed."""
+    if key not in pos:
+        return kind()
+    got = kind.parse(pos[key])
+    if got is None:
+        _say_once(f"warning: {malformed}", "warning")
+        return kind()
+    return got
 
 
 class _SkipFirst:

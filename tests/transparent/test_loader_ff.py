@@ -102,76 +102,6 @@ def test_distributed_sampler_with_set_epoch():
     _check(make, stop=(2, 1))
 
 
-def test_infinite_sampler_skips_inside_one_epoch():
-    ds = Counting()
-    make = lambda: DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, replacement=True,  # noqa: E731
-                                                                        num_samples=10**10))
-
-    def run(stop=None, plan=None, seed=0):
-        hooks, got = HookSet(), {}
-
-        def on_point(st):
-            if plan is not None and st is tracker.plan_stream:
-                torch.set_rng_state(plan[1])
-                tracker.plan = None
-            if stop is not None and st.batches == stop:
-                got["pos"], got["rng"] = st.position(), torch.get_rng_state()
-
-        tracker = LoaderTracker(on_point, lambda: None, lambda: None)
-        tracker.install(hooks)
-        tracker.armed = True
-        if plan is not None:
-            tracker.plan = FastForward.from_position(plan[0])
-        try:
-            torch.manual_seed(seed)
-            it = iter(make())
-            return [next(it).tolist() for _ in range(12 - (plan[0]["batch"] if plan else 0))], got
-        finally:
-            hooks.remove_all()
-
-    ref, got = run(stop=7)
-    before = ds.calls
-    resumed, _ = run(plan=(got["pos"], got["rng"]), seed=99)
-    assert resumed == ref[7:]
-    assert ds.calls - before == 5 * 4
-
-
-def test_loaders_recreated_every_epoch():
-    ds = Counting()
-    _check(lambda: DataLoader(ds, batch_size=5, shuffle=True), recreate=True, stop=(3, 2))
-
-
-def test_eval_loader_is_never_skipped():
-    ds = Counting()
-    val = DataLoader(Counting(7), batch_size=2)
-    make = lambda: DataLoader(ds, batch_size=4, shuffle=True)  # noqa: E731
-    _, got, ref_evals = _loop(make, 3, stop=(2, 3), eval_loader=val)
-    _, _, evals = _loop(make, 3, plan=(got["pos"], got["rng"]), eval_loader=val, seed=5)
-    assert evals == ref_evals and len(evals[0]) == 4
-
-
-class Shard(Sampler):
-    """A batch sampler wrapping a BatchSampler, as accelerate's BatchSamplerShard does under DDP."""
-
-    def __init__(self, batch_sampler: BatchSampler) -> None:
-        self.batch_sampler = batch_sampler
-
-    def __iter__(self):
-        return iter(self.batch_sampler)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-
-def test_generator_of_a_sampler_nested_in_a_wrapping_batch_sampler():
-    # The shuffling sampler's own generator sits two levels below the loader; skipped epochs draw
-    # no permutation from it, so its epoch-start state must be found and put back.
-    ds = Counting()
-    make = lambda: DataLoader(ds, batch_sampler=Shard(BatchSampler(  # noqa: E731
-        RandomSampler(ds, generator=torch.Generator()), batch_size=4, drop_last=False)))
-    _check(make, stop=(3, 2))
-
-
 class Repeat:
     """timm's ``_RepeatSampler``: MultiEpochsDataLoader's batch sampler, passed over forever by one iterator."""
 
@@ -210,6 +140,53 @@ def _one_iterator(make, n, stop=None, plan=None, seed=0):
         return out, got
     finally:
         hooks.remove_all()
+
+
+def test_infinite_sampler_skips_inside_one_epoch():
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, replacement=True,  # noqa: E731
+                                                                        num_samples=10**10))
+    ref, got = _one_iterator(make, 12, stop=7)
+    before = ds.calls
+    resumed, _ = _one_iterator(make, 12, plan=(got["pos"], got["rng"]), seed=99)
+    assert resumed == ref[7:]
+    assert ds.calls - before == 5 * 4
+
+
+def test_loaders_recreated_every_epoch():
+    ds = Counting()
+    _check(lambda: DataLoader(ds, batch_size=5, shuffle=True), recreate=True, stop=(3, 2))
+
+
+def test_eval_loader_is_never_skipped():
+    ds = Counting()
+    val = DataLoader(Counting(7), batch_size=2)
+    make = lambda: DataLoader(ds, batch_size=4, shuffle=True)  # noqa: E731
+    _, got, ref_evals = _loop(make, 3, stop=(2, 3), eval_loader=val)
+    _, _, evals = _loop(make, 3, plan=(got["pos"], got["rng"]), eval_loader=val, seed=5)
+    assert evals == ref_evals and len(evals[0]) == 4
+
+
+class Shard(Sampler):
+    """A batch sampler wrapping a BatchSampler, as accelerate's BatchSamplerShard does under DDP."""
+
+    def __init__(self, batch_sampler: BatchSampler) -> None:
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self):
+        return iter(self.batch_sampler)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+def test_generator_of_a_sampler_nested_in_a_wrapping_batch_sampler():
+    # The shuffling sampler's own generator sits two levels below the loader; skipped epochs draw
+    # no permutation from it, so its epoch-start state must be found and put back.
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_sampler=Shard(BatchSampler(  # noqa: E731
+        RandomSampler(ds, generator=torch.Generator()), batch_size=4, drop_last=False)))
+    _check(make, stop=(3, 2))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

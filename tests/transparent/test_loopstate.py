@@ -70,6 +70,28 @@ def _user(frame):
     return [frame]
 
 
+def _capture_and_resume(run, when, frames_of=_user):
+    """``run(hook)`` once, capturing the loop state (through the checkpoint's format) at the first hook call
+    whose frame ``when(frame)`` accepts; then again, restoring it at the first hook call. Returns (the
+    capture, the restore's plan, the second run's result)."""
+    got = {}
+
+    def cap(frame):
+        if "cap" not in got and when(frame):
+            got["cap"] = loopstate.capture(frames_of(frame), "step", 1 << 20, [])
+
+    run(cap)
+    tree = through_format(got["cap"].tree)
+
+    def res(frame):
+        if "plan" not in got:
+            got["plan"] = loopstate.prepare(tree, frames_of(frame), "step")
+            got["plan"].apply()
+
+    out = run(res)
+    return got["cap"], got["plan"], out
+
+
 def test_capture_then_restore_in_a_fresh_run_continues_identically():
     plain = loop(lambda f: None, [])
     K = 13  # epoch 1, i = 2, j = 1: every loop iterator is away from where a fresh run starts
@@ -119,23 +141,11 @@ def test_a_tensor_is_restored_into_the_live_one_unless_it_is_a_view():
     # Bound to a new tensor, the script's variable was no longer the one the library object held: the loop's
     # updates after the restore went to the new tensor, the object kept the relaunch's. A view (a window into
     # the data) is bound anew: written in place, the data it views would change.
-    saved = {}
-
-    def cap(frame):
-        if frame.f_locals["k"] == 2:
-            saved["t"] = through_format(loopstate.capture(_user(frame), "step", 1 << 20, []).tree)
-
-    data = torch.arange(6.0)
-    shared_tensor_loop(cap, data)
-    done = []
-
-    def res(frame):
-        if not done:
-            done.append(1)
-            loopstate.prepare(saved["t"], _user(frame), "step").apply()
-
+    shared_tensor_loop(lambda f: None, torch.arange(6.0))
     fresh = torch.arange(6.0)
-    holder, weights, window = shared_tensor_loop(res, fresh)
+    runs = iter([torch.arange(6.0), fresh])
+    _, _, (holder, weights, window) = _capture_and_resume(lambda hook: shared_tensor_loop(hook, next(runs)),
+                                                          lambda f: f.f_locals["k"] == 2)
     assert holder.t is weights and weights.tolist() == [3.0, 2.0, 2.0]
     assert torch.equal(fresh, torch.arange(6.0)) and window.tolist() == [3.0, 4.0]
 
@@ -155,21 +165,8 @@ def aliases_loop(hook):
 
 
 def test_tensors_shared_in_the_relaunch_or_in_the_checkpoint_are_restored_as_they_were_shared():
-    saved = {}
-
-    def cap(frame):
-        if frame.f_locals["k"] == 3:
-            saved["t"] = through_format(loopstate.capture(_user(frame), "step", 1 << 20, []).tree)
-
-    plain = aliases_loop(cap)
-    done = []
-
-    def res(frame):
-        if not done:
-            done.append(1)
-            loopstate.prepare(saved["t"], _user(frame), "step").apply()
-
-    best, current, a, b = aliases_loop(res)
+    plain = aliases_loop(lambda f: None)
+    _, _, (best, current, a, b) = _capture_and_resume(aliases_loop, lambda f: f.f_locals["k"] == 3)
     assert best.tolist() == plain[0].tolist() == [1.0, 1.0] and current.tolist() == [4.0, 4.0]
     assert b is a and a.tolist() == plain[2].tolist() == [4.0, 4.0]
 
@@ -202,24 +199,9 @@ def test_an_entry_of_a_defaultdict_of_a_script_class_is_made_as_the_script_makes
     # At the restore point the relaunch's logger is new (its meters are made at their first update); the
     # checkpoint holds the meter: the whole logger was left out (the epoch's logged average came out wrong).
     plain = logger_loop(lambda f: None, [])
-    saved = {}
-
-    def cap(frame):
-        if frame.f_locals["epoch"] == 1 and frame.f_locals["k"] == 2:
-            c = loopstate.capture(_user(frame), "step", 1 << 20, [])
-            saved["t"] = through_format(c.tree)
-
-    logger_loop(cap, [])
-    done, warned = [], []
-
-    def res(frame):
-        if not done:
-            done.append(1)
-            plan = loopstate.prepare(saved["t"], _user(frame), "step")
-            warned.extend(plan.warnings)
-            plan.apply()
-
-    assert logger_loop(res, []) == plain and not warned
+    _, plan, out = _capture_and_resume(lambda hook: logger_loop(hook, []),
+                                       lambda f: f.f_locals["epoch"] == 1 and f.f_locals["k"] == 2)
+    assert out == plain and not plan.warnings
 
 
 def test_stack_of_edited_code_is_refused_before_anything_is_written():
@@ -419,25 +401,17 @@ def _two(frame):
 
 
 def test_a_generator_on_the_stack_and_iterated_outside_is_positioned_once():
-    # Its range iterator was consumed twice over (once per place it was seen): the generator ended
-    # early and the loop outside moved to the next epoch, silently.
+    # Its range iterator was consumed twice over (once per place it was seen): the generator ended early
+    # and the loop outside moved to the next epoch, silently.
     plain = outer_loop(lambda f: None, [])
-    saved, calls = {}, []
+    calls = []
 
-    def cap(frame):
-        if len(calls) == 6:  # epoch 1, k = 2: one item left in the generator's range
-            saved["t"] = through_format(loopstate.capture(_two(frame), "step", 1 << 20, []).tree)
+    def sixth(frame):  # epoch 1, k = 2: one item left in the generator's range
         calls.append(1)
+        return len(calls) == 7
 
-    outer_loop(cap, [])
-    done = []
-
-    def res(frame):
-        if not done:
-            done.append(1)
-            loopstate.prepare(saved["t"], _two(frame), "step").apply()
-
-    assert outer_loop(res, []) == plain  # (the trace is restored too)
+    _, _, out = _capture_and_resume(lambda hook: outer_loop(hook, []), sixth, _two)
+    assert out == plain  # (the trace is restored too)
 
 
 def stream_of(hook, epochs):
@@ -460,25 +434,11 @@ def test_a_generator_in_a_variable_running_on_the_stack_is_positioned_and_not_wa
     # The snapshot point (the loader's fetch) is inside the generator: its frame is captured on the stack, so
     # the variable holding it needs nothing; it was said to make the resume inexact, which it did not.
     plain = next_loop(lambda f: None, [])
-    saved, calls = {}, []
-
-    def cap(frame):
-        if len(calls) == 5:  # epoch 1, k = 2
-            c = loopstate.capture(_two(frame), "step", 1 << 20, [])
-            assert not c.warnings, c.warnings
-            assert "running on the stack" in c.skipped["batches (in next_loop)"]
-            saved["t"] = through_format(c.tree)
-        calls.append(1)
-
-    next_loop(cap, [])
-    done = []
-
-    def res(frame):
-        if not done:
-            done.append(1)
-            loopstate.prepare(saved["t"], _two(frame), "step").apply()
-
-    assert next_loop(res, []) == plain
+    cap, _, out = _capture_and_resume(lambda hook: next_loop(hook, []),
+                                      lambda f: f.f_back.f_locals.get("step") == 5, _two)
+    assert not cap.warnings, cap.warnings
+    assert "running on the stack" in cap.skipped["batches (in next_loop)"]
+    assert out == plain
 
 
 def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypatch):

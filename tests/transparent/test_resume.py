@@ -215,37 +215,37 @@ def test_weights_updated_by_hand_with_no_loader_resume_exactly(tmp_path, plain_r
     assert tree_equal(final, plain_results(mode))
 
 
+def _run_then_resume_from(tmp_path, mode: str, epochs: str, step: int) -> str:
+    """Train ``mode`` to the end with a checkpoint every 4 steps, relaunch from the one at ``step``, check the
+    result equals a plain run's; returns the relaunch's stderr."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
+    env = dict(MODE=mode, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="20", EPOCHS=epochs)
+    first = run_script([TINY, out], tmp_path, **env)
+    assert first.returncode == 0, first.stderr
+    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(step)), **env)
+    assert second.returncode == 0, second.stderr
+    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE=mode, EPOCHS=epochs)
+    assert plain.returncode == 0, plain.stderr
+    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+    return second.stderr
+
+
 @pytest.mark.parametrize("resume_at", [24, 28])
-def test_per_epoch_code_with_cumulative_draws_resumes_exactly_epochs_later(tmp_path, plain_results, resume_at):
+def test_per_epoch_code_with_cumulative_draws_resumes_exactly_epochs_later(tmp_path, resume_at):
     # The dataset's order, a list shuffled in place with NumPy at each epoch's start, while the batches
     # draw NumPy numbers in the main process: the relaunch's skipped epochs shuffled from other states
     # (only the last epoch end's was put back), so epoch 2 trained on another order, silently.
-    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
-    env = dict(MODE="reshuffle", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="10", EPOCHS="4")
-    first = run_script([TINY, out], tmp_path, **env)
-    assert first.returncode == 0, first.stderr
-    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(resume_at)), **env)
-    assert second.returncode == 0, second.stderr
-    assert f"pyckpt: resumed from step {resume_at} (epoch 2, batch {resume_at - 20})" in second.stderr, second.stderr
-    assert "pyckpt: warning" not in second.stderr, second.stderr
-    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE="reshuffle", EPOCHS="4")
-    assert plain.returncode == 0, plain.stderr
-    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+    said = _run_then_resume_from(tmp_path, "reshuffle", "4", resume_at)
+    assert f"pyckpt: resumed from step {resume_at} (epoch 2, batch {resume_at - 20})" in said, said
+    assert "pyckpt: warning" not in said, said
 
 
 def test_per_epoch_torch_draws_resume_exactly_several_epochs_later(tmp_path):
     # A new subset drawn with torch.randperm at each epoch's start: the torch states of the gaps are kept as
     # one table, and the relaunch put back its second row (a view into the table) with torch.set_rng_state,
     # which read it from the wrong place and crashed the relaunch (SIGSEGV) in the epochs it ran again.
-    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
-    env = dict(MODE="subset", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="20", EPOCHS="5")
-    assert run_script([TINY, out], tmp_path, **env).returncode == 0
-    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(36)), **env)
-    assert second.returncode == 0, second.stderr
-    assert "pyckpt: resumed from step 36 (epoch 4, batch 4)" in second.stderr, second.stderr
-    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE="subset", EPOCHS="5")
-    assert plain.returncode == 0, plain.stderr
-    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+    said = _run_then_resume_from(tmp_path, "subset", "5", 36)
+    assert "pyckpt: resumed from step 36 (epoch 4, batch 4)" in said, said
 
 
 @pytest.mark.parametrize("resume_at", [20, 24])
@@ -253,16 +253,9 @@ def test_sampler_weights_the_loop_updates_in_place_resume_exactly(tmp_path, resu
     # Hard-example mining: a WeightedRandomSampler's weights updated in place from the losses. The resumed epoch
     # drew its samples with the relaunch's weights (all ones; at 24, mid-epoch), and the script's variable, bound
     # to a new tensor at the restore, was no longer the sampler's: later epochs drew with stale weights (at 20).
-    ckpt, out = tmp_path / "ckpt", tmp_path / "o.pt"
-    env = dict(MODE="ohem", PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", PYCKPT_KEEP="20", EPOCHS="4")
-    assert run_script([TINY, out], tmp_path, **env).returncode == 0
-    second = run_script([TINY, out], tmp_path, PYCKPT_RESUME=str(ckpt / layout.step_dir_name(resume_at)), **env)
-    assert second.returncode == 0, second.stderr
-    assert f"pyckpt: resumed from step {resume_at} (epoch " in second.stderr, second.stderr
-    assert "pyckpt: warning" not in second.stderr, second.stderr
-    plain = run_script([TINY, tmp_path / "plain.pt"], tmp_path, MODE="ohem", EPOCHS="4")
-    assert plain.returncode == 0, plain.stderr
-    assert tree_equal(load(out), load(tmp_path / "plain.pt"))
+    said = _run_then_resume_from(tmp_path, "ohem", "4", resume_at)
+    assert f"pyckpt: resumed from step {resume_at} (epoch " in said, said
+    assert "pyckpt: warning" not in said, said
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
