@@ -246,3 +246,16 @@ def test_a_sampler_drawing_at_every_batch_is_seen_in_the_first_pulls_and_watched
     # learnt of the sampler came with them, and its later pulls are watched for a second resume.
     twice, _ = _one_iterator(make, 12, plan=(again["pos"], again["rng"]), seed=7)
     assert twice == ref[9:]
+
+
+def test_malformed_gap_or_sampler_states_in_a_checkpoint_are_said_and_not_used(capsys):
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_sampler=Repeat(BatchSampler(RandomSampler(ds), 4, False)))  # noqa: E731
+    _, got = _one_iterator(make, 9, stop=8)
+    pos = dict(got["pos"], sampler_draws={"at": "x"}, past_ends={"first": -1})
+    plan = FastForward.from_position(pos)
+    assert plan.draws.at == [] and plan.gaps.states == []
+    err = capsys.readouterr().err
+    assert "the random states the sampler drew from in the middle of its epoch are malformed" in err
+    assert "the random states of the gaps between epochs in the checkpoint are malformed" in err
+    assert FastForward.from_position(got["pos"]).draws.at == [6]  # the well-formed one is used
