@@ -11,6 +11,8 @@ Target: under 1 %.
 It also prints the cost of capturing the script's loop state (docs/TRANSPARENCY.md
 "Loop state") for a script with 100 globals (numbers, strings, small tensors and
 lists, a plain object) inside two nested ``for`` loops. Target: under 1 ms per snapshot.
+And the part of the hooks' cost that the loader's sampler watch (pyckpt/sampler_draws.py)
+takes, the watch on and off in adjacent rounds of the 4-wide loop.
 
     python benchmarks/hook_overhead.py [--steps 200] [--rounds 15] [--width 512]
 """
@@ -107,6 +109,26 @@ def paired(width: int, batch: int, steps: int, rounds: int, tmp: str) -> tuple[l
     return off, on
 
 
+def watch_cost(steps: int, rounds: int, tmp: str) -> float:
+    """Seconds per step the loader's sampler watch (pyckpt/sampler_draws.py) adds to the 4-wide loop (64
+    batches per epoch): pyckpt on, the watch on and off in adjacent rounds."""
+    from pyckpt import loader_state
+
+    watched = loader_state._watched
+    on, off = [], []
+    activation.enable(tmp, every_steps=10**9, every_seconds=10**9, resume="never")
+    try:
+        for _ in range(rounds):
+            on.append(time_steps(*make_job(4, 4), steps, 4))
+            loader_state._watched = lambda loader: False
+            off.append(time_steps(*make_job(4, 4), steps, 4))
+            loader_state._watched = watched
+    finally:
+        loader_state._watched = watched
+        activation.disable()
+    return statistics.median(b - a for a, b in zip(off, on))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -128,6 +150,8 @@ def main() -> None:
     hook = statistics.median(b - a for a, b in zip(t_off4, t_on4))
     print(f"per-step hook cost: {hook * 1e6:.1f} us = {100 * hook / t_off:.3f} % of the small model's step "
           f"(goal < 1 %)")
+    watch = watch_cost(args.steps, args.rounds, tmp)
+    print(f"of which the sampler watch: {watch * 1e6:.1f} us per step (4-wide loop, 64 batches per epoch)")
     cost = loop_state_cost()
     print(f"loop-state capture, script with 100 globals: {cost * 1e3:.3f} ms per snapshot (median of 300; "
           "goal < 1 ms)")

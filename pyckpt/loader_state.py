@@ -1392,7 +1392,7 @@ class LoaderTracker:
                       f"({type(e).__name__}: {e}); its order of batches may differ after this resume", "warning")
         finally:
             if now is not None:
-                rng.restore(_saved_rng(now))
+                _put_raw(now)
 
     @staticmethod
     def _nested(st: Stream, loader: DataLoader) -> bool:

@@ -81,7 +81,7 @@ def capture(loader: Any, samplers: list, over: Callable[[str], None] | None = No
     sampler's tensors (copies). ``over(name)``: a sampler's tensor over ``MAX_TENSOR_BYTES``, not kept."""
     out = {}
     for key, obj in parts(loader, samplers):
-        tensors = key.startswith("sampler.")
+        tensors = _keeps_tensors(key)
         attrs = {}
         for k, v in vars(obj).items():
             if k.startswith("__"):
@@ -98,8 +98,12 @@ def capture(loader: Any, samplers: list, over: Callable[[str], None] | None = No
     return out
 
 
+def _keeps_tensors(key: str) -> bool:
+    return key.startswith("sampler.")  # a sampler's tensors are its settings (weights); a dataset's are data
+
+
 def _kept(key: str, v: Any) -> bool:
-    return type(v) in _PLAIN or (key.startswith("sampler.") and type(v) is torch.Tensor)
+    return type(v) in _PLAIN or (_keeps_tensors(key) and type(v) is torch.Tensor)
 
 
 def restore(loader: Any, samplers: list, saved: Any) -> str | None:

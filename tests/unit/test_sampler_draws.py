@@ -41,7 +41,7 @@ def test_a_torch_draw_is_kept_with_its_state_before_the_pull_and_goes_through_a_
 
 @pytest.mark.parametrize("stream", ["python", "numpy"])
 def test_a_python_or_numpy_draw_is_seen_first_and_read_in_full_from_then_on(stream):
-    # Their positions are read in place before every pull; their whole states (6 and 30 us) only once the
+    # Their positions are read in place before every pull; their whole states (slower to read) only once the
     # sampler drew from them, from then on, and in the epochs after.
     draw, get, put = {"python": (random.random, random.getstate, random.setstate),
                       "numpy": (np.random.rand, np.random.get_state, np.random.set_state)}[stream]
