@@ -31,23 +31,24 @@ from typing import Any
 
 import torch
 
-from . import rng
+from . import numpy_state, rng
 
 KEPT = 256
 _LETTER = {"python": "p", "torch": "t", "numpy": "n"}
 
 
 def drawn_between(end: tuple, now: tuple) -> dict[str, Any] | None:
-    """The streams of raw state ``end`` (``loader_state._raw_rng``: Python, torch CPU, NumPy or None) that
-    differ in ``now``, in the checkpoint's form (``rng.restore_some`` puts them back); None: none drew."""
+    """The streams of raw state ``end`` (``loader_state._raw_rng``: Python, torch CPU, NumPy's in
+    ``numpy_state.raw``'s or ``get_state()``'s form, or None) that differ in ``now``, in the checkpoint's form
+    (``rng.restore_some`` puts them back); None: none drew."""
     (py_end, cpu_end, np_end), (py_now, cpu_now, np_now) = end, now
     out: dict[str, Any] = {}
-    if py_end != py_now:
+    if py_end is not py_now and py_end != py_now:  # (python_state gives the same tuple when unmoved)
         out["python"] = rng.python_saved(py_end)
-    if not torch.equal(cpu_end, cpu_now):
+    if not rng.same_cpu_state(cpu_end, cpu_now):
         out["torch"] = cpu_end  # (torch.get_rng_state() made it: nothing else holds it)
-    if np_end is not None and (np_now is None or np_end[2] != np_now[2] or (np_end[1] != np_now[1]).any()):
-        out["numpy"] = rng.numpy_saved(np_end)
+    if np_end is not None and (np_now is None or not numpy_state.same(np_end, np_now)):
+        out["numpy"] = rng.numpy_saved(numpy_state.from_raw(np_end))
     return out or None
 
 

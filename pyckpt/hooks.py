@@ -23,18 +23,30 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     the ``backward()`` wrapper under a compiled train step) is otherwise traced by Dynamo, which fails
     on what the hooks do (``gc.get_objects()``, files, threads) and takes training down. Wrapped in
     ``torch.compiler.disable`` once Dynamo is imported: importing it here would add seconds to every
-    start-up, and nothing is compiled before it is imported."""
+    start-up, and nothing is compiled before it is imported. Even then ``fn`` is called directly when
+    nothing compiles: Dynamo is not tracing this call and no frame-evaluation callback is set (a callback
+    is set while compiled code runs, and would compile ``fn``'s frames too). The disable wrapper
+    costs a few microseconds per call in a training step, and the hooks run several times per step."""
     disabled: Callable[..., Any] | None = None
+    compiling: Callable[[], bool] | None = None
+    callback: Callable[[], Any] | None = None
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        nonlocal disabled
+        nonlocal disabled, compiling, callback
         if disabled is None:
             if "torch._dynamo" not in sys.modules:
                 return fn(*args, **kwargs)
             import torch
 
             disabled = torch.compiler.disable(fn)
+            compiling = torch.compiler.is_compiling
+            # (a build without the query: through the disable wrapper always)
+            callback = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+            callback = getattr(callback, "get_eval_frame_callback", lambda: True)
+        # is_compiling() first: Dynamo traces it as True, so it never traces the callback query.
+        if not compiling() and callback() is None:
+            return fn(*args, **kwargs)
         return disabled(*args, **kwargs)
 
     return call

@@ -57,8 +57,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import epoch_gaps, frames, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
-from .hooks import HookSet, eager
+from . import (epoch_gaps, frames, loader_workers, numpy_state, pipeline_attrs, python_state, reshard_data, rng,
+               sampler_draws)
+from .hooks import HookSet
 
 
 def signature(loader: DataLoader) -> list:
@@ -245,7 +246,7 @@ def _sampler_chain(loader: DataLoader) -> list:
     return chain
 
 
-def _epoch_rng(loader: DataLoader, host: bool = True) -> dict[str, Any]:
+def _epoch_rng(loader: DataLoader, host: bool = True, now: tuple | None = None) -> dict[str, Any]:
     """What an epoch may draw from at its ``iter()``: a sampler shuffling with torch's, Python's or NumPy's
     global stream (a bucketing batch sampler with ``random.shuffle``) or the loader's generators, and a
     sampler's own epoch counter. A relaunch skipping epochs runs no sampler, so the resumed epoch's
@@ -253,10 +254,12 @@ def _epoch_rng(loader: DataLoader, host: bool = True) -> dict[str, Any]:
     converted when a checkpoint stores them (``_stored_epoch_rng``). ``host=False``: torch's and the
     generators' only (a plan an integration makes from the current state, as before). The generators the
     loader's sampler and dataset keep (``generators``) are kept raw in ``"rngs"`` too; ``"gens"`` (the
-    ``generator`` attributes, in checkpoints written before) stays empty."""
+    ``generator`` attributes, in checkpoints written before) stays empty. ``now``: ``_raw_rng()`` taken at
+    this moment already."""
     state = {"torch": torch.get_rng_state(), "gens": [], "rngs": _own_raw(loader)}
     if host:
-        state.update(host=_raw_rng(), samplers=[_sampler_state(s) for s in _samplers(loader)],
+        state.update(host=now if now is not None else _raw_rng(),
+                     samplers=[_sampler_state(s) for s in _samplers(loader)],
                      attrs=_capture_attrs(loader))
     return state
 
@@ -512,21 +515,22 @@ DRAW_PROBE_FETCHES = 16
 def _rng_mark() -> tuple:
     """What tells whether the global torch, Python or NumPy generators drew since (``_same_mark``)."""
     np = sys.modules.get("numpy")
-    words = random.getstate()[1]  # the index (last) moves with each draw, the words when it wraps
-    npst = np.random.get_state() if np is not None else None
+    words = python_state.getstate()[1]  # the index (last) moves with each draw, the words when it wraps
+    npst = numpy_state.global_state(np) if np is not None else None
     return (torch.get_rng_state(), words[-1], words[:4],
-            (npst[2], npst[1][:4].tobytes()) if npst is not None else None)
+            (npst[2], npst[3], npst[1][:4].tobytes()) if npst is not None else None)  # (has_gauss: see epoch_gaps)
 
 
 def _same_mark(a: tuple, b: tuple) -> bool:
-    return a[1:] == b[1:] and torch.equal(a[0], b[0])
+    return a[1:] == b[1:] and rng.same_cpu_state(a[0], b[0])
 
 
 def _raw_rng() -> tuple:
     """The CPU random streams a main-process fetch may draw from (``rng.capture``'s, CUDA's aside), taken
-    cheaply at every such fetch; converted to the checkpoint's form only when a snapshot stores one."""
+    cheaply at every such fetch; converted to the checkpoint's form only when a snapshot stores one. NumPy's
+    in ``numpy_state.raw``'s form (its bytes, compared and converted there)."""
     np = sys.modules.get("numpy")
-    return random.getstate(), torch.get_rng_state(), (np.random.get_state() if np is not None else None)
+    return python_state.getstate(), torch.get_rng_state(), (numpy_state.global_raw(np) if np is not None else None)
 
 
 def _put_raw(raw: tuple) -> None:
@@ -534,14 +538,14 @@ def _put_raw(raw: tuple) -> None:
     random.setstate(raw[0])
     torch.set_rng_state(raw[1])
     if raw[2] is not None:
-        sys.modules["numpy"].random.set_state(raw[2])
+        sys.modules["numpy"].random.set_state(numpy_state.from_raw(raw[2]))
 
 
-def _close_gap(st: Stream) -> None:
+def _close_gap(st: Stream, now: tuple | None = None) -> None:
     """``st``'s next epoch starts (``st.epochs`` counts it): the gap after the previous one is over
-    (``epoch_gaps``)."""
+    (``epoch_gaps``) at ``now`` (``_raw_rng()``, taken here if None)."""
     if st.epochs > 1:
-        st.gaps.close(st.end_rng if isinstance(st.end_rng, tuple) else None, _raw_rng())
+        st.gaps.close(st.end_rng if isinstance(st.end_rng, tuple) else None, now if now is not None else _raw_rng())
     st.prev_end_rng, st.end_rng = st.end_rng, None
 
 
@@ -550,9 +554,7 @@ def _saved_rng(raw: tuple) -> dict[str, Any]:
     (version, words, gauss_next), cpu, np_state = raw
     state: dict[str, Any] = {"python": (version, torch.tensor(words, dtype=torch.int64), gauss_next), "torch": cpu}
     if np_state is not None:
-        name, keys, pos, has_gauss, gauss = np_state
-        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        state["numpy"] = rng.numpy_saved(numpy_state.from_raw(np_state))
     return state
 
 
@@ -927,9 +929,6 @@ class LoaderTracker:
         self._hooks = hooks
         hooks.patch(_BaseDataLoaderIter, "__init__", __init__)
         hooks.patch(_MultiProcessingDataLoaderIter, "_try_put_index", _try_put_index)
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        hooks.add_handle(register_optimizer_step_post_hook(eager(lambda opt, args, kwargs: tracker._on_step())))
         hooks.patch(_BaseDataLoaderIter, "_pyckpt_stream", None)
         hooks.patch(DataLoader, "__iter__", __iter__)
         # Loaders that keep their own position and replace DataLoader.__iter__ (torchdata's
@@ -1164,8 +1163,9 @@ class LoaderTracker:
                 self._hooks.patch(cls, name, starting(orig))
 
     def _on_step(self) -> None:
-        """An optimizer stepped: remember each stream's batches now (a zipped loader fetched before
-        the step is positioned as of the step, not as of the snapshot point after its next fetch)."""
+        """An optimizer stepped (called by the session's post-step hook): remember each stream's batches now
+        (a zipped loader fetched before the step is positioned as of the step, not as of the snapshot point
+        after its next fetch)."""
         fetched = self._fetched_since_step
         if not fetched:
             return  # a second optimizer in the same iteration (a GAN): nothing fetched since
@@ -1228,8 +1228,9 @@ class LoaderTracker:
             st = Stream(st.sig, self, main=st)
         st.epochs += 1
         st.note_epoch_start(self._step())
+        now = _raw_rng()  # the random state at this iter(): the gap's end and the epoch's start (read once)
         if st.main is None:
-            _close_gap(st)
+            _close_gap(st, now)
         self._begin_epoch(st, loader)
         target = self._target(st)
         if target is not None and st.epochs < target.epoch:
@@ -1245,7 +1246,7 @@ class LoaderTracker:
             return self._fast_forward(loader, st, target, orig_iter, orig_next, primary=target is self.plan)
         st.reused = bool(loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None)
         started = (st.epoch_rng or {}).get("attrs") if st.reused else None
-        st.epoch_rng = _epoch_rng(loader)
+        st.epoch_rng = _epoch_rng(loader, now=now)
         if started is not None:  # persistent workers keep the dataset copies of the iter() that started them
             st.epoch_rng["attrs"] = started
         if _watched(loader):  # the sampler's draws in the middle of the epoch (sampler_draws.py)

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from . import numpy_state, python_state
+
 HISTORY = 16  # states kept per worker: covers a look-ahead wrapper's fetches beyond the loop
 
 # Transport form of a worker's generator state (compact, picklable without shared memory, cheap to
@@ -45,9 +47,9 @@ def current_state() -> Transport:
     np = sys.modules.get("numpy")
     npst = None
     if np is not None:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        name, keys, pos, has_gauss, gauss = numpy_state.global_state(np)
         npst = (str(name), keys.tobytes(), int(pos), int(has_gauss), float(gauss))
-    version, words, gauss_next = random.getstate()
+    version, words, gauss_next = python_state.getstate()
     return (torch.get_rng_state().numpy().tobytes(), (version, array("I", words).tobytes(), gauss_next), npst)
 
 

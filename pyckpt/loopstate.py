@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from . import continuation, frames, object_attrs
+from . import continuation, frames, numpy_state, object_attrs
 from .errors import PyckptError
 from .tree import flatten as _flatten_state
 
@@ -297,7 +297,7 @@ class _Encoder:
             if isinstance(v, np.random.Generator):
                 return ["ng", self.value(v.bit_generator.state, depth + 1)]
             if isinstance(v, np.random.RandomState):
-                name, keys, pos, has_gauss, gauss = v.get_state()
+                name, keys, pos, has_gauss, gauss = numpy_state.get_state(v)
                 return ["nr", [str(name), self.add_tensor(torch.from_numpy(keys.astype(np.int64))), int(pos),
                                int(has_gauss), float(gauss)]]
         if isinstance(v, enum.Enum) and _script_class(t) and t.__members__.get(v.name) is v:  # not a Flag combination

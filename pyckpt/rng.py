@@ -15,6 +15,7 @@ could not take, writing nothing) and ``set_state``.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import random
 import sys
@@ -22,16 +23,18 @@ from typing import Any
 
 import torch
 
+from . import numpy_state, python_state
+
 
 def capture() -> dict[str, Any]:
     """The current state of every stream; reading a state draws no random numbers.
 
     The Mersenne Twister words (625 for Python, 624 for NumPy) are one int64 tensor each,
     not a list of ints: a list costs one state-tree leaf per word in every snapshot."""
-    state: dict[str, Any] = {"python": python_saved(random.getstate()), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"python": python_saved(python_state.getstate()), "torch": torch.get_rng_state()}
     np = sys.modules.get("numpy")
     if np is not None:
-        state["numpy"] = numpy_saved(np.random.get_state())
+        state["numpy"] = numpy_saved(numpy_state.global_state(np))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
@@ -131,7 +134,7 @@ def raw_state(v: Any, kind: str) -> Any:
     if kind == "random":
         return v.getstate()
     if kind == "numpy.RandomState":
-        return v.get_state()
+        return numpy_state.get_state(v)
     return v.bit_generator.state
 
 
@@ -272,6 +275,16 @@ def generator_state(gen: torch.Generator) -> torch.Tensor:
 def set_generator_state(gen: torch.Generator, state: torch.Tensor) -> None:
     """Restore ``gen`` from ``generator_state``'s result."""
     gen.set_state(cpu_bytes(state))
+
+
+def same_cpu_state(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two states ``torch.get_rng_state()`` gave are equal: their bytes compared (``torch.equal``
+    took 2.6 us, this 1.4: a one-off probe on the 2-vCPU development box)."""
+    n = a.numel()
+    if not (b.numel() == n and a.dtype == b.dtype == torch.uint8 and a.is_contiguous() and b.is_contiguous()
+            and a.device.type == b.device.type == "cpu"):
+        return torch.equal(a, b)
+    return ctypes.string_at(a.data_ptr(), n) == ctypes.string_at(b.data_ptr(), n)
 
 
 def cpu_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,12 @@ back right before it pulls that index batch again, and its own state after. The 
 and ``first_rng``), so an ordinary loader keeps nothing.
 
 At most ``KEPT`` draws per epoch iterator are kept (one per pass of a repeated ``RandomSampler``: a run of
-a thousand epochs on one iterator); a resume in an iterator that dropped some says so. Draws from Python's
-and NumPy's generators are seen from their positions, read in place (reading their whole states took 6
-and 30 us, torch's 0.6 us, the positions 0.3 us: a one-off probe on the 2-vCPU development box): the
-first one at a pull after the first is not kept (said at a resume in that iterator); from then on their
-states are read before each pull. Torch's state is read whole each time: its draws, the common case, are
-kept from the first.
+a thousand epochs on one iterator); a resume in an iterator that dropped some says so. Torch's and NumPy's
+states are read whole before each watched pull (NumPy's in place, ``numpy_state``: 2 us rather than
+``get_state()``'s 30), so their draws are kept from the first. Python's generator is watched through its
+position, read in place (its whole state took 6 us, the position 0.3 us: one-off probes on the 2-vCPU
+development box): its first draw at a pull after the first is not kept (said at a resume in that
+iterator); from then on its state is read before each pull.
 
 Stored form (a snapshot's loader position, ``sampler_draws``): ``{"at": [pull number per draw], "lost":
 draws not kept, "every", "from_python", "from_numpy": the flags of ``Draws``}`` plus
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from . import epoch_gaps, rng
+from . import epoch_gaps, numpy_state, python_state, rng
 
 KEPT = 1024
 PROBED = 2  # pulls after the first watched in every epoch iterator (and all past the sampler's length)
@@ -149,41 +149,28 @@ def _python_documented() -> tuple:
     return words[-1], words[0]
 
 
-def _numpy() -> Any:
+def _numpy_raw() -> bytes | tuple | None:
     np = sys.modules.get("numpy")
-    return np.random if np is not None else None
+    return numpy_state.global_raw(np) if np is not None else None
 
 
-def _numpy_documented() -> tuple | None:
-    np_random = _numpy()
-    if np_random is None:
-        return None
-    st = np_random.get_state()
-    return int(st[2]), int(st[1][0])
-
-
-# CPython's RandomObject: the object header (16 bytes), ``int index``, ``uint32_t state[624]``; NumPy's
-# mt19937_state: ``uint32_t key[624]``, ``int pos``.
+# CPython's RandomObject: the object header (16 bytes), ``int index``, ``uint32_t state[624]``.
 python_mark = _InPlace(lambda: id(random._inst), 16, 20, _python_documented)
-numpy_mark = _InPlace(lambda: _numpy().mtrand._rand._bit_generator.ctypes.state_address if _numpy() else None,
-                      624 * 4, 0, _numpy_documented)
 
 
 def before(draws: Draws) -> tuple:
-    """What ``drawn`` compares with, taken right before a pull (a few microseconds): torch's state, the
-    positions of Python's and NumPy's generators, and the whole state of each that the sampler drew from."""
-    np_random = _numpy() if draws.numpy else None
-    return (torch.get_rng_state(), python_mark(), numpy_mark(), random.getstate() if draws.python else None,
-            np_random.get_state() if np_random is not None else None)
+    """What ``drawn`` compares with, taken right before a pull (a few microseconds): torch's and NumPy's
+    states, the position of Python's generator, and its whole state once the sampler drew from it."""
+    return (torch.get_rng_state(), python_mark(), python_state.getstate() if draws.python else None, _numpy_raw())
 
 
 def drawn(draws: Draws, n: int, then: tuple, length: int | None = None) -> None:
     """After pull ``n`` (of a sampler of ``length`` index batches): keep the states of the streams it drew
     from (``then``: ``before``'s)."""
-    cpu, py_mark, np_mark, py_state, np_state = then
+    cpu, py_mark, py_state, np_state = then
     state: dict[str, Any] = {}
     unread = False
-    if not torch.equal(cpu, torch.get_rng_state()):
+    if not rng.same_cpu_state(cpu, torch.get_rng_state()):
         state["torch"] = cpu
     if py_mark != python_mark():
         draws.python = True
@@ -191,12 +178,13 @@ def drawn(draws: Draws, n: int, then: tuple, length: int | None = None) -> None:
             state["python"] = rng.python_saved(py_state)
         else:
             unread = True  # seen after the fact: said at a resume in this iterator
-    if np_mark != numpy_mark():
+    np_now = _numpy_raw()
+    if np_now is not None and (np_state is None or not numpy_state.same(np_state, np_now)):
         draws.numpy = True
         if np_state is not None:
-            state["numpy"] = rng.numpy_saved(np_state)
+            state["numpy"] = rng.numpy_saved(numpy_state.from_raw(np_state))
         else:
-            unread = True
+            unread = True  # NumPy imported by the pull itself
     if state or unread:
         if length is not None and n < length:
             draws.every = True  # (before add(), which renews what stored() gives)

@@ -76,7 +76,9 @@ class Session:
         self._weights_seen: Any = None
         self._backwards_unstepped = 0
         self._stepping = 0  # optimizer step() calls under way (pre-hook run, post-hook not yet)
-        self._backward_depth = 0  # torch.autograd.backward calls under way (nested: reentrant checkpoints)
+        self._backward_patch: tuple[Any, Any] | None = None  # (pyckpt's backward wrapper, torch's own)
+        self._backward_depth: list[None] = []  # one per torch.autograd.backward call under way (nested:
+        # reentrant checkpoints)
         self._steps_since_fetch = 0
         self.loop_warned: set[str] = set()  # loop-state variables already warned about (once each)
         self.own_resume_seen = False  # the script's own resume (own_resume.py) was composed with already
@@ -142,26 +144,39 @@ class Session:
         exists); Tensor.backward looks ``torch.autograd.backward`` up at each call."""
         original = torch.autograd.backward
         session = self
-        depth_lock = threading.Lock()
+        depth = self._backward_depth
 
         def backward(*args, **kwargs):
+            if session._primary is not None:  # an optimizer counts the steps: nothing to do (_drop_backward)
+                return original(*args, **kwargs)
             # A backward() run inside another (a reentrant activation checkpoint recomputes its segment and
             # calls backward() from the autograd engine, on any of its threads) is part of the outer one.
-            with depth_lock:  # (inner calls may come from several engine threads at once)
-                outer = not session._backward_depth
-                session._backward_depth += 1
+            # Inner calls may come from several engine threads at once: list.append and pop are atomic, and
+            # an inner call starts only after its outer call appended (no lock: this runs at every step).
+            outer = not depth
+            depth.append(None)
             try:
                 out = original(*args, **kwargs)
             finally:
-                with depth_lock:
-                    session._backward_depth -= 1
+                depth.pop()
             # No optimizer has stepped (yet), and none is stepping: a closure's backward() inside step()
             # (LBFGS) is part of that step, and the weights it sees change are the optimizer's updates.
             if outer and session._primary is None and not session._stepping:
                 session._after_backward()
             return out
 
-        self.hooks.patch(torch.autograd, "backward", eager(backward))
+        self._backward_patch = (eager(backward), original)
+        self.hooks.patch(torch.autograd, "backward", self._backward_patch[0])
+
+    def _drop_backward(self) -> None:
+        """An optimizer counts the steps from now on (``_primary`` is never None again): the ``backward()``
+        wrapper has nothing left to do, and it cost microseconds at every step. torch's own is put back,
+        unless something wrapped it over pyckpt's since (``disable()`` puts it back then)."""
+        if self._backward_patch is None:
+            return
+        wrapper, original = self._backward_patch
+        if torch.autograd.backward is wrapper:
+            torch.autograd.backward = original
 
     def _after_backward(self) -> None:
         """Count a step at the end of backward() when weights are updated by hand: no optimizer exists,
@@ -206,9 +221,15 @@ class Session:
         self.lazy.before_step(opt, args, kwargs)
 
     def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._stepping = max(0, self._stepping - 1)
-        primary = self.primary
-        again, self._last_stepped = self._last_stepped == id(opt), id(opt)
+        """Optimizer step post-hook: the loaders' positions as of this step, then the step count (one hook
+        rather than two: each costs microseconds at every step)."""
+        self.tracker._on_step()
+        if self._stepping:
+            self._stepping -= 1
+        ref = self._primary
+        primary = ref() if ref is not None else None  # (self.primary, without a property call at every step)
+        again = self._last_stepped == id(opt)
+        self._last_stepped = id(opt)
         if opt is not primary:
             if id(opt) not in self.optimizers._ids:  # made before enable(): register it now
                 self.optimizers.add(opt)
@@ -221,6 +242,8 @@ class Session:
                     f"({type(primary).__name__}) is superseded: this one updates every parameter it did"
                 say(f"steps are counted on {type(opt).__name__} from step {self.step + 1}: the optimizer that "
                     f"counted them {why}")
+            if self._primary is None:
+                self._drop_backward()
             self._primary = weakref.ref(opt)
             self._primary_params = frozenset(id(p) for g in opt.param_groups for p in g["params"])
         self._on_step("step")
@@ -241,7 +264,8 @@ class Session:
         the last two steps (preferred: the relaunch reaches it by fast-forward); otherwise (a loop no
         DataLoader drives) this step point itself, with the script's loop state (loopstate.py)."""
         tr = self.tracker
-        tr.ensure_started()  # no DataLoader iterated yet: storage and the resume decision now
+        if tr._first:  # no DataLoader iterated yet: storage and the resume decision now
+            tr.ensure_started()
         if self.step_restore:
             if point == "backward" and loopstate.point_of((self.source.rank_state or {}).get("loop")) == "step":
                 # The run that wrote it counted optimizer steps by then. backward() points before this run's

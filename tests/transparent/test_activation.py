@@ -86,3 +86,39 @@ def test_environment_variable_activates_when_a_pyckpt_module_imports_torch_first
         assert r.returncode == 0 and "ACTIVE True" in r.stdout, (first, r.stderr)
         assert "warning" not in r.stderr, (first, r.stderr)
         assert f"pyckpt: checkpointing to {tmp_path / 'ck'}" in r.stderr, (first, r.stderr)
+
+
+BACKWARD_WRAPPER = """
+import torch
+torch.manual_seed(0)
+def who():
+    return torch.autograd.backward.__module__
+print("BEFORE", who())
+if LIBRARY_WRAPS:
+    inner = torch.autograd.backward
+    torch.autograd.backward = lambda *a, **k: inner(*a, **k)  # a library's wrapper over pyckpt's
+m = torch.nn.Linear(2, 1)
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+for x in torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2):
+    opt.zero_grad()
+    m(x).sum().backward()
+    opt.step()
+    print("STEP", who())
+print("WEIGHT", m.weight.sum().item())
+"""
+
+
+def test_the_backward_wrapper_is_taken_away_once_an_optimizer_counts_the_steps(tmp_path):
+    # It counts steps only while no optimizer has stepped (weights updated by hand) and costs microseconds at
+    # every step after: torch's own backward() is put back, not a library's wrapper made over pyckpt's.
+    weights = set()
+    for wraps in (False, True):
+        (tmp_path / "main.py").write_text(f"LIBRARY_WRAPS = {wraps}\n" + BACKWARD_WRAPPER)
+        r = run_script(["main.py"], tmp_path, PYCKPT_DIR=str(tmp_path / f"ck{wraps}"), PYCKPT_EVERY="2")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split("\n")
+        assert lines[0] == "BEFORE pyckpt.transparent", r.stdout
+        assert lines[1:5] == [f"STEP {'__main__' if wraps else 'torch.autograd'}"] * 4, r.stdout
+        weights.add(lines[5])
+        assert len(list((tmp_path / f"ck{wraps}").glob("step-*"))) >= 1, r.stderr  # the steps were counted
+    assert len(weights) == 1

@@ -34,17 +34,37 @@ def test_a_torch_draw_is_kept_with_its_state_before_the_pull_and_goes_through_a_
     sampler_draws.drawn(d, 3, then, length=10)
     enc, tensors, _ = tree.flatten({"v": d.stored()})
     learnt = sampler_draws.Draws.parse(tree.unflatten(enc, lambda i, into, path: tensors[i].clone())["v"])
-    assert (learnt.every, learnt.python, learnt.numpy, learnt.lost) == (True, False, True, 1) and learnt.at == [2]
+    assert (learnt.every, learnt.python, learnt.numpy, learnt.lost) == (True, False, True, 0) and learnt.at == [2, 3]
     rng.restore_some(again.replay()[2])
     assert torch.equal(torch.rand(2), expected)
 
 
-@pytest.mark.parametrize("stream", ["python", "numpy"])
-def test_a_python_or_numpy_draw_is_seen_first_and_read_in_full_from_then_on(stream):
-    # Their positions are read in place before every pull; their whole states (slower to read) only once the
-    # sampler drew from them, from then on, and in the epochs after.
-    draw, get, put = {"python": (random.random, random.getstate, random.setstate),
-                      "numpy": (np.random.rand, np.random.get_state, np.random.set_state)}[stream]
+def test_a_numpy_draw_is_kept_from_the_first_even_one_that_takes_only_the_cached_normal():
+    # NumPy's whole state is read before each watched pull (pyckpt/numpy_state.py reads it in place).
+    d = sampler_draws.Draws()
+    np.random.seed(8)
+    state = np.random.get_state()
+    expected = np.random.rand()
+    np.random.set_state(state)
+    _pull(d, 3, np.random.rand)
+    assert d.at == [3] and d.lost == 0 and d.numpy and set(d.states[0]) == {"numpy"}
+    np.random.normal()  # the second value of the pair is cached
+    state = np.random.get_state()
+    cached = np.random.normal()
+    np.random.set_state(state)
+    _pull(d, 4, np.random.normal)  # takes the cached value: the position and key words do not move
+    assert d.at == [3, 4] and d.lost == 0
+    rng.restore_some(d.states[0])
+    assert np.random.rand() == expected
+    rng.restore_some(d.states[1])
+    assert np.random.normal() == cached
+
+
+@pytest.mark.parametrize("stream", ["python"])
+def test_a_python_draw_is_seen_first_and_read_in_full_from_then_on(stream):
+    # Its position is read in place before every pull; its whole state (slower to read) only once the
+    # sampler drew from it, from then on, and in the epochs after.
+    draw, get, put = {"python": (random.random, random.getstate, random.setstate)}[stream]
     d = sampler_draws.Draws()
     _pull(d, 3, draw)
     assert d.at == [] and d.lost == 1 and getattr(d, stream)
