@@ -12,7 +12,9 @@ It also prints the cost of capturing the script's loop state (docs/TRANSPARENCY.
 "Loop state") for a script with 100 globals (numbers, strings, small tensors and
 lists, a plain object) inside two nested ``for`` loops. Target: under 1 ms per snapshot.
 And the part of the hooks' cost that the loader's sampler watch (pyckpt/sampler_draws.py)
-takes, the watch on and off in adjacent rounds of the 4-wide loop.
+takes, the watch on and off in adjacent rounds of the 4-wide loop; and what pyckpt adds to the start of
+an epoch (``iter()`` and the first fetch: the random states kept there), which the 4-wide loop pays
+once per 64 steps and a loop that makes an iterator per step pays at every step.
 
     python benchmarks/hook_overhead.py [--steps 200] [--rounds 15] [--width 512]
 """
@@ -129,6 +131,33 @@ def watch_cost(steps: int, rounds: int, tmp: str) -> float:
     return statistics.median(b - a for a, b in zip(off, on))
 
 
+def epoch_start_cost(rounds: int, tmp: str, epochs: int = 40) -> tuple[float, float]:
+    """Median seconds of ``iter(loader)`` plus its first fetch in the 4-wide loop, without and with pyckpt
+    (alternating rounds; the epochs train between, as in a script)."""
+    def one_round() -> float:
+        model, opt, _sched, data = make_job(4, 4)
+        loader = DataLoader(data, batch_size=4, shuffle=True)
+        times = []
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            it = iter(loader)
+            next(it)
+            times.append(time.perf_counter() - t0)
+            for x, _y in it:
+                opt.zero_grad()
+                model(x).sum().backward()
+                opt.step()
+        return statistics.median(times)
+
+    off, on = [], []
+    for _ in range(rounds):
+        off.append(one_round())
+        activation.enable(tmp, every_steps=10**9, every_seconds=10**9, resume="never")
+        on.append(one_round())
+        activation.disable()
+    return statistics.median(off), statistics.median(on)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -152,6 +181,9 @@ def main() -> None:
           f"(goal < 1 %)")
     watch = watch_cost(args.steps, args.rounds, tmp)
     print(f"of which the sampler watch: {watch * 1e6:.1f} us per step (4-wide loop, 64 batches per epoch)")
+    start_off, start_on = epoch_start_cost(max(3, args.rounds // 3), tmp)
+    print(f"epoch start (iter() + first fetch, 4-wide loop): {start_off * 1e6:.0f} us without pyckpt, "
+          f"{start_on * 1e6:.0f} us with (+{(start_on - start_off) * 1e6:.0f} us per epoch)")
     cost = loop_state_cost()
     print(f"loop-state capture, script with 100 globals: {cost * 1e3:.3f} ms per snapshot (median of 300; "
           "goal < 1 ms)")

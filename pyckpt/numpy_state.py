@@ -1,8 +1,8 @@
 """NumPy's legacy ``RandomState.get_state()``, read in place: 1 to 2 us instead of about 30.
 
-``get_state()`` copies the Mersenne Twister's 624 key words one at a time (about 30 us on the 2-vCPU
-development box, a one-off probe), and pyckpt reads NumPy's global state several times per epoch
-(``loader_state``: at each ``iter()``, first fetch and end of an epoch). ``get_state(rs)`` returns the
+``get_state()`` takes about 30 us (the 2-vCPU development box, a one-off probe), and pyckpt reads NumPy's
+global state several times per epoch (``loader_state``: at each ``iter()``, first fetch and end of an
+epoch) and before each watched pull of a sampler (``sampler_draws``). ``get_state(rs)`` returns the
 same tuple, ``(name, key, pos, has_gauss, gauss)``, from two reads of memory:
 
 - the key words and position from the bit generator's ``mt19937_state`` (``uint32 key[624]; int pos``),
@@ -10,6 +10,9 @@ same tuple, ``(name, key, pos, has_gauss, gauss)``, from two reads of memory:
 - ``has_gauss`` and ``gauss`` (the cached second normal of the legacy Box-Muller pair) from the
   ``RandomState`` object itself, at offsets found once per process by setting known values on a private
   ``RandomState`` and finding them in its memory.
+
+``raw(rs)`` gives those bytes as they are (0.5 us): ``same`` compares two, ``from_raw`` makes the tuple
+only where one is kept.
 
 Nothing is trusted unchecked: the offsets must read back three different settings exactly, and the
 first read of each generator is compared with its ``get_state()``. Where either check fails (another
