@@ -5,7 +5,9 @@ inside a training loop, a one-off probe), and pyckpt takes it at each epoch's ``
 end, where most training steps never draw from Python's generator. So the generator's C object is copied
 as bytes (CPython's RandomObject: the object header, ``int index``, ``uint32_t state[624]``; 0.3 us) and
 compared with the bytes of the last state taken, ``gauss_next`` too: equal bytes are the same state, and
-the tuple taken then is returned (a tuple: nobody can change it).
+the tuple taken then is returned (a tuple: nobody can change it). ``raw()`` gives those bytes with
+``gauss_next`` (0.4 us): ``same`` compares two, ``from_raw`` makes ``getstate()``'s tuple only where one is
+kept (``sampler_draws`` reads the state before each watched pull so).
 
 Checked once against ``getstate()`` itself (the bytes must hold its 624 words and index exactly); where
 they do not (another build of Python), ``getstate()`` is called every time.
@@ -23,27 +25,52 @@ _OFFSET = 16  # the object header: reference count and type
 _SIZE = 4 + 624 * 4  # int index; uint32_t state[624]
 
 _layout_ok: bool | None = None  # None: not checked yet
-_last: tuple[bytes, Any, tuple] | None = None  # (the bytes, gauss_next, the getstate() tuple) last taken
+_last: tuple[tuple, tuple] | None = None  # (raw(), the getstate() tuple) last taken
 
 
 def getstate() -> tuple:
     """``random.getstate()`` of Python's global generator (the same tuple as last time when it did not move)."""
-    global _last, _layout_ok
+    global _last
+    now = raw()
+    if type(now[0]) is not bytes:
+        return now  # getstate()'s own
+    last = _last
+    if last is not None and same(last[0], now):
+        return last[1]
+    state = random.getstate()
+    # Kept only when nothing drew while it was taken (another thread between the two reads).
+    if same(raw(), now):
+        _last = (now, state)
+    return state
+
+
+def raw() -> tuple:
+    """The generator as it is in memory, ``(bytes, gauss_next)`` (0.4 us), or ``getstate()``'s tuple where
+    the layout does not match: compare two with ``same``; ``from_raw`` makes ``getstate()``'s form."""
+    global _layout_ok
     inst = getattr(random.getstate, "__self__", None)
     if _layout_ok is None:
         _layout_ok = inst is not None and _check(inst)
     if not _layout_ok or inst is None:
         return random.getstate()
-    raw = ctypes.string_at(id(inst) + _OFFSET, _SIZE)
-    gauss_next = inst.gauss_next
-    last = _last
-    if last is not None and last[0] == raw and _same_float(last[1], gauss_next):
-        return last[2]
-    state = inst.getstate()
-    # Kept only when nothing drew while it was taken (another thread between the two reads).
-    if ctypes.string_at(id(inst) + _OFFSET, _SIZE) == raw and _same_float(inst.gauss_next, gauss_next):
-        _last = (raw, gauss_next, state)
-    return state
+    return ctypes.string_at(id(inst) + _OFFSET, _SIZE), inst.gauss_next
+
+
+def from_raw(state: tuple) -> tuple:
+    """``raw``'s result as ``random.getstate()`` gives it."""
+    if type(state[0]) is not bytes:
+        return state
+    memory, gauss_next = state
+    index = int.from_bytes(memory[:4], sys.byteorder, signed=True)
+    return random.Random.VERSION, tuple(array("I", memory[4:])) + (index,), gauss_next
+
+
+def same(a: tuple, b: tuple) -> bool:
+    """Whether two states (``raw``'s or ``getstate()``'s forms) are one state (``gauss_next`` bit for bit)."""
+    if type(a[0]) is bytes and type(b[0]) is bytes:
+        return a[0] == b[0] and _same_float(a[1], b[1])
+    a, b = from_raw(a), from_raw(b)
+    return a[:2] == b[:2] and _same_float(a[2], b[2])
 
 
 def _check(inst: Any) -> bool:

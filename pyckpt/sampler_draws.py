@@ -17,12 +17,10 @@ back right before it pulls that index batch again, and its own state after. The 
 and ``first_rng``), so an ordinary loader keeps nothing.
 
 At most ``KEPT`` draws per epoch iterator are kept (one per pass of a repeated ``RandomSampler``: a run of
-a thousand epochs on one iterator); a resume in an iterator that dropped some says so. Torch's and NumPy's
-states are read whole before each watched pull (NumPy's in place, ``numpy_state``: 2 us rather than
-``get_state()``'s 30), so their draws are kept from the first. Python's generator is watched through its
-position, read in place (its whole state took 6 us, the position 0.3 us: one-off probes on the 2-vCPU
-development box): its first draw at a pull after the first is not kept (said at a resume in that
-iterator); from then on its state is read before each pull.
+a thousand epochs on one iterator); a resume in an iterator that dropped some says so. The three states
+are read whole before each watched pull, Python's and NumPy's in place (``python_state``, ``numpy_state``:
+0.4 and 0.5 us rather than ``getstate()``'s 6 and ``get_state()``'s 30, one-off probes on the 2-vCPU
+development box) and converted only when kept, so every draw is kept from the first.
 
 Stored form (a snapshot's loader position, ``sampler_draws``): ``{"at": [pull number per draw], "lost":
 draws not kept, "every", "from_python", "from_numpy": the flags of ``Draws``}`` plus
@@ -30,8 +28,6 @@ draws not kept, "every", "from_python", "from_numpy": the flags of ``Draws``}`` 
 """
 from __future__ import annotations
 
-import ctypes
-import random
 import sys
 from typing import Any
 
@@ -59,8 +55,8 @@ class Draws:
         """``before``: the previous epoch's, whose knowledge of the streams its sampler drew from is kept."""
         self.at: list[int] = []
         self.states: list[dict[str, Any]] = []
-        self.lost = 0  # draws not kept (beyond KEPT, or a NumPy state not read)
-        # The sampler drew from Python's / NumPy's generator: their whole states are read before each pull
+        self.lost = 0  # draws not kept (beyond KEPT, or from NumPy imported by the pull itself)
+        # The sampler drew from Python's / NumPy's generator (kept with the draws; every state is read anyway)
         self.python = before.python if before is not None else False
         self.numpy = before.numpy if before is not None else False
         # The sampler drew at a pull inside its declared length, past the first: every pull is watched
@@ -113,71 +109,28 @@ class Draws:
         return d
 
 
-class _InPlace:
-    """A Mersenne Twister generator's position, read in place through ``ctypes``: its index word and
-    its first key word, at byte offsets of the C object ``locate()`` returns the address of. Checked once
-    against ``documented()`` (the same two values from the generator's public state); where they differ
-    (another layout), ``documented()`` is read each time instead."""
-
-    def __init__(self, locate: Any, index_at: int, key_at: int, documented: Any) -> None:
-        self.locate, self.index_at, self.key_at, self.documented = locate, index_at, key_at, documented
-        self.addr: int | None = None
-        self.checked = False
-
-    def __call__(self) -> Any:
-        if not self.checked:
-            try:
-                addr = self.locate()
-            except Exception:  # noqa: BLE001 - another build: the slow, documented way
-                addr, self.checked = None, True
-            if addr is None:  # (NumPy not imported yet: checked once it is)
-                return self.documented()
-            self.checked = True
-            if self._read(addr) == self.documented():
-                self.addr = addr
-        if self.addr is not None:
-            return self._read(self.addr)
-        return self.documented()
-
-    def _read(self, addr: int) -> tuple:
-        return (ctypes.c_int.from_address(addr + self.index_at).value,
-                ctypes.c_uint32.from_address(addr + self.key_at).value)
-
-
-def _python_documented() -> tuple:
-    words = random.getstate()[1]
-    return words[-1], words[0]
-
-
 def _numpy_raw() -> bytes | tuple | None:
     np = sys.modules.get("numpy")
     return numpy_state.global_raw(np) if np is not None else None
 
 
-# CPython's RandomObject: the object header (16 bytes), ``int index``, ``uint32_t state[624]``.
-python_mark = _InPlace(lambda: id(random._inst), 16, 20, _python_documented)
-
-
 def before(draws: Draws) -> tuple:
-    """What ``drawn`` compares with, taken right before a pull (a few microseconds): torch's and NumPy's
-    states, the position of Python's generator, and its whole state once the sampler drew from it."""
-    return (torch.get_rng_state(), python_mark(), python_state.getstate() if draws.python else None, _numpy_raw())
+    """What ``drawn`` compares with, taken right before a pull (a few microseconds): the states of torch's,
+    Python's and NumPy's generators (the last two as they are in memory, converted only when kept)."""
+    return torch.get_rng_state(), python_state.raw(), _numpy_raw()
 
 
 def drawn(draws: Draws, n: int, then: tuple, length: int | None = None) -> None:
     """After pull ``n`` (of a sampler of ``length`` index batches): keep the states of the streams it drew
     from (``then``: ``before``'s)."""
-    cpu, py_mark, py_state, np_state = then
+    cpu, py_state, np_state = then
     state: dict[str, Any] = {}
     unread = False
     if not rng.same_cpu_state(cpu, torch.get_rng_state()):
         state["torch"] = cpu
-    if py_mark != python_mark():
+    if not python_state.same(py_state, python_state.raw()):
         draws.python = True
-        if py_state is not None:
-            state["python"] = rng.python_saved(py_state)
-        else:
-            unread = True  # seen after the fact: said at a resume in this iterator
+        state["python"] = rng.python_saved(python_state.from_raw(py_state))
     np_now = _numpy_raw()
     if np_now is not None and (np_state is None or not numpy_state.same(np_state, np_now)):
         draws.numpy = True

@@ -2,6 +2,8 @@
 from (epoch E, batch B) on, without loading the skipped samples."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
@@ -113,17 +115,23 @@ class Repeat:
             yield from iter(self.sampler)
 
 
-def _one_iterator(make, n, stop=None, plan=None, seed=0):
+TORCH_STEPS = (torch.manual_seed, lambda: torch.rand(3), torch.get_rng_state, torch.set_rng_state)
+PYTHON_STEPS = (random.seed, random.random, random.getstate, random.setstate)
+
+
+def _one_iterator(make, n, stop=None, plan=None, seed=0, steps=TORCH_STEPS):
     """``n`` batches from one iterator, drawing from torch's global generator after each (a training step's
-    dropout); the position and random state at batch ``stop``."""
+    dropout; ``steps``: (seed, draw, get state, set state) of another generator); the position and random
+    state at batch ``stop``."""
     hooks, got = HookSet(), {}
+    seed_fn, step, get_rng, set_rng = steps
 
     def on_point(st):
         if tracker.plan is not None and st is tracker.plan_stream:
-            torch.set_rng_state(plan[1])  # the restore, once
+            set_rng(plan[1])  # the restore, once
             tracker.plan = None
         if stop is not None and st.batches == stop:
-            got["pos"], got["rng"] = st.position(), torch.get_rng_state()
+            got["pos"], got["rng"] = st.position(), get_rng()
 
     tracker = LoaderTracker(on_point, lambda: None, lambda: None)
     tracker.install(hooks)
@@ -132,11 +140,11 @@ def _one_iterator(make, n, stop=None, plan=None, seed=0):
         tracker.plan = FastForward.from_position(plan[0])
     out = []
     try:
-        torch.manual_seed(seed)
+        seed_fn(seed)
         it = iter(make())
         for _ in range(n - (plan[0]["batch"] if plan else 0)):
             out.append(next(it).tolist())
-            torch.rand(3)
+            step()
         return out, got
     finally:
         hooks.remove_all()
@@ -204,6 +212,32 @@ def test_a_sampler_drawing_from_the_global_generator_mid_epoch_draws_the_same_af
     # An ordinary shuffled loader draws at its first pull only (covered by the epoch's start state): nothing kept.
     _, plain = _one_iterator(lambda: DataLoader(ds, batch_size=4, shuffle=True, num_workers=workers), 5, stop=3)
     assert "sampler_draws" not in plain["pos"]
+
+
+class PythonShuffled:
+    """Batches of 4 over ``n`` indices forever, each pass shuffled with Python's global generator (a bucketing
+    sampler's ``random.shuffle``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        while True:
+            order = list(range(self.n))
+            random.shuffle(order)
+            yield from (order[i:i + 4] for i in range(0, self.n, 4))
+
+
+def test_a_sampler_drawing_from_pythons_generator_mid_epoch_draws_the_same_after_a_resume(capsys):
+    # Each pass shuffles with Python's generator, which the steps draw from too. Its first draw in the middle
+    # of the iterator (the second pass, at pull 6) was seen after the fact and not kept: other batches, said.
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_sampler=PythonShuffled(len(ds)))  # noqa: E731
+    ref, got = _one_iterator(make, 20, stop=9, steps=PYTHON_STEPS)
+    resumed, _ = _one_iterator(make, 20, plan=(got["pos"], got["rng"]), seed=99, steps=PYTHON_STEPS)
+    assert resumed == ref[9:]
+    assert got["pos"]["sampler_draws"]["at"] == [6] and got["pos"]["sampler_draws"]["lost"] == 0
+    assert "pyckpt kept" not in capsys.readouterr().err
 
 
 def test_a_sampler_draw_not_kept_is_said_at_the_resume(monkeypatch, capsys):

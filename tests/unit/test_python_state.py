@@ -27,6 +27,9 @@ def test_every_move_of_the_generator_is_seen_and_an_unmoved_one_gives_the_same_t
             assert repr(now) == repr(random.getstate()), name  # (repr: 0.0 and -0.0 are equal floats)
             assert repr(now) != repr(before), name
             assert python_state.getstate() is now, name  # not moved since: the tuple taken then
+            raw = python_state.raw()
+            assert repr(python_state.from_raw(raw)) == repr(now), name  # the bytes read in place, made a tuple
+            assert python_state.same(raw, now) and not python_state.same(raw, before), name
         assert python_state._layout_ok
     finally:
         random.setstate(saved)

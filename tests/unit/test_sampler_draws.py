@@ -60,22 +60,27 @@ def test_a_numpy_draw_is_kept_from_the_first_even_one_that_takes_only_the_cached
     assert np.random.normal() == cached
 
 
-@pytest.mark.parametrize("stream", ["python"])
-def test_a_python_draw_is_seen_first_and_read_in_full_from_then_on(stream):
-    # Its position is read in place before every pull; its whole state (slower to read) only once the
-    # sampler drew from it, from then on, and in the epochs after.
-    draw, get, put = {"python": (random.random, random.getstate, random.setstate)}[stream]
+def test_a_python_draw_is_kept_from_the_first_even_one_that_takes_only_the_cached_gauss():
+    # Python's generator is read in place before each watched pull (pyckpt/python_state.py), as NumPy's is.
     d = sampler_draws.Draws()
-    _pull(d, 3, draw)
-    assert d.at == [] and d.lost == 1 and getattr(d, stream)
-    for d in (d, sampler_draws.Draws(d)):  # the next epoch's iterator knows it from the start
-        state = get()
-        expected = draw()
-        put(state)
-        _pull(d, 4, draw)
-        assert d.at[-1] == 4 and set(d.states[-1]) == {stream}
-        rng.restore_some(d.states[-1])
-        assert draw() == expected
+    random.seed(8)
+    state = random.getstate()
+    expected = random.random()
+    random.setstate(state)
+    _pull(d, 3, random.random)
+    assert d.at == [3] and d.lost == 0 and d.python and set(d.states[0]) == {"python"}
+    random.gauss(0.0, 1.0)  # the second value of the pair is cached in gauss_next
+    state = random.getstate()
+    cached = random.gauss(0.0, 1.0)
+    random.setstate(state)
+    _pull(d, 4, lambda: random.gauss(0.0, 1.0))  # takes the cached value: the words do not move
+    assert d.at == [3, 4] and d.lost == 0
+    for kept in (d, sampler_draws.Draws(d)):  # what was learnt goes on to the next epoch's iterator
+        assert kept.python
+    rng.restore_some(d.states[0])
+    assert random.random() == expected
+    rng.restore_some(d.states[1])
+    assert random.gauss(0.0, 1.0) == cached
 
 
 def test_only_the_last_kept_number_of_draws_is_kept(monkeypatch):
