@@ -513,16 +513,15 @@ DRAW_PROBE_FETCHES = 16
 
 
 def _rng_mark() -> tuple:
-    """What tells whether the global torch, Python or NumPy generators drew since (``_same_mark``)."""
+    """What tells whether the global torch, Python or NumPy generators drew since (``_same_mark``): their
+    states, Python's and NumPy's as they are in memory (``python_state.raw``, ``numpy_state.raw``)."""
     np = sys.modules.get("numpy")
-    words = python_state.getstate()[1]  # the index (last) moves with each draw, the words when it wraps
-    npst = numpy_state.global_state(np) if np is not None else None
-    return (torch.get_rng_state(), words[-1], words[:4],
-            (npst[2], npst[3], npst[1][:4].tobytes()) if npst is not None else None)  # (has_gauss: see epoch_gaps)
+    return torch.get_rng_state(), python_state.raw(), (numpy_state.global_raw(np) if np is not None else None)
 
 
 def _same_mark(a: tuple, b: tuple) -> bool:
-    return a[1:] == b[1:] and rng.same_cpu_state(a[0], b[0])
+    return (rng.same_cpu_state(a[0], b[0]) and python_state.same(a[1], b[1])
+            and (a[2] is b[2] is None or (a[2] is not None and b[2] is not None and numpy_state.same(a[2], b[2]))))
 
 
 def _raw_rng() -> tuple:
