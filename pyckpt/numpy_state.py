@@ -45,7 +45,9 @@ def raw(rs: Any) -> bytes | tuple:
     bg = getattr(rs, "_bit_generator", None)
     entry = _checked.get((id(rs), id(bg)))
     if entry is None:
-        entry = _checked[(id(rs), id(bg))] = _check(rs, bg)  # held: the ids stay theirs
+        # Held (neither object takes a weak reference), so the ids stay theirs: at most 65 generators are
+        # kept alive by this cache.
+        entry = _checked[(id(rs), id(bg))] = _check(rs, bg)
     if entry[2] is None:
         return rs.get_state()
     with bg.lock:  # as get_state(): another thread's draw may run without the GIL
