@@ -31,25 +31,16 @@ from typing import Any
 
 import torch
 
-from . import numpy_state, rng
+from . import rng
 
 KEPT = 256
 _LETTER = {"python": "p", "torch": "t", "numpy": "n"}
 
 
 def drawn_between(end: tuple, now: tuple) -> dict[str, Any] | None:
-    """The streams of raw state ``end`` (``loader_state._raw_rng``: Python, torch CPU, NumPy's in
-    ``numpy_state.raw``'s or ``get_state()``'s form, or None) that differ in ``now``, in the checkpoint's form
+    """The streams of raw state ``end`` (``rng.cpu_raw``'s) that differ in ``now``, in the checkpoint's form
     (``rng.restore_some`` puts them back); None: none drew."""
-    (py_end, cpu_end, np_end), (py_now, cpu_now, np_now) = end, now
-    out: dict[str, Any] = {}
-    if py_end is not py_now and py_end != py_now:  # (python_state gives the same tuple when unmoved)
-        out["python"] = rng.python_saved(py_end)
-    if not rng.same_cpu_state(cpu_end, cpu_now):
-        out["torch"] = cpu_end  # (torch.get_rng_state() made it: nothing else holds it)
-    if np_end is not None and (np_now is None or not numpy_state.same(np_end, np_now)):
-        out["numpy"] = rng.numpy_saved(numpy_state.from_raw(np_end))
-    return out or None
+    return rng.cpu_saved(end, rng.cpu_moved(end, now)) or None
 
 
 class Gaps:

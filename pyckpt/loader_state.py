@@ -45,7 +45,6 @@ import collections
 import functools
 import inspect
 import os
-import random
 import sys
 import types
 import weakref
@@ -57,8 +56,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import (epoch_gaps, frames, loader_workers, numpy_state, pipeline_attrs, python_state, reshard_data, rng,
-               sampler_draws)
+from . import epoch_gaps, frames, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
 from .hooks import HookSet
 
 
@@ -254,11 +252,11 @@ def _epoch_rng(loader: DataLoader, host: bool = True, now: tuple | None = None) 
     converted when a checkpoint stores them (``_stored_epoch_rng``). ``host=False``: torch's and the
     generators' only (a plan an integration makes from the current state, as before). The generators the
     loader's sampler and dataset keep (``generators``) are kept raw in ``"rngs"`` too; ``"gens"`` (the
-    ``generator`` attributes, in checkpoints written before) stays empty. ``now``: ``_raw_rng()`` taken at
+    ``generator`` attributes, in checkpoints written before) stays empty. ``now``: ``rng.cpu_raw()`` taken at
     this moment already."""
     state = {"torch": torch.get_rng_state(), "gens": [], "rngs": _own_raw(loader)}
     if host:
-        state.update(host=now if now is not None else _raw_rng(),
+        state.update(host=now if now is not None else rng.cpu_raw(),
                      samplers=[_sampler_state(s) for s in _samplers(loader)],
                      attrs=_capture_attrs(loader))
     return state
@@ -268,7 +266,7 @@ def _stored_epoch_rng(state: dict[str, Any] | None) -> dict[str, Any] | None:
     if state is None:
         return state
     if isinstance(state.get("host"), tuple):
-        state = dict(state, host=_saved_rng(state["host"]))
+        state = dict(state, host=rng.cpu_saved(state["host"]))
     if isinstance(state.get("rngs"), tuple):
         try:
             state = dict(state, rngs=_own_saved(state["rngs"]))
@@ -281,7 +279,7 @@ def _set_epoch_rng(loader: DataLoader, state: dict[str, Any]) -> None:
     host = state.get("host")  # absent in checkpoints written before it was kept
     if host is not None:
         try:
-            rng.restore(_saved_rng(host) if isinstance(host, tuple) else host)
+            rng.restore(rng.cpu_saved(host) if isinstance(host, tuple) else host)
         except Exception as e:  # malformed: nothing read from a checkpoint is trusted unchecked
             _say_once(f"warning: the Python/NumPy random state saved at the start of the resumed epoch is not "
                       f"usable ({type(e).__name__}: {e}); a sampler drawing from them may shuffle differently "
@@ -359,7 +357,7 @@ class Stream:
     # epochs never repeats it: counted as an epoch it moved the epoch count away from what the relaunch
     # reaches, and its batches mixed into the training epoch's position. ``main``: the stream it nests in.
     main: "Stream | None" = None
-    # The random state right before this epoch's first fetch, loaded in this process (raw ``_raw_rng()``, or
+    # The random state right before this epoch's first fetch, loaded in this process (raw ``rng.cpu_raw()``, or
     # a checkpoint's form after a resume): a sampler draws its permutation then, after whatever ran
     # between the epoch's iter() and that fetch (a zipped loader's iter(), an evaluation, an earlier
     # loader's first batch drawing random augmentation), which the relaunch does not repeat.
@@ -401,7 +399,7 @@ class Stream:
         # Converted once per epoch, not at every snapshot (the stored form is what a resume reads anyway).
         self.epoch_rng = _stored_epoch_rng(self.epoch_rng)
         if isinstance(self.first_rng, tuple):
-            self.first_rng = _saved_rng(self.first_rng)
+            self.first_rng = rng.cpu_saved(self.first_rng)
         pos: dict[str, Any] = {"sig": self.sig, "epoch": self.epochs, "batch": handed, "fetched": self.batches,
                                "epoch_rng": self.epoch_rng, "reused": self.reused, "gens": [], "rngs": [],
                                "samplers": [], "epoch_steps": list(self.epoch_steps),
@@ -416,7 +414,7 @@ class Stream:
             pos["first_rng"] = self.first_rng
         if self.prev_end_rng is not None:
             if isinstance(self.prev_end_rng, tuple):
-                self.prev_end_rng = _saved_rng(self.prev_end_rng)
+                self.prev_end_rng = rng.cpu_saved(self.prev_end_rng)
             pos["prev_end_rng"] = self.prev_end_rng
         if self.gaps.states:
             pos["past_ends"] = self.gaps.stored()
@@ -478,7 +476,7 @@ class Stream:
                       f"fetched ahead of the loop is not kept (at most {AHEAD_RNG_KEPT}); random draws of the "
                       "dataset or collate_fn for them may differ after a resume", "warning")
             return {}
-        return {"ahead_rng": [_saved_rng(r) for r in raw]}
+        return {"ahead_rng": [rng.cpu_saved(r) for r in raw]}
 
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
         """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward):
@@ -512,49 +510,12 @@ AHEAD_RNG_KEPT = 8  # random states before main-process fetches kept per stream 
 DRAW_PROBE_FETCHES = 16
 
 
-def _rng_mark() -> tuple:
-    """What tells whether the global torch, Python or NumPy generators drew since (``_same_mark``): their
-    states, Python's and NumPy's as they are in memory (``python_state.raw``, ``numpy_state.raw``)."""
-    np = sys.modules.get("numpy")
-    return torch.get_rng_state(), python_state.raw(), (numpy_state.global_raw(np) if np is not None else None)
-
-
-def _same_mark(a: tuple, b: tuple) -> bool:
-    return (rng.same_cpu_state(a[0], b[0]) and python_state.same(a[1], b[1])
-            and (a[2] is b[2] is None or (a[2] is not None and b[2] is not None and numpy_state.same(a[2], b[2]))))
-
-
-def _raw_rng() -> tuple:
-    """The CPU random streams a main-process fetch may draw from (``rng.capture``'s, CUDA's aside), taken
-    cheaply at every such fetch; converted to the checkpoint's form only when a snapshot stores one. NumPy's
-    in ``numpy_state.raw``'s form (its bytes, compared and converted there)."""
-    np = sys.modules.get("numpy")
-    return python_state.getstate(), torch.get_rng_state(), (numpy_state.global_raw(np) if np is not None else None)
-
-
-def _put_raw(raw: tuple) -> None:
-    """Put ``_raw_rng()``'s state back as it is."""
-    random.setstate(raw[0])
-    torch.set_rng_state(raw[1])
-    if raw[2] is not None:
-        sys.modules["numpy"].random.set_state(numpy_state.from_raw(raw[2]))
-
-
 def _close_gap(st: Stream, now: tuple | None = None) -> None:
     """``st``'s next epoch starts (``st.epochs`` counts it): the gap after the previous one is over
-    (``epoch_gaps``) at ``now`` (``_raw_rng()``, taken here if None)."""
+    (``epoch_gaps``) at ``now`` (``rng.cpu_raw()``, taken here if None)."""
     if st.epochs > 1:
-        st.gaps.close(st.end_rng if isinstance(st.end_rng, tuple) else None, now if now is not None else _raw_rng())
+        st.gaps.close(st.end_rng if isinstance(st.end_rng, tuple) else None, now if now is not None else rng.cpu_raw())
     st.prev_end_rng, st.end_rng = st.end_rng, None
-
-
-def _saved_rng(raw: tuple) -> dict[str, Any]:
-    """``_raw_rng()``'s state in ``rng.capture``'s form (no pickle; ``rng.restore`` puts it back)."""
-    (version, words, gauss_next), cpu, np_state = raw
-    state: dict[str, Any] = {"python": (version, torch.tensor(words, dtype=torch.int64), gauss_next), "torch": cpu}
-    if np_state is not None:
-        state["numpy"] = rng.numpy_saved(numpy_state.from_raw(np_state))
-    return state
 
 
 def epoch_steps_of(pos: dict[str, Any]) -> tuple[int, list[int]]:
@@ -684,12 +645,12 @@ class _Skipping:
         self.pulled += 1
         saved = self.replay.get(n) if self.replay else None
         if saved is not None:  # the original pulled it from this state (kept in the checkpoint)
-            now = _raw_rng()
+            now = rng.cpu_raw()
             try:
                 rng.restore_some(saved)
             except Exception as e:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
                 self.replay = None
-                _put_raw(now)
+                rng.put_cpu_raw(now)
                 _say_once(f"warning: the random state the sampler drew from in the middle of its epoch is not usable "
                           f"({type(e).__name__}: {e}); the order of the batches after this resume may differ",
                           "warning")
@@ -697,7 +658,7 @@ class _Skipping:
             try:
                 return next(self.it)
             finally:
-                _put_raw(now)  # what runs next draws as it would have without this pull
+                rng.put_cpu_raw(now)  # what runs next draws as it would have without this pull
         d = self.draws
         if d is None or not sampler_draws.watched(d, n, self.length):
             return next(self.it)
@@ -869,7 +830,7 @@ class LoaderTracker:
             if type(skipping) is _Skipping and not skipping.primed:
                 tracker._prime(skipping, st)  # a resumed epoch's first fetch: skip its batches now
             elif st.batches == 0 and st.first_rng is None and getattr(it, "_num_workers", 1) == 0:
-                st.first_rng = _raw_rng()
+                st.first_rng = rng.cpu_raw()
             if st.probe:
                 st.probe = False
                 if tracker.wrapper_depth == 0:
@@ -881,8 +842,8 @@ class LoaderTracker:
                 tracker._before_main_process_fetch(st)
             probe = st.draw_probe > 0
             if probe:
-                before = _rng_mark()
-                if st.last_mark is not None and not _same_mark(st.last_mark, before):
+                before = rng.cpu_raw()
+                if st.last_mark is not None and rng.cpu_moved(st.last_mark, before):
                     st.step_draws = True
             try:
                 data = orig_next(it)
@@ -896,7 +857,7 @@ class LoaderTracker:
                             it.__dict__["_pyckpt_ended"] = True
                             tracker._skipped_epoch_ended(st)
                     elif not st.ended:
-                        st.end_rng = _raw_rng()
+                        st.end_rng = rng.cpu_raw()
                 st.ended = True
                 raise
             if probe:
@@ -1038,7 +999,7 @@ class LoaderTracker:
                     _say_once(f"warning: loader {plan.sig}: the random state saved for the batches fetched ahead "
                               f"of the loop is not usable ({type(e).__name__}: {e}); random draws of the dataset "
                               "or collate_fn for them may differ after this resume", "warning")
-        st.pre_fetch.append((st.batches, _raw_rng()))
+        st.pre_fetch.append((st.batches, rng.cpu_raw()))
 
     def _count_batch(self, st: Stream) -> None:
         """Book-keeping of a fetch that handed ``st``'s loop a batch (the patched ``__next__`` and
@@ -1227,7 +1188,7 @@ class LoaderTracker:
             st = Stream(st.sig, self, main=st)
         st.epochs += 1
         st.note_epoch_start(self._step())
-        now = _raw_rng()  # the random state at this iter(): the gap's end and the epoch's start (read once)
+        now = rng.cpu_raw()  # the random state at this iter(): the gap's end and the epoch's start (read once)
         if st.main is None:
             _close_gap(st, now)
         self._begin_epoch(st, loader)
@@ -1317,8 +1278,8 @@ class LoaderTracker:
         gives other batches then when the training step also draws from them between its fetches (dropout):
         said once. Watched for the first DRAW_PROBE_FETCHES fetches of an epoch only (the check costs tens
         of microseconds)."""
-        after = _rng_mark()
-        if not _same_mark(before, after):
+        after = rng.cpu_raw()
+        if rng.cpu_moved(before, after):
             st.fetch_draws = True
         st.last_mark = after
         st.draw_probe -= 1
@@ -1380,7 +1341,7 @@ class LoaderTracker:
         sampler skips its batches now, drawing its permutation from the random state the original epoch's
         first fetch had (``first_rng``); the state is then put back as it was, for what runs next."""
         saved = st.first_rng
-        now = _raw_rng() if saved is not None else None
+        now = rng.cpu_raw() if saved is not None else None
         try:
             if saved is not None:
                 rng.restore(saved)
@@ -1392,7 +1353,7 @@ class LoaderTracker:
                       f"({type(e).__name__}: {e}); its order of batches may differ after this resume", "warning")
         finally:
             if now is not None:
-                _put_raw(now)
+                rng.put_cpu_raw(now)
 
     @staticmethod
     def _nested(st: Stream, loader: DataLoader) -> bool:

@@ -39,9 +39,9 @@ def get_state(rs: Any) -> tuple:
 
 
 def raw(rs: Any) -> bytes | tuple:
-    """``rs``'s state as it is in memory (bytes: the key words, position, ``has_gauss`` and ``gauss``; 0.5 us),
-    or ``get_state()``'s tuple where it cannot be read in place. Compare two with ``same``; ``from_raw``
-    makes ``get_state()``'s form of one."""
+    """``rs``'s state as it is in memory (bytes: the key words, position, ``has_gauss`` and ``gauss``; 0.5 us in
+    a one-off probe), or ``get_state()``'s tuple where it cannot be read in place. Compare two with ``same``;
+    ``from_raw`` makes ``get_state()``'s form of one."""
     bg = getattr(rs, "_bit_generator", None)
     entry = _checked.get((id(rs), id(bg)))
     if entry is None:

@@ -1,13 +1,12 @@
-"""Python's ``random.getstate()``, built again only when the generator moved.
+"""Python's global random state read in place; ``random.getstate()`` built again only when it moved.
 
 ``random.getstate()`` builds a tuple of 625 ints (6 us on the 2-vCPU development box, several times that
-inside a training loop, a one-off probe), and pyckpt takes it at each epoch's ``iter()``, first fetch and
-end, where most training steps never draw from Python's generator. So the generator's C object is copied
-as bytes (CPython's RandomObject: the object header, ``int index``, ``uint32_t state[624]``; 0.3 us) and
-compared with the bytes of the last state taken, ``gauss_next`` too: equal bytes are the same state, and
-the tuple taken then is returned (a tuple: nobody can change it). ``raw()`` gives those bytes with
-``gauss_next`` (0.4 us): ``same`` compares two, ``from_raw`` makes ``getstate()``'s tuple only where one is
-kept (``sampler_draws`` reads the state before each watched pull so).
+inside a training loop, a one-off probe). ``raw()`` copies the generator's C object as bytes instead
+(CPython's RandomObject: the object header, ``int index``, ``uint32_t state[624]``), with ``gauss_next``
+(0.4 us, a one-off probe): ``same`` compares two, ``from_raw`` makes ``getstate()``'s tuple only where one
+is kept (``rng.cpu_raw``: each epoch's ``iter()``, first fetch and end, and each watched pull of a
+sampler). ``getstate()`` returns the tuple taken last time while the bytes are unchanged (a tuple: nobody
+can change it), for a snapshot's ``rng.capture`` and a DataLoader worker's state at every batch.
 
 Checked once against ``getstate()`` itself (the bytes must hold its 624 words and index exactly); where
 they do not (another build of Python), ``getstate()`` is called every time.

@@ -277,6 +277,49 @@ def set_generator_state(gen: torch.Generator, state: torch.Tensor) -> None:
     gen.set_state(cpu_bytes(state))
 
 
+def cpu_raw() -> tuple:
+    """The CPU streams as they are now (CUDA's aside), cheap to take and to compare (``cpu_moved``): Python's
+    and NumPy's as they are in memory (``python_state.raw``, ``numpy_state.raw``; NumPy's None before it is
+    imported) and torch's state. Converted to ``capture``'s form only where one is kept (``cpu_saved``)."""
+    np = sys.modules.get("numpy")
+    return python_state.raw(), torch.get_rng_state(), (numpy_state.global_raw(np) if np is not None else None)
+
+
+def cpu_moved(then: tuple, now: tuple) -> list[str]:
+    """The streams ("python", "torch", "numpy") that differ between two ``cpu_raw()`` results (NumPy imported
+    in between counts as moved)."""
+    moved = []
+    if not python_state.same(then[0], now[0]):
+        moved.append("python")
+    if not same_cpu_state(then[1], now[1]):
+        moved.append("torch")
+    if (then[2] is None) != (now[2] is None) or (then[2] is not None and not numpy_state.same(then[2], now[2])):
+        moved.append("numpy")
+    return moved
+
+
+def cpu_saved(raw: tuple, streams: Any = ("python", "torch", "numpy")) -> dict[str, Any]:
+    """``streams`` of ``cpu_raw()``'s result in ``capture``'s form (``restore``/``restore_some`` put them back;
+    no pickle)."""
+    py, cpu, np_state = raw
+    out: dict[str, Any] = {}
+    if "python" in streams:
+        out["python"] = python_saved(python_state.from_raw(py))
+    if "torch" in streams:
+        out["torch"] = cpu  # (torch.get_rng_state() made it: nothing else holds it)
+    if "numpy" in streams and np_state is not None:
+        out["numpy"] = numpy_saved(numpy_state.from_raw(np_state))
+    return out
+
+
+def put_cpu_raw(raw: tuple) -> None:
+    """Put ``cpu_raw()``'s result back as it is."""
+    random.setstate(python_state.from_raw(raw[0]))
+    torch.set_rng_state(raw[1])
+    if raw[2] is not None:
+        sys.modules["numpy"].random.set_state(numpy_state.from_raw(raw[2]))
+
+
 def same_cpu_state(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two states ``torch.get_rng_state()`` gave are equal: their bytes compared (``torch.equal``
     took 2.6 us, this 1.4: a one-off probe on the 2-vCPU development box)."""

@@ -28,12 +28,9 @@ draws not kept, "every", "from_python", "from_numpy": the flags of ``Draws``}`` 
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-import torch
-
-from . import epoch_gaps, numpy_state, python_state, rng
+from . import epoch_gaps, rng
 
 KEPT = 1024
 PROBED = 2  # pulls after the first watched in every epoch iterator (and all past the sampler's length)
@@ -109,35 +106,19 @@ class Draws:
         return d
 
 
-def _numpy_raw() -> bytes | tuple | None:
-    np = sys.modules.get("numpy")
-    return numpy_state.global_raw(np) if np is not None else None
-
-
 def before(draws: Draws) -> tuple:
-    """What ``drawn`` compares with, taken right before a pull (a few microseconds): the states of torch's,
-    Python's and NumPy's generators (the last two as they are in memory, converted only when kept)."""
-    return torch.get_rng_state(), python_state.raw(), _numpy_raw()
+    """What ``drawn`` compares with, taken right before a pull (a few microseconds): ``rng.cpu_raw()``."""
+    return rng.cpu_raw()
 
 
 def drawn(draws: Draws, n: int, then: tuple, length: int | None = None) -> None:
     """After pull ``n`` (of a sampler of ``length`` index batches): keep the states of the streams it drew
     from (``then``: ``before``'s)."""
-    cpu, py_state, np_state = then
-    state: dict[str, Any] = {}
-    unread = False
-    if not rng.same_cpu_state(cpu, torch.get_rng_state()):
-        state["torch"] = cpu
-    if not python_state.same(py_state, python_state.raw()):
-        draws.python = True
-        state["python"] = rng.python_saved(python_state.from_raw(py_state))
-    np_now = _numpy_raw()
-    if np_now is not None and (np_state is None or not numpy_state.same(np_state, np_now)):
-        draws.numpy = True
-        if np_state is not None:
-            state["numpy"] = rng.numpy_saved(numpy_state.from_raw(np_state))
-        else:
-            unread = True  # NumPy imported by the pull itself
+    moved = rng.cpu_moved(then, rng.cpu_raw())
+    draws.python |= "python" in moved
+    draws.numpy |= "numpy" in moved
+    state = rng.cpu_saved(then, moved)
+    unread = "numpy" in moved and then[2] is None  # NumPy imported by the pull itself
     if state or unread:
         if length is not None and n < length:
             draws.every = True  # (before add(), which renews what stored() gives)
