@@ -27,6 +27,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,35 +87,35 @@ def sequence(rnd: random.Random, script: Path, args: list[str], nproc: int, ref:
     events: list[str] = []
     kills = rnd.choice([1, 1, 2, 3])
     for k in range(kills):
-        run = h.launch(cmd, env=env)
+        proc = h.launch(cmd, env=env)
         if k == 0 and first_after_commit:
-            run.wait_until(lambda: bool(h.committed_steps(ckpt)), TIMEOUT_S)
+            proc.wait_until(lambda: bool(h.committed_steps(ckpt)), TIMEOUT_S)
             time.sleep(rnd.uniform(0.0, 0.3))  # somewhere in the steps, captures and commits after it
             how = "after a commit"
         elif rnd.random() < 0.5:  # a moment: start-up, a resume, anything
             delay = rnd.uniform(0.2, 6.0)
-            run.wait_until(lambda: False, delay)
+            proc.wait_until(lambda: False, delay)
             how = f"at {delay:.2f} s"
         else:  # a step of the run, then some part of it
-            target = run.last_step() + rnd.randint(1, 12)
-            run.wait_until(lambda: run.last_step() >= target, TIMEOUT_S)
+            target = proc.last_step() + rnd.randint(1, 12)
+            proc.wait_until(lambda: proc.last_step() >= target, TIMEOUT_S)
             time.sleep(rnd.uniform(0.0, 0.1))
             how = f"after step {target}"
-        run.kill()
-        run.finish(30)
-        events.append(f"killed {how} (step {run.last_step()}, committed {h.committed_steps(ckpt)[-3:]})")
+        proc.kill()
+        proc.finish(30)
+        events.append(f"killed {how} (step {proc.last_step()}, committed {h.committed_steps(ckpt)[-3:]})")
         if "PYCKPT_SHM_MB" in settings and rnd.random() < TIER_WIPED:
             shutil.rmtree(_tier_path(ckpt), ignore_errors=True)
             events.append("memory tier wiped")
-    run = h.launch(cmd, env=env)
-    rc = run.finish(TIMEOUT_S)
-    resumed = h.resume_line(run.stderr) is not None
-    finished = "already finished" in run.stderr
-    if rc != 0 or not out.exists() or "Traceback" in run.stderr:
-        return Outcome(settings, events, False, resumed, finished, f"last run: exit {rc}\n{run.stderr[-4000:]}")
+    proc = h.launch(cmd, env=env)
+    rc = proc.finish(TIMEOUT_S)
+    resumed = h.resume_line(proc.stderr) is not None
+    finished = "already finished" in proc.stderr
+    if rc != 0 or not out.exists() or "Traceback" in proc.stderr:
+        return Outcome(settings, events, False, resumed, finished, f"last run: exit {rc}\n{proc.stderr[-4000:]}")
     diff = h.diff_states(h.load_state(ref), h.load_state(out))
     if diff:
-        said = "\n".join(line for line in run.stderr.splitlines() if "pyckpt" in line)
+        said = "\n".join(line for line in proc.stderr.splitlines() if "pyckpt" in line)
         return Outcome(settings, events, False, resumed, finished, "differs from the plain run: " + "; ".join(diff[:5])
                        + "\n" + said[-3000:])
     return Outcome(settings, events, True, resumed, finished)
@@ -127,7 +128,8 @@ def _tier_path(ckpt: Path) -> str:
 
 
 def run(script: Path, args: list[str], nproc: int, work: Path, seed: int, sequences: int | None = None,
-        seconds: float | None = None, first_after_commit: bool = False, say=print) -> list[Outcome]:
+        seconds: float | None = None, first_after_commit: bool = False,
+        say: Callable[[str], None] = print) -> list[Outcome]:
     """Run sequences (``sequences`` of them, or until ``seconds`` pass) in ``work``; returns their outcomes.
     A failing sequence's directory is kept as ``work/failed-<n>``."""
     rnd = random.Random(seed)
