@@ -11,6 +11,7 @@ directory is kept.
 
     python tests/faults/kill_fuzz.py --minutes 30
     python tests/faults/kill_fuzz.py --script examples/train_ddp.py --nproc 2 --minutes 30
+    python tests/faults/kill_fuzz.py --script examples/train_ddp.py --nproc 2 --wrapper   # pyckpt-run restarts
     python tests/faults/kill_fuzz.py --script examples/train_augment.py --script-args="--persistent-workers"
 
 The script must take ``--out PATH`` (its final state, ``torch.save``), ``--step-sleep S`` and print
@@ -21,10 +22,12 @@ commit protocol.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -74,20 +77,28 @@ def reference(script: Path, args: list[str], nproc: int, out: Path) -> None:
 
 
 def sequence(rnd: random.Random, script: Path, args: list[str], nproc: int, ref: Path, work: Path,
-             first_after_commit: bool = False) -> Outcome:
+             first_after_commit: bool = False, wrapper: bool = False) -> Outcome:
     """Kill the script one to three times at random moments, relaunch it to its end and compare its final
     state with ``ref``. ``first_after_commit``: the first kill waits for a committed checkpoint (so a
-    short run has at least one resume from storage or the memory tier)."""
+    short run has at least one resume from storage or the memory tier). ``wrapper``: run it under
+    ``pyckpt-run``, and kill one of its workers (the wrapper restarts the group) or, sometimes, the whole
+    tree (then relaunched)."""
     settings = random_settings(rnd)
     ckpt, out = work / "ckpt", work / "final.pt"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = h.clean_env({"PYCKPT_DIR": str(ckpt), **settings})
-    cmd = h.python_command(script, ["--out", str(out), *args], nproc)
+    if wrapper:  # at most 3 kills: within the wrapper's default --max-restarts
+        cmd = h.wrapper_command() + ["--nproc-per-node", str(nproc), str(script), "--out", str(out), *args]
+    else:
+        cmd = h.python_command(script, ["--out", str(out), *args], nproc)
     events: list[str] = []
     kills = rnd.choice([1, 1, 2, 3])
+    proc = None
+    restarted = False  # a worker of ``proc`` was killed: its output holds the dying group's tracebacks
     for k in range(kills):
-        proc = h.launch(cmd, env=env)
+        if proc is None:
+            proc, restarted = h.launch(cmd, env=env), False
         if k == 0 and first_after_commit:
             proc.wait_until(lambda: bool(h.committed_steps(ckpt)), TIMEOUT_S)
             time.sleep(rnd.uniform(0.0, 0.3))  # somewhere in the steps, captures and commits after it
@@ -101,17 +112,30 @@ def sequence(rnd: random.Random, script: Path, args: list[str], nproc: int, ref:
             proc.wait_until(lambda: proc.last_step() >= target, TIMEOUT_S)
             time.sleep(rnd.uniform(0.0, 0.1))
             how = f"after step {target}"
+        workers = h.elastic_workers(proc.popen.pid) if wrapper and rnd.random() < 0.7 else {}
+        if workers:  # one worker: the wrapper restarts the group, which resumes
+            rank = rnd.choice(sorted(workers))
+            with contextlib.suppress(ProcessLookupError):  # it may have ended by now
+                os.kill(workers[rank], signal.SIGKILL)
+            events.append(f"killed worker {rank} {how} (step {proc.last_step()}, "
+                          f"committed {h.committed_steps(ckpt)[-3:]})")
+            restarted = True
+            continue
         proc.kill()
         proc.finish(30)
         events.append(f"killed {how} (step {proc.last_step()}, committed {h.committed_steps(ckpt)[-3:]})")
+        proc = None
         if "PYCKPT_SHM_MB" in settings and rnd.random() < TIER_WIPED:
             shutil.rmtree(_tier_path(ckpt), ignore_errors=True)
             events.append("memory tier wiped")
-    proc = h.launch(cmd, env=env)
+    if proc is None:
+        proc = h.launch(cmd, env=env)
     rc = proc.finish(TIMEOUT_S)
     resumed = h.resume_line(proc.stderr) is not None
     finished = "already finished" in proc.stderr
-    if rc != 0 or not out.exists() or "Traceback" in proc.stderr:
+    # After a worker was killed, only the last attempt's output (from its start-up line on) must be clean.
+    last = proc.stderr[proc.stderr.rfind("pyckpt: checkpointing to"):] if restarted else proc.stderr
+    if rc != 0 or not out.exists() or "Traceback" in last:
         return Outcome(settings, events, False, resumed, finished, f"last run: exit {rc}\n{proc.stderr[-4000:]}")
     diff = h.diff_states(h.load_state(ref), h.load_state(out))
     if diff:
@@ -128,10 +152,10 @@ def _tier_path(ckpt: Path) -> str:
 
 
 def run(script: Path, args: list[str], nproc: int, work: Path, seed: int, sequences: int | None = None,
-        seconds: float | None = None, first_after_commit: bool = False,
+        seconds: float | None = None, first_after_commit: bool = False, wrapper: bool = False,
         say: Callable[[str], None] = print) -> list[Outcome]:
     """Run sequences (``sequences`` of them, or until ``seconds`` pass) in ``work``; returns their outcomes.
-    A failing sequence's directory is kept as ``work/failed-<n>``."""
+    A failing sequence's directory is kept as ``work/failed-<n>``. ``wrapper``: see ``sequence``."""
     rnd = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     ref = work / "reference.pt"
@@ -140,7 +164,7 @@ def run(script: Path, args: list[str], nproc: int, work: Path, seed: int, sequen
     end = None if seconds is None else time.monotonic() + seconds
     try:
         while (sequences is None or len(outcomes) < sequences) and (end is None or time.monotonic() < end):
-            o = sequence(rnd, script, args, nproc, ref, work / "run", first_after_commit and not outcomes)
+            o = sequence(rnd, script, args, nproc, ref, work / "run", first_after_commit and not outcomes, wrapper)
             outcomes.append(o)
             say(f"[{len(outcomes)}] {o.line()}")
             if not o.ok:
@@ -160,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--script-args", default="--samples 96", help="more arguments for the script, one string "
                    "(default: --samples 96, 36 steps)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
+    p.add_argument("--wrapper", action="store_true", help="run the script under pyckpt-run and mostly kill one "
+                   "of its workers (the wrapper restarts the group), sometimes the whole tree")
     p.add_argument("--step-sleep", type=float, default=0.05, help="the script's --step-sleep: a slower step "
                    "spreads the kills over more of a run")
     p.add_argument("--minutes", type=float, default=10.0, help="how long to go on (default 10)")
@@ -172,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"kill_fuzz: seed {seed}, {a.script}, {a.nproc} process(es), work in {work}", flush=True)
     args = ["--step-sleep", str(a.step_sleep), *a.script_args.split()]
-    outcomes = run(Path(a.script), args, a.nproc, work, seed, a.sequences, a.minutes * 60,
+    outcomes = run(Path(a.script), args, a.nproc, work, seed, a.sequences, a.minutes * 60, wrapper=a.wrapper,
                    say=lambda s: print(s, flush=True))
     failed = [i + 1 for i, o in enumerate(outcomes) if not o.ok]
     resumed = sum(o.resumed for o in outcomes)
