@@ -1,6 +1,7 @@
 """pyckpt-run: help, argument translation, and a killed worker restarted by the wrapper."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -100,11 +101,11 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path, plain_d
     env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="1000", TERM_AGENT_AT="10",
                KILL_MARK=tmp_path / "mark")
     first = torchrun(tmp_path / "res.pt", **env)
-    assert first.returncode != 0 and first.stderr.count("pyckpt: SIGTERM: checkpointing") == 2
+    assert first.returncode != 0 and first.stderr.count("pyckpt: SIGTERM: checkpointing") == 2, first.stderr[-6000:]
     committed = [p.name for p in (tmp_path / "ck").iterdir() if layout.is_checkpoint_dir(str(p))]
-    assert len(committed) == 1
+    assert len(committed) == 1, (sorted(os.listdir(tmp_path / "ck")), first.stderr[-6000:])
     second = torchrun(tmp_path / "res.pt", **env)
-    assert second.returncode == 0 and "pyckpt: resumed from step" in second.stderr
+    assert second.returncode == 0 and "pyckpt: resumed from step" in second.stderr, second.stderr[-6000:]
     assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))
 
 
