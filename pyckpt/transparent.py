@@ -634,14 +634,32 @@ class Session:
         at its next fetch, before the snapshot. Ignoring it is safe: workers exit on their own
         when the main process dies (torch's parent watchdog), and are killed when it exits."""
         from torch.utils.data._utils import signal_handling
+        from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
         original = signal_handling._set_worker_signal_handlers
 
         def _set_worker_signal_handlers(*args, **kwargs):
             original(*args, **kwargs)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _unblock_sigterm()  # blocked since the fork (below): a SIGTERM pending since then is dropped now
 
         self.hooks.patch(signal_handling, "_set_worker_signal_handlers", _set_worker_signal_handlers)
+        # A worker forked while the group's SIGTERM arrives gets it before the lines above run, with this
+        # process's handler, which passes it on in any other process: the worker died and the next fetch
+        # failed before the snapshot. Its iterator forks them with SIGTERM blocked in the forking thread
+        # (the mask is inherited), so the signal waits in the new worker until it ignores it; in this
+        # process it is handled as soon as the workers are started (another thread may take it at once).
+        orig_init = _MultiProcessingDataLoaderIter.__init__
+
+        def __init__(it: Any, *args: Any, **kwargs: Any) -> None:
+            blocked = _block_sigterm()
+            try:
+                orig_init(it, *args, **kwargs)
+            finally:
+                if blocked:
+                    _unblock_sigterm()
+
+        self.hooks.patch(_MultiProcessingDataLoaderIter, "__init__", __init__)
         # At exit multiprocessing SIGTERMs its daemonic children and joins them: workers ignoring it
         # would hang every exit with live workers (an exception in the loop, persistent workers).
         # So the live workers' pids are tracked (torch registers them for its SIGCHLD check) and
@@ -727,6 +745,19 @@ def skip_note(first: int, resumed: int) -> str | None:
             f"without data before the restore point (epoch {resumed}): what the script's per-epoch code prints or "
             "writes to files there reflects the state before the restore, and variables set only inside the "
             "loader loop are unset there")
+
+
+def _block_sigterm() -> bool:
+    """Block SIGTERM in the calling thread; False where it was blocked already or cannot be (then nothing
+    is to be undone)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return False
+    return signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _grace_expired(signum: int) -> None:
