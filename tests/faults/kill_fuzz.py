@@ -53,7 +53,7 @@ class Outcome:
     detail: str = ""
 
     def line(self) -> str:
-        kv = " ".join(f"{k[7:]}={v}" for k, v in sorted(self.settings.items()))
+        kv = " ".join(f"{k.removeprefix('PYCKPT_')}={v}" for k, v in sorted(self.settings.items()))
         end = "resumed" if self.resumed else "had finished before" if self.finished else "started afresh"
         return f"{'ok  ' if self.ok else 'FAIL'} {kv} | {'; '.join(self.events)} | {end}" + (
             f"\n{self.detail}" if self.detail else "")
@@ -134,7 +134,8 @@ def sequence(rnd: random.Random, script: Path, args: list[str], nproc: int, ref:
     resumed = h.resume_line(proc.stderr) is not None
     finished = "already finished" in proc.stderr
     # After a worker was killed, only the last attempt's output (from its start-up line on) must be clean.
-    last = proc.stderr[proc.stderr.rfind("pyckpt: checkpointing to"):] if restarted else proc.stderr
+    start = proc.stderr.rfind("pyckpt: checkpointing to") if restarted else -1
+    last = proc.stderr[start:] if start >= 0 else proc.stderr
     if rc != 0 or not out.exists() or "Traceback" in last:
         return Outcome(settings, events, False, resumed, finished, f"last run: exit {rc}\n{proc.stderr[-4000:]}")
     diff = h.diff_states(h.load_state(ref), h.load_state(out))

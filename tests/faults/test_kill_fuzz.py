@@ -13,8 +13,7 @@ def test_random_kills_and_relaunches_end_bitwise_as_a_plain_run(tmp_path):
     # train_single.py: dropout draws from torch's generator in every step, so a resume that put back
     # the wrong random state, data position or optimizer state ends with other weights.
     outcomes = kill_fuzz.run(EXAMPLES / "train_single.py", ["--step-sleep", "0.05", "--samples", "96"], 1,
-                             tmp_path, seed=3,
-                             sequences=3, first_after_commit=True, say=lines.append)
+                             tmp_path, seed=3, sequences=3, first_after_commit=True, say=lines.append)
     assert len(outcomes) == 3
     assert all(o.ok for o in outcomes), "\n".join(lines)
     # The first sequence's first kill came after a commit, so some relaunch resumed from a checkpoint
@@ -29,4 +28,3 @@ def test_random_settings_cover_the_memory_tier_and_both_capture_modes():
     assert {s["PYCKPT_LAZY"] for s in seen} == {"0", "1"}
     assert {s["PYCKPT_INCREMENTAL"] for s in seen} == {"0", "1"}
     assert all(("PYCKPT_STORAGE_EVERY" in s) == ("PYCKPT_SHM_MB" in s) for s in seen)
-
