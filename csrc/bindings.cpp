@@ -348,6 +348,8 @@ void bind_engine(py::module_& m) {
       .def("staging_bytes_in_use", &Engine::staging_bytes_in_use,
            "bytes of staging slabs held by saves in progress (0 when none runs)")
       .def("chunk_bytes", &Engine::chunk_bytes)
+      .def("thread_shortfall", &Engine::thread_shortfall,
+           "empty, or which worker pools started fewer threads than asked (the limit on threads)")
       .def(
           "save",
           [](Engine& e, std::vector<std::string> files, const std::vector<SaveChunkT>& chunks,

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <system_error>
 #include <tuple>
 
 #include "pyckpt/codec.h"
@@ -111,6 +112,12 @@ Engine::Engine(size_t staging_bytes, size_t chunk_bytes, size_t io_threads, size
 
 Engine::~Engine() { reap_captures(true); }
 
+std::string Engine::thread_shortfall() const {
+  std::string out = copy_.shortfall();
+  if (!io_.shortfall().empty()) out += (out.empty() ? "" : "; ") + io_.shortfall();
+  return out;
+}
+
 void Engine::reap_captures(bool all) {
   std::lock_guard<std::mutex> lock(captures_mu_);
   for (auto it = captures_.begin(); it != captures_.end();) {
@@ -185,7 +192,13 @@ std::shared_ptr<SaveJob> Engine::save(std::vector<std::string> files,
   job->begin_task();  // the capture loop's unit of work
   reap_captures(false);
   std::lock_guard<std::mutex> lock(captures_mu_);
-  captures_.emplace_back(job, std::thread([this, job, after] { capture_loop(job, after); }));
+  try {
+    captures_.emplace_back(job, std::thread([this, job, after] { capture_loop(job, after); }));
+  } catch (const std::system_error& e) {  // the limit on threads: this save fails, not the process
+    destroy_all(after);
+    throw Error(ErrorKind::OS, std::string("cannot start the capture thread of this save (") + e.what() +
+                                   "): the limit on threads (ulimit -u, the container's pids.max) is reached");
+  }
   return job;
 }
 

@@ -1,5 +1,9 @@
 #include "pyckpt/thread_pool.h"
 
+#include <system_error>
+
+#include "pyckpt/errors.h"
+
 #if defined(__linux__)
 #include <cerrno>
 
@@ -43,12 +47,25 @@ void name_this_thread(const char* name) noexcept {
 ThreadPool::ThreadPool(size_t nthreads, int nice, const char* name) {
   if (nthreads == 0) nthreads = 1;
   workers_.reserve(nthreads);
-  for (size_t i = 0; i < nthreads; ++i)
-    workers_.emplace_back([this, nice, name] {
-      name_this_thread(name);
-      lower_thread_priority(nice);
-      work();
-    });
+  for (size_t i = 0; i < nthreads; ++i) {
+    try {
+      workers_.emplace_back([this, nice, name] {
+        name_this_thread(name);
+        lower_thread_priority(nice);
+        work();
+      });
+    } catch (const std::system_error& e) {
+      // The process's or container's limit on threads (ulimit -u, cgroup pids.max) is reached.
+      // Letting this escape would destroy joinable std::threads: std::terminate, and the training
+      // process with it. Some workers: the pool runs with those, slower; none: it cannot run.
+      Msg m;
+      m << name << ": " << workers_.size() << " of " << nthreads << " threads started (" << e.what()
+        << "): the limit on threads (ulimit -u, the container's pids.max) is reached";
+      if (workers_.empty()) throw Error(ErrorKind::OS, "cannot start the engine's threads: " + m.str());
+      shortfall_ = m.str();
+      break;
+    }
+  }
 }
 
 ThreadPool::~ThreadPool() {

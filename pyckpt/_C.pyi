@@ -120,6 +120,7 @@ class Engine:
     def staging_bytes_in_use(self) -> int:
         """Bytes of staging slabs held by saves in progress (0 when none runs)."""
     def chunk_bytes(self) -> int: ...
+    def thread_shortfall(self) -> str: ...
     def save(
         self,
         files: Sequence[str],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes.util
 import glob
+import logging
 import os
 import threading
 from types import ModuleType
@@ -144,6 +145,10 @@ def get_engine() -> "_CType.Engine":
                 pinned=_want_pinned(),
                 io_nice=knobs.get("PYCKPT_IO_NICE"),
             )
+            short = _engine.thread_shortfall()
+            if short:  # checkpoints go on with the threads that started: slower, so said once
+                logging.getLogger("pyckpt").warning("pyckpt: the checkpoint engine runs with fewer threads than "
+                                                    "asked: %s", short)
         return _engine
 
 

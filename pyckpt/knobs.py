@@ -57,14 +57,15 @@ def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
     return parse
 
 
-def _float_at_least(lo: float) -> Callable[[str, str], float]:
+def _float_at_least(lo: float, hi: float | None = None) -> Callable[[str, str], float]:
     def parse(name: str, raw: str) -> float:
         try:
             value = _float(raw)
         except ValueError:
             value = None
-        if value is None or not value >= lo:
-            raise ConfigError(f"{name}={raw!r} is not valid: expected a finite number >= {lo}")
+        if value is None or not value >= lo or (hi is not None and not value <= hi):
+            expected = f"a finite number >= {lo}" if hi is None else f"a number from {lo:g} to {hi:g}"
+            raise ConfigError(f"{name}={raw!r} is not valid: expected {expected}")
         return value
 
     return parse
@@ -220,16 +221,18 @@ _knob("PYCKPT_LAUNCH_ID", None, "any text", "set by pyckpt-run, new at each of i
       "job, the same in every restart of its workers (PYCKPT_RESUME never/<dir> apply to a launch's first start)",
       lambda n, raw: raw)
 _knob("PYCKPT_MTBF_HOURS", "24", "a number > 0 and <= 1e6", "expected hours between failures, for PYCKPT_EVERY=auto (PYCKPT_EVERY_STEPS=auto)", _float_above(0.0, 1e6))
-_knob("PYCKPT_STAGING_MB", "1024", "an integer >= 1", "host staging pool budget in MiB", _int_at_least(1))
-_knob("PYCKPT_CHUNK_MB", "4", "an integer >= 1", "chunk size in MiB", _int_at_least(1))
-_knob("PYCKPT_IO_THREADS", "4", "an integer >= 1", "writer/reader threads per process", _int_at_least(1))
-_knob("PYCKPT_COPY_THREADS", "2", "an integer >= 1", "threads for host-to-host capture copies", _int_at_least(1))
+# Upper bounds: a value past them was taken, then the engine refused every checkpoint (a chunk over its 2 GiB
+# limit, a budget past 64 bits), a wait overflowed, or starting that many threads hit the limit on threads.
+_knob("PYCKPT_STAGING_MB", "1024", "an integer from 1 to 16777216", "host staging pool budget in MiB", _int_at_least(1, 1 << 24))
+_knob("PYCKPT_CHUNK_MB", "4", "an integer from 1 to 2048", "chunk size in MiB", _int_at_least(1, 2048))
+_knob("PYCKPT_IO_THREADS", "4", "an integer from 1 to 256", "writer/reader threads per process", _int_at_least(1, 256))
+_knob("PYCKPT_COPY_THREADS", "2", "an integer from 1 to 256", "threads for host-to-host capture copies", _int_at_least(1, 256))
 _knob("PYCKPT_IO_NICE", "0", "an integer from 0 to 19", "nice value of the engine's I/O (write and read) threads "
       "(Linux; 0: the process's own priority)", _int_at_least(0, 19))
-_knob("PYCKPT_STAGING_TIMEOUT_S", "60", "a number >= 0", "how long capture waits for staging memory before skipping", _float_at_least(0.0))
+_knob("PYCKPT_STAGING_TIMEOUT_S", "60", "a number from 0 to 86400", "how long capture waits for staging memory before skipping", _float_at_least(0.0, 86400.0))
 _knob("PYCKPT_LOOP_STATE_MAX_BYTES", "16777216", "an integer >= 0", "transparent mode: a script variable larger than this is not captured (0: no variables, only the stack)", _int_at_least(0))
 # Test/diagnostic only: sleep this many ms after writing each chunk (simulates a slow disk).
-_knob("PYCKPT_TEST_WRITE_DELAY_MS", "0", "an integer >= 0", "testing: slow every chunk write down", _int_at_least(0))
+_knob("PYCKPT_TEST_WRITE_DELAY_MS", "0", "an integer from 0 to 3600000", "testing: slow every chunk write down", _int_at_least(0, 3_600_000))
 _knob("PYCKPT_TEST_FINGERPRINT", None, "constant", "testing: every chunk fingerprint is 0 (forced collisions)", _choice("constant"))
 _knob("PYCKPT_TEST_CRASH_AT", None, "a name of pyckpt.commit.CRASH_POINTS[:n]", "testing: SIGKILL at that point", lambda n, raw: raw)
 

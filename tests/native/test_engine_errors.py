@@ -1,14 +1,18 @@
 """Failures are reported, never crash: damaged or missing files on read, I/O
-errors and staging timeouts on save, cancellation, and bad arguments."""
+errors and staging timeouts on save, cancellation, bad arguments, and a limit
+on threads."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from native_helpers import addr, plan, read_chunks, save_chunks
+from native_helpers import HERE, addr, plan, read_chunks, save_chunks
 
 CHUNK = 64 << 10
 _KEEP_ALIVE: list = []
@@ -212,3 +216,73 @@ def test_a_chunk_in_memory_is_verified_where_it_lies_before_it_reaches_its_desti
     errors = engine.read([path], chunks)
     assert [i for i, _ in errors] == sorted(cut_short | {2})
     assert all(m.startswith("truncated") for i, m in errors if i in cut_short)
+
+
+_THREAD_LIMIT_CHILD = """
+import json, logging, os, resource, shutil, sys, tempfile
+sys.path.insert(0, {here!r})
+import numpy as np
+from native_helpers import plan, read_chunks, save_chunks
+from pyckpt import _native
+
+C = _native.native()
+a = np.random.default_rng(5).standard_normal(3 << 17)  # what is imported later, as another user, would fail
+layout = plan([a], 1 << 20, 1)
+work = tempfile.mkdtemp(prefix="pyckpt-nproc-")
+os.chmod(work, 0o777)  # written after this process gives up root
+uid = 60000 + os.getpid() % 5000  # a user with no other process: the limit counts this one's threads
+os.setgid(uid)
+os.setuid(uid)
+tasks = len(os.listdir("/proc/self/task"))
+out = {{}}
+
+def limit(extra):  # soft: `extra` more threads; hard: room to raise it again
+    resource.setrlimit(resource.RLIMIT_NPROC, (tasks + extra, tasks + 64))
+
+limit(0)  # not one thread: no engine, and the error says why
+try:
+    C.Engine(1 << 24, 1 << 20, io_threads=4, copy_threads=2)
+    out["none"] = "constructed"
+except OSError as e:
+    out["none"] = str(e)
+limit(3)  # the copy worker and two of the four writers
+os.environ.update(PYCKPT_IO_THREADS="4", PYCKPT_COPY_THREADS="2")
+said = []
+logging.getLogger("pyckpt").addHandler(type("H", (logging.Handler,), {{"emit": lambda h, r: said.append(r.getMessage())}})())
+engine = _native.get_engine()
+out["short"], out["said"] = engine.thread_shortfall(), said
+path = os.path.join(work, "data.bin")
+try:  # every thread the limit allows is taken: a save's capture thread cannot start
+    engine.save([path], save_chunks(layout, [a]))
+    out["capture"] = "started"
+except OSError as e:
+    out["capture"] = str(e)
+limit(4)
+job = engine.save([path], save_chunks(layout, [a]))
+out["saved"] = bool(job.wait(60)) and job.error() is None
+back = np.zeros_like(a)
+out["read_errors"] = engine.read([path], read_chunks(layout, job.results(), [back]))
+out["equal"] = bool(np.array_equal(a, back))
+shutil.rmtree(work, ignore_errors=True)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: RLIMIT_NPROC is set for a user of this test's own")
+def test_a_limit_on_threads_is_an_error_or_fewer_threads_never_an_abort():
+    """A container's pids limit (or ``ulimit -u``) reached while the engine starts its threads
+    aborted the whole process ("terminate called without an active exception"): the training job
+    died with it. Now no thread at all is an OSError naming the pool, fewer than asked run the
+    engine with those (and one ``pyckpt:`` line says how many), and a save whose capture thread
+    cannot start fails alone."""
+    env = dict(os.environ, PYCKPT_DISABLE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _THREAD_LIMIT_CHILD.format(here=HERE)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "pyckpt-copy" in out["none"] and "cannot start" in out["none"], out
+    assert "pyckpt-io: 2 of 4 threads started" in out["short"], out
+    assert "pyckpt-copy" not in out["short"], out
+    assert out["said"] == [f"pyckpt: the checkpoint engine runs with fewer threads than asked: {out['short']}"], out
+    assert "capture thread" in out["capture"] and "cannot start" in out["capture"], out
+    assert out["saved"] and out["read_errors"] == [] and out["equal"], out

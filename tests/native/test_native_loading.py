@@ -49,6 +49,27 @@ def test_engine_singleton_follows_knobs():
     assert _native.get_engine() is not engine
 
 
+def test_the_engine_takes_the_largest_value_of_each_setting():
+    """The settings' upper bounds are what the engine can run with: a chunk of its own limit, a
+    16 TiB budget (slabs are allocated when used), 256 writers and 256 copy threads."""
+    def largest(name: str) -> int:
+        with pytest.raises(Exception, match="from 1 to "):
+            with knobs.override(**{name: "999999999"}):
+                knobs.get(name)
+        return int(knobs.KNOBS[name][0].accepted.rsplit(" ", 1)[1])
+
+    big = {n: largest(n) for n in ("PYCKPT_CHUNK_MB", "PYCKPT_STAGING_MB", "PYCKPT_IO_THREADS", "PYCKPT_COPY_THREADS")}
+    assert big["PYCKPT_CHUNK_MB"] << 20 == _native.native().MAX_CHUNK_BYTES
+    assert big["PYCKPT_STAGING_MB"] == 1 << 24 and big["PYCKPT_IO_THREADS"] == big["PYCKPT_COPY_THREADS"] == 256
+    try:
+        with knobs.override(**big):
+            _native.reset_engine()
+            engine = _native.get_engine()
+            assert engine.chunk_bytes() == _native.native().MAX_CHUNK_BYTES and engine.thread_shortfall() == ""
+    finally:
+        _native.reset_engine()
+
+
 def _save_in_child(path: str, queue) -> None:
     import numpy as np
 

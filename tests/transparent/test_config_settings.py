@@ -88,6 +88,8 @@ def test_bad_setting_stops_neither_plain_python_nor_the_pyckpt_command(tmp_path)
     ({"PYCKPT_DIR": "nosuch://bucket/x"}, ["PYCKPT_DIR", "nosuch://bucket/x", "remote storage is not supported"]),
     ({"PYCKPT_DIR": "ck", "PYCKPT_EVERY_SECONDS": "0"}, ["PYCKPT_EVERY_SECONDS='0'", "> 0"]),
     ({"PYCKPT_DIR": "ck", "PYCKPT_RESUME": "/nonexistent"}, ["PYCKPT_RESUME='/nonexistent'", "does not exist"]),
+    # was taken: the engine's 100,000 threads hit the limit on threads and aborted the training process
+    ({"PYCKPT_DIR": "ck", "PYCKPT_IO_THREADS": "100000"}, ["PYCKPT_IO_THREADS='100000'", "from 1 to 256"]),
 ])
 def test_bad_setting_is_one_line_and_exit_2_before_training(tmp_path, env, needles):
     line = _one_line_exit_2(_train(tmp_path, **env))
@@ -194,6 +196,9 @@ def test_every_seconds_must_be_positive_and_finite(monkeypatch):
     ("PYCKPT_KEEP", "1_0"), ("PYCKPT_EVERY", "1_0"), ("PYCKPT_EVERY_SECONDS", "1_0"),  # Python's digit grouping
     ("PYCKPT_STAGING_TIMEOUT_S", "inf"),  # a wait that never ends
     ("PYCKPT_MTBF_HOURS", "1e305"),  # overflowed to an infinite interval: one snapshot for the whole job
+    # taken, then every checkpoint failed (the engine refused them, or a wait overflowed) or the process aborted
+    ("PYCKPT_CHUNK_MB", "4096"), ("PYCKPT_STAGING_MB", str(1 << 70)), ("PYCKPT_IO_THREADS", "100000"),
+    ("PYCKPT_COPY_THREADS", "257"), ("PYCKPT_STAGING_TIMEOUT_S", "1e23"), ("PYCKPT_TEST_WRITE_DELAY_MS", str(10 ** 20)),
 ])
 def test_values_that_used_to_be_taken_silently_are_refused(monkeypatch, name, raw):
     monkeypatch.setenv(name, raw)

@@ -97,6 +97,9 @@ class Engine {
   size_t staging_bytes_allocated() const { return pool_.allocated_bytes(); }
   size_t staging_bytes_in_use() const { return pool_.in_use_bytes(); }
   size_t chunk_bytes() const { return chunk_bytes_; }
+  /// Empty, or which worker pools started fewer threads than asked (the limit on threads was
+  /// reached): the engine works with those, slower.
+  std::string thread_shortfall() const;
 
  private:
   void validate(const std::vector<std::string>& files, const std::vector<SaveChunk>& chunks,

@@ -7,6 +7,7 @@
 #include <functional>
 #include <mutex>
 #include <queue>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -18,6 +19,8 @@ class ThreadPool {
   /// it takes a core only when the training threads leave one idle, not an equal share of it.
   /// `name` (at most 15 characters on Linux) labels the workers in `top -H`, py-spy and
   /// /proc/<pid>/task/*/comm, so an operator can tell the engine's threads from training's.
+  /// Fewer threads than `nthreads` start when the limit on threads is reached (`shortfall()` says
+  /// so); none is an Error(OS) naming the pool.
   explicit ThreadPool(size_t nthreads, int nice = 0, const char* name = "pyckpt-pool");
   /// Runs every queued task, then joins the workers.
   ~ThreadPool();
@@ -26,6 +29,8 @@ class ThreadPool {
 
   void submit(std::function<void()> task);
   size_t size() const { return workers_.size(); }
+  /// Empty, or how many of the threads asked for started and why no more did.
+  const std::string& shortfall() const { return shortfall_; }
 
  private:
   void work();
@@ -35,6 +40,7 @@ class ThreadPool {
   std::queue<std::function<void()>> tasks_;
   bool stopping_ = false;
   std::vector<std::thread> workers_;
+  std::string shortfall_;
 };
 
 /// Names the calling thread (Linux: at most 15 characters are kept; elsewhere a no-op).
