@@ -260,6 +260,9 @@ def _copy_part(part: dict, fds: dict[str, int], tmp: str, final: str, st: Any,
         expect = {i: (fp, crc) for i, fp, _, crc in exp}
     rel = layout.data_file_name(rank)
     out_chunks, ref_files, collisions, off = [], {}, 0, 0
+    # The part is committed in ``tmp`` even when no data file is written there (every chunk referenced,
+    # or no tensor at all): ``_Writer`` creates its folder only for a first chunk copied.
+    os.makedirs(tmp, exist_ok=True)
     with _Writer(os.path.join(tmp, rel), fds) as w:
         for i, ch in enumerate(chunks):
             src = ch.pop("_src")

@@ -206,6 +206,35 @@ def test_storage_checkpoint_is_copied_from_the_memory_copy_not_captured_again(tm
             ck.close()
 
 
+@pytest.mark.parametrize("second", ["unchanged", "no tensor"])
+def test_a_copy_to_storage_that_copies_no_chunk_is_committed(tmp_path, shm, second):
+    """Storage's copy of a snapshot whose chunks all equal its previous checkpoint's (every one
+    referenced: an optimizer step skipped, or a time trigger during evaluation), or that holds no
+    tensor, created no data file, and so no directory to commit its part in: "checkpoint of step 20
+    not written to storage: No such file or directory", and storage never got it."""
+    with knobs.override(PYCKPT_SHM_MB=64):
+        ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
+        tier = shm_tier.tier_for(ck, coord)
+        try:
+            state = {"w": torch.arange(1 << 20, dtype=torch.float32), "n": 1}
+            assert tier.publish(tier.save(10, state, {"n": 10}), ck, 10).result(60).endswith("step-000000010")
+            _prechecked(tier)
+            later = state if second == "unchanged" else {"n": 2, "s": "no tensor"}
+            assert tier.publish(tier.save(20, later, {"n": 20}), ck, 20).result(60).endswith("step-000000020")
+            r = ck.restore(20)
+            assert r.rank_state == {"n": 20} and r.state.keys() == later.keys()
+            if second == "unchanged":
+                assert torch.equal(r.state["w"], state["w"])
+                files = {c["file"] for c in _chunks(tmp_path / "ck" / layout.step_dir_name(20))}
+                assert files == {"../step-000000010/rank-00000/data-000.bin"}  # every chunk referenced
+            else:
+                assert r.state == later
+        finally:
+            shm_tier._TIERS.pop(ck.directory, None)
+            tier.remove()
+            ck.close()
+
+
 def test_storage_copies_from_memory_report_their_figures_without_parsing_parts(tmp_path, shm, monkeypatch):
     """A storage checkpoint published from the memory copy gets its metrics line's byte figures from
     the commit, like any save (nothing parsed back), and they equal what the files on disk hold."""
