@@ -37,7 +37,9 @@ def name_os_thread() -> None:
     """Give the calling thread's Python name (``pyckpt-commit-12``) to the OS thread too, cut to 15
     characters on Linux, so that ``top -H``, ``ps -T`` and perf tell pyckpt's threads from training's
     (Python 3.11 leaves every thread named after the process)."""
-    if _C is not None:  # only a label: without the extension there is nothing to name
+    # Only a label: without the extension there is nothing to name. Never the main thread (work run on
+    # it when no thread could start, pyckpt.threads): its OS name is the process's own in ps and top.
+    if _C is not None and threading.current_thread() is not threading.main_thread():
         _C.name_this_thread(threading.current_thread().name)
 
 

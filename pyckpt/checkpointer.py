@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from . import incremental as incremental_mod
-from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, tree, writer
+from . import activation, catalog, commit, gcpause, knobs, layout, lock, metrics, reader, remote, sharded, threads, tree
+from . import writer
 from ._native import CODEC_IDS, name_os_thread, require_codec
 from .coord import Coordinator, LocalCoordinator
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, PyckptError, StagingTimeoutError, TornSaveError,
@@ -372,8 +373,10 @@ class Checkpointer:
         # runs, and once the engine's threads copy on every core that wait is a scheduling delay of
         # milliseconds on the training thread.
         started: Future = Future()  # (job, error) of _start
-        threading.Thread(target=self._finish_when_started, args=(fut, plan, started, tmp, final, step, seq),
-                         name=f"pyckpt-commit-{step}", daemon=False).start()
+        commit_args = (fut, plan, started, tmp, final, step, seq)
+        threaded = threads.start(threading.Thread(target=self._finish_when_started, args=commit_args,
+                                                  name=f"pyckpt-commit-{step}", daemon=False),
+                                 f"the commit thread of step {step}", "it commits on this thread instead")
         try:
             job, err = self._start(engine, plan, tmp)
             if job is not None:
@@ -383,6 +386,8 @@ class Checkpointer:
             if not started.done():  # interrupted: the commit thread ends with this save failed
                 started.set_result((None, PyckptError(f"checkpoint of step {step} interrupted before it started")))
         timer.returned()
+        if not threaded:  # what the commit thread would have done: the save ends, the next one need not wait
+            self._finish_when_started(*commit_args)
         return fut
 
     def _finish_when_started(self, fut: SaveFuture, plan: writer.RankPlan, started: Future, *rest: Any) -> None:

@@ -25,7 +25,7 @@ import stat
 import threading
 import zlib
 
-from . import _native, gcpause, layout
+from . import _native, gcpause, layout, threads
 
 log = logging.getLogger("pyckpt")
 
@@ -145,8 +145,10 @@ class Baseline:
             if key not in self.changed and key not in self.unproven:
                 todo.setdefault(rec["file"], (nbytes, []))[1].append(rec)
         if todo:
-            self._precheck = _Precheck(self, root, todo)
-            self._precheck.start()
+            check = _Precheck(self, root, todo)
+            if threads.start(check, "the pre-check of the chunks the next save may reference",
+                             "that save checks them itself"):
+                self._precheck = check
 
     def stop_precheck(self) -> None:
         """Tell the pre-check to stop (it does after its current read of at most 8 MiB); never waits.
@@ -473,7 +475,11 @@ class _Precheck(threading.Thread):
 
     def start(self) -> None:
         _RUNNING.add(self)
-        super().start()
+        try:
+            super().start()
+        except RuntimeError:  # not started: nothing to stop at exit
+            _RUNNING.discard(self)
+            raise
 
     def run(self) -> None:
         try:

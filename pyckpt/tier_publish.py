@@ -36,7 +36,7 @@ import os
 import threading
 from typing import Any
 
-from . import _native, commit, incremental, layout, manifest, metrics, writer
+from . import _native, commit, incremental, layout, manifest, metrics, threads, writer
 from .checkpointer import SaveFuture
 from .safe_fs import CheckpointDir
 
@@ -62,7 +62,8 @@ class Publication:
         self.opened = threading.Event()  # the source files are open: the tier may retire them now
         self.future, self.seq, self._prev = _numbered(storage, step, inflight=True)
         self.thread = threading.Thread(target=self._run, name=f"pyckpt-publish-{step}", daemon=False)
-        self.thread.start()
+        if not threads.start(self.thread, f"the copy of step {step} to storage", "it is copied on this thread instead"):
+            self._run()  # a future that never finished would hold up every later storage save
 
     def _run(self) -> None:
         _native.name_os_thread()
@@ -131,7 +132,8 @@ class Publication:
 
     def wait(self) -> None:
         """Until storage's checkpoint is committed or failed."""
-        self.thread.join()
+        if self.thread.ident is not None:  # else it ran on the thread that made it
+            self.thread.join()
 
 
 def publish_whole(tier_root: str, src: str, storage: Any, step: int) -> str:

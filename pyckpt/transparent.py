@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, reader, rng, sharded
+from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, reader, rng, sharded, threads
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry, eager
@@ -721,7 +721,9 @@ class Session:
         self.policy.force()
         self._grace = threading.Timer(SIGTERM_GRACE_S, _grace_expired, (signum,))
         self._grace.daemon = True
-        self._grace.start()
+        threads.start(self._grace, "the SIGTERM grace timer",  # never raised into the training code
+                      f"the process exits after the snapshot, however long past {SIGTERM_GRACE_S:.0f} s it comes "
+                      "(a second SIGTERM exits at once)")
 
     def _exit_after_sigterm(self) -> None:
         try:
