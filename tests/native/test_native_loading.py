@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from pyckpt import _native, knobs
-from pyckpt.errors import NativeError, StagingTimeoutError
+from pyckpt.errors import ConfigError, NativeError, StagingTimeoutError
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -53,7 +53,7 @@ def test_the_engine_takes_the_largest_value_of_each_setting():
     """The settings' upper bounds are what the engine can run with: a chunk of its own limit, a
     16 TiB budget (slabs are allocated when used), 256 writers and 256 copy threads."""
     def largest(name: str) -> int:
-        with pytest.raises(Exception, match="from 1 to "):
+        with pytest.raises(ConfigError, match="from 1 to "):
             with knobs.override(**{name: "999999999"}):
                 knobs.get(name)
         return int(knobs.KNOBS[name][0].accepted.rsplit(" ", 1)[1])

@@ -209,9 +209,9 @@ def test_storage_checkpoint_is_copied_from_the_memory_copy_not_captured_again(tm
 @pytest.mark.parametrize("second", ["unchanged", "no tensor"])
 def test_a_copy_to_storage_that_copies_no_chunk_is_committed(tmp_path, shm, second):
     """Storage's copy of a snapshot whose chunks all equal its previous checkpoint's (every one
-    referenced: an optimizer step skipped, or a time trigger during evaluation), or that holds no
-    tensor, created no data file, and so no directory to commit its part in: "checkpoint of step 20
-    not written to storage: No such file or directory", and storage never got it."""
+    referenced), or that holds no tensor, created no data file, and so no directory to commit its
+    part in: "checkpoint of step 20 not written to storage: No such file or directory", and storage
+    never got it."""
     with knobs.override(PYCKPT_SHM_MB=64):
         ck, coord = Checkpointer(tmp_path / "ck"), LocalCoordinator()
         tier = shm_tier.tier_for(ck, coord)
