@@ -219,45 +219,38 @@ def test_a_chunk_in_memory_is_verified_where_it_lies_before_it_reaches_its_desti
 
 
 _THREAD_LIMIT_CHILD = """
-import json, logging, os, resource, shutil, sys, tempfile
+import json, logging, os, shutil, sys
 sys.path.insert(0, {here!r})
+sys.path.insert(0, os.path.dirname({here!r}))  # thread_limit
 import numpy as np
 from native_helpers import plan, read_chunks, save_chunks
 from pyckpt import _native
+from thread_limit import become_own_user, limit
 
 C = _native.native()
 a = np.random.default_rng(5).standard_normal(3 << 17)  # what is imported later, as another user, would fail
 layout = plan([a], 1 << 20, 1)
-work = tempfile.mkdtemp(prefix="pyckpt-nproc-")
-os.chmod(work, 0o777)  # written after this process gives up root
-uid = 60000 + os.getpid() % 5000  # a user with no other process: the limit counts this one's threads
-os.setgid(uid)
-os.setuid(uid)
-tasks = len(os.listdir("/proc/self/task"))
+work = become_own_user()
 out = {{}}
 
-def limit(extra):  # soft: `extra` more threads; hard: room to raise it again
-    resource.setrlimit(resource.RLIMIT_NPROC, (tasks + extra, tasks + 64))
-
-limit(0)  # not one thread: no engine, and the error says why
-try:
-    C.Engine(1 << 24, 1 << 20, io_threads=4, copy_threads=2)
-    out["none"] = "constructed"
-except OSError as e:
-    out["none"] = str(e)
-limit(3)  # the copy worker and two of the four writers
+with limit(0):  # not one thread: no engine, and the error says why
+    try:
+        C.Engine(1 << 24, 1 << 20, io_threads=4, copy_threads=2)
+        out["none"] = "constructed"
+    except OSError as e:
+        out["none"] = str(e)
 os.environ.update(PYCKPT_IO_THREADS="4", PYCKPT_COPY_THREADS="2")
 said = []
 logging.getLogger("pyckpt").addHandler(type("H", (logging.Handler,), {{"emit": lambda h, r: said.append(r.getMessage())}})())
-engine = _native.get_engine()
-out["short"], out["said"] = engine.thread_shortfall(), said
 path = os.path.join(work, "data.bin")
-try:  # every thread the limit allows is taken: a save's capture thread cannot start
-    engine.save([path], save_chunks(layout, [a]))
-    out["capture"] = "started"
-except OSError as e:
-    out["capture"] = str(e)
-limit(4)
+with limit(3):  # the copy worker and two of the four writers
+    engine = _native.get_engine()
+    out["short"], out["said"] = engine.thread_shortfall(), said
+    try:  # every thread the limit allows is taken: a save's capture thread cannot start
+        engine.save([path], save_chunks(layout, [a]))
+        out["capture"] = "started"
+    except OSError as e:
+        out["capture"] = str(e)
 job = engine.save([path], save_chunks(layout, [a]))
 out["saved"] = bool(job.wait(60)) and job.error() is None
 back = np.zeros_like(a)

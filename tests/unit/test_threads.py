@@ -12,33 +12,21 @@ import sys
 
 import pytest
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 _CHILD = r"""
-import contextlib, json, logging, os, resource, shutil, sys, tempfile, threading, time
+import contextlib, json, logging, os, shutil, tempfile
 from pathlib import Path
 import torch
 from pyckpt import Checkpointer, knobs, shm_tier
 from pyckpt.coord import LocalCoordinator
+from thread_limit import become_own_user, limit
 
 said = []
 logging.getLogger("pyckpt").addHandler(type("H", (logging.Handler,), {"emit": lambda h, r: said.append(r.getMessage())})())
 state = {"w": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(4)}
 
-@contextlib.contextmanager
-def limit(extra):
-    # soft: `extra` threads more than this process has once the last saves' threads (commit, pre-check)
-    # ended; hard: room to lift it again
-    for t in threading.enumerate():
-        if t is not threading.main_thread():
-            t.join(30)
-    time.sleep(0.2)  # a joined thread's task is released just after
-    tasks = len(os.listdir("/proc/self/task"))
-    resource.setrlimit(resource.RLIMIT_NPROC, (tasks + extra, tasks + 64))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NPROC, (tasks + 64, tasks + 64))
-
-def timed(fn):  # what fn returned (a checkpoint's name), or what it raised
+def outcome(fn):  # what fn returned (a checkpoint's name), or what it raised
     try:
         r = fn()
         return [os.path.basename(r) if isinstance(r, str) else r]
@@ -51,12 +39,12 @@ def scenario(root, limited):
     ck.save(1, state).result(60)
     ck.save(2, state).result(60)  # incremental: a baseline whose chunks a pre-check reads back
     with limit(0) if limited else contextlib.nullcontext():
-        out["precheck"] = timed(lambda: ck._baseline.precheck(ck.directory))
+        out["precheck"] = outcome(lambda: ck._baseline.precheck(ck.directory))
     with limit(1) if limited else contextlib.nullcontext():  # the commit thread, not the engine's capture thread
-        out["one"] = timed(lambda: ck.save(3, state).result(60))
+        out["one"] = outcome(lambda: ck.save(3, state).result(60))
     with limit(0) if limited else contextlib.nullcontext():  # not one thread
-        out["none"] = timed(lambda: ck.save(4, state).result(60))
-    out["after"] = timed(lambda: ck.save(5, state).result(60))
+        out["none"] = outcome(lambda: ck.save(4, state).result(60))
+    out["after"] = outcome(lambda: ck.save(5, state).result(60))
     r = ck.restore(5)
     out["restored"] = torch.equal(r.state["w"], state["w"]) and torch.equal(r.state["b"], state["b"])
     ck.close()
@@ -66,8 +54,8 @@ def scenario(root, limited):
         try:
             tier.publish(tier.save(10, state, {}), ck2, 10).result(60)
             with limit(0) if limited else contextlib.nullcontext():
-                out["published"] = timed(lambda: tier.publish(tier.save(20, state, {}), ck2, 20).result(60))
-            out["published_after"] = timed(lambda: tier.publish(tier.save(30, state, {}), ck2, 30).result(60))
+                out["published"] = outcome(lambda: tier.publish(tier.save(20, state, {}), ck2, 20).result(60))
+            out["published_after"] = outcome(lambda: tier.publish(tier.save(30, state, {}), ck2, 30).result(60))
             out["published_equal"] = torch.equal(ck2.restore(30).state["w"], state["w"])
         finally:
             shm_tier._TIERS.pop(ck2.directory, None)
@@ -79,11 +67,7 @@ warm = Path(tempfile.mkdtemp(prefix="pyckpt-nproc-"))
 scenario(warm, False)  # every module this needs is imported while its files can still be read
 shutil.rmtree(warm)
 said.clear()
-work = Path(tempfile.mkdtemp(prefix="pyckpt-nproc-"))
-os.chmod(work, 0o777)
-uid = 60000 + os.getpid() % 5000  # a user with no other process: the limit counts this one's threads
-os.setgid(uid)
-os.setuid(uid)
+work = become_own_user()
 out = scenario(work, True)
 out["said"] = said
 shutil.rmtree(work, ignore_errors=True)
@@ -101,7 +85,8 @@ def test_saves_go_on_when_no_thread_can_start_and_recover_at_once_when_threads_c
     without waiting."""
     env = dict(os.environ, PYCKPT_STAGING_TIMEOUT_S="30", OMP_NUM_THREADS="1")
     env.pop("PYCKPT_DIR", None)
-    r = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    child = f"import sys\nsys.path.insert(0, {TESTS!r})  # thread_limit\n" + _CHILD
+    r = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     cannot_capture = "OSError: cannot start the capture thread of this save"
