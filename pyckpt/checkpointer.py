@@ -125,12 +125,10 @@ def check_step(step: Any) -> int:
         raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}") from None
     if value < 0:
         raise ValueError(f"step must be >= 0, got {value}")
-    if value > _MAX_STEP:  # the manifest's range (a reader refuses a larger one as corrupt)
-        raise ValueError(f"step must be <= {_MAX_STEP} (a signed 64-bit integer, docs/FORMAT.md), got {value}")
+    if value > layout.MAX_STEP:  # the manifest's range (a reader refuses a larger one as corrupt)
+        raise ValueError(f"step must be <= {layout.MAX_STEP} (a signed 64-bit integer, docs/FORMAT.md), got {value}")
     return value
 
-
-_MAX_STEP = (1 << 63) - 1
 
 
 class _StorageLayout(NamedTuple):

@@ -27,6 +27,7 @@ from . import __version__, layout
 from .errors import CheckpointNotFoundError, PyckptError
 
 NOT_FOUND, FAILED = 2, 1
+USAGE = 2
 
 
 def _human(n: float) -> str:
@@ -37,6 +38,22 @@ def _human(n: float) -> str:
 
 def _err(verb: str, msg: str) -> None:
     print(f"pyckpt {verb}: {msg}", file=sys.stderr)
+
+
+def _int_in(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type for an integer from ``least`` to ``most``: anything else is a usage error
+    (exit 2) before the verb reads or writes anything."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least or (most is not None and value > most):
+            bound = f"from {least} to {most}" if most is not None else f"{least} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {bound}")
+        return value
+
+    return parse
 
 
 def _print_json(doc: Any) -> None:
@@ -312,8 +329,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # -- export / import --------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import check_out, export
 
+    try:
+        check_out(args.out, args.to)
+    except ValueError as e:
+        _err("export", str(e))
+        return USAGE
     try:
         done = export(_local(args.path, args), args.to, args.out, rank=args.rank, progress=_progress_for(args))
     except CheckpointNotFoundError as e:
@@ -502,7 +524,7 @@ def _add_path(sp: argparse.ArgumentParser) -> None:
 
 def _add_inspect(sp: argparse.ArgumentParser) -> None:
     _add_path(sp)
-    sp.add_argument("--max-leaves", type=int, default=2000, metavar="N",
+    sp.add_argument("--max-leaves", type=_int_in(0), default=2000, metavar="N",
                     help="print at most N leaves in the text tree (default 2000; --json lists all)")
 
 
@@ -510,7 +532,7 @@ def _add_export(sp: argparse.ArgumentParser) -> None:
     _add_path(sp)
     sp.add_argument("--to", required=True, choices=("torch", "safetensors"), help="output format")
     sp.add_argument("out", metavar="OUT", help="the file to write (replaced atomically if it exists)")
-    sp.add_argument("--rank", type=int, default=None, metavar="R",
+    sp.add_argument("--rank", type=_int_in(0), default=None, metavar="R",
                     help="export rank R's per-rank state (rank_state) instead of the replicated state")
 
 
@@ -519,14 +541,15 @@ def _add_import(sp: argparse.ArgumentParser) -> None:
                                                  "safetensors file (its FILE.pyckpt.json sidecar is applied)")
     sp.add_argument("out", metavar="OUT", help="the checkpoint directory to create (with --step: a checkpoint "
                                                "root that gets step-N and latest)")
-    sp.add_argument("--step", type=int, default=None, metavar="N", help="save as step N of the root OUT")
+    sp.add_argument("--step", type=_int_in(0, layout.MAX_STEP), default=None, metavar="N",
+                    help="save as step N of the root OUT (0 to 2**63-1)")
     sp.add_argument("--compress", choices=("none", "zstd"), default="none", help="chunk codec (default none)")
 
 
 def _add_diff(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("a", metavar="A", help="a checkpoint directory or root")
     sp.add_argument("b", metavar="B", help="a checkpoint directory or root")
-    sp.add_argument("--rank", type=int, default=None, metavar="R",
+    sp.add_argument("--rank", type=_int_in(0), default=None, metavar="R",
                     help="compare rank R's per-rank state instead of the replicated state")
 
 
@@ -536,7 +559,7 @@ def _add_dir(sp: argparse.ArgumentParser) -> None:
 
 def _add_stats(sp: argparse.ArgumentParser) -> None:
     _add_dir(sp)
-    sp.add_argument("--rows", type=int, default=30, metavar="N", help="plot the last N saves (default 30)")
+    sp.add_argument("--rows", type=_int_in(1), default=30, metavar="N", help="plot the last N saves (default 30)")
 
 
 _VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str, str]] = {

@@ -78,9 +78,13 @@ class Exported:
 
 
 def export(path: str, fmt: str, out: str, rank: int | None = None, progress: Progress = _no_progress) -> Exported:
-    """Write checkpoint ``path`` to ``out`` as ``fmt`` ("torch" or "safetensors")."""
+    """Write checkpoint ``path`` to ``out`` as ``fmt`` ("torch" or "safetensors").
+
+    Raises ``ValueError`` before anything is loaded for an unknown ``fmt`` or an ``out`` that
+    names a directory or nothing (``check_out``)."""
     if fmt not in ("torch", "safetensors"):
         raise ValueError(f"format must be 'torch' or 'safetensors', got {fmt!r}")
+    check_out(out, fmt)
     st = _safetensors() if fmt == "safetensors" else None
     state, step = load_state(path, rank)
     flat = tree.flatten(state)
@@ -92,6 +96,19 @@ def export(path: str, fmt: str, out: str, rank: int | None = None, progress: Pro
         return Exported([out], len(tensors), step)
     files = _export_safetensors(st, state, flat, step, out, progress)
     return Exported(files, len(tensors), step)
+
+
+def check_out(out: str, fmt: str) -> None:
+    """Raise ``ValueError`` when ``out`` cannot name the file an export writes: checked before the
+    checkpoint is loaded (which may take minutes), not when the file is renamed into place."""
+    example = "model.safetensors" if fmt == "safetensors" else "model.pt"
+    if not out:
+        raise ValueError(f"OUT is an empty string: name the file to write (e.g. {example})")
+    if os.path.isdir(out):
+        raise ValueError(f"{out} is a directory: name the file to write, e.g. {os.path.join(out, example)}")
+    if out.endswith(("/", os.sep)):
+        raise ValueError(f"{out} names a directory (it ends with a slash): name the file to write, "
+                         f"e.g. {out}{example}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 LOCK = ".pyckpt.lock"
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
+MAX_STEP = (1 << 63) - 1  # a step is a signed 64-bit integer in the manifest (docs/FORMAT.md)
 _TMP_RE = re.compile(r"^(step-\d{9,}|.+)\.tmp-([A-Za-z0-9_-]+)$")
 _DEL_RE = re.compile(r"^(.+)\.del-([A-Za-z0-9_-]+)$")
 _SEQ_PEEK_BYTES = 16 << 20  # the manifest size cap of docs/FORMAT.md
