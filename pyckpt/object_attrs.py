@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import PyckptError
 
-_PLAIN = (type(None), bool, int, float, str)
+_PLAIN = frozenset((type(None), bool, int, float, str))
 # What every nn.Module has in its __dict__ (its tensors' and submodules' dicts, hooks, flags): torch's,
 # restored elsewhere or not state at all.
 _BASE = frozenset(vars(nn.Module())) | {"training"}
@@ -152,7 +152,13 @@ def capture(roots: list[nn.Module], keep: Callable[..., Any], keep_tensor: Calla
         for name, m in root.named_modules():
             if m.training is not flag:
                 flip.append(name)
-            entry = _module_entry(i, name, m, keep, keep_tensor, script_class, attrs_of)
+            t = type(m)
+            if _kind(t, script_class) == "torch":  # most submodules (thousands): _module_entry's result inline
+                d = m.__dict__
+                got = {k: ["v", d[k]] for k in sorted(d.keys() - _BASE) if k[0] != "_" and type(d[k]) in _PLAIN}
+                entry = {"type": t.__qualname__, "attrs": got} if got else None
+            else:
+                entry = _module_entry(i, name, m, keep, keep_tensor, script_class, attrs_of)
             if entry is not None:
                 attrs[name] = entry
         out.append({"train": flag, "flip": flip, "attrs": attrs})
