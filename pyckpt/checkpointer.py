@@ -316,7 +316,7 @@ class Checkpointer:
         # One save at a time: saves from several threads (a loop and a callback) each saw none in flight,
         # and one's clean-up removed the other's temporary directory. Re-entrant: a signal handler on the
         # saving thread that saves again must not deadlock.
-        with self._saving, gcpause.paused():  # planning must not start collector passes (gcpause.py)
+        with self._saving, gcpause.paused(promote=True):  # planning must not start collector passes (gcpause.py)
             return self._save(step, state, rank_state, _gate, _as_state_dict)
 
     def _save(self, step: int, state: Any, rank_state: Any, _gate: Callable[[], BaseException | None] | None,

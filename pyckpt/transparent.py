@@ -414,7 +414,7 @@ class Session:
                           "(torch.compile(model)) or the optimizer step alone, not the whole training step")
             return
         try:
-            with gcpause.paused():  # thousands of tensors: no collector passes inside the snapshot (gcpause.py)
+            with gcpause.paused(promote=True):  # thousands of tensors: no collector pass in the snapshot (gcpause.py)
                 state, rank_state = self._collect(point)
                 fut = self.lazy.save(state, rank_state)  # copied now, or armed: the next step waits (lazy.py)
         except Exception as e:  # a checkpoint must never take the training job down
