@@ -130,7 +130,6 @@ def check_step(step: Any) -> int:
     return value
 
 
-
 class _StorageLayout(NamedTuple):
     """The storages of one plan section and what ``_moved_chunks`` reads of them at every save."""
 

@@ -45,14 +45,18 @@ def test_a_count_out_of_its_range_is_a_usage_error_that_writes_nothing(cli, root
     assert sorted(os.listdir(tmp_path)) == before  # the import made no root (it used to leave one with a lock)
 
 
+def _plotted(stdout: str) -> list[str]:
+    """The steps of the plot's rows: the lines after its header ("step  stall s ... durable s")."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "stall", "s"])
+    return [line.split()[0] for line in lines[head + 1:]]
+
+
 def test_stats_rows_plots_exactly_the_last_n_saves(cli, root):
-    r = cli("stats", root, "--rows", "1")
-    assert r.returncode == 0, r.stderr
-    plotted = [line.split()[0] for line in r.stdout.splitlines()[-3:] if "█" in line or " - " in line]
-    assert plotted == ["3"], r.stdout
-    r = cli("stats", root, "--rows", "2")
-    plotted = [line.split()[0] for line in r.stdout.splitlines() if line.strip()[:1].isdigit() and "█" in line]
-    assert plotted == ["2", "3"], r.stdout
+    for rows, steps in (("1", ["3"]), ("2", ["2", "3"]), ("30", ["1", "2", "3"])):
+        r = cli("stats", root, "--rows", rows)
+        assert r.returncode == 0, r.stderr
+        assert _plotted(r.stdout) == steps, r.stdout
 
 
 def test_inspect_max_leaves_zero_lists_no_leaf_and_says_how_many(cli, root):
