@@ -203,10 +203,14 @@ def check_loose(t: Tracked, saved: Any) -> None:
     if not isinstance(saved, dict):
         raise PyckptError("the checkpoint's optimizer parameters outside modules are malformed")
     if set(saved) != set(t.loose):
+        # Keys the checkpoint has and this run lacks: parameters given to an optimizer while training.
+        why = ("; groups or parameters added while training (optimizer.add_param_group) are not re-created by "
+               f"the fast-forward; {_WAY_OUT}" if set(saved) - set(t.loose) else
+               "; set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over")
         raise PyckptError(
             f"this run's optimizers hold {len(t.loose)} parameter(s) no module owns ({', '.join(sorted(t.loose)) or 'none'}; "
             f"optimizer.group.index) and the checkpoint holds {len(saved)} ({', '.join(sorted(saved)) or 'none'}): "
-            "they would not be restored; set PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over")
+            f"they would not be restored{why}")
     for k, p in t.loose.items():
         v = saved[k]
         if not isinstance(v, torch.Tensor) or v.shape != p.shape or v.dtype != p.dtype:

@@ -427,6 +427,10 @@ def test_optimizer_parameters_outside_modules_are_found_refused_when_missing_and
     # A checkpoint without them (written before they were saved) or with other shapes: refused, not ignored.
     with pytest.raises(PyckptError, match=r"2 parameter\(s\) no module owns \(0\.1\.0, 0\.1\.1;.*holds 0 \(none\)"):
         discovery.check_loose(t, None)
+    # A checkpoint holding more of them: a group added while training (the relaunch has not made it yet).
+    with pytest.raises(PyckptError, match=r"holds 3 \(0\.1\.0, 0\.1\.1, 0\.2\.0\).*optimizer\.add_param_group"
+                                          r".*explicit API"):
+        discovery.check_loose(t, {"0.1.0": torch.ones(()), "0.1.1": torch.ones(2), "0.2.0": torch.ones(1)})
     with pytest.raises(PyckptError, match=r"parameter 0\.1\.1 \(outside modules\) is torch.float32 \(3,\)"):
         discovery.check_loose(t, {"0.1.0": torch.ones(()), "0.1.1": torch.ones(3)})
     saved = {"0.1.0": torch.tensor(0.5), "0.1.1": torch.tensor([1.0, 2.0])}
