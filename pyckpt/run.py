@@ -231,12 +231,24 @@ def supervise(cmd: list[str]) -> int:
     """Run torchrun's agent (which restarts failed workers) and return its exit status.
 
     The agent runs as a child so that SIGTERM/SIGINT/SIGHUP sent to the
-    wrapper reach it (and through it the workers) exactly once."""
+    wrapper reach it (and through it the workers) exactly once. Only the
+    first is passed on: the agent stops its workers on it (they take their
+    checkpoint first), and a second signal while it does made torch's agent
+    abort and kill them, checkpoint and all (an operator's second kill, a
+    supervisor that repeats its signal). SIGKILL still stops everything."""
     child = subprocess.Popen(cmd)
+    passed: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
+        if child.poll() is not None:
+            return
+        if passed:
+            sys.stderr.write(f"pyckpt-run: {signal.Signals(signum).name} again: not passed on; the workers are "
+                             f"stopping after {signal.Signals(passed[0]).name} (under SIGTERM they checkpoint "
+                             "first); SIGKILL stops them at once\n")
+            return
+        passed.append(signum)
+        child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)

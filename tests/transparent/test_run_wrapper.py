@@ -111,6 +111,28 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_step(tmp_path, plain_d
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_sigterm_sent_twice_to_the_wrapper_still_checkpoints_every_rank(tmp_path, plain_ddp):
+    """SIGTERM to pyckpt-run, then again: the agent gets it once, so its workers finish their checkpoint.
+    Before, both were passed on; torch's agent, stopping its workers after the first, aborted on the second
+    and killed them: no checkpoint, and a line saying a relaunch would start from the beginning."""
+    def wrapper(**env):
+        return subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "1000",
+                               "--nproc-per-node", "2", DDP, tmp_path / "res.pt"], capture_output=True, text=True,
+                              timeout=400, cwd=tmp_path, env=clean_env(**env))
+
+    first = wrapper(TERM_WRAPPER_AT="10", KILL_MARK=tmp_path / "mark")
+    assert first.returncode != 0 and first.stderr.count("pyckpt: SIGTERM: checkpointing") == 2, first.stderr[-6000:]
+    assert "pyckpt-run: SIGTERM again: not passed on" in first.stderr, first.stderr[-6000:]
+    committed = [p for p in (tmp_path / "ck").iterdir() if layout.is_checkpoint_dir(str(p))]
+    assert len(committed) == 1, (sorted(os.listdir(tmp_path / "ck")), first.stderr[-6000:])
+    assert f"the same command resumes from {committed[0]}" in first.stderr, first.stderr[-3000:]
+    second = wrapper(KILL_MARK=tmp_path / "mark")
+    assert second.returncode == 0 and "pyckpt: resumed from step" in second.stderr, second.stderr[-6000:]
+    assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("tier", [False, True], ids=["storage", "memory_tier"])
 def test_sigterm_to_one_rank_checkpoints_every_rank_to_storage(tmp_path, plain_ddp, tier):
     """A preemption notice that reaches one rank only: every rank takes that snapshot and commits it to

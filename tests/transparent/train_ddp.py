@@ -1,8 +1,9 @@
 """DDP training on gloo that never mentions pyckpt: DistributedSampler.set_epoch, 2 loader workers,
 BatchNorm, dropout, AdamW, per-epoch StepLR. KILL_AT/KILL_MARK: rank 1 SIGKILLs itself once.
 TERM_AGENT_AT/KILL_MARK: rank 0 sends SIGTERM to the torchrun agent (its parent) once.
-TERM_RANK1_AT/KILL_MARK: rank 1 sends SIGTERM to itself only, once."""
-import os, sys, torch, torch.nn as nn, torch.distributed as dist
+TERM_RANK1_AT/KILL_MARK: rank 1 sends SIGTERM to itself only, once.
+TERM_WRAPPER_AT/KILL_MARK: rank 0 sends SIGTERM twice to pyckpt-run (the agent's parent), once."""
+import os, sys, time, torch, torch.nn as nn, torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset, DistributedSampler
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -32,6 +33,13 @@ for epoch in range(3):
         if str(step) == os.environ.get("TERM_AGENT_AT") and rank == 0 and marker and not os.path.exists(marker):
             open(marker, "w").close()
             os.kill(os.getppid(), 15)
+        if str(step) == os.environ.get("TERM_WRAPPER_AT") and rank == 0 and marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            with open(f"/proc/{os.getppid()}/stat") as f:
+                wrapper = int(f.read().rsplit(")", 1)[1].split()[1])
+            os.kill(wrapper, 15)
+            time.sleep(0.3)  # the agent is stopping its workers now
+            os.kill(wrapper, 15)  # again: an operator's second kill, a supervisor that repeats it
         if str(step) == os.environ.get("TERM_RANK1_AT") and rank == 1 and marker and not os.path.exists(marker):
             open(marker, "w").close()
             os.kill(os.getpid(), 15)
