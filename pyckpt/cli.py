@@ -332,7 +332,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_out, export
 
     try:
-        check_out(args.out, args.to)
+        check_out(args.out, args.to)  # here too: before _local, which downloads an object-storage checkpoint
     except ValueError as e:
         _err("export", str(e))
         return USAGE

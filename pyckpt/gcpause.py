@@ -24,9 +24,8 @@ def paused(promote: bool = False) -> Iterator[None]:
     (1-2 ms of the snapshot) that finds nothing to free: a snapshot's cycles are a few small objects
     (its futures and events). The script's own young objects get the pass of the two young
     generations first (as the collector makes every tenth pass: garbage freed, the rest to the
-    oldest generation), so only the block's objects skip a pass, never a cycle of the script's.
-    Measured: 0.4-1.6 ms less of a 20 ms snapshot point of 4,000 tensors (docs/PERFORMANCE.md,
-    "Ninth pass"). Not done when the script has frozen objects
+    oldest generation), so only the block's objects skip a pass, never a cycle of the script's
+    (docs/PERFORMANCE.md, "Ninth pass"). Not done when the script has frozen objects
     (``gc.freeze()`` before forking workers): ``gc.unfreeze()``, which makes the move, would release
     those too."""
     if not gc.isenabled():
