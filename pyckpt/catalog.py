@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import layout
+from . import layout, safe_fs
 
 MONITOR_FILE = "pyckpt-monitor.json"  # inside a step directory: the keep_best metric of that save
 
@@ -156,8 +156,7 @@ def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
             raw = reader_root(root).read_small(FINISHED_FILE)
             body = json.loads(raw) if raw is not None else None
         else:
-            with open(os.path.join(os.fspath(root), FINISHED_FILE), "rb") as f:
-                body = json.loads(f.read(1 << 16))
+            body = json.loads(safe_fs.read_small(os.path.join(os.fspath(root), FINISHED_FILE), 1 << 16))
     except (OSError, ValueError):
         return None
     if not isinstance(body, dict) or body.get("finished") is not True:
@@ -186,8 +185,7 @@ def write_monitor(ckpt_dir: str, value: float) -> None:
 def read_monitor(ckpt_dir: str) -> float | None:
     """The stored metric of a checkpoint, or None (none stored, unreadable, not a finite number)."""
     try:
-        with open(os.path.join(ckpt_dir, MONITOR_FILE), "rb") as f:
-            value = json.loads(f.read(4096)).get("value")
+        value = json.loads(safe_fs.read_small(os.path.join(ckpt_dir, MONITOR_FILE), 4096)).get("value")
     except (OSError, ValueError, AttributeError):
         return None
     try:

@@ -479,7 +479,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not os.path.isdir(root):
         _err("stats", f"{root} is not a directory")
         return NOT_FOUND
-    records, bad = metrics.read(root)
+    try:
+        records, bad = metrics.read(root)
+    except OSError as e:
+        _err("stats", f"cannot read {os.path.join(root, metrics.METRICS_FILE)}: {e.strerror or e}")
+        return 1
     if not records:
         what = f"{bad} unreadable line(s) and no record" if bad else "no metrics"
         _err("stats", f"{what} in {os.path.join(root, metrics.METRICS_FILE)} (written by Checkpointer "

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import gcpause
+from . import gcpause, safe_fs
 
 METRICS_FILE = "metrics.jsonl"
 FINISHED_FILE = "FINISHED.json"
@@ -191,7 +191,7 @@ def emit(root: str, record: dict[str, Any]) -> None:
     line = (json.dumps(record, allow_nan=False, default=str) + "\n").encode()
     try:
         # One write() of an O_APPEND file: concurrent writers never interleave inside a line.
-        fd = os.open(os.path.join(root, METRICS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = safe_fs.open_regular(os.path.join(root, METRICS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             os.write(fd, line)
         finally:
@@ -200,7 +200,7 @@ def emit(root: str, record: dict[str, Any]) -> None:
         if root not in _append_failed:
             _append_failed.add(root)
             log.warning("pyckpt: cannot append to %s (metrics lines are lost until it works again): %s",
-                        os.path.join(root, METRICS_FILE), e)
+                        os.path.join(root, METRICS_FILE), getattr(e, "strerror", None) or e)
     else:
         _append_failed.discard(root)
     with _lock:
@@ -249,22 +249,29 @@ def is_figure(v: Any, below: float = 2**63) -> bool:
 
 
 def read(root: str) -> tuple[list[dict[str, Any]], int]:
-    """The records of ``root/metrics.jsonl`` in file order, and the number of unreadable lines."""
+    """The records of ``root/metrics.jsonl`` in file order, and the number of unreadable lines.
+
+    Raises OSError when the file cannot be opened or is not a regular file (``safe_fs.open_regular``).
+    A line is read up to ``_MAX_LINE`` bytes; the rest of a longer one is skipped in pieces."""
     out, bad = [], 0
     try:
-        with open(os.path.join(root, METRICS_FILE), "rb") as f:
-            for raw in f:
-                try:
-                    if len(raw) > _MAX_LINE:
-                        raise ValueError("line too long")
-                    rec = json.loads(raw)
-                    if not isinstance(rec, dict) or not _sound(rec):
-                        raise ValueError("not a record pyckpt writes")
-                    out.append(rec)
-                except (ValueError, UnicodeDecodeError):
-                    bad += 1  # e.g. a line cut by a crash or a disk-full
+        fd = safe_fs.open_regular(os.path.join(root, METRICS_FILE))
     except FileNotFoundError:
-        pass
+        return out, bad
+    with os.fdopen(fd, "rb") as f:
+        while raw := f.readline(_MAX_LINE + 1):
+            if len(raw) > _MAX_LINE:  # not one of ours: the rest of it skipped without holding it
+                while not raw.endswith(b"\n") and (raw := f.readline(1 << 16)):
+                    pass
+                bad += 1
+                continue
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict) or not _sound(rec):
+                    raise ValueError("not a record pyckpt writes")
+                out.append(rec)
+            except (ValueError, UnicodeDecodeError):
+                bad += 1  # e.g. a line cut by a crash or a disk-full
     return out, bad
 
 

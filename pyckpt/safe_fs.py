@@ -154,3 +154,40 @@ class CheckpointDir:
             raise CorruptCheckpointError(f"{what} {shown} shrank while being read ({got} of {size} bytes)",
                                          path=shown)
         return buf
+
+
+# -- the files pyckpt keeps beside its checkpoints -----------------------------------------------------
+NOT_REGULAR = "not a regular file (a FIFO, a device or a symbolic link)"
+
+
+def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """``os.open`` of a file pyckpt keeps beside its checkpoints (``metrics.jsonl``, ``FINISHED.json``,
+    the memory tier's token, a checkpoint's ``pyckpt-monitor.json``); the caller closes the descriptor.
+
+    Never blocks: a FIFO planted there would block a plain ``open()`` until a writer or reader came
+    (a relaunch, or a save's commit thread, then waited for ever). A symbolic link is not followed and
+    anything but a regular file is refused (a link to ``/dev/zero`` read without end). Raises OSError,
+    ``NOT_REGULAR`` in its message for those."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        # ELOOP: a link (O_NOFOLLOW); ENXIO: a FIFO opened for writing that no one reads.
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            raise OSError(e.errno, NOT_REGULAR, path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_small(path: str, cap: int) -> bytes:
+    """At most ``cap`` bytes of the regular file ``path`` (``open_regular``); FileNotFoundError when absent."""
+    fd = open_regular(path)
+    try:
+        return os.read(fd, cap)
+    finally:
+        os.close(fd)

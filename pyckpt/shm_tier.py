@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import commit, finish, knobs, layout, tree
+from . import commit, finish, knobs, layout, safe_fs, tree
 from .activation import _say as say
 
 SHM_ROOT = "/dev/shm"
@@ -337,7 +337,10 @@ def _open(storage_dir: str, coord: Any) -> Tier | None:
         else:
             why = next((w for _, w in seen if w is not None), None)
     if why is None:
-        why = _claim(path, _origin(storage_dir)) if rank0 else None
+        try:
+            why = _claim(path, _origin(storage_dir)) if rank0 else None
+        except OSError as e:  # said, and agreed below: the other ranks wait for rank 0's answer
+            why = f"cannot record which directory the copy belongs to ({e.filename or storage_dir}: {e.strerror or e})"
         if coord.world_size > 1:
             why = coord.broadcast_json(why, "tier/claim")
     if why is not None:
@@ -403,9 +406,14 @@ def _origin(storage_dir: str) -> dict:
     st = os.stat(storage_dir)
     token_file = os.path.join(storage_dir, TOKEN)
     try:
-        with open(token_file) as f:
-            token = f.read().strip()
-    except FileNotFoundError:
+        token = safe_fs.read_small(token_file, 4096).decode("ascii").strip()
+    except (FileNotFoundError, ValueError):
+        token = ""
+    except OSError as e:
+        if e.strerror != safe_fs.NOT_REGULAR:
+            raise
+        token = ""  # a FIFO, device or link in its place: replaced below (the copy it named proves nothing)
+    if not token:
         token = os.urandom(16).hex()
         tmp = f"{token_file}.{os.getpid()}"
         with open(tmp, "w") as f:
