@@ -60,3 +60,26 @@ def test_a_fifo_as_the_memory_tier_token_neither_hangs_nor_resumes_an_unproven_c
         assert tree_equal(load(out), plain_results("adamw"))
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.mark.skipif(not os.path.isdir(shm_tier.SHM_ROOT), reason="no /dev/shm on this machine")
+def test_a_memory_tier_token_that_cannot_be_made_turns_the_tier_off_not_the_checkpoints(tmp_path, plain_results):
+    """A directory in the token's place: rank 0 raised while opening the tier, at every snapshot, so every
+    checkpoint was skipped. Now the tier is off with one line and snapshots go to storage."""
+    out = tmp_path / "out.pt"
+    shm = Path(shm_tier.shm_path(str(tmp_path / "ck")))
+    (tmp_path / "ck" / shm_tier.TOKEN).mkdir(parents=True)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="4", PYCKPT_SHM_MB="64", KILL_AT="10",
+               KILL_MARK=tmp_path / "mark")
+    try:
+        first = run_script([TINY, out], tmp_path, **env)
+        assert first.returncode == -9, first.stderr
+        off = [line for line in first.stderr.splitlines() if "memory tier off" in line]
+        assert len(off) == 1 and shm_tier.TOKEN in off[0], first.stderr
+        assert "skipped" not in first.stderr
+        second = run_script([TINY, out], tmp_path, timeout=60, **env)
+        assert second.returncode == 0, second.stderr
+        assert "pyckpt: resumed from step " in second.stderr
+        assert tree_equal(load(out), plain_results("adamw"))
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
