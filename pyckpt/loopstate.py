@@ -1244,6 +1244,14 @@ def point_of(tree: Any) -> str | None:
     return None
 
 
+def script_of(tree: Any) -> str | None:
+    """The file name of the script whose loop state ``tree`` holds (its outermost frame's), or None."""
+    stack = tree.get("stack") if isinstance(tree, dict) else None
+    frame = stack[1] if isinstance(stack, list) and len(stack) > 1 else None
+    name = frame[0] if isinstance(frame, list) and frame else None
+    return name if isinstance(name, str) and name.endswith(".py") else None
+
+
 def check_stack(saved: Any, user: list[types.FrameType], point: str) -> None:
     """Raise ``PyckptError`` when the script's stack now differs from the checkpoint's."""
     now = stack_signature(user, point)
@@ -1268,7 +1276,8 @@ def check_stack(saved: Any, user: list[types.FrameType], point: str) -> None:
         elif isinstance(a, tuple) and len(a) == 5 and a[:4] == b[:4]:
             why = f"{where} is at another instruction than in the checkpoint"
         else:
-            why = f"frame {n} is {where}, the checkpoint has {a[1] if isinstance(a, tuple) and len(a) > 1 else a}"
+            had = f"{a[1]} ({a[0]})" if isinstance(a, tuple) and len(a) > 1 else a  # (the file: another script)
+            why = f"frame {n} is {where}, the checkpoint has {had}"
     raise PyckptError(f"the script or its call stack differs from the run that wrote the checkpoint: {why}")
 
 

@@ -379,6 +379,11 @@ class Session:
                "curriculum), pyckpt cannot fast-forward it (it tells a loader's epochs apart by dataset type, "
                "length and batch size), else this run does not replay the run that wrote it"
                if kin else "this run does not replay the run that wrote it")
+        # Another script on the same PYCKPT_DIR (a fine-tuning run after pre-training) says so first.
+        then = loopstate.script_of((self.source.rank_state or {}).get("loop") if self.source is not None else None)
+        now = os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+        if then is not None and now.endswith(".py") and then != now:
+            why = f"the checkpoint was written by {then}, this is {now}; {why}"
         # One line and exit status 2, not a traceback from inside optimizer.step().
         say(f"cannot resume: {where}: the optimizer stepped before the training loader reached the "
             f"checkpoint's position (loader {plan.sig}, its epoch {plan.epoch - 1}, batch {plan.batch}): {why}; "

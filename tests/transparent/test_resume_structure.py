@@ -123,6 +123,30 @@ def test_an_edited_script_with_a_wider_layer_is_refused_in_one_process(tmp_path)
     assert "pyckpt.Checkpointer" in line and "PYCKPT_RESUME=never" in line, line
 
 
+def test_another_script_on_the_same_directory_is_refused_naming_both_scripts(tmp_path):
+    """A fine-tuning script started on the pre-training run's PYCKPT_DIR: the refusal says which script
+    wrote the checkpoint, not only that this run does not replay it."""
+    (tmp_path / "train.py").write_text(STRUCT)
+    other = STRUCT.replace("torch.randn(96, 16), torch.randn(96, 4)), batch_size=4",
+                           "torch.randn(64, 16), torch.randn(64, 4)), batch_size=8")
+    assert other != STRUCT
+    (tmp_path / "finetune.py").write_text(other)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="8")
+    first = run_script(["train.py"], tmp_path, KILL="1", **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = run_script(["finetune.py"], tmp_path, **env)
+    lines = _refusals(second)
+    assert len(lines) == 1, second.stderr
+    assert "the checkpoint was written by train.py, this is finetune.py" in lines[0], lines[0]
+    assert "PYCKPT_RESUME=never" in lines[0], lines[0]
+    # The same code under another name: the loader is the same, the script's frames are not.
+    (tmp_path / "copy.py").write_text(STRUCT)
+    lines = _refusals(run_script(["copy.py"], tmp_path, **env))
+    assert len(lines) == 1 and "<module> (copy.py" in lines[0] and "has <module> (train.py)" in lines[0], lines
+    again = run_script(["train.py"], tmp_path, **env)  # the script that wrote it still resumes
+    assert again.returncode == 0 and "pyckpt: resumed from step " in again.stderr, again.stderr[-3000:]
+
+
 def _damage(ckpt) -> None:
     """Flip the first bytes of every data file: a read of any tensor fails its checksum."""
     for f in ckpt.rglob("data-*.bin"):
