@@ -332,6 +332,8 @@ def _check_writable(path: str) -> None:
 
     if knobs.is_url(path):
         return  # object storage: the Checkpointer probes it with a write when training starts
+    if os.path.exists(path) and not os.path.isdir(path):  # makedirs would say "File exists"
+        raise ConfigError(f"checkpoint directory {path!r} (PYCKPT_DIR) is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".pyckpt-probe-", dir=path)

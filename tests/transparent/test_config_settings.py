@@ -98,6 +98,13 @@ def test_bad_setting_is_one_line_and_exit_2_before_training(tmp_path, env, needl
     assert not (tmp_path / "s3:").exists()
 
 
+def test_a_checkpoint_directory_that_is_a_file_is_said_to_be_one(tmp_path):
+    """It said "is not writable: File exists" (os.makedirs' error), which sends one looking at permissions."""
+    (tmp_path / "f").write_text("")
+    line = _one_line_exit_2(_train(tmp_path, PYCKPT_DIR=tmp_path / "f"))
+    assert "PYCKPT_DIR" in line and "is not a directory" in line and "File exists" not in line, line
+
+
 def test_resume_path_that_is_a_file_is_rejected(tmp_path):
     (tmp_path / "f").write_text("")
     line = _one_line_exit_2(_train(tmp_path, PYCKPT_DIR="ck", PYCKPT_RESUME=tmp_path / "f"))
