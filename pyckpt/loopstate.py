@@ -234,6 +234,9 @@ class _Encoder:
         self.limit = max_bytes  # where the variable being encoded stops (begin() moves it)
         self._active: set[int] = set()  # ids of the script objects being encoded (a back-reference is left out)
         self.running: set[int] = set()  # ids of the frames captured (a generator running there is positioned)
+        # ids of the iterators those frames' for loops (and their generators' loops) are running: a variable
+        # holding one (a generator expression's ``.0``, ``it = zip(a, b)`` then ``for x in it``) is the loop's
+        self.loop_iterators: set[int] = set()
 
     def begin(self) -> tuple[int, int]:
         """Start one variable: its own budget of ``max_bytes``; returns what ``rollback`` needs."""
@@ -466,6 +469,8 @@ class _Encoder:
         name = f"{t.__module__}.{t.__qualname__}"
         if isinstance(v, types.GeneratorType) and v.gi_frame is None:  # run to its end: model.parameters()
             return _Skip(f"a finished generator ({v.__qualname__}): nothing to restore", False)  # an optimizer took
+        if id(v) in self.loop_iterators:  # the loop's position is captured (or said) with the loop's
+            return _Skip(f"the iterator of a running for loop ({name}): positioned with that loop", False)
         if isinstance(v, types.GeneratorType) and id(v.gi_frame) in self.running:
             # The snapshot point is inside it (``batch = next(batches)`` of a ``cycle(loader)`` stream): it is
             # positioned through its frame on the stack, and the variable keeps the relaunch's generator.
@@ -573,6 +578,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         return cap
     enc = _Encoder(max_bytes, _tracked(modules, list(registered), list(loose)))
     enc.running = {id(f) for f in user}
+    enc.loop_iterators = _nested_iterators([it for f in user for it in frames.loop_iterators(f) or ()])
     cap = Capture({})
     objects: list[tuple[Any, list]] = []  # (object, path)
     seen: set[int] = set()
@@ -659,7 +665,8 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                     "positions of for-loop iterators are not captured on Python "
                     f"{sys.version_info[0]}.{sys.version_info[1]} ({sys.implementation.name})")
             continue
-        iters.append([_iter_state(it, f"the for-loop iterator in {f.f_code.co_name}", cap, keep) for it in its])
+        iters.append([_iter_state(it, f"the for-loop iterator in {f.f_code.co_name}", cap, keep, enc.loop_iterators)
+                      for it in its])
     objs: list[dict] = []
     done = 0
 
@@ -737,7 +744,24 @@ def _label(path: list) -> str:
     return ".".join([base, *map(str, rest)])
 
 
-def _iter_state(it: Any, where: str, cap: Capture, keep: Any, depth: int = 0) -> list:
+def _nested_iterators(its: list) -> set[int]:
+    """ids of ``its`` and of the iterators inside them that ``_iter_state`` positions (an ``enumerate``'s,
+    a ``zip``'s): a variable holding one is positioned with its loop (``_Encoder.skip``)."""
+    out: set[int] = set()
+    todo = list(its)
+    while todo:
+        it = todo.pop()
+        if id(it) in out:
+            continue
+        out.add(id(it))
+        if type(it) is enumerate:
+            todo.append(it.__reduce__()[1][0])
+        elif type(it) is zip:
+            todo.extend(it.__reduce__()[1])
+    return out
+
+
+def _iter_state(it: Any, where: str, cap: Capture, keep: Any, loops: set[int], depth: int = 0) -> list:
     """The position of one loop iterator (see ``_positioner``). A generator (a script's batch generator,
     tqdm's iterator) is positioned through its frame: its locals and its own loop iterators. Locals
     of a library's generator that cannot be stored are the library's business (listed for debug, not
@@ -754,9 +778,9 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, depth: int = 0) ->
         return [tn, int(it.__length_hint__())]
     if t is enumerate:
         red = it.__reduce__()
-        return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, depth + 1)]
+        return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, loops, depth + 1)]
     if t is zip:
-        return ["zip", [_iter_state(x, where, cap, keep, depth + 1) for x in it.__reduce__()[1]]]
+        return ["zip", [_iter_state(x, where, cap, keep, loops, depth + 1) for x in it.__reduce__()[1]]]
     if isinstance(it, types.GeneratorType) and it.gi_frame is not None and frames.is_own_file(
             it.gi_frame.f_code.co_filename):
         return ["pyckpt", it.__qualname__]
@@ -766,13 +790,14 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, depth: int = 0) ->
         its = frames.loop_iterators(f)
         if its is not None:
             name = getattr(it, "__qualname__", "generator")
+            loops.update(_nested_iterators(its))  # before its locals: a local holding one is that loop's
             loc = {}
             for k, v in f.f_locals.items():
                 e = keep(f"{k} (in generator {name})", v, ["gen", k], quiet)
                 if e is not None:
                     loc[k] = e
             return ["generator", [*frames.code_key(f.f_code), frames.position(f)], loc,
-                    [_iter_state(x, f"the for-loop iterator in generator {name}", cap, keep, depth + 1) for x in its]]
+                    [_iter_state(x, f"the for-loop iterator in generator {name}", cap, keep, loops, depth + 1) for x in its]]
     if t is itertools.count:
         args = it.__reduce__()[1]
         if all(type(a) is int for a in args):

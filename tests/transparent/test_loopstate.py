@@ -441,6 +441,25 @@ def test_a_generator_in_a_variable_running_on_the_stack_is_positioned_and_not_wa
     assert out == plain
 
 
+def iterator_in_variables(hook, trace):
+    pairs = zip(range(6), "abcdef")  # the loop's iterator, in a variable too
+    for k, (n, ch) in enumerate(pairs):
+        hook(sys._getframe())
+        trace.append((k, n, ch, sum(x for x in range(n))))  # a generator expression: its .0 is its loop's
+    return trace
+
+
+def test_a_variable_holding_a_running_loops_iterator_is_positioned_with_the_loop_not_warned_about():
+    # ``pairs`` (and the inner zip of ``enumerate(pairs)``) is the for loop's: it was also warned about as
+    # a variable holding an iterator whose position cannot be restored, although the loop positions it.
+    plain = iterator_in_variables(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: iterator_in_variables(hook, []),
+                                      lambda f: f.f_locals.get("k") == 3)
+    assert not cap.warnings, cap.warnings
+    assert "positioned with that loop" in cap.skipped["pairs (in iterator_in_variables)"]
+    assert out == plain
+
+
 def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypatch):
     def f(hook):
         x = 1

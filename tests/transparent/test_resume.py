@@ -79,6 +79,17 @@ def test_a_loop_calling_next_itself_resumes_in_a_later_epoch(tmp_path, plain_res
     assert tree_equal(final, plain_results(mode))
 
 
+def test_loaders_zipped_inside_a_generator_expression_resume_exactly_without_a_warning(tmp_path, plain_results):
+    # ``for x, y, a in ((x, y, a) for (x, y), (a,) in zip(loader, aux))``: the generator expression's
+    # ``.0`` is the zip its loop runs; it was also taken for a variable holding an iterator that cannot
+    # be restored ("a resume will not be exact", twice), although both loaders are positioned.
+    first, second, final = _kill_and_resume(tmp_path, "zipgen", KILL_AT="13")
+    assert first.returncode == -signal.SIGKILL
+    assert "pyckpt: resumed from step " in second.stderr, second.stderr
+    assert "will not be exact" not in first.stderr + second.stderr, first.stderr
+    assert tree_equal(final, plain_results("zipgen"))
+
+
 def test_modules_no_optimizer_owns_resume_exactly_over_the_loop_state_cap(tmp_path, plain_results):
     # The EMA copy and the teacher (~0.5 kB each) are over a 64-byte loop-state cap: they are saved
     # with the rank's state by reference, not copied into the loop state, so the cap does not apply.

@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while (and the others below)
+| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -64,6 +64,8 @@ data = TensorDataset(torch.randn(40, 6), torch.randn(40, 1))
 loader = DataLoader(data, batch_size=4, shuffle=True)
 if MODE == "peek":  # the same signature as the training loader (dataset type and length, batch size, ...)
     twin_loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randn(40, 1)), batch_size=4, shuffle=True)
+if MODE == "zipgen":  # a second loader (its own dataset length) zipped with the training one
+    aux_loader = DataLoader(TensorDataset(torch.randn(48, 6)), batch_size=4, shuffle=True)
 val_loader = DataLoader(TensorDataset(torch.randn(12, 6), torch.randn(12, 1)), batch_size=4)
 
 
@@ -390,6 +392,11 @@ elif MODE == "metriclogger":  # the torchvision references' MetricLogger: meters
         epoch_means.append({k: meter.total / meter.count for k, meter in metric_logger.meters.items()})
         sched.step()
     models["log"] = {"epoch_means": torch.tensor([stats["loss"] for stats in epoch_means])}
+elif MODE == "zipgen":  # the training loader zipped with another inside a generator expression
+    for epoch in range(EPOCHS):
+        for x, y, noise in ((x, y, a) for (x, y), (a,) in zip(loader, aux_loader)):
+            train_step(x + 0.01 * noise, y)
+        sched.step()
 elif MODE == "fixed_next":
     for epoch in range(EPOCHS):
         it = iter(loader)
