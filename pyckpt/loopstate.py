@@ -57,6 +57,7 @@ import itertools
 import random
 import sys
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -758,7 +759,27 @@ def _nested_iterators(its: list) -> set[int]:
             todo.append(it.__reduce__()[1][0])
         elif type(it) is zip:
             todo.extend(it.__reduce__()[1])
+        elif (sl := _islice_state(it)) is not None:
+            todo.append(sl[0])
     return out
+
+
+def _islice_state(it: Any) -> tuple[Any, int, int | None] | None:
+    """(the iterator inside, items taken from it, stop) of ``itertools.islice(x, [start,] stop)`` with step 1,
+    which ``_positioner`` can put back: ``__setstate__`` sets that count, and with step 1 a new islice of the
+    same start and stop goes on from it as the saved one would (items before start are still skipped). None
+    for any other object, another step, or an interpreter without islice's pickle support (3.14)."""
+    if type(it) is not itertools.islice:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
+            _, (inner, _next, stop, step), cnt = it.__reduce__()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if step != 1 or type(cnt) is not int or not (stop is None or type(stop) is int):
+        return None
+    return inner, cnt, stop
 
 
 def _iter_state(it: Any, where: str, cap: Capture, keep: Any, loops: set[int], depth: int = 0) -> list:
@@ -798,6 +819,8 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, loops: set[int], d
                     loc[k] = e
             return ["generator", [*frames.code_key(f.f_code), frames.position(f)], loc,
                     [_iter_state(x, f"the for-loop iterator in generator {name}", cap, keep, loops, depth + 1) for x in its]]
+    if (sl := _islice_state(it)) is not None:
+        return ["islice", sl[1], sl[2], _iter_state(sl[0], where, cap, keep, loops, depth + 1)]
     if t is itertools.count:
         args = it.__reduce__()[1]
         if all(type(a) is int for a in args):
@@ -1521,6 +1544,23 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
             for s in subs:
                 s()
         return gen
+    if kind == "islice":
+        _check(len(st) == 4 and type(st[1]) is int and st[1] >= 0 and (st[2] is None or type(st[2]) is int),
+               "islice")
+        live = _islice_state(it)
+        if live is None:
+            raise bad
+        if live[2] != st[2]:
+            raise PyckptError(f"a for loop in {where} runs an islice that stops at {live[2]} now, the checkpoint's "
+                              f"stopped at {st[2]}")
+        inner = _positioner(live[0], st[3], where, dec, plan)
+
+        def islice() -> None:
+            inner()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                it.__setstate__(st[1])  # the items taken so far: where it stops counts from them
+        return islice
     if kind == "count":
         _check(len(st) == 2 and type(st[1]) is int, "count")
         if type(it) is not itertools.count:

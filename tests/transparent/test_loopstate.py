@@ -460,6 +460,38 @@ def test_a_variable_holding_a_running_loops_iterator_is_positioned_with_the_loop
     assert out == plain
 
 
+def islice_loop(hook, trace, stop=8):
+    for epoch in range(2):
+        for k in itertools.islice(iter(range(10)), 2, stop):  # steps per epoch limited, a start skipped
+            hook(sys._getframe())
+            trace.append((epoch, k))
+    return trace
+
+
+def test_a_loop_over_an_islice_is_positioned_and_stops_where_it_would_have():
+    # It was "a loop over itertools.islice, whose position cannot be restored": the relaunch's islice
+    # counted its items from 0 again and ran past the saved run's stop.
+    plain = islice_loop(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: islice_loop(hook, []),
+                                      lambda f: f.f_locals.get("epoch") == 1 and f.f_locals.get("k") == 4)
+    assert not cap.warnings, cap.warnings
+    assert out == plain
+
+
+def test_an_islice_with_another_stop_is_refused_before_anything_is_written():
+    got = {}
+    islice_loop(lambda f: got.setdefault("t", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)), [])
+
+    def res(frame):
+        if "err" not in got:
+            with pytest.raises(PyckptError, match="islice that stops at 9 now, the checkpoint's stopped at 8"):
+                loopstate.prepare(got["t"], [frame], "step")
+            got["err"] = True
+
+    islice_loop(res, [], stop=9)
+    assert got["err"]
+
+
 def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypatch):
     def f(hook):
         x = 1

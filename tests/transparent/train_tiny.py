@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen (and the others below)
+| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -37,6 +37,7 @@ TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
 """
 import copy
+import itertools
 import os
 import signal
 import sys
@@ -392,6 +393,11 @@ elif MODE == "metriclogger":  # the torchvision references' MetricLogger: meters
         epoch_means.append({k: meter.total / meter.count for k, meter in metric_logger.meters.items()})
         sched.step()
     models["log"] = {"epoch_means": torch.tensor([stats["loss"] for stats in epoch_means])}
+elif MODE == "islice":  # steps per epoch limited by itertools.islice over the loader
+    for epoch in range(EPOCHS):
+        for x, y in itertools.islice(loader, 7):
+            train_step(x, y)
+        sched.step()
 elif MODE == "zipgen":  # the training loader zipped with another inside a generator expression
     for epoch in range(EPOCHS):
         for x, y, noise in ((x, y, a) for (x, y), (a,) in zip(loader, aux_loader)):
