@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dis
 import hashlib
+import inspect
 import os
 import sys
 import sysconfig
@@ -241,14 +242,44 @@ def _depths(code: types.CodeType) -> tuple[dict[int, int], tuple[tuple[int, int]
     return depth, loops
 
 
+_ASYNC = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+@lru_cache(maxsize=1024)
+def _delegations(code: types.CodeType) -> tuple[tuple[int, int], ...]:
+    """Every ``yield from`` of a generator's code as (its SEND offset, the offset it exits to); 3.10's
+    YIELD_FROM repeats itself, so its region is that instruction. The iterator it delegates to sits two
+    slots below the top of the stack there, under the value sent. None in coroutines (``await`` sends
+    too, to awaitables no loop position is kept for)."""
+    if code.co_flags & _ASYNC:
+        return ()
+    out = []
+    for i in dis.get_instructions(code):
+        if i.opname == "SEND":
+            out.append((i.offset, int(i.argval)))
+        elif i.opname == "YIELD_FROM":
+            out.append((i.offset, i.offset + 2))
+    return tuple(out)
+
+
+def _active(frame: types.FrameType) -> list[tuple[int, int, int]]:
+    """The loops ``frame`` is executing, each (its instruction's offset, stack depth there, slots from the
+    top down to its iterator): ``for`` loops (the iterator under FOR_ITER) and ``yield from`` delegations
+    (a generator's ``yield from it`` goes on through ``it`` as a loop over it would)."""
+    code, here = frame.f_code, frame.f_lasti
+    depth, loops = _depths(code)
+    active = [(off, depth.get(off), 1) for off, end in loops if off <= here < end]
+    active += [(off, depth.get(off), 2) for off, end in _delegations(code) if off <= here < end]
+    return active
+
+
 def active_loops(frame: types.FrameType) -> int:
-    """How many ``for`` loops ``frame`` is executing (from the bytecode alone; any version)."""
+    """How many ``for`` loops and ``yield from`` delegations ``frame`` is executing (from the bytecode
+    alone; any version)."""
     try:
-        _, loops = _depths(frame.f_code)
+        return len(_active(frame))
     except (ValueError, TypeError):
         return 0
-    here = frame.f_lasti
-    return sum(1 for off, end in loops if off <= here < end)
 
 
 def _supported() -> bool:
@@ -294,24 +325,44 @@ def loop_iterators(frame: types.FrameType) -> list[Any] | None:
     if not _supported():
         return None
     code = frame.f_code
-    depth, loops = _depths(code)
-    here = frame.f_lasti
-    active = [(off, depth.get(off)) for off, end in loops if off <= here < end]
+    active = _active(frame)
     if not active:
         return []
-    if any(d is None or d < 1 for _, d in active) or min(depth.values(), default=0) < 0:
+    depth = _depths(code)[0]
+    if any(d is None or d < k for _, d, k in active) or min(depth.values(), default=0) < 0:
         return None  # the analysis does not fit this code: read nothing
     base = _locals_base(frame)
     if base is None:
         return None
     stack = base + _nlocalsplus(code) * _PTR
     out = []
-    for _, d in sorted(active, key=lambda a: a[1]):
-        ptr = _read_ptr(stack + (d - 1) * _PTR)  # the iterator sits below the loop's FOR_ITER
+    for _, d, k in sorted(active, key=lambda a: a[1]):
+        ptr = _read_ptr(stack + (d - k) * _PTR)  # the iterator: below FOR_ITER, or under SEND's value
         if not ptr:
             return None
         out.append(ctypes.cast(ptr, ctypes.py_object).value)
     return out
+
+
+def replace_loop_iterator(frame: types.FrameType, old: Any, new: Any) -> bool:
+    """Make the loop of ``frame`` that iterates ``old`` (one of ``loop_iterators(frame)``) iterate ``new``
+    from its next step on: the stack slot is written, with the references moved. False (nothing written)
+    when this interpreter is not supported or ``old`` is not there."""
+    if not _supported():
+        return False
+    active = _active(frame)
+    base = _locals_base(frame)
+    if base is None or not active or any(d is None or d < k for _, d, k in active):
+        return False
+    stack = base + _nlocalsplus(frame.f_code) * _PTR
+    for _, d, k in active:
+        addr = stack + (d - k) * _PTR
+        if _read_ptr(addr) == id(old):
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(new))  # the slot's reference, taken from the caller's
+            ctypes.c_void_p.from_address(addr).value = id(new)
+            ctypes.pythonapi.Py_DecRef(ctypes.py_object(old))  # the slot's reference to the old one, given up
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- positions

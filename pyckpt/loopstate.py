@@ -53,13 +53,14 @@ import copy
 import dataclasses
 import enum
 import functools
+import hashlib
 import itertools
 import random
 import sys
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -745,6 +746,45 @@ def _label(path: list) -> str:
     return ".".join([base, *map(str, rest)])
 
 
+REST_ITEMS_MAX = 4096  # items of a list or tuple left whose digest identifies what a loop goes on with
+
+
+def _rest_of(it: Any, skip: int = 0) -> list | None:
+    """What a sequence iterator goes on with after ``skip`` more items, to tell at a restore whether the
+    relaunch's loop iterates the same items: for a range the range left (``["range", start, stop,
+    step]``), for a list, tuple or string of plain values a digest of those left (``["items", hex]``);
+    None when it cannot be told (other values: the loop's items are trusted to be the same)."""
+    try:
+        red = it.__reduce__()
+    except TypeError:
+        return None
+    if len(red) < 3 or not isinstance(red[1], tuple) or len(red[1]) != 1 or type(red[2]) is not int:
+        return None  # (an exhausted list iterator reduces to an empty list)
+    seq, at = red[1][0], red[2] + skip
+    if type(seq) is range:
+        left = seq[at:]
+        return ["range", left.start, left.stop, left.step]
+    if type(seq) not in (list, tuple, str, bytes) or len(seq) - at > REST_ITEMS_MAX:
+        return None
+    items = seq[at:]
+    if type(seq) in (list, tuple) and not all(type(x) in _PLAIN_ITEMS for x in items):
+        return None
+    return ["items", hashlib.blake2b(repr(tuple(items) if type(seq) is list else items).encode(),
+                                     digest_size=12).hexdigest()]
+
+
+_PLAIN_ITEMS = frozenset((int, float, str, bool, type(None), bytes))
+
+
+def _refilled(it: Any, plan: Plan) -> bool:
+    """Whether ``it`` iterates a list the plan's writes refill with the checkpoint's items (compared then)."""
+    try:
+        red = it.__reduce__()
+    except TypeError:
+        return False
+    return len(red) > 1 and isinstance(red[1], tuple) and len(red[1]) == 1 and id(red[1][0]) in plan.refilled
+
+
 def _nested_iterators(its: list) -> set[int]:
     """ids of ``its`` and of the iterators inside them that ``_iter_state`` positions (an ``enumerate``'s,
     a ``zip``'s): a variable holding one is positioned with its loop (``_Encoder.skip``)."""
@@ -796,7 +836,8 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, loops: set[int], d
     if tn in ("range_iterator", "longrange_iterator", "list_iterator", "tuple_iterator", "list_reverseiterator",
               "str_ascii_iterator", "str_iterator", "bytes_iterator"):
         # Items left, not __reduce__'s index: 3.12 reduces a range iterator to a range of what is left.
-        return [tn, int(it.__length_hint__())]
+        rest = _rest_of(it)
+        return [tn, int(it.__length_hint__())] + ([rest] if rest is not None else [])
     if t is enumerate:
         red = it.__reduce__()
         return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, loops, depth + 1)]
@@ -1349,6 +1390,14 @@ class Plan:
     positioned: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)  # lines to say once the restore is done (this rank's)
     job_warnings: list = field(default_factory=list)  # the same on every rank (the command line): rank 0 says them
+    # ids of the live lists the writes refill in place with the checkpoint's (variables holding a list): a loop
+    # over one iterates the checkpoint's items once they are written, whatever it holds now
+    refilled: set = field(default_factory=set)
+
+    def refills(self, live: dict, decoded: dict) -> None:
+        """Note the lists of ``live`` (a frame's locals, a module's globals) that ``_assign`` refills."""
+        self.refilled.update(id(live[k]) for k, v in decoded.items()
+                             if type(v) is list and isinstance(live.get(k), list) and live[k] is not v)
 
     def apply(self) -> None:
         for w in self.writes:
@@ -1382,6 +1431,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
         _check(isinstance(values, dict), "globals of a module")
         decoded = {k: dec.value(v) for k, v in values.items()}
         _check_states(decoded, g, lambda k, m=modname: k if m == "__main__" else f"{m}.{k}", plan, dec.holders)
+        plan.refills(g, decoded)
         plan.writes.append(lambda g=g, d=decoded: g.update({k: _assign(g.get(k), v, dec.holders)
                                                             for k, v in d.items()}))
     loc = tree.get("locals")
@@ -1390,6 +1440,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
         _check(isinstance(values, dict), "locals of a frame")
         decoded = {k: dec.value(v) for k, v in values.items()}
         _check_states(decoded, f.f_locals, lambda k, f=f: f"{k} (in {f.f_code.co_name})", plan, dec.holders)
+        plan.refills(f.f_locals, decoded)
         if decoded:
             def write(f=f, d=decoded):
                 cur = f.f_locals
@@ -1435,7 +1486,8 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
         if live is None or len(live) != len(saved):
             raise PyckptError(f"the for loops running in {f.f_code.co_name} differ from the checkpoint's")
         for it, st in zip(live, saved):
-            plan.writes.append(_positioner(it, st, f.f_code.co_name, dec, plan))
+            plan.writes.append(_positioner(it, st, f.f_code.co_name, dec, plan, functools.partial(
+                frames.replace_loop_iterator, f)))
     return plan
 
 
@@ -1479,8 +1531,11 @@ def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None
 _MISSING = object()
 
 
-def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
-    """A write that puts loop iterator ``it`` at saved position ``st``; raises now if it cannot."""
+def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
+                replace: Callable[[Any, Any], bool] | None = None):
+    """A write that puts loop iterator ``it`` at saved position ``st``; raises now if it cannot. ``replace``:
+    ``frames.replace_loop_iterator`` of the frame whose loop runs ``it`` directly (a range made from other
+    values is then replaced by the checkpoint's)."""
     _check(isinstance(st, list) and st and isinstance(st[0], str), "iterator state")
     if id(it) in plan.positioned:
         if plan.positioned[id(it)] != st:  # one iterator, captured at one point: one saved state
@@ -1536,7 +1591,8 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
         live = frames.loop_iterators(f)
         if live is None or len(live) != len(st[3]):
             raise PyckptError(f"the for loops running in generator {it.__qualname__} differ from the checkpoint's")
-        subs = [_positioner(x, s, f"generator {it.__qualname__}", dec, plan) for x, s in zip(live, st[3])]
+        subs = [_positioner(x, s, f"generator {it.__qualname__}", dec, plan, functools.partial(
+            frames.replace_loop_iterator, f)) for x, s in zip(live, st[3])]
 
         def gen() -> None:
             cur = f.f_locals
@@ -1576,8 +1632,22 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan):
         return count
     if tn != kind:
         raise bad
-    _check(len(st) == 2 and type(st[1]) is int and st[1] >= 0, "items left")
+    _check(len(st) in (2, 3) and type(st[1]) is int and st[1] >= 0, "items left")
+    _check(len(st) == 2 or (isinstance(st[2], list) and st[2] and st[2][0] in ("range", "items")), "items")
     skip = it.__length_hint__() - st[1]
+    rest = _rest_of(it, max(skip, 0)) if len(st) == 3 and not _refilled(it, plan) else None
+    if rest is not None and rest != st[2]:
+        # The loop's items depend on what ran before it (``for k in range(part * 10, part * 10 + 5)`` inside
+        # ``for part in ...``): the relaunch made its iterator from other values than the checkpoint's run.
+        if st[2][0] == "range" and replace is not None and all(type(x) is int for x in st[2][1:]) and st[2][3]:
+            new = iter(range(st[2][1], st[2][2], st[2][3]))
+
+            def swap() -> None:
+                if not replace(it, new):
+                    raise PyckptError(f"cannot put the range a for loop in {where} iterates back on this interpreter")
+            return swap
+        raise PyckptError(f"a for loop in {where} iterates other items now than in the checkpoint (its iterable "
+                          "depends on what ran before it); pyckpt cannot put them back")
     if skip < 0:
         raise PyckptError(f"a for loop in {where} has fewer items left now ({it.__length_hint__()}) than in the "
                           f"checkpoint ({st[1]})")

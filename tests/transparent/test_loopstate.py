@@ -492,6 +492,102 @@ def test_an_islice_with_another_stop_is_refused_before_anything_is_written():
     assert got["err"]
 
 
+def delegating(n):
+    """A generator that goes on through another iterator with ``yield from`` (tqdm's ``__iter__`` with
+    ``disable=True`` is ``yield from iterable``)."""
+    for part in range(2):
+        yield from range(part * 10, part * 10 + n)
+
+
+def delegating_loop(hook, trace):
+    for k in delegating(5):
+        hook(sys._getframe())
+        trace.append(k)
+    return trace
+
+
+def tqdm_off_loop(hook, trace):
+    from tqdm import trange
+
+    for k in trange(12, disable=True):
+        hook(sys._getframe())
+        trace.append(k)
+    return trace
+
+
+@pytest.mark.parametrize("run", [delegating_loop, tqdm_off_loop])
+def test_a_generator_delegating_with_yield_from_is_positioned_through_its_frame(run):
+    # The iterator ``yield from`` goes through was not seen as a loop's: the relaunch's generator started over
+    # from its first item, with no line (a 70-step ``for s in trange(70, disable=True)`` ran 70 more steps).
+    plain = run(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: f.f_locals.get("k") in (12, 8))
+    assert not cap.warnings, cap.warnings
+    assert out == plain
+
+
+def dependent_range(hook, trace):
+    for part in range(2):
+        for k in range(part * 10, part * 10 + 5):  # the inner loop's items depend on the outer loop
+            hook(sys._getframe())
+            trace.append(k)
+    return trace
+
+
+def dependent_gen(n):
+    for part in range(2):
+        for k in range(part * 10, part * 10 + n):
+            yield k
+
+
+def dependent_gen_loop(hook, trace):
+    for k in dependent_gen(5):
+        hook(sys._getframe())
+        trace.append(k)
+    return trace
+
+
+def list_in_variable(hook, trace):
+    for part in range(2):
+        names = ["a", "b", "c"] if part == 0 else ["x", "y", "z"]  # refilled in place at the restore
+        for k in names:
+            hook(sys._getframe())
+            trace.append(k)
+    return trace
+
+
+@pytest.mark.parametrize("run,at", [(dependent_range, 12), (dependent_gen_loop, 12), (list_in_variable, "y")])
+def test_an_inner_loop_whose_items_depend_on_the_outer_one_goes_on_with_the_checkpoints_items(run, at):
+    # The relaunch's inner range was made in the outer loop's first pass (range(0, 5)) and was advanced to
+    # the saved position: it went on with 3, 4 instead of 13, 14, and nothing was said.
+    plain = run(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: f.f_locals.get("k") == at)
+    assert not cap.warnings, cap.warnings
+    assert out == plain
+
+
+def dependent_items(hook, trace):
+    for part in range(2):
+        for k in (("a", "b", "c") if part == 0 else ("x", "y", "z")):  # held by the loop alone
+            hook(sys._getframe())
+            trace.append(k)
+    return trace
+
+
+def test_an_inner_loop_over_other_items_that_cannot_be_put_back_is_refused_not_resumed_wrongly():
+    got = {}
+    dependent_items(lambda f: f.f_locals.get("k") == "y" and got.setdefault(
+        "t", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)), [])
+
+    def res(frame):
+        if "err" not in got:
+            with pytest.raises(PyckptError, match="iterates other items now than in the checkpoint"):
+                loopstate.prepare(got["t"], [frame], "step")
+            got["err"] = True
+
+    dependent_items(res, [])
+    assert got["err"]
+
+
 def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypatch):
     def f(hook):
         x = 1

@@ -67,6 +67,8 @@ def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mod
 @pytest.mark.parametrize("mode,kill_at", [
     ("reiter", 25),  # next(it); at StopIteration it = iter(loader) and next(it) again
     ("fixed_next", 17),  # 7 x next(it) per epoch, fewer than the loader has
+    ("tqdm_off", 25),  # for _ in trange(30, disable=True): the relaunch ran 30 more steps after the restored 24,
+                       # with no line (tqdm's `yield from range(30)` was not seen as a loop)
 ])
 def test_a_loop_calling_next_itself_resumes_in_a_later_epoch(tmp_path, plain_results, mode, kill_at):
     # An epoch skipped on resume raised StopIteration at the script's own next(): uncaught, or caught and

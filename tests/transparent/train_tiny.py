@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice (and the others below)
+| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -393,6 +393,19 @@ elif MODE == "metriclogger":  # the torchvision references' MetricLogger: meters
         epoch_means.append({k: meter.total / meter.count for k, meter in metric_logger.meters.items()})
         sched.step()
     models["log"] = {"epoch_means": torch.tensor([stats["loss"] for stats in epoch_means])}
+elif MODE == "tqdm_off":  # a step-counted loop under tqdm with disable=True: its __iter__ is `yield from`
+    from tqdm import trange
+
+    data = iter(loader)
+    for _ in trange(EPOCHS * 10, disable=True):
+        try:
+            x, y = next(data)
+        except StopIteration:
+            sched.step()
+            data = iter(loader)
+            x, y = next(data)
+        train_step(x, y)
+    sched.step()
 elif MODE == "islice":  # steps per epoch limited by itertools.islice over the loader
     for epoch in range(EPOCHS):
         for x, y in itertools.islice(loader, 7):
