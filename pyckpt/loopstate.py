@@ -776,6 +776,15 @@ def _rest_of(it: Any, skip: int = 0) -> list | None:
 _PLAIN_ITEMS = frozenset((int, float, str, bool, type(None), bytes))
 
 
+def _sequence_of(it: Any) -> Any:
+    """The list, tuple, range or string a sequence iterator iterates (None: exhausted, or another kind)."""
+    try:
+        red = it.__reduce__()
+    except TypeError:
+        return None
+    return red[1][0] if len(red) > 2 and isinstance(red[1], tuple) and len(red[1]) == 1 else None
+
+
 def _refilled(it: Any, plan: Plan) -> bool:
     """Whether ``it`` iterates a list the plan's writes refill with the checkpoint's items (compared then)."""
     try:
@@ -1393,11 +1402,19 @@ class Plan:
     # ids of the live lists the writes refill in place with the checkpoint's (variables holding a list): a loop
     # over one iterates the checkpoint's items once they are written, whatever it holds now
     refilled: set = field(default_factory=set)
+    # id of each live tuple a write rebinds to the checkpoint's -> that tuple: a loop over the live one is made
+    # to iterate the checkpoint's (``it = torch.randperm(n).split(bs)``: the relaunch's holds other indices)
+    rebound: dict = field(default_factory=dict)
 
     def refills(self, live: dict, decoded: dict) -> None:
-        """Note the lists of ``live`` (a frame's locals, a module's globals) that ``_assign`` refills."""
-        self.refilled.update(id(live[k]) for k, v in decoded.items()
-                             if type(v) is list and isinstance(live.get(k), list) and live[k] is not v)
+        """Note the lists of ``live`` (a frame's locals, a module's globals) that ``_assign`` refills, and the
+        tuples it rebinds."""
+        for k, v in decoded.items():
+            cur = live.get(k)
+            if type(v) is list and isinstance(cur, list) and cur is not v:
+                self.refilled.add(id(cur))
+            elif type(v) is tuple and type(cur) is tuple and cur is not v:
+                self.rebound[id(cur)] = v
 
     def apply(self) -> None:
         for w in self.writes:
@@ -1563,7 +1580,10 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
         _check(len(st) == 3 and type(st[1]) is int, "enumerate")
         if type(it) is not enumerate:
             raise bad
-        inner = _positioner(it.__reduce__()[1][0], st[2], where, dec, plan)
+        # A sequence inside to be replaced (a rebound tuple, another range): a new enumerate over the
+        # replacement, from the saved index, takes the old one's place in the frame.
+        inner = _positioner(it.__reduce__()[1][0], st[2], where, dec, plan, None if replace is None else (
+            lambda _old, new: replace(it, enumerate(new, st[1]))))
 
         def enum() -> None:
             inner()
@@ -1633,6 +1653,21 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
     if tn != kind:
         raise bad
     _check(len(st) in (2, 3) and type(st[1]) is int and st[1] >= 0, "items left")
+    seq = _sequence_of(it)
+    if seq is not None and id(seq) in plan.rebound:
+        # The loop runs over a tuple a variable held, which the restore rebinds to the checkpoint's: it goes on
+        # through the checkpoint's tuple from the saved position.
+        saved = plan.rebound[id(seq)]
+        if replace is None or st[1] > len(saved):
+            raise PyckptError(f"a for loop in {where} iterates a tuple that is restored as another object; pyckpt "
+                              "cannot make the loop iterate the restored one there")
+        new = iter(saved)
+        collections.deque(itertools.islice(new, len(saved) - st[1]), maxlen=0)
+
+        def swap_tuple() -> None:
+            if not replace(it, new):
+                raise PyckptError(f"cannot make a for loop in {where} iterate the restored tuple on this interpreter")
+        return swap_tuple
     _check(len(st) == 2 or (isinstance(st[2], list) and st[2] and st[2][0] in ("range", "items")), "items")
     skip = it.__length_hint__() - st[1]
     rest = _rest_of(it, max(skip, 0)) if len(st) == 3 and not _refilled(it, plan) else None

@@ -9,6 +9,7 @@ trace as the original from iteration K on. The captured tree goes through pyckpt
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import random
 import sys
@@ -563,6 +564,58 @@ def test_an_inner_loop_whose_items_depend_on_the_outer_one_goes_on_with_the_chec
     cap, _, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: f.f_locals.get("k") == at)
     assert not cap.warnings, cap.warnings
     assert out == plain
+
+
+def tuple_in_variable(hook, trace, enumerated=False):
+    torch.manual_seed(0)
+    for part in range(2):
+        batches = torch.randperm(12).split(5)  # a tuple of views of a tensor no variable holds
+        if enumerated:
+            for k, b in enumerate(batches):
+                hook(sys._getframe())
+                trace.append((part, k, b.tolist()))
+        else:
+            for b in batches:
+                hook(sys._getframe())
+                trace.append((part, b.tolist()))
+    return trace
+
+
+@pytest.mark.parametrize("enumerated", [False, True])
+def test_a_loop_over_a_tuple_the_restore_rebinds_goes_on_through_the_restored_tuple(enumerated):
+    # ``batches`` is restored as the checkpoint's tuple, but the loop went on through the relaunch's, made in
+    # the outer loop's first pass from other random indices: other batches, and nothing was said.
+    run = functools.partial(tuple_in_variable, enumerated=enumerated)
+    plain = run(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: run(hook, []),
+                                      lambda f: f.f_locals.get("part") == 1 and len(f.f_locals["trace"]) == 4)
+    assert not cap.warnings, cap.warnings
+    assert out == plain
+
+
+def tuple_zipped(hook, trace):
+    torch.manual_seed(0)
+    for part in range(2):
+        batches = torch.randperm(12).split(5)
+        for k, b in zip(itertools.count(), batches):  # inside a zip: not replaced there
+            hook(sys._getframe())
+            trace.append((part, k, b.tolist()))
+    return trace
+
+
+def test_a_zipped_tuple_the_restore_rebinds_is_refused_not_resumed_through_the_relaunchs():
+    got = {}
+    tuple_zipped(lambda f: f.f_locals.get("part") == 1 and got.setdefault(
+        "t", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)), [])
+
+    def res(frame):
+        if "err" not in got:
+            with pytest.raises(PyckptError, match="iterates a tuple that is restored as another object"):
+                loopstate.prepare(got["t"], [frame], "step")
+            got["err"] = True
+
+    tuple_zipped(res, [])
+    assert got["err"]
 
 
 def dependent_items(hook, trace):

@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off (and the others below)
+| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -393,6 +393,13 @@ elif MODE == "metriclogger":  # the torchvision references' MetricLogger: meters
         epoch_means.append({k: meter.total / meter.count for k, meter in metric_logger.meters.items()})
         sched.step()
     models["log"] = {"epoch_means": torch.tensor([stats["loss"] for stats in epoch_means])}
+elif MODE == "split":  # batches made by hand, no DataLoader: each epoch's random permutation split in a tuple
+    xs, ys = data.tensors
+    for epoch in range(EPOCHS):
+        batches = torch.randperm(len(xs)).split(4)
+        for idx in batches:
+            train_step(xs[idx], ys[idx])
+        sched.step()
 elif MODE == "tqdm_off":  # a step-counted loop under tqdm with disable=True: its __iter__ is `yield from`
     from tqdm import trange
 
