@@ -239,16 +239,21 @@ class _Encoder:
         # ids of the iterators those frames' for loops (and their generators' loops) are running: a variable
         # holding one (a generator expression's ``.0``, ``it = zip(a, b)`` then ``for x in it``) is the loop's
         self.loop_iterators: set[int] = set()
+        self.sequences: list[int] = []  # ids of the lists and tuples encoded (held by a variable that is saved)
+        self.storages: set[int] = set()  # storage addresses of the script's tensors encoded (put back in place)
+        self._seq_mark = 0
 
     def begin(self) -> tuple[int, int]:
         """Start one variable: its own budget of ``max_bytes``; returns what ``rollback`` needs."""
         self.limit = self.size + self.max_bytes
         self.nested = []
+        self._seq_mark = len(self.sequences)
         return self.size, len(self.tensors)
 
     def rollback(self, mark: tuple[int, int]) -> None:
         """Forget a variable that was left out part-way (its size and the tensors it had added)."""
         self._truncate(mark)
+        del self.sequences[self._seq_mark:]
         self.nested = []
         self._active = set()
 
@@ -279,6 +284,7 @@ class _Encoder:
         if t in (list, tuple, dict, set, frozenset, collections.deque) or isinstance(v, dict):
             self._grow(sys.getsizeof(v))
         if t is list or t is tuple:
+            self.sequences.append(id(v))
             return ["l" if isinstance(v, list) else "u", [self.value(x, depth + 1) for x in v]]
         if isinstance(v, dict) and (t is dict or t.__module__ == "collections"):
             return ["d", [[self.value(k, depth + 1), self.value(x, depth + 1)] for k, x in v.items()]]
@@ -501,7 +507,14 @@ class _Encoder:
         if nbytes > self.max_bytes:
             raise _Skip(f"a tensor of {nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes}",
                         v._version > 0)  # never changed in place: the relaunch makes it again
-        return ["t", self.add_tensor(v, shared=True), str(v.device), bool(v.requires_grad)]
+        out = ["t", self.add_tensor(v, shared=True), str(v.device), bool(v.requires_grad)]
+        try:  # a whole storage of its own is written back in place (_fits): views of it see the checkpoint's
+            st = v.untyped_storage()
+            if v._base is None and v.storage_offset() == 0 and st.nbytes() == v.numel() * v.element_size():
+                self.storages.add(st.data_ptr())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return out
 
     def add_tensor(self, v: torch.Tensor, shared: bool = False) -> int:
         """Index of a copy of ``v`` in the tensor table; ``shared``: the script's own tensor, stored once
@@ -667,7 +680,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                     "positions of for-loop iterators are not captured on Python "
                     f"{sys.version_info[0]}.{sys.version_info[1]} ({sys.implementation.name})")
             continue
-        iters.append([_iter_state(it, f"the for-loop iterator in {f.f_code.co_name}", cap, keep, enc.loop_iterators)
+        iters.append([_iter_state(it, f"the for-loop iterator in {f.f_code.co_name}", cap, keep, enc)
                       for it in its])
     objs: list[dict] = []
     done = 0
@@ -774,6 +787,31 @@ def _rest_of(it: Any, skip: int = 0) -> list | None:
 
 
 _PLAIN_ITEMS = frozenset((int, float, str, bool, type(None), bytes))
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _saved_items(seq: Any, left: int, where: str, cap: Capture, enc: "_Encoder") -> list | None:
+    """``["values", encoded]``: the ``left`` last items of ``seq`` as loop-state values; None, with the
+    loop named in a warning, when they cannot be saved (a kind pyckpt does not store, over the cap)."""
+    items = tuple(seq[len(seq) - left:]) if left else ()
+    try:
+        if all(type(x) in _TENSORS and x.untyped_storage().data_ptr() in enc.storages for x in items):
+            return None  # views of the script's saved tensors (``for xb in X.split(bs)``): put back in place
+    except (RuntimeError, NotImplementedError):
+        pass
+    mark = enc.begin()
+    enc.name = where
+    try:
+        out = enc.value(items)
+    except _Skip as s:
+        enc.rollback(mark)
+        if s.warn:
+            cap.warnings[where] = f"a loop over items no variable holds, which cannot be saved ({s.why})"
+        return None  # (else objects pyckpt restores elsewhere, an optimizer: the relaunch's loop holds the same)
+    if enc.nested:  # modules (``for net, opt in ((G, opt_g), (D, opt_d))``): the relaunch's are the same objects
+        enc.rollback(mark)
+        return None
+    return ["values", out]
 
 
 def _sequence_of(it: Any) -> Any:
@@ -831,7 +869,8 @@ def _islice_state(it: Any) -> tuple[Any, int, int | None] | None:
     return inner, cnt, stop
 
 
-def _iter_state(it: Any, where: str, cap: Capture, keep: Any, loops: set[int], depth: int = 0) -> list:
+def _iter_state(it: Any, where: str, cap: Capture, keep: Any, enc: "_Encoder", depth: int = 0,
+                swappable: bool = True) -> list:
     """The position of one loop iterator (see ``_positioner``). A generator (a script's batch generator,
     tqdm's iterator) is positioned through its frame: its locals and its own loop iterators. Locals
     of a library's generator that cannot be stored are the library's business (listed for debug, not
@@ -846,12 +885,17 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, loops: set[int], d
               "str_ascii_iterator", "str_iterator", "bytes_iterator"):
         # Items left, not __reduce__'s index: 3.12 reduces a range iterator to a range of what is left.
         rest = _rest_of(it)
+        if rest is None and swappable and tn in ("list_iterator", "tuple_iterator") \
+                and (seq := _sequence_of(it)) is not None and id(seq) not in enc.sequences:
+            # A sequence no saved variable holds (``for idx in torch.randperm(n).split(bs)``): the relaunch's is
+            # made from other values, so the items left are saved and put in its place (_positioner).
+            rest = _saved_items(seq, int(it.__length_hint__()), where, cap, enc)
         return [tn, int(it.__length_hint__())] + ([rest] if rest is not None else [])
     if t is enumerate:
         red = it.__reduce__()
-        return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, loops, depth + 1)]
+        return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, enc, depth + 1, swappable)]
     if t is zip:
-        return ["zip", [_iter_state(x, where, cap, keep, loops, depth + 1) for x in it.__reduce__()[1]]]
+        return ["zip", [_iter_state(x, where, cap, keep, enc, depth + 1, False) for x in it.__reduce__()[1]]]
     if isinstance(it, types.GeneratorType) and it.gi_frame is not None and frames.is_own_file(
             it.gi_frame.f_code.co_filename):
         return ["pyckpt", it.__qualname__]
@@ -861,16 +905,16 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, loops: set[int], d
         its = frames.loop_iterators(f)
         if its is not None:
             name = getattr(it, "__qualname__", "generator")
-            loops.update(_nested_iterators(its))  # before its locals: a local holding one is that loop's
+            enc.loop_iterators.update(_nested_iterators(its))  # before its locals: a local holding one is that loop's
             loc = {}
             for k, v in f.f_locals.items():
                 e = keep(f"{k} (in generator {name})", v, ["gen", k], quiet)
                 if e is not None:
                     loc[k] = e
             return ["generator", [*frames.code_key(f.f_code), frames.position(f)], loc,
-                    [_iter_state(x, f"the for-loop iterator in generator {name}", cap, keep, loops, depth + 1) for x in its]]
+                    [_iter_state(x, f"the for-loop iterator in generator {name}", cap, keep, enc, depth + 1) for x in its]]
     if (sl := _islice_state(it)) is not None:
-        return ["islice", sl[1], sl[2], _iter_state(sl[0], where, cap, keep, loops, depth + 1)]
+        return ["islice", sl[1], sl[2], _iter_state(sl[0], where, cap, keep, enc, depth + 1, False)]
     if t is itertools.count:
         args = it.__reduce__()[1]
         if all(type(a) is int for a in args):
@@ -1668,7 +1712,20 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
             if not replace(it, new):
                 raise PyckptError(f"cannot make a for loop in {where} iterate the restored tuple on this interpreter")
         return swap_tuple
-    _check(len(st) == 2 or (isinstance(st[2], list) and st[2] and st[2][0] in ("range", "items")), "items")
+    _check(len(st) == 2 or (isinstance(st[2], list) and st[2] and st[2][0] in ("range", "items", "values")), "items")
+    if len(st) == 3 and st[2][0] == "values":
+        _check(len(st[2]) == 2, "saved items")
+        items = dec.value(st[2][1])
+        _check(isinstance(items, tuple) and len(items) == st[1], "saved items")
+        if replace is None:
+            raise PyckptError(f"a for loop in {where} iterates items no variable holds, inside another iterator; "
+                              "pyckpt cannot put the checkpoint's back there")
+        new = iter(items)
+
+        def swap_items() -> None:
+            if not replace(it, new):
+                raise PyckptError(f"cannot put the items a for loop in {where} iterates back on this interpreter")
+        return swap_items
     skip = it.__length_hint__() - st[1]
     rest = _rest_of(it, max(skip, 0)) if len(st) == 3 and not _refilled(it, plan) else None
     if rest is not None and rest != st[2]:

@@ -593,6 +593,71 @@ def test_a_loop_over_a_tuple_the_restore_rebinds_goes_on_through_the_restored_tu
     assert out == plain
 
 
+def unnamed_tuple(hook, trace, enumerated=False):
+    torch.manual_seed(0)
+    for part in range(2):
+        if enumerated:
+            for k, b in enumerate(torch.randperm(12).split(5)):  # no variable holds the tuple
+                hook(sys._getframe())
+                trace.append((part, k, b.tolist()))
+        else:
+            for b in torch.randperm(12).split(5):
+                hook(sys._getframe())
+                trace.append((part, b.tolist()))
+    return trace
+
+
+@pytest.mark.parametrize("enumerated", [False, True])
+def test_a_loop_over_items_no_variable_holds_goes_on_with_the_checkpoints_items(enumerated):
+    # ``for idx in torch.randperm(n).split(bs)``: the relaunch's tuple comes from epoch 0's permutation; the
+    # loop went on through it (other batches, nothing said). The items left are saved and put in its place.
+    run = functools.partial(unnamed_tuple, enumerated=enumerated)
+    plain = run(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: run(hook, []),
+                                      lambda f: f.f_locals.get("part") == 1 and len(f.f_locals["trace"]) == 4)
+    assert not cap.warnings, cap.warnings
+    assert out == plain
+
+
+def views_loop(hook, trace):
+    xs, ys = torch.arange(12.0), torch.arange(12.0) * 2  # saved with the frame, put back in place
+    for epoch in range(2):
+        for xb, yb in zip(xs.split(5), ys.split(5)):  # views of them, inside a zip
+            hook(sys._getframe())
+            trace.append((epoch, xb.tolist(), yb.tolist()))
+        xs.add_(1)
+    return trace
+
+
+def test_a_loop_over_views_of_saved_tensors_is_positioned_without_saving_its_items():
+    plain = views_loop(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: views_loop(hook, []),
+                                      lambda f: f.f_locals.get("epoch") == 1 and len(f.f_locals["trace"]) == 4)
+    assert not cap.warnings, cap.warnings
+    assert "values" not in repr(cap.tree["iters"])  # the views see the tensors restored in place
+    assert out == plain
+
+
+def optimizers_loop(hook, trace, opts):
+    for epoch in range(2):
+        for opt in (opts[0], opts[1]):  # a GAN's alternation: the same objects in a relaunch
+            hook(sys._getframe())
+            trace.append((epoch, opts.index(opt)))
+    return trace
+
+
+def test_a_loop_over_optimizers_no_variable_holds_is_not_warned_about():
+    # Objects pyckpt restores elsewhere, the same objects in a relaunch: not saved as the loop's items, and
+    # not said to make the resume inexact.
+    p = torch.nn.Parameter(torch.ones(2))
+    opts = [torch.optim.SGD([p], lr=0.1), torch.optim.Adam([p], lr=0.1)]
+    got = {}
+    optimizers_loop(lambda f: f.f_locals.get("epoch") == 1 and got.setdefault(
+        "cap", loopstate.capture([f], "step", 1 << 20, [])), [], opts)
+    assert not got["cap"].warnings, got["cap"].warnings
+    assert got["cap"].tree["iters"][0][1][:2] == ["tuple_iterator", 1] and len(got["cap"].tree["iters"][0][1]) == 2
+
+
 def tuple_zipped(hook, trace):
     torch.manual_seed(0)
     for part in range(2):

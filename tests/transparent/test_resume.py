@@ -94,13 +94,14 @@ def test_loaders_zipped_inside_a_generator_expression_resume_exactly_without_a_w
     assert tree_equal(final, plain_results("zipgen"))
 
 
-def test_batches_split_by_hand_from_a_random_permutation_resume_exactly(tmp_path, plain_results):
-    # No DataLoader: ``batches = torch.randperm(n).split(4)`` per epoch. The relaunch's loop went on through
-    # its own tuple (epoch 0's permutation) while ``batches`` was restored: other batches, no line.
-    first, second, final = _kill_and_resume(tmp_path, "split", KILL_AT="17")
+@pytest.mark.parametrize("mode", ["split", "split_direct"])
+def test_batches_split_by_hand_from_a_random_permutation_resume_exactly(tmp_path, plain_results, mode):
+    # No DataLoader: ``batches = torch.randperm(n).split(4)`` per epoch (split_direct: in the loop's header). The
+    # relaunch's loop went on through its own tuple (epoch 0's permutation): other batches, no line.
+    first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT="17")
     assert first.returncode == -signal.SIGKILL
     assert "no DataLoader position" in second.stderr and "pyckpt: resumed from step 1" in second.stderr, second.stderr
-    assert tree_equal(final, plain_results("split"))
+    assert tree_equal(final, plain_results(mode))
 
 
 def test_modules_no_optimizer_owns_resume_exactly_over_the_loop_state_cap(tmp_path, plain_results):

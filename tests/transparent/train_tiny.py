@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split (and the others below)
+| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split | split_direct (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -398,6 +398,12 @@ elif MODE == "split":  # batches made by hand, no DataLoader: each epoch's rando
     for epoch in range(EPOCHS):
         batches = torch.randperm(len(xs)).split(4)
         for idx in batches:
+            train_step(xs[idx], ys[idx])
+        sched.step()
+elif MODE == "split_direct":  # the same with the tuple in the loop's header (no variable holds it)
+    xs, ys = data.tensors
+    for epoch in range(EPOCHS):
+        for idx in torch.randperm(len(xs)).split(4):
             train_step(xs[idx], ys[idx])
         sched.step()
 elif MODE == "tqdm_off":  # a step-counted loop under tqdm with disable=True: its __iter__ is `yield from`
