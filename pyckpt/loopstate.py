@@ -767,6 +767,8 @@ def _rest_of(it: Any, skip: int = 0) -> list | None:
     relaunch's loop iterates the same items: for a range the range left (``["range", start, stop,
     step]``), for a list, tuple or string of plain values a digest of those left (``["items", hex]``);
     None when it cannot be told (other values: the loop's items are trusted to be the same)."""
+    if type(it).__name__ not in _FORWARD:  # (a reversed list's index counts down: not what is left after it)
+        return None
     try:
         red = it.__reduce__()
     except TypeError:
@@ -787,6 +789,8 @@ def _rest_of(it: Any, skip: int = 0) -> list | None:
 
 
 _PLAIN_ITEMS = frozenset((int, float, str, bool, type(None), bytes))
+_FORWARD = frozenset(("range_iterator", "longrange_iterator", "list_iterator", "tuple_iterator", "str_ascii_iterator",
+                      "str_iterator", "bytes_iterator"))
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -683,6 +683,23 @@ def test_a_zipped_tuple_the_restore_rebinds_is_refused_not_resumed_through_the_r
     assert got["err"]
 
 
+def reversed_loop(hook, trace):
+    for part in range(2):
+        for k in reversed(["a", "b", "c", "d"]):  # a list_reverseiterator: its index counts down
+            hook(sys._getframe())
+            trace.append((part, k))
+    return trace
+
+
+def test_a_loop_over_a_reversed_list_resumes_as_before():
+    # What is left of it was taken as the list's tail from its index: the same items were said to differ.
+    plain = reversed_loop(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: reversed_loop(hook, []),
+                                      lambda f: f.f_locals.get("part") == 1 and f.f_locals.get("k") == "c")
+    assert not cap.warnings, cap.warnings
+    assert out == plain
+
+
 def dependent_items(hook, trace):
     for part in range(2):
         for k in (("a", "b", "c") if part == 0 else ("x", "y", "z")):  # held by the loop alone
