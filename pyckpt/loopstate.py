@@ -795,8 +795,9 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _saved_items(seq: Any, left: int, where: str, cap: Capture, enc: "_Encoder") -> list | None:
-    """``["values", encoded]``: the ``left`` last items of ``seq`` as loop-state values; None, with the
-    loop named in a warning, when they cannot be saved (a kind pyckpt does not store, over the cap)."""
+    """``["values", encoded]``: the ``left`` last items of ``seq`` as loop-state values. None where they need
+    not be saved (views of tensors put back in place; optimizers and modules, the same objects in a relaunch)
+    and, with the loop named in a warning, where they cannot be (a kind pyckpt does not store, over the cap)."""
     items = tuple(seq[len(seq) - left:]) if left else ()
     try:
         if all(type(x) in _TENSORS and x.untyped_storage().data_ptr() in enc.storages for x in items):
@@ -829,11 +830,8 @@ def _sequence_of(it: Any) -> Any:
 
 def _refilled(it: Any, plan: Plan) -> bool:
     """Whether ``it`` iterates a list the plan's writes refill with the checkpoint's items (compared then)."""
-    try:
-        red = it.__reduce__()
-    except TypeError:
-        return False
-    return len(red) > 1 and isinstance(red[1], tuple) and len(red[1]) == 1 and id(red[1][0]) in plan.refilled
+    seq = _sequence_of(it)
+    return seq is not None and id(seq) in plan.refilled
 
 
 def _nested_iterators(its: list) -> set[int]:
