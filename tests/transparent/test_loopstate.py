@@ -581,18 +581,6 @@ def tuple_in_variable(hook, trace, enumerated=False):
     return trace
 
 
-@pytest.mark.parametrize("enumerated", [False, True])
-def test_a_loop_over_a_tuple_the_restore_rebinds_goes_on_through_the_restored_tuple(enumerated):
-    # ``batches`` is restored as the checkpoint's tuple, but the loop went on through the relaunch's, made in
-    # the outer loop's first pass from other random indices: other batches, and nothing was said.
-    run = functools.partial(tuple_in_variable, enumerated=enumerated)
-    plain = run(lambda f: None, [])
-    cap, _, out = _capture_and_resume(lambda hook: run(hook, []),
-                                      lambda f: f.f_locals.get("part") == 1 and len(f.f_locals["trace"]) == 4)
-    assert not cap.warnings, cap.warnings
-    assert out == plain
-
-
 def unnamed_tuple(hook, trace, enumerated=False):
     torch.manual_seed(0)
     for part in range(2):
@@ -607,11 +595,14 @@ def unnamed_tuple(hook, trace, enumerated=False):
     return trace
 
 
+@pytest.mark.parametrize("script", [tuple_in_variable, unnamed_tuple])
 @pytest.mark.parametrize("enumerated", [False, True])
-def test_a_loop_over_items_no_variable_holds_goes_on_with_the_checkpoints_items(enumerated):
-    # ``for idx in torch.randperm(n).split(bs)``: the relaunch's tuple comes from epoch 0's permutation; the
-    # loop went on through it (other batches, nothing said). The items left are saved and put in its place.
-    run = functools.partial(unnamed_tuple, enumerated=enumerated)
+def test_a_loop_over_a_random_tuple_goes_on_through_the_checkpoints_items(script, enumerated):
+    # tuple_in_variable: ``batches`` is restored as the checkpoint's tuple, but the loop went on through the
+    # relaunch's, made in the outer loop's first pass from other random indices. unnamed_tuple: ``for idx in
+    # torch.randperm(n).split(bs)``, no variable holds it. Other batches either way, and nothing was said; now
+    # the restored tuple, or the items left saved with the loop state, take the loop's iterator's place.
+    run = functools.partial(script, enumerated=enumerated)
     plain = run(lambda f: None, [])
     cap, _, out = _capture_and_resume(lambda hook: run(hook, []),
                                       lambda f: f.f_locals.get("part") == 1 and len(f.f_locals["trace"]) == 4)
