@@ -828,12 +828,6 @@ def _sequence_of(it: Any) -> Any:
     return red[1][0] if len(red) > 2 and isinstance(red[1], tuple) and len(red[1]) == 1 else None
 
 
-def _refilled(it: Any, plan: Plan) -> bool:
-    """Whether ``it`` iterates a list the plan's writes refill with the checkpoint's items (compared then)."""
-    seq = _sequence_of(it)
-    return seq is not None and id(seq) in plan.refilled
-
-
 def _nested_iterators(its: list) -> set[int]:
     """ids of ``its`` and of the iterators inside them that ``_iter_state`` positions (an ``enumerate``'s,
     a ``zip``'s): a variable holding one is positioned with its loop (``_Encoder.skip``)."""
@@ -1729,7 +1723,8 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
                 raise PyckptError(f"cannot put the items a for loop in {where} iterates back on this interpreter")
         return swap_items
     skip = it.__length_hint__() - st[1]
-    rest = _rest_of(it, max(skip, 0)) if len(st) == 3 and not _refilled(it, plan) else None
+    refilled = seq is not None and id(seq) in plan.refilled  # compared with the checkpoint's once written
+    rest = _rest_of(it, max(skip, 0)) if len(st) == 3 and not refilled else None
     if rest is not None and rest != st[2]:
         # The loop's items depend on what ran before it (``for k in range(part * 10, part * 10 + 5)`` inside
         # ``for part in ...``): the relaunch made its iterator from other values than the checkpoint's run.
