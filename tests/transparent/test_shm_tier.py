@@ -940,7 +940,7 @@ loader = DataLoader(Samples(), batch_size=16, num_workers=2, prefetch_factor=4, 
 step = 0
 for epoch in range(6):  # each epoch's workers fill their prefetch queues at once: 8 batches of 16 MiB
     for x, y in loader:
-        loss = ((model(x).mean(1) - y) ** 2).mean()
+        loss = ((model(x[:, :4]).mean(1) - y) ** 2).mean()  # 4 rows of each sample: the data, not the math, is the load
         opt.zero_grad(); loss.backward(); opt.step(); step += 1
 print("TRAINED", step, flush=True)
 """
