@@ -26,7 +26,7 @@ raises ``PyckptError`` before anything changed (never a partial restore).
 
 Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, requires_grad]``,
 ``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
-``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array,
+``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array (``"ns"``: scalar),
 ``["g", i, device]`` torch.Generator (no device: CPU), ``["r", state]`` random.Random, ``["ng", state]``
 NumPy generator, ``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library
 object whose ``state_dict()`` is saved with the rank's state under ``ref`` (``Capture.states``; loaded
@@ -301,9 +301,7 @@ class _Encoder:
             return ["r", [ver, self.add_tensor(torch.tensor(words, dtype=torch.int64)), gauss]]
         np = sys.modules.get("numpy")
         if np is not None:
-            if isinstance(v, np.generic) and type(v.item()) in _SCALARS:
-                return ["v", v.item()]
-            if isinstance(v, np.ndarray):
+            if isinstance(v, (np.ndarray, np.generic)):  # a scalar keeps its dtype: np.float32 math is not float's
                 return self.numpy(v, np)
             if isinstance(v, np.random.Generator):
                 return ["ng", self.value(v.bit_generator.state, depth + 1)]
@@ -531,13 +529,19 @@ class _Encoder:
         return len(self.tensors) - 1
 
     def numpy(self, v: Any, np: Any) -> list:
-        try:
-            t = torch.from_numpy(np.ascontiguousarray(v))
-        except TypeError:
-            raise _Skip(f"a NumPy array of dtype {v.dtype}", True) from None
+        """A NumPy array (``["n", ...]``) or scalar (``["ns", ...]``) by its bytes and dtype."""
+        scalar = isinstance(v, np.generic)
+        what = "scalar" if scalar else "array"
         if v.nbytes > self.max_bytes:
-            raise _Skip(f"a NumPy array of {v.nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES", True)
-        return ["n", self.add_tensor(t), str(v.dtype)]
+            raise _Skip(f"a NumPy {what} of {v.nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES", True)
+        a = np.asarray(v)
+        try:
+            if not (a.dtype.isnative and a.flags.writeable and a.flags.c_contiguous):  # what torch wraps as it is
+                a = a.astype(a.dtype.newbyteorder("="), order="C", copy=True)
+            t = torch.from_numpy(a)
+        except TypeError:
+            raise _Skip(f"a NumPy {what} of dtype {v.dtype}", True) from None
+        return ["ns" if scalar else "n", self.add_tensor(t), str(a.dtype)]
 
 
 @dataclass
@@ -1002,11 +1006,16 @@ class _Decoder:
                 except TypeError:
                     raise _Bad("the checkpoint's loop state is malformed (unhashable key)") from None
             return self._note(out, itertools.chain(out.keys(), out.values()))
-        if tag == "n":
+        if tag in ("n", "ns"):
             import numpy as np
 
             _check(len(e) == 3 and isinstance(e[2], str), "array")
-            return self.tensor(e[1]).numpy().astype(np.dtype(e[2]), copy=True)
+            try:
+                a = self.tensor(e[1]).numpy().astype(np.dtype(e[2]), copy=True)
+            except (TypeError, ValueError):
+                raise _Bad("the checkpoint's loop state is malformed (array)") from None
+            _check(tag == "n" or a.ndim == 0, "scalar")
+            return a if tag == "n" else a[()]
         if tag == "g":
             _check(len(e) in (2, 3) and (len(e) == 2 or isinstance(e[2], str)), "torch generator")
             return _InPlace(tag, e[1], self, e[2] if len(e) == 3 else "cpu")  # written without a device: CPU

@@ -1044,3 +1044,39 @@ def test_module_made_lazily_is_said_not_restored_instead_of_refusing_the_resume(
     assert plans[0].warnings == ["ema (in run) is None at this point of the run, the checkpoint holds AveragedModel "
                                  "state there: not restored (exact only if the script makes it again from restored "
                                  "state)"]
+
+
+def _numpy_scalar_loop(hook, trace):
+    """Running values kept as NumPy scalars: with Python floats in the arithmetic, an ``np.float32``
+    stays float32 (NumPy 2's rules) where a Python float would compute in float64."""
+    import numpy as np
+
+    acc, count, half = np.float32(0.0), np.int64(0), np.float16(1.0)
+    hist = {"c": np.complex64(1j), "flags": [np.bool_(False)], np.int32(7): np.uint8(200)}
+    big_endian, frozen = np.arange(3, dtype=">i4"), np.frombuffer(b"\x01\x02", dtype=np.uint8)  # read-only
+    for i in range(6):
+        hook(sys._getframe())
+        big_endian = (big_endian * 3 + i).astype(">i4")
+        frozen = np.frombuffer(bytes(frozen * 2 + 1), dtype=np.uint8)
+        acc = acc * 0.9 + 0.1 * (i + 1) / 3
+        count += 1
+        half = half * 1.1
+        hist["c"] = hist["c"] * np.complex64(1 + 0.5j)
+        hist["flags"].append(np.bool_(i % 2))
+        hist[np.int32(7)] = hist[np.int32(7)] + np.uint8(1)
+        trace.append([(type(v).__name__, repr(v)) for v in (acc, count, half, hist["c"], hist["flags"][-1],
+                                                             hist[np.int32(7)])]
+                     + [big_endian.dtype.str, big_endian.tolist(), frozen.tolist()])
+    return trace
+
+
+def test_numpy_scalars_come_back_with_their_dtype_not_as_python_numbers():
+    """An ``np.float32`` accumulator came back as a Python float: the relaunch computed in float64 and
+    ended with other values (and types), said by nothing. Arrays in another byte order or read-only
+    ones are kept too (torch wraps neither as it is)."""
+    plain = _numpy_scalar_loop(lambda f: None, [])
+    calls = []
+    cap, plan, out = _capture_and_resume(lambda hook: _numpy_scalar_loop(hook, []),
+                                         lambda f: calls.append(1) or len(calls) == 4)
+    assert not cap.warnings, cap.warnings
+    assert out == plain, (out, plain)  # the trace list too is put back (refilled in place)
