@@ -345,10 +345,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         _err("export", str(e))
         return FAILED
     if args.json:
-        _print_json({"files": done.files, "tensors": done.tensors, "step": done.step, "format": args.to})
+        _print_json({"files": done.files, "tensors": done.tensors, "step": done.step, "format": args.to,
+                     "numpy_keys": done.numpy_keys})
     else:
         extra = f" + JSON sidecar {done.files[1]}" if len(done.files) > 1 else ""
         print(f"exported step {done.step} ({done.tensors} tensor(s)) to {done.files[0]}{extra}")
+    if done.numpy_keys:  # the file is the state as saved, but torch.load's default refuses NumPy values
+        print(f"pyckpt: {done.files[0]} holds {len(done.numpy_keys)} NumPy value(s) ({done.numpy_keys[0]!r}"
+              f"{', ...' if len(done.numpy_keys) > 1 else ''}), which torch.load(weights_only=True) refuses: "
+              "load it with weights_only=False, or export with --to safetensors (which keeps them, no pickle)",
+              file=sys.stderr)
     return 0
 
 

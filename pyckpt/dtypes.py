@@ -31,6 +31,9 @@ CODE_TO_DTYPE: dict[str, torch.dtype] = {
     code: getattr(torch, name) for code, name in _TABLE if isinstance(getattr(torch, name, None), torch.dtype)
 }
 DTYPE_TO_CODE: dict[torch.dtype, str] = {dt: code for code, dt in CODE_TO_DTYPE.items()}
+# The codes a NumPy array can have (docs/FORMAT.md §8, tag "ndarray"): NumPy's bool and numeric dtypes.
+NUMPY_CODES = frozenset(("F64", "F32", "F16", "C64", "C128", "BOOL", "I8", "I16", "I32", "I64", "U8", "U16", "U32",
+                         "U64"))
 
 
 def code_of(dtype: torch.dtype) -> str | None:

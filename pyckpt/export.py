@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -75,6 +75,7 @@ class Exported:
     files: list[str]
     tensors: int
     step: int
+    numpy_keys: list[str] = field(default_factory=list)  # --to torch: NumPy values weights_only=True refuses
 
 
 def export(path: str, fmt: str, out: str, rank: int | None = None, progress: Progress = _no_progress) -> Exported:
@@ -93,7 +94,7 @@ def export(path: str, fmt: str, out: str, rank: int | None = None, progress: Pro
     if fmt == "torch":
         _check_torch_can_store(tensors, flat[2])
         _atomic(out, lambda tmp: torch.save(state, tmp))
-        return Exported([out], len(tensors), step)
+        return Exported([out], len(tensors), step, tree.numpy_keys(flat))
     files = _export_safetensors(st, state, flat, step, out, progress)
     return Exported(files, len(tensors), step)
 

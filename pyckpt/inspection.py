@@ -68,7 +68,7 @@ def _section(op: reader.Opened, scope: str, rank: int, name: str) -> Section:
     entries = sec["tensors"]
     where = os.path.join(op.path, f"rank-{(0 if scope == 'replicated' else rank):05d}.json")
 
-    def make(i: int, _into: Any, _path: str) -> TensorLeaf:
+    def make(i: int, into: Any, _path: str) -> TensorLeaf:
         if not 0 <= i < len(entries):
             from .errors import CorruptCheckpointError
 
@@ -77,10 +77,13 @@ def _section(op: reader.Opened, scope: str, rank: int, name: str) -> Section:
         e = entries[i]
         holder, raw, stored = sizes.get(e["storage"], (None, 0, 0))
         ratio = raw / stored if stored else 1.0
-        return TensorLeaf(dtype=e["dtype"], shape=list(e["shape"]), nbytes=e["nbytes"],
+        leaf = TensorLeaf(dtype=e["dtype"], shape=list(e["shape"]), nbytes=e["nbytes"],
                           stored_bytes=int(round(e["nbytes"] / ratio)) if ratio else e["nbytes"],
                           codec_ratio=round(ratio, 3), rank=holder, device=e.get("device"),
                           requires_grad=bool(e.get("requires_grad")), storage=e["storage"])
+        if type(into) is tree.NumpyLeaf:
+            leaf["numpy"] = True  # loads as a NumPy array (or scalar), not as a tensor
+        return leaf
 
     structure = tree.unflatten(sec["tree"], make, None, where)
     out = Section(name, structure=structure)
@@ -223,7 +226,7 @@ def render(s: Summary, max_leaves: int = 2000) -> str:
             if isinstance(v, TensorLeaf):
                 where = f"rank {v['rank']}" if v["rank"] is not None else "-"
                 lines.append(f"{pad}{parts[-1]}  {v['dtype']} {v['shape']}  {human(v['nbytes'])}  "
-                             f"ratio {v['codec_ratio']:.2f}  {where}  {v['device']}")
+                             f"ratio {v['codec_ratio']:.2f}  {where}  {'numpy' if v.get('numpy') else v['device']}")
             else:
                 lines.append(f"{pad}{parts[-1]}: {_short(v)}")
     return "\n".join(lines)

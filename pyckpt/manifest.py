@@ -23,7 +23,7 @@ FORMAT = "pyckpt"
 # 1.1: MANIFEST.json carries "manifest_crc32c" (docs/FORMAT.md §3); 1.0 manifests (without it) still load.
 # 1.2: parts may hold sharded tensors (a "sharded" section, storages of scope "shard"; docs/FORMAT.md §12).
 #      Chunks may reference a sibling checkpoint's data file (../step-P/..., incremental chunks; §14).
-FORMAT_VERSION = (1, 2)
+FORMAT_VERSION = (1, 3)
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_PART_BYTES = 1 << 30
 CODECS = ("none", "zstd")

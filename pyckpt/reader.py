@@ -30,7 +30,7 @@ import torch
 
 from . import gcpause, layout, manifest, shard_format, tree
 from ._native import CODEC_IDS, cuda_available
-from .dtypes import dtype_of
+from .dtypes import NUMPY_CODES, dtype_of
 from .errors import CorruptCheckpointError, PyckptError
 from .safe_fs import CheckpointDir, full_path
 
@@ -346,6 +346,17 @@ def _is_contiguous(e: dict) -> bool:
     return True
 
 
+def _check_numpy_entry(e: dict, scalar: bool, key: str, where: str) -> None:
+    """A tree's NumPy leaf must name an entry NumPy can hold: one of its dtypes, no dimensions for a scalar."""
+    if e.get("dtype") not in NUMPY_CODES:
+        why = f"dtype {e.get('dtype')!r}, which NumPy has not"
+    elif scalar and e.get("shape") != []:
+        why = f"shape {e.get('shape')!r} for a scalar"
+    else:
+        return
+    raise CorruptCheckpointError(f"invalid {where}: NumPy leaf {key!r} names a tensor of {why}", path=where)
+
+
 def _into_leaves(into: Any, path: str = "", depth: int = 0, out: list | None = None) -> list[tuple[str, torch.Tensor]]:
     """Every tensor in ``into`` with its key path (the paths ``tree`` gives saved tensors)."""
     out = [] if out is None else out
@@ -457,6 +468,8 @@ class _SectionReader:
                 raise CorruptCheckpointError(f"invalid {self.where}: tree leaf {p!r} names tensor {i} again",
                                              path=self.where)
             seen.add(i)
+            if type(d) is tree.NumpyLeaf:
+                _check_numpy_entry(self.sec["tensors"][i], d.scalar, p, self.where)
             visit(i, d, p)
 
         tree.unflatten(self.sec["tree"], checked, into, self.where)
@@ -474,6 +487,8 @@ class _SectionReader:
         paths = self.paths = {}
 
         def visit(i, d, p):
+            if type(d) is tree.NumpyLeaf:  # a NumPy array: a value, like an int, never a target
+                return
             if d is None:
                 unexpected.append(p)
                 return

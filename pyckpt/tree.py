@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -100,12 +101,34 @@ class _Encoder:
             return {TAG: "device", "value": str(v)}
         if isinstance(v, (bytes, bytearray)):
             return {TAG: "bytes", "base64": base64.b64encode(bytes(v)).decode("ascii")}
+        np = sys.modules.get("numpy")  # an array or a NumPy scalar means NumPy is imported already
+        if np is not None and isinstance(v, (np.ndarray, np.generic)):
+            return self.array(v, np, path)
         raise UnsupportedStateError(
             f"cannot save {type(v).__module__}.{type(v).__qualname__} at {path!r}: pyckpt stores tensors, "
-            "JSON values, tuples, bytes, torch.dtype/Size/device only (no pickle); convert it, e.g. to a "
-            "dict of those, or drop it from the state",
+            "JSON values, tuples, bytes, torch.dtype/Size/device and NumPy arrays only (no pickle); convert "
+            "it, e.g. to a dict of those, or drop it from the state",
             key=path,
         )
+
+    def array(self, v: Any, np: Any, path: str) -> dict:
+        """A NumPy array or scalar: its bytes as a tensor entry (no pickle), tagged to come back as NumPy.
+
+        Copied here, at the save call: a write to the array before the copy in the background would not
+        move a tensor version counter (the torn-save check), so it would be saved silently."""
+        a = np.asarray(v)
+        try:
+            t = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), order="C", copy=True))
+        except TypeError:
+            raise UnsupportedStateError(
+                f"cannot save a NumPy array of dtype {v.dtype} at {path!r}: only bool and numeric dtypes have a "
+                "byte layout pyckpt stores (no pickle); convert it, e.g. to a list", key=path) from None
+        self.tensors.append(t)
+        self.paths.append(path)
+        node = {TAG: "ndarray", "id": len(self.tensors) - 1}
+        if isinstance(v, np.generic):
+            node["scalar"] = True
+        return node
 
     def mapping(self, d: dict, path: str, depth: int) -> Any:
         d1 = depth + 1
@@ -121,7 +144,7 @@ class _Encoder:
             tk = type(k)
             if tk is int or tk is str:
                 ek = k  # the common keys, as child() returns them (too deep: the value below says so, same path)
-            elif k is None or isinstance(k, (bool, int, float, str, tuple)):
+            elif k is None or isinstance(k, (bool, int, float, str, tuple)) or _numpy_scalar(k):
                 ek = child(k, path, k, d1)
             else:
                 raise UnsupportedStateError(f"cannot save dict key {k!r} of type {type(k).__name__} at {path!r}",
@@ -151,6 +174,11 @@ class _Encoder:
             else:
                 out[k] = self.value(x, pre + k, d1)
         return out
+
+
+def _numpy_scalar(v: Any) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(v, np.generic)
 
 
 _STR_ONLY = frozenset((str,))
@@ -187,7 +215,34 @@ def flatten_python(state: Any) -> Flat:
 _native_encode: Callable[..., Any] | None = getattr(_native._C, "encode_state_tree", None)
 
 
+def numpy_keys(flat: Flat) -> list[str]:
+    """The key paths of the NumPy arrays and scalars in an encoded state."""
+    found: list[str] = []
+    todo = [flat.tree]
+    while todo:
+        v = todo.pop()
+        if type(v) is dict:
+            if v.get(TAG) == "ndarray":
+                found.append(flat.paths[v["id"]])
+            else:
+                todo.extend(v.values())
+        elif type(v) is list:
+            todo.extend(v)
+    return sorted(found)
+
+
 MakeTensor = Callable[[int, Any, str], torch.Tensor]
+
+
+class NumpyLeaf(NamedTuple):
+    """The ``into_leaf`` ``make_tensor`` gets for a NumPy array's or scalar's entry: a value, like an
+    int, that ``into=`` never supplies a target for (and a strict load does not ask one of). The reader
+    checks the entry by it before reading anything: a dtype NumPy has, no dimensions for a scalar."""
+
+    scalar: bool
+
+
+ARRAY, SCALAR = NumpyLeaf(False), NumpyLeaf(True)
 
 
 def unflatten(tree: Any, make_tensor: MakeTensor, into: Any = None, where: str = "") -> Any:
@@ -252,6 +307,11 @@ class _Decoder:
                 return torch.device(str(v["value"]))
             if tag == "bytes":
                 return base64.b64decode(v["base64"], validate=True)
+            if tag == "ndarray":
+                if type(v["id"]) is not int:
+                    raise TypeError("tensor id must be an integer")
+                scalar = v.get("scalar") is True
+                return _as_numpy(self.make_tensor(v["id"], SCALAR if scalar else ARRAY, path), scalar)
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
             if isinstance(e, PyckptError):
                 raise  # from make_tensor: already says what is wrong
@@ -270,6 +330,23 @@ class _Decoder:
                 raise self.bad(path, f"dict key {_short(k)} appears twice")
             out[k] = self.value(item[1], _child(into, k), _path(path, k))
         return out
+
+
+def _as_numpy(t: Any, scalar: bool) -> Any:
+    """An ``ndarray`` node's tensor as NumPy: a new array (a scalar where the node says so). A leaf
+    without bytes (a meta tensor, ``pyckpt inspect``'s description) is returned as it is."""
+    if not isinstance(t, torch.Tensor) or t.is_meta:
+        return t
+    try:
+        import numpy  # noqa: F401  (torch's .numpy() needs it)
+    except ImportError:
+        raise PyckptError("this checkpoint holds NumPy arrays: install numpy to load it") from None
+    a = t.detach().cpu().numpy()
+    if scalar:
+        if a.ndim != 0:
+            raise ValueError("a scalar's tensor must have no dimensions")
+        return a[()]
+    return a
 
 
 def _short(v: Any) -> str:

@@ -113,6 +113,32 @@ def test_torch_export_loads_with_weights_only(cli, tmp_path, byte_equal):
     assert_same(pyckpt.load(root), pyckpt.load(os.path.join(root, "step-000000040")), byte_equal)
 
 
+def test_numpy_values_export_to_both_formats_and_a_torch_file_says_how_to_load_it(cli, tmp_path):
+    """NumPy arrays and scalars (docs/FORMAT.md §8): safetensors plus its sidecar bring them back as NumPy;
+    the torch file holds them as saved, which torch.load's weights_only=True refuses, and one line says so."""
+    import numpy as np
+
+    state = {"w": torch.ones(2), "np_rng": np.random.RandomState(5).get_state(), "best": np.int64(3)}
+    src = pyckpt.save(state, str(tmp_path / "src"))
+    st = str(tmp_path / "m.safetensors")
+    r = cli("export", src, "--to", "safetensors", st)
+    assert r.returncode == 0 and "NumPy" not in r.stderr, r.stderr
+    assert cli("import", st, str(tmp_path / "back")).returncode == 0
+    back = pyckpt.load(str(tmp_path / "back"))
+    assert type(back["best"]) is np.int64 and back["best"] == 3
+    assert back["np_rng"][0] == "MT19937" and np.array_equal(back["np_rng"][1], state["np_rng"][1])
+    pt = str(tmp_path / "m.pt")
+    r = cli("export", src, "--to", "torch", pt)
+    assert r.returncode == 0, r.stderr
+    assert f"pyckpt: {pt} holds 2 NumPy value(s) ('best', ...)" in r.stderr and "weights_only=False" in r.stderr
+    with pytest.raises(Exception, match="weights_only"):
+        torch.load(pt, weights_only=True)
+    loaded = torch.load(pt, weights_only=False)
+    assert type(loaded["best"]) is np.int64 and np.array_equal(loaded["np_rng"][1], state["np_rng"][1])
+    r = cli("export", src, "--to", "torch", pt, "--json")
+    assert json.loads(r.stdout)["numpy_keys"] == ["best", "np_rng/1"]
+
+
 def test_torch_export_of_a_dtype_torch_save_cannot_store_is_one_line_naming_it(cli, tmp_path, byte_equal):
     """torch.save has no storage type for the sub-byte integer dtypes (torch.uint1..7, int1..7), which
     pyckpt stores: the export died with torch's KeyError traceback. Now one line names the key and

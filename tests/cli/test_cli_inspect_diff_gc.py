@@ -57,6 +57,23 @@ def test_inspect_tree_and_json(cli, tmp_path):
     assert "    epoch: 2" in lines
 
 
+def test_inspect_marks_numpy_leaves(cli, tmp_path):
+    """A NumPy array in the state loads as NumPy, not as a tensor: inspect says so (text and JSON)."""
+    import numpy as np
+
+    path = pyckpt.save({"w": torch.ones(3), "hist": np.zeros(4, dtype=np.float32), "best": np.int64(2)},
+                       str(tmp_path / "c"))
+    r = cli("inspect", path, "--json")
+    assert r.returncode == 0, r.stderr
+    leaves = {e["key"]: e for e in json.loads(r.stdout)["sections"]["replicated"]}
+    assert (leaves["hist"]["numpy"], leaves["hist"]["shape"], leaves["best"]["numpy"], leaves["best"]["shape"]) \
+        == (True, [4], True, [])
+    assert "numpy" not in leaves["w"]
+    lines = cli("inspect", path).stdout.splitlines()
+    assert any(ln.strip().startswith("hist  F32 [4]") and ln.endswith("  numpy") for ln in lines), lines
+    assert any(ln.strip().startswith("w  F32 [3]") and ln.endswith("  cpu") for ln in lines), lines
+
+
 def test_inspect_shows_codec_ratio_and_rank_state(cli, ckpt_root):
     with pyckpt.Checkpointer(ckpt_root, compress="zstd") as ck:
         ck.save(12, {"zeros": torch.zeros(100_000)}, rank_state={"pos": {"batch": 3}}).result(60)

@@ -237,6 +237,9 @@ CORPUS = {
     "tree-duplicate-dict-key": _tree({"__pyckpt__": "dict", "items": [[1, TEN], [1, 2]]}),
     "tree-tensor-twice": _tree([TEN, TEN]),
     "tree-float-tensor-id": _tree({"__pyckpt__": "tensor", "id": 0.5}),
+    "tree-ndarray-scalar-of-a-vector": _tree({"w": {"__pyckpt__": "ndarray", "id": 0, "scalar": True},
+                                              "b": {"__pyckpt__": "tensor", "id": 1}}),
+    "tree-ndarray-of-bfloat16": _tree({"w": TEN, "b": {"__pyckpt__": "ndarray", "id": 1}}),
 }
 
 # Cases whose load could block forever if a FIFO were opened: run them in a subprocess with a timeout.

@@ -20,7 +20,7 @@ def test_writers_seal_the_manifest_as_its_last_member(tmp_path):
     path = pyckpt.save({"x": torch.ones(3)}, tmp_path / "c")
     raw = Path(path, "MANIFEST.json").read_bytes()
     m = json.loads(raw)
-    assert m["format_version"] == [1, 2]
+    assert m["format_version"] == [1, 3]
     at = raw.rindex(b',"manifest_crc32c":')
     assert raw[at:] == b',"manifest_crc32c":%d}' % m["manifest_crc32c"]
     assert manifest.crc32c(raw[:at]) == m["manifest_crc32c"]

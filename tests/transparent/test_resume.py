@@ -397,6 +397,44 @@ def test_registered_object_is_saved_and_restored(tmp_path):
     assert "SEEN 32" in second.stdout  # what was seen before the checkpoint is restored, not recounted
 
 
+REGISTERED_NUMPY = """
+import os, signal, sys, numpy as np, torch
+import pyckpt
+from torch.utils.data import DataLoader, TensorDataset
+
+stats = {"sum": np.zeros(2, dtype=np.float32), "batches": np.int64(0)}
+def put_back(s):
+    stats.update(s)
+pyckpt.register("stats", getter=lambda: dict(stats), setter=put_back)
+torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=2, shuffle=True)
+step = 0
+for epoch in range(2):
+    for (x,) in loader:
+        opt.zero_grad(); model(x).sum().backward(); opt.step()
+        stats["sum"] += x.numpy().sum(0); stats["batches"] += 1; step += 1
+        if step == 11 and os.environ.get("PYCKPT_DIR") and not os.path.exists("mark"):
+            open("mark", "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+print("STATS", type(stats["batches"]).__name__, stats["batches"], stats["sum"].dtype, stats["sum"].tobytes().hex())
+"""
+
+
+def test_registered_numpy_state_is_saved_and_restored(tmp_path):
+    """A getter returning NumPy arrays and scalars (running statistics kept with NumPy): every snapshot
+    used to be refused (no NumPy in a state); now the relaunch ends with the plain run's bytes and types."""
+    (tmp_path / "reg.py").write_text(REGISTERED_NUMPY)
+    plain = run_script(["reg.py"], tmp_path)
+    assert plain.returncode == 0 and "STATS int64 16 float32" in plain.stdout, plain.stderr[-2000:]
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="5")
+    first = run_script(["reg.py"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    second = run_script(["reg.py"], tmp_path, **env)
+    assert re.search(r"pyckpt: resumed from step (5|10) ", second.stderr), second.stderr[-2000:]
+    assert second.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1], (second.stdout, plain.stdout)
+
+
 def test_a_registered_getter_or_setter_that_raises_is_named_in_one_line(tmp_path):
     """A getter that raises skips the snapshot with a line naming the registered name and where it
     raised (it said only "RuntimeError: ..."); a setter that raises at resume used to end the relaunch

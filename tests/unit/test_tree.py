@@ -111,6 +111,29 @@ def test_malformed_tags_are_corrupt_checkpoint_errors(bad):
         tree.unflatten({"k": bad}, lambda i, d, p: None, where="part.json")
 
 
+@pytest.mark.parametrize("node, tensor", [
+    ({"__pyckpt__": "ndarray", "id": "0"}, torch.ones(2)),
+    ({"__pyckpt__": "ndarray", "id": 0, "scalar": True}, torch.ones(2)),  # a scalar of two elements
+    ({"__pyckpt__": "ndarray", "id": 0}, torch.ones(2, dtype=torch.bfloat16)),  # NumPy has no bfloat16
+])
+def test_malformed_numpy_nodes_are_corrupt_checkpoint_errors(node, tensor):
+    with pytest.raises(CorruptCheckpointError, match="ndarray"):
+        tree.unflatten({"k": node}, lambda i, d, p: tensor, where="part.json")
+
+
+def test_a_numpy_node_asks_make_tensor_for_a_value_not_a_target():
+    """``into=`` never supplies a target for an array (the reader then does not count it as a saved
+    tensor without a target), even where ``into`` holds a tensor at its path."""
+    seen = []
+
+    def make(i, d, p):
+        seen.append(d)
+        return torch.arange(3)
+
+    out = tree.unflatten({"a": {"__pyckpt__": "ndarray", "id": 0}}, make, into={"a": torch.zeros(3)})
+    assert seen == [tree.ARRAY] and out["a"].tolist() == [0, 1, 2] and type(out["a"]).__module__ == "numpy"
+
+
 def test_absurdly_deep_trees_are_refused_both_ways():
     deep = []
     for _ in range(300):

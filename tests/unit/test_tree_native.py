@@ -127,11 +127,22 @@ def test_random_states_encode_alike():
 
 
 @pytest.mark.parametrize("bad", [Opaque(), {"a": [1, Opaque()]}, {0: {"x": Opaque()}}, {Opaque(): 1},
-                                 OrderedDict(a={"b": [{"c": Opaque()}]}), [np.int64(3)], {"f": np.float32(1.0)}])
+                                 OrderedDict(a={"b": [{"c": Opaque()}]}), [np.array(["x"])],
+                                 {"f": np.array([object()])}])
 def test_unsupported_values_raise_the_same_error(bad):
     with pytest.raises(UnsupportedStateError):
         tree.flatten_python(bad)
     _agree(bad)
+
+
+def test_numpy_values_encode_alike():
+    """NumPy arrays and scalars (and a scalar as a dict key) take the Python encoder from the native
+    walk; each flatten wraps the array in a new tensor, so the tensors are compared by value."""
+    state = {"a": [np.int64(3), np.arange(3.0)], 0: {"f": np.float32(1.0)}, np.int16(2): np.ones((2, 2), "u2")}
+    want, got = tree.flatten_python(state), tree.flatten(state)
+    _same(got.tree, want.tree)
+    assert got.paths == want.paths == ["a/0", "a/1", "0/f", "2", "2"]  # the key's entry, then its value's
+    assert len(got.tensors) == 5 and all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors))
 
 
 @pytest.mark.parametrize("container", ["list", "str", "int", "od", "opt"])
