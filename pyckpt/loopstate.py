@@ -48,10 +48,13 @@ a variable or attribute (a slots class and a non-frozen dataclass too) is follow
 before these tags load unchanged (``VERSION`` 1)."""
 from __future__ import annotations
 
+import array
 import collections
 import copy
 import dataclasses
+import decimal
 import enum
+import fractions
 import functools
 import hashlib
 import itertools
@@ -73,6 +76,16 @@ MAX_OBJECTS = 256  # plain objects followed per snapshot
 MAX_DEPTH = 4  # object attribute nesting followed
 
 _SCALARS = (type(None), bool, int, float, str, bytes)
+# The standard library's number and buffer kinds a loop computes with (exact types only), by value:
+# ``["cx", real, imag]``, ``["fr", numerator, denominator]``, ``["de", str]``, ``["ba", bytes]``,
+# ``["aa", typecode, bytes]``. A bytearray or array is refilled in place on resume (``_assign``).
+_STDLIB_VALUES: dict[type, Callable[[Any], list]] = {
+    complex: lambda v: ["cx", v.real, v.imag],
+    fractions.Fraction: lambda v: ["fr", v.numerator, v.denominator],
+    decimal.Decimal: lambda v: ["de", str(v)],
+    bytearray: lambda v: ["ba", bytes(v)],
+    array.array: lambda v: ["aa", v.typecode, v.tobytes()],
+}
 _CONTAINERS = (list, tuple, dict, set, frozenset, collections.deque)
 
 
@@ -294,6 +307,9 @@ class _Encoder:
             return ["q", [self.value(x, depth + 1) for x in v], v.maxlen]
         if t is torch.device or t is torch.dtype:
             return ["x", v]  # the state format stores both
+        if t in _STDLIB_VALUES:
+            self._grow(sys.getsizeof(v))
+            return _STDLIB_VALUES[t](v)
         if isinstance(v, torch.Generator):
             return ["g", self.add_tensor(v.get_state()), str(v.device)]  # the device: to make one anew
         if t is random.Random:
@@ -975,6 +991,8 @@ class _Decoder:
         if tag == "x":
             _check(len(e) == 2 and isinstance(e[1], (torch.device, torch.dtype)), "device or dtype")
             return e[1]
+        if tag in ("cx", "fr", "de", "ba", "aa"):
+            return _stdlib_value(e)
         if tag == "t":
             _check(len(e) == 4 and isinstance(e[2], str) and isinstance(e[3], bool), "tensor")
             key = e[1]
@@ -1362,6 +1380,11 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
             return live
         return saved
     saved = _live_generators(saved, live, holders)  # before a refill below clears ``live``
+    if (type(saved) is bytearray and type(live) is bytearray
+            or type(saved) is array.array and type(live) is array.array and live.typecode == saved.typecode):
+        if live is not saved:
+            live[:] = saved  # other references to the live buffer see the checkpoint's bytes
+        return live
     if type(saved) in (list, dict, set, collections.deque) and isinstance(live, type(saved)) and live is not saved:
         if isinstance(live, collections.deque) and live.maxlen != saved.maxlen:
             return saved
@@ -1369,6 +1392,34 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
         (live.extend if isinstance(live, (list, collections.deque)) else live.update)(saved)
         return live
     return saved
+
+
+def _stdlib_value(e: list) -> Any:
+    """Decode an ``_STDLIB_VALUES`` entry, every field checked first."""
+    tag = e[0]
+    if tag == "cx":
+        _check(len(e) == 3 and all(type(x) is float for x in e[1:]), "complex")
+        return complex(e[1], e[2])
+    if tag == "fr":
+        _check(len(e) == 3 and all(type(x) is int for x in e[1:]) and e[2] > 0, "fraction")
+        return fractions.Fraction(e[1], e[2])
+    if tag == "de":
+        _check(len(e) == 2 and type(e[1]) is str and len(e[1]) < 4096, "decimal")
+        try:
+            return decimal.Decimal(e[1])
+        except decimal.InvalidOperation:
+            raise _Bad("the checkpoint's loop state is malformed (decimal)") from None
+    if tag == "ba":
+        _check(len(e) == 2 and type(e[1]) is bytes, "bytearray")
+        return bytearray(e[1])
+    _check(len(e) == 3 and type(e[1]) is str and len(e[1]) == 1 and e[1] in array.typecodes
+           and type(e[2]) is bytes, "array")
+    out = array.array(e[1])
+    try:
+        out.frombytes(e[2])
+    except ValueError:  # not a whole number of items
+        raise _Bad("the checkpoint's loop state is malformed (array)") from None
+    return out
 
 
 def _fits(live: torch.Tensor, saved: torch.Tensor) -> bool:
