@@ -238,6 +238,7 @@ class _Encoder:
     def __init__(self, max_bytes: int, tracked: "_Tracked") -> None:
         self.tensors: list[torch.Tensor] = []
         self._tid: dict[int, int] = {}
+        self._nid: dict[int, int] = {}  # id of a NumPy array -> its tensor index (held by the script, ids stable)
         self.max_bytes = max_bytes
         self.module_tensors = tracked.tensors  # data_ptrs of module parameters/buffers (restored there)
         self.tracked_modules = tracked.modules  # ids of the modules pyckpt restores elsewhere
@@ -275,6 +276,7 @@ class _Encoder:
         if len(self.tensors) > n:
             del self.tensors[n:]
             self._tid = {k: i for k, i in self._tid.items() if i < n}
+            self._nid = {k: i for k, i in self._nid.items() if i < n}
 
     def _grow(self, n: int) -> None:
         # Python objects count their in-memory size (sys.getsizeof: a list its header and slots, an
@@ -548,6 +550,8 @@ class _Encoder:
         """A NumPy array (``["n", ...]``) or scalar (``["ns", ...]``) by its bytes and dtype."""
         scalar = isinstance(v, np.generic)
         what = "scalar" if scalar else "array"
+        if not scalar and id(v) in self._nid:  # one array held in several places: stored (and restored) once
+            return ["n", self._nid[id(v)], str(v.dtype.newbyteorder("="))]
         if v.nbytes > self.max_bytes:
             raise _Skip(f"a NumPy {what} of {v.nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES", True)
         a = np.asarray(v)
@@ -557,7 +561,10 @@ class _Encoder:
             t = torch.from_numpy(a)
         except TypeError:
             raise _Skip(f"a NumPy {what} of dtype {v.dtype}", True) from None
-        return ["ns" if scalar else "n", self.add_tensor(t), str(a.dtype)]
+        i = self.add_tensor(t)
+        if not scalar:
+            self._nid[id(v)] = i
+        return ["ns" if scalar else "n", i, str(a.dtype)]
 
 
 @dataclass
@@ -969,6 +976,7 @@ class _Decoder:
         _check(isinstance(states, dict), "module states")
         self.tensors, self.states = tensors, states
         self.made: dict[int, torch.Tensor] = {}
+        self.made_arrays: dict[int, Any] = {}  # NumPy arrays by tensor index
         # ids of the decoded containers holding a random generator at any depth: only those are walked
         # to put each generator's state into the live one at the same place (see _live_generators)
         self.holders: _Holders = _Holders()
@@ -1028,12 +1036,17 @@ class _Decoder:
             import numpy as np
 
             _check(len(e) == 3 and isinstance(e[2], str), "array")
+            if tag == "n" and e[1] in self.made_arrays:  # the checkpoint's one array, held in several places
+                return self.made_arrays[e[1]]
             try:
                 a = self.tensor(e[1]).numpy().astype(np.dtype(e[2]), copy=True)
             except (TypeError, ValueError):
                 raise _Bad("the checkpoint's loop state is malformed (array)") from None
             _check(tag == "n" or a.ndim == 0, "scalar")
-            return a if tag == "n" else a[()]
+            if tag == "ns":
+                return a[()]
+            self.made_arrays[e[1]] = a
+            return a
         if tag == "g":
             _check(len(e) in (2, 3) and (len(e) == 2 or isinstance(e[2], str)), "torch generator")
             return _InPlace(tag, e[1], self, e[2] if len(e) == 3 else "cpu")  # written without a device: CPU
@@ -1379,6 +1392,8 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
             written.live_of[id(saved)] = live
             return live
         return saved
+    if type(saved).__name__ == "ndarray" and type(live) is type(saved) and live is not saved:
+        return _assign_array(live, saved, holders)
     saved = _live_generators(saved, live, holders)  # before a refill below clears ``live``
     if (type(saved) is bytearray and type(live) is bytearray
             or type(saved) is array.array and type(live) is array.array and live.typecode == saved.typecode):
@@ -1390,6 +1405,21 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
             return saved
         live.clear()
         (live.extend if isinstance(live, (list, collections.deque)) else live.update)(saved)
+        return live
+    return saved
+
+
+def _assign_array(live: Any, saved: Any, holders: set[int]) -> Any:
+    """A NumPy array is written into the live one, as a tensor is (``_fits``): what else holds the live
+    array (a script object, a library object) then sees the checkpoint's values. Only a whole writable
+    array of the same shape and dtype, and one live array takes one saved array (``_Holders``)."""
+    written = holders if isinstance(holders, _Holders) else _Holders()
+    if id(saved) in written.live_of:  # the checkpoint's one array, held in several places
+        return written.live_of[id(saved)]
+    if (live.shape == saved.shape and live.dtype == saved.dtype and live.base is None and live.flags.writeable
+            and written.into.setdefault(id(live), saved) is saved):
+        live[...] = saved
+        written.live_of[id(saved)] = live
         return live
     return saved
 

@@ -1119,3 +1119,33 @@ def test_complex_fraction_decimal_bytearray_and_array_values_are_put_back():
     assert not [k for k in cap.skipped if k.split(" ")[0] in ("z", "frac", "dec", "buf", "floats", "alias")], \
         cap.skipped
     assert out == plain, (out, plain)
+
+
+class _ArrayLogger:  # a script object holding the loop's array
+    def __init__(self, buf):
+        self.buf = buf
+
+
+def _shared_array_loop(hook, trace):
+    import numpy as np
+
+    hist = np.zeros(6)
+    log, lib = _ArrayLogger(hist), Holder(hist)  # Holder: a library object the script handed it to
+    for i in range(6):
+        hook(sys._getframe())
+        hist[i] = i * 1.5
+        trace.append((hist.tolist(), log.buf.tolist(), lib.t.tolist(), log.buf is hist))
+    return trace
+
+
+def test_a_numpy_array_is_written_back_into_the_live_one_so_what_shares_it_sees_it():
+    """Arrays were bound anew: the script object's reference got a copy of its own and the library
+    object's kept the relaunch's zeros, while the loop wrote into the variable's; both went on
+    silently apart from an uninterrupted run. Now a whole array is written into the live one in place
+    (as a tensor is), and references to one array in the checkpoint stay one array."""
+    plain = _shared_array_loop(lambda f: None, [])
+    calls = []
+    cap, plan, out = _capture_and_resume(lambda hook: _shared_array_loop(hook, []),
+                                         lambda f: calls.append(1) or len(calls) == 3)
+    assert not cap.warnings, cap.warnings
+    assert out == plain, (out, plain)
