@@ -1392,7 +1392,8 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
             written.live_of[id(saved)] = live
             return live
         return saved
-    if type(saved).__name__ == "ndarray" and type(live) is type(saved) and live is not saved:
+    if type(saved).__name__ == "ndarray" and type(saved).__module__ == "numpy" and type(live) is type(saved) \
+            and live is not saved:
         return _assign_array(live, saved, holders)
     saved = _live_generators(saved, live, holders)  # before a refill below clears ``live``
     if (type(saved) is bytearray and type(live) is bytearray
@@ -1403,10 +1404,28 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
     if type(saved) in (list, dict, set, collections.deque) and isinstance(live, type(saved)) and live is not saved:
         if isinstance(live, collections.deque) and live.maxlen != saved.maxlen:
             return saved
+        # Item by item where an item has memory or items of its own: a tensor or array a library object also
+        # holds is written into (the container would otherwise hold a new one and the library the relaunch's).
+        if type(saved) is dict:
+            saved = {k: _assign(dict.get(live, k), v, holders) if _in_place_item(v) else v
+                     for k, v in saved.items()}
+        elif type(saved) is not set:
+            at = list(live)
+            saved = [_assign(at[i] if i < len(at) else None, v, holders) if _in_place_item(v) else v
+                     for i, v in enumerate(saved)]
         live.clear()
         (live.extend if isinstance(live, (list, collections.deque)) else live.update)(saved)
         return live
     return saved
+
+
+def _in_place_item(v: Any) -> bool:
+    """Whether a refilled container's item is itself written in place (``_assign``)."""
+    t = type(v)
+    return t in _IN_PLACE_ITEMS or t.__name__ == "ndarray" and t.__module__ == "numpy"
+
+
+_IN_PLACE_ITEMS = (torch.Tensor, list, dict, collections.deque, bytearray, array.array)
 
 
 def _assign_array(live: Any, saved: Any, holders: set[int]) -> Any:

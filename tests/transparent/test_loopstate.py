@@ -1149,3 +1149,32 @@ def test_a_numpy_array_is_written_back_into_the_live_one_so_what_shares_it_sees_
                                          lambda f: calls.append(1) or len(calls) == 3)
     assert not cap.warnings, cap.warnings
     assert out == plain, (out, plain)
+
+
+def _shared_items_loop(hook, trace):
+    import numpy as np
+
+    bufs = {"t": torch.zeros(4), "a": np.zeros(4), "nested": {"rows": [torch.zeros(2)]}}
+    rows = [torch.zeros(4)]
+    held = [Holder(bufs["t"]), Holder(bufs["a"]), Holder(rows[0]), Holder(bufs["nested"]["rows"]),
+            Holder(bufs["nested"]["rows"][0])]
+    for i in range(4):
+        hook(sys._getframe())
+        bufs["t"][i] = i + 1.0
+        bufs["a"][i] = i + 2.0
+        rows[0][i] = i + 3.0
+        bufs["nested"]["rows"][0][i % 2] += 1.0
+        trace.append([h.t.tolist() if hasattr(h.t, "tolist") else [r.tolist() for r in h.t] for h in held])
+    return trace
+
+
+def test_tensors_and_arrays_inside_a_restored_container_are_written_into_the_live_ones():
+    """A dict or list the script refills is refilled item by item: a tensor or array in it that a library
+    object also holds got the checkpoint's value only in the container (a new object there), and the
+    library object kept the relaunch's zeros, silently."""
+    plain = _shared_items_loop(lambda f: None, [])
+    calls = []
+    cap, plan, out = _capture_and_resume(lambda hook: _shared_items_loop(hook, []),
+                                         lambda f: calls.append(1) or len(calls) == 3)
+    assert not cap.warnings, cap.warnings
+    assert out == plain, (out, plain)
