@@ -48,6 +48,7 @@ class _Encoder:
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
         self.paths: list[str] = []
+        self.arrays: dict[int, torch.Tensor] = {}  # id of a NumPy array -> its copy (held by the state: ids stable)
 
     def value(self, v: Any, path: str, depth: int) -> Any:
         if depth > _MAX_DEPTH:
@@ -118,7 +119,13 @@ class _Encoder:
         move a tensor version counter (the torn-save check), so it would be saved silently."""
         a = np.asarray(v)
         try:
-            t = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), order="C", copy=True))
+            # One array held in several places is copied once: its entries share that copy's storage, so
+            # they load as arrays sharing memory, as torch.save's do.
+            t = self.arrays.get(id(v)) if isinstance(v, np.ndarray) else None
+            if t is None:
+                t = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), order="C", copy=True))
+                if isinstance(v, np.ndarray):
+                    self.arrays[id(v)] = t
         except TypeError:
             raise UnsupportedStateError(
                 f"cannot save a NumPy array of dtype {v.dtype} at {path!r}: only bool and numeric dtypes have a "

@@ -123,3 +123,14 @@ def test_an_array_written_after_save_returns_is_saved_as_it_was_at_the_call(tmp_
     finally:
         ck.close()
     assert not got["hist"].any()
+
+
+def test_one_array_held_twice_loads_as_arrays_sharing_memory(tmp_path):
+    """As torch.save keeps one object: ``{"buf": a, "alias": a}`` comes back as two arrays over one
+    memory (written once), not as two independent copies."""
+    a = np.arange(8, dtype=np.int64)
+    pyckpt.save({"buf": a, "alias": a, "other": a.copy()}, tmp_path / "c")
+    out = pyckpt.load(tmp_path / "c")
+    assert np.shares_memory(out["buf"], out["alias"]) and not np.shares_memory(out["buf"], out["other"])
+    out["buf"][0] = 99
+    assert out["alias"][0] == 99 and np.array_equal(out["other"], a)
