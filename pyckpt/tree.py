@@ -9,6 +9,7 @@ few listed types: it never imports or calls anything named in the file.
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import math
 import sys
@@ -64,6 +65,10 @@ class _Encoder:
             self.tensors.append(v)
             self.paths.append(path)
             return {TAG: "tensor", "id": len(self.tensors) - 1}
+        if type(v) is collections.Counter:  # MultiStepLR's milestones: its step(epoch) calls Counter.elements()
+            enc = self.mapping(v, path, depth)
+            items = enc["items"] if TAG in enc else [[k, x] for k, x in enc.items()]
+            return {TAG: "counter", "items": items}
         if isinstance(v, dict):
             return self.mapping(v, path, depth)
         if isinstance(v, list):
@@ -306,6 +311,8 @@ class _Decoder:
                 return tuple(self.value(x, _child(into, i), _path(path, i)) for i, x in enumerate(v["items"]))
             if tag == "dict":
                 return self.mapping(v["items"], into, path)
+            if tag == "counter":
+                return collections.Counter(self.mapping(v["items"], into, path))
             if tag == "size":
                 return torch.Size([int(d) for d in v["dims"]])
             if tag == "dtype":
