@@ -816,6 +816,23 @@ def _rest_of(it: Any, skip: int = 0) -> list | None:
 
 
 _PLAIN_ITEMS = frozenset((int, float, str, bool, type(None), bytes))
+_DICT_ITERATORS = frozenset(("dict_keyiterator", "dict_valueiterator", "dict_itemiterator"))
+
+
+def _dict_rest(it: Any, skip: int = 0) -> list | None:
+    """``["items", hex]``: a digest of the keys a dict iterator goes on with after ``skip`` more (the values
+    for ``.values()``), to tell at a restore whether the relaunch's dict is the checkpoint's. None when they
+    are not plain values or more than ``REST_ITEMS_MAX`` (the dict is then trusted to be the same)."""
+    if it.__length_hint__() - skip > REST_ITEMS_MAX:
+        return None
+    red = it.__reduce__()  # (iter, (a list of what is left,)): a copy, the iterator does not move
+    left = red[1][0][skip:] if len(red) > 1 and isinstance(red[1], tuple) and len(red[1]) == 1 else None
+    if not isinstance(left, list):
+        return None
+    keys = [x[0] for x in left] if type(it).__name__ == "dict_itemiterator" else left
+    if not all(type(k) in _PLAIN_ITEMS for k in keys):
+        return None
+    return ["items", hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=12).hexdigest()]
 _FORWARD = frozenset(("range_iterator", "longrange_iterator", "list_iterator", "tuple_iterator", "str_ascii_iterator",
                       "str_iterator", "bytes_iterator"))
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -874,6 +891,31 @@ def _nested_iterators(its: list) -> set[int]:
     return out
 
 
+def _dict_positioner(it: Any, st: list, where: str) -> Callable[[], None]:
+    """Put a dict iterator where the checkpoint's was: it goes on by taking the items the relaunch has
+    left beyond the checkpoint's (a replay to the restore point has usually taken them already), after
+    checking that the keys left are the checkpoint's."""
+    _check(len(st) == 2 or (isinstance(st[2], list) and len(st[2]) == 2 and st[2][0] == "items"), "dict items")
+    extra = int(it.__length_hint__()) - st[1]
+    if extra < 0 or (len(st) == 3 and _dict_rest(it, extra) != st[2]):
+        raise PyckptError(f"a for loop in {where} iterates a dict with other keys left than in the checkpoint "
+                          f"({it.__length_hint__()} left now, {st[1]} then)")
+    if extra and type(it).__name__ != "dict_keyiterator":
+        # The loop goes on from a later item than the relaunch's current one, whose variables the loop state
+        # puts back: only where that item's value is a plain one (a module, an optimizer, a loader is not).
+        current = it.__reduce__()[1][0][extra - 1]
+        value = current[1] if type(it).__name__ == "dict_itemiterator" else current
+        parts = value if type(value) is tuple else (value,)
+        if not all(type(x) in _PLAIN_ITEMS for x in parts):
+            raise PyckptError(f"a for loop in {where} over a dict is at a later item in the checkpoint than in this "
+                              f"run at its restore point, and that item's value ({type(value).__name__}) is not one "
+                              "pyckpt puts back; pyckpt cannot go on from there")
+
+    def advance() -> None:
+        collections.deque(itertools.islice(it, extra), maxlen=0)
+    return advance
+
+
 def _islice_state(it: Any) -> tuple[Any, int, int | None] | None:
     """(the iterator inside, items taken from it, stop) of ``itertools.islice(x, [start,] stop)`` with step 1,
     which ``_positioner`` can put back: ``__setstate__`` sets that count, and with step 1 a new islice of the
@@ -913,6 +955,9 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, enc: "_Encoder", d
             # A sequence no saved variable holds (``for idx in torch.randperm(n).split(bs)``): the relaunch's is
             # made from other values, so the items left are saved and put in its place (_positioner).
             rest = _saved_items(seq, int(it.__length_hint__()), where, cap, enc)
+        return [tn, int(it.__length_hint__())] + ([rest] if rest is not None else [])
+    if tn in _DICT_ITERATORS and t.__module__ == "builtins":  # ``for phase, lr in phases.items()``
+        rest = _dict_rest(it)
         return [tn, int(it.__length_hint__())] + ([rest] if rest is not None else [])
     if t is enumerate:
         red = it.__reduce__()
@@ -1802,6 +1847,8 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
     if tn != kind:
         raise bad
     _check(len(st) in (2, 3) and type(st[1]) is int and st[1] >= 0, "items left")
+    if kind in _DICT_ITERATORS:
+        return _dict_positioner(it, st, where)
     seq = _sequence_of(it)
     if seq is not None and id(seq) in plan.rebound:
         # The loop runs over a tuple a variable held, which the restore rebinds to the checkpoint's: it goes on

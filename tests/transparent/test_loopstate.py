@@ -1178,3 +1178,97 @@ def test_tensors_and_arrays_inside_a_restored_container_are_written_into_the_liv
                                          lambda f: calls.append(1) or len(calls) == 3)
     assert not cap.warnings, cap.warnings
     assert out == plain, (out, plain)
+
+
+def _phases_loop(hook, trace, phases=None):
+    phases = phases if phases is not None else {"warmup": 0.5, "main": 2.0, "anneal": 0.25}
+    acc = 0.0
+    for phase, scale in phases.items():
+        for k in range(3):
+            hook(sys._getframe())
+            acc = acc * scale + k
+            trace.append((phase, k, acc))
+    return trace
+
+
+@pytest.mark.parametrize("view", ["items", "keys", "values"])
+def test_a_loop_over_a_dict_is_positioned_not_warned_about(view):
+    """``for phase, lr in phases.items()`` (training phases): the dict iterator's position was "cannot be
+    restored" (a warning on every snapshot) though the relaunch, replaying to the restore point, was often
+    at it anyway; now it is saved (the items left) and put back, the keys left checked."""
+    def run(hook, trace):
+        phases = {"warmup": 0.5, "main": 2.0, "anneal": 0.25}
+        acc = 0.0
+        it = {"items": phases.items, "keys": phases.keys, "values": phases.values}[view]
+        for entry in it():
+            for k in range(3):
+                hook(sys._getframe())
+                acc = acc * (phases[entry[0]] if view == "items" else phases[entry] if view == "keys" else entry) + k
+                trace.append((entry, k, acc))
+        return trace
+
+    plain = run(lambda f: None, [])
+    calls = []
+    cap, plan, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: calls.append(1) or len(calls) == 5)
+    assert not cap.warnings, cap.warnings
+    assert out == plain, (out, plain)
+
+
+def test_a_loop_over_a_dict_with_other_keys_now_is_refused_before_anything_is_written():
+    saved = {}
+
+    def cap(frame):
+        saved.setdefault("n", 0)
+        saved["n"] += 1
+        if saved["n"] == 5:
+            saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+
+    _phases_loop(cap, [])
+    errors = []
+
+    def res(frame):
+        if not errors:
+            try:
+                loopstate.prepare(saved["tree"], [frame], "step")
+                errors.append(None)
+            except PyckptError as e:
+                errors.append(str(e))
+
+    _phases_loop(res, [], {"warmup": 0.5, "main": 2.0, "cooldown": 0.25})  # the phase after the saved one differs
+    assert errors[0] and "iterates a dict with other keys left" in errors[0], errors
+
+
+def test_a_dict_loop_that_would_skip_to_an_item_holding_objects_is_refused():
+    """``for name, (net, opt) in models.items()`` reached its restore point at an earlier item than the
+    checkpoint's: going on from the checkpoint's item would keep this run's ``net`` (modules are not put
+    back through the variable), so the resume is refused rather than training the wrong model."""
+    class Box:  # a value the loop state does not put back through the variable
+        __module__ = "somelib"
+
+    def run(hook, trace):
+        models = {"a": Box(), "b": Box(), "c": Box()}
+        for name, box in models.items():
+            for k in range(2):
+                hook(sys._getframe())
+                trace.append((name, k))
+        return trace
+
+    saved, errors = {}, []
+
+    def cap(frame):
+        saved["n"] = saved.get("n", 0) + 1
+        if saved["n"] == 3:  # item "b"
+            saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+
+    run(cap, [])
+
+    def res(frame):
+        if not errors:
+            try:
+                loopstate.prepare(saved["tree"], [frame], "step")
+                errors.append(None)
+            except PyckptError as e:
+                errors.append(str(e))
+
+    run(res, [])
+    assert errors[0] and "is not one pyckpt puts back" in errors[0], errors
