@@ -886,6 +886,8 @@ def _nested_iterators(its: list) -> set[int]:
             todo.append(it.__reduce__()[1][0])
         elif type(it) is zip:
             todo.extend(it.__reduce__()[1])
+        elif (inner := _wrapped(it)) is not None:
+            todo.extend(inner)
         elif (sl := _islice_state(it)) is not None:
             todo.append(sl[0])
     return out
@@ -914,6 +916,22 @@ def _dict_positioner(it: Any, st: list, where: str) -> Callable[[], None]:
     def advance() -> None:
         collections.deque(itertools.islice(it, extra), maxlen=0)
     return advance
+
+
+def _wrapped(it: Any) -> tuple | None:
+    """The iterators a ``map``, ``filter`` or ``itertools.starmap`` draws from (stateless wrappers: positioning
+    those positions it), or None for any other object or where the interpreter cannot tell (starmap's pickle
+    support went in 3.14)."""
+    if type(it) not in (map, filter, itertools.starmap):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
+            red = it.__reduce__()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    inner = red[1][1:] if len(red) > 1 and isinstance(red[1], tuple) else None
+    return inner if inner and all(hasattr(x, "__next__") for x in inner) else None
 
 
 def _islice_state(it: Any) -> tuple[Any, int, int | None] | None:
@@ -964,6 +982,8 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, enc: "_Encoder", d
         return ["enumerate", int(red[1][1]), _iter_state(red[1][0], where, cap, keep, enc, depth + 1, swappable)]
     if t is zip:
         return ["zip", [_iter_state(x, where, cap, keep, enc, depth + 1, False) for x in it.__reduce__()[1]]]
+    if (inner := _wrapped(it)) is not None:  # ``map(to_device, loader)``: what it draws from
+        return ["wraps", tn, [_iter_state(x, where, cap, keep, enc, depth + 1, False) for x in inner]]
     if isinstance(it, types.GeneratorType) and it.gi_frame is not None and frames.is_own_file(
             it.gi_frame.f_code.co_filename):
         return ["pyckpt", it.__qualname__]
@@ -1792,6 +1812,13 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
         if len(parts) != len(st[1]):
             raise bad
         subs = [_positioner(p, s, where, dec, plan) for p, s in zip(parts, st[1])]
+        return lambda: [s() for s in subs]
+    if kind == "wraps":
+        _check(len(st) == 3 and isinstance(st[1], str) and isinstance(st[2], list), "wrapping iterator")
+        parts = _wrapped(it)
+        if tn != st[1] or parts is None or len(parts) != len(st[2]):
+            raise PyckptError(f"a for loop in {where} iterates a {tn} now, the checkpoint has {st[1]}")
+        subs = [_positioner(p, s, where, dec, plan) for p, s in zip(parts, st[2])]
         return lambda: [s() for s in subs]
     if kind == "generator":
         _check(len(st) == 4 and isinstance(st[1], list) and isinstance(st[2], dict) and isinstance(st[3], list),

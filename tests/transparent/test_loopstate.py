@@ -1272,3 +1272,27 @@ def test_a_dict_loop_that_would_skip_to_an_item_holding_objects_is_refused():
 
     run(res, [])
     assert errors[0] and "is not one pyckpt puts back" in errors[0], errors
+
+
+@pytest.mark.parametrize("kind", ["map", "filter", "starmap"])
+def test_a_loop_over_map_filter_or_starmap_is_positioned_through_what_it_wraps(kind):
+    """``for x, y in map(to_device, loader)`` and the like: stateless wrappers around the iterators they
+    were given; they were said to be inexact at every snapshot (the DataLoader inside was positioned
+    anyway). Now the iterators inside are positioned, a list iterator's too."""
+    def run(hook, trace):
+        data = [3, 1, 4, 1, 5, 9, 2, 6]
+        it = {"map": lambda: map(lambda a, b: a * b, data, range(100, 108)),
+              "filter": lambda: filter(lambda a: a != 1, data),
+              "starmap": lambda: itertools.starmap(lambda a, b: a - b, zip(data, reversed(data)))}[kind]()
+        total = 0
+        for v in it:
+            hook(sys._getframe())
+            total += v
+            trace.append((v, total))
+        return trace
+
+    plain = run(lambda f: None, [])
+    calls = []
+    cap, plan, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: calls.append(1) or len(calls) == 4)
+    assert not cap.warnings, cap.warnings
+    assert out == plain, (out, plain)
