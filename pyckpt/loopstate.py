@@ -816,6 +816,10 @@ def _rest_of(it: Any, skip: int = 0) -> list | None:
 
 
 _PLAIN_ITEMS = frozenset((int, float, str, bool, type(None), bytes))
+_FORWARD = frozenset(("range_iterator", "longrange_iterator", "list_iterator", "tuple_iterator", "str_ascii_iterator",
+                      "str_iterator", "bytes_iterator"))
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
 _DICT_ITERATORS = frozenset(("dict_keyiterator", "dict_valueiterator", "dict_itemiterator"))
 
 
@@ -833,9 +837,6 @@ def _dict_rest(it: Any, skip: int = 0) -> list | None:
     if not all(type(k) in _PLAIN_ITEMS for k in keys):
         return None
     return ["items", hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=12).hexdigest()]
-_FORWARD = frozenset(("range_iterator", "longrange_iterator", "list_iterator", "tuple_iterator", "str_ascii_iterator",
-                      "str_iterator", "bytes_iterator"))
-_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _saved_items(seq: Any, left: int, where: str, cap: Capture, enc: "_Encoder") -> list | None:
