@@ -93,6 +93,40 @@ def _capture_and_resume(run, when, frames_of=_user):
     return got["cap"], got["plan"], out
 
 
+def _resumes_like_a_plain_run(run, at: int):
+    """``run(hook, trace)`` captured at its ``at``-th hook call and resumed (through the format) at the first:
+    nothing is warned about and the trace is a plain run's. Returns the capture."""
+    plain = run(lambda f: None, [])
+    calls = []
+    cap, _, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: calls.append(1) or len(calls) == at)
+    assert not cap.warnings, cap.warnings
+    assert out == plain, (out, plain)
+    return cap
+
+
+def _prepare_error(captured, relaunch, at: int) -> str | None:
+    """Capture ``captured(hook)`` at its ``at``-th hook call; prepare the restore at ``relaunch(hook)``'s first:
+    the ``PyckptError`` it raised (before anything was written), or None."""
+    saved, errors = {"n": 0}, []
+
+    def cap(frame):
+        saved["n"] += 1
+        if saved["n"] == at:
+            saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+
+    def res(frame):
+        if not errors:
+            try:
+                loopstate.prepare(saved["tree"], [frame], "step")
+                errors.append(None)
+            except PyckptError as e:
+                errors.append(str(e))
+
+    captured(cap)
+    relaunch(res)
+    return errors[0]
+
+
 def test_capture_then_restore_in_a_fresh_run_continues_identically():
     plain = loop(lambda f: None, [])
     K = 13  # epoch 1, i = 2, j = 1: every loop iterator is away from where a fresh run starts
@@ -1080,12 +1114,7 @@ def test_numpy_scalars_come_back_with_their_dtype_not_as_python_numbers():
     """An ``np.float32`` accumulator came back as a Python float: the relaunch computed in float64 and
     ended with other values (and types), said by nothing. Arrays in another byte order or read-only
     ones are kept too (torch wraps neither as it is)."""
-    plain = _numpy_scalar_loop(lambda f: None, [])
-    calls = []
-    cap, plan, out = _capture_and_resume(lambda hook: _numpy_scalar_loop(hook, []),
-                                         lambda f: calls.append(1) or len(calls) == 4)
-    assert not cap.warnings, cap.warnings
-    assert out == plain, (out, plain)  # the trace list too is put back (refilled in place)
+    _resumes_like_a_plain_run(_numpy_scalar_loop, 4)
 
 
 def _stdlib_numbers_loop(hook, trace):
@@ -1111,14 +1140,9 @@ def _stdlib_numbers_loop(hook, trace):
 def test_complex_fraction_decimal_bytearray_and_array_values_are_put_back():
     """These were left out as "not a restorable kind" with no line but a debug one: the relaunch went on
     from its own first values. The bytearray is refilled in place (``alias`` sees it)."""
-    plain = _stdlib_numbers_loop(lambda f: None, [])
-    calls = []
-    cap, plan, out = _capture_and_resume(lambda hook: _stdlib_numbers_loop(hook, []),
-                                         lambda f: calls.append(1) or len(calls) == 4)
-    assert not cap.warnings, cap.warnings
+    cap = _resumes_like_a_plain_run(_stdlib_numbers_loop, 4)
     assert not [k for k in cap.skipped if k.split(" ")[0] in ("z", "frac", "dec", "buf", "floats", "alias")], \
         cap.skipped
-    assert out == plain, (out, plain)
 
 
 class _ArrayLogger:  # a script object holding the loop's array
@@ -1143,12 +1167,7 @@ def test_a_numpy_array_is_written_back_into_the_live_one_so_what_shares_it_sees_
     object's kept the relaunch's zeros, while the loop wrote into the variable's; both went on
     silently apart from an uninterrupted run. Now a whole array is written into the live one in place
     (as a tensor is), and references to one array in the checkpoint stay one array."""
-    plain = _shared_array_loop(lambda f: None, [])
-    calls = []
-    cap, plan, out = _capture_and_resume(lambda hook: _shared_array_loop(hook, []),
-                                         lambda f: calls.append(1) or len(calls) == 3)
-    assert not cap.warnings, cap.warnings
-    assert out == plain, (out, plain)
+    _resumes_like_a_plain_run(_shared_array_loop, 3)
 
 
 def _shared_items_loop(hook, trace):
@@ -1172,12 +1191,7 @@ def test_tensors_and_arrays_inside_a_restored_container_are_written_into_the_liv
     """A dict or list the script refills is refilled item by item: a tensor or array in it that a library
     object also holds got the checkpoint's value only in the container (a new object there), and the
     library object kept the relaunch's zeros, silently."""
-    plain = _shared_items_loop(lambda f: None, [])
-    calls = []
-    cap, plan, out = _capture_and_resume(lambda hook: _shared_items_loop(hook, []),
-                                         lambda f: calls.append(1) or len(calls) == 3)
-    assert not cap.warnings, cap.warnings
-    assert out == plain, (out, plain)
+    _resumes_like_a_plain_run(_shared_items_loop, 3)
 
 
 def _phases_loop(hook, trace, phases=None):
@@ -1207,35 +1221,13 @@ def test_a_loop_over_a_dict_is_positioned_not_warned_about(view):
                 trace.append((entry, k, acc))
         return trace
 
-    plain = run(lambda f: None, [])
-    calls = []
-    cap, plan, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: calls.append(1) or len(calls) == 5)
-    assert not cap.warnings, cap.warnings
-    assert out == plain, (out, plain)
+    _resumes_like_a_plain_run(run, 5)
 
 
 def test_a_loop_over_a_dict_with_other_keys_now_is_refused_before_anything_is_written():
-    saved = {}
-
-    def cap(frame):
-        saved.setdefault("n", 0)
-        saved["n"] += 1
-        if saved["n"] == 5:
-            saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
-
-    _phases_loop(cap, [])
-    errors = []
-
-    def res(frame):
-        if not errors:
-            try:
-                loopstate.prepare(saved["tree"], [frame], "step")
-                errors.append(None)
-            except PyckptError as e:
-                errors.append(str(e))
-
-    _phases_loop(res, [], {"warmup": 0.5, "main": 2.0, "cooldown": 0.25})  # the phase after the saved one differs
-    assert errors[0] and "iterates a dict with other keys left" in errors[0], errors
+    error = _prepare_error(lambda hook: _phases_loop(hook, []),  # the phase after the saved one differs below
+                           lambda hook: _phases_loop(hook, [], {"warmup": 0.5, "main": 2.0, "cooldown": 0.25}), 5)
+    assert error and "iterates a dict with other keys left" in error, error
 
 
 def test_a_dict_loop_that_would_skip_to_an_item_holding_objects_is_refused():
@@ -1253,25 +1245,8 @@ def test_a_dict_loop_that_would_skip_to_an_item_holding_objects_is_refused():
                 trace.append((name, k))
         return trace
 
-    saved, errors = {}, []
-
-    def cap(frame):
-        saved["n"] = saved.get("n", 0) + 1
-        if saved["n"] == 3:  # item "b"
-            saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
-
-    run(cap, [])
-
-    def res(frame):
-        if not errors:
-            try:
-                loopstate.prepare(saved["tree"], [frame], "step")
-                errors.append(None)
-            except PyckptError as e:
-                errors.append(str(e))
-
-    run(res, [])
-    assert errors[0] and "is not one pyckpt puts back" in errors[0], errors
+    error = _prepare_error(lambda hook: run(hook, []), lambda hook: run(hook, []), 3)  # captured in item "b"
+    assert error and "is not one pyckpt puts back" in error, error
 
 
 @pytest.mark.parametrize("kind", ["map", "filter", "starmap"])
@@ -1291,8 +1266,4 @@ def test_a_loop_over_map_filter_or_starmap_is_positioned_through_what_it_wraps(k
             trace.append((v, total))
         return trace
 
-    plain = run(lambda f: None, [])
-    calls = []
-    cap, plan, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: calls.append(1) or len(calls) == 4)
-    assert not cap.warnings, cap.warnings
-    assert out == plain, (out, plain)
+    _resumes_like_a_plain_run(run, 4)
