@@ -238,7 +238,7 @@ class _Encoder:
     def __init__(self, max_bytes: int, tracked: "_Tracked") -> None:
         self.tensors: list[torch.Tensor] = []
         self._tid: dict[int, int] = {}
-        self._nid: dict[int, int] = {}  # id of a NumPy array -> its tensor index (held by the script, ids stable)
+        self._nid: dict[int, list] = {}  # id of a NumPy array -> its entry (held by the script, ids stable)
         self.max_bytes = max_bytes
         self.module_tensors = tracked.tensors  # data_ptrs of module parameters/buffers (restored there)
         self.tracked_modules = tracked.modules  # ids of the modules pyckpt restores elsewhere
@@ -276,7 +276,7 @@ class _Encoder:
         if len(self.tensors) > n:
             del self.tensors[n:]
             self._tid = {k: i for k, i in self._tid.items() if i < n}
-            self._nid = {k: i for k, i in self._nid.items() if i < n}
+            self._nid = {k: e for k, e in self._nid.items() if e[1] < n}
 
     def _grow(self, n: int) -> None:
         # Python objects count their in-memory size (sys.getsizeof: a list its header and slots, an
@@ -551,7 +551,7 @@ class _Encoder:
         scalar = isinstance(v, np.generic)
         what = "scalar" if scalar else "array"
         if not scalar and id(v) in self._nid:  # one array held in several places: stored (and restored) once
-            return ["n", self._nid[id(v)], str(v.dtype.newbyteorder("="))]
+            return self._nid[id(v)]
         if v.nbytes > self.max_bytes:
             raise _Skip(f"a NumPy {what} of {v.nbytes} bytes, over PYCKPT_LOOP_STATE_MAX_BYTES", True)
         a = np.asarray(v)
@@ -561,10 +561,10 @@ class _Encoder:
             t = torch.from_numpy(a)
         except TypeError:
             raise _Skip(f"a NumPy {what} of dtype {v.dtype}", True) from None
-        i = self.add_tensor(t)
+        entry = ["ns" if scalar else "n", self.add_tensor(t), str(a.dtype)]
         if not scalar:
-            self._nid[id(v)] = i
-        return ["ns" if scalar else "n", i, str(a.dtype)]
+            self._nid[id(v)] = entry
+        return entry
 
 
 @dataclass
@@ -1458,8 +1458,7 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
             written.live_of[id(saved)] = live
             return live
         return saved
-    if type(saved).__name__ == "ndarray" and type(saved).__module__ == "numpy" and type(live) is type(saved) \
-            and live is not saved:
+    if _is_ndarray(saved) and type(live) is type(saved) and live is not saved:
         return _assign_array(live, saved, holders)
     saved = _live_generators(saved, live, holders)  # before a refill below clears ``live``
     if (type(saved) is bytearray and type(live) is bytearray
@@ -1485,10 +1484,14 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
     return saved
 
 
+def _is_ndarray(v: Any) -> bool:
+    """Whether ``v`` is a NumPy array (told by its type's name: NumPy need not be imported)."""
+    return type(v).__name__ == "ndarray" and type(v).__module__ == "numpy"
+
+
 def _in_place_item(v: Any) -> bool:
     """Whether a refilled container's item is itself written in place (``_assign``)."""
-    t = type(v)
-    return t in _IN_PLACE_ITEMS or t.__name__ == "ndarray" and t.__module__ == "numpy"
+    return type(v) in _IN_PLACE_ITEMS or _is_ndarray(v)
 
 
 _IN_PLACE_ITEMS = (torch.Tensor, list, dict, collections.deque, bytearray, array.array)

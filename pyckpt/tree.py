@@ -122,23 +122,24 @@ class _Encoder:
 
         Copied here, at the save call: a write to the array before the copy in the background would not
         move a tensor version counter (the torn-save check), so it would be saved silently."""
-        a = np.asarray(v)
-        try:
-            # One array held in several places is copied once: its entries share that copy's storage, so
-            # they load as arrays sharing memory, as torch.save's do.
-            t = self.arrays.get(id(v)) if isinstance(v, np.ndarray) else None
-            if t is None:
+        # One array held in several places is copied once: its entries share that copy's storage, so they
+        # load as arrays sharing memory, as torch.save's do.
+        is_array = isinstance(v, np.ndarray)
+        t = self.arrays.get(id(v)) if is_array else None
+        if t is None:
+            a = np.asarray(v)
+            try:
                 t = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), order="C", copy=True))
-                if isinstance(v, np.ndarray):
-                    self.arrays[id(v)] = t
-        except TypeError:
-            raise UnsupportedStateError(
-                f"cannot save a NumPy array of dtype {v.dtype} at {path!r}: only bool and numeric dtypes have a "
-                "byte layout pyckpt stores (no pickle); convert it, e.g. to a list", key=path) from None
+            except TypeError:
+                raise UnsupportedStateError(
+                    f"cannot save a NumPy array of dtype {v.dtype} at {path!r}: only bool and numeric dtypes have "
+                    "a byte layout pyckpt stores (no pickle); convert it, e.g. to a list", key=path) from None
+            if is_array:
+                self.arrays[id(v)] = t
         self.tensors.append(t)
         self.paths.append(path)
         node = {TAG: "ndarray", "id": len(self.tensors) - 1}
-        if isinstance(v, np.generic):
+        if not is_array:  # an np.generic
             node["scalar"] = True
         return node
 

@@ -93,25 +93,29 @@ def _capture_and_resume(run, when, frames_of=_user):
     return got["cap"], got["plan"], out
 
 
-def _resumes_like_a_plain_run(run, at: int):
-    """``run(hook, trace)`` captured at its ``at``-th hook call and resumed (through the format) at the first:
-    nothing is warned about and the trace is a plain run's. Returns the capture."""
-    plain = run(lambda f: None, [])
+def _nth_call(n: int):
+    """A ``when`` for the helpers below: true at its ``n``-th call."""
     calls = []
-    cap, _, out = _capture_and_resume(lambda hook: run(hook, []), lambda f: calls.append(1) or len(calls) == at)
+    return lambda frame: calls.append(1) or len(calls) == n
+
+
+def _resumes_like_a_plain_run(run, when):
+    """``run(hook, trace)`` captured at the first hook call ``when(frame)`` accepts and resumed (through the
+    format) at the first: nothing is warned about and the trace is a plain run's. Returns the capture."""
+    plain = run(lambda f: None, [])
+    cap, _, out = _capture_and_resume(lambda hook: run(hook, []), when)
     assert not cap.warnings, cap.warnings
     assert out == plain, (out, plain)
     return cap
 
 
-def _prepare_error(captured, relaunch, at: int) -> str | None:
-    """Capture ``captured(hook)`` at its ``at``-th hook call; prepare the restore at ``relaunch(hook)``'s first:
-    the ``PyckptError`` it raised (before anything was written), or None."""
-    saved, errors = {"n": 0}, []
+def _prepare_error(captured, relaunch, when=lambda frame: True) -> str | None:
+    """Capture ``captured(hook)`` at the first hook call ``when(frame)`` accepts; prepare the restore at
+    ``relaunch(hook)``'s first: the ``PyckptError`` it raised (before anything was written), or None."""
+    saved, errors = {}, []
 
     def cap(frame):
-        saved["n"] += 1
-        if saved["n"] == at:
+        if "tree" not in saved and when(frame):
             saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
 
     def res(frame):
@@ -512,25 +516,12 @@ def islice_loop(hook, trace, stop=8):
 def test_a_loop_over_an_islice_is_positioned_and_stops_where_it_would_have():
     # It was "a loop over itertools.islice, whose position cannot be restored": the relaunch's islice
     # counted its items from 0 again and ran past the saved run's stop.
-    plain = islice_loop(lambda f: None, [])
-    cap, _, out = _capture_and_resume(lambda hook: islice_loop(hook, []),
-                                      lambda f: f.f_locals.get("epoch") == 1 and f.f_locals.get("k") == 4)
-    assert not cap.warnings, cap.warnings
-    assert out == plain
+    _resumes_like_a_plain_run(islice_loop, lambda f: f.f_locals.get("epoch") == 1 and f.f_locals.get("k") == 4)
 
 
 def test_an_islice_with_another_stop_is_refused_before_anything_is_written():
-    got = {}
-    islice_loop(lambda f: got.setdefault("t", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)), [])
-
-    def res(frame):
-        if "err" not in got:
-            with pytest.raises(PyckptError, match="islice that stops at 9 now, the checkpoint's stopped at 8"):
-                loopstate.prepare(got["t"], [frame], "step")
-            got["err"] = True
-
-    islice_loop(res, [], stop=9)
-    assert got["err"]
+    error = _prepare_error(lambda hook: islice_loop(hook, []), lambda hook: islice_loop(hook, [], stop=9))
+    assert error and "islice that stops at 9 now, the checkpoint's stopped at 8" in error, error
 
 
 def delegating(n):
@@ -700,18 +691,9 @@ def tuple_zipped(hook, trace):
 
 
 def test_a_zipped_tuple_the_restore_rebinds_is_refused_not_resumed_through_the_relaunchs():
-    got = {}
-    tuple_zipped(lambda f: f.f_locals.get("part") == 1 and got.setdefault(
-        "t", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)), [])
-
-    def res(frame):
-        if "err" not in got:
-            with pytest.raises(PyckptError, match="iterates a tuple that is restored as another object"):
-                loopstate.prepare(got["t"], [frame], "step")
-            got["err"] = True
-
-    tuple_zipped(res, [])
-    assert got["err"]
+    error = _prepare_error(lambda hook: tuple_zipped(hook, []), lambda hook: tuple_zipped(hook, []),
+                           lambda f: f.f_locals.get("part") == 1)
+    assert error and "iterates a tuple that is restored as another object" in error, error
 
 
 def reversed_loop(hook, trace):
@@ -724,11 +706,7 @@ def reversed_loop(hook, trace):
 
 def test_a_loop_over_a_reversed_list_resumes_as_before():
     # What is left of it was taken as the list's tail from its index: the same items were said to differ.
-    plain = reversed_loop(lambda f: None, [])
-    cap, _, out = _capture_and_resume(lambda hook: reversed_loop(hook, []),
-                                      lambda f: f.f_locals.get("part") == 1 and f.f_locals.get("k") == "c")
-    assert not cap.warnings, cap.warnings
-    assert out == plain
+    _resumes_like_a_plain_run(reversed_loop, lambda f: f.f_locals.get("part") == 1 and f.f_locals.get("k") == "c")
 
 
 def dependent_items(hook, trace):
@@ -740,18 +718,9 @@ def dependent_items(hook, trace):
 
 
 def test_an_inner_loop_over_other_items_that_cannot_be_put_back_is_refused_not_resumed_wrongly():
-    got = {}
-    dependent_items(lambda f: f.f_locals.get("k") == "y" and got.setdefault(
-        "t", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)), [])
-
-    def res(frame):
-        if "err" not in got:
-            with pytest.raises(PyckptError, match="iterates other items now than in the checkpoint"):
-                loopstate.prepare(got["t"], [frame], "step")
-            got["err"] = True
-
-    dependent_items(res, [])
-    assert got["err"]
+    error = _prepare_error(lambda hook: dependent_items(hook, []), lambda hook: dependent_items(hook, []),
+                           lambda f: f.f_locals.get("k") == "y")
+    assert error and "iterates other items now than in the checkpoint" in error, error
 
 
 def test_other_command_line_is_said_and_zero_cap_captures_no_variables(monkeypatch):
@@ -1114,7 +1083,7 @@ def test_numpy_scalars_come_back_with_their_dtype_not_as_python_numbers():
     """An ``np.float32`` accumulator came back as a Python float: the relaunch computed in float64 and
     ended with other values (and types), said by nothing. Arrays in another byte order or read-only
     ones are kept too (torch wraps neither as it is)."""
-    _resumes_like_a_plain_run(_numpy_scalar_loop, 4)
+    _resumes_like_a_plain_run(_numpy_scalar_loop, _nth_call(4))
 
 
 def _stdlib_numbers_loop(hook, trace):
@@ -1140,7 +1109,7 @@ def _stdlib_numbers_loop(hook, trace):
 def test_complex_fraction_decimal_bytearray_and_array_values_are_put_back():
     """These were left out as "not a restorable kind" with no line but a debug one: the relaunch went on
     from its own first values. The bytearray is refilled in place (``alias`` sees it)."""
-    cap = _resumes_like_a_plain_run(_stdlib_numbers_loop, 4)
+    cap = _resumes_like_a_plain_run(_stdlib_numbers_loop, _nth_call(4))
     assert not [k for k in cap.skipped if k.split(" ")[0] in ("z", "frac", "dec", "buf", "floats", "alias")], \
         cap.skipped
 
@@ -1167,7 +1136,7 @@ def test_a_numpy_array_is_written_back_into_the_live_one_so_what_shares_it_sees_
     object's kept the relaunch's zeros, while the loop wrote into the variable's; both went on
     silently apart from an uninterrupted run. Now a whole array is written into the live one in place
     (as a tensor is), and references to one array in the checkpoint stay one array."""
-    _resumes_like_a_plain_run(_shared_array_loop, 3)
+    _resumes_like_a_plain_run(_shared_array_loop, _nth_call(3))
 
 
 def _shared_items_loop(hook, trace):
@@ -1191,7 +1160,7 @@ def test_tensors_and_arrays_inside_a_restored_container_are_written_into_the_liv
     """A dict or list the script refills is refilled item by item: a tensor or array in it that a library
     object also holds got the checkpoint's value only in the container (a new object there), and the
     library object kept the relaunch's zeros, silently."""
-    _resumes_like_a_plain_run(_shared_items_loop, 3)
+    _resumes_like_a_plain_run(_shared_items_loop, _nth_call(3))
 
 
 def _phases_loop(hook, trace, phases=None):
@@ -1221,12 +1190,13 @@ def test_a_loop_over_a_dict_is_positioned_not_warned_about(view):
                 trace.append((entry, k, acc))
         return trace
 
-    _resumes_like_a_plain_run(run, 5)
+    _resumes_like_a_plain_run(run, _nth_call(5))
 
 
 def test_a_loop_over_a_dict_with_other_keys_now_is_refused_before_anything_is_written():
     error = _prepare_error(lambda hook: _phases_loop(hook, []),  # the phase after the saved one differs below
-                           lambda hook: _phases_loop(hook, [], {"warmup": 0.5, "main": 2.0, "cooldown": 0.25}), 5)
+                           lambda hook: _phases_loop(hook, [], {"warmup": 0.5, "main": 2.0, "cooldown": 0.25}),
+                           _nth_call(5))
     assert error and "iterates a dict with other keys left" in error, error
 
 
@@ -1245,7 +1215,7 @@ def test_a_dict_loop_that_would_skip_to_an_item_holding_objects_is_refused():
                 trace.append((name, k))
         return trace
 
-    error = _prepare_error(lambda hook: run(hook, []), lambda hook: run(hook, []), 3)  # captured in item "b"
+    error = _prepare_error(lambda hook: run(hook, []), lambda hook: run(hook, []), _nth_call(3))  # in item "b"
     assert error and "is not one pyckpt puts back" in error, error
 
 
@@ -1266,4 +1236,4 @@ def test_a_loop_over_map_filter_or_starmap_is_positioned_through_what_it_wraps(k
             trace.append((v, total))
         return trace
 
-    _resumes_like_a_plain_run(run, 4)
+    _resumes_like_a_plain_run(run, _nth_call(4))
