@@ -127,6 +127,17 @@ def _silent_kinds() -> tuple[type, ...]:
                             torch.amp.GradScaler)
 
 
+@functools.lru_cache(maxsize=1)
+def _wrappers() -> tuple[type, ...]:
+    """Standard-library objects whose state is their attributes: argparse/SimpleNamespace, and
+    UserDict/UserList/UserString/ChainMap, which training loops use for running metrics and layered
+    settings (a wrapper's ``data``/``maps`` is refilled in place like a plain object's attribute)."""
+    import argparse
+
+    return (argparse.Namespace, types.SimpleNamespace, collections.UserDict, collections.UserList,
+            collections.UserString, collections.ChainMap)
+
+
 _script_class = frames.is_script_class
 
 
@@ -185,13 +196,12 @@ def _namedtuple(t: type) -> bool:
 
 def _plain_object(v: Any) -> bool:
     """A plain object whose attributes are followed in place: an instance of a script class with a
-    ``__dict__`` or ``__slots__`` (a dataclass too, unless frozen), argparse/SimpleNamespace. A script
+    ``__dict__`` or ``__slots__`` (a dataclass too, unless frozen), argparse/SimpleNamespace and the
+    standard library's wrappers of a container (``_WRAPPERS``: their ``data`` or ``maps``). A script
     subclass of a container (a namedtuple, an ``AttrDict(dict)``) and a frozen dataclass are values
     (``_Encoder.struct``), not plain objects: their items or fields are what changes."""
-    import argparse
-
     t = type(v)
-    if t in (argparse.Namespace, types.SimpleNamespace):
+    if t in _wrappers():
         return True
     if isinstance(v, _silent_kinds()) or isinstance(v, (type, enum.Enum)) or isinstance(v, _CONTAINERS):
         return False
