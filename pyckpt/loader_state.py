@@ -819,7 +819,9 @@ class LoaderTracker:
             if st is None:
                 return orig_next(it)
             if type(it) is _FinishedEpoch:
-                real = it.__dict__.get("_pyckpt_real") or tracker._collapse(it, st, orig_iter, orig_next)
+                real = it.__dict__.get("_pyckpt_real")  # (not ``or``: bool() of an iterator asks len(loader))
+                if real is None:
+                    real = tracker._collapse(it, st, orig_iter, orig_next)
                 if real is not None:
                     return __next__(real)
                 if tracker._target(st) is tracker.plan:

@@ -66,6 +66,9 @@ def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mod
 
 @pytest.mark.parametrize("mode,kill_at", [
     ("reiter", 25),  # next(it); at StopIteration it = iter(loader) and next(it) again
+    ("reiter_stream", 17),  # the same over an IterableDataset, restored inside epoch 1 (step 16 or 12): the skipped
+                            # epoch's iterator goes on as the resumed one, and its second next() asked bool() of the
+                            # real iterator, which is len(loader): TypeError, no len() for an IterableDataset's sampler
     ("fixed_next", 17),  # 7 x next(it) per epoch, fewer than the loader has
     ("tqdm_off", 25),  # for _ in trange(30, disable=True): the relaunch ran 30 more steps after the restored 24,
                        # with no line (tqdm's `yield from range(30)` was not seen as a loop)

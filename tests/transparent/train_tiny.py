@@ -15,7 +15,8 @@ sam_while: SAM's two-step use (backward, weights moved by hand, backward, moved 
 no loader in the loop;
 lbfgs_while: LBFGS (its closure calls backward() inside step()) on one batch, no loader in the loop;
 reiter: 30 steps counted by the script, `next(it)` and a new `iter(loader)` at StopIteration, the
-scheduler stepped there; fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
+scheduler stepped there (reiter_stream: the same over an IterableDataset,
+whose loader has no len()); fixed_next: per epoch `it = iter(loader)` and 7 steps of `next(it)`;
 lookahead: an optimizer of the script's class (Lookahead over AdamW) with a step counter and slow weights;
 flags: the dropout layer put in eval mode at steps 6 and 13, until the epoch loop's model.train();
 attrs: the last layer keeps state outside state_dict() (Annealed: a counter, a plain tensor attribute, a
@@ -63,6 +64,12 @@ def maybe_die(step):
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(40, 6), torch.randn(40, 1))
 loader = DataLoader(data, batch_size=4, shuffle=True)
+if MODE == "reiter_stream":  # reiter over an IterableDataset: its loader has no len()
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    loader = DataLoader(Stream(), batch_size=4)
 if MODE == "peek":  # the same signature as the training loader (dataset type and length, batch size, ...)
     twin_loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randn(40, 1)), batch_size=4, shuffle=True)
 if MODE == "zipgen":  # a second loader (its own dataset length) zipped with the training one
@@ -249,7 +256,7 @@ if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant", "sam_whi
     x, y = data[:4] if MODE == "compiled_step_while" else next(iter(loader))
     while step < 30:
         train_step(x, y)
-elif MODE == "reiter":  # the loop of step-counted pre-training scripts
+elif MODE in ("reiter", "reiter_stream"):  # the loop of step-counted pre-training scripts
     it = iter(loader)
     while step < 30:
         try:
