@@ -14,6 +14,7 @@ error instead of deleting or taking over this one's checkpoints.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import operator
 import os
@@ -590,7 +591,12 @@ class Checkpointer:
             fut._timer.figures = commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err,
                                                      self.directory, raw)
         except Exception as e:
-            if not getattr(e, "quiet", False):  # a vetoed lazy capture has said so in its own line
+            removed = self._make_room(e)
+            if removed:
+                log.warning("pyckpt: checkpoint of step %d failed: %s; the disk is full: removed %s (older than the "
+                            "newest) to make room for the next one, %s kept", step, e,
+                            ", ".join(os.path.basename(p) for p in removed), layout.committed(self.directory)[0].name)
+            elif not getattr(e, "quiet", False):  # a vetoed lazy capture has said so in its own line
                 log.warning("pyckpt: checkpoint of step %d failed, previous checkpoints kept: %s", step, e)
             self._record(fut, None, e)
             fut._finish(None, e)
@@ -620,6 +626,21 @@ class Checkpointer:
                 log.warning("pyckpt: checkpoint of step %d committed, but retention failed: %s", step, e)
         self._record(fut, final, None)
         fut._finish(url or final, None)
+
+    def _make_room(self, e: BaseException) -> list[str]:
+        """After a save failed for lack of space (rank 0): the committed checkpoints older than the newest
+        are removed, as retention with ``keep=1`` would (keep_best's and referenced data are spared), so
+        the next save has their room. Without this, checkpoints stopped advancing for the rest of a run
+        whose disk filled up, and a crash lost everything since the last one that fit. The newest commit
+        is never removed. Returns the removed paths (none: nothing to free, or not a full disk)."""
+        if self.coord.rank != 0 or self.remote is not None or not _out_of_space(e):
+            return []
+        try:
+            # No salvage: parked data files would hold the pages this is meant to free.
+            return commit.apply_retention(self.directory, 1, protect=self._best())
+        except Exception as exc:  # the failure is said in its line; retention tries again after the next save
+            log.debug("pyckpt: making room after a full disk failed: %s", exc)
+            return []
 
     def _record(self, fut: SaveFuture, path: str | None, exc: BaseException | None) -> None:
         """The save's metrics line and on_checkpoint callbacks (rank 0; never raises)."""
@@ -830,6 +851,23 @@ class Checkpointer:
         if self.coord.rank == 0:
             metrics.restore_done(self.directory, op.step, path, time.monotonic() - t0)
         return Restored(state, rs, op.step, path)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether a save failed for lack of space or quota: an ``OSError`` in its chain, or the engine's and
+    other ranks' messages, which carry ``(errno N)`` and the system's text for it."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        text = str(e)
+        if any(f"(errno {n})" in text or os.strerror(n) in text for n in _NO_SPACE):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _try(fn, catch: type[BaseException] | tuple = Exception) -> BaseException | None:

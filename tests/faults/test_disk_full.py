@@ -114,6 +114,35 @@ def test_disk_full_in_a_subprocess_never_kills_training(tmp_path):
         assert torch.equal(pyckpt.load(os.path.join(mnt, "root"))["w"], torch.zeros(10))
 
 
+def test_a_full_disk_makes_room_by_removing_all_but_the_newest_checkpoint(tmp_path, caplog):
+    """With keep=3 and the disk full, every later save failed while the three oldest checkpoints held
+    their room: checkpoints stopped advancing for the rest of the run, so a crash lost everything
+    since. Now a save that failed for lack of space removes the committed checkpoints older than the
+    newest (never the newest, nor a keep_best one), says so in its one line, and the next save fits."""
+    def state(s):
+        return {"t": BIG["t"] * s}
+
+    with small_tmpfs(str(tmp_path / "mnt"), 1024) as mnt:
+        root = os.path.join(mnt, "root")
+        with pyckpt.Checkpointer(root, keep=3, incremental=False) as ck:
+            for s in (1, 2, 3):
+                ck.save(s, state(s)).result(60)
+            fill_leaving(mnt, 4 * PAGE)  # BIG's data alone needs 16 pages
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="pyckpt"):
+                fut = ck.save(4, state(4))
+                assert not fut.wait(60)
+            lines = [r.getMessage() for r in caplog.records if r.name == "pyckpt"]
+            assert len(lines) == 1 and "No space left on device" in lines[0], lines
+            assert "step-000000001" in lines[0] and "step-000000002" in lines[0] and "step-000000003 kept" in lines[0]
+            assert sorted(n for n in os.listdir(root) if n.startswith("step-")) == ["step-000000003"]
+            assert ck.latest().step == 3 and torch.equal(ck.load()["t"], state(3)["t"])
+            ck.save(5, state(5)).result(60)  # the filler is still there: the room came from the removed ones
+            assert [n for n in os.listdir(root) if n.startswith("step-")] and ck.latest().step == 5
+            assert torch.equal(pyckpt.load(root)["t"], state(5)["t"])
+            assert sorted(n for n in os.listdir(root) if n.startswith("step-")) == ["step-000000003", "step-000000005"]
+
+
 def small_ext4(tmp_path, size_mb):
     """An ext4 file system of ``size_mb`` MiB in a file, mounted through a loop device."""
     img, mnt = str(tmp_path / "ext4.img"), str(tmp_path / "ext4")
