@@ -6,9 +6,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
+
+import zygote
 
 SCRIPT = """
 import os, sys, torch
@@ -36,11 +37,15 @@ if os.environ.get("END") == "raise":
 """
 
 
-def _run(tmp_path, root, **env):
+def _run(tmp_path, root, **env) -> subprocess.CompletedProcess:
+    """SCRIPT as ``python train.py`` runs it, in a process forked by the session's zygote (pyckpt's
+    start-up line run first, as an interpreter's start-up runs it; its exit runs atexit as one does)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
     full.update({"PYCKPT_DIR": str(root), "PYCKPT_EVERY_STEPS": "3", **env})
-    return subprocess.run([sys.executable, "-c", SCRIPT], env=full, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    child = zygote.shared().run_path(script, env=full, cwd=tmp_path, timeout=120, startup=True)
+    return subprocess.CompletedProcess([script], child.returncode, child.stdout, child.stderr)
 
 
 def test_failed_runs_leave_no_marker(tmp_path):
