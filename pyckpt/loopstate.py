@@ -1024,6 +1024,11 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, enc: "_Encoder", d
 
 # ----------------------------------------------------------------------------- restore
 
+class StackChanged(PyckptError):
+    """The script's code or call stack at the restore point differs from the checkpoint's (an edited
+    script): its loop state cannot be put back. ``PYCKPT_RESUME_EDITED=tracked`` resumes without it."""
+
+
 class _Bad(PyckptError):
     pass
 
@@ -1579,7 +1584,8 @@ def script_of(tree: Any) -> str | None:
 
 
 def check_stack(saved: Any, user: list[types.FrameType], point: str) -> None:
-    """Raise ``PyckptError`` when the script's stack now differs from the checkpoint's."""
+    """Raise ``PyckptError`` when the script's stack now differs from the checkpoint's (``StackChanged``
+    where the point kind is the same and a script frame differs: other code, another call)."""
     now = stack_signature(user, point)
     _check(isinstance(saved, list) and saved and isinstance(saved[0], str), "stack")
     if saved[0] != point:
@@ -1604,7 +1610,7 @@ def check_stack(saved: Any, user: list[types.FrameType], point: str) -> None:
         else:
             had = f"{a[1]} ({a[0]})" if isinstance(a, tuple) and len(a) > 1 else a  # (the file: another script)
             why = f"frame {n} is {where}, the checkpoint has {had}"
-    raise PyckptError(f"the script or its call stack differs from the run that wrote the checkpoint: {why}")
+    raise StackChanged(f"the script or its call stack differs from the run that wrote the checkpoint: {why}")
 
 
 def _same_continuation(saved: Any, now: tuple, frame: types.FrameType) -> bool:

@@ -72,6 +72,7 @@ class Session:
         self._worker_pids: dict[int, tuple] = {}  # DataLoader iterator id -> its live workers' pids
         self._remove_worker_pids: Any = None
         self.step_restore = False  # the checkpoint was taken at a step point: restore at the first one
+        self.edited_resume = False  # PYCKPT_RESUME_EDITED=tracked resumed an edited script without its loop state
         self.manual = False  # weights are updated by hand: steps are backward() calls (_after_backward)
         self._weights_seen: Any = None
         self._backwards_unstepped = 0
@@ -497,8 +498,23 @@ class Session:
         tree = rs.get("loop")
         if tree is None:
             return None  # written before loop state existed, or capture failed (warned then)
-        return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"),
-                                 t.modules, t.optimizers)
+        try:
+            return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"),
+                                     t.modules, t.optimizers)
+        except loopstate.StackChanged as e:
+            if knobs.get("PYCKPT_RESUME_EDITED") != "tracked":
+                raise PyckptError(f"{e}; set PYCKPT_RESUME_EDITED=tracked to resume the model, optimizer, data "
+                                  "position and RNG without the script's own variables (not exact), or set "
+                                  "PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over") from None
+            # A fixed bug in an evaluation, a new log line: the job keeps its training state instead of
+            # starting over. Said, since the script's counters and loops are this run's, not the checkpoint's.
+            if self.coord.rank == 0:
+                say(f"warning: {e}; PYCKPT_RESUME_EDITED=tracked: the models, optimizers, schedulers, scaler, "
+                    "registered state, data position and RNG are the checkpoint's, the script's own variables "
+                    "and loop positions this run's (its step counters start over): the resume is not exact",
+                    "warning")
+            self.edited_resume = True
+            return None
 
     def can_restore_at(self, frame: Any) -> bool:
         """Whether the checkpoint's loop state would be restored with the script's stack at ``frame`` (the
@@ -579,11 +595,12 @@ class Session:
         try:
             t = self.discovery.discover()
             plan = self._loop_plan(point, t)
-            if plan is None:
+            if plan is None and not self.edited_resume:
                 raise PyckptError("the checkpoint has no loop state to resume a loop no DataLoader drives")
             rs = self._load_tracked(t)
-            plan.apply()
-            self._say_plan_warnings(plan)
+            if plan is not None:
+                plan.apply()
+                self._say_plan_warnings(plan)
         except PyckptError as e:
             say(f"cannot resume from {path}: {_with_hint(e)}", "warning")
             finish.note_failure("resume refused")

@@ -86,6 +86,51 @@ def test_a_loop_calling_next_itself_resumes_in_a_later_epoch(tmp_path, plain_res
     assert tree_equal(final, plain_results(mode))
 
 
+def _edited_relaunch(tmp_path, mode: str, kill_at: str, **env: str):
+    """A copy of train_tiny.py killed at ``kill_at``, then edited (one more line of code, as a fixed
+    evaluation bug or a new log line) and relaunched with ``env``: (first, relaunch, its final state or None)."""
+    script, ckpt, out = tmp_path / "train_tiny.py", tmp_path / "ckpt", tmp_path / "out.pt"
+    shutil.copy(TINY, script)
+    settings = dict(MODE=mode, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", KILL_MARK=tmp_path / "mark", KILL_AT=kill_at)
+    first = run_script([script, out], tmp_path, **settings)
+    script.write_text(script.read_text().replace('MODE = os.environ.get("MODE", "adamw")\n',
+                                                 'MODE = os.environ.get("MODE", "adamw")\nprint("edited")\n', 1))
+    second = run_script([script, out], tmp_path, **settings, **env)
+    return first, second, load(out) if out.exists() else None
+
+
+@pytest.mark.parametrize("mode", ["adamw", "while"])  # a DataLoader-driven loop; a loop no DataLoader drives
+def test_an_edited_script_is_refused_unless_resume_edited_asks_for_the_tracked_state(tmp_path, plain_results, mode):
+    """Any edit of the script refused the resume, and the only way on was PYCKPT_RESUME=never: a job whose
+    evaluation bug was fixed lost all its training. The refusal now names PYCKPT_RESUME_EDITED=tracked,
+    which resumes the models, optimizers, schedulers, data position and RNG exactly, says in one line that
+    the script's own variables start over, and leaves them as this run makes them."""
+    first, refused, _ = _edited_relaunch(tmp_path, mode, "13")
+    assert first.returncode == -signal.SIGKILL
+    assert refused.returncode == 2, refused.stderr
+    lines = [ln for ln in refused.stderr.splitlines() if ln.startswith("pyckpt: cannot resume")]
+    assert len(lines) == 1 and "changed since the checkpoint was written" in lines[0], refused.stderr
+    assert "PYCKPT_RESUME_EDITED=tracked" in lines[0] and "PYCKPT_RESUME=never" in lines[0]
+
+    again = tmp_path / "again"
+    again.mkdir()
+    first, second, final = _edited_relaunch(again, mode, "13", PYCKPT_RESUME_EDITED="tracked")
+    assert second.returncode == 0, second.stderr
+    said = [ln for ln in second.stderr.splitlines() if "PYCKPT_RESUME_EDITED=tracked" in ln]
+    assert len(said) == 1 and said[0].startswith("pyckpt: warning: the script or its call stack differs"), \
+        second.stderr
+    assert "not exact" in said[0], said
+    resumed = int(re.search(r"pyckpt: resumed from step (\d+)", second.stderr).group(1))
+    assert resumed in (12, 8), second.stderr  # (the snapshot of step 12 may not be committed at the kill)
+    trained = int(re.search(r"TRAINED (\d+)", second.stdout).group(1))
+    if mode == "adamw":  # the data position and tracked state are the checkpoint's: the weights end as a plain run's
+        assert tree_equal(final["models"], plain_results(mode)["models"])
+        assert tree_equal(final["opts"], plain_results(mode)["opts"])
+        assert trained == 30 - resumed  # the script's own step counter started over, as the line says
+    else:  # no DataLoader: the relaunch's `while step < 30` trains 30 more steps from the checkpoint's weights
+        assert trained == 30 and not tree_equal(final["models"], plain_results(mode)["models"])
+
+
 def test_loaders_zipped_inside_a_generator_expression_resume_exactly_without_a_warning(tmp_path, plain_results):
     # ``for x, y, a in ((x, y, a) for (x, y), (a,) in zip(loader, aux))``: the generator expression's
     # ``.0`` is the zip its loop runs; it was also taken for a variable holding an iterator that cannot
