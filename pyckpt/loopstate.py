@@ -1655,6 +1655,65 @@ class Plan:
             w()
 
 
+def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> Plan:
+    """For a script whose code changed (``StackChanged``, ``PYCKPT_RESUME_EDITED=tracked``): only the states
+    of modules no optimizer owns and of library objects with ``state_dict()`` (an EMA copy, a teacher, an EMA
+    helper) that the checkpoint's variables referred to, loaded into the live object held by a variable of the
+    same name (a global by module, a local of a frame running the same function at the same depth) when it is
+    of the same class and shapes. Nothing else of the loop state is written. The plan's warnings name those
+    that cannot be put back."""
+    plan = Plan()
+    states = states if isinstance(states, dict) else {}
+    dec = _Decoder([], states)
+    places: list[tuple[str, str, Any, dict | None]] = []  # (label, name, encoded, live namespace)
+    gl = tree.get("globals") if isinstance(tree, dict) else None
+    for modname, values in (gl.items() if isinstance(gl, dict) else ()):
+        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == modname), None)
+        for k, e in (values.items() if isinstance(values, dict) else ()):
+            places.append((k if modname == "__main__" else f"{modname}.{k}", k, e, g))
+    loc = tree.get("locals") if isinstance(tree, dict) else None
+    stack = tree.get("stack") if isinstance(tree, dict) else None
+    for n, values in enumerate(loc if isinstance(loc, list) else ()):
+        saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
+        f = user[n] if n < len(user) else None
+        same = f is not None and isinstance(saved, list) and len(saved) > 1 and saved[1] == f.f_code.co_name
+        for k, e in (values.items() if isinstance(values, dict) else ()):
+            places.append((f"{k} (in {saved[1] if isinstance(saved, list) and len(saved) > 1 else '?'})", k, e,
+                           f.f_locals if same else None))
+    objs = tree.get("objects") if isinstance(tree, dict) else None
+    for o in (objs if isinstance(objs, list) else ()):  # attributes of plain objects (holder.teacher)
+        attrs = o.get("attrs") if isinstance(o, dict) else None
+        if not isinstance(attrs, dict) or not any(isinstance(e, list) and e[:1] in (["M"], ["O"]) for e in attrs.values()):
+            continue
+        try:
+            obj = _resolve(o.get("at"), user)
+            label = _label(o["at"])
+        except Exception:  # noqa: BLE001 - a path this run lacks (the edit moved it): named below
+            obj, label = None, str(o.get("at"))
+        same = obj is not None and type(obj).__qualname__ == o.get("type")
+        for k, e in attrs.items():
+            places.append((f"{label}.{k}", k, e, _attrs(obj) if same else None))
+    missed = []
+    for label, name, e, live_ns in places:
+        if not (isinstance(e, list) and len(e) == 3 and e[0] in ("M", "O")):
+            continue
+        try:
+            state = dec.value(e)
+        except PyckptError:
+            missed.append(f"{label} (malformed)")
+            continue
+        live = live_ns.get(name) if live_ns is not None else None
+        why = "not there" if live is None else state.problem(live)
+        if why:
+            missed.append(f"{label} ({why})")
+            continue
+        plan.writes.append(lambda s=state, v=live: s.apply(v))
+    if missed:
+        plan.warnings.append("the states of modules no optimizer owns or of library objects the checkpoint's "
+                             f"variables held are not restored: {'; '.join(missed)}")
+    return plan
+
+
 def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = None,
             modules: list | None = None, optimizers: list | None = None) -> Plan:
     """Check and decode ``tree`` against the live script frames; nothing is written yet. ``states``: the

@@ -509,12 +509,15 @@ class Session:
             # A fixed bug in an evaluation, a new log line: the job keeps its training state instead of
             # starting over. Said, since the script's counters and loops are this run's, not the checkpoint's.
             if self.coord.rank == 0:
-                say(f"warning: {e}; PYCKPT_RESUME_EDITED=tracked: the models, optimizers, schedulers, scaler, "
-                    "registered state, data position and RNG are the checkpoint's, the script's own variables "
-                    "and loop positions this run's (its step counters start over): the resume is not exact",
-                    "warning")
+                say(f"warning: {e}; PYCKPT_RESUME_EDITED=tracked: the models (EMA copies found by name too), "
+                    "optimizers, schedulers, scaler, registered state, data position and RNG are the checkpoint's, "
+                    "the script's own variables and loop positions this run's (its step counters start over): the "
+                    "resume is not exact", "warning")
             self.edited_resume = True
-            return None
+            # An EMA copy or a teacher the script's variables hold is a model too: loaded into the variable
+            # of the same name, where one of the same class is there.
+            return loopstate.prepare_references(tree, frames.user_frames(sys._getframe(2)),
+                                                rs.get("script_objects"))
 
     def can_restore_at(self, frame: Any) -> bool:
         """Whether the checkpoint's loop state would be restored with the script's stack at ``frame`` (the

@@ -86,20 +86,23 @@ def test_a_loop_calling_next_itself_resumes_in_a_later_epoch(tmp_path, plain_res
     assert tree_equal(final, plain_results(mode))
 
 
-def _edited_relaunch(tmp_path, mode: str, kill_at: str, **env: str):
+def _edited_relaunch(tmp_path, mode: str, kill_at: str, edit=lambda src: src, **env: str):
     """A copy of train_tiny.py killed at ``kill_at``, then edited (one more line of code, as a fixed
-    evaluation bug or a new log line) and relaunched with ``env``: (first, relaunch, its final state or None)."""
+    evaluation bug or a new log line, then ``edit``) and relaunched with ``env``: (first, relaunch, its final
+    state or None)."""
     script, ckpt, out = tmp_path / "train_tiny.py", tmp_path / "ckpt", tmp_path / "out.pt"
     shutil.copy(TINY, script)
     settings = dict(MODE=mode, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", KILL_MARK=tmp_path / "mark", KILL_AT=kill_at)
     first = run_script([script, out], tmp_path, **settings)
-    script.write_text(script.read_text().replace('MODE = os.environ.get("MODE", "adamw")\n',
-                                                 'MODE = os.environ.get("MODE", "adamw")\nprint("edited")\n', 1))
+    script.write_text(edit(script.read_text().replace('MODE = os.environ.get("MODE", "adamw")\n',
+                                                      'MODE = os.environ.get("MODE", "adamw")\nprint("edited")\n', 1)))
     second = run_script([script, out], tmp_path, **settings, **env)
     return first, second, load(out) if out.exists() else None
 
 
-@pytest.mark.parametrize("mode", ["adamw", "while"])  # a DataLoader-driven loop; a loop no DataLoader drives
+# a DataLoader-driven loop; with modules no optimizer owns (an EMA copy and a target network in globals, a
+# teacher held by an object's attribute); a loop no DataLoader drives
+@pytest.mark.parametrize("mode", ["adamw", "ema", "while"])
 def test_an_edited_script_is_refused_unless_resume_edited_asks_for_the_tracked_state(tmp_path, plain_results, mode):
     """Any edit of the script refused the resume, and the only way on was PYCKPT_RESUME=never: a job whose
     evaluation bug was fixed lost all its training. The refusal now names PYCKPT_RESUME_EDITED=tracked,
@@ -123,12 +126,24 @@ def test_an_edited_script_is_refused_unless_resume_edited_asks_for_the_tracked_s
     resumed = int(re.search(r"pyckpt: resumed from step (\d+)", second.stderr).group(1))
     assert resumed in (12, 8), second.stderr  # (the snapshot of step 12 may not be committed at the kill)
     trained = int(re.search(r"TRAINED (\d+)", second.stdout).group(1))
-    if mode == "adamw":  # the data position and tracked state are the checkpoint's: the weights end as a plain run's
+    if mode in ("adamw", "ema"):  # the data position and tracked state are the checkpoint's: the weights (the
+        # EMA copy, teacher and target included) end as a plain run's
         assert tree_equal(final["models"], plain_results(mode)["models"])
         assert tree_equal(final["opts"], plain_results(mode)["opts"])
         assert trained == 30 - resumed  # the script's own step counter started over, as the line says
     else:  # no DataLoader: the relaunch's `while step < 30` trains 30 more steps from the checkpoint's weights
         assert trained == 30 and not tree_equal(final["models"], plain_results(mode)["models"])
+
+
+def test_a_module_an_edit_moved_elsewhere_is_named_as_not_restored(tmp_path):
+    """The edit renamed the attribute holding the teacher copy: the tracked resume cannot find it, and says
+    so in one line naming it (the EMA copy and the target, still where they were, are restored)."""
+    _, second, _ = _edited_relaunch(tmp_path, "ema", "13", lambda src: src.replace("teacher", "mentor"),
+                                    PYCKPT_RESUME_EDITED="tracked")
+    assert second.returncode == 0, second.stderr
+    lines = [ln for ln in second.stderr.splitlines() if "are not restored" in ln]
+    assert len(lines) == 1 and "holder.teacher (not there)" in lines[0], second.stderr
+    assert "ema" not in lines[0].split("not restored:")[1] and "target" not in lines[0], lines
 
 
 def test_loaders_zipped_inside_a_generator_expression_resume_exactly_without_a_warning(tmp_path, plain_results):
