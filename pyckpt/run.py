@@ -39,6 +39,8 @@ FLAGS = {
     "--keep": ("PYCKPT_KEEP", "K", "keep the newest K checkpoints (default 3)"),
     "--compress": ("PYCKPT_COMPRESS", "C", "none or zstd"),
     "--resume": ("PYCKPT_RESUME", "R", "auto (default), never, or a checkpoint directory"),
+    "--resume-edited": ("PYCKPT_RESUME_EDITED", "M", "refuse (default) or tracked: resume an edited script's "
+                        "models, optimizers, data position and RNG without its own variables (not exact)"),
 }
 MAX_RESTARTS = ("--max-restarts", "--max_restarts")
 DEFAULT_MAX_RESTARTS = 3
@@ -48,7 +50,7 @@ _RDZV = ("rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port
          "node_rank")
 
 USAGE = """usage: pyckpt-run [--dir D] [--every E] [--every-steps N] [--every-seconds S] [--keep K]
-                  [--compress C] [--resume R] [--max-restarts R]
+                  [--compress C] [--resume R] [--resume-edited M] [--max-restarts R]
                   [torchrun options] script.py [script args]
 
 Run script.py under torchrun with transparent pyckpt checkpointing in every

@@ -42,6 +42,12 @@ def test_every_flag_sets_pyckpt_every():
     assert argv[argv.index("train.py"):] == ["train.py", "--every", "3"]
 
 
+def test_resume_edited_flag_sets_pyckpt_resume_edited():
+    env, _, argv = torchrun_argv(["--resume-edited=tracked", "--resume", "auto", "train.py", "--resume-edited", "x"])
+    assert env == {"PYCKPT_RESUME_EDITED": "tracked", "PYCKPT_RESUME": "auto"}
+    assert argv[argv.index("train.py"):] == ["train.py", "--resume-edited", "x"]
+
+
 def test_rendezvous_options_replace_standalone():
     _, restarts, argv = torchrun_argv(["--max-restarts", "5", "--rdzv-endpoint", "host:1234", "t.py"])
     assert restarts == 5 and "--standalone" not in argv
