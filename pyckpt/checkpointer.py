@@ -591,11 +591,11 @@ class Checkpointer:
             fut._timer.figures = commit.commit_parts(self.coord, f"save/{seq}", tmp, final, step, part, err,
                                                      self.directory, raw)
         except Exception as e:
-            removed = self._make_room(e)
+            removed, kept = self._make_room(e)
             if removed:
                 log.warning("pyckpt: checkpoint of step %d failed: %s; the disk is full: removed %s (older than the "
                             "newest) to make room for the next one, %s kept", step, e,
-                            ", ".join(os.path.basename(p) for p in removed), layout.committed(self.directory)[0].name)
+                            ", ".join(os.path.basename(p) for p in removed), kept)
             elif not getattr(e, "quiet", False):  # a vetoed lazy capture has said so in its own line
                 log.warning("pyckpt: checkpoint of step %d failed, previous checkpoints kept: %s", step, e)
             self._record(fut, None, e)
@@ -627,20 +627,23 @@ class Checkpointer:
         self._record(fut, final, None)
         fut._finish(url or final, None)
 
-    def _make_room(self, e: BaseException) -> list[str]:
+    def _make_room(self, e: BaseException) -> tuple[list[str], str]:
         """After a save failed for lack of space (rank 0): the committed checkpoints older than the newest
         are removed, as retention with ``keep=1`` would (keep_best's and referenced data are spared), so
         the next save has their room. Without this, checkpoints stopped advancing for the rest of a run
         whose disk filled up, and a crash lost everything since the last one that fit. The newest commit
-        is never removed. Returns the removed paths (none: nothing to free, or not a full disk)."""
+        is never removed. Returns the removed paths (none: nothing to free, or not a full disk) and the
+        newest commit's name. Never raises: the caller is the save's failure path."""
         if self.coord.rank != 0 or self.remote is not None or not _out_of_space(e):
-            return []
+            return [], ""
         try:
+            order = layout.committed(self.directory)
             # No salvage: parked data files would hold the pages this is meant to free.
-            return commit.apply_retention(self.directory, 1, protect=self._best())
+            removed = commit.apply_retention(self.directory, 1, protect=self._best()) if order else []
+            return removed, order[0].name if order else ""
         except Exception as exc:  # the failure is said in its line; retention tries again after the next save
             log.debug("pyckpt: making room after a full disk failed: %s", exc)
-            return []
+            return [], ""
 
     def _record(self, fut: SaveFuture, path: str | None, exc: BaseException | None) -> None:
         """The save's metrics line and on_checkpoint callbacks (rank 0; never raises)."""

@@ -197,7 +197,7 @@ def _namedtuple(t: type) -> bool:
 def _plain_object(v: Any) -> bool:
     """A plain object whose attributes are followed in place: an instance of a script class with a
     ``__dict__`` or ``__slots__`` (a dataclass too, unless frozen), argparse/SimpleNamespace and the
-    standard library's wrappers of a container (``_WRAPPERS``: their ``data`` or ``maps``). A script
+    standard library's wrappers of a container (``_wrappers``: their ``data`` or ``maps``). A script
     subclass of a container (a namedtuple, an ``AttrDict(dict)``) and a frozen dataclass are values
     (``_Encoder.struct``), not plain objects: their items or fields are what changes."""
     t = type(v)
