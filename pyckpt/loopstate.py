@@ -184,6 +184,27 @@ def _attrs(obj: Any) -> dict:
     return out
 
 
+_CELL = "<cell>"  # a path segment: the closure cell of that free variable name (``_cells``)
+
+
+def _cells(fn: Any) -> dict:
+    """The filled closure cells of a function, by ``<cell>`` + free variable name."""
+    out = {}
+    for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            out[_CELL + var] = cell.cell_contents
+        except ValueError:  # not bound yet
+            pass
+    return out
+
+
+def _script_closure(v: Any) -> bool:
+    """A function of the script with closure cells (a train step a factory made, ``nonlocal calls``):
+    its cells are followed like a plain object's attributes."""
+    return (type(v) is types.FunctionType and bool(v.__closure__)
+            and frames.is_user_file(v.__code__.co_filename))
+
+
 def _frozen_dataclass(t: type) -> bool:
     params = getattr(t, "__dataclass_params__", None)
     return params is not None and bool(getattr(params, "frozen", False)) and isinstance(
@@ -646,7 +667,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         if path[-1] in exclude:  # the script's own opt-out: __pyckpt_exclude__ = {"name", ...}
             cap.skipped[name] = "listed in __pyckpt_exclude__"
             return None
-        if _plain_object(v):
+        if _plain_object(v) or _script_closure(v):
             if path[0] != "gen" and id(v) not in seen:  # not via generators
                 if len(objects) < MAX_OBJECTS:
                     seen.add(id(v))
@@ -694,7 +715,8 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         for name, v in list(g.items()):
             if name.startswith("__") and name.endswith("__"):
                 continue
-            if isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)):
+            if isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)) and not (
+                    _script_closure(v)):
                 continue
             e = keep(f"{name}" if modname == "__main__" else f"{modname}.{name}", v, ["g", modname, name])
             if e is not None:
@@ -730,13 +752,15 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
             done += 1
             attrs = {}
             label = _label(path)
-            for name, v in _attrs(obj).items():
-                if name.startswith("__"):
-                    continue
+            for name, v in (_cells(obj) if type(obj) is types.FunctionType else _attrs(obj)).items():
+                if name.startswith("__") or isinstance(v, (types.ModuleType, type)) or (
+                        type(v) is types.FunctionType and not _script_closure(v)):
+                    continue  # (a cell holding a helper function or a module: code, not state)
                 e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name])
                 if e is not None:
                     attrs[name] = e
-            objs.append({"at": path, "type": type(obj).__qualname__, "attrs": attrs})
+            objs.append({"at": path, "type": type(obj).__qualname__, "attrs": attrs}
+                        | ({"fn": obj.__qualname__} if type(obj) is types.FunctionType else {}))
 
     follow()  # first: the frames' objects (a trainer's counters) before those the model's layers hold
     mods = opts = None
@@ -1778,11 +1802,25 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                 continue  # a layer this run lacks: said by object_attrs.prepare
         if isinstance(at, list) and at[:1] == ["o"] and optimizers is None:
             continue  # held by an optimizer: not checked (can_restore_at)
-        obj = _resolve(at, user, modules, optimizers)
+        try:
+            obj = _resolve(at, user, modules, optimizers)
+        except PyckptError as e:
+            if not any(isinstance(x, str) and x.startswith(_CELL) for x in at):
+                raise
+            plan.warnings.append(f"{e}: its values are not restored")  # in a closure another function has now
+            continue
         if type(obj).__qualname__ != o.get("type"):
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
                               f"{o.get('type')}")
         decoded = {k: dec.value(v) for k, v in o["attrs"].items()}
+        if type(obj) is types.FunctionType:  # a closure: its cells
+            if obj.__qualname__ != o.get("fn"):  # another function there now (a phase's step): said, not refused
+                plan.warnings.append(f"{_label(o['at'])} is the function {obj.__qualname__} now, the checkpoint holds "
+                                     f"{str(o.get('fn'))[:200]!r} there: its closure's values are not restored")
+                continue
+            _check_states(decoded, _cells(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan, dec.holders)
+            plan.writes.append(lambda fn=obj, d=decoded: _write_cells(fn, d, dec.holders))
+            continue
         _check_states(decoded, _attrs(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan, dec.holders)
         plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(_attrs(obj).get(k), v, dec.holders))
                                                        for k, v in d.items()])
@@ -1799,6 +1837,22 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
             plan.writes.append(_positioner(it, st, f.f_code.co_name, dec, plan, functools.partial(
                 frames.replace_loop_iterator, f)))
     return plan
+
+
+def _write_cells(fn: types.FunctionType, decoded: dict, holders: set[int]) -> None:
+    """Write a closure's saved cells (``<cell>name`` keys) into the live function's cells, in place where
+    the value is a container (``_assign``); a name the live function has no cell for is left out
+    (``_check_states`` said so)."""
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    for k, v in decoded.items():
+        cell = cells.get(k[len(_CELL):]) if k.startswith(_CELL) else None
+        if cell is None:
+            continue
+        try:
+            cur = cell.cell_contents
+        except ValueError:
+            cur = None
+        cell.cell_contents = _assign(cur, v, holders)
 
 
 def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None,
@@ -1830,7 +1884,7 @@ def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None
     for name in path_rest:
         if missing:
             break
-        d = _attrs(cur)
+        d = _cells(cur) if type(cur) is types.FunctionType else _attrs(cur)
         missing = name not in d
         cur = d.get(name) if not missing else None
     if missing:

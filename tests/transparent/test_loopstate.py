@@ -20,6 +20,7 @@ import torch
 
 from pyckpt import frames, loopstate, tree
 from pyckpt.errors import PyckptError
+from transparent_helpers import harness_hook
 
 
 class Stats:  # a plain script object: its attributes are followed
@@ -81,7 +82,7 @@ def _capture_and_resume(run, when, frames_of=_user):
         if "cap" not in got and when(frame):
             got["cap"] = loopstate.capture(frames_of(frame), "step", 1 << 20, [])
 
-    run(cap)
+    run(harness_hook(cap))
     tree = through_format(got["cap"].tree)
 
     def res(frame):
@@ -126,7 +127,7 @@ def _prepare_error(captured, relaunch, when=lambda frame: True) -> str | None:
             except PyckptError as e:
                 errors.append(str(e))
 
-    captured(cap)
+    captured(harness_hook(cap))
     relaunch(res)
     return errors[0]
 
@@ -1037,8 +1038,8 @@ def test_module_made_lazily_is_said_not_restored_instead_of_refusing_the_resume(
         return ema
 
     saved = {}
-    run(lambda f, m: saved.setdefault("c", loopstate.capture([f], "step", 1 << 20, [m])) if f.f_locals["i"] == 2
-        else None)
+    run(harness_hook(lambda f, m: saved.setdefault("c", loopstate.capture([f], "step", 1 << 20, [m]))
+                    if f.f_locals["i"] == 2 else None))
     saved["t"], saved["s"] = through_format(saved["c"].tree), through_format(saved["c"].states)
     assert saved["t"]["locals"][0]["ema"][0] == "M"
     plans = []
@@ -1146,6 +1147,43 @@ def test_user_dict_list_string_and_chainmap_values_are_put_back():
     cap = _resumes_like_a_plain_run(_user_collections_loop, _nth_call(4))
     assert not [k for k in cap.skipped if k.split(" ")[0] in ("metrics", "history", "tag", "cfg", "runs", "log")], \
         cap.skipped
+
+
+def _make_counter_step(warmup):
+    """A train-step factory: its counters live in the closure's cells, not in any frame on the stack."""
+    calls, hist = 0, []
+    scale = {"lr": 0.0}
+
+    def step(x):
+        nonlocal calls
+        calls += 1
+        scale["lr"] = min(1.0, calls / warmup)
+        hist.append(x * scale["lr"])
+        return calls, list(hist)
+
+    return step
+
+
+class _StepHolder:  # a script object keeping a closure as an attribute
+    def __init__(self):
+        self.fn = _make_counter_step(4)
+
+
+def _closure_loop(hook, trace):
+    step_fn, holder = _make_counter_step(3), _StepHolder()
+    for i in range(6):
+        hook(sys._getframe())
+        trace.append((step_fn(i), holder.fn(10 * i)))
+    return trace
+
+
+def test_counters_in_a_closures_cells_are_put_back():
+    """A train step made by a factory keeps its warmup counter and history in the closure's cells
+    (``nonlocal calls``): functions were skipped, so a relaunch started its warmup over, said by nothing.
+    Now the cells of the script's functions held by variables and attributes are saved and written back
+    into the live function's cells."""
+    cap = _resumes_like_a_plain_run(_closure_loop, _nth_call(4))
+    assert not [k for k in cap.skipped if k.split(" ")[0] in ("step_fn", "holder")], cap.skipped
 
 
 class _ArrayLogger:  # a script object holding the loop's array

@@ -18,7 +18,7 @@ from pyckpt import loopstate, tree
 from pyckpt.errors import PyckptError
 
 import zygote
-from transparent_helpers import clean_env, load, run_script, tree_equal
+from transparent_helpers import harness_hook, clean_env, load, run_script, tree_equal
 
 SCRIPT = Path(__file__).parent / "loopstate_kinds_script.py"
 
@@ -84,7 +84,7 @@ def _saved_at(k: int) -> dict:
         if saved["n"] == k:
             saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
 
-    rec_loop(cap, Rec())
+    rec_loop(harness_hook(cap), Rec())
     return saved["tree"]
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from pyckpt import loopstate, tree
 from pyckpt.errors import PyckptError
+from transparent_helpers import harness_hook
 
 
 def through_format(t: dict) -> dict:
@@ -53,6 +54,7 @@ def _point(hook, i: int) -> None:
 def _twice(hook) -> None:
     """Calls ``hook(i, frame)`` twice from the same instruction of two frames of the same code: the capture
     point, then the restore point (the relaunch's)."""
+    hook = harness_hook(hook)  # (the hook's own closure is no state of the code under test)
     _point(hook, 0)
     _point(hook, 1)
 
@@ -310,6 +312,7 @@ def test_a_loss_function_held_by_the_script_gets_its_settings_and_flag_back_in_p
             loopstate.prepare(got["t"], [frame], "step", None, []).apply()
 
     held = (criterion, focal)
+    hook = harness_hook(hook)
     _hold(*held, hook, 0)
     _hold(*held, hook, 1)
     assert criterion.label_smoothing == 0.1 and (focal.gamma, focal.calls, focal.training) == (0.5, 9, False)

@@ -35,6 +35,17 @@ def run_script(args: list[str], cwd: Path, timeout: float = 120, fresh: bool = F
     return subprocess.CompletedProcess(args, child.returncode, child.stdout, child.stderr)
 
 
+def harness_hook(fn):
+    """``fn`` as a capture hook the loop-state tests hand their loops: a function without closure cells
+    (``fn`` is a default argument), so the loop state, which follows the script's own closures, leaves it
+    out; a test's capture closure is no state of the loop under test (the restore hands it another one).
+    A function, not a callable object: the frame's position at a call depends on the kind of callee."""
+    def hook(*args, _fn=fn):
+        return _fn(*args)
+
+    return hook
+
+
 def tree_equal(a, b) -> bool:
     """Bitwise equality of nested state (tensors with torch.equal)."""
     if isinstance(a, torch.Tensor):
