@@ -1186,6 +1186,36 @@ def test_counters_in_a_closures_cells_are_put_back():
     assert not [k for k in cap.skipped if k.split(" ")[0] in ("step_fn", "holder")], cap.skipped
 
 
+def _make_other_step(warmup):
+    calls = 0
+
+    def other(x):
+        nonlocal calls
+        calls += 1
+        return calls, [x]
+
+    return other
+
+
+def test_a_closure_where_the_relaunch_holds_another_function_is_said_not_restored():
+    """The variable holds another function at the relaunch's restore point (a phase picked its own step):
+    the checkpoint's cells cannot go into it; one line says so instead of writing them anywhere."""
+    factories = iter([_make_counter_step, _make_other_step])
+
+    def run(hook):
+        step_fn = next(factories)(3)
+        out = []
+        for i in range(4):
+            hook(sys._getframe())
+            out.append(step_fn(i))
+        return out
+
+    _, plan, out = _capture_and_resume(run, _nth_call(3))
+    assert plan.warnings == ["step_fn is the function _make_other_step.<locals>.other now, the checkpoint holds "
+                             "'_make_counter_step.<locals>.step' there: its closure's values are not restored"]
+    assert out[-2:] == [(1, [2]), (2, [3])]  # the live function's own count from the restore point, untouched
+
+
 class _ArrayLogger:  # a script object holding the loop's array
     def __init__(self, buf):
         self.buf = buf
