@@ -1715,8 +1715,9 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
         except Exception:  # noqa: BLE001 - a path this run lacks (the edit moved it): named below
             obj, label = None, str(o.get("at"))
         same = obj is not None and type(obj).__qualname__ == o.get("type")
+        live_attrs = (_cells(obj) if type(obj) is types.FunctionType else _attrs(obj)) if same else None
         for k, e in attrs.items():
-            places.append((f"{label}.{k}", k, e, _attrs(obj) if same else None))
+            places.append((f"{label}.{k}", k, e, live_attrs))
     missed = []
     for label, name, e, live_ns in places:
         if not (isinstance(e, list) and len(e) == 3 and e[0] in ("M", "O")):

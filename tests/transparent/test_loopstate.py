@@ -1216,6 +1216,49 @@ def test_a_closure_where_the_relaunch_holds_another_function_is_said_not_restore
     assert out[-2:] == [(1, [2]), (2, [3])]  # the live function's own count from the restore point, untouched
 
 
+def _make_ema_step(seed):
+    torch.manual_seed(seed)
+    ema = torch.nn.Linear(2, 2)  # a module no optimizer owns, held only by the closure
+
+    def step():
+        with torch.no_grad():
+            ema.weight.mul_(0.5)
+
+    return step
+
+
+def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_closure():
+    """PYCKPT_RESUME_EDITED=tracked loads modules no optimizer owns into the module held at the same place;
+    one held by a closure's cell (``step_fn.<cell>ema``) was looked for among the function's attributes,
+    and said not restored."""
+    saved, after = {}, {}
+
+    def run(hook, seed):
+        step_fn = _make_ema_step(seed)
+        for i in range(3):
+            step_fn()
+            hook(sys._getframe())
+        return step_fn
+
+    def cap(frame):
+        if "c" not in saved:
+            c = loopstate.capture([frame], "step", 1 << 20, [])
+            saved["c"], saved["s"] = c, through_format(c.states)  # (states refer to the live tensors)
+
+    first = run(harness_hook(cap), 0)
+    tree_, states = through_format(saved["c"].tree), saved["s"]
+
+    def res(frame):
+        if not after:
+            after["plan"] = loopstate.prepare_references(tree_, [frame], states)
+            after["plan"].apply()
+            after["w"] = frame.f_locals["step_fn"].__closure__[0].cell_contents.weight.clone()
+
+    run(res, 1)
+    assert after["plan"].warnings == []
+    assert torch.equal(after["w"], first.__closure__[0].cell_contents.weight * 4)  # the weights after step 1
+
+
 class _ArrayLogger:  # a script object holding the loop's array
     def __init__(self, buf):
         self.buf = buf
