@@ -1234,6 +1234,9 @@ class LoaderTracker:
         plan = self.plan
         if plan is None or self._target(st) is not plan or st.epochs >= plan.epoch:
             return
+        session = getattr(self, "session", None)
+        if session is not None:  # the caller of the patched __next__ that raised StopIteration: the script's loop
+            session.bind_unset(sys._getframe(2))
         if st.epochs == plan.epoch - 1:
             saved, put = plan.position.get("prev_end_rng"), rng.restore
         else:  # an earlier gap: the streams its code drew from (epoch_gaps.py)

@@ -1739,6 +1739,54 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     return plan
 
 
+def bind_unset(tree: Any, user: list[types.FrameType]) -> list[str]:
+    """At the end of an epoch a resume runs again without data: the script's variables that the loop body
+    alone sets (``last_x = x``, ``loss``) are unbound there, and per-epoch code reading them (a log line,
+    ``total / count``) raised NameError before the restore point. Each such variable of a frame running the
+    same code as the checkpoint's frame at that depth (globals: of the same module) is bound to the
+    checkpoint's value; variables already bound are left alone, and the restore point writes them all as
+    usual. Only plain values (numbers, strings, containers, tensors, arrays); the names bound are returned."""
+    if not (isinstance(tree, dict) and tree.get("version") == VERSION):
+        return []
+    stack, loc, gl = tree.get("stack"), tree.get("locals"), tree.get("globals")
+    dec = _Decoder(tree.get("tensors") if isinstance(tree.get("tensors"), list) else [], {})
+    bound: list[str] = []
+
+    def plain(e: Any) -> tuple[bool, Any]:
+        try:
+            v = dec.value(e)
+        except PyckptError:
+            return False, None
+        return not (isinstance(v, (_InPlace, _Struct, _StateOf)) or id(v) in dec.holders), v
+
+    for modname, values in (gl.items() if isinstance(gl, dict) else ()):
+        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == modname), None)
+        if g is None or not isinstance(values, dict):
+            continue
+        for k, e in values.items():
+            if k not in g:
+                ok, v = plain(e)
+                if ok:
+                    g[k] = v
+                    bound.append(k)
+    for n, f in enumerate(user):
+        saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
+        values = loc[n] if isinstance(loc, list) and n < len(loc) else None
+        if (not isinstance(saved, list) or saved[:4] != [*frames.code_key(f.f_code)] or not isinstance(values, dict)
+                or frames.is_module_frame(f)):
+            continue
+        live = f.f_locals
+        new = {}
+        for k, e in values.items():
+            if k not in live:
+                ok, v = plain(e)
+                if ok:
+                    new[k] = v
+        frames.write_locals(f, new)
+        bound += [f"{k} (in {f.f_code.co_name})" for k in new]
+    return bound
+
+
 def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = None,
             modules: list | None = None, optimizers: list | None = None) -> Plan:
     """Check and decode ``tree`` against the live script frames; nothing is written yet. ``states``: the

@@ -519,6 +519,23 @@ class Session:
             return loopstate.prepare_references(tree, frames.user_frames(sys._getframe(2)),
                                                 rs.get("script_objects"))
 
+    def bind_unset(self, frame: Any) -> None:
+        """A skipped epoch of the training loader ended (its per-epoch code runs next, without data): bind
+        the script's variables that only the loader loop sets to the checkpoint's values (``loopstate.
+        bind_unset``), so that code does not die of NameError before the restore point. Never raises."""
+        rs = (self.source.rank_state or {}) if self.source is not None else {}
+        tree = rs.get("loop")
+        if tree is None:
+            return
+        try:
+            names = loopstate.bind_unset(tree, frames.user_frames(frame))
+        except Exception as e:  # noqa: BLE001 - the per-epoch code then meets what it would have met
+            say(f"could not bind the loop's variables for a skipped epoch: {type(e).__name__}: {e}", "debug")
+            return
+        if names:
+            say(f"variables the loader loop sets, bound to the checkpoint's values for the epoch run again "
+                f"without data: {', '.join(names)}", "debug")
+
     def can_restore_at(self, frame: Any) -> bool:
         """Whether the checkpoint's loop state would be restored with the script's stack at ``frame`` (the
         same code and instruction in each script frame, loop positions it can reach): checked, nothing written."""
@@ -771,7 +788,7 @@ def skip_note(first: int, resumed: int) -> str | None:
     return (f"epoch{'s' if many else ''} {first}{f'-{resumed - 1}' if many else ''} run{'' if many else 's'} again "
             f"without data before the restore point (epoch {resumed}): what the script's per-epoch code prints or "
             "writes to files there reflects the state before the restore, and variables set only inside the "
-            "loader loop are unset there")
+            "loader loop hold the checkpoint's values there")
 
 
 def _block_sigterm() -> bool:

@@ -1259,6 +1259,39 @@ def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_closure():
     assert torch.equal(after["w"], first.__closure__[0].cell_contents.weight * 4)  # the weights after step 1
 
 
+def _epoch_loop(hook, batches):
+    seen = ["start"]
+    for epoch in range(2):
+        for b in range(batches):
+            last = b * 10
+            seen.append(b)
+            hook(sys._getframe(), "batch")
+        hook(sys._getframe(), "end")
+        seen.append(("end", epoch, last))
+    return seen
+
+
+def test_a_variable_only_the_loop_body_sets_is_bound_for_an_epoch_run_without_data():
+    """The per-epoch code of an epoch a resume runs again without data read ``last``, which only the loop
+    body sets: UnboundLocalError before the restore point. ``bind_unset`` binds it to the checkpoint's value
+    and leaves bound variables (``seen``) alone."""
+    saved = {}
+
+    def cap(frame, where):
+        if where == "batch" and frame.f_locals["epoch"] == 1 and frame.f_locals["b"] == 1 and not saved:
+            saved["t"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+
+    _epoch_loop(harness_hook(cap), 3)
+    names = []
+
+    def at_end(frame, where):
+        if where == "end" and not names:
+            names.extend(loopstate.bind_unset(saved["t"], [frame]))
+
+    assert _epoch_loop(at_end, 0) == ["start", ("end", 0, 10), ("end", 1, 10)]  # the checkpoint's last = 10
+    assert sorted(names) == ["b (in _epoch_loop)", "last (in _epoch_loop)"]  # (the loop variable is one too)
+
+
 class _ArrayLogger:  # a script object holding the loop's array
     def __init__(self, buf):
         self.buf = buf

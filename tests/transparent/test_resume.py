@@ -146,6 +146,17 @@ def test_a_module_an_edit_moved_elsewhere_is_named_as_not_restored(tmp_path):
     assert "ema" not in lines[0].split("not restored:")[1] and "target" not in lines[0], lines
 
 
+def test_per_epoch_code_reading_a_variable_of_the_loader_loop_runs_in_a_skipped_epoch(tmp_path, plain_results):
+    """A resume into epoch 1 runs epoch 0's per-epoch code again without data: a variable set only inside the
+    loader loop (``last_x``, read by an epoch-end log line) was unset there, and the relaunch died with
+    NameError before its restore point. Such variables are now bound to the checkpoint's values there."""
+    first, second, final = _kill_and_resume(tmp_path, "epoch_log", KILL_AT="17")
+    assert first.returncode == -signal.SIGKILL
+    assert re.search(r"pyckpt: resumed from step (16|12) \(epoch 1", second.stderr), second.stderr
+    assert "epoch 0 last batch mean" in second.stdout  # the skipped epoch's log line ran, with a value
+    assert tree_equal(final, plain_results("epoch_log"))
+
+
 def test_loaders_zipped_inside_a_generator_expression_resume_exactly_without_a_warning(tmp_path, plain_results):
     # ``for x, y, a in ((x, y, a) for (x, y), (a,) in zip(loader, aux))``: the generator expression's
     # ``.0`` is the zip its loop runs; it was also taken for a variable holding an iterator that cannot

@@ -1,7 +1,7 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split | split_direct (and the others below)
+| reiter | fixed_next | epoch_log | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split | split_direct (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -26,6 +26,8 @@ one batch, no loader in the loop;
 knobs: a dataset of the script's class whose crop length, and a collate_fn object whose scale, the loop
 sets after each step (WORKERS: the loader's num_workers); reshuffle: the dataset's order is a list shuffled
 in place with NumPy at each epoch's start, batches augmented in the main process from NumPy's generator;
+epoch_log: the
+per-epoch code prints a value of the epoch's last batch (a variable set only inside the loader loop);
 unfreeze: the first layer frozen until step 6, unfrozen in the training loop; subset: each epoch trains on a
 new loader over 32 of the 40 samples drawn with torch.randperm before its iter(); multiepoch: timm's
 MultiEpochsDataLoader, one iterator for the whole run over a shuffled batch sampler repeated forever, each pass
@@ -449,7 +451,11 @@ else:
         model.train()
         for x, y in loader:
             train_step(x, y)
+            if MODE == "epoch_log":
+                last_x = x
         sched.step()
+        if MODE == "epoch_log":  # per-epoch code reading a variable set only inside the loader loop
+            print("epoch", epoch, "last batch mean", float(last_x.mean()), flush=True)
         model.eval()
         with torch.no_grad():
             val = sum(((model(x) - y) ** 2).mean().item() for x, y in val_loader)
