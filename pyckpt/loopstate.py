@@ -205,6 +205,22 @@ def _script_closure(v: Any) -> bool:
             and frames.is_user_file(v.__code__.co_filename))
 
 
+def _code_not_state(v: Any) -> bool:
+    """A module, class or function (not a closure of the script's, ``_script_closure``): code, never loop state."""
+    return isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)) and not (
+        _script_closure(v))
+
+
+def _module_globals(user: list[types.FrameType], modname: Any, imported: bool = False) -> dict | None:
+    """The globals of module ``modname`` as a frame on the stack sees them (``imported``: else the loaded
+    module's), or None."""
+    g = next((f.f_globals for f in user if f.f_globals.get("__name__") == modname), None)
+    if g is None and imported:
+        mod = sys.modules.get(modname) if isinstance(modname, str) else None
+        g = mod.__dict__ if mod is not None else None
+    return g
+
+
 def _frozen_dataclass(t: type) -> bool:
     params = getattr(t, "__dataclass_params__", None)
     return params is not None and bool(getattr(params, "frozen", False)) and isinstance(
@@ -715,8 +731,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         for name, v in list(g.items()):
             if name.startswith("__") and name.endswith("__"):
                 continue
-            if isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)) and not (
-                    _script_closure(v)):
+            if _code_not_state(v):
                 continue
             e = keep(f"{name}" if modname == "__main__" else f"{modname}.{name}", v, ["g", modname, name])
             if e is not None:
@@ -753,8 +768,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
             attrs = {}
             label = _label(path)
             for name, v in (_cells(obj) if type(obj) is types.FunctionType else _attrs(obj)).items():
-                if name.startswith("__") or isinstance(v, (types.ModuleType, type)) or (
-                        type(v) is types.FunctionType and not _script_closure(v)):
+                if name.startswith("__") or _code_not_state(v):
                     continue  # (a cell holding a helper function or a module: code, not state)
                 e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name])
                 if e is not None:
@@ -1692,7 +1706,7 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     places: list[tuple[str, str, Any, dict | None]] = []  # (label, name, encoded, live namespace)
     gl = tree.get("globals") if isinstance(tree, dict) else None
     for modname, values in (gl.items() if isinstance(gl, dict) else ()):
-        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == modname), None)
+        g = _module_globals(user, modname)
         for k, e in (values.items() if isinstance(values, dict) else ()):
             places.append((k if modname == "__main__" else f"{modname}.{k}", k, e, g))
     loc = tree.get("locals") if isinstance(tree, dict) else None
@@ -1760,7 +1774,7 @@ def bind_unset(tree: Any, user: list[types.FrameType]) -> list[str]:
         return not (isinstance(v, (_InPlace, _Struct, _StateOf)) or id(v) in dec.holders), v
 
     for modname, values in (gl.items() if isinstance(gl, dict) else ()):
-        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == modname), None)
+        g = _module_globals(user, modname)
         if g is None or not isinstance(values, dict):
             continue
         for k, e in values.items():
@@ -1806,9 +1820,7 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
     gl = tree.get("globals")
     _check(isinstance(gl, dict), "globals")
     for modname, values in gl.items():
-        mod = sys.modules.get(modname)
-        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == modname),
-                 mod.__dict__ if mod is not None else None)
+        g = _module_globals(user, modname, imported=True)
         if g is None:
             raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")
         _check(isinstance(values, dict), "globals of a module")
@@ -1920,9 +1932,7 @@ def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None
         cur, missing = d.get(path[3], _MISSING), path[3] not in d
         path_rest = path[4:]
     elif path[0] == "g":
-        mod = sys.modules.get(path[1]) if isinstance(path[1], str) else None
-        g = next((f.f_globals for f in user if f.f_globals.get("__name__") == path[1]),
-                 mod.__dict__ if mod is not None else {})
+        g = _module_globals(user, path[1], imported=True) or {}
         cur, missing = g.get(path[2], _MISSING), path[2] not in g
         path_rest = path[3:]
     else:

@@ -86,18 +86,22 @@ def test_a_loop_calling_next_itself_resumes_in_a_later_epoch(tmp_path, plain_res
     assert tree_equal(final, plain_results(mode))
 
 
-def _edited_relaunch(tmp_path, mode: str, kill_at: str, edit=lambda src: src, **env: str):
+def _edited(tmp_path, mode: str, kill_at: str, edit=lambda src: src):
     """A copy of train_tiny.py killed at ``kill_at``, then edited (one more line of code, as a fixed
-    evaluation bug or a new log line, then ``edit``) and relaunched with ``env``: (first, relaunch, its final
-    state or None)."""
+    evaluation bug or a new log line, then ``edit``): (the first run, ``relaunch(**env)`` giving the edited
+    script's run and its final state or None)."""
     script, ckpt, out = tmp_path / "train_tiny.py", tmp_path / "ckpt", tmp_path / "out.pt"
     shutil.copy(TINY, script)
     settings = dict(MODE=mode, PYCKPT_DIR=ckpt, PYCKPT_EVERY_STEPS="4", KILL_MARK=tmp_path / "mark", KILL_AT=kill_at)
     first = run_script([script, out], tmp_path, **settings)
     script.write_text(edit(script.read_text().replace('MODE = os.environ.get("MODE", "adamw")\n',
                                                       'MODE = os.environ.get("MODE", "adamw")\nprint("edited")\n', 1)))
-    second = run_script([script, out], tmp_path, **settings, **env)
-    return first, second, load(out) if out.exists() else None
+
+    def relaunch(**env: str):
+        r = run_script([script, out], tmp_path, **settings, **env)
+        return r, load(out) if out.exists() else None
+
+    return first, relaunch
 
 
 # a DataLoader-driven loop; with modules no optimizer owns (an EMA copy and a target network in globals, a
@@ -108,16 +112,15 @@ def test_an_edited_script_is_refused_unless_resume_edited_asks_for_the_tracked_s
     evaluation bug was fixed lost all its training. The refusal now names PYCKPT_RESUME_EDITED=tracked,
     which resumes the models, optimizers, schedulers, data position and RNG exactly, says in one line that
     the script's own variables start over, and leaves them as this run makes them."""
-    first, refused, _ = _edited_relaunch(tmp_path, mode, "13")
+    first, relaunch = _edited(tmp_path, mode, "13")
     assert first.returncode == -signal.SIGKILL
+    refused, _ = relaunch()
     assert refused.returncode == 2, refused.stderr
     lines = [ln for ln in refused.stderr.splitlines() if ln.startswith("pyckpt: cannot resume")]
     assert len(lines) == 1 and "changed since the checkpoint was written" in lines[0], refused.stderr
     assert "PYCKPT_RESUME_EDITED=tracked" in lines[0] and "PYCKPT_RESUME=never" in lines[0]
 
-    again = tmp_path / "again"
-    again.mkdir()
-    first, second, final = _edited_relaunch(again, mode, "13", PYCKPT_RESUME_EDITED="tracked")
+    second, final = relaunch(PYCKPT_RESUME_EDITED="tracked")  # the same checkpoint: the refusal wrote nothing
     assert second.returncode == 0, second.stderr
     said = [ln for ln in second.stderr.splitlines() if "PYCKPT_RESUME_EDITED=tracked" in ln]
     assert len(said) == 1 and said[0].startswith("pyckpt: warning: the script or its call stack differs"), \
@@ -138,8 +141,8 @@ def test_an_edited_script_is_refused_unless_resume_edited_asks_for_the_tracked_s
 def test_a_module_an_edit_moved_elsewhere_is_named_as_not_restored(tmp_path):
     """The edit renamed the attribute holding the teacher copy: the tracked resume cannot find it, and says
     so in one line naming it (the EMA copy and the target, still where they were, are restored)."""
-    _, second, _ = _edited_relaunch(tmp_path, "ema", "13", lambda src: src.replace("teacher", "mentor"),
-                                    PYCKPT_RESUME_EDITED="tracked")
+    _, relaunch = _edited(tmp_path, "ema", "13", lambda src: src.replace("teacher", "mentor"))
+    second, _ = relaunch(PYCKPT_RESUME_EDITED="tracked")
     assert second.returncode == 0, second.stderr
     lines = [ln for ln in second.stderr.splitlines() if "are not restored" in ln]
     assert len(lines) == 1 and "holder.teacher (not there)" in lines[0], second.stderr
