@@ -213,8 +213,9 @@ _knob("PYCKPT_COMPRESS", "none", "none, zstd", "tensor encoding", _choice("none"
 _knob("PYCKPT_RESUME", "auto", "auto, never, or an existing checkpoint directory", "what to resume from at start-up", _resume)
 _knob("PYCKPT_RESUME_EDITED", "refuse", "refuse, tracked", "a relaunch whose script code or call stack differs "
       "from the checkpoint's (an edited script): refuse (exit 2), or tracked: restore models, optimizers, "
-      "schedulers, scaler, registered state, data position and RNG, and leave the script's own variables and loop "
-      "positions as this run makes them (not exact; said in one line)", _choice("refuse", "tracked"))
+      "schedulers, scaler, registered state, data position, RNG and the variables the script's loops carry (by "
+      "name), and leave its other variables and loop positions as this run makes them (not exact; said in one "
+      "line)", _choice("refuse", "tracked"))
 _knob("PYCKPT_LOG", "info", "info, debug, quiet", "how much pyckpt prints on stderr", _choice("info", "debug", "quiet"))
 _knob("PYCKPT_LAZY", "1", "1/0", "copy snapshots during the next forward/backward (0: at the snapshot point)", _flag)
 _knob("PYCKPT_SHM_MB", "0", "an integer >= 0", "keep the newest snapshot in /dev/shm too, holding at most this many MiB there: a state of S MiB needs 2S (0: off)", _int_at_least(0))

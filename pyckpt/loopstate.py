@@ -67,7 +67,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import continuation, frames, numpy_state, object_attrs
+from . import carried, continuation, frames, numpy_state, object_attrs
 from .errors import PyckptError
 from .tree import flatten as _flatten_state
 
@@ -1677,6 +1677,7 @@ class Plan:
     # id of each live tuple a write rebinds to the checkpoint's -> that tuple: a loop over the live one is made
     # to iterate the checkpoint's (``it = torch.randperm(n).split(bs)``: the relaunch's holds other indices)
     rebound: dict = field(default_factory=dict)
+    carried: list = field(default_factory=list)  # the loop's variables an edited script's resume puts back by name
 
     def refills(self, live: dict, decoded: dict) -> None:
         """Note the lists of ``live`` (a frame's locals, a module's globals) that ``_assign`` refills, and the
@@ -1694,12 +1695,14 @@ class Plan:
 
 
 def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> Plan:
-    """For a script whose code changed (``StackChanged``, ``PYCKPT_RESUME_EDITED=tracked``): only the states
+    """For a script whose code changed (``StackChanged``, ``PYCKPT_RESUME_EDITED=tracked``): the states
     of modules no optimizer owns and of library objects with ``state_dict()`` (an EMA copy, a teacher, an EMA
     helper) that the checkpoint's variables referred to, loaded into the live object held by a variable of the
     same name (a global by module, a local of a frame running the same function at the same depth) when it is
-    of the same class and shapes. Nothing else of the loop state is written. The plan's warnings name those
-    that cannot be put back."""
+    of the same class and shapes; and the variables the edited script's loops carry (``carried``: a step
+    counter, a running loss, a best-so-far), by name, where they are plain values of a kind the relaunch's
+    variable can take. Nothing else of the loop state is written. The plan's warnings name those that cannot
+    be put back; ``plan.carried`` lists the variables put back."""
     plan = Plan()
     states = states if isinstance(states, dict) else {}
     dec = _Decoder([], states)
@@ -1714,7 +1717,8 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     for n, values in enumerate(loc if isinstance(loc, list) else ()):
         saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
         f = user[n] if n < len(user) else None
-        same = f is not None and isinstance(saved, list) and len(saved) > 1 and saved[1] == f.f_code.co_name
+        same = f is not None and isinstance(saved, list) and len(saved) > 1 and saved[1] == frames.code_key(
+            f.f_code)[1]  # the qualified name, as saved: a method's, a nested function's
         for k, e in (values.items() if isinstance(values, dict) else ()):
             places.append((f"{k} (in {saved[1] if isinstance(saved, list) and len(saved) > 1 else '?'})", k, e,
                            f.f_locals if same else None))
@@ -1750,7 +1754,115 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     if missed:
         plan.warnings.append("the states of modules no optimizer owns or of library objects the checkpoint's "
                              f"variables held are not restored: {'; '.join(missed)}")
+    _carried_writes(tree, user, plan)
     return plan
+
+
+def _carried_writes(tree: dict, user: list[types.FrameType], plan: Plan) -> None:
+    """``prepare_references``'s variables the edited script's loops carry: for each module whose globals the
+    checkpoint holds, the names its running module-level loops assign or change in place and those its
+    functions change through ``global``; for each frame running a function of the same qualified name at the
+    same depth, the names its running loops assign or change. Values (numbers, strings, containers, tensors,
+    arrays, values of script classes) and the attributes of the script's objects those names hold (a train
+    state, a ``UserDict`` of metrics), where the relaunch holds one of the same class."""
+    dec = _Decoder(tree.get("tensors") if isinstance(tree.get("tensors"), list) else [], {})
+    stack, loc, gl = tree.get("stack"), tree.get("locals"), tree.get("globals")
+    wrong: list[str] = []
+    gnames: dict[str, set[str]] = {}  # module -> carried globals
+    lnames: dict[int, set[str]] = {}  # frame index -> carried locals
+    for modname in (gl if isinstance(gl, dict) else ()):
+        g = _module_globals(user, modname)
+        if g is not None:
+            gnames[modname] = set()
+            for f in user:
+                if f.f_globals is g:
+                    gnames[modname] |= carried.global_names(f.f_code.co_filename)
+                    if frames.is_module_frame(f):
+                        gnames[modname] |= carried.loop_names(f)
+    for n, f in enumerate(user):
+        saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
+        if (not frames.is_module_frame(f) and isinstance(saved, list) and len(saved) > 1
+                and saved[1] == frames.code_key(f.f_code)[1]):
+            lnames[n] = carried.loop_names(f)
+
+    def take(values: Any, names: set[str], live: dict, label: Callable[[str], str]) -> dict:
+        out = {}
+        for k in sorted(names & set(values) if isinstance(values, dict) else ()):
+            try:
+                v = dec.value(values[k])
+            except PyckptError:
+                continue
+            if isinstance(v, _StateOf):
+                continue  # a module's or library object's state: prepare_references's references
+            now = live.get(k, _MISSING)
+            try:
+                why = None if now is _MISSING or isinstance(v, (_Struct, _InPlace)) or _same_kind(now, v) else (
+                    f"a {type(now).__name__} now, the checkpoint holds a {type(v).__name__}")
+                why = why or _problem(v, now, dec.holders)
+            except _Mismatch as e:
+                why = str(e)
+            if why:
+                wrong.append(f"{label(k)} ({why})")
+                continue
+            out[k] = v
+        return out
+
+    for modname, names in gnames.items():
+        g = _module_globals(user, modname)
+        name = (lambda k: k) if modname == "__main__" else (lambda k, m=modname: f"{m}.{k}")
+        got = take(gl[modname], names, g, name)
+        if got:
+            plan.carried += [name(k) for k in got]
+            plan.writes.append(lambda g=g, d=got: g.update({k: _assign(g.get(k), v, dec.holders)
+                                                            for k, v in d.items()}))
+    for n, names in lnames.items():
+        f = user[n]
+        name = lambda k, f=f: f"{k} (in {f.f_code.co_name})"  # noqa: E731
+        got = take(loc[n] if isinstance(loc, list) and n < len(loc) else None, names, f.f_locals, name)
+        if got:
+            plan.carried += [name(k) for k in got]
+
+            def write(f=f, d=got):
+                cur = f.f_locals
+                frames.write_locals(f, {k: _assign(cur.get(k), v, dec.holders) for k, v in d.items()})
+            plan.writes.append(write)
+    objs = tree.get("objects")
+    for o in (objs if isinstance(objs, list) else ()):  # objects a carried variable holds: their attributes
+        at = o.get("at") if isinstance(o, dict) else None
+        if not (isinstance(at, list) and len(at) >= 3 and isinstance(o.get("attrs"), dict)
+                and (at[0] == "g" and at[2] in gnames.get(at[1], ()) or at[0] == "l" and at[2] in lnames.get(at[1], ()))):
+            continue
+        try:
+            obj = _resolve(at, user)
+        except PyckptError:
+            wrong.append(f"{_label(at)} (not there)")
+            continue
+        if type(obj).__qualname__ != o.get("type") or type(obj) is types.FunctionType:
+            wrong.append(f"{_label(at)} (a {type(obj).__qualname__} now, the checkpoint holds a {o.get('type')})")
+            continue
+        got = take(o["attrs"], set(o["attrs"]), _attrs(obj), lambda k, p=at: f"{_label(p)}.{k}")
+        if got:
+            if len(at) == 3:  # (the objects it holds in turn: not listed again)
+                plan.carried.append(_label(at))
+            plan.writes.append(lambda obj=obj, d=got: [setattr(obj, k, _assign(_attrs(obj).get(k), v, dec.holders))
+                                                       for k, v in d.items()])
+    if wrong:
+        plan.warnings.append("variables the loop carries that cannot be put back keep this run's values: "
+                             + "; ".join(wrong))
+
+
+def _same_kind(live: Any, saved: Any) -> bool:
+    """Whether the relaunch's value ``live`` may be replaced by the checkpoint's ``saved``: the same type, a
+    container of that type, numbers for numbers, tensors for tensors, or None on either side (set before the
+    loop's first step)."""
+    if live is None or saved is None or type(live) is type(saved):
+        return True
+    if type(saved) in (list, dict, set, collections.deque) and isinstance(live, type(saved)):
+        return True  # refilled in place (a defaultdict keeps its factory: _assign)
+    num = (int, float)
+    if isinstance(live, num) and isinstance(saved, num) and not isinstance(live, bool) and not isinstance(saved, bool):
+        return True
+    return isinstance(live, torch.Tensor) and isinstance(saved, torch.Tensor)
 
 
 def bind_unset(tree: Any, user: list[types.FrameType]) -> list[str]:

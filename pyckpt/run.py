@@ -40,7 +40,7 @@ FLAGS = {
     "--compress": ("PYCKPT_COMPRESS", "C", "none or zstd"),
     "--resume": ("PYCKPT_RESUME", "R", "auto (default), never, or a checkpoint directory"),
     "--resume-edited": ("PYCKPT_RESUME_EDITED", "M", "refuse (default) or tracked: resume an edited script's "
-                        "models, optimizers, data position and RNG without its own variables (not exact)"),
+                        "models, optimizers, data position, RNG and loop counters (by name), not its other variables (not exact)"),
 }
 MAX_RESTARTS = ("--max-restarts", "--max_restarts")
 DEFAULT_MAX_RESTARTS = 3

@@ -504,20 +504,26 @@ class Session:
         except loopstate.StackChanged as e:
             if knobs.get("PYCKPT_RESUME_EDITED") != "tracked":
                 raise PyckptError(f"{e}; set PYCKPT_RESUME_EDITED=tracked to resume the model, optimizer, data "
-                                  "position and RNG without the script's own variables (not exact), or set "
+                                  "position, RNG and the loop's counters by name, not the script's other variables "
+                                  "(not exact), or set "
                                   "PYCKPT_RESUME=never (or use a new PYCKPT_DIR) to start over") from None
             # A fixed bug in an evaluation, a new log line: the job keeps its training state instead of
-            # starting over. Said, since the script's counters and loops are this run's, not the checkpoint's.
-            if self.coord.rank == 0:
-                say(f"warning: {e}; PYCKPT_RESUME_EDITED=tracked: the models (EMA copies found by name too), "
-                    "optimizers, schedulers, scaler, registered state, data position and RNG are the checkpoint's, "
-                    "the script's own variables and loop positions this run's (its step counters start over): the "
-                    "resume is not exact", "warning")
+            # starting over. Said, since the script's other variables and its loops are this run's.
             self.edited_resume = True
             # An EMA copy or a teacher the script's variables hold is a model too: loaded into the variable
-            # of the same name, where one of the same class is there.
-            return loopstate.prepare_references(tree, frames.user_frames(sys._getframe(2)),
+            # of the same name, where one of the same class is there. A step counter, a running loss: the
+            # variables the edited loops carry, by name.
+            plan = loopstate.prepare_references(tree, frames.user_frames(sys._getframe(2)),
                                                 rs.get("script_objects"))
+            if self.coord.rank == 0:
+                kept = (f"the variables its loops carry ({', '.join(plan.carried[:12])}"
+                        f"{', ...' if len(plan.carried) > 12 else ''}) the checkpoint's too, "
+                        if plan.carried else "")
+                say(f"warning: {e}; PYCKPT_RESUME_EDITED=tracked: the models (EMA copies found by name too), "
+                    f"optimizers, schedulers, scaler, registered state, data position and RNG are the checkpoint's, "
+                    f"{kept}the script's other variables and its loop positions this run's: the resume is not "
+                    "exact", "warning")
+            return plan
 
     def bind_unset(self, frame: Any) -> None:
         """A skipped epoch of the training loader ended (its per-epoch code runs next, without data): bind

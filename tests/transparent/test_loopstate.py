@@ -1259,6 +1259,49 @@ def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_closure():
     assert torch.equal(after["w"], first.__closure__[0].cell_contents.weight * 4)  # the weights after step 1
 
 
+class _EditedTrainer:
+    def fit(self, hook, seed, best):
+        step, history = 0, []
+        stats, metrics = Stats(), collections.UserDict(loss=0.0)  # objects the loop changes in place
+        for epoch in range(2):
+            for b in range(3):
+                step += 1
+                history.append(step * seed)
+                stats.seen += 1
+                metrics["loss"] += 0.5
+                if step == 2:
+                    best = float(step)
+                hook(sys._getframe())
+        return step, history, best, stats.seen, metrics["loss"]
+
+
+def test_an_edited_scripts_tracked_resume_puts_back_the_variables_its_loop_carries_by_name():
+    """PYCKPT_RESUME_EDITED=tracked put back none of the script's variables: the step counter, history and
+    metrics of a loop (here in a method, its frame matched by qualified name) started over. The variables
+    the running loops assign or change in place are put back by name now (the attributes of the objects
+    they hold too); one the relaunch holds as another kind is named and keeps its value."""
+    saved, after = {}, {}
+
+    def cap(frame):
+        if frame.f_locals["step"] == 4 and "c" not in saved:
+            saved["c"] = loopstate.capture([frame], "step", 1 << 20, [])
+
+    assert _EditedTrainer().fit(harness_hook(cap), 1, None) == (6, [1, 2, 3, 4, 5, 6], 2.0, 6, 3.0)
+    tree_ = through_format(saved["c"].tree)
+
+    def res(frame):
+        if not after:
+            after["plan"] = loopstate.prepare_references(tree_, [frame], {})
+            after["plan"].apply()
+
+    # restored at the relaunch's first step (its 1 overwritten by the checkpoint's 4), the loop's position its own
+    # (5 iterations left): 9 steps, the history the checkpoint's and then the relaunch's steps 5 to 9
+    assert _EditedTrainer().fit(harness_hook(res), 1, "none yet") == (9, list(range(1, 10)), "none yet", 9, 4.5)
+    assert sorted(after["plan"].carried) == ["history (in fit)", "metrics", "stats", "step (in fit)"]
+    assert len(after["plan"].warnings) == 1
+    assert "best (in fit) (a str now, the checkpoint holds a float)" in after["plan"].warnings[0]
+
+
 def _epoch_loop(hook, batches):
     seen = ["start"]
     for epoch in range(2):

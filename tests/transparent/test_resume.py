@@ -110,8 +110,9 @@ def _edited(tmp_path, mode: str, kill_at: str, edit=lambda src: src):
 def test_an_edited_script_is_refused_unless_resume_edited_asks_for_the_tracked_state(tmp_path, plain_results, mode):
     """Any edit of the script refused the resume, and the only way on was PYCKPT_RESUME=never: a job whose
     evaluation bug was fixed lost all its training. The refusal now names PYCKPT_RESUME_EDITED=tracked,
-    which resumes the models, optimizers, schedulers, data position and RNG exactly, says in one line that
-    the script's own variables start over, and leaves them as this run makes them."""
+    which resumes the models, optimizers, schedulers, data position and RNG exactly, and the variables the
+    edited loops carry by name: the step counter that ``train_step`` keeps through ``global`` went on from
+    the checkpoint's (it started over before, so a ``while step < 30`` loop trained 30 more steps)."""
     first, relaunch = _edited(tmp_path, mode, "13")
     assert first.returncode == -signal.SIGKILL
     refused, _ = relaunch()
@@ -126,16 +127,29 @@ def test_an_edited_script_is_refused_unless_resume_edited_asks_for_the_tracked_s
     assert len(said) == 1 and said[0].startswith("pyckpt: warning: the script or its call stack differs"), \
         second.stderr
     assert "not exact" in said[0], said
+    carried = re.search(r"the variables its loops carry \(([^)]*)\)", said[0])
+    assert carried and "step" in carried.group(1).split(", "), said
     resumed = int(re.search(r"pyckpt: resumed from step (\d+)", second.stderr).group(1))
     assert resumed in (12, 8), second.stderr  # (the snapshot of step 12 may not be committed at the kill)
-    trained = int(re.search(r"TRAINED (\d+)", second.stdout).group(1))
-    if mode in ("adamw", "ema"):  # the data position and tracked state are the checkpoint's: the weights (the
-        # EMA copy, teacher and target included) end as a plain run's
-        assert tree_equal(final["models"], plain_results(mode)["models"])
-        assert tree_equal(final["opts"], plain_results(mode)["opts"])
-        assert trained == 30 - resumed  # the script's own step counter started over, as the line says
-    else:  # no DataLoader: the relaunch's `while step < 30` trains 30 more steps from the checkpoint's weights
-        assert trained == 30 and not tree_equal(final["models"], plain_results(mode)["models"])
+    # the data position, the tracked state and the step counter are the checkpoint's: the weights (the EMA
+    # copy, teacher and target included) end as a plain run's, the loop no DataLoader drives included
+    assert int(re.search(r"TRAINED (\d+)", second.stdout).group(1)) == 30
+    assert tree_equal(final["models"], plain_results(mode)["models"])
+    assert tree_equal(final["opts"], plain_results(mode)["opts"])
+
+
+def test_an_edit_of_the_configuration_set_before_the_loop_is_kept_by_a_tracked_resume(tmp_path):
+    """The edit asks for one more epoch (``EPOCHS``, set before the loop): the tracked resume puts back the
+    variables the loop carries (the step counter) but not the configuration the edit changed, so the job
+    goes on from the checkpoint's step and trains the longer schedule."""
+    _, relaunch = _edited(tmp_path, "adamw", "13", lambda src: src.replace(
+        'EPOCHS = int(os.environ.get("EPOCHS", "3"))', "EPOCHS = 4", 1))
+    second, _ = relaunch(PYCKPT_RESUME_EDITED="tracked")
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"pyckpt: resumed from step (12|8) \(epoch 0", second.stderr), second.stderr
+    said = [ln for ln in second.stderr.splitlines() if "PYCKPT_RESUME_EDITED=tracked" in ln]
+    assert len(said) == 1 and "EPOCHS" not in said[0], said
+    assert int(re.search(r"TRAINED (\d+)", second.stdout).group(1)) == 40  # 4 epochs of 10 steps in all
 
 
 def test_a_module_an_edit_moved_elsewhere_is_named_as_not_restored(tmp_path):
