@@ -1700,8 +1700,8 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     helper) that the checkpoint's variables referred to, loaded into the live object held by a variable of the
     same name (a global by module, a local of a frame running the same function at the same depth) when it is
     of the same class and shapes; and the variables the edited script's loops carry (``carried``: a step
-    counter, a running loss, a best-so-far), by name, where they are plain values of a kind the relaunch's
-    variable can take. Nothing else of the loop state is written. The plan's warnings name those that cannot
+    counter, a running loss, a best-so-far, the attributes of a train-state object), by name, where the relaunch's
+    variable can take the checkpoint's value (``_carried_writes``). Nothing else of the loop state is written. The plan's warnings name those that cannot
     be put back; ``plan.carried`` lists the variables put back."""
     plan = Plan()
     states = states if isinstance(states, dict) else {}
