@@ -2,14 +2,16 @@
 
 An edited script resumed with ``PYCKPT_RESUME_EDITED=tracked`` cannot have its loop state restored
 as a whole (the code differs), but the loop's progress is still wanted: a step counter, a running
-loss, a best-so-far value, a history. Those are the names the loops running at the restore point assign
-or change in place (``history.append``, ``metrics["loss"] +=``), and the globals a function of the script
-assigns through ``global`` (``step += 1`` in a ``train_step``) or changes in place. Names set only before the loop (``max_steps``, a learning rate) are configuration:
-an edit of them is kept. Nothing here imports or runs the script; its source is only parsed.
+loss, a best-so-far value, a history. Those are the names the loops running at the restore point
+assign or change in place (``history.append``, ``metrics["loss"] +=``), and the globals a function of
+the script assigns through ``global`` (``step += 1`` in a ``train_step``) or changes in place. Names
+set only before the loop (``max_steps``, a learning rate) are configuration: an edit of them is kept.
+Nothing here imports or runs the script; its source is only parsed.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import linecache
 import types
 
@@ -22,10 +24,14 @@ _LOOPS = (ast.For, ast.AsyncFor, ast.While)
 def _module_ast(filename: str) -> ast.Module | None:
     """The source of ``filename`` as the relaunch runs it, parsed; None where it cannot be read."""
     lines = linecache.getlines(filename)
-    if not lines:
-        return None
+    return _parse("".join(lines), filename) if lines else None
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(source: str, filename: str) -> ast.Module | None:
+    # (keyed by the text: each frame of a file asks once more at a resume; an edited file is parsed anew)
     try:
-        return ast.parse("".join(lines), filename)
+        return ast.parse(source, filename)
     except (SyntaxError, ValueError):
         return None
 
@@ -113,8 +119,8 @@ def _loops_at(scope: ast.AST, line: int) -> list[ast.AST]:
 
 
 def loop_names(frame: types.FrameType) -> set[str]:
-    """The names the loops running at ``frame``'s current line assign in their bodies, less the names
-    the headers of those loops bind (the loop position is the relaunch's own). Empty where the source
+    """The names the loops running at ``frame``'s current line assign or change in place in their
+    bodies, less the names the headers of those loops bind (the loop position is the relaunch's own). Empty where the source
     cannot be read or no loop runs there."""
     module = _module_ast(frame.f_code.co_filename)
     scope = _scope_of(module, frame.f_code) if module is not None else None
