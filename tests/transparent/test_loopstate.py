@@ -1259,6 +1259,39 @@ def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_closure():
     assert torch.equal(after["w"], first.__closure__[0].cell_contents.weight * 4)  # the weights after step 1
 
 
+def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_local_of_a_nested_function():
+    """The frames of an edited script are matched by function: the checkpoint names each by its qualified
+    name (``...<locals>.run``, ``Trainer.fit``), and the comparison took the bare name, so an EMA copy held by
+    a local of a method or a nested function was said "not there" and not restored."""
+    saved, after = {}, {}
+
+    def run(hook, seed):
+        torch.manual_seed(seed)
+        ema = torch.nn.Linear(2, 2)
+        for i in range(3):
+            with torch.no_grad():
+                ema.weight.mul_(0.5)
+            hook(sys._getframe())
+        return ema
+
+    def cap(frame):
+        if "c" not in saved:
+            c = loopstate.capture([frame], "step", 1 << 20, [])
+            saved["c"], saved["s"] = c, through_format(c.states)
+
+    first = run(harness_hook(cap), 0)
+    tree_, states = through_format(saved["c"].tree), saved["s"]
+
+    def res(frame):
+        if not after:
+            after["plan"] = loopstate.prepare_references(tree_, [frame], states)
+            after["plan"].apply()
+
+    second = run(harness_hook(res), 1)
+    assert after["plan"].warnings == []
+    assert torch.equal(second.weight, first.weight)  # the checkpoint's (after 1), then two more halvings each
+
+
 class _EditedTrainer:
     def fit(self, hook, seed, best):
         step, history = 0, []
