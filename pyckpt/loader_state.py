@@ -186,20 +186,31 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
         return
     by_key = {key: (kind, g) for key, kind, g in live}
     raw_form = isinstance(saved, tuple)
-    todo, bad = [], []
+    todo, bad, made = [], [], []
     for entry in saved if isinstance(saved, (list, tuple)) else [None]:
         key = entry[0] if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], str) else "?"
         try:
-            if not isinstance(entry, (list, tuple)) or len(entry) != 3 or key == "?" or key not in by_key:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3 or key == "?":
                 raise KeyError(key)
+            slot = None
+            if key not in by_key:
+                slot = _lazy_slot(loader, key, entry[1])
+                if slot is None:
+                    raise KeyError(key)
+                by_key[key] = ("torch", torch.Generator())
             kind, g = by_key.pop(key)
             if entry[1] != kind:
                 raise TypeError(kind)
             raw = entry[2] if raw_form else rng.raw_from_saved(kind, entry[2])
             rng.check_state(g, kind, raw)
             todo.append((g, kind, raw))
+            if slot is not None:
+                made.append((*slot, key, g))
         except Exception:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
             bad.append(key[:60])
+    for owner, name, key, g in made:  # (after every entry was checked: nothing is written before)
+        setattr(owner, name, g)
+        live.append((key, "torch", g))
     failed = []
     for g, kind, raw in todo:
         try:
@@ -216,6 +227,28 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
             parts.append(f"{_keys(failed)} refused their state")
         _say_once(f"warning: loader {_sig_of(loader)}: random generators saved {when} not restored: "
                   f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
+
+
+def _lazy_slot(loader: DataLoader, key: str, kind: Any) -> tuple[Any, str] | None:
+    """(owner, attribute) for a saved torch generator ``key`` (``"loader.generator"``, ``"sampler.1.generator"``)
+    whose live owner holds None under that attribute: a sampler that makes its generator at its first
+    ``__iter__`` (accelerate's SeedableRandomSampler) has made none yet in a relaunch that skipped the earlier
+    epochs without iterating it. The caller puts a new generator there with the saved state, as the first
+    run held one. None for anything else (an item of a container, a dataset's, another kind)."""
+    parts = key.split(".")
+    if kind != "torch":
+        return None
+    if len(parts) == 2 and parts[0] == "loader":
+        owner = loader
+    elif len(parts) == 3 and parts[0] == "sampler" and parts[1].isdigit():
+        chain = _sampler_chain(loader)
+        owner = chain[int(parts[1])] if int(parts[1]) < len(chain) else None
+    else:
+        return None
+    attrs = getattr(owner, "__dict__", None)
+    if type(attrs) is not dict or parts[-1] not in attrs or attrs[parts[-1]] is not None:
+        return None
+    return owner, parts[-1]
 
 
 def _keys(keys: list[str]) -> str:

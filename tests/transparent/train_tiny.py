@@ -72,6 +72,22 @@ if MODE == "reiter_stream":  # reiter over an IterableDataset: its loader has no
             return iter(data)
 
     loader = DataLoader(Stream(), batch_size=4)
+if MODE == "lazy_gen":  # a sampler making its generator at its first __iter__ (as accelerate's
+    # SeedableRandomSampler does), then drawing each epoch's order from it
+    class LazySampler(torch.utils.data.Sampler):
+        def __init__(self, n):
+            self.n, self.generator = n, None
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            if self.generator is None:
+                self.generator = torch.Generator()
+                self.generator.manual_seed(7)
+            return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    loader = DataLoader(data, batch_size=4, sampler=LazySampler(len(data)))
 if MODE == "peek":  # the same signature as the training loader (dataset type and length, batch size, ...)
     twin_loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randn(40, 1)), batch_size=4, shuffle=True)
 if MODE == "zipgen":  # a second loader (its own dataset length) zipped with the training one
