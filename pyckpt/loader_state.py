@@ -197,7 +197,7 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
                 slot = _lazy_slot(loader, key, entry[1])
                 if slot is None:
                     raise KeyError(key)
-                by_key[key] = ("torch", torch.Generator())
+                by_key[key] = (entry[1], slot[2])
             kind, g = by_key.pop(key)
             if entry[1] != kind:
                 raise TypeError(kind)
@@ -205,12 +205,12 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
             rng.check_state(g, kind, raw)
             todo.append((g, kind, raw))
             if slot is not None:
-                made.append((*slot, key, g))
+                made.append((slot[0], slot[1], key, g))
         except Exception:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
             bad.append(key[:60])
     for owner, name, key, g in made:  # (after every entry was checked: nothing is written before)
         setattr(owner, name, g)
-        live.append((key, "torch", g))
+        live.append((key, rng.kind_of(g), g))
     failed = []
     for g, kind, raw in todo:
         try:
@@ -229,26 +229,47 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
                   f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
 
 
-def _lazy_slot(loader: DataLoader, key: str, kind: Any) -> tuple[Any, str] | None:
-    """(owner, attribute) for a saved torch generator ``key`` (``"loader.generator"``, ``"sampler.1.generator"``)
-    whose live owner holds None under that attribute: a sampler that makes its generator at its first
-    ``__iter__`` (accelerate's SeedableRandomSampler) has made none yet in a relaunch that skipped the earlier
-    epochs without iterating it. The caller puts a new generator there with the saved state, as the first
-    run held one. None for anything else (an item of a container, a dataset's, another kind)."""
+def _lazy_slot(loader: DataLoader, key: str, kind: Any) -> tuple[Any, str, Any] | None:
+    """(owner, attribute, a new generator of ``kind``) for a saved generator ``key`` (``"loader.generator"``,
+    ``"sampler.1.generator"``, ``"dataset.rng"``, ``"dataset.datasets.0.rng"``) whose live owner holds None
+    under that attribute: a sampler that makes its generator at its first ``__iter__`` (accelerate's
+    SeedableRandomSampler), a dataset that makes its augmentation generator at its first ``__getitem__``,
+    made none yet in a relaunch that skipped the earlier epochs without data. The caller checks the saved
+    state against the new generator and puts it there, as the first run held one. None for anything else."""
     parts = key.split(".")
-    if kind != "torch":
+    if len(parts) < 2 or kind not in ("torch", "random", "numpy.RandomState", "numpy.Generator"):
         return None
-    if len(parts) == 2 and parts[0] == "loader":
-        owner = loader
-    elif len(parts) == 3 and parts[0] == "sampler" and parts[1].isdigit():
+    if parts[0] == "loader":
+        owner, path = loader, parts[1:-1]
+    elif parts[0] == "sampler" and len(parts) == 3 and parts[1].isdigit():
         chain = _sampler_chain(loader)
-        owner = chain[int(parts[1])] if int(parts[1]) < len(chain) else None
+        owner, path = (chain[int(parts[1])] if int(parts[1]) < len(chain) else None), []
+    elif parts[0] == "dataset":
+        owner, path = loader.dataset, parts[1:-1]
     else:
         return None
+    for name in path:  # what generators() looked into: attributes, items of a list, tuple or dict
+        if type(owner) in (list, tuple) and name.isdigit() and int(name) < len(owner):
+            owner = owner[int(name)]
+        elif type(owner) is dict:
+            owner = owner.get(name)
+        else:
+            attrs = getattr(owner, "__dict__", None)
+            owner = attrs.get(name) if type(attrs) is dict else None
     attrs = getattr(owner, "__dict__", None)
     if type(attrs) is not dict or parts[-1] not in attrs or attrs[parts[-1]] is not None:
         return None
-    return owner, parts[-1]
+    if kind == "torch":
+        made: Any = torch.Generator()
+    elif kind == "random":
+        import random
+
+        made = random.Random()
+    else:
+        import numpy as np  # (a NumPy state was saved: NumPy is there)
+
+        made = np.random.RandomState() if kind == "numpy.RandomState" else np.random.default_rng()
+    return owner, parts[-1], made
 
 
 def _keys(keys: list[str]) -> str:

@@ -86,16 +86,21 @@ def test_a_loop_calling_next_itself_resumes_in_a_later_epoch(tmp_path, plain_res
     assert tree_equal(final, plain_results(mode))
 
 
-def test_a_generator_a_sampler_makes_at_its_first_iteration_is_restored_in_a_later_epoch(tmp_path, plain_results):
+@pytest.mark.parametrize("mode", [
+    "lazy_gen",  # a sampler's torch.Generator, made at its first __iter__ (accelerate's SeedableRandomSampler)
+    "lazy_aug",  # a dataset's random.Random, made at its first __getitem__
+])
+def test_a_generator_made_at_its_first_use_is_restored_in_a_later_epoch(tmp_path, plain_results, mode):
     """A sampler that makes its generator at its first ``__iter__`` (accelerate's SeedableRandomSampler, under
-    every Trainer run) holds none yet in a relaunch that skipped the earlier epochs without data: the state
-    saved at the start of the resumed epoch was said not to fit, and the epoch drew the first epoch's order
-    again. A generator of the saved kind is made there now, where the attribute holds None, and given it."""
-    first, second, final = _kill_and_resume(tmp_path, "lazy_gen", KILL_AT="17")
+    every Trainer run), a dataset that makes its augmentation generator at its first ``__getitem__``: a
+    relaunch that skipped the earlier epochs without data holds none yet, so the saved state was said not
+    to fit, and the resumed epoch drew the first epoch's numbers again. A generator of the saved kind is made
+    there now, where the attribute holds None, and given the saved state."""
+    first, second, final = _kill_and_resume(tmp_path, mode, KILL_AT="17")
     assert first.returncode == -signal.SIGKILL
     assert re.search(r"pyckpt: resumed from step (16|12) \(epoch 1", second.stderr), second.stderr
     assert "not restored" not in second.stderr, second.stderr
-    assert tree_equal(final, plain_results("lazy_gen"))
+    assert tree_equal(final, plain_results(mode))
 
 
 def _edited(tmp_path, mode: str, kill_at: str, edit=lambda src: src):

@@ -42,6 +42,7 @@ argv[1]: where to torch.save the final state
 import copy
 import itertools
 import os
+import random
 import signal
 import sys
 import types
@@ -88,6 +89,19 @@ if MODE == "lazy_gen":  # a sampler making its generator at its first __iter__ (
             return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
     loader = DataLoader(data, batch_size=4, sampler=LazySampler(len(data)))
+if MODE == "lazy_aug":  # a dataset making its augmentation generator at its first __getitem__
+    class LazyAug(TensorDataset):
+        def __init__(self, *tensors):
+            super().__init__(*tensors)
+            self.rng = None
+
+        def __getitem__(self, i):
+            if self.rng is None:
+                self.rng = random.Random(5)
+            x, y = super().__getitem__(i)
+            return x * (1 + 0.1 * self.rng.random()), y
+
+    loader = DataLoader(LazyAug(*data.tensors), batch_size=4, shuffle=True)
 if MODE == "peek":  # the same signature as the training loader (dataset type and length, batch size, ...)
     twin_loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randn(40, 1)), batch_size=4, shuffle=True)
 if MODE == "zipgen":  # a second loader (its own dataset length) zipped with the training one
