@@ -71,7 +71,7 @@ def signature(loader: DataLoader) -> list:
             type(bs).__qualname__ if bs is not None else None, bool(loader.drop_last), int(loader.num_workers)]
 
 
-def generators(loader: DataLoader) -> list[tuple[str, str, Any]]:
+def generators(loader: DataLoader | None, dataset: Any = None) -> list[tuple[str, str, Any]]:
     """The random generators the loader's parts keep, as (key, kind, generator), deduplicated, in a fixed
     order: torch.Generator, random.Random, NumPy RandomState and Generator objects held as attributes
     (``vars()``, or items of a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader
@@ -80,7 +80,8 @@ def generators(loader: DataLoader) -> list[tuple[str, str, Any]]:
     a ConcatDataset's ``"dataset.datasets.0.rng"``). A sampler drawing its order from one, or a dataset its
     augmentation in this process, draws other numbers on a relaunch that skipped what drew them; the key
     is stored with each state, so a checkpoint of another layout is detected rather than misapplied.
-    A plain loader has a few dozen attributes to look at: no cache (a generator replaced is seen)."""
+    A plain loader has a few dozen attributes to look at: no cache (a generator replaced is seen).
+    ``loader`` None: ``dataset``'s only (a worker's copy)."""
     found: list[tuple[str, str, Any]] = []
     seen: set[int] = set()
     kind_of = rng.kind_of
@@ -112,16 +113,23 @@ def generators(loader: DataLoader) -> list[tuple[str, str, Any]]:
             elif inner is not None and _is_dataset(t):
                 inner.append((f"{prefix}.{name}", v))
 
-    look("loader", loader, None)
-    for i, s in enumerate(_sampler_chain(loader)):
-        look(f"sampler.{i}", s, None)
-    datasets: list = [("dataset", loader.dataset)]
+    if loader is not None:
+        look("loader", loader, None)
+        for i, s in enumerate(_sampler_chain(loader)):
+            look(f"sampler.{i}", s, None)
+    datasets: list = [("dataset", loader.dataset if loader is not None else dataset)]
     for depth in range(3):  # the dataset, what it wraps, what that wraps
         inner: list | None = [] if depth < 2 else None
         for prefix, ds in datasets:
             look(prefix, ds, inner)
         datasets = inner or []
     return found
+
+
+def dataset_generator_keys(dataset: Any) -> tuple[str, ...]:
+    """The keys of the random generators ``dataset`` holds, as ``generators`` names them (``"dataset.rng"``):
+    a worker process reports those of its copy (``loader_workers``), made there at first use too."""
+    return tuple(key for key, _, _ in generators(None, dataset))
 
 
 _DATASET_TYPES: dict[type, bool] = {}
@@ -479,10 +487,13 @@ class Stream:
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
             pos["attrs"] = _capture_attrs(loader)
-            if loader.num_workers > 0 and any(key.startswith("dataset.") for key, _, _ in own):
+            in_workers = self._worker_dataset_generators() if loader.num_workers > 0 else set()
+            if loader.num_workers > 0:
+                in_workers |= {key for key, _, _ in own if key.startswith("dataset.")}
+            if in_workers:
+                # (copied into each worker, or made there at first use: either way the workers' own)
                 _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
-                          f"dataset's random generator(s) "
-                          f"{_keys([k for k, _, _ in own if k.startswith('dataset.')])}; those copies are not "
+                          f"dataset's random generator(s) {_keys(sorted(in_workers))}; those copies are not "
                           "saved, so what they draw may differ after a resume (derive per-sample generators "
                           "from get_worker_info().seed, or draw from torch's, Python's or NumPy's global "
                           "generators, which are saved per worker)", "warning")
@@ -494,6 +505,13 @@ class Stream:
         if others:
             pos["others"] = [st.position(batch=st.mark, others=False) for st in self.tracker.zipped_with(self)]
         return pos
+
+    def _worker_dataset_generators(self) -> set[str]:
+        """The keys of the generators the worker processes of this stream's iterator found in their copies
+        of the dataset (``loader_workers.Record.dataset_gens``)."""
+        it = self.iterator() if self.iterator is not None else None
+        record = it.__dict__.get("_pyckpt_workers") if it is not None else None
+        return set(record.dataset_gens) if record is not None else set()
 
     def _pipeline_position(self, loader: DataLoader, ahead: int) -> dict[str, Any]:
         """Worker generator states and base seed; a stateful loader's or dataset's own state.

@@ -104,28 +104,31 @@ def from_saved(saved: Any) -> Transport | None:
 
 
 class _Tagged:
-    """A batch from worker ``worker`` with the worker's generator state after loading it."""
+    """A batch from worker ``worker`` with the worker's generator state after loading it, and the keys of
+    the generators its copy of the dataset holds when they changed (None otherwise)."""
 
-    __slots__ = ("data", "rng", "worker")
+    __slots__ = ("data", "rng", "worker", "gens")
 
-    def __init__(self, data: Any, rng: Transport | None, worker: int) -> None:
-        self.data, self.rng, self.worker = data, rng, worker
+    def __init__(self, data: Any, rng: Transport | None, worker: int, gens: tuple | None = None) -> None:
+        self.data, self.rng, self.worker, self.gens = data, rng, worker, gens
 
     def __reduce__(self) -> tuple:
-        return (_Tagged, (self.data, self.rng, self.worker))
+        return (_Tagged, (self.data, self.rng, self.worker, self.gens))
 
     def pin_memory(self, *args: Any) -> "_Tagged":
         """torch's pin-memory thread calls this for unknown types: pin the batch, keep the tag."""
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        return _Tagged(pin_memory(self.data), self.rng, self.worker)
+        return _Tagged(pin_memory(self.data), self.rng, self.worker, self.gens)
 
 
 class _CapturingFetcher:
-    """Wraps a worker's map-style fetcher: tags every batch with the generator state after it."""
+    """Wraps a worker's map-style fetcher: tags every batch with the generator state after it, and with the
+    generators its copy of the dataset holds when they change: one the dataset makes at its first
+    ``__getitem__`` exists in the workers only, unseen by the main process and not saved (said there)."""
 
     def __init__(self, inner: Any, worker: int) -> None:
-        self.inner, self.last, self.worker = inner, None, worker
+        self.inner, self.last, self.worker, self.gens = inner, None, worker, ()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -135,7 +138,12 @@ class _CapturingFetcher:
         state = current_state()
         changed = state != self.last
         self.last = state
-        return _Tagged(data, state if changed else None, self.worker)
+        from .loader_state import dataset_generator_keys  # (imported by then: it installed this fetcher)
+
+        gens = dataset_generator_keys(self.inner.dataset)
+        new_gens = gens if gens != self.gens else None
+        self.gens = gens
+        return _Tagged(data, state if changed else None, self.worker, new_gens)
 
 
 def _install_in_worker(worker_id: int) -> None:
@@ -181,6 +189,7 @@ class Record:
         self.recent: list[deque] = [deque(maxlen=HISTORY) for _ in range(workers)]
         self.settled: list[Any] = list(initial) if initial is not None else [None] * workers
         self.draining = False  # persistent workers' _reset is dropping an epoch's leftover batches
+        self.dataset_gens: set[str] = set()  # generators the workers' copies of the dataset hold (_Tagged.gens)
 
     def add(self, worker: int, state: Transport | None) -> None:
         recent = self.recent[worker]
@@ -218,6 +227,8 @@ class _Untag:
         it = self.ref()
         if isinstance(data, _Tagged):
             self.record.add(worker_idx, data.rng)
+            if data.gens:
+                self.record.dataset_gens.update(data.gens)
             data = data.data
         return type(it)._process_data(it, data, worker_idx, *rest)  # torchdata's: + the worker's own state
 

@@ -57,6 +57,35 @@ def test_look_ahead_wrapper_over_workers_saves_the_states_of_the_batches_handed(
     assert (pos["batch"], pos["fetched"]) == (3, 4)
 
 
+class LazyAugmenting(Dataset):
+    """Makes its own generator at its first ``__getitem__``: in each worker that loads an item, never in
+    the main process."""
+
+    def __init__(self, n: int = 23) -> None:
+        self.n, self.rng = n, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.rng is None:
+            self.rng = random.Random(5)
+        return torch.tensor([i, self.rng.random()], dtype=torch.float64)
+
+
+def test_a_generator_a_dataset_makes_in_its_workers_is_said_not_saved(capfd):
+    """A dataset making its augmentation generator at its first ``__getitem__`` makes it in the workers only:
+    the main process's copy holds None, so the warning said for a dataset's own generator under workers
+    (each worker draws from a copy that is not saved) was not said, and a resume drew other numbers in
+    silence. The workers report the generators their copies hold; the warning names them."""
+    make = lambda: DataLoader(LazyAugmenting(), batch_size=4, shuffle=True, num_workers=2)  # noqa: E731
+    _, got, _ = run_tracked(make, stop=(1, 3))
+    assert "pos" in got
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "LazyAugmenting" in ln]
+    assert len(lines) == 1 and "each worker process draws from its own copy" in lines[0], lines
+    assert "dataset.rng" in lines[0] and "copies are not saved" in lines[0]
+
+
 def test_malformed_worker_state_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="malformed worker RNG state"):
         loader_workers.from_saved({"torch": torch.zeros(3, dtype=torch.uint8), "python": [3, torch.zeros(5), None]})
