@@ -140,7 +140,10 @@ class _CapturingFetcher:
         self.last = state
         from .loader_state import dataset_generator_keys  # (imported by then: it installed this fetcher)
 
-        gens = dataset_generator_keys(self.inner.dataset)
+        try:
+            gens = dataset_generator_keys(getattr(self.inner, "dataset", None))
+        except Exception:  # noqa: BLE001 - a report for a warning line: never in the way of a batch
+            gens = self.gens
         new_gens = gens if gens != self.gens else None
         self.gens = gens
         return _Tagged(data, state if changed else None, self.worker, new_gens)
