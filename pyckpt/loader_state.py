@@ -200,13 +200,10 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
         try:
             if not isinstance(entry, (list, tuple)) or len(entry) != 3 or key == "?":
                 raise KeyError(key)
-            slot = None
-            if key not in by_key:
-                slot = _lazy_slot(loader, key, entry[1])
-                if slot is None:
-                    raise KeyError(key)
-                by_key[key] = (entry[1], slot[2])
-            kind, g = by_key.pop(key)
+            slot = _lazy_slot(loader, key, entry[1]) if key not in by_key else None
+            if key not in by_key and slot is None:
+                raise KeyError(key)
+            kind, g = (entry[1], slot[2]) if slot is not None else by_key.pop(key)
             if entry[1] != kind:
                 raise TypeError(kind)
             raw = entry[2] if raw_form else rng.raw_from_saved(kind, entry[2])
@@ -506,19 +503,22 @@ class Stream:
             pos["others"] = [st.position(batch=st.mark, others=False) for st in self.tracker.zipped_with(self)]
         return pos
 
+    def _worker_record(self) -> Any:
+        """The ``loader_workers.Record`` of this stream's live multi-process iterator, or None."""
+        it = self.iterator() if self.iterator is not None else None
+        return it.__dict__.get("_pyckpt_workers") if it is not None else None
+
     def _worker_dataset_generators(self) -> set[str]:
         """The keys of the generators the worker processes of this stream's iterator found in their copies
         of the dataset (``loader_workers.Record.dataset_gens``)."""
-        it = self.iterator() if self.iterator is not None else None
-        record = it.__dict__.get("_pyckpt_workers") if it is not None else None
+        record = self._worker_record()
         return set(record.dataset_gens) if record is not None else set()
 
     def _pipeline_position(self, loader: DataLoader, ahead: int) -> dict[str, Any]:
         """Worker generator states and base seed; a stateful loader's or dataset's own state.
         ``ahead``: batches fetched beyond the position (a look-ahead wrapper's, a zipped loader's)."""
         out: dict[str, Any] = {}
-        it = self.iterator() if self.iterator is not None else None
-        record = it.__dict__.get("_pyckpt_workers") if it is not None else None
+        record = self._worker_record()
         if record is not None:
             states, exact = record.states_before(ahead)
             if not exact:
