@@ -1715,13 +1715,11 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     loc = tree.get("locals") if isinstance(tree, dict) else None
     stack = tree.get("stack") if isinstance(tree, dict) else None
     for n, values in enumerate(loc if isinstance(loc, list) else ()):
-        saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
+        fn = _saved_function(stack, n)
         f = user[n] if n < len(user) else None
-        same = f is not None and isinstance(saved, list) and len(saved) > 1 and saved[1] == frames.code_key(
-            f.f_code)[1]  # the qualified name, as saved: a method's, a nested function's
+        same = f is not None and fn == frames.code_key(f.f_code)[1]
         for k, e in (values.items() if isinstance(values, dict) else ()):
-            places.append((f"{k} (in {saved[1] if isinstance(saved, list) and len(saved) > 1 else '?'})", k, e,
-                           f.f_locals if same else None))
+            places.append((f"{k} (in {fn or '?'})", k, e, f.f_locals if same else None))
     objs = tree.get("objects") if isinstance(tree, dict) else None
     for o in (objs if isinstance(objs, list) else ()):  # attributes of plain objects (holder.teacher)
         attrs = o.get("attrs") if isinstance(o, dict) else None
@@ -1758,6 +1756,13 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     return plan
 
 
+def _saved_function(stack: Any, n: int) -> str | None:
+    """The qualified name of the function the checkpoint's script frame ``n`` ran (``stack[n + 1]``, as
+    ``stack_signature`` saved it: a method's ``Trainer.fit``, a nested function's ``main.<locals>.run``)."""
+    saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
+    return saved[1] if isinstance(saved, list) and len(saved) > 1 and isinstance(saved[1], str) else None
+
+
 def _carried_writes(tree: dict, user: list[types.FrameType], plan: Plan) -> None:
     """``prepare_references``'s variables the edited script's loops carry: for each module whose globals the
     checkpoint holds, the names its running module-level loops assign or change in place and those its
@@ -1780,9 +1785,7 @@ def _carried_writes(tree: dict, user: list[types.FrameType], plan: Plan) -> None
                     if frames.is_module_frame(f):
                         gnames[modname] |= carried.loop_names(f)
     for n, f in enumerate(user):
-        saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
-        if (not frames.is_module_frame(f) and isinstance(saved, list) and len(saved) > 1
-                and saved[1] == frames.code_key(f.f_code)[1]):
+        if not frames.is_module_frame(f) and _saved_function(stack, n) == frames.code_key(f.f_code)[1]:
             lnames[n] = carried.loop_names(f)
 
     def take(values: Any, names: set[str], live: dict, label: Callable[[str], str]) -> dict:
