@@ -1227,12 +1227,35 @@ def _make_ema_step(seed):
     return step
 
 
+def _tracked_relaunch(run, first_args, second_args, capture_when=lambda frame: True,
+                      on_restore=lambda frame: None):
+    """``run(hook, *first_args)`` captured at its first hook call where ``capture_when``; then the relaunch
+    ``run(hook, *second_args)`` restored at its first hook call as ``PYCKPT_RESUME_EDITED=tracked`` does
+    (``prepare_references``). Returns (the first run's result, the relaunch's, the plan)."""
+    saved, after = {}, {}
+
+    def cap(frame):
+        if "c" not in saved and capture_when(frame):
+            c = loopstate.capture([frame], "step", 1 << 20, [])
+            saved["c"], saved["s"] = c, through_format(c.states)  # (states refer to the live tensors)
+
+    first = run(harness_hook(cap), *first_args)
+    tree_, states = through_format(saved["c"].tree), saved["s"]
+
+    def res(frame):
+        if not after:
+            after["plan"] = loopstate.prepare_references(tree_, [frame], states)
+            after["plan"].apply()
+            on_restore(frame)
+
+    second = run(harness_hook(res), *second_args)
+    return first, second, after["plan"]
+
+
 def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_closure():
     """PYCKPT_RESUME_EDITED=tracked loads modules no optimizer owns into the module held at the same place;
     one held by a closure's cell (``step_fn.<cell>ema``) was looked for among the function's attributes,
     and said not restored."""
-    saved, after = {}, {}
-
     def run(hook, seed):
         step_fn = _make_ema_step(seed)
         for i in range(3):
@@ -1240,31 +1263,17 @@ def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_closure():
             hook(sys._getframe())
         return step_fn
 
-    def cap(frame):
-        if "c" not in saved:
-            c = loopstate.capture([frame], "step", 1 << 20, [])
-            saved["c"], saved["s"] = c, through_format(c.states)  # (states refer to the live tensors)
-
-    first = run(harness_hook(cap), 0)
-    tree_, states = through_format(saved["c"].tree), saved["s"]
-
-    def res(frame):
-        if not after:
-            after["plan"] = loopstate.prepare_references(tree_, [frame], states)
-            after["plan"].apply()
-            after["w"] = frame.f_locals["step_fn"].__closure__[0].cell_contents.weight.clone()
-
-    run(res, 1)
-    assert after["plan"].warnings == []
-    assert torch.equal(after["w"], first.__closure__[0].cell_contents.weight * 4)  # the weights after step 1
+    at_restore = {}
+    first, _, plan = _tracked_relaunch(run, (0,), (1,), on_restore=lambda frame: at_restore.update(
+        w=frame.f_locals["step_fn"].__closure__[0].cell_contents.weight.clone()))
+    assert plan.warnings == []
+    assert torch.equal(at_restore["w"], first.__closure__[0].cell_contents.weight * 4)  # the weights after step 1
 
 
 def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_local_of_a_nested_function():
     """The frames of an edited script are matched by function: the checkpoint names each by its qualified
     name (``...<locals>.run``, ``Trainer.fit``), and the comparison took the bare name, so an EMA copy held by
     a local of a method or a nested function was said "not there" and not restored."""
-    saved, after = {}, {}
-
     def run(hook, seed):
         torch.manual_seed(seed)
         ema = torch.nn.Linear(2, 2)
@@ -1274,21 +1283,8 @@ def test_an_edited_scripts_tracked_resume_finds_an_ema_held_by_a_local_of_a_nest
             hook(sys._getframe())
         return ema
 
-    def cap(frame):
-        if "c" not in saved:
-            c = loopstate.capture([frame], "step", 1 << 20, [])
-            saved["c"], saved["s"] = c, through_format(c.states)
-
-    first = run(harness_hook(cap), 0)
-    tree_, states = through_format(saved["c"].tree), saved["s"]
-
-    def res(frame):
-        if not after:
-            after["plan"] = loopstate.prepare_references(tree_, [frame], states)
-            after["plan"].apply()
-
-    second = run(harness_hook(res), 1)
-    assert after["plan"].warnings == []
+    first, second, plan = _tracked_relaunch(run, (0,), (1,))
+    assert plan.warnings == []
     assert torch.equal(second.weight, first.weight)  # the checkpoint's (after 1), then two more halvings each
 
 
@@ -1313,26 +1309,15 @@ def test_an_edited_scripts_tracked_resume_puts_back_the_variables_its_loop_carri
     metrics of a loop (here in a method, its frame matched by qualified name) started over. The variables
     the running loops assign or change in place are put back by name now (the attributes of the objects
     they hold too); one the relaunch holds as another kind is named and keeps its value."""
-    saved, after = {}, {}
-
-    def cap(frame):
-        if frame.f_locals["step"] == 4 and "c" not in saved:
-            saved["c"] = loopstate.capture([frame], "step", 1 << 20, [])
-
-    assert _EditedTrainer().fit(harness_hook(cap), 1, None) == (6, [1, 2, 3, 4, 5, 6], 2.0, 6, 3.0)
-    tree_ = through_format(saved["c"].tree)
-
-    def res(frame):
-        if not after:
-            after["plan"] = loopstate.prepare_references(tree_, [frame], {})
-            after["plan"].apply()
-
+    first, second, plan = _tracked_relaunch(_EditedTrainer().fit, (1, None), (1, "none yet"),
+                                            capture_when=lambda frame: frame.f_locals["step"] == 4)
+    assert first == (6, [1, 2, 3, 4, 5, 6], 2.0, 6, 3.0)
     # restored at the relaunch's first step (its 1 overwritten by the checkpoint's 4), the loop's position its own
     # (5 iterations left): 9 steps, the history the checkpoint's and then the relaunch's steps 5 to 9
-    assert _EditedTrainer().fit(harness_hook(res), 1, "none yet") == (9, list(range(1, 10)), "none yet", 9, 4.5)
-    assert sorted(after["plan"].carried) == ["history (in fit)", "metrics", "stats", "step (in fit)"]
-    assert len(after["plan"].warnings) == 1
-    assert "best (in fit) (a str now, the checkpoint holds a float)" in after["plan"].warnings[0]
+    assert second == (9, list(range(1, 10)), "none yet", 9, 4.5)
+    assert sorted(plan.carried) == ["history (in fit)", "metrics", "stats", "step (in fit)"]
+    assert len(plan.warnings) == 1
+    assert "best (in fit) (a str now, the checkpoint holds a float)" in plan.warnings[0]
 
 
 def _epoch_loop(hook, batches):
