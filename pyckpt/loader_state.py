@@ -126,12 +126,6 @@ def generators(loader: DataLoader | None, dataset: Any = None) -> list[tuple[str
     return found
 
 
-def dataset_generator_keys(dataset: Any) -> tuple[str, ...]:
-    """The keys of the random generators ``dataset`` holds, as ``generators`` names them (``"dataset.rng"``):
-    a worker process reports those of its copy (``loader_workers``), made there at first use too."""
-    return tuple(key for key, _, _ in generators(None, dataset))
-
-
 _DATASET_TYPES: dict[type, bool] = {}
 
 
@@ -200,7 +194,7 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
         try:
             if not isinstance(entry, (list, tuple)) or len(entry) != 3 or key == "?":
                 raise KeyError(key)
-            slot = _lazy_slot(loader, key, entry[1]) if key not in by_key else None
+            slot = lazy_slot(loader, key, entry[1]) if key not in by_key else None
             if key not in by_key and slot is None:
                 raise KeyError(key)
             kind, g = (entry[1], slot[2]) if slot is not None else by_key.pop(key)
@@ -234,15 +228,18 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
                   f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
 
 
-def _lazy_slot(loader: DataLoader, key: str, kind: Any) -> tuple[Any, str, Any] | None:
+def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = None) -> tuple[Any, str, Any] | None:
     """(owner, attribute, a new generator of ``kind``) for a saved generator ``key`` (``"loader.generator"``,
     ``"sampler.1.generator"``, ``"dataset.rng"``, ``"dataset.datasets.0.rng"``) whose live owner holds None
     under that attribute: a sampler that makes its generator at its first ``__iter__`` (accelerate's
     SeedableRandomSampler), a dataset that makes its augmentation generator at its first ``__getitem__``,
     made none yet in a relaunch that skipped the earlier epochs without data. The caller checks the saved
-    state against the new generator and puts it there, as the first run held one. None for anything else."""
+    state against the new generator and puts it there, as the first run held one. None for anything else.
+    ``loader`` None: ``"dataset..."`` keys of ``dataset`` only (a worker's copy)."""
     parts = key.split(".")
     if len(parts) < 2 or kind not in ("torch", "random", "numpy.RandomState", "numpy.Generator"):
+        return None
+    if loader is None and parts[0] != "dataset":
         return None
     if parts[0] == "loader":
         owner, path = loader, parts[1:-1]
@@ -250,7 +247,7 @@ def _lazy_slot(loader: DataLoader, key: str, kind: Any) -> tuple[Any, str, Any] 
         chain = _sampler_chain(loader)
         owner, path = (chain[int(parts[1])] if int(parts[1]) < len(chain) else None), []
     elif parts[0] == "dataset":
-        owner, path = loader.dataset, parts[1:-1]
+        owner, path = (loader.dataset if loader is not None else dataset), parts[1:-1]
     else:
         return None
     for name in path:  # what generators() looked into: attributes, items of a list, tuple or dict
@@ -484,16 +481,15 @@ class Stream:
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
             pos["attrs"] = _capture_attrs(loader)
-            in_workers = self._worker_dataset_generators() if loader.num_workers > 0 else set()
-            if loader.num_workers > 0:
-                in_workers |= {key for key, _, _ in own if key.startswith("dataset.")}
-            if in_workers:
-                # (copied into each worker, or made there at first use: either way the workers' own)
+            in_workers = [key for key, _, _ in own if key.startswith("dataset.")] if loader.num_workers > 0 else []
+            if in_workers and self._worker_record() is None:
+                # Copied into each worker; their states travel with the batches of a map-style dataset's
+                # workers (loader_workers), not an iterable dataset's.
                 _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
-                          f"dataset's random generator(s) {_keys(sorted(in_workers))}; those copies are not "
-                          "saved, so what they draw may differ after a resume (derive per-sample generators "
-                          "from get_worker_info().seed, or draw from torch's, Python's or NumPy's global "
-                          "generators, which are saved per worker)", "warning")
+                          f"dataset's random generator(s) {_keys(in_workers)}; those copies are not saved here "
+                          "(an iterable dataset's, or a loader with iterators of its own), so what they draw may "
+                          "differ after a resume (derive per-sample generators from get_worker_info().seed, or "
+                          "draw from torch's, Python's or NumPy's global generators)", "warning")
         pos.update(reshard_data.position_extra(self))  # a remapped epoch (another world size) stores its split
         if loader is not None and not self.follower:  # a follower's loader is never read: nothing to save
             pos.update(self._pipeline_position(loader, self.batches - handed))
@@ -507,12 +503,6 @@ class Stream:
         """The ``loader_workers.Record`` of this stream's live multi-process iterator, or None."""
         it = self.iterator() if self.iterator is not None else None
         return it.__dict__.get("_pyckpt_workers") if it is not None else None
-
-    def _worker_dataset_generators(self) -> set[str]:
-        """The keys of the generators the worker processes of this stream's iterator found in their copies
-        of the dataset (``loader_workers.Record.dataset_gens``)."""
-        record = self._worker_record()
-        return set(record.dataset_gens) if record is not None else set()
 
     def _pipeline_position(self, loader: DataLoader, ahead: int) -> dict[str, Any]:
         """Worker generator states and base seed; a stateful loader's or dataset's own state.

@@ -7,8 +7,10 @@ A resume skips batches at the sampler level without loading them, so the workers
 restart from their seeds. Instead:
 
 * every worker sends, with each batch, the state of its three generators right after it
-  loaded that batch (``None`` when nothing was drawn since its previous batch; the main
-  process keeps the previous one then), wrapped around the batch in ``_Tagged``;
+  loaded that batch, and of the generators its copy of the dataset holds (``self.rng``, copied
+  at the worker's start or made there at the first ``__getitem__``) (``None`` when nothing was
+  drawn since its previous batch; the main process keeps the previous one then), wrapped around
+  the batch in ``_Tagged``;
 * the main process unwraps it before the batch reaches anyone (an instance override of the
   iterator's ``_process_data``, so an iterator made while pyckpt was on keeps unwrapping
   after it is turned off) and keeps, per worker, the last few states in return order;
@@ -16,13 +18,15 @@ restart from their seeds. Instead:
   the iterator's base seed (persistent workers were seeded at an earlier epoch);
 * a resumed iterator starts its workers with the saved base seed, sends its first remaining
   batch to the worker that loaded it originally (batch b goes to worker b mod W), and each
-  worker puts its saved state back after ``worker_init_fn`` and before its first batch.
+  worker puts its saved state back after ``worker_init_fn`` and before its first batch (its
+  dataset copy's generators by key, made where the copy holds None: it made them at first use).
 
 Everything worker-side travels in a picklable ``worker_init_fn`` wrapper (``WorkerHook``),
 so it works with the fork, spawn and forkserver start methods alike.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import sys
 from array import array
@@ -32,31 +36,50 @@ from typing import Any
 
 import torch
 
-from . import numpy_state, python_state
+from . import numpy_state, python_state, rng
 
 HISTORY = 16  # states kept per worker: covers a look-ahead wrapper's fetches beyond the loop
 
-# Transport form of a worker's generator state (compact, picklable without shared memory, cheap to
-# compare): (torch CPU state bytes, (random's version, its 625 words as uint32 bytes, gauss_next),
-# (numpy name, keys bytes, pos, has_gauss, gauss) | None).
+# Transport form of a worker's generator state (picklable without shared memory): (torch CPU state
+# bytes, (random's version, its 625 words as uint32 bytes, gauss_next), (numpy name, keys bytes, pos,
+# has_gauss, gauss) | None, ((key, kind, raw state), ...) of its dataset copy's generators: ``rng.raw_state``'s,
+# a torch generator's as bytes).
 Transport = tuple
 
 
-def current_state() -> Transport:
-    """The generator states of this process, in transport form."""
+def current_state(dataset: Any = None) -> Transport:
+    """The generator states of this process, and of the generators ``dataset`` holds, in transport form."""
     np = sys.modules.get("numpy")
     npst = None
     if np is not None:
         name, keys, pos, has_gauss, gauss = numpy_state.global_state(np)
         npst = (str(name), keys.tobytes(), int(pos), int(has_gauss), float(gauss))
     version, words, gauss_next = python_state.getstate()
-    return (torch.get_rng_state().numpy().tobytes(), (version, array("I", words).tobytes(), gauss_next), npst)
+    return (torch.get_rng_state().numpy().tobytes(), (version, array("I", words).tobytes(), gauss_next), npst,
+            dataset_states(dataset) if dataset is not None else ())
+
+
+def dataset_states(dataset: Any) -> tuple:
+    """((key, kind, raw state), ...) of the generators ``dataset`` holds (``loader_state.generators``'s keys)."""
+    from .loader_state import generators  # (imported by then: loader_state installs the workers' hooks)
+
+    return tuple((key, kind, _bytes_of(rng.raw_state(g, kind)) if kind == "torch" else rng.raw_state(g, kind))
+                 for key, kind, g in generators(None, dataset))
+
+
+def _bytes_of(t: torch.Tensor) -> bytes:
+    return t.numpy().tobytes()
+
+
+def _tensor_of(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
 def set_state(state: Transport) -> None:
-    """Put this process's generators back to ``state`` (transport form)."""
-    tb, (version, words, gauss_next), npst = state
-    torch.set_rng_state(torch.frombuffer(bytearray(tb), dtype=torch.uint8))
+    """Put this process's global generators back to ``state`` (transport form; ``set_dataset_states`` does
+    its dataset's)."""
+    tb, (version, words, gauss_next), npst = state[:3]
+    torch.set_rng_state(_tensor_of(tb))
     random.setstate((version, tuple(array("I", words)), gauss_next))
     if npst is not None:
         import numpy as np
@@ -65,18 +88,57 @@ def set_state(state: Transport) -> None:
         np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, gauss))
 
 
+def set_dataset_states(dataset: Any, state: Transport) -> list[str]:
+    """Put the generators of ``dataset`` (a worker's copy) back to ``state``'s, matched by key and kind; one
+    the copy holds None for (made at its first ``__getitem__``) is made there. Every entry is checked before
+    any generator is written. Returns what was not restored, for a warning line (empty: all were)."""
+    from .loader_state import generators, lazy_slot
+
+    saved = state[3] if len(state) > 3 else ()
+    live = {key: (kind, g) for key, kind, g in generators(None, dataset)}
+    todo, made, bad = [], [], []
+    for key, kind, raw in saved:
+        try:
+            slot = lazy_slot(None, key, kind, dataset) if key not in live else None
+            if key not in live and slot is None:
+                raise KeyError(key)
+            g = slot[2] if slot is not None else live[key][1]
+            if slot is None and live.pop(key)[0] != kind:
+                raise TypeError(kind)
+            raw = _tensor_of(raw) if kind == "torch" else raw
+            rng.check_state(g, kind, raw)
+            todo.append((g, kind, raw))
+            if slot is not None:
+                made.append(slot)
+        except Exception:  # noqa: BLE001 - a state that does not fit is left out and said
+            bad.append(key)
+    for owner, name, g in made:  # (after every entry was checked: nothing is written before)
+        setattr(owner, name, g)
+    for g, kind, raw in todo:
+        rng.set_state(g, kind, raw)
+    problems = []
+    if bad:
+        problems.append(f"the state(s) of {', '.join(bad[:6])} do not fit the generator(s) of this run")
+    if live:
+        problems.append(f"the checkpoint holds no state of {', '.join(list(live)[:6])}")
+    return problems
+
+
 def to_saved(state: Transport | None) -> dict[str, Any] | None:
     """Transport form -> checkpoint form (tensors and JSON values; no pickle)."""
     if state is None:
         return None
-    tb, (version, words, gauss_next), npst = state
-    saved: dict[str, Any] = {"torch": torch.frombuffer(bytearray(tb), dtype=torch.uint8).clone(),
+    tb, (version, words, gauss_next), npst = state[:3]
+    saved: dict[str, Any] = {"torch": _tensor_of(tb).clone(),
                              "python": [int(version), torch.tensor(array("I", words), dtype=torch.int64),
                                         gauss_next]}
     if npst is not None:
         name, keys, pos, has_gauss, gauss = npst
         words32 = torch.frombuffer(bytearray(keys), dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
         saved["numpy"] = {"name": name, "keys": words32, "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    if len(state) > 3 and state[3]:
+        saved["dataset"] = [[key, kind, rng.saved_state(kind, _tensor_of(raw).clone() if kind == "torch" else raw)]
+                            for key, kind, raw in state[3]]
     return saved
 
 
@@ -96,57 +158,62 @@ def from_saved(saved: Any) -> Transport | None:
 
             keys = np.asarray([int(k) & 0xFFFFFFFF for k in s["keys"].tolist()], dtype=np.uint32).tobytes()
             npst = (str(s["name"]), keys, int(s["pos"]), int(s["has_gauss"]), float(s["gauss"]))
+        dataset = []
+        for entry in saved.get("dataset") or []:  # (absent in a checkpoint of an older pyckpt)
+            key, kind, st = entry
+            if not isinstance(key, str) or not isinstance(kind, str) or len(key) > 200:
+                raise ValueError("a dataset generator's key or kind is not a short string")
+            raw = rng.raw_from_saved(kind, st)
+            dataset.append((key, kind, _bytes_of(raw.contiguous()) if kind == "torch" else raw))
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ImportError) as e:
         raise ValueError(f"malformed worker RNG state in the checkpoint: {e}") from None
     if len(tb) == 0 or len(py[1]) != 625 * 4:
         raise ValueError("malformed worker RNG state in the checkpoint")
-    return (tb, py, npst)
+    return (tb, py, npst, tuple(dataset))
 
 
 class _Tagged:
-    """A batch from worker ``worker`` with the worker's generator state after loading it, and the keys of
-    the generators its copy of the dataset holds when they changed (None otherwise)."""
+    """A batch from worker ``worker`` with the worker's generator state after loading it; with its first
+    batch, ``note``: what of its saved state the worker could not put back (``set_dataset_states``)."""
 
-    __slots__ = ("data", "rng", "worker", "gens")
+    __slots__ = ("data", "rng", "worker", "note")
 
-    def __init__(self, data: Any, rng: Transport | None, worker: int, gens: tuple | None = None) -> None:
-        self.data, self.rng, self.worker, self.gens = data, rng, worker, gens
+    def __init__(self, data: Any, rng: Transport | None, worker: int, note: str | None = None) -> None:
+        self.data, self.rng, self.worker, self.note = data, rng, worker, note
 
     def __reduce__(self) -> tuple:
-        return (_Tagged, (self.data, self.rng, self.worker, self.gens))
+        return (_Tagged, (self.data, self.rng, self.worker, self.note))
 
     def pin_memory(self, *args: Any) -> "_Tagged":
         """torch's pin-memory thread calls this for unknown types: pin the batch, keep the tag."""
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        return _Tagged(pin_memory(self.data), self.rng, self.worker, self.gens)
+        return _Tagged(pin_memory(self.data), self.rng, self.worker, self.note)
+
+
+_RESTORE_NOTE: list[str] = []  # in a worker: what of its saved state WorkerHook could not put back
 
 
 class _CapturingFetcher:
-    """Wraps a worker's map-style fetcher: tags every batch with the generator state after it, and with the
-    generators its copy of the dataset holds when they change: one the dataset makes at its first
-    ``__getitem__`` exists in the workers only, unseen by the main process and not saved (said there)."""
+    """Wraps a worker's map-style fetcher: tags every batch with the generator state after it (the
+    worker's and its dataset copy's), ``None`` when unchanged since its previous batch."""
 
     def __init__(self, inner: Any, worker: int) -> None:
-        self.inner, self.last, self.worker, self.gens = inner, None, worker, ()
+        self.inner, self.last, self.worker = inner, (None, None), worker
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def fetch(self, index: Any) -> _Tagged:
         data = self.inner.fetch(index)
-        state = current_state()
-        changed = state != self.last
-        self.last = state
-        from .loader_state import dataset_generator_keys  # (imported by then: it installed this fetcher)
-
-        try:
-            gens = dataset_generator_keys(getattr(self.inner, "dataset", None))
-        except Exception:  # noqa: BLE001 - a report for a warning line: never in the way of a batch
-            gens = self.gens
-        new_gens = gens if gens != self.gens else None
-        self.gens = gens
-        return _Tagged(data, state if changed else None, self.worker, new_gens)
+        state = current_state(getattr(self.inner, "dataset", None))
+        # (the dataset's states may hold NumPy arrays: compared as pickled bytes)
+        now = (state[:3], pickle.dumps(state[3], protocol=pickle.HIGHEST_PROTOCOL))
+        changed = now != self.last
+        self.last = now
+        note = "; ".join(_RESTORE_NOTE) or None
+        _RESTORE_NOTE.clear()
+        return _Tagged(data, state if changed else None, self.worker, note)
 
 
 def _install_in_worker(worker_id: int) -> None:
@@ -178,6 +245,10 @@ class WorkerHook:
             self.user_fn(worker_id)
         if self.states is not None and worker_id < len(self.states) and self.states[worker_id] is not None:
             set_state(self.states[worker_id])
+            from torch.utils.data import get_worker_info
+
+            info = get_worker_info()
+            _RESTORE_NOTE[:] = set_dataset_states(info.dataset, self.states[worker_id]) if info is not None else []
         _install_in_worker(worker_id)
 
 
@@ -192,7 +263,6 @@ class Record:
         self.recent: list[deque] = [deque(maxlen=HISTORY) for _ in range(workers)]
         self.settled: list[Any] = list(initial) if initial is not None else [None] * workers
         self.draining = False  # persistent workers' _reset is dropping an epoch's leftover batches
-        self.dataset_gens: set[str] = set()  # generators the workers' copies of the dataset hold (_Tagged.gens)
 
     def add(self, worker: int, state: Transport | None) -> None:
         recent = self.recent[worker]
@@ -230,8 +300,12 @@ class _Untag:
         it = self.ref()
         if isinstance(data, _Tagged):
             self.record.add(worker_idx, data.rng)
-            if data.gens:
-                self.record.dataset_gens.update(data.gens)
+            if data.note:
+                from .loader_state import _say_once
+
+                _say_once(f"warning: random generators of a DataLoader worker's copy of the dataset saved at the "
+                          f"checkpoint not restored: {data.note}; what they draw may differ after this resume",
+                          "warning")
             data = data.data
         return type(it)._process_data(it, data, worker_idx, *rest)  # torchdata's: + the worker's own state
 

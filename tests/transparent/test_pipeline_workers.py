@@ -57,33 +57,91 @@ def test_look_ahead_wrapper_over_workers_saves_the_states_of_the_batches_handed(
     assert (pos["batch"], pos["fetched"]) == (3, 4)
 
 
-class LazyAugmenting(Dataset):
-    """Makes its own generator at its first ``__getitem__``: in each worker that loads an item, never in
-    the main process."""
+class OwnGenerators(Dataset):
+    """Augments from generators of its own: made at its first ``__getitem__`` (``lazy``: in each worker that
+    loads an item, never in the main process) or in ``__init__`` (copied into each worker)."""
 
-    def __init__(self, n: int = 23) -> None:
-        self.n, self.rng = n, None
+    def __init__(self, kind: str = "random", lazy: bool = True, n: int = 23) -> None:
+        self.n, self.kind = n, kind
+        self.rng = None if lazy else self._made()
+
+    def _made(self):
+        if self.kind == "random":
+            return random.Random(5)
+        if self.kind == "numpy":
+            return np.random.default_rng(3)
+        return torch.Generator().manual_seed(7)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.rng is None:
-            self.rng = random.Random(5)
-        return torch.tensor([i, self.rng.random()], dtype=torch.float64)
+            self.rng = self._made()
+        if self.kind == "random":
+            drawn = self.rng.random()
+        elif self.kind == "numpy":
+            drawn = float(self.rng.random())
+        else:
+            drawn = torch.rand((), generator=self.rng).item()
+        return torch.tensor([i, drawn], dtype=torch.float64)
 
 
-def test_a_generator_a_dataset_makes_in_its_workers_is_said_not_saved(capfd):
-    """A dataset making its augmentation generator at its first ``__getitem__`` makes it in the workers only:
-    the main process's copy holds None, so the warning said for a dataset's own generator under workers
-    (each worker draws from a copy that is not saved) was not said, and a resume drew other numbers in
-    silence. The workers report the generators their copies hold; the warning names them."""
-    make = lambda: DataLoader(LazyAugmenting(), batch_size=4, shuffle=True, num_workers=2)  # noqa: E731
+@pytest.mark.parametrize("kind,lazy,persistent,stop", [
+    ("random", True, False, (1, 3)),
+    ("numpy", False, False, (1, 3)),
+    ("torch", True, True, (2, 1)),
+    ("random", True, False, (1, 1)),  # worker 1 has handed no batch of the epoch yet
+], ids=["lazy_random", "copied_numpy", "persistent_lazy_torch", "worker_without_a_batch"])
+def test_a_datasets_own_generators_in_workers_resume_exactly(kind, lazy, persistent, stop, capfd):
+    """Each worker process draws from its own copy of the dataset's generator (copied at the worker's
+    start, or made there at its first ``__getitem__``). A resume skipped the epoch's first batches without
+    loading them, so those copies drew from their start again: other augmentation, with a warning (and, for
+    one made in the workers, before that, none). Each worker now sends its copies' states with its batches;
+    a resumed worker gets them back before its first batch, made where it had made none yet."""
+    make = lambda: DataLoader(OwnGenerators(kind, lazy), batch_size=4, shuffle=True,  # noqa: E731
+                              num_workers=2, persistent_workers=persistent)
+    pos = _resumes_exactly(make, stop=stop)
+    held = [w for w in pos["workers"]["rng"] if w is not None]
+    assert held and all([k for k, _, _ in w["dataset"]] == ["dataset.rng"] for w in held), pos["workers"]
+    assert "OwnGenerators" not in capfd.readouterr().err
+
+
+def test_a_saved_dataset_generator_that_does_not_fit_the_workers_copy_is_said(capfd):
+    """A worker's saved dataset-generator state of another kind than the relaunch's dataset holds is not
+    put back, and one line names it (the worker reports it with its first batch; the main process's own copy
+    is said by its own line)."""
+    make = lambda: DataLoader(OwnGenerators("random", lazy=False), batch_size=4, shuffle=True,  # noqa: E731
+                              num_workers=2)
+    _, got, _ = run_tracked(make, stop=(1, 3))
+    capfd.readouterr()
+    other = lambda: DataLoader(OwnGenerators("numpy", lazy=False), batch_size=4, shuffle=True,  # noqa: E731
+                               num_workers=2)
+    run_tracked(other, 3, plan=(got["pos"], got["rng"]))
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "worker's copy" in ln]
+    assert len(lines) == 1 and "dataset.rng do not fit" in lines[0] and "not restored" in lines[0], lines
+
+
+class OwnIterable(IterableDataset):
+    """An iterable dataset drawing from a generator of its own."""
+
+    def __init__(self) -> None:
+        self.rng = random.Random(1)
+
+    def __iter__(self):
+        info = get_worker_info()
+        for i in range(info.id if info else 0, 24, info.num_workers if info else 1):
+            yield torch.tensor([i, self.rng.random()])
+
+
+def test_an_iterable_datasets_own_generator_in_workers_is_said_not_saved(capfd):
+    """An iterable dataset's workers send no generator states (only a map-style dataset's fetchers are
+    wrapped): its own generator's worker copies are named in one warning line."""
+    make = lambda: DataLoader(OwnIterable(), batch_size=4, num_workers=2)  # noqa: E731
     _, got, _ = run_tracked(make, stop=(1, 3))
     assert "pos" in got
-    lines = [ln for ln in capfd.readouterr().err.splitlines() if "LazyAugmenting" in ln]
-    assert len(lines) == 1 and "each worker process draws from its own copy" in lines[0], lines
-    assert "dataset.rng" in lines[0] and "copies are not saved" in lines[0]
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "OwnIterable" in ln]
+    assert len(lines) == 1 and "its own copy" in lines[0] and "dataset.rng" in lines[0], lines
 
 
 def test_malformed_worker_state_is_refused_with_a_reason():
@@ -91,6 +149,17 @@ def test_malformed_worker_state_is_refused_with_a_reason():
         loader_workers.from_saved({"torch": torch.zeros(3, dtype=torch.uint8), "python": [3, torch.zeros(5), None]})
     state = loader_workers.current_state()
     assert loader_workers.from_saved(loader_workers.to_saved(state)) == state
+    ds = OwnGenerators("numpy", lazy=False)
+    ds.rng.random(3)
+    state = loader_workers.current_state(ds)
+    saved = loader_workers.to_saved(state)
+    assert [k for k, _, _ in saved["dataset"]] == ["dataset.rng"]
+    back = loader_workers.from_saved(saved)
+    assert back[:3] == state[:3] and back[3] == state[3]
+    for bad in (["dataset.rng", "numpy.Generator"], ["dataset.rng", "nope", 1], [7, "random", [3, [], None]],
+                ["dataset.rng", "random", "not a state"]):
+        with pytest.raises(ValueError, match="malformed worker RNG state"):
+            loader_workers.from_saved({**saved, "dataset": [bad]})
 
 
 class Stream(IterableDataset):
