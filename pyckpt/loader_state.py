@@ -71,30 +71,39 @@ def signature(loader: DataLoader) -> list:
             type(bs).__qualname__ if bs is not None else None, bool(loader.drop_last), int(loader.num_workers)]
 
 
-def generators(loader: DataLoader | None, dataset: Any = None) -> list[tuple[str, str, Any]]:
+def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = None,
+               pids: list[str] | None = None) -> list[tuple[str, str, Any]]:
     """The random generators the loader's parts keep, as (key, kind, generator), deduplicated, in a fixed
     order: torch.Generator, random.Random, NumPy RandomState and Generator objects held as attributes
     (``vars()``, or items of a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader
     (``"loader.generator"``), each sampler of ``_sampler_chain`` (``"sampler.1.rng"``), the dataset
     (``"dataset.rng"``) and the datasets it wraps, two levels down (a Subset's ``"dataset.dataset.rng"``,
-    a ConcatDataset's ``"dataset.datasets.0.rng"``). A sampler drawing its order from one, or a dataset its
-    augmentation in this process, draws other numbers on a relaunch that skipped what drew them; the key
-    is stored with each state, so a checkpoint of another layout is detected rather than misapplied.
-    A plain loader has a few dozen attributes to look at: no cache (a generator replaced is seen).
-    ``loader`` None: ``dataset``'s only (a worker's copy)."""
+    a ConcatDataset's ``"dataset.datasets.0.rng"``), the ``collate_fn`` object (or a bound method's object)
+    and the callable objects it holds, one level down (``"collate.generator"``: transformers'
+    ``DataCollatorForLanguageModeling(seed=...)``; ``"collate.data_collator.generator"``: the same under
+    the Trainer's ``RemoveColumnsCollator``). A sampler drawing its order from one, or a dataset or
+    collator its augmentation in this process, draws other numbers on a relaunch that skipped what drew
+    them; the key is stored with each state, so a checkpoint of another layout is detected rather than
+    misapplied. A plain loader has a few dozen attributes to look at: no cache (a generator replaced is
+    seen). ``loader`` None: ``dataset``'s and ``collate``'s only (a worker's copies). ``pids`` given: the
+    keys of int attributes holding this process's id next to a generator are added to it (a generator
+    made per process, remade where the id is not the current one: transformers' ``_generator_pid``)."""
     found: list[tuple[str, str, Any]] = []
     seen: set[int] = set()
     kind_of = rng.kind_of
+    pid = os.getpid() if pids is not None else None
 
     def add(key: str, kind: str, v: Any) -> None:
         if id(v) not in seen and len(found) < OWN_RNG_MAX:
             seen.add(id(v))
             found.append((key, kind, v))
 
-    def look(prefix: str, owner: Any, inner: list | None) -> None:
+    def look(prefix: str, owner: Any, inner: list | None, part: Callable[[type], bool] = None) -> None:
         attrs = getattr(owner, "__dict__", None)
         if type(attrs) is not dict:
             return
+        part = part or _is_dataset
+        held = len(found)
         for name, v in attrs.items():
             t = type(v)
             if t is list or t is tuple or t is dict:
@@ -104,14 +113,16 @@ def generators(loader: DataLoader | None, dataset: Any = None) -> list[tuple[str
                     kind = kind_of(x)
                     if kind is not None and (type(k) is int or type(k) is str):
                         add(f"{prefix}.{name}.{k}", kind, x)
-                    elif inner is not None and _is_dataset(type(x)):
+                    elif inner is not None and part(type(x)):
                         inner.append((f"{prefix}.{name}.{k}", x))
                 continue
             kind = kind_of(v)
             if kind is not None:
                 add(f"{prefix}.{name}", kind, v)
-            elif inner is not None and _is_dataset(t):
+            elif inner is not None and part(t):
                 inner.append((f"{prefix}.{name}", v))
+        if pid is not None and len(found) > held:
+            pids.extend(f"{prefix}.{name}" for name, v in attrs.items() if type(v) is int and v == pid)
 
     if loader is not None:
         look("loader", loader, None)
@@ -123,7 +134,36 @@ def generators(loader: DataLoader | None, dataset: Any = None) -> list[tuple[str
         for prefix, ds in datasets:
             look(prefix, ds, inner)
         datasets = inner or []
+    owner = collate_owner(loader.collate_fn if loader is not None else collate)
+    if owner is not None:
+        parts: list = []
+        look("collate", owner, parts, _is_collator_part)
+        for prefix, x in parts:
+            look(prefix, x, None)
     return found
+
+
+def collate_owner(fn: Any) -> Any:
+    """The object whose attributes ``generators`` looks into for a loader's ``collate_fn``: a collator object,
+    a bound method's object; None for a function (torch's ``default_collate``) or nothing."""
+    if fn is None or isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, functools.partial)):
+        return None
+    if isinstance(fn, types.MethodType):
+        fn = fn.__self__
+    return None if isinstance(fn, (type, types.ModuleType)) else fn
+
+
+_PART_TYPES: dict[type, bool] = {}
+
+
+def _is_collator_part(t: type) -> bool:
+    """A collator's attribute of this class is looked into: an object with attributes that is called (a
+    collator it wraps: the Trainer's ``RemoveColumnsCollator`` around the data collator)."""
+    is_part = _PART_TYPES.get(t)
+    if is_part is None:
+        is_part = _PART_TYPES[t] = (t.__module__ != "builtins" and not issubclass(t, (type, torch.nn.Module))
+                                    and any("__call__" in vars(c) for c in t.__mro__[:-1]))
+    return is_part
 
 
 _DATASET_TYPES: dict[type, bool] = {}
@@ -228,36 +268,21 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
                   f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
 
 
-def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = None) -> tuple[Any, str, Any] | None:
+def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = None,
+              collate: Any = None) -> tuple[Any, str, Any] | None:
     """(owner, attribute, a new generator of ``kind``) for a saved generator ``key`` (``"loader.generator"``,
-    ``"sampler.1.generator"``, ``"dataset.rng"``, ``"dataset.datasets.0.rng"``) whose live owner holds None
+    ``"sampler.1.generator"``, ``"dataset.rng"``, ``"dataset.datasets.0.rng"``, ``"collate.generator"``) whose
+    live owner holds None
     under that attribute: a sampler that makes its generator at its first ``__iter__`` (accelerate's
-    SeedableRandomSampler), a dataset that makes its augmentation generator at its first ``__getitem__``,
-    made none yet in a relaunch that skipped the earlier epochs without data. The caller checks the saved
+    SeedableRandomSampler), a dataset that makes its augmentation generator at its first ``__getitem__``, a
+    collator at its first call (transformers' ``DataCollatorForLanguageModeling(seed=...)``), made none yet in a relaunch that skipped the earlier epochs without data. The caller checks the saved
     state against the new generator and puts it there, as the first run held one. None for anything else.
-    ``loader`` None: ``"dataset..."`` keys of ``dataset`` only (a worker's copy)."""
+    ``loader`` None: ``"dataset..."`` and ``"collate..."`` keys of ``dataset`` and ``collate`` only (a
+    worker's copies)."""
     parts = key.split(".")
     if len(parts) < 2 or kind not in ("torch", "random", "numpy.RandomState", "numpy.Generator"):
         return None
-    if loader is None and parts[0] != "dataset":
-        return None
-    if parts[0] == "loader":
-        owner, path = loader, parts[1:-1]
-    elif parts[0] == "sampler" and len(parts) == 3 and parts[1].isdigit():
-        chain = _sampler_chain(loader)
-        owner, path = (chain[int(parts[1])] if int(parts[1]) < len(chain) else None), []
-    elif parts[0] == "dataset":
-        owner, path = (loader.dataset if loader is not None else dataset), parts[1:-1]
-    else:
-        return None
-    for name in path:  # what generators() looked into: attributes, items of a list, tuple or dict
-        if type(owner) in (list, tuple) and name.isdigit() and int(name) < len(owner):
-            owner = owner[int(name)]
-        elif type(owner) is dict:
-            owner = owner.get(name)
-        else:
-            attrs = getattr(owner, "__dict__", None)
-            owner = attrs.get(name) if type(attrs) is dict else None
+    owner = _owner_of(loader, parts, dataset, collate)
     attrs = getattr(owner, "__dict__", None)
     if type(attrs) is not dict or parts[-1] not in attrs or attrs[parts[-1]] is not None:
         return None
@@ -272,6 +297,46 @@ def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = Non
 
         made = np.random.RandomState() if kind == "numpy.RandomState" else np.random.default_rng()
     return owner, parts[-1], made
+
+
+def _owner_of(loader: DataLoader | None, parts: list[str], dataset: Any = None, collate: Any = None) -> Any:
+    """The object holding the attribute of key ``parts`` (``generators``' keys, split at dots), or None."""
+    if loader is None and parts[0] not in ("dataset", "collate"):
+        return None
+    if parts[0] == "loader":
+        owner, path = loader, parts[1:-1]
+    elif parts[0] == "sampler" and len(parts) == 3 and parts[1].isdigit():
+        chain = _sampler_chain(loader)
+        owner, path = (chain[int(parts[1])] if int(parts[1]) < len(chain) else None), []
+    elif parts[0] == "dataset":
+        owner, path = (loader.dataset if loader is not None else dataset), parts[1:-1]
+    elif parts[0] == "collate":
+        owner, path = collate_owner(loader.collate_fn if loader is not None else collate), parts[1:-1]
+    else:
+        return None
+    for name in path:  # what generators() looked into: attributes, items of a list, tuple or dict
+        if type(owner) in (list, tuple) and name.isdigit() and int(name) < len(owner):
+            owner = owner[int(name)]
+        elif type(owner) is dict:
+            owner = owner.get(name)
+        else:
+            attrs = getattr(owner, "__dict__", None)
+            owner = attrs.get(name) if type(attrs) is dict else None
+    return owner
+
+
+def set_pids(loader: DataLoader | None, keys: Any, dataset: Any = None, collate: Any = None) -> None:
+    """Put this process's id into the attributes ``keys`` (``generators``' ``pids``: where the run that
+    wrote the checkpoint held its process's id next to a generator), where they hold None or an int: a
+    generator restored there is then not remade as one of another process."""
+    pid = os.getpid()
+    for key in keys if isinstance(keys, list) else []:
+        if not isinstance(key, str) or key.count(".") > 8:
+            continue
+        parts = key.split(".")
+        attrs = getattr(_owner_of(loader, parts, dataset, collate), "__dict__", None)
+        if type(attrs) is dict and parts[-1] in attrs and (attrs[parts[-1]] is None or type(attrs[parts[-1]]) is int):
+            attrs[parts[-1]] = pid
 
 
 def _keys(keys: list[str]) -> str:
@@ -477,16 +542,20 @@ class Stream:
         if self.draws.at or self.draws.lost:
             pos["sampler_draws"] = self.draws.stored()
         if loader is not None:
-            own = generators(loader)
+            pids: list[str] = []
+            own = generators(loader, pids=pids)
             pos["rngs"] = [[key, kind, rng.saved_state(kind, rng.raw_state(g, kind))] for key, kind, g in own]
+            if pids:
+                pos["pids"] = pids
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
             pos["attrs"] = _capture_attrs(loader)
-            in_workers = [key for key, _, _ in own if key.startswith("dataset.")] if loader.num_workers > 0 else []
+            in_workers = ([key for key, _, _ in own if key.startswith(("dataset.", "collate."))]
+                          if loader.num_workers > 0 else [])
             if in_workers and self._worker_record() is None:
                 # Copied into each worker; their states travel with the batches of a map-style dataset's
                 # workers (loader_workers), not an iterable dataset's.
                 _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
-                          f"dataset's random generator(s) {_keys(in_workers)}; those copies are not saved here "
+                          f"dataset's or collate_fn's random generator(s) {_keys(in_workers)}; those copies are not saved here "
                           "(an iterable dataset's, or a loader with iterators of its own), so what they draw may "
                           "differ after a resume (derive per-sample generators from get_worker_info().seed, or "
                           "draw from torch's, Python's or NumPy's global generators)", "warning")
@@ -549,6 +618,7 @@ class Stream:
         _set_own(loader, pos, "at the checkpoint")
         _set_sampler_states(loader, pos.get("samplers"))
         _set_attrs(loader, pos.get("attrs"), "at the checkpoint")
+        set_pids(loader, pos.get("pids"))  # (after the attributes: they hold the process id of the run that wrote it)
         first, steps = epoch_steps_of(pos)
         if steps:
             self.epoch_steps, self.epoch_steps_from = steps, first

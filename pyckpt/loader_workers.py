@@ -42,29 +42,37 @@ HISTORY = 16  # states kept per worker: covers a look-ahead wrapper's fetches be
 
 # Transport form of a worker's generator state (picklable without shared memory): (torch CPU state
 # bytes, (random's version, its 625 words as uint32 bytes, gauss_next), (numpy name, keys bytes, pos,
-# has_gauss, gauss) | None, ((key, kind, raw state), ...) of its dataset copy's generators: ``rng.raw_state``'s,
-# a torch generator's as bytes).
+# has_gauss, gauss) | None, ((key, kind, raw state), ...) of its dataset's and collate_fn's copies' generators:
+# ``rng.raw_state``'s, a torch generator's as bytes, (key, ...) of the attributes holding the worker's pid next
+# to one (``loader_state.generators``' ``pids``)).
 Transport = tuple
 
 
-def current_state(dataset: Any = None) -> Transport:
-    """The generator states of this process, and of the generators ``dataset`` holds, in transport form."""
+def current_state(dataset: Any = None, collate: Any = None) -> Transport:
+    """The generator states of this process, and of the generators ``dataset`` and ``collate`` hold, in
+    transport form."""
     np = sys.modules.get("numpy")
     npst = None
     if np is not None:
         name, keys, pos, has_gauss, gauss = numpy_state.global_state(np)
         npst = (str(name), keys.tobytes(), int(pos), int(has_gauss), float(gauss))
     version, words, gauss_next = python_state.getstate()
+    own, pids = dataset_states(dataset, collate)
     return (torch.get_rng_state().numpy().tobytes(), (version, array("I", words).tobytes(), gauss_next), npst,
-            dataset_states(dataset) if dataset is not None else ())
+            own, pids)
 
 
-def dataset_states(dataset: Any) -> tuple:
-    """((key, kind, raw state), ...) of the generators ``dataset`` holds (``loader_state.generators``'s keys)."""
+def dataset_states(dataset: Any, collate: Any) -> tuple[tuple, tuple]:
+    """((key, kind, raw state), ...) of the generators ``dataset`` and ``collate`` hold
+    (``loader_state.generators``'s keys), and the keys of the attributes holding this process's id by them."""
+    if dataset is None and collate is None:
+        return (), ()
     from .loader_state import generators  # (imported by then: loader_state installs the workers' hooks)
 
-    return tuple((key, kind, _bytes_of(rng.raw_state(g, kind)) if kind == "torch" else rng.raw_state(g, kind))
-                 for key, kind, g in generators(None, dataset))
+    pids: list[str] = []
+    found = generators(None, dataset, collate, pids)
+    return (tuple((key, kind, _bytes_of(rng.raw_state(g, kind)) if kind == "torch" else rng.raw_state(g, kind))
+                  for key, kind, g in found), tuple(pids))
 
 
 def _bytes_of(t: torch.Tensor) -> bytes:
@@ -88,18 +96,19 @@ def set_state(state: Transport) -> None:
         np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, gauss))
 
 
-def set_dataset_states(dataset: Any, state: Transport) -> list[str]:
-    """Put the generators of ``dataset`` (a worker's copy) back to ``state``'s, matched by key and kind; one
-    the copy holds None for (made at its first ``__getitem__``) is made there. Every entry is checked before
-    any generator is written. Returns what was not restored, for a warning line (empty: all were)."""
-    from .loader_state import generators, lazy_slot
+def set_dataset_states(dataset: Any, collate: Any, state: Transport) -> list[str]:
+    """Put the generators of ``dataset`` and ``collate`` (a worker's copies) back to ``state``'s, matched by key
+    and kind; one a copy holds None for (made at its first use) is made there, and the attributes that held
+    the worker's id by them get this worker's. Every entry is checked before any generator is written.
+    Returns what was not restored, for a warning line (empty: all were)."""
+    from .loader_state import generators, lazy_slot, set_pids
 
     saved = state[3] if len(state) > 3 else ()
-    live = {key: (kind, g) for key, kind, g in generators(None, dataset)}
+    live = {key: (kind, g) for key, kind, g in generators(None, dataset, collate)}
     todo, made, bad = [], [], []
     for key, kind, raw in saved:
         try:
-            slot = lazy_slot(None, key, kind, dataset) if key not in live else None
+            slot = lazy_slot(None, key, kind, dataset, collate) if key not in live else None
             if key not in live and slot is None:
                 raise KeyError(key)
             g = slot[2] if slot is not None else live[key][1]
@@ -116,6 +125,7 @@ def set_dataset_states(dataset: Any, state: Transport) -> list[str]:
         setattr(owner, name, g)
     for g, kind, raw in todo:
         rng.set_state(g, kind, raw)
+    set_pids(None, list(state[4]) if len(state) > 4 else [], dataset, collate)
     problems = []
     if bad:
         problems.append(f"the state(s) of {', '.join(bad[:6])} do not fit the generator(s) of this run")
@@ -139,6 +149,8 @@ def to_saved(state: Transport | None) -> dict[str, Any] | None:
     if len(state) > 3 and state[3]:
         saved["dataset"] = [[key, kind, rng.saved_state(kind, _tensor_of(raw).clone() if kind == "torch" else raw)]
                             for key, kind, raw in state[3]]
+    if len(state) > 4 and state[4]:
+        saved["pids"] = list(state[4])
     return saved
 
 
@@ -165,11 +177,14 @@ def from_saved(saved: Any) -> Transport | None:
                 raise ValueError("a dataset generator's key or kind is not a short string")
             raw = rng.raw_from_saved(kind, st)
             dataset.append((key, kind, _bytes_of(raw.contiguous()) if kind == "torch" else raw))
+        pids = saved.get("pids") or []
+        if not isinstance(pids, list) or not all(isinstance(k, str) and len(k) <= 200 for k in pids):
+            raise ValueError("the keys of the attributes holding a process id are not short strings")
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ImportError) as e:
         raise ValueError(f"malformed worker RNG state in the checkpoint: {e}") from None
     if len(tb) == 0 or len(py[1]) != 625 * 4:
         raise ValueError("malformed worker RNG state in the checkpoint")
-    return (tb, py, npst, tuple(dataset))
+    return (tb, py, npst, tuple(dataset), tuple(pids))
 
 
 class _Tagged:
@@ -191,28 +206,28 @@ class _Tagged:
         return _Tagged(pin_memory(self.data), self.rng, self.worker, self.note)
 
 
-_RESTORE_NOTE: list[str] = []  # in a worker: what of its saved state WorkerHook could not put back
+_PENDING: list = []  # in a resumed worker: its saved state, for the dataset and collate_fn copies (WorkerHook)
 
 
 class _CapturingFetcher:
     """Wraps a worker's map-style fetcher: tags every batch with the generator state after it (the
-    worker's and its dataset copy's), ``None`` when unchanged since its previous batch."""
+    worker's and its dataset's and collate_fn's copies'), ``None`` when unchanged since its previous batch.
+    Made, in a resumed worker, right after the copies' generators got their saved states back."""
 
-    def __init__(self, inner: Any, worker: int) -> None:
-        self.inner, self.last, self.worker = inner, (None, None), worker
+    def __init__(self, inner: Any, worker: int, note: str | None = None) -> None:
+        self.inner, self.last, self.worker, self.note = inner, (None, None), worker, note
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def fetch(self, index: Any) -> _Tagged:
         data = self.inner.fetch(index)
-        state = current_state(getattr(self.inner, "dataset", None))
-        # (the dataset's states may hold NumPy arrays: compared as pickled bytes)
-        now = (state[:3], pickle.dumps(state[3], protocol=pickle.HIGHEST_PROTOCOL))
+        state = current_state(getattr(self.inner, "dataset", None), getattr(self.inner, "collate_fn", None))
+        # (the copies' states may hold NumPy arrays: compared as pickled bytes)
+        now = (state[:3], pickle.dumps(state[3:], protocol=pickle.HIGHEST_PROTOCOL))
         changed = now != self.last
         self.last = now
-        note = "; ".join(_RESTORE_NOTE) or None
-        _RESTORE_NOTE.clear()
+        note, self.note = self.note, None
         return _Tagged(data, state if changed else None, self.worker, note)
 
 
@@ -226,7 +241,13 @@ def _install_in_worker(worker_id: int) -> None:
 
     def create_fetcher(kind, *args, **kwargs):
         fetcher = original(kind, *args, **kwargs)
-        return _CapturingFetcher(fetcher, worker_id) if kind == _DatasetKind.Map else fetcher
+        if kind != _DatasetKind.Map:
+            return fetcher
+        note = None
+        if _PENDING:  # (torch makes the worker's fetcher right after worker_init_fn)
+            note = "; ".join(set_dataset_states(fetcher.dataset, getattr(fetcher, "collate_fn", None),
+                                                _PENDING.pop())) or None
+        return _CapturingFetcher(fetcher, worker_id, note)
 
     create_fetcher._pyckpt = True
     _DatasetKind.create_fetcher = staticmethod(create_fetcher)
@@ -234,8 +255,9 @@ def _install_in_worker(worker_id: int) -> None:
 
 class WorkerHook:
     """Stands in for the loader's ``worker_init_fn`` while an iterator starts its workers: runs the
-    user's function, then puts this worker's saved generator state back (on resume), then makes
-    the worker tag its batches. Picklable (spawn) when the user's function is."""
+    user's function, then puts this worker's saved generator state back (on resume; its dataset's and
+    collate_fn's copies' when it makes its fetcher), then makes the worker tag its batches. Picklable
+    (spawn) when the user's function is."""
 
     def __init__(self, user_fn: Any, states: list | None) -> None:
         self.user_fn, self.states = user_fn, states
@@ -245,10 +267,7 @@ class WorkerHook:
             self.user_fn(worker_id)
         if self.states is not None and worker_id < len(self.states) and self.states[worker_id] is not None:
             set_state(self.states[worker_id])
-            from torch.utils.data import get_worker_info
-
-            info = get_worker_info()
-            _RESTORE_NOTE[:] = set_dataset_states(info.dataset, self.states[worker_id]) if info is not None else []
+            _PENDING[:] = [self.states[worker_id]]
         _install_in_worker(worker_id)
 
 
@@ -303,8 +322,8 @@ class _Untag:
             if data.note:
                 from .loader_state import _say_once
 
-                _say_once(f"warning: random generators of a DataLoader worker's copy of the dataset saved at the "
-                          f"checkpoint not restored: {data.note}; what they draw may differ after this resume",
+                _say_once(f"warning: random generators of a DataLoader worker's copies of the dataset and collate_fn "
+                          f"saved at the checkpoint not restored: {data.note}; what they draw may differ after this resume",
                           "warning")
             data = data.data
         return type(it)._process_data(it, data, worker_idx, *rest)  # torchdata's: + the worker's own state

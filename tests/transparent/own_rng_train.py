@@ -4,7 +4,11 @@ it keeps itself (not a ``generator`` attribute, not a global stream). ``python o
 SHAPE: ``sampler_random`` / ``sampler_numpy`` / ``sampler_torch`` (a length-bucketing batch sampler whose
 ``self.rng`` is a ``random.Random``, ``np.random.default_rng``, ``torch.Generator``), ``dataset_numpy``
 (augmentation in ``__getitem__`` from the dataset's own ``np.random.default_rng``, no workers),
-``subset_numpy`` (the same dataset under a ``Subset``). KILL_AT: SIGKILL after that step (once: KILL_MARK).
+``subset_numpy`` (the same dataset under a ``Subset``), ``collate_torch`` (a collate_fn object masking from a
+``torch.Generator`` it makes at its first call and remakes in another process, wrapped in another collator
+object: transformers' ``DataCollatorForLanguageModeling(seed=...)`` under the Trainer's
+``RemoveColumnsCollator``), ``collate_hf`` (that transformers collator itself). KILL_AT: SIGKILL after that
+step (once: KILL_MARK).
 """
 import os
 import random
@@ -59,9 +63,59 @@ class Noisy(Dataset):
         return self.x[i] + torch.from_numpy(self.rng.normal(0, 0.1, self.x.shape[1])).float(), self.y[i]
 
 
+class Masking:
+    """Drops features at random from its own seeded generator, made at its first call in each process."""
+
+    def __init__(self, seed=11):
+        self.seed, self.generator, self.pid = seed, None, None
+
+    def __call__(self, items):
+        xb, yb = torch.utils.data.default_collate(items)
+        if self.generator is None or self.pid != os.getpid():
+            self.generator, self.pid = torch.Generator().manual_seed(self.seed), os.getpid()
+        return xb * torch.bernoulli(torch.full(xb.shape, 0.8), generator=self.generator), yb
+
+
+class Outer:
+    """Calls the collator it wraps."""
+
+    def __init__(self, inner):
+        self.data_collator = inner
+
+    def __call__(self, items):
+        return self.data_collator(items)
+
+
+class ToPair:
+    """Calls transformers' collator on the token ids (as the Trainer's ``RemoveColumnsCollator`` does) and
+    hands the model the masked ids with the labels folded in, and the targets."""
+
+    def __init__(self, inner):
+        self.data_collator = inner
+
+    def __call__(self, items):
+        b = self.data_collator([{"input_ids": i.tolist()} for i, _ in items])
+        return b["input_ids"].float() / 35 + b["labels"].float() / 1000, torch.stack([t for _, t in items])
+
+
+def hf_loader(y):
+    from transformers import BertTokenizer, DataCollatorForLanguageModeling
+
+    vocab = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30)]) + "\n")
+    ids = torch.randint(5, 35, (40, 6))
+    coll = DataCollatorForLanguageModeling(BertTokenizer(vocab), mlm_probability=0.3, seed=17)
+    return DataLoader(list(zip(ids, y)), batch_size=4, shuffle=True, collate_fn=ToPair(coll))
+
+
 torch.manual_seed(0)
 x, y = torch.randn(40, 6), torch.randn(40, 1)
-if SHAPE.startswith("sampler_"):
+if SHAPE == "collate_hf":
+    loader = hf_loader(y)
+elif SHAPE == "collate_torch":
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=Outer(Masking()))
+elif SHAPE.startswith("sampler_"):
     lengths = torch.randint(1, 50, (40,)).tolist()
     loader = DataLoader(TensorDataset(x, y), batch_sampler=BucketBatches(lengths, 4, SHAPE.split("_")[1]))
 elif SHAPE == "dataset_numpy":

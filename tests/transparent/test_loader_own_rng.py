@@ -7,6 +7,8 @@ Their states are kept at each epoch's ``iter()`` and at the snapshot and put bac
 ``iter()`` and at the restore point."""
 from __future__ import annotations
 
+import functools
+import os
 import random
 import re
 import signal
@@ -25,7 +27,7 @@ SCRIPT = HERE / "own_rng_train.py"
 
 
 @pytest.mark.parametrize("shape", ["sampler_random", "sampler_numpy", "sampler_torch", "dataset_numpy",
-                                   "subset_numpy"])
+                                   "subset_numpy", "collate_torch", "collate_hf"])
 def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
     # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
@@ -94,6 +96,43 @@ def test_every_kind_round_trips_through_the_checkpoint_by_key():
     assert _draws(loader) == at_epoch_start
     st.restore_sampler_state(pos)
     assert _draws(loader) == at_snapshot
+
+
+class _Collator:
+    def __init__(self, inner=None):
+        self.rng, self.data_collator, self.tokenizer = random.Random(1), inner, _NotCalled()
+
+    def __call__(self, items):
+        return items
+
+    def collate(self, items):
+        return items
+
+
+class _NotCalled:
+    """An object a collator holds that is not called: not looked into."""
+
+    def __init__(self):
+        self.rng = random.Random(3)
+
+
+def test_the_generators_of_a_collate_fn_object_and_the_collator_it_wraps_are_found_by_key():
+    inner = _Collator()
+    inner.__dict__["made_at"] = os.getpid()
+    ds = TensorDataset(torch.randn(4, 2))
+
+    def keys(fn, pids=None):
+        return [k for k, _, _ in loader_state.generators(DataLoader(ds, collate_fn=fn), pids=pids)]
+    pids = []
+    assert keys(_Collator(inner), pids) == ["collate.rng", "collate.data_collator.rng"]
+    assert pids == ["collate.data_collator.made_at"]  # beside a generator, holding this process's id
+    assert keys(inner.collate) == ["collate.rng", "collate.data_collator.rng"][:1]  # a bound method's object
+    assert keys(functools.partial(_Collator.collate, inner)) == [] and keys(None) == []
+    # A collator's generator made at its first call: put back by key where the relaunch's holds None.
+    fresh = _Collator(_Collator())
+    fresh.data_collator.rng = None
+    slot = loader_state.lazy_slot(DataLoader(ds, collate_fn=fresh), "collate.data_collator.rng", "random")
+    assert slot[0] is fresh.data_collator and slot[1] == "rng" and isinstance(slot[2], random.Random)
 
 
 def _states(loader):

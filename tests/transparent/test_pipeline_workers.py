@@ -2,6 +2,7 @@
 processes, look-ahead wrappers over workers, loaders and datasets with their own state_dict()."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -107,6 +108,37 @@ def test_a_datasets_own_generators_in_workers_resume_exactly(kind, lazy, persist
     assert "OwnGenerators" not in capfd.readouterr().err
 
 
+class PerProcessMasking:
+    """A collate_fn object masking from a generator it makes at its first call in each process, seeded by the
+    worker id, and remakes where its process id is not the current one (transformers'
+    ``DataCollatorForLanguageModeling(seed=...)``)."""
+
+    def __init__(self, seed: int = 11) -> None:
+        self.seed, self.generator, self._generator_pid = seed, None, None
+
+    def __call__(self, items: list) -> torch.Tensor:
+        if self.generator is None or self._generator_pid != os.getpid():
+            info = get_worker_info()
+            self.generator = torch.Generator().manual_seed(self.seed + (info.id if info else 0))
+            self._generator_pid = os.getpid()
+        batch = torch.stack(items)
+        return torch.cat([batch, torch.rand(len(items), 1, generator=self.generator, dtype=torch.float64)], 1)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_collators_own_generator_in_workers_resumes_exactly(persistent, capfd):
+    """A collate_fn object's generator, made in each worker at its first batch: the workers' copies are saved
+    with the worker's states, and a resumed worker gets its copy back with this worker's process id beside it
+    (else the collator would make a new one, seeded anew)."""
+    make = lambda: DataLoader(Augmenting(draws=False), batch_size=4, shuffle=True, num_workers=2,  # noqa: E731
+                              collate_fn=PerProcessMasking(), persistent_workers=persistent)
+    pos = _resumes_exactly(make, stop=(1, 3) if not persistent else (2, 1))
+    held = [w for w in pos["workers"]["rng"] if w is not None]
+    assert held and all([k for k, _, _ in w["dataset"]] == ["collate.generator"] for w in held), pos["workers"]
+    assert all(w["pids"] == ["collate._generator_pid"] for w in held)
+    assert "warning" not in capfd.readouterr().err
+
+
 def test_a_saved_dataset_generator_that_does_not_fit_the_workers_copy_is_said(capfd):
     """A worker's saved dataset-generator state of another kind than the relaunch's dataset holds is not
     put back, and one line names it (the worker reports it with its first batch; the main process's own copy
@@ -118,7 +150,7 @@ def test_a_saved_dataset_generator_that_does_not_fit_the_workers_copy_is_said(ca
     other = lambda: DataLoader(OwnGenerators("numpy", lazy=False), batch_size=4, shuffle=True,  # noqa: E731
                                num_workers=2)
     run_tracked(other, 3, plan=(got["pos"], got["rng"]))
-    lines = [ln for ln in capfd.readouterr().err.splitlines() if "worker's copy" in ln]
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "worker's copies" in ln]
     assert len(lines) == 1 and "dataset.rng do not fit" in lines[0] and "not restored" in lines[0], lines
 
 
