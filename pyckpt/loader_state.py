@@ -78,7 +78,8 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
     (``vars()``, or items of a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader
     (``"loader.generator"``), each sampler of ``_sampler_chain`` (``"sampler.1.rng"``), the dataset
     (``"dataset.rng"``) and the datasets it wraps, two levels down (a Subset's ``"dataset.dataset.rng"``,
-    a ConcatDataset's ``"dataset.datasets.0.rng"``), the ``collate_fn`` object (or a bound method's object)
+    a ConcatDataset's ``"dataset.datasets.0.rng"``) and the callable objects each holds, one level down (a
+    transform's ``"dataset.transform.rng"``), the ``collate_fn`` object (or a bound method's object)
     and the callable objects it holds, one level down (``"collate.generator"``: transformers'
     ``DataCollatorForLanguageModeling(seed=...)``; ``"collate.data_collator.generator"``: the same under
     the Trainer's ``RemoveColumnsCollator``). A sampler drawing its order from one, or a dataset or
@@ -130,14 +131,17 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
             look(f"sampler.{i}", s, None)
     datasets: list = [("dataset", loader.dataset if loader is not None else dataset)]
     for depth in range(3):  # the dataset, what it wraps, what that wraps
-        inner: list | None = [] if depth < 2 else None
+        inner: list = []
         for prefix, ds in datasets:
-            look(prefix, ds, inner)
-        datasets = inner or []
+            look(prefix, ds, inner, _is_dataset_part)
+        datasets = [(key, x) for key, x in inner if _is_dataset(type(x))] if depth < 2 else []
+        for key, x in inner:  # its transforms: one level
+            if not _is_dataset(type(x)):
+                look(key, x, None)
     owner = collate_owner(loader.collate_fn if loader is not None else collate)
     if owner is not None:
         parts: list = []
-        look("collate", owner, parts, _is_collator_part)
+        look("collate", owner, parts, _is_callable_part)
         for prefix, x in parts:
             look(prefix, x, None)
     return found
@@ -156,8 +160,13 @@ def collate_owner(fn: Any) -> Any:
 _PART_TYPES: dict[type, bool] = {}
 
 
-def _is_collator_part(t: type) -> bool:
-    """A collator's attribute of this class is looked into: an object with attributes that is called (a
+def _is_dataset_part(t: type) -> bool:
+    return _is_dataset(t) or _is_callable_part(t)
+
+
+def _is_callable_part(t: type) -> bool:
+    """A dataset's or collator's attribute of this class is looked into: an object with attributes that is
+    called (a dataset's transform: albumentations' ``Compose(seed=...)``, a script's augmentation class; a
     collator it wraps: the Trainer's ``RemoveColumnsCollator`` around the data collator)."""
     is_part = _PART_TYPES.get(t)
     if is_part is None:

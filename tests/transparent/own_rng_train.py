@@ -7,7 +7,8 @@ SHAPE: ``sampler_random`` / ``sampler_numpy`` / ``sampler_torch`` (a length-buck
 ``subset_numpy`` (the same dataset under a ``Subset``), ``collate_torch`` (a collate_fn object masking from a
 ``torch.Generator`` it makes at its first call and remakes in another process, wrapped in another collator
 object: transformers' ``DataCollatorForLanguageModeling(seed=...)`` under the Trainer's
-``RemoveColumnsCollator``), ``collate_hf`` (that transformers collator itself). KILL_AT: SIGKILL after that
+``RemoveColumnsCollator``), ``collate_hf`` (that transformers collator itself), ``transform_numpy`` (a
+dataset's transform object jittering from its own ``np.random.default_rng``: albumentations' ``Compose(seed=)``). KILL_AT: SIGKILL after that
 step (once: KILL_MARK).
 """
 import os
@@ -63,6 +64,27 @@ class Noisy(Dataset):
         return self.x[i] + torch.from_numpy(self.rng.normal(0, 0.1, self.x.shape[1])).float(), self.y[i]
 
 
+class Jitter:
+    """A transform with its own seeded generator."""
+
+    def __init__(self, seed=5):
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, x):
+        return x * float(1 + 0.1 * self.rng.standard_normal())
+
+
+class Transformed(Dataset):
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), self.y[i]
+
+
 class Masking:
     """Drops features at random from its own seeded generator, made at its first call in each process."""
 
@@ -113,6 +135,8 @@ torch.manual_seed(0)
 x, y = torch.randn(40, 6), torch.randn(40, 1)
 if SHAPE == "collate_hf":
     loader = hf_loader(y)
+elif SHAPE == "transform_numpy":
+    loader = DataLoader(Transformed(x, y, Jitter()), batch_size=4, shuffle=True)
 elif SHAPE == "collate_torch":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=Outer(Masking()))
 elif SHAPE.startswith("sampler_"):

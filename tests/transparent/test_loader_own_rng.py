@@ -27,7 +27,7 @@ SCRIPT = HERE / "own_rng_train.py"
 
 
 @pytest.mark.parametrize("shape", ["sampler_random", "sampler_numpy", "sampler_torch", "dataset_numpy",
-                                   "subset_numpy", "collate_torch", "collate_hf"])
+                                   "subset_numpy", "transform_numpy", "collate_torch", "collate_hf"])
 def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
     # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
@@ -116,7 +116,7 @@ class _NotCalled:
         self.rng = random.Random(3)
 
 
-def test_the_generators_of_a_collate_fn_object_and_the_collator_it_wraps_are_found_by_key():
+def test_the_generators_of_collate_fn_and_transform_objects_are_found_by_key():
     inner = _Collator()
     inner.__dict__["made_at"] = os.getpid()
     ds = TensorDataset(torch.randn(4, 2))
@@ -128,6 +128,12 @@ def test_the_generators_of_a_collate_fn_object_and_the_collator_it_wraps_are_fou
     assert pids == ["collate.data_collator.made_at"]  # beside a generator, holding this process's id
     assert keys(inner.collate) == ["collate.rng", "collate.data_collator.rng"][:1]  # a bound method's object
     assert keys(functools.partial(_Collator.collate, inner)) == [] and keys(None) == []
+    # A dataset's transform objects, one level (a Subset's dataset's too); not what the transform holds.
+    ds.transform = _Collator(_Collator())
+    assert keys(None) == ["dataset.transform.rng"]
+    sub = torch.utils.data.Subset(ds, [0, 1])
+    assert [k for k, _, _ in loader_state.generators(DataLoader(sub))] == ["dataset.dataset.transform.rng"]
+    del ds.transform
     # A collator's generator made at its first call: put back by key where the relaunch's holds None.
     fresh = _Collator(_Collator())
     fresh.data_collator.rng = None

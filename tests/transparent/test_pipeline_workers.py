@@ -108,6 +108,36 @@ def test_a_datasets_own_generators_in_workers_resume_exactly(kind, lazy, persist
     assert "OwnGenerators" not in capfd.readouterr().err
 
 
+class Jitter:
+    """A dataset's transform drawing from a generator of its own (albumentations' ``Compose(seed=...)``)."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(9)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.tensor([self.rng.random()], dtype=x.dtype)])
+
+
+class Transformed(Dataset):
+    def __init__(self) -> None:
+        self.inner, self.transform = Augmenting(draws=False), Jitter()
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.inner[i])
+
+
+def test_a_datasets_transforms_own_generator_in_workers_resumes_exactly(capfd):
+    """A transform object the dataset holds draws from its own generator, copied into each worker: saved per
+    worker (key ``dataset.transform.rng``) and put back."""
+    make = lambda: DataLoader(Transformed(), batch_size=4, shuffle=True, num_workers=2)  # noqa: E731
+    pos = _resumes_exactly(make, stop=(1, 3))
+    assert all([k for k, _, _ in w["dataset"]] == ["dataset.transform.rng"] for w in pos["workers"]["rng"])
+    assert "warning" not in capfd.readouterr().err
+
+
 class PerProcessMasking:
     """A collate_fn object masking from a generator it makes at its first call in each process, seeded by the
     worker id, and remakes where its process id is not the current one (transformers'
