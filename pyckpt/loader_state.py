@@ -82,7 +82,8 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
     transform's ``"dataset.transform.rng"``), the ``collate_fn`` object (or a bound method's object)
     and the callable objects it holds, one level down (``"collate.generator"``: transformers'
     ``DataCollatorForLanguageModeling(seed=...)``; ``"collate.data_collator.generator"``: the same under
-    the Trainer's ``RemoveColumnsCollator``). A sampler drawing its order from one, or a dataset or
+    the Trainer's ``RemoveColumnsCollator``), or the arguments a ``functools.partial`` binds
+    (``"collate.keywords.generator"``). A sampler drawing its order from one, or a dataset or
     collator its augmentation in this process, draws other numbers on a relaunch that skipped what drew
     them; the key is stored with each state, so a checkpoint of another layout is detected rather than
     misapplied. A plain loader has a few dozen attributes to look at: no cache (a generator replaced is
@@ -138,7 +139,13 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
         for key, x in inner:  # its transforms: one level
             if not _is_dataset(type(x)):
                 look(key, x, None)
-    owner = collate_owner(loader.collate_fn if loader is not None else collate)
+    fn = loader.collate_fn if loader is not None else collate
+    if isinstance(fn, functools.partial):  # partial(mask, generator=g): its bound arguments
+        for k, x in [*enumerate(fn.args[:HELD_MAX]), *list(fn.keywords.items())[:HELD_MAX]]:
+            kind = kind_of(x)
+            if kind is not None:
+                add(f"collate.{'args' if type(k) is int else 'keywords'}.{k}", kind, x)
+    owner = collate_owner(fn)
     if owner is not None:
         parts: list = []
         look("collate", owner, parts, _is_callable_part)

@@ -8,9 +8,11 @@ SHAPE: ``sampler_random`` / ``sampler_numpy`` / ``sampler_torch`` (a length-buck
 ``torch.Generator`` it makes at its first call and remakes in another process, wrapped in another collator
 object: transformers' ``DataCollatorForLanguageModeling(seed=...)`` under the Trainer's
 ``RemoveColumnsCollator``), ``collate_hf`` (that transformers collator itself), ``transform_numpy`` (a
-dataset's transform object jittering from its own ``np.random.default_rng``: albumentations' ``Compose(seed=)``). KILL_AT: SIGKILL after that
+dataset's transform object jittering from its own ``np.random.default_rng``: albumentations' ``Compose(seed=)``),
+``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn). KILL_AT: SIGKILL after that
 step (once: KILL_MARK).
 """
+import functools
 import os
 import random
 import signal
@@ -85,6 +87,11 @@ class Transformed(Dataset):
         return self.transform(self.x[i]), self.y[i]
 
 
+def masking(items, generator):
+    xb, yb = torch.utils.data.default_collate(items)
+    return xb * torch.bernoulli(torch.full(xb.shape, 0.8), generator=generator), yb
+
+
 class Masking:
     """Drops features at random from its own seeded generator, made at its first call in each process."""
 
@@ -137,6 +144,9 @@ if SHAPE == "collate_hf":
     loader = hf_loader(y)
 elif SHAPE == "transform_numpy":
     loader = DataLoader(Transformed(x, y, Jitter()), batch_size=4, shuffle=True)
+elif SHAPE == "collate_partial":
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True,
+                        collate_fn=functools.partial(masking, generator=torch.Generator().manual_seed(3)))
 elif SHAPE == "collate_torch":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=Outer(Masking()))
 elif SHAPE.startswith("sampler_"):

@@ -27,7 +27,8 @@ SCRIPT = HERE / "own_rng_train.py"
 
 
 @pytest.mark.parametrize("shape", ["sampler_random", "sampler_numpy", "sampler_torch", "dataset_numpy",
-                                   "subset_numpy", "transform_numpy", "collate_torch", "collate_hf"])
+                                   "subset_numpy", "transform_numpy", "collate_torch", "collate_hf",
+                                   "collate_partial"])
 def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
     # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
@@ -128,6 +129,9 @@ def test_the_generators_of_collate_fn_and_transform_objects_are_found_by_key():
     assert pids == ["collate.data_collator.made_at"]  # beside a generator, holding this process's id
     assert keys(inner.collate) == ["collate.rng", "collate.data_collator.rng"][:1]  # a bound method's object
     assert keys(functools.partial(_Collator.collate, inner)) == [] and keys(None) == []
+    g = torch.Generator()
+    assert keys(functools.partial(_Collator.collate, g, rng=random.Random(2))) == ["collate.args.0",
+                                                                                  "collate.keywords.rng"]
     # A dataset's transform objects, one level (a Subset's dataset's too); not what the transform holds.
     ds.transform = _Collator(_Collator())
     assert keys(None) == ["dataset.transform.rng"]
