@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import Dataset
-from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import (DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Trainer, TrainerCallback, TrainingArguments)
 from transformers.trainer_utils import get_last_checkpoint
 
 TEXT = """the quick brown fox jumps over the lazy dog and the cat sat on the mat while a bird
@@ -40,6 +40,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--word-dropout", type=float, default=0.0,
                    help="replace each input token by [UNK] with this probability when a batch is collated "
                         "(random draws in the process that collates: the main one with --workers 0)")
+    p.add_argument("--mask-seed", type=int, default=None,
+                   help="collate with transformers' DataCollatorForLanguageModeling(seed=N): it masks 30%% of the "
+                        "tokens from a generator of its own, made in the process that collates")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint-N in the output dir, if any (the Trainer's own resume)")
     p.add_argument("--step-sleep", type=float, default=0.0,
@@ -47,12 +50,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(mask: bool = False) -> PreTrainedTokenizerFast:
     words = sorted(set(TEXT.split()))
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *(["[MASK]"] if mask else []), *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   **({"mask_token": "[MASK]"} if mask else {}))
 
 
 class Windows(Dataset):
@@ -100,7 +104,7 @@ class PrintLoss(TrainerCallback):
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(mask=args.mask_seed is not None)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     model = LlamaForCausalLM(config)
@@ -111,6 +115,9 @@ def main() -> None:
         logging_steps=1, save_steps=args.save_steps, report_to=[], dataloader_num_workers=args.workers,
         use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_tqdm=True, bf16=True)
     collator = {"data_collator": WordDropout(args.word_dropout, tokenizer.unk_token_id)} if args.word_dropout else {}
+    if args.mask_seed is not None:
+        collator = {"data_collator": DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3,
+                                                                     seed=args.mask_seed)}
     trainer = Trainer(model=model, args=training_args, train_dataset=Windows(tokenizer, args.samples),
                       callbacks=[PrintLoss(args.step_sleep)], **collator)
     # As the Hugging Face example scripts do: resume from the last checkpoint-N when there is one.

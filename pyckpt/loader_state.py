@@ -24,7 +24,8 @@ is (batches handed B, batches fetched F >= B). Fast-forward skips B and the
 restore waits until the wrapper has fetched F again (its look-ahead refilled).
 Loaded in the main process (no workers), those F - B batches may draw random
 numbers (a masking collator): the random state before each of them is saved
-(``ahead_rng``) and put back before each is fetched again. Unregistered ones (a class with
+(``ahead_rng``), with the states of the loader's own generators then (``ahead_own``: a masking collator's
+``generator``), and put back before each is fetched again. Unregistered ones (a class with
 ``__next__``, or the script's own no-argument ``next()`` of the apex/YOLOX prefetchers) are found on
 the stack at an epoch's first fetch (``_probe_wrapper``). A snapshot point after the epoch's end (an
 apex ``next()`` asks the ended iterator again) is marked ``ended``; the restore waits for that end too.
@@ -207,9 +208,10 @@ OWN_RNG_MAX = 32  # generators kept per loader
 HELD_MAX = 32  # items of a list/tuple/dict attribute looked into (not a dataset's list of samples)
 
 
-def _own_raw(loader: DataLoader) -> tuple:
-    """The states of ``generators(loader)``, raw (cheap: taken at every ``iter()``); a tuple marks the raw form."""
-    return tuple((key, kind, rng.raw_state(g, kind)) for key, kind, g in generators(loader))
+def _own_raw(loader: DataLoader, pids: list[str] | None = None) -> tuple:
+    """The states of ``generators(loader, pids=pids)``, raw (cheap: taken at every ``iter()``); a tuple marks
+    the raw form."""
+    return tuple((key, kind, rng.raw_state(g, kind)) for key, kind, g in generators(loader, pids=pids))
 
 
 def _own_saved(raw: tuple) -> list:
@@ -483,8 +485,9 @@ class Stream:
     # Another rank reads this loader and sends this rank its batches (accelerate's DataLoaderDispatcher
     # on processes other than 0): its fetches are that rank's, one per batch handed; no worker state.
     follower: bool = False
-    # Under a look-ahead wrapper with no worker processes: (batches fetched before, raw random state) right
-    # before each of the last fetches. A batch loaded and collated in the main process may draw random
+    # Under a look-ahead wrapper with no worker processes: (batches fetched before, (raw random state, the
+    # loader's own generators' raw states, the keys of the process ids beside them)) right before each of
+    # the last fetches. A batch loaded and collated in the main process may draw random
     # numbers; the batches fetched ahead of the snapshot point are fetched again by the relaunch before the
     # restore, so it needs the states they were drawn from (``ahead_rng`` in the position).
     pre_fetch: Any = field(default_factory=lambda: collections.deque(maxlen=AHEAD_RNG_KEPT))
@@ -615,7 +618,8 @@ class Stream:
         return out
 
     def _ahead_rng(self, handed: int) -> dict[str, Any]:
-        """The random state before each batch fetched beyond ``handed`` (loaded in this process)."""
+        """The random state before each batch fetched beyond ``handed`` (loaded in this process), and the
+        states of the loader's own generators then (``generators``)."""
         kept = dict(self.pre_fetch)
         raw = [kept.get(n) for n in range(handed, self.batches)]
         if any(r is None for r in raw):
@@ -623,7 +627,8 @@ class Stream:
                       f"fetched ahead of the loop is not kept (at most {AHEAD_RNG_KEPT}); random draws of the "
                       "dataset or collate_fn for them may differ after a resume", "warning")
             return {}
-        return {"ahead_rng": [rng.cpu_saved(r) for r in raw]}
+        return {"ahead_rng": [rng.cpu_saved(r[0]) for r in raw],
+                "ahead_own": [{"rngs": _own_saved(r[1]), "pids": list(r[2])} for r in raw]}
 
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
         """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward):
@@ -710,8 +715,10 @@ class FastForward:
     position: dict = field(default_factory=dict)
     fetched: int = -1
     others: list = field(default_factory=list)  # zipped loaders' FastForwards (reached, not restored at)
-    # The random state before each of the fetched - batch fetches ahead of the loop (main-process loading)
+    # The random state before each of the fetched - batch fetches ahead of the loop (main-process loading),
+    # and the loader's own generators' ({"rngs", "pids"} each; empty in a checkpoint written before)
     ahead_rng: list = field(default_factory=list)
+    ahead_own: list = field(default_factory=list)
     ended: bool = False  # the snapshot point came after the epoch's iterator had ended
     gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)  # the states of the gaps between epochs
     draws: sampler_draws.Draws = field(default_factory=sampler_draws.Draws)  # the sampler's, mid-epoch
@@ -734,6 +741,9 @@ class FastForward:
         ahead = pos.get("ahead_rng")
         if not isinstance(ahead, list) or len(ahead) != fetched - batch:
             ahead = []  # absent (workers, no look-ahead) or malformed: _fast_forward says so if it matters
+        own = pos.get("ahead_own")
+        if not isinstance(own, list) or len(own) != len(ahead) or not all(isinstance(o, dict) for o in own):
+            own = []  # (_set_own checks each entry it is given)
         gaps = _parsed(pos, "past_ends", epoch_gaps.Gaps, "the random states of the gaps between epochs in the "
                        "checkpoint are malformed; the per-epoch code of the epochs a resume runs again draws from "
                        "others")
@@ -741,7 +751,7 @@ class FastForward:
                         "middle of its epoch are malformed in the checkpoint; the order of the batches after this "
                         "resume may differ")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
-                   bool(pos.get("reused")), pos, fetched, others, ahead, pos.get("ended") is True, gaps, draws)
+                   bool(pos.get("reused")), pos, fetched, others, ahead, own, pos.get("ended") is True, gaps, draws)
 
 
 def _parsed(pos: dict[str, Any], key: str, kind: Any, malformed: str) -> Any:
@@ -1139,6 +1149,7 @@ class LoaderTracker:
         of the restore point draw from the random state the original run drew them from; and the state
         before this fetch is kept for a snapshot whose look-ahead includes it."""
         plan = self.plan
+        loader = st.loader() if st.loader is not None else None
         if plan is not None and plan.ahead_rng and st is self.plan_stream:
             i = st.batches - plan.batch
             if 0 <= i < len(plan.ahead_rng):
@@ -1149,7 +1160,12 @@ class LoaderTracker:
                     _say_once(f"warning: loader {plan.sig}: the random state saved for the batches fetched ahead "
                               f"of the loop is not usable ({type(e).__name__}: {e}); random draws of the dataset "
                               "or collate_fn for them may differ after this resume", "warning")
-        st.pre_fetch.append((st.batches, rng.cpu_raw()))
+                if plan.ahead_rng and i < len(plan.ahead_own) and loader is not None:
+                    _set_own(loader, plan.ahead_own[i], "before a batch fetched ahead of the loop")
+                    set_pids(loader, plan.ahead_own[i].get("pids"))
+        pids: list[str] = []
+        own = _own_raw(loader, pids) if loader is not None else ()
+        st.pre_fetch.append((st.batches, (rng.cpu_raw(), own, tuple(pids))))
 
     def _count_batch(self, st: Stream) -> None:
         """Book-keeping of a fetch that handed ``st``'s loop a batch (the patched ``__next__`` and

@@ -169,6 +169,18 @@ def test_a_collators_own_generator_in_workers_resumes_exactly(persistent, capfd)
     assert "warning" not in capfd.readouterr().err
 
 
+def test_a_collators_own_generator_under_a_look_ahead_wrapper_resumes_exactly(capfd):
+    """Loaded in the main process under a look-ahead wrapper: the batch fetched ahead of the snapshot point is
+    collated again by the relaunch before the restore point, from the collator's generator as it was before
+    that batch in the original (``ahead_own``), not as at the epoch's start."""
+    make = lambda: DataLoader(Augmenting(draws=False), batch_size=4, shuffle=True,  # noqa: E731
+                              collate_fn=PerProcessMasking())
+    pos = _resumes_exactly(make, stop=(1, 3), wrap=True)
+    assert [[k for k, _, _ in a["rngs"]] for a in pos["ahead_own"]] == [["collate.generator"]]
+    assert pos["ahead_own"][0]["pids"] == ["collate._generator_pid"]
+    assert "warning" not in capfd.readouterr().err
+
+
 def test_a_saved_dataset_generator_that_does_not_fit_the_workers_copy_is_said(capfd):
     """A worker's saved dataset-generator state of another kind than the relaunch's dataset holds is not
     put back, and one line names it (the worker reports it with its first batch; the main process's own copy
