@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from . import catalog, knobs, layout, metrics
+from . import catalog, knobs, layout, loader_state, metrics
 
 _failed: list[str] = []  # why this process is not ending normally
 _installed = False
@@ -115,7 +115,7 @@ def _at_exit(pid: int) -> None:
         # it): nothing was restored and the training after that point did not run. Exit status 0 alone
         # would read as a finished run.
         pos = (session.source.rank_state or {}).get("loader") or {}
-        where = f" (epoch {max(int(pos.get('epoch', 1)) - 1, 0)}, batch {pos.get('batch', '?')})" if pos else ""
+        where = f" (epoch {loader_state.loop_epoch(pos)}, batch {pos.get('batch', '?')})" if pos else ""
         activation._say(f"warning: the script ended before reaching the point checkpoint {session.source.path} was "
                         f"taken at{where}: nothing was restored and this run did not resume it; "
                         f"{session.directory} is not marked finished", "warning")

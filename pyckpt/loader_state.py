@@ -485,6 +485,10 @@ class Stream:
     # Another rank reads this loader and sends this rank its batches (accelerate's DataLoaderDispatcher
     # on processes other than 0): its fetches are that rank's, one per batch handed; no worker state.
     follower: bool = False
+    # Optimizer steps whose last fetch was from this stream: a loader of another signature that fed steps
+    # before the training loader's current epoch (the training loader rebuilt with another batch size or
+    # dataset length at each epoch: progressive batching, a growing curriculum) is skipped on resume.
+    fed_steps: int = 0
     # Under a look-ahead wrapper with no worker processes: (batches fetched before, (raw random state, the
     # loader's own generators' raw states, the keys of the process ids beside them)) right before each of
     # the last fetches. A batch loaded and collated in the main process may draw random
@@ -584,7 +588,12 @@ class Stream:
             if batch is None and self.batches > handed and loader.num_workers == 0:
                 pos.update(self._ahead_rng(handed))
         if others:
-            pos["others"] = [st.position(batch=st.mark, others=False) for st in self.tracker.zipped_with(self)]
+            zipped = self.tracker.zipped_with(self)
+            pos["others"] = [st.position(batch=st.mark, others=False) for st in zipped]
+            fed = [[st.sig, st.epochs] for st in self.tracker.streams.values()
+                   if st.fed_steps and st.main is None and st.sig != self.sig and all(st is not z for z in zipped)]
+            if fed:
+                pos["fed_before"] = fed  # loaders of other signatures that fed steps, and their iter() counts
         return pos
 
     def _worker_record(self) -> Any:
@@ -671,6 +680,19 @@ def _close_gap(st: Stream, now: tuple | None = None) -> None:
     st.prev_end_rng, st.end_rng = st.end_rng, None
 
 
+def loop_epoch(pos: dict) -> int:
+    """The 0-based index a ``for epoch in range(...)`` loop shows for a loader position: ``pos["epoch"]``
+    counts the iter() calls of the training loader's signature, plus those of loaders of other signatures
+    that fed training before (the loader rebuilt with another batch size or length at each epoch)."""
+    fed = 0
+    for entry in pos.get("fed_before") or []:
+        try:
+            fed += max(int(entry[1]), 0)
+        except (TypeError, ValueError, IndexError):
+            pass  # (said when the plan was read)
+    return max(int(pos.get("epoch", 1)) - 1, 0) + fed
+
+
 def epoch_steps_of(pos: dict[str, Any]) -> tuple[int, list[int]]:
     """A checkpoint's (``epoch_steps_from``, ``epoch_steps``); (1, []) when absent or malformed
     (nothing read from a checkpoint is trusted unchecked)."""
@@ -719,6 +741,9 @@ class FastForward:
     # and the loader's own generators' ({"rngs", "pids"} each; empty in a checkpoint written before)
     ahead_rng: list = field(default_factory=list)
     ahead_own: list = field(default_factory=list)
+    # Loaders of other signatures that fed the optimizer before: signature -> the iter() calls made of it
+    # (all before the snapshot: each such epoch runs again without data)
+    fed_before: dict = field(default_factory=dict)
     ended: bool = False  # the snapshot point came after the epoch's iterator had ended
     gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)  # the states of the gaps between epochs
     draws: sampler_draws.Draws = field(default_factory=sampler_draws.Draws)  # the sampler's, mid-epoch
@@ -750,8 +775,16 @@ class FastForward:
         draws = _parsed(pos, "sampler_draws", sampler_draws.Draws, "the random states the sampler drew from in the "
                         "middle of its epoch are malformed in the checkpoint; the order of the batches after this "
                         "resume may differ")
+        fed: dict = {}
+        for entry in pos.get("fed_before") or []:
+            try:
+                fed[tuple(entry[0])] = int(entry[1])
+            except (TypeError, ValueError, IndexError, KeyError):
+                _say_once("warning: the checkpoint's record of the loaders that fed training before is malformed; "
+                          "a loader rebuilt with another batch size or length may not be skipped", "warning")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
-                   bool(pos.get("reused")), pos, fetched, others, ahead, own, pos.get("ended") is True, gaps, draws)
+                   bool(pos.get("reused")), pos, fetched, others, ahead, own, fed, pos.get("ended") is True, gaps,
+                   draws)
 
 
 def _parsed(pos: dict[str, Any], key: str, kind: Any, malformed: str) -> Any:
@@ -1312,6 +1345,8 @@ class LoaderTracker:
         for st in self.streams.values():
             st.streak = st.streak + 1 if id(st) in fetched else 0
             st.mark = st.batches
+        if self.last is not None and self.last.main is None:
+            self.last.fed_steps += 1
 
     def zipped_with(self, primary: Stream) -> list[Stream]:
         """Loaders iterated in step with ``primary`` (``zip(loader1, loader2)``): fetched before each
@@ -1359,7 +1394,7 @@ class LoaderTracker:
             _close_gap(st, now)
         self._begin_epoch(st, loader)
         target = self._target(st)
-        if target is not None and st.epochs < target.epoch:
+        if (target is not None and st.epochs < target.epoch) or self._fed_before(st):
             st.skipping = True
             _SkipHook.install(self)
             it = _FinishedEpoch(loader)
@@ -1460,6 +1495,13 @@ class LoaderTracker:
                       "the other, so the batches after it may differ. Give the dataset state_dict()/"
                       "load_state_dict() (it is then positioned through them), load it in worker processes, or "
                       "let it draw from a generator of its own (kept with the loader)", "warning")
+
+    def _fed_before(self, st: Stream) -> bool:
+        """Whether this iter() of ``st`` (another signature than the training loader's) was one of those that
+        fed the optimizer before the checkpoint: the relaunch passes it without data, as an earlier epoch."""
+        plan = self.plan
+        return (plan is not None and self.plan_stream is None and st.main is None and st.sig != plan.sig
+                and 0 < st.epochs <= plan.fed_before.get(tuple(st.sig), 0))
 
     def _target(self, st: Stream) -> FastForward | None:
         """The position a resume fast-forwards ``st`` to, while not reached yet."""

@@ -29,7 +29,7 @@ from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, 
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry, eager
-from .loader_state import FastForward, LoaderTracker, Stream
+from .loader_state import FastForward, LoaderTracker, Stream, loop_epoch
 from .policy import Policy, StoreAgreement
 
 SIGTERM_GRACE_S = 60.0  # after SIGTERM, exit anyway if no consistent point comes within this time
@@ -356,7 +356,7 @@ class Session:
         if self.coord.rank == 0:
             # The fast-forward cannot skip the script's own code around the loader: say what runs again,
             # once a skipped epoch ends (one the script's own next() goes on in runs no such code again).
-            self.tracker.skip_note = skip_note(0, int(pos.get("epoch", 1)) - 1)
+            self.tracker.skip_note = skip_note(0, loop_epoch(pos))
         for opt in self.optimizers:
             # As in the run that wrote the checkpoint, the optimizer has stepped before any
             # scheduler.step() that per-epoch code makes while epochs are skipped.
@@ -375,10 +375,11 @@ class Session:
         # rebuilt at each epoch over a growing or shrinking dataset (a curriculum), which is a new stream
         # to pyckpt at every epoch, so its earlier epochs cannot be skipped. Say that, not "another script".
         kin = [st.sig for st in self.tracker.streams.values() if st.sig[:1] == plan.sig[:1] and st.sig != plan.sig]
-        why = (f"a loader of the same dataset type with another length or batch size ({kin[0]}) came first; if "
-               "it is the training loader rebuilt at each epoch over a dataset that grows or shrinks (a "
-               "curriculum), pyckpt cannot fast-forward it (it tells a loader's epochs apart by dataset type, "
-               "length and batch size), else this run does not replay the run that wrote it"
+        why = (f"a loader of the same dataset type with another length or batch size ({kin[0]}) came first, "
+               "which did not feed training before the checkpoint; if it is the training loader rebuilt at each "
+               "epoch over a dataset that grows or shrinks (a curriculum) or with another batch size, its "
+               "lengths or batch sizes differ from those of the run that wrote it (or that run's pyckpt, "
+               "before 2026-12-07, did not record them), else this run does not replay the run that wrote it"
                if kin else "this run does not replay the run that wrote it")
         # Another script on the same PYCKPT_DIR (a fine-tuning run after pre-training) says so first.
         then = loopstate.script_of((self.source.rank_state or {}).get("loop") if self.source is not None else None)
@@ -607,9 +608,7 @@ class Session:
         self.policy.restart_timer(time.monotonic())
         if self.coord.rank == 0:
             took = time.monotonic() - self.started
-            # pos["epoch"] counts epochs started; print the 0-based index a `for epoch in range(...)`
-            # loop shows, and the batches (loader fetches) already consumed in it.
-            say(f"resumed from step {self.step} (epoch {max(pos['epoch'] - 1, 0)}, batch {pos['batch']}) "
+            say(f"resumed from step {self.step} (epoch {loop_epoch(pos)}, batch {pos['batch']}) "
                 f"in {took:.1f} s")
             self._say_ddp_bucket_order(t)
 

@@ -1,0 +1,106 @@
+"""The training loader rebuilt at each epoch with another batch size (progressive batching) or over a dataset
+that grows (a curriculum): each epoch's loader has another signature, a new stream to pyckpt. A relaunch
+trained the earlier epochs' loaders again before the checkpoint's and was refused ("cannot fast-forward
+it"). The loaders of other signatures that fed the optimizer before the snapshot, and their iter() counts,
+are kept in the position (``fed_before``); the relaunch passes their epochs without data, as it passes the
+training loader's own earlier epochs. A validation loader (it feeds no step) still runs in those epochs."""
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from tracked_loop import Items, tracking
+from transparent_helpers import load, run_script, tree_equal
+
+SCRIPT = r'''
+import os, signal, sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+SHAPE = os.environ["SHAPE"]
+torch.manual_seed(0)
+x, y = torch.randn(48, 6), torch.randn(48, 1)
+train, val = TensorDataset(x, y), DataLoader(TensorDataset(torch.randn(12, 6), torch.randn(12, 1)), batch_size=4)
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+step, seen, vals = 0, [], []
+for epoch in range(4):
+    if SHAPE == "batch_size":
+        loader = DataLoader(train, batch_size=[4, 6, 6, 8][epoch], shuffle=True)
+    else:
+        loader = DataLoader(Subset(train, range([16, 24, 36, 48][epoch])), batch_size=4, shuffle=True)
+    model.train()
+    for xb, yb in loader:
+        loss = ((model(xb) - yb) ** 2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        step += 1
+        seen.append(xb.sum())
+        if str(step) == os.environ.get("KILL_AT") and not os.path.exists(os.environ["KILL_MARK"]):
+            open(os.environ["KILL_MARK"], "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+    model.eval()
+    with torch.no_grad():  # a validation pass: another loader of the same dataset type, feeding no step
+        vals.append(torch.stack([((model(xv) - yv) ** 2).mean() for xv, yv in val]).mean())
+torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "batches": torch.stack(seen),
+            "vals": torch.stack(vals[-2:]), "step": step}, sys.argv[1])
+'''
+
+
+# Killed after step 25: resumed from the snapshot of step 24 (or 20, when 24's commit was not done yet).
+# batch_size: 12 + 8 + 8 + 6 steps, step 24 in epoch 2 (the second epoch of batch size 6), step 20 the last of
+# epoch 1; curriculum: 4 + 6 + 9 + 12 steps, both in epoch 3.
+@pytest.mark.parametrize("shape,epochs", [("batch_size", {24: 2, 20: 1}), ("curriculum", {24: 3, 20: 3})])
+def test_a_loader_rebuilt_with_another_batch_size_or_length_each_epoch_resumes_exactly(tmp_path, shape, epochs):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    plain = run_script([script, tmp_path / "plain.pt"], tmp_path, SHAPE=shape, KILL_MARK=tmp_path / "unused")
+    assert plain.returncode == 0, plain.stderr
+    env = dict(SHAPE=shape, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="25",
+               KILL_MARK=tmp_path / "mark")
+    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    # The epoch printed is the loop's (the earlier loaders' epochs counted), not the loader's own count.
+    resumed = re.search(r"pyckpt: resumed from step (\d+) \(epoch (\d+), batch \d+\)", second.stderr)
+    assert resumed and int(resumed[1]) in epochs, second.stderr
+    epoch = epochs[int(resumed[1])]
+    assert int(resumed[2]) == epoch, second.stderr
+    skipped = f"epochs 0-{epoch - 1} run" if epoch > 1 else "epoch 0 runs"
+    assert f"{skipped} again without data" in second.stderr, second.stderr
+    assert "warning" not in second.stderr and "cannot resume" not in second.stderr, second.stderr
+    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+
+
+def _train(sizes, plan=None, stop=None, seed=0):
+    """Epoch e iterates a new DataLoader of batch size sizes[e] over the same 23 items, with a step after each
+    batch; ``stop``/``plan`` as in tracked_loop.run_tracked."""
+    out = []
+    with tracking(plan) as (tracker, got):
+        torch.manual_seed(seed)
+        for e, bs in enumerate(sizes):
+            for i, b in enumerate(DataLoader(Items(), batch_size=bs, shuffle=True)):
+                out.append((e, b.tolist()))
+                tracker._on_step()  # what the session's post-step hook calls
+                if stop == (e, i + 1):
+                    got["want"], tracker.armed = True, True
+    return out, got
+
+
+def test_the_position_records_the_loaders_that_fed_steps_before_and_the_relaunch_skips_them():
+    sizes = (2, 3, 3, 5)
+    ref, got = _train(sizes, stop=(2, 4))
+    pos = got["pos"]
+    assert (pos["sig"][2], pos["epoch"], pos["batch"]) == (3, 2, 4)  # the second epoch of batch size 3
+    assert [[s[2], n] for s, n in pos["fed_before"]] == [[2, 1]]
+    resumed, _ = _train(sizes, plan=(pos, got["rng"]), seed=99)
+    n_before = sum(1 for e, _ in ref if e < 2) + 4
+    assert resumed == ref[n_before:]
+    # A checkpoint without the record (written before): the batch-size-2 epoch trains again.
+    pos = {k: v for k, v in pos.items() if k != "fed_before"}
+    resumed, _ = _train(sizes, plan=(pos, got["rng"]), seed=99)
+    assert resumed[:12] == [(0, b) for _, b in resumed[:12]] and len(resumed) > len(ref) - n_before
