@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import epoch_gaps, frames, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
+from . import epoch_gaps, frames, knobs, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
 from .hooks import HookSet
 
 
@@ -983,6 +983,7 @@ class LoaderTracker:
         self.last: Stream | None = None
         self.plan: FastForward | None = None
         self.plan_stream: Stream | None = None  # set once the plan's epoch iterator exists
+        self.adopted: Stream | None = None  # PYCKPT_RESUME_EDITED=tracked: the training loader over other data (_adopts)
         self.skip_note: str | None = None  # said when the first skipped epoch of the plan's stream ends
         self.wrapper_depth = 0  # > 0 while a registered look-ahead wrapper runs its own code
         self._first = True
@@ -1496,6 +1497,29 @@ class LoaderTracker:
                       "load_state_dict() (it is then positioned through them), load it in worker processes, or "
                       "let it draw from a generator of its own (kept with the loader)", "warning")
 
+    def _adopts(self, plan: FastForward, st: Stream) -> bool:
+        """``PYCKPT_RESUME_EDITED=tracked``: whether ``st`` is the training loader over data of another length
+        (samples added or removed between the runs): a loader of the same dataset type, batch size, sampler
+        kinds and workers, iterated at the place of the script where the checkpoint's training loader was
+        fetched (its innermost frame: same code, same line). It takes the plan's place: the resume goes on
+        at the checkpoint's epoch and batch over the new data, said in one line. The first such stream only."""
+        if self.adopted is not None:
+            return self.adopted is st
+        if (st.main is not None or len(st.sig) != len(plan.sig) or st.sig[0] != plan.sig[0]
+                or st.sig[1] == plan.sig[1] or st.sig[2:] != plan.sig[2:] or tuple(st.sig) in plan.fed_before
+                or knobs.get("PYCKPT_RESUME_EDITED") != "tracked"):
+            return False
+        source = getattr(getattr(self, "session", None), "source", None)
+        loop = (source.rank_state or {}).get("loop") if source is not None else None
+        stack = loop.get("stack") if isinstance(loop, dict) else None
+        if not _same_line(stack, frames.user_frames(sys._getframe(1))):
+            return False
+        self.adopted = st
+        _say_once(f"warning: the training data changed since the checkpoint: loader {plan.sig} is now {st.sig}; "
+                  f"PYCKPT_RESUME_EDITED=tracked goes on at its epoch {plan.epoch - 1}, batch {plan.batch} over the "
+                  "new data (the samples of that epoch are drawn anew over it): the resume is not exact", "warning")
+        return True
+
     def _fed_before(self, st: Stream) -> bool:
         """Whether this iter() of ``st`` (another signature than the training loader's) was one of those that
         fed the optimizer before the checkpoint: the relaunch passes it without data, as an earlier epoch."""
@@ -1506,7 +1530,7 @@ class LoaderTracker:
     def _target(self, st: Stream) -> FastForward | None:
         """The position a resume fast-forwards ``st`` to, while not reached yet."""
         plan = self.plan if st.main is None else None
-        if plan is not None and plan.sig == st.sig and self.plan_stream is None:
+        if plan is not None and self.plan_stream is None and (plan.sig == st.sig or self._adopts(plan, st)):
             return plan
         if plan is not None:  # a loader zipped with the training loader, not reached yet
             return next((p for p in plan.others if p.sig == st.sig and st.epochs <= p.epoch), None)
@@ -1688,6 +1712,22 @@ class LoaderTracker:
             self.plan_stream = st
             self.armed = True  # the restore happens at this iterator's next fetch
         return it
+
+
+def _same_line(stack: Any, user: list) -> bool:
+    """Whether the innermost of ``user`` (the script's frames now) runs the same code as the innermost frame
+    of a checkpoint's loop-state ``stack`` (``loopstate.stack_signature``), at the same line."""
+    if not user or not isinstance(stack, list) or len(stack) < 2:
+        return False
+    saved, live = stack[-1], user[-1]
+    if not isinstance(saved, list) or len(saved) != 5 or list(frames.code_key(live.f_code)) != saved[:4]:
+        return False
+    try:
+        lasti = int(saved[4])
+        line = next((ln for start, end, ln in live.f_code.co_lines() if start <= lasti < end), None)
+    except (TypeError, ValueError):
+        return False
+    return line is not None and line == live.f_lineno
 
 
 def _watched(loader: DataLoader) -> bool:

@@ -40,7 +40,8 @@ FLAGS = {
     "--compress": ("PYCKPT_COMPRESS", "C", "none or zstd"),
     "--resume": ("PYCKPT_RESUME", "R", "auto (default), never, or a checkpoint directory"),
     "--resume-edited": ("PYCKPT_RESUME_EDITED", "M", "refuse (default) or tracked: resume an edited script's "
-                        "models, optimizers, data position, RNG and loop counters (by name), not its other variables (not exact)"),
+                        "models, optimizers, data position, RNG and loop counters (by name), not its other variables, or go on "
+                        "over training data of another length (not exact)"),
 }
 MAX_RESTARTS = ("--max-restarts", "--max_restarts")
 DEFAULT_MAX_RESTARTS = 3

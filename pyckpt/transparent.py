@@ -381,6 +381,10 @@ class Session:
                "lengths or batch sizes differ from those of the run that wrote it (or that run's pyckpt, "
                "before 2026-12-07, did not record them), else this run does not replay the run that wrote it"
                if kin else "this run does not replay the run that wrote it")
+        if any(len(k) == len(plan.sig) and k[2:] == plan.sig[2:] for k in kin):
+            why += ("; if samples were added to (or removed from) the training data since, "
+                    "PYCKPT_RESUME_EDITED=tracked goes on at the checkpoint's epoch and batch over the new data "
+                    "(not exact)")
         # Another script on the same PYCKPT_DIR (a fine-tuning run after pre-training) says so first.
         then = loopstate.script_of((self.source.rank_state or {}).get("loop") if self.source is not None else None)
         now = os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "")

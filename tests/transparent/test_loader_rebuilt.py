@@ -104,3 +104,63 @@ def test_the_position_records_the_loaders_that_fed_steps_before_and_the_relaunch
     pos = {k: v for k, v in pos.items() if k != "fed_before"}
     resumed, _ = _train(sizes, plan=(pos, got["rng"]), seed=99)
     assert resumed[:12] == [(0, b) for _, b in resumed[:12]] and len(resumed) > len(ref) - n_before
+
+
+GROWN = r'''
+import os, signal, sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+n = int(os.environ["N"])  # the training data: more of it in the relaunch
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(n, 6, generator=g), torch.randn(n, 1, generator=g)
+torch.manual_seed(0)
+loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+model = nn.Linear(6, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+step, per_epoch = 0, []
+val = DataLoader(TensorDataset(torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)), batch_size=4,
+                 shuffle=True)  # of the same kinds as the training loader, iterated elsewhere: never taken for it
+for epoch in range(3):
+    with torch.no_grad():
+        vl = sum(((model(xv) - yv) ** 2).mean() for xv, yv in val)
+    seen = 0
+    for xb, yb in loader:
+        loss = ((model(xb) - yb) ** 2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        step += 1
+        seen += 1
+        if str(step) == os.environ.get("KILL_AT") and not os.path.exists(os.environ["KILL_MARK"]):
+            open(os.environ["KILL_MARK"], "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+    per_epoch.append(seen)
+print("STEPS", step, per_epoch, flush=True)
+'''
+
+
+def test_training_data_grown_between_runs_is_refused_unless_resume_edited_is_tracked(tmp_path):
+    """More training data added while the job was down: the training loader has another length, so the
+    relaunch cannot replay the run that wrote the checkpoint (refused, one line). With
+    PYCKPT_RESUME_EDITED=tracked the loader of the same dataset type, batch size and kind, iterated at the
+    same place of the unchanged script, is taken as the training loader: the resume goes on at the
+    checkpoint's epoch and batch over the new data (not exact: one line says so). Before, it was refused
+    either way, and PYCKPT_RESUME=never lost the weights."""
+    script = tmp_path / "train.py"
+    script.write_text(GROWN)
+    env = dict(N="40", PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="2", KILL_AT="15",
+               KILL_MARK=tmp_path / "mark")
+    first = run_script([script], tmp_path, **env)  # 10 steps an epoch; killed in epoch 1
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    refused = run_script([script], tmp_path, **dict(env, N="48"))
+    assert refused.returncode == 2 and "refusing to guess" in refused.stderr, refused.stderr
+    assert "removed from) the training data since, PYCKPT_RESUME_EDITED=tracked goes on" in refused.stderr
+    run = run_script([script], tmp_path, **dict(env, N="48", PYCKPT_RESUME_EDITED="tracked"))
+    assert run.returncode == 0, run.stderr
+    resumed = re.search(r"pyckpt: resumed from step (14|12) \(epoch 1, batch ([24])\)", run.stderr)
+    assert resumed, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if "the training data changed" in ln]
+    assert len(lines) == 1 and "['TensorDataset', 40," in lines[0] and "['TensorDataset', 48," in lines[0], lines
+    # The rest of epoch 1 and epoch 2 over 48 samples (12 batches each): the step counter, restored by the
+    # tracked resume, ends at the checkpoint's step + the rest.
+    done = int(resumed[1])
+    assert f"STEPS {done + (12 - int(resumed[2])) + 12} " in run.stdout, run.stdout
