@@ -79,8 +79,8 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
     (``vars()``, or items of a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader
     (``"loader.generator"``), each sampler of ``_sampler_chain`` (``"sampler.1.rng"``), the dataset
     (``"dataset.rng"``) and the datasets it wraps, two levels down (a Subset's ``"dataset.dataset.rng"``,
-    a ConcatDataset's ``"dataset.datasets.0.rng"``) and the callable objects each holds, one level down (a
-    transform's ``"dataset.transform.rng"``), the ``collate_fn`` object (or a bound method's object)
+    a ConcatDataset's ``"dataset.datasets.0.rng"``) and the callable objects each holds, two levels down (a
+    transform's ``"dataset.transform.rng"``, one in a Compose's list ``"dataset.transform.transforms.0.rng"``), the ``collate_fn`` object (or a bound method's object)
     and the callable objects it holds, one level down (``"collate.generator"``: transformers'
     ``DataCollatorForLanguageModeling(seed=...)``; ``"collate.data_collator.generator"``: the same under
     the Trainer's ``RemoveColumnsCollator``), or the arguments a ``functools.partial`` binds
@@ -137,9 +137,12 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
         for prefix, ds in datasets:
             look(prefix, ds, inner, _is_dataset_part)
         datasets = [(key, x) for key, x in inner if _is_dataset(type(x))] if depth < 2 else []
-        for key, x in inner:  # its transforms: one level
+        for key, x in inner:  # its transforms, and those a Compose of them holds
             if not _is_dataset(type(x)):
-                look(key, x, None)
+                parts: list = []
+                look(key, x, parts, _is_callable_part)
+                for key2, y in parts:
+                    look(key2, y, None)
     fn = loader.collate_fn if loader is not None else collate
     if isinstance(fn, functools.partial):  # partial(mask, generator=g): its bound arguments
         for k, x in [*enumerate(fn.args[:HELD_MAX]), *list(fn.keywords.items())[:HELD_MAX]]:
@@ -148,7 +151,7 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
                 add(f"collate.{'args' if type(k) is int else 'keywords'}.{k}", kind, x)
     owner = collate_owner(fn)
     if owner is not None:
-        parts: list = []
+        parts = []
         look("collate", owner, parts, _is_callable_part)
         for prefix, x in parts:
             look(prefix, x, None)

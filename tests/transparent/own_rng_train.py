@@ -8,7 +8,7 @@ SHAPE: ``sampler_random`` / ``sampler_numpy`` / ``sampler_torch`` (a length-buck
 ``torch.Generator`` it makes at its first call and remakes in another process, wrapped in another collator
 object: transformers' ``DataCollatorForLanguageModeling(seed=...)`` under the Trainer's
 ``RemoveColumnsCollator``), ``collate_hf`` (that transformers collator itself), ``transform_numpy`` (a
-dataset's transform object jittering from its own ``np.random.default_rng``: albumentations' ``Compose(seed=)``),
+dataset's transforms, in a ``Compose``, jittering from their own ``np.random.default_rng``),
 ``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn). KILL_AT: SIGKILL after that
 step (once: KILL_MARK).
 """
@@ -74,6 +74,18 @@ class Jitter:
 
     def __call__(self, x):
         return x * float(1 + 0.1 * self.rng.standard_normal())
+
+
+class Compose:
+    """Applies a list of transforms (torchvision's and albumentations' ``Compose``)."""
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
 
 
 class Transformed(Dataset):
@@ -143,7 +155,7 @@ x, y = torch.randn(40, 6), torch.randn(40, 1)
 if SHAPE == "collate_hf":
     loader = hf_loader(y)
 elif SHAPE == "transform_numpy":
-    loader = DataLoader(Transformed(x, y, Jitter()), batch_size=4, shuffle=True)
+    loader = DataLoader(Transformed(x, y, Compose([Jitter(5), Jitter(6)])), batch_size=4, shuffle=True)
 elif SHAPE == "collate_partial":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True,
                         collate_fn=functools.partial(masking, generator=torch.Generator().manual_seed(3)))

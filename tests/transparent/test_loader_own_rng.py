@@ -132,11 +132,15 @@ def test_the_generators_of_collate_fn_and_transform_objects_are_found_by_key():
     g = torch.Generator()
     assert keys(functools.partial(_Collator.collate, g, rng=random.Random(2))) == ["collate.args.0",
                                                                                   "collate.keywords.rng"]
-    # A dataset's transform objects, one level (a Subset's dataset's too); not what the transform holds.
+    # A dataset's transform objects and those they hold, two levels (a Subset's dataset's too).
     ds.transform = _Collator(_Collator())
-    assert keys(None) == ["dataset.transform.rng"]
+    assert keys(None) == ["dataset.transform.rng", "dataset.transform.data_collator.rng"]
     sub = torch.utils.data.Subset(ds, [0, 1])
-    assert [k for k, _, _ in loader_state.generators(DataLoader(sub))] == ["dataset.dataset.transform.rng"]
+    assert [k for k, _, _ in loader_state.generators(DataLoader(sub))] == [
+        "dataset.dataset.transform.rng", "dataset.dataset.transform.data_collator.rng"]
+    ds.transform = _Collator()
+    ds.transform.steps = [_Collator(), _Collator()]  # a Compose's list of transforms
+    assert keys(None) == ["dataset.transform.rng", "dataset.transform.steps.0.rng", "dataset.transform.steps.1.rng"]
     del ds.transform
     # A collator's generator made at its first call: put back by key where the relaunch's holds None.
     fresh = _Collator(_Collator())
