@@ -593,10 +593,13 @@ class Stream:
         if others:
             zipped = self.tracker.zipped_with(self)
             pos["others"] = [st.position(batch=st.mark, others=False) for st in zipped]
+            # Loaders of other signatures that fed steps, their epochs all over (one still in its epoch, fed
+            # by turns with this one, would lose the rest of it if skipped: its relaunch is refused as before).
             fed = [[st.sig, st.epochs] for st in self.tracker.streams.values()
-                   if st.fed_steps and st.main is None and st.sig != self.sig and all(st is not z for z in zipped)]
+                   if st.fed_steps and st.ended and st.main is None and st.sig != self.sig
+                   and all(st is not z for z in zipped)]
             if fed:
-                pos["fed_before"] = fed  # loaders of other signatures that fed steps, and their iter() counts
+                pos["fed_before"] = fed
         return pos
 
     def _worker_record(self) -> Any:

@@ -376,10 +376,12 @@ class Session:
         # to pyckpt at every epoch, so its earlier epochs cannot be skipped. Say that, not "another script".
         kin = [st.sig for st in self.tracker.streams.values() if st.sig[:1] == plan.sig[:1] and st.sig != plan.sig]
         why = (f"a loader of the same dataset type with another length or batch size ({kin[0]}) came first, "
-               "which did not feed training before the checkpoint; if it is the training loader rebuilt at each "
-               "epoch over a dataset that grows or shrinks (a curriculum) or with another batch size, its "
-               "lengths or batch sizes differ from those of the run that wrote it (or that run's pyckpt, "
-               "before 2026-12-07, did not record them), else this run does not replay the run that wrote it"
+               "and the checkpoint records no finished epoch of it that trained; if it is the training loader "
+               "rebuilt at each epoch over a dataset that grows or shrinks (a curriculum) or with another batch "
+               "size, its lengths or batch sizes differ from those of the run that wrote it (or that run's "
+               "pyckpt, before 2026-12-07, did not record them); if the steps draw from it by turns with the "
+               "training loader (tasks mixed at random), pyckpt cannot resume that; else this run does not "
+               "replay the run that wrote it"
                if kin else "this run does not replay the run that wrote it")
         if any(len(k) == len(plan.sig) and k[2:] == plan.sig[2:] for k in kin):
             why += ("; if samples were added to (or removed from) the training data since, "

@@ -78,5 +78,5 @@ def test_a_curriculum_loader_of_other_lengths_is_refused_with_a_line_that_names_
     run = _harness.launch(_harness.python_command(script, ["edited"]), env)
     assert run.finish(RUN_TIMEOUT_S) == 2, run.stderr[-3000:]
     lines = [line for line in run.stderr_lines if "refusing to guess" in line]
-    assert len(lines) == 1 and "did not feed training before the checkpoint" in lines[0], run.stderr[-3000:]
+    assert len(lines) == 1 and "records no finished epoch of it that trained" in lines[0], run.stderr[-3000:]
     assert "['Subset', 6, 4," in lines[0] and "(a curriculum)" in lines[0] and "does not replay" in lines[0]

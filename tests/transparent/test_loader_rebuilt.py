@@ -91,6 +91,24 @@ def _train(sizes, plan=None, stop=None, seed=0):
     return out, got
 
 
+def test_a_loader_fed_by_turns_with_the_training_loader_is_not_recorded():
+    """Steps drawing from two loaders by turns (tasks mixed): the other loader is in the middle of its epoch
+    at the snapshot; skipping its epoch on resume would drop the rest of it, silently. Not recorded: such a
+    relaunch is refused as before."""
+    with tracking() as (tracker, got):
+        a, b = DataLoader(Items(), batch_size=2), DataLoader(Items(), batch_size=3)
+        ia, ib = iter(a), iter(b)
+        for i in range(6):
+            next(ib)
+            tracker._on_step()
+            next(ia)
+            tracker._on_step()
+            if i == 3:
+                got["want"], tracker.armed = True, True
+    pos = got["pos"]
+    assert pos["sig"][2] == 3 and "fed_before" not in pos, pos.get("fed_before")  # (the snapshot at next(ib))
+
+
 def test_the_position_records_the_loaders_that_fed_steps_before_and_the_relaunch_skips_them():
     sizes = (2, 3, 3, 5)
     ref, got = _train(sizes, stop=(2, 4))
