@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import numpy_state, python_state, rng
+from . import frames, numpy_state, python_state, rng
 
 HISTORY = 16  # states kept per worker: covers a look-ahead wrapper's fetches beyond the loop
 
@@ -70,9 +70,47 @@ def dataset_states(dataset: Any, collate: Any) -> tuple[tuple, tuple]:
     from .loader_state import generators  # (imported by then: loader_state installs the workers' hooks)
 
     pids: list[str] = []
-    found = generators(None, dataset, collate, pids)
+    found = generators(None, dataset, collate, pids) + module_generators(dataset, collate)
     return (tuple((key, kind, _bytes_of(rng.raw_state(g, kind)) if kind == "torch" else rng.raw_state(g, kind))
                   for key, kind, g in found), tuple(pids))
+
+
+_MODULES_MAX = 8  # script modules looked into per worker
+_GLOBALS_MAX = 4096  # names looked at per module
+
+
+def module_generators(dataset: Any, collate: Any) -> list[tuple[str, str, Any]]:
+    """(key, kind, generator) for the generator objects held by module globals of the script's modules the
+    data pipeline's code runs in: ``__main__`` (``__mp_main__`` in a spawned worker) and the modules of the
+    classes of the dataset, the datasets it wraps and the collate_fn object (``RNG = np.random.default_rng(5)``
+    at a script's top, drawn from in ``__getitem__``). Each worker draws from its own copy; the main process's
+    are the script's globals (loop state). Keys ``"module.__main__.RNG"``."""
+    from torch.utils.data import Dataset
+
+    from .loader_state import collate_owner
+
+    mods: list = []
+    owners = [dataset, collate_owner(collate)]
+    inner = getattr(dataset, "__dict__", None)
+    if type(inner) is dict:
+        owners += [v for v in list(inner.values())[:64] if isinstance(v, Dataset)]
+    for m in [sys.modules.get("__main__"), sys.modules.get("__mp_main__"),
+              *(sys.modules.get(type(o).__module__) for o in owners if o is not None)]:
+        f = getattr(m, "__file__", None)
+        if m is None or any(m is x for x in mods) or not isinstance(f, str) or not frames.is_user_file(f):
+            continue
+        mods.append(m)
+        if len(mods) >= _MODULES_MAX:
+            break
+    found, seen = [], set()
+    for m in mods:
+        name = "__main__" if m.__name__ in ("__main__", "__mp_main__") else m.__name__
+        for attr, v in list(vars(m).items())[:_GLOBALS_MAX]:
+            kind = rng.kind_of(v)
+            if kind is not None and id(v) not in seen:
+                seen.add(id(v))
+                found.append((f"module.{name}.{attr}", kind, v))
+    return found
 
 
 def _bytes_of(t: torch.Tensor) -> bytes:
@@ -104,7 +142,7 @@ def set_dataset_states(dataset: Any, collate: Any, state: Transport) -> list[str
     from .loader_state import generators, lazy_slot, set_pids
 
     saved = state[3] if len(state) > 3 else ()
-    live = {key: (kind, g) for key, kind, g in generators(None, dataset, collate)}
+    live = {key: (kind, g) for key, kind, g in generators(None, dataset, collate) + module_generators(dataset, collate)}
     todo, made, bad = [], [], []
     for key, kind, raw in saved:
         try:

@@ -58,6 +58,12 @@ def test_look_ahead_wrapper_over_workers_saves_the_states_of_the_batches_handed(
     assert (pos["batch"], pos["fetched"]) == (3, 4)
 
 
+def _own_keys(saved: dict) -> list[str]:
+    """The keys of a worker's saved generators of the dataset's and collate_fn's copies (not this module's
+    globals, which each worker holds too: ``_MODULE_RNG``)."""
+    return [k for k, _, _ in saved["dataset"] if not k.startswith("module.")]
+
+
 class OwnGenerators(Dataset):
     """Augments from generators of its own: made at its first ``__getitem__`` (``lazy``: in each worker that
     loads an item, never in the main process) or in ``__init__`` (copied into each worker)."""
@@ -104,7 +110,7 @@ def test_a_datasets_own_generators_in_workers_resume_exactly(kind, lazy, persist
                               num_workers=2, persistent_workers=persistent)
     pos = _resumes_exactly(make, stop=stop)
     held = [w for w in pos["workers"]["rng"] if w is not None]
-    assert held and all([k for k, _, _ in w["dataset"]] == ["dataset.rng"] for w in held), pos["workers"]
+    assert held and all(_own_keys(w) == ["dataset.rng"] for w in held), pos["workers"]
     assert "OwnGenerators" not in capfd.readouterr().err
 
 
@@ -134,7 +140,27 @@ def test_a_datasets_transforms_own_generator_in_workers_resumes_exactly(capfd):
     worker (key ``dataset.transform.rng``) and put back."""
     make = lambda: DataLoader(Transformed(), batch_size=4, shuffle=True, num_workers=2)  # noqa: E731
     pos = _resumes_exactly(make, stop=(1, 3))
-    assert all([k for k, _, _ in w["dataset"]] == ["dataset.transform.rng"] for w in pos["workers"]["rng"])
+    assert all(_own_keys(w) == ["dataset.transform.rng"] for w in pos["workers"]["rng"])
+    assert "warning" not in capfd.readouterr().err
+
+
+_MODULE_RNG = np.random.default_rng(13)  # a module global the dataset draws from (copied into each worker)
+
+
+class ModuleRng(Dataset):
+    def __len__(self) -> int:
+        return 23
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([i, _MODULE_RNG.random()], dtype=torch.float64)
+
+
+def test_a_module_global_generator_the_dataset_draws_from_in_workers_resumes_exactly(capfd):
+    """``RNG = np.random.default_rng(13)`` at a script module's top, drawn from in ``__getitem__``: each worker
+    draws from its own copy, saved per worker (key ``module.<module>._MODULE_RNG``) and put back."""
+    make = lambda: DataLoader(ModuleRng(), batch_size=4, shuffle=True, num_workers=2)  # noqa: E731
+    pos = _resumes_exactly(make, stop=(1, 3))
+    assert all(f"module.{__name__}._MODULE_RNG" in [k for k, _, _ in w["dataset"]] for w in pos["workers"]["rng"])
     assert "warning" not in capfd.readouterr().err
 
 
@@ -164,7 +190,7 @@ def test_a_collators_own_generator_in_workers_resumes_exactly(persistent, capfd)
                               collate_fn=PerProcessMasking(), persistent_workers=persistent)
     pos = _resumes_exactly(make, stop=(1, 3) if not persistent else (2, 1))
     held = [w for w in pos["workers"]["rng"] if w is not None]
-    assert held and all([k for k, _, _ in w["dataset"]] == ["collate.generator"] for w in held), pos["workers"]
+    assert held and all(_own_keys(w) == ["collate.generator"] for w in held), pos["workers"]
     assert all(w["pids"] == ["collate._generator_pid"] for w in held)
     assert "warning" not in capfd.readouterr().err
 
@@ -227,7 +253,7 @@ def test_malformed_worker_state_is_refused_with_a_reason():
     ds.rng.random(3)
     state = loader_workers.current_state(ds)
     saved = loader_workers.to_saved(state)
-    assert [k for k, _, _ in saved["dataset"]] == ["dataset.rng"]
+    assert _own_keys(saved) == ["dataset.rng"]
     back = loader_workers.from_saved(saved)
     assert back[:3] == state[:3] and back[3] == state[3]
     for bad in (["dataset.rng", "numpy.Generator"], ["dataset.rng", "nope", 1], [7, "random", [3, [], None]],
