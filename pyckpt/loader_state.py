@@ -289,6 +289,34 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
                   f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
 
 
+def _set_module_generators(loader: DataLoader, saved: Any) -> None:
+    """Put back the module-global generators the pipeline's code draws from (``loader_workers.module_generators``:
+    ``RNG = np.random.default_rng(5)`` at the script's top) from ``saved`` ([key, kind, state] each), matched by
+    key and kind, every entry checked first; one that does not fit is named in one warning line. (The loop
+    state puts the script's globals back at the restore point; this is for the batches fetched before it.)"""
+    if not isinstance(saved, list) or not saved:
+        return
+    live = {key: (kind, g) for key, kind, g in loader_workers.module_generators(loader.dataset, loader.collate_fn)}
+    todo, bad = [], []
+    for entry in saved:
+        try:
+            key, kind, state = entry
+            lkind, g = live[key]
+            if lkind != kind:
+                raise TypeError(kind)
+            raw = rng.raw_from_saved(kind, state)
+            rng.check_state(g, kind, raw)
+            todo.append((g, kind, raw))
+        except Exception:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
+            bad.append(str(entry[0])[:60] if isinstance(entry, (list, tuple)) and entry else "?")
+    for g, kind, raw in todo:
+        rng.set_state(g, kind, raw)
+    if bad:
+        _say_once(f"warning: loader {_sig_of(loader)}: the module-global generator(s) {_keys(bad)} saved before the "
+                  "batches fetched ahead of the loop do not fit this run's; what those batches draw may differ after "
+                  "this resume", "warning")
+
+
 def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = None,
               collate: Any = None) -> tuple[Any, str, Any] | None:
     """(owner, attribute, a new generator of ``kind``) for a saved generator ``key`` (``"loader.generator"``,
@@ -643,7 +671,8 @@ class Stream:
                       "dataset or collate_fn for them may differ after a resume", "warning")
             return {}
         return {"ahead_rng": [rng.cpu_saved(r[0]) for r in raw],
-                "ahead_own": [{"rngs": _own_saved(r[1]), "pids": list(r[2])} for r in raw]}
+                "ahead_own": [{"rngs": _own_saved(r[1]), "pids": list(r[2]), "modules": _own_saved(r[3])}
+                              for r in raw]}
 
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
         """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward):
@@ -1203,9 +1232,12 @@ class LoaderTracker:
                 if plan.ahead_rng and i < len(plan.ahead_own) and loader is not None:
                     _set_own(loader, plan.ahead_own[i], "before a batch fetched ahead of the loop")
                     set_pids(loader, plan.ahead_own[i].get("pids"))
+                    _set_module_generators(loader, plan.ahead_own[i].get("modules"))
         pids: list[str] = []
         own = _own_raw(loader, pids) if loader is not None else ()
-        st.pre_fetch.append((st.batches, (rng.cpu_raw(), own, tuple(pids))))
+        mods = tuple((key, kind, rng.raw_state(g, kind)) for key, kind, g in
+                     loader_workers.module_generators(loader.dataset, loader.collate_fn)) if loader is not None else ()
+        st.pre_fetch.append((st.batches, (rng.cpu_raw(), own, tuple(pids), mods)))
 
     def _count_batch(self, st: Stream) -> None:
         """Book-keeping of a fetch that handed ``st``'s loop a batch (the patched ``__next__`` and

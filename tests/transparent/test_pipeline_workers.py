@@ -164,6 +164,16 @@ def test_a_module_global_generator_the_dataset_draws_from_in_workers_resumes_exa
     assert "warning" not in capfd.readouterr().err
 
 
+def test_a_module_global_generator_under_a_look_ahead_wrapper_resumes_exactly(capfd):
+    """Loaded in the main process under a look-ahead wrapper (accelerate's): the batch fetched ahead of the
+    snapshot point is loaded again before the restore point, which puts the script's globals back; the
+    module-global generator's state before that fetch is kept too (``ahead_own``'s ``modules``)."""
+    make = lambda: DataLoader(ModuleRng(), batch_size=4, shuffle=True)  # noqa: E731
+    pos = _resumes_exactly(make, stop=(1, 3), wrap=True)
+    assert [[k for k, _, _ in a["modules"]] for a in pos["ahead_own"]] == [[f"module.{__name__}._MODULE_RNG"]]
+    assert "warning" not in capfd.readouterr().err
+
+
 class PerProcessMasking:
     """A collate_fn object masking from a generator it makes at its first call in each process, seeded by the
     worker id, and remakes where its process id is not the current one (transformers'
