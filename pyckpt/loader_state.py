@@ -84,7 +84,8 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
     and the callable objects it holds, one level down (``"collate.generator"``: transformers'
     ``DataCollatorForLanguageModeling(seed=...)``; ``"collate.data_collator.generator"``: the same under
     the Trainer's ``RemoveColumnsCollator``), or the arguments a ``functools.partial`` binds
-    (``"collate.keywords.generator"``). A sampler drawing its order from one, or a dataset or
+    (``"collate.keywords.generator"``), and the closure of a ``collate_fn`` function or of a function a dataset
+    or transform holds (``"collate.closure.rng"``). A sampler drawing its order from one, or a dataset or
     collator its augmentation in this process, draws other numbers on a relaunch that skipped what drew
     them; the key is stored with each state, so a checkpoint of another layout is detected rather than
     misapplied. A plain loader has a few dozen attributes to look at: no cache (a generator replaced is
@@ -101,7 +102,20 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
             seen.add(id(v))
             found.append((key, kind, v))
 
-    def look(prefix: str, owner: Any, inner: list | None, part: Callable[[type], bool] = None) -> None:
+    def closure(prefix: str, fn: Any) -> None:
+        """The generators a function's closure holds (``rng`` of ``def make_collate(seed): rng = ...``)."""
+        cells = fn.__closure__
+        for name, cell in zip(fn.__code__.co_freevars, cells or ()):
+            try:
+                v = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            kind = kind_of(v)
+            if kind is not None:
+                add(f"{prefix}.closure.{name}", kind, v)
+
+    def look(prefix: str, owner: Any, inner: list | None, part: Callable[[type], bool] = None,
+             closures: bool = True) -> None:
         attrs = getattr(owner, "__dict__", None)
         if type(attrs) is not dict:
             return
@@ -109,6 +123,10 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
         held = len(found)
         for name, v in attrs.items():
             t = type(v)
+            if t is types.FunctionType:
+                if closures:  # a transform made by a function: its closure (not the loader's own functions)
+                    closure(f"{prefix}.{name}", v)
+                continue
             if t is list or t is tuple or t is dict:
                 if len(v) > HELD_MAX:
                     continue
@@ -128,9 +146,9 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
             pids.extend(f"{prefix}.{name}" for name, v in attrs.items() if type(v) is int and v == pid)
 
     if loader is not None:
-        look("loader", loader, None)
+        look("loader", loader, None, closures=False)
         for i, s in enumerate(_sampler_chain(loader)):
-            look(f"sampler.{i}", s, None)
+            look(f"sampler.{i}", s, None, closures=False)
     datasets: list = [("dataset", loader.dataset if loader is not None else dataset)]
     for depth in range(3):  # the dataset, what it wraps, what that wraps
         inner: list = []
@@ -144,6 +162,8 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
                 for key2, y in parts:
                     look(key2, y, None)
     fn = loader.collate_fn if loader is not None else collate
+    if type(fn) is types.FunctionType:
+        closure("collate", fn)
     if isinstance(fn, functools.partial):  # partial(mask, generator=g): its bound arguments
         for k, x in [*enumerate(fn.args[:HELD_MAX]), *list(fn.keywords.items())[:HELD_MAX]]:
             kind = kind_of(x)

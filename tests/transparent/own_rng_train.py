@@ -9,7 +9,8 @@ SHAPE: ``sampler_random`` / ``sampler_numpy`` / ``sampler_torch`` (a length-buck
 object: transformers' ``DataCollatorForLanguageModeling(seed=...)`` under the Trainer's
 ``RemoveColumnsCollator``), ``collate_hf`` (that transformers collator itself), ``transform_numpy`` (a
 dataset's transforms, in a ``Compose``, jittering from their own ``np.random.default_rng``),
-``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn). KILL_AT: SIGKILL after that
+``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn), ``collate_closure`` (a
+collate_fn function drawing from a generator its maker's closure holds). KILL_AT: SIGKILL after that
 step (once: KILL_MARK).
 """
 import functools
@@ -104,6 +105,14 @@ def masking(items, generator):
     return xb * torch.bernoulli(torch.full(xb.shape, 0.8), generator=generator), yb
 
 
+def make_masking(seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def collate(items):
+        return masking(items, generator)
+    return collate
+
+
 class Masking:
     """Drops features at random from its own seeded generator, made at its first call in each process."""
 
@@ -156,6 +165,8 @@ if SHAPE == "collate_hf":
     loader = hf_loader(y)
 elif SHAPE == "transform_numpy":
     loader = DataLoader(Transformed(x, y, Compose([Jitter(5), Jitter(6)])), batch_size=4, shuffle=True)
+elif SHAPE == "collate_closure":
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=make_masking(3))
 elif SHAPE == "collate_partial":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True,
                         collate_fn=functools.partial(masking, generator=torch.Generator().manual_seed(3)))

@@ -28,7 +28,7 @@ SCRIPT = HERE / "own_rng_train.py"
 
 @pytest.mark.parametrize("shape", ["sampler_random", "sampler_numpy", "sampler_torch", "dataset_numpy",
                                    "subset_numpy", "transform_numpy", "collate_torch", "collate_hf",
-                                   "collate_partial"])
+                                   "collate_partial", "collate_closure"])
 def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
     # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
@@ -132,6 +132,10 @@ def test_the_generators_of_collate_fn_and_transform_objects_are_found_by_key():
     g = torch.Generator()
     assert keys(functools.partial(_Collator.collate, g, rng=random.Random(2))) == ["collate.args.0",
                                                                                   "collate.keywords.rng"]
+
+    def made(rng):
+        return lambda items: (rng, items)[1]
+    assert keys(made(g)) == ["collate.closure.rng"]
     # A dataset's transform objects and those they hold, two levels (a Subset's dataset's too).
     ds.transform = _Collator(_Collator())
     assert keys(None) == ["dataset.transform.rng", "dataset.transform.data_collator.rng"]
