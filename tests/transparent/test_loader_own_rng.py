@@ -136,6 +136,8 @@ def test_the_generators_of_collate_fn_and_transform_objects_are_found_by_key():
     def made(rng):
         return lambda items: (rng, items)[1]
     assert keys(made(g)) == ["collate.closure.rng"]
+    ds.transform = made(np.random.default_rng(1))  # a transform a function made: its closure
+    assert keys(None) == ["dataset.transform.closure.rng"]
     # A dataset's transform objects and those they hold, two levels (a Subset's dataset's too).
     ds.transform = _Collator(_Collator())
     assert keys(None) == ["dataset.transform.rng", "dataset.transform.data_collator.rng"]
