@@ -29,6 +29,7 @@ from __future__ import annotations
 import pickle
 import random
 import sys
+import types
 from array import array
 import weakref
 from collections import deque
@@ -79,6 +80,19 @@ _MODULES_MAX = 8  # script modules looked into per worker
 _GLOBALS_MAX = 4096  # names looked at per module
 
 
+_SCRIPT_FILES: dict[str, bool] = {}  # module file -> whether it is the script's (frames.is_user_file: a realpath)
+
+
+def _script_module(m: Any) -> bool:
+    f = getattr(m, "__file__", None)
+    if not isinstance(f, str):
+        return False
+    known = _SCRIPT_FILES.get(f)
+    if known is None:
+        known = _SCRIPT_FILES[f] = frames.is_user_file(f)
+    return known
+
+
 def module_generators(dataset: Any, collate: Any) -> list[tuple[str, str, Any]]:
     """(key, kind, generator) for the generator objects held by module globals of the script's modules the
     data pipeline's code runs in: ``__main__`` (``__mp_main__`` in a spawned worker) and the modules of the
@@ -90,14 +104,14 @@ def module_generators(dataset: Any, collate: Any) -> list[tuple[str, str, Any]]:
     from .loader_state import collate_owner
 
     mods: list = []
-    owners = [dataset, collate_owner(collate)]
+    owners = [dataset, collate_owner(collate), collate]  # (a collate function: its module)
     inner = getattr(dataset, "__dict__", None)
     if type(inner) is dict:
         owners += [v for v in list(inner.values())[:64] if isinstance(v, Dataset)]
     for m in [sys.modules.get("__main__"), sys.modules.get("__mp_main__"),
-              *(sys.modules.get(type(o).__module__) for o in owners if o is not None)]:
-        f = getattr(m, "__file__", None)
-        if m is None or any(m is x for x in mods) or not isinstance(f, str) or not frames.is_user_file(f):
+              *(sys.modules.get(getattr(o, "__module__", None) if isinstance(o, types.FunctionType)
+                                else type(o).__module__) for o in owners if o is not None)]:
+        if m is None or any(m is x for x in mods) or not _script_module(m):
             continue
         mods.append(m)
         if len(mods) >= _MODULES_MAX:
