@@ -625,7 +625,11 @@ class Stream:
             pos["attrs"] = _capture_attrs(loader)
             in_workers = ([key for key, _, _ in own if key.startswith(("dataset.", "collate."))]
                           if loader.num_workers > 0 else [])
-            if in_workers and self._worker_record() is None:
+            # An iterable dataset's position is reached by loading and dropping batches: workers started anew
+            # for the epoch, from the main process's copy as at its iter() (restored), draw those numbers again.
+            replayed = (loader._dataset_kind == _DatasetKind.Iterable and not loader.persistent_workers
+                        and _stateful_owner(loader)[0] is None)
+            if in_workers and self._worker_record() is None and not replayed:
                 # Copied into each worker; their states travel with the batches of a map-style dataset's
                 # workers (loader_workers), not an iterable dataset's.
                 _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
