@@ -74,24 +74,23 @@ def signature(loader: DataLoader) -> list:
 
 def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = None,
                pids: list[str] | None = None) -> list[tuple[str, str, Any]]:
-    """The random generators the loader's parts keep, as (key, kind, generator), deduplicated, in a fixed
-    order: torch.Generator, random.Random, NumPy RandomState and Generator objects held as attributes
-    (``vars()``, or items of a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader
-    (``"loader.generator"``), each sampler of ``_sampler_chain`` (``"sampler.1.rng"``), the dataset
-    (``"dataset.rng"``) and the datasets it wraps, two levels down (a Subset's ``"dataset.dataset.rng"``,
-    a ConcatDataset's ``"dataset.datasets.0.rng"``) and the callable objects each holds, two levels down (a
-    transform's ``"dataset.transform.rng"``, one in a Compose's list ``"dataset.transform.transforms.0.rng"``), the ``collate_fn`` object (or a bound method's object)
-    and the callable objects it holds, one level down (``"collate.generator"``: transformers'
-    ``DataCollatorForLanguageModeling(seed=...)``; ``"collate.data_collator.generator"``: the same under
-    the Trainer's ``RemoveColumnsCollator``), or the arguments a ``functools.partial`` binds
-    (``"collate.keywords.generator"``), and the closure of a ``collate_fn`` function or of a function a dataset
-    or transform holds (``"collate.closure.rng"``). A sampler drawing its order from one, or a dataset or
-    collator its augmentation in this process, draws other numbers on a relaunch that skipped what drew
-    them; the key is stored with each state, so a checkpoint of another layout is detected rather than
-    misapplied. A plain loader has a few dozen attributes to look at: no cache (a generator replaced is
-    seen). ``loader`` None: ``dataset``'s and ``collate``'s only (a worker's copies). ``pids`` given: the
-    keys of int attributes holding this process's id next to a generator are added to it (a generator
-    made per process, remade where the id is not the current one: transformers' ``_generator_pid``)."""
+    """The random generators the loader's parts keep, as (key, kind, generator), deduplicated, in a fixed order:
+    torch.Generator, random.Random, NumPy RandomState and Generator objects held as attributes (``vars()``, or items of
+    a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader (``"loader.generator"``), each sampler
+    of ``_sampler_chain`` (``"sampler.1.rng"``), the dataset (``"dataset.rng"``) and the datasets it wraps, two levels
+    down (a Subset's ``"dataset.dataset.rng"``, a ConcatDataset's ``"dataset.datasets.0.rng"``) and the callable objects
+    each holds, two levels down (a transform's ``"dataset.transform.rng"``, one in a Compose's list
+    ``"dataset.transform.transforms.0.rng"``), the ``collate_fn`` object (or a bound method's object) and the callable
+    objects it holds, one level down (``"collate.generator"``: transformers'
+    ``DataCollatorForLanguageModeling(seed=...)``; ``"collate.data_collator.generator"``: the same under the Trainer's
+    ``RemoveColumnsCollator``), or the arguments a ``functools.partial`` binds (``"collate.keywords.generator"``), and
+    the closure of a ``collate_fn`` function or of a function a dataset or transform holds (``"collate.closure.rng"``).
+    A sampler drawing its order from one, or a dataset or collator its augmentation in this process, draws other numbers
+    on a relaunch that skipped what drew them; the key is stored with each state, so a checkpoint of another layout is
+    detected rather than misapplied. A plain loader has a few dozen attributes to look at: no cache (a generator
+    replaced is seen). ``loader`` None: ``dataset``'s and ``collate``'s only (a worker's copies). ``pids`` given: the
+    keys of int attributes holding this process's id next to a generator are added to it (a generator made per process,
+    remade where the id is not the current one: transformers' ``_generator_pid``)."""
     found: list[tuple[str, str, Any]] = []
     seen: set[int] = set()
     kind_of = rng.kind_of
@@ -231,10 +230,10 @@ OWN_RNG_MAX = 32  # generators kept per loader
 HELD_MAX = 32  # items of a list/tuple/dict attribute looked into (not a dataset's list of samples)
 
 
-def _own_raw(loader: DataLoader, pids: list[str] | None = None) -> tuple:
-    """The states of ``generators(loader, pids=pids)``, raw (cheap: taken at every ``iter()``); a tuple marks
-    the raw form."""
-    return tuple((key, kind, rng.raw_state(g, kind)) for key, kind, g in generators(loader, pids=pids))
+def _own_raw(loader: DataLoader, pids: list[str] | None = None, also: list = ()) -> tuple:
+    """The states of ``generators(loader, pids=pids)`` and of ``also`` (more (key, kind, generator)), raw
+    (cheap: taken at every ``iter()``); a tuple marks the raw form."""
+    return tuple((key, kind, rng.raw_state(g, kind)) for key, kind, g in [*generators(loader, pids=pids), *also])
 
 
 def _own_saved(raw: tuple) -> list:
@@ -242,14 +241,14 @@ def _own_saved(raw: tuple) -> list:
     return [[key, kind, rng.saved_state(kind, state)] for key, kind, state in raw]
 
 
-def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
-    """Put the loader's generators back from ``state["rngs"]`` (``_own_raw``'s or ``_own_saved``'s form),
-    matched by key and kind. Every entry is checked before any generator is written; an entry that does
-    not fit (malformed, no such generator in this run, another kind) is left out and named in one warning
-    line, as is a generator of this run the checkpoint holds no state for. A checkpoint written before
-    these were kept has ``"gens"`` only: the ``generator`` attributes, as then (``_legacy_generators``)."""
+def _set_own(loader: DataLoader, state: dict[str, Any], when: str, also: list = ()) -> None:
+    """Put the loader's generators (and ``also``: more (key, kind, generator)) back from ``state["rngs"]``
+    (``_own_raw``'s or ``_own_saved``'s form), matched by key and kind. Every entry is checked before any generator is written; an entry
+    that does not fit (malformed, no such generator in this run, another kind) is left out and named in one warning
+    line, as is a generator of this run the checkpoint holds no state for. A checkpoint written before these were kept
+    has ``"gens"`` only: the ``generator`` attributes, as then (``_legacy_generators``)."""
     saved = state.get("rngs")
-    live = generators(loader)
+    live = [*generators(loader), *also]
     if saved is None:
         legacy = _legacy_generators(loader)
         gens = state.get("gens")
@@ -309,42 +308,14 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str) -> None:
                   f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
 
 
-def _set_module_generators(loader: DataLoader, saved: Any) -> None:
-    """Put back the module-global generators the pipeline's code draws from (``loader_workers.module_generators``:
-    ``RNG = np.random.default_rng(5)`` at the script's top) from ``saved`` ([key, kind, state] each), matched by
-    key and kind, every entry checked first; one that does not fit is named in one warning line. (The loop
-    state puts the script's globals back at the restore point; this is for the batches fetched before it.)"""
-    if not isinstance(saved, list) or not saved:
-        return
-    live = {key: (kind, g) for key, kind, g in loader_workers.module_generators(loader.dataset, loader.collate_fn)}
-    todo, bad = [], []
-    for entry in saved:
-        try:
-            key, kind, state = entry
-            lkind, g = live[key]
-            if lkind != kind:
-                raise TypeError(kind)
-            raw = rng.raw_from_saved(kind, state)
-            rng.check_state(g, kind, raw)
-            todo.append((g, kind, raw))
-        except Exception:  # noqa: BLE001 - nothing read from a checkpoint is trusted unchecked
-            bad.append(str(entry[0])[:60] if isinstance(entry, (list, tuple)) and entry else "?")
-    for g, kind, raw in todo:
-        rng.set_state(g, kind, raw)
-    if bad:
-        _say_once(f"warning: loader {_sig_of(loader)}: the module-global generator(s) {_keys(bad)} saved before the "
-                  "batches fetched ahead of the loop do not fit this run's; what those batches draw may differ after "
-                  "this resume", "warning")
-
-
 def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = None,
               collate: Any = None) -> tuple[Any, str, Any] | None:
     """(owner, attribute, a new generator of ``kind``) for a saved generator ``key`` (``"loader.generator"``,
     ``"sampler.1.generator"``, ``"dataset.rng"``, ``"dataset.datasets.0.rng"``, ``"collate.generator"``) whose
-    live owner holds None
-    under that attribute: a sampler that makes its generator at its first ``__iter__`` (accelerate's
-    SeedableRandomSampler), a dataset that makes its augmentation generator at its first ``__getitem__``, a
-    collator at its first call (transformers' ``DataCollatorForLanguageModeling(seed=...)``), made none yet in a relaunch that skipped the earlier epochs without data. The caller checks the saved
+    live owner holds None under that attribute: a sampler that makes its generator at its first ``__iter__``
+    (accelerate's SeedableRandomSampler), a dataset that makes its augmentation generator at its first
+    ``__getitem__``, a collator at its first call (transformers' ``DataCollatorForLanguageModeling(seed=...)``),
+    made none yet in a relaunch that skipped the earlier epochs without data. The caller checks the saved
     state against the new generator and puts it there, as the first run held one. None for anything else.
     ``loader`` None: ``"dataset..."`` and ``"collate..."`` keys of ``dataset`` and ``collate`` only (a
     worker's copies)."""
@@ -633,10 +604,11 @@ class Stream:
                 # Copied into each worker; their states travel with the batches of a map-style dataset's
                 # workers (loader_workers), not an iterable dataset's.
                 _say_once(f"warning: loader {self.sig}: each worker process draws from its own copy of the "
-                          f"dataset's or collate_fn's random generator(s) {_keys(in_workers)}; those copies are not saved here "
-                          "(an iterable dataset's, or a loader with iterators of its own), so what they draw may "
-                          "differ after a resume (derive per-sample generators from get_worker_info().seed, or "
-                          "draw from torch's, Python's or NumPy's global generators)", "warning")
+                          f"dataset's or collate_fn's random generator(s) {_keys(in_workers)}; those copies are "
+                          "not saved here (an iterable dataset's, or a loader with iterators of its own), so what "
+                          "they draw may differ after a resume (derive per-sample generators from "
+                          "get_worker_info().seed, or draw from torch's, Python's or NumPy's global generators)",
+                          "warning")
         pos.update(reshard_data.position_extra(self))  # a remapped epoch (another world size) stores its split
         if loader is not None and not self.follower:  # a follower's loader is never read: nothing to save
             pos.update(self._pipeline_position(loader, self.batches - handed))
@@ -695,8 +667,7 @@ class Stream:
                       "dataset or collate_fn for them may differ after a resume", "warning")
             return {}
         return {"ahead_rng": [rng.cpu_saved(r[0]) for r in raw],
-                "ahead_own": [{"rngs": _own_saved(r[1]), "pids": list(r[2]), "modules": _own_saved(r[3])}
-                              for r in raw]}
+                "ahead_own": [{"rngs": _own_saved(r[1]), "pids": list(r[2])} for r in raw]}
 
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
         """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward):
@@ -1042,7 +1013,7 @@ class LoaderTracker:
         self.last: Stream | None = None
         self.plan: FastForward | None = None
         self.plan_stream: Stream | None = None  # set once the plan's epoch iterator exists
-        self.adopted: Stream | None = None  # PYCKPT_RESUME_EDITED=tracked: the training loader over other data (_adopts)
+        self.adopted: Stream | None = None  # PYCKPT_RESUME_EDITED=tracked: the training loader over new data
         self.skip_note: str | None = None  # said when the first skipped epoch of the plan's stream ends
         self.wrapper_depth = 0  # > 0 while a registered look-ahead wrapper runs its own code
         self._first = True
@@ -1254,14 +1225,15 @@ class LoaderTracker:
                               f"of the loop is not usable ({type(e).__name__}: {e}); random draws of the dataset "
                               "or collate_fn for them may differ after this resume", "warning")
                 if plan.ahead_rng and i < len(plan.ahead_own) and loader is not None:
-                    _set_own(loader, plan.ahead_own[i], "before a batch fetched ahead of the loop")
+                    # (with the module-global generators its code draws from: the loop state puts the
+                    # script's globals back only at the restore point, after these fetches)
+                    _set_own(loader, plan.ahead_own[i], "before a batch fetched ahead of the loop",
+                             loader_workers.module_generators(loader.dataset, loader.collate_fn))
                     set_pids(loader, plan.ahead_own[i].get("pids"))
-                    _set_module_generators(loader, plan.ahead_own[i].get("modules"))
         pids: list[str] = []
-        own = _own_raw(loader, pids) if loader is not None else ()
-        mods = tuple((key, kind, rng.raw_state(g, kind)) for key, kind, g in
-                     loader_workers.module_generators(loader.dataset, loader.collate_fn)) if loader is not None else ()
-        st.pre_fetch.append((st.batches, (rng.cpu_raw(), own, tuple(pids), mods)))
+        own = (_own_raw(loader, pids, loader_workers.module_generators(loader.dataset, loader.collate_fn))
+               if loader is not None else ())
+        st.pre_fetch.append((st.batches, (rng.cpu_raw(), own, tuple(pids))))
 
     def _count_batch(self, st: Stream) -> None:
         """Book-keeping of a fetch that handed ``st``'s loop a batch (the patched ``__next__`` and

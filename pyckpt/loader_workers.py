@@ -241,7 +241,8 @@ def from_saved(saved: Any) -> Transport | None:
 
 class _Tagged:
     """A batch from worker ``worker`` with the worker's generator state after loading it; with its first
-    batch, ``note``: what of its saved state the worker could not put back (``set_dataset_states``)."""
+    batch, ``note``: what of its saved state the worker could not put back (``set_dataset_states``), or that
+    its copies' generators could not be read, for a warning line."""
 
     __slots__ = ("data", "rng", "worker", "note")
 
@@ -267,14 +268,20 @@ class _CapturingFetcher:
     Made, in a resumed worker, right after the copies' generators got their saved states back."""
 
     def __init__(self, inner: Any, worker: int, note: str | None = None) -> None:
-        self.inner, self.last, self.worker, self.note = inner, (None, None), worker, note
+        self.inner, self.last, self.worker, self.note, self.unread = inner, (None, None), worker, note, False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def fetch(self, index: Any) -> _Tagged:
         data = self.inner.fetch(index)
-        state = current_state(getattr(self.inner, "dataset", None), getattr(self.inner, "collate_fn", None))
+        try:
+            state = current_state(getattr(self.inner, "dataset", None), getattr(self.inner, "collate_fn", None))
+        except Exception as e:  # noqa: BLE001 - the copies' generators: never in the way of a batch (said once)
+            state = current_state()
+            if not self.unread:
+                self.unread, self.note = True, (f"the random generators of its copies of the dataset and collate_fn "
+                                                f"could not be read ({type(e).__name__}: {e}), so they are not saved")
         # (the copies' states may hold NumPy arrays: compared as pickled bytes)
         now = (state[:3], pickle.dumps(state[3:], protocol=pickle.HIGHEST_PROTOCOL))
         changed = now != self.last
@@ -297,8 +304,10 @@ def _install_in_worker(worker_id: int) -> None:
             return fetcher
         note = None
         if _PENDING:  # (torch makes the worker's fetcher right after worker_init_fn)
-            note = "; ".join(set_dataset_states(fetcher.dataset, getattr(fetcher, "collate_fn", None),
-                                                _PENDING.pop())) or None
+            problems = set_dataset_states(fetcher.dataset, getattr(fetcher, "collate_fn", None), _PENDING.pop())
+            if problems:
+                note = ("random generators of its copies of the dataset and collate_fn saved at the checkpoint not "
+                        f"restored: {'; '.join(problems)}")
         return _CapturingFetcher(fetcher, worker_id, note)
 
     create_fetcher._pyckpt = True
@@ -374,8 +383,7 @@ class _Untag:
             if data.note:
                 from .loader_state import _say_once
 
-                _say_once(f"warning: random generators of a DataLoader worker's copies of the dataset and collate_fn "
-                          f"saved at the checkpoint not restored: {data.note}; what they draw may differ after this resume",
+                _say_once(f"warning: a DataLoader worker: {data.note}; what they draw may differ after a resume",
                           "warning")
             data = data.data
         return type(it)._process_data(it, data, worker_idx, *rest)  # torchdata's: + the worker's own state
