@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from . import catalog, knobs, layout, loader_state, metrics
+from . import catalog, knobs, layout, metrics
 
 _failed: list[str] = []  # why this process is not ending normally
 _installed = False
@@ -114,8 +114,10 @@ def _at_exit(pid: int) -> None:
         # The script never came to the checkpoint's position (its loops end sooner than the run that wrote
         # it): nothing was restored and the training after that point did not run. Exit status 0 alone
         # would read as a finished run.
+        from .loader_state import loop_epoch  # (torch is imported by then: a session ran)
+
         pos = (session.source.rank_state or {}).get("loader") or {}
-        where = f" (epoch {loader_state.loop_epoch(pos)}, batch {pos.get('batch', '?')})" if pos else ""
+        where = f" (epoch {loop_epoch(pos)}, batch {pos.get('batch', '?')})" if pos else ""
         activation._say(f"warning: the script ended before reaching the point checkpoint {session.source.path} was "
                         f"taken at{where}: nothing was restored and this run did not resume it; "
                         f"{session.directory} is not marked finished", "warning")
