@@ -11,7 +11,7 @@ import signal
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from tracked_loop import Items, tracking
 from transparent_helpers import load, run_script, tree_equal
