@@ -88,6 +88,14 @@ def run_plain(cmd: list[str], cwd: Path | None = None) -> Run:
     return run
 
 
+def plain_reference(example: "Example", out: Path, extra: list[str]) -> Reference:
+    """A plain run of ``example`` with the options ``extra`` (writing ``out``), every step printed: the
+    reference of a variant the cached ``References`` do not hold."""
+    run = run_plain(example.command(out, sleep=None) + extra)
+    assert [s for s, _, _ in run.steps()] == list(range(1, example.steps + 1)), run.stdout
+    return Reference(_harness.load_state(out), run.steps())
+
+
 class References:
     """Plain (no pyckpt) runs of each example, computed once and cached."""
 

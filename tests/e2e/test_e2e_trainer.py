@@ -17,7 +17,7 @@ import pytest
 import _harness
 from e2e_helpers import (KILL_TIMEOUT_S, RUN_TIMEOUT_S, Example, Reference, References, after_commit,
                          assert_lines_match, assert_resumed_exactly, assert_state_equal, kill_and_relaunch,
-                         pyckpt_env, run_plain)
+                         plain_reference, pyckpt_env)
 
 pytest.importorskip("transformers", reason="transformers is a test-only dependency (requirements-dev.txt)")
 
@@ -66,10 +66,7 @@ MASKING = ["--workers", "0", "--mask-seed", "5"]
 
 @pytest.fixture(scope="module")
 def masking_reference(tmp_path_factory) -> Reference:
-    out = tmp_path_factory.mktemp("trainer_masking") / "plain.pt"
-    run = run_plain(TRAINER.command(out, sleep=None) + MASKING)
-    assert [s for s, _, _ in run.steps()] == list(range(1, TRAINER.steps + 1)), run.stdout
-    return Reference(_harness.load_state(out), run.steps())
+    return plain_reference(TRAINER, tmp_path_factory.mktemp("trainer_masking") / "plain.pt", MASKING)
 
 
 def test_trainer_with_a_seeded_masking_collator_resumes_exactly(masking_reference, tmp_path):

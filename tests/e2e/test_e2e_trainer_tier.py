@@ -15,7 +15,7 @@ import pytest
 
 import _harness
 from e2e_helpers import (Example, Reference, after_commit, assert_lines_match, assert_resumed_exactly,
-                         assert_state_equal, kill_and_relaunch, launch_and_kill, pyckpt_env, run_plain,
+                         assert_state_equal, kill_and_relaunch, launch_and_kill, plain_reference, pyckpt_env,
                          run_to_end, tier_env, tier_path, tier_steps)
 
 pytest.importorskip("transformers", reason="transformers is a test-only dependency (requirements-dev.txt)")
@@ -74,10 +74,7 @@ def test_trainer_memory_tier_kills_and_a_relaunch_without_the_tier(references, t
 
 @pytest.fixture(scope="module")
 def random_collate_reference(tmp_path_factory) -> Reference:
-    out = tmp_path_factory.mktemp("trainer_random_collate") / "plain.pt"
-    run = run_plain(TRAINER.command(out, sleep=None) + RANDOM_COLLATE)
-    assert [s for s, _, _ in run.steps()] == list(range(1, TRAINER.steps + 1)), run.stdout
-    return Reference(_harness.load_state(out), run.steps())
+    return plain_reference(TRAINER, tmp_path_factory.mktemp("trainer_random_collate") / "plain.pt", RANDOM_COLLATE)
 
 
 def test_trainer_random_collate_in_the_main_process_resumes_exactly(random_collate_reference, tier_ckpt, tmp_path):

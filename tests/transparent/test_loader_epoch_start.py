@@ -4,11 +4,10 @@ streams and a sampler's own epoch counter, or its batches differ from the killed
 from __future__ import annotations
 
 import re
-import signal
 
 import pytest
 
-from transparent_helpers import load, run_script, tree_equal
+from transparent_helpers import killed_and_relaunched, load, run_script, tree_equal
 
 SCRIPT = r'''
 import os, random, signal, sys
@@ -87,11 +86,6 @@ def test_a_resume_into_a_later_epoch_draws_that_epochs_batches(tmp_path, shape):
     script.write_text(SCRIPT)
     plain = run_script([script, tmp_path / "plain.pt"], tmp_path, SHAPE=shape, KILL_MARK=tmp_path / "unused")
     assert plain.returncode == 0, plain.stderr
-    env = dict(SHAPE=shape, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="28",
-               KILL_MARK=tmp_path / "mark")
-    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert first.returncode == -signal.SIGKILL
-    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert second.returncode == 0, second.stderr
+    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=28, every_steps=4, SHAPE=shape)
     assert re.search(r"pyckpt: resumed from step (24|20) \(epoch [12], batch \d+\)", second.stderr), second.stderr
     assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))

@@ -11,7 +11,6 @@ import functools
 import os
 import random
 import re
-import signal
 import weakref
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 import zygote
 from pyckpt import loader_state, tree
-from transparent_helpers import HERE, clean_env, load, run_script, tree_equal
+from transparent_helpers import HERE, clean_env, killed_and_relaunched, load, tree_equal
 
 SCRIPT = HERE / "own_rng_train.py"
 
@@ -34,12 +33,7 @@ def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
     # 10 steps an epoch; a snapshot every 4 steps; killed after step 17: resumed at step 16 or 12, in epoch 1
-    env = dict(SHAPE=shape, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="17",
-               KILL_MARK=tmp_path / "mark")
-    first = run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    second = run_script([SCRIPT, tmp_path / "out.pt"], tmp_path, **env)
-    assert second.returncode == 0, second.stderr
+    _, second = killed_and_relaunched(SCRIPT, tmp_path / "out.pt", tmp_path, kill_at=17, every_steps=4, SHAPE=shape)
     assert re.search(r"pyckpt: resumed from step (16|12) \(epoch 1, batch [26]\)", second.stderr), second.stderr
     assert "warning" not in second.stderr, second.stderr
     assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))

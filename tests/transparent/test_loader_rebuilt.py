@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tracked_loop import Items, tracking
-from transparent_helpers import load, run_script, tree_equal
+from transparent_helpers import killed_and_relaunched, load, run_script, tree_equal
 
 SCRIPT = r'''
 import os, signal, sys
@@ -59,12 +59,7 @@ def test_a_loader_rebuilt_with_another_batch_size_or_length_each_epoch_resumes_e
     script.write_text(SCRIPT)
     plain = run_script([script, tmp_path / "plain.pt"], tmp_path, SHAPE=shape, KILL_MARK=tmp_path / "unused")
     assert plain.returncode == 0, plain.stderr
-    env = dict(SHAPE=shape, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="25",
-               KILL_MARK=tmp_path / "mark")
-    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert second.returncode == 0, second.stderr
+    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=25, every_steps=4, SHAPE=shape)
     # The epoch printed is the loop's (the earlier loaders' epochs counted), not the loader's own count.
     resumed = re.search(r"pyckpt: resumed from step (\d+) \(epoch (\d+), batch \d+\)", second.stderr)
     assert resumed and int(resumed[1]) in epochs, second.stderr

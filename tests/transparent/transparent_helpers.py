@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,20 @@ def run_script(args: list[str], cwd: Path, timeout: float = 120, fresh: bool = F
     child = zygote.shared().run_path(args[0], list(args[1:]), env=clean_env(**env), cwd=cwd, timeout=timeout,
                                      startup=True)
     return subprocess.CompletedProcess(args, child.returncode, child.stdout, child.stderr)
+
+
+def killed_and_relaunched(script: Path, out: Path, cwd: Path, kill_at: int, every_steps: int,
+                          **env: str) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """A training script that SIGKILLs itself once after step ``kill_at`` (its ``KILL_AT``/``KILL_MARK``), run
+    under PYCKPT_DIR=cwd/ckpt with a snapshot every ``every_steps``, then relaunched to its end: (the killed
+    run, the relaunch), each checked to have ended so."""
+    env = dict(env, PYCKPT_DIR=cwd / "ckpt", PYCKPT_EVERY_STEPS=str(every_steps), KILL_AT=str(kill_at),
+               KILL_MARK=cwd / "mark")
+    first = run_script([script, out], cwd, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = run_script([script, out], cwd, **env)
+    assert second.returncode == 0, second.stderr
+    return first, second
 
 
 def harness_hook(fn):
