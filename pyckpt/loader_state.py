@@ -511,6 +511,10 @@ class Stream:
     # before the training loader's current epoch (the training loader rebuilt with another batch size or
     # dataset length at each epoch: progressive batching, a growing curriculum) is skipped on resume.
     fed_steps: int = 0
+    fed_in_epoch: int = 0  # of those, in its current epoch
+    # Whether one of its epochs fed two steps or more: a training loader. A validation pass run between
+    # backward() and step() is the last fetch before one step per pass: never taken for one.
+    trained: bool = False
     # Under a look-ahead wrapper with no worker processes: (batches fetched before, (raw random state, the
     # loader's own generators' raw states, the keys of the process ids beside them)) right before each of
     # the last fetches. A batch loaded and collated in the main process may draw random
@@ -620,7 +624,7 @@ class Stream:
             # Loaders of other signatures that fed steps, their epochs all over (one still in its epoch, fed
             # by turns with this one, would lose the rest of it if skipped: its relaunch is refused as before).
             fed = [[st.sig, st.epochs] for st in self.tracker.streams.values()
-                   if st.fed_steps and st.ended and st.main is None and st.sig != self.sig
+                   if st.trained and st.ended and st.main is None and st.sig != self.sig
                    and all(st is not z for z in zipped)]
             if fed:
                 pos["fed_before"] = fed
@@ -1382,6 +1386,8 @@ class LoaderTracker:
             st.mark = st.batches
         if self.last is not None and self.last.main is None:
             self.last.fed_steps += 1
+            self.last.fed_in_epoch += 1
+            self.last.trained = self.last.trained or self.last.fed_in_epoch >= 2
 
     def zipped_with(self, primary: Stream) -> list[Stream]:
         """Loaders iterated in step with ``primary`` (``zip(loader1, loader2)``): fetched before each
@@ -1495,7 +1501,7 @@ class LoaderTracker:
 
     def _begin_epoch(self, st: Stream, loader: DataLoader) -> None:
         """Reset ``st``'s per-epoch counters for the epoch its ``iter()`` of ``loader`` starts."""
-        st.batches = 0
+        st.batches, st.fed_in_epoch = 0, 0
         st.mark, st.ended = 0, False  # this epoch's batches all come after the last step
         st.pre_fetch.clear()
         st.first_rng = None

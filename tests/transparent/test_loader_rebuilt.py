@@ -104,6 +104,23 @@ def test_a_loader_fed_by_turns_with_the_training_loader_is_not_recorded():
     assert pos["sig"][2] == 3 and "fed_before" not in pos, pos.get("fed_before")  # (the snapshot at next(ib))
 
 
+def test_a_validation_pass_between_backward_and_step_is_not_recorded():
+    """A validation loader iterated whole between backward() and step() is the last fetch before that step,
+    one step per pass: not a loader that trained (its epochs would be passed without data on resume)."""
+    with tracking() as (tracker, got):
+        train, val = DataLoader(Items(), batch_size=2), DataLoader(Items(9), batch_size=3)
+        for epoch in range(2):
+            for i, _ in enumerate(train):
+                if i % 4 == 3:
+                    for _ in val:
+                        pass
+                tracker._on_step()
+                if (epoch, i) == (1, 5):
+                    got["want"], tracker.armed = True, True
+    pos = got["pos"]
+    assert pos["sig"][2] == 2 and "fed_before" not in pos, pos.get("fed_before")
+
+
 def test_the_position_records_the_loaders_that_fed_steps_before_and_the_relaunch_skips_them():
     sizes = (2, 3, 3, 5)
     ref, got = _train(sizes, stop=(2, 4))
