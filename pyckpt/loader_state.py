@@ -243,10 +243,10 @@ def _own_saved(raw: tuple) -> list:
 
 def _set_own(loader: DataLoader, state: dict[str, Any], when: str, also: list = ()) -> None:
     """Put the loader's generators (and ``also``: more (key, kind, generator)) back from ``state["rngs"]``
-    (``_own_raw``'s or ``_own_saved``'s form), matched by key and kind. Every entry is checked before any generator is written; an entry
-    that does not fit (malformed, no such generator in this run, another kind) is left out and named in one warning
-    line, as is a generator of this run the checkpoint holds no state for. A checkpoint written before these were kept
-    has ``"gens"`` only: the ``generator`` attributes, as then (``_legacy_generators``)."""
+    (``_own_raw``'s or ``_own_saved``'s form) through ``restore_by_key``; what it could not restore (malformed,
+    no such generator in this run, another kind, a generator of this run the checkpoint holds no state for) is
+    named in one warning line. A checkpoint written before these were kept has ``"gens"`` only: the
+    ``generator`` attributes, as then (``_legacy_generators``)."""
     saved = state.get("rngs")
     live = [*generators(loader), *also]
     if saved is None:
@@ -266,15 +266,28 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str, also: list = 
                       f"state of its random generator(s) {_keys(rest)}; what they draw may differ after this "
                       "resume", "warning")
         return
+    parts = restore_by_key(saved, live, lambda key, kind: lazy_slot(loader, key, kind), isinstance(saved, tuple))
+    if parts:
+        _say_once(f"warning: loader {_sig_of(loader)}: random generators saved {when} not restored: "
+                  f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
+
+
+def restore_by_key(saved: Any, live: list, slot_for: Callable[[str, Any], Any], raw_form: bool) -> list[str]:
+    """Put the generators ``live`` ((key, kind, generator) each) back from ``saved`` ([key, kind, state] each;
+    ``raw_form``: states as ``rng.raw_state`` gives them, else the checkpoint's form), matched by key and kind.
+    A key with no live generator gets one from ``slot_for(key, kind)`` (``lazy_slot``: (owner, attribute, new
+    generator), set there) where it gives one. Every entry is checked before any generator is written; returns
+    what was not restored, for a warning line (empty: all were): entries that do not fit, live generators
+    without a state, generators that refused theirs."""
+    live = list(live)
     by_key = {key: (kind, g) for key, kind, g in live}
-    raw_form = isinstance(saved, tuple)
     todo, bad, made = [], [], []
     for entry in saved if isinstance(saved, (list, tuple)) else [None]:
         key = entry[0] if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], str) else "?"
         try:
             if not isinstance(entry, (list, tuple)) or len(entry) != 3 or key == "?":
                 raise KeyError(key)
-            slot = lazy_slot(loader, key, entry[1]) if key not in by_key else None
+            slot = slot_for(key, entry[1]) if key not in by_key else None
             if key not in by_key and slot is None:
                 raise KeyError(key)
             kind, g = (entry[1], slot[2]) if slot is not None else by_key.pop(key)
@@ -296,16 +309,14 @@ def _set_own(loader: DataLoader, state: dict[str, Any], when: str, also: list = 
             rng.set_state(g, kind, raw)
         except Exception:  # noqa: BLE001 - checked above; a generator refusing it anyway is said
             failed.append(next(k for k, _, x in live if x is g))
-    if bad or by_key or failed:
-        parts = []
-        if bad:
-            parts.append(f"the state(s) {_keys(bad)} do not fit a generator of this run")
-        if by_key:
-            parts.append(f"the checkpoint holds no state of {_keys(list(by_key))}")
-        if failed:
-            parts.append(f"{_keys(failed)} refused their state")
-        _say_once(f"warning: loader {_sig_of(loader)}: random generators saved {when} not restored: "
-                  f"{'; '.join(parts)}; what they draw may differ after this resume", "warning")
+    parts = []
+    if bad:
+        parts.append(f"the state(s) {_keys(bad)} do not fit a generator of this run")
+    if by_key:
+        parts.append(f"the checkpoint holds no state of {_keys(list(by_key))}")
+    if failed:
+        parts.append(f"{_keys(failed)} refused their state")
+    return parts
 
 
 def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = None,

@@ -153,36 +153,13 @@ def set_dataset_states(dataset: Any, collate: Any, state: Transport) -> list[str
     and kind; one a copy holds None for (made at its first use) is made there, and the attributes that held
     the worker's id by them get this worker's. Every entry is checked before any generator is written.
     Returns what was not restored, for a warning line (empty: all were)."""
-    from .loader_state import generators, lazy_slot, set_pids
+    from .loader_state import generators, lazy_slot, restore_by_key, set_pids
 
-    saved = state[3] if len(state) > 3 else ()
-    live = {key: (kind, g) for key, kind, g in generators(None, dataset, collate) + module_generators(dataset, collate)}
-    todo, made, bad = [], [], []
-    for key, kind, raw in saved:
-        try:
-            slot = lazy_slot(None, key, kind, dataset, collate) if key not in live else None
-            if key not in live and slot is None:
-                raise KeyError(key)
-            g = slot[2] if slot is not None else live[key][1]
-            if slot is None and live.pop(key)[0] != kind:
-                raise TypeError(kind)
-            raw = _tensor_of(raw) if kind == "torch" else raw
-            rng.check_state(g, kind, raw)
-            todo.append((g, kind, raw))
-            if slot is not None:
-                made.append(slot)
-        except Exception:  # noqa: BLE001 - a state that does not fit is left out and said
-            bad.append(key)
-    for owner, name, g in made:  # (after every entry was checked: nothing is written before)
-        setattr(owner, name, g)
-    for g, kind, raw in todo:
-        rng.set_state(g, kind, raw)
+    saved = [(key, kind, _tensor_of(raw) if kind == "torch" else raw) for key, kind, raw in
+             (state[3] if len(state) > 3 else ())]
+    live = generators(None, dataset, collate) + module_generators(dataset, collate)
+    problems = restore_by_key(saved, live, lambda key, kind: lazy_slot(None, key, kind, dataset, collate), True)
     set_pids(None, list(state[4]) if len(state) > 4 else [], dataset, collate)
-    problems = []
-    if bad:
-        problems.append(f"the state(s) of {', '.join(bad[:6])} do not fit the generator(s) of this run")
-    if live:
-        problems.append(f"the checkpoint holds no state of {', '.join(list(live)[:6])}")
     return problems
 
 
