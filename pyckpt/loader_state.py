@@ -77,7 +77,7 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
     """The random generators the loader's parts keep, as (key, kind, generator), deduplicated, in a fixed order:
     torch.Generator, random.Random, NumPy RandomState and Generator objects held as attributes (``vars()``, or items of
     a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader (``"loader.generator"``), each sampler
-    of ``_sampler_chain`` (``"sampler.1.rng"``), the dataset (``"dataset.rng"``) and the datasets it wraps, two levels
+    of ``_sampler_chain`` (``"sampler.1.rng"``) and the helper objects each holds, one level (``"sampler.0.shuffler.rng"``), the dataset (``"dataset.rng"``) and the datasets it wraps, two levels
     down (a Subset's ``"dataset.dataset.rng"``, a ConcatDataset's ``"dataset.datasets.0.rng"``) and the callable objects
     each holds, two levels down (a transform's ``"dataset.transform.rng"``, one in a Compose's list
     ``"dataset.transform.transforms.0.rng"``), the ``collate_fn`` object (or a bound method's object) and the callable
@@ -146,8 +146,13 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
 
     if loader is not None:
         look("loader", loader, None, closures=False)
-        for i, s in enumerate(_sampler_chain(loader)):
-            look(f"sampler.{i}", s, None, closures=False)
+        chain = _sampler_chain(loader)
+        for i, s in enumerate(chain):  # and the helper objects it holds, one level (``self.shuffler.rng``)
+            helpers: list = []
+            look(f"sampler.{i}", s, helpers, _is_helper, closures=False)
+            for key, x in helpers:
+                if all(x is not c for c in chain):
+                    look(key, x, None, closures=False)
     datasets: list = [("dataset", loader.dataset if loader is not None else dataset)]
     for depth in range(3):  # the dataset, what it wraps, what that wraps
         inner: list = []
@@ -205,6 +210,18 @@ def _is_callable_part(t: type) -> bool:
     return is_part
 
 
+def _is_helper(t: type) -> bool:
+    """A sampler's attribute of this class is looked into: an object of a script's or a library's class that is
+    not a dataset (its ``data_source``), a module, a class or a torch tensor (a sampler's order drawn through a
+    helper object of its own, called or not)."""
+    is_helper = _HELPER_TYPES.get(t)
+    if is_helper is None:
+        is_helper = _HELPER_TYPES[t] = (t.__module__ != "builtins" and not issubclass(
+            t, (type, torch.nn.Module, torch.Tensor, Dataset, types.ModuleType)))
+    return is_helper
+
+
+_HELPER_TYPES: dict[type, bool] = {}
 _DATASET_TYPES: dict[type, bool] = {}
 
 
@@ -356,9 +373,9 @@ def _owner_of(loader: DataLoader | None, parts: list[str], dataset: Any = None, 
         return None
     if parts[0] == "loader":
         owner, path = loader, parts[1:-1]
-    elif parts[0] == "sampler" and len(parts) == 3 and parts[1].isdigit():
+    elif parts[0] == "sampler" and len(parts) >= 3 and parts[1].isdigit():
         chain = _sampler_chain(loader)
-        owner, path = (chain[int(parts[1])] if int(parts[1]) < len(chain) else None), []
+        owner, path = (chain[int(parts[1])] if int(parts[1]) < len(chain) else None), parts[2:-1]
     elif parts[0] == "dataset":
         owner, path = (loader.dataset if loader is not None else dataset), parts[1:-1]
     elif parts[0] == "collate":

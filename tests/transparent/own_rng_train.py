@@ -10,7 +10,8 @@ object: transformers' ``DataCollatorForLanguageModeling(seed=...)`` under the Tr
 ``RemoveColumnsCollator``), ``collate_hf`` (that transformers collator itself), ``transform_numpy`` (a
 dataset's transforms, in a ``Compose``, jittering from their own ``np.random.default_rng``),
 ``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn), ``collate_closure`` (a
-collate_fn function drawing from a generator its maker's closure holds). KILL_AT: SIGKILL after that
+collate_fn function drawing from a generator its maker's closure holds), ``sampler_helper`` (a sampler whose
+order comes from a helper object it holds, not callable, with its own ``np.random.default_rng``). KILL_AT: SIGKILL after that
 step (once: KILL_MARK).
 """
 import functools
@@ -52,6 +53,27 @@ class BucketBatches(Sampler):
 
     def __len__(self):
         return (len(self.lengths) + self.bs - 1) // self.bs
+
+
+class Shuffler:
+    """A sampler's helper object drawing orders from its own generator (not called: a method is)."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def order(self, n):
+        return self.rng.permutation(n).tolist()
+
+
+class HelperOrder(Sampler):
+    def __init__(self, n, seed=9):
+        self.n, self.shuffler = n, Shuffler(seed)
+
+    def __iter__(self):
+        return iter(self.shuffler.order(self.n))
+
+    def __len__(self):
+        return self.n
 
 
 class Noisy(Dataset):
@@ -172,6 +194,8 @@ elif SHAPE == "collate_partial":
                         collate_fn=functools.partial(masking, generator=torch.Generator().manual_seed(3)))
 elif SHAPE == "collate_torch":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=Outer(Masking()))
+elif SHAPE == "sampler_helper":
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=HelperOrder(40))
 elif SHAPE.startswith("sampler_"):
     lengths = torch.randint(1, 50, (40,)).tolist()
     loader = DataLoader(TensorDataset(x, y), batch_sampler=BucketBatches(lengths, 4, SHAPE.split("_")[1]))

@@ -27,7 +27,7 @@ SCRIPT = HERE / "own_rng_train.py"
 
 @pytest.mark.parametrize("shape", ["sampler_random", "sampler_numpy", "sampler_torch", "dataset_numpy",
                                    "subset_numpy", "transform_numpy", "collate_torch", "collate_hf",
-                                   "collate_partial", "collate_closure"])
+                                   "collate_partial", "collate_closure", "sampler_helper"])
 def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
     # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
@@ -147,6 +147,31 @@ def test_the_generators_of_collate_fn_and_transform_objects_are_found_by_key():
     fresh.data_collator.rng = None
     slot = loader_state.lazy_slot(DataLoader(ds, collate_fn=fresh), "collate.data_collator.rng", "random")
     assert slot[0] is fresh.data_collator and slot[1] == "rng" and isinstance(slot[2], random.Random)
+
+
+class _HelperOrder(Sampler):
+    """Draws its order through a helper object it holds (not callable), beside its data source."""
+
+    def __init__(self, data_source):
+        self.data_source, self.shuffler = data_source, _NotCalled()
+
+    def __iter__(self):
+        return iter([0, 1])
+
+    def __len__(self):
+        return 2
+
+
+def test_the_generators_of_a_samplers_helper_objects_are_found_by_key():
+    ds = TensorDataset(torch.randn(4, 2))
+    ds.rng = random.Random(4)
+    sampler = _HelperOrder(ds)
+    loader = DataLoader(ds, sampler=sampler, batch_size=2)
+    # The helper's under the sampler's key; the data source's under the dataset's, as before (not twice).
+    assert [k for k, _, _ in loader_state.generators(loader)] == ["sampler.0.shuffler.rng", "dataset.rng"]
+    sampler.shuffler.rng = None  # made at the first __iter__, none yet in a relaunch: put back by key
+    slot = loader_state.lazy_slot(loader, "sampler.0.shuffler.rng", "random")
+    assert slot[0] is sampler.shuffler and slot[1] == "rng" and isinstance(slot[2], random.Random)
 
 
 def _states(loader):
