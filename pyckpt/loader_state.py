@@ -343,6 +343,7 @@ def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = Non
     live owner holds None under that attribute: a sampler that makes its generator at its first ``__iter__``
     (accelerate's SeedableRandomSampler), a dataset that makes its augmentation generator at its first
     ``__getitem__``, a collator at its first call (transformers' ``DataCollatorForLanguageModeling(seed=...)``),
+    a collate_fn function its ``nonlocal`` one (the closure's cell: owner the cell, attribute ``cell_contents``),
     made none yet in a relaunch that skipped the earlier epochs without data. The caller checks the saved
     state against the new generator and puts it there, as the first run held one. None for anything else.
     ``loader`` None: ``"dataset..."`` and ``"collate..."`` keys of ``dataset`` and ``collate`` only (a
@@ -350,10 +351,18 @@ def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = Non
     parts = key.split(".")
     if len(parts) < 2 or kind not in ("torch", "random", "numpy.RandomState", "numpy.Generator"):
         return None
-    owner = _owner_of(loader, parts, dataset, collate)
-    attrs = getattr(owner, "__dict__", None)
-    if type(attrs) is not dict or parts[-1] not in attrs or attrs[parts[-1]] is not None:
-        return None
+    if len(parts) >= 3 and parts[-2] == "closure":  # a function's ``nonlocal`` generator, made at its first call
+        owner, name = _closure_cell(loader, parts, dataset, collate), "cell_contents"
+        try:
+            if owner is None or owner.cell_contents is not None:
+                return None
+        except ValueError:  # an empty cell: not one holding None
+            return None
+    else:
+        owner, name = _owner_of(loader, parts, dataset, collate), parts[-1]
+        attrs = getattr(owner, "__dict__", None)
+        if type(attrs) is not dict or name not in attrs or attrs[name] is not None:
+            return None
     if kind == "torch":
         made: Any = torch.Generator()
     elif kind == "random":
@@ -364,7 +373,19 @@ def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = Non
         import numpy as np  # (a NumPy state was saved: NumPy is there)
 
         made = np.random.RandomState() if kind == "numpy.RandomState" else np.random.default_rng()
-    return owner, parts[-1], made
+    return owner, name, made
+
+
+def _closure_cell(loader: DataLoader | None, parts: list[str], dataset: Any = None, collate: Any = None) -> Any:
+    """The cell of the closure that key ``parts`` (``[..., "closure", name]``: ``collate.closure.rng``,
+    ``dataset.transform.closure.rng``) names, or None."""
+    if parts[0] == "collate" and len(parts) == 3:
+        fn = loader.collate_fn if loader is not None else collate
+    else:
+        fn = _owner_of(loader, parts[:-1], dataset, collate)
+    if type(fn) is not types.FunctionType:
+        return None
+    return dict(zip(fn.__code__.co_freevars, fn.__closure__ or ())).get(parts[-1])
 
 
 def _owner_of(loader: DataLoader | None, parts: list[str], dataset: Any = None, collate: Any = None) -> Any:

@@ -11,7 +11,8 @@ object: transformers' ``DataCollatorForLanguageModeling(seed=...)`` under the Tr
 dataset's transforms, in a ``Compose``, jittering from their own ``np.random.default_rng``),
 ``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn), ``collate_closure`` (a
 collate_fn function drawing from a generator its maker's closure holds), ``sampler_helper`` (a sampler whose
-order comes from a helper object it holds, not callable, with its own ``np.random.default_rng``). KILL_AT: SIGKILL after that
+order comes from a helper object it holds, not callable, with its own ``np.random.default_rng``),
+``collate_lazy_closure`` (a collate_fn function making its generator at its first call, ``nonlocal``). KILL_AT: SIGKILL after that
 step (once: KILL_MARK).
 """
 import functools
@@ -135,6 +136,17 @@ def make_masking(seed):
     return collate
 
 
+def make_lazy_masking(seed):
+    generator = None
+
+    def collate(items):
+        nonlocal generator
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        return masking(items, generator)
+    return collate
+
+
 class Masking:
     """Drops features at random from its own seeded generator, made at its first call in each process."""
 
@@ -189,6 +201,8 @@ elif SHAPE == "transform_numpy":
     loader = DataLoader(Transformed(x, y, Compose([Jitter(5), Jitter(6)])), batch_size=4, shuffle=True)
 elif SHAPE == "collate_closure":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=make_masking(3))
+elif SHAPE == "collate_lazy_closure":
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=make_lazy_masking(3))
 elif SHAPE == "collate_partial":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True,
                         collate_fn=functools.partial(masking, generator=torch.Generator().manual_seed(3)))

@@ -174,19 +174,24 @@ def test_a_module_global_generator_under_a_look_ahead_wrapper_resumes_exactly(ca
     assert "warning" not in capfd.readouterr().err
 
 
-def _noise_collate(seed: int):
-    rng = np.random.default_rng(seed)
+def _noise_collate(seed: int, lazy: bool = False):
+    rng = None if lazy else np.random.default_rng(seed)
 
     def collate(items: list) -> torch.Tensor:
+        nonlocal rng
+        if rng is None:  # made at the first call, in each worker
+            rng = np.random.default_rng(seed)
         return torch.cat([torch.stack(items), torch.tensor(rng.random((len(items), 1)))], 1)
     return collate
 
 
-def test_a_collate_functions_closure_generator_in_workers_resumes_exactly(capfd):
-    """A collate_fn function drawing from a generator its maker's closure holds: each worker's copy saved
-    (key ``collate.closure.rng``) and put back."""
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_collate_functions_closure_generator_in_workers_resumes_exactly(lazy, capfd):
+    """A collate_fn function drawing from a generator its maker's closure holds, or makes at its first call
+    (``nonlocal``): each worker's copy saved (key ``collate.closure.rng``) and put back, into the cell where
+    the resumed worker's holds None."""
     make = lambda: DataLoader(Augmenting(draws=False), batch_size=4, shuffle=True, num_workers=2,  # noqa: E731
-                              collate_fn=_noise_collate(3))
+                              collate_fn=_noise_collate(3, lazy))
     pos = _resumes_exactly(make, stop=(1, 3))
     assert all(_own_keys(w) == ["collate.closure.rng"] for w in pos["workers"]["rng"])
     assert "warning" not in capfd.readouterr().err
