@@ -152,12 +152,16 @@ class Run:
         self.stderr_lines: list[str] = []
         self._echo = echo
         self._changed = threading.Condition()
-        self.popen = subprocess.Popen(self.cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, bufsize=1)
-        self._readers = [self._start_reader(self.popen.stdout, self.stdout_lines, "out"),
-                         self._start_reader(self.popen.stderr, self.stderr_lines, "err")]
+        self.popen, out, err = self._spawn(env, cwd)
+        self._readers = [self._start_reader(out, self.stdout_lines, "out"),
+                         self._start_reader(err, self.stderr_lines, "err")]
         _live_runs.append(self)
+
+    def _spawn(self, env: dict[str, str], cwd: str | None) -> tuple[Any, Any, Any]:
+        """Start the process: (its Popen, its stdout and stderr as iterables of lines with ``close``)."""
+        popen = subprocess.Popen(self.cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, bufsize=1)
+        return popen, popen.stdout, popen.stderr
 
     def _start_reader(self, stream, sink: list[str], name: str) -> threading.Thread:
         def pump() -> None:

@@ -34,6 +34,8 @@ import atexit, importlib, json, os, sys
 importlib.import_module("torch")
 importlib.import_module("pyckpt")
 importlib.import_module("torch._dynamo")  # what the first optimizer step imports (torch._disable_dynamo)
+for name in sys.argv[1:]:  # more, for children that all import them (Zygote's ``preload``)
+    importlib.import_module(name)
 
 def child(job):
     fds = [os.open(os.devnull, os.O_RDONLY)] + [
@@ -140,7 +142,8 @@ class Child:
 class Zygote:
     """A Python process with torch and pyckpt imported that forks real child processes on demand."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, timeout: float = 120) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, timeout: float = 120,
+                 preload: tuple[str, ...] = ()) -> None:
         self.tmp, self.n, self.children = tmp, 0, []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")} if env is None else env
         # The server is a module in a user site directory of its own (PYTHONUSERBASE), run with -m:
@@ -152,7 +155,7 @@ class Zygote:
         (site_dir / "_pyckpt_test_zygote.py").write_text(_SERVER)
         # Found through PYTHONPATH (a virtualenv turns user sites off; their path still counts).
         path = os.pathsep.join(p for p in (str(site_dir), self.env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "_pyckpt_test_zygote"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "_pyckpt_test_zygote", *preload], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True,
                                      env={**self.env, "PYTHONUSERBASE": str(base), "PYTHONPATH": path})
         assert self._reply(timeout) == "READY"
@@ -208,14 +211,25 @@ class Zygote:
         start-up runs (so PYCKPT_DIR turns transparent mode on, as in a fresh interpreter). Without it,
         or for a script that turns pyckpt on by ``import pyckpt`` alone: nothing of pyckpt runs (the
         package is already imported here, so that statement does nothing)."""
+        child = self.start_path(script, args, env, cwd, startup)
+        child.wait(timeout)
+        return child
+
+    def start_path(self, script: str | os.PathLike, args: list = (), env: dict[str, str] | None = None,
+                   cwd: str | os.PathLike | None = None, startup: bool = False,
+                   line_buffered: bool = False) -> Child:
+        """``run_path`` without waiting: the running child. ``line_buffered``: its stdout and stderr are
+        written at every line, as ``python -u`` (or PYTHONUNBUFFERED, read only at an interpreter's
+        start-up) writes them, so a caller following its output sees each line when it is printed."""
         path = os.path.abspath(os.path.join(os.getcwd() if cwd is None else cwd, script))
         code = f"import runpy, sys; sys.argv[0] = {str(script)!r}; sys.path.insert(0, {os.path.dirname(path)!r})\n"
+        if line_buffered:
+            code += ("sys.stdout = open(1, 'w', buffering=1, closefd=False)\n"
+                     "sys.stderr = open(2, 'w', buffering=1, closefd=False)\n")
         if startup:
             code += _PTH_LINE
         code += f"\nrunpy.run_path({path!r}, run_name='__main__')"
-        child = self.start(code, args, env, cwd)
-        child.wait(timeout)
-        return child
+        return self.start(code, args, env, cwd)
 
     def alive(self, pid: int) -> bool:
         """Still running (a zombie waiting for its WAIT counts as dead)."""
@@ -251,19 +265,20 @@ class Zygote:
         self.proc.stdout.close()
 
 
-_shared: list[Zygote] = []
+_shared: dict[tuple[str, ...], Zygote] = {}
 
 
-def shared() -> Zygote:
-    """The test session's zygote, started on first use (closed by ``close_shared``)."""
-    if not _shared:
-        _shared.append(Zygote(Path(tempfile.mkdtemp(prefix="pyckpt-zygote-"))))
-    return _shared[0]
+def shared(preload: tuple[str, ...] = ()) -> Zygote:
+    """The test session's zygote, started on first use (closed by ``close_shared``); ``preload``: one that
+    has these modules imported too (each set its own zygote)."""
+    if preload not in _shared:
+        _shared[preload] = Zygote(Path(tempfile.mkdtemp(prefix="pyckpt-zygote-")), preload=preload)
+    return _shared[preload]
 
 
 def close_shared() -> None:
-    """Stop the session's zygote (if one was started) and remove its output files."""
+    """Stop the session's zygotes (those started) and remove their output files."""
     while _shared:
-        z = _shared.pop()
+        z = _shared.popitem()[1]
         z.close()
         shutil.rmtree(z.tmp, ignore_errors=True)

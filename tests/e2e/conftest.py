@@ -19,6 +19,14 @@ sys.path.insert(0, str(EXAMPLES))
 
 import _harness  # noqa: E402
 import e2e_helpers  # noqa: E402
+from forked import patched  # noqa: E402,F401 - the fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forked_launches(patched):
+    """``python script.py`` commands forked from the session's zygote (tests/forked.py): the same
+    processes without each one's start-up (``import torch``), which was most of these tests' time."""
+    yield
 
 
 @pytest.fixture(autouse=True)

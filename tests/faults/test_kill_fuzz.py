@@ -3,11 +3,15 @@ random moments, relaunches; each final state must be bitwise that of a plain run
 import random
 from pathlib import Path
 
+import pytest
+
 import kill_fuzz
+from forked import patched  # noqa: F401 - the fixture
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
+@pytest.mark.usefixtures("patched")  # each run forked from the session's zygote (tests/forked.py)
 def test_random_kills_and_relaunches_end_bitwise_as_a_plain_run(tmp_path):
     lines: list[str] = []
     # train_single.py: dropout draws from torch's generator in every step, so a resume that put back

@@ -1,0 +1,132 @@
+"""``_harness.launch`` for ``python script.py ...`` commands, forked from the session's zygote.
+
+Most of an e2e run of a small example is its interpreter's start-up: ``import torch`` (and pyckpt) takes
+2-3 s of CPU on this 2-core machine, against about a second of training, and the e2e tests launch a few
+hundred such processes. A ``ForkedRun`` is the same ``_harness.Run`` (its lines followed as they are printed,
+its process tree killed by ``kill_tree``, its exit status, SIGTERM to its pid) around a child forked from a
+process that imported them once (tests/zygote.py): a real, separate process that runs the script as
+``python script`` does, pyckpt's start-up line included (PYCKPT_DIR turns transparent mode on as in a new
+interpreter). What it cannot be is a new interpreter, so these commands keep ``subprocess``: anything not
+``python some.py`` (torchrun, ``pyckpt-run``, ``python -c``, ``-m``), and a script that turns pyckpt on by
+``import pyckpt`` (already imported in the zygote, that statement would do nothing).
+Used by the e2e tests (tests/e2e/conftest.py) and the kill fuzz (tests/faults/test_kill_fuzz.py) through
+``patched``; tests/test_forked.py checks that a forked run and a new interpreter give the same result.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+import zygote
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import _harness  # noqa: E402 - examples/ is not a package
+
+
+def forkable(cmd: Sequence[str]) -> bool:
+    """``python script.py args``, the script not turning pyckpt on by importing it."""
+    if len(cmd) < 2 or cmd[0] != sys.executable or not str(cmd[1]).endswith(".py"):
+        return False
+    try:
+        source = Path(cmd[1]).read_text()
+    except OSError:
+        return False
+    return "import pyckpt" not in source
+
+
+# A script of the Hugging Face stack spends 4-5 s more importing it: forked from a zygote that imported it
+# too. pyckpt's hooks into those libraries then go in as they do where the script imported them before
+# pyckpt was turned on (``pyckpt.integrations``); torchrun's workers, new interpreters, keep the usual order.
+HF_PRELOAD = ("transformers", "transformers.trainer", "accelerate")
+
+
+def _preload(script: str) -> tuple[str, ...]:
+    source = Path(script).read_text()
+    return HF_PRELOAD if ("transformers" in source or "accelerate" in source) else ()
+
+
+class _ForkedPopen:
+    """What ``_harness.Run`` uses of ``subprocess.Popen``: ``pid``, ``poll``, ``wait``, ``returncode``."""
+
+    def __init__(self, child: zygote.Child, cmd: Sequence[str]) -> None:
+        self._child, self._cmd = child, list(cmd)
+        self.pid = child.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._child.zygote.alive(self.pid):
+            self.returncode = self._child.wait(30)  # exited: the zygote reaps it at once
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self._cmd, timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+
+class _Tail:
+    """The lines of a child's output file as they are written, until the child has exited and the file
+    holds no more (a line without its newline yet is held back until it has one, or the end)."""
+
+    def __init__(self, path: Path, child: zygote.Child) -> None:
+        self._file, self._child = open(path, errors="replace"), child
+
+    def __iter__(self) -> Iterator[str]:
+        part = ""
+        while True:
+            exited = not self._child.zygote.alive(self._child.pid)  # read after this: nothing is missed
+            chunk = self._file.readline()
+            while chunk:
+                part += chunk
+                if part.endswith("\n"):
+                    yield part
+                    part = ""
+                chunk = self._file.readline()
+            if exited:
+                if part:
+                    yield part
+                return
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ForkedRun(_harness.Run):
+    """A ``_harness.Run`` whose process is forked from the session's zygote (see the module docstring)."""
+
+    def _spawn(self, env: dict[str, str], cwd: str | None) -> tuple[_ForkedPopen, _Tail, _Tail]:
+        child = zygote.shared(_preload(self.cmd[1])).start_path(
+            self.cmd[1], self.cmd[2:], env=env, cwd=cwd or os.getcwd(), startup=True, line_buffered=True)
+        return _ForkedPopen(child, self.cmd), _Tail(child.stdout_path, child), _Tail(child.stderr_path, child)
+
+
+def launch(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
+           echo: Callable[[str, str], None] | None = None) -> _harness.Run:
+    """``_harness.launch``, forking ``forkable`` commands from the session's zygote."""
+    if not forkable(cmd):
+        return _real_launch(cmd, env, cwd, echo)
+    env = dict(_harness.clean_env() if env is None else env)
+    env[_harness.TOKEN_VAR] = uuid.uuid4().hex
+    return ForkedRun(cmd, env, None if cwd is None else str(cwd), echo)
+
+
+_real_launch = _harness.launch
+
+
+@pytest.fixture(scope="module")
+def patched():
+    """``_harness.launch`` is ``launch`` for the tests of the module that uses this fixture."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_harness, "launch", launch)
+        yield
