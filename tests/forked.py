@@ -8,13 +8,16 @@ process that imported them once (tests/zygote.py): a real, separate process that
 ``python script`` does, pyckpt's start-up line included (PYCKPT_DIR turns transparent mode on as in a new
 interpreter). What it cannot be is a new interpreter, so these commands keep ``subprocess``: anything not
 ``python some.py`` (torchrun, ``pyckpt-run``, ``python -c``, ``-m``), and a script that turns pyckpt on by
-``import pyckpt`` (already imported in the zygote, that statement would do nothing).
+``import pyckpt`` (already imported in the zygote, that statement would do nothing). ``kill_by_token``
+does not see a forked child's own forks (their environment as /proc shows it is the zygote's): ``kill_tree``
+kills them with it, as for any run.
 Used by the e2e tests (tests/e2e/conftest.py) and the kill fuzz (tests/faults/test_kill_fuzz.py) through
 ``patched``; tests/test_forked.py checks that a forked run and a new interpreter give the same result.
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,14 +34,15 @@ import _harness  # noqa: E402 - examples/ is not a package
 
 
 def forkable(cmd: Sequence[str]) -> bool:
-    """``python script.py args``, the script not turning pyckpt on by importing it."""
-    if len(cmd) < 2 or cmd[0] != sys.executable or not str(cmd[1]).endswith(".py"):
+    """``python /abs/script.py args``, the script not turning pyckpt on by importing it (``import pyckpt``,
+    ``from pyckpt import ...``)."""
+    if len(cmd) < 2 or cmd[0] != sys.executable or not str(cmd[1]).endswith(".py") or not os.path.isabs(cmd[1]):
         return False
     try:
         source = Path(cmd[1]).read_text()
     except OSError:
         return False
-    return "import pyckpt" not in source
+    return re.search(r"^\s*(import|from)\s+pyckpt\b", source, re.M) is None
 
 
 # A script of the Hugging Face stack spends 4-5 s more importing it: forked from a zygote that imported it
@@ -78,13 +82,14 @@ class _Tail:
     """The lines of a child's output file as they are written, until the child has exited and the file
     holds no more (a line without its newline yet is held back until it has one, or the end)."""
 
-    def __init__(self, path: Path, child: zygote.Child) -> None:
-        self._file, self._child = open(path, errors="replace"), child
+    def __init__(self, path: Path, popen: _ForkedPopen) -> None:
+        self._file, self._popen = open(path, errors="replace"), popen
 
     def __iter__(self) -> Iterator[str]:
         part = ""
         while True:
-            exited = not self._child.zygote.alive(self._child.pid)  # read after this: nothing is missed
+            # (Its return code first: once the zygote reaped it, its pid may be another process's.)
+            exited = self._popen.returncode is not None or not self._popen._child.zygote.alive(self._popen.pid)
             chunk = self._file.readline()
             while chunk:
                 part += chunk
@@ -108,7 +113,8 @@ class ForkedRun(_harness.Run):
     def _spawn(self, env: dict[str, str], cwd: str | None) -> tuple[_ForkedPopen, _Tail, _Tail]:
         child = zygote.shared(_preload(self.cmd[1])).start_path(
             self.cmd[1], self.cmd[2:], env=env, cwd=cwd or os.getcwd(), startup=True, line_buffered=True)
-        return _ForkedPopen(child, self.cmd), _Tail(child.stdout_path, child), _Tail(child.stderr_path, child)
+        popen = _ForkedPopen(child, self.cmd)
+        return popen, _Tail(child.stdout_path, popen), _Tail(child.stderr_path, popen)
 
 
 def launch(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,

@@ -12,14 +12,17 @@ SINGLE = Path(__file__).resolve().parents[1] / "examples" / "train_single.py"
 
 
 def test_only_plain_script_commands_are_forked(tmp_path):
-    importing = tmp_path / "importing.py"
-    importing.write_text("import pyckpt\nprint('on')\n")
+    importing, from_import = tmp_path / "importing.py", tmp_path / "from_import.py"
+    importing.write_text("import os\nimport pyckpt\nprint('on')\n")
+    from_import.write_text("import torch\nfrom pyckpt import register  # on\n")
     assert forked.forkable([sys.executable, str(SINGLE), "--out", "x"])
     assert not forked.forkable([sys.executable, "-m", "torch.distributed.run", str(SINGLE)])
     assert not forked.forkable([sys.executable, "-c", "print(1)"])
     assert not forked.forkable(["/bin/echo", str(SINGLE)])
     # `import pyckpt` turns transparent mode on in a new interpreter only (the zygote imported it already).
     assert not forked.forkable([sys.executable, str(importing)])
+    assert not forked.forkable([sys.executable, str(from_import)])
+    assert not forked.forkable([sys.executable, "examples/train_single.py"])  # relative: to which directory?
 
 
 def _run(launch, out: Path, ckpt: Path) -> _harness.Run:
