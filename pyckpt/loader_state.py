@@ -77,7 +77,8 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
     """The random generators the loader's parts keep, as (key, kind, generator), deduplicated, in a fixed order:
     torch.Generator, random.Random, NumPy RandomState and Generator objects held as attributes (``vars()``, or items of
     a list, tuple or dict attribute of at most ``HELD_MAX`` items) of the loader (``"loader.generator"``), each sampler
-    of ``_sampler_chain`` (``"sampler.1.rng"``) and the helper objects each holds, one level (``"sampler.0.shuffler.rng"``), the dataset (``"dataset.rng"``) and the datasets it wraps, two levels
+    of ``_sampler_chain`` (``"sampler.1.rng"``) and the helper objects each holds, one level
+    (``"sampler.0.shuffler.rng"``), the dataset (``"dataset.rng"``) and the datasets it wraps, two levels
     down (a Subset's ``"dataset.dataset.rng"``, a ConcatDataset's ``"dataset.datasets.0.rng"``) and the callable objects
     each holds, two levels down (a transform's ``"dataset.transform.rng"``, one in a Compose's list
     ``"dataset.transform.transforms.0.rng"``), the ``collate_fn`` object (or a bound method's object) and the callable
