@@ -12,8 +12,8 @@ dataset's transforms, in a ``Compose``, jittering from their own ``np.random.def
 ``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn), ``collate_closure`` (a
 collate_fn function drawing from a generator its maker's closure holds), ``sampler_helper`` (a sampler whose
 order comes from a helper object it holds, not callable, with its own ``np.random.default_rng``),
-``collate_lazy_closure`` (a collate_fn function making its generator at its first call, ``nonlocal``). KILL_AT: SIGKILL after that
-step (once: KILL_MARK).
+``collate_lazy_closure`` (a collate_fn function making its generator at its first call, ``nonlocal``).
+KILL_AT: SIGKILL after that step (once: KILL_MARK).
 """
 import functools
 import os
