@@ -263,11 +263,12 @@ def clean_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def launch(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
-           echo: Callable[[str, str], None] | None = None) -> Run:
-    """Start ``cmd`` with ``env`` (default: ``clean_env()``) tagged with a fresh token."""
+           echo: Callable[[str, str], None] | None = None, run_class: Callable[..., Run] = Run) -> Run:
+    """Start ``cmd`` with ``env`` (default: ``clean_env()``) tagged with a fresh token, as a ``run_class``
+    (a ``Run`` that starts its process another way: the tests' forked runs)."""
     env = dict(clean_env() if env is None else env)
     env[TOKEN_VAR] = uuid.uuid4().hex
-    return Run(cmd, env, None if cwd is None else str(cwd), echo)
+    return run_class(cmd, env, None if cwd is None else str(cwd), echo)
 
 
 def cleanup_all() -> None:

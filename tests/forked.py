@@ -16,12 +16,12 @@ Used by the e2e tests (tests/e2e/conftest.py) and the kill fuzz (tests/faults/te
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,27 +33,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import _harness  # noqa: E402 - examples/ is not a package
 
 
-def forkable(cmd: Sequence[str]) -> bool:
-    """``python /abs/script.py args``, the script not turning pyckpt on by importing it (``import pyckpt``,
-    ``from pyckpt import ...``)."""
+def _forkable_source(cmd: Sequence[str]) -> str | None:
+    """The source of the script of ``python /abs/script.py args`` where the script does not turn pyckpt on by
+    importing it (``import pyckpt``, ``from pyckpt import ...``); None for any other command."""
     if len(cmd) < 2 or cmd[0] != sys.executable or not str(cmd[1]).endswith(".py") or not os.path.isabs(cmd[1]):
-        return False
+        return None
     try:
         source = Path(cmd[1]).read_text()
     except OSError:
-        return False
-    return re.search(r"^\s*(import|from)\s+pyckpt\b", source, re.M) is None
+        return None
+    return source if re.search(r"^\s*(import|from)\s+pyckpt\b", source, re.M) is None else None
 
 
-# A script of the Hugging Face stack spends 4-5 s more importing it: forked from a zygote that imported it
-# too. pyckpt's hooks into those libraries then go in as they do where the script imported them before
-# pyckpt was turned on (``pyckpt.integrations``); torchrun's workers, new interpreters, keep the usual order.
+def forkable(cmd: Sequence[str]) -> bool:
+    """``cmd`` is run forked from the zygote (``_forkable_source``)."""
+    return _forkable_source(cmd) is not None
+
+
+# A script of the Hugging Face stack spends about 3.5 s more importing it (6.2 s against torch's 2.6 s here):
+# forked from a zygote that imported it too. pyckpt's hooks into those libraries then go in as they do where
+# the script imported them before pyckpt was turned on (``pyckpt.integrations``); torchrun's workers, new
+# interpreters, keep the usual order.
 HF_PRELOAD = ("transformers", "transformers.trainer", "accelerate")
-
-
-def _preload(script: str) -> tuple[str, ...]:
-    source = Path(script).read_text()
-    return HF_PRELOAD if ("transformers" in source or "accelerate" in source) else ()
 
 
 class _ForkedPopen:
@@ -64,8 +65,12 @@ class _ForkedPopen:
         self.pid = child.pid
         self.returncode: int | None = None
 
+    def exited(self) -> bool:
+        # (Its return code first: once the zygote reaped it, its pid may be another process's.)
+        return self.returncode is not None or not self._child.zygote.alive(self.pid)
+
     def poll(self) -> int | None:
-        if self.returncode is None and not self._child.zygote.alive(self.pid):
+        if self.returncode is None and self.exited():
             self.returncode = self._child.wait(30)  # exited: the zygote reaps it at once
         return self.returncode
 
@@ -88,8 +93,7 @@ class _Tail:
     def __iter__(self) -> Iterator[str]:
         part = ""
         while True:
-            # (Its return code first: once the zygote reaped it, its pid may be another process's.)
-            exited = self._popen.returncode is not None or not self._popen._child.zygote.alive(self._popen.pid)
+            exited = self._popen.exited()  # read after this: nothing is missed
             chunk = self._file.readline()
             while chunk:
                 part += chunk
@@ -108,10 +112,16 @@ class _Tail:
 
 
 class ForkedRun(_harness.Run):
-    """A ``_harness.Run`` whose process is forked from the session's zygote (see the module docstring)."""
+    """A ``_harness.Run`` whose process is forked from the session's zygote that has ``preload`` imported too
+    (see the module docstring)."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], cwd: str | None,
+                 echo: Callable[[str, str], None] | None = None, preload: tuple[str, ...] = ()) -> None:
+        self._preload = preload
+        super().__init__(cmd, env, cwd, echo)
 
     def _spawn(self, env: dict[str, str], cwd: str | None) -> tuple[_ForkedPopen, _Tail, _Tail]:
-        child = zygote.shared(_preload(self.cmd[1])).start_path(
+        child = zygote.shared(self._preload).start_path(
             self.cmd[1], self.cmd[2:], env=env, cwd=cwd or os.getcwd(), startup=True, line_buffered=True)
         popen = _ForkedPopen(child, self.cmd)
         return popen, _Tail(child.stdout_path, popen), _Tail(child.stderr_path, popen)
@@ -120,11 +130,11 @@ class ForkedRun(_harness.Run):
 def launch(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
            echo: Callable[[str, str], None] | None = None) -> _harness.Run:
     """``_harness.launch``, forking ``forkable`` commands from the session's zygote."""
-    if not forkable(cmd):
+    source = _forkable_source(cmd)
+    if source is None:
         return _real_launch(cmd, env, cwd, echo)
-    env = dict(_harness.clean_env() if env is None else env)
-    env[_harness.TOKEN_VAR] = uuid.uuid4().hex
-    return ForkedRun(cmd, env, None if cwd is None else str(cwd), echo)
+    preload = HF_PRELOAD if ("transformers" in source or "accelerate" in source) else ()
+    return _real_launch(cmd, env, cwd, echo, run_class=functools.partial(ForkedRun, preload=preload))
 
 
 _real_launch = _harness.launch
