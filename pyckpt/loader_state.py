@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import epoch_gaps, frames, knobs, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
+from . import epoch_gaps, frames, held_rngs, knobs, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
 from .hooks import HookSet
 
 
@@ -180,6 +180,15 @@ def generators(loader: DataLoader | None, dataset: Any = None, collate: Any = No
         look("collate", owner, parts, _is_callable_part)
         for prefix, x in parts:
             look(prefix, x, None)
+    # Then whatever those parts hold further down (a dataset's ``self.aug.rng``): new keys only.
+    roots = [("dataset", loader.dataset if loader is not None else dataset)]
+    if isinstance(fn, functools.partial):
+        roots += [("collate.args", fn.args), ("collate.keywords", fn.keywords)]
+    elif owner is not None or type(fn) is types.FunctionType:
+        roots.append(("collate", owner if owner is not None else fn))
+    if loader is not None:
+        roots += [*((f"sampler.{i}", s) for i, s in enumerate(_sampler_chain(loader))), ("loader", loader)]
+    held_rngs.walk(roots, add, pids, pid)
     return found
 
 
@@ -401,11 +410,20 @@ def _owner_of(loader: DataLoader | None, parts: list[str], dataset: Any = None, 
     elif parts[0] == "dataset":
         owner, path = (loader.dataset if loader is not None else dataset), parts[1:-1]
     elif parts[0] == "collate":
-        owner, path = collate_owner(loader.collate_fn if loader is not None else collate), parts[1:-1]
+        fn = loader.collate_fn if loader is not None else collate
+        owner = collate_owner(fn)
+        owner, path = (fn if owner is None and type(fn) is types.FunctionType else owner), parts[1:-1]
     else:
         return None
-    for name in path:  # what generators() looked into: attributes, items of a list, tuple or dict
-        if type(owner) in (list, tuple) and name.isdigit() and int(name) < len(owner):
+    names = iter(path)
+    for name in names:  # what generators() looked into: attributes, items of a list, tuple or dict, cells
+        if type(owner) is types.FunctionType and name == "closure":
+            cell = dict(zip(owner.__code__.co_freevars, owner.__closure__ or ())).get(next(names, ""))
+            try:
+                owner = cell.cell_contents if cell is not None else None
+            except ValueError:  # an empty cell
+                owner = None
+        elif type(owner) in (list, tuple) and name.isdigit() and int(name) < len(owner):
             owner = owner[int(name)]
         elif type(owner) is dict:
             owner = owner.get(name)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from . import frames, numpy_state, python_state, rng
+from . import frames, held_rngs, numpy_state, python_state, rng
 
 HISTORY = 16  # states kept per worker: covers a look-ahead wrapper's fetches beyond the loop
 
@@ -116,15 +116,23 @@ def module_generators(dataset: Any, collate: Any) -> list[tuple[str, str, Any]]:
         mods.append(m)
         if len(mods) >= _MODULES_MAX:
             break
-    found, seen = [], set()
+    found, seen, roots = [], set(), []
+
+    def add(key: str, kind: str, v: Any) -> None:
+        if id(v) not in seen:
+            seen.add(id(v))
+            found.append((key, kind, v))
     for m in mods:
         name = "__main__" if m.__name__ in ("__main__", "__mp_main__") else m.__name__
         for attr, v in list(vars(m).items())[:_GLOBALS_MAX]:
             kind = rng.kind_of(v)
-            if kind is not None and id(v) not in seen:
-                seen.add(id(v))
-                found.append((f"module.{name}.{attr}", kind, v))
+            if kind is not None:
+                add(f"module.{name}.{attr}", kind, v)
+            elif held_rngs.walkable(type(v)) and (frames.is_script_class(type(v)) or callable(v)):
+                roots.append((f"module.{name}.{attr}", v))  # ``AUG = Noise(5)``, its ``self.rng`` drawn from
+    held_rngs.walk(roots, add)  # then (keys above unchanged) what the script's objects and classes hold
     return found
+
 
 
 def _bytes_of(t: torch.Tensor) -> bytes:

@@ -12,7 +12,11 @@ dataset's transforms, in a ``Compose``, jittering from their own ``np.random.def
 ``collate_partial`` (``functools.partial(masking, generator=g)`` as the collate_fn), ``collate_closure`` (a
 collate_fn function drawing from a generator its maker's closure holds), ``sampler_helper`` (a sampler whose
 order comes from a helper object it holds, not callable, with its own ``np.random.default_rng``),
-``collate_lazy_closure`` (a collate_fn function making its generator at its first call, ``nonlocal``).
+``collate_lazy_closure`` (a collate_fn function making its generator at its first call, ``nonlocal``),
+``sampler_helper_deep`` (the same helper holding its generator one object further down),
+``dataset_helper`` (a dataset augmenting through a helper object's method, not ``__call__``, with its own
+``random.Random``), ``transform_helper`` (a transform drawing from a generator an object it holds keeps),
+``dataset_class`` (a dataset drawing from a generator made in its class body, ``ClassNoisy.rng``).
 KILL_AT: SIGKILL after that step (once: KILL_MARK).
 """
 import functools
@@ -66,9 +70,24 @@ class Shuffler:
         return self.rng.permutation(n).tolist()
 
 
+class Source:
+    """Holds a generator for the object that holds it (one object further down)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+
+class DeepShuffler:
+    def __init__(self, seed):
+        self.source = Source(torch.Generator().manual_seed(seed))
+
+    def order(self, n):
+        return torch.randperm(n, generator=self.source.rng).tolist()
+
+
 class HelperOrder(Sampler):
-    def __init__(self, n, seed=9):
-        self.n, self.shuffler = n, Shuffler(seed)
+    def __init__(self, n, seed=9, helper=Shuffler):
+        self.n, self.shuffler = n, helper(seed)
 
     def __iter__(self):
         return iter(self.shuffler.order(self.n))
@@ -88,6 +107,44 @@ class Noisy(Dataset):
 
     def __getitem__(self, i):
         return self.x[i] + torch.from_numpy(self.rng.normal(0, 0.1, self.x.shape[1])).float(), self.y[i]
+
+
+class Noise:
+    """Adds noise from its own generator, through a method (a dataset's helper, not a transform)."""
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+
+    def apply(self, x):
+        return x + 0.1 * self.rng.gauss(0, 1)
+
+
+class HelperNoisy(Noisy):
+    def __init__(self, x, y):
+        self.x, self.y, self.aug = x, y, Noise(4)
+
+    def __getitem__(self, i):
+        return self.aug.apply(self.x[i]), self.y[i]
+
+
+class ClassNoisy(Noisy):
+    rng = np.random.default_rng(8)
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __getitem__(self, i):
+        return self.x[i] + torch.from_numpy(ClassNoisy.rng.normal(0, 0.1, self.x.shape[1])).float(), self.y[i]
+
+
+class SourcedJitter:
+    """A transform whose generator an object it holds keeps."""
+
+    def __init__(self, seed):
+        self.src = Source(np.random.default_rng(seed))
+
+    def __call__(self, x):
+        return x * float(1 + 0.1 * self.src.rng.standard_normal())
 
 
 class Jitter:
@@ -210,6 +267,14 @@ elif SHAPE == "collate_torch":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=Outer(Masking()))
 elif SHAPE == "sampler_helper":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=HelperOrder(40))
+elif SHAPE == "sampler_helper_deep":
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=HelperOrder(40, helper=DeepShuffler))
+elif SHAPE == "dataset_helper":
+    loader = DataLoader(HelperNoisy(x, y), batch_size=4, shuffle=True)
+elif SHAPE == "dataset_class":
+    loader = DataLoader(ClassNoisy(x, y), batch_size=4, shuffle=True)
+elif SHAPE == "transform_helper":
+    loader = DataLoader(Transformed(x, y, SourcedJitter(5)), batch_size=4, shuffle=True)
 elif SHAPE.startswith("sampler_"):
     lengths = torch.randint(1, 50, (40,)).tolist()
     loader = DataLoader(TensorDataset(x, y), batch_sampler=BucketBatches(lengths, 4, SHAPE.split("_")[1]))

@@ -28,7 +28,8 @@ SCRIPT = HERE / "own_rng_train.py"
 @pytest.mark.parametrize("shape", ["sampler_random", "sampler_numpy", "sampler_torch", "dataset_numpy",
                                    "subset_numpy", "transform_numpy", "collate_torch", "collate_hf",
                                    "collate_partial", "collate_closure", "sampler_helper",
-                                   "collate_lazy_closure"])
+                                   "collate_lazy_closure", "sampler_helper_deep", "dataset_helper",
+                                   "transform_helper", "dataset_class"])
 def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
     # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)
@@ -95,8 +96,8 @@ def test_every_kind_round_trips_through_the_checkpoint_by_key():
 
 
 class _Collator:
-    def __init__(self, inner=None):
-        self.rng, self.data_collator, self.tokenizer = random.Random(1), inner, _NotCalled()
+    def __init__(self, inner=None, tokenizer=None):
+        self.rng, self.data_collator, self.tokenizer = random.Random(1), inner, tokenizer
 
     def __call__(self, items):
         return items
@@ -106,7 +107,8 @@ class _Collator:
 
 
 class _NotCalled:
-    """An object a collator holds that is not called: not looked into."""
+    """An object a collator or sampler holds that is not called (a tokenizer, a sampler's shuffler): not one of
+    ``generators``' named shapes for a collator (found further on, ``held_rngs``), one for a sampler."""
 
     def __init__(self):
         self.rng = random.Random(3)
@@ -123,7 +125,13 @@ def test_the_generators_of_collate_fn_and_transform_objects_are_found_by_key():
     assert keys(_Collator(inner), pids) == ["collate.rng", "collate.data_collator.rng"]
     assert pids == ["collate.data_collator.made_at"]  # beside a generator, holding this process's id
     assert keys(inner.collate) == ["collate.rng", "collate.data_collator.rng"][:1]  # a bound method's object
-    assert keys(functools.partial(_Collator.collate, inner)) == [] and keys(None) == []
+    # Objects held that are not called (a tokenizer), and the object a partial binds: after the named shapes,
+    # by the walk further down (held_rngs); the process id beside one is named once.
+    pids = []
+    assert keys(_Collator(inner, _NotCalled()), pids) == ["collate.rng", "collate.data_collator.rng",
+                                                          "collate.tokenizer.rng"]
+    assert pids == ["collate.data_collator.made_at"]
+    assert keys(functools.partial(_Collator.collate, inner)) == ["collate.args.0.rng"] and keys(None) == []
     g = torch.Generator()
     assert keys(functools.partial(_Collator.collate, g, rng=random.Random(2))) == ["collate.args.0",
                                                                                   "collate.keywords.rng"]
