@@ -5,8 +5,8 @@ what it wraps, their callable parts, the collator. A generator one object furthe
 ``self.aug = Noise(seed)`` drawing through a method, not ``__call__``; a transform's ``self.src.rng``; a
 sampler's helper's helper) was not kept, and a relaunch, which loads none of the batches it skips, drew other
 numbers from it: a silent wrong resume. ``walk`` follows the objects those parts hold, breadth first, up to
-``HOPS`` attributes (or container items, or closure cells) from each root and ``BUDGET`` objects in all, and
-hands each generator it meets to ``add`` under the key of the path it took (``dataset.aug.rng``), the same
+``HOPS`` attributes (or container items, closure cells, a partial's arguments, a bound method's object) from
+each root and ``BUDGET`` objects in all, and hands each generator it meets to ``add`` under the key of the path it took (``dataset.aug.rng``), the same
 form of key ``loader_state._owner_of`` follows back. The class of an object of the script's own classes is
 looked into too (``rng = np.random.default_rng(5)`` in a dataset's class body, drawn as ``DS.rng``: key
 ``dataset.__class__.rng``). It runs after the named shapes, so a generator found there keeps its key (``add``
@@ -15,6 +15,7 @@ script's global objects too (``AUG = Noise(5)`` drawn from in ``__getitem__``: e
 """
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ CLASS_ATTRS_MAX = 256  # names of a class looked at (its methods among them)
 _SKIP_MODULES = ("multiprocessing", "threading", "queue", "concurrent", "logging", "weakref", "io", "_io",
                  "socket", "subprocess", "asyncio", "ctypes")
 _WALK: dict[type, bool] = {}
+_FOLLOWED = (list, tuple, dict, types.FunctionType, types.MethodType, functools.partial)
 
 
 def walkable(t: type) -> bool:
@@ -66,6 +68,11 @@ def walk(roots: list[tuple[str, Any]], add: Callable[[str, str, Any], None],
             if type(obj) is types.FunctionType:  # a closure: its cells, as ``prefix.closure.name``
                 items = _cells(obj)
                 prefix = f"{prefix}.closure"
+            elif type(obj) is functools.partial:  # ``partial(jitter, rng=g)`` as a transform: what it binds
+                items = [*((f"args.{i}", a) for i, a in enumerate(obj.args[:HELD_MAX])),
+                         *((f"keywords.{k}", a) for k, a in list(obj.keywords.items())[:HELD_MAX])]
+            elif type(obj) is types.MethodType:  # ``aug.apply`` as a transform: its object
+                items = [("__self__", obj.__self__)]
             elif type(obj) in (list, tuple):
                 items = list(enumerate(obj)) if len(obj) <= HELD_MAX else []
             elif type(obj) is dict:
@@ -87,7 +94,7 @@ def walk(roots: list[tuple[str, Any]], add: Callable[[str, str, Any], None],
                     add(f"{prefix}.{name}", kind, v)
                     beside = True
                 elif depth + 1 < HOPS and id(v) not in seen and (
-                        type(v) in (list, tuple, dict, types.FunctionType) or walkable(type(v))):
+                        type(v) in _FOLLOWED or walkable(type(v))):
                     seen.add(id(v))
                     nxt.append((f"{prefix}.{name}", v, depth + 1))
             if beside and pids is not None:

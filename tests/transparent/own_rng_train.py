@@ -16,7 +16,8 @@ order comes from a helper object it holds, not callable, with its own ``np.rando
 ``sampler_helper_deep`` (the same helper holding its generator one object further down),
 ``dataset_helper`` (a dataset augmenting through a helper object's method, not ``__call__``, with its own
 ``random.Random``), ``transform_helper`` (a transform drawing from a generator an object it holds keeps),
-``dataset_class`` (a dataset drawing from a generator made in its class body, ``ClassNoisy.rng``).
+``dataset_class`` (a dataset drawing from a generator made in its class body, ``ClassNoisy.rng``),
+``transform_bound`` (a ``Compose`` of ``functools.partial(scaled, rng=...)`` and a bound method ``noise.apply``).
 KILL_AT: SIGKILL after that step (once: KILL_MARK).
 """
 import functools
@@ -135,6 +136,10 @@ class ClassNoisy(Noisy):
 
     def __getitem__(self, i):
         return self.x[i] + torch.from_numpy(ClassNoisy.rng.normal(0, 0.1, self.x.shape[1])).float(), self.y[i]
+
+
+def scaled(x, rng):
+    return x * float(1 + 0.1 * rng.standard_normal())
 
 
 class SourcedJitter:
@@ -271,6 +276,9 @@ elif SHAPE == "sampler_helper_deep":
     loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=HelperOrder(40, helper=DeepShuffler))
 elif SHAPE == "dataset_helper":
     loader = DataLoader(HelperNoisy(x, y), batch_size=4, shuffle=True)
+elif SHAPE == "transform_bound":
+    steps = [functools.partial(scaled, rng=np.random.default_rng(2)), Noise(6).apply]
+    loader = DataLoader(Transformed(x, y, Compose(steps)), batch_size=4, shuffle=True)
 elif SHAPE == "dataset_class":
     loader = DataLoader(ClassNoisy(x, y), batch_size=4, shuffle=True)
 elif SHAPE == "transform_helper":

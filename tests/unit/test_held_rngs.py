@@ -2,6 +2,7 @@
 keys ``loader_state`` follows back (``lazy_slot``), within the walk's bounds."""
 from __future__ import annotations
 
+import functools
 import random
 import threading
 
@@ -53,6 +54,19 @@ def test_generators_an_object_further_down_holds_are_found_under_the_path_to_the
         return lambda x: (box, x)[1]
     ds.aug = Aug(made(Box(rng=random.Random(2))))  # a function's closure holding the object that holds it
     assert keys(DataLoader(ds)) == ["dataset.aug.noise.closure.box.rng"]
+
+
+def scaled(x, rng):
+    return x
+
+
+def test_what_a_partial_binds_and_a_bound_methods_object_are_looked_into():
+    aug = Aug(None)
+    aug.rng = random.Random(1)
+    ds = DS([functools.partial(scaled, rng=torch.Generator()), aug.apply])
+    assert keys(DataLoader(ds)) == ["dataset.aug.0.keywords.rng", "dataset.aug.1.__self__.rng"]
+    ds.aug = functools.partial(scaled, np.random.default_rng(2))
+    assert keys(DataLoader(ds)) == ["dataset.aug.args.0"]
 
 
 def test_a_key_found_by_the_named_shapes_keeps_its_key_and_a_generator_is_listed_once():
