@@ -1001,6 +1001,35 @@ def _islice_state(it: Any) -> tuple[Any, int, int | None] | None:
     return inner, cnt, stop
 
 
+def _loaders_left(it: Any) -> int | None:
+    """For ``itertools.chain(loader_a, loader_b)``: the loaders its source has left, where it chains
+    DataLoaders only (the one it runs through, if any, is a loader's iterator): the loaders' fast-forward
+    then positions it, each ``iter()`` before the restore point giving an empty epoch as for any loop over
+    a loader. None for any other chain (``chain.from_iterable``, a list among them) or an interpreter
+    without itertools' pickle support (3.14)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
+            red = it.__reduce__()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    state = red[2] if len(red) > 2 and isinstance(red[2], tuple) else ()
+    if not state:
+        return 0  # run to its end
+    source, active = state[0], (state[1] if len(state) > 1 else None)
+    if active is not None and not isinstance(active, _BaseDataLoaderIter):
+        return None
+    seq = _sequence_of(source) if type(source).__name__ == "tuple_iterator" else None
+    if not isinstance(seq, tuple):
+        return None
+    left = int(source.__length_hint__())
+    rest = seq[len(seq) - left:] if left else ()
+    return left if all(isinstance(x, DataLoader) for x in rest) else None
+
+
 def _iter_state(it: Any, where: str, cap: Capture, keep: Any, enc: "_Encoder", depth: int = 0,
                 swappable: bool = True) -> list:
     """The position of one loop iterator (see ``_positioner``). A generator (a script's batch generator,
@@ -1052,6 +1081,8 @@ def _iter_state(it: Any, where: str, cap: Capture, keep: Any, enc: "_Encoder", d
                     [_iter_state(x, f"the for-loop iterator in generator {name}", cap, keep, enc, depth + 1) for x in its]]
     if (sl := _islice_state(it)) is not None:
         return ["islice", sl[1], sl[2], _iter_state(sl[0], where, cap, keep, enc, depth + 1, False)]
+    if t is itertools.chain and (left := _loaders_left(it)) is not None:
+        return ["chain", left]
     if t is itertools.count:
         args = it.__reduce__()[1]
         if all(type(a) is int for a in args):
@@ -2120,6 +2151,15 @@ def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,
             raise bad
         subs = [_positioner(p, s, where, dec, plan) for p, s in zip(parts, st[1])]
         return lambda: [s() for s in subs]
+    if kind == "chain":
+        _check(len(st) == 2 and type(st[1]) is int, "chain")
+        left = _loaders_left(it) if type(it) is itertools.chain else None
+        if left is None:
+            raise bad
+        if left != st[1]:
+            raise PyckptError(f"a for loop in {where} over itertools.chain of loaders has {left} loader(s) left "
+                              f"in it now, {st[1]} in the checkpoint")
+        return lambda: None  # the loaders' fast-forward positioned it
     if kind == "wraps":
         _check(len(st) == 3 and isinstance(st[1], str) and isinstance(st[2], list), "wrapping iterator")
         parts = _wrapped(it)

@@ -489,7 +489,7 @@ class Session:
         new = {k: v for k, v in cap.warnings.items() if k not in self.loop_warned}
         if new:
             self.loop_warned.update(new)
-            listed = "; ".join(f"{k}: {v}" for k, v in new.items())
+            listed = "; ".join(f"{k.removeprefix('the ')}: {v}" for k, v in new.items())  # (the script's ...)
             say(f"warning: a resume will not be exact: the script's {listed} (not saved with the loop state); "
                 "save such state with pyckpt.register(name, getter=..., setter=...) (docs/TRANSPARENCY.md, "
                 "Loop state)", "warning")

@@ -525,6 +525,40 @@ def test_an_islice_with_another_stop_is_refused_before_anything_is_written():
     assert error and "islice that stops at 9 now, the checkpoint's stopped at 8" in error, error
 
 
+def chain_loop(hook, trace, n_loaders=2):
+    from torch.utils.data import DataLoader
+
+    loaders = [DataLoader(list(range(4 * (i + 1))), batch_size=2) for i in range(n_loaders)]
+    for b in itertools.chain(*loaders):
+        hook(sys._getframe())
+        trace.append(b.tolist())
+    return trace
+
+
+def test_a_chain_of_loaders_is_saved_by_the_loaders_it_has_left_and_checked_against_the_relaunchs():
+    seen = {}
+
+    def cap(frame):
+        if "cap" not in seen and frame.f_locals["trace"] == [[0, 1]]:  # in the first loader
+            seen["cap"] = loopstate.capture([frame], "step", 1 << 20, [])
+    chain_loop(harness_hook(cap), [])
+    assert not seen["cap"].warnings, seen["cap"].warnings
+    # In the first of two loaders, one left in its source; a list among them is not a chain of loaders.
+    assert loopstate._loaders_left(itertools.chain()) == 0
+    from torch.utils.data import DataLoader
+    a, b = DataLoader([1, 2]), DataLoader([3])
+    c = itertools.chain(a, b)
+    assert loopstate._loaders_left(c) == 2
+    next(c)
+    assert loopstate._loaders_left(c) == 1
+    assert loopstate._loaders_left(itertools.chain(a, [1])) is None
+    assert loopstate._loaders_left(itertools.chain.from_iterable([a, b])) is None
+    # A relaunch chaining three loaders where the checkpoint's chained two: refused, nothing written.
+    error = _prepare_error(lambda hook: chain_loop(hook, []), lambda hook: chain_loop(hook, [], n_loaders=3),
+                           lambda f: f.f_locals["trace"] == [[0, 1]])
+    assert error and "2 loader(s) left in it now, 1 in the checkpoint" in error, error
+
+
 def delegating(n):
     """A generator that goes on through another iterator with ``yield from`` (tqdm's ``__iter__`` with
     ``disable=True`` is ``yield from iterable``)."""

@@ -64,6 +64,20 @@ def test_sigkill_then_relaunch_equals_uninterrupted(tmp_path, plain_results, mod
                          second.stderr), second.stderr
 
 
+@pytest.mark.parametrize("kill_at", [25, 30])
+def test_a_loop_over_a_chain_of_loaders_resumes_exactly_and_unwarned(tmp_path, plain_results, kill_at):
+    # 16 steps an epoch: 10 of the training loader, then 6 of another. Killed in epoch 1 in the first loader's
+    # part (a snapshot at step 24: batch 8 of 10) or the second's (step 28: its batch 2). Before, each snapshot
+    # said "a loop over itertools.chain, whose position cannot be restored", though the loaders' fast-forward
+    # positions a chain of loaders; the chain's loaders left are now saved and checked at the restore point.
+    first, second, final = _kill_and_resume(tmp_path, "chain", KILL_AT=str(kill_at))
+    assert first.returncode == -signal.SIGKILL
+    saved = (kill_at // 4) * 4
+    assert re.search(rf"pyckpt: resumed from step ({saved}|{saved - 4}) ", second.stderr), second.stderr
+    assert "warning" not in first.stderr + second.stderr, first.stderr + second.stderr
+    assert tree_equal(final, plain_results("chain"))
+
+
 @pytest.mark.parametrize("mode,kill_at", [
     ("reiter", 25),  # next(it); at StopIteration it = iter(loader) and next(it) again
     ("reiter_stream", 17),  # the same over an IterableDataset, restored inside epoch 1 (step 16 or 12): the skipped

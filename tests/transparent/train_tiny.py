@@ -104,6 +104,8 @@ if MODE == "lazy_aug":  # a dataset making its augmentation generator at its fir
     loader = DataLoader(LazyAug(*data.tensors), batch_size=4, shuffle=True)
 if MODE == "peek":  # the same signature as the training loader (dataset type and length, batch size, ...)
     twin_loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randn(40, 1)), batch_size=4, shuffle=True)
+if MODE == "chain":  # a second loader (its own dataset length) chained after the training one
+    extra_loader = DataLoader(TensorDataset(torch.randn(24, 6), torch.randn(24, 1)), batch_size=4, shuffle=True)
 if MODE == "zipgen":  # a second loader (its own dataset length) zipped with the training one
     aux_loader = DataLoader(TensorDataset(torch.randn(48, 6)), batch_size=4, shuffle=True)
 val_loader = DataLoader(TensorDataset(torch.randn(12, 6), torch.randn(12, 1)), batch_size=4)
@@ -461,6 +463,11 @@ elif MODE == "tqdm_off":  # a step-counted loop under tqdm with disable=True: it
 elif MODE == "islice":  # steps per epoch limited by itertools.islice over the loader
     for epoch in range(EPOCHS):
         for x, y in itertools.islice(loader, 7):
+            train_step(x, y)
+        sched.step()
+elif MODE == "chain":  # each epoch trains on the loader's 10 batches, then on another's 6 (itertools.chain)
+    for epoch in range(EPOCHS):
+        for x, y in itertools.chain(loader, extra_loader):
             train_step(x, y)
         sched.step()
 elif MODE == "zipgen":  # the training loader zipped with another inside a generator expression
