@@ -373,17 +373,7 @@ def lazy_slot(loader: DataLoader | None, key: str, kind: Any, dataset: Any = Non
         attrs = getattr(owner, "__dict__", None)
         if type(attrs) is not dict or name not in attrs or attrs[name] is not None:
             return None
-    if kind == "torch":
-        made: Any = torch.Generator()
-    elif kind == "random":
-        import random
-
-        made = random.Random()
-    else:
-        import numpy as np  # (a NumPy state was saved: NumPy is there)
-
-        made = np.random.RandomState() if kind == "numpy.RandomState" else np.random.default_rng()
-    return owner, name, made
+    return owner, name, rng.new_generator(kind)
 
 
 def _closure_cell(loader: DataLoader | None, parts: list[str], dataset: Any = None, collate: Any = None) -> Any:
@@ -739,7 +729,7 @@ class Stream:
                       "dataset or collate_fn for them may differ after a resume", "warning")
             return {}
         return {"ahead_rng": [rng.cpu_saved(r[0]) for r in raw],
-                "ahead_own": [{"rngs": _own_saved(r[1]), "pids": list(r[2])} for r in raw]}
+                "ahead_own": [{"rngs": _own_saved(r[1]), "pids": list(r[2]), "attrs": r[3]} for r in raw]}
 
     def restore_sampler_state(self, pos: dict[str, Any]) -> None:
         """Put generators and DistributedSampler epoch/seed back (the position itself is reached by fast-forward):
@@ -1298,14 +1288,23 @@ class LoaderTracker:
                               "or collate_fn for them may differ after this resume", "warning")
                 if plan.ahead_rng and i < len(plan.ahead_own) and loader is not None:
                     # (with the module-global generators its code draws from: the loop state puts the
-                    # script's globals back only at the restore point, after these fetches)
+                    # script's globals back only at the restore point, after these fetches), and the
+                    # dataset's and collator's settings then (a callback annealing mlm_probability between)
+                    if "attrs" in plan.ahead_own[i]:
+                        why = pipeline_attrs.restore(loader, [], plan.ahead_own[i]["attrs"])
+                        if why is not None:
+                            _say_once(f"warning: loader {plan.sig}: the settings of its dataset or collate_fn saved "
+                                      f"before a batch fetched ahead of the loop were not put back ({why}); that "
+                                      "batch may differ after this resume", "warning")
                     _set_own(loader, plan.ahead_own[i], "before a batch fetched ahead of the loop",
                              loader_workers.module_generators(loader.dataset, loader.collate_fn))
                     set_pids(loader, plan.ahead_own[i].get("pids"))
         pids: list[str] = []
         own = (_own_raw(loader, pids, loader_workers.module_generators(loader.dataset, loader.collate_fn))
                if loader is not None else ())
-        st.pre_fetch.append((st.batches, (rng.cpu_raw(), own, tuple(pids))))
+        # The dataset's and collator's settings (not the samplers': their order was drawn at iter())
+        attrs = pipeline_attrs.capture(loader, []) if loader is not None else {}
+        st.pre_fetch.append((st.batches, (rng.cpu_raw(), own, tuple(pids), attrs)))
 
     def _count_batch(self, st: Stream) -> None:
         """Book-keeping of a fetch that handed ``st``'s loop a batch (the patched ``__next__`` and

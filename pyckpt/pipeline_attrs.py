@@ -22,6 +22,8 @@ shuffled per epoch comes out the same from ``epoch_gaps``).
 """
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +50,8 @@ def parts(loader: Any, samplers: list) -> list[tuple[str, Any]]:
 
     def add(key: str, obj: Any) -> None:
         t = type(obj)
-        ours = frames.is_script_class(t) or (key.startswith("sampler.") and _torch_sampler(t))
+        ours = (frames.is_script_class(t) or (key.startswith("sampler.") and _torch_sampler(t))
+                or (key.startswith("collate_fn") and _collator(t)))
         if (id(obj) not in seen and ours and isinstance(getattr(obj, "__dict__", None), dict)
                 and not (callable(getattr(t, "state_dict", None)) and callable(getattr(t, "load_state_dict", None)))):
             seen.add(id(obj))  # (one with its own state_dict() is positioned through it: loader_state)
@@ -71,9 +74,20 @@ def parts(loader: Any, samplers: list) -> list[tuple[str, Any]]:
     for i, s in enumerate(samplers):
         add(f"sampler.{i}", s)
     collate = getattr(loader, "collate_fn", None)
-    if collate is not None:  # an object of the script's class (a function is no script class's instance)
+    if collate is not None:  # an object (a function is no script class's instance nor a collator)
         add("collate_fn", collate)
+        held = getattr(collate, "__dict__", None) if not isinstance(collate, types.FunctionType) else None
+        for name, v in (list(held.items())[:MAX_ATTRS] if isinstance(held, dict) else ()):
+            if _collator(type(v)):  # the collator a wrapper calls (the Trainer's RemoveColumnsCollator's)
+                add(f"collate_fn.{name}", v)
     return found
+
+
+def _collator(t: type) -> bool:
+    """A collate_fn object of a library's class (transformers' ``DataCollatorForLanguageModeling``, whose
+    ``mlm_probability`` a callback may anneal while training): called, not a function, module or class."""
+    return (t.__module__ != "builtins" and not issubclass(t, (type, torch.nn.Module, functools.partial))
+            and any("__call__" in vars(c) for c in t.__mro__[:-1]))
 
 
 def capture(loader: Any, samplers: list, over: Callable[[str], None] | None = None) -> dict[str, Any]:

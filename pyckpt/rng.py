@@ -127,6 +127,20 @@ def _kind_of(v: Any) -> str | None:
     return None
 
 
+def new_generator(kind: str) -> Any:
+    """A new generator object of ``kind`` (``kind_of``'s names), for a saved state where the relaunch holds
+    none yet (made at first use); ValueError for another kind. A NumPy ``Generator`` is ``default_rng()``'s."""
+    if kind == "torch":
+        return torch.Generator()
+    if kind == "random":
+        return random.Random()
+    if kind in ("numpy.RandomState", "numpy.Generator"):
+        import numpy as np  # (a NumPy state was saved: NumPy is there)
+
+        return np.random.RandomState() if kind == "numpy.RandomState" else np.random.default_rng()
+    raise ValueError(f"unknown generator kind {str(kind)[:40]!r}")
+
+
 def raw_state(v: Any, kind: str) -> Any:
     """A copy of generator object ``v``'s state, cheap to take (``saved_state`` converts it)."""
     if kind == "torch":

@@ -32,7 +32,9 @@ import weakref
 from types import ModuleType
 from typing import Any
 
+from .. import frames, object_attrs
 from ..hooks import HookSet
+from . import object_state
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer's own checkpoints: written last, so it marks a complete one
 MODULE = "transformers.trainer"
@@ -243,6 +245,33 @@ def _callbacks(trainer: Any) -> list:
     return list(trainer.callback_handler.callbacks) + [trainer.control]
 
 
+def _script_objects(trainer: Any) -> list[tuple[str, Any, frozenset | None]]:
+    """(label, object, attribute names or None for all) of what the Trainer holds of the script's classes:
+    itself, where the script subclasses it (the names its own code uses: ``object_attrs._own_names``), and
+    its callbacks without a ``state()`` of their own (all their attributes: a ``TrainerCallback`` has none),
+    labelled ``callback.<class>.<n>`` (the n-th of that class)."""
+    out: list[tuple[str, Any, frozenset | None]] = []
+    if frames.is_script_class(type(trainer)):
+        out.append(("trainer", trainer, object_attrs._own_names(type(trainer), frames.is_script_class)))
+    seen: dict[str, int] = {}
+    for cb in trainer.callback_handler.callbacks:
+        if frames.is_script_class(type(cb)) and not callable(getattr(cb, "state", None)):
+            n = seen[type(cb).__qualname__] = seen.get(type(cb).__qualname__, -1) + 1
+            out.append((f"callback.{type(cb).__qualname__}.{n}", cb, None))
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        from ..transparent import say
+
+        say(message, "warning")
+
+
 def _get_state() -> Any:
     trainer = _trainer()
     if trainer is None or getattr(trainer, "state", None) is None:
@@ -258,6 +287,15 @@ def _get_state() -> Any:
     tr_loss = getattr(trainer, "_tr_loss", None)
     if tr_loss is not None:
         saved["tr_loss"] = tr_loss.detach().clone()
+    objects = {}
+    for label, obj, names in _script_objects(trainer):
+        objects[label], left = object_state.capture(obj, names)
+        if left:
+            _warn_once(f"warning: a resume will not be exact: the Trainer's {label} ({type(obj).__qualname__}) keeps "
+                       f"{', '.join(left[:8])} in a form pyckpt does not save with it (a set, a NumPy array, an "
+                       "object of the script's classes); save it with pyckpt.register(name, getter=..., setter=...)")
+    if objects:
+        saved["script_objects"] = objects
     sched = getattr(trainer, "lr_scheduler", None)
     if callable(getattr(sched, "state_dict", None)):
         # Made after accelerator.prepare(optimizer), on the AcceleratedOptimizer wrapper, which the
@@ -270,6 +308,16 @@ def _set_state(saved: Any) -> None:
     trainer = _trainer()
     if trainer is None or not saved:
         return
+    objects = saved.get("script_objects") or {}
+    live = {label: obj for label, obj, _ in _script_objects(trainer)}
+    bad = []
+    for label, e in objects.items() if isinstance(objects, dict) else ():
+        failed = object_state.restore(live[label], e) if label in live else ["not in this run"]
+        if failed:
+            bad.append(f"{label}: {', '.join(failed)}")
+    if bad:
+        _warn_once(f"warning: the Trainer's objects of the script's classes were not all restored: {'; '.join(bad)}; "
+                   "what they hold may differ after this resume")
     trainer.state = type(trainer.state)(**json.loads(saved["state"]))
     by_name: dict[str, list] = {}
     for name, st in json.loads(saved["callbacks"]):

@@ -1,6 +1,7 @@
 """Plain settings of the data pipeline's objects of the script's classes (pyckpt/pipeline_attrs.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import (BatchSampler, ConcatDataset, DataLoader, RandomSampler, Subset, TensorDataset,
                               WeightedRandomSampler)
@@ -104,3 +105,33 @@ def test_another_class_or_a_malformed_entry_writes_nothing_and_says_why():
     bad = {"dataset": {"type": "Curriculum", "attrs": {"level": [5]}}}
     assert pipeline_attrs.restore(loader, _chain(loader), bad) == "malformed"
     assert pipeline_attrs.restore(loader, _chain(loader), ["x"]) == "malformed"
+
+
+def test_a_library_collator_and_the_one_a_wrapper_calls_are_kept_and_put_back():
+    # transformers' DataCollatorForLanguageModeling (a library class) whose mlm_probability a callback anneals,
+    # under the Trainer's RemoveColumnsCollator (its ``data_collator``): before, library collators were no parts.
+    transformers = pytest.importorskip("transformers")
+    from transformers.trainer_utils import RemoveColumnsCollator
+
+    tok = transformers.BertTokenizerFast(vocab_file=_vocab())
+    inner = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.3)
+    wrapper = RemoveColumnsCollator(inner, signature_columns=["input_ids"])
+    loader = _loader(collate=wrapper)
+    assert [k for k, _ in pipeline_attrs.parts(loader, [])] == ["dataset", "collate_fn", "collate_fn.data_collator"]
+    inner.mlm_probability = 0.21
+    saved = pipeline_attrs.capture(loader, [])
+    assert saved["collate_fn.data_collator"]["attrs"]["mlm_probability"] == 0.21
+    fresh_inner = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.3)
+    fresh = _loader(collate=RemoveColumnsCollator(fresh_inner, signature_columns=["input_ids"]))
+    assert pipeline_attrs.restore(fresh, [], saved) is None and fresh_inner.mlm_probability == 0.21
+    # A function (torch's default_collate) is no part.
+    assert [k for k, _ in pipeline_attrs.parts(DataLoader(Curriculum()), [])] == ["dataset"]
+
+
+def _vocab() -> str:
+    import tempfile
+
+    path = tempfile.mktemp(suffix=".txt")
+    with open(path, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    return path
