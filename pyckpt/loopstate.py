@@ -67,7 +67,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import carried, continuation, frames, numpy_state, object_attrs
+from . import carried, continuation, frames, hook_objects, numpy_state, object_attrs
 from .errors import PyckptError
 from .tree import flatten as _flatten_state
 
@@ -802,6 +802,8 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
 
         mods = object_attrs.capture(list(modules), keep_attr, keep_tensor, _script_class, _attrs)
         opts = object_attrs.capture_optimizers(list(optimizers), keep_attr, _script_class, _attrs)
+        for path, hook in hook_objects.find(list(modules), list(optimizers), _hook_state):
+            keep_attr(hook_objects.label(path), hook, path)  # followed as a plain object or closure
         follow()
     cap.tree = {"version": VERSION, "stack": stack_signature(user, point), "argv": [str(a) for a in sys.argv[1:]],
                 "globals": gl, "locals": loc,
@@ -821,7 +823,15 @@ def _shared(why: str, max_bytes: int, limit: int | None) -> str:
     return why
 
 
+def _hook_state(v: Any) -> bool:
+    """A hook torch holds that is the script's state (``hook_objects``): one of its objects or closures."""
+    return _plain_object(v) or _script_closure(v)
+
+
 def _label(path: list) -> str:
+    if path[0] in _HOOK_PATHS:  # a hook torch holds (hook_objects.py)
+        n = 4 if path[0] == "oh" else 5
+        return ".".join([hook_objects.label(path[:n]), *map(str, path[n:])])
     if path[0] == "g":
         base = path[2] if path[1] == "__main__" else f"{path[1]}.{path[2]}"
         rest = path[3:]
@@ -2009,12 +2019,16 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                 continue  # a layer this run lacks: said by object_attrs.prepare
         if isinstance(at, list) and at[:1] == ["o"] and optimizers is None:
             continue  # held by an optimizer: not checked (can_restore_at)
+        if isinstance(at, list) and at[:1] in (["mh"], ["ph"], ["oh"]) and (
+                (optimizers if at[0] == "oh" else modules) is None):
+            continue  # a hook of a layer or an optimizer: the same
         try:
             obj = _resolve(at, user, modules, optimizers)
         except PyckptError as e:
-            if not any(isinstance(x, str) and x.startswith(_CELL) for x in at):
+            if not any(isinstance(x, str) and x.startswith(_CELL) for x in at) and at[0] not in _HOOK_PATHS:
                 raise
-            plan.warnings.append(f"{e}: its values are not restored")  # in a closure another function has now
+            # in a closure another function has now, or a hook the relaunch has not registered (yet)
+            plan.warnings.append(f"{e}: its values are not restored")
             continue
         if type(obj).__qualname__ != o.get("type"):
             raise PyckptError(f"{_label(o['at'])} is a {type(obj).__qualname__} now, the checkpoint holds a "
@@ -2064,8 +2078,12 @@ def _write_cells(fn: types.FunctionType, decoded: dict, holders: set[int]) -> No
 
 def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None,
              optimizers: list | None = None) -> Any:
-    _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l", "m", "o"), "object path")
-    if path[0] == "o":  # an attribute of an optimizer of a script class (object_attrs.py)
+    _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l", "m", "o", *_HOOK_PATHS), "object path")
+    if path[0] in _HOOK_PATHS:  # a hook torch holds (hook_objects.py)
+        n = 4 if path[0] == "oh" else 5
+        cur = hook_objects.must_resolve(path[:n], list(modules or ()), list(optimizers or ()), _hook_state)
+        missing, path_rest = False, path[n:]
+    elif path[0] == "o":  # an attribute of an optimizer of a script class (object_attrs.py)
         opts = list(optimizers or ())
         _check(type(path[1]) is int and 0 <= path[1] < len(opts) and isinstance(path[2], str), "object path")
         d = _attrs(opts[path[1]])
@@ -2098,6 +2116,7 @@ def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None
 
 
 _MISSING = object()
+_HOOK_PATHS = ("mh", "ph", "oh")
 
 
 def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,

@@ -1510,3 +1510,48 @@ def test_a_loop_over_map_filter_or_starmap_is_positioned_through_what_it_wraps(k
         return trace
 
     _resumes_like_a_plain_run(run, _nth_call(4))
+
+
+class RunningCount:
+    """A forward pre-hook of the script's class keeping a count (only the layer's hook dict holds it)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, module, args):
+        self.calls += 1
+
+
+def hooked_loop(hook, model):
+    for _ in range(3):
+        model(torch.ones(1, 2))
+        hook(sys._getframe())
+
+
+def test_a_hook_only_torch_holds_is_restored_and_one_the_relaunch_lacks_is_said_not_refused():
+    model = torch.nn.Linear(2, 2)
+    model.register_forward_pre_hook(RunningCount())
+    saved = {}
+
+    def cap(frame):
+        if "tree" not in saved and next(iter(model._forward_pre_hooks.values())).calls == 2:
+            c = loopstate.capture([frame], "step", 1 << 20, [model])
+            saved["tree"], saved["states"] = through_format(c.tree), c.states
+    hooked_loop(harness_hook(cap), model)
+    assert [o["at"] for o in saved["tree"]["objects"]] == [["mh", 0, "", "_forward_pre_hooks", 0]]
+    plans = []
+
+    def res(frame):
+        if not plans:
+            model_now = frame.f_locals["model"]
+            plans.append(loopstate.prepare(saved["tree"], [frame], "step", saved["states"], modules=[model_now]))
+    fresh = torch.nn.Linear(2, 2)
+    live = RunningCount()
+    fresh.register_forward_pre_hook(live)
+    hooked_loop(harness_hook(res), fresh)
+    plans[0].apply()
+    assert live.calls == 2 and not plans[0].warnings  # (the relaunch's count was 1 at its first hook call)
+    # A relaunch that has not registered that hook (yet): one line says so; the rest is restored.
+    plans.clear()
+    hooked_loop(harness_hook(res), torch.nn.Linear(2, 2))
+    assert any("the hook model[0] _forward_pre_hooks[0] does not exist" in w for w in plans[0].warnings)

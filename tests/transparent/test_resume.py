@@ -43,6 +43,8 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
                          # early), and the pass drew its order from another state (other batches)
     ("metriclogger", 17),  # its meters, made at their first update(), were not there at the restore point:
                            # the whole logger was left out, and the epoch's mean loss came out wrong
+    ("hooks", 13),  # stateful hooks only torch holds (a forward pre-hook object, a gradient hook's closure, an
+    # optimizer step pre-hook object): the relaunch ran them as made anew (running mean, noise, warm-up count)
     ("islice", 13),  # 7 batches of each epoch's 10 (itertools.islice): the relaunch's islice counted from 0
                      # again and ran past 7 ("a loop over itertools.islice, whose position cannot be restored")
 ])

@@ -1,7 +1,8 @@
 """A tiny training script that never mentions pyckpt (driven by the tests in this folder).
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
-| reiter | fixed_next | epoch_log | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split | split_direct (and the others below)
+| reiter | fixed_next | epoch_log | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split | split_direct
+| chain | hooks (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -34,7 +35,9 @@ MultiEpochsDataLoader, one iterator for the whole run over a shuffled batch samp
 drawing its order from torch's global generator in the middle of that iterator; ohem: a WeightedRandomSampler
 whose weights tensor the loop updates in place from per-sample losses before each step; metriclogger: the
 torchvision references' MetricLogger, its meters in a defaultdict made at their first update, each epoch's
-mean loss saved)
+mean loss saved; chain: each epoch over itertools.chain of the loader and a second one; hooks: a forward
+pre-hook object keeping a running mean, a gradient hook closure drawing noise, an optimizer step pre-hook
+object counting steps for a warm-up, none held by a variable)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -187,6 +190,33 @@ if MODE == "ema":
     holder = types.SimpleNamespace(teacher=copy.deepcopy(model).requires_grad_(False))
     target = nn.Linear(600, 600).requires_grad_(False)
     models.update(ema=ema, teacher=holder.teacher, target=target)
+if MODE == "hooks":  # stateful hooks only torch holds (no variable of the script reaches them)
+    class RunningCenter:  # a forward pre-hook centring the input with a running mean it keeps
+        def __init__(self):
+            self.mean, self.calls = None, 0
+
+        def __call__(self, module, args):
+            m = args[0].detach().mean(0)
+            self.mean = m if self.mean is None else 0.9 * self.mean + 0.1 * m
+            self.calls += 1
+            return (args[0] - self.mean,)
+
+    def gradient_noise(seed):  # a gradient hook drawing noise from a generator its closure holds
+        g = torch.Generator().manual_seed(seed)
+        return lambda grad: grad + 1e-3 * torch.randn(grad.shape, generator=g)
+
+    class Warmup:  # an optimizer step pre-hook setting the learning rate from the steps it counted
+        def __init__(self):
+            self.k = 0
+
+        def __call__(self, opt, args, kwargs):
+            self.k += 1
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * min(1.0, self.k / 20)
+
+    model[0].register_forward_pre_hook(RunningCenter())
+    model[2].weight.register_hook(gradient_noise(7))
+    opts[0].register_step_pre_hook(Warmup())
 if MODE == "patched":
     def patched_step(self, *a, **k):  # what some libraries do to an optimizer instance
         return type(self).step(self, *a, **k)
