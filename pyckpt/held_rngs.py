@@ -6,8 +6,8 @@ what it wraps, their callable parts, the collator. A generator one object furthe
 sampler's helper's helper) was not kept, and a relaunch, which loads none of the batches it skips, drew other
 numbers from it: a silent wrong resume. ``walk`` follows the objects those parts hold, breadth first, up to
 ``HOPS`` attributes (or container items, closure cells, a partial's arguments, a bound method's object) from
-each root and ``BUDGET`` objects in all, and hands each generator it meets to ``add`` under the key of the path it took (``dataset.aug.rng``), the same
-form of key ``loader_state._owner_of`` follows back. The class of an object of the script's own classes is
+each root and ``BUDGET`` objects in all, and hands each generator it meets to ``add`` under the key of the
+path it took (``dataset.aug.rng``), the same form of key ``loader_state._owner_of`` follows back. The class of an object of the script's own classes is
 looked into too (``rng = np.random.default_rng(5)`` in a dataset's class body, drawn as ``DS.rng``: key
 ``dataset.__class__.rng``). It runs after the named shapes, so a generator found there keeps its key (``add``
 ignores one seen before), and a checkpoint of an earlier pyckpt still matches. ``loader_workers`` walks the
@@ -81,7 +81,10 @@ def walk(roots: list[tuple[str, Any]], add: Callable[[str, str, Any], None],
                 items = [(k, v) for k, v in list(vars(obj).items())[:CLASS_ATTRS_MAX]
                          if not k.startswith("__") and (kind_of(v) is not None or walkable(type(v)))]
             else:
-                attrs = getattr(obj, "__dict__", None)
+                try:
+                    attrs = getattr(obj, "__dict__", None)
+                except Exception:  # noqa: BLE001 - a class whose __dict__ is a property that raises: not looked into
+                    attrs = None
                 items = list(attrs.items()) if type(attrs) is dict else []
                 t = type(obj)
                 if depth + 1 < HOPS and id(t) not in seen and frames.is_script_class(t):
