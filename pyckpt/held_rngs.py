@@ -7,9 +7,9 @@ sampler's helper's helper) was not kept, and a relaunch, which loads none of the
 numbers from it: a silent wrong resume. ``walk`` follows the objects those parts hold, breadth first, up to
 ``HOPS`` attributes (or container items, closure cells, a partial's arguments, a bound method's object) from
 each root and ``BUDGET`` objects in all, and hands each generator it meets to ``add`` under the key of the
-path it took (``dataset.aug.rng``), the same form of key ``loader_state._owner_of`` follows back. The class of an object of the script's own classes is
-looked into too (``rng = np.random.default_rng(5)`` in a dataset's class body, drawn as ``DS.rng``: key
-``dataset.__class__.rng``). It runs after the named shapes, so a generator found there keeps its key (``add``
+path it took (``dataset.aug.rng``), the same form of key ``loader_state._owner_of`` follows back. The class
+of an object of the script's own classes is looked into too (``rng = np.random.default_rng(5)`` in a
+dataset's class body, drawn as ``DS.rng``: key ``dataset.__class__.rng``). It runs after the named shapes, so a generator found there keeps its key (``add``
 ignores one seen before), and a checkpoint of an earlier pyckpt still matches. ``loader_workers`` walks the
 script's global objects too (``AUG = Noise(5)`` drawn from in ``__getitem__``: each worker's copy).
 """
