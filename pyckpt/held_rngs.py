@@ -1,17 +1,17 @@
 """Random generators the data pipeline's objects hold deeper than ``loader_state.generators``' named shapes.
 
-``generators`` looks at fixed places: the loader, its samplers and one level of their helpers, the dataset and
-what it wraps, their callable parts, the collator. A generator one object further (a dataset's
-``self.aug = Noise(seed)`` drawing through a method, not ``__call__``; a transform's ``self.src.rng``; a
-sampler's helper's helper) was not kept, and a relaunch, which loads none of the batches it skips, drew other
-numbers from it: a silent wrong resume. ``walk`` follows the objects those parts hold, breadth first, up to
-``HOPS`` attributes (or container items, closure cells, a partial's arguments, a bound method's object) from
-each root and ``BUDGET`` objects in all, and hands each generator it meets to ``add`` under the key of the
-path it took (``dataset.aug.rng``), the same form of key ``loader_state._owner_of`` follows back. The class
-of an object of the script's own classes is looked into too (``rng = np.random.default_rng(5)`` in a
-dataset's class body, drawn as ``DS.rng``: key ``dataset.__class__.rng``). It runs after the named shapes, so a generator found there keeps its key (``add``
-ignores one seen before), and a checkpoint of an earlier pyckpt still matches. ``loader_workers`` walks the
-script's global objects too (``AUG = Noise(5)`` drawn from in ``__getitem__``: each worker's copy).
+``generators`` looks at fixed places: the loader, its samplers and one level of their helpers, the dataset and what
+it wraps, their callable parts, the collator. A generator one object further (a dataset's ``self.aug =
+Noise(seed)`` drawing through a method, not ``__call__``; a transform's ``self.src.rng``; a sampler's helper's
+helper) was not kept, and a relaunch, which loads none of the batches it skips, drew other numbers from it: a
+silent wrong resume. ``walk`` follows the objects those parts hold, breadth first, up to ``HOPS`` attributes (or
+container items, closure cells, a partial's arguments, a bound method's object) from each root and ``BUDGET``
+objects in all, and hands each generator it meets to ``add`` under the key of the path it took
+(``dataset.aug.rng``), the same form of key ``loader_state._owner_of`` follows back. The class of an object of the
+script's own classes is looked into too (``rng = np.random.default_rng(5)`` in a dataset's class body, drawn as
+``DS.rng``: key ``dataset.__class__.rng``). It runs after the named shapes, so a generator found there keeps its
+key (``add`` ignores one seen before), and a checkpoint of an earlier pyckpt still matches. ``loader_workers``
+walks the script's global objects too (``AUG = Noise(5)`` drawn from in ``__getitem__``: each worker's copy).
 """
 from __future__ import annotations
 
