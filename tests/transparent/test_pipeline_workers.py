@@ -340,7 +340,8 @@ def test_a_saved_dataset_generator_that_does_not_fit_the_workers_copy_is_said(ca
     other = lambda: DataLoader(OwnGenerators("numpy", lazy=False), batch_size=4, shuffle=True,  # noqa: E731
                                num_workers=2)
     run_tracked(other, 3, plan=(got["pos"], got["rng"]))
-    lines = [ln for ln in capfd.readouterr().err.splitlines() if "DataLoader worker: random generators of its copies" in ln]
+    said = "DataLoader worker: random generators of its copies"
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if said in ln]
     assert len(lines) == 1 and "dataset.rng do not fit" in lines[0] and "not restored" in lines[0], lines
 
 
