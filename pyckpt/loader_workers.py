@@ -134,7 +134,6 @@ def module_generators(dataset: Any, collate: Any) -> list[tuple[str, str, Any]]:
     return found
 
 
-
 def _bytes_of(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 

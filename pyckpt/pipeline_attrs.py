@@ -1,4 +1,4 @@
-"""Plain settings the data pipeline's objects of the script's own classes keep, set while training.
+"""Plain settings the data pipeline's objects keep (of the script's classes, and collators), set while training.
 
 A dataset's ``seq_len`` warmed up after each step, a curriculum's ``difficulty`` raised at some step, a
 collator's ``mask_prob`` annealed, a batch sampler's ``batch_size`` grown: the loop sets them on the
@@ -6,19 +6,20 @@ dataset, sampler or ``collate_fn`` object, which are no loop state (``loopstate`
 samplers to the loader's fast-forward), and the relaunch's fast-forward skips the steps that set them.
 The resumed epoch then loaded its batches with the relaunch's values: silently other data.
 
-So the loader's parts of the script's classes (the dataset and the datasets it wraps, two levels
-down; each sampler of the chain; a ``collate_fn`` that is an object) and the samplers of torch's own
-classes, except those with a ``state_dict()``/``load_state_dict()`` of their own (restored through it),
-have their plain attributes (``None``, ``bool``, ``int``, ``float``, ``str``) kept twice in the loader's
-position: as they were at the epoch's ``iter()`` (when worker processes took their copies of the
-dataset, and a sampler draws its order; for persistent workers reused, the ``iter()`` that started
-them), put back before the resumed epoch's ``iter()`` starts its workers, and as they were at the
-snapshot point, put back there. A sampler's tensor attributes are kept so too (the weights of a
-``WeightedRandomSampler`` the loop updates from per-sample losses, hard-example mining: the resumed
-epoch drew its samples with the relaunch's weights), up to ``MAX_TENSOR_BYTES`` each (one above is
-named in a warning), copied back into the live tensor (the script's variable is often the same
-tensor). Containers and other values are left to the relaunch (a file list is made again; an order
-shuffled per epoch comes out the same from ``epoch_gaps``).
+So the loader's parts of the script's classes (the dataset and the datasets it wraps, two levels down;
+each sampler of the chain; a ``collate_fn`` that is an object), the samplers of torch's own classes and a
+``collate_fn`` object of a library's class with the collator it wraps (transformers'
+``DataCollatorForLanguageModeling``, whose ``mlm_probability`` a Trainer callback may anneal), except
+those with a ``state_dict()``/``load_state_dict()`` of their own (restored through it), have their plain
+attributes (``None``, ``bool``, ``int``, ``float``, ``str``) kept twice in the loader's position: as they
+were at the epoch's ``iter()`` (when worker processes took their copies of the dataset, and a sampler
+draws its order; for persistent workers reused, the ``iter()`` that started them), put back before the
+resumed epoch's ``iter()`` starts its workers, and as they were at the snapshot point, put back there. A
+sampler's tensor attributes are kept so too (the weights of a ``WeightedRandomSampler`` the loop updates
+from per-sample losses, hard-example mining: the resumed epoch drew its samples with the relaunch's
+weights), up to ``MAX_TENSOR_BYTES`` each (one above is named in a warning), copied back into the live
+tensor (the script's variable is often the same tensor). Containers and other values are left to the
+relaunch (a file list is made again; an order shuffled per epoch comes out the same from ``epoch_gaps``).
 """
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ def _torch_sampler(t: type) -> bool:
 
 
 def parts(loader: Any, samplers: list) -> list[tuple[str, Any]]:
-    """(key, object) for the loader's parts that are instances of the script's classes, and its samplers of
-    torch's classes, in a fixed order: ``dataset`` and what it wraps (``dataset.dataset``,
-    ``dataset.datasets.0``, two levels down), each of ``samplers`` (``sampler.0`` ...), ``collate_fn``."""
+    """(key, object) for the loader's parts that are instances of the script's classes, its samplers of
+    torch's classes and its collator objects, in a fixed order: ``dataset`` and what it wraps
+    (``dataset.dataset``, ``dataset.datasets.0``, two levels down), each of ``samplers`` (``sampler.0`` ...),
+    ``collate_fn`` and a collator it holds (``collate_fn.data_collator``)."""
     found: list[tuple[str, Any]] = []
     seen: set[int] = set()
 

@@ -48,11 +48,18 @@ def _copy(v: Any, budget: list[int], depth: int = 0) -> Any:
 
 def _state_like(v: Any) -> bool:
     """Whether an attribute ``capture`` cannot take is worth a warning: data the object keeps (a set, a deque,
-    a NumPy array, a container, an object of the script's classes), not a reference to the library's objects
-    it works with (the collator, the tokenizer, the model), which the relaunch wires up again."""
+    a NumPy array, a container, an object of the script's classes that is not called), not a reference to
+    the objects it works with, which the relaunch wires up again and pyckpt restores where they hold state
+    (the model, the optimizer, the dataset, a collator or transform, the tokenizer)."""
     t = type(v)
+    if isinstance(v, _RESTORED_ELSEWHERE) or callable(v):
+        return False
     return (t in (list, tuple, dict, set, frozenset) or t.__module__ in ("collections", "numpy")
             or isinstance(v, torch.Tensor) or frames.is_script_class(t))
+
+
+_RESTORED_ELSEWHERE = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+                       torch.utils.data.DataLoader, torch.utils.data.Dataset, torch.utils.data.Sampler)
 
 
 def capture(obj: Any, names: frozenset[str] | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -108,8 +115,10 @@ def restore(obj: Any, saved: Any) -> list[str]:
                 and now.dtype == v.dtype and now.layout == torch.strided):
             with torch.no_grad():
                 now.copy_(v)  # in place: the library's loop may hold this very tensor (the Trainer's tr_loss)
+        elif isinstance(v, torch.Tensor):  # (saved on the CPU: back on the device the relaunch's is on)
+            live[k] = v.to(now.device, copy=True) if isinstance(now, torch.Tensor) else v.clone()
         else:
-            live[k] = v.clone() if isinstance(v, torch.Tensor) else v
+            live[k] = v
     for name, g, kind, raw in gens:
         live[name] = g
         rng.set_state(g, kind, raw)

@@ -67,3 +67,18 @@ def test_capture_copies_what_it_takes_names_what_it_cannot_and_restore_checks_ge
     bad = dict(saved, rngs=[["rng", "torch", torch.zeros(3, dtype=torch.uint8)]])
     assert object_state.restore(other, bad) == ["rng"] and other.calls == 7
     assert object_state.restore(other, {"values": 1}) == ["malformed"]
+
+
+class Tracker:
+    """A plain object of the script's classes a callback keeps its metrics in (not called)."""
+
+    def __init__(self):
+        self.best = 1.0
+
+
+def test_only_data_left_out_is_named_not_the_objects_a_callback_works_with():
+    h = Holder()
+    h.model, h.tokenizer, h.tracker = torch.nn.Linear(1, 1), lambda s: s, Tracker()
+    h.loader = torch.utils.data.DataLoader([1, 2])
+    _, left = object_state.capture(h)
+    assert left == ["seen", "tracker"]  # the model, a callable and the loader are restored elsewhere or wired
