@@ -653,12 +653,13 @@ def stack_signature(user: list[types.FrameType], point: str) -> list:
 
 
 def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list,
-            registered: list = (), loose: list = (), optimizers: list = ()) -> Capture:
+            registered: list = (), loose: list = (), optimizers: list = (), schedulers: list = ()) -> Capture:
     """The loop state of the script frames ``user`` (outermost first) at a ``point`` ("loader",
     "step" or "backward"). ``modules``: the tracked root modules; ``registered``: objects saved
     through ``pyckpt.register``; ``loose``: optimizer parameters outside modules (none of them is
     saved again here: a variable naming one keeps the live tensor, which is restored in place);
-    ``optimizers``: the tracked optimizers (the attributes of those of script classes, ``object_attrs``)."""
+    ``optimizers``: the tracked optimizers (the attributes of those of script classes, ``object_attrs``);
+    ``schedulers``: the tracked LR schedulers (a ``LambdaLR``'s closures, ``hook_objects``)."""
     if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
         cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
                        "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user],
@@ -802,7 +803,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
 
         mods = object_attrs.capture(list(modules), keep_attr, keep_tensor, _script_class, _attrs)
         opts = object_attrs.capture_optimizers(list(optimizers), keep_attr, _script_class, _attrs)
-        for path, hook in hook_objects.find(list(modules), list(optimizers), _hook_state):
+        for path, hook in hook_objects.find(list(modules), list(optimizers), _hook_state, schedulers):
             keep_attr(hook_objects.label(path), hook, path)  # followed as a plain object or closure
         follow()
     cap.tree = {"version": VERSION, "stack": stack_signature(user, point), "argv": [str(a) for a in sys.argv[1:]],
@@ -830,7 +831,7 @@ def _hook_state(v: Any) -> bool:
 
 def _label(path: list) -> str:
     if path[0] in _HOOK_PATHS:  # a hook torch holds (hook_objects.py)
-        n = 4 if path[0] == "oh" else 5
+        n = 4 if path[0] in ("oh", "sh") else 5
         return ".".join([hook_objects.label(path[:n]), *map(str, path[n:])])
     if path[0] == "g":
         base = path[2] if path[1] == "__main__" else f"{path[1]}.{path[2]}"
@@ -1958,7 +1959,7 @@ def bind_unset(tree: Any, user: list[types.FrameType]) -> list[str]:
 
 
 def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = None,
-            modules: list | None = None, optimizers: list | None = None) -> Plan:
+            modules: list | None = None, optimizers: list | None = None, schedulers: list | None = None) -> Plan:
     """Check and decode ``tree`` against the live script frames; nothing is written yet. ``states``: the
     module and object states the tree refers to (``Capture.states``, as saved with the rank's state).
     ``modules``, ``optimizers``: the tracked root modules and optimizers, whose flags and attributes
@@ -2019,11 +2020,11 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                 continue  # a layer this run lacks: said by object_attrs.prepare
         if isinstance(at, list) and at[:1] == ["o"] and optimizers is None:
             continue  # held by an optimizer: not checked (can_restore_at)
-        if isinstance(at, list) and at[:1] in (["mh"], ["ph"], ["oh"]) and (
-                (optimizers if at[0] == "oh" else modules) is None):
-            continue  # a hook of a layer or an optimizer: the same
+        if isinstance(at, list) and at[:1] in (["mh"], ["ph"], ["oh"], ["sh"]) and (
+                {"oh": optimizers, "sh": schedulers}.get(at[0], modules) is None):
+            continue  # a hook of a layer, an optimizer or a scheduler: the same
         try:
-            obj = _resolve(at, user, modules, optimizers)
+            obj = _resolve(at, user, modules, optimizers, schedulers)
         except PyckptError as e:
             if not any(isinstance(x, str) and x.startswith(_CELL) for x in at) and at[0] not in _HOOK_PATHS:
                 raise
@@ -2077,11 +2078,12 @@ def _write_cells(fn: types.FunctionType, decoded: dict, holders: set[int]) -> No
 
 
 def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None,
-             optimizers: list | None = None) -> Any:
+             optimizers: list | None = None, schedulers: list | None = None) -> Any:
     _check(isinstance(path, list) and len(path) >= 3 and path[0] in ("g", "l", "m", "o", *_HOOK_PATHS), "object path")
     if path[0] in _HOOK_PATHS:  # a hook torch holds (hook_objects.py)
-        n = 4 if path[0] == "oh" else 5
-        cur = hook_objects.must_resolve(path[:n], list(modules or ()), list(optimizers or ()), _hook_state)
+        n = 4 if path[0] in ("oh", "sh") else 5
+        cur = hook_objects.must_resolve(path[:n], list(modules or ()), list(optimizers or ()), _hook_state,
+                                        list(schedulers or ()))
         missing, path_rest = False, path[n:]
     elif path[0] == "o":  # an attribute of an optimizer of a script class (object_attrs.py)
         opts = list(optimizers or ())
@@ -2116,7 +2118,7 @@ def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None
 
 
 _MISSING = object()
-_HOOK_PATHS = ("mh", "ph", "oh")
+_HOOK_PATHS = ("mh", "ph", "oh", "sh")
 
 
 def _positioner(it: Any, st: Any, where: str, dec: "_Decoder", plan: Plan,

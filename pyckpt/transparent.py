@@ -479,7 +479,7 @@ class Session:
         try:
             registered = [getattr(g, "__self__", None) for g, _ in REGISTERED.values()]  # saved there
             cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules, registered,
-                                    list(t.loose.values()), t.optimizers)
+                                    list(t.loose.values()), t.optimizers, list(t.schedulers.values()))
         except Exception as e:  # never lose the checkpoint over the loop state; say it is inexact
             if "capture" not in self.loop_warned:
                 self.loop_warned.add("capture")
@@ -507,7 +507,7 @@ class Session:
             return None  # written before loop state existed, or capture failed (warned then)
         try:
             return loopstate.prepare(tree, frames.user_frames(sys._getframe(2)), point, rs.get("script_objects"),
-                                     t.modules, t.optimizers)
+                                     t.modules, t.optimizers, list(t.schedulers.values()))
         except loopstate.StackChanged as e:
             if knobs.get("PYCKPT_RESUME_EDITED") != "tracked":
                 raise PyckptError(f"{e}; set PYCKPT_RESUME_EDITED=tracked to resume the model, optimizer, data "

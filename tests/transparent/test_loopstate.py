@@ -1555,3 +1555,45 @@ def test_a_hook_only_torch_holds_is_restored_and_one_the_relaunch_lacks_is_said_
     plans.clear()
     hooked_loop(harness_hook(res), torch.nn.Linear(2, 2))
     assert any("the hook model[0] _forward_pre_hooks[0] does not exist" in w for w in plans[0].warnings)
+
+
+def counting_schedule(halve_every):
+    """A LambdaLR factor counting its calls in a ``nonlocal`` (its state_dict() keeps no closure's cells)."""
+    calls = 0
+
+    def factor(_epoch):
+        nonlocal calls
+        calls += 1
+        return 0.5 ** (calls // halve_every)
+    return factor
+
+
+def scheduled_loop(hook, sched):
+    for _ in range(3):
+        sched.optimizer.step()
+        sched.step()
+        hook(sys._getframe())
+
+
+def test_a_lambda_schedulers_closure_is_restored():
+    def make():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return torch.optim.lr_scheduler.LambdaLR(opt, counting_schedule(2))
+    sched, saved = make(), {}
+
+    def cap(frame):
+        if "tree" not in saved and frame.f_locals["sched"].last_epoch == 2:
+            c = loopstate.capture([frame], "step", 1 << 20, [], optimizers=[sched.optimizer], schedulers=[sched])
+            saved["tree"], saved["states"] = through_format(c.tree), c.states
+    scheduled_loop(harness_hook(cap), sched)
+    assert [o["at"] for o in saved["tree"]["objects"]] == [["sh", 0, "lr_lambdas", 0]]
+    fresh, plans = make(), []
+
+    def res(frame):
+        if not plans:
+            plans.append(loopstate.prepare(saved["tree"], [frame], "step", saved["states"], modules=[],
+                                           optimizers=[fresh.optimizer], schedulers=[fresh]))
+    scheduled_loop(harness_hook(res), fresh)
+    plans[0].apply()
+    cells = dict(zip(fresh.lr_lambdas[0].__code__.co_freevars, fresh.lr_lambdas[0].__closure__))
+    assert cells["calls"].cell_contents == 3 and not plans[0].warnings  # (the relaunch's was 2 at its first step)

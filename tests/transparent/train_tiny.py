@@ -37,7 +37,8 @@ whose weights tensor the loop updates in place from per-sample losses before eac
 torchvision references' MetricLogger, its meters in a defaultdict made at their first update, each epoch's
 mean loss saved; chain: each epoch over itertools.chain of the loader and a second one; hooks: a forward
 pre-hook object keeping a running mean, a gradient hook closure drawing noise, an optimizer step pre-hook
-object counting steps for a warm-up, none held by a variable)
+object counting steps for a weight-decay warm-up, none held by a variable, and a LambdaLR whose factor
+function counts its calls in a closure)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -205,18 +206,28 @@ if MODE == "hooks":  # stateful hooks only torch holds (no variable of the scrip
         g = torch.Generator().manual_seed(seed)
         return lambda grad: grad + 1e-3 * torch.randn(grad.shape, generator=g)
 
-    class Warmup:  # an optimizer step pre-hook setting the learning rate from the steps it counted
+    class Warmup:  # an optimizer step pre-hook setting the weight decay from the steps it counted
         def __init__(self):
             self.k = 0
 
         def __call__(self, opt, args, kwargs):
             self.k += 1
             for group in opt.param_groups:
-                group["lr"] = 1e-2 * min(1.0, self.k / 20)
+                group["weight_decay"] = 0.5 * min(1.0, self.k / 20)
+
+    def halving(every):  # a LambdaLR factor counting its calls in a nonlocal (state_dict() keeps no cells)
+        calls = 0
+
+        def factor(_):
+            nonlocal calls
+            calls += 1
+            return 0.5 ** (calls // every)
+        return factor
 
     model[0].register_forward_pre_hook(RunningCenter())
     model[2].weight.register_hook(gradient_noise(7))
     opts[0].register_step_pre_hook(Warmup())
+    decay = torch.optim.lr_scheduler.LambdaLR(opts[0], halving(5))  # stepped after each optimizer step
 if MODE == "patched":
     def patched_step(self, *a, **k):  # what some libraries do to an optimizer instance
         return type(self).step(self, *a, **k)
@@ -290,6 +301,8 @@ def train_step(x, y):
         out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
         (criterion(out, y) if MODE.startswith("attrs") else ((out - y) ** 2).mean()).backward()
         compiled_opt_step() if MODE.startswith("compiled_step") else opts[0].step()
+        if MODE == "hooks":
+            decay.step()
         if MODE == "ema":
             ema.update_parameters(model)
             with torch.no_grad():

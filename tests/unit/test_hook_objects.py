@@ -58,3 +58,27 @@ def test_hooks_of_layers_parameters_and_optimizers_are_found_and_resolved_by_the
     for bad in (["mh", 5, "", "_forward_hooks", 0], ["mh", 0, "nope", "_forward_hooks", 0],
                 ["mh", 0, "", "__dict__", 0], ["oh", 0, "_optimizer_step_post_hooks", "0"], ["xx"], []):
         assert hook_objects.resolve(bad, [model], [opt], _script) is None
+
+
+def test_a_lambda_schedulers_closures_are_found_and_its_callable_objects_are_left_to_its_state_dict():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    count = [0]
+
+    def closure(_):
+        return 1.0 + 0 * count[0]
+    counter = Counting()  # a callable object: LambdaLR's state_dict() keeps its attributes itself
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [closure])
+    other = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
+                                              lambda _: counter(_) or 1.0)
+    found = hook_objects.find([], [opt], lambda v: True, [sched, other])
+    assert [p for p, _ in found] == [["sh", 0, "lr_lambdas", 0], ["sh", 1, "lr_lambdas", 0]]
+    assert found[0][1] is closure and hook_objects.label(found[0][0]) == "lr_scheduler[0] lr_lambdas[0]"
+    assert hook_objects.resolve(found[1][0], [], [opt], lambda v: True, [sched, other]) is other.lr_lambdas[0]
+    assert hook_objects.resolve(found[1][0], [], [opt], lambda v: True, [sched]) is None
+    objs = torch.optim.lr_scheduler.LambdaLR(opt, Factor())
+    assert hook_objects.find([], [opt], lambda v: True, [objs]) == []
+
+
+class Factor:
+    def __call__(self, epoch):
+        return 1.0
