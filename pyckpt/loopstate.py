@@ -2026,8 +2026,9 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
         try:
             obj = _resolve(at, user, modules, optimizers, schedulers)
         except PyckptError as e:
-            if not any(isinstance(x, str) and x.startswith(_CELL) for x in at) and at[0] not in _HOOK_PATHS:
-                raise
+            hook = isinstance(at, list) and bool(at) and at[0] in _HOOK_PATHS
+            if not hook and not (isinstance(at, list) and any(isinstance(x, str) and x.startswith(_CELL) for x in at)):
+                raise  # (a malformed path too: _resolve's check named it)
             # in a closure another function has now, or a hook the relaunch has not registered (yet)
             plan.warnings.append(f"{e}: its values are not restored")
             continue

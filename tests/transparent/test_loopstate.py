@@ -1597,3 +1597,25 @@ def test_a_lambda_schedulers_closure_is_restored():
     plans[0].apply()
     cells = dict(zip(fresh.lr_lambdas[0].__code__.co_freevars, fresh.lr_lambdas[0].__closure__))
     assert cells["calls"].cell_contents == 3 and not plans[0].warnings  # (the relaunch's was 2 at its first step)
+
+
+def test_a_malformed_object_path_is_a_clear_error_not_a_crash():
+    saved = {}
+
+    def cap(frame):
+        if "tree" not in saved:
+            saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+    hooked_loop(harness_hook(cap), torch.nn.Linear(2, 2))
+    for bad in ([], None, 7, ["mh"]):
+        tree = dict(saved["tree"], objects=[{"at": bad, "type": "RunningCount", "attrs": {}}])
+        errors = []
+
+        def res(frame, tree=tree):
+            if not errors:
+                try:
+                    loopstate.prepare(tree, [frame], "step", None, modules=[])
+                    errors.append(None)
+                except PyckptError as e:
+                    errors.append(str(e))
+        hooked_loop(harness_hook(res), torch.nn.Linear(2, 2))
+        assert errors[0] and "malformed" in errors[0], (bad, errors)
