@@ -381,6 +381,10 @@ class _Encoder:
             return ["v", float(v) if isinstance(v, float) else int(v)]
         if isinstance(v, torch.nn.Module):
             return self.module(v, depth)
+        if t is itertools.cycle and id(v) not in self.loop_iterators and (cyc := _cycle_state(v)) is not None:
+            # ``it = itertools.cycle(loader)`` drawn with next(it): the batches it keeps, with its place
+            items, phase, index = cyc
+            return ["cy", phase, [self.value(x, depth + 1) for x in items], index]
         if _stateful(v):
             return self.stateful(v, depth)
         out = self.struct(v, depth)
@@ -1012,6 +1016,53 @@ def _islice_state(it: Any) -> tuple[Any, int, int | None] | None:
     return inner, cnt, stop
 
 
+def _cycle_state(it: Any) -> tuple[list, int, int] | None:
+    """(the items ``itertools.cycle`` keeps, its phase, its place) where a resume can rebuild it: in its first
+    pass over a DataLoader (phase 1: the batches taken so far; the loader's fast-forward puts the loader's
+    iterator at the next one) or replaying what it kept (phase 2: all of them, and the index of the next).
+    None for a cycle over anything else, or an interpreter without itertools' pickle support (3.14)."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
+            red = it.__reduce__()
+        (inner,), (items, firstpass) = red[1], red[2]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not isinstance(items, list):
+        return None
+    if not firstpass and isinstance(inner, _BaseDataLoaderIter):
+        return list(items), 1, 0
+    if firstpass and type(inner).__name__ == "list_iterator" and _sequence_of(inner) is items and items:
+        return list(items), 2, len(items) - int(inner.__length_hint__())
+    if not firstpass and type(inner).__name__ in ("list_iterator", "tuple_iterator"):
+        # A cycle over a list (one a resume made, or the script's own): it will keep all of the list
+        seq = _sequence_of(inner)
+        left = int(inner.__length_hint__())
+        if isinstance(seq, (list, tuple)) and seq and 0 < left <= len(seq):
+            return list(seq), 2, len(seq) - left
+    return None
+
+
+class _Cycle:
+    """An ``itertools.cycle`` as decoded (``_cycle_state``): in its first pass, the batches it kept go into
+    the live cycle (its loader's iterator was put at the next batch by the fast-forward); replaying, a new
+    cycle over the kept batches from the saved place takes the variable (the relaunch's went on drawing from
+    a new epoch of the loader)."""
+
+    def __init__(self, phase: int, items: list, index: int) -> None:
+        self.phase, self.items, self.index = phase, items, index
+
+    def bind(self, live: Any) -> Any:
+        if self.phase == 1 and type(live) is itertools.cycle:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                live.__setstate__((list(self.items), False))
+            return live
+        return itertools.cycle(self.items[self.index:] + self.items[:self.index])
+
+
 def _loaders_left(it: Any) -> int | None:
     """For ``itertools.chain(loader_a, loader_b)``: the loaders its source has left, where it chains
     DataLoaders only (the one it runs through, if any, is a loader's iterator): the loaders' fast-forward
@@ -1221,6 +1272,13 @@ class _Decoder:
             _check(len(e) == 4 and isinstance(e[1], str) and isinstance(e[2], list), "dict subclass")
             items = self.value(["d", e[2]], depth)
             return _Struct(tag, e[1], self._members(e[3], depth), self, items)
+        if tag == "cy":
+            _check(len(e) == 4 and e[1] in (1, 2) and isinstance(e[2], list) and type(e[3]) is int
+                   and 0 <= e[3] <= max(len(e[2]) - 1, 0), "itertools.cycle")
+            if e[1] == 1 and not hasattr(itertools.cycle, "__setstate__"):
+                raise PyckptError("the checkpoint holds an itertools.cycle in its first pass, which this "
+                                  f"interpreter (Python {sys.version_info[0]}.{sys.version_info[1]}) cannot put back")
+            return _Cycle(e[1], [self.value(x, depth + 1) for x in e[2]], e[3])
         if tag == "en":
             _check(len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str), "enum member")
             return _Struct(tag, e[1], {}, self, name=e[2])
@@ -1542,6 +1600,8 @@ def _assign(live: Any, saved: Any, holders: set[int]) -> Any:
     if isinstance(saved, _StateOf):
         saved.apply(live)  # checked by prepare()
         return live
+    if isinstance(saved, _Cycle):
+        return saved.bind(live)
     if type(saved) is torch.Tensor:
         written = holders if isinstance(holders, _Holders) else _Holders()
         if id(saved) in written.live_of:  # an alias in the checkpoint stays one

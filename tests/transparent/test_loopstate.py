@@ -1619,3 +1619,28 @@ def test_a_malformed_object_path_is_a_clear_error_not_a_crash():
                     errors.append(str(e))
         hooked_loop(harness_hook(res), torch.nn.Linear(2, 2))
         assert errors[0] and "malformed" in errors[0], (bad, errors)
+
+
+def test_an_itertools_cycle_is_kept_by_its_items_and_place_and_rebuilt_to_go_on_identically():
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(range(6)), batch_size=2)
+    c = itertools.cycle(loader)
+    first = [next(c).tolist() for _ in range(2)]  # its first pass, over the loader
+    items, phase, index = loopstate._cycle_state(c)
+    assert (phase, index, [x.tolist() for x in items]) == (1, 0, first)
+    for _ in range(3):
+        next(c)  # the loader's last batch, then replaying the first two: the next is its third kept batch
+    items, phase, index = loopstate._cycle_state(c)
+    assert (phase, index) == (2, 2)
+    rebuilt = loopstate._Cycle(phase, items, index).bind(None)
+    assert [next(rebuilt).tolist() for _ in range(7)] == [next(c).tolist() for _ in range(7)]
+    # A cycle over a list (as a rebuilt one is, in its first pass) is kept as its whole list and place.
+    again = loopstate._cycle_state(itertools.cycle([1, 2, 3]))
+    assert again == ([1, 2, 3], 2, 0)
+    assert loopstate._cycle_state(itertools.cycle(x for x in range(3))) is None  # a generator's: not kept
+    # Malformed entries are refused as such.
+    dec = loopstate._Decoder([], {})
+    for bad in (["cy", 3, [], 0], ["cy", 2, [["v", 1]], 1], ["cy", 2, [["v", 1]], -1], ["cy", 1, "x", 0]):
+        with pytest.raises(PyckptError, match="malformed"):
+            dec.value(bad)

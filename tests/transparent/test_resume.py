@@ -80,6 +80,21 @@ def test_a_loop_over_a_chain_of_loaders_resumes_exactly_and_unwarned(tmp_path, p
     assert tree_equal(final, plain_results("chain"))
 
 
+@pytest.mark.parametrize("kill_at", [9, 25])
+def test_itertools_cycle_over_the_loader_resumes_exactly_in_its_first_pass_and_its_replay(tmp_path, plain_results,
+                                                                                          kill_at):
+    # 10 batches in the loader; it = itertools.cycle(loader), then next(it) 30 times: in its first pass (step 9)
+    # the cycle has kept the batches so far, then it replays them (step 25) without touching the loader. Before,
+    # each snapshot said "it: an iterator (itertools.cycle) whose position cannot be restored" and a relaunch
+    # drew another first pass (a new epoch of the loader): other batches. Its kept batches and place are saved.
+    first, second, final = _kill_and_resume(tmp_path, "cycle", KILL_AT=str(kill_at))
+    assert first.returncode == -signal.SIGKILL
+    assert re.search(rf"pyckpt: resumed from step ({kill_at // 4 * 4}|{kill_at // 4 * 4 - 4}) ", second.stderr), \
+        second.stderr
+    assert "warning" not in first.stderr + second.stderr, first.stderr + second.stderr
+    assert tree_equal(final, plain_results("cycle"))
+
+
 @pytest.mark.parametrize("mode,kill_at", [
     ("reiter", 25),  # next(it); at StopIteration it = iter(loader) and next(it) again
     ("reiter_stream", 17),  # the same over an IterableDataset, restored inside epoch 1 (step 16 or 12): the skipped

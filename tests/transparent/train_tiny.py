@@ -2,7 +2,7 @@
 
 MODE: adamw (default) | gan | lbfgs | patched | compiled | while | lbfgs_while | manual | ema | phases | peek
 | reiter | fixed_next | epoch_log | unfreeze | subset | flags | attrs | attrs_while | zipgen | islice | tqdm_off | split | split_direct
-| chain | hooks (and the others below)
+| chain | hooks | cycle (and the others below)
 (loose: the optimizer also updates a bare Parameter and a leaf tensor no module owns;
 phases: AdamW in epoch 0, then a new SGD over every parameter; peek: every 5 steps, a nanoGPT-style
 loss estimate on 2 batches of the training loader itself and a sample from a second loader of the same kind; ema: an AveragedModel, a teacher copy and a 1.4 MB target module updated in place, none owning an
@@ -333,6 +333,10 @@ if MODE in ("while", "lbfgs_while", "manual_while", "manual_reentrant", "sam_whi
     x, y = data[:4] if MODE == "compiled_step_while" else next(iter(loader))
     while step < 30:
         train_step(x, y)
+elif MODE == "cycle":  # 30 steps of next() on itertools.cycle(loader): its first pass kept, then replayed
+    it = itertools.cycle(loader)
+    for _ in range(30):
+        train_step(*next(it))
 elif MODE in ("reiter", "reiter_stream"):  # the loop of step-counted pre-training scripts
     it = iter(loader)
     while step < 30:
