@@ -982,17 +982,23 @@ def _dict_positioner(it: Any, st: list, where: str) -> Callable[[], None]:
     return advance
 
 
+def _reduced(it: Any) -> tuple | None:
+    """``it.__reduce__()`` of an itertools object or builtin iterator, quietly (3.12 and 3.13 warn that
+    itertools' pickle support goes), or None where there is none (3.14)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            red = it.__reduce__()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return red if isinstance(red, tuple) else None
+
+
 def _wrapped(it: Any) -> tuple | None:
     """The iterators a ``map``, ``filter`` or ``itertools.starmap`` draws from (stateless wrappers: positioning
     those positions it), or None for any other object or where the interpreter cannot tell (starmap's pickle
     support went in 3.14)."""
-    if type(it) not in (map, filter, itertools.starmap):
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
-            red = it.__reduce__()
-    except (AttributeError, TypeError, ValueError):
+    if type(it) not in (map, filter, itertools.starmap) or (red := _reduced(it)) is None:
         return None
     inner = red[1][1:] if len(red) > 1 and isinstance(red[1], tuple) else None
     return inner if inner and all(hasattr(x, "__next__") for x in inner) else None
@@ -1006,10 +1012,8 @@ def _islice_state(it: Any) -> tuple[Any, int, int | None] | None:
     if type(it) is not itertools.islice:
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
-            _, (inner, _next, stop, step), cnt = it.__reduce__()
-    except (AttributeError, TypeError, ValueError):
+        _, (inner, _next, stop, step), cnt = _reduced(it)
+    except (TypeError, ValueError):  # (None: no pickle support)
         return None
     if step != 1 or type(cnt) is not int or not (stop is None or type(stop) is int):
         return None
@@ -1024,11 +1028,8 @@ def _cycle_state(it: Any) -> tuple[list, int, int] | None:
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
-            red = it.__reduce__()
-        (inner,), (items, firstpass) = red[1], red[2]
-    except (AttributeError, TypeError, ValueError):
+        (inner,), (items, firstpass) = _reduced(it)[1:3]
+    except (TypeError, ValueError):  # (None: no pickle support)
         return None
     if not isinstance(items, list):
         return None
@@ -1072,11 +1073,7 @@ def _loaders_left(it: Any) -> int | None:
     from torch.utils.data import DataLoader
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12, 3.13: itertools' pickle support
-            red = it.__reduce__()
-    except (AttributeError, TypeError, ValueError):
+    if (red := _reduced(it)) is None:
         return None
     state = red[2] if len(red) > 2 and isinstance(red[2], tuple) else ()
     if not state:
