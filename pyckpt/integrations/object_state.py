@@ -9,7 +9,8 @@ trainer is never assigned to a variable (``MyTrainer(...).train()``). A relaunch
 resumed steps used their first values: a silent wrong resume. ``capture`` takes such an object's attributes
 (those ``names`` lists, or all): plain values, tensors, lists, tuples and dicts of them (copied), and the
 states of random generators; ``restore`` puts them back, checked first. What it cannot take (a set, a
-NumPy array, an object of the script's classes inside) is returned for one warning line.
+NumPy array, an object of the script's classes that is not called, a container over ``MAX_ITEMS``
+values) is returned for one warning line.
 """
 from __future__ import annotations
 

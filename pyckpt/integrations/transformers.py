@@ -292,8 +292,9 @@ def _get_state() -> Any:
         objects[label], left = object_state.capture(obj, names)
         if left:
             _warn_once(f"warning: a resume will not be exact: the Trainer's {label} ({type(obj).__qualname__}) keeps "
-                       f"{', '.join(left[:8])} in a form pyckpt does not save with it (a set, a NumPy array, an "
-                       "object of the script's classes); save it with pyckpt.register(name, getter=..., setter=...)")
+                       f"{', '.join(left[:8])} in a form pyckpt does not save with it (a set, a deque, a NumPy array, "
+                       f"an object of the script's classes, or over {object_state.MAX_ITEMS} values); save it with "
+                       "pyckpt.register(name, getter=..., setter=...)")
     if objects:
         saved["script_objects"] = objects
     sched = getattr(trainer, "lr_scheduler", None)

@@ -82,3 +82,6 @@ def test_only_data_left_out_is_named_not_the_objects_a_callback_works_with():
     h.loader = torch.utils.data.DataLoader([1, 2])
     _, left = object_state.capture(h)
     assert left == ["seen", "tracker"]  # the model, a callable and the loader are restored elsewhere or wired
+    h.losses = [0.5] * object_state.MAX_ITEMS  # a log over the limit (the list itself counts too): named
+    saved, left = object_state.capture(h)
+    assert "losses" in left and "losses" not in saved["values"]
