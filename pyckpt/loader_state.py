@@ -699,11 +699,15 @@ class Stream:
         out: dict[str, Any] = {}
         record = self._worker_record()
         if record is not None:
-            states, exact = record.states_before(ahead)
+            iterable = loader._dataset_kind == _DatasetKind.Iterable
+            # An iterable dataset's epoch is replayed on resume: its workers' states at the epoch's start.
+            states, exact = record.epoch_starts(ahead) if iterable else record.states_before(ahead)
             if not exact:
                 _say_once(f"warning: the worker random state of loader {self.sig} is {ahead} batches back, more "
                           "than pyckpt keeps; random augmentation in workers may differ after a resume", "warning")
             out["workers"] = {"base_seed": record.base_seed, "rng": [loader_workers.to_saved(s) for s in states]}
+            if iterable:
+                out["workers"]["at"] = "epoch_start"
         owner, key = _stateful_owner(loader)
         if owner is not None and ahead > 0:
             _say_once(f"warning: {type(owner).__name__}.state_dict() is not saved: a wrapper fetches {ahead} "
@@ -1735,10 +1739,13 @@ class LoaderTracker:
         return main
 
     def _start(self, loader: DataLoader, orig_iter: Callable, workers: tuple | None = None) -> Any:
-        """``iter(loader)``; new worker processes of a map-style dataset are started with a
+        """``iter(loader)``; new worker processes of a map-style dataset, or of an iterable one that they outlive
+        the epoch of (persistent) or that resumes from their states, are started with a
         ``loader_workers.WorkerHook`` (they report their generator states with every batch).
         ``workers``: (states, base seed, first worker) of a resumed epoch."""
-        fresh = (loader.num_workers > 0 and loader._dataset_kind == _DatasetKind.Map
+        # (An iterable dataset's new workers each epoch are seeded from this process's generator: replayed.)
+        kind_ok = loader._dataset_kind == _DatasetKind.Map or loader.persistent_workers or workers is not None
+        fresh = (loader.num_workers > 0 and kind_ok
                  and (type(loader)._get_iterator is DataLoader._get_iterator or _is_routed(type(loader)))
                  and not (loader.persistent_workers and loader._iterator is not None))
         if not fresh:
@@ -1863,10 +1870,14 @@ def _handing_method(cls: type) -> str | None:
 
 def _saved_workers(loader: DataLoader, plan: FastForward) -> tuple | None:
     """(worker states, base seed, worker of the first remaining batch) saved for this epoch, or
-    None (the checkpoint predates worker capture, or the worker count changed: said once)."""
+    None (the checkpoint predates worker capture, or the worker count changed: said once). An iterable
+    dataset's: the states at the epoch's start (persistent workers), its batches replayed from worker 0."""
     saved = plan.position.get("workers")
-    if loader.num_workers <= 0 or loader._dataset_kind != _DatasetKind.Map or plan.position.get("follower"):
+    if loader.num_workers <= 0 or plan.position.get("follower"):
         return None
+    iterable = loader._dataset_kind == _DatasetKind.Iterable
+    if iterable and not (isinstance(saved, dict) and saved.get("at") == "epoch_start"):
+        return None  # workers started anew for the epoch: seeded from this process's generator, replayed
     if not isinstance(saved, dict) or len(saved.get("rng") or []) != loader.num_workers:
         if not plan.position:
             return None  # positioned for the script's framework (its own resume won): nothing was saved
@@ -1880,7 +1891,7 @@ def _saved_workers(loader: DataLoader, plan: FastForward) -> tuple | None:
     except (ValueError, TypeError, KeyError) as e:
         _say_once(f"warning: worker random state of loader {plan.sig} not restored: {e}", "warning")
         return None
-    return states, seed, plan.batch % loader.num_workers
+    return states, seed, 0 if iterable else plan.batch % loader.num_workers
 
 
 def _stateful_owner(loader: DataLoader) -> tuple[Any, str]:

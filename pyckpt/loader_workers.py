@@ -21,6 +21,13 @@ restart from their seeds. Instead:
   worker puts its saved state back after ``worker_init_fn`` and before its first batch (its
   dataset copy's generators by key, made where the copy holds None: it made them at first use).
 
+An iterable dataset's position is reached by loading and dropping the epoch's batches, so what a resume needs
+is each worker's state at the epoch's *start*. Workers started anew each epoch are seeded from the main
+process's generator (replayed as it is); persistent workers carry theirs over from the previous epochs, so
+each sends its state before the epoch's ``iter()`` with its first batch, and its state at its dataset's end
+with torch's end-of-data marker (``_Ended``); a snapshot stores the epoch-start states and the resumed epoch
+starts its workers with them.
+
 Everything worker-side travels in a picklable ``worker_init_fn`` wrapper (``WorkerHook``),
 so it works with the fork, spawn and forkserver start methods alike.
 """
@@ -226,41 +233,49 @@ def from_saved(saved: Any) -> Transport | None:
 class _Tagged:
     """A batch from worker ``worker`` with the worker's generator state after loading it; with its first
     batch, ``note``: what of its saved state the worker could not put back (``set_dataset_states``), or that
-    its copies' generators could not be read, for a warning line."""
+    its copies' generators could not be read, for a warning line. ``start``, with an iterable dataset's first
+    batch of an epoch in this worker: ``(state,)``, the state before the epoch's ``iter()``, or ``(None,)``
+    when that is the state after the worker's previous batch; None with any other batch."""
 
-    __slots__ = ("data", "rng", "worker", "note")
+    __slots__ = ("data", "rng", "worker", "note", "start")
 
-    def __init__(self, data: Any, rng: Transport | None, worker: int, note: str | None = None) -> None:
-        self.data, self.rng, self.worker, self.note = data, rng, worker, note
+    def __init__(self, data: Any, rng: Transport | None, worker: int, note: str | None = None,
+                 start: tuple | None = None) -> None:
+        self.data, self.rng, self.worker, self.note, self.start = data, rng, worker, note, start
 
     def __reduce__(self) -> tuple:
-        return (_Tagged, (self.data, self.rng, self.worker, self.note))
+        return (_Tagged, (self.data, self.rng, self.worker, self.note, self.start))
 
     def pin_memory(self, *args: Any) -> "_Tagged":
         """torch's pin-memory thread calls this for unknown types: pin the batch, keep the tag."""
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        return _Tagged(pin_memory(self.data), self.rng, self.worker, self.note)
+        return _Tagged(pin_memory(self.data), self.rng, self.worker, self.note, self.start)
 
 
 _PENDING: list = []  # in a resumed worker: its saved state, for the dataset and collate_fn copies (WorkerHook)
 
 
-class _CapturingFetcher:
-    """Wraps a worker's map-style fetcher: tags every batch with the generator state after it (the
-    worker's and its dataset's and collate_fn's copies'), ``None`` when unchanged since its previous batch.
-    Made, in a resumed worker, right after the copies' generators got their saved states back."""
+_LAST: list = [(None, None)]  # in a worker: its state as last sent (compared, so an unchanged one is not sent)
 
-    def __init__(self, inner: Any, worker: int, note: str | None = None) -> None:
-        self.inner, self.last, self.worker, self.note, self.unread = inner, (None, None), worker, note, False
+
+class _CapturingFetcher:
+    """Wraps a worker's fetcher: tags every batch with the generator state after it (the worker's and its
+    dataset's and collate_fn's copies'), ``None`` when unchanged since its previous batch. An iterable
+    dataset's fetcher (made at each epoch's ``iter()``) also sends ``start`` with its first batch: a resume
+    replays that epoch from there. Made, in a resumed worker, right after the copies' generators got their
+    saved states back."""
+
+    def __init__(self, inner: Any, worker: int, note: str | None = None, start: tuple | None = None) -> None:
+        self.inner, self.worker, self.note, self.unread, self.start = inner, worker, note, False, start
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def fetch(self, index: Any) -> _Tagged:
-        data = self.inner.fetch(index)
+    def state(self, dataset: Any, collate: Any) -> tuple[Transport, bool]:
+        """This worker's state now, and whether it changed since the one last sent."""
         try:
-            state = current_state(getattr(self.inner, "dataset", None), getattr(self.inner, "collate_fn", None))
+            state = current_state(dataset, collate)
         except Exception as e:  # noqa: BLE001 - the copies' generators: never in the way of a batch (said once)
             state = current_state()
             if not self.unread:
@@ -268,34 +283,82 @@ class _CapturingFetcher:
                                                 f"could not be read ({type(e).__name__}: {e}), so they are not saved")
         # (the copies' states may hold NumPy arrays: compared as pickled bytes)
         now = (state[:3], pickle.dumps(state[3:], protocol=pickle.HIGHEST_PROTOCOL))
-        changed = now != self.last
-        self.last = now
+        changed = now != _LAST[0]
+        _LAST[0] = now
+        return state, changed
+
+    def fetch(self, index: Any) -> _Tagged:
+        try:
+            data = self.inner.fetch(index)
+        except StopIteration:  # an iterable dataset's end in this worker: its state goes with torch's marker
+            state, changed = self.state(getattr(self.inner, "dataset", None),
+                                        getattr(self.inner, "collate_fn", None))
+            _ENDED[:] = [(state if changed else None, self.start)]
+            self.start = None
+            raise
+        state, changed = self.state(getattr(self.inner, "dataset", None), getattr(self.inner, "collate_fn", None))
         note, self.note = self.note, None
-        return _Tagged(data, state if changed else None, self.worker, note)
+        start, self.start = self.start, None
+        return _Tagged(data, state if changed else None, self.worker, note, start)
+
+
+_ENDED: list = []  # in a worker: (state, start) at its iterable dataset's end, for the marker torch sends then
+
+
+def _ended_class() -> type:
+    """torch's marker of an iterable dataset's end in a worker, carrying the worker's state then (its
+    ``rng``; and ``start`` when the epoch gave it no batch): a persistent worker starts its next epoch
+    from there, and a snapshot taken before that epoch's first batch of it came back saves it."""
+    from torch.utils.data._utils.worker import _IterableDatasetStopIteration
+
+    class _Ended(_IterableDatasetStopIteration):
+        def __init__(self, worker_id: int) -> None:
+            super().__init__(worker_id)
+            rng, start = _ENDED.pop() if _ENDED else (None, None)
+            object.__setattr__(self, "rng", rng)  # (a frozen dataclass)
+            object.__setattr__(self, "start", start)
+
+    _Ended.__module__, _Ended.__qualname__ = __name__, "_Ended"
+    return _Ended
+
+
+try:
+    _Ended = _ended_class()
+except (ImportError, TypeError):  # another torch layout: the marker goes as torch makes it (starts as sent)
+    _Ended = None
 
 
 def _install_in_worker(worker_id: int) -> None:
-    """In a worker process: wrap the fetchers it creates from now on (map-style datasets only)."""
+    """In a worker process: wrap the fetchers it creates from now on."""
     from torch.utils.data import _DatasetKind
 
     if getattr(_DatasetKind.create_fetcher, "_pyckpt", False):
         return
     original = _DatasetKind.create_fetcher
 
-    def create_fetcher(kind, *args, **kwargs):
-        fetcher = original(kind, *args, **kwargs)
-        if kind != _DatasetKind.Map:
-            return fetcher
+    def create_fetcher(kind, dataset, auto_collation, collate_fn, *args, **kwargs):
         note = None
         if _PENDING:  # (torch makes the worker's fetcher right after worker_init_fn)
-            problems = set_dataset_states(fetcher.dataset, getattr(fetcher, "collate_fn", None), _PENDING.pop())
+            problems = set_dataset_states(dataset, collate_fn, _PENDING.pop())
             if problems:
                 note = ("random generators of its copies of the dataset and collate_fn saved at the checkpoint not "
                         f"restored: {'; '.join(problems)}")
-        return _CapturingFetcher(fetcher, worker_id, note)
+        if kind == _DatasetKind.Map:
+            return _CapturingFetcher(original(kind, dataset, auto_collation, collate_fn, *args, **kwargs),
+                                     worker_id, note)
+        # An iterable dataset's epoch starts here (its iter(), which may draw, is in the fetcher's making).
+        tagger = _CapturingFetcher(None, worker_id, note)
+        state, changed = tagger.state(dataset, collate_fn)
+        tagger.start = (state if changed else None,)
+        tagger.inner = original(kind, dataset, auto_collation, collate_fn, *args, **kwargs)
+        return tagger
 
     create_fetcher._pyckpt = True
     _DatasetKind.create_fetcher = staticmethod(create_fetcher)
+    if _Ended is not None:
+        from torch.utils.data._utils import worker
+
+        worker._IterableDatasetStopIteration = _Ended  # (what the worker loop makes at the dataset's end)
 
 
 class WorkerHook:
@@ -317,7 +380,8 @@ class WorkerHook:
 
 
 class Record:
-    """Main-process side: per worker, the states after its last batches, in return order."""
+    """Main-process side: per worker, the states after its last batches, in return order; for an iterable
+    dataset, also its state at the start of the epoch (a resume replays the epoch from there)."""
 
     def __init__(self, workers: int, base_seed: int, initial: list | None = None) -> None:
         self.base_seed = int(base_seed)
@@ -327,15 +391,48 @@ class Record:
         self.recent: list[deque] = [deque(maxlen=HISTORY) for _ in range(workers)]
         self.settled: list[Any] = list(initial) if initial is not None else [None] * workers
         self.draining = False  # persistent workers' _reset is dropping an epoch's leftover batches
+        # Iterable datasets: per worker, (its state at this epoch's start,) once its first batch came back; the
+        # previous epoch's (a look-ahead wrapper's position may be in it); `count` at this epoch's start; the
+        # workers whose start a position had to take as their state after their previous batch.
+        self.starts: list[tuple | None] = [None] * workers
+        self.prev_starts: list[tuple | None] = [None] * workers
+        self.reset_at = 0
+        self.guessed: set[int] = set()
+        self.sent: list[Any] = list(self.settled)  # per worker: the state it sent last (what None stands for)
+
+    def take(self, worker: int, tagged: Any) -> None:
+        """A tagged batch from ``worker`` in return order, or the marker of its iterable dataset's end."""
+        if tagged.start is not None:
+            start = tagged.start[0]
+            if start is None:  # its state as last sent
+                start = self.sent[worker]
+            elif worker in self.guessed:
+                from .loader_state import _say_once
+
+                _say_once(f"warning: DataLoader worker {worker} drew random numbers between its last batch of an "
+                          "epoch and its next epoch's start; a checkpoint taken before that worker's first batch of "
+                          "the epoch reached the loop resumes what it draws differently (later ones are exact)",
+                          "warning")
+            self.starts[worker] = (start,)
+        if isinstance(tagged, _Tagged):
+            self.add(worker, tagged.rng)
+        elif tagged.rng is not None:
+            self.sent[worker] = tagged.rng
 
     def add(self, worker: int, state: Transport | None) -> None:
         recent = self.recent[worker]
         if state is None:  # unchanged since this worker's previous batch
-            state = recent[-1][1] if recent else self.settled[worker]
+            state = self.sent[worker]
         if len(recent) == recent.maxlen:
             self.settled[worker] = recent[0][1]
         recent.append((self.count, state))
+        self.sent[worker] = state
         self.count += 1
+
+    def new_epoch(self) -> None:
+        """Persistent workers started the next epoch."""
+        self.prev_starts, self.starts = self.starts, [None] * len(self.starts)
+        self.reset_at, self.guessed = self.count, set()
 
     def states_before(self, ahead: int) -> tuple[list, bool]:
         """Each worker's state as of ``ahead`` returned batches ago (0: now); and whether exact."""
@@ -348,6 +445,23 @@ class Record:
             if len(recent) == recent.maxlen and recent and recent[0][0] >= cut:
                 exact = False
             out.append(self.settled[w])
+        return out, exact
+
+    def epoch_starts(self, ahead: int) -> tuple[list, bool]:
+        """Each worker's state at the start of the epoch the loop is in ``ahead`` returned batches ago (an
+        iterable dataset's); and whether exact. A worker whose first batch of the epoch has not come back yet
+        (a snapshot among the epoch's first batches) starts it as it last sent: after its previous epoch's end
+        (torch's marker carries it) or its batches dropped when that epoch was left early."""
+        before, exact = self.states_before(ahead)
+        if ahead > 0 and self.count - ahead <= self.reset_at:  # a look-ahead wrapper started the next epoch
+            return [s[0] if s is not None else before[w] for w, s in enumerate(self.prev_starts)], exact
+        out = []
+        for w, s in enumerate(self.starts):
+            if s is None:
+                self.guessed.add(w)
+                out.append(self.sent[w])
+            else:
+                out.append(s[0])
         return out, exact
 
 
@@ -363,7 +477,7 @@ class _Untag:
     def __call__(self, data: Any, worker_idx: int, *rest: Any) -> Any:
         it = self.ref()
         if isinstance(data, _Tagged):
-            self.record.add(worker_idx, data.rng)
+            self.record.take(worker_idx, data)
             if data.note:
                 from .loader_state import _say_once
 
@@ -389,17 +503,19 @@ class _Reset:
             info = it._task_info[idx]
             tagged = _tagged(info[1]) if len(info) == 2 else None
             if tagged is not None:
-                self.record.add(tagged.worker, tagged.rng)
+                self.record.take(tagged.worker, tagged)
         self.record.draining = True
         try:
             type(it)._reset(it, loader, first_iter, *rest)
         finally:
             self.record.draining = False
+        self.record.new_epoch()
 
 
 class _GetData:
     """Instance override of ``_get_data``: while ``_reset`` drains the epoch left early, record the
-    batches it drops (still in flight when the epoch was left)."""
+    batches it drops (still in flight when the epoch was left); and the state an iterable dataset's worker had
+    at its end (torch's marker)."""
 
     __slots__ = ("ref", "record")
 
@@ -409,9 +525,12 @@ class _GetData:
     def __call__(self) -> Any:
         it = self.ref()
         idx, data = type(it)._get_data(it)
+        if _Ended is not None and isinstance(data, _Ended):
+            self.record.take(data.worker_id, data)
+            return idx, data
         tagged = _tagged(data) if self.record.draining else None
         if tagged is not None:
-            self.record.add(tagged.worker, tagged.rng)
+            self.record.take(tagged.worker, tagged)
         return idx, data
 
 

@@ -17,7 +17,9 @@ order comes from a helper object it holds, not callable, with its own ``np.rando
 ``dataset_helper`` (a dataset augmenting through a helper object's method, not ``__call__``, with its own
 ``random.Random``), ``transform_helper`` (a transform drawing from a generator an object it holds keeps),
 ``dataset_class`` (a dataset drawing from a generator made in its class body, ``ClassNoisy.rng``),
-``transform_bound`` (a ``Compose`` of ``functools.partial(scaled, rng=...)`` and a bound method ``noise.apply``).
+``transform_bound`` (a ``Compose`` of ``functools.partial(scaled, rng=...)`` and a bound method ``noise.apply``),
+``iterable_persistent`` (an iterable dataset over 2 persistent workers drawing from each worker's global torch
+generator and its copy of the dataset's ``random.Random``, also after its last item).
 KILL_AT: SIGKILL after that step (once: KILL_MARK).
 """
 import functools
@@ -29,7 +31,7 @@ import sys
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset, get_worker_info
 
 SHAPE = os.environ["SHAPE"]
 
@@ -255,9 +257,25 @@ def hf_loader(y):
     return DataLoader(list(zip(ids, y)), batch_size=4, shuffle=True, collate_fn=ToPair(coll))
 
 
+class WorkerStream(IterableDataset):
+    """Each worker yields its half of the items with noise from its global generator and its copy of
+    ``self.rng``; after its last item it draws once more (the next epoch starts from there)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.rng = x, y, random.Random(4)
+
+    def __iter__(self):
+        info = get_worker_info()
+        for i in range(info.id, len(self.x), info.num_workers):
+            yield self.x[i] + 0.1 * torch.rand(6) + self.rng.random(), self.y[i]
+        torch.rand(1)
+
+
 torch.manual_seed(0)
 x, y = torch.randn(40, 6), torch.randn(40, 1)
-if SHAPE == "collate_hf":
+if SHAPE == "iterable_persistent":
+    loader = DataLoader(WorkerStream(x, y), batch_size=4, num_workers=2, persistent_workers=True)
+elif SHAPE == "collate_hf":
     loader = hf_loader(y)
 elif SHAPE == "transform_numpy":
     loader = DataLoader(Transformed(x, y, Compose([Jitter(5), Jitter(6)])), batch_size=4, shuffle=True)

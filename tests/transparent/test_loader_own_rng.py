@@ -29,7 +29,8 @@ SCRIPT = HERE / "own_rng_train.py"
                                    "subset_numpy", "transform_numpy", "collate_torch", "collate_hf",
                                    "collate_partial", "collate_closure", "sampler_helper",
                                    "collate_lazy_closure", "sampler_helper_deep", "dataset_helper",
-                                   "transform_helper", "dataset_class", "transform_bound"])
+                                   "transform_helper", "dataset_class", "transform_bound",
+                                   "iterable_persistent"])
 def test_a_resume_in_a_later_epoch_gets_the_samplers_and_datasets_own_generators_back(tmp_path, shape):
     # Without pyckpt, forked from the session's zygote (torch already imported): the same as a plain run.
     plain = zygote.shared().run_path(SCRIPT, [tmp_path / "plain.pt"], env=clean_env(SHAPE=shape), cwd=tmp_path)

@@ -366,16 +366,46 @@ def test_an_iterable_datasets_own_generator_in_new_workers_resumes_exactly_by_re
     assert "OwnIterable" not in capfd.readouterr().err
 
 
-def test_an_iterable_datasets_own_generator_in_persistent_workers_is_said_not_saved(capfd, monkeypatch):
-    """Persistent workers keep their copies across epochs, which a resume in a later epoch cannot replay, and
-    an iterable dataset's workers send no generator states (only a map-style dataset's fetchers are wrapped):
-    named in one warning line."""
-    monkeypatch.setattr(loader_state, "_SAID", set())  # (a line said once per process: said anew here)
+class GlobalDrawsIterable(IterableDataset):
+    """An iterable dataset drawing from the worker's global torch, Python and NumPy generators (also once at
+    each ``iter()`` and once after its last item, where nothing is handed out)."""
+
+    def __iter__(self):
+        info = get_worker_info()
+        start = torch.randint(0, 3, ()).item()  # drawn at the first next(), with nothing yielded yet
+        for i in range(info.id if info else 0, 24, info.num_workers if info else 1):
+            yield torch.tensor([i, start, torch.rand(()).item(), random.random(), float(np.random.rand())])
+        np.random.rand()  # after the last item: advances the worker's state for its next epoch
+
+
+@pytest.mark.parametrize("stop", [(1, 3), (2, 1), (1, 6)])
+def test_an_iterable_dataset_drawing_in_persistent_workers_resumes_exactly(stop, capfd):
+    """Persistent workers keep their generators (global ones and the dataset copy's) from epoch to epoch; a
+    resume replays the epoch from each worker's state at that epoch's start, sent with its first batch. (1, 6):
+    at the epoch's end; (2, 1): before worker 1's first batch of the epoch reached the loop."""
+    make = lambda: DataLoader(GlobalDrawsIterable(), batch_size=4, num_workers=2,  # noqa: E731
+                              persistent_workers=True)
+    pos = _resumes_exactly(make, stop=stop)
+    assert pos["workers"]["at"] == "epoch_start" and len(pos["workers"]["rng"]) == 2
+    assert "warning" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("stop", [(1, 3), (1, 6)])
+def test_an_iterable_dataset_drawing_in_persistent_workers_under_a_look_ahead_wrapper_resumes_exactly(stop, capfd):
+    make = lambda: DataLoader(GlobalDrawsIterable(), batch_size=4, num_workers=2,  # noqa: E731
+                              persistent_workers=True)
+    pos = _resumes_exactly(make, stop=stop, wrap=True)
+    assert pos["workers"]["at"] == "epoch_start"
+    assert "warning" not in capfd.readouterr().err
+
+
+def test_an_iterable_datasets_own_generator_in_persistent_workers_resumes_exactly(capfd):
+    """The generator an iterable dataset holds, copied into each persistent worker, is put back as it was at the
+    resumed epoch's start in that worker (it was said not to be saved)."""
     make = lambda: DataLoader(OwnIterable(), batch_size=4, num_workers=2, persistent_workers=True)  # noqa: E731
-    _, got, _ = run_tracked(make, stop=(1, 3))
-    assert "pos" in got
-    lines = [ln for ln in capfd.readouterr().err.splitlines() if "OwnIterable" in ln]
-    assert len(lines) == 1 and "its own copy" in lines[0] and "dataset.rng" in lines[0], lines
+    pos = _resumes_exactly(make, stop=(1, 3))
+    assert [k for k, _, _ in pos["workers"]["rng"][1]["dataset"] if not k.startswith("module.")] == ["dataset.rng"]
+    assert "OwnIterable" not in capfd.readouterr().err
 
 
 def test_malformed_worker_state_is_refused_with_a_reason():
