@@ -656,6 +656,12 @@ class Stream:
                 pos["pids"] = pids
             pos["samplers"] = [_sampler_state(s) for s in _samplers(loader)]
             pos["attrs"] = _capture_attrs(loader)
+            if loader.num_workers > 0 and getattr(loader, "in_order", True) is False:
+                # Batches come back as workers finish them; a resume skips the epoch's first B by index.
+                _say_once(f"warning: loader {self.sig} has in_order=False: its batches come back in the order its "
+                          "workers finish them, so a resume skips the first batches of the epoch's order, which "
+                          "may not be the ones the loop trained on (a few may repeat, a few be left out); pass "
+                          "in_order=True for an exact resume", "warning")
             in_workers = ([key for key, _, _ in own if key.startswith(("dataset.", "collate."))]
                           if loader.num_workers > 0 else [])
             # An iterable dataset's position is reached by loading and dropping batches: workers started anew

@@ -499,3 +499,17 @@ def test_persistent_workers_after_an_epoch_left_early_resume_from_what_they_load
                               persistent_workers=True, prefetch_factor=1)
     # Epoch 0 has 2 batches here: the reference's batches after the snapshot are ref[3:].
     resumes_exactly(make, (1, 1), epochs=2, resume_seed=7, leave_epoch_0_after=2)
+
+
+def test_a_loader_returning_batches_out_of_order_is_said_not_exact(capfd, monkeypatch):
+    """``in_order=False`` hands batches as the workers finish them: a resume skipping the epoch's first B
+    batches may skip others than the B trained on. Said in one warning line at the snapshot."""
+    monkeypatch.setattr(loader_state, "_SAID", set())
+    make = lambda: DataLoader(Augmenting(), batch_size=4, shuffle=True, num_workers=2,  # noqa: E731
+                              in_order=False)
+    _, got, _ = run_tracked(make, stop=(1, 3))
+    assert "pos" in got
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "in_order=False" in ln]
+    assert len(lines) == 1 and "pass in_order=True" in lines[0], lines
+    _, got, _ = run_tracked(lambda: DataLoader(Augmenting(), batch_size=4, num_workers=2), stop=(1, 3))
+    assert "pos" in got and "in_order" not in capfd.readouterr().err
