@@ -399,6 +399,18 @@ def test_an_iterable_dataset_drawing_in_persistent_workers_under_a_look_ahead_wr
     assert "warning" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("stop", [(1, 3), (1, 1)])
+def test_an_iterable_dataset_in_persistent_workers_after_an_epoch_left_early_resumes_exactly(stop, capfd):
+    """Epoch 0 left after 2 batches: the workers' batches torch drops then advanced their generators; the next
+    epoch starts from their states after those (worker 1's first batch of epoch 1 is not back at (1, 1))."""
+    make = lambda: DataLoader(GlobalDrawsIterable(), batch_size=4, num_workers=2,  # noqa: E731
+                              persistent_workers=True)
+    ref, got, _ = run_tracked(make, stop=stop, leave_epoch_0_after=2)
+    resumed, _, _ = run_tracked(make, plan=(got["pos"], got["rng"]), seed=4321, leave_epoch_0_after=2)
+    assert resumed == ref[2 + stop[1]:]
+    assert "warning" not in capfd.readouterr().err
+
+
 def test_an_iterable_datasets_own_generator_in_persistent_workers_resumes_exactly(capfd):
     """The generator an iterable dataset holds, copied into each persistent worker, is put back as it was at the
     resumed epoch's start in that worker (it was said not to be saved)."""
