@@ -1,11 +1,12 @@
 """The training script's own loop state: capture at a consistent point, put back at the same point.
 
 Captured (docs/TRANSPARENCY.md "Loop state"): the globals of ``__main__`` and of every other script
-module on the stack, the locals of every script frame (``frames.user_frames``), the plain
-attributes of plain objects those reference (a trainer's ``self.iter_num``), and the positions of
-the ``for``-loop iterators the frames are executing. Only values of restorable kinds are kept
-(None, bool, int, float, str, bytes, tensors, tuples/lists/dicts/sets/deques of them,
-``torch.Generator``, ``random.Random``, NumPy arrays and generators); nothing is pickled. The
+module on the stack, and of the script's modules those reach (``_reached_modules``), the locals of
+every script frame (``frames.user_frames``), the plain attributes of plain objects those reference (a
+trainer's ``self.iter_num``), and the positions of the ``for``-loop iterators the frames are executing.
+Only values of restorable kinds are kept (None, bool, int, float, str, bytes, tensors,
+tuples/lists/dicts/sets/deques of them, ``torch.Generator``, ``random.Random``, NumPy arrays and
+generators); nothing is pickled. The
 result is a plain tree for pyckpt's own state format, with every tensor once in a table. An
 ``nn.Module`` no optimizer owns a parameter of (an EMA copy, a teacher) or a library object with
 ``load_state_dict()`` (an EMA helper) is kept by reference: its ``state_dict()`` goes with the
@@ -221,6 +222,38 @@ def _module_globals(user: list[types.FrameType], modname: Any, imported: bool = 
     return g
 
 
+_REACHED_MAX = 16  # script modules whose globals are kept besides those on the stack
+_MIN_ITEM_BYTES = 16  # the least an element of a container adds to a value's size (sys.getsizeof(None))
+
+
+def _reached_modules(sources: list[dict]) -> list[dict]:
+    """The globals of the script's own modules (files of the script, not installed packages) that the modules
+    of ``sources`` reach through their globals, breadth-first, at most ``_REACHED_MAX``: ``import settings``,
+    ``from helpers import f``, a class or an object of theirs. A setting such a module keeps and the loop changes
+    (``settings.SCALE *= 0.97``, a call counter behind ``f``) is loop state, though no frame of it is running."""
+    names = {g.get("__name__") for g in sources}
+    out: list[dict] = []
+    queue = list(sources)
+    while queue and len(out) < _REACHED_MAX:
+        for v in list(queue.pop(0).values()):
+            if isinstance(v, types.ModuleType):
+                mod = v
+            else:
+                owner = v if isinstance(v, (types.FunctionType, type)) else type(v)
+                mod = sys.modules.get(getattr(owner, "__module__", None) or "")
+            name = getattr(mod, "__name__", None)
+            if mod is None or name in names or not isinstance(name, str):
+                continue
+            f = getattr(mod, "__file__", None)
+            names.add(name)
+            if isinstance(f, str) and frames.is_user_file(f):
+                out.append(mod.__dict__)
+                queue.append(mod.__dict__)
+                if len(out) >= _REACHED_MAX:
+                    break
+    return out
+
+
 def _frozen_dataclass(t: type) -> bool:
     params = getattr(t, "__dataclass_params__", None)
     return params is not None and bool(getattr(params, "frozen", False)) and isinstance(
@@ -330,7 +363,11 @@ class _Encoder:
         # int 28 bytes), so a list of a million small lists is over the cap, and the walk stops there
         # instead of encoding (and flattening, and writing) every element at every snapshot.
         self.size += n
-        if self.size > self.limit:
+        self._room(0)
+
+    def _room(self, n: int) -> None:
+        """Raise if ``n`` more bytes would be over the cap (``_grow`` without growing)."""
+        if self.size + n > self.limit:
             raise _Skip(f"over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes} (Python objects counted "
                         f"by their in-memory size)", True)
 
@@ -345,6 +382,9 @@ class _Encoder:
             return self.tensor(v)
         if t in (list, tuple, dict, set, frozenset, collections.deque) or isinstance(v, dict):
             self._grow(sys.getsizeof(v))
+            # Every element counts 16 bytes at least (None's size): a container over the cap by its length alone
+            # is left out before its elements are walked (a module's list of a million file names: 0.3 s a snapshot).
+            self._room(_MIN_ITEM_BYTES * len(v) * (2 if isinstance(v, dict) else 1))
         if t is list or t is tuple:
             self.sequences.append(id(v))
             return ["l" if isinstance(v, list) else "u", [self.value(x, depth + 1) for x in v]]
@@ -680,10 +720,13 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     main = sys.modules.get("__main__")
     exclude = getattr(main, "__pyckpt_exclude__", ()) if main is not None else ()
     exclude = set(exclude) if isinstance(exclude, (list, tuple, set, frozenset)) else set()
+    quiet_modules: set[str] = set()  # modules only reached (``_reached_modules``): what they hold unkept is not said
 
     def keep(name: str, v: Any, path: list, quiet: bool = False, limit: int | None = None) -> list | None:
         """The encoded value, or None (left out: warned, or listed for debug when ``quiet``). ``limit``: where
         a budget shared with other values ends (``enc.size``), besides the value's own cap."""
+        if path[0] == "g" and path[1] in quiet_modules:
+            quiet = True  # (a reached module's value that cannot be kept was never kept before, nor said: noise)
         warned = cap.skipped if quiet else cap.warnings
         if path[-1] in exclude:  # the script's own opt-out: __pyckpt_exclude__ = {"name", ...}
             cap.skipped[name] = "listed in __pyckpt_exclude__"
@@ -727,7 +770,9 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     modules_seen: dict[str, dict] = {}
     gl: dict[str, dict] = {}
     glob_sources = ([main.__dict__] if main is not None else []) + [f.f_globals for f in user]
-    for g in glob_sources:
+    reached = _reached_modules(glob_sources)
+    quiet_modules.update(g["__name__"] for g in reached)
+    for g in glob_sources + reached:
         modname = g.get("__name__")
         if not isinstance(modname, str) or modname in modules_seen:
             continue
@@ -813,6 +858,8 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     cap.tree = {"version": VERSION, "stack": stack_signature(user, point), "argv": [str(a) for a in sys.argv[1:]],
                 "globals": gl, "locals": loc,
                 "objects": objs, "iters": iters, "tensors": enc.tensors}
+    if reached:  # (a relaunch that has not imported one of these by the restore point is told, not refused)
+        cap.tree["reached"] = [g["__name__"] for g in reached]
     if mods is not None:  # train()/eval() flags and attributes of the modules (object_attrs.py)
         cap.tree["modules"] = mods
     if opts is not None and any(opts):  # attributes of optimizers of script classes
@@ -1808,7 +1855,7 @@ def prepare_references(tree: Any, user: list[types.FrameType], states: Any) -> P
     places: list[tuple[str, str, Any, dict | None]] = []  # (label, name, encoded, live namespace)
     gl = tree.get("globals") if isinstance(tree, dict) else None
     for modname, values in (gl.items() if isinstance(gl, dict) else ()):
-        g = _module_globals(user, modname)
+        g = _module_globals(user, modname, imported=True)  # (a module the stack's reach: ``_reached_modules``)
         for k, e in (values.items() if isinstance(values, dict) else ()):
             places.append((k if modname == "__main__" else f"{modname}.{k}", k, e, g))
     loc = tree.get("locals") if isinstance(tree, dict) else None
@@ -2033,8 +2080,15 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                              "are restored as they were then")
     gl = tree.get("globals")
     _check(isinstance(gl, dict), "globals")
+    reached = tree.get("reached", [])
+    _check(isinstance(reached, list), "reached modules")
     for modname, values in gl.items():
         g = _module_globals(user, modname, imported=True)
+        if g is None and modname in reached:  # reached from the stack's modules, not running: not imported yet
+            plan.warnings.append(f"the checkpoint holds variables of the script's module {str(modname)[:80]!r}, "
+                                     "which this run has not imported by the restore point: they start as that "
+                                     "module makes them")
+            continue
         if g is None:
             raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")
         _check(isinstance(values, dict), "globals of a module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import itertools
 import random
 import sys
@@ -1644,3 +1645,79 @@ def test_an_itertools_cycle_is_kept_by_its_items_and_place_and_rebuilt_to_go_on_
     for bad in (["cy", 3, [], 0], ["cy", 2, [["v", 1]], 1], ["cy", 2, [["v", 1]], -1], ["cy", 1, "x", 0]):
         with pytest.raises(PyckptError, match="malformed"):
             dec.value(bad)
+
+
+def _reached_script_modules(tmp_path, monkeypatch) -> tuple[types.ModuleType, types.ModuleType]:
+    """Two modules of a script (files outside any installed package): ``reached_settings`` holds settings, and
+    ``reached_helper`` imports it and changes them when its ``bump()`` is called."""
+    (tmp_path / "reached_settings.py").write_text("import threading\nSCALE = 1.0\nLOG = []\nLOCK = threading.Lock()\n")
+    (tmp_path / "reached_helper.py").write_text(
+        "import reached_settings\ncalls = 0\n\n\ndef bump():\n    global calls\n    calls += 1\n"
+        "    reached_settings.SCALE *= 0.5\n    reached_settings.LOG.append(calls)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("reached_settings", "reached_helper"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    helper = importlib.import_module("reached_helper")
+    return helper, sys.modules["reached_settings"]
+
+
+def _stepping_code(helper: types.ModuleType) -> dict:
+    """The running script's module: it reaches ``reached_helper`` only through ``from reached_helper import
+    bump``, and ``reached_settings`` only through ``reached_helper``."""
+    ns = {"__name__": "reach_script", "bump": helper.bump}
+    exec("import sys\n\ndef step(hook):\n    bump()\n    hook(sys._getframe())\n", ns)
+    return ns
+
+
+def test_settings_in_script_modules_reached_from_the_stack_are_kept_and_put_back(tmp_path, monkeypatch):
+    helper, settings = _reached_script_modules(tmp_path, monkeypatch)
+    ns, saved = _stepping_code(helper), {}
+
+    def capture(frame):
+        cap = loopstate.capture([frame], "step", 1 << 20, [])
+        saved["tree"], saved["warnings"], saved["skipped"] = through_format(cap.tree), cap.warnings, cap.skipped
+
+    for _ in range(3):
+        ns["step"](lambda f: None)
+    ns["step"](capture)
+    assert sorted(saved["tree"]["reached"]) == ["reached_helper", "reached_settings"]  # (not sys, torch, pyckpt)
+    # The lock cannot be stored: left out as before these modules were kept, without a warning line.
+    assert not saved["warnings"] and "reached_settings.LOCK" in saved["skipped"], saved
+    helper.calls, settings.SCALE, settings.LOG = 0, 1.0, []  # a relaunch: the modules as imported
+    ns["step"](lambda f: loopstate.prepare(saved["tree"], [f], "step").apply())
+    assert (helper.calls, settings.SCALE, settings.LOG) == (4, 1 / 16, [1, 2, 3, 4])
+
+
+def test_a_reached_module_the_relaunch_has_not_imported_is_said_not_refused(tmp_path, monkeypatch):
+    helper, settings = _reached_script_modules(tmp_path, monkeypatch)
+    ns, saved, got = _stepping_code(helper), {}, {}
+    ns["step"](lambda f: saved.setdefault("tree", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)))
+    helper.calls = 0
+    monkeypatch.delitem(sys.modules, "reached_settings")  # imported later in the relaunch (a lazy import)
+
+    def restore(frame):
+        got["plan"] = plan = loopstate.prepare(saved["tree"], [frame], "step")
+        plan.apply()
+
+    ns["step"](restore)
+    said = [w for w in got["plan"].warnings if "reached_settings" in w]
+    assert len(said) == 1 and "has not imported by the restore point" in said[0], got["plan"].warnings
+    assert helper.calls == 1  # the module it has is put back
+
+
+def test_a_container_over_the_cap_by_its_length_alone_is_left_out_before_its_elements_are_walked():
+    """Each element counts 16 bytes at least: 100 elements are over a 1,000-byte cap before the first (a lock,
+    which cannot be stored) is looked at, so the reason given is the size."""
+    import threading
+
+    items = [threading.Lock()] + [None] * 99
+    few = [None] * 10
+
+    def probe():
+        return loopstate.capture([sys._getframe(1)], "step", 1000, [])
+
+    cap = probe()
+    reasons = {**cap.skipped, **cap.warnings}
+    why = reasons[next(k for k in reasons if k.startswith("items "))]
+    assert why.startswith("over PYCKPT_LOOP_STATE_MAX_BYTES=1000"), why
+    assert cap.tree["locals"][0]["few"] == ["l", [["v", None]] * 10]

@@ -38,7 +38,9 @@ torchvision references' MetricLogger, its meters in a defaultdict made at their 
 mean loss saved; chain: each epoch over itertools.chain of the loader and a second one; hooks: a forward
 pre-hook object keeping a running mean, a gradient hook closure drawing noise, an optimizer step pre-hook
 object counting steps for a weight-decay warm-up, none held by a variable, and a LambdaLR whose factor
-function counts its calls in a closure)
+function counts its calls in a closure; modglobals: settings in modules of the script's own that the loop
+changes, tiny_settings.py (``import tiny_settings``: a scale decayed after each step, a log of the losses) and
+tiny_counter.py (reached only through ``from tiny_counter import jitter``: a call counter))
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -228,6 +230,9 @@ if MODE == "hooks":  # stateful hooks only torch holds (no variable of the scrip
     model[2].weight.register_hook(gradient_noise(7))
     opts[0].register_step_pre_hook(Warmup())
     decay = torch.optim.lr_scheduler.LambdaLR(opts[0], halving(5))  # stepped after each optimizer step
+if MODE == "modglobals":
+    import tiny_settings
+    from tiny_counter import jitter
 if MODE == "patched":
     def patched_step(self, *a, **k):  # what some libraries do to an optimizer instance
         return type(self).step(self, *a, **k)
@@ -299,10 +304,15 @@ def train_step(x, y):
             criterion.beta = 0.25  # and one of the loss function (a module with no state_dict() entries)
         opts[0].zero_grad()
         out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
+        if MODE == "modglobals":
+            out = jitter(out) * tiny_settings.SCALE
         (criterion(out, y) if MODE.startswith("attrs") else ((out - y) ** 2).mean()).backward()
         compiled_opt_step() if MODE.startswith("compiled_step") else opts[0].step()
         if MODE == "hooks":
             decay.step()
+        if MODE == "modglobals":
+            tiny_settings.SCALE *= 0.97
+            tiny_settings.LOG.append(float(out.mean()))
         if MODE == "ema":
             ema.update_parameters(model)
             with torch.no_grad():
@@ -547,6 +557,10 @@ else:
 print("TRAINED", step, flush=True)
 if MODE.startswith("attrs"):
     models["annealed"] = {"calls": torch.tensor(last.calls), "gain": last.gain, "table": last.table}
+if MODE == "modglobals":
+    import tiny_counter
+    models["settings"] = {"scale": torch.tensor(tiny_settings.SCALE), "log": torch.tensor(tiny_settings.LOG),
+                          "calls": torch.tensor(tiny_counter.calls)}
 torch.save({"models": {k: m if isinstance(m, dict) else m.state_dict() for k, m in models.items()},
             "opts": [o.state_dict() for o in opts], "sched": sched.state_dict(),
             "plateau": plateau.state_dict(), "loose": [temp, shift] if MODE == "loose" else []}, sys.argv[1])
