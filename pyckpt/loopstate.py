@@ -58,6 +58,7 @@ import enum
 import fractions
 import functools
 import hashlib
+import os
 import itertools
 import random
 import sys
@@ -252,6 +253,26 @@ def _reached_modules(sources: list[dict]) -> list[dict]:
                 if len(out) >= _REACHED_MAX:
                     break
     return out
+
+
+_DIGESTS: dict[str, tuple[tuple[int, int], str]] = {}  # module file -> ((mtime_ns, size), digest of its text)
+
+
+def _file_digest(path: Any) -> str:
+    """A digest of a module's file (cached while its time and size stay), "" when it cannot be read: a reached
+    module's variables go back only into the same text of it (an edited setting is the relaunch's)."""
+    try:
+        st = os.stat(path)
+        key = (st.st_mtime_ns, st.st_size)
+        known = _DIGESTS.get(path)
+        if known is not None and known[0] == key:
+            return known[1]
+        with open(path, "rb") as f:
+            digest = hashlib.blake2b(f.read(), digest_size=12).hexdigest()
+    except (OSError, TypeError, ValueError):
+        return ""
+    _DIGESTS[path] = (key, digest)
+    return digest
 
 
 def _frozen_dataclass(t: type) -> bool:
@@ -859,7 +880,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 "globals": gl, "locals": loc,
                 "objects": objs, "iters": iters, "tensors": enc.tensors}
     if reached:  # (a relaunch that has not imported one of these by the restore point is told, not refused)
-        cap.tree["reached"] = [g["__name__"] for g in reached]
+        cap.tree["reached"] = [[g["__name__"], _file_digest(g.get("__file__"))] for g in reached]
     if mods is not None:  # train()/eval() flags and attributes of the modules (object_attrs.py)
         cap.tree["modules"] = mods
     if opts is not None and any(opts):  # attributes of optimizers of script classes
@@ -2081,13 +2102,19 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
     gl = tree.get("globals")
     _check(isinstance(gl, dict), "globals")
     reached = tree.get("reached", [])
-    _check(isinstance(reached, list), "reached modules")
+    _check(isinstance(reached, list) and all(isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e)
+                                             for e in reached), "reached modules")
+    digests = dict(reached)
     for modname, values in gl.items():
         g = _module_globals(user, modname, imported=True)
-        if g is None and modname in reached:  # reached from the stack's modules, not running: not imported yet
+        if g is None and modname in digests:  # reached from the stack's modules, not running: not imported yet
             plan.warnings.append(f"the checkpoint holds variables of the script's module {str(modname)[:80]!r}, "
-                                     "which this run has not imported by the restore point: they start as that "
-                                     "module makes them")
+                                 "which this run has not imported by the restore point: they start as that "
+                                 "module makes them")
+            continue
+        if modname in digests and _file_digest(g.get("__file__")) != digests[modname]:
+            plan.warnings.append(f"the script's module {str(modname)[:80]!r} is not the text the checkpoint was "
+                                 "written with (edited?): its variables start as it makes them now, not as they were")
             continue
         if g is None:
             raise PyckptError(f"the checkpoint holds globals of module {modname!r}, which this run does not have")

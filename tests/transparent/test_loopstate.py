@@ -1680,7 +1680,8 @@ def test_settings_in_script_modules_reached_from_the_stack_are_kept_and_put_back
     for _ in range(3):
         ns["step"](lambda f: None)
     ns["step"](capture)
-    assert sorted(saved["tree"]["reached"]) == ["reached_helper", "reached_settings"]  # (not sys, torch, pyckpt)
+    # (not sys, torch or pyckpt)
+    assert sorted(name for name, _ in saved["tree"]["reached"]) == ["reached_helper", "reached_settings"]
     # The lock cannot be stored: left out as before these modules were kept, without a warning line.
     assert not saved["warnings"] and "reached_settings.LOCK" in saved["skipped"], saved
     helper.calls, settings.SCALE, settings.LOG = 0, 1.0, []  # a relaunch: the modules as imported
@@ -1688,10 +1689,23 @@ def test_settings_in_script_modules_reached_from_the_stack_are_kept_and_put_back
     assert (helper.calls, settings.SCALE, settings.LOG) == (4, 1 / 16, [1, 2, 3, 4])
 
 
+def _checkpoint_after(ns: dict, helper: types.ModuleType, n: int) -> dict:
+    """``step`` run n times; the loop state captured at the n-th (``calls == n``), through the format."""
+    saved = {}
+
+    def capture(frame):
+        if helper.calls == n:
+            saved["tree"] = through_format(loopstate.capture([frame], "step", 1 << 20, []).tree)
+
+    for _ in range(n):
+        ns["step"](capture)
+    return saved["tree"]
+
+
 def test_a_reached_module_the_relaunch_has_not_imported_is_said_not_refused(tmp_path, monkeypatch):
     helper, settings = _reached_script_modules(tmp_path, monkeypatch)
     ns, saved, got = _stepping_code(helper), {}, {}
-    ns["step"](lambda f: saved.setdefault("tree", through_format(loopstate.capture([f], "step", 1 << 20, []).tree)))
+    saved["tree"] = _checkpoint_after(ns, helper, 3)
     helper.calls = 0
     monkeypatch.delitem(sys.modules, "reached_settings")  # imported later in the relaunch (a lazy import)
 
@@ -1702,7 +1716,26 @@ def test_a_reached_module_the_relaunch_has_not_imported_is_said_not_refused(tmp_
     ns["step"](restore)
     said = [w for w in got["plan"].warnings if "reached_settings" in w]
     assert len(said) == 1 and "has not imported by the restore point" in said[0], got["plan"].warnings
-    assert helper.calls == 1  # the module it has is put back
+    assert helper.calls == 3  # the module it has is put back
+
+
+def test_a_reached_module_edited_before_the_relaunch_keeps_its_new_values_and_is_said(tmp_path, monkeypatch):
+    helper, settings = _reached_script_modules(tmp_path, monkeypatch)
+    ns, got = _stepping_code(helper), {}
+    saved = _checkpoint_after(ns, helper, 3)
+    path = tmp_path / "reached_settings.py"
+    path.write_text(path.read_text().replace("SCALE = 1.0", "SCALE = 2.0  # was 1.0"))  # the user changes it
+    helper.calls, settings.SCALE, settings.LOG = 0, 2.0, []  # the relaunch imports the edited module
+
+    def restore(frame):
+        got["plan"] = plan = loopstate.prepare(saved, [frame], "step")
+        plan.apply()
+
+    ns["step"](restore)
+    said = [w for w in got["plan"].warnings if "reached_settings" in w]
+    assert len(said) == 1 and "not the text the checkpoint was written with" in said[0], got["plan"].warnings
+    assert (settings.SCALE, settings.LOG) == (1.0, [1])  # the relaunch's own (its bump() ran once)
+    assert helper.calls == 3  # the module not edited is put back
 
 
 def test_a_container_over_the_cap_by_its_length_alone_is_left_out_before_its_elements_are_walked():
