@@ -207,10 +207,51 @@ def _script_closure(v: Any) -> bool:
             and frames.is_user_file(v.__code__.co_filename))
 
 
+_DEFAULT = "<default>"  # a path segment: the default argument at that position (``_fn_values``)
+
+
+def _fn_values(fn: types.FunctionType) -> dict:
+    """A function's own values besides its closure: its attributes (``fn.calls += 1``) and its default arguments
+    that are containers (``def smooth(x, hist=[])``), by ``<default>`` + position."""
+    out = {k: v for k, v in _attrs(fn).items() if not k.startswith("__")}  # (not functools.wraps' __wrapped__)
+    for i, d in enumerate(fn.__defaults__ or ()):
+        if type(d) in (list, dict, set, collections.deque):
+            out[f"{_DEFAULT}{i}"] = d
+    return out
+
+
+def _class_values(cls: type) -> dict:
+    """A class's own data attributes (``Net.temperature *= 0.98``): not its methods, properties or other
+    descriptors, nested classes or dunder names. None for an enum's members."""
+    if issubclass(cls, enum.Enum):
+        return {}
+    return {k: v for k, v in vars(cls).items() if not k.startswith("__") and not hasattr(type(v), "__get__")
+            and not isinstance(v, (type, types.ModuleType))}
+
+
+def _stateful_code(v: Any) -> bool:
+    """A function or class of the script holding values a loop may change (``_fn_values``, ``_class_values``):
+    followed like a plain object."""
+    if type(v) is types.FunctionType:
+        return frames.is_user_file(v.__code__.co_filename) and bool(_fn_values(v))
+    return isinstance(v, type) and _script_class(v) and bool(_class_values(v))
+
+
+def _followed(obj: Any) -> dict:
+    """What is followed of an object held in place: a function's closure cells and own values, a class's data
+    attributes, any other object's attributes."""
+    if type(obj) is types.FunctionType:
+        return {**_cells(obj), **_fn_values(obj)}
+    if isinstance(obj, type):
+        return _class_values(obj)
+    return _attrs(obj)
+
+
 def _code_not_state(v: Any) -> bool:
-    """A module, class or function (not a closure of the script's, ``_script_closure``): code, never loop state."""
+    """A module, class or function (not a closure of the script's, ``_script_closure``, nor one holding values,
+    ``_stateful_code``): code, never loop state."""
     return isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)) and not (
-        _script_closure(v))
+        _script_closure(v) or _stateful_code(v))
 
 
 def _module_globals(user: list[types.FrameType], modname: Any, imported: bool = False) -> dict | None:
@@ -752,7 +793,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         if path[-1] in exclude:  # the script's own opt-out: __pyckpt_exclude__ = {"name", ...}
             cap.skipped[name] = "listed in __pyckpt_exclude__"
             return None
-        if _plain_object(v) or _script_closure(v):
+        if _plain_object(v) or _script_closure(v) or _stateful_code(v):
             if path[0] != "gen" and id(v) not in seen:  # not via generators
                 if len(objects) < MAX_OBJECTS:
                     seen.add(id(v))
@@ -838,10 +879,13 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
             done += 1
             attrs = {}
             label = _label(path)
-            for name, v in (_cells(obj) if type(obj) is types.FunctionType else _attrs(obj)).items():
+            code = isinstance(obj, (type, types.FunctionType))
+            for name, v in _followed(obj).items():
                 if name.startswith("__") or _code_not_state(v):
                     continue  # (a cell holding a helper function or a module: code, not state)
-                e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name])
+                # A class's or function's own values that cannot be stored were never kept, nor said: not now either.
+                quiet = code and not name.startswith(_CELL)
+                e = None if len(path) > 3 + MAX_DEPTH else keep(f"{label}.{name}", v, path + [name], quiet=quiet)
                 if e is not None:
                     attrs[name] = e
             objs.append({"at": path, "type": type(obj).__qualname__, "attrs": attrs}
@@ -2007,6 +2051,8 @@ def _carried_writes(tree: dict, user: list[types.FrameType], plan: Plan) -> None
         except PyckptError:
             wrong.append(f"{_label(at)} (not there)")
             continue
+        if len(at) == 3 and (isinstance(obj, type) or type(obj) is types.FunctionType and not _script_closure(obj)):
+            continue  # values kept on the script's classes and functions: code, which the edit may have changed
         if type(obj).__qualname__ != o.get("type") or type(obj) is types.FunctionType:
             wrong.append(f"{_label(at)} (a {type(obj).__qualname__} now, the checkpoint holds a {o.get('type')})")
             continue
@@ -2179,11 +2225,11 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
                 plan.warnings.append(f"{_label(o['at'])} is the function {obj.__qualname__} now, the checkpoint holds "
                                      f"{str(o.get('fn'))[:200]!r} there: its closure's values are not restored")
                 continue
-            _check_states(decoded, _cells(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan, dec.holders)
-            plan.writes.append(lambda fn=obj, d=decoded: _write_cells(fn, d, dec.holders))
+            _check_states(decoded, _followed(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan, dec.holders)
+            plan.writes.append(lambda fn=obj, d=decoded: _write_function(fn, d, dec.holders))
             continue
-        _check_states(decoded, _attrs(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan, dec.holders)
-        plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(_attrs(obj).get(k), v, dec.holders))
+        _check_states(decoded, _followed(obj), lambda k, p=o["at"]: f"{_label(p)}.{k}", plan, dec.holders)
+        plan.writes.append(lambda obj=obj, d=decoded: [setattr(obj, k, _assign(_followed(obj).get(k), v, dec.holders))
                                                        for k, v in d.items()])
     iters = tree.get("iters")
     _check(isinstance(iters, list) and len(iters) == len(user), "iterators")
@@ -2198,6 +2244,21 @@ def prepare(tree: Any, user: list[types.FrameType], point: str, states: Any = No
             plan.writes.append(_positioner(it, st, f.f_code.co_name, dec, plan, functools.partial(
                 frames.replace_loop_iterator, f)))
     return plan
+
+
+def _write_function(fn: types.FunctionType, decoded: dict, holders: set[int]) -> None:
+    """Write a function's saved closure cells, default arguments and attributes back (``_followed``)."""
+    _write_cells(fn, {k: v for k, v in decoded.items() if k.startswith(_CELL)}, holders)
+    defaults = list(fn.__defaults__ or ())
+    for k, v in decoded.items():
+        if k.startswith(_DEFAULT):
+            i = int(k[len(_DEFAULT):]) if k[len(_DEFAULT):].isdigit() else -1
+            if 0 <= i < len(defaults):  # (another signature now: said by _check_states)
+                defaults[i] = _assign(defaults[i], v, holders)
+        elif not k.startswith(_CELL):
+            setattr(fn, k, _assign(_attrs(fn).get(k), v, holders))
+    if defaults:
+        fn.__defaults__ = tuple(defaults)
 
 
 def _write_cells(fn: types.FunctionType, decoded: dict, holders: set[int]) -> None:
@@ -2248,7 +2309,7 @@ def _resolve(path: Any, user: list[types.FrameType], modules: list | None = None
     for name in path_rest:
         if missing:
             break
-        d = _cells(cur) if type(cur) is types.FunctionType else _attrs(cur)
+        d = _followed(cur)
         missing = name not in d
         cur = d.get(name) if not missing else None
     if missing:

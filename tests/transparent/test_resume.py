@@ -47,6 +47,8 @@ def _kill_and_resume(tmp_path, mode: str, **env: str):
     # optimizer step pre-hook object): the relaunch ran them as made anew (running mean, noise, warm-up count)
     ("modglobals", 13),  # settings in the script's own modules the loop changes (a scale, a log, a call
     # counter behind an imported function): no frame of those modules runs, so they came back as imported
+    ("codestate", 13),  # a class attribute, a function attribute and a mutable default the loop changes:
+    # classes and functions were skipped as code, so the relaunch started them over
     ("islice", 13),  # 7 batches of each epoch's 10 (itertools.islice): the relaunch's islice counted from 0
                      # again and ran past 7 ("a loop over itertools.islice, whose position cannot be restored")
 ])

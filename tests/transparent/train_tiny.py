@@ -40,7 +40,9 @@ pre-hook object keeping a running mean, a gradient hook closure drawing noise, a
 object counting steps for a weight-decay warm-up, none held by a variable, and a LambdaLR whose factor
 function counts its calls in a closure; modglobals: settings in modules of the script's own that the loop
 changes, tiny_settings.py (``import tiny_settings``: a scale decayed after each step, a log of the losses) and
-tiny_counter.py (reached only through ``from tiny_counter import jitter``: a call counter))
+tiny_counter.py (reached only through ``from tiny_counter import jitter``: a call counter); codestate: values
+the script keeps on its classes and functions: a class attribute annealed after each step, a function attribute
+counting calls for a warm-up, a mutable default argument keeping recent values)
 KILL_AT=N: SIGKILL itself right after optimizer step N (only when KILL_MARK does not exist yet)
 TERM_AT=N: SIGTERM itself right after optimizer step N (same marker rule)
 argv[1]: where to torch.save the final state
@@ -233,6 +235,17 @@ if MODE == "hooks":  # stateful hooks only torch holds (no variable of the scrip
 if MODE == "modglobals":
     import tiny_settings
     from tiny_counter import jitter
+if MODE == "codestate":
+    class Schedule:
+        temperature = 1.0  # a class-level setting the loop anneals
+
+    def warm():
+        warm.calls = getattr(warm, "calls", 0) + 1  # a function attribute as a counter
+        return min(1.0, warm.calls / 8)
+
+    def smoothed(x, recent=[]):  # noqa: B006 - a mutable default keeping state, on purpose
+        recent.append(x)
+        return sum(recent[-3:]) / len(recent[-3:])
 if MODE == "patched":
     def patched_step(self, *a, **k):  # what some libraries do to an optimizer instance
         return type(self).step(self, *a, **k)
@@ -306,10 +319,14 @@ def train_step(x, y):
         out = model(x) * temp.exp() + shift if MODE == "loose" else model(x)
         if MODE == "modglobals":
             out = jitter(out) * tiny_settings.SCALE
+        if MODE == "codestate":
+            out = out / Schedule.temperature * warm() * smoothed(1.0 + step % 3)
         (criterion(out, y) if MODE.startswith("attrs") else ((out - y) ** 2).mean()).backward()
         compiled_opt_step() if MODE.startswith("compiled_step") else opts[0].step()
         if MODE == "hooks":
             decay.step()
+        if MODE == "codestate":
+            Schedule.temperature *= 0.97
         if MODE == "modglobals":
             tiny_settings.SCALE *= 0.97
             tiny_settings.LOG.append(float(out.mean()))
@@ -557,6 +574,9 @@ else:
 print("TRAINED", step, flush=True)
 if MODE.startswith("attrs"):
     models["annealed"] = {"calls": torch.tensor(last.calls), "gain": last.gain, "table": last.table}
+if MODE == "codestate":
+    models["codestate"] = {"temperature": torch.tensor(Schedule.temperature), "calls": torch.tensor(warm.calls),
+                           "recent": torch.tensor(smoothed.__defaults__[0])}
 if MODE == "modglobals":
     import tiny_counter
     models["settings"] = {"scale": torch.tensor(tiny_settings.SCALE), "log": torch.tensor(tiny_settings.LOG),
