@@ -229,12 +229,23 @@ def _class_values(cls: type) -> dict:
             and not isinstance(v, (type, types.ModuleType))}
 
 
+_CODE_MEMO: dict[int, bool] = {}  # id -> _stateful_code's answer, within one capture (cleared at its start and end)
+
+
 def _stateful_code(v: Any) -> bool:
     """A function or class of the script holding values a loop may change (``_fn_values``, ``_class_values``):
     followed like a plain object."""
     if type(v) is types.FunctionType:
-        return frames.is_user_file(v.__code__.co_filename) and bool(_fn_values(v))
-    return isinstance(v, type) and _script_class(v) and bool(_class_values(v))
+        known = _CODE_MEMO.get(id(v))
+        if known is None:
+            known = _CODE_MEMO[id(v)] = frames.is_user_file(v.__code__.co_filename) and bool(_fn_values(v))
+        return known
+    if not isinstance(v, type):
+        return False
+    known = _CODE_MEMO.get(id(v))
+    if known is None:
+        known = _CODE_MEMO[id(v)] = _script_class(v) and bool(_class_values(v))
+    return known
 
 
 def _followed(obj: Any) -> dict:
@@ -766,6 +777,15 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     saved again here: a variable naming one keeps the live tensor, which is restored in place);
     ``optimizers``: the tracked optimizers (the attributes of those of script classes, ``object_attrs``);
     ``schedulers``: the tracked LR schedulers (a ``LambdaLR``'s closures, ``hook_objects``)."""
+    _CODE_MEMO.clear()
+    try:
+        return _capture(user, point, max_bytes, modules, registered, loose, optimizers, schedulers)
+    finally:
+        _CODE_MEMO.clear()
+
+
+def _capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list, registered: list,
+             loose: list, optimizers: list, schedulers: list) -> Capture:
     if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
         cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
                        "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user],
