@@ -64,6 +64,7 @@ import random
 import sys
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -229,23 +230,35 @@ def _class_values(cls: type) -> dict:
             and not isinstance(v, (type, types.ModuleType))}
 
 
-_CODE_MEMO: dict[int, bool] = {}  # id -> _stateful_code's answer, within one capture (cleared at its start and end)
+# function or class -> (what its answer depends on, _stateful_code's answer): weak, so a freed one's entry goes
+_CODE_MEMO: "weakref.WeakKeyDictionary[Any, tuple[tuple, bool]]" = weakref.WeakKeyDictionary()
 
 
 def _stateful_code(v: Any) -> bool:
     """A function or class of the script holding values a loop may change (``_fn_values``, ``_class_values``):
-    followed like a plain object."""
+    followed like a plain object. Worked out again when the number of its attributes (or its defaults) change."""
     if type(v) is types.FunctionType:
-        known = _CODE_MEMO.get(id(v))
-        if known is None:
-            known = _CODE_MEMO[id(v)] = frames.is_user_file(v.__code__.co_filename) and bool(_fn_values(v))
-        return known
-    if not isinstance(v, type):
+        d = _instance_dict(v)
+        token = (len(d) if d is not None else 0, id(v.__defaults__))
+    elif isinstance(v, type):
+        token = (len(vars(v)),)
+    else:
         return False
-    known = _CODE_MEMO.get(id(v))
-    if known is None:
-        known = _CODE_MEMO[id(v)] = _script_class(v) and bool(_class_values(v))
-    return known
+    try:
+        known = _CODE_MEMO.get(v)
+    except TypeError:  # (a class that cannot be weakly referenced or hashed)
+        known = None
+    if known is not None and known[0] == token:
+        return known[1]
+    if type(v) is types.FunctionType:
+        answer = frames.is_user_file(v.__code__.co_filename) and bool(_fn_values(v))
+    else:
+        answer = _script_class(v) and bool(_class_values(v))
+    try:
+        _CODE_MEMO[v] = (token, answer)
+    except TypeError:
+        pass
+    return answer
 
 
 def _followed(obj: Any) -> dict:
@@ -279,11 +292,25 @@ _REACHED_MAX = 16  # script modules whose globals are kept besides those on the 
 _MIN_ITEM_BYTES = 16  # the least an element of a container adds to a value's size (sys.getsizeof(None))
 
 
+_REACHED_MEMO: list = [None, []]  # [what the last answer depends on, that answer]
+
+
 def _reached_modules(sources: list[dict]) -> list[dict]:
     """The globals of the script's own modules (files of the script, not installed packages) that the modules
     of ``sources`` reach through their globals, breadth-first, at most ``_REACHED_MAX``: ``import settings``,
     ``from helpers import f``, a class or an object of theirs. A setting such a module keeps and the loop changes
-    (``settings.SCALE *= 0.97``, a call counter behind ``f``) is loop state, though no frame of it is running."""
+    (``settings.SCALE *= 0.97``, a call counter behind ``f``) is loop state, though no frame of it is running.
+    Looked for again when a module's number of globals changes (an import binds a name)."""
+    token = tuple((id(g), len(g)) for g in sources)
+    if _REACHED_MEMO[0] == token and all(len(g) == n for g, n in _REACHED_MEMO[1]):
+        return [g for g, _ in _REACHED_MEMO[1]]
+    out = _walk_modules(sources)
+    _REACHED_MEMO[:] = [token, [(g, len(g)) for g in out]]
+    return out
+
+
+def _walk_modules(sources: list[dict]) -> list[dict]:
+    """``_reached_modules``' breadth-first walk."""
     names = {g.get("__name__") for g in sources}
     out: list[dict] = []
     queue = list(sources)
@@ -777,11 +804,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     saved again here: a variable naming one keeps the live tensor, which is restored in place);
     ``optimizers``: the tracked optimizers (the attributes of those of script classes, ``object_attrs``);
     ``schedulers``: the tracked LR schedulers (a ``LambdaLR``'s closures, ``hook_objects``)."""
-    _CODE_MEMO.clear()
-    try:
-        return _capture(user, point, max_bytes, modules, registered, loose, optimizers, schedulers)
-    finally:
-        _CODE_MEMO.clear()
+    return _capture(user, point, max_bytes, modules, registered, loose, optimizers, schedulers)
 
 
 def _capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list, registered: list,

@@ -1838,3 +1838,38 @@ def test_values_kept_on_the_scripts_classes_and_functions_are_restored():
     resumed = code_state_loop(restore, [])
     assert resumed == plain and (Annealed.seen, remembered.__defaults__[1]) == (
         [0, 1, 2, 3, 4, 5], {k: k + 1 for k in range(6)})
+
+
+class LaterAnnealed:  # gains its first data attribute after a capture looked at it
+    def method(self):
+        return 1
+
+
+def later_counted():
+    return 1
+
+
+def test_a_class_or_function_that_gains_values_after_a_capture_is_followed_at_the_next():
+    """What was worked out about a class or function (``_stateful_code``) is worked out again when its number of
+    attributes changes: one that had no values at the first snapshot and has one later is followed then."""
+    def probe():
+        tree = loopstate.capture([sys._getframe(1)], "step", 1 << 20, []).tree
+        return {o["at"][2] for o in tree["objects"] if o["at"][:1] == ["g"]}
+
+    assert not {"LaterAnnealed", "later_counted"} & probe()
+    LaterAnnealed.temperature, later_counted.calls = 0.5, 3
+    try:
+        assert {"LaterAnnealed", "later_counted"} <= probe()
+    finally:
+        del LaterAnnealed.temperature, later_counted.calls
+
+
+def test_a_module_bound_after_a_capture_is_reached_at_the_next(tmp_path, monkeypatch):
+    helper, _ = _reached_script_modules(tmp_path, monkeypatch)
+    ns = {"__name__": "reach_later"}
+    exec("import sys\n\ndef step(hook):\n    hook(sys._getframe())\n", ns)
+    got = []
+    ns["step"](lambda f: got.append(loopstate.capture([f], "step", 1 << 20, []).tree.get("reached")))
+    ns["bump"] = helper.bump  # a lazy import binds a name in the running module
+    ns["step"](lambda f: got.append(loopstate.capture([f], "step", 1 << 20, []).tree.get("reached")))
+    assert got[0] is None and sorted(n for n, _ in got[1]) == ["reached_helper", "reached_settings"]
