@@ -58,8 +58,8 @@ import enum
 import fractions
 import functools
 import hashlib
-import os
 import itertools
+import os
 import random
 import sys
 import types
@@ -223,7 +223,7 @@ def _fn_values(fn: types.FunctionType) -> dict:
 
 def _class_values(cls: type) -> dict:
     """A class's own data attributes (``Net.temperature *= 0.98``): not its methods, properties or other
-    descriptors, nested classes or dunder names. None for an enum's members."""
+    descriptors, nested classes or dunder names; nothing of an enum (its members are class attributes)."""
     if issubclass(cls, enum.Enum):
         return {}
     return {k: v for k, v in vars(cls).items() if not k.startswith("__") and not hasattr(type(v), "__get__")
@@ -483,7 +483,7 @@ class _Encoder:
         if t in (list, tuple, dict, set, frozenset, collections.deque) or isinstance(v, dict):
             self._grow(sys.getsizeof(v))
             # Every element counts 16 bytes at least (None's size): a container over the cap by its length alone
-            # is left out before its elements are walked (a module's list of a million file names: 0.3 s a snapshot).
+            # is left out before its elements are walked (a module's list of a million file names, every snapshot).
             self._room(_MIN_ITEM_BYTES * len(v) * (2 if isinstance(v, dict) else 1))
         if t is list or t is tuple:
             self.sequences.append(id(v))
@@ -804,11 +804,6 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
     saved again here: a variable naming one keeps the live tensor, which is restored in place);
     ``optimizers``: the tracked optimizers (the attributes of those of script classes, ``object_attrs``);
     ``schedulers``: the tracked LR schedulers (a ``LambdaLR``'s closures, ``hook_objects``)."""
-    return _capture(user, point, max_bytes, modules, registered, loose, optimizers, schedulers)
-
-
-def _capture(user: list[types.FrameType], point: str, max_bytes: int, modules: list, registered: list,
-             loose: list, optimizers: list, schedulers: list) -> Capture:
     if max_bytes <= 0:  # turned off: the stack only, so a step-point checkpoint still resumes where it was
         cap = Capture({"version": VERSION, "stack": stack_signature(user, point),
                        "argv": [str(a) for a in sys.argv[1:]], "globals": {}, "locals": [{} for _ in user],
