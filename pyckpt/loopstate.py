@@ -463,13 +463,17 @@ class _Encoder:
         # int 28 bytes), so a list of a million small lists is over the cap, and the walk stops there
         # instead of encoding (and flattening, and writing) every element at every snapshot.
         self.size += n
-        self._room(0)
+        if self.size > self.limit:  # (inline: called for every value encoded)
+            self._over()
 
     def _room(self, n: int) -> None:
         """Raise if ``n`` more bytes would be over the cap (``_grow`` without growing)."""
         if self.size + n > self.limit:
-            raise _Skip(f"over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes} (Python objects counted "
-                        f"by their in-memory size)", True)
+            self._over()
+
+    def _over(self) -> None:
+        raise _Skip(f"over PYCKPT_LOOP_STATE_MAX_BYTES={self.max_bytes} (Python objects counted "
+                    f"by their in-memory size)", True)
 
     def value(self, v: Any, depth: int = 0) -> list:
         t = type(v)
