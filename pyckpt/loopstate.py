@@ -90,6 +90,9 @@ _STDLIB_VALUES: dict[type, Callable[[Any], list]] = {
     array.array: lambda v: ["aa", v.typecode, v.tobytes()],
 }
 _CONTAINERS = (list, tuple, dict, set, frozenset, collections.deque)
+_SCALAR_SET = frozenset(_SCALARS)
+_CONTAINER_SET = frozenset(_CONTAINERS)
+_VALUE_SET = _SCALAR_SET | _CONTAINER_SET | {torch.Tensor}  # never an object followed in place (a quick test)
 
 
 class _Skip(Exception):
@@ -484,20 +487,20 @@ class _Encoder:
             return ["v", v]
         if isinstance(v, torch.Tensor):
             return self.tensor(v)
-        if t in (list, tuple, dict, set, frozenset, collections.deque) or isinstance(v, dict):
+        if t in _CONTAINER_SET or isinstance(v, dict):
             self._grow(sys.getsizeof(v))
             # Every element counts 16 bytes at least (None's size): a container over the cap by its length alone
             # is left out before its elements are walked (a module's list of a million file names, every snapshot).
             self._room(_MIN_ITEM_BYTES * len(v) * (2 if isinstance(v, dict) else 1))
         if t is list or t is tuple:
             self.sequences.append(id(v))
-            return ["l" if isinstance(v, list) else "u", [self.value(x, depth + 1) for x in v]]
+            return ["l" if t is list else "u", self._items(v, depth + 1)]
         if isinstance(v, dict) and (t is dict or t.__module__ == "collections"):
-            return ["d", [[self.value(k, depth + 1), self.value(x, depth + 1)] for k, x in v.items()]]
+            return ["d", self._pairs(v, depth + 1)]
         if t in (set, frozenset):
-            return ["s" if t is set else "f", [self.value(x, depth + 1) for x in v]]
+            return ["s" if t is set else "f", self._items(v, depth + 1)]
         if t is collections.deque:
-            return ["q", [self.value(x, depth + 1) for x in v], v.maxlen]
+            return ["q", self._items(v, depth + 1), v.maxlen]
         if t is torch.device or t is torch.dtype:
             return ["x", v]  # the state format stores both
         if t in _STDLIB_VALUES:
@@ -535,6 +538,50 @@ class _Encoder:
         if out is not None:
             return out
         raise self.skip(v)
+
+    def _items(self, v: Any, depth: int) -> list:
+        """``value`` of each element of ``v`` at ``depth``. Scalars, most elements of a loop's lists, are encoded
+        here rather than by a call each (a capture runs at every snapshot), and the cap checked after them."""
+        if depth > 32 and len(v):
+            raise _Skip("nested too deeply", True)
+        out: list = []
+        add = out.append
+        size = self.size
+        for x in v:
+            if type(x) in _SCALAR_SET:
+                size += sys.getsizeof(x)
+                add(["v", x])
+            else:
+                self.size = size
+                add(self.value(x, depth))
+                size = self.size
+        self._grow(size - self.size)
+        return out
+
+    def _pairs(self, v: dict, depth: int) -> list:
+        """``[[key, value], ...]`` of a dict, each encoded by ``value`` at ``depth`` (scalars here, as ``_items``)."""
+        if depth > 32 and len(v):
+            raise _Skip("nested too deeply", True)
+        out: list = []
+        add = out.append
+        size = self.size
+        for k, x in v.items():
+            if type(k) in _SCALAR_SET:
+                size += sys.getsizeof(k)
+                ek = ["v", k]
+            else:
+                self.size = size
+                ek = self.value(k, depth)
+                size = self.size
+            if type(x) in _SCALAR_SET:
+                size += sys.getsizeof(x)
+                add([ek, ["v", x]])
+            else:
+                self.size = size
+                add([ek, self.value(x, depth)])
+                size = self.size
+        self._grow(size - self.size)
+        return out
 
     def struct(self, v: Any, depth: int) -> list | None:
         """A value of a script class (``_script_class``) that is not a plain object followed in place at
@@ -705,7 +752,7 @@ class _Encoder:
         return _Skip(f"{name} is not a restorable kind", False)
 
     def tensor(self, v: torch.Tensor) -> list:
-        if isinstance(v, torch.nn.Parameter):
+        if type(v) is not torch.Tensor and isinstance(v, torch.nn.Parameter):  # (Parameter's isinstance is slow)
             raise _Skip("a parameter (restored with its module)", False)
         try:
             ptr = v.untyped_storage().data_ptr()
@@ -816,7 +863,8 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         return cap
     enc = _Encoder(max_bytes, _tracked(modules, list(registered), list(loose)))
     enc.running = {id(f) for f in user}
-    enc.loop_iterators = _nested_iterators([it for f in user for it in frames.loop_iterators(f) or ()])
+    frame_iterators = [frames.loop_iterators(f) for f in user]  # (read once: the stack walk is not free)
+    enc.loop_iterators = _nested_iterators([it for its in frame_iterators for it in its or ()])
     cap = Capture({})
     objects: list[tuple[Any, list]] = []  # (object, path)
     seen: set[int] = set()
@@ -835,7 +883,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
         if path[-1] in exclude:  # the script's own opt-out: __pyckpt_exclude__ = {"name", ...}
             cap.skipped[name] = "listed in __pyckpt_exclude__"
             return None
-        if _plain_object(v) or _script_closure(v) or _stateful_code(v):
+        if type(v) not in _VALUE_SET and (_plain_object(v) or _script_closure(v) or _stateful_code(v)):
             if path[0] != "gen" and id(v) not in seen:  # not via generators
                 if len(objects) < MAX_OBJECTS:
                     seen.add(id(v))
@@ -900,7 +948,7 @@ def capture(user: list[types.FrameType], point: str, max_bytes: int, modules: li
                 if e is not None:
                     out[name] = e
         loc.append(out)
-        its = frames.loop_iterators(f)
+        its = frame_iterators[n]
         if its is None:
             iters.append(None)
             if frames.active_loops(f):

@@ -1873,3 +1873,32 @@ def test_a_module_bound_after_a_capture_is_reached_at_the_next(tmp_path, monkeyp
     ns["bump"] = helper.bump  # a lazy import binds a name in the running module
     ns["step"](lambda f: got.append(loopstate.capture([f], "step", 1 << 20, []).tree.get("reached")))
     assert got[0] is None and sorted(n for n, _ in got[1]) == ["reached_helper", "reached_settings"]
+
+
+def test_strings_in_a_list_or_dict_count_toward_the_cap_and_depth_is_bounded():
+    """The scalars of a container count their size (20 strings of ~150 bytes: over a 1,000-byte cap, though not by
+    their number alone), in a list and in a dict; a value nested 33 deep is left out as nested too deeply, 32 deep is kept."""
+    names = [f"{i:0100d}" for i in range(20)]
+    table = {i: f"{i:0100d}" for i in range(20)}
+    small = ["a", "b"]
+    deep: list = [1]  # 33 lists, one in another: the number in the innermost is 33 deep
+    for _ in range(32):
+        deep = [deep]
+    shallow: list = [1]  # 32: kept
+    for _ in range(31):
+        shallow = [shallow]
+
+    def probe(max_bytes):
+        cap = loopstate.capture([sys._getframe(1)], "step", max_bytes, [])
+        return cap, {**cap.skipped, **cap.warnings}, cap.tree["locals"][0]
+
+    cap, reasons, kept = probe(1000)
+    for name in ("names", "table"):
+        why = reasons[next(k for k in reasons if k.startswith(f"{name} "))]
+        assert why.startswith("over PYCKPT_LOOP_STATE_MAX_BYTES=1000"), why
+    assert kept["small"] == ["l", [["v", "a"], ["v", "b"]]]
+    assert not any(k.startswith(("names", "table")) for k in kept)
+    cap, reasons, kept = probe(1 << 20)
+    assert "nested too deeply" in reasons[next(k for k in reasons if k.startswith("deep "))]
+    assert {"names", "table", "shallow"} <= set(kept) and "deep" not in kept
+    assert kept["table"][1][3] == [["v", 3], ["v", f"{3:0100d}"]]
