@@ -63,6 +63,7 @@ class Session:
         self.ckpt: Any = None
         self.coord: Any = None
         self.source: Any = None  # resume.Source while a restore is pending
+        self._weights_at_start: torch.Tensor | None = None  # _check_manual_updates
         self.launch: str | None = None  # resume.launch_id(), set at the start
         self.future: Any = None
         self.last_snapshot_step = -1
@@ -331,6 +332,7 @@ class Session:
         self._install_sigterm()
         # The one heap scan (objects made before the hooks), now rather than in a snapshot's stall.
         self.discovery.scan_once()
+        self._weights_at_start = self._weight_sample()
         self.coord = _coordinator()
         self.ckpt = Checkpointer(self.directory, keep=knobs.get("PYCKPT_KEEP"),
                                  compress=knobs.get("PYCKPT_COMPRESS"), coordinator=self.coord)
@@ -401,11 +403,31 @@ class Session:
 
     # -- undetectable patterns -----------------------------------------------------------
     def _check_manual_updates(self) -> None:
-        # Weights updated by hand are checkpointed at the end of backward() (_patch_backward); gradients
-        # without any backward() call (torch.autograd.grad) leave no step to resume at.
-        if self.step == 0 and self.discovery.grads_without_optimizer():
-            self._give_up("a DataLoader feeds training but no torch.optim optimizer ever steps and backward() "
-                          "is never called, so pyckpt cannot see the training steps")
+        """Once, at the tracker's ``check_at``-th batch: with no step counted yet, say why none will be.
+        Gradients there mean backward() runs and the step is still to come (accumulation over more batches,
+        which this check used to end every checkpoint of): nothing to say. Without them, weights updated from
+        torch.autograd.grad or torch.func have no backward() to stop at (weights updated by hand from
+        backward() are checkpointed there, _patch_backward), or nothing trains. Said, not given up on: a
+        step that comes later (an evaluation first) is checkpointed as usual."""
+        if self.step != 0 or self.source is not None or self.disabled_reason is not None:
+            return
+        if self._backwards_unstepped or self.discovery.grads_without_optimizer():
+            return
+        before, now = self._weights_at_start, self._weight_sample()
+        if before is not None and now is not None and before.shape == now.shape and not torch.equal(before, now):
+            why = ("the model's weights changed with no torch.optim optimizer step and no backward() "
+                   "(updated from torch.autograd.grad?)")
+        else:
+            why = ("no torch.optim optimizer stepped and backward() was not called (no training, or weights the "
+                   "loop holds itself updated through torch.func or torch.autograd.grad)")
+        say(f"warning: no training step in the first {self.tracker.check_at} batches: {why}; no checkpoint is "
+            "taken until one comes. Update the weights with a torch.optim optimizer or from backward(), or save "
+            "them with pyckpt.Checkpointer (docs/TRANSPARENCY.md, \"What is not restored\")", "warning")
+
+    def _weight_sample(self) -> torch.Tensor | None:
+        """First values of up to 16 trainable parameters (``_check_manual_updates``: did weights change?)."""
+        params = [p for m in self.discovery.trainable_roots() for p in m.parameters()][:16]
+        return sharded.first_values(params) if params else None
 
     def _give_up(self, reason: str) -> None:
         if self.disabled_reason is None:
