@@ -14,6 +14,7 @@ On resume the state is restored at exactly that point.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import sys
@@ -63,7 +64,8 @@ class Session:
         self.ckpt: Any = None
         self.coord: Any = None
         self.source: Any = None  # resume.Source while a restore is pending
-        self._weights_at_start: torch.Tensor | None = None  # _check_manual_updates
+        self._grad_calls = 0  # torch.autograd.grad calls until the first-batches check (_patch_grad)
+        self._grad_patch: tuple[Any, Any] | None = None
         self.launch: str | None = None  # resume.launch_id(), set at the start
         self.future: Any = None
         self.last_snapshot_step = -1
@@ -108,6 +110,7 @@ class Session:
         own_resume.install(self, self.hooks)
         self._patch_destroy_process_group()
         self._patch_backward()
+        self._patch_grad()
 
     def uninstall(self) -> None:
         """Remove every hook, wait for an in-flight checkpoint, restore the SIGTERM handler."""
@@ -246,6 +249,7 @@ class Session:
                     f"counted them {why}")
             if self._primary is None:
                 self._drop_backward()
+                self._drop_grad()
             self._primary = weakref.ref(opt)
             self._primary_params = frozenset(id(p) for g in opt.param_groups for p in g["params"])
         self._on_step("step")
@@ -332,7 +336,6 @@ class Session:
         self._install_sigterm()
         # The one heap scan (objects made before the hooks), now rather than in a snapshot's stall.
         self.discovery.scan_once()
-        self._weights_at_start = self._weight_sample()
         self.coord = _coordinator()
         self.ckpt = Checkpointer(self.directory, keep=knobs.get("PYCKPT_KEEP"),
                                  compress=knobs.get("PYCKPT_COMPRESS"), coordinator=self.coord)
@@ -403,31 +406,46 @@ class Session:
 
     # -- undetectable patterns -----------------------------------------------------------
     def _check_manual_updates(self) -> None:
-        """Once, at the tracker's ``check_at``-th batch: with no step counted yet, say why none will be.
-        Gradients there mean backward() runs and the step is still to come (accumulation over more batches,
-        which this check used to end every checkpoint of): nothing to say. Without them, weights updated from
-        torch.autograd.grad or torch.func have no backward() to stop at (weights updated by hand from
-        backward() are checkpointed there, _patch_backward), or nothing trains. Said, not given up on: a
-        step that comes later (an evaluation first) is checkpointed as usual."""
-        if self.step != 0 or self.source is not None or self.disabled_reason is not None:
+        """Once, at the tracker's ``check_at``-th batch: with no step counted yet and gradients taken by
+        ``torch.autograd.grad`` (``torch.func`` takes them so too) but none by ``backward()``, the weights are
+        updated where pyckpt has no step to stop at (weights updated by hand from backward() are checkpointed
+        there, _patch_backward): say so. Gradients from backward() with no step yet are accumulation over more
+        batches, whose step comes later (this check used to end every checkpoint of such a run); a window of
+        batches fetched before its backward() calls (Hugging Face's Trainer) has none yet: nothing to say
+        for either. Said, not given up on: a step that comes later is checkpointed as usual."""
+        self._drop_grad()
+        if self.step != 0 or self.source is not None or self.disabled_reason is not None or not self._grad_calls:
             return
         if self._backwards_unstepped or self.discovery.grads_without_optimizer():
             return
-        before, now = self._weights_at_start, self._weight_sample()
-        if before is not None and now is not None and before.shape == now.shape and not torch.equal(before, now):
-            why = ("the model's weights changed with no torch.optim optimizer step and no backward() "
-                   "(updated from torch.autograd.grad?)")
-        else:
-            why = ("no torch.optim optimizer stepped and backward() was not called (no training, or weights the "
-                   "loop holds itself updated through torch.func or torch.autograd.grad)")
-        say(f"warning: no training step in the first {self.tracker.check_at} batches: {why}; no checkpoint is "
-            "taken until one comes. Update the weights with a torch.optim optimizer or from backward(), or save "
-            "them with pyckpt.Checkpointer (docs/TRANSPARENCY.md, \"What is not restored\")", "warning")
+        say(f"warning: no training step in the first {self.tracker.check_at} batches: gradients are taken with "
+            "torch.autograd.grad (or torch.func), with no torch.optim optimizer step and no backward(), so pyckpt "
+            "has no step to stop at; no checkpoint is taken until one comes. Update the weights with a torch.optim "
+            "optimizer or from backward(), or save them with pyckpt.Checkpointer (docs/TRANSPARENCY.md, "
+            "\"What is not restored\")", "warning")
 
-    def _weight_sample(self) -> torch.Tensor | None:
-        """First values of up to 16 trainable parameters (``_check_manual_updates``: did weights change?)."""
-        params = [p for m in self.discovery.trainable_roots() for p in m.parameters()][:16]
-        return sharded.first_values(params) if params else None
+    def _patch_grad(self) -> None:
+        """Count ``torch.autograd.grad`` calls until the first-batches check (``_check_manual_updates``), which
+        puts torch's own back (``_drop_grad``); so does an optimizer's first step. ``torch.func``'s transforms
+        look it up at each call too."""
+        original = torch.autograd.grad
+        session = self
+
+        def grad(*args, **kwargs):
+            session._grad_calls += 1
+            return original(*args, **kwargs)
+
+        self._grad_patch = (eager(functools.wraps(original)(grad)), original)
+        self.hooks.patch(torch.autograd, "grad", self._grad_patch[0])
+
+    def _drop_grad(self) -> None:
+        """Put torch's own ``torch.autograd.grad`` back (unless something wrapped it over pyckpt's since)."""
+        if self._grad_patch is None:
+            return
+        wrapper, original = self._grad_patch
+        self._grad_patch = None
+        if torch.autograd.grad is wrapper:
+            torch.autograd.grad = original
 
     def _give_up(self, reason: str) -> None:
         if self.disabled_reason is None:

@@ -1,7 +1,8 @@
 """Training loops whose first optimizer step comes late or never (driven by tests/transparent/test_unseen_steps.py).
 
 MODE: accum (ACCUM micro-batches of one sample, default 20, per AdamW step: backward() at each, the first step
-after ACCUM fetches) | autograd_grad (the model's weights updated by hand from torch.autograd.grad: no optimizer,
+after ACCUM fetches) | prefetch (the same, each window's batches fetched before its backward() calls, as Hugging
+Face's Trainer does) | autograd_grad (the model's weights updated by hand from torch.autograd.grad: no optimizer,
 no backward()) | func (torch.func.grad over a dict of parameter tensors the loop holds; the module is a template
 only) | eval (no training: a loss summed over the loader).
 KILL_AT=N: SIGKILL itself right after optimizer step N, once (KILL_MARK: the file that says it was done).
@@ -43,6 +44,20 @@ if MODE == "accum":
                 opt.zero_grad()
                 step += 1
                 maybe_die(step)
+    out = {"model": model.state_dict(), "opt": opt.state_dict()["state"], "step": step}
+elif MODE == "prefetch":
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = 0
+    for epoch in range(2):
+        it = iter(loader)
+        for _ in range(len(loader) // ACCUM):
+            window = [next(it) for _ in range(ACCUM)]
+            for x, y in window:
+                (nn.functional.mse_loss(model(x), y) / ACCUM).backward()
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            maybe_die(step)
     out = {"model": model.state_dict(), "opt": opt.state_dict()["state"], "step": step}
 elif MODE == "autograd_grad":
     for epoch in range(2):
