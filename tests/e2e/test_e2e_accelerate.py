@@ -57,6 +57,19 @@ def test_accelerate_checkpoints_every_step_across_epoch_ends(references, tmp_pat
     assert _harness.committed_steps(ckpt) == list(range(1, 22)), run.stderr[-2000:]
 
 
+def test_accelerate_accumulating_16_micro_batches_per_step_is_checkpointed(tmp_path):
+    # 80 micro-batches an epoch, 16 per step: no step yet at the 16th batch, where pyckpt's check took the
+    # gradients for weights updated without an optimizer and took no checkpoint for the whole run
+    # ("no checkpoints will be taken"), so a relaunch started over.
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    cmd = ACCELERATE.command(out, sleep=None) + ["--accumulate", "16", "--samples", "160", "--batch-size", "2",
+                                                 "--epochs", "2", "--workers", "0"]
+    run = run_to_end(cmd, pyckpt_env(ckpt, every_steps=1, PYCKPT_KEEP="100"))
+    assert "warning" not in run.stderr, run.stderr
+    # 5 steps an epoch; the last step's snapshot would come at a fetch that never happens.
+    assert _harness.committed_steps(ckpt) == list(range(1, 10)), run.stderr[-2000:]
+
+
 def test_accelerate_sigterm_checkpoints_exits_and_resumes_exactly(references, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
     crash = sigterm_and_relaunch(ACCELERATE.command(out), pyckpt_env(ckpt, every_steps=1000), ckpt, out, 8)
