@@ -610,6 +610,11 @@ class Stream:
     step_draws: bool = False
     draws_said: bool = False
     side_steps: int = 0  # steps with a fetch from this side stream before them (lockstep: said once)
+    # The epochs the run left before their end while none of this stream's had ended yet, as [epoch, batches
+    # fetched]: a learning-rate range test drawing batches with next() before training. A relaunch replays
+    # them with their data (``replay`` of the plan), as the run's start did, instead of skipping them.
+    abandoned: list = field(default_factory=list)
+    ended_once: bool = False  # one of its epochs ended (StopIteration): no later abandoned epoch is kept
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
@@ -634,6 +639,8 @@ class Stream:
                                "epoch_steps_from": self.epoch_steps_from}
         if self.follower:
             pos["follower"] = True
+        if self.abandoned:
+            pos["abandoned"] = [list(e) for e in self.abandoned]
         if batch is None and self.ended and self.main is None:
             # This point is a fetch after the epoch's end (an apex prefetcher's next() after its last batch
             # calls next() on the exhausted iterator again): the relaunch's restore waits for its end too.
@@ -754,6 +761,11 @@ class Stream:
         first, steps = epoch_steps_of(pos)
         if steps:
             self.epoch_steps, self.epoch_steps_from = steps, first
+        # The run's record of its early-left first epochs goes on into the checkpoints written after this
+        # resume (the relaunch passed most epochs without data, recording nothing of them).
+        replay = _replayed(pos)
+        self.abandoned = [[e, replay[e]] for e in sorted(replay)]
+        self.ended_once = self.ended_once or self.epochs - 1 > len(replay)
 
     def note_epoch_start(self, step: int) -> None:
         """Record the step count at this epoch's ``iter()`` (epoch number ``self.epochs``)."""
@@ -769,6 +781,7 @@ class Stream:
 
 EPOCH_STEPS_KEPT = 256  # a framework's checkpoint older than that many epochs is not mapped (its resume wins)
 AHEAD_RNG_KEPT = 8  # random states before main-process fetches kept per stream (a wrapper's look-ahead depth)
+ABANDONED_KEPT = 8  # epochs left before their end at the run's start kept per stream (Stream.abandoned)
 
 
 DRAW_PROBE_FETCHES = 16
@@ -849,6 +862,7 @@ class FastForward:
     ended: bool = False  # the snapshot point came after the epoch's iterator had ended
     gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)  # the states of the gaps between epochs
     draws: sampler_draws.Draws = field(default_factory=sampler_draws.Draws)  # the sampler's, mid-epoch
+    replay: dict = field(default_factory=dict)  # epoch -> batches: the run's abandoned first epochs (Stream)
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -886,7 +900,25 @@ class FastForward:
                           "a loader rebuilt with another batch size or length may not be skipped", "warning")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
                    bool(pos.get("reused")), pos, fetched, others, ahead, own, fed, pos.get("ended") is True, gaps,
-                   draws)
+                   draws, _replayed(pos))
+
+
+def _replayed(pos: dict[str, Any]) -> dict[int, int]:
+    """The position's abandoned epochs before the resumed one (``Stream.abandoned``) as {epoch: batches};
+    malformed ones are said and dropped (the relaunch skips those epochs, as before they were kept)."""
+    out: dict[int, int] = {}
+    raw = pos.get("abandoned") or []
+    try:
+        for epoch, batches in raw:
+            if type(epoch) is not int or type(batches) is not int or not 0 < epoch < int(pos["epoch"]) \
+                    or batches < 1:
+                raise ValueError(epoch)
+            out[epoch] = batches
+    except (TypeError, ValueError):
+        _say_once("warning: the checkpoint's record of the epochs the run left before their end is malformed; "
+                  "those epochs are skipped without data", "warning")
+        return {}
+    return out
 
 
 def _parsed(pos: dict[str, Any], key: str, kind: Any, malformed: str) -> Any:
@@ -1067,6 +1099,18 @@ def _caused_by_skip(exc: BaseException | None) -> bool:
     return False
 
 
+def skip_note(first: int, resumed: int) -> str | None:
+    """The line saying that epochs ``first`` .. ``resumed - 1`` (0-based, as ``range()`` numbers them) run
+    again without data before the restore point in epoch ``resumed``; None when there are none."""
+    if resumed <= first:
+        return None
+    many = resumed - first > 1
+    return (f"epoch{'s' if many else ''} {first}{f'-{resumed - 1}' if many else ''} run{'' if many else 's'} again "
+            f"without data before the restore point (epoch {resumed}): what the script's per-epoch code prints or "
+            "writes to files there reflects the state before the restore, and variables set only inside the "
+            "loader loop hold the checkpoint's values there")
+
+
 class LoaderTracker:
     """Tracks every DataLoader's iteration; drives snapshot points and fast-forward.
 
@@ -1087,6 +1131,7 @@ class LoaderTracker:
         self.plan_stream: Stream | None = None  # set once the plan's epoch iterator exists
         self.adopted: Stream | None = None  # PYCKPT_RESUME_EDITED=tracked: the training loader over new data
         self.skip_note: str | None = None  # said when the first skipped epoch of the plan's stream ends
+        self.skip_span: tuple[int, int] | None = None  # (first, resumed) of that note (set_skip_note)
         self.wrapper_depth = 0  # > 0 while a registered look-ahead wrapper runs its own code
         self._first = True
         self.steps_marked = 0  # optimizer steps with a fetch before them (zipped-loader detection)
@@ -1096,6 +1141,7 @@ class LoaderTracker:
         self.ok_fetches = 0  # batches returned by any tracked iterator
         self._hooks: HookSet | None = None
         self._found: dict[type, bool] = {}  # iterator classes probed: counted as look-ahead wrappers or not
+        self.replaying = False  # an epoch the run left early at its start is being replayed (_replay)
 
     # -- installation ---------------------------------------------------------
     def install(self, hooks: HookSet) -> None:
@@ -1116,12 +1162,16 @@ class LoaderTracker:
                 real = it.__dict__.get("_pyckpt_real")  # (not ``or``: bool() of an iterator asks len(loader))
                 if real is None:
                     real = tracker._collapse(it, st, orig_iter, orig_next)
+                if real is None:
+                    real = tracker._replay(it, st, orig_iter)
                 if real is not None:
                     return __next__(real)
                 if tracker._target(st) is tracker.plan:
                     tracker.say_skip_note()  # a skipped epoch of the training loader ends here
             if st.main is not None and tracker._main_gone(st):
                 st = tracker._promote(st)
+            if st.batches >= it.__dict__.get("_pyckpt_replay", st.batches + 1):
+                raise SkippedEpochEnd  # more than the run took from this epoch: the relaunch has gone another way
             skipping = it.__dict__.get("_sampler_iter")
             if type(skipping) is _Skipping and not skipping.primed:
                 tracker._prime(skipping, st)  # a resumed epoch's first fetch: skip its batches now
@@ -1503,8 +1553,13 @@ class LoaderTracker:
             return orig_iter(loader)  # DataLoader.__iter__ called by a routed subclass's own: counted there
         self.ensure_started()
         st = self.stream_for(loader)
+        self.replaying = False  # a replayed epoch (below) ends with the next iter() of any loader
         if self._nested(st, loader):
             st = Stream(st.sig, self, main=st)
+        elif st.epochs and not st.skipping:
+            st.ended_once = st.ended_once or st.ended
+            if not st.ended_once and st.batches and len(st.abandoned) < ABANDONED_KEPT:
+                st.abandoned.append([st.epochs, st.batches])
         st.epochs += 1
         st.note_epoch_start(self._step())
         now = rng.cpu_raw()  # the random state at this iter(): the gap's end and the epoch's start (read once)
@@ -1537,6 +1592,42 @@ class LoaderTracker:
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)
         return it
+
+    def _replay(self, it: "_FinishedEpoch", st: Stream, orig_iter: Callable) -> Any:
+        """The script calls ``next()`` itself, where the relaunch cannot be restored (``_collapse``), on the
+        iterator of an epoch the run left early before any epoch of ``st`` ended (``plan.replay``: a
+        learning-rate range test before training). Skipped, that ``next()`` got the epoch's end at once, which
+        such code does not catch, and the relaunch stopped. Instead the epoch is run again with its data, as
+        the run's start ran it: nothing was skipped before it, so the sampler draws the same order; its steps
+        are the run's own (``replaying``: counted, no snapshot, no refusal until the next ``iter()``), and more
+        batches than the run took from it end it. A ``for`` loop still passes it without data."""
+        plan = self.plan
+        caller = sys._getframe(2)  # _replay <- the patched __next__ <- whoever asked for the item
+        if (plan is None or self._target(st) is not plan or st.main is not None or not st.skipping
+                or st.epochs not in plan.replay or st.iterator is None or st.iterator() is not it
+                or not frames.is_user_file(caller.f_code.co_filename) or not frames.calls_explicitly(caller)):
+            return None
+        loader = st.loader() if st.loader is not None else None
+        if loader is None:
+            return None
+        self._begin_epoch(st, loader)
+        self.replaying = True
+        if self.skip_span is not None and self.skip_note is not None and self.skip_span[0] == st.epochs - 1:
+            self.set_skip_note(st.epochs, self.skip_span[1])  # this one runs with its data
+        _say_once(f"epoch {st.epochs - 1}, which the run left after {plan.replay[st.epochs]} batches at its start, "
+                  "runs again with its data: the script draws its batches with next() (a learning-rate range test?)",
+                  "info")
+        real = self._start(loader, orig_iter)
+        real._pyckpt_stream = st
+        real.__dict__["_pyckpt_replay"] = plan.replay[st.epochs]
+        it.__dict__["_pyckpt_real"] = real
+        st.iterator = weakref.ref(real)
+        return real
+
+    def set_skip_note(self, first: int, resumed: int) -> None:
+        """The note said when the first skipped epoch of the plan's stream ends: epochs ``first`` ..
+        ``resumed - 1`` (0-based) run again without data (``skip_note``)."""
+        self.skip_span, self.skip_note = (first, resumed), skip_note(first, resumed)
 
     def say_skip_note(self) -> None:
         """Say once (rank 0) that the script's per-epoch code ran again in the epochs the resume skipped."""
@@ -1678,7 +1769,7 @@ class LoaderTracker:
         loader = st.loader() if st.loader is not None else None
         if loader is None:
             return None
-        self.skip_note = None  # no epoch is run again from here: the script's loop goes on in this one
+        self.skip_note = self.skip_span = None  # no epoch is run again from here: the script's loop goes on in this one
         step = self._step()
         while st.epochs < target.epoch:
             st.epochs += 1

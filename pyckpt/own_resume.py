@@ -69,7 +69,7 @@ def compose(session: Any, theirs: int | None, where: str, pyckpt_note: str = "")
     checkpoint wins (its restore stays pending; the script's next ``iter()`` of the training loader is
     counted as the epoch the loaded state resumes in)."""
     from .loader_state import Stream, epoch_steps_of
-    from .transparent import say, skip_note
+    from .transparent import say
 
     tracker = session.tracker
     tracker.ensure_started()  # pyckpt's choice of checkpoint, made now (every rank agrees)
@@ -86,7 +86,7 @@ def compose(session: Any, theirs: int | None, where: str, pyckpt_note: str = "")
                 st = tracker.streams[key] = Stream(list(plan.sig), tracker)
             st.epochs = epoch - 1
             if tracker.skip_note is not None:  # only the epochs between the loaded state's and pyckpt's are skipped
-                tracker.skip_note = skip_note(epoch - 1, plan.epoch - 1)
+                tracker.set_skip_note(epoch - 1, plan.epoch - 1)
             if rank0:
                 say(f"resume: pyckpt's checkpoint {source.path} (step {source.step}) is newer than or as new as "
                     f"{where} ({steps}); resuming from pyckpt's: it replaces the loaded state at its resume point "

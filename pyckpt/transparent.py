@@ -30,7 +30,7 @@ from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, 
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry, eager
-from .loader_state import FastForward, LoaderTracker, Stream, loop_epoch
+from .loader_state import FastForward, LoaderTracker, Stream, loop_epoch, skip_note  # noqa: F401 - own_resume
 from .policy import Policy, StoreAgreement
 
 SIGTERM_GRACE_S = 60.0  # after SIGTERM, exit anyway if no consistent point comes within this time
@@ -280,6 +280,9 @@ class Session:
                 return
             self._restore_at_step(point)
             return
+        if tr.replaying:  # an epoch the run left early at its start, replayed with its data: its own steps
+            self.step += 1
+            return
         if tr.plan is not None and tr.streams:  # (steps before any loader's iter() are replayed, then overwritten)
             self._stepped_before_restore()
         fetched = tr.last is not None and tr.fetches != self.fetches_at_step
@@ -361,7 +364,7 @@ class Session:
         if self.coord.rank == 0:
             # The fast-forward cannot skip the script's own code around the loader: say what runs again,
             # once a skipped epoch ends (one the script's own next() goes on in runs no such code again).
-            self.tracker.skip_note = skip_note(0, loop_epoch(pos))
+            self.tracker.set_skip_note(0, loop_epoch(pos))
         for opt in self.optimizers:
             # As in the run that wrote the checkpoint, the optimizer has stepped before any
             # scheduler.step() that per-epoch code makes while epochs are skipped.
@@ -828,18 +831,6 @@ class Session:
             self._grace = None
         prev, self.sigterm = self.sigterm, None
         _deliver(signal.SIGTERM, prev, None)
-
-
-def skip_note(first: int, resumed: int) -> str | None:
-    """The line saying that epochs ``first`` .. ``resumed - 1`` (0-based, as ``range()`` numbers them) run
-    again without data before the restore point in epoch ``resumed``; None when there are none."""
-    if resumed <= first:
-        return None
-    many = resumed - first > 1
-    return (f"epoch{'s' if many else ''} {first}{f'-{resumed - 1}' if many else ''} run{'' if many else 's'} again "
-            f"without data before the restore point (epoch {resumed}): what the script's per-epoch code prints or "
-            "writes to files there reflects the state before the restore, and variables set only inside the "
-            "loader loop hold the checkpoint's values there")
 
 
 def _block_sigterm() -> bool:

@@ -1,0 +1,42 @@
+"""A learning-rate range test drawing batches of the training loader with next() before training: a relaunch
+skipped its epoch, so its next() got the epoch's end at once, which it does not catch, and the relaunch stopped
+(one line, exit 1) at every resume after it. The epoch is now replayed with its data (loader_state._replay)."""
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from transparent_helpers import clean_env, load, run_script, tree_equal, zygote
+
+SCRIPT = Path(__file__).with_name("range_test_train.py")
+
+
+@pytest.mark.parametrize("style,kill_at", [
+    ("next", 13),   # in the first training epoch (the loader's second: its first is the range test's)
+    ("next", 31),   # two training epochs in
+    ("reiter", 31),  # torch-lr-finder's iterator: a new iter() at StopIteration
+    ("for", 31),    # a for loop with a break: passed without data before, as now
+])
+def test_a_range_test_before_training_resumes_exactly(tmp_path, style, kill_at):
+    out = tmp_path / "out.pt"
+    env = dict(STYLE=style, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT=str(kill_at),
+               KILL_MARK=tmp_path / "mark")
+    first = run_script([SCRIPT, out], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = run_script([SCRIPT, out], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    saved = kill_at // 4 * 4
+    assert re.search(rf"pyckpt: resumed from step ({saved}|{saved - 4}) ", second.stderr), second.stderr
+    said = "pyckpt: epoch 0, which the run left after 6 batches at its start, runs again with its data"
+    assert (said in second.stderr) == (style != "for"), second.stderr  # (a for loop passes it without data)
+    # The epochs run again without data, said once: the range test's epoch 0 is not one of them, except where
+    # it is a for loop (passed without data).
+    resumed = int(re.search(r"resumed from step \d+ \(epoch (\d+)", second.stderr).group(1))
+    first = 0 if style == "for" else 1
+    want = [] if resumed <= first else [f"epoch {first}" if resumed - first == 1 else f"epochs {first}-{resumed - 1}"]
+    assert re.findall(r"pyckpt: (epochs? [0-9-]+) runs? again without data", second.stderr) == want, second.stderr
+    plain = tmp_path / "plain.pt"
+    r = zygote.shared().run_path(SCRIPT, [plain], env=clean_env(STYLE=style), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert tree_equal(load(out), load(plain))
