@@ -313,6 +313,7 @@ class Session:
         tr = self.tracker
         if self.source is not None and stream is tr.plan_stream:
             path = self.source.path
+            tr.replaying = False  # (an iter() ends a replayed epoch before any restore point; never counted past it)
             try:
                 self._restore()
             except PyckptError as e:
