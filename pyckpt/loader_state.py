@@ -1614,9 +1614,10 @@ class LoaderTracker:
         self.replaying = True
         if self.skip_span is not None and self.skip_note is not None and self.skip_span[0] == st.epochs - 1:
             self.set_skip_note(st.epochs, self.skip_span[1])  # this one runs with its data
-        _say_once(f"epoch {st.epochs - 1}, which the run left after {plan.replay[st.epochs]} batches at its start, "
-                  "runs again with its data: the script draws its batches with next() (a learning-rate range test?)",
-                  "info")
+        n = plan.replay[st.epochs]
+        _say_once(f"epoch {st.epochs - 1}, which the run left after {n} batch{'' if n == 1 else 'es'} at its start, "
+                  "runs again with its data: the script draws its batches with next() (a sample batch before "
+                  "training, a learning-rate range test)", "info")
         real = self._start(loader, orig_iter)
         real._pyckpt_stream = st
         real.__dict__["_pyckpt_replay"] = plan.replay[st.epochs]

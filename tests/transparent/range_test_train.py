@@ -3,7 +3,8 @@
 The range test draws 6 batches of the loader's first epoch with next() (STYLE=next; STYLE=reiter: a new iter()
 at StopIteration, as torch-lr-finder's iterator does; STYLE=for: a for loop with a break), stepping SGD at a rising
 learning rate, then puts the weights back and leaves that epoch; training then runs 3 epochs of 10 batches with
-AdamW at a tenth of the best rate, dropout drawing from the global generator.
+AdamW at a tenth of the best rate, dropout drawing from the global generator. STYLE=sample: no range test, one batch
+drawn with next(iter(loader)) first (to size a model, to log a sample), the rate fixed.
 KILL_AT=N: SIGKILL itself right after training step N (counted from the range test's first), once (KILL_MARK).
 argv[1]: where to torch.save the final state.
 """
@@ -68,7 +69,11 @@ def range_test(n: int = 6, lo: float = 1e-4, hi: float = 1.0) -> float:
     return best_lr / 10
 
 
-lr = range_test()
+if STYLE == "sample":
+    sample = next(iter(loader))[0]
+    lr = 1e-2 + 1e-3 * float(sample.mean())
+else:
+    lr = range_test()
 opt = torch.optim.AdamW(model.parameters(), lr=lr)
 for epoch in range(3):
     for x, y in loader:

@@ -1,6 +1,7 @@
-"""A learning-rate range test drawing batches of the training loader with next() before training: a relaunch
-skipped its epoch, so its next() got the epoch's end at once, which it does not catch, and the relaunch stopped
-(one line, exit 1) at every resume after it. The epoch is now replayed with its data (loader_state._replay)."""
+"""A learning-rate range test drawing batches of the training loader with next() before training, or one sample
+batch drawn with next(iter(loader)): a relaunch skipped that epoch, so its next() got the epoch's end at once, which
+such code does not catch, and the relaunch stopped (one line, exit 1) at every resume after it. The epoch is now
+replayed with its data (loader_state._replay)."""
 import re
 import signal
 from pathlib import Path
@@ -17,6 +18,7 @@ SCRIPT = Path(__file__).with_name("range_test_train.py")
     ("next", 31),   # two training epochs in
     ("reiter", 31),  # torch-lr-finder's iterator: a new iter() at StopIteration
     ("for", 31),    # a for loop with a break: passed without data before, as now
+    ("sample", 21),  # one batch drawn with next(iter(loader)) before training: every relaunch stopped too
 ])
 def test_a_range_test_before_training_resumes_exactly(tmp_path, style, kill_at):
     out = tmp_path / "out.pt"
@@ -28,7 +30,8 @@ def test_a_range_test_before_training_resumes_exactly(tmp_path, style, kill_at):
     assert second.returncode == 0, second.stderr
     saved = kill_at // 4 * 4
     assert re.search(rf"pyckpt: resumed from step ({saved}|{saved - 4}) ", second.stderr), second.stderr
-    said = "pyckpt: epoch 0, which the run left after 6 batches at its start, runs again with its data"
+    said = (f"pyckpt: epoch 0, which the run left after {1 if style == 'sample' else 6} "
+            f"batch{'' if style == 'sample' else 'es'} at its start, runs again with its data")
     assert (said in second.stderr) == (style != "for"), second.stderr  # (a for loop passes it without data)
     # The epochs run again without data, said once: the range test's epoch 0 is not one of them, except where
     # it is a for loop (passed without data).
