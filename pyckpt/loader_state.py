@@ -610,11 +610,10 @@ class Stream:
     step_draws: bool = False
     draws_said: bool = False
     side_steps: int = 0  # steps with a fetch from this side stream before them (lockstep: said once)
-    # The epochs the run left before their end while none of this stream's had ended yet, as [epoch, batches
-    # fetched]: a learning-rate range test drawing batches with next() before training. A relaunch replays
-    # them with their data (``replay`` of the plan), as the run's start did, instead of skipping them.
+    # The epochs the run left before their end, the last ABANDONED_KEPT, as [epoch, batches fetched]: one
+    # sample batch drawn with next(iter(loader)) before training or at each epoch's end, a learning-rate range
+    # test. A relaunch whose script draws one of them with next() replays it with its data (``_replay``).
     abandoned: list = field(default_factory=list)
-    ended_once: bool = False  # one of its epochs ended (StopIteration): no later abandoned epoch is kept
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
@@ -765,7 +764,6 @@ class Stream:
         # resume (the relaunch passed most epochs without data, recording nothing of them).
         replay = _replayed(pos)
         self.abandoned = [[e, replay[e]] for e in sorted(replay)]
-        self.ended_once = self.ended_once or self.epochs - 1 > len(replay)
 
     def note_epoch_start(self, step: int) -> None:
         """Record the step count at this epoch's ``iter()`` (epoch number ``self.epochs``)."""
@@ -781,7 +779,7 @@ class Stream:
 
 EPOCH_STEPS_KEPT = 256  # a framework's checkpoint older than that many epochs is not mapped (its resume wins)
 AHEAD_RNG_KEPT = 8  # random states before main-process fetches kept per stream (a wrapper's look-ahead depth)
-ABANDONED_KEPT = 8  # epochs left before their end at the run's start kept per stream (Stream.abandoned)
+ABANDONED_KEPT = 256  # epochs left before their end kept per stream, the last ones (Stream.abandoned)
 
 
 DRAW_PROBE_FETCHES = 16
@@ -862,7 +860,7 @@ class FastForward:
     ended: bool = False  # the snapshot point came after the epoch's iterator had ended
     gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)  # the states of the gaps between epochs
     draws: sampler_draws.Draws = field(default_factory=sampler_draws.Draws)  # the sampler's, mid-epoch
-    replay: dict = field(default_factory=dict)  # epoch -> batches: the run's abandoned first epochs (Stream)
+    replay: dict = field(default_factory=dict)  # epoch -> batches: the run's epochs left early (Stream.abandoned)
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -1557,9 +1555,9 @@ class LoaderTracker:
         if self._nested(st, loader):
             st = Stream(st.sig, self, main=st)
         elif st.epochs and not st.skipping:
-            st.ended_once = st.ended_once or st.ended
-            if not st.ended_once and st.batches and len(st.abandoned) < ABANDONED_KEPT:
+            if not st.ended and st.batches:
                 st.abandoned.append([st.epochs, st.batches])
+                del st.abandoned[:-ABANDONED_KEPT]
         st.epochs += 1
         st.note_epoch_start(self._step())
         now = rng.cpu_raw()  # the random state at this iter(): the gap's end and the epoch's start (read once)
@@ -1595,12 +1593,14 @@ class LoaderTracker:
 
     def _replay(self, it: "_FinishedEpoch", st: Stream, orig_iter: Callable) -> Any:
         """The script calls ``next()`` itself, where the relaunch cannot be restored (``_collapse``), on the
-        iterator of an epoch the run left early before any epoch of ``st`` ended (``plan.replay``: a
-        learning-rate range test before training). Skipped, that ``next()`` got the epoch's end at once, which
-        such code does not catch, and the relaunch stopped. Instead the epoch is run again with its data, as
-        the run's start ran it: nothing was skipped before it, so the sampler draws the same order; its steps
-        are the run's own (``replaying``: counted, no snapshot, no refusal until the next ``iter()``), and more
-        batches than the run took from it end it. A ``for`` loop still passes it without data."""
+        iterator of a skipped epoch the run left early (``plan.replay``: one sample batch drawn with
+        ``next(iter(loader))``, a learning-rate range test). Skipped, that ``next()`` got the epoch's end at
+        once, which such code does not catch, and the relaunch stopped. Instead the epoch runs again with its
+        data, up to the batches the run took from it (more end it). At the run's start nothing was skipped
+        before it, so the sampler draws the same order as the run; later, what the code makes of its batches is
+        overwritten at the restore point like the rest of the per-epoch code's. Its steps are the run's own
+        (``replaying``: counted, no snapshot, no refusal until the next ``iter()``). A ``for`` loop still
+        passes it without data."""
         plan = self.plan
         caller = sys._getframe(2)  # _replay <- the patched __next__ <- whoever asked for the item
         if (plan is None or self._target(st) is not plan or st.main is not None or not st.skipping
@@ -1615,9 +1615,9 @@ class LoaderTracker:
         if self.skip_span is not None and self.skip_note is not None and self.skip_span[0] == st.epochs - 1:
             self.set_skip_note(st.epochs, self.skip_span[1])  # this one runs with its data
         n = plan.replay[st.epochs]
-        _say_once(f"epoch {st.epochs - 1}, which the run left after {n} batch{'' if n == 1 else 'es'} at its start, "
-                  "runs again with its data: the script draws its batches with next() (a sample batch before "
-                  "training, a learning-rate range test)", "info")
+        _say_once(f"epoch {st.epochs - 1}, which the run left after {n} batch{'' if n == 1 else 'es'}, runs again "
+                  "with its data, as does any other epoch the run left early that the script draws with next() (a "
+                  "sample batch, a learning-rate range test) before the restore point", "info", key="replay")
         real = self._start(loader, orig_iter)
         real._pyckpt_stream = st
         real.__dict__["_pyckpt_replay"] = plan.replay[st.epochs]
@@ -2041,9 +2041,10 @@ _LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.pa
 _SAID: set[str] = set()
 
 
-def _say_once(message: str, level: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
+def _say_once(message: str, level: str, key: str | None = None) -> None:
+    """Say ``message`` once per process (once per ``key`` when given: messages that differ in a number)."""
+    if (key or message) not in _SAID:
+        _SAID.add(key or message)
         from .activation import _say
 
         _say(message, level)

@@ -4,7 +4,8 @@ The range test draws 6 batches of the loader's first epoch with next() (STYLE=ne
 at StopIteration, as torch-lr-finder's iterator does; STYLE=for: a for loop with a break), stepping SGD at a rising
 learning rate, then puts the weights back and leaves that epoch; training then runs 3 epochs of 10 batches with
 AdamW at a tenth of the best rate, dropout drawing from the global generator. STYLE=sample: no range test, one batch
-drawn with next(iter(loader)) first (to size a model, to log a sample), the rate fixed.
+drawn with next(iter(loader)) first (to size a model, to log a sample), the rate fixed; STYLE=epoch_sample: no
+range test, and at each epoch's end one batch drawn with next(iter(loader)), its loss logged.
 KILL_AT=N: SIGKILL itself right after training step N (counted from the range test's first), once (KILL_MARK).
 argv[1]: where to torch.save the final state.
 """
@@ -69,7 +70,10 @@ def range_test(n: int = 6, lo: float = 1e-4, hi: float = 1.0) -> float:
     return best_lr / 10
 
 
-if STYLE == "sample":
+log = []
+if STYLE == "epoch_sample":
+    lr = 1e-2
+elif STYLE == "sample":
     sample = next(iter(loader))[0]
     lr = 1e-2 + 1e-3 * float(sample.mean())
 else:
@@ -83,5 +87,10 @@ for epoch in range(3):
         opt.step()
         steps += 1
         maybe_die()
-torch.save({"model": model.state_dict(), "opt": opt.state_dict()["state"], "lr": lr, "steps": steps}, sys.argv[1])
+    if STYLE == "epoch_sample":
+        xs, ys = next(iter(loader))
+        with torch.no_grad():
+            log.append(nn.functional.mse_loss(model(xs), ys))
+torch.save({"model": model.state_dict(), "opt": opt.state_dict()["state"], "lr": lr, "steps": steps, "log": log},
+           sys.argv[1])
 print("TRAINED")

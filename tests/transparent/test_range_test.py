@@ -19,6 +19,7 @@ SCRIPT = Path(__file__).with_name("range_test_train.py")
     ("reiter", 31),  # torch-lr-finder's iterator: a new iter() at StopIteration
     ("for", 31),    # a for loop with a break: passed without data before, as now
     ("sample", 21),  # one batch drawn with next(iter(loader)) before training: every relaunch stopped too
+    ("epoch_sample", 27),  # ... at each epoch's end, its loss logged: the relaunch stopped past epoch 1
 ])
 def test_a_range_test_before_training_resumes_exactly(tmp_path, style, kill_at):
     out = tmp_path / "out.pt"
@@ -30,13 +31,17 @@ def test_a_range_test_before_training_resumes_exactly(tmp_path, style, kill_at):
     assert second.returncode == 0, second.stderr
     saved = kill_at // 4 * 4
     assert re.search(rf"pyckpt: resumed from step ({saved}|{saved - 4}) ", second.stderr), second.stderr
-    said = (f"pyckpt: epoch 0, which the run left after {1 if style == 'sample' else 6} "
-            f"batch{'' if style == 'sample' else 'es'} at its start, runs again with its data")
-    assert (said in second.stderr) == (style != "for"), second.stderr  # (a for loop passes it without data)
-    # The epochs run again without data, said once: the range test's epoch 0 is not one of them, except where
-    # it is a for loop (passed without data).
+    replays = re.findall(r"pyckpt: epoch (\d+), which the run left after (\d+) batch(?:es)?, runs again with its data",
+                         second.stderr)
+    if style == "for":  # a for loop passes it without data
+        assert replays == [], second.stderr
+    else:  # said once, at the first epoch replayed
+        assert replays == [("1" if style == "epoch_sample" else "0", "6" if style in ("next", "reiter") else "1")], \
+            second.stderr
+    # The epochs run again without data, said once: the range test's or the sample's first epoch is not one of
+    # them, except where it is a for loop (passed without data); a later sample's epochs are counted in it.
     resumed = int(re.search(r"resumed from step \d+ \(epoch (\d+)", second.stderr).group(1))
-    first = 0 if style == "for" else 1
+    first = 0 if style in ("for", "epoch_sample") else 1
     want = [] if resumed <= first else [f"epoch {first}" if resumed - first == 1 else f"epochs {first}-{resumed - 1}"]
     assert re.findall(r"pyckpt: (epochs? [0-9-]+) runs? again without data", second.stderr) == want, second.stderr
     plain = tmp_path / "plain.pt"
