@@ -760,7 +760,7 @@ class Stream:
         first, steps = epoch_steps_of(pos)
         if steps:
             self.epoch_steps, self.epoch_steps_from = steps, first
-        # The run's record of its early-left first epochs goes on into the checkpoints written after this
+        # The run's record of the epochs it left early goes on into the checkpoints written after this
         # resume (the relaunch passed most epochs without data, recording nothing of them).
         replay = _replayed(pos)
         self.abandoned = [[e, replay[e]] for e in sorted(replay)]
@@ -1139,7 +1139,7 @@ class LoaderTracker:
         self.ok_fetches = 0  # batches returned by any tracked iterator
         self._hooks: HookSet | None = None
         self._found: dict[type, bool] = {}  # iterator classes probed: counted as look-ahead wrappers or not
-        self.replaying = False  # an epoch the run left early at its start is being replayed (_replay)
+        self.replaying = False  # an epoch the run left early is being replayed with its data (_replay)
 
     # -- installation ---------------------------------------------------------
     def install(self, hooks: HookSet) -> None:

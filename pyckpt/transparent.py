@@ -30,7 +30,7 @@ from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, 
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry, eager
-from .loader_state import FastForward, LoaderTracker, Stream, loop_epoch, skip_note  # noqa: F401 - own_resume
+from .loader_state import FastForward, LoaderTracker, Stream, loop_epoch
 from .policy import Policy, StoreAgreement
 
 SIGTERM_GRACE_S = 60.0  # after SIGTERM, exit anyway if no consistent point comes within this time
@@ -280,7 +280,7 @@ class Session:
                 return
             self._restore_at_step(point)
             return
-        if tr.replaying:  # an epoch the run left early at its start, replayed with its data: its own steps
+        if tr.replaying:  # an epoch the run left early, replayed with its data: its steps are the run's own
             self.step += 1
             return
         if tr.plan is not None and tr.streams:  # (steps before any loader's iter() are replayed, then overwritten)
