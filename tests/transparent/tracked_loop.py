@@ -127,5 +127,9 @@ def resumes_exactly(make: Callable[[], Any], stop: tuple[int, int], *, epochs: i
     if per_epoch is not None:
         assert n_before == stop[0] * per_epoch + stop[1], ref
     resumed, _, source = run_tracked(make, epochs, plan=(got["pos"], got["rng"]), seed=resume_seed, **kw)
-    assert resumed == ref[n_before:]
+    want = ref[n_before:]
+    if resumed != want:  # (a plain assert prints nothing here: this helper's module is not rewritten by pytest)
+        k = next((i for i, (a, b) in enumerate(zip(resumed, want)) if a != b), min(len(resumed), len(want)))
+        raise AssertionError(f"the resumed run differs from the reference at its batch {k} of {len(want)}: "
+                             f"{resumed[k:k + 2]} against {want[k:k + 2]}; position {got['pos']}")
     return got["pos"], ref_source, source
