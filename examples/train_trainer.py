@@ -47,6 +47,11 @@ def parse_args() -> argparse.Namespace:
                    help="continue from the newest checkpoint-N in the output dir, if any (the Trainer's own resume)")
     p.add_argument("--step-sleep", type=float, default=0.0,
                    help="seconds to sleep after each optimizer step (stand-in for a bigger model)")
+    p.add_argument("--eval-steps", type=int, default=0,
+                   help="evaluate on 12 other windows every N optimizer steps, printing 'eval N loss X' (0: never)")
+    p.add_argument("--persistent-workers", action="store_true",
+                   help="keep the DataLoader worker processes between epochs and evaluations")
+    p.add_argument("--dropout", type=float, default=0.0, help="the model's attention dropout while training")
     return p.parse_args()
 
 
@@ -99,6 +104,8 @@ class PrintLoss(TrainerCallback):
             epoch = max(math.ceil(state.epoch) - 1, 0)
             print(f"step {state.global_step} epoch {epoch} loss {logs['loss']!r}", flush=True)
             time.sleep(self.sleep)
+        if state.is_world_process_zero and logs and "eval_loss" in logs:
+            print(f"eval {state.global_step} loss {logs['eval_loss']!r}", flush=True)
 
 
 def main() -> None:
@@ -106,20 +113,25 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tokenizer = make_tokenizer(mask=args.mask_seed is not None)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         attention_dropout=args.dropout)
     model = LlamaForCausalLM(config)
     output_dir = args.output_dir or str(Path(args.out).with_suffix(".trainer"))
     training_args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         num_train_epochs=args.epochs, learning_rate=1e-3, lr_scheduler_type="linear", weight_decay=0.01,
         logging_steps=1, save_steps=args.save_steps, report_to=[], dataloader_num_workers=args.workers,
-        use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_tqdm=True, bf16=True)
+        use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_tqdm=True, bf16=True,
+        dataloader_persistent_workers=args.persistent_workers and args.workers > 0,
+        **({"eval_strategy": "steps", "eval_steps": args.eval_steps, "per_device_eval_batch_size": 4}
+           if args.eval_steps else {}))
     collator = {"data_collator": WordDropout(args.word_dropout, tokenizer.unk_token_id)} if args.word_dropout else {}
     if args.mask_seed is not None:
         collator = {"data_collator": DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3,
                                                                      seed=args.mask_seed)}
+    evaluation = {"eval_dataset": Windows(tokenizer, 12, seed=2)} if args.eval_steps else {}
     trainer = Trainer(model=model, args=training_args, train_dataset=Windows(tokenizer, args.samples),
-                      callbacks=[PrintLoss(args.step_sleep)], **collator)
+                      callbacks=[PrintLoss(args.step_sleep)], **collator, **evaluation)
     # As the Hugging Face example scripts do: resume from the last checkpoint-N when there is one.
     last = get_last_checkpoint(output_dir) if args.resume and os.path.isdir(output_dir) else None
     trainer.train(resume_from_checkpoint=last)

@@ -57,7 +57,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import epoch_gaps, frames, held_rngs, knobs, loader_workers, pipeline_attrs, reshard_data, rng, sampler_draws
+from . import (epoch_gaps, frames, held_rngs, knobs, loader_kept, loader_workers, pipeline_attrs, reshard_data, rng,
+               sampler_draws)
 from .hooks import HookSet
 
 
@@ -570,6 +571,10 @@ class Stream:
     # dataset length at each epoch: progressive batching, a growing curriculum) is skipped on resume.
     fed_steps: int = 0
     fed_in_epoch: int = 0  # of those, in its current epoch
+    # Weak references to its live loaders that made a persistent-workers iterator, and how many loaders made
+    # one (more than are live: the script makes such loaders anew) (loader_kept.py).
+    persistent: list = field(default_factory=list)
+    persistent_made: int = 0
     # Whether one of its epochs fed two steps or more: a training loader. A validation pass run between
     # backward() and step() is the last fetch before one step per pass: never taken for one.
     trained: bool = False
@@ -1134,8 +1139,11 @@ class LoaderTracker:
         self._first = True
         self.steps_marked = 0  # optimizer steps with a fetch before them (zipped-loader detection)
         self._fetched_since_step: dict[int, Stream] = {}
-        # While a resumed iterator is built: (base seed, first worker) for its workers (loader_workers.py).
-        self._pending_workers: tuple[int, int] | None = None
+        # While a resumed iterator is built: (base seed, first worker[, the generator to put back after its
+        # seed is drawn]) for its workers (loader_workers.py, loader_kept.py).
+        self._pending_workers: tuple | None = None
+        # In a relaunch, after the restore: the checkpoint's persistent iterators of other loaders (loader_kept.py).
+        self.kept: loader_kept.Kept | None = None
         self.ok_fetches = 0  # batches returned by any tracked iterator
         self._hooks: HookSet | None = None
         self._found: dict[type, bool] = {}  # iterator classes probed: counted as look-ahead wrappers or not
@@ -1217,12 +1225,16 @@ class LoaderTracker:
         orig_put = _MultiProcessingDataLoaderIter._try_put_index
 
         def __init__(it, loader):  # noqa: N807
-            orig_base_init(it, loader)
             pending = tracker._pending_workers
+            drawn_from = pending[2] if pending is not None and len(pending) > 2 else None
+            before = drawn_from.get_state() if drawn_from is not None else None
+            orig_base_init(it, loader)
             if pending is not None:
                 # A resumed iterator: the original's base seed (persistent workers drew it at an
                 # earlier epoch), and its first batch to the worker that loaded it originally.
-                it._base_seed, it.__dict__["_pyckpt_first_worker"] = pending
+                it._base_seed, it.__dict__["_pyckpt_first_worker"] = pending[0], pending[1]
+            if before is not None:  # the run reused its iterator here, drawing no seed (loader_kept.py)
+                drawn_from.set_state(before)
 
         def _try_put_index(it):
             first = it.__dict__.pop("_pyckpt_first_worker", 0)
@@ -1583,10 +1595,15 @@ class LoaderTracker:
             st.epoch_rng["attrs"] = started
         if _watched(loader):  # the sampler's draws in the middle of the epoch (sampler_draws.py)
             loader.__dict__["_pyckpt_skip"] = _SkipFirst(loader._index_sampler, 0, None, st, pending=False)
+        persistent = bool(loader.persistent_workers and loader.num_workers > 0 and not st.reused)
+        kept = (self.kept.take(st, loader) if self.kept is not None and persistent and self._fresh(loader, None)
+                else None)
         try:
-            it = self._start(loader, orig_iter)
+            it = self._start(loader, orig_iter, kept)
         finally:
             loader.__dict__.pop("_pyckpt_skip", None)
+        if persistent and loader.__dict__.get("_iterator") is it:
+            loader_kept.note_started(st, loader)
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)
         return it
@@ -1840,19 +1857,15 @@ class LoaderTracker:
         """``iter(loader)``; new worker processes of a map-style dataset, or of an iterable one that they outlive
         the epoch of (persistent) or that resumes from their states, are started with a
         ``loader_workers.WorkerHook`` (they report their generator states with every batch).
-        ``workers``: (states, base seed, first worker) of a resumed epoch."""
-        # (An iterable dataset's new workers each epoch are seeded from this process's generator: replayed.)
-        kind_ok = loader._dataset_kind == _DatasetKind.Map or loader.persistent_workers or workers is not None
-        fresh = (loader.num_workers > 0 and kind_ok
-                 and (type(loader)._get_iterator is DataLoader._get_iterator or _is_routed(type(loader)))
-                 and not (loader.persistent_workers and loader._iterator is not None))
-        if not fresh:
+        ``workers``: (states, base seed, first worker[, the generator to put back after the seed is drawn]) of a
+        resumed epoch or of a persistent iterator the checkpoint kept (loader_kept.py)."""
+        if not self._fresh(loader, workers):
             return orig_iter(loader)
         user_fn = loader.worker_init_fn
         states = workers[0] if workers is not None else None
         loader.worker_init_fn = loader_workers.WorkerHook(user_fn, states)
         if workers is not None:
-            self._pending_workers = (workers[1], workers[2])
+            self._pending_workers = tuple(workers[1:])
         try:
             it = orig_iter(loader)
         finally:
@@ -1861,6 +1874,15 @@ class LoaderTracker:
         if getattr(it, "_num_workers", 0) > 0 and hasattr(it, "_process_data") and "_pyckpt_workers" not in it.__dict__:
             loader_workers.attach(it, loader.num_workers, states)
         return it
+
+    @staticmethod
+    def _fresh(loader: DataLoader, workers: tuple | None) -> bool:
+        """Whether ``iter(loader)`` starts new worker processes that ``_start`` can give a ``WorkerHook``."""
+        # (An iterable dataset's new workers each epoch are seeded from this process's generator: replayed.)
+        kind_ok = loader._dataset_kind == _DatasetKind.Map or loader.persistent_workers or workers is not None
+        return (loader.num_workers > 0 and kind_ok
+                and (type(loader)._get_iterator is DataLoader._get_iterator or _is_routed(type(loader)))
+                and not (loader.persistent_workers and loader._iterator is not None))
 
     def _fast_forward(self, loader: DataLoader, st: Stream, plan: FastForward, orig_iter: Callable,
                       orig_next: Callable, primary: bool = True) -> Any:

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import discovery, finish, frames, gcpause, knobs, loopstate, own_resume, reader, rng, sharded, threads
+from . import (discovery, finish, frames, gcpause, knobs, loader_kept, loopstate, own_resume, reader, rng, sharded,
+               threads)
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry, eager
@@ -504,6 +505,9 @@ class Session:
         }
         if script_objects:  # modules and EMA helpers no optimizer owns, by the loop state's references
             rank_state["script_objects"] = script_objects
+        kept = loader_kept.capture(self.tracker.streams.values(), self._training_loader(), self.tracker.kept)
+        if kept:  # other loaders' persistent worker processes (a validation loader's)
+            rank_state["kept_loaders"] = kept
         if t.loose:  # optimizer parameters no module owns: per rank (DDP does not synchronize them)
             rank_state["loose"] = dict(t.loose)
         if (self.manual or not t.optimizers) and t.modules:
@@ -650,6 +654,7 @@ class Session:
             self._say_plan_warnings(plan)
         pos = rs["loader"]
         stream.restore_sampler_state(pos)
+        self._keep_loaders(rs)
         rng.restore(rs["rng"])  # last: loading state above may draw nothing, but be safe
         self.step = self.last_snapshot_step = int(rs["pyckpt"]["step"])
         self.train_stream, self.tracker.last = stream, stream
@@ -680,6 +685,7 @@ class Session:
             say(f"cannot resume from {path}: {_with_hint(e)}", "warning")
             finish.note_failure("resume refused")
             raise SystemExit(2) from None
+        self._keep_loaders(rs)
         rng.restore(rs["rng"])
         self.step = self.last_snapshot_step = int(rs["pyckpt"]["step"])
         self.fetches_at_step = self.tracker.fetches
@@ -690,6 +696,15 @@ class Session:
             say(f"resumed from step {self.step} (after {where}, no DataLoader position) in "
                 f"{time.monotonic() - self.started:.1f} s")
             self._say_ddp_bucket_order(t)
+
+    def _training_loader(self) -> Any:
+        st = self.train_stream if self.train_stream is not None else self.tracker.plan_stream
+        return st.loader() if st is not None and st.loader is not None else None
+
+    def _keep_loaders(self, rs: dict) -> None:
+        """At the restore: other loaders' persistent iterators go on as the run's (loader_kept.py)."""
+        self.tracker.kept = loader_kept.Kept(rs.get("kept_loaders"))
+        self.tracker.kept.stop_idle(self.tracker.streams.values(), self._training_loader())
 
     def _say_plan_warnings(self, plan: loopstate.Plan) -> None:
         """The loop state's warnings. The command line is the job's, the same on every rank: said by rank

@@ -17,7 +17,7 @@ import pytest
 import _harness
 from e2e_helpers import (KILL_TIMEOUT_S, RUN_TIMEOUT_S, Example, Reference, References, after_commit,
                          assert_lines_match, assert_resumed_exactly, assert_state_equal, kill_and_relaunch,
-                         plain_reference, pyckpt_env)
+                         plain_reference, pyckpt_env, run_plain)
 
 pytest.importorskip("transformers", reason="transformers is a test-only dependency (requirements-dev.txt)")
 
@@ -75,6 +75,37 @@ def test_trainer_with_a_seeded_masking_collator_resumes_exactly(masking_referenc
                               after_commit(ckpt, 9))
     assert "warning" not in crash.resumed.stderr, crash.resumed.stderr[-3000:]
     assert_resumed_exactly(crash, masking_reference, out)
+
+
+# The Trainer caches its evaluation DataLoader when dataloader_persistent_workers=True and reuses its iterator at
+# every later evaluation: no worker seed drawn from the main generator. The relaunch made a new one at its first
+# evaluation after the restore, drawing one number more: the attention dropout after it differed, silently, and
+# the evaluation's workers (word dropout in the collator) were seeded anew.
+EVALUATING = ["--eval-steps", "4", "--persistent-workers", "--dropout", "0.1", "--word-dropout", "0.2"]
+
+
+def _evals(run) -> list[str]:
+    return [line for line in run.stdout_lines if line.startswith("eval ")]
+
+
+@pytest.fixture(scope="module")
+def evaluating_reference(tmp_path_factory) -> tuple[Reference, list[str]]:
+    out = tmp_path_factory.mktemp("trainer_evaluating") / "plain.pt"
+    run = run_plain(TRAINER.command(out, sleep=None) + EVALUATING)
+    assert [s for s, _, _ in run.steps()] == list(range(1, TRAINER.steps + 1)), run.stdout
+    return Reference(_harness.load_state(out), run.steps()), _evals(run)
+
+
+def test_trainer_evaluating_with_persistent_workers_resumes_exactly(evaluating_reference, tmp_path):
+    reference, evals = evaluating_reference
+    assert [e.split()[1] for e in evals] == ["4", "8", "12", "16", "18"], evals
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    crash = kill_and_relaunch(TRAINER.command(out) + EVALUATING, pyckpt_env(ckpt, every_steps=3), ckpt, out,
+                              after_commit(ckpt, 9))  # past the evaluations at steps 4 and 8
+    assert "warning" not in crash.killed.stderr + crash.resumed.stderr, crash.resumed.stderr[-3000:]
+    assert_resumed_exactly(crash, reference, out)  # the weights: the dropout after the resume
+    after = _evals(crash.resumed)
+    assert after and after == evals[-len(after):]  # the evaluations after it: its workers' word dropout
 
 
 # ----------------------------------------------------------------------------- the Trainer's own resume too
