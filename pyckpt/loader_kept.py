@@ -76,7 +76,7 @@ def capture(streams: Iterable[Any], training: Any, kept: "Kept | None") -> list[
             if loader is training:
                 continue
             record = it._pyckpt_workers
-            states = [loader_workers.to_saved(s) for s in record.sent] if _idle(it, loader) else None
+            states = [loader_workers.to_saved(s) for s in record.latest()] if _idle(it, loader) else None
             out.append({"sig": list(st.sig), "base_seed": int(it._base_seed), "rng": states})
         out.extend(pending)
     for sig in kept.by_sig if kept is not None else []:

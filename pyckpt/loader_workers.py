@@ -399,6 +399,11 @@ class Record:
         self.reset_at = 0
         self.guessed: set[int] = set()
         self.sent: list[Any] = list(self.settled)  # per worker: the state it sent last (what None stands for)
+        # Per worker: its state at its iterable dataset's end in this epoch (torch's marker), else None. The
+        # marker is taken when it arrives, which may be before that worker's last batches are handed (they
+        # waited for another worker's): those are older, so the marker's state goes into ``sent`` only at
+        # the next epoch (``new_epoch``).
+        self.ended: list[Any] = [None] * workers
 
     def take(self, worker: int, tagged: Any) -> None:
         """A tagged batch from ``worker`` in return order, or the marker of its iterable dataset's end."""
@@ -417,7 +422,7 @@ class Record:
         if isinstance(tagged, _Tagged):
             self.add(worker, tagged.rng)
         elif tagged.rng is not None:
-            self.sent[worker] = tagged.rng
+            self.ended[worker] = tagged.rng
 
     def add(self, worker: int, state: Transport | None) -> None:
         recent = self.recent[worker]
@@ -431,8 +436,14 @@ class Record:
 
     def new_epoch(self) -> None:
         """Persistent workers started the next epoch."""
+        self.sent = self.latest()
+        self.ended = [None] * len(self.ended)
         self.prev_starts, self.starts = self.starts, [None] * len(self.starts)
         self.reset_at, self.guessed = self.count, set()
+
+    def latest(self) -> list:
+        """Each worker's last state in its own order: at its dataset's end, else after its last batch handed."""
+        return [e if e is not None else s for e, s in zip(self.ended, self.sent)]
 
     def states_before(self, ahead: int) -> tuple[list, bool]:
         """Each worker's state as of ``ahead`` returned batches ago (0: now); and whether exact."""

@@ -59,10 +59,29 @@ def test_a_worker_drawing_between_its_end_marker_and_the_next_epoch_after_a_snap
     assert r.epoch_starts(0)[0][1] == "w1-other"
 
 
-def test_map_style_batches_unchanged_since_the_end_marker_resolve_to_it():
+def test_batches_unchanged_since_the_end_marker_of_the_previous_epoch_resolve_to_it():
     r = Record(1, base_seed=0, initial=["seeded"])
     r.take(0, _batch(0, None))
     assert r.states_before(0) == (["seeded"], True)
     r.take(0, _ended(0, "end"))
+    r.new_epoch()
     r.take(0, _batch(0, None))
     assert r.states_before(0) == (["end"], True)
+
+
+def test_an_end_marker_taken_before_its_workers_last_batches_are_handed_is_still_the_newest_state():
+    """torch takes a worker's end marker when it arrives, which may be while the loop still waits for another
+    worker's batch, so that worker's last batches are handed after it. The marker's state used to be
+    overwritten by theirs (older): the next epoch's start, saved for a snapshot taken before that worker's
+    first batch of it came back, missed what the worker drew after its last item (a rare wrong resume)."""
+    r = Record(2, base_seed=0)
+    r.take(0, _batch(0, "w0-b0", ("w0-e0",)))
+    r.take(1, _ended(1, "w1-end"))  # worker 1's marker arrives while batch w0-b1 is awaited
+    r.take(0, _batch(0, "w0-b1"))
+    r.take(1, _batch(1, "w1-b0", ("w1-e0",)))  # worker 1's batches, waiting in torch's out-of-order buffer
+    r.take(1, _batch(1, None))  # unchanged since w1-b0, not since the marker
+    assert r.states_before(0) == (["w0-b1", "w1-b0"], True)
+    assert r.latest() == ["w0-b1", "w1-end"]
+    r.take(0, _ended(0, None))
+    r.new_epoch()
+    assert r.epoch_starts(0) == (["w0-b1", "w1-end"], True)
