@@ -1592,7 +1592,10 @@ class LoaderTracker:
         started = (st.epoch_rng or {}).get("attrs") if st.reused else None
         st.epoch_rng = _epoch_rng(loader, now=now)
         if started is not None:  # persistent workers keep the dataset copies of the iter() that started them
-            st.epoch_rng["attrs"] = started
+            # (the samplers run here, at every epoch: their settings are this iter()'s, a DistributedSampler's
+            # set_epoch() among them)
+            st.epoch_rng["attrs"] = {**{k: v for k, v in started.items() if not k.startswith("sampler.")},
+                                     **{k: v for k, v in st.epoch_rng["attrs"].items() if k.startswith("sampler.")}}
         if _watched(loader):  # the sampler's draws in the middle of the epoch (sampler_draws.py)
             loader.__dict__["_pyckpt_skip"] = _SkipFirst(loader._index_sampler, 0, None, st, pending=False)
         persistent = bool(loader.persistent_workers and loader.num_workers > 0 and not st.reused)

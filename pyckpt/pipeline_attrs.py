@@ -13,7 +13,8 @@ each sampler of the chain; a ``collate_fn`` that is an object), the samplers of 
 those with a ``state_dict()``/``load_state_dict()`` of their own (restored through it), have their plain
 attributes (``None``, ``bool``, ``int``, ``float``, ``str``) kept twice in the loader's position: as they
 were at the epoch's ``iter()`` (when worker processes took their copies of the dataset, and a sampler
-draws its order; for persistent workers reused, the ``iter()`` that started them), put back before the
+draws its order; for persistent workers reused, the dataset's and collator's as at the ``iter()`` that started
+them, the samplers' as at this one, since they run in the main process at every epoch), put back before the
 resumed epoch's ``iter()`` starts its workers, and as they were at the snapshot point, put back there. A
 sampler's tensor attributes are kept so too (the weights of a ``WeightedRandomSampler`` the loop updates
 from per-sample losses, hard-example mining: the resumed epoch drew its samples with the relaunch's

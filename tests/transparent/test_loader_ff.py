@@ -104,6 +104,17 @@ def test_distributed_sampler_with_set_epoch():
     _check(make, stop=(2, 1))
 
 
+def test_distributed_sampler_with_set_epoch_over_persistent_workers():
+    """The epoch's settings kept for persistent workers reused are those of the iter() that started them (the
+    workers hold copies of that dataset), but the sampler runs here at every epoch: its epoch taken from there
+    (0) gave the resumed epoch 2 the order of epoch 1 (a silent wrong resume of DDP with persistent workers)."""
+    ds = Counting()
+    make = lambda: DataLoader(ds, batch_size=3, sampler=DistributedSampler(ds, num_replicas=2, rank=1),  # noqa: E731
+                              num_workers=2, persistent_workers=True)
+    _check(make, stop=(2, 1))
+    _check(make, stop=(3, 2))
+
+
 class Repeat:
     """timm's ``_RepeatSampler``: MultiEpochsDataLoader's batch sampler, passed over forever by one iterator."""
 

@@ -68,31 +68,39 @@ def test_bad_command_lines_exit_2(tmp_path, monkeypatch, capsys, args, needle):
     assert needle in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def plain_ddp(tmp_path_factory) -> Path:
-    """The final state of one uninterrupted 2-rank run without pyckpt, shared by the tests below."""
-    d = tmp_path_factory.mktemp("plain_ddp")
+def _plain_ddp(d: Path, **env: str) -> Path:
     plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            DDP, d / "plain.pt"], env=clean_env(), capture_output=True, text=True,
+                            DDP, d / "plain.pt"], env=clean_env(**env), capture_output=True, text=True,
                            timeout=300, cwd=d)
     assert plain.returncode == 0, plain.stderr[-3000:]
     return d / "plain.pt"
 
 
+@pytest.fixture(scope="module")
+def plain_ddp(tmp_path_factory) -> Path:
+    """The final state of one uninterrupted 2-rank run without pyckpt, shared by the tests below."""
+    return _plain_ddp(tmp_path_factory.mktemp("plain_ddp"))
+
+
 @pytest.mark.dist
 @pytest.mark.slow
-def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, plain_ddp):
-    """DDP on gloo, 2 workers, DistributedSampler + workers + BatchNorm; rank 1 SIGKILLs itself once."""
+@pytest.mark.parametrize("persistent", ["", "1"], ids=["workers", "persistent_workers"])
+def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, plain_ddp, persistent):
+    """DDP on gloo, 2 workers, DistributedSampler + workers + BatchNorm; rank 1 SIGKILLs itself once, in epoch 1.
+    Persistent workers: the resumed epoch used to take the DistributedSampler's epoch from the iter() that
+    started the workers (epoch 0's order, silently)."""
     r = subprocess.run([sys.executable, "-m", "pyckpt.run", "--dir", tmp_path / "ck", "--every-steps", "5",
                         "--nproc-per-node", "2", DDP, tmp_path / "res.pt"], capture_output=True, text=True,
                        timeout=400, cwd=tmp_path,
-                       env=clean_env(KILL_AT="17", KILL_MARK=tmp_path / "mark"))
+                       env=clean_env(KILL_AT="17", KILL_MARK=tmp_path / "mark", PERSISTENT=persistent))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "mark").exists()
     # rank 1 died (mark), yet the job finished: the elastic agent restarted the group, which resumed
     # (15 unless its commit was still running when rank 1 died at step 17 on a loaded machine)
     assert re.search(r"pyckpt: resumed from step (10|15) ", r.stderr), r.stderr[-3000:]
-    assert tree_equal(load(tmp_path / "res.pt"), load(plain_ddp))
+    # (persistent workers draw their seed from the main generator once, not at every epoch: another dropout)
+    plain = _plain_ddp(tmp_path, PERSISTENT="1") if persistent else plain_ddp
+    assert tree_equal(load(tmp_path / "res.pt"), load(plain))
 
 
 @pytest.mark.dist

@@ -2,7 +2,8 @@
 BatchNorm, dropout, AdamW, per-epoch StepLR. KILL_AT/KILL_MARK: rank 1 SIGKILLs itself once.
 TERM_AGENT_AT/KILL_MARK: rank 0 sends SIGTERM to the torchrun agent (its parent) once.
 TERM_RANK1_AT/KILL_MARK: rank 1 sends SIGTERM to itself only, once.
-TERM_WRAPPER_AT/KILL_MARK: rank 0 sends SIGTERM twice to pyckpt-run (the agent's parent), once."""
+TERM_WRAPPER_AT/KILL_MARK: rank 0 sends SIGTERM twice to pyckpt-run (the agent's parent), once.
+PERSISTENT=1: the loader's workers persist from epoch to epoch."""
 import os, sys, time, torch, torch.nn as nn, torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset, DistributedSampler
 dist.init_process_group("gloo")
@@ -11,7 +12,7 @@ torch.manual_seed(0)
 X = torch.randn(96, 8); Y = torch.randn(96, 1)
 ds = TensorDataset(X, Y)
 sampler = DistributedSampler(ds, shuffle=True, seed=1)
-loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2)
+loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, persistent_workers=bool(os.environ.get("PERSISTENT")))
 model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.2), nn.Linear(16, 1))
 model = nn.parallel.DistributedDataParallel(model)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
