@@ -50,6 +50,24 @@ def _idle(it: Any, loader: Any) -> bool:
         return False
 
 
+def _say(message: str, key: str | None = None) -> None:
+    from .loader_state import _say_once  # (loader_state imports this module)
+
+    _say_once(message, "warning", key=key)
+
+
+def _saved_states(record: Any) -> list:
+    """The workers' newest states in checkpoint form; converted again only once one changed (a validation loader
+    sits idle between validations, and this runs in every snapshot's stall)."""
+    states = record.latest()
+    cached = record.__dict__.get("_pyckpt_kept")
+    if cached is not None and len(cached[0]) == len(states) and all(a is b for a, b in zip(cached[0], states)):
+        return cached[1]
+    saved = [loader_workers.to_saved(s) for s in states]
+    record._pyckpt_kept = (states, saved)  # (holds the states: compared by identity)
+    return saved
+
+
 def _live(st: Any, skip: Any) -> list[tuple[Any, Any]]:
     """(loader, iterator) of the stream's loaders whose persistent iterator pyckpt started is alive, but ``skip``."""
     out = []
@@ -75,8 +93,7 @@ def capture(streams: Iterable[Any], training: Any, kept: "Kept | None") -> list[
         for loader, it in live:
             if loader is training:
                 continue
-            record = it._pyckpt_workers
-            states = [loader_workers.to_saved(s) for s in record.latest()] if _idle(it, loader) else None
+            states = _saved_states(it._pyckpt_workers) if _idle(it, loader) else None
             out.append({"sig": list(st.sig), "base_seed": int(it._base_seed), "rng": states})
         out.extend(pending)
     for sig in kept.by_sig if kept is not None else []:
@@ -98,11 +115,8 @@ class Kept:
                 states = None if rng is None else [loader_workers.from_saved(s) for s in rng]
                 self.by_sig.setdefault(sig, []).append((entry, states, seed))  # (a sig holding a list: TypeError)
             except (KeyError, TypeError, ValueError) as e:
-                from .loader_state import _say_once
-
-                _say_once(f"warning: a persistent DataLoader's worker state in the checkpoint is malformed ({e}); "
-                          "its workers start as new ones, so the draws after this resume may differ", "warning",
-                          key="kept-malformed")
+                _say(f"warning: a persistent DataLoader's worker state in the checkpoint is malformed ({e}); its "
+                     "workers start as new ones, so the draws after this resume may differ", key="kept-malformed")
 
     def stop_idle(self, streams: Iterable[Any], training: Any) -> None:
         """Shut down the idle persistent iterators the relaunch made before the restore of loaders the checkpoint
@@ -123,24 +137,19 @@ class Kept:
         if entries is not None and not entries and sig not in self.said:
             # One more than the run had at the checkpoint: the script makes such loaders anew, so the run may
             # have made a new one (drawing a seed) where the relaunch took the run's to go on.
-            from .loader_state import _say_once
-
             self.said.add(sig)
-            _say_once(f"warning: loader {st.sig}: the script makes new loaders of it while training; the first one "
-                      "made after this resume went on from the persistent workers the run had at the checkpoint, "
-                      "so if the run made a new one there instead, the random draws after the resume differ from "
-                      "the run's", "warning")
+            _say(f"warning: loader {st.sig}: the script makes new loaders of it while training; the first one made "
+                 "after this resume went on from the persistent workers the run had at the checkpoint, so if the "
+                 "run made a new one there instead, the random draws after the resume differ from the run's")
         if not entries:
             return None
         _, states, seed = entries.pop(0)
         if states is not None and len(states) != loader.num_workers:
             states = None
         if states is None:
-            from .loader_state import _say_once
-
-            _say_once(f"warning: loader {st.sig}: its persistent workers had loaded batches the loop never took when "
-                      "the checkpoint was taken (an epoch left early), so their random state then is not known; they "
-                      "start again from the run's worker seed, and what they draw at random may differ", "warning")
+            _say(f"warning: loader {st.sig}: its persistent workers had loaded batches the loop never took when the "
+                 "checkpoint was taken (an epoch left early), so their random state then is not known; they start "
+                 "again from the run's worker seed, and what they draw at random may differ")
         drawn_from = loader.generator if loader.generator is not None else torch.default_generator
         return states, seed, 0, drawn_from
 

@@ -77,3 +77,15 @@ def test_one_more_new_loader_than_the_run_had_is_said_once(capfd):
     assert kept.take(_stream(), _loader()) is None and kept.take(_stream(), _loader()) is None
     said = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("pyckpt:")]
     assert len(said) == 1 and "makes new loaders of it" in said[0], said
+
+
+def test_workers_states_are_converted_again_only_once_one_changed():
+    """A validation loader sits idle between validations: each snapshot reuses its states' checkpoint form."""
+    record = loader_workers.Record(2, base_seed=0, initial=[loader_workers.current_state()] * 2)
+    first = loader_kept._saved_states(record)
+    assert loader_kept._saved_states(record) is first
+    torch.manual_seed(7)
+    record.add(1, loader_workers.current_state())
+    again = loader_kept._saved_states(record)
+    assert again is not first and torch.equal(again[1]["torch"], torch.get_rng_state())
+    assert torch.equal(again[0]["torch"], first[0]["torch"])
