@@ -215,8 +215,9 @@ _knob("PYCKPT_RESUME_EDITED", "refuse", "refuse, tracked", "a relaunch whose scr
       "from the checkpoint's (an edited script): refuse (exit 2), or tracked: restore models, optimizers, "
       "schedulers, scaler, registered state, data position, RNG and the variables the script's loops carry (by "
       "name), and leave its other variables and loop positions as this run makes them (not exact; said in one "
-      "line); tracked also goes on over training data of another length (samples added or removed) at the "
-      "checkpoint's epoch and batch (not exact; said in one line)", _choice("refuse", "tracked"))
+      "line); tracked also goes on over training data of another length (samples added or removed), or with "
+      "another num_workers for the training loader, at the checkpoint's epoch and batch (not exact; said in one "
+      "line)", _choice("refuse", "tracked"))
 _knob("PYCKPT_LOG", "info", "info, debug, quiet", "how much pyckpt prints on stderr", _choice("info", "debug", "quiet"))
 _knob("PYCKPT_LAZY", "1", "1/0", "copy snapshots during the next forward/backward (0: at the snapshot point)", _flag)
 _knob("PYCKPT_SHM_MB", "0", "an integer >= 0", "keep the newest snapshot in /dev/shm too, holding at most this many MiB there: a state of S MiB needs 2S (0: off)", _int_at_least(0))

@@ -1728,14 +1728,15 @@ class LoaderTracker:
 
     def _adopts(self, plan: FastForward, st: Stream) -> bool:
         """``PYCKPT_RESUME_EDITED=tracked``: whether ``st`` is the training loader over data of another length
-        (samples added or removed between the runs): a loader of the same dataset type, batch size, sampler
-        kinds and workers, iterated at the place of the script where the checkpoint's training loader was
-        fetched (its innermost frame: same code, same line). It takes the plan's place: the resume goes on
-        at the checkpoint's epoch and batch over the new data, said in one line. The first such stream only."""
+        (samples added or removed between the runs) or with another ``num_workers`` (a node with fewer cores):
+        a loader of the same dataset type, batch size, sampler kinds and ``drop_last``, iterated at the place
+        of the script where the checkpoint's training loader was fetched (its innermost frame: same code, same
+        line). It takes the plan's place: the resume goes on at the checkpoint's epoch and batch, said in one
+        line. The first such stream only."""
         if self.adopted is not None:
             return self.adopted is st
         if (st.main is not None or len(st.sig) != len(plan.sig) or st.sig[0] != plan.sig[0]
-                or st.sig[1] == plan.sig[1] or st.sig[2:] != plan.sig[2:] or tuple(st.sig) in plan.fed_before
+                or st.sig[2:6] != plan.sig[2:6] or tuple(st.sig) in plan.fed_before
                 or knobs.get("PYCKPT_RESUME_EDITED") != "tracked"):
             return False
         source = getattr(getattr(self, "session", None), "source", None)
@@ -1744,9 +1745,18 @@ class LoaderTracker:
         if not _same_line(stack, frames.user_frames(sys._getframe(1))):
             return False
         self.adopted = st
+        where = f"PYCKPT_RESUME_EDITED=tracked goes on at its epoch {plan.epoch - 1}, batch {plan.batch}"
+        if st.sig[1] == plan.sig[1]:  # the worker count alone: the sampler's batches are the same
+            what = ("over the IterableDataset as the new workers split it (other batches than the run's)"
+                    if plan.sig[3] == "_InfiniteConstantSampler" else "with the same batches")
+            _say_once(f"warning: the training loader's num_workers changed since the checkpoint ({plan.sig[6]} in "
+                      f"the checkpoint's run, {st.sig[6]} now): {where} {what}; the resume is not exact where the "
+                      "dataset draws random numbers (the workers' streams start anew) or is split among the workers",
+                      "warning")
+            return True
         _say_once(f"warning: the training data changed since the checkpoint: loader {plan.sig} is now {st.sig}; "
-                  f"PYCKPT_RESUME_EDITED=tracked goes on at its epoch {plan.epoch - 1}, batch {plan.batch} over the "
-                  "new data (the samples of that epoch are drawn anew over it): the resume is not exact", "warning")
+                  f"{where} over the new data (the samples of that epoch are drawn anew over it): the resume is "
+                  "not exact", "warning")
         return True
 
     def _fed_before(self, st: Stream) -> bool:
@@ -2002,8 +2012,10 @@ def _saved_workers(loader: DataLoader, plan: FastForward) -> tuple | None:
     if iterable and not (isinstance(saved, dict) and saved.get("at") == "epoch_start"):
         return None  # workers started anew for the epoch: seeded from this process's generator, replayed
     if not isinstance(saved, dict) or len(saved.get("rng") or []) != loader.num_workers:
-        if not plan.position:
-            return None  # positioned for the script's framework (its own resume won): nothing was saved
+        if not plan.position or (len(plan.sig) > 6 and plan.sig[6] != loader.num_workers):
+            # nothing was saved (the script's framework's own resume won), or the worker count changed: the
+            # loader was taken for the training loader with one line saying so (LoaderTracker._adopts)
+            return None
         _say_once(f"warning: the checkpoint holds no worker random state for loader {plan.sig} with "
                   f"{loader.num_workers} workers; random augmentation in workers may differ after this resume",
                   "warning")

@@ -393,7 +393,14 @@ class Session:
                "training loader (tasks mixed at random), pyckpt cannot resume that; else this run does not "
                "replay the run that wrote it"
                if kin else "this run does not replay the run that wrote it")
-        if any(len(k) == len(plan.sig) and k[2:] == plan.sig[2:] for k in kin):
+        same_kinds = [k for k in kin if len(k) == len(plan.sig) and k[2:6] == plan.sig[2:6]]
+        workers = next((k for k in same_kinds if k[1] == plan.sig[1]), None)
+        if workers is not None:  # only num_workers differs (a relaunch on a node with fewer cores)
+            why = (f"the training loader has num_workers={workers[6]} now, {plan.sig[6]} in the run that wrote the "
+                   f"checkpoint: relaunch with num_workers={plan.sig[6]} to resume exactly, or set "
+                   "PYCKPT_RESUME_EDITED=tracked to go on at the checkpoint's epoch and batch (not exact where the "
+                   "dataset draws random numbers or is an IterableDataset split among the workers)")
+        elif same_kinds:
             why += ("; if samples were added to (or removed from) the training data since, "
                     "PYCKPT_RESUME_EDITED=tracked goes on at the checkpoint's epoch and batch over the new data "
                     "(not exact)")

@@ -194,3 +194,53 @@ def test_training_data_grown_between_runs_is_refused_unless_resume_edited_is_tra
     # tracked resume, ends at the checkpoint's step + the rest.
     done = int(resumed[1])
     assert f"STEPS {done + (12 - int(resumed[2])) + 12} " in run.stdout, run.stdout
+
+
+WORKERS = r'''
+import os, signal, sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(40, 6, generator=g), torch.randn(40, 1, generator=g)
+torch.manual_seed(0)
+loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, num_workers=int(os.environ["W"]))
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+step = 0
+for epoch in range(3):
+    for xb, yb in loader:
+        loss = ((model(xb) - yb) ** 2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        step += 1
+        if str(step) == os.environ.get("KILL_AT") and not os.path.exists(os.environ["KILL_MARK"]):
+            open(os.environ["KILL_MARK"], "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+torch.save({"model": model.state_dict(), "step": step}, sys.argv[1])
+'''
+
+
+def test_a_relaunch_with_another_worker_count_is_told_so_and_goes_on_with_resume_edited_tracked(tmp_path):
+    """The training loader's ``num_workers`` changed between the runs (a relaunch on a node with fewer cores).
+    The refusal used to blame another length or batch size and offer only to start over; it now names the
+    worker counts and the two ways on. With PYCKPT_RESUME_EDITED=tracked the loader that differs only in its
+    worker count is taken as the training loader: the same batches in the same order (the sampler draws in this
+    process), so over a dataset drawing nothing in its workers the result is the plain run's, bit for bit."""
+    script = tmp_path / "train.py"
+    script.write_text(WORKERS)
+    plain = run_script([script, tmp_path / "plain.pt"], tmp_path, W="0")
+    assert plain.returncode == 0, plain.stderr
+    env = dict(W="2", PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="2", KILL_AT="15", KILL_MARK=tmp_path / "mark")
+    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    refused = run_script([script, tmp_path / "out.pt"], tmp_path, **dict(env, W="1"))
+    assert refused.returncode == 2 and "refusing to guess" in refused.stderr, refused.stderr
+    assert ("the training loader has num_workers=1 now, 2 in the run that wrote the checkpoint: relaunch with "
+            "num_workers=2 to resume exactly, or set PYCKPT_RESUME_EDITED=tracked") in refused.stderr, refused.stderr
+    assert "another length or batch size" not in refused.stderr
+    run = run_script([script, tmp_path / "out.pt"], tmp_path, **dict(env, W="1", PYCKPT_RESUME_EDITED="tracked"))
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"pyckpt: resumed from step 1[24] \(epoch 1, batch [24]\)", run.stderr), run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if "num_workers" in ln]
+    assert len(lines) == 1 and "2 in the checkpoint's run, 1 now" in lines[0] and "not exact" in lines[0], lines
+    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
