@@ -363,7 +363,14 @@ def _say(msg: str, level: str = "info") -> None:
 
 
 def _is_rank0() -> bool:
-    """Rank 0 of the job (torchrun sets RANK; a plain process is rank 0)."""
+    """Rank 0 of the job: of its process group once there is one (``torch.multiprocessing.spawn`` sets no
+    RANK), else as torchrun's RANK says (a plain process is rank 0). Never imports torch."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except Exception:  # a half-torn-down group: the environment below still answers
+        pass
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
     return rank.strip() == "0"
 

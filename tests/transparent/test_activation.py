@@ -122,3 +122,44 @@ def test_the_backward_wrapper_is_taken_away_once_an_optimizer_counts_the_steps(t
         weights.add(lines[5])
         assert len(list((tmp_path / f"ck{wraps}").glob("step-*"))) >= 1, r.stderr  # the steps were counted
     assert len(weights) == 1
+
+
+SPAWNED = r'''
+import os, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+
+def worker(rank, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    data = TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+    model = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in DataLoader(data, batch_size=4, sampler=DistributedSampler(data)):
+        opt.zero_grad(); ((model(x) - y) ** 2).mean().backward(); opt.step()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(int(sys.argv[1]),), nprocs=2)
+'''
+
+
+def test_ranks_started_by_mp_spawn_print_the_start_up_line_once(tmp_path):
+    """``torch.multiprocessing.spawn`` sets no RANK: each rank learns its rank from init_process_group. Every
+    rank used to print the start-up line (eight lines on an eight-GPU node), and the finished run's relaunch
+    line too; rank 0 of the process group prints them now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "main.py").write_text(SPAWNED)
+    env = dict(PYCKPT_DIR=tmp_path / "ck", PYCKPT_EVERY_STEPS="1")
+    r = run_script(["main.py", str(port)], tmp_path, timeout=240, **env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("pyckpt: checkpointing to") == 1, r.stderr
+    again = run_script(["main.py", str(port)], tmp_path, timeout=240, **env)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("already finished") == 1, again.stderr
