@@ -29,7 +29,7 @@ Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, 
 ``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
 ``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array (``"ns"``: scalar),
 ``["g", i, device]`` torch.Generator (no device: CPU), ``["r", state]`` random.Random, ``["ng", state]``
-NumPy generator, ``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library
+NumPy generator, ``["tq", n]`` a tqdm progress bar's count, ``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library
 object whose ``state_dict()`` is saved with the rank's state under ``ref`` (``Capture.states``; loaded
 into the live object). A generator's state goes into the live generator at the same place, inside
 containers too, or into a new one where the script holds none there yet.
@@ -385,6 +385,16 @@ def _plain_object(v: Any) -> bool:
     return _script_class(t)
 
 
+def _bar_count(v: Any) -> int | float | None:
+    """The count of a tqdm progress bar (``tqdm.std.tqdm``, and its notebook, rich and auto kinds), or None
+    for anything else. Its other attributes (file, lock, timings) are the relaunch's."""
+    std = sys.modules.get("tqdm.std")
+    if std is None or not isinstance(v, std.tqdm):
+        return None
+    n = getattr(v, "n", None)
+    return n if type(n) in (int, float) and 0 <= n < float("inf") else None
+
+
 def _stateful(v: Any) -> bool:
     """A library object with ``state_dict()`` and ``load_state_dict()`` that pyckpt does not restore
     elsewhere (optimizers, schedulers, scalers and loaders are) and that is not iterable (a loader
@@ -532,6 +542,8 @@ class _Encoder:
             # ``it = itertools.cycle(loader)`` drawn with next(it): the batches it keeps, with its place
             items, phase, index = cyc
             return ["cy", phase, [self.value(x, depth + 1) for x in items], index]
+        if (n := _bar_count(v)) is not None:  # a tqdm bar: where it is at, so its display goes on from there
+            return ["tq", n]
         if _stateful(v):
             return self.stateful(v, depth)
         out = self.struct(v, depth)
@@ -1464,6 +1476,9 @@ class _Decoder:
         if tag in ("r", "ng", "nr"):
             _check(len(e) == 2, "random generator")
             return _InPlace(tag, e[1], self)
+        if tag == "tq":
+            _check(len(e) == 2 and type(e[1]) in (int, float) and 0 <= e[1] < float("inf"), "progress bar")
+            return _Bar(e[1])
         if tag in ("nt", "dc", "ob"):
             _check(len(e) == 3 and isinstance(e[1], str), "object")
             return _Struct(tag, e[1], self._members(e[2], depth), self)
@@ -1723,6 +1738,27 @@ class _StateOf:
             live.load_state_dict(self.state, strict=False)  # entries shared with the model were left to it
         else:
             live.load_state_dict(self.state)
+
+
+class _Bar(_InPlace):
+    """A tqdm progress bar's count, put into the live bar at the same place: its display goes on from the
+    checkpoint's count and its rate is counted from the resume (tqdm's ``initial``), as a bar made with
+    ``tqdm(initial=...)`` for a resumed run does. Where the script holds no bar there (yet), a disabled
+    bar at that count stands in."""
+
+    def __init__(self, n: int | float) -> None:  # (no state to decode: _InPlace's is not called)
+        self.tag, self.n = "tq", n
+
+    def into(self, live: Any) -> Any:
+        std = sys.modules.get("tqdm.std")
+        if std is None:
+            return live
+        if not isinstance(live, std.tqdm):
+            return std.tqdm(disable=True, initial=self.n)
+        live.n = live.initial = self.n
+        if hasattr(live, "last_print_n"):  # a disabled bar has none
+            live.last_print_n = self.n
+        return live
 
 
 def _check_states(decoded: dict, live: dict, label: Any, plan: "Plan", holders: set[int] = frozenset()) -> None:
