@@ -171,6 +171,10 @@ def is_finished(root: str | os.PathLike) -> dict[str, Any] | None:
         del marker["time"]
     if marker.get("last_checkpoint_ok") is not None and not isinstance(marker["last_checkpoint_ok"], bool):
         del marker["last_checkpoint_ok"]
+    script = marker.get("script")  # a file name only: it is printed, and compared with the running script's
+    if script is not None and not (isinstance(script, str) and script.endswith(".py") and len(script) <= 255
+                                   and script.isprintable() and "/" not in script):
+        del marker["script"]
     return marker
 
 

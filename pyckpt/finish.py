@@ -5,7 +5,9 @@ checkpoint root finished at interpreter exit, after the last checkpoint has
 committed (the commit thread is joined before exit handlers run). A relaunch
 of the same command that would resume (``PYCKPT_RESUME=auto``) then stops at
 its first DataLoader ``iter()`` with one ``pyckpt:`` line and exit status 0
-instead of training the run's tail again; ``PYCKPT_RESUME=never`` (train
+instead of training the run's tail again (another script, named by the
+marker's ``script``, is refused with exit status 2 instead: it has nothing to
+resume there, and status 0 would skip it silently); ``PYCKPT_RESUME=never`` (train
 from scratch) or ``PYCKPT_RESUME=<checkpoint>`` (continue from it) remove the
 marker and go on.
 
@@ -32,6 +34,7 @@ from . import catalog, knobs, layout, metrics
 
 _failed: list[str] = []  # why this process is not ending normally
 _installed = False
+_script: str | None = None  # the script's file name, taken at the first iter()
 
 
 def note_failure(why: str) -> None:
@@ -43,6 +46,8 @@ def at_first_iter(session: Any) -> None:
     """Before the session decides what to resume: stop a finished run's relaunch, or clear the marker."""
     from .activation import _is_rank0, _say
 
+    global _script
+    _script = main_script()  # now, while the script is __main__ (the marker at exit records it)
     marker = catalog.is_finished(session.directory)
     if marker is None:
         return
@@ -53,6 +58,17 @@ def at_first_iter(session: Any) -> None:
                  if isinstance(when, (int, float)) else "earlier")
         last = ("last checkpoint at step ?" if "step" not in marker else "no checkpoint" if marker["step"] is None
                 else f"last checkpoint at step {marker['step']}")
+        then, now = marker.get("script"), _script
+        if then is not None and now is not None and then != now:
+            # Another script on a finished run's directory (pre-training, then fine-tuning, one PYCKPT_DIR
+            # exported): it has nothing to resume there, and stopping with status 0 would skip it silently.
+            if _is_rank0():
+                _say(f"cannot resume: the run in {session.directory} is {then}'s and finished "
+                     f"({marker.get('steps') or '?'} steps, {last}, {stamp}); this is {now}: use another PYCKPT_DIR "
+                     f"for {now}, or PYCKPT_RESUME=never to train it from scratch in this one (its retention "
+                     f"then removes {then}'s checkpoints)", "warning")
+            note_failure("another script's finished run")
+            raise SystemExit(2)
         if _is_rank0():
             _say(f"the run in {session.directory} already finished ({marker.get('steps') or '?'} steps, {last}, "
                  f"{stamp}); not training it again. "
@@ -61,6 +77,12 @@ def at_first_iter(session: Any) -> None:
         raise SystemExit(0)
     if _is_rank0():
         metrics.clear_finished(session.directory)  # a new run starts here
+
+
+def main_script() -> str | None:
+    """The file name of the running script (``train.py``), or None (``python -c``, an interactive session)."""
+    name = os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+    return name if name.endswith(".py") else None
 
 
 def install(session: Any) -> None:
@@ -139,7 +161,8 @@ def _at_exit(pid: int) -> None:
         elif fut is None and session.last_snapshot_step >= 0 and _committed(session.directory,
                                                                             session.last_snapshot_step):
             step, ok = session.last_snapshot_step, True  # resumed, no snapshot since: the one resumed from
-        metrics.mark_finished(session.directory, step=step, steps=session.step, last_checkpoint_ok=ok)
+        metrics.mark_finished(session.directory, step=step, steps=session.step, last_checkpoint_ok=ok,
+                              **({"script": _script} if _script else {}))
     except Exception as e:  # the run's result stands; a relaunch will train the tail again
         activation._say(f"warning: could not mark {session.directory} finished: {type(e).__name__}: {e}",
                         "warning")

@@ -37,12 +37,12 @@ if os.environ.get("END") == "raise":
 """
 
 
-def _run(tmp_path, root, **env) -> subprocess.CompletedProcess:
-    """SCRIPT as ``python train.py`` runs it, in a process forked by the session's zygote (pyckpt's
+def _run(tmp_path, root, name: str = "train.py", **env) -> subprocess.CompletedProcess:
+    """SCRIPT as ``python train.py`` (or ``name``) runs it, in a process forked by the session's zygote (pyckpt's
     start-up line run first, as an interpreter's start-up runs it; its exit runs atexit as one does)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("PYCKPT_")}
     full.update({"PYCKPT_DIR": str(root), "PYCKPT_EVERY_STEPS": "3", **env})
-    script = tmp_path / "train.py"
+    script = tmp_path / name
     script.write_text(SCRIPT)
     child = zygote.shared().run_path(script, env=full, cwd=tmp_path, timeout=120, startup=True)
     return subprocess.CompletedProcess([script], child.returncode, child.stdout, child.stderr)
@@ -137,7 +137,8 @@ def test_marker_names_a_snapshot_storage_holds_when_the_last_was_only_in_memory(
 
 
 @pytest.mark.parametrize("garbled", [{"time": 1e300}, {"time": "yesterday", "step": 1e400, "steps": "x"},
-                                     {"step": -3, "steps": True, "last_checkpoint_ok": "no"}, {"time": None}])
+                                     {"step": -3, "steps": True, "last_checkpoint_ok": "no"}, {"time": None},
+                                     {"script": "../other.py"}, {"script": 7}, {"script": "x\x1b[2J.py"}])
 def test_a_marker_with_fields_of_the_wrong_kind_shows_them_unknown(tmp_path, capsys, garbled):
     """FINISHED.json lies in the checkpoint directory: its fields are checked like the rest. A time of
     1e300 made the relaunch's first iter() and `pyckpt ls` die with OverflowError (timestamp out of
@@ -160,3 +161,27 @@ def test_a_marker_with_fields_of_the_wrong_kind_shows_them_unknown(tmp_path, cap
     assert again.returncode == 0 and "TRAINED" not in again.stdout and "Traceback" not in again.stderr, \
         again.stderr[-2000:]
     assert "already finished" in again.stderr and ("earlier" in again.stderr) == ("time" in garbled)
+
+
+def test_another_script_on_a_finished_runs_directory_is_refused_not_skipped(tmp_path):
+    """A job script that runs pre-training and then fine-tuning with one PYCKPT_DIR exported: the second script
+    met the first one's marker, printed "already finished; not training it again" and exited 0, so the job
+    went on without a fine-tuned model. The marker records the script; another script is refused (exit 2)
+    with one line naming both, and the marker and checkpoints are left as they were."""
+    root = tmp_path / "ck"
+    r = _run(tmp_path, root, name="pretrain.py")
+    assert r.returncode == 0 and "TRAINED" in r.stdout, r.stderr[-2000:]
+    marker = (root / "FINISHED.json").read_text()
+    assert json.loads(marker)["script"] == "pretrain.py"
+    other = _run(tmp_path, root, name="finetune.py")
+    assert other.returncode == 2 and "TRAINED" not in other.stdout, other.stderr
+    lines = other.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pyckpt: cannot resume: the run in {root} is pretrain.py's and "
+                                                   "finished (4 steps"), lines
+    assert "this is finetune.py" in lines[0] and "use another PYCKPT_DIR for finetune.py" in lines[0], lines
+    assert (root / "FINISHED.json").read_text() == marker
+    same = _run(tmp_path, root, name="pretrain.py")  # the same script's relaunch: stops as before
+    assert same.returncode == 0 and "already finished" in same.stderr and "TRAINED" not in same.stdout
+    fresh = _run(tmp_path, root, name="finetune.py", PYCKPT_RESUME="never")  # the way on it names
+    assert fresh.returncode == 0 and "TRAINED" in fresh.stdout, fresh.stderr[-2000:]
+    assert json.loads((root / "FINISHED.json").read_text())["script"] == "finetune.py"
