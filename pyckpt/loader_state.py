@@ -1564,7 +1564,7 @@ class LoaderTracker:
         self.ensure_started()
         st = self.stream_for(loader)
         self.replaying = False  # a replayed epoch (below) ends with the next iter() of any loader
-        if self._nested(st, loader):
+        if self._nested(st, loader) and not self._replayed_to_its_end(st):
             st = Stream(st.sig, self, main=st)
         elif st.epochs and not st.skipping:
             if not st.ended and st.batches:
@@ -1841,6 +1841,14 @@ class LoaderTracker:
         # Persistent workers: iter() resets and returns the loader's one iterator, the next epoch.
         return not (loader.persistent_workers and cur is loader.__dict__.get("_iterator"))
 
+    def _replayed_to_its_end(self, st: Stream) -> bool:
+        """Whether ``st``'s current epoch is one the run left early, replayed (``_replay``) up to the batches the
+        run took from it: an ``iter()`` now starts the next epoch, as it did in the run, though the script
+        still holds that epoch's iterator (a sample batch drawn with ``next(dataiter)``)."""
+        plan = self.plan
+        return (plan is not None and st.main is None and st.epochs in plan.replay
+                and st.batches >= plan.replay[st.epochs])
+
     @staticmethod
     def _main_gone(side: Stream) -> bool:
         main = side.main
@@ -1852,6 +1860,12 @@ class LoaderTracker:
         fetched while steps run): move its state into the main stream, counted as that epoch."""
         main, side.main = side.main, None
         assert main is not None
+        if main.epochs and not main.skipping and not main.ended and main.batches:
+            # Its epoch was left early with its iterator still referenced (``dataiter = iter(loader)`` and one
+            # ``next(dataiter)`` before training, as PyTorch's tutorial does): recorded as ``_on_iter`` records
+            # one whose iterator was dropped, so a relaunch replays it (``_replay``) instead of stopping there.
+            main.abandoned.append([main.epochs, main.batches])
+            del main.abandoned[:-ABANDONED_KEPT]
         step = side.epoch_steps[-1] if side.epoch_steps else -1
         main.epochs += 1
         main.note_epoch_start(step)

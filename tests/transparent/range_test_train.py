@@ -4,7 +4,8 @@ The range test draws 6 batches of the loader's first epoch with next() (STYLE=ne
 at StopIteration, as torch-lr-finder's iterator does; STYLE=for: a for loop with a break), stepping SGD at a rising
 learning rate, then puts the weights back and leaves that epoch; training then runs 3 epochs of 10 batches with
 AdamW at a tenth of the best rate, dropout drawing from the global generator. STYLE=sample: no range test, one batch
-drawn with next(iter(loader)) first (to size a model, to log a sample), the rate fixed; STYLE=epoch_sample: no
+drawn with next(iter(loader)) first (to size a model, to log a sample), the rate fixed; STYLE=tutorial: the same
+with the iterator kept in a variable (``dataiter = iter(loader)``, as PyTorch's tutorial does); STYLE=epoch_sample: no
 range test, and at each epoch's end one batch drawn with next(iter(loader)), its loss logged.
 KILL_AT=N: SIGKILL itself right after training step N (counted from the range test's first), once (KILL_MARK).
 argv[1]: where to torch.save the final state.
@@ -76,6 +77,10 @@ if STYLE == "epoch_sample":
 elif STYLE == "sample":
     sample = next(iter(loader))[0]
     lr = 1e-2 + 1e-3 * float(sample.mean())
+elif STYLE == "tutorial":  # PyTorch's CIFAR-10 tutorial: the iterator stays referenced while training runs
+    dataiter = iter(loader)
+    images, labels = next(dataiter)
+    lr = 1e-2 + 1e-3 * float(images.mean())
 else:
     lr = range_test()
 opt = torch.optim.AdamW(model.parameters(), lr=lr)

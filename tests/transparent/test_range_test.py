@@ -19,6 +19,8 @@ SCRIPT = Path(__file__).with_name("range_test_train.py")
     ("reiter", 31),  # torch-lr-finder's iterator: a new iter() at StopIteration
     ("for", 31),    # a for loop with a break: passed without data before, as now
     ("sample", 21),  # one batch drawn with next(iter(loader)) before training: every relaunch stopped too
+    ("tutorial", 21),  # the same with the iterator kept in a variable while training runs: the relaunch stopped
+    ("tutorial", 13),  # (until 2026-12-07: that epoch was not recorded as left early, so it was not replayed)
     ("epoch_sample", 27),  # ... at each epoch's end, its loss logged: the relaunch stopped past epoch 1
 ])
 def test_a_range_test_before_training_resumes_exactly(tmp_path, style, kill_at):
