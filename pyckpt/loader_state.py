@@ -57,8 +57,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _MultiProcessingDataLoaderIter
 
-from . import (epoch_gaps, frames, held_rngs, knobs, loader_kept, loader_workers, pipeline_attrs, reshard_data, rng,
-               sampler_draws)
+from . import (epoch_gaps, frames, held_rngs, knobs, loader_kept, loader_workers, loopstate, pipeline_attrs,
+               reshard_data, rng, sampler_draws)
 from .hooks import HookSet
 
 
@@ -619,6 +619,9 @@ class Stream:
     # sample batch drawn with next(iter(loader)) before training or at each epoch's end, a learning-rate range
     # test. A relaunch whose script draws one of them with next() replays it with its data (``_replay``).
     abandoned: list = field(default_factory=list)
+    # The marks of the script's variables at this epoch's iter() (``loopstate.marks``): a snapshot records which
+    # ones the loop changed since (accumulators), which a relaunch binds where it runs this epoch without data.
+    var_marks: Any = None
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
@@ -1110,8 +1113,8 @@ def skip_note(first: int, resumed: int) -> str | None:
     many = resumed - first > 1
     return (f"epoch{'s' if many else ''} {first}{f'-{resumed - 1}' if many else ''} run{'' if many else 's'} again "
             f"without data before the restore point (epoch {resumed}): what the script's per-epoch code prints or "
-            "writes to files there reflects the state before the restore, and variables set only inside the "
-            "loader loop hold the checkpoint's values there")
+            "writes to files there reflects the state before the restore, and variables the loader loop sets or "
+            "changes hold the checkpoint's values there")
 
 
 class LoaderTracker:
@@ -1572,6 +1575,7 @@ class LoaderTracker:
                 del st.abandoned[:-ABANDONED_KEPT]
         st.epochs += 1
         st.note_epoch_start(self._step())
+        st.var_marks = loopstate.marks(frames.user_frames(sys._getframe(1)))
         now = rng.cpu_raw()  # the random state at this iter(): the gap's end and the epoch's start (read once)
         if st.main is None:
             _close_gap(st, now)
@@ -1871,7 +1875,7 @@ class LoaderTracker:
         main.note_epoch_start(step)
         _close_gap(main)
         for name in ("batches", "epoch_rng", "reused", "loader", "handed", "skipping", "iterator", "mark",
-                     "streak", "ended", "probe", "wrapper_cls", "pre_fetch", "first_rng", "draws"):
+                     "streak", "ended", "probe", "wrapper_cls", "pre_fetch", "first_rng", "draws", "var_marks"):
             setattr(main, name, getattr(side, name))
         it = main.iterator() if main.iterator is not None else None
         if it is not None:

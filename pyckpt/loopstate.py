@@ -2207,16 +2207,80 @@ def _same_kind(live: Any, saved: Any) -> bool:
     return isinstance(live, torch.Tensor) and isinstance(saved, torch.Tensor)
 
 
+def _mark(v: Any) -> tuple:
+    """What tells whether a variable changed: a plain value itself, a tensor's identity and version counter
+    (``total += loss`` in place), a container's identity and length (``losses.append(...)``), else identity."""
+    t = type(v)
+    if v is None or t in _SCALAR_SET:
+        return (t, v)
+    if isinstance(v, torch.Tensor):
+        try:
+            return (id(v), v._version)
+        except RuntimeError:  # an inference tensor has no version counter
+            return (id(v),)
+    if t in (list, dict, set, collections.deque, bytearray):
+        return (id(v), len(v))
+    return (id(v),)
+
+
+def marks(user: list[types.FrameType]) -> dict:
+    """The marks (``_mark``) of the script frames' variables at an epoch's ``iter()``: a module frame's by its
+    module name, the others' by frame (with its code, so a freed frame's reused id is not taken for it)."""
+    out: dict = {"globals": {}, "frames": {}}
+    for f in user:
+        if frames.is_module_frame(f):
+            name = f.f_globals.get("__name__")
+            if isinstance(name, str):
+                out["globals"][name] = {k: _mark(v) for k, v in list(f.f_globals.items())}
+        else:
+            out["frames"][id(f)] = (f.f_code, {k: _mark(v) for k, v in f.f_locals.items()})
+    return out
+
+
+def changed_since(before: dict | None, user: list[types.FrameType]) -> dict | None:
+    """The names of the script frames' variables whose mark differs from ``before`` (``marks`` at the epoch's
+    ``iter()``): what the loader loop changed in this epoch (accumulators, a step counter), not what it leaves
+    alone (the epoch counter, settings). Stored with the loop state: a relaunch binds those to the checkpoint's
+    values at the end of an epoch it runs again without data (``bind_unset``). None: nothing recorded."""
+    if not before:
+        return None
+    out: dict = {"globals": {}, "locals": []}
+    for f in user:
+        names: list[str] | None = None
+        if frames.is_module_frame(f):
+            name = f.f_globals.get("__name__")
+            old = before["globals"].get(name)
+            if old is not None:
+                out["globals"][name] = sorted(k for k, v in list(f.f_globals.items())
+                                              if k in old and old[k] != _mark(v))
+        else:
+            code, old = before["frames"].get(id(f), (None, None))
+            if code is f.f_code:
+                names = sorted(k for k, v in f.f_locals.items() if k in old and old[k] != _mark(v))
+        out["locals"].append(names)
+    return out
+
+
 def bind_unset(tree: Any, user: list[types.FrameType]) -> list[str]:
     """At the end of an epoch a resume runs again without data: the script's variables that the loop body
     alone sets (``last_x = x``, ``loss``) are unbound there, and per-epoch code reading them (a log line,
     ``total / count``) raised NameError before the restore point. Each such variable of a frame running the
     same code as the checkpoint's frame at that depth (globals: of the same module) is bound to the
-    checkpoint's value; variables already bound are left alone, and the restore point writes them all as
-    usual. Only plain values (numbers, strings, containers, tensors, arrays); the names bound are returned."""
+    checkpoint's value. So is each variable the loop changed in the checkpoint's epoch (``changed_since``,
+    recorded with the tree): an accumulator set before the loop (``seen = 0`` ... ``seen += len(x)``) still
+    holds its start there, and ``total / seen`` raised ZeroDivisionError (a tensor or container is written
+    in place, as the restore point writes it: a sampler's weights the loop updates stay the sampler's).
+    Other bound variables are left alone, and the restore point writes them all as usual. Only plain values
+    (numbers, strings, containers, tensors, arrays); the names bound are returned."""
     if not (isinstance(tree, dict) and tree.get("version") == VERSION):
         return []
     stack, loc, gl = tree.get("stack"), tree.get("locals"), tree.get("globals")
+    changed = tree.get("changed") if isinstance(tree.get("changed"), dict) else {}
+    ch_gl = changed.get("globals") if isinstance(changed.get("globals"), dict) else {}
+    ch_loc = changed.get("locals") if isinstance(changed.get("locals"), list) else []
+
+    def names_in(v: Any) -> set:
+        return {k for k in v if isinstance(k, str)} if isinstance(v, list) else set()
     dec = _Decoder(tree.get("tensors") if isinstance(tree.get("tensors"), list) else [], {})
     bound: list[str] = []
 
@@ -2231,11 +2295,12 @@ def bind_unset(tree: Any, user: list[types.FrameType]) -> list[str]:
         g = _module_globals(user, modname)
         if g is None or not isinstance(values, dict):
             continue
+        moved = names_in(ch_gl.get(modname))
         for k, e in values.items():
-            if k not in g:
+            if k not in g or k in moved:
                 ok, v = plain(e)
                 if ok:
-                    g[k] = v
+                    g[k] = _assign(g[k], v, dec.holders) if k in g else v
                     bound.append(k)
     for n, f in enumerate(user):
         saved = stack[n + 1] if isinstance(stack, list) and n + 1 < len(stack) else None
@@ -2244,12 +2309,13 @@ def bind_unset(tree: Any, user: list[types.FrameType]) -> list[str]:
                 or frames.is_module_frame(f)):
             continue
         live = f.f_locals
+        moved = names_in(ch_loc[n] if n < len(ch_loc) else None)
         new = {}
         for k, e in values.items():
-            if k not in live:
+            if k not in live or k in moved:
                 ok, v = plain(e)
                 if ok:
-                    new[k] = v
+                    new[k] = _assign(live[k], v, dec.holders) if k in live else v
         frames.write_locals(f, new)
         bound += [f"{k} (in {f.f_code.co_name})" for k in new]
     return bound

@@ -533,8 +533,12 @@ class Session:
         limit = knobs.get("PYCKPT_LOOP_STATE_MAX_BYTES")
         try:
             registered = [getattr(g, "__self__", None) for g, _ in REGISTERED.values()]  # saved there
-            cap = loopstate.capture(frames.user_frames(sys._getframe(1)), point, limit, t.modules, registered,
+            user = frames.user_frames(sys._getframe(1))
+            cap = loopstate.capture(user, point, limit, t.modules, registered,
                                     list(t.loose.values()), t.optimizers, list(t.schedulers.values()))
+            changed = loopstate.changed_since(getattr(self.train_stream, "var_marks", None), user)
+            if changed is not None and cap.tree.get("locals") is not None:  # (not with the variables turned off)
+                cap.tree["changed"] = changed
         except Exception as e:  # never lose the checkpoint over the loop state; say it is inexact
             if "capture" not in self.loop_warned:
                 self.loop_warned.add("capture")
@@ -659,6 +663,8 @@ class Session:
         if plan is not None:
             plan.apply()  # the script's globals, locals, object attributes, loop iterators
             self._say_plan_warnings(plan)
+            # What the loop changes from here on is told from the checkpoint's values, not this run's before them.
+            stream.var_marks = loopstate.marks(frames.user_frames(sys._getframe(1)))
         pos = rs["loader"]
         stream.restore_sampler_state(pos)
         self._keep_loaders(rs)

@@ -1,0 +1,106 @@
+"""Per-epoch code that reads what the loader loop accumulated (``total / seen``, ``running_corrects.double()``
+of PyTorch's transfer-learning tutorial, ``sum(losses) / len(losses)``) in the epochs a relaunch runs again
+without data. Those accumulators are set before the loop, so they still held their start there (0, an int, an
+empty list): every relaunch past the first epoch died of ZeroDivisionError or AttributeError. A snapshot now
+records which variables the loop changed in its epoch (pyckpt/loopstate.py ``changed_since``), and the relaunch
+binds them to the checkpoint's values at the end of such an epoch (``bind_unset``), as it binds those only the
+loop sets; the restore point then writes everything as before."""
+from __future__ import annotations
+
+import re
+import signal
+import sys
+
+import pytest
+
+from pyckpt import frames, loopstate
+
+from transparent_helpers import load, run_script, tree_equal
+
+SCRIPT = r'''
+import os, signal, sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 2, (40,))), batch_size=4, shuffle=True)
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+step, hist = 0, []
+
+
+def train_epoch():
+    global step
+    running_corrects, losses = 0, []
+    for xb, yb in loader:
+        out = model(xb)
+        loss = nn.functional.cross_entropy(out, yb)
+        opt.zero_grad(); loss.backward(); opt.step()
+        step += 1
+        running_corrects += torch.sum(out.argmax(1) == yb)
+        losses.append(loss.item())
+        if str(step) == os.environ.get("KILL_AT") and not os.path.exists(os.environ["KILL_MARK"]):
+            open(os.environ["KILL_MARK"], "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+    return running_corrects.double() / 40, sum(losses) / len(losses)
+
+
+for epoch in range(4):
+    if os.environ.get("WHERE") == "function":
+        acc, mean = train_epoch()
+    else:
+        total, seen = 0.0, 0
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad(); loss.backward(); opt.step()
+            step += 1
+            total += loss.item() * len(xb); seen += len(xb)
+            if str(step) == os.environ.get("KILL_AT") and not os.path.exists(os.environ["KILL_MARK"]):
+                open(os.environ["KILL_MARK"], "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+        acc, mean = 0.0, total / seen
+    hist.append((epoch, float(acc), mean))
+torch.save({"model": model.state_dict(), "hist": hist, "step": step}, sys.argv[1])
+'''
+
+
+@pytest.mark.parametrize("where", ["module", "function"])
+def test_per_epoch_code_reading_the_loops_accumulators_survives_the_epochs_run_without_data(tmp_path, where):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    plain = run_script([script, tmp_path / "plain.pt"], tmp_path, WHERE=where)
+    assert plain.returncode == 0, plain.stderr
+    env = dict(WHERE=where, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="30",
+               KILL_MARK=tmp_path / "mark")
+    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    assert "pyckpt: epochs 0-1 run again without data" in second.stderr, second.stderr
+    assert re.search(r"resumed from step (24|28) \(epoch 2, ", second.stderr), second.stderr
+    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+
+
+def _loop(record):
+    epoch_count, config = 0, {"lr": 0.1}
+    for epoch in range(2):
+        total, seen, losses = 0.0, 0, []
+        record.append(loopstate.marks(frames.user_frames(sys._getframe())))
+        for x in [1.0, 2.0]:
+            total += x
+            seen += 1
+            losses.append(x)
+        record.append(loopstate.changed_since(record[-1], frames.user_frames(sys._getframe())))
+        epoch_count += 1
+    return config
+
+
+def test_the_variables_the_loop_changed_since_its_epoch_began_are_named_and_no_others():
+    record: list = []
+    _loop(record)
+    for changed in (record[1], record[3]):  # each epoch's, in _loop's frame (the innermost)
+        names = set(changed["locals"][-1]) - {"record"}  # (the test's own list, appended to in the loop)
+        # The accumulators, not the epoch, the epoch counter the loop leaves alone or the settings; the loop's
+        # own variable is unbound at the first epoch's start (bound where unbound anyway) and ends each epoch at
+        # the same value.
+        assert names == {"losses", "seen", "total"}, changed
+    assert loopstate.changed_since(None, []) is None
