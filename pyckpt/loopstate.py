@@ -29,10 +29,11 @@ Values are encoded as small tagged lists: ``["v", scalar]``, ``["t", i, device, 
 ``["l", [...]]`` list, ``["u", [...]]`` tuple, ``["d", [[k, v], ...]]`` dict, ``["s", [...]]`` set,
 ``["f", [...]]`` frozenset, ``["q", [...], maxlen]`` deque, ``["n", i, dtype]`` NumPy array (``"ns"``: scalar),
 ``["g", i, device]`` torch.Generator (no device: CPU), ``["r", state]`` random.Random, ``["ng", state]``
-NumPy generator, ``["tq", n]`` a tqdm progress bar's count, ``["M", class qualname, ref]`` a module and ``["O", class qualname, ref]`` a library
-object whose ``state_dict()`` is saved with the rank's state under ``ref`` (``Capture.states``; loaded
-into the live object). A generator's state goes into the live generator at the same place, inside
-containers too, or into a new one where the script holds none there yet.
+NumPy generator, ``["tq", n]`` a tqdm progress bar's count, ``["M", class qualname, ref]`` a module and
+``["O", class qualname, ref]`` a library object whose ``state_dict()`` is saved with the rank's state under
+``ref`` (``Capture.states``; loaded into the live object). A generator's state goes into the live generator
+at the same place, inside containers too, or into a new one where the script holds none there yet. The tree's
+``changed`` lists the variables the loop changed since its epoch's ``iter()`` (``changed_since``).
 
 Values of the script's own classes (``_Encoder.struct``; members are ``[[name, value], ...]``):
 ``["nt", class qualname, members]`` a namedtuple (``typing.NamedTuple`` too), ``["dc", class qualname,
