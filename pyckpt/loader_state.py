@@ -1151,6 +1151,9 @@ class LoaderTracker:
         self._hooks: HookSet | None = None
         self._found: dict[type, bool] = {}  # iterator classes probed: counted as look-ahead wrappers or not
         self.replaying = False  # an epoch the run left early is being replayed with its data (_replay)
+        # ``fetches`` when a skipped epoch of the training loader ended, until the next iter(): a step with no
+        # fetch since is that epoch's per-epoch code (an accumulation's leftover step), not training
+        self.skip_ended_at: int | None = None
 
     # -- installation ---------------------------------------------------------
     def install(self, hooks: HookSet) -> None:
@@ -1567,6 +1570,7 @@ class LoaderTracker:
         self.ensure_started()
         st = self.stream_for(loader)
         self.replaying = False  # a replayed epoch (below) ends with the next iter() of any loader
+        self.skip_ended_at = None
         if self._nested(st, loader) and not self._replayed_to_its_end(st):
             st = Stream(st.sig, self, main=st)
         elif st.epochs and not st.skipping:
@@ -1670,6 +1674,7 @@ class LoaderTracker:
         session = getattr(self, "session", None)
         if session is not None:  # the caller of the patched __next__ that raised StopIteration: the script's loop
             session.bind_unset(sys._getframe(2))
+        self.skip_ended_at = self.fetches
         if st.epochs == plan.epoch - 1:
             saved, put = plan.position.get("prev_end_rng"), rng.restore
         else:  # an earlier gap: the streams its code drew from (epoch_gaps.py)

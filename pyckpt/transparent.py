@@ -284,6 +284,11 @@ class Session:
         if tr.replaying:  # an epoch the run left early, replayed with its data: its steps are the run's own
             self.step += 1
             return
+        if tr.plan is not None and tr.skip_ended_at == tr.fetches:
+            # Right after an epoch run again without data, nothing fetched since: the run's per-epoch code (the
+            # step of an accumulation's leftover micro-batches); the restore point overwrites what it did.
+            self.step += 1
+            return
         if tr.plan is not None and tr.streams:  # (steps before any loader's iter() are replayed, then overwritten)
             self._stepped_before_restore()
         fetched = tr.last is not None and tr.fetches != self.fetches_at_step

@@ -104,3 +104,50 @@ def test_the_variables_the_loop_changed_since_its_epoch_began_are_named_and_no_o
         # the same value.
         assert names == {"losses", "seen", "total"}, changed
     assert loopstate.changed_since(None, []) is None
+
+
+FLUSH = r'''
+import os, signal, sys, time
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+loader = DataLoader(TensorDataset(torch.randn(44, 6), torch.randn(44, 1)), batch_size=4, shuffle=True)
+model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+accum, step = 4, 0
+for epoch in range(4):
+    for i, (xb, yb) in enumerate(loader):
+        (((model(xb) - yb) ** 2).mean() / accum).backward()
+        if (i + 1) % accum == 0:
+            opt.step(); opt.zero_grad(); step += 1
+            if str(step) == os.environ.get("KILL_AT") and not os.path.exists(os.environ["KILL_MARK"]):
+                time.sleep(1.5)  # the snapshot taken at this epoch's first fetch commits first
+                open(os.environ["KILL_MARK"], "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+    if (i + 1) % accum != 0:  # the epoch's leftover micro-batches (11 a epoch: 3 left)
+        opt.step(); opt.zero_grad(); step += 1
+torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, sys.argv[1])
+'''
+
+
+@pytest.mark.parametrize("kill_at", [7, 8])
+def test_an_accumulation_flush_after_the_loop_in_an_epoch_run_without_data_is_not_taken_for_training(tmp_path,
+                                                                                                   kill_at):
+    """Gradient accumulation whose leftover micro-batches are stepped after the loader loop: in an epoch the
+    relaunch runs without data that step came before the restore point, and the relaunch was refused ("the
+    optimizer stepped before the training loader reached the checkpoint's position"). A step right after such
+    an epoch's end, with no fetch since, is the run's per-epoch code: passed, the restore point overwrites it."""
+    script = tmp_path / "train.py"
+    script.write_text(FLUSH)
+    plain = run_script([script, tmp_path / "plain.pt"], tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    env = dict(PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="1", KILL_AT=str(kill_at), KILL_MARK=tmp_path / "mark")
+    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    # kill_at 7: the checkpoint right after epoch 1's leftover step (6), taken at epoch 2's first fetch; 8: step 7's
+    assert f"resumed from step {kill_at - 1} (epoch 2, batch {0 if kill_at == 7 else 4})" in second.stderr, \
+        second.stderr
+    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
