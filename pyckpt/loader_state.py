@@ -623,6 +623,12 @@ class Stream:
     # ones the loop changed since (accumulators), which a relaunch binds where it runs this epoch without data.
     var_marks: Any = None
 
+    def note_left_early(self) -> None:
+        """The next epoch starts: record the current one in ``abandoned`` if the run left it before its end."""
+        if self.epochs and not self.skipping and not self.ended and self.batches:
+            self.abandoned.append([self.epochs, self.batches])
+            del self.abandoned[:-ABANDONED_KEPT]
+
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
 
@@ -1573,10 +1579,8 @@ class LoaderTracker:
         self.skip_ended_at = None
         if self._nested(st, loader) and not self._replayed_to_its_end(st):
             st = Stream(st.sig, self, main=st)
-        elif st.epochs and not st.skipping:
-            if not st.ended and st.batches:
-                st.abandoned.append([st.epochs, st.batches])
-                del st.abandoned[:-ABANDONED_KEPT]
+        else:
+            st.note_left_early()
         st.epochs += 1
         st.note_epoch_start(self._step())
         st.var_marks = loopstate.marks(frames.user_frames(sys._getframe(1)))
@@ -1869,12 +1873,10 @@ class LoaderTracker:
         fetched while steps run): move its state into the main stream, counted as that epoch."""
         main, side.main = side.main, None
         assert main is not None
-        if main.epochs and not main.skipping and not main.ended and main.batches:
-            # Its epoch was left early with its iterator still referenced (``dataiter = iter(loader)`` and one
-            # ``next(dataiter)`` before training, as PyTorch's tutorial does): recorded as ``_on_iter`` records
-            # one whose iterator was dropped, so a relaunch replays it (``_replay``) instead of stopping there.
-            main.abandoned.append([main.epochs, main.batches])
-            del main.abandoned[:-ABANDONED_KEPT]
+        # Its epoch may have been left early with its iterator still referenced (``dataiter = iter(loader)`` and
+        # one ``next(dataiter)`` before training, as PyTorch's tutorial does): recorded as ``_on_iter`` records one
+        # whose iterator was dropped, so a relaunch replays it (``_replay``) instead of stopping there.
+        main.note_left_early()
         step = side.epoch_steps[-1] if side.epoch_steps else -1
         main.epochs += 1
         main.note_epoch_start(step)

@@ -281,12 +281,10 @@ class Session:
                 return
             self._restore_at_step(point)
             return
-        if tr.replaying:  # an epoch the run left early, replayed with its data: its steps are the run's own
-            self.step += 1
-            return
-        if tr.plan is not None and tr.skip_ended_at == tr.fetches:
-            # Right after an epoch run again without data, nothing fetched since: the run's per-epoch code (the
-            # step of an accumulation's leftover micro-batches); the restore point overwrites what it did.
+        # The run's own steps before the restore point, which overwrites what they did: those of an epoch the run
+        # left early, replayed with its data; one right after an epoch run again without data, nothing fetched
+        # since (its per-epoch code: the step of an accumulation's leftover micro-batches).
+        if tr.replaying or (tr.plan is not None and tr.skip_ended_at == tr.fetches):
             self.step += 1
             return
         if tr.plan is not None and tr.streams:  # (steps before any loader's iter() are replayed, then overwritten)
@@ -411,8 +409,8 @@ class Session:
                     "(not exact)")
         # Another script on the same PYCKPT_DIR (a fine-tuning run after pre-training) says so first.
         then = loopstate.script_of((self.source.rank_state or {}).get("loop") if self.source is not None else None)
-        now = os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "")
-        if then is not None and now.endswith(".py") and then != now:
+        now = finish.main_script()
+        if then is not None and now is not None and then != now:
             why = f"the checkpoint was written by {then}, this is {now}; {why}"
         # One line and exit status 2, not a traceback from inside optimizer.step().
         say(f"cannot resume: {where}: the optimizer stepped before the training loader reached the "

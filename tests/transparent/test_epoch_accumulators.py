@@ -8,14 +8,13 @@ loop sets; the restore point then writes everything as before."""
 from __future__ import annotations
 
 import re
-import signal
 import sys
 
 import pytest
 
 from pyckpt import frames, loopstate
 
-from transparent_helpers import load, run_script, tree_equal
+from transparent_helpers import killed_and_relaunched, load, run_script, tree_equal
 
 SCRIPT = r'''
 import os, signal, sys
@@ -69,12 +68,7 @@ def test_per_epoch_code_reading_the_loops_accumulators_survives_the_epochs_run_w
     script.write_text(SCRIPT)
     plain = run_script([script, tmp_path / "plain.pt"], tmp_path, WHERE=where)
     assert plain.returncode == 0, plain.stderr
-    env = dict(WHERE=where, PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="30",
-               KILL_MARK=tmp_path / "mark")
-    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert second.returncode == 0, second.stderr
+    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=30, every_steps=4, WHERE=where)
     assert "pyckpt: epochs 0-1 run again without data" in second.stderr, second.stderr
     assert re.search(r"resumed from step (24|28) \(epoch 2, ", second.stderr), second.stderr
     assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
@@ -142,11 +136,7 @@ def test_an_accumulation_flush_after_the_loop_in_an_epoch_run_without_data_is_no
     script.write_text(FLUSH)
     plain = run_script([script, tmp_path / "plain.pt"], tmp_path)
     assert plain.returncode == 0, plain.stderr
-    env = dict(PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="1", KILL_AT=str(kill_at), KILL_MARK=tmp_path / "mark")
-    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert second.returncode == 0, second.stderr
+    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=kill_at, every_steps=1)
     # kill_at 7: the checkpoint right after epoch 1's leftover step (6), taken at epoch 2's first fetch; 8: step 7's
     assert f"resumed from step {kill_at - 1} (epoch 2, batch {0 if kill_at == 7 else 4})" in second.stderr, \
         second.stderr

@@ -5,9 +5,8 @@ as its step counter trained differently, said by nothing)."""
 from __future__ import annotations
 
 import re
-import signal
 
-from transparent_helpers import load, run_script, tree_equal
+from transparent_helpers import killed_and_relaunched, load, run_script, tree_equal
 
 SCRIPT = r'''
 import os, signal, sys
@@ -44,11 +43,7 @@ def test_progress_bars_go_on_from_the_checkpoints_counts(tmp_path):
     script.write_text(SCRIPT)
     plain = run_script([script, tmp_path / "plain.pt"], tmp_path)
     assert plain.returncode == 0, plain.stderr
-    env = dict(PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="14", KILL_MARK=tmp_path / "mark")
-    first = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    second = run_script([script, tmp_path / "out.pt"], tmp_path, **env)
-    assert second.returncode == 0, second.stderr
+    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=14, every_steps=4)
     resumed = re.search(r"pyckpt: resumed from step (12|8) \(epoch (1, batch 2|0, batch 8)\)", second.stderr)
     assert resumed, second.stderr
     a, b = load(tmp_path / "plain.pt"), load(tmp_path / "out.pt")
