@@ -619,15 +619,29 @@ class Stream:
     # sample batch drawn with next(iter(loader)) before training or at each epoch's end, a learning-rate range
     # test. A relaunch whose script draws one of them with next() replays it with its data (``_replay``).
     abandoned: list = field(default_factory=list)
+    # Its epochs that fed no optimizer step though they yielded batches, the last UNFED_KEPT, as [epoch, batches
+    # fetched, 1 if it ran to its end]: an evaluation pass over the training loader in per-epoch code
+    # (``check_accuracy(train_loader)``), dataset statistics or ``update_bn`` before training. A relaunch runs them
+    # with their data: passed without any, their code's counters stay at zero (``num_correct / num_samples``).
+    # ``unfed_count``: how many there were in all (the loop's epoch number leaves them out: ``loop_epoch``).
+    unfed: list = field(default_factory=list)
+    unfed_count: int = 0
     # The marks of the script's variables at this epoch's iter() (``loopstate.marks``): a snapshot records which
     # ones the loop changed since (accumulators), which a relaunch binds where it runs this epoch without data.
     var_marks: Any = None
 
     def note_left_early(self) -> None:
-        """The next epoch starts: record the current one in ``abandoned`` if the run left it before its end."""
-        if self.epochs and not self.skipping and not self.ended and self.batches:
+        """The next epoch starts: record the current one in ``abandoned`` if the run left it before its end, and
+        in ``unfed`` if it fed no optimizer step."""
+        if not self.epochs or self.skipping or not self.batches:
+            return
+        if not self.ended:
             self.abandoned.append([self.epochs, self.batches])
             del self.abandoned[:-ABANDONED_KEPT]
+        if not self.fed_in_epoch:
+            self.unfed.append([self.epochs, self.batches, int(self.ended)])
+            del self.unfed[:-ABANDONED_KEPT]
+            self.unfed_count += 1
 
     def position(self, batch: int | None = None, others: bool = True) -> dict[str, Any]:
         """This stream's position and sampler state, for a checkpoint's per-rank part.
@@ -654,6 +668,11 @@ class Stream:
             pos["follower"] = True
         if self.abandoned:
             pos["abandoned"] = [list(e) for e in self.abandoned]
+        if self.unfed and self.fed_steps:  # (a stream no step was seen to feed has no epoch told from the others)
+            pos["unfed"] = [list(e) for e in self.unfed]
+            pos["unfed_count"] = self.unfed_count
+        if self.fed_in_epoch:
+            pos["fed_in_epoch"] = self.fed_in_epoch  # (so a relaunch does not take its epoch for an unfed one)
         if batch is None and self.ended and self.main is None:
             # This point is a fetch after the epoch's end (an apex prefetcher's next() after its last batch
             # calls next() on the exhausted iterator again): the relaunch's restore waits for its end too.
@@ -778,6 +797,10 @@ class Stream:
         # resume (the relaunch passed most epochs without data, recording nothing of them).
         replay = _replayed(pos)
         self.abandoned = [[e, replay[e]] for e in sorted(replay)]
+        unfed, self.unfed_count = _unfed(pos)
+        self.unfed = [[e, *unfed[e]] for e in sorted(unfed)]
+        fed = pos.get("fed_in_epoch", 0)
+        self.fed_in_epoch = fed if type(fed) is int and fed > 0 else 0
 
     def note_epoch_start(self, step: int) -> None:
         """Record the step count at this epoch's ``iter()`` (epoch number ``self.epochs``)."""
@@ -809,15 +832,17 @@ def _close_gap(st: Stream, now: tuple | None = None) -> None:
 
 def loop_epoch(pos: dict) -> int:
     """The 0-based index a ``for epoch in range(...)`` loop shows for a loader position: ``pos["epoch"]``
-    counts the iter() calls of the training loader's signature, plus those of loaders of other signatures
-    that fed training before (the loader rebuilt with another batch size or length at each epoch)."""
+    counts the iter() calls of the training loader's signature, less those that fed no step (``unfed``: an
+    evaluation pass over it), plus those of loaders of other signatures that fed training before (the loader
+    rebuilt with another batch size or length at each epoch)."""
     fed = 0
     for entry in pos.get("fed_before") or []:
         try:
             fed += max(int(entry[1]), 0)
         except (TypeError, ValueError, IndexError):
             pass  # (said when the plan was read)
-    return max(int(pos.get("epoch", 1)) - 1, 0) + fed
+    unfed = _unfed(pos)[1]  # evaluation passes over the training loader: not the loop's epochs
+    return max(int(pos.get("epoch", 1)) - 1 - unfed, 0) + fed
 
 
 def epoch_steps_of(pos: dict[str, Any]) -> tuple[int, list[int]]:
@@ -875,6 +900,7 @@ class FastForward:
     gaps: epoch_gaps.Gaps = field(default_factory=epoch_gaps.Gaps)  # the states of the gaps between epochs
     draws: sampler_draws.Draws = field(default_factory=sampler_draws.Draws)  # the sampler's, mid-epoch
     replay: dict = field(default_factory=dict)  # epoch -> batches: the run's epochs left early (Stream.abandoned)
+    unfed: dict = field(default_factory=dict)  # epoch -> (batches, ran to its end): fed no step (Stream.unfed)
 
     def __post_init__(self) -> None:
         if self.fetched < self.batch:  # checkpoints without "fetched": no look-ahead
@@ -912,7 +938,7 @@ class FastForward:
                           "a loader rebuilt with another batch size or length may not be skipped", "warning")
         return cls(list(pos["sig"]), int(pos["epoch"]), batch, pos.get("epoch_rng"),
                    bool(pos.get("reused")), pos, fetched, others, ahead, own, fed, pos.get("ended") is True, gaps,
-                   draws, _replayed(pos))
+                   draws, _replayed(pos), _unfed(pos)[0])
 
 
 def _replayed(pos: dict[str, Any]) -> dict[int, int]:
@@ -931,6 +957,28 @@ def _replayed(pos: dict[str, Any]) -> dict[int, int]:
                   "those epochs are skipped without data", "warning")
         return {}
     return out
+
+
+def _unfed(pos: dict[str, Any]) -> tuple[dict[int, tuple[int, int]], int]:
+    """The position's epochs before the resumed one that fed no step (``Stream.unfed``) as {epoch: (batches,
+    ran to its end)}, and how many there were in all; malformed ones are said and dropped (the relaunch passes
+    those epochs without data, as it did before they were kept)."""
+    out: dict[int, tuple[int, int]] = {}
+    raw, count = pos.get("unfed") or [], pos.get("unfed_count", 0)
+    try:
+        resumed = int(pos["epoch"])
+        for epoch, batches, ended in raw:
+            if (type(epoch) is not int or type(batches) is not int or ended not in (0, 1) or type(ended) is not int
+                    or not 0 < epoch < resumed or batches < 1):
+                raise ValueError(epoch)
+            out[epoch] = (batches, ended)
+        if type(count) is not int or not len(out) <= count < resumed:
+            raise ValueError(count)
+    except (TypeError, ValueError, KeyError):
+        _say_once("warning: the checkpoint's record of the epochs that fed no optimizer step (an evaluation pass "
+                  "over the training loader) is malformed; those epochs are passed without data", "warning")
+        return {}, 0
+    return out, count
 
 
 def _parsed(pos: dict[str, Any], key: str, kind: Any, malformed: str) -> Any:
@@ -1589,7 +1637,10 @@ class LoaderTracker:
             _close_gap(st, now)
         self._begin_epoch(st, loader)
         target = self._target(st)
-        if (target is not None and st.epochs < target.epoch) or self._fed_before(st):
+        skip = (target is not None and st.epochs < target.epoch) or self._fed_before(st)
+        if skip and target is not None and target is self.plan and st.epochs in target.unfed:
+            return self._run_unfed(st, loader, orig_iter, target.unfed[st.epochs])
+        if skip:
             st.skipping = True
             _SkipHook.install(self)
             it = _FinishedEpoch(loader)
@@ -1623,6 +1674,38 @@ class LoaderTracker:
         st.iterator = weakref.ref(it)
         return it
 
+    def _run_unfed(self, st: Stream, loader: DataLoader, orig_iter: Callable, took: tuple[int, int]) -> Any:
+        """A relaunch's ``iter()`` of an epoch before the checkpoint's that fed no optimizer step in the run
+        (``Stream.unfed``: an evaluation pass over the training loader in per-epoch code, dataset statistics
+        before training): it runs with its data, up to the batches the run took from it where the run left it
+        early (``took``: batches, ran to its end). Passed without data, such code's counters stayed at zero and
+        ``num_correct / num_samples`` killed the relaunch. What it computes reflects the state before the
+        restore, as the rest of the per-epoch code's does; a step in it is refused (the run took none there)."""
+        batches, ended = took
+        it = self._start_alone(loader, orig_iter)
+        if not ended:
+            it.__dict__["_pyckpt_replay"] = batches
+            _say_replayed(st.epochs, batches)
+        else:
+            _say_once(f"epoch {st.epochs - 1} of loader {st.sig}, a pass that fed no optimizer step (an evaluation "
+                      "of the training data), runs again with its data before the restore point, as do the others "
+                      "like it", "info", key="unfed")
+        it._pyckpt_stream = st
+        st.iterator = weakref.ref(it)
+        return it
+
+    def _start_alone(self, loader: DataLoader, orig_iter: Callable) -> Any:
+        """``_start`` for an epoch run with its data before the restore point: a persistent-workers loader gets an
+        iterator of its own, shut down when it ends, so that the resumed epoch makes the loader's persistent
+        iterator, from the worker states the checkpoint kept, as it does where nothing ran before it."""
+        if not (loader.persistent_workers and loader.num_workers > 0 and loader.__dict__.get("_iterator") is None):
+            return self._start(loader, orig_iter)
+        loader.__dict__["persistent_workers"] = False  # (DataLoader.__setattr__ refuses it after __init__)
+        try:
+            return self._start(loader, orig_iter)
+        finally:
+            loader.__dict__["persistent_workers"] = True
+
     def _replay(self, it: "_FinishedEpoch", st: Stream, orig_iter: Callable) -> Any:
         """The script calls ``next()`` itself, where the relaunch cannot be restored (``_collapse``), on the
         iterator of a skipped epoch the run left early (``plan.replay``: one sample batch drawn with
@@ -1646,11 +1729,8 @@ class LoaderTracker:
         self.replaying = True
         if self.skip_span is not None and self.skip_note is not None and self.skip_span[0] == st.epochs - 1:
             self.set_skip_note(st.epochs, self.skip_span[1])  # this one runs with its data
-        n = plan.replay[st.epochs]
-        _say_once(f"epoch {st.epochs - 1}, which the run left after {n} batch{'' if n == 1 else 'es'}, runs again "
-                  "with its data, as does any other epoch the run left early that the script draws with next() (a "
-                  "sample batch, a learning-rate range test) before the restore point", "info", key="replay")
-        real = self._start(loader, orig_iter)
+        _say_replayed(st.epochs, plan.replay[st.epochs])
+        real = self._start_alone(loader, orig_iter)
         real._pyckpt_stream = st
         real.__dict__["_pyckpt_replay"] = plan.replay[st.epochs]
         it.__dict__["_pyckpt_real"] = real
@@ -1855,12 +1935,15 @@ class LoaderTracker:
         return not (loader.persistent_workers and cur is loader.__dict__.get("_iterator"))
 
     def _replayed_to_its_end(self, st: Stream) -> bool:
-        """Whether ``st``'s current epoch is one the run left early, replayed (``_replay``) up to the batches the
-        run took from it: an ``iter()`` now starts the next epoch, as it did in the run, though the script
-        still holds that epoch's iterator (a sample batch drawn with ``next(dataiter)``)."""
+        """Whether ``st``'s current epoch is one the run left early, replayed (``_replay``, or run with its data
+        as one that fed no step) up to the batches the run took from it: an ``iter()`` now starts the next epoch,
+        as it did in the run, though the script still holds that epoch's iterator (a sample batch drawn with
+        ``next(dataiter)``)."""
         plan = self.plan
-        return (plan is not None and st.main is None and st.epochs in plan.replay
-                and st.batches >= plan.replay[st.epochs])
+        if plan is None or st.main is not None:
+            return False
+        took = plan.replay.get(st.epochs) or plan.unfed.get(st.epochs, (None,))[0]
+        return took is not None and st.batches >= took
 
     @staticmethod
     def _main_gone(side: Stream) -> bool:
@@ -1876,7 +1959,12 @@ class LoaderTracker:
         # Its epoch may have been left early with its iterator still referenced (``dataiter = iter(loader)`` and
         # one ``next(dataiter)`` before training, as PyTorch's tutorial does): recorded as ``_on_iter`` records one
         # whose iterator was dropped, so a relaunch replays it (``_replay``) instead of stopping there.
+        # A step both fed (the first, after a sample batch drawn from the held iterator) was credited to it: the
+        # side's, the epoch the loop moved to (else that sample's epoch would not count as feeding no step).
+        credited = min(side.side_steps, main.fed_in_epoch)
+        main.fed_in_epoch -= credited
         main.note_left_early()
+        main.fed_in_epoch = credited
         step = side.epoch_steps[-1] if side.epoch_steps else -1
         main.epochs += 1
         main.note_epoch_start(step)
@@ -2110,6 +2198,13 @@ def _say_once(message: str, level: str, key: str | None = None) -> None:
         from .activation import _say
 
         _say(message, level)
+
+
+def _say_replayed(epoch: int, batches: int) -> None:
+    """Say once that the loader's ``epoch``-th iter(), which the run left after ``batches``, runs with its data."""
+    _say_once(f"epoch {epoch - 1}, which the run left after {batches} batch{'' if batches == 1 else 'es'}, runs again "
+              "with its data, as does any other epoch the run left early that the script draws with next() (a "
+              "sample batch, a learning-rate range test) before the restore point", "info", key="replay")
 
 
 def _consume(it: Any, n: int, orig_next: Callable) -> None:

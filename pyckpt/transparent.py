@@ -291,6 +291,11 @@ class Session:
             self._stepped_before_restore()
         fetched = tr.last is not None and tr.fetches != self.fetches_at_step
         self.fetches_at_step = tr.fetches
+        if point == "backward" and fetched and tr.last.main is None:
+            # Weights updated by hand: its epoch fed a step, as an optimizer's step counts it (tracker._on_step);
+            # an epoch that fed none is run with its data by a relaunch (Stream.unfed).
+            tr.last.fed_steps += 1
+            tr.last.fed_in_epoch += 1
         self.step += 1
         self._steps_since_fetch = 0 if fetched else self._steps_since_fetch + 1
         # A loader fetched before the previous step still drives the loop (a second step on the same
