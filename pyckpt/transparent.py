@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import (discovery, finish, frames, gcpause, knobs, loader_kept, loopstate, own_resume, reader, rng, sharded,
-               threads)
+from . import (discovery, finish, frames, gcpause, held_writes, knobs, loader_kept, loopstate, own_resume, reader, rng,
+               sharded, threads)
 from .activation import _say as say  # the one PYCKPT_LOG-aware printer (torch-free, for the start-up line)
 from .errors import PyckptError
 from .hooks import HookSet, Registry, eager
@@ -65,6 +65,7 @@ class Session:
         self.ckpt: Any = None
         self.coord: Any = None
         self.source: Any = None  # resume.Source while a restore is pending
+        self.held: held_writes.HeldWrites | None = None  # the script's torch.save held back meanwhile
         self._grad_calls = 0  # torch.autograd.grad calls until the first-batches check (_patch_grad)
         self._grad_patch: tuple[Any, Any] | None = None
         self.launch: str | None = None  # resume.launch_id(), set at the start
@@ -363,6 +364,10 @@ class Session:
             raise PyckptError(f"cannot resume from {self.directory}: {e}") from e
         if self.source is None:
             return
+        # Its per-epoch code runs again before the restore point: its torch.save would write the state before the
+        # restore over the files the run wrote (a best model, a file per epoch).
+        self.held = held_writes.HeldWrites(lambda: self.source is not None, say)
+        self.held.install(self.hooks)
         pos = (self.source.rank_state or {}).get("loader")
         if pos is None and loopstate.point_of((self.source.rank_state or {}).get("loop")) in ("step", "backward"):
             self.step_restore = True  # at the first step point whose script stack matches (_restore_at_step)
@@ -380,10 +385,16 @@ class Session:
             # scheduler.step() that per-epoch code makes while epochs are skipped.
             opt._opt_called = True
 
+    def _drop_held(self) -> None:
+        """The restore is done or dropped: the script's torch.save writes again (``held_writes``)."""
+        if self.held is not None:
+            self.held.drop()
+
     def cancel_pending_resume(self, step: int) -> None:
         """The script's framework resumes from a newer state of its own: drop this session's pending
         restore; steps count on from ``step`` (the optimizer steps of the state the framework loads)."""
         self.source, self.tracker.plan, self.tracker.plan_stream = None, None, None
+        self._drop_held()
         self.step = step
 
     def _stepped_before_restore(self) -> None:
@@ -681,6 +692,7 @@ class Session:
         self.train_stream, self.tracker.last = stream, stream
         self.fetches_at_step = self.tracker.fetches
         self.source, self.tracker.plan = None, None
+        self._drop_held()
         self.policy.restart_timer(time.monotonic())
         if self.coord.rank == 0:
             took = time.monotonic() - self.started
@@ -711,6 +723,7 @@ class Session:
         self.step = self.last_snapshot_step = int(rs["pyckpt"]["step"])
         self.fetches_at_step = self.tracker.fetches
         self.source, self.step_restore = None, False
+        self._drop_held()
         self.policy.restart_timer(time.monotonic())
         if self.coord.rank == 0:
             where = "optimizer.step()" if point == "step" else "backward()"

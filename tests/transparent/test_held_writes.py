@@ -1,0 +1,105 @@
+"""The script's ``torch.save`` calls before a relaunch's restore point (pyckpt/held_writes.py). Its per-epoch code runs
+again there from the state before the restore: a "save the best model" step (``best_acc`` starts at 0) and a file per
+epoch wrote the freshly built model over the files the run wrote, and a script that loads its best model and its
+per-epoch files at the end finished with those, silently. Such writes to existing files are now left undone."""
+from __future__ import annotations
+
+import io
+import re
+import signal
+
+import torch
+
+from pyckpt import held_writes
+from pyckpt.hooks import HookSet
+
+from transparent_helpers import load, run_script, tree_equal
+
+SCRIPT = r'''
+import os, signal, sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+x = torch.randn(64, 6)
+loader = DataLoader(TensorDataset(x, (x.sum(1) > 0).long()), batch_size=8, shuffle=True)
+val = DataLoader(TensorDataset(x[:16] + 0.5, (x[:16].sum(1) > 0).long()), batch_size=16)
+model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+best_acc, step = 0.0, 0
+for epoch in range(4):
+    for xb, yb in loader:
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad(); loss.backward(); opt.step()
+        step += 1
+        if str(step) == os.environ.get("KILL_AT") and not os.path.exists(os.environ["KILL_MARK"]):
+            open(os.environ["KILL_MARK"], "w").close(); os.kill(os.getpid(), signal.SIGKILL)
+    with torch.no_grad():
+        acc = sum((model(xb).argmax(1) == yb).float().mean().item() for xb, yb in val)
+    torch.save(model.state_dict(), f"epoch{epoch}.pt")
+    if acc > best_acc:
+        best_acc = acc
+        torch.save(model.state_dict(), "best.pt")
+torch.save({"best": torch.load("best.pt"), "epochs": [torch.load(f"epoch{e}.pt") for e in range(4)],
+            "model": model.state_dict()}, sys.argv[1])
+'''
+
+
+def _runs(tmp_path, remove_before_relaunch: bool):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    (tmp_path / "plain").mkdir()
+    plain = run_script([script, tmp_path / "plain.pt"], tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    work = tmp_path / "run"
+    work.mkdir()
+    env = dict(PYCKPT_DIR=work / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="28", KILL_MARK=work / "mark")
+    first = run_script([script, tmp_path / "out.pt"], work, **env)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert (work / "epoch1.pt").exists()  # written by the run before it was killed in epoch 3
+    if remove_before_relaunch:  # the relaunch on another node: the run's files are not there
+        for f in work.glob("*.pt"):
+            f.unlink()
+    second = run_script([script, tmp_path / "out.pt"], work, **env)
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"resumed from step (20|24) \(epoch 2, ", second.stderr), second.stderr
+    return second, load(tmp_path / "plain.pt"), load(tmp_path / "out.pt")
+
+
+def test_the_files_the_run_wrote_are_not_overwritten_with_the_state_before_the_restore(tmp_path):
+    second, plain, out = _runs(tmp_path, remove_before_relaunch=False)
+    assert tree_equal(out, plain)  # the best model and every per-epoch file: the uninterrupted run's
+    lines = [ln for ln in second.stderr.splitlines() if "left as the run wrote it" in ln]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: epoch0.pt: "), second.stderr
+
+
+def test_a_file_the_run_wrote_elsewhere_is_written_with_a_warning(tmp_path):
+    second, plain, out = _runs(tmp_path, remove_before_relaunch=True)
+    lines = [ln for ln in second.stderr.splitlines() if "before the restore point from the state before" in ln]
+    assert len(lines) == 1 and lines[0].startswith("pyckpt: warning: epoch0.pt was written"), second.stderr
+    # Written as asked (the script reads it back at its end), from the state before the restore: not the run's.
+    assert tree_equal(out["model"], plain["model"]) and tree_equal(out["epochs"][2:], plain["epochs"][2:])
+    assert not tree_equal(out["epochs"][0], plain["epochs"][0])
+
+
+def test_only_paths_are_held_and_only_while_the_restore_is_pending(tmp_path):
+    pending, said, hooks = [True], [], HookSet()
+    held = held_writes.HeldWrites(lambda: pending[0], lambda msg, level: said.append((level, msg)))
+    held.install(hooks)
+    try:
+        path = tmp_path / "a.pt"
+        torch.save(torch.ones(2), path)  # not there yet: written, with the warning
+        torch.save(torch.zeros(2), path)  # there: left
+        torch.save(torch.zeros(2), str(path))
+        buf = io.BytesIO()
+        torch.save(torch.zeros(2), buf)  # a buffer: written
+        assert torch.equal(torch.load(path), torch.ones(2)) and buf.getbuffer().nbytes > 0
+        assert [level for level, _ in said] == ["warning", "info"], said
+        pending[0] = False
+        torch.save(torch.zeros(2), path)
+        assert torch.equal(torch.load(path), torch.zeros(2))
+        held.drop()
+        assert torch.save.__module__ == "torch.serialization"
+    finally:
+        hooks.remove_all()
