@@ -17,8 +17,13 @@ tier write a snapshot held only in ``/dev/shm`` to storage
 
 "Normally" means: the script trained (at least one optimizer step), nothing
 was left pending (a resume that never happened, a SIGTERM), no uncaught
-exception, and no ``sys.exit`` with a non-zero status. A signal that kills
-the process never runs exit handlers, so it leaves no marker. Python cannot
+exception, no ``sys.exit`` with a non-zero status, no SIGINT, and the process
+that started it with ``multiprocessing`` (``torch.multiprocessing.spawn``) is
+still there. The last two end a script normally where its code catches the
+``KeyboardInterrupt`` (torch's spawn wrapper does, and its children get SIGINT
+when their launcher dies: the run was marked finished, and its relaunch
+trained nothing, exit status 0). A signal that kills the process never runs
+exit handlers, so it leaves no marker. Python cannot
 tell ``raise SystemExit(1)`` written out (not through ``sys.exit``) from a
 normal end: such a script is marked finished too (docs/OPERATIONS.md).
 """
@@ -27,7 +32,9 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from . import catalog, knobs, layout, metrics
@@ -104,7 +111,38 @@ def install(session: Any) -> None:
         previous_exit(status)
 
     sys.excepthook, sys.exit = excepthook, exit
+    _note_sigint()
     atexit.register(_at_exit, os.getpid())
+
+
+def _note_sigint() -> None:
+    """Record a SIGINT before the handler in place handles it (Python's raises KeyboardInterrupt, which a script, or
+    torch's spawn wrapper, may catch and then end normally). An ignored or default SIGINT is left as it is: the
+    process then gets none, or dies of it without exit handlers. A handler the script sets later replaces this one."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        return
+
+    def on_sigint(signum: int, frame: Any) -> Any:
+        if "SIGINT" not in _failed:
+            _failed.append("SIGINT")
+        return previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def _launcher_gone() -> bool:
+    """Whether the process that started this one with multiprocessing (torch.multiprocessing.spawn's parent) has
+    died: its children then end early (SIGINT sent by the kernel, or a lost rendezvous) through no fault of theirs."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    try:
+        return parent is not None and not parent.is_alive()
+    except (OSError, ValueError):  # (its sentinel closed: it is gone)
+        return True
 
 
 def newest_step(root: str) -> int | None:
@@ -130,8 +168,18 @@ def _at_exit(pid: int) -> None:
     from . import activation, shm_tier
 
     session = activation._SESSION
-    if os.getpid() != pid or _failed or session is None or session.coord is None or session.coord.rank != 0:
-        return  # a forked child, a failing script, transparent mode off, or not rank 0
+    if os.getpid() != pid or session is None or session.coord is None or session.coord.rank != 0:
+        return  # a forked child, transparent mode off, or not rank 0
+    if not _failed and _launcher_gone():
+        _failed.append("launcher gone")
+    if _failed in (["SIGINT"], ["launcher gone"], ["SIGINT", "launcher gone"]) and session.step:
+        # Interrupted, though the script ended without an error (it caught the KeyboardInterrupt): not finished.
+        why = ("the process that started it is gone" if _failed[0] == "launcher gone"
+               else "it was interrupted (SIGINT)")
+        activation._say(f"warning: {session.directory} is not marked finished: {why} at step {session.step}; a relaunch "
+                        "resumes from its newest checkpoint", "warning")
+    if _failed:
+        return  # a failing or interrupted script
     if session.source is not None and session.ckpt is not None:
         # The script never came to the checkpoint's position (its loops end sooner than the run that wrote
         # it): nothing was restored and the training after that point did not run. Exit status 0 alone
