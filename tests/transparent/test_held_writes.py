@@ -103,3 +103,25 @@ def test_only_paths_are_held_and_only_while_the_restore_is_pending(tmp_path):
         assert torch.save.__module__ == "torch.serialization"
     finally:
         hooks.remove_all()
+
+
+def test_safetensors_writes_are_held_however_save_file_was_imported(tmp_path):
+    import safetensors.torch
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as bound_before  # as transformers and accelerate import it
+
+    pending, said, hooks = [True], [], HookSet()
+    held = held_writes.HeldWrites(lambda: pending[0], lambda msg, level: said.append((level, msg)))
+    held.install(hooks)
+    try:
+        path = tmp_path / "model.safetensors"
+        bound_before({"w": torch.ones(2)}, str(path))  # not there: written, with the warning
+        bound_before({"w": torch.zeros(2)}, str(path))  # there: left
+        safetensors.torch.save_file({"w": torch.zeros(2)}, path)
+        assert torch.equal(load_file(path)["w"], torch.ones(2))
+        assert [level for level, _ in said] == ["warning", "info"] and "model.safetensors" in said[1][1], said
+        held.drop()
+        bound_before({"w": torch.zeros(2)}, str(path))
+        assert torch.equal(load_file(path)["w"], torch.zeros(2))
+    finally:
+        hooks.remove_all()
