@@ -1687,9 +1687,8 @@ class LoaderTracker:
             it.__dict__["_pyckpt_replay"] = batches
             _say_replayed(st.epochs, batches)
         else:
-            _say_once(f"epoch {st.epochs - 1} of loader {st.sig}, a pass that fed no optimizer step (an evaluation "
-                      "of the training data), runs again with its data before the restore point, as do the others "
-                      "like it", "info", key="unfed")
+            _say_once(f"the passes over loader {st.sig} that fed no optimizer step in the run (an evaluation of the "
+                      "training data) run again with their data before the restore point", "info", key="unfed")
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)
         return it
@@ -1838,7 +1837,7 @@ class LoaderTracker:
         if not _same_line(stack, frames.user_frames(sys._getframe(1))):
             return False
         self.adopted = st
-        where = f"PYCKPT_RESUME_EDITED=tracked goes on at its epoch {plan.epoch - 1}, batch {plan.batch}"
+        where = f"PYCKPT_RESUME_EDITED=tracked goes on at its epoch {loop_epoch(plan.position)}, batch {plan.batch}"
         if st.sig[1] == plan.sig[1]:  # the worker count alone: the sampler's batches are the same
             what = ("over the IterableDataset as the new workers split it (other batches than the run's)"
                     if plan.sig[3] == "_InfiniteConstantSampler" else "with the same batches")

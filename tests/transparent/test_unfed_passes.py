@@ -8,6 +8,7 @@ position now records those passes (``unfed``) and the relaunch runs them with th
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 
@@ -32,7 +33,8 @@ class Noisy(TensorDataset):
 
 torch.manual_seed(0)
 workers = 2 if SHAPE == "workers" else 0
-train_loader = DataLoader(Noisy(torch.randn(40, 6), torch.randint(0, 2, (40,))), batch_size=4, shuffle=True,
+n = int(os.environ.get("SAMPLES", 40))
+train_loader = DataLoader(Noisy(torch.randn(n, 6), torch.randint(0, 2, (n,))), batch_size=4, shuffle=True,
                           num_workers=workers, persistent_workers=bool(workers))
 model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 2))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -84,7 +86,25 @@ def test_an_evaluation_pass_over_the_training_loader_runs_with_its_data_on_the_r
     # The loop's epoch: the passes in between are not counted as epochs (the position's iter() count is 5 or 6).
     assert re.search(r"resumed from step (24|28) \(epoch 2, ", second.stderr), second.stderr
     assert "pyckpt: epochs 0-1 run again without data" in second.stderr, second.stderr
+    said = re.findall(r"pyckpt: the passes over loader .* that fed no optimizer step in the run", second.stderr)
+    assert len(said) == (0 if shape == "break" else 1), second.stderr  # (one left early: the replay's line)
     assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+
+
+def test_the_training_data_changed_goes_on_at_the_loops_epoch(tmp_path):
+    """PYCKPT_RESUME_EDITED=tracked over data of another length: the line names the loop's epoch (2), not the
+    training loader's iter() count (5: its evaluation passes counted), and the passes run with the new data."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = dict(SHAPE="after", PYCKPT_DIR=tmp_path / "ckpt", PYCKPT_EVERY_STEPS="4", KILL_AT="30",
+               KILL_MARK=tmp_path / "mark", PYCKPT_RESUME_EDITED="tracked")
+    assert run_script([script, tmp_path / "out.pt"], tmp_path, **env).returncode == -signal.SIGKILL
+    second = run_script([script, tmp_path / "out.pt"], tmp_path, SAMPLES="44", **env)
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"warning: the training data changed since the checkpoint: .* goes on at its epoch 2, batch "
+                     r"(4|8) over the new data", second.stderr), second.stderr
+    assert re.search(r"resumed from step (24|28) \(epoch 2, ", second.stderr), second.stderr
+    assert len(load(tmp_path / "out.pt")["hist"]) == 4
 
 
 def test_the_record_of_passes_that_fed_no_step_is_checked_before_it_is_used(capfd):
