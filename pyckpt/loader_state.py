@@ -1685,10 +1685,9 @@ class LoaderTracker:
         it = self._start_alone(loader, orig_iter)
         if not ended:
             it.__dict__["_pyckpt_replay"] = batches
-            _say_replayed(st.epochs, batches)
-        else:
-            _say_once(f"the passes over loader {st.sig} that fed no optimizer step in the run (an evaluation of the "
-                      "training data) run again with their data before the restore point", "info", key="unfed")
+        _say_once(f"the passes over loader {st.sig} that fed no optimizer step in the run (an evaluation of the "
+                  "training data, a sample batch) run again with their data before the restore point, up to the "
+                  "batches the run took from each", "info", key="unfed")
         it._pyckpt_stream = st
         st.iterator = weakref.ref(it)
         return it
@@ -1728,7 +1727,10 @@ class LoaderTracker:
         self.replaying = True
         if self.skip_span is not None and self.skip_note is not None and self.skip_span[0] == st.epochs - 1:
             self.set_skip_note(st.epochs, self.skip_span[1])  # this one runs with its data
-        _say_replayed(st.epochs, plan.replay[st.epochs])
+        n = plan.replay[st.epochs]
+        _say_once(f"epoch {st.epochs - 1}, which the run left after {n} batch{'' if n == 1 else 'es'}, runs again "
+                  "with its data, as does any other epoch the run left early that the script draws with next() (a "
+                  "learning-rate range test) before the restore point", "info", key="replay")
         real = self._start_alone(loader, orig_iter)
         real._pyckpt_stream = st
         real.__dict__["_pyckpt_replay"] = plan.replay[st.epochs]
@@ -2197,13 +2199,6 @@ def _say_once(message: str, level: str, key: str | None = None) -> None:
         from .activation import _say
 
         _say(message, level)
-
-
-def _say_replayed(epoch: int, batches: int) -> None:
-    """Say once that the loader's ``epoch``-th iter(), which the run left after ``batches``, runs with its data."""
-    _say_once(f"epoch {epoch - 1}, which the run left after {batches} batch{'' if batches == 1 else 'es'}, runs again "
-              "with its data, as does any other epoch the run left early that the script draws with next() (a "
-              "sample batch, a learning-rate range test) before the restore point", "info", key="replay")
 
 
 def _consume(it: Any, n: int, orig_next: Callable) -> None:
