@@ -172,10 +172,9 @@ def _at_exit(pid: int) -> None:
         return  # a forked child, transparent mode off, or not rank 0
     if not _failed and _launcher_gone():
         _failed.append("launcher gone")
-    if _failed in (["SIGINT"], ["launcher gone"], ["SIGINT", "launcher gone"]) and session.step:
+    if _failed and set(_failed) <= {"SIGINT", "launcher gone"} and session.step:
         # Interrupted, though the script ended without an error (it caught the KeyboardInterrupt): not finished.
-        why = ("the process that started it is gone" if _failed[0] == "launcher gone"
-               else "it was interrupted (SIGINT)")
+        why = "it was interrupted (SIGINT)" if "SIGINT" in _failed else "the process that started it is gone"
         activation._say(f"warning: {session.directory} is not marked finished: {why} at step {session.step}; a relaunch "
                         "resumes from its newest checkpoint", "warning")
     if _failed:

@@ -619,7 +619,7 @@ class Stream:
     # sample batch drawn with next(iter(loader)) before training or at each epoch's end, a learning-rate range
     # test. A relaunch whose script draws one of them with next() replays it with its data (``_replay``).
     abandoned: list = field(default_factory=list)
-    # Its epochs that fed no optimizer step though they yielded batches, the last UNFED_KEPT, as [epoch, batches
+    # Its epochs that fed no optimizer step though they yielded batches, the last ABANDONED_KEPT, as [epoch, batches
     # fetched, 1 if it ran to its end]: an evaluation pass over the training loader in per-epoch code
     # (``check_accuracy(train_loader)``), dataset statistics or ``update_bn`` before training. A relaunch runs them
     # with their data: passed without any, their code's counters stay at zero (``num_correct / num_samples``).
@@ -630,7 +630,7 @@ class Stream:
     # ones the loop changed since (accumulators), which a relaunch binds where it runs this epoch without data.
     var_marks: Any = None
 
-    def note_left_early(self) -> None:
+    def note_epoch_over(self) -> None:
         """The next epoch starts: record the current one in ``abandoned`` if the run left it before its end, and
         in ``unfed`` if it fed no optimizer step."""
         if not self.epochs or self.skipping or not self.batches:
@@ -1628,7 +1628,7 @@ class LoaderTracker:
         if self._nested(st, loader) and not self._replayed_to_its_end(st):
             st = Stream(st.sig, self, main=st)
         else:
-            st.note_left_early()
+            st.note_epoch_over()
         st.epochs += 1
         st.note_epoch_start(self._step())
         st.var_marks = loopstate.marks(frames.user_frames(sys._getframe(1)))
@@ -1964,7 +1964,7 @@ class LoaderTracker:
         # side's, the epoch the loop moved to (else that sample's epoch would not count as feeding no step).
         credited = min(side.side_steps, main.fed_in_epoch)
         main.fed_in_epoch -= credited
-        main.note_left_early()
+        main.note_epoch_over()
         main.fed_in_epoch = credited
         step = side.epoch_steps[-1] if side.epoch_steps else -1
         main.epochs += 1

@@ -65,7 +65,7 @@ class Session:
         self.ckpt: Any = None
         self.coord: Any = None
         self.source: Any = None  # resume.Source while a restore is pending
-        self.held: held_writes.HeldWrites | None = None  # the script's torch.save held back meanwhile
+        self.held: held_writes.HeldWrites | None = None  # the script's writes over the run's files, held meanwhile
         self._grad_calls = 0  # torch.autograd.grad calls until the first-batches check (_patch_grad)
         self._grad_patch: tuple[Any, Any] | None = None
         self.launch: str | None = None  # resume.launch_id(), set at the start
@@ -364,7 +364,7 @@ class Session:
             raise PyckptError(f"cannot resume from {self.directory}: {e}") from e
         if self.source is None:
             return
-        # Its per-epoch code runs again before the restore point: its torch.save would write the state before the
+        # Its per-epoch code runs again before the restore point: its saves would write the state before the
         # restore over the files the run wrote (a best model, a file per epoch).
         self.held = held_writes.HeldWrites(lambda: self.source is not None, say)
         self.held.install(self.hooks)
@@ -386,7 +386,7 @@ class Session:
             opt._opt_called = True
 
     def _drop_held(self) -> None:
-        """The restore is done or dropped: the script's torch.save writes again (``held_writes``)."""
+        """The restore is done or dropped: the script's writes go through again (``held_writes``)."""
         if self.held is not None:
             self.held.drop()
 

@@ -14,7 +14,7 @@ import pytest
 
 from pyckpt import frames, loopstate
 
-from transparent_helpers import killed_and_relaunched, load, run_script, tree_equal
+from transparent_helpers import plain_and_relaunched, tree_equal
 
 SCRIPT = r'''
 import os, signal, sys
@@ -64,14 +64,10 @@ torch.save({"model": model.state_dict(), "hist": hist, "step": step}, sys.argv[1
 
 @pytest.mark.parametrize("where", ["module", "function"])
 def test_per_epoch_code_reading_the_loops_accumulators_survives_the_epochs_run_without_data(tmp_path, where):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    plain = run_script([script, tmp_path / "plain.pt"], tmp_path, WHERE=where)
-    assert plain.returncode == 0, plain.stderr
-    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=30, every_steps=4, WHERE=where)
+    second, plain, out = plain_and_relaunched(SCRIPT, tmp_path, kill_at=30, every_steps=4, WHERE=where)
     assert "pyckpt: epochs 0-1 run again without data" in second.stderr, second.stderr
     assert re.search(r"resumed from step (24|28) \(epoch 2, ", second.stderr), second.stderr
-    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+    assert tree_equal(out, plain)
 
 
 def _loop(record):
@@ -132,12 +128,8 @@ def test_an_accumulation_flush_after_the_loop_in_an_epoch_run_without_data_is_no
     relaunch runs without data that step came before the restore point, and the relaunch was refused ("the
     optimizer stepped before the training loader reached the checkpoint's position"). A step right after such
     an epoch's end, with no fetch since, is the run's per-epoch code: passed, the restore point overwrites it."""
-    script = tmp_path / "train.py"
-    script.write_text(FLUSH)
-    plain = run_script([script, tmp_path / "plain.pt"], tmp_path)
-    assert plain.returncode == 0, plain.stderr
-    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=kill_at, every_steps=1)
+    second, plain, out = plain_and_relaunched(FLUSH, tmp_path, kill_at=kill_at, every_steps=1)
     # kill_at 7: the checkpoint right after epoch 1's leftover step (6), taken at epoch 2's first fetch; 8: step 7's
     assert f"resumed from step {kill_at - 1} (epoch 2, batch {0 if kill_at == 7 else 4})" in second.stderr, \
         second.stderr
-    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+    assert tree_equal(out, plain)

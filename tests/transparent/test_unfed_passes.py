@@ -14,7 +14,7 @@ import pytest
 
 from pyckpt import loader_state
 
-from transparent_helpers import killed_and_relaunched, load, run_script, tree_equal
+from transparent_helpers import load, plain_and_relaunched, run_script, tree_equal
 
 SCRIPT = r'''
 import os, signal, sys
@@ -78,17 +78,13 @@ torch.save({"model": model.state_dict(), "hist": hist, "step": step}, sys.argv[1
 # with its data, which the relaunch would refuse (the weights updated before the restore point).
 @pytest.mark.parametrize("shape", ["after", "before", "break", "workers", "by hand"])
 def test_an_evaluation_pass_over_the_training_loader_runs_with_its_data_on_the_relaunch(tmp_path, shape):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    plain = run_script([script, tmp_path / "plain.pt"], tmp_path, SHAPE=shape)
-    assert plain.returncode == 0, plain.stderr
-    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at=30, every_steps=4, SHAPE=shape)
+    second, plain, out = plain_and_relaunched(SCRIPT, tmp_path, kill_at=30, every_steps=4, SHAPE=shape)
     # The loop's epoch: the passes in between are not counted as epochs (the position's iter() count is 5 or 6).
     assert re.search(r"resumed from step (24|28) \(epoch 2, ", second.stderr), second.stderr
     assert "pyckpt: epochs 0-1 run again without data" in second.stderr, second.stderr
     said = re.findall(r"pyckpt: the passes over loader .* that fed no optimizer step in the run", second.stderr)
     assert len(said) == 1, second.stderr
-    assert tree_equal(load(tmp_path / "out.pt"), load(tmp_path / "plain.pt"))
+    assert tree_equal(out, plain)
 
 
 def test_the_training_data_changed_goes_on_at_the_loops_epoch(tmp_path):

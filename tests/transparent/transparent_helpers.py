@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +49,18 @@ def killed_and_relaunched(script: Path, out: Path, cwd: Path, kill_at: int, ever
     second = run_script([script, out], cwd, **env)
     assert second.returncode == 0, second.stderr
     return first, second
+
+
+def plain_and_relaunched(text: str, tmp_path: Path, kill_at: int, every_steps: int,
+                         **env: str) -> tuple[subprocess.CompletedProcess, Any, Any]:
+    """Training script ``text`` (written as ``tmp_path/train.py``; its ``argv[1]`` is where it saves its final state)
+    run to its end, then ``killed_and_relaunched``: (the relaunch, the plain run's final state, the relaunch's)."""
+    script = tmp_path / "train.py"
+    script.write_text(text)
+    plain = run_script([script, tmp_path / "plain.pt"], tmp_path, **env)
+    assert plain.returncode == 0, plain.stderr
+    _, second = killed_and_relaunched(script, tmp_path / "out.pt", tmp_path, kill_at, every_steps, **env)
+    return second, load(tmp_path / "plain.pt"), load(tmp_path / "out.pt")
 
 
 def harness_hook(fn):
